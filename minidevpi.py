@@ -1,0 +1,3349 @@
+#!/usr/bin/env python3
+"""minidevpi: a private Python package index in one file.
+
+Copy this file onto any machine with CPython 3.9 or newer and run::
+
+    python3 minidevpi.py serve            # initialises ~/.minidevpi on first run, listens on :3141
+
+It speaks devpi-server's HTTP API, so the real ``devpi`` client, pip, uv, twine and the
+other publishers work against it unchanged: users and logins, indexes with bases
+(inheritance), volatile, acl_upload and mirror whitelists, upload, install, list, remove,
+push, yank, and the simple API as installers expect it (PEP 503, 691, 658/714, 592, 700).
+
+Embed it in a test suite::
+
+    with minidevpi.Server() as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", "dist/pkg-1.0-py3-none-any.whl")
+        pip_index_url = srv.index_url("alice/dev")
+
+The file reads top to bottom in sections; each builds only on those above it:
+
+    1  header        imports, constants
+    2  errors        HTTPError: a status and a message, used everywhere
+    3  names         PEP 503 names, PEP 440 versions, filenames, core metadata, multipart
+    4  storage       SQLite schema, connections, transactions, content-addressed blobs
+    5  model         users, passwords, tokens, indexes, bases, ACLs, releases, files, push
+    6  HTTP          route table, negotiation, page cache, handler, threading server
+    7  embedding     Server: start on a free port in a thread, stop, test helpers
+    8  command line  init, serve; main()
+"""
+
+# ===================================================================================
+# 1. header
+# ===================================================================================
+
+import argparse
+import base64
+import binascii
+import contextlib
+import email.parser
+import email.utils
+import gzip
+import hashlib
+import hmac
+import html
+import io
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import signal
+import socket
+import socketserver
+import sqlite3
+import stat
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "0.1.0"
+
+DEFAULT_PORT = 3141
+DEFAULT_HOST = "127.0.0.1"
+TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
+DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
+DEVPI_API_VERSION = "2"
+SCHEMA_VERSION = 1
+DB_NAME = "minidevpi.sqlite3"
+SECRET_NAME = "secret"
+FILES_DIR = "+files"
+TMP_DIR = "+tmp"
+JSON_TYPE = "application/json"
+SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+SIMPLE_HTML = "application/vnd.pypi.simple.v1+html"
+HTML_TYPE = "text/html; charset=utf-8"
+# devpi treats a request as coming from an installer by its User-Agent (spec §3.3).
+INSTALLER_UA = re.compile(r"^([^ ]* )*(distribute|setuptools|pip|pex|uv)/")
+
+
+def utcnow_iso(ts=None):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def log(msg):
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+# ===================================================================================
+# 2. errors
+# ===================================================================================
+
+
+class HTTPError(Exception):
+    """A client-visible failure: an HTTP status and a message for the user.
+
+    ``headers`` adds response headers (WWW-Authenticate, Location).
+    """
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message):
+    return HTTPError(400, message)
+
+
+def not_found(message):
+    return HTTPError(404, message)
+
+
+def forbidden(message):
+    return HTTPError(403, message)
+
+
+# ===================================================================================
+# 3. names, versions, files
+# ===================================================================================
+
+_NORMALIZE_RE = re.compile(r"[-_.]+")
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+INDEX_NAME_RE = USER_NAME_RE
+PROJECT_NAME_RE = re.compile(r"^([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9])$")
+
+
+def normalize_name(name):
+    """PEP 503 normalised project name."""
+    return _NORMALIZE_RE.sub("-", name).lower()
+
+
+def check_user_name(name):
+    if not name or len(name) > 100 or not USER_NAME_RE.match(name):
+        raise bad_request(
+            "username %r contains characters that aren't allowed. "
+            "Any ascii symbol besides -.@_ is blocked." % name)
+
+
+def check_index_name(name):
+    if not name or len(name) > 100 or not INDEX_NAME_RE.match(name):
+        raise bad_request(
+            "indexname %r contains characters that aren't allowed. "
+            "Any ascii symbol besides -.@_ is blocked." % name)
+
+
+def check_project_name(name):
+    if not name or len(name) > 200 or not PROJECT_NAME_RE.match(name):
+        raise bad_request("invalid project name %r" % (name,))
+
+
+_VERSION_RE = re.compile(
+    r"""^\s*v?
+    (?:(?P<epoch>[0-9]+)!)?
+    (?P<release>[0-9]+(?:\.[0-9]+)*)
+    (?:[-_.]?(?P<pre_l>a|b|c|rc|alpha|beta|pre|preview)[-_.]?(?P<pre_n>[0-9]+)?)?
+    (?:(?:-(?P<post_n1>[0-9]+))|(?:[-_.]?(?P<post_l>post|rev|r)[-_.]?(?P<post_n2>[0-9]+)?))?
+    (?:[-_.]?(?P<dev_l>dev)[-_.]?(?P<dev_n>[0-9]+)?)?
+    (?:\+(?P<local>[a-z0-9]+(?:[-_.][a-z0-9]+)*))?
+    \s*$""", re.VERBOSE | re.IGNORECASE)
+
+_INF = float("inf")
+
+
+def version_key(version):
+    """A sort key ordering versions by PEP 440; unparseable ones sort first, by text."""
+    m = _VERSION_RE.match(version)
+    if not m:
+        return (-1, (), version)
+    release = tuple(int(x) for x in m.group("release").split("."))
+    while len(release) > 1 and release[-1] == 0:
+        release = release[:-1]
+    pre_l = (m.group("pre_l") or "").lower()
+    pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+    post = m.group("post_n1") or m.group("post_n2")
+    if post is None and m.group("post_l"):
+        post = "0"
+    dev = m.group("dev_n") or ("0" if m.group("dev_l") else None)
+    if pre_l:
+        pre = (pre_l, int(m.group("pre_n") or 0))
+    elif dev is not None and post is None:
+        pre = ("", -1)  # 1.0.dev0 sorts before 1.0a0
+    else:
+        pre = ("z", 0)
+    post_k = (-1,) if post is None else (int(post),)
+    dev_k = (_INF,) if dev is None else (int(dev),)
+    local = m.group("local")
+    local_k = () if not local else tuple(
+        (1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[-_.]", local.lower()))
+    return (int(m.group("epoch") or 0), release, pre, post_k, dev_k, local_k)
+
+
+def is_prerelease(version):
+    m = _VERSION_RE.match(version)
+    return bool(m and (m.group("pre_l") or m.group("dev_l")))
+
+
+def normalize_version(version):
+    """Canonical spelling of a PEP 440 version (for comparing names in filenames)."""
+    m = _VERSION_RE.match(version)
+    if not m:
+        return version.strip().lower()
+    out = ""
+    if m.group("epoch") and int(m.group("epoch")):
+        out += "%d!" % int(m.group("epoch"))
+    out += ".".join(str(int(x)) for x in m.group("release").split("."))
+    pre_l = (m.group("pre_l") or "").lower()
+    if pre_l:
+        pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+        out += "%s%d" % (pre_l, int(m.group("pre_n") or 0))
+    post = m.group("post_n1") or m.group("post_n2")
+    if post is not None or m.group("post_l"):
+        out += ".post%d" % int(post or 0)
+    if m.group("dev_l"):
+        out += ".dev%d" % int(m.group("dev_n") or 0)
+    if m.group("local"):
+        out += "+" + re.sub(r"[-_]", ".", m.group("local").lower())
+    return out
+
+
+SDIST_EXTS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".tar")
+OTHER_EXTS = (".egg", ".exe", ".msi", ".rpm", ".dmg")
+
+
+def check_filename(filename):
+    """Refuse file names that could escape a directory or confuse a URL."""
+    if (not filename or len(filename) > 255 or "/" in filename or "\\" in filename
+            or "\x00" in filename or filename in (".", "..") or filename.startswith(".")
+            or any(ord(c) < 32 for c in filename)):
+        raise bad_request("invalid filename %r" % (filename,))
+
+
+def split_filename(filename, version_hint=None):
+    """(project part, version, kind) of a distribution filename, or None.
+
+    kind is 'wheel', 'sdist', 'doczip' or 'other'. Old sdists may have dashes in the name,
+    so the version the uploader states (version_hint) is used to split when it fits.
+    """
+    if filename.endswith(".whl"):
+        parts = filename[:-4].split("-")
+        if len(parts) not in (5, 6):
+            return None
+        return parts[0], parts[1], "wheel"
+    if filename.endswith(".doc.zip"):
+        stem = filename[:-8]
+        kind = "doczip"
+    else:
+        for ext in SDIST_EXTS + OTHER_EXTS:
+            if filename.endswith(ext):
+                stem = filename[:-len(ext)]
+                kind = "sdist" if ext in SDIST_EXTS else "other"
+                break
+        else:
+            return None
+        if kind == "other":
+            # eggs and installers: name-version-pyX.Y[-platform].ext
+            parts = stem.split("-")
+            if len(parts) >= 2:
+                return parts[0], parts[1], kind
+            return None
+    if version_hint and stem.endswith("-" + version_hint):
+        return stem[:-len(version_hint) - 1], version_hint, kind
+    if version_hint:
+        # tolerate a differently spelled but equal version (1.0.0 vs 1.0)
+        name, _, ver = stem.rpartition("-")
+        if name and normalize_version(ver) == normalize_version(version_hint):
+            return name, ver, kind
+        return None
+    name, _, ver = stem.rpartition("-")
+    if not name or not ver:
+        return None
+    return name, ver, kind
+
+
+# Core metadata fields, as devpi keeps them per version (lists are multiple-use fields).
+METADATA_LIST_FIELDS = (
+    "classifiers", "platform", "supported_platform", "provides", "requires", "obsoletes",
+    "project_urls", "provides_dist", "obsoletes_dist", "requires_dist", "requires_external",
+    "provides_extras", "dynamic", "license_file")
+METADATA_STR_FIELDS = (
+    "metadata_version", "summary", "home_page", "author", "author_email", "maintainer",
+    "maintainer_email", "license", "description", "keywords", "download_url", "comment",
+    "requires_python", "description_content_type", "license_expression")
+# upload-form spellings that differ from devpi's keys
+FORM_ALIASES = {"classifier": "classifiers", "provides_extra": "provides_extras",
+                "project_url": "project_urls", "license_files": "license_file",
+                "platforms": "platform", "supported_platforms": "supported_platform"}
+# core-metadata header (lower case, dashes to underscores) to devpi key
+HEADER_ALIASES = {"classifier": "classifiers", "provides_extra": "provides_extras",
+                  "project_url": "project_urls", "supported_platform": "supported_platform",
+                  "license_file": "license_file", "platform": "platform"}
+
+
+def metadata_from_form(fields):
+    """devpi's version metadata from upload form fields (a list of (name, value))."""
+    meta = {}
+    for key, value in fields:
+        key = FORM_ALIASES.get(key, key)
+        if key in METADATA_LIST_FIELDS:
+            if value != "":
+                meta.setdefault(key, []).append(value)
+        elif key in METADATA_STR_FIELDS:
+            meta[key] = value
+    return meta
+
+
+def metadata_from_pkginfo(data):
+    """devpi's version metadata from the bytes of a METADATA / PKG-INFO file."""
+    msg = email.parser.BytesParser().parsebytes(data)
+    meta = {}
+    for header, value in msg.items():
+        key = header.lower().replace("-", "_")
+        key = HEADER_ALIASES.get(key, key)
+        value = str(value)
+        if key in METADATA_LIST_FIELDS:
+            meta.setdefault(key, []).append(value)
+        elif key in METADATA_STR_FIELDS or key in ("name", "version"):
+            meta[key] = value
+    body = msg.get_payload()
+    if isinstance(body, str) and body.strip() and not meta.get("description"):
+        meta["description"] = body
+    return meta
+
+
+def full_metadata(name, version, meta):
+    """Every key devpi shows for a version: strings default to '', lists to []."""
+    out = {"name": name, "version": version}
+    for key in METADATA_STR_FIELDS:
+        out[key] = meta.get(key, "")
+    for key in METADATA_LIST_FIELDS:
+        out[key] = list(meta.get(key, []))
+    return out
+
+
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+
+
+def read_core_metadata(path, filename):
+    """The core metadata bytes inside a wheel or sdist at ``path``, or None.
+
+    For a wheel these are what PEP 658 serves as ``<file>.metadata``.
+    Raises HTTPError 400 for a wheel that is not a readable zip with a METADATA file.
+    """
+    try:
+        if filename.endswith(".whl"):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist()
+                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+                if len(names) != 1:
+                    raise bad_request("%s: wheel has no single *.dist-info/METADATA" % filename)
+                info = zf.getinfo(names[0])
+                if info.file_size > MAX_METADATA_BYTES:
+                    raise bad_request("%s: METADATA too large" % filename)
+                return zf.read(info)
+        if filename.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")):
+            with tarfile.open(path) as tf:
+                for member in tf:
+                    if (member.isfile() and member.name.count("/") == 1
+                            and member.name.endswith("/PKG-INFO")
+                            and member.size <= MAX_METADATA_BYTES):
+                        return tf.extractfile(member).read()
+            return None
+        if filename.endswith(".zip") and not filename.endswith(".doc.zip"):
+            with zipfile.ZipFile(path) as zf:
+                for n in zf.namelist():
+                    if n.count("/") == 1 and n.endswith("/PKG-INFO"):
+                        return zf.read(n)[:MAX_METADATA_BYTES]
+            return None
+    except HTTPError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError,
+            KeyError, NotImplementedError, RuntimeError):
+        if filename.endswith(".whl"):
+            raise bad_request("%s: not a valid wheel (zip) file" % filename)
+        return None
+    return None
+
+
+def parse_header_params(value):
+    """'form-data; name="a"; filename="b"' -> ('form-data', {'name': 'a', ...})."""
+    parts = _split_params(value)
+    main = parts[0].strip().lower() if parts else ""
+    params = {}
+    for item in parts[1:]:
+        k, sep, v = item.partition("=")
+        if not sep:
+            continue
+        k = k.strip().lower()
+        v = v.strip()
+        if len(v) >= 2 and v[0] == v[-1] == '"':
+            v = v[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        if k.endswith("*"):  # RFC 5987 filename*=utf-8''name
+            k = k[:-1]
+            _, _, v = v.partition("''")
+            v = urllib.parse.unquote(v)
+        params[k] = v
+    return main, params
+
+
+def _split_params(value):
+    out, cur, quoted, i = [], [], False, 0
+    while i < len(value):
+        c = value[i]
+        if c == '"':
+            quoted = not quoted
+        elif c == "\\" and quoted and i + 1 < len(value):
+            cur.append(c)
+            i += 1
+            c = value[i]
+        elif c == ";" and not quoted:
+            out.append("".join(cur))
+            cur = []
+            i += 1
+            continue
+        cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+class MultipartPart:
+    def __init__(self, name, filename, headers):
+        self.name = name
+        self.filename = filename
+        self.headers = headers
+        self.value = None      # text of a plain field
+        self.path = None       # temporary file of a file field
+        self.size = 0
+        self.sha256 = None
+
+
+MAX_FIELDS_BYTES = 64 * 1024 * 1024
+MAX_PARTS = 10000
+
+
+def parse_multipart(stream, boundary, length, tmpdir):
+    """Parse a multipart/form-data body of ``length`` bytes from ``stream``.
+
+    Plain fields are kept as text (bounded in total); file fields are streamed into a
+    temporary file under ``tmpdir`` while their sha256 is computed. Returns the parts in
+    order. The caller removes the temporary files (``part.path``) it does not keep.
+    """
+    if not boundary or len(boundary) > 200:
+        raise bad_request("multipart body without a valid boundary")
+    delim = b"\r\n--" + boundary.encode("latin-1")
+    reader = _BoundedReader(stream, length)
+    buf = b"\r\n" + reader.read(65536)
+    # preamble up to the first delimiter
+    while True:
+        idx = buf.find(delim)
+        if idx >= 0:
+            buf = buf[idx + len(delim):]
+            break
+        if reader.remaining == 0 or len(buf) > 65536 * 4:
+            raise bad_request("malformed multipart body: no boundary found")
+        buf = buf[-len(delim):] + reader.read(65536)
+    parts = []
+    field_bytes = 0
+    try:
+        while True:
+            while len(buf) < 2 and reader.remaining:
+                buf += reader.read(65536)
+            if buf.startswith(b"--"):
+                break  # final delimiter
+            # headers
+            while b"\r\n\r\n" not in buf:
+                if not reader.remaining or len(buf) > 65536:
+                    raise bad_request("malformed multipart body: bad part headers")
+                buf += reader.read(65536)
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            headers = {}
+            for line in head.split(b"\r\n"):
+                if not line.strip():
+                    continue
+                k, sep, v = line.decode("utf-8", "replace").partition(":")
+                if not sep:
+                    raise bad_request("malformed multipart body: bad part header line")
+                headers[k.strip().lower()] = v.strip()
+            disp, params = parse_header_params(headers.get("content-disposition", ""))
+            if disp != "form-data" or "name" not in params:
+                raise bad_request("malformed multipart body: part without form-data name")
+            part = MultipartPart(params["name"], params.get("filename"), headers)
+            if len(parts) >= MAX_PARTS:
+                raise bad_request("too many fields in multipart body")
+            parts.append(part)
+            sink = None
+            chunks = []
+            if part.filename is not None:
+                fd, part.path = tempfile.mkstemp(dir=tmpdir, prefix="upload-")
+                sink = os.fdopen(fd, "wb")
+                digest = hashlib.sha256()
+            try:
+                while True:
+                    idx = buf.find(delim)
+                    if idx >= 0:
+                        data, buf = buf[:idx], buf[idx + len(delim):]
+                    else:
+                        keep = len(delim)
+                        data, buf = buf[:-keep], buf[-keep:]
+                    if data:
+                        if sink is not None:
+                            sink.write(data)
+                            digest.update(data)
+                            part.size += len(data)
+                        else:
+                            field_bytes += len(data)
+                            if field_bytes > MAX_FIELDS_BYTES:
+                                raise HTTPError(413, "form fields too large")
+                            chunks.append(data)
+                    if idx >= 0:
+                        break
+                    if not reader.remaining:
+                        raise bad_request("malformed multipart body: truncated")
+                    buf += reader.read(1024 * 1024)
+            finally:
+                if sink is not None:
+                    sink.close()
+            if sink is not None:
+                part.sha256 = digest.hexdigest()
+            else:
+                part.value = b"".join(chunks).decode("utf-8", "replace")
+        reader.drain()
+    except BaseException:
+        for p in parts:
+            if p.path:
+                _unlink_quiet(p.path)
+        raise
+    return parts
+
+
+class _BoundedReader:
+    """Reads exactly ``length`` bytes, or (length None) until the stream ends."""
+
+    def __init__(self, stream, length):
+        self.stream = stream
+        self.until_eof = length is None
+        self.remaining = 1 << 62 if length is None else length
+
+    def read(self, n):
+        if self.remaining <= 0:
+            return b""
+        data = self.stream.read(min(n, self.remaining))
+        if not data:
+            if self.until_eof:
+                self.remaining = 0
+                return b""
+            raise bad_request("request body shorter than its Content-Length")
+        self.remaining -= len(data)
+        return data
+
+    def drain(self):
+        while self.remaining > 0:
+            self.read(65536)
+
+
+class ChunkedReader:
+    """Decodes a ``Transfer-Encoding: chunked`` request body, bounded by ``limit``."""
+
+    def __init__(self, stream, limit):
+        self.stream = stream
+        self.limit = limit
+        self.total = 0
+        self.left = 0
+        self.done = False
+
+    def read(self, n):
+        if self.done:
+            return b""
+        if self.left == 0:
+            line = self.stream.readline(1024)
+            if not line.endswith(b"\n"):
+                raise bad_request("malformed chunked body")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise bad_request("malformed chunked body")
+            if size == 0:
+                while True:  # trailers
+                    t = self.stream.readline(1024)
+                    if t in (b"\r\n", b"\n", b""):
+                        break
+                self.done = True
+                return b""
+            self.left = size
+            self.total += size
+            if self.total > self.limit:
+                raise HTTPError(413, "request body larger than the limit of %d bytes" % self.limit)
+        data = self.stream.read(min(n, self.left))
+        if not data:
+            raise bad_request("truncated chunked body")
+        self.left -= len(data)
+        if self.left == 0:
+            self.stream.readline(16)
+        return data
+
+    def read_all(self):
+        out = []
+        while True:
+            d = self.read(65536)
+            if not d:
+                return b"".join(out)
+            out.append(d)
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ===================================================================================
+# 4. storage
+# ===================================================================================
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    pwhash TEXT NOT NULL,
+    config TEXT NOT NULL,           -- JSON: email, title, description, custom_data
+    created TEXT NOT NULL,
+    modified TEXT
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,           -- JSON, devpi's index config
+    UNIQUE (user, name)
+);
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,             -- PEP 503 normalised
+    display TEXT NOT NULL,          -- as first uploaded
+    UNIQUE (index_id, name)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    version TEXT NOT NULL,
+    metadata TEXT NOT NULL,         -- JSON, core metadata as devpi keeps it
+    yanked TEXT,                    -- NULL, or the reason ('' for none given)
+    created REAL NOT NULL,
+    UNIQUE (project_id, version)
+);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,
+    rel TEXT NOT NULL,              -- releasefile, doczip, toxresult
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    uploaded REAL NOT NULL,         -- PEP 700 upload-time
+    requires_python TEXT NOT NULL DEFAULT '',
+    core_metadata TEXT,             -- sha256 of the PEP 658 metadata blob, or NULL
+    for_filename TEXT,              -- a toxresult's release file
+    log TEXT NOT NULL DEFAULT '[]', -- JSON, devpi's upload/push/overwrite log
+    UNIQUE (index_id, filename)
+);
+CREATE INDEX IF NOT EXISTS files_version ON files(version_id);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
+CREATE INDEX IF NOT EXISTS files_core_metadata ON files(core_metadata);
+CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (index_id, filename, sha256)
+);
+"""
+
+
+class Store:
+    """The server directory: one SQLite database, a secret, content-addressed blobs.
+
+    Reads use one connection per thread; writes are serialised by a lock and run in one
+    ``BEGIN IMMEDIATE`` transaction each, so a crash loses at most the unfinished change.
+    Blob files are complete on disk (written to a temporary name, flushed, renamed)
+    before any row that names them is committed.
+    """
+
+    def __init__(self, serverdir):
+        self.serverdir = os.path.abspath(serverdir)
+        self.db_path = os.path.join(self.serverdir, DB_NAME)
+        self.files_dir = os.path.join(self.serverdir, FILES_DIR)
+        self.tmp_dir = os.path.join(self.serverdir, TMP_DIR)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._conns = []
+        self._conns_lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def is_initialised(self):
+        return os.path.exists(self.db_path)
+
+    def create(self):
+        """Create the directory layout and an empty database. Refuses an initialised dir."""
+        if self.is_initialised():
+            raise HTTPError(409, "server directory %s is already initialised" % self.serverdir)
+        os.makedirs(self.serverdir, exist_ok=True)
+        os.makedirs(self.files_dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        secret_path = os.path.join(self.serverdir, SECRET_NAME)
+        if not os.path.exists(secret_path):
+            fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+        conn = self._connect()
+        with conn:
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('uuid', ?)", (secrets.token_hex(16),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('serial', '0')")
+        conn.close()
+
+    def open(self):
+        """Open an initialised server directory: migrate, clean leftovers, load the secret."""
+        if not self.is_initialised():
+            raise HTTPError(404, "server directory %s is not initialised" % self.serverdir)
+        os.makedirs(self.files_dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        with open(os.path.join(self.serverdir, SECRET_NAME)) as f:
+            self.secret = f.read().strip().encode()
+        conn = self.conn()
+        version = int(conn.execute(
+            "SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise HTTPError(409, "server directory was written by a newer minidevpi "
+                                 "(schema %d, this one knows %d)" % (version, SCHEMA_VERSION))
+        self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
+        self.serial = int(conn.execute("SELECT value FROM meta WHERE key='serial'").fetchone()[0])
+        self.clean_tmp()
+
+    def clean_tmp(self):
+        """Remove temporary files left by a crashed process."""
+        for name in os.listdir(self.tmp_dir):
+            _unlink_quiet(os.path.join(self.tmp_dir, name))
+
+    def close(self):
+        with self._conns_lock:
+            for c in self._conns:
+                try:
+                    c.close()
+                except sqlite3.Error:
+                    pass
+            self._conns = []
+        self._local = threading.local()
+
+    # -- connections and transactions -----------------------------------------------
+
+    def _connect(self):
+        conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn
+
+    def conn(self):
+        """This thread's connection (for reads)."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = self._local.conn = self._connect()
+            with self._conns_lock:
+                self._conns.append(c)
+        return c
+
+    @contextlib.contextmanager
+    def write(self):
+        """One write transaction; bumps the serial. Nested use joins the outer one."""
+        c = self.conn()
+        with self._write_lock:
+            if getattr(self._local, "in_write", False):
+                yield c
+                return
+            self._local.in_write = True
+            self._local.after_commit = []
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                    c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                              "WHERE key='serial'")
+                    c.execute("COMMIT")
+                    self.serial += 1
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+                for fn in self._local.after_commit:
+                    fn(c)
+            finally:
+                self._local.in_write = False
+                self._local.after_commit = []
+
+    def after_commit(self, fn):
+        """Run fn(conn) once the current write transaction committed (lock still held)."""
+        self._local.after_commit.append(fn)
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def blob_path(self, sha256):
+        return os.path.join(self.files_dir, sha256[:2], sha256[2:4], sha256)
+
+    def new_tmp(self):
+        fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
+        return os.fdopen(fd, "wb"), path
+
+    def place_blob(self, tmp_path, sha256):
+        """Move a complete temporary file into its content address (fsynced first)."""
+        dest = self.blob_path(sha256)
+        if os.path.exists(dest):
+            _unlink_quiet(tmp_path)
+            return dest
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, dest)
+        return dest
+
+    def put_bytes(self, data):
+        """Store bytes as a blob; returns their sha256."""
+        sha = hashlib.sha256(data).hexdigest()
+        if not os.path.exists(self.blob_path(sha)):
+            f, tmp = self.new_tmp()
+            with f:
+                f.write(data)
+            self.place_blob(tmp, sha)
+        return sha
+
+    def drop_unused_blobs(self, shas):
+        """After the current transaction commits, unlink blobs no row refers to."""
+        shas = set(s for s in shas if s)
+        if shas:
+            self.after_commit(lambda c: self._drop_blobs(c, shas))
+
+    def _drop_blobs(self, c, shas):
+        for sha in shas:
+            if c.execute("SELECT 1 FROM files WHERE sha256=? OR core_metadata=? LIMIT 1",
+                         (sha, sha)).fetchone() is None:
+                _unlink_quiet(self.blob_path(sha))
+
+
+# ===================================================================================
+# 5. model
+# ===================================================================================
+
+# -- passwords and tokens ----------------------------------------------------------
+
+SCRYPT_PARAMS = (2 ** 14, 8, 5)  # OWASP: N=2^14, r=8, p=5 (16 MiB)
+PBKDF2_ITERATIONS = 600000      # OWASP for PBKDF2-HMAC-SHA256, where scrypt is missing
+
+
+def _b64e(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password):
+    """A salted slow hash: scrypt, or PBKDF2 where OpenSSL lacks scrypt."""
+    salt = secrets.token_bytes(16)
+    pw = password.encode("utf-8")
+    if hasattr(hashlib, "scrypt"):
+        n, r, p = SCRYPT_PARAMS
+        dk = hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, dklen=32, maxmem=64 * 1024 * 1024)
+        return "scrypt$%d$%d$%d$%s$%s" % (n, r, p, _b64e(salt), _b64e(dk))
+    dk = hashlib.pbkdf2_hmac("sha256", pw, salt, PBKDF2_ITERATIONS)
+    return "pbkdf2_sha256$%d$%s$%s" % (PBKDF2_ITERATIONS, _b64e(salt), _b64e(dk))
+
+
+def verify_password(password, pwhash):
+    """True if password matches a hash this module can check (others never match)."""
+    pw = password.encode("utf-8")
+    try:
+        kind, rest = pwhash.split("$", 1)
+        if kind == "scrypt":
+            n, r, p, salt, dk = rest.split("$")
+            n, r, p = int(n), int(r), int(p)
+            if n > 2 ** 20 or r > 32 or p > 64:
+                return False
+            got = hashlib.scrypt(pw, salt=_b64d(salt), n=n, r=r, p=p, dklen=len(_b64d(dk)),
+                                 maxmem=256 * 1024 * 1024)
+            return hmac.compare_digest(got, _b64d(dk))
+        if kind == "pbkdf2_sha256":
+            iterations, salt, dk = rest.split("$")
+            if int(iterations) > 10 ** 7:
+                return False
+            got = hashlib.pbkdf2_hmac("sha256", pw, _b64d(salt), int(iterations))
+            return hmac.compare_digest(got, _b64d(dk))
+    except (ValueError, TypeError, binascii.Error, AttributeError):
+        return False
+    return False
+
+
+def is_known_hash(pwhash):
+    return isinstance(pwhash, str) and pwhash.split("$", 1)[0] in ("scrypt", "pbkdf2_sha256")
+
+
+# -- index configuration -------------------------------------------------------------
+
+LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
+BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
+             "mirror_ignore_serial_header", "mirror_provides_core_metadata")
+TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
+STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
+              "mirror_whitelist", "mirror_whitelist_inheritance", "title", "description",
+              "custom_data")
+MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
+               "mirror_no_project_list", "mirror_use_external_urls",
+               "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
+               "description", "custom_data")
+OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
+                 "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
+                 "mirror_ignore_serial_header", "mirror_provides_core_metadata")
+DEFAULT_MIRROR_CACHE_EXPIRY = 1800
+
+
+def parse_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+        return False
+    raise bad_request("Unknown boolean value %r." % (value,))
+
+
+def parse_list(value):
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return [x.strip() for x in value if x.strip()]
+    raise bad_request("expected a list of strings or a comma separated string, got %r"
+                      % (value,))
+
+
+def coerce_index_value(key, value):
+    """Turn one config value (a string from the command line, or JSON) into its type."""
+    if key in LIST_KEYS:
+        return parse_list(value)
+    if key in BOOL_KEYS:
+        return parse_bool(value)
+    if key == "mirror_whitelist_inheritance":
+        if not isinstance(value, str) or value.lower() not in ("intersection", "union"):
+            raise bad_request("Unknown value %r for mirror_whitelist_inheritance, must be "
+                              "'intersection' or 'union'." % (value,))
+        return value.lower()
+    if key == "mirror_cache_expiry":
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            raise bad_request("mirror_cache_expiry must be a whole number of seconds")
+        if v < 0:
+            raise bad_request("mirror_cache_expiry must not be negative")
+        return v
+    if key == "mirror_url":
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise bad_request("mirror_url must start with http:// or https://")
+        return value
+    if key == "type":
+        if value not in ("stage", "mirror"):
+            raise bad_request("unknown index type %r" % (value,))
+        return value
+    if key in TEXT_KEYS:
+        if key == "custom_data" and not isinstance(value, str):
+            return value  # any JSON value, kept as given
+        if not isinstance(value, str):
+            raise bad_request("%s must be a string" % key)
+        return value
+    return value
+
+
+def apply_index_patch(config, patch):
+    """A new config from ``config`` and a PATCH body: a dict (keys replace) or a list of
+    ``key=value``, ``key+=value``, ``key-=value`` and ``key-=`` strings, in order."""
+    new = dict(config)
+    if isinstance(patch, dict):
+        for k, v in patch.items():
+            new[k] = v
+        return new
+    if not isinstance(patch, list) or not all(isinstance(x, str) for x in patch):
+        raise bad_request("PATCH body must be a JSON object or a list of 'key=value' strings")
+    for item in patch:
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)(\+=|-=|=)(.*)$", item, re.S)
+        if not m:
+            raise bad_request("cannot parse %r: expected key=value, key+=value or key-=value"
+                              % item)
+        key, op, value = m.groups()
+        if op == "=":
+            new[key] = value
+        elif op == "+=":
+            if key not in LIST_KEYS:
+                raise bad_request("The %r setting is not a list, '+=' does not apply" % key)
+            cur = parse_list(new.get(key, []))
+            if value not in cur:
+                cur.append(value)
+            new[key] = cur
+        else:  # -=
+            if value == "":
+                if key in OPTIONAL_KEYS:
+                    new.pop(key, None)
+                elif key in LIST_KEYS:
+                    new[key] = []
+                else:
+                    raise bad_request("The %r setting can't be removed" % key)
+                continue
+            if key not in LIST_KEYS:
+                raise bad_request("The %r setting is not a list, '-=' does not apply" % key)
+            cur = parse_list(new.get(key, []))
+            if value not in cur:
+                raise bad_request("The %r setting doesn't have value %r" % (key, value))
+            cur.remove(value)
+            new[key] = cur
+    return new
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+class Index:
+    """One index ("stage" in devpi's words) as read from the database."""
+
+    __slots__ = ("id", "user", "name", "config")
+
+    def __init__(self, id, user, name, config):
+        self.id = id
+        self.user = user
+        self.name = name
+        self.config = config
+
+    @property
+    def path(self):
+        return self.user + "/" + self.name
+
+    @property
+    def is_mirror(self):
+        return self.config.get("type") == "mirror"
+
+    @property
+    def volatile(self):
+        return bool(self.config.get("volatile", True))
+
+
+class File:
+    """A stored file of a release, with what pages need to list it."""
+
+    __slots__ = ("index", "project", "version", "filename", "rel", "sha256", "size",
+                 "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
+                 "log")
+
+    def __init__(self, index, project, version, row):
+        self.index = index
+        self.project = project
+        self.version = version
+        (self.filename, self.rel, self.sha256, self.size, self.uploaded,
+         self.requires_python, self.core_metadata, self.yanked, self.for_filename,
+         log_json) = row
+        self.log = log_json
+
+    @property
+    def relpath(self):
+        """The file's path below the server root: user/index/+f/abc/def.../name."""
+        return "%s/+f/%s/%s/%s" % (self.index, self.sha256[:3], self.sha256[3:16], self.filename)
+
+
+def when_list(ts=None):
+    return list(time.gmtime(ts)[:6])
+
+
+class Model:
+    """Users, indexes and releases: every rule of devpi's data model lives here.
+
+    Methods take the acting user's name (``actor``; None for anonymous) and raise
+    HTTPError for anything the caller may not do or got wrong.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self._index_cache = {}
+        # page cache generations, bumped after commits (see HTTP section)
+        self.gen_config = 0
+        self.gen_projects = 0
+        self.gen_project = {}
+        self._auth_cache = {}
+        self._auth_cache_lock = threading.Lock()
+        self._pending_hashes = {}  # user name -> Event, while a hash is computed
+
+    # -- change notifications ---------------------------------------------------------
+
+    def _changed(self, projects=(), config=False, project_set=False):
+        def bump(_c):
+            if config:
+                self._index_cache = {}
+                self.gen_config += 1
+            if project_set:
+                self.gen_projects += 1
+            for name in projects:
+                self.gen_project[name] = self.gen_project.get(name, 0) + 1
+        self.store.after_commit(bump)
+
+    # -- users --------------------------------------------------------------------------
+
+    def get_user_row(self, name):
+        return self.store.conn().execute(
+            "SELECT name, pwhash, config, created, modified FROM users WHERE name=?",
+            (name,)).fetchone()
+
+    def user_exists(self, name):
+        return self.get_user_row(name) is not None
+
+    def user_info(self, name, with_indexes=True):
+        row = self.get_user_row(name)
+        if row is None:
+            raise not_found("no user %r" % name)
+        info = {"username": row[0]}
+        info.update(json.loads(row[2]))
+        info["created"] = row[3]
+        if row[4]:
+            info["modified"] = row[4]
+        if with_indexes:
+            info["indexes"] = {ix.name: self.public_config(ix) for ix in self.user_indexes(name)}
+        return info
+
+    def list_users(self):
+        names = [r[0] for r in self.store.conn().execute("SELECT name FROM users ORDER BY name")]
+        return {n: self.user_info(n) for n in names}
+
+    USER_KEYS = ("password", "email", "title", "description", "custom_data")
+
+    def create_user(self, actor, name, body, pwhash=None, hash_soon=False):
+        check_user_name(name)
+        if not isinstance(body, dict):
+            raise bad_request("user config must be a JSON object")
+        body = dict(body)
+        if pwhash is None and "pwhash" in body:
+            # devpi accepts a precomputed hash; only root may set one, and only of a kind
+            # this server can check, so that no account ends up with a password nobody knows.
+            given = body.pop("pwhash")
+            if actor == "root" and is_known_hash(given) and "password" not in body:
+                pwhash = given
+        unknown = sorted(k for k in body if k not in self.USER_KEYS)
+        if unknown:
+            raise bad_request("Unknown keys in user config: %s" % ", ".join(unknown))
+        password = body.pop("password", None)
+        if pwhash is None:
+            if password is None:
+                raise bad_request("password needs to be set")
+            if not isinstance(password, str):
+                raise bad_request("password must be a string")
+            pwhash = "!pending" if hash_soon else hash_password(password)
+        config = self._user_config({}, body)
+        with self.store.write() as c:
+            if c.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise HTTPError(409, "user already exists")
+            c.execute("INSERT INTO users (name, pwhash, config, created) VALUES (?,?,?,?)",
+                      (name, pwhash, json.dumps(config), utcnow_iso()))
+        if pwhash == "!pending":
+            self.set_password_soon(name, password)
+        return self.user_info(name)
+
+    def _user_config(self, config, body):
+        config = dict(config)
+        for k, v in body.items():
+            if k == "custom_data":
+                config[k] = v
+            elif not isinstance(v, str):
+                raise bad_request("%s must be a string" % k)
+            else:
+                config[k] = v
+        return config
+
+    def can_modify_user(self, actor, name):
+        return actor is not None and (actor == name or actor == "root")
+
+    def modify_user(self, actor, name, body):
+        """Returns a new login token when the password changed, else None."""
+        row = self.get_user_row(name)
+        if row is None:
+            raise not_found("no user %r" % name)
+        if not self.can_modify_user(actor, name):
+            raise forbidden("no permission to modify user %r" % name)
+        if not isinstance(body, dict):
+            raise bad_request("user config must be a JSON object")
+        body = {k: v for k, v in body.items()
+                if k not in ("created", "modified", "username", "indexes")}
+        unknown = sorted(k for k in body if k not in self.USER_KEYS)
+        if unknown:
+            raise bad_request("Unknown keys in user config: %s" % ", ".join(unknown))
+        password = body.pop("password", None)
+        if password is not None and not isinstance(password, str):
+            raise bad_request("password must be a string")
+        config = self._user_config(json.loads(row[2]), body)
+        with self.store.write() as c:
+            pwhash = row[1] if password is None else hash_password(password)
+            c.execute("UPDATE users SET pwhash=?, config=?, modified=? WHERE name=?",
+                      (pwhash, json.dumps(config), utcnow_iso(), name))
+        if password is not None:
+            return self.make_token(name)
+        return None
+
+    def set_password_hash(self, name, pwhash):
+        with self.store.write() as c:
+            c.execute("UPDATE users SET pwhash=?, modified=? WHERE name=?",
+                      (pwhash, utcnow_iso(), name))
+
+    def delete_user(self, actor, name):
+        if self.get_user_row(name) is None:
+            raise not_found("no user %r" % name)
+        if not self.can_modify_user(actor, name):
+            raise forbidden("no permission to delete user %r" % name)
+        if name == "root":
+            raise forbidden("root user can not be deleted")
+        indexes = self.user_indexes(name)
+        fixed = [ix.name for ix in indexes if not ix.volatile]
+        if fixed:
+            raise forbidden("user %r has non-volatile index: %s" % (name, ",".join(fixed)))
+        for ix in indexes:
+            self._check_not_a_base(ix, exclude_user=name)
+        with self.store.write() as c:
+            shas = self._file_shas(c, "f.index_id IN (SELECT id FROM indexes WHERE user=?)",
+                                   (name,))
+            c.execute("DELETE FROM users WHERE name=?", (name,))
+            self.store.drop_unused_blobs(shas)
+            self._changed(config=True, project_set=True, projects=self._all_project_names(c))
+
+    def _all_project_names(self, c):
+        return [r[0] for r in c.execute("SELECT DISTINCT name FROM projects")]
+
+    # -- authentication -------------------------------------------------------------------
+
+    def set_password_soon(self, name, password):
+        """Hash a password in the background, so that an embedded server starts at once.
+
+        Until the hash is stored the account has none that any password matches;
+        authentication of that user waits for it.
+        """
+        done = threading.Event()
+        self._pending_hashes[name] = done
+
+        def work():
+            try:
+                pwhash = hash_password(password)
+                with self.store.write() as c:
+                    c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
+                              (pwhash, name))
+            finally:
+                done.set()
+                self._pending_hashes.pop(name, None)
+        threading.Thread(target=work, name="hash-" + name, daemon=True).start()
+
+    def wait_pending_hashes(self):
+        for ev in list(self._pending_hashes.values()):
+            ev.wait()
+
+    def authenticate(self, name, secret):
+        """The user name if ``secret`` is the user's password or a valid login token."""
+        pending = self._pending_hashes.get(name)
+        if pending is not None:
+            pending.wait()
+        row = self.get_user_row(name)
+        if row is None:
+            return None
+        if self.check_token(name, secret, row[1]):
+            return name
+        key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
+                              "sha256").digest())
+        if self._auth_cache.get(key) == row[1]:
+            return name
+        if verify_password(secret, row[1]):
+            with self._auth_cache_lock:
+                if len(self._auth_cache) > 4096:
+                    self._auth_cache.clear()
+                self._auth_cache[key] = row[1]
+            return name
+        return None
+
+    def _token_sig(self, name, issued, pwhash):
+        # The password hash takes part: a password change invalidates every older token.
+        msg = "%s\0%d\0%s" % (name, issued, pwhash)
+        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest())
+
+    def make_token(self, name):
+        row = self.get_user_row(name)
+        issued = int(time.time())
+        return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
+                                  self._token_sig(name, issued, row[1]))
+
+    def check_token(self, name, token, pwhash):
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "mdp1":
+            return False
+        try:
+            if _b64d(parts[1]).decode() != name:
+                return False
+            issued = int(parts[2])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return False
+        now = time.time()
+        if issued > now + 60 or issued + TOKEN_LIFETIME < now:
+            return False
+        return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
+
+    def login(self, name, password):
+        if self.authenticate(name, password) is None:
+            raise HTTPError(401, "user %r could not be authenticated" % name)
+        return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def get_index(self, path):
+        """The Index at 'user/name', or None."""
+        ix = self._index_cache.get(path)
+        if ix is not None:
+            return ix
+        user, _, name = path.partition("/")
+        row = self.store.conn().execute(
+            "SELECT id, user, name, config FROM indexes WHERE user=? AND name=?",
+            (user, name)).fetchone()
+        if row is None:
+            return None
+        ix = Index(row[0], row[1], row[2], json.loads(row[3]))
+        if len(self._index_cache) > 10000:
+            self._index_cache = {}
+        self._index_cache[path] = ix
+        return ix
+
+    def require_index(self, path):
+        ix = self.get_index(path)
+        if ix is None:
+            raise not_found("The stage %s could not be found." % path)
+        return ix
+
+    def user_indexes(self, user):
+        rows = self.store.conn().execute(
+            "SELECT id, user, name, config FROM indexes WHERE user=? ORDER BY name", (user,))
+        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def all_indexes(self):
+        rows = self.store.conn().execute(
+            "SELECT id, user, name, config FROM indexes ORDER BY user, name")
+        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def public_config(self, ix):
+        return dict(ix.config)
+
+    def can_modify_index(self, actor, ix_user):
+        return actor is not None and (actor == ix_user or actor == "root")
+
+    def validate_index_config(self, path, config):
+        """Check and coerce a whole index config; returns the clean config."""
+        ixtype = config.get("type", "stage")
+        if ixtype not in ("stage", "mirror"):
+            raise bad_request("unknown index type %r" % (ixtype,))
+        allowed = STAGE_KEYS if ixtype == "stage" else MIRROR_KEYS
+        unknown = sorted(k for k in config if k not in allowed)
+        if unknown:
+            raise bad_request("indexconfig got unexpected keyword arguments: %s" % ", ".join(
+                "%s=%s" % (k, config[k]) for k in unknown))
+        clean = {k: coerce_index_value(k, v) for k, v in config.items()}
+        clean["type"] = ixtype
+        if ixtype == "stage":
+            bases = []
+            for base in clean.get("bases", []):
+                if base.count("/") != 1:
+                    raise bad_request("base index %r is not of the form user/index" % base)
+                if base == path:
+                    raise bad_request("index %s can't be a base of itself" % path)
+                if self.get_index(base) is None:
+                    raise bad_request("base index %r does not exist" % base)
+                if base not in bases:
+                    bases.append(base)
+            clean["bases"] = bases
+            wl = []
+            for name in clean.get("mirror_whitelist", []):
+                name = name if name == "*" else normalize_name(name)
+                if name not in wl:
+                    wl.append(name)
+            clean["mirror_whitelist"] = wl
+        return clean
+
+    def _check_cycle(self, path, bases):
+        """Refuse bases through which ``path`` would inherit from itself (devpi allows it)."""
+        seen = set()
+        todo = list(bases)
+        while todo:
+            b = todo.pop()
+            if b == path:
+                raise bad_request("bases of %s would form a cycle through %s" % (path, b))
+            if b in seen:
+                continue
+            seen.add(b)
+            ix = self.get_index(b)
+            if ix is not None:
+                todo.extend(ix.config.get("bases", []))
+
+    def create_index(self, actor, path, body):
+        user, _, name = path.partition("/")
+        check_index_name(name)
+        if not self.user_exists(user):
+            raise not_found("no user %r" % user)
+        if not self.can_modify_index(actor, user):
+            raise forbidden("no permission to create index %s" % path)
+        if not isinstance(body, dict):
+            raise bad_request("index config must be a JSON object")
+        ixtype = body.get("type", "stage")
+        if ixtype == "mirror":
+            config = {"type": "mirror", "volatile": True}
+        else:
+            config = {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
+                      "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
+                      "mirror_whitelist_inheritance": "intersection"}
+        config.update(body)
+        if ixtype == "mirror" and "mirror_url" not in config:
+            raise bad_request("a mirror index needs a mirror_url")
+        config = self.validate_index_config(path, config)
+        self._check_cycle(path, config.get("bases", []))
+        with self.store.write() as c:
+            if c.execute("SELECT 1 FROM indexes WHERE user=? AND name=?",
+                         (user, name)).fetchone():
+                raise HTTPError(409, "index %r exists" % path)
+            c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
+                      (user, name, json.dumps(config)))
+            self._changed(config=True)
+        return config
+
+    def modify_index(self, actor, path, patch):
+        ix = self.require_index(path)
+        if not self.can_modify_index(actor, ix.user):
+            raise forbidden("no permission to modify index %s" % path)
+        new = apply_index_patch(ix.config, patch)
+        if new.get("type", ix.config["type"]) != ix.config["type"]:
+            raise bad_request("the 'type' of an index can't be changed")
+        new["type"] = ix.config["type"]
+        config = self.validate_index_config(path, new)
+        self._check_cycle(path, config.get("bases", []))
+        with self.store.write() as c:
+            c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
+            self._changed(config=True, project_set=True, projects=self._all_project_names(c))
+        return config
+
+    def _check_not_a_base(self, ix, exclude_user=None):
+        users = [other.path for other in self.all_indexes()
+                 if ix.path in other.config.get("bases", []) and other.user != exclude_user
+                 and other.path != ix.path]
+        if users:
+            # devpi allows this and leaves the other indexes broken (spec §8.8); we refuse.
+            raise HTTPError(409, "index %s is a base of %s; remove it from their bases first"
+                            % (ix.path, ", ".join(users)))
+
+    def delete_index(self, actor, path):
+        ix = self.require_index(path)
+        if not self.can_modify_index(actor, ix.user):
+            raise forbidden("no permission to delete index %s" % path)
+        if not ix.volatile:
+            raise forbidden("index %s non-volatile, cannot delete" % path)
+        self._check_not_a_base(ix)
+        with self.store.write() as c:
+            shas = self._file_shas(c, "f.index_id=?", (ix.id,))
+            c.execute("DELETE FROM indexes WHERE id=?", (ix.id,))
+            self.store.drop_unused_blobs(shas)
+            self._changed(config=True, project_set=True, projects=self._all_project_names(c))
+
+    def _file_shas(self, c, where, args):
+        shas = []
+        for sha, meta in c.execute("SELECT f.sha256, f.core_metadata FROM files f WHERE "
+                                   + where, args):
+            shas.append(sha)
+            shas.append(meta)
+        return shas
+
+    def resolve_bases(self, ix):
+        """The index and all it inherits from, in devpi's resolution order (breadth first,
+        each index once). Bases that vanished are skipped."""
+        order = [ix]
+        seen = {ix.path}
+        i = 0
+        while i < len(order):
+            for base in order[i].config.get("bases", []):
+                if base not in seen:
+                    seen.add(base)
+                    b = self.get_index(base)
+                    if b is not None:
+                        order.append(b)
+            i += 1
+        return order
+
+    # -- permissions -----------------------------------------------------------------------
+
+    def can_upload(self, actor, ix):
+        acl = ix.config.get("acl_upload", [])
+        if ":ANONYMOUS:" in acl:
+            return True
+        if actor is None:
+            return False
+        return actor == "root" or actor in acl or ":AUTHENTICATED:" in acl
+
+    def check_upload(self, actor, ix):
+        if ix.is_mirror:
+            raise not_found("cannot submit to mirror index")
+        if not self.can_upload(actor, ix):
+            if actor is None:
+                raise HTTPError(401, "Unauthorized",
+                                {"WWW-Authenticate": 'Basic realm="pypi"'})
+            raise forbidden("no permission to submit")
+
+    def check_release_admin(self, actor, ix):
+        """Removing releases: the index owner or root (as devpi)."""
+        if not self.can_modify_index(actor, ix.user):
+            if actor is None:
+                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+            raise forbidden("no permission to modify index %s" % ix.path)
+
+    # -- releases: writing ------------------------------------------------------------------
+
+    def _project_id(self, c, ix, name, display, create):
+        row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                        (ix.id, name)).fetchone()
+        if row:
+            return row[0]
+        if not create:
+            return None
+        self._changed(project_set=True)
+        return c.execute("INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
+                         (ix.id, name, display)).lastrowid
+
+    def _version_id(self, c, project_id, version, meta, now):
+        row = c.execute("SELECT id, metadata FROM versions WHERE project_id=? AND version=?",
+                        (project_id, version)).fetchone()
+        if row:
+            if meta:
+                old = json.loads(row[1])
+                old.update({k: v for k, v in meta.items() if v not in ("", [])})
+                c.execute("UPDATE versions SET metadata=? WHERE id=?", (json.dumps(old), row[0]))
+            return row[0]
+        return c.execute("INSERT INTO versions (project_id, version, metadata, created) "
+                         "VALUES (?,?,?,?)", (project_id, version, json.dumps(meta), now)).lastrowid
+
+    def register(self, actor, ix, name, version, meta):
+        """Create a version without files (upload form ``:action=submit``)."""
+        self.check_upload(actor, ix)
+        check_project_name(name)
+        if not version:
+            raise bad_request("version needs to be set")
+        norm = normalize_name(name)
+        with self.store.write() as c:
+            pid = self._project_id(c, ix, norm, name, True)
+            self._version_id(c, pid, version, meta, time.time())
+            self._changed(projects=[norm])
+
+    def add_file(self, actor, ix, name, version, filename, tmp_path, sha256, size, meta,
+                 rel="releasefile", for_filename=None, log_entry=None, core_metadata=None,
+                 uploaded=None):
+        """Store an uploaded file; the temporary file is consumed in all cases.
+
+        Returns a reason phrase for the 200 answer. Raises 409 for a different file under
+        an existing name on a non-volatile index.
+        """
+        try:
+            norm = normalize_name(name)
+            now = time.time() if uploaded is None else uploaded
+            requires_python = meta.get("requires_python", "") or ""
+            entry = log_entry or {"what": "upload", "who": actor, "when": when_list(now),
+                                  "dst": ix.path}
+            reason = "OK"
+            with self.store.write() as c:
+                old = c.execute("SELECT id, sha256, log, core_metadata FROM files "
+                                "WHERE index_id=? AND filename=?", (ix.id, filename)).fetchone()
+                log_list = [entry]
+                if old is not None:
+                    if old[1] == sha256:
+                        if not ix.volatile:
+                            _unlink_quiet(tmp_path)
+                            return "Upload of identical file to non volatile index."
+                    elif not ix.volatile:
+                        raise HTTPError(409, "%s already exists in non-volatile index" % filename)
+                    prev = json.loads(old[2])
+                    count = sum(1 for e in prev if e.get("what") == "overwrite") + 1
+                    log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
+                                 "count": count}, entry]
+                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
+                    self.store.drop_unused_blobs([old[1], old[3]])
+                pid = self._project_id(c, ix, norm, name, True)
+                vid = self._version_id(c, pid, version, meta, now)
+                self.store.place_blob(tmp_path, sha256)
+                c.execute(
+                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
+                    "uploaded, requires_python, core_metadata, for_filename, log) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (ix.id, vid, filename, rel, sha256, size, now, requires_python,
+                     core_metadata, for_filename, json.dumps(log_list)))
+                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
+                          (ix.id, filename, sha256))
+                self._changed(projects=[norm])
+            return reason
+        finally:
+            if os.path.exists(tmp_path):
+                _unlink_quiet(tmp_path)
+
+    def upload_file(self, actor, ix, filename, tmp_path, sha256, size, fields):
+        """Check and store one uploaded distribution file (consumes ``tmp_path``).
+
+        ``fields`` are the upload form's (name, value) pairs; name, version and metadata
+        missing from them are read from the file itself. Returns (reason phrase, relpath).
+        """
+        self.check_upload(actor, ix)
+        check_filename(filename)
+        first = {}
+        for k, v in fields:
+            first.setdefault(k, v)
+        name = (first.get("name") or "").strip()
+        version = (first.get("version") or "").strip()
+        meta = metadata_from_form(fields)
+        core = read_core_metadata(tmp_path, filename)
+        file_meta = metadata_from_pkginfo(core) if core else {}
+        if not name:
+            name = file_meta.get("name", "")
+        if not version:
+            version = file_meta.get("version", "")
+        split = split_filename(filename, version or None)
+        if not name and split:
+            name = split[0]
+        if not version and split:
+            version = split[1]
+        if not name:
+            raise bad_request("name needs to be set (no name field and none in the file)")
+        if not version:
+            raise bad_request("version needs to be set (no version field and none in the file)")
+        check_project_name(name)
+        split = split_filename(filename, version)
+        if split is None or split[2] == "doczip":
+            raise bad_request("filename %r does not contain version %r" % (filename, version))
+        if normalize_name(split[0]) != normalize_name(name):
+            raise bad_request("filename %r does not match project name %r" % (filename, name))
+        if not meta or set(meta) <= {"metadata_version"}:
+            file_meta.pop("name", None)
+            file_meta.pop("version", None)
+            meta.update(file_meta)
+        elif "requires_python" not in meta and file_meta.get("requires_python"):
+            meta["requires_python"] = file_meta["requires_python"]
+        core_sha = None
+        if core is not None and filename.endswith(".whl"):
+            core_sha = self.store.put_bytes(core)
+        reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, meta,
+                               core_metadata=core_sha)
+        return reason, "%s/+f/%s/%s/%s" % (ix.path, sha256[:3], sha256[3:16], filename)
+
+    def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
+        """Store a documentation zip for a release (``:action=doc_upload``)."""
+        self.check_upload(actor, ix)
+        if not name or not version:
+            raise bad_request("name and version need to be set for a doc upload")
+        check_project_name(name)
+        try:
+            with zipfile.ZipFile(tmp_path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise bad_request("documentation upload is not a zip file")
+        filename = "%s-%s.doc.zip" % (normalize_name(name).replace("-", "_"), version)
+        check_filename(filename)
+        return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
+                             rel="doczip")
+
+    def _delete_files(self, c, ix, where, args):
+        rows = c.execute("SELECT f.id, f.filename, f.sha256, f.core_metadata FROM files f "
+                         "WHERE " + where, args).fetchall()
+        for _id, filename, sha, _meta in rows:
+            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (ix.id, filename, sha))
+        shas = [r[2] for r in rows] + [r[3] for r in rows]
+        self.store.drop_unused_blobs(shas)
+        return rows
+
+    def _check_removable(self, actor, ix, force):
+        if ix.is_mirror:
+            raise forbidden("cannot delete from mirror index %s" % ix.path)
+        self.check_release_admin(actor, ix)
+        if not ix.volatile and not force:
+            return False
+        return True
+
+    def delete_version(self, actor, ix, name, version, force=False):
+        norm = normalize_name(name)
+        if not self._check_removable(actor, ix, force):
+            raise forbidden("cannot delete version on non-volatile index")
+        with self.store.write() as c:
+            row = c.execute(
+                "SELECT v.id FROM versions v JOIN projects p ON v.project_id=p.id "
+                "WHERE p.index_id=? AND p.name=? AND v.version=?",
+                (ix.id, norm, version)).fetchone()
+            if row is None:
+                raise not_found("The version %s of project %s does not exist." % (version, norm))
+            self._delete_files(c, ix, "f.version_id=?", (row[0],))
+            c.execute("DELETE FROM versions WHERE id=?", (row[0],))
+            self._changed(projects=[norm])
+
+    def delete_project(self, actor, ix, name, force=False):
+        norm = normalize_name(name)
+        if not self._check_removable(actor, ix, force):
+            raise forbidden("cannot delete project on non-volatile index")
+        with self.store.write() as c:
+            row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                            (ix.id, norm)).fetchone()
+            if row is None:
+                raise not_found("project %r not found on %s" % (norm, ix.path))
+            self._delete_files(c, ix, "f.version_id IN (SELECT id FROM versions "
+                                      "WHERE project_id=?)", (row[0],))
+            c.execute("DELETE FROM projects WHERE id=?", (row[0],))
+            self._changed(projects=[norm], project_set=True)
+
+    def delete_file(self, actor, ix, filename, sha_prefix, force=False):
+        if not self._check_removable(actor, ix, force):
+            raise forbidden("cannot delete file on non-volatile index")
+        with self.store.write() as c:
+            row = c.execute(
+                "SELECT f.id, f.sha256, p.name FROM files f JOIN versions v ON f.version_id=v.id "
+                "JOIN projects p ON v.project_id=p.id WHERE f.index_id=? AND f.filename=?",
+                (ix.id, filename)).fetchone()
+            if row is None or not row[1].startswith(sha_prefix):
+                if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? "
+                             "AND sha256 LIKE ?", (ix.id, filename, sha_prefix + "%")).fetchone():
+                    raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
+                raise not_found("no such file")
+            # toxresults of this file go with it
+            self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
+                               (ix.id, row[0], filename))
+            c.execute("DELETE FROM files WHERE index_id=? AND (id=? OR for_filename=?)",
+                      (ix.id, row[0], filename))
+            self._changed(projects=[row[2]])
+
+    def set_yanked(self, actor, ix, name, version, yanked):
+        """PEP 592: yank (True or a reason) or unyank (False) a release on a private index."""
+        if ix.is_mirror:
+            raise forbidden("cannot yank on mirror index %s" % ix.path)
+        if not (self.can_modify_index(actor, ix.user) or
+                (actor is not None and self.can_upload(actor, ix))):
+            if actor is None:
+                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+            raise forbidden("no permission to yank on %s" % ix.path)
+        if yanked is True:
+            value = ""
+        elif yanked is False or yanked is None:
+            value = None
+        elif isinstance(yanked, str):
+            value = yanked
+        else:
+            raise bad_request("'yanked' must be true, false or a reason string")
+        norm = normalize_name(name)
+        with self.store.write() as c:
+            row = c.execute(
+                "SELECT v.id FROM versions v JOIN projects p ON v.project_id=p.id "
+                "WHERE p.index_id=? AND p.name=? AND v.version=?",
+                (ix.id, norm, version)).fetchone()
+            if row is None:
+                raise not_found("The version %s of project %s does not exist." % (version, norm))
+            c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, row[0]))
+            self._changed(projects=[norm])
+
+    def push(self, actor, src, name, version, target, no_docs=False, only_docs=False):
+        """Copy a release with its files to another index; returns devpi's action log."""
+        norm = normalize_name(name)
+        if target.is_mirror:
+            raise not_found("cannot submit to mirror index")
+        if not self.can_upload(actor, target):
+            raise HTTPError(401 if actor is None else 403,
+                            "user %r cannot upload to %r" % (actor, target.path))
+        found = None
+        for ix in self.resolve_bases(src):
+            row = self.store.conn().execute(
+                "SELECT v.id, v.metadata, p.display, v.version FROM versions v "
+                "JOIN projects p ON v.project_id=p.id "
+                "WHERE p.index_id=? AND p.name=? AND v.version=?",
+                (ix.id, norm, version)).fetchone()
+            if row is not None:
+                found = (ix, row)
+                break
+        if found is None:
+            raise bad_request("there are no files for %s %s on stage %s" % (name, version, src.path))
+        ix, (vid, meta_json, display, version) = found
+        files = self.store.conn().execute(
+            "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
+            "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
+            (vid,)).fetchall()
+        if no_docs:
+            files = [f for f in files if f[1] != "doczip"]
+        if only_docs:
+            files = [f for f in files if f[1] == "doczip"]
+        actionlog = [[200, "register", display, version, "->", target.path]]
+        now = time.time()
+        with self.store.write() as c:
+            for (filename, rel, sha, size, uploaded, rp, cm) in files:
+                old = c.execute("SELECT sha256 FROM files WHERE index_id=? AND filename=?",
+                                (target.id, filename)).fetchone()
+                if old is not None and not target.volatile and old[0] != sha:
+                    raise HTTPError(409, "%s already exists in non-volatile index" % filename)
+            pid = self._project_id(c, target, norm, display, True)
+            tvid = self._version_id(c, pid, version, json.loads(meta_json), now)
+            for (filename, rel, sha, size, uploaded, rp, cm) in files:
+                old = c.execute("SELECT id, sha256 FROM files WHERE index_id=? AND filename=?",
+                                (target.id, filename)).fetchone()
+                if old is not None:
+                    if old[1] == sha:
+                        actionlog.append([200, "store_%s" % ("releasefile" if rel == "releasefile"
+                                                             else "doczip"),
+                                          "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16],
+                                                              filename)])
+                        continue
+                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
+                entry = {"what": "push", "who": actor, "when": when_list(now),
+                         "src": ix.path, "dst": target.path}
+                c.execute(
+                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
+                    "uploaded, requires_python, core_metadata, log) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (target.id, tvid, filename, rel, sha, size, uploaded, rp, cm,
+                     json.dumps([entry])))
+                actionlog.append([200, "store_%s" % ("releasefile" if rel == "releasefile"
+                                                     else "doczip"),
+                                  "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16], filename)])
+            self._changed(projects=[norm])
+        return actionlog
+
+    # -- releases: reading ------------------------------------------------------------------
+
+    def project_names(self, ix, ignore_bases=False):
+        """{normalised name: display name} of the projects an index serves."""
+        names = {}
+        chain = [ix] if ignore_bases else self.resolve_bases(ix)
+        c = self.store.conn()
+        for b in chain:
+            for norm, display in c.execute(
+                    "SELECT name, display FROM projects WHERE index_id=?", (b.id,)):
+                names.setdefault(norm, display)
+        return names
+
+    def has_project(self, ix, norm):
+        return self.store.conn().execute(
+            "SELECT 1 FROM projects WHERE index_id=? AND name=?", (ix.id, norm)).fetchone() \
+            is not None
+
+    def project_display(self, ix, norm):
+        for b in self.resolve_bases(ix):
+            row = self.store.conn().execute(
+                "SELECT display FROM projects WHERE index_id=? AND name=?",
+                (b.id, norm)).fetchone()
+            if row:
+                return row[0]
+        return None
+
+    _FILE_COLS = ("f.filename, f.rel, f.sha256, f.size, f.uploaded, f.requires_python, "
+                  "f.core_metadata, v.yanked, f.for_filename, f.log")
+
+    def project_files(self, ix, norm):
+        """Release files of a project through the index and its bases: a file name already
+        seen in an earlier index is not repeated. None if no index has the project."""
+        files = []
+        seen = set()
+        found = False
+        c = self.store.conn()
+        for b in self.resolve_bases(ix):
+            rows = c.execute(
+                "SELECT v.version, " + self._FILE_COLS + " FROM projects p "
+                "JOIN versions v ON v.project_id=p.id "
+                "LEFT JOIN files f ON f.version_id=v.id AND f.rel='releasefile' "
+                "WHERE p.index_id=? AND p.name=? ORDER BY f.id", (b.id, norm)).fetchall()
+            if not rows:
+                if c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
+                             (b.id, norm)).fetchone():
+                    found = True
+                continue
+            found = True
+            for r in rows:
+                if r[1] is None or r[1] in seen:
+                    continue
+                seen.add(r[1])
+                files.append(File(b.path, norm, r[0], r[1:]))
+        return files if found else None
+
+    def project_versions(self, ix, norm):
+        """Every version string of a project through the index and its bases."""
+        out = set()
+        c = self.store.conn()
+        for b in self.resolve_bases(ix):
+            for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
+                                  "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
+                                  (b.id, norm)):
+                out.add(v)
+        return out
+
+    def version_data(self, ix, norm, version=None):
+        """{version: (metadata dict, yanked, [File])} of one index's own project."""
+        c = self.store.conn()
+        args = [ix.id, norm]
+        sql = ("SELECT v.id, v.version, v.metadata, v.yanked, p.display FROM versions v "
+               "JOIN projects p ON v.project_id=p.id WHERE p.index_id=? AND p.name=?")
+        if version is not None:
+            sql += " AND v.version=?"
+            args.append(version)
+        out = {}
+        for vid, ver, meta, yanked, display in c.execute(sql, args).fetchall():
+            files = [File(ix.path, norm, ver, r) for r in c.execute(
+                "SELECT " + self._FILE_COLS.replace("v.yanked", "NULL") +
+                " FROM files f WHERE f.version_id=? ORDER BY f.id", (vid,))]
+            meta = json.loads(meta)
+            meta = full_metadata(display, ver, meta)
+            out[ver] = (meta, yanked, files)
+        return out
+
+    def find_file(self, ix, filename, sha_prefix):
+        """(File, blob path) for a +f URL; raises 404, or 410 for a deleted file."""
+        c = self.store.conn()
+        row = c.execute(
+            "SELECT p.name, v.version, " + self._FILE_COLS + " FROM files f "
+            "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
+            "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
+        if row is None or not row[4].startswith(sha_prefix):
+            if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
+                         (ix.id, filename, sha_prefix + "%")).fetchone():
+                raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
+            raise not_found("no such file")
+        f = File(ix.path, row[0], row[1], row[2:])
+        return f
+
+
+# ===================================================================================
+# 6. HTTP
+# ===================================================================================
+
+
+class Response:
+    """What a route answers: status, headers, and a body of bytes or a file to send."""
+
+    __slots__ = ("status", "headers", "body", "file_path", "file_size", "reason")
+
+    def __init__(self, status=200, body=b"", headers=None, reason=None):
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+        self.file_path = None
+        self.file_size = 0
+        self.reason = reason
+
+
+def json_response(data, status=200, headers=None):
+    body = json.dumps(data, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+    h = [("Content-Type", JSON_TYPE)]
+    if headers:
+        h.extend(headers)
+    return Response(status, body, h)
+
+
+def api_result(type_, result, status=200, message=None):
+    data = {"type": type_, "result": result}
+    if message:
+        data["message"] = message
+    return json_response(data, status)
+
+
+def message_response(message, status=200):
+    return json_response({"message": message}, status)
+
+
+def redirect(location, status=302):
+    return Response(status, b"", [("Location", location), ("Content-Type", HTML_TYPE)])
+
+
+def parse_accept(header):
+    """[(media type, q)] from an Accept header, highest q first (stable)."""
+    out = []
+    for i, item in enumerate((header or "").split(",")):
+        item = item.strip()
+        if not item:
+            continue
+        mtype, _, params = item.partition(";")
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v.strip())
+                except ValueError:
+                    q = 0.0
+        out.append((mtype.strip().lower(), q, i))
+    out.sort(key=lambda t: (-t[1], t[2]))
+    return [(m, q) for m, q, _ in out if q > 0]
+
+
+def choose_simple_format(accept):
+    """'json' or 'html' for a simple page by PEP 691 negotiation (HTML when in doubt)."""
+    for mtype, _q in parse_accept(accept):
+        if mtype in (SIMPLE_JSON, "application/vnd.pypi.simple.latest+json"):
+            return "json"
+        if mtype in (SIMPLE_HTML, "application/vnd.pypi.simple.latest+html", "text/html",
+                     "*/*", "text/*"):
+            return "html"
+    return "html"
+
+
+def wants_json(accept):
+    return any(m == JSON_TYPE for m, _ in parse_accept(accept))
+
+
+def wants_simple(accept):
+    return any(m.startswith("application/vnd.pypi.simple.") for m, _ in parse_accept(accept))
+
+
+def iso_upload_time(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%06dZ" % int(
+        (ts % 1) * 1000000)
+
+
+def http_date(ts):
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+class CachedPage:
+    __slots__ = ("validator", "body", "gzipped", "etag", "content_type")
+
+    def __init__(self, validator, body, content_type):
+        self.validator = validator
+        self.body = body
+        self.content_type = content_type
+        self.etag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
+        self.gzipped = gzip.compress(body, 6) if len(body) > 2048 else None
+
+
+class PageCache:
+    """Rendered simple pages as bytes, valid while the model's generations are unchanged."""
+
+    def __init__(self, limit=20000):
+        self.pages = {}
+        self.limit = limit
+
+    def get(self, key, validator):
+        page = self.pages.get(key)
+        if page is not None and page.validator == validator:
+            return page
+        return None
+
+    def put(self, key, validator, body, content_type):
+        if len(self.pages) >= self.limit:
+            self.pages = {}
+        page = self.pages[key] = CachedPage(validator, body, content_type)
+        return page
+
+
+class Request:
+    """One parsed request, with lazy authentication."""
+
+    def __init__(self, handler, app, method, path, query, trailing):
+        self.handler = handler
+        self.app = app
+        self.method = method
+        self.path = path
+        self.query = query
+        self.trailing = trailing
+        self.headers = handler.headers
+        self.accept = handler.headers.get("Accept", "")
+        self._actor = False
+        self.body_consumed = False
+
+    @property
+    def actor(self):
+        """The authenticated user name, or None. Bad credentials make a request anonymous,
+        as devpi does; endpoints that need a user answer 401/403."""
+        if self._actor is False:
+            self._actor = self.app.authenticate_request(self)
+        return self._actor
+
+    @property
+    def is_installer(self):
+        return bool(INSTALLER_UA.match(self.headers.get("User-Agent", "")))
+
+    def outside_url(self):
+        """Scheme, host and path prefix for absolute URLs (no trailing slash)."""
+        if self.app.outside_url:
+            return self.app.outside_url
+        xo = self.headers.get("X-Outside-Url")
+        if xo and xo.startswith(("http://", "https://")):
+            return xo.rstrip("/")
+        host = self.headers.get("Host") or "%s:%s" % self.handler.server.server_address[:2]
+        if not re.match(r"^[A-Za-z0-9._:\[\]-]+$", host):
+            host = "%s:%s" % self.handler.server.server_address[:2]
+        return "http://" + host
+
+    def absolute(self, path):
+        return self.outside_url() + "/" + path.lstrip("/")
+
+    def read_body(self, limit):
+        """The whole (small) request body, bounded by ``limit`` bytes."""
+        self.body_consumed = True
+        h = self.headers
+        if "chunked" in (h.get("Transfer-Encoding") or "").lower():
+            return ChunkedReader(self.handler.rfile, limit).read_all()
+        length = self.content_length()
+        if length > limit:
+            self.body_consumed = False
+            raise HTTPError(413, "request body larger than the limit of %d bytes" % limit)
+        data = self.handler.rfile.read(length) if length else b""
+        if len(data) != length:
+            raise bad_request("request body shorter than its Content-Length")
+        return data
+
+    def content_length(self):
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return 0
+        if len(self.headers.get_all("Content-Length")) > 1 or not value.strip().isdigit():
+            raise bad_request("invalid Content-Length")
+        return int(value)
+
+    def json_body(self, limit=10 * 1024 * 1024):
+        data = self.read_body(limit)
+        try:
+            return json.loads(data.decode("utf-8")) if data.strip() else None
+        except (ValueError, UnicodeDecodeError):
+            raise bad_request("Bad request: could not decode json")
+
+
+# -- routes ---------------------------------------------------------------------------
+
+
+NAME = r"(?P<%s>[^/+][^/]*)"
+ROUTE_SPECS = [
+    # method(s)                     path pattern                              handler
+    ("GET",                         "/+api",                                  "api"),
+    ("GET",                         "/+status",                               "status"),
+    ("POST",                        "/+login",                                "login"),
+    ("GET",                         "/",                                      "list_users"),
+    ("GET",                         "/{user}/+api",                           "api"),
+    ("GET PUT PATCH DELETE",        "/{user}",                                "user"),
+    ("GET",                         "/{user}/{index}/+api",                   "api"),
+    ("GET",                         "/{user}/{index}/+simple",                "simple_root"),
+    ("GET",                         "/{user}/{index}/+simple/{project}",      "simple_project"),
+    ("POST",                        "/{user}/{index}/+simple/{project}/refresh", "refresh"),
+    ("GET HEAD DELETE",             "/{user}/{index}/+f/{h3}/{h13}/{filename}", "file"),
+    ("GET PUT PATCH DELETE POST PUSH", "/{user}/{index}",                     "index"),
+    ("GET DELETE",                  "/{user}/{index}/{project}",              "project"),
+    ("GET DELETE PATCH",            "/{user}/{index}/{project}/{version}",    "version"),
+]
+
+
+def compile_routes(specs):
+    routes = []
+    for methods, pattern, name in specs:
+        rx = re.escape(pattern)
+        for var in re.findall(r"\{(\w+)\}", pattern):
+            rx = rx.replace(re.escape("{%s}" % var), NAME % var)
+        routes.append((set(methods.split()), re.compile("^" + rx + "$"), name))
+    return routes
+
+
+ROUTES = compile_routes(ROUTE_SPECS)
+HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+class App:
+    """The HTTP surface over a Model: each route handler turns a Request into a Response."""
+
+    def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY):
+        self.model = model
+        self.store = model.store
+        self.outside_url = outside_url.rstrip("/") if outside_url else None
+        self.max_body = max_body
+        self.pages = PageCache()
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def dispatch(self, req):
+        path = req.path
+        trailing = len(path) > 1 and path.endswith("/")
+        match_path = path[:-1] if trailing else path
+        allowed = set()
+        for methods, rx, name in ROUTES:
+            m = rx.match(match_path)
+            if m is None:
+                continue
+            method = req.method
+            if method == "HEAD" and "HEAD" not in methods and "GET" in methods:
+                method = "GET"
+            if method not in methods:
+                allowed |= methods
+                continue
+            req.trailing = trailing
+            return getattr(self, "route_" + name)(req, **m.groupdict())
+        if allowed:
+            raise HTTPError(405, "method %s not allowed here" % req.method,
+                            {"Allow": ", ".join(sorted(allowed))})
+        raise not_found("The resource could not be found: %s" % path)
+
+    def authenticate_request(self, req):
+        h = req.headers
+        creds = []
+        xauth = h.get("X-Devpi-Auth")
+        if xauth:
+            creds.append(xauth)
+        auth = h.get("Authorization") or ""
+        if auth[:6].lower() == "basic ":
+            creds.append(auth[6:].strip())
+        for cred in creds:
+            try:
+                user, sep, secret = base64.b64decode(cred, validate=True).decode(
+                    "utf-8").partition(":")
+            except (binascii.Error, ValueError, UnicodeDecodeError):
+                continue
+            if sep and user and len(user) <= 100 and len(secret) <= 4096:
+                name = self.model.authenticate(user, secret)
+                if name:
+                    return name
+        return None
+
+    # -- server-wide ------------------------------------------------------------------
+
+    def route_api(self, req, user=None, index=None):
+        actor = req.actor
+        result = {
+            "login": req.absolute("+login"),
+            "authstatus": ["ok", actor, []] if actor else ["noauth", "", []],
+            "features": ["push-no-docs", "push-only-docs", "push-register-project",
+                         "server-keyvalue-parsing"],
+        }
+        if user is not None and index is None and not self.model.user_exists(user):
+            raise not_found("no user %r" % user)
+        if index is not None:
+            ix = self.model.require_index(user + "/" + index)
+            result["index"] = req.absolute(ix.path)
+            result["simpleindex"] = req.absolute(ix.path + "/+simple/")
+            if not ix.is_mirror:
+                result["pypisubmit"] = req.absolute(ix.path + "/")
+        return api_result("apiconfig", result)
+
+    def route_status(self, req):
+        return api_result("status", {
+            "versioninfo": {"devpi-server": "6.20.3", "minidevpi": __version__},
+            "serial": self.store.serial, "uuid": self.store.uuid,
+            "serverdir": self.store.serverdir, "outside-url": self.outside_url,
+            "host": req.handler.server.server_address[0],
+            "port": req.handler.server.server_address[1],
+        })
+
+    def route_login(self, req):
+        body = req.json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
+                or not isinstance(body.get("password"), str):
+            raise bad_request("Bad request: no user/password specified")
+        result = self.model.login(body["user"], body["password"])
+        return api_result("proxyauth", result, message="login successful")
+
+    def route_list_users(self, req):
+        return api_result("list:userconfig", self.model.list_users())
+
+    # -- users --------------------------------------------------------------------------
+
+    def route_user(self, req, user):
+        m = self.model
+        if req.method == "GET":
+            return api_result("userconfig", m.user_info(user))
+        if req.method == "PUT":
+            body = req.json_body()
+            info = m.create_user(req.actor, user, body if body is not None else {})
+            return api_result("userconfig", info, status=201)
+        if req.method == "PATCH":
+            body = req.json_body()
+            token = m.modify_user(req.actor, user, body if body is not None else {})
+            if token:
+                return api_result("userpassword", {"password": token,
+                                                   "expiration": TOKEN_LIFETIME},
+                                  message="user updated, new proxy auth")
+            return message_response("user updated")
+        m.delete_user(req.actor, user)
+        return message_response("user %r deleted" % user)
+
+    # -- indexes ------------------------------------------------------------------------
+
+    def route_index(self, req, user, index):
+        path = user + "/" + index
+        m = self.model
+        if req.method == "GET":
+            if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
+                return self.simple_root(req, m.require_index(path))
+            ix = m.require_index(path)
+            result = m.public_config(ix)
+            if "no_projects" not in req.query:
+                result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
+            return api_result("indexconfig", result)
+        if req.method == "PUT":
+            body = req.json_body()
+            config = m.create_index(req.actor, path, body if body is not None else {})
+            return api_result("indexconfig", config)
+        if req.method == "PATCH":
+            body = req.json_body()
+            config = m.modify_index(req.actor, path, body if body is not None else [])
+            return api_result("indexconfig", config)
+        if req.method == "DELETE":
+            m.delete_index(req.actor, path)
+            return message_response("index %s deleted" % path, status=201)
+        # POST (upload form, or push as JSON) and PUSH
+        ix = m.require_index(path)
+        ctype = (req.headers.get("Content-Type") or "").lower()
+        if req.method == "PUSH" or ctype.startswith("application/json"):
+            return self.push(req, ix)
+        return self.upload(req, ix)
+
+    def push(self, req, ix):
+        body = req.json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
+                or not isinstance(body.get("version"), str):
+            raise bad_request("push needs 'name' and 'version'")
+        target_path = body.get("targetindex")
+        if not isinstance(target_path, str):
+            if "posturl" in body:
+                raise bad_request("pushing to an external repository is not supported; "
+                                  "upload there with twine")
+            raise bad_request("push needs 'targetindex'")
+        target = self.model.require_index(target_path.strip("/"))
+        log_rows = self.model.push(req.actor, ix, body["name"], body["version"], target,
+                                   no_docs=bool(body.get("no_docs")),
+                                   only_docs=bool(body.get("only_docs")))
+        return api_result("actionlog", log_rows)
+
+    # -- projects and versions (JSON API, and the installer shortcut) -------------------
+
+    def _norm_or_redirect(self, req, project, rest=""):
+        norm = normalize_name(project)
+        if norm != project and req.method in ("GET", "HEAD"):
+            path = req.path.rsplit("/" + project, 1)
+            raise HTTPError(302, "moved", {"Location": req.absolute(
+                path[0] + "/" + norm + path[1] if len(path) == 2 else norm)})
+        return norm
+
+    def route_project(self, req, user, index, project):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        if req.method == "DELETE":
+            m.delete_project(req.actor, ix, project, force="force" in req.query)
+            return message_response("project %s deleted from stage %s"
+                                    % (normalize_name(project), ix.path))
+        norm = self._norm_or_redirect(req, project)
+        if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
+            return self.simple_project_page(req, ix, norm)
+        return api_result("projectconfig", self.project_config(
+            req, ix, norm, ignore_bases="ignore_bases" in req.query))
+
+    def _links(self, req, files):
+        links = []
+        for f in files:
+            href = req.absolute(f.relpath)
+            link = {"rel": f.rel, "href": href, "hash_spec": "sha256=" + f.sha256,
+                    "hashes": {"sha256": f.sha256}, "log": json.loads(f.log)}
+            if f.for_filename:
+                link["for_href"] = req.absolute(
+                    "%s/+f/%s/%s/%s" % (f.index, f.sha256[:3], f.sha256[3:16], f.for_filename))
+            links.append(link)
+        return links
+
+    def _version_json(self, req, meta, yanked, files):
+        data = dict(meta)
+        if yanked is not None:
+            data["yanked"] = yanked or True
+        data["+links"] = self._links(req, files)
+        return data
+
+    def project_config(self, req, ix, norm, ignore_bases=False):
+        m = self.model
+        chain = [ix] if ignore_bases else m.resolve_bases(ix)
+        result = {}
+        found = False
+        for b in chain:
+            if not m.has_project(b, norm):
+                continue
+            found = True
+            for ver, (meta, yanked, files) in m.version_data(b, norm).items():
+                data = self._version_json(req, meta, yanked, files)
+                if ver in result:
+                    result[ver].setdefault("+shadowing", []).append(data)
+                else:
+                    result[ver] = data
+        if not found:
+            raise not_found("no project %r" % norm)
+        return result
+
+    def route_version(self, req, user, index, project, version):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        if req.method == "DELETE":
+            m.delete_version(req.actor, ix, project, version, force="force" in req.query)
+            return message_response("project %s version %r deleted"
+                                    % (normalize_name(project), version))
+        if req.method == "PATCH":
+            body = req.json_body()
+            if not isinstance(body, dict) or "yanked" not in body or len(body) != 1:
+                raise bad_request("PATCH of a version takes {\"yanked\": true|false|\"reason\"}")
+            m.set_yanked(req.actor, ix, project, version, body["yanked"])
+            meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
+            return api_result("versiondata", self._version_json(req, meta, yanked, files))
+        norm = self._norm_or_redirect(req, project)
+        result = None
+        for b in m.resolve_bases(ix):
+            data = m.version_data(b, norm, version)
+            if version in data:
+                vj = self._version_json(req, *data[version])
+                if result is None:
+                    result = vj
+                else:
+                    result.setdefault("+shadowing", []).append(vj)
+        if result is None:
+            raise not_found("The version %s of project %s does not exist." % (version, norm))
+        return api_result("versiondata", result)
+
+    # -- upload -------------------------------------------------------------------------
+
+    def upload(self, req, ix):
+        m = self.model
+        m.check_upload(req.actor, ix)
+        ctype = req.headers.get("Content-Type") or ""
+        main, params = parse_header_params(ctype)
+        if main != "multipart/form-data":
+            raise bad_request("upload needs a multipart/form-data body")
+        if "chunked" in (req.headers.get("Transfer-Encoding") or "").lower():
+            stream, length = ChunkedReader(req.handler.rfile, self.max_body), None
+        else:
+            length = req.content_length()
+            if length > self.max_body:
+                raise HTTPError(413, "upload of %d bytes is larger than the limit of %d bytes"
+                                % (length, self.max_body))
+            stream = req.handler.rfile
+        req.body_consumed = True
+        try:
+            parts = parse_multipart(stream, params.get("boundary"), length, self.store.tmp_dir)
+        except OSError as e:
+            raise self._disk_error(e)
+        try:
+            return self._handle_upload_form(req, ix, parts)
+        finally:
+            for p in parts:
+                if p.path and os.path.exists(p.path):
+                    _unlink_quiet(p.path)
+
+    @staticmethod
+    def _disk_error(e):
+        import errno
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return HTTPError(507, "not enough disk space to store the upload")
+        raise e
+
+    def _handle_upload_form(self, req, ix, parts):
+        m = self.model
+        fields = [(p.name, p.value) for p in parts if p.filename is None]
+        first = {}
+        for k, v in fields:
+            first.setdefault(k, v)
+        action = first.get(":action")
+        if action is None:
+            raise bad_request(":action field not found")
+        if action not in ("file_upload", "doc_upload", "submit"):
+            raise bad_request("action %r not supported" % action)
+        name = (first.get("name") or "").strip()
+        version = (first.get("version") or "").strip()
+        meta = metadata_from_form(fields)
+        if action == "submit":
+            if not name or not version:
+                raise bad_request("name and version need to be set")
+            m.register(req.actor, ix, name, version, meta)
+            return Response(200, b"", [("Content-Type", HTML_TYPE)])
+        content = [p for p in parts if p.name == "content" and p.filename is not None]
+        if not content:
+            raise bad_request("content file field not found")
+        part = content[0]
+        filename = part.filename
+        check_filename(filename)
+        self._check_digests(first, part)
+        if action == "doc_upload":
+            return self._doc_upload(req, ix, name, version, part)
+        try:
+            reason, _relpath = m.upload_file(req.actor, ix, filename, part.path, part.sha256,
+                                             part.size, fields)
+        except OSError as e:
+            raise self._disk_error(e)
+        return Response(200, b"", [("Content-Type", HTML_TYPE)], reason=reason)
+
+    def _check_digests(self, fields, part):
+        want = (fields.get("sha256_digest") or "").strip().lower()
+        if want and want != part.sha256:
+            raise bad_request("sha256_digest %s does not match the uploaded file (%s)"
+                              % (want[:80], part.sha256))
+        others = [(k, fields.get(k, "").strip().lower()) for k in ("blake2_256_digest",
+                                                                      "md5_digest")]
+        others = [(k, v) for k, v in others if v]
+        if not others:
+            return
+        hashers = {}
+        for k, _ in others:
+            if k == "md5_digest":
+                try:
+                    hashers[k] = hashlib.new("md5", usedforsecurity=False)
+                except (TypeError, ValueError):
+                    continue
+            else:
+                hashers[k] = hashlib.blake2b(digest_size=32)
+        with open(part.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1024 * 1024), b""):
+                for h in hashers.values():
+                    h.update(chunk)
+        for k, v in others:
+            if k in hashers and hashers[k].hexdigest() != v:
+                raise bad_request("%s does not match the uploaded file" % k)
+
+    def _doc_upload(self, req, ix, name, version, part):
+        reason = self.model.upload_doczip(req.actor, ix, name, version, part.path, part.sha256,
+                                          part.size)
+        return Response(200, b"", [("Content-Type", HTML_TYPE)], reason=reason)
+
+    # -- files --------------------------------------------------------------------------
+
+    def route_file(self, req, user, index, h3, h13, filename):
+        if len(h3) != 3 or len(h13) != 13 or not HEX_RE.match(h3 + h13):
+            raise not_found("no such file")
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        if req.method == "DELETE":
+            m.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
+            return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
+                ix.path, h3, h13, filename)))
+        metadata = False
+        try:
+            f = m.find_file(ix, filename, h3 + h13)
+        except HTTPError as e:
+            if e.status != 404 or not filename.endswith(".metadata"):
+                raise
+            f = m.find_file(ix, filename[:-len(".metadata")], h3 + h13)
+            if not f.core_metadata:
+                raise
+            metadata = True
+        if wants_json(req.accept) and not metadata:
+            return api_result("releasefilemeta", {
+                "hash_spec": "sha256=" + f.sha256, "hashes": {"sha256": f.sha256},
+                "last_modified": http_date(f.uploaded), "project": f.project,
+                "version": f.version})
+        sha = f.core_metadata if metadata else f.sha256
+        path = self.store.blob_path(sha)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            raise HTTPError(410, "the bytes of %s are missing on the server" % filename)
+        etag = '"%s"' % sha
+        headers = [("Content-Type", "application/octet-stream"),
+                   ("ETag", etag),
+                   ("Last-Modified", http_date(f.uploaded)),
+                   ("Cache-Control", "public, max-age=31536000, immutable")]
+        if req.headers.get("If-None-Match") == etag:
+            return Response(304, b"", headers)
+        r = Response(200, b"", headers)
+        r.file_path = path
+        r.file_size = size
+        return r
+
+    # -- simple pages -------------------------------------------------------------------
+
+    def route_simple_root(self, req, user, index):
+        ix = self.model.require_index(user + "/" + index)
+        if not req.trailing and not (req.is_installer or wants_simple(req.accept)):
+            return redirect(req.absolute(ix.path + "/+simple/"))
+        return self.simple_root(req, ix)
+
+    def route_simple_project(self, req, user, index, project):
+        ix = self.model.require_index(user + "/" + index)
+        norm = normalize_name(project)
+        if norm != project:
+            return redirect(req.absolute("%s/+simple/%s/" % (ix.path, norm)))
+        if not req.trailing and not (req.is_installer or wants_simple(req.accept)):
+            return redirect(req.absolute("%s/+simple/%s/" % (ix.path, norm)))
+        return self.simple_project_page(req, ix, norm)
+
+    def route_refresh(self, req, user, index, project):
+        ix = self.model.require_index(user + "/" + index)
+        return redirect(req.absolute("%s/+simple/%s/" % (ix.path, normalize_name(project))))
+
+    def _page_base(self, req):
+        """The directory of the request path, that relative links resolve against."""
+        return req.path if req.path.endswith("/") else req.path.rsplit("/", 1)[0] + "/"
+
+    def simple_root(self, req, ix):
+        fmt = choose_simple_format(req.accept)
+        m = self.model
+        validator = (m.gen_config, m.gen_projects)
+        base = self._page_base(req)
+        key = ("root", ix.path, fmt, base)
+        page = self.pages.get(key, validator)
+        if page is None:
+            names = sorted(m.project_names(ix))
+            prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
+            prefix = "" if prefix == "." else prefix + "/"
+            if fmt == "json":
+                body = json.dumps({"meta": {"api-version": "1.1"},
+                                   "projects": [{"name": n} for n in names]}).encode()
+                ctype = SIMPLE_JSON
+            else:
+                out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+                       'content="1.1"><title>Simple index</title></head><body>\n']
+                for n in names:
+                    out.append('<a href="%s%s/">%s</a>\n' % (prefix, n, n))
+                out.append("</body></html>\n")
+                body = "".join(out).encode()
+                ctype = HTML_TYPE
+            page = self.pages.put(key, validator, body, ctype)
+        return self.page_response(req, page)
+
+    def simple_project_page(self, req, ix, norm):
+        fmt = choose_simple_format(req.accept)
+        m = self.model
+        validator = (m.gen_config, m.gen_project.get(norm, 0))
+        base = self._page_base(req)
+        absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
+        key = ("project", ix.path, norm, fmt, base,
+               req.outside_url() if absolute else None)
+        page = self.pages.get(key, validator)
+        if page is None:
+            files = m.project_files(ix, norm)
+            if files is None:
+                raise not_found("The project %s does not exist." % norm)
+            display = m.project_display(ix, norm) or norm
+            page = self.pages.put(key, validator,
+                                  *self.render_project(req, ix, norm, display, files, fmt, base,
+                                                       absolute))
+        return self.page_response(req, page)
+
+    def render_project(self, req, ix, norm, display, files, fmt, base, absolute):
+        def url(f):
+            if absolute:
+                return req.absolute(f.relpath)
+            return posixpath.relpath("/" + f.relpath, base)
+        if fmt == "json":
+            out = []
+            versions = set()
+            for f in files:
+                versions.add(f.version)
+                d = {"filename": f.filename, "url": url(f), "hashes": {"sha256": f.sha256}}
+                if f.requires_python:
+                    d["requires-python"] = f.requires_python
+                if f.core_metadata:
+                    d["core-metadata"] = {"sha256": f.core_metadata}
+                    d["dist-info-metadata"] = {"sha256": f.core_metadata}
+                d["yanked"] = (f.yanked or True) if f.yanked is not None else False
+                d["size"] = f.size
+                d["upload-time"] = iso_upload_time(f.uploaded)
+                out.append(d)
+            versions |= self.model.project_versions(ix, norm)
+            body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
+                               "versions": sorted(versions, key=version_key),
+                               "files": out}).encode()
+            return body, SIMPLE_JSON
+        esc = html.escape
+        lines = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+                 'content="1.1"><title>Links for %s</title></head><body>\n'
+                 '<h1>Links for %s</h1>\n' % (esc(display), esc(display))]
+        for f in files:
+            attrs = ""
+            if f.requires_python:
+                attrs += ' data-requires-python="%s"' % esc(f.requires_python)
+            if f.core_metadata:
+                attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
+                          % (f.core_metadata, f.core_metadata))
+            if f.yanked is not None:
+                attrs += ' data-yanked="%s"' % esc(f.yanked)
+            lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
+                         % (esc(url(f)), f.sha256, attrs, esc(f.filename)))
+        lines.append("</body></html>\n")
+        return "".join(lines).encode(), HTML_TYPE
+
+    def page_response(self, req, page):
+        headers = [("Content-Type", page.content_type), ("ETag", page.etag),
+                   ("Vary", "Accept, User-Agent, Accept-Encoding"),
+                   ("Cache-Control", "max-age=60, public")]
+        body = page.body
+        etag = page.etag
+        if page.gzipped is not None and "gzip" in (req.headers.get("Accept-Encoding") or ""):
+            body = page.gzipped
+            etag = etag[:-1] + '-gz"'
+            headers.append(("Content-Encoding", "gzip"))
+        headers[1] = ("ETag", etag)
+        inm = req.headers.get("If-None-Match")
+        if inm and etag in [t.strip() for t in inm.split(",")]:
+            return Response(304, b"", headers)
+        return Response(200, body, headers)
+
+
+# -- the handler and the server -------------------------------------------------------
+
+COMMON_HEADERS = [("X-Devpi-Api-Version", DEVPI_API_VERSION),
+                  ("X-Content-Type-Options", "nosniff")]
+SMALL_BODY_DRAIN = 256 * 1024
+
+
+def _reason_phrase(text):
+    """A status-line-safe rendering of a message (clients print it, spec §2.3)."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(text)).strip()
+    return text.encode("latin-1", "replace").decode("latin-1")[:300] or "Error"
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body must not wait for delayed ACKs
+    server_version = "minidevpi/" + __version__
+    timeout = 60  # seconds a connection may sit idle or stall mid-request
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_PUSH = do_OPTIONS = do_GET
+
+    def dispatch(self):
+        t0 = time.monotonic()
+        app = self.server.app
+        req = None
+        try:
+            path, query = self._parse_target()
+            req = Request(self, app, self.command, path, query, False)
+            resp = app.dispatch(req)
+        except HTTPError as e:
+            resp = self._error_response(e, req)
+        except Exception:  # a bug: log it, answer 500, keep serving
+            import traceback
+            log("ERROR handling %s %s:\n%s" % (self.command, self.path[:200],
+                                                traceback.format_exc()))
+            resp = message_response("internal server error", 500)
+        self._finish_body(req)
+        self._send(resp, req)
+        self.server.log_access(self, resp, time.monotonic() - t0)
+
+    def _parse_target(self):
+        raw = self.path
+        if raw.startswith(("http://", "https://")):
+            raw = "/" + raw.split("/", 3)[-1] if raw.count("/") >= 3 else "/"
+        if not raw.startswith("/"):
+            raise bad_request("invalid request target")
+        path_part, _, qs = raw.partition("?")
+        try:
+            path = urllib.parse.unquote(path_part, errors="strict")
+        except UnicodeDecodeError:
+            raise bad_request("request path is not valid UTF-8")
+        if any(ord(c) < 32 or ord(c) == 127 for c in path):
+            raise bad_request("request path contains control characters")
+        segs = path.split("/")
+        if any(s in (".", "..") for s in segs):
+            raise bad_request("request path contains '.' or '..' segments")
+        try:
+            query = urllib.parse.parse_qs(qs, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise bad_request("query string is not valid")
+        return path, query
+
+    def _error_response(self, e, req):
+        if e.status in (301, 302, 303, 307, 308):
+            return Response(e.status, b"", [("Content-Type", HTML_TYPE)] + list(e.headers.items()))
+        resp = message_response(e.message, e.status)
+        resp.headers.extend(e.headers.items())
+        if req is not None and req.method == "POST":
+            # upload clients (devpi upload, twine) print the reason phrase, not the body
+            resp.reason = _reason_phrase(e.message)
+        return resp
+
+    def _finish_body(self, req):
+        """Drain a small unread request body so the connection stays usable; else close."""
+        if req is not None and req.body_consumed:
+            return
+        h = self.headers
+        if "chunked" in (h.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            return
+        try:
+            length = int(h.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            return
+        if length <= 0:
+            return
+        if length > SMALL_BODY_DRAIN:
+            self.close_connection = True
+            return
+        try:
+            self.rfile.read(length)
+        except OSError:
+            self.close_connection = True
+
+    def _send(self, resp, req):
+        status = resp.status
+        reason = resp.reason or self.responses.get(status, ("Error",))[0]
+        head = ["HTTP/1.1 %d %s\r\n" % (status, reason)]
+        for k, v in COMMON_HEADERS:
+            head.append("%s: %s\r\n" % (k, v))
+        store = self.server.app.store
+        head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\n" % (store.serial, store.uuid))
+        for k, v in resp.headers:
+            head.append("%s: %s\r\n" % (k, v))
+        length = resp.file_size if resp.file_path else len(resp.body)
+        if status != 304:
+            head.append("Content-Length: %d\r\n" % length)
+        if self.close_connection or (self.headers.get("Connection", "").lower() == "close"):
+            self.close_connection = True
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1", "replace")
+        send_body = self.command != "HEAD" and status != 304
+        try:
+            if resp.file_path and send_body:
+                with open(resp.file_path, "rb") as f:
+                    self.wfile.write(data)
+                    self.connection.sendfile(f)
+            else:
+                self.wfile.write(data + resp.body if send_body else data)
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        # malformed request lines and headers (http.server's own checks): JSON, then close
+        self.close_connection = True
+        try:
+            body = json.dumps({"message": message or self.responses.get(code, ("",))[0]})
+            body = body.encode() + b"\n"
+            self.wfile.write(("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                              "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n"
+                              % (code, self.responses.get(code, ("Error",))[0], JSON_TYPE,
+                                 len(body))).encode() + body)
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):
+        pass  # access lines come from log_access
+
+
+class IndexHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, app, access_log=True):
+        self.app = app
+        self.access_log = access_log
+        self.connections = set()
+        self.connections_lock = threading.Lock()
+        host = address[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, RequestHandler)
+
+    def process_request_thread(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
+
+    def close_connections(self):
+        with self.connections_lock:
+            conns = list(self.connections)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+    def log_access(self, handler, resp, elapsed):
+        if self.access_log:
+            log('%s - "%s %s" %d %.1fms' % (handler.client_address[0], handler.command,
+                                           handler.path[:300], resp.status, elapsed * 1000))
+
+
+# -- setting up a server directory ----------------------------------------------------
+
+
+def pip_index_url():
+    """The index pip on this host is configured to use: PIP_INDEX_URL, then pip's
+    configuration files, then pip's built-in default where pip is importable."""
+    env = os.environ.get("PIP_INDEX_URL")
+    if env:
+        return env.split()[0]
+    import configparser
+    files = []
+    if os.environ.get("PIP_CONFIG_FILE") and os.environ["PIP_CONFIG_FILE"] != os.devnull:
+        files.append(os.environ["PIP_CONFIG_FILE"])
+    xdg_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)
+    files = ([os.path.join(d, "pip", "pip.conf") for d in xdg_dirs] + ["/etc/pip.conf"]
+             + [os.path.expanduser("~/.pip/pip.conf"),
+                os.path.join(os.environ.get("XDG_CONFIG_HOME", os.path.expanduser("~/.config")),
+                             "pip", "pip.conf")]
+             + [os.path.join(sys.prefix, "pip.conf")] + files)
+    found = None
+    for path in files:  # later files override earlier ones, as in pip
+        cp = configparser.RawConfigParser()
+        try:
+            cp.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        for section in ("global", "install"):
+            if cp.has_option(section, "index-url"):
+                found = cp.get(section, "index-url").split()[0]
+    if found:
+        return found
+    try:
+        from pip._internal.models.index import PyPI
+        return PyPI.simple_url
+    except Exception:
+        return None
+
+
+def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
+                   mirror_url=None, hash_soon=False):
+    """Create a server directory with root and (unless told not to) root/pypi.
+
+    Returns the Store, opened. Refuses a directory that is already initialised.
+    """
+    store = Store(serverdir)
+    if store.is_initialised():
+        raise HTTPError(409, "%s is already initialised; nothing was changed" % store.serverdir)
+    if os.path.isdir(serverdir) and os.listdir(serverdir):
+        raise HTTPError(409, "%s is not empty; initialise a new or empty directory"
+                        % store.serverdir)
+    store.create()
+    store.open()
+    model = Model(store)
+    if root_pwhash is not None:
+        if not is_known_hash(root_pwhash):
+            raise bad_request("--root-passwd-hash is not a hash minidevpi can check "
+                              "(scrypt$... or pbkdf2_sha256$..., as written by minidevpi)")
+        model.create_user(None, "root", {}, pwhash=root_pwhash)
+    else:
+        model.create_user(None, "root", {"password": root_password or ""},
+                          hash_soon=hash_soon)
+    if root_pypi:
+        config = {"type": "mirror", "volatile": False, "title": "PyPI"}
+        url = mirror_url or pip_index_url()
+        if url:
+            config["mirror_url"] = url
+            with store.write() as c:
+                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
+                          (json.dumps(model.validate_index_config("root/pypi", config)),))
+        else:
+            log("warning: no upstream index found for root/pypi (no PIP_INDEX_URL, no pip "
+                "configuration, pip not importable); set one with "
+                "'devpi index root/pypi mirror_url=URL'")
+            config["mirror_url"] = "http://127.0.0.1:9/simple/"
+            with store.write() as c:
+                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
+                          (json.dumps(config),))
+    return store, model
+
+
+# ===================================================================================
+# 7. embedding
+# ===================================================================================
+
+
+class Server:
+    """A minidevpi server in this process, for test suites and scripts::
+
+        with minidevpi.Server() as srv:
+            srv.create_user("alice", "secret")
+            srv.create_index("alice/dev")
+            url = srv.upload("alice/dev", "dist/pkg-1.0-py3-none-any.whl")
+            subprocess.run([sys.executable, "-m", "pip", "install",
+                            "--index-url", srv.index_url("alice/dev"), "pkg"])
+
+    ``serverdir=None`` uses a temporary directory that ``stop()`` removes. ``port=0``
+    picks a free port. Several servers can run in one process; they share nothing.
+    """
+
+    def __init__(self, serverdir=None, *, host=DEFAULT_HOST, port=0, root_password=None,
+                 mirror_url=None, offline=False, outside_url=None, access_log=False,
+                 max_request_body_size=DEFAULT_MAX_BODY):
+        self._serverdir_arg = serverdir
+        self.host = host
+        self._port_arg = port
+        self.root_password = root_password
+        self.mirror_url = mirror_url
+        self.offline = offline
+        self.outside_url = outside_url
+        self.access_log = access_log
+        self.max_request_body_size = max_request_body_size
+        self.serverdir = None
+        self.port = None
+        self.url = None
+        self.model = None
+        self._httpd = None
+        self._thread = None
+        self._tmpdir = None
+
+    def start(self):
+        if self._httpd is not None:
+            return self
+        if self._serverdir_arg is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="minidevpi-")
+            self.serverdir = self._tmpdir
+        else:
+            self.serverdir = os.path.abspath(str(self._serverdir_arg))
+        try:
+            store = Store(self.serverdir)
+            if store.is_initialised():
+                store.open()
+                self.model = Model(store)
+            else:
+                if self.root_password is None:
+                    self.root_password = secrets.token_urlsafe(16)
+                store, self.model = init_serverdir(
+                    self.serverdir, root_password=self.root_password,
+                    mirror_url=self.mirror_url or "http://127.0.0.1:9/simple/",
+                    hash_soon=True)
+            app = App(self.model, outside_url=self.outside_url,
+                      max_body=self.max_request_body_size)
+            self._httpd = IndexHTTPServer((self.host, self._port_arg), app,
+                                          access_log=self.access_log)
+        except BaseException:
+            self._cleanup()
+            raise
+        self.port = self._httpd.server_address[1]
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        self.url = "http://%s:%d" % (host, self.port)
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name="minidevpi-%d" % self.port, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop serving, release the port, join the thread; harmless when repeated."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+            httpd.close_connections()
+            if self._thread is not None:
+                self._thread.join(5)
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.model is not None:
+            self.model.wait_pending_hashes()
+            self.model.store.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    # -- test set-up helpers: the same model code as the HTTP API ----------------------
+
+    def _require_started(self):
+        if self.model is None or self._httpd is None:
+            raise RuntimeError("server is not running; call start() first")
+
+    def create_user(self, name, password, email=None):
+        self._require_started()
+        body = {"password": password}
+        if email is not None:
+            body["email"] = email
+        return self.model.create_user("root", name, body, hash_soon=True)
+
+    def create_index(self, path, **config):
+        self._require_started()
+        return self.model.create_index("root", path.strip("/"), config)
+
+    def upload(self, path, path_or_bytes, filename=None):
+        """Upload a distribution file to an index (as root); returns its URL."""
+        self._require_started()
+        ix = self.model.require_index(path.strip("/"))
+        store = self.model.store
+        f, tmp = store.new_tmp()
+        digest = hashlib.sha256()
+        size = 0
+        with f:
+            if isinstance(path_or_bytes, (bytes, bytearray)):
+                if filename is None:
+                    raise ValueError("filename is needed when uploading bytes")
+                f.write(path_or_bytes)
+                digest.update(path_or_bytes)
+                size = len(path_or_bytes)
+            else:
+                filename = filename or os.path.basename(str(path_or_bytes))
+                with open(str(path_or_bytes), "rb") as src:
+                    for chunk in iter(lambda: src.read(1024 * 1024), b""):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+        _reason, relpath = self.model.upload_file("root", ix, filename, tmp, digest.hexdigest(),
+                                                  size, [])
+        return "%s/%s" % (self.url, relpath)
+
+    def index_url(self, path):
+        """The ``+simple/`` URL of an index, for pip's and uv's --index-url."""
+        return "%s/%s/+simple/" % (self.url, path.strip("/"))
+
+
+# ===================================================================================
+# 8. command line
+# ===================================================================================
+
+# devpi-server options that a --configfile may set, and what they mean here
+CONFIG_OPTIONS = {
+    "serverdir": str, "host": str, "port": int, "outside-url": str,
+    "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
+    "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
+}
+
+
+def default_serverdir():
+    return os.environ.get("MINIDEVPI_SERVERDIR") or os.path.expanduser("~/.minidevpi")
+
+
+def _yaml_scalar(text, where):
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    if text.lower() in ("true", "yes", "on"):
+        return True
+    if text.lower() in ("false", "no", "off"):
+        return False
+    if text in ("", "~", "null"):
+        return None
+    if re.match(r"^-?[0-9]+$", text):
+        return int(text)
+    if text[:1] in "[{&*!|>":
+        raise SystemExit("error: %s: only plain values are understood, not %r" % (where, text))
+    return text
+
+
+def read_configfile(path):
+    """devpi-server's YAML config (a 'devpi-server:' mapping of option names to values),
+    for the subset such files use. Anything not understood is an error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit("error: cannot read config file %s: %s" % (path, e))
+    options = {}
+    in_section = False
+    for n, line in enumerate(lines, 1):
+        where = "%s line %d" % (path, n)
+        stripped = re.sub(r"(^|\s)#.*$", "", line).rstrip()
+        if not stripped.strip():
+            continue
+        if not stripped.startswith((" ", "\t")):
+            if stripped.strip() != "devpi-server:":
+                raise SystemExit("error: %s: expected 'devpi-server:', found %r"
+                                 % (where, stripped))
+            in_section = True
+            continue
+        if not in_section:
+            raise SystemExit("error: %s: option outside the 'devpi-server:' mapping" % where)
+        key, sep, value = stripped.strip().partition(":")
+        if not sep:
+            raise SystemExit("error: %s: expected 'option: value', found %r" % (where, stripped))
+        key = key.strip().replace("_", "-")
+        if key not in CONFIG_OPTIONS:
+            raise SystemExit("error: %s: option %r is not understood by minidevpi "
+                             "(it understands: %s)" % (where, key,
+                                                       ", ".join(sorted(CONFIG_OPTIONS))))
+        value = _yaml_scalar(value, where)
+        kind = CONFIG_OPTIONS[key]
+        if kind is int and not isinstance(value, int) or kind is bool and not isinstance(
+                value, bool) or kind is str and not isinstance(value, (str, int)):
+            raise SystemExit("error: %s: %r needs a %s value" % (where, key, kind.__name__))
+        options[key.replace("-", "_")] = str(value) if kind is str else value
+    return options
+
+
+def apply_configfile(args, defaults):
+    """Fill options not given on the command line from --configfile, then defaults."""
+    if getattr(args, "configfile", None):
+        for key, value in read_configfile(args.configfile).items():
+            if getattr(args, key, None) in (None, False):
+                setattr(args, key, value)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="minidevpi.py",
+        description="A private Python package index in one file, compatible with "
+                    "devpi-client, pip, uv and twine.")
+    parser.add_argument("--version", action="version", version="minidevpi " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def common(p):
+        p.add_argument("--serverdir", metavar="DIR",
+                       help="server directory (default: $MINIDEVPI_SERVERDIR or ~/.minidevpi)")
+        p.add_argument("-c", "--configfile", metavar="FILE",
+                       help="devpi-server style YAML config file ('devpi-server:' mapping); "
+                            "command line options win over it")
+
+    def root_options(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--root-passwd", metavar="PW",
+                       help="password of the root user (default: a random one, printed once; "
+                            "'' is allowed and means no password)")
+        g.add_argument("--root-passwd-hash", metavar="HASH",
+                       help="password hash of the root user, as minidevpi writes it")
+        p.add_argument("--no-root-pypi", action="store_true", default=None,
+                       help="do not create the root/pypi mirror index")
+        p.add_argument("--mirror-url", metavar="URL",
+                       help="upstream of root/pypi (default: the index pip on this host uses)")
+
+    p = sub.add_parser("init", help="create a server directory with the root user",
+                       description="Create a server directory: database, root user and the "
+                                   "root/pypi mirror index.")
+    common(p)
+    root_options(p)
+
+    p = sub.add_parser("serve", help="run the server (initialising the directory if needed)",
+                       description="Run the server. An uninitialised server directory is "
+                                   "initialised first.")
+    common(p)
+    root_options(p)
+    p.add_argument("--host", help="address to listen on (default: %s; 0.0.0.0 or :: for "
+                                  "every interface)" % DEFAULT_HOST)
+    p.add_argument("--port", type=int, help="port (default: %d; 0 picks a free one)"
+                                            % DEFAULT_PORT)
+    p.add_argument("--outside-url", metavar="URL",
+                   help="URL the server is reached at through a proxy, for the absolute URLs "
+                        "it writes (default: from the request's Host or X-Outside-Url)")
+    p.add_argument("--max-request-body-size", type=int, metavar="BYTES",
+                   help="largest request body (upload) accepted, enforced while it streams "
+                        "(default: %d, 2 GiB)" % DEFAULT_MAX_BODY)
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
+                   help="(default) one line per request on stderr")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no access log")
+    return parser
+
+
+def cmd_init(args, quiet=False):
+    password = args.root_passwd
+    generated = False
+    if password is None and args.root_passwd_hash is None:
+        password = secrets.token_urlsafe(12)
+        generated = True
+    try:
+        store, _model = init_serverdir(args.serverdir, root_password=password,
+                                       root_pwhash=args.root_passwd_hash,
+                                       root_pypi=not args.no_root_pypi,
+                                       mirror_url=args.mirror_url)
+    except HTTPError as e:
+        raise SystemExit("error: " + e.message)
+    store.close()
+    print("initialised server directory %s" % os.path.abspath(args.serverdir), flush=True)
+    if generated:
+        print("root password (shown only now): %s" % password, flush=True)
+        print("change it with: devpi login root --password=...; "
+              "devpi user -m root password=NEW", flush=True)
+    return 0
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def cmd_serve(args):
+    store = Store(args.serverdir)
+    if not store.is_initialised():
+        print("server directory %s is not initialised: initialising it"
+              % os.path.abspath(args.serverdir), flush=True)
+        cmd_init(args)
+    try:
+        store.open()
+    except HTTPError as e:
+        raise SystemExit("error: " + e.message)
+    model = Model(store)
+    app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size)
+    try:
+        httpd = IndexHTTPServer((args.host, args.port), app, access_log=args.access_log)
+    except OSError as e:
+        raise SystemExit("error: cannot listen on %s:%s: %s" % (args.host, args.port, e))
+    host, port = httpd.server_address[:2]
+    if not is_loopback(args.host):
+        empty = [name for name, pwhash in store.conn().execute(
+            "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
+        if empty:
+            log("WARNING: account(s) with an empty password, reachable from other hosts "
+                "on %s: %s. Set passwords with 'devpi user -m NAME password=...'."
+                % (args.host, ", ".join(empty)))
+
+    def stop(signum, frame):
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    shown = "[%s]" % host if ":" in host else host
+    print("minidevpi %s serving %s at http://%s:%d/" % (__version__, store.serverdir, shown,
+                                                         port), flush=True)
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        httpd.server_close()
+        httpd.close_connections()
+        store.close()
+    log("minidevpi stopped")
+    return 0
+
+
+SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": None,
+                  "max_request_body_size": DEFAULT_MAX_BODY, "access_log": True,
+                  "no_root_pypi": False}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    defaults = {"serverdir": default_serverdir(), "no_root_pypi": False}
+    if args.command == "serve":
+        defaults.update(SERVE_DEFAULTS)
+    apply_configfile(args, defaults)
+    if getattr(args, "root_passwd", None) is not None and \
+            getattr(args, "root_passwd_hash", None) is not None:
+        raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
+    if args.command == "init":
+        return cmd_init(args)
+    return cmd_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
