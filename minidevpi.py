@@ -1597,6 +1597,8 @@ class Model:
                     log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
                                  "count": count}, entry]
                     c.execute("DELETE FROM files WHERE id=?", (old[0],))
+                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
+                              (ix.id, filename, old[1]))
                     self.store.drop_unused_blobs([old[1], old[3]])
                 pid = self._project_id(c, ix, norm, name, True)
                 vid = self._version_id(c, pid, version, meta, now)

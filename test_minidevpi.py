@@ -1,0 +1,772 @@
+"""Tests for minidevpi, in the order of the module's sections.
+
+Every behaviour a user can see is driven from the user's side: an in-process or
+subprocess server, real clients (devpi-client, twine, uv, pip and the other publishers)
+where installed, and plain HTTP. Nothing reaches beyond 127.0.0.1.
+"""
+
+import base64
+import hashlib
+import http.client as httpclient
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.parse
+import zipfile
+
+import pytest
+
+import minidevpi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "minidevpi.py")
+BIN = os.path.dirname(sys.executable)
+
+
+# ----------------------------------------------------------------------------------
+# helpers: distributions, HTTP, clients
+# ----------------------------------------------------------------------------------
+
+
+def make_metadata(name, version, requires_python=None, summary="A tiny sample package",
+                  requires_dist=()):
+    lines = ["Metadata-Version: 2.1", "Name: %s" % name, "Version: %s" % version,
+             "Summary: %s" % summary]
+    if requires_python:
+        lines.append("Requires-Python: %s" % requires_python)
+    for req in requires_dist:
+        lines.append("Requires-Dist: %s" % req)
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def make_wheel(directory, name, version, requires_python=None, requires_dist=(), extra=b""):
+    """A small but valid wheel; ``extra`` changes its bytes without changing its name."""
+    dist = re.sub(r"[-_.]+", "_", name)
+    filename = "%s-%s-py3-none-any.whl" % (dist, version)
+    path = os.path.join(str(directory), filename)
+    distinfo = "%s-%s.dist-info" % (dist, version)
+    pkg = re.sub(r"[-.]+", "_", name).lower()
+    files = {
+        "%s/__init__.py" % pkg: b"VERSION = %r\n" % version.encode() + extra,
+        "%s/METADATA" % distinfo: make_metadata(name, version, requires_python,
+                                                requires_dist=requires_dist),
+        "%s/WHEEL" % distinfo: b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                               b"Tag: py3-none-any\n",
+    }
+    record = []
+    for fn, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (fn, digest, len(data)))
+    record.append("%s/RECORD,," % distinfo)
+    files["%s/RECORD" % distinfo] = ("\n".join(record) + "\n").encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for fn, data in files.items():
+            zf.writestr(fn, data)
+    return path
+
+
+def make_sdist(directory, name, version, requires_python=None):
+    dist = re.sub(r"[-_.]+", "_", name).lower()
+    filename = "%s-%s.tar.gz" % (dist, version)
+    path = os.path.join(str(directory), filename)
+    base = "%s-%s" % (dist, version)
+    with tarfile.open(path, "w:gz") as tf:
+        for fn, data in (("PKG-INFO", make_metadata(name, version, requires_python)),
+                         ("setup.py", b"from setuptools import setup\nsetup()\n")):
+            info = tarfile.TarInfo("%s/%s" % (base, fn))
+            info.size = len(data)
+            info.mtime = 1700000000
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class Reply:
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body.decode())
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+    def __repr__(self):
+        return "<Reply %d %s %r>" % (self.status, self.reason, self.body[:300])
+
+
+def http(url, method="GET", path="/", body=None, headers=None, auth=None, json_body=None):
+    """One HTTP request to the server at ``url``; never follows redirects."""
+    u = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=30)
+    hdrs = {}
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        hdrs["Content-Type"] = "application/json"
+    if auth is not None:
+        hdrs["Authorization"] = "Basic " + base64.b64encode(
+            ("%s:%s" % auth).encode()).decode()
+    hdrs.update(headers or {})
+    conn.request(method, path, body=body, headers=hdrs)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return Reply(r.status, r.reason, {k.lower(): v for k, v in r.getheaders()}, data)
+
+
+def api(url, method="GET", path="/", **kw):
+    headers = {"Accept": "application/json"}
+    headers.update(kw.pop("headers", {}))
+    return http(url, method, path, headers=headers, **kw)
+
+
+def multipart(fields, files):
+    """(body, content type) of a multipart/form-data form."""
+    boundary = "----minidevpitest%s" % os.urandom(8).hex()
+    out = io.BytesIO()
+    for k, v in fields:
+        out.write(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
+                   % (boundary, k, v)).encode())
+    for k, filename, data in files:
+        out.write(("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+                   "Content-Type: application/octet-stream\r\n\r\n"
+                   % (boundary, k, filename)).encode())
+        out.write(data + b"\r\n")
+    out.write(("--%s--\r\n" % boundary).encode())
+    return out.getvalue(), "multipart/form-data; boundary=" + boundary
+
+
+def upload_form(url, index, path, auth, fields=None, filename=None, data=None):
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    filename = filename or os.path.basename(path)
+    if fields is None:
+        fields = [(":action", "file_upload"), ("protocol_version", "1")]
+    body, ctype = multipart(fields, [("content", filename, data)])
+    return http(url, "POST", "/%s/" % index, body=body, headers={"Content-Type": ctype},
+                auth=auth)
+
+
+def which(tool):
+    path = os.path.join(BIN, tool)
+    if os.path.exists(path):
+        return path
+    return shutil.which(tool)
+
+
+def need(tool):
+    path = which(tool)
+    if path is None:
+        pytest.skip("%s is not installed" % tool)
+    return path
+
+
+def run(cmd, env=None, cwd=None, check=True, timeout=180):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    p = subprocess.run(cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    out = p.stdout.decode(errors="replace")
+    if check and p.returncode != 0:
+        raise AssertionError("%s exited %d:\n%s" % (cmd, p.returncode, out))
+    return p.returncode, out
+
+
+def pip(*args, check=True):
+    return run([sys.executable, "-m", "pip", "--isolated", "--no-cache-dir",
+                "--disable-pip-version-check", *args], check=check)
+
+
+class Devpi:
+    """Runs the real devpi command-line client with its own client directory."""
+
+    def __init__(self, clientdir):
+        self.exe = need("devpi")
+        self.clientdir = str(clientdir)
+
+    def __call__(self, *args, check=True, cwd=None):
+        return run([self.exe, *args], env={"DEVPI_CLIENTDIR": self.clientdir}, cwd=cwd,
+                   check=check)
+
+    def fails(self, *args):
+        code, out = self(*args, check=False)
+        assert code != 0, out
+        return out
+
+
+@pytest.fixture
+def server():
+    with minidevpi.Server(root_password="rootpw") as srv:
+        yield srv
+
+
+@pytest.fixture
+def alice(server):
+    """A server with user alice (password secret) and her volatile index alice/dev."""
+    server.create_user("alice", "secret", email="a@x")
+    server.create_index("alice/dev", bases="root/pypi", volatile=True)
+    return server
+
+
+@pytest.fixture
+def devpi(tmp_path, server):
+    d = Devpi(tmp_path / "client")
+    d("use", server.url)
+    return d
+
+
+# ----------------------------------------------------------------------------------
+# 3. names, versions, files
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,norm", [
+    ("Other_Pkg", "other-pkg"), ("other.pkg", "other-pkg"), ("A__B--C..d", "a-b-c-d"),
+    ("samplepkg", "samplepkg")])
+def test_normalize_name(name, norm):
+    assert minidevpi.normalize_name(name) == norm
+
+
+def test_version_order_follows_pep440():
+    ordered = ["0.9", "1.0.dev0", "1.0a1", "1.0a2.dev1", "1.0a2", "1.0b1", "1.0rc1", "1.0",
+               "1.0+local.1", "1.0.post1", "1.1", "1.10", "2!0.1"]
+    shuffled = sorted(ordered, key=lambda v: hashlib.md5(v.encode()).hexdigest())
+    assert sorted(shuffled, key=minidevpi.version_key) == ordered
+    assert minidevpi.version_key("1.0") == minidevpi.version_key("1.0.0")
+    # unparseable versions sort first instead of crashing
+    assert sorted(["1.0", "garbage"], key=minidevpi.version_key) == ["garbage", "1.0"]
+
+
+@pytest.mark.parametrize("filename,version,expected", [
+    ("samplepkg-1.1-py3-none-any.whl", None, ("samplepkg", "1.1", "wheel")),
+    ("Other_Pkg-0.1-1-py3-none-any.whl", None, ("Other_Pkg", "0.1", "wheel")),
+    ("samplepkg-1.1.tar.gz", "1.1", ("samplepkg", "1.1", "sdist")),
+    ("old-style-name-2.0.zip", "2.0", ("old-style-name", "2.0", "sdist")),
+    ("samplepkg-1.1.doc.zip", "1.1", ("samplepkg", "1.1", "doczip")),
+    ("garbage.txt", "1.2", None),
+    ("samplepkg-1.1.tar.gz", "1.2", None),
+])
+def test_split_filename(filename, version, expected):
+    assert minidevpi.split_filename(filename, version) == expected
+
+
+@pytest.mark.parametrize("bad", ["../x.whl", "a/b.whl", "a\\b.whl", "x\x00.whl", "..", ".hidden",
+                                 ""])
+def test_check_filename_refuses_path_tricks(bad):
+    with pytest.raises(minidevpi.HTTPError) as e:
+        minidevpi.check_filename(bad)
+    assert e.value.status == 400
+
+
+def test_core_metadata_from_wheel_and_sdist(tmp_path):
+    whl = make_wheel(tmp_path, "sample-pkg", "1.0", requires_python=">=3.8")
+    meta = minidevpi.read_core_metadata(whl, os.path.basename(whl))
+    assert b"Name: sample-pkg" in meta
+    parsed = minidevpi.metadata_from_pkginfo(meta)
+    assert parsed["requires_python"] == ">=3.8"
+    sdist = make_sdist(tmp_path, "sample-pkg", "1.0")
+    assert b"Version: 1.0" in minidevpi.read_core_metadata(sdist, os.path.basename(sdist))
+    bad = tmp_path / "bad-1.0-py3-none-any.whl"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(minidevpi.HTTPError) as e:
+        minidevpi.read_core_metadata(str(bad), bad.name)
+    assert e.value.status == 400
+
+
+def test_multipart_streams_files_and_keeps_fields(tmp_path):
+    payload = os.urandom(300000) + b"\r\n--not-the-boundary\r\n"
+    body, ctype = multipart([("name", "pkg"), ("version", "1.0")],
+                            [("content", "pkg-1.0.tar.gz", payload)])
+    boundary = ctype.split("boundary=")[1]
+    parts = minidevpi.parse_multipart(io.BytesIO(body), boundary, len(body), str(tmp_path))
+    assert [(p.name, p.value) for p in parts[:2]] == [("name", "pkg"), ("version", "1.0")]
+    f = parts[2]
+    assert f.filename == "pkg-1.0.tar.gz" and f.size == len(payload)
+    assert f.sha256 == hashlib.sha256(payload).hexdigest()
+    with open(f.path, "rb") as fh:
+        assert fh.read() == payload
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"garbage", b"--B\r\nno-headers-end", b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n--B--\r\n",
+    b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\ntruncated"])
+def test_multipart_rejects_broken_bodies(tmp_path, body):
+    with pytest.raises(minidevpi.HTTPError) as e:
+        minidevpi.parse_multipart(io.BytesIO(body), "B", len(body), str(tmp_path))
+    assert 400 <= e.value.status < 500
+    assert os.listdir(str(tmp_path)) == []  # no temporary file left behind
+
+
+def test_accept_negotiation():
+    pip_accept = ("application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;"
+                  " q=0.1, text/html; q=0.01")
+    assert minidevpi.choose_simple_format(pip_accept) == "json"
+    assert minidevpi.choose_simple_format("text/html") == "html"
+    assert minidevpi.choose_simple_format("") == "html"
+    assert minidevpi.choose_simple_format("*/*") == "html"
+    assert minidevpi.choose_simple_format(
+        "application/vnd.pypi.simple.v1+json;q=0.1, text/html") == "html"
+
+
+# ----------------------------------------------------------------------------------
+# 5. model: passwords and tokens
+# ----------------------------------------------------------------------------------
+
+
+def test_password_hashes_are_salted_and_slow():
+    h1, h2 = minidevpi.hash_password("pw"), minidevpi.hash_password("pw")
+    assert h1 != h2 and "pw" not in h1
+    assert h1.startswith(("scrypt$", "pbkdf2_sha256$"))
+    assert minidevpi.verify_password("pw", h1)
+    assert not minidevpi.verify_password("pW", h1)
+    # hashes it cannot check (devpi's argon2) never match, not even the empty password
+    assert not minidevpi.verify_password("", "$argon2id$v=19$m=65536,t=3,p=4$abc$def")
+
+
+def test_passwords_are_stored_only_as_hashes(alice):
+    alice.model.wait_pending_hashes()
+    with open(os.path.join(alice.serverdir, minidevpi.DB_NAME), "rb") as f:
+        raw = f.read()
+    for name in os.listdir(alice.serverdir):
+        if name.endswith(("-wal", "-shm")):
+            with open(os.path.join(alice.serverdir, name), "rb") as f:
+                raw += f.read()
+    assert b"secret" not in raw and b"rootpw" not in raw
+
+
+# ----------------------------------------------------------------------------------
+# 6. HTTP: the devpi JSON API
+# ----------------------------------------------------------------------------------
+
+
+def login_token(url, user, password):
+    r = api(url, "POST", "/+login", json_body={"user": user, "password": password})
+    assert r.status == 200, r
+    return r.json()["result"]["password"]
+
+
+def xauth(user, secret):
+    return {"X-Devpi-Auth": base64.b64encode(("%s:%s" % (user, secret)).encode()).decode()}
+
+
+def test_every_reply_carries_devpi_headers(server):
+    for path in ("/+api", "/nosuchuser", "/+f/abc"):
+        r = api(server.url, path=path)
+        assert r.header("X-Devpi-Api-Version") == "2"
+        assert r.header("X-Content-Type-Options") == "nosniff"
+        assert r.header("Content-Type") == "application/json"
+        assert "message" in r.json() or r.json()["type"] == "apiconfig"
+
+
+def test_api_endpoint_describes_urls_and_auth(alice):
+    r = api(alice.url, path="/alice/dev/+api")
+    res = r.json()["result"]
+    assert r.json()["type"] == "apiconfig"
+    assert res["login"] == alice.url + "/+login"
+    assert res["index"] == alice.url + "/alice/dev"
+    assert res["simpleindex"] == alice.url + "/alice/dev/+simple/"
+    assert res["pypisubmit"] == alice.url + "/alice/dev/"
+    assert res["authstatus"] == ["noauth", "", []]
+    assert "server-keyvalue-parsing" in res["features"]
+    # a mirror has no upload URL
+    assert "pypisubmit" not in api(alice.url, path="/root/pypi/+api").json()["result"]
+    # X-Outside-Url and Host shape the absolute URLs
+    r = api(alice.url, path="/alice/dev/+api",
+            headers={"X-Outside-Url": "http://example.invalid/devpi"})
+    assert r.json()["result"]["login"] == "http://example.invalid/devpi/+login"
+    assert api(alice.url, path="/nosuch/idx/+api").status == 404
+
+
+def test_login_with_password_and_token(alice):
+    url = alice.url
+    r = api(url, "POST", "/+login", json_body={"user": "alice", "password": "secret"})
+    assert r.status == 200 and r.json()["type"] == "proxyauth"
+    token = r.json()["result"]["password"]
+    assert r.json()["result"]["expiration"] == minidevpi.TOKEN_LIFETIME
+    for headers in (xauth("alice", token), xauth("alice", "secret")):
+        assert api(url, path="/+api", headers=headers).json()["result"]["authstatus"] == \
+            ["ok", "alice", []]
+    assert api(url, path="/+api", auth=("alice", token)).json()["result"]["authstatus"][0] == "ok"
+    # wrong password and unknown user: 401 with a message
+    for user, pw in (("alice", "wrong"), ("nosuch", "x")):
+        r = api(url, "POST", "/+login", json_body={"user": user, "password": pw})
+        assert r.status == 401 and "could not be authenticated" in r.json()["message"]
+    assert api(url, "POST", "/+login", body=b"notjson").status == 400
+    assert api(url, "POST", "/+login", json_body={}).status == 400
+    # bad credentials on a read endpoint: simply anonymous
+    for headers in (xauth("alice", "garbage.token"), {"X-Devpi-Auth": "!!!"},
+                    {"Authorization": "Bearer abc"}):
+        r = api(url, path="/+api", headers=headers)
+        assert r.status == 200 and r.json()["result"]["authstatus"][0] == "noauth"
+
+
+def test_tokens_expire_and_die_with_a_password_change(alice, monkeypatch):
+    url = alice.url
+    token = login_token(url, "alice", "secret")
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    assert api(url, path="/+api", headers=xauth("alice", tampered)).json()["result"][
+        "authstatus"][0] == "noauth"
+    # another user's token does not authenticate as alice
+    alice.create_user("bob", "bobpw")
+    bob_token = login_token(url, "bob", "bobpw")
+    assert api(url, path="/+api", headers=xauth("alice", bob_token)).json()["result"][
+        "authstatus"][0] == "noauth"
+    # expired
+    real_time = time.time
+    monkeypatch.setattr(minidevpi.time, "time",
+                        lambda: real_time() + minidevpi.TOKEN_LIFETIME + 10)
+    assert api(url, path="/+api", headers=xauth("alice", token)).json()["result"][
+        "authstatus"][0] == "noauth"
+    monkeypatch.setattr(minidevpi.time, "time", real_time)
+    assert api(url, path="/+api", headers=xauth("alice", token)).json()["result"][
+        "authstatus"][0] == "ok"
+    # a password change invalidates older tokens (devpi keeps them valid: a bug)
+    r = api(url, "PATCH", "/alice", json_body={"password": "newsecret"},
+            headers=xauth("alice", token))
+    assert r.status == 200 and r.json()["type"] == "userpassword"
+    new_token = r.json()["result"]["password"]
+    assert api(url, path="/+api", headers=xauth("alice", token)).json()["result"][
+        "authstatus"][0] == "noauth"
+    assert api(url, path="/+api", headers=xauth("alice", new_token)).json()["result"][
+        "authstatus"][0] == "ok"
+
+
+def test_users_api(server):
+    url = server.url
+    r = api(url, "PUT", "/carol", json_body={"password": "carolpw", "email": "c@x"})
+    assert r.status == 201 and r.json()["result"]["username"] == "carol"
+    assert api(url, "PUT", "/carol", json_body={"password": "x"}).status == 409
+    assert api(url, "PUT", "/dave", json_body={"email": "d@x"}).json()["message"] == \
+        "password needs to be set"
+    assert "Unknown keys" in api(url, "PUT", "/dave",
+                                 json_body={"password": "x", "foo": 1}).json()["message"]
+    assert api(url, "PUT", "/bad%20name", json_body={"password": "x"}).status == 400
+    r = api(url, path="/carol")
+    assert r.json()["type"] == "userconfig" and r.json()["result"]["email"] == "c@x"
+    assert api(url, path="/nosuchuser").status == 404
+    assert set(api(url, path="/").json()["result"]) == {"root", "carol"}
+    # only carol herself or root may change or delete carol
+    server.create_user("eve", "evepw")
+    assert api(url, "PATCH", "/carol", json_body={"email": "evil@x"},
+               auth=("eve", "evepw")).status == 403
+    assert api(url, "PATCH", "/carol", json_body={"email": "x@x"}).status == 403
+    assert api(url, "DELETE", "/carol", auth=("eve", "evepw")).status == 403
+    r = api(url, "PATCH", "/carol", json_body={"email": "new@x", "created": "ignored"},
+            auth=("carol", "carolpw"))
+    assert r.status == 200 and api(url, path="/carol").json()["result"]["email"] == "new@x"
+    assert api(url, "PATCH", "/carol", json_body={"emial": "typo"},
+               auth=("carol", "carolpw")).status == 400
+    assert api(url, "DELETE", "/root", auth=("root", "rootpw")).status == 403
+    assert api(url, "DELETE", "/carol", auth=("root", "rootpw")).status == 200
+    assert api(url, path="/carol").status == 404
+
+
+def test_index_api_config_parsing_and_errors(alice):
+    url, auth = alice.url, ("alice", "secret")
+    r = api(url, "PUT", "/alice/prod", auth=auth, json_body={
+        "bases": "alice/dev", "volatile": "False", "acl_upload": "alice,bob",
+        "mirror_whitelist": "Requests,numpy", "mirror_whitelist_inheritance": "Union",
+        "title": "Prod"})
+    assert r.status == 200, r
+    assert r.json()["result"] == {
+        "type": "stage", "bases": ["alice/dev"], "volatile": False,
+        "acl_upload": ["alice", "bob"], "acl_toxresult_upload": [":ANONYMOUS:"],
+        "mirror_whitelist": ["requests", "numpy"], "mirror_whitelist_inheritance": "union",
+        "title": "Prod"}
+    errors = {
+        "/alice/x1": ({"bases": "nosuch/idx"}, "base index 'nosuch/idx' does not exist"),
+        "/alice/x2": ({"type": "foo"}, "unknown index type 'foo'"),
+        "/alice/x3": ({"foo": "bar"}, "indexconfig got unexpected keyword arguments: foo=bar"),
+        "/alice/x4": ({"volatile": "maybe"}, "Unknown boolean value 'maybe'."),
+        "/alice/x5": ({"mirror_whitelist_inheritance": "foo"}, "Unknown value 'foo'"),
+    }
+    for path, (body, message) in errors.items():
+        r = api(url, "PUT", path, auth=auth, json_body=body)
+        assert r.status == 400 and message in r.json()["message"], (path, r)
+    assert api(url, "PUT", "/alice/prod", auth=auth, json_body={}).status == 409
+    assert api(url, "PUT", "/root/sneaky", auth=auth, json_body={}).status == 403
+    assert api(url, "PUT", "/alice/anon", json_body={}).status == 403
+    assert api(url, "PUT", "/alice/bad+name", auth=auth, json_body={}).status in (400, 404)
+    # PATCH: list of key=value operations, or a dict
+    r = api(url, "PATCH", "/alice/prod", auth=auth,
+            json_body=["acl_upload+=carol", "acl_upload-=bob", "title-=", "description=d"])
+    res = r.json()["result"]
+    assert res["acl_upload"] == ["alice", "carol"] and "title" not in res
+    assert res["description"] == "d"
+    r = api(url, "PATCH", "/alice/prod", auth=auth, json_body=["acl_upload-=nobody"])
+    assert r.status == 400 and "doesn't have value 'nobody'" in r.json()["message"]
+    r = api(url, "PATCH", "/alice/prod", auth=auth, json_body={"title": "via dict"})
+    assert r.json()["result"]["title"] == "via dict"
+    r = api(url, "PATCH", "/alice/prod", auth=auth, json_body=["type=mirror"])
+    assert r.status == 400 and "can't be changed" in r.json()["message"]
+    assert api(url, "PATCH", "/root/pypi", auth=auth, json_body=["volatile=True"]).status == 403
+    # reading: projects listed unless ?no_projects
+    assert api(url, path="/alice/prod").json()["result"]["projects"] == []
+    assert "projects" not in api(url, path="/alice/prod?no_projects=").json()["result"]
+    assert api(url, path="/alice/nosuch").json()["message"] == \
+        "The stage alice/nosuch could not be found."
+
+
+def test_base_cycles_are_refused(alice):
+    url, auth = alice.url, ("alice", "secret")
+    assert api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": "alice/dev"}).status == 200
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["bases=alice/prod"])
+    assert r.status == 400 and "cycle" in r.json()["message"]
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["bases=alice/dev"])
+    assert r.status == 400
+
+
+def test_index_delete_rules(alice):
+    url, auth = alice.url, ("alice", "secret")
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": "alice/dev", "volatile": False})
+    # a base of another index can't go (devpi lets it and breaks the other index)
+    r = api(url, "DELETE", "/alice/dev", auth=auth)
+    assert r.status == 409 and "alice/prod" in r.json()["message"]
+    r = api(url, "DELETE", "/alice/prod", auth=auth)
+    assert r.status == 403 and "non-volatile" in r.json()["message"]
+    assert api(url, "DELETE", "/alice/dev").status == 403  # anonymous
+    r = api(url, "DELETE", "/alice", auth=auth)
+    assert r.status == 403 and "non-volatile index: prod" in r.json()["message"]
+    api(url, "PATCH", "/alice/prod", auth=auth, json_body=["volatile=True"])
+    assert api(url, "DELETE", "/alice/prod", auth=auth).status == 201
+    assert api(url, "DELETE", "/alice/prod", auth=auth).status == 404
+    assert api(url, "DELETE", "/alice", auth=auth).status == 200
+    assert api(url, path="/alice/dev").status == 404
+
+
+# ----------------------------------------------------------------------------------
+# 6. HTTP: upload, files, simple pages
+# ----------------------------------------------------------------------------------
+
+
+def test_upload_errors_are_clear_4xx(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    whl = make_wheel(tmp_path, "samplepkg", "1.2")
+    data = open(whl, "rb").read()
+    # anonymous: 401 with a Basic challenge; wrong password likewise
+    for a in (None, ("alice", "wrong")):
+        r = upload_form(url, "alice/dev", whl, a)
+        assert r.status == 401 and r.header("WWW-Authenticate") == 'Basic realm="pypi"'
+    alice.create_user("bob", "bobpw")
+    r = upload_form(url, "alice/dev", whl, ("bob", "bobpw"))
+    assert r.status == 403 and r.reason == "no permission to submit"
+    r = upload_form(url, "root/pypi", whl, ("root", "rootpw"))
+    assert r.status == 404 and r.reason == "cannot submit to mirror index"
+    r = upload_form(url, "alice/nosuch", whl, auth)
+    assert r.status == 404
+    cases = [
+        ([("name", "samplepkg")], "samplepkg-1.2-py3-none-any.whl", ":action field not found"),
+        ([(":action", "frobnicate")], "samplepkg-1.2-py3-none-any.whl",
+         "action 'frobnicate' not supported"),
+        ([(":action", "file_upload"), ("name", "samplepkg"), ("version", "1.2")],
+         "garbage.txt", "filename 'garbage.txt' does not contain version '1.2'"),
+        ([(":action", "file_upload"), ("name", "otherthing"), ("version", "1.2")],
+         "samplepkg-1.2-py3-none-any.whl",
+         "filename 'samplepkg-1.2-py3-none-any.whl' does not match project name 'otherthing'"),
+        ([(":action", "file_upload"), ("sha256_digest", "0" * 64)],
+         "samplepkg-1.2-py3-none-any.whl", "sha256_digest"),
+        ([(":action", "file_upload"), ("blake2_256_digest", "0" * 64)],
+         "samplepkg-1.2-py3-none-any.whl", "blake2_256_digest does not match"),
+        ([(":action", "file_upload")], "../evil-1.2-py3-none-any.whl", "invalid filename"),
+        ([(":action", "file_upload")], "samplepkg-1.2-py3-none-any.whl\x00.txt",
+         "invalid filename"),
+    ]
+    for fields, filename, message in cases:
+        r = upload_form(url, "alice/dev", None, auth, fields=fields, filename=filename,
+                        data=data)
+        assert r.status == 400 and message in r.reason, (fields, filename, r.reason)
+    body, ctype = multipart([(":action", "file_upload")], [])
+    r = http(url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype}, auth=auth)
+    assert r.status == 400 and r.reason == "content file field not found"
+    r = upload_form(url, "alice/dev", None, auth, filename="broken-1.0-py3-none-any.whl",
+                    data=b"not a zip")
+    assert r.status == 400 and "not a valid wheel" in r.reason
+    # nothing of all that was stored, and no temporary file is left behind
+    assert api(url, path="/alice/dev").json()["result"]["projects"] == []
+    assert os.listdir(os.path.join(alice.serverdir, minidevpi.TMP_DIR)) == []
+    # the server is still fine
+    assert upload_form(url, "alice/dev", whl, auth).status == 200
+
+
+def test_upload_with_form_fields_only_in_the_file(alice, tmp_path):
+    """curl -F ':action=file_upload' -F content=@file (devpi answers 500 to this)."""
+    sdist = make_sdist(tmp_path, "samplepkg", "1.2", requires_python=">=3.8")
+    r = upload_form(alice.url, "alice/dev", sdist, ("alice", "secret"),
+                    fields=[(":action", "file_upload")])
+    assert r.status == 200, r
+    res = api(alice.url, path="/alice/dev/samplepkg/1.2").json()["result"]
+    assert res["requires_python"] == ">=3.8" and res["summary"] == "A tiny sample package"
+
+
+def test_duplicate_uploads_volatile_and_not(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"volatile": False})
+    whl = make_wheel(tmp_path, "samplepkg", "1.1")
+    (tmp_path / "alt").mkdir()
+    alt = make_wheel(tmp_path / "alt", "samplepkg", "1.1", extra=b"# different\n")
+    assert upload_form(url, "alice/prod", whl, auth).status == 200
+    r = upload_form(url, "alice/prod", whl, auth)
+    assert r.status == 200 and r.reason == "Upload of identical file to non volatile index."
+    r = upload_form(url, "alice/prod", alt, auth)
+    assert r.status == 409
+    assert r.reason == "samplepkg-1.1-py3-none-any.whl already exists in non-volatile index"
+    # the original bytes are still what is served
+    links = api(url, path="/alice/prod/samplepkg/1.1").json()["result"]["+links"]
+    assert links[0]["hashes"]["sha256"] == sha256_file(whl)
+    # volatile: replaced, log says overwrite
+    assert upload_form(url, "alice/dev", whl, auth).status == 200
+    assert upload_form(url, "alice/dev", alt, auth).status == 200
+    links = api(url, path="/alice/dev/samplepkg/1.1").json()["result"]["+links"]
+    assert [l["hashes"]["sha256"] for l in links] == [sha256_file(alt)]
+    assert links[0]["log"][0]["what"] == "overwrite"
+    old = "/alice/dev/+f/%s/%s/%s" % (sha256_file(whl)[:3], sha256_file(whl)[3:16],
+                                      os.path.basename(whl))
+    assert http(url, path=old).status == 410
+
+
+def test_upload_body_limit_is_enforced_while_streaming(tmp_path):
+    with minidevpi.Server(max_request_body_size=100000) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        whl = make_wheel(tmp_path, "big", "1.0", extra=os.urandom(50000).hex().encode())
+        r = upload_form(srv.url, "alice/dev", whl, ("alice", "secret"))
+        assert r.status == 413 and "limit" in r.reason
+        assert http(srv.url, path="/+api").status == 200
+
+
+def test_files_download_metadata_and_json(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    whl = make_wheel(tmp_path, "samplepkg", "1.1", requires_python=">=3.8")
+    assert upload_form(url, "alice/dev", whl, auth).status == 200
+    sha = sha256_file(whl)
+    path = "/alice/dev/+f/%s/%s/%s" % (sha[:3], sha[3:16], os.path.basename(whl))
+    r = http(url, path=path)
+    assert r.status == 200 and hashlib.sha256(r.body).hexdigest() == sha
+    assert r.header("Content-Type") == "application/octet-stream"
+    assert r.header("Content-Length") == str(len(r.body))
+    assert "immutable" in r.header("Cache-Control") and r.header("ETag")
+    assert http(url, path=path, headers={"If-None-Match": r.header("ETag")}).status == 304
+    head = http(url, "HEAD", path)
+    assert head.status == 200 and head.body == b"" and head.header("Content-Length") == str(
+        len(r.body))
+    # pip asks with %2B for +
+    assert http(url, path=path.replace("+f", "%2Bf")).status == 200
+    # PEP 658: the METADATA inside the wheel
+    meta = http(url, path=path + ".metadata")
+    assert meta.status == 200 and b"Requires-Python: >=3.8" in meta.body
+    r = api(url, path=path)
+    assert r.json()["type"] == "releasefilemeta"
+    assert r.json()["result"]["hashes"]["sha256"] == sha
+    # wrong hash directory, another index, nonsense: 404
+    assert http(url, path=path.replace(sha[:3], "000", 1)).status == 404
+    assert http(url, path=path.replace("alice/dev", "root/pypi")).status == 404
+    assert http(url, path="/alice/dev/+f/zz%25/x/y").status == 404
+
+
+def simple_accept(kind):
+    return {"json": "application/vnd.pypi.simple.v1+json",
+            "html": "text/html",
+            "pip": "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;"
+                   " q=0.1, text/html; q=0.01"}[kind]
+
+
+def test_simple_pages_html_and_json(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    whl = make_wheel(tmp_path, "Other_Pkg", "0.1", requires_python=">=3.8")
+    sdist = make_sdist(tmp_path, "Other_Pkg", "0.1", requires_python=">=3.8")
+    for f in (whl, sdist):
+        assert upload_form(url, "alice/dev", f, auth).status == 200
+    r = http(url, path="/alice/dev/+simple/other-pkg/",
+             headers={"Accept": simple_accept("pip"), "Accept-Encoding": "identity"})
+    assert r.header("Content-Type") == "application/vnd.pypi.simple.v1+json"
+    assert "Accept" in r.header("Vary")
+    page = r.json()
+    assert page["meta"]["api-version"] == "1.1" and page["name"] == "other-pkg"
+    assert page["versions"] == ["0.1"]
+    files = {f["filename"]: f for f in page["files"]}
+    w = files[os.path.basename(whl)]
+    assert w["hashes"]["sha256"] == sha256_file(whl)
+    assert w["requires-python"] == ">=3.8" and w["yanked"] is False
+    assert w["size"] == os.path.getsize(whl)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$", w["upload-time"])
+    meta_sha = hashlib.sha256(http(url, path=urllib.parse.urljoin(
+        "/alice/dev/+simple/other-pkg/", w["url"]) + ".metadata").body).hexdigest()
+    assert w["core-metadata"] == {"sha256": meta_sha} == w["dist-info-metadata"]
+    assert "core-metadata" not in files[os.path.basename(sdist)]
+    # relative URLs resolve to the file
+    assert w["url"].startswith("../../+f/")
+    got = http(url, path=urllib.parse.urljoin("/alice/dev/+simple/other-pkg/", w["url"]))
+    assert hashlib.sha256(got.body).hexdigest() == sha256_file(whl)
+    html_page = http(url, path="/alice/dev/+simple/other-pkg/",
+                     headers={"Accept": "text/html"}).body.decode()
+    assert 'data-requires-python="&gt;=3.8"' in html_page
+    assert "#sha256=%s" % sha256_file(whl) in html_page
+    assert 'data-core-metadata="sha256=%s"' % meta_sha in html_page
+    # ETag and gzip
+    r1 = http(url, path="/alice/dev/+simple/other-pkg/", headers={"Accept": "text/html"})
+    assert http(url, path="/alice/dev/+simple/other-pkg/", headers={
+        "Accept": "text/html", "If-None-Match": r1.header("ETag")}).status == 304
+    # root listing
+    r = http(url, path="/alice/dev/+simple/", headers={"Accept": simple_accept("json")})
+    assert r.json()["projects"] == [{"name": "other-pkg"}]
+    assert 'href="other-pkg/"' in http(url, path="/alice/dev/+simple/").body.decode()
+    # non-normalised names redirect to the normalised URL
+    for name in ("Other_Pkg", "other.pkg"):
+        r = http(url, path="/alice/dev/+simple/%s/" % name)
+        assert r.status == 302 and r.header("Location").endswith("/alice/dev/+simple/other-pkg/")
+    r = api(url, path="/alice/dev/Other_Pkg")
+    assert r.status == 302 and r.header("Location").endswith("/alice/dev/other-pkg")
+    # missing project / index
+    assert http(url, path="/alice/dev/+simple/nosuchpkg/").status == 404
+    assert http(url, path="/alice/nosuch/+simple/samplepkg/").status == 404
+    # the installer shortcut without +simple, and without a trailing slash for installers
+    ua = {"User-Agent": "pip/23.2.1 {}", "Accept": simple_accept("pip")}
+    r = http(url, path="/alice/dev/other-pkg/", headers=ua)
+    assert r.json()["files"][0]["url"].startswith("../+f/")
+    assert http(url, path="/alice/dev/+simple/other-pkg", headers=ua).status == 200
+    assert http(url, path="/alice/dev/+simple/other-pkg",
+                headers={"Accept": "text/html"}).status == 302
+    r = http(url, path="/alice/dev/", headers={"User-Agent": "uv/0.5.0",
+                                                "Accept": simple_accept("json")})
+    assert r.json()["projects"] == [{"name": "other-pkg"}]
+
+
+def test_inheritance_and_shadowing(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": "alice/dev"})
+    for d, idx, version in (("a", "alice/dev", "1.0"), ("b", "alice/dev", "1.1"),
+                            ("c", "alice/prod", "1.1")):
+        (tmp_path / d).mkdir()
+        whl = make_wheel(tmp_path / d, "samplepkg", version, extra=d.encode())
+        assert upload_form(url, idx, whl, auth).status == 200
+    page = http(url, path="/alice/prod/+simple/samplepkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    # the file name of 1.1 exists in both: prod's own comes first and dev's is not repeated
+    names = [(f["filename"], f["url"].split("/+f/")[0]) for f in page["files"]]
+    assert names == [("samplepkg-1.1-py3-none-any.whl", "../.."),
+                     ("samplepkg-1.0-py3-none-any.whl", "../../../dev")]
+    res = api(url, path="/alice/prod/samplepkg/").json()["result"]
+    assert sorted(res) == ["1.0", "1.1"]
+    assert res["1.1"]["+links"][0]["href"].startswith(url + "/alice/prod/+f/")
+    assert res["1.1"]["+shadowing"][0]["+links"][0]["href"].startswith(url + "/alice/dev/+f/")
+    assert sorted(api(url, path="/alice/prod/samplepkg/?ignore_bases=").json()["result"]) == \
+        ["1.1"]
+    assert api(url, path="/alice/prod").json()["result"]["projects"] == ["samplepkg"]
