@@ -56,7 +56,7 @@ def make_wheel(directory, name, version, requires_python=None, requires_dist=(),
     distinfo = "%s-%s.dist-info" % (dist, version)
     pkg = re.sub(r"[-.]+", "_", name).lower()
     files = {
-        "%s/__init__.py" % pkg: b"VERSION = %r\n" % version.encode() + extra,
+        "%s/__init__.py" % pkg: ("VERSION = %r\n" % version).encode() + extra,
         "%s/METADATA" % distinfo: make_metadata(name, version, requires_python,
                                                 requires_dist=requires_dist),
         "%s/WHEEL" % distinfo: b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
@@ -770,3 +770,259 @@ def test_inheritance_and_shadowing(alice, tmp_path):
     assert sorted(api(url, path="/alice/prod/samplepkg/?ignore_bases=").json()["result"]) == \
         ["1.1"]
     assert api(url, path="/alice/prod").json()["result"]["projects"] == ["samplepkg"]
+
+
+# ----------------------------------------------------------------------------------
+# real clients: devpi-client, pip, uv, twine
+# ----------------------------------------------------------------------------------
+
+
+def write_project(directory, name="samplepkg", version="1.0"):
+    """A setuptools project directory, for `devpi upload` run inside it."""
+    d = directory / name
+    pkg = d / name.replace("-", "_")
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("VERSION = %r\n" % version)
+    (d / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "%s"\nversion = "%s"\nrequires-python = ">=3.8"\n'
+        'description = "A tiny sample package"\n' % (name, version))
+    return d
+
+
+def test_devpi_client_users_logins_and_indexes(server, devpi):
+    out = devpi("use", "-l")[1]
+    assert "root/pypi" in out and "volatile=False" in out
+    assert "user created: alice" in devpi("user", "-c", "alice", "password=secret",
+                                          "email=a@x")[1]
+    devpi.fails("user", "-c", "alice", "password=secret")
+    devpi.fails("login", "alice", "--password=wrong")
+    devpi.fails("login", "nosuch", "--password=x")
+    assert "logged in 'alice'" in devpi("login", "alice", "--password=secret")[1]
+    assert "root" in devpi("user", "-l")[1] and "alice" in devpi("user", "-l")[1]
+    devpi("user", "-m", "alice", "email=b@x")
+    assert "email=b@x" in devpi("user", "alice")[1]
+    devpi("user", "-c", "bob", "password=bobpw")
+    devpi.fails("user", "-m", "bob", "email=evil@x")
+    out = devpi("index", "-c", "dev", "bases=root/pypi", "volatile=True",
+                "acl_upload=alice,bob", "mirror_whitelist=requests,numpy",
+                "mirror_whitelist_inheritance=intersection")[1]
+    assert "acl_upload=alice,bob" in out and "mirror_whitelist=requests,numpy" in out
+    devpi.fails("index", "-c", "dev")
+    devpi.fails("index", "-c", "bad", "bases=nosuch/idx")
+    devpi.fails("index", "-c", "bad2", "type=foo")
+    devpi.fails("index", "-c", "bob/sneaky")
+    devpi("index", "-c", "prod", "bases=alice/dev", "volatile=False")
+    assert set(devpi("index", "-l")[1].split()) == {"alice/dev", "alice/prod"}
+    devpi("use", "alice/dev")
+    out = devpi("index", "alice/dev", "acl_upload+=carol", "title=Dev index")[1]
+    assert "acl_upload=alice,bob,carol" in out and "title=Dev index" in out
+    devpi.fails("index", "alice/dev", "volatile=maybe")
+    devpi.fails("index", "alice/dev", "unknownkey=1")
+    devpi.fails("index", "root/pypi", "volatile=True")
+    assert '"type": "indexconfig"' in devpi("getjson", "/alice/dev")[1]
+    assert '"list:userconfig"' in devpi("getjson", "/")[1]
+    out = devpi("use", "-l")[1]
+    assert re.search(r"alice/prod\s+bases=alice/dev\s+volatile=False", out)
+    devpi.fails("index", "-y", "--delete", "alice/prod")  # non-volatile
+    devpi("index", "alice/prod", "volatile=True")
+    devpi("index", "-y", "--delete", "alice/prod")
+    assert "alice/prod" not in devpi("use", "-l")[1]
+    devpi("user", "-y", "--delete", "bob", check=False)  # alice may not: fails
+    assert api(server.url, path="/bob").status == 200
+    devpi("logout")
+    devpi.fails("index", "-c", "foo")
+    devpi("login", "root", "--password=rootpw")
+    devpi("user", "-y", "--delete", "bob")
+    assert api(server.url, path="/bob").status == 404
+
+
+def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
+    devpi("user", "-c", "alice", "password=secret")
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "dev", "bases=root/pypi")
+    devpi("index", "-c", "prod", "volatile=False")
+    devpi("use", "alice/dev")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for v in ("1.1", "1.2"):
+        make_wheel(dist, "samplepkg", v, requires_python=">=3.8")
+        make_sdist(dist, "samplepkg", v)
+    out = devpi("upload", *sorted(str(p) for p in dist.iterdir()))[1]
+    assert out.count("file_upload of") == 4
+    # `devpi upload` inside a project directory builds and uploads it
+    project = write_project(tmp_path, "samplepkg", "1.0")
+    code, out = devpi("upload", "--no-isolation", cwd=str(project), check=False)
+    if code != 0 and "No module named" in out:
+        pytest.skip("building needs setuptools and build in the test environment: " + out[-300:])
+    assert code == 0, out
+    assert "samplepkg-1.0" in out
+    assert devpi("list")[1].split() == ["samplepkg"]
+    out = devpi("list", "samplepkg")[1]
+    assert "samplepkg-1.2-py3-none-any.whl" in out and "samplepkg-1.0" in out
+    devpi.fails("list", "nosuchpkg")
+    # push 1.1 to prod, twice (identical: fine), and a missing version
+    out = devpi("push", "samplepkg==1.1", "alice/prod")[1]
+    assert "store_releasefile" in out and "alice/prod" in out
+    devpi("push", "samplepkg==1.1", "alice/prod")
+    devpi.fails("push", "samplepkg==9.9", "alice/prod")
+    devpi.fails("push", "samplepkg==1.1", "alice/nosuch")
+    out = devpi("list", "--index", "alice/prod", "samplepkg")[1]
+    assert "samplepkg-1.1-py3-none-any.whl" in out and "1.2" not in out
+    # install through devpi: pip in a fresh venv, with the login token in the index URL
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    devpi("install", "--venv", str(venv), "samplepkg==1.1")
+    code, out = run([str(venv / "bin" / "python"), "-c",
+                     "import samplepkg; print(samplepkg.VERSION)"])
+    assert out.strip() == "1.1"
+    # remove a version, then the project
+    devpi("remove", "-y", "samplepkg==1.1")
+    assert "samplepkg-1.1" not in devpi("list", "samplepkg")[1]
+    devpi.fails("remove", "-y", "--index", "alice/prod", "samplepkg==1.1")  # non-volatile
+    devpi("remove", "-y", "-f", "--index", "alice/prod", "samplepkg==1.1")
+    devpi.fails("remove", "-y", "nosuchpkg")
+    devpi("remove", "-y", "samplepkg")
+    assert devpi("list")[1].strip() == ""
+
+
+def test_pip_install_download_and_index_versions(alice, tmp_path):
+    url = alice.url
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for v in ("1.0", "1.1"):
+        alice.upload("alice/dev", make_wheel(dist, "samplepkg", v, requires_python=">=3.8"))
+        alice.upload("alice/dev", make_sdist(dist, "samplepkg", v))
+    for index_url in (url + "/alice/dev/+simple/", url + "/alice/dev", url + "/alice/dev/"):
+        target = tmp_path / ("t%d" % len(os.listdir(str(tmp_path))))
+        pip("install", "--target", str(target), "--index-url", index_url, "SamplePkg")
+        assert (target / "samplepkg-1.1.dist-info").is_dir()
+    pip("download", "--no-deps", "-d", str(tmp_path / "dl"), "--index-url",
+        url + "/alice/dev/+simple/", "samplepkg==1.0")
+    assert os.listdir(str(tmp_path / "dl")) == ["samplepkg-1.0-py3-none-any.whl"]
+    code, out = pip("index", "versions", "--index-url", url + "/alice/dev/+simple/", "samplepkg")
+    assert "samplepkg (1.1)" in out and "1.1, 1.0" in out
+    code, out = pip("install", "--target", str(tmp_path / "x"), "--index-url",
+                    url + "/alice/dev/+simple/", "nosuchpkg", check=False)
+    assert code != 0
+
+
+def test_uv_installs_with_json_and_core_metadata(alice, tmp_path):
+    uv = need("uv")
+    alice.upload("alice/dev", make_wheel(tmp_path, "dep-pkg", "2.0"))
+    alice.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0",
+                                         requires_dist=["dep-pkg>=2"]))
+    target = tmp_path / "target"
+    run([uv, "pip", "install", "--no-cache", "--target", str(target), "--index-url",
+         alice.index_url("alice/dev"), "samplepkg"])
+    assert (target / "samplepkg-1.0.dist-info").is_dir()
+    assert (target / "dep_pkg-2.0.dist-info").is_dir()
+
+
+def test_twine_upload(alice, tmp_path):
+    twine = need("twine")
+    url = alice.url
+    api(url, "PUT", "/alice/prod", auth=("alice", "secret"), json_body={"volatile": False})
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    make_wheel(dist, "samplepkg", "1.2")
+    make_sdist(dist, "samplepkg", "1.2")
+    env = {"TWINE_NON_INTERACTIVE": "1", "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
+
+    def twine_upload(repo, user, password, files):
+        return run([twine, "upload", "--disable-progress-bar", "--non-interactive",
+                    "--repository-url", url + repo, "-u", user, "-p", password, *files],
+                   env=env, check=False)
+
+    files = sorted(str(p) for p in dist.iterdir())
+    assert twine_upload("/alice/dev/", "alice", "secret", files)[0] == 0
+    assert twine_upload("/alice/dev/", "alice", "secret", files)[0] == 0
+    assert twine_upload("/alice/prod", "alice", "secret", files)[0] == 0
+    assert twine_upload("/alice/prod/", "alice", "secret", files)[0] == 0  # identical: 200
+    code, out = twine_upload("/alice/dev/", "alice", "wrong", files[:1])
+    assert code != 0 and "401" in out
+    (tmp_path / "alt").mkdir()
+    alt = make_wheel(tmp_path / "alt", "samplepkg", "1.2", extra=b"#x")
+    code, out = twine_upload("/alice/prod/", "alice", "secret", [alt])
+    assert code != 0 and "409" in out and "already exists in non-volatile index" in out
+    token = login_token(url, "alice", "secret")
+    (tmp_path / "t").mkdir()
+    assert twine_upload("/alice/dev/", "alice", token,
+                        [make_wheel(tmp_path / "t", "tokpkg", "1.0")])[0] == 0
+    assert sorted(api(url, path="/alice/dev").json()["result"]["projects"]) == \
+        ["samplepkg", "tokpkg"]
+
+
+def upload_at(srv, index, path, when, monkeypatch):
+    """Upload with the server's clock set to ``when`` (a POSIX time): PEP 700 upload-time."""
+    real = time.time
+    monkeypatch.setattr(minidevpi.time, "time", lambda: when)
+    try:
+        return srv.upload(index, path)
+    finally:
+        monkeypatch.setattr(minidevpi.time, "time", real)
+
+
+def test_upload_time_bounds_installs(alice, tmp_path, monkeypatch):
+    old = time.mktime((2020, 1, 1, 0, 0, 0, 0, 0, 0))
+    upload_at(alice, "alice/dev", make_wheel(tmp_path, "samplepkg", "1.0"), old, monkeypatch)
+    alice.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.1"))
+    page = http(alice.url, path="/alice/dev/+simple/samplepkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    assert page["files"][0]["upload-time"].startswith("2020-01-0") or \
+        page["files"][0]["upload-time"].startswith("2019-12-31")
+    uv = which("uv")
+    if uv:
+        target = tmp_path / "uv"
+        run([uv, "pip", "install", "--no-cache", "--target", str(target), "--exclude-newer",
+             "2021-01-01T00:00:00Z", "--index-url", alice.index_url("alice/dev"), "samplepkg"])
+        assert (target / "samplepkg-1.0.dist-info").is_dir()
+    code, helptext = pip("install", "--help")
+    if "--uploaded-prior-to" not in helptext:
+        if uv:
+            return
+        pytest.skip("neither uv nor a pip with --uploaded-prior-to is installed")
+    target = tmp_path / "pip"
+    pip("install", "--target", str(target), "--uploaded-prior-to", "2021-01-01T00:00:00Z",
+        "--index-url", alice.index_url("alice/dev"), "samplepkg")
+    assert (target / "samplepkg-1.0.dist-info").is_dir()
+
+
+def test_yank_and_unyank_a_release(alice, devpi, tmp_path):
+    url = alice.url
+    for v in ("1.0", "1.1"):
+        alice.upload("alice/dev", make_wheel(tmp_path, "samplepkg", v))
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    yank = tmp_path / "yank.json"
+    yank.write_text(json.dumps({"yanked": "broken build"}))
+    out = devpi("patchjson", "/alice/dev/samplepkg/1.1", str(yank))[1]
+    assert "broken build" in out
+    page = http(url, path="/alice/dev/+simple/samplepkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    assert {f["filename"]: f["yanked"] for f in page["files"]} == {
+        "samplepkg-1.0-py3-none-any.whl": False, "samplepkg-1.1-py3-none-any.whl": "broken build"}
+    assert 'data-yanked="broken build"' in http(url, path="/alice/dev/+simple/samplepkg/").body.decode()
+    # installers skip the yanked release unless it is pinned
+    pip("install", "--target", str(tmp_path / "a"), "--index-url", alice.index_url("alice/dev"),
+        "samplepkg")
+    assert (tmp_path / "a" / "samplepkg-1.0.dist-info").is_dir()
+    pip("install", "--target", str(tmp_path / "b"), "--index-url", alice.index_url("alice/dev"),
+        "samplepkg==1.1")
+    assert (tmp_path / "b" / "samplepkg-1.1.dist-info").is_dir()
+    uv = which("uv")
+    if uv:
+        run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "c"), "--index-url",
+             alice.index_url("alice/dev"), "samplepkg"])
+        assert (tmp_path / "c" / "samplepkg-1.0.dist-info").is_dir()
+    # only people who may upload can yank; then unyank
+    alice.create_user("bob", "bobpw")
+    assert api(url, "PATCH", "/alice/dev/samplepkg/1.1", json_body={"yanked": False},
+               auth=("bob", "bobpw")).status == 403
+    assert api(url, "PATCH", "/alice/dev/samplepkg/1.1", json_body={"yanked": 3},
+               auth=("alice", "secret")).status == 400
+    yank.write_text(json.dumps({"yanked": False}))
+    devpi("patchjson", "/alice/dev/samplepkg/1.1", str(yank))
+    page = http(url, path="/alice/dev/+simple/samplepkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    assert all(f["yanked"] is False for f in page["files"])
