@@ -171,11 +171,22 @@ def which(tool):
     return shutil.which(tool)
 
 
+REQUIRE_CLIENTS = os.environ.get("MINIDEVPI_REQUIRE_CLIENTS") == "1"
+
+
 def need(tool):
+    """The path of a client, or skip the test where it is not installed (CI sets
+    MINIDEVPI_REQUIRE_CLIENTS=1, so that a missing client fails instead)."""
     path = which(tool)
     if path is None:
-        pytest.skip("%s is not installed" % tool)
+        skip_or_fail("%s is not installed" % tool)
     return path
+
+
+def skip_or_fail(reason):
+    if REQUIRE_CLIENTS:
+        pytest.fail(reason + " (and MINIDEVPI_REQUIRE_CLIENTS=1)")
+    pytest.skip(reason)
 
 
 def run(cmd, env=None, cwd=None, check=True, timeout=180):
@@ -854,7 +865,8 @@ def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
     project = write_project(tmp_path, "samplepkg", "1.0")
     code, out = devpi("upload", "--no-isolation", cwd=str(project), check=False)
     if code != 0 and "No module named" in out:
-        pytest.skip("building needs setuptools and build in the test environment: " + out[-300:])
+        skip_or_fail("building needs setuptools and build in the test environment: "
+                     + out[-300:])
     assert code == 0, out
     assert "samplepkg-1.0" in out
     assert devpi("list")[1].split() == ["samplepkg"]
@@ -981,7 +993,7 @@ def test_upload_time_bounds_installs(alice, tmp_path, monkeypatch):
     if "--uploaded-prior-to" not in helptext:
         if uv:
             return
-        pytest.skip("neither uv nor a pip with --uploaded-prior-to is installed")
+        skip_or_fail("neither uv nor a pip with --uploaded-prior-to is installed")
     target = tmp_path / "pip"
     pip("install", "--target", str(target), "--uploaded-prior-to", "2021-01-01T00:00:00Z",
         "--index-url", alice.index_url("alice/dev"), "samplepkg")
@@ -1026,3 +1038,159 @@ def test_yank_and_unyank_a_release(alice, devpi, tmp_path):
     page = http(url, path="/alice/dev/+simple/samplepkg/",
                 headers={"Accept": simple_accept("json")}).json()
     assert all(f["yanked"] is False for f in page["files"])
+
+
+# ----------------------------------------------------------------------------------
+# 8. command line
+# ----------------------------------------------------------------------------------
+
+
+def cli(*args, env=None, check=True):
+    return run([sys.executable, SCRIPT, *args], env=env, check=check, timeout=60)
+
+
+class ServeProcess:
+    """``minidevpi.py serve --port 0`` in a subprocess; reads the URL from its first lines."""
+
+    def __init__(self, *args, env=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=full_env, stdin=subprocess.DEVNULL)
+        self.lines = []
+        self.url = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.search(r"serving .* at (http://\S+?)/?$", line.strip())
+            if m:
+                self.url = m.group(1)
+                break
+        if self.url is None:
+            self.proc.kill()
+            raise AssertionError("no URL from serve: %r %r" % (
+                self.lines, self.proc.stderr.read().decode()))
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        self.rest = self.proc.stdout.read().decode()
+        self.stderr = self.proc.stderr.read().decode()
+        return code
+
+
+def test_cli_help_and_version():
+    assert minidevpi.__version__ in cli("--version")[1]
+    for cmd in ("init", "serve"):
+        code, out = cli(cmd, "--help")
+        assert "--serverdir" in out and "--configfile" in out
+    assert "--max-request-body-size" in cli("serve", "--help")[1]
+
+
+def test_init_creates_root_and_refuses_twice(tmp_path):
+    d = tmp_path / "srv"
+    code, out = cli("init", "--serverdir", str(d))
+    m = re.search(r"root password \(shown only now\): (\S+)", out)
+    assert m, out
+    with minidevpi.Server(d) as srv:
+        assert login_token(srv.url, "root", m.group(1))
+        config = api(srv.url, path="/root/pypi").json()["result"]
+        assert config["type"] == "mirror" and config["mirror_url"].startswith("http")
+    before = sorted(os.listdir(str(d)))
+    code, out = cli("init", "--serverdir", str(d), "--root-passwd", "x", check=False)
+    assert code != 0 and "already initialised" in out
+    assert sorted(os.listdir(str(d))) == before
+    with minidevpi.Server(d) as srv:
+        assert api(srv.url, "POST", "/+login",
+                   json_body={"user": "root", "password": "x"}).status == 401
+
+
+def test_init_options(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()  # an existing empty directory is fine
+    cli("init", "--serverdir", str(d), "--root-passwd", "", "--no-root-pypi")
+    with minidevpi.Server(d) as srv:
+        assert login_token(srv.url, "root", "")
+        assert api(srv.url, path="/root/pypi").status == 404
+    pwhash = minidevpi.hash_password("hashed-pw")
+    d2 = tmp_path / "hashed"
+    cli("init", "--serverdir", str(d2), "--root-passwd-hash", pwhash,
+        "--mirror-url", "http://127.0.0.1:9/simple/")
+    with minidevpi.Server(d2) as srv:
+        assert login_token(srv.url, "root", "hashed-pw")
+        assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
+            "http://127.0.0.1:9/simple/"
+    code, out = cli("init", "--serverdir", str(tmp_path / "bad"), "--root-passwd-hash",
+                    "nonsense", check=False)
+    assert code != 0 and "root-passwd-hash" in out
+
+
+def test_root_pypi_upstream_follows_pip_configuration(tmp_path):
+    d = tmp_path / "srv"
+    cli("init", "--serverdir", str(d), "--root-passwd", "x",
+        env={"PIP_INDEX_URL": "http://127.0.0.1:8/custom/simple/"})
+    with minidevpi.Server(d) as srv:
+        assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
+            "http://127.0.0.1:8/custom/simple/"
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = http://127.0.0.1:7/fromconf/simple/\n")
+    d = tmp_path / "srv2"
+    env = {"PIP_CONFIG_FILE": str(conf), "PIP_INDEX_URL": ""}
+    cli("init", "--serverdir", str(d), "--root-passwd", "x", env=env)
+    with minidevpi.Server(d) as srv:
+        assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
+            "http://127.0.0.1:7/fromconf/simple/"
+
+
+def test_serve_initialises_prints_url_logs_and_stops(tmp_path):
+    d = tmp_path / "srv"
+    p = ServeProcess("--serverdir", str(d), "--root-passwd", "pw")
+    try:
+        assert any("initialising" in line for line in p.lines)
+        assert login_token(p.url, "root", "pw")
+        assert api(p.url, path="/root").json()["result"]["username"] == "root"
+    finally:
+        code = p.stop(signal.SIGTERM)
+    assert code == 0
+    assert '"GET /root' in p.stderr  # access log on stderr
+    # SIGINT too, and a second start reuses the directory without initialising again
+    p = ServeProcess("--serverdir", str(d))
+    assert not any("initialising" in line for line in p.lines)
+    assert login_token(p.url, "root", "pw")
+    assert p.stop(signal.SIGINT) == 0
+
+
+def test_serve_reads_devpi_config_files(tmp_path):
+    d = tmp_path / "srv"
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  serverdir: %s\n  host: 127.0.0.1  # comment\n"
+                    "  outside-url: http://example.invalid/pkgs\n  root-passwd: 'pw'\n" % d)
+    p = ServeProcess("--configfile", str(conf))
+    try:
+        assert os.path.exists(str(d / minidevpi.DB_NAME))
+        assert api(p.url, path="/+api").json()["result"]["login"] == \
+            "http://example.invalid/pkgs/+login"
+    finally:
+        p.stop()
+    bad = tmp_path / "bad.yml"
+    bad.write_text("devpi-server:\n  serverdir: %s\n  replica-max-retries: 3\n" % d)
+    code, out = cli("serve", "--configfile", str(bad), check=False)
+    assert code != 0 and "replica-max-retries" in out and "not understood" in out
+    bad.write_text("something-else:\n  port: 1\n")
+    code, out = cli("serve", "--configfile", str(bad), check=False)
+    assert code != 0 and "devpi-server:" in out
+
+
+def test_serve_warns_about_empty_passwords_reachable_from_elsewhere(tmp_path):
+    d = tmp_path / "srv"
+    cli("init", "--serverdir", str(d), "--root-passwd", "")
+    p = ServeProcess("--serverdir", str(d), "--host", "0.0.0.0")
+    p.stop()
+    assert "empty password" in p.stderr and "root" in p.stderr
+    p = ServeProcess("--serverdir", str(d), "--host", "127.0.0.1")
+    p.stop()
+    assert "empty password" not in p.stderr
