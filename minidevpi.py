@@ -2680,6 +2680,7 @@ class App:
                           % (f.core_metadata, f.core_metadata))
             if f.yanked is not None:
                 attrs += ' data-yanked="%s"' % esc(f.yanked)
+            attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
             lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
                          % (esc(url(f)), f.sha256, attrs, esc(f.filename)))
         lines.append("</body></html>\n")

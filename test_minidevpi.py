@@ -1194,3 +1194,105 @@ def test_serve_warns_about_empty_passwords_reachable_from_elsewhere(tmp_path):
     p = ServeProcess("--serverdir", str(d), "--host", "127.0.0.1")
     p.stop()
     assert "empty password" not in p.stderr
+
+
+# ----------------------------------------------------------------------------------
+# the other publishers: uv publish, hatch, pdm, poetry
+# ----------------------------------------------------------------------------------
+
+
+def publisher_setup(alice, tmp_path):
+    """alice/dev (volatile) and alice/prod (not); a dist dir with sample_pkg 1.0."""
+    api(alice.url, "PUT", "/alice/prod", auth=("alice", "secret"), json_body={"volatile": False})
+    project = tmp_path / "proj"
+    dist = project / "dist"
+    dist.mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "Sample_Pkg"\nversion = "1.0"\n')
+    make_wheel(dist, "sample_pkg", "1.0")
+    make_sdist(dist, "sample_pkg", "1.0")
+    alt = tmp_path / "alt"
+    alt.mkdir()
+    make_wheel(alt, "sample_pkg", "1.0", extra=b"# other bytes\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring",
+           "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_DATA_HOME": str(home / ".local")}
+    return project, dist, alt, env
+
+
+def published_files(alice, index):
+    res = api(alice.url, path="/%s/sample-pkg/" % index).json()["result"]
+    return sorted(l["href"].rsplit("/", 1)[1] for v in res.values() for l in v["+links"])
+
+
+EXPECTED_FILES = ["sample_pkg-1.0-py3-none-any.whl", "sample_pkg-1.0.tar.gz"]
+
+
+def test_uv_publish(alice, tmp_path):
+    uv = need("uv")
+    project, dist, alt, env = publisher_setup(alice, tmp_path)
+    for index in ("alice/dev", "alice/prod"):
+        run([uv, "publish", "--publish-url", "%s/%s/" % (alice.url, index), "-u", "alice",
+             "-p", "secret", *sorted(str(p) for p in dist.iterdir())], env=env)
+        assert published_files(alice, index) == EXPECTED_FILES
+    code, out = run([uv, "publish", "--publish-url", alice.url + "/alice/prod/", "-u", "alice",
+                     "-p", "secret", str(alt / EXPECTED_FILES[0])], env=env, check=False)
+    assert code != 0 and "409" in out
+
+
+def test_hatch_publish(alice, tmp_path):
+    hatch = need("hatch")
+    project, dist, alt, env = publisher_setup(alice, tmp_path)
+    config = tmp_path / "hatch.toml"
+    config.write_text("")
+    env.update({"HATCH_CONFIG": str(config), "HATCH_CACHE_DIR": str(tmp_path / "hc"),
+                "HATCH_DATA_DIR": str(tmp_path / "hd")})
+    for index in ("alice/dev", "alice/prod"):
+        code, out = run([hatch, "publish", "-n", "-r", "%s/%s/" % (alice.url, index), "-u",
+                         "alice", "-a", "secret", str(dist)], env=env, cwd=str(project))
+        assert published_files(alice, index) == EXPECTED_FILES
+    # hatch asks +simple first (as %2Bsimple) and skips what is there
+    code, out = run([hatch, "publish", "-n", "-r", alice.url + "/alice/prod/", "-u", "alice",
+                     "-a", "secret", str(dist)], env=env, cwd=str(project))
+    assert "already exists" in out
+    (tmp_path / "alt2").mkdir()
+    other = make_wheel(tmp_path / "alt2", "sample_pkg", "1.1")
+    code, out = run([hatch, "publish", "-n", "-r", alice.url + "/alice/prod/", "-u", "alice",
+                     "-a", "wrong", other], env=env, cwd=str(project), check=False)
+    assert code != 0 and "401" in out
+
+
+def test_pdm_publish(alice, tmp_path):
+    pdm = need("pdm")
+    project, dist, alt, env = publisher_setup(alice, tmp_path)
+    env.update({"PDM_USE_VENV": "false", "PDM_PYTHON": sys.executable,
+                "PDM_CHECK_UPDATE": "false", "PDM_CACHE_DIR": str(tmp_path / "pc"),
+                "PDM_LOG_DIR": str(tmp_path / "pl"), "PDM_CONFIG_FILE": str(tmp_path / "pdm.toml")})
+    for index in ("alice/dev", "alice/prod"):
+        run([pdm, "publish", "--no-build", "-d", str(dist), "-r", "%s/%s/" % (alice.url, index),
+             "-u", "alice", "-P", "secret"], env=env, cwd=str(tmp_path))
+        assert published_files(alice, index) == EXPECTED_FILES
+    code, out = run([pdm, "publish", "--no-build", "-d", str(alt), "-r",
+                     alice.url + "/alice/prod/", "-u", "alice", "-P", "secret"], env=env,
+                    cwd=str(tmp_path), check=False)
+    assert code != 0 and "409" in out
+
+
+def test_poetry_publish(alice, tmp_path):
+    poetry = need("poetry")
+    project, dist, alt, env = publisher_setup(alice, tmp_path)
+    env.update({"POETRY_CONFIG_DIR": str(tmp_path / "poc"), "POETRY_CACHE_DIR": str(tmp_path / "pok"),
+                "POETRY_DATA_DIR": str(tmp_path / "pod"), "POETRY_KEYRING_ENABLED": "false",
+                "POETRY_HTTP_BASIC_MINI_USERNAME": "alice",
+                "POETRY_HTTP_BASIC_MINI_PASSWORD": "secret"})
+    for index in ("alice/dev", "alice/prod"):
+        env["POETRY_REPOSITORIES_MINI_URL"] = "%s/%s/" % (alice.url, index)
+        run([poetry, "publish", "-n", "-r", "mini"], env=env, cwd=str(project))
+        assert published_files(alice, index) == EXPECTED_FILES
+    shutil.copy(str(alt / EXPECTED_FILES[0]), str(dist / EXPECTED_FILES[0]))
+    code, out = run([poetry, "publish", "-n", "-r", "mini"], env=env, cwd=str(project),
+                    check=False)
+    assert code != 0 and "409" in out
