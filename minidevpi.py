@@ -1593,7 +1593,8 @@ class Model:
                     elif not ix.volatile:
                         raise HTTPError(409, "%s already exists in non-volatile index" % filename)
                     prev = json.loads(old[2])
-                    count = sum(1 for e in prev if e.get("what") == "overwrite") + 1
+                    count = max([e.get("count", 1) for e in prev
+                                 if e.get("what") == "overwrite"] or [0]) + 1
                     log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
                                  "count": count}, entry]
                     c.execute("DELETE FROM files WHERE id=?", (old[0],))
@@ -1979,7 +1980,8 @@ def message_response(message, status=200):
 
 
 def redirect(location, status=302):
-    return Response(status, b"", [("Location", location), ("Content-Type", HTML_TYPE)])
+    return json_response({"message": "moved to %s" % location}, status,
+                         [("Location", location)])
 
 
 def parse_accept(header):
@@ -2020,6 +2022,17 @@ def wants_json(accept):
 
 def wants_simple(accept):
     return any(m.startswith("application/vnd.pypi.simple.") for m, _ in parse_accept(accept))
+
+
+def file_content_type(filename, metadata=False):
+    """As devpi, by file name; none of them is rendered as a page by a browser."""
+    if metadata:
+        return "application/octet-stream"
+    if filename.endswith(".zip"):
+        return "application/zip"
+    if filename.endswith((".tar.gz", ".tgz", ".tar")):
+        return "application/x-tar"
+    return "application/octet-stream"
 
 
 def iso_upload_time(ts):
@@ -2076,6 +2089,7 @@ class Request:
         self.accept = handler.headers.get("Accept", "")
         self._actor = False
         self.body_consumed = False
+        self.is_upload = False
 
     @property
     def actor(self):
@@ -2342,8 +2356,9 @@ class App:
         norm = normalize_name(project)
         if norm != project and req.method in ("GET", "HEAD"):
             path = req.path.rsplit("/" + project, 1)
-            raise HTTPError(302, "moved", {"Location": req.absolute(
-                path[0] + "/" + norm + path[1] if len(path) == 2 else norm)})
+            raise HTTPError(302, "moved to the normalised project name", {
+                "Location": req.absolute(path[0] + "/" + norm + path[1]
+                                         if len(path) == 2 else norm)})
         return norm
 
     def route_project(self, req, user, index, project):
@@ -2428,6 +2443,7 @@ class App:
     # -- upload -------------------------------------------------------------------------
 
     def upload(self, req, ix):
+        req.is_upload = True  # errors go into the reason phrase, where upload clients look
         m = self.model
         m.check_upload(req.actor, ix)
         ctype = req.headers.get("Content-Type") or ""
@@ -2561,7 +2577,7 @@ class App:
         except OSError:
             raise HTTPError(410, "the bytes of %s are missing on the server" % filename)
         etag = '"%s"' % sha
-        headers = [("Content-Type", "application/octet-stream"),
+        headers = [("Content-Type", file_content_type(f.filename, metadata)),
                    ("ETag", etag),
                    ("Last-Modified", http_date(f.uploaded)),
                    ("Cache-Control", "public, max-age=31536000, immutable")]
@@ -2706,6 +2722,7 @@ class App:
 # -- the handler and the server -------------------------------------------------------
 
 COMMON_HEADERS = [("X-Devpi-Api-Version", DEVPI_API_VERSION),
+                  ("X-Devpi-Server-Version", "6.20.3 (minidevpi %s)" % __version__),
                   ("X-Content-Type-Options", "nosniff")]
 SMALL_BODY_DRAIN = 256 * 1024
 
@@ -2769,11 +2786,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         return path, query
 
     def _error_response(self, e, req):
-        if e.status in (301, 302, 303, 307, 308):
-            return Response(e.status, b"", [("Content-Type", HTML_TYPE)] + list(e.headers.items()))
         resp = message_response(e.message, e.status)
         resp.headers.extend(e.headers.items())
-        if req is not None and req.method == "POST":
+        if req is not None and req.is_upload:
             # upload clients (devpi upload, twine) print the reason phrase, not the body
             resp.reason = _reason_phrase(e.message)
         return resp
@@ -2808,7 +2823,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         for k, v in COMMON_HEADERS:
             head.append("%s: %s\r\n" % (k, v))
         store = self.server.app.store
-        head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\n" % (store.serial, store.uuid))
+        head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\nX-Devpi-Master-Uuid: %s\r\n"
+                    "X-Devpi-Primary-Uuid: %s\r\n" % (store.serial, store.uuid, store.uuid,
+                                                      store.uuid))
         for k, v in resp.headers:
             head.append("%s: %s\r\n" % (k, v))
         length = resp.file_size if resp.file_path else len(resp.body)
@@ -3029,8 +3046,7 @@ class Server:
                     self.root_password = secrets.token_urlsafe(16)
                 store, self.model = init_serverdir(
                     self.serverdir, root_password=self.root_password,
-                    mirror_url=self.mirror_url or "http://127.0.0.1:9/simple/",
-                    hash_soon=True)
+                    mirror_url=self.mirror_url, hash_soon=True)
             app = App(self.model, outside_url=self.outside_url,
                       max_body=self.max_request_body_size)
             self._httpd = IndexHTTPServer((self.host, self._port_arg), app,

@@ -647,7 +647,11 @@ def test_duplicate_uploads_volatile_and_not(alice, tmp_path):
     assert upload_form(url, "alice/dev", alt, auth).status == 200
     links = api(url, path="/alice/dev/samplepkg/1.1").json()["result"]["+links"]
     assert [l["hashes"]["sha256"] for l in links] == [sha256_file(alt)]
-    assert links[0]["log"][0]["what"] == "overwrite"
+    assert links[0]["log"][0] == dict(links[0]["log"][0], what="overwrite", count=1)
+    assert upload_form(url, "alice/dev", whl, auth).status == 200
+    assert upload_form(url, "alice/dev", alt, auth).status == 200
+    links = api(url, path="/alice/dev/samplepkg/1.1").json()["result"]["+links"]
+    assert links[0]["log"][0]["count"] == 3 and links[0]["log"][1]["what"] == "upload"
     old = "/alice/dev/+f/%s/%s/%s" % (sha256_file(whl)[:3], sha256_file(whl)[3:16],
                                       os.path.basename(whl))
     assert http(url, path=old).status == 410
@@ -807,7 +811,8 @@ def test_devpi_client_users_logins_and_indexes(server, devpi):
     assert "user created: alice" in devpi("user", "-c", "alice", "password=secret",
                                           "email=a@x")[1]
     devpi.fails("user", "-c", "alice", "password=secret")
-    devpi.fails("login", "alice", "--password=wrong")
+    out = devpi.fails("login", "alice", "--password=wrong")
+    assert "401 Unauthorized: user 'alice' could not be authenticated" in out
     devpi.fails("login", "nosuch", "--password=x")
     assert "logged in 'alice'" in devpi("login", "alice", "--password=secret")[1]
     assert "root" in devpi("user", "-l")[1] and "alice" in devpi("user", "-l")[1]
@@ -1296,3 +1301,104 @@ def test_poetry_publish(alice, tmp_path):
     code, out = run([poetry, "publish", "-n", "-r", "mini"], env=env, cwd=str(project),
                     check=False)
     assert code != 0 and "409" in out
+
+
+# ----------------------------------------------------------------------------------
+# 7. embedding: minidevpi.Server
+# ----------------------------------------------------------------------------------
+
+
+def port_is_free(port):
+    """Could a server listen on ``port`` again (as servers do, with SO_REUSEADDR)?"""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def test_server_in_process_with_helpers(tmp_path):
+    whl = make_wheel(tmp_path, "embedded-pkg", "1.0")
+    with minidevpi.Server() as srv:
+        assert srv.url == "http://127.0.0.1:%d" % srv.port and os.path.isdir(srv.serverdir)
+        srv.create_user("alice", "secret", email="a@x")
+        srv.create_index("alice/dev", bases="root/pypi")
+        url = srv.upload("alice/dev", whl)
+        assert url.startswith(srv.url + "/alice/dev/+f/") and url.endswith(os.path.basename(whl))
+        assert hashlib.sha256(http(url, path=urllib.parse.urlsplit(url).path).body).hexdigest() \
+            == sha256_file(whl)
+        url2 = srv.upload("alice/dev", open(whl, "rb").read(),
+                          filename=os.path.basename(whl))
+        assert url2 == url
+        assert srv.index_url("alice/dev") == srv.url + "/alice/dev/+simple/"
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            srv.index_url("alice/dev"), "embedded-pkg")
+        assert (tmp_path / "t" / "embedded_pkg-1.0.dist-info").is_dir()
+        # the helpers share the rules of the HTTP API
+        with pytest.raises(minidevpi.HTTPError):
+            srv.create_index("alice/dev")
+        with pytest.raises(minidevpi.HTTPError):
+            srv.upload("alice/dev", b"garbage", filename="../x.whl")
+        assert login_token(srv.url, "alice", "secret")
+        serverdir, port = srv.serverdir, srv.port
+    assert not os.path.exists(serverdir)  # temporary directory removed
+    assert port_is_free(port)
+
+
+def test_two_servers_share_nothing(tmp_path):
+    with minidevpi.Server() as a, minidevpi.Server() as b:
+        assert a.port != b.port and a.serverdir != b.serverdir
+        a.create_user("alice", "secret")
+        a.create_index("alice/dev")
+        a.upload("alice/dev", make_wheel(tmp_path, "only-in-a", "1.0"))
+        assert api(a.url, path="/alice").status == 200
+        assert api(b.url, path="/alice").status == 404
+        assert http(b.url, path="/alice/dev/+simple/only-in-a/").status == 404
+        assert http(a.url, path="/alice/dev/+simple/only-in-a/").status == 200
+        # tokens of one server mean nothing to the other
+        b.create_user("alice", "secret")
+        token = login_token(a.url, "alice", "secret")
+        assert api(b.url, path="/+api", headers=xauth("alice", token)).json()["result"][
+            "authstatus"][0] == "noauth"
+
+
+def test_stop_after_an_exception_and_twice(tmp_path):
+    srv = minidevpi.Server()
+    with pytest.raises(ZeroDivisionError):
+        with srv:
+            # a kept-alive connection must not keep the server from stopping
+            conn = httpclient.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+            conn.request("GET", "/+api")
+            conn.getresponse().read()
+            port, thread = srv.port, srv._thread
+            1 / 0
+    assert not thread.is_alive()
+    assert port_is_free(port)
+    srv.stop()  # harmless
+    conn.close()
+
+
+def test_server_with_a_directory_keeps_its_data(tmp_path):
+    d = tmp_path / "srv"
+    with minidevpi.Server(d, root_password="rootpw") as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_wheel(tmp_path, "kept", "1.0"))
+    with minidevpi.Server(d) as srv:
+        assert login_token(srv.url, "root", "rootpw")
+        assert login_token(srv.url, "alice", "secret")
+        assert api(srv.url, path="/alice/dev").json()["result"]["projects"] == ["kept"]
+    assert os.path.exists(str(d / minidevpi.DB_NAME))
+
+
+def test_serve_port_zero_prints_a_url_that_answers(tmp_path):
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "x")
+    try:
+        assert http(p.url, path="/+api").status == 200
+    finally:
+        p.stop()
