@@ -2145,7 +2145,7 @@ class Request:
         data = self.read_body(limit)
         try:
             return json.loads(data.decode("utf-8")) if data.strip() else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise bad_request("Bad request: could not decode json")
 
 
@@ -2749,6 +2749,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         app = self.server.app
         req = None
         try:
+            self._check_framing()
             path, query = self._parse_target()
             req = Request(self, app, self.command, path, query, False)
             resp = app.dispatch(req)
@@ -2762,6 +2763,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._finish_body(req)
         self._send(resp, req)
         self.server.log_access(self, resp, time.monotonic() - t0)
+
+    def _check_framing(self):
+        """Refuse bodies whose length can't be known for sure (request smuggling, garbage)."""
+        h = self.headers
+        lengths = h.get_all("Content-Length") or []
+        te = (h.get("Transfer-Encoding") or "").strip().lower()
+        bad = None
+        if len(lengths) > 1 or any(not v.strip().isdigit() for v in lengths):
+            bad = "invalid Content-Length"
+        elif te and te != "chunked":
+            bad = "unsupported Transfer-Encoding %r" % te[:50]
+        elif te and lengths:
+            bad = "both Content-Length and Transfer-Encoding given"
+        if bad:
+            self.close_connection = True
+            raise bad_request(bad)
 
     def _parse_target(self):
         raw = self.path
@@ -2796,6 +2813,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _finish_body(self, req):
         """Drain a small unread request body so the connection stays usable; else close."""
         if req is not None and req.body_consumed:
+            return
+        if self.close_connection:
             return
         h = self.headers
         if "chunked" in (h.get("Transfer-Encoding") or "").lower():
@@ -2848,8 +2867,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
-        # malformed request lines and headers (http.server's own checks): JSON, then close
+        # malformed request lines and headers (http.server's own checks): JSON, then close.
+        # They are the client's mistakes: 4xx (an unknown method 405, a bad version 400).
         self.close_connection = True
+        code = {501: 405, 505: 400}.get(code, code)
         try:
             body = json.dumps({"message": message or self.responses.get(code, ("",))[0]})
             body = body.encode() + b"\n"

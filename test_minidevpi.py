@@ -1402,3 +1402,89 @@ def test_serve_port_zero_prints_a_url_that_answers(tmp_path):
         assert http(p.url, path="/+api").status == 200
     finally:
         p.stop()
+
+
+# ----------------------------------------------------------------------------------
+# bad input: never a 500, and the server keeps serving
+# ----------------------------------------------------------------------------------
+
+JSON_SHAPES = [None, 0, -1, 1.5, True, "", "x", "=", "a=b", [], [1], ["k"], ["volatile=maybe"],
+               ["bases+=x/y"], ["=x"], {}, {"password": 5}, {"password": None},
+               {"password": ["x"]}, {"email": {"a": 1}}, {"bases": 5}, {"bases": [5]},
+               {"bases": "a/b/c"}, {"volatile": None}, {"type": None}, {"type": "mirror"},
+               {"type": "mirror", "mirror_url": "ftp://x"}, {"mirror_cache_expiry": "x"},
+               {"acl_upload": {"x": 1}}, {"title": 5}, {"name": 5, "version": []},
+               {"name": "x", "version": "1", "targetindex": 5},
+               {"name": "x", "version": "1", "targetindex": "../.."}, {"yanked": []},
+               {"user": 5, "password": 5}, {"user": "root", "password": None},
+               {"\u0000": "\u0000"}, {"x" * 1000: "y" * 100000}]
+RAW_BODIES = [b"\xff\xfe", b"{", b"[" * 100000, b'{"a": ' * 50000, b"nul\x00l", b"1e999999"]
+PATHS = ["/", "/+login", "/alice", "/alice/", "/alice/dev", "/alice/dev/", "/alice/dev/pkg",
+         "/alice/dev/pkg/1.0", "/alice/dev/+simple/", "/alice/dev/+simple/pkg/",
+         "/alice/dev/+f/abc/0123456789abc/pkg-1.0.tar.gz", "/%FF", "/alice/%00",
+         "/alice/dev/%2e%2e/x", "/alice/dev/pkg/..%2f..%2f", "/a" * 500, "/alice/dev/+f/%",
+         "/nosuch/idx", "/root/pypi", "/root/pypi/pkg/1.0"]
+
+
+def test_malformed_json_and_paths_never_cause_500(alice):
+    url = alice.url
+    auths = [None, ("alice", "secret"), ("root", "rootpw")]
+    u = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=30)
+    seen = 0
+    for i, path in enumerate(PATHS):
+        for method in ("GET", "PUT", "PATCH", "DELETE", "POST", "PUSH", "HEAD", "OPTIONS"):
+            bodies = [json.dumps(b).encode() for b in JSON_SHAPES] + RAW_BODIES
+            if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+                bodies = [None]
+            for j, body in enumerate(bodies):
+                auth = auths[(i + j) % len(auths)]
+                headers = {"Accept": "application/json", "Content-Type": "application/json"}
+                if auth:
+                    headers["Authorization"] = "Basic " + base64.b64encode(
+                        ("%s:%s" % auth).encode()).decode()
+                conn.request(method, path, body=body, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                assert r.status < 500, (method, path, body[:100] if body else body, r.status)
+                seen += 1
+                if r.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.close()
+    assert seen > 1500
+    # (some of those were valid deletes and changes) the server still answers
+    assert api(url, path="/+api").status == 200
+    assert login_token(url, "root", "rootpw")
+
+
+def test_malformed_http_gets_4xx_or_a_closed_connection(server):
+    u = urllib.parse.urlsplit(server.url)
+    bad = [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+           b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+           b"POST /+login HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+           b"POST /+login HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n{}",
+           b"POST /+login HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+           b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+           b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+           b"GET / HTTP/1.1\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
+           b"GET /%C0%AF HTTP/1.1\r\n\r\n"]
+    for raw in bad:
+        s = socket.create_connection((u.hostname, u.port), timeout=10)
+        s.sendall(raw)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if b"\r\n\r\n" in data:
+                    break
+        except (ConnectionResetError, socket.timeout):
+            pass
+        s.close()
+        if data:
+            status = int(data.split(b" ", 2)[1])
+            assert 400 <= status < 500, (raw[:60], data[:200])
+    assert http(server.url, path="/+api").status == 200
