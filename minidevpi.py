@@ -25,9 +25,10 @@ The file reads top to bottom in sections; each builds only on those above it:
     3  names         PEP 503 names, PEP 440 versions, filenames, core metadata, multipart
     4  storage       SQLite schema, connections, transactions, content-addressed blobs
     5  model         users, passwords, tokens, indexes, bases, ACLs, releases, files, push
-    6  HTTP          route table, negotiation, page cache, handler, threading server
-    7  embedding     Server: start on a free port in a thread, stop, test helpers
-    8  command line  init, serve; main()
+    6  mirror        upstream pages and files on demand, kept for offline use
+    7  HTTP          route table, negotiation, page cache, handler, threading server
+    8  embedding     Server: start on a free port in a thread, stop, test helpers
+    9  command line  init, serve; main()
 """
 
 # ===================================================================================
@@ -72,7 +73,7 @@ DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
 DEVPI_API_VERSION = "2"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
 FILES_DIR = "+files"
@@ -672,6 +673,17 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_version ON files(version_id);
 CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE INDEX IF NOT EXISTS files_core_metadata ON files(core_metadata);
+CREATE TABLE IF NOT EXISTS mirror_pages (  -- cached upstream project pages (a cache)
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    project TEXT NOT NULL,          -- normalised
+    fetched REAL NOT NULL,          -- when upstream last confirmed it
+    status INTEGER NOT NULL,        -- 200, or 404 for a project upstream does not have
+    etag TEXT,
+    last_modified TEXT,
+    display TEXT,
+    files TEXT NOT NULL,            -- JSON list of the upstream's files
+    PRIMARY KEY (index_id, project)
+);
 CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     filename TEXT NOT NULL,
@@ -737,13 +749,19 @@ class Store:
         with open(os.path.join(self.serverdir, SECRET_NAME)) as f:
             self.secret = f.read().strip().encode()
         conn = self.conn()
+        self.serial = int(conn.execute("SELECT value FROM meta WHERE key='serial'").fetchone()[0])
         version = int(conn.execute(
             "SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise HTTPError(409, "server directory was written by a newer minidevpi "
                                  "(schema %d, this one knows %d)" % (version, SCHEMA_VERSION))
+        if version < SCHEMA_VERSION:
+            # migrations so far only add tables and indexes, which SCHEMA creates if missing
+            conn.executescript(SCHEMA)
+            with self.write() as c:
+                c.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                          (str(SCHEMA_VERSION),))
         self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
-        self.serial = int(conn.execute("SELECT value FROM meta WHERE key='serial'").fetchone()[0])
         self.clean_tmp()
 
     def clean_tmp(self):
@@ -1106,6 +1124,9 @@ class Model:
 
     # -- change notifications ---------------------------------------------------------
 
+    def mirror_changed(self, index_id):
+        """Hook for the mirror's in-memory state of an index (set by the mirror section)."""
+
     def _changed(self, projects=(), config=False, project_set=False):
         def bump(_c):
             if config:
@@ -1454,6 +1475,10 @@ class Model:
         self._check_cycle(path, config.get("bases", []))
         with self.store.write() as c:
             c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
+            if config.get("mirror_url") != ix.config.get("mirror_url"):
+                # a new upstream takes effect at once: forget what the old one said
+                c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
+                self.store.after_commit(lambda _c: self.mirror_changed(ix.id))
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
         return config
 
@@ -1488,9 +1513,11 @@ class Model:
         return shas
 
     def resolve_bases(self, ix):
-        """The index and all it inherits from, in devpi's resolution order (breadth first,
-        each index once). Bases that vanished are skipped."""
+        """The index and all it inherits from, in devpi's resolution order: private indexes
+        breadth first, each once, then the mirrors among the bases. Bases that vanished
+        are skipped."""
         order = [ix]
+        mirrors = []
         seen = {ix.path}
         i = 0
         while i < len(order):
@@ -1499,9 +1526,9 @@ class Model:
                     seen.add(base)
                     b = self.get_index(base)
                     if b is not None:
-                        order.append(b)
+                        (mirrors if b.is_mirror else order).append(b)
             i += 1
-        return order
+        return order + mirrors
 
     # -- permissions -----------------------------------------------------------------------
 
@@ -1869,31 +1896,80 @@ class Model:
     _FILE_COLS = ("f.filename, f.rel, f.sha256, f.size, f.uploaded, f.requires_python, "
                   "f.core_metadata, v.yanked, f.for_filename, f.log")
 
-    def project_files(self, ix, norm):
+    def local_files(self, ix, norm):
+        """Release files an index itself holds for a project (None: no such project)."""
+        c = self.store.conn()
+        rows = c.execute(
+            "SELECT v.version, " + self._FILE_COLS + " FROM projects p "
+            "JOIN versions v ON v.project_id=p.id "
+            "LEFT JOIN files f ON f.version_id=v.id AND f.rel='releasefile' "
+            "WHERE p.index_id=? AND p.name=? ORDER BY f.id", (ix.id, norm)).fetchall()
+        if not rows:
+            if c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
+                         (ix.id, norm)).fetchone():
+                return []
+            return None
+        return [File(ix.path, norm, r[0], r[1:]) for r in rows if r[1] is not None]
+
+    def project_files(self, ix, norm, mirror_files=None):
         """Release files of a project through the index and its bases: a file name already
-        seen in an earlier index is not repeated. None if no index has the project."""
+        seen in an earlier index is not repeated. None if no index has the project.
+
+        devpi's shadowing protection: once the project exists in a private index of the
+        chain, mirrors contribute nothing unless the project (or ``*``) is in the
+        mirror_whitelist, combined along the chain by the asking index's
+        mirror_whitelist_inheritance. ``mirror_files(mirror_index, name)`` gives a mirror's
+        files (fetching them upstream); without it, mirrors give what they hold locally.
+        """
         files = []
         seen = set()
         found = False
-        c = self.store.conn()
+        whitelist = None
+        whitelisted = private_hit = False
+        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
         for b in self.resolve_bases(ix):
-            rows = c.execute(
-                "SELECT v.version, " + self._FILE_COLS + " FROM projects p "
-                "JOIN versions v ON v.project_id=p.id "
-                "LEFT JOIN files f ON f.version_id=v.id AND f.rel='releasefile' "
-                "WHERE p.index_id=? AND p.name=? ORDER BY f.id", (b.id, norm)).fetchall()
-            if not rows:
-                if c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
-                             (b.id, norm)).fetchone():
-                    found = True
+            if b.is_mirror:
+                if private_hit and not whitelisted:
+                    continue
+                got = mirror_files(b, norm) if mirror_files else self.local_files(b, norm)
+            else:
+                own = set(b.config.get("mirror_whitelist", []))
+                if whitelist is None:
+                    whitelist = own
+                elif inheritance == "union":
+                    whitelist = whitelist | own
+                else:
+                    whitelist = whitelist & own
+                got = self.local_files(b, norm)
+                if "*" in whitelist or norm in whitelist:
+                    whitelisted = True
+                elif got is not None:
+                    private_hit = True
+            if got is None:
                 continue
             found = True
-            for r in rows:
-                if r[1] is None or r[1] in seen:
-                    continue
-                seen.add(r[1])
-                files.append(File(b.path, norm, r[0], r[1:]))
+            for f in got:
+                if f.filename not in seen:
+                    seen.add(f.filename)
+                    files.append(f)
         return files if found else None
+
+    def mirror_blocked(self, ix, norm):
+        """The mirror whose releases of ``norm`` the whitelist hides from ``ix``, or None."""
+        whitelist = None
+        whitelisted = private_hit = False
+        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
+        for b in self.resolve_bases(ix):
+            if b.is_mirror:
+                return b.path if private_hit and not whitelisted else None
+            own = set(b.config.get("mirror_whitelist", []))
+            whitelist = own if whitelist is None else (
+                whitelist | own if inheritance == "union" else whitelist & own)
+            if "*" in whitelist or norm in whitelist:
+                whitelisted = True
+            elif self.has_project(b, norm):
+                private_hit = True
+        return None
 
     def project_versions(self, ix, norm):
         """Every version string of a project through the index and its bases."""
@@ -1942,14 +2018,667 @@ class Model:
 
 
 # ===================================================================================
-# 6. HTTP
+# 6. mirror
+# ===================================================================================
+
+MIRROR_CONNECT_TIMEOUT = 5.0   # seconds; pip's own default timeout (15 s) stays larger
+MIRROR_READ_TIMEOUT = 10.0
+MAX_PAGE_BYTES = 128 * 1024 * 1024
+MAX_ROOT_BYTES = 2 * 1024 ** 3
+MAX_REDIRECTS = 5
+VIA_HEADER = "X-Minidevpi-Via"  # marks our own upstream requests, to detect a loop
+
+
+class UpstreamError(HTTPError):
+    """The upstream of a mirror failed: 502 (bad answer) or 504 (no answer in time)."""
+
+
+class _LinkParser:
+    """Collects the <a> elements of a PEP 503 page: (attributes, text)."""
+
+    def __init__(self):
+        from html.parser import HTMLParser
+        outer = self
+
+        class P(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                if tag == "a":
+                    outer._current = dict(attrs)
+                    outer._text = []
+
+            def handle_data(self, data):
+                if outer._current is not None:
+                    outer._text.append(data)
+
+            def handle_endtag(self, tag):
+                if tag == "a" and outer._current is not None:
+                    outer.links.append((outer._current, "".join(outer._text).strip()))
+                    outer._current = None
+
+        self.links = []
+        self._current = None
+        self._text = []
+        self.parser = P(convert_charrefs=True)
+
+    def feed(self, text):
+        self.parser.feed(text)
+        return self
+
+
+def parse_upload_time(value):
+    if not isinstance(value, str):
+        return None
+    try:
+        import datetime
+        v = value.strip().replace("Z", "+00:00")
+        if "." in v:  # fromisoformat on 3.9/3.10 wants 3 or 6 fraction digits
+            head, _, rest = v.partition(".")
+            digits = re.match(r"\d*", rest).group(0)
+            v = head + "." + (digits + "000000")[:6] + rest[len(digits):]
+        return datetime.datetime.fromisoformat(v).timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def _entry(filename, url, sha256, requires_python=None, yanked=None, core_metadata=None,
+           size=None, upload_time=None):
+    return {"filename": filename, "url": url, "sha256": sha256,
+            "requires_python": requires_python or "", "yanked": yanked,
+            "core_metadata": core_metadata, "size": size, "upload_time": upload_time}
+
+
+def _clean_sha(value):
+    if isinstance(value, str) and re.match(r"^[0-9a-fA-F]{64}$", value):
+        return value.lower()
+    return None
+
+
+def parse_project_page(body, content_type, page_url):
+    """(display name, [file entries]) of an upstream PEP 691 JSON or PEP 503 HTML page."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in (SIMPLE_JSON, JSON_TYPE) or ctype.endswith("+json"):
+        try:
+            data = json.loads(body.decode("utf-8"))
+            raw = data["files"]
+            if not isinstance(raw, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+            raise UpstreamError(502, "upstream %s answered with an unreadable JSON page"
+                                % page_url)
+        entries = []
+        for f in raw:
+            if not isinstance(f, dict) or not isinstance(f.get("filename"), str) or \
+                    not isinstance(f.get("url"), str):
+                continue
+            hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
+            meta = f.get("core-metadata", f.get("dist-info-metadata"))
+            meta_sha = _clean_sha(meta.get("sha256")) if isinstance(meta, dict) else None
+            yanked = f.get("yanked")
+            yanked = (yanked if isinstance(yanked, str) else "") if yanked else None
+            size = f.get("size") if isinstance(f.get("size"), int) else None
+            rp = f.get("requires-python")
+            entries.append(_entry(f["filename"], urllib.parse.urljoin(page_url, f["url"]),
+                                  _clean_sha(hashes.get("sha256")),
+                                  rp if isinstance(rp, str) else None, yanked, meta_sha,
+                                  size, parse_upload_time(f.get("upload-time"))))
+        name = data.get("name") if isinstance(data.get("name"), str) else None
+        return name, entries
+    if ctype in ("text/html", SIMPLE_HTML, "application/xhtml+xml", ""):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            text = body.decode("latin-1")
+        entries = []
+        for attrs, label in _LinkParser().feed(text).links:
+            href = attrs.get("href")
+            if not href:
+                continue
+            url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            filename = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
+            sha = None
+            if fragment.startswith("sha256="):
+                sha = _clean_sha(fragment[7:])
+            meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
+            meta_sha = _clean_sha(meta[7:]) if meta and meta.startswith("sha256=") else None
+            yanked = attrs.get("data-yanked")
+            entries.append(_entry(filename, url, sha, attrs.get("data-requires-python"),
+                                  yanked if "data-yanked" in attrs else None, meta_sha, None,
+                                  parse_upload_time(attrs.get("data-upload-time"))))
+        return None, entries
+    raise UpstreamError(502, "upstream %s answered with %r, not an index page"
+                        % (page_url, content_type))
+
+
+class Mirror:
+    """On-demand mirrors (indexes of type ``mirror``): project pages fetched from
+    ``mirror_url`` and kept ``mirror_cache_expiry`` seconds, files fetched on first
+    download, checked against upstream's sha256 and kept for good, so installs keep
+    working with the upstream unplugged. ``offline`` makes no upstream traffic at all."""
+
+    def __init__(self, model, offline=False, connect_timeout=MIRROR_CONNECT_TIMEOUT,
+                 read_timeout=MIRROR_READ_TIMEOUT):
+        self.model = model
+        self.store = model.store
+        self.offline = offline
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._flights = {}
+        self._flights_lock = threading.Lock()
+        self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
+        self._root_refreshing = set()
+        model.mirror_changed = self._forget_index
+
+    def _forget_index(self, index_id):
+        for key in [k for k in self._fresh if k[0] == index_id]:
+            self._fresh.pop(key, None)
+        shutil.rmtree(os.path.join(self.store.serverdir, "+mirror", str(index_id)),
+                      ignore_errors=True)
+
+    # -- one fetch at a time per thing --------------------------------------------------
+
+    @contextlib.contextmanager
+    def single_flight(self, key):
+        """Yields True to the one caller that should do the work; the others wait until
+        it is done and get False (they then read what it stored)."""
+        with self._flights_lock:
+            ev = self._flights.get(key)
+            leader = ev is None
+            if leader:
+                ev = self._flights[key] = threading.Event()
+        if not leader:
+            ev.wait(self.connect_timeout + self.read_timeout * 6 + 60)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            ev.set()
+
+    # -- upstream HTTP ------------------------------------------------------------------
+
+    def open_url(self, url, headers=None):
+        """GET ``url`` upstream (following a few redirects). Returns (response, final URL,
+        connection); the caller reads the body and closes the connection."""
+        import http.client
+        import ssl
+        seen = set()
+        for _hop in range(MAX_REDIRECTS + 1):
+            if url in seen:
+                raise UpstreamError(502, "upstream redirect loop at %s" % url)
+            seen.add(url)
+            u = urllib.parse.urlsplit(url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise UpstreamError(502, "unsupported upstream URL %r" % url)
+            port = u.port or (443 if u.scheme == "https" else 80)
+            proxy = _proxy_for(u)
+            try:
+                if u.scheme == "https":
+                    conn = http.client.HTTPSConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout, context=ssl.create_default_context())
+                else:
+                    conn = http.client.HTTPConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout)
+                target = u.path or "/"
+                if u.query:
+                    target += "?" + u.query
+                if proxy and u.scheme == "https":
+                    conn.set_tunnel(u.hostname, port)
+                elif proxy:
+                    target = url.partition("#")[0]
+                conn.connect()
+                conn.sock.settimeout(self.read_timeout)
+                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
+                     VIA_HEADER: self.store.uuid}
+                h.update(headers or {})
+                if u.username is not None:
+                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
+                        urllib.parse.unquote(u.username),
+                        urllib.parse.unquote(u.password or ""))).encode()).decode()
+                conn.request("GET", target, headers=h)
+                resp = conn.getresponse()
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
+            except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), e))
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                conn.close()
+                continue
+            if resp.status == 400 and resp.getheader(VIA_HEADER) == self.store.uuid:
+                conn.close()
+                raise UpstreamError(502, "mirror_url %s points at this server itself; "
+                                         "refusing to mirror from ourselves" % _safe_url(url))
+            return resp, url, conn
+        raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
+
+    def read_body(self, resp, url, limit):
+        """The whole body, checked against Content-Length: a short body is an error."""
+        import http.client
+        want = resp.getheader("Content-Length")
+        chunks, total = [], 0
+        try:
+            while True:
+                chunk = resp.read(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise UpstreamError(502, "upstream %s page is larger than %d bytes"
+                                        % (_safe_url(url), limit))
+                chunks.append(chunk)
+        except socket.timeout:
+            raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
+        except (OSError, http.client.HTTPException) as e:
+            raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
+        if want is not None and want.isdigit() and int(want) != total:
+            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
+                                % (_safe_url(url), total, want))
+        return b"".join(chunks)
+
+    # -- project pages ------------------------------------------------------------------
+
+    def _page_url(self, ix, norm):
+        base = ix.config.get("mirror_url", "")
+        return base.rstrip("/") + "/" + norm + "/"
+
+    def _expiry(self, ix):
+        # at least a second, so that one request (or a burst) asks upstream once
+        return max(1.0, ix.config.get("mirror_cache_expiry", DEFAULT_MIRROR_CACHE_EXPIRY))
+
+    def _row(self, ix, norm):
+        return self.store.conn().execute(
+            "SELECT fetched, status, etag, last_modified, display, files FROM mirror_pages "
+            "WHERE index_id=? AND project=?", (ix.id, norm)).fetchone()
+
+    def page(self, ix, norm):
+        """(display, entries) of a mirrored project, or None when upstream has no such
+        project. Fetches or revalidates upstream when the cached page expired; serves a
+        stale page (logging a warning) when upstream fails."""
+        if self.offline:
+            return None
+        key = (ix.id, norm)
+        fresh = self._fresh.get(key)
+        if fresh is not None and time.time() - fresh < self._expiry(ix):
+            row = self._row(ix, norm)
+            if row is not None:
+                return (row[4], json.loads(row[5])) if row[1] == 200 else None
+        row = self._row(ix, norm)
+        if row is not None and time.time() - row[0] < self._expiry(ix):
+            self._fresh[key] = row[0]
+            return (row[4], json.loads(row[5])) if row[1] == 200 else None
+        with self.single_flight(("page",) + key) as leader:
+            if not leader:
+                row = self._row(ix, norm)
+                if row is not None:
+                    return (row[4], json.loads(row[5])) if row[1] == 200 else None
+            try:
+                return self._fetch_page(ix, norm, row)
+            except UpstreamError as e:
+                if row is not None and row[1] == 200:
+                    log("WARNING: serving a stale page of %s on %s: %s" % (norm, ix.path,
+                                                                          e.message))
+                    return row[4], json.loads(row[5])
+                raise
+
+    def ensure_fresh(self, ix, norm):
+        """Revalidate a mirrored page upstream if it expired (cheap when it has not)."""
+        if self.offline:
+            return
+        fresh = self._fresh.get((ix.id, norm))
+        if fresh is not None and time.time() - fresh < self._expiry(ix):
+            return
+        try:
+            self.page(ix, norm)
+        except HTTPError:
+            pass  # reported when the page itself is built
+
+    def forget_project(self, ix, norm):
+        """Drop a cached page (devpi's refresh): the next request asks upstream."""
+        with self.store.write() as c:
+            c.execute("DELETE FROM mirror_pages WHERE index_id=? AND project=?", (ix.id, norm))
+        self._fresh.pop((ix.id, norm), None)
+
+    def _fetch_page(self, ix, norm, row):
+        url = self._page_url(ix, norm)
+        headers = {"Accept": "%s, %s;q=0.2, text/html;q=0.1" % (SIMPLE_JSON, SIMPLE_HTML)}
+        if row is not None and row[1] == 200:
+            if row[2]:
+                headers["If-None-Match"] = row[2]
+            if row[3]:
+                headers["If-Modified-Since"] = row[3]
+        resp, final_url, conn = self.open_url(url, headers)
+        try:
+            now = time.time()
+            if resp.status == 304 and row is not None:
+                with self.store.write() as c:
+                    c.execute("UPDATE mirror_pages SET fetched=? WHERE index_id=? AND project=?",
+                              (now, ix.id, norm))
+                self._fresh[(ix.id, norm)] = now
+                return row[4], json.loads(row[5])
+            if resp.status == 404:
+                self.read_body(resp, url, 1024 * 1024)
+                self._store_page(ix, norm, now, 404, None, None, None, [])
+                return None
+            if resp.status != 200:
+                raise UpstreamError(502, "upstream %s answered %d %s"
+                                    % (_safe_url(url), resp.status, resp.reason))
+            body = self.read_body(resp, url, MAX_PAGE_BYTES)
+            display, entries = parse_project_page(body, resp.getheader("Content-Type"),
+                                                  final_url)
+            display = display or (row[4] if row else None) or norm
+            self._store_page(ix, norm, now, 200, resp.getheader("ETag"),
+                             resp.getheader("Last-Modified"), display, entries)
+            return display, entries
+        finally:
+            conn.close()
+
+    def _store_page(self, ix, norm, now, status, etag, last_modified, display, entries):
+        data = json.dumps(entries)
+        with self.store.write() as c:
+            old = c.execute("SELECT files, status FROM mirror_pages WHERE index_id=? AND "
+                            "project=?", (ix.id, norm)).fetchone()
+            c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
+                      (ix.id, norm, now, status, etag, last_modified, display, data))
+            if old is None or old[0] != data or old[1] != status:
+                self.model._changed(projects=[norm])
+        self._fresh[(ix.id, norm)] = now
+
+    def files(self, ix, norm):
+        """The files of a mirrored project as the model lists them (upstream's, and those
+        kept locally), or None when neither has the project."""
+        local = self.model.local_files(ix, norm)
+        page = self.page(ix, norm)
+        if page is None:
+            return local
+        display, entries = page
+        have = {f.filename: f for f in (local or [])}
+        out = []
+        for e in entries:
+            if e["sha256"] is None:
+                continue  # nothing to check the bytes against: not mirrored
+            split = split_filename(e["filename"])
+            version = split[1] if split else ""
+            kept = have.pop(e["filename"], None)
+            core = e["core_metadata"]
+            row = (e["filename"], "releasefile", e["sha256"], e["size"] or 0,
+                   e["upload_time"] or (kept.uploaded if kept else 0), e["requires_python"],
+                   core, e["yanked"], None, "[]")
+            out.append(File(ix.path, norm, version, row))
+        out.extend(have.values())
+        return out
+
+    def find_entry(self, ix, filename, sha_prefix):
+        split = split_filename(filename)
+        if split is None:
+            return None
+        page = self.page(ix, normalize_name(split[0]))
+        if page is None:
+            return None
+        for e in page[1]:
+            if e["filename"] == filename and e["sha256"] and e["sha256"].startswith(sha_prefix):
+                return page[0], e
+        return None
+
+    # -- files ----------------------------------------------------------------------------
+
+    def download(self, ix, filename, sha_prefix):
+        """For a file not yet kept: (size, chunks) streaming it from upstream; the bytes are
+        kept only when complete and matching upstream's sha256, and the last chunk is held
+        back until then, so no client ever receives a bad file complete. Returns None when
+        another request just fetched it (serve it from disk)."""
+        if self.offline:
+            raise not_found("no such file (offline mode: only files already kept are served)")
+        found = self.find_entry(ix, filename, sha_prefix)
+        if found is None:
+            raise not_found("no such file")
+        display, entry = found
+        flight = self.single_flight(("file", ix.id, entry["sha256"]))
+        leader = flight.__enter__()
+        if not leader:
+            flight.__exit__(None, None, None)
+            return None
+        try:
+            resp, url, conn = self.open_url(entry["url"])
+            if resp.status != 200:
+                conn.close()
+                raise UpstreamError(404 if resp.status == 404 else 502,
+                                    "upstream answered %d for %s" % (resp.status, filename))
+            length = resp.getheader("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+        except BaseException:
+            flight.__exit__(None, None, None)
+            raise
+        done = []
+
+        def cleanup():
+            if not done:
+                done.append(True)
+                conn.close()
+                flight.__exit__(None, None, None)
+        chunks = Download(self._stream(ix, display, entry, resp, size, cleanup), cleanup)
+        if size is None:
+            # no length to announce: fetch it whole first, then serve it from disk
+            try:
+                for _ in chunks:
+                    pass
+            finally:
+                chunks.close()
+            return None
+        return size, chunks
+
+    def _stream(self, ix, display, entry, resp, size, cleanup):
+        import http.client
+        f, tmp = self.store.new_tmp()
+        digest = hashlib.sha256()
+        total = 0
+        held = None
+        ok = False
+        try:
+            with f:
+                while True:
+                    try:
+                        chunk = resp.read(256 * 1024)
+                    except socket.timeout:
+                        raise UpstreamError(504, "upstream stalled sending %s" % entry["filename"])
+                    except (OSError, http.client.HTTPException) as e:
+                        raise UpstreamError(502, "upstream broke off sending %s: %s"
+                                            % (entry["filename"], e))
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    digest.update(chunk)
+                    total += len(chunk)
+                    if held is not None:
+                        yield held
+                    held = chunk
+            if size is not None and total != size:
+                raise UpstreamError(502, "upstream sent %d of %d bytes of %s"
+                                    % (total, size, entry["filename"]))
+            if digest.hexdigest() != entry["sha256"]:
+                raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"
+                                    % entry["filename"])
+            self._keep(ix, display, entry, tmp, total)
+            ok = True
+            if held is not None:
+                yield held
+        finally:
+            if not ok:
+                _unlink_quiet(tmp)
+                log("WARNING: mirror download of %s on %s failed" % (entry["filename"], ix.path))
+            cleanup()
+
+    def _keep(self, ix, display, entry, tmp, size):
+        split = split_filename(entry["filename"])
+        version = split[1] if split else "0"
+        meta = {"requires_python": entry["requires_python"]} if entry["requires_python"] else {}
+        core = entry["core_metadata"]
+        if core and not os.path.exists(self.store.blob_path(core)):
+            core = None  # offered, but not fetched yet: it is fetched on first request
+        self.model.add_file(None, ix, display, version, entry["filename"], tmp, entry["sha256"],
+                            size, meta, core_metadata=core,
+                            uploaded=entry["upload_time"] or time.time(),
+                            log_entry={"what": "mirror", "who": None, "when": when_list(),
+                                       "src": _safe_url(entry["url"])})
+
+    def core_metadata(self, ix, filename, sha_prefix):
+        """Blob path of a mirrored wheel's PEP 658 metadata, fetched once and checked."""
+        found = self.find_entry(ix, filename, sha_prefix) if not self.offline else None
+        if found is None:
+            raise not_found("no such file")
+        entry = found[1]
+        sha = entry["core_metadata"]
+        if not sha:
+            raise not_found("upstream offers no metadata file for %s" % filename)
+        path = self.store.blob_path(sha)
+        if os.path.exists(path):
+            return path, sha
+        with self.single_flight(("meta", sha)) as leader:
+            if leader or not os.path.exists(path):
+                resp, url, conn = self.open_url(entry["url"] + ".metadata")
+                try:
+                    if resp.status != 200:
+                        raise UpstreamError(502, "upstream answered %d for %s.metadata"
+                                            % (resp.status, filename))
+                    data = self.read_body(resp, url, MAX_METADATA_BYTES)
+                finally:
+                    conn.close()
+                if hashlib.sha256(data).hexdigest() != sha:
+                    raise UpstreamError(502, "%s.metadata from upstream does not match its "
+                                             "sha256; not kept" % filename)
+                self.store.put_bytes(data)
+        return path, sha
+
+    # -- the project list -----------------------------------------------------------------
+
+    def root_listing(self, ix, fmt):
+        """(path of a file holding the mirror's whole project list in ``fmt``, its gzip
+        twin) -- upstream may list 600,000 projects: fetched once, converted once, then
+        served from disk; refreshed in the background after ``mirror_cache_expiry``."""
+        d = os.path.join(self.store.serverdir, "+mirror", str(ix.id))
+        path = os.path.join(d, "root." + fmt)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except OSError:
+            age = None
+        if age is None:
+            if self.offline:
+                return None
+            with self.single_flight(("root", ix.id)) as leader:
+                if leader or not os.path.exists(path):
+                    self._fetch_root(ix, d)
+        elif age > self._expiry(ix) and not self.offline and ix.id not in self._root_refreshing:
+            self._root_refreshing.add(ix.id)
+
+            def refresh():
+                try:
+                    with self.single_flight(("root", ix.id)) as leader:
+                        if leader:
+                            self._fetch_root(ix, d)
+                except HTTPError as e:
+                    log("WARNING: refreshing the project list of %s failed: %s"
+                        % (ix.path, e.message))
+                finally:
+                    self._root_refreshing.discard(ix.id)
+            threading.Thread(target=refresh, daemon=True).start()
+        return path, path + ".gz"
+
+    def _fetch_root(self, ix, d):
+        url = ix.config.get("mirror_url", "").rstrip("/") + "/"
+        resp, final_url, conn = self.open_url(
+            url, {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
+        try:
+            if resp.status != 200:
+                raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
+                                                                       resp.status))
+            body = self.read_body(resp, url, MAX_ROOT_BYTES)
+            ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        finally:
+            conn.close()
+        names = []
+        if ctype.endswith("json"):
+            try:
+                data = json.loads(body)
+                names = [p["name"] for p in data["projects"] if isinstance(p.get("name"), str)]
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                raise UpstreamError(502, "upstream %s project list is unreadable" % url)
+        elif ctype in ("text/html", SIMPLE_HTML, ""):
+            names = [text for _attrs, text in _LinkParser().feed(
+                body.decode("utf-8", "replace")).links if text]
+        else:
+            raise UpstreamError(502, "upstream %s answered with %r, not an index" % (url, ctype))
+        del body
+        os.makedirs(d, exist_ok=True)
+        html_out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+                    'content="1.1"><title>Simple index</title></head><body>\n']
+        html_out.extend('<a href="%s/">%s</a>\n' % (html.escape(normalize_name(n)),
+                                                    html.escape(n)) for n in names)
+        html_out.append("</body></html>\n")
+        outputs = {
+            "html": "".join(html_out).encode(),
+            "json": json.dumps({"meta": {"api-version": "1.1"},
+                                "projects": [{"name": n} for n in names]}).encode(),
+        }
+        for fmt, data in outputs.items():
+            for suffix, payload in (("", data), (".gz", gzip.compress(data, 6))):
+                f, tmp = self.store.new_tmp()
+                with f:
+                    f.write(payload)
+                os.replace(tmp, os.path.join(d, "root." + fmt + suffix))
+
+
+class Download:
+    """Chunks of a file coming from upstream; ``close()`` releases the upstream connection
+    whether or not the chunks were ever read."""
+
+    def __init__(self, chunks, cleanup):
+        self.chunks = chunks
+        self.cleanup = cleanup
+
+    def __iter__(self):
+        return self.chunks
+
+    def close(self):
+        self.chunks.close()
+        self.cleanup()
+
+
+def _safe_url(url):
+    """A URL without its credentials, for messages."""
+    u = urllib.parse.urlsplit(url)
+    if u.username is None:
+        return url
+    return urllib.parse.urlunsplit((u.scheme, u.hostname + (":%d" % u.port if u.port else ""),
+                                    u.path, u.query, ""))
+
+
+def _proxy_for(u):
+    """(host, port) of the proxy for a URL, from the usual environment variables."""
+    import urllib.request
+    if urllib.request.proxy_bypass(u.hostname or ""):
+        return None
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if not proxy:
+        return None
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if not p.hostname:
+        return None
+    return p.hostname, p.port or 80
+
+
+
+# ===================================================================================
+# 7. HTTP
 # ===================================================================================
 
 
 class Response:
     """What a route answers: status, headers, and a body of bytes or a file to send."""
 
-    __slots__ = ("status", "headers", "body", "file_path", "file_size", "reason")
+    __slots__ = ("status", "headers", "body", "file_path", "file_size", "reason", "stream")
 
     def __init__(self, status=200, body=b"", headers=None, reason=None):
         self.status = status
@@ -1958,6 +2687,7 @@ class Response:
         self.file_path = None
         self.file_size = 0
         self.reason = reason
+        self.stream = None  # an iterable of chunks with close(), of file_size bytes in all
 
 
 def json_response(data, status=200, headers=None):
@@ -2189,9 +2919,12 @@ HEX_RE = re.compile(r"^[0-9a-f]+$")
 class App:
     """The HTTP surface over a Model: each route handler turns a Request into a Response."""
 
-    def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY):
+    def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY, offline=False,
+                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT)):
         self.model = model
         self.store = model.store
+        self.mirror = Mirror(model, offline=offline, connect_timeout=mirror_timeouts[0],
+                             read_timeout=mirror_timeouts[1])
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
@@ -2199,6 +2932,9 @@ class App:
     # -- dispatch ---------------------------------------------------------------------
 
     def dispatch(self, req):
+        if req.headers.get(VIA_HEADER) == self.store.uuid:
+            raise HTTPError(400, "request loop: a mirror of this server fetches from itself",
+                            {VIA_HEADER: self.store.uuid})
         path = req.path
         trailing = len(path) > 1 and path.endswith("/")
         match_path = path[:-1] if trailing else path
@@ -2393,12 +3129,42 @@ class App:
         data["+links"] = self._links(req, files)
         return data
 
+    def mirror_version_data(self, ix, norm):
+        """{version: (metadata, yanked, [File])} of a mirrored project, as devpi lists it."""
+        files = self.mirror.files(ix, norm)
+        if files is None:
+            return None
+        display = self.mirror.page(ix, norm)
+        display = display[0] if display else (self.model.project_display(ix, norm) or norm)
+        out = {}
+        for f in files:
+            if f.version not in out:
+                meta = full_metadata(display, f.version, {"requires_python": f.requires_python})
+                out[f.version] = (meta, f.yanked, [])
+            out[f.version][2].append(f)
+        return out
+
     def project_config(self, req, ix, norm, ignore_bases=False):
         m = self.model
         chain = [ix] if ignore_bases else m.resolve_bases(ix)
+        blocked = None if ignore_bases else m.mirror_blocked(ix, norm)
         result = {}
         found = False
         for b in chain:
+            if b.is_mirror:
+                if blocked:
+                    continue
+                data = self.mirror_version_data(b, norm)
+                if data is None:
+                    continue
+                found = True
+                for ver, (meta, yanked, files) in data.items():
+                    vj = self._version_json(req, meta, yanked, files)
+                    if ver in result:
+                        result[ver].setdefault("+shadowing", []).append(vj)
+                    else:
+                        result[ver] = vj
+                continue
             if not m.has_project(b, norm):
                 continue
             found = True
@@ -2429,7 +3195,10 @@ class App:
         norm = self._norm_or_redirect(req, project)
         result = None
         for b in m.resolve_bases(ix):
-            data = m.version_data(b, norm, version)
+            if b.is_mirror:
+                data = self.mirror_version_data(b, norm) or {}
+            else:
+                data = m.version_data(b, norm, version)
             if version in data:
                 vj = self._version_json(req, *data[version])
                 if result is None:
@@ -2559,32 +3328,75 @@ class App:
         try:
             f = m.find_file(ix, filename, h3 + h13)
         except HTTPError as e:
-            if e.status != 404 or not filename.endswith(".metadata"):
+            if e.status != 404:
                 raise
-            f = m.find_file(ix, filename[:-len(".metadata")], h3 + h13)
-            if not f.core_metadata:
+            if filename.endswith(".metadata"):
+                try:
+                    f = m.find_file(ix, filename[:-len(".metadata")], h3 + h13)
+                except HTTPError:
+                    if not ix.is_mirror:
+                        raise
+                    f = None
+                if f is not None and f.core_metadata and os.path.exists(
+                        self.store.blob_path(f.core_metadata)):
+                    metadata = True
+                elif ix.is_mirror:
+                    path, sha = self.mirror.core_metadata(ix, filename[:-len(".metadata")],
+                                                          h3 + h13)
+                    return self._blob_response(req, path, sha, filename, time.time(), True)
+                else:
+                    raise
+            elif ix.is_mirror:
+                return self._mirror_download(req, ix, filename, h3 + h13)
+            else:
                 raise
-            metadata = True
         if wants_json(req.accept) and not metadata:
             return api_result("releasefilemeta", {
                 "hash_spec": "sha256=" + f.sha256, "hashes": {"sha256": f.sha256},
                 "last_modified": http_date(f.uploaded), "project": f.project,
                 "version": f.version})
         sha = f.core_metadata if metadata else f.sha256
-        path = self.store.blob_path(sha)
+        return self._blob_response(req, self.store.blob_path(sha), sha, f.filename, f.uploaded,
+                                   metadata)
+
+    def _file_headers(self, sha, filename, uploaded, metadata):
+        return [("Content-Type", file_content_type(filename, metadata)),
+                ("ETag", '"%s"' % sha),
+                ("Last-Modified", http_date(uploaded)),
+                ("Cache-Control", "public, max-age=31536000, immutable")]
+
+    def _blob_response(self, req, path, sha, filename, uploaded, metadata):
         try:
             size = os.stat(path).st_size
         except OSError:
             raise HTTPError(410, "the bytes of %s are missing on the server" % filename)
-        etag = '"%s"' % sha
-        headers = [("Content-Type", file_content_type(f.filename, metadata)),
-                   ("ETag", etag),
-                   ("Last-Modified", http_date(f.uploaded)),
-                   ("Cache-Control", "public, max-age=31536000, immutable")]
-        if req.headers.get("If-None-Match") == etag:
+        headers = self._file_headers(sha, filename, uploaded, metadata)
+        if req.headers.get("If-None-Match") == '"%s"' % sha:
             return Response(304, b"", headers)
         r = Response(200, b"", headers)
         r.file_path = path
+        r.file_size = size
+        return r
+
+    def _mirror_download(self, req, ix, filename, sha_prefix):
+        """First download of a mirrored file: streamed from upstream while it is kept."""
+        got = self.mirror.download(ix, filename, sha_prefix)
+        if got is None or req.method == "HEAD":
+            if got is not None:  # HEAD: fetch it whole, then answer from disk
+                size, chunks = got
+                try:
+                    for _ in chunks:
+                        pass
+                finally:
+                    chunks.close()
+            f = self.model.find_file(ix, filename, sha_prefix)
+            return self._blob_response(req, self.store.blob_path(f.sha256), f.sha256,
+                                       f.filename, f.uploaded, False)
+        size, chunks = got
+        found = self.mirror.find_entry(ix, filename, sha_prefix)
+        sha = found[1]["sha256"] if found else sha_prefix
+        r = Response(200, b"", self._file_headers(sha, filename, time.time(), False))
+        r.stream = chunks
         r.file_size = size
         return r
 
@@ -2607,15 +3419,50 @@ class App:
 
     def route_refresh(self, req, user, index, project):
         ix = self.model.require_index(user + "/" + index)
+        for b in self.model.resolve_bases(ix):
+            if b.is_mirror:
+                self.mirror.forget_project(b, normalize_name(project))
         return redirect(req.absolute("%s/+simple/%s/" % (ix.path, normalize_name(project))))
 
     def _page_base(self, req):
         """The directory of the request path, that relative links resolve against."""
         return req.path if req.path.endswith("/") else req.path.rsplit("/", 1)[0] + "/"
 
+    def mirror_root(self, req, ix, fmt):
+        try:
+            paths = self.mirror.root_listing(ix, fmt)
+        except HTTPError as e:
+            log("WARNING: project list of %s unavailable: %s" % (ix.path, e.message))
+            paths = None
+        if paths is None or not os.path.exists(paths[0]):
+            return None  # offline and never fetched: the projects kept locally
+        path, gz = paths
+        headers = [("Content-Type", SIMPLE_JSON if fmt == "json" else HTML_TYPE),
+                   ("Vary", "Accept, User-Agent, Accept-Encoding"),
+                   ("Cache-Control", "max-age=60, public")]
+        if "gzip" in (req.headers.get("Accept-Encoding") or "") and os.path.exists(gz):
+            path = gz
+            headers.append(("Content-Encoding", "gzip"))
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        etag = '"%x-%x%s"' % (int(st.st_mtime * 1000), st.st_size, "-gz" if path == gz else "")
+        headers.append(("ETag", etag))
+        if req.headers.get("If-None-Match") == etag:
+            return Response(304, b"", headers)
+        r = Response(200, b"", headers)
+        r.file_path = path
+        r.file_size = st.st_size
+        return r
+
     def simple_root(self, req, ix):
         fmt = choose_simple_format(req.accept)
         m = self.model
+        if ix.is_mirror and req.path.endswith("/+simple/"):
+            resp = self.mirror_root(req, ix, fmt)
+            if resp is not None:
+                return resp
         validator = (m.gen_config, m.gen_projects)
         base = self._page_base(req)
         key = ("root", ix.path, fmt, base)
@@ -2647,15 +3494,37 @@ class App:
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
         key = ("project", ix.path, norm, fmt, base,
                req.outside_url() if absolute else None)
+        chain = m.resolve_bases(ix)
+        if chain[-1].is_mirror and not m.mirror_blocked(ix, norm):
+            for b in chain:
+                if b.is_mirror:
+                    self.mirror.ensure_fresh(b, norm)
+            validator = (m.gen_config, m.gen_project.get(norm, 0))
         page = self.pages.get(key, validator)
         if page is None:
-            files = m.project_files(ix, norm)
+            errors = []
+
+            def mirror_files(b, name):
+                if b is ix:
+                    return self.mirror.files(b, name)
+                try:
+                    return self.mirror.files(b, name)
+                except UpstreamError as e:
+                    errors.append(e)
+                    return None
+            files = m.project_files(ix, norm, mirror_files=mirror_files)
+            if errors:
+                if files is None:
+                    raise errors[0]
+                log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
                 raise not_found("The project %s does not exist." % norm)
             display = m.project_display(ix, norm) or norm
-            page = self.pages.put(key, validator,
-                                  *self.render_project(req, ix, norm, display, files, fmt, base,
-                                                       absolute))
+            rendered = self.render_project(req, ix, norm, display, files, fmt, base, absolute)
+            if errors:  # partial (a mirror failed): serve, but do not keep
+                page = CachedPage(None, *rendered)
+            else:
+                page = self.pages.put(key, validator, *rendered)
         return self.page_response(req, page)
 
     def render_project(self, req, ix, norm, display, files, fmt, base, absolute):
@@ -2847,7 +3716,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                       store.uuid))
         for k, v in resp.headers:
             head.append("%s: %s\r\n" % (k, v))
-        length = resp.file_size if resp.file_path else len(resp.body)
+        length = resp.file_size if (resp.file_path or resp.stream) else len(resp.body)
         if status != 304:
             head.append("Content-Length: %d\r\n" % length)
         if self.close_connection or (self.headers.get("Connection", "").lower() == "close"):
@@ -2857,7 +3726,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         data = "".join(head).encode("latin-1", "replace")
         send_body = self.command != "HEAD" and status != 304
         try:
-            if resp.file_path and send_body:
+            if resp.stream is not None:
+                self._send_stream(data, resp)
+            elif resp.file_path and send_body:
                 with open(resp.file_path, "rb") as f:
                     self.wfile.write(data)
                     self.connection.sendfile(f)
@@ -2865,6 +3736,23 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.wfile.write(data + resp.body if send_body else data)
         except OSError:
             self.close_connection = True
+
+    def _send_stream(self, head, resp):
+        """Send chunks as they come; if they fail, cut the connection so the client sees a
+        short body, never a complete bad one."""
+        try:
+            self.wfile.write(head)
+            for chunk in resp.stream:
+                self.wfile.write(chunk)
+        except HTTPError as e:
+            log("ERROR: %s; connection cut" % e.message)
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        finally:
+            resp.stream.close()
 
     def send_error(self, code, message=None, explain=None):
         # malformed request lines and headers (http.server's own checks): JSON, then close.
@@ -3011,7 +3899,7 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
 
 
 # ===================================================================================
-# 7. embedding
+# 8. embedding
 # ===================================================================================
 
 
@@ -3031,7 +3919,8 @@ class Server:
 
     def __init__(self, serverdir=None, *, host=DEFAULT_HOST, port=0, root_password=None,
                  mirror_url=None, offline=False, outside_url=None, access_log=False,
-                 max_request_body_size=DEFAULT_MAX_BODY):
+                 max_request_body_size=DEFAULT_MAX_BODY,
+                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT)):
         self._serverdir_arg = serverdir
         self.host = host
         self._port_arg = port
@@ -3041,6 +3930,7 @@ class Server:
         self.outside_url = outside_url
         self.access_log = access_log
         self.max_request_body_size = max_request_body_size
+        self.mirror_timeouts = mirror_timeouts
         self.serverdir = None
         self.port = None
         self.url = None
@@ -3069,7 +3959,8 @@ class Server:
                     self.serverdir, root_password=self.root_password,
                     mirror_url=self.mirror_url, hash_soon=True)
             app = App(self.model, outside_url=self.outside_url,
-                      max_body=self.max_request_body_size)
+                      max_body=self.max_request_body_size, offline=self.offline,
+                      mirror_timeouts=self.mirror_timeouts)
             self._httpd = IndexHTTPServer((self.host, self._port_arg), app,
                                           access_log=self.access_log)
         except BaseException:
@@ -3159,14 +4050,15 @@ class Server:
 
 
 # ===================================================================================
-# 8. command line
+# 9. command line
 # ===================================================================================
 
 # devpi-server options that a --configfile may set, and what they mean here
 CONFIG_OPTIONS = {
     "serverdir": str, "host": str, "port": int, "outside-url": str,
     "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
-    "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
+    "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
+    "mirror-connect-timeout": int, "mirror-read-timeout": int,
 }
 
 
@@ -3291,6 +4183,14 @@ def build_parser():
     p.add_argument("--max-request-body-size", type=int, metavar="BYTES",
                    help="largest request body (upload) accepted, enforced while it streams "
                         "(default: %d, 2 GiB)" % DEFAULT_MAX_BODY)
+    p.add_argument("--offline-mode", action="store_true", default=None,
+                   help="no upstream traffic: mirrors serve only what they kept")
+    p.add_argument("--mirror-connect-timeout", type=float, metavar="SECONDS",
+                   help="seconds to wait for a mirror's upstream to accept a connection "
+                        "(default: %g)" % MIRROR_CONNECT_TIMEOUT)
+    p.add_argument("--mirror-read-timeout", type=float, metavar="SECONDS",
+                   help="seconds to wait for each read from a mirror's upstream "
+                        "(default: %g)" % MIRROR_READ_TIMEOUT)
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -3335,7 +4235,9 @@ def cmd_serve(args):
     except HTTPError as e:
         raise SystemExit("error: " + e.message)
     model = Model(store)
-    app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size)
+    app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
+              offline=args.offline_mode,
+              mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
     try:
         httpd = IndexHTTPServer((args.host, args.port), app, access_log=args.access_log)
     except OSError as e:
@@ -3368,7 +4270,9 @@ def cmd_serve(args):
 
 SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": None,
                   "max_request_body_size": DEFAULT_MAX_BODY, "access_log": True,
-                  "no_root_pypi": False}
+                  "no_root_pypi": False, "offline_mode": False,
+                  "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
+                  "mirror_read_timeout": MIRROR_READ_TIMEOUT}
 
 
 def main(argv=None):

@@ -1488,3 +1488,398 @@ def test_malformed_http_gets_4xx_or_a_closed_connection(server):
             status = int(data.split(b" ", 2)[1])
             assert 400 <= status < 500, (raw[:60], data[:200])
     assert http(server.url, path="/+api").status == 200
+
+
+# ----------------------------------------------------------------------------------
+# 6. mirror, against a fake upstream on 127.0.0.1
+# ----------------------------------------------------------------------------------
+
+from http.server import BaseHTTPRequestHandler as _Base, ThreadingHTTPServer as _Threading
+
+
+class FakeUpstream:
+    """A small simple index: ``add(path)`` publishes a file; ``faults[path]`` breaks a URL
+    ('timeout', '500', 'truncate', 'badhash', 'notindex', 'loop'); ``requests`` counts."""
+
+    def __init__(self, fmt="json"):
+        self.fmt = fmt
+        self.projects = {}   # norm -> [(filename, bytes, metadata or None, upload_time)]
+        self.faults = {}
+        self.requests = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(_Base):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.handle(self)
+
+        self.httpd = _Threading(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def add(self, path, upload_time="2024-01-02T03:04:05.000000Z"):
+        filename = os.path.basename(path)
+        data = open(path, "rb").read()
+        meta = None
+        if filename.endswith(".whl"):
+            meta = minidevpi.read_core_metadata(path, filename)
+        name = minidevpi.split_filename(filename)[0]
+        self.projects.setdefault(minidevpi.normalize_name(name), []).append(
+            (filename, data, meta, upload_time))
+
+    def count(self, path):
+        return sum(1 for p in self.requests if p == path)
+
+    def send(self, h, status, body, ctype="text/html", headers=()):
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(body)
+
+    def handle(self, h):
+        path = h.path
+        with self.lock:
+            self.requests.append(path)
+        fault = self.faults.get(path)
+        if fault == "timeout":
+            time.sleep(3)
+            return self.send(h, 200, b"late")
+        if fault == "500":
+            return self.send(h, 500, b"oops")
+        if fault == "loop":
+            h.send_response(302)
+            h.send_header("Location", path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if fault == "notindex":
+            return self.send(h, 200, b"\x89PNG....", "image/png")
+        if path == "/simple/":
+            names = sorted(self.projects)
+            if "json" in (h.headers.get("Accept") or "") and self.fmt == "json":
+                body = json.dumps({"meta": {"api-version": "1.0"},
+                                   "projects": [{"name": n} for n in names]}).encode()
+                return self.send(h, 200, body, "application/vnd.pypi.simple.v1+json")
+            body = "".join('<a href="%s/">%s</a>\n' % (n, n) for n in names).encode()
+            return self.send(h, 200, body)
+        m = re.match(r"^/simple/([^/]+)/$", path)
+        if m:
+            files = self.projects.get(m.group(1))
+            if files is None:
+                return self.send(h, 404, b"not found")
+            etag = '"%d"' % len(files)
+            if h.headers.get("If-None-Match") == etag:
+                h.send_response(304)
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            if self.fmt == "json":
+                body = json.dumps({"meta": {"api-version": "1.1"}, "name": m.group(1), "files": [
+                    dict({"filename": fn, "url": "../../files/" + fn,
+                          "hashes": {"sha256": hashlib.sha256(data).hexdigest()},
+                          "upload-time": ut, "size": len(data)},
+                         **({"core-metadata": {"sha256": hashlib.sha256(meta).hexdigest()}}
+                            if meta else {}))
+                    for fn, data, meta, ut in files]}).encode()
+                ctype = "application/vnd.pypi.simple.v1+json"
+            else:
+                body = "".join(
+                    '<a href="../../files/%s#sha256=%s"%s>%s</a>\n' % (
+                        fn, hashlib.sha256(data).hexdigest(),
+                        ' data-core-metadata="sha256=%s"' % hashlib.sha256(meta).hexdigest()
+                        if meta else "", fn) for fn, data, meta, ut in files).encode()
+                ctype = "text/html"
+            if fault == "truncate":
+                h.send_response(200)
+                h.send_header("Content-Type", ctype)
+                h.send_header("Content-Length", str(len(body) + 100))
+                h.end_headers()
+                h.wfile.write(body)
+                h.close_connection = True
+                return
+            return self.send(h, 200, body, ctype, [("ETag", etag)])
+        m = re.match(r"^/files/(.+?)(\.metadata)?$", path)
+        if m:
+            for files in self.projects.values():
+                for fn, data, meta, ut in files:
+                    if fn == m.group(1):
+                        if m.group(2):
+                            return self.send(h, 200, meta, "application/octet-stream")
+                        if fault == "badhash":
+                            data = data[:-1] + bytes([data[-1] ^ 1])
+                        if fault == "truncate":
+                            h.send_response(200)
+                            h.send_header("Content-Length", str(len(data)))
+                            h.end_headers()
+                            h.wfile.write(data[:len(data) // 2])
+                            h.close_connection = True
+                            return
+                        return self.send(h, 200, data, "application/octet-stream")
+        return self.send(h, 404, b"no")
+
+
+@pytest.fixture
+def upstream():
+    up = FakeUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def mirrored(upstream, tmp_path):
+    """A server whose root/pypi mirrors the fake upstream, which has 'mirrored-pkg'."""
+    for v in ("1.0", "2.0"):
+        upstream.add(make_wheel(tmp_path, "mirrored-pkg", v, requires_python=">=3.6"))
+    upstream.add(make_sdist(tmp_path, "mirrored-pkg", "2.0"))
+    with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                          mirror_url=upstream.url + "/simple/",
+                          mirror_timeouts=(2, 1)) as srv:
+        yield srv
+
+
+def test_mirror_installs_and_keeps_files_for_offline_use(mirrored, upstream, tmp_path):
+    srv = mirrored
+    pip("install", "--target", str(tmp_path / "t1"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg")
+    assert (tmp_path / "t1" / "mirrored_pkg-2.0.dist-info").is_dir()
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 1
+    # links point at the server's own +f URLs, with upstream's metadata
+    page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    assert all(f["url"].startswith("../../+f/") for f in page["files"])
+    assert {f["upload-time"] for f in page["files"]} == {"2024-01-02T03:04:05.000000Z"}
+    assert page["versions"] == ["1.0", "2.0"]
+    # a second install is served from disk
+    pip("install", "--target", str(tmp_path / "t2"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg")
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 1
+    assert upstream.count("/simple/mirrored-pkg/") == 1  # page cached for mirror_cache_expiry
+    # upstream unplugged: the cached page is served once expired (stale, with a warning)
+    srv.model.store.conn()  # (same process)
+    upstream.stop()
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+        json_body=["mirror_cache_expiry=0"])
+    time.sleep(1.1)
+    pip("install", "--target", str(tmp_path / "t3"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg==2.0")
+    assert (tmp_path / "t3" / "mirrored_pkg-2.0.dist-info").is_dir()
+
+
+def test_offline_mode_serves_only_what_was_kept(mirrored, upstream, tmp_path):
+    srv = mirrored
+    pip("install", "--target", str(tmp_path / "t1"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg==1.0")
+    serverdir = srv.serverdir
+    srv.stop()
+    before = len(upstream.requests)
+    with minidevpi.Server(serverdir, offline=True) as off:
+        page = http(off.url, path="/root/pypi/+simple/mirrored-pkg/",
+                    headers={"Accept": simple_accept("json")}).json()
+        assert [f["filename"] for f in page["files"]] == ["mirrored_pkg-1.0-py3-none-any.whl"]
+        pip("install", "--target", str(tmp_path / "t2"), "--index-url",
+            off.index_url("root/pypi"), "mirrored-pkg")
+        assert (tmp_path / "t2" / "mirrored_pkg-1.0.dist-info").is_dir()
+        assert http(off.url, path="/root/pypi/+simple/unknown-pkg/").status == 404
+        names = http(off.url, path="/root/pypi/+simple/",
+                     headers={"Accept": simple_accept("json")}).json()["projects"]
+        assert names == [{"name": "mirrored-pkg"}]
+    assert len(upstream.requests) == before  # not one request upstream
+
+
+def test_mirror_page_expiry_revalidates_with_etag(mirrored, upstream):
+    srv = mirrored
+    url = "/root/pypi/+simple/mirrored-pkg/"
+    assert http(srv.url, path=url).status == 200
+    assert http(srv.url, path=url).status == 200
+    assert upstream.count("/simple/mirrored-pkg/") == 1
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+        json_body=["mirror_cache_expiry=0"])
+    time.sleep(1.1)
+    assert http(srv.url, path=url).status == 200
+    assert upstream.count("/simple/mirrored-pkg/") == 2  # revalidated (304 upstream)
+    assert api(srv.url, path="/root/pypi").json()["result"]["mirror_cache_expiry"] == 0
+
+
+def test_mirror_url_change_takes_effect_at_once(mirrored, upstream, tmp_path):
+    srv = mirrored
+    assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+    other = FakeUpstream(fmt="html")
+    try:
+        other.add(make_wheel(tmp_path / "srv", "other-pkg", "1.0"))
+        api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+            json_body=["mirror_url=%s/simple/" % other.url])
+        assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 404
+        r = http(srv.url, path="/root/pypi/+simple/other-pkg/")
+        assert r.status == 200 and "other_pkg-1.0-py3-none-any.whl" in r.body.decode()
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            srv.index_url("root/pypi"), "other-pkg")  # from an HTML (PEP 503) upstream
+        assert (tmp_path / "t" / "other_pkg-1.0.dist-info").is_dir()
+    finally:
+        other.stop()
+
+
+def test_mirror_core_metadata_and_uv(mirrored, upstream, tmp_path):
+    srv = mirrored
+    uv = need("uv")
+    run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "t"), "--index-url",
+         srv.index_url("root/pypi"), "mirrored-pkg"])
+    assert (tmp_path / "t" / "mirrored_pkg-2.0.dist-info").is_dir()
+    page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    whl = [f for f in page["files"] if f["filename"] == "mirrored_pkg-1.0-py3-none-any.whl"][0]
+    meta = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
+                                                   whl["url"]) + ".metadata")
+    assert meta.status == 200
+    assert hashlib.sha256(meta.body).hexdigest() == whl["core-metadata"]["sha256"]
+    n = upstream.count("/files/mirrored_pkg-1.0-py3-none-any.whl.metadata")
+    http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
+                                            whl["url"]) + ".metadata")
+    assert upstream.count("/files/mirrored_pkg-1.0-py3-none-any.whl.metadata") == n == 1
+
+
+def test_concurrent_first_downloads_fetch_once(mirrored, upstream):
+    srv = mirrored
+    page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    f = [x for x in page["files"] if x["filename"].endswith(".tar.gz")][0]
+    path = urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/", f["url"])
+    results = []
+
+    def get():
+        results.append(http(srv.url, path=path))
+    threads = [threading.Thread(target=get) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == [200] * 8
+    assert {hashlib.sha256(r.body).hexdigest() for r in results} == {f["hashes"]["sha256"]}
+    assert upstream.count("/files/mirrored_pkg-2.0.tar.gz") == 1
+
+
+def test_mirror_root_listing_passes_upstream_through(mirrored, upstream, tmp_path):
+    srv = mirrored
+    upstream.add(make_wheel(tmp_path, "Zeta.Pkg", "1.0"))
+    r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
+    assert r.json()["projects"] == [{"name": "mirrored-pkg"}, {"name": "zeta-pkg"}]
+    r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": "text/html"})
+    assert 'href="zeta-pkg/"' in r.body.decode()
+    r2 = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": "text/html",
+                                                            "Accept-Encoding": "gzip"})
+    assert r2.header("Content-Encoding") == "gzip"
+    import gzip as _gzip
+    assert _gzip.decompress(r2.body) == r.body
+    assert upstream.count("/simple/") == 1 + 0  # fetched once, served from disk after
+
+
+def test_mirror_whitelist_shadowing(mirrored, upstream, tmp_path):
+    srv = mirrored
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev", bases="root/pypi")
+    srv.create_index("alice/union", bases="alice/dev", mirror_whitelist_inheritance="union")
+    srv.create_index("alice/inter", bases="alice/dev", mirror_whitelist="mirrored-pkg",
+                     mirror_whitelist_inheritance="intersection")
+
+    def filenames(index):
+        r = http(srv.url, path="/%s/+simple/mirrored-pkg/" % index,
+                 headers={"Accept": simple_accept("json")})
+        return sorted(f["filename"] for f in r.json()["files"])
+    mirror_all = filenames("root/pypi")
+    assert len(mirror_all) == 3 and filenames("alice/dev") == mirror_all
+    # a private release of the same name hides the mirror's (protection against shadowing)
+    (tmp_path / "p").mkdir()
+    srv.upload("alice/dev", make_wheel(tmp_path / "p", "mirrored-pkg", "9.0"))
+    assert filenames("alice/dev") == ["mirrored_pkg-9.0-py3-none-any.whl"]
+    assert filenames("alice/union") == ["mirrored_pkg-9.0-py3-none-any.whl"]
+    # whitelisted in inter itself: intersection with dev's (empty) list still lets it
+    # through, because inter is asked first (devpi's rule)
+    assert filenames("alice/inter") == sorted(mirror_all + ["mirrored_pkg-9.0-py3-none-any.whl"])
+    api(srv.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+        json_body=["mirror_whitelist=mirrored-pkg"])
+    assert filenames("alice/dev") == sorted(mirror_all + ["mirrored_pkg-9.0-py3-none-any.whl"])
+    api(srv.url, "PATCH", "/alice/dev", auth=("alice", "secret"), json_body=["mirror_whitelist=*"])
+    assert len(filenames("alice/union")) == 4
+    # devpi list / getjson on the mirrored project
+    res = api(srv.url, path="/root/pypi/mirrored-pkg/").json()["result"]
+    assert sorted(res) == ["1.0", "2.0"]
+    assert res["2.0"]["+links"][0]["href"].startswith(srv.url + "/root/pypi/+f/")
+
+
+def test_devpi_client_on_mirrored_projects(mirrored, upstream, tmp_path):
+    srv = mirrored
+    d = Devpi(tmp_path / "client")
+    d("use", srv.url + "/root/pypi")
+    out = d("list", "mirrored-pkg")[1]
+    assert "mirrored_pkg-2.0.tar.gz" in out
+    assert '"versiondata"' in d("getjson", "/root/pypi/mirrored-pkg/1.0")[1]
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    d("install", "--venv", str(venv), "mirrored-pkg==1.0")
+    assert run([str(venv / "bin" / "python"), "-c", "import mirrored_pkg; print(mirrored_pkg.VERSION)"])[1].strip() == "1.0"
+
+
+@pytest.mark.parametrize("fault,status", [("timeout", 504), ("500", 502), ("truncate", 502),
+                                          ("notindex", 502), ("loop", 502)])
+def test_upstream_page_faults(mirrored, upstream, fault, status):
+    srv = mirrored
+    upstream.faults["/simple/mirrored-pkg/"] = fault
+    t0 = time.time()
+    r = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/")
+    assert r.status == status and "upstream" in r.json()["message"]
+    assert time.time() - t0 < 15
+    # the server is fine, and with a cached page it serves that instead (stale)
+    del upstream.faults["/simple/mirrored-pkg/"]
+    assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["mirror_cache_expiry=0"])
+    time.sleep(1.1)
+    upstream.faults["/simple/mirrored-pkg/"] = fault
+    assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+    assert http(srv.url, path="/root/pypi/+simple/nosuch/").status in (404, 502, 504)
+
+
+def test_upstream_404_is_404(mirrored):
+    assert http(mirrored.url, path="/root/pypi/+simple/no-such-project/").status == 404
+
+
+@pytest.mark.parametrize("fault", ["badhash", "truncate", "500"])
+def test_bad_upstream_files_are_never_kept_or_delivered_whole(mirrored, upstream, fault):
+    srv = mirrored
+    page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    f = [x for x in page["files"] if x["filename"].endswith(".tar.gz")][0]
+    path = urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/", f["url"])
+    upstream.faults["/files/" + f["filename"]] = fault
+    try:
+        r = http(srv.url, path=path)
+        complete = r.status == 200 and hashlib.sha256(r.body).hexdigest() == f["hashes"]["sha256"]
+        assert not complete and not (r.status == 200 and len(r.body) == f["size"])
+    except (httpclient.IncompleteRead, ConnectionError):
+        pass  # cut before the last bytes
+    assert api(srv.url, path="/root/pypi/mirrored-pkg/").status == 200
+    assert srv.model.local_files(srv.model.get_index("root/pypi"), "mirrored-pkg") is None
+    assert os.listdir(os.path.join(srv.serverdir, minidevpi.TMP_DIR)) == []
+    del upstream.faults["/files/" + f["filename"]]
+    r = http(srv.url, path=path)
+    assert hashlib.sha256(r.body).hexdigest() == f["hashes"]["sha256"]
+
+
+def test_a_mirror_of_itself_is_refused(tmp_path):
+    with minidevpi.Server(root_password="rootpw") as srv:
+        api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+            json_body=["mirror_url=%s/root/pypi/+simple/" % srv.url])
+        r = http(srv.url, path="/root/pypi/+simple/anything/")
+        assert r.status == 502 and "itself" in r.json()["message"]
