@@ -1883,3 +1883,15 @@ def test_a_mirror_of_itself_is_refused(tmp_path):
             json_body=["mirror_url=%s/root/pypi/+simple/" % srv.url])
         r = http(srv.url, path="/root/pypi/+simple/anything/")
         assert r.status == 502 and "itself" in r.json()["message"]
+
+
+def test_upstream_connection_refused_is_502(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with minidevpi.Server(root_password="rootpw",
+                          mirror_url="http://127.0.0.1:%d/simple/" % port) as srv:
+        r = http(srv.url, path="/root/pypi/+simple/anything/")
+        assert r.status == 502 and "upstream" in r.json()["message"]
+        assert http(srv.url, path="/+api").status == 200
