@@ -27,8 +27,9 @@ The file reads top to bottom in sections; each builds only on those above it:
     5  model         users, passwords, tokens, indexes, bases, ACLs, releases, files, push
     6  mirror        upstream pages and files on demand, kept for offline use
     7  HTTP          route table, negotiation, page cache, handler, threading server
-    8  embedding     Server: start on a free port in a thread, stop, test helpers
-    9  command line  init, serve; main()
+    8  export/import devpi-server's dump format, both ways
+    9  embedding     Server: start on a free port in a thread, stop, test helpers
+   10  command line  init, serve, export, import; main()
 """
 
 # ===================================================================================
@@ -740,8 +741,9 @@ class Store:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('serial', '0')")
         conn.close()
 
-    def open(self):
-        """Open an initialised server directory: migrate, clean leftovers, load the secret."""
+    def open(self, readonly=False):
+        """Open an initialised server directory: migrate, clean leftovers, load the secret.
+        ``readonly`` (export, beside a running server): no migration, no cleaning."""
         if not self.is_initialised():
             raise HTTPError(404, "server directory %s is not initialised" % self.serverdir)
         os.makedirs(self.files_dir, exist_ok=True)
@@ -755,6 +757,8 @@ class Store:
         if version > SCHEMA_VERSION:
             raise HTTPError(409, "server directory was written by a newer minidevpi "
                                  "(schema %d, this one knows %d)" % (version, SCHEMA_VERSION))
+        if version < SCHEMA_VERSION and readonly:
+            raise HTTPError(409, "server directory needs an upgrade: start the server once")
         if version < SCHEMA_VERSION:
             # migrations so far only add tables and indexes, which SCHEMA creates if missing
             conn.executescript(SCHEMA)
@@ -762,7 +766,8 @@ class Store:
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                           (str(SCHEMA_VERSION),))
         self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
-        self.clean_tmp()
+        if not readonly:
+            self.clean_tmp()
 
     def clean_tmp(self):
         """Remove temporary files left by a crashed process."""
@@ -918,6 +923,10 @@ def verify_password(password, pwhash):
             got = hashlib.scrypt(pw, salt=_b64d(salt), n=n, r=r, p=p, dklen=len(_b64d(dk)),
                                  maxmem=256 * 1024 * 1024)
             return hmac.compare_digest(got, _b64d(dk))
+        if kind == "devpi_sha256":  # devpi < 4.2: sha256(salt + password), salt as text
+            salt, hexhash = rest.split("$")
+            got = hashlib.sha256(salt.encode("ascii") + pw).hexdigest()
+            return hmac.compare_digest(got, hexhash.lower())
         if kind == "pbkdf2_sha256":
             iterations, salt, dk = rest.split("$")
             if int(iterations) > 10 ** 7:
@@ -930,7 +939,9 @@ def verify_password(password, pwhash):
 
 
 def is_known_hash(pwhash):
-    return isinstance(pwhash, str) and pwhash.split("$", 1)[0] in ("scrypt", "pbkdf2_sha256")
+    """A hash this module can check (devpi's Argon2 ones it can't in reasonable time)."""
+    return isinstance(pwhash, str) and pwhash.split("$", 1)[0] in (
+        "scrypt", "pbkdf2_sha256", "devpi_sha256")
 
 
 # -- index configuration -------------------------------------------------------------
@@ -1201,7 +1212,7 @@ class Model:
     def _user_config(self, config, body):
         config = dict(config)
         for k, v in body.items():
-            if k == "custom_data":
+            if k == "custom_data" or k not in self.USER_KEYS:
                 config[k] = v
             elif not isinstance(v, str):
                 raise bad_request("%s must be a string" % k)
@@ -1223,7 +1234,9 @@ class Model:
             raise bad_request("user config must be a JSON object")
         body = {k: v for k, v in body.items()
                 if k not in ("created", "modified", "username", "indexes")}
-        unknown = sorted(k for k in body if k not in self.USER_KEYS)
+        stored = json.loads(row[2])
+        # keys it already has (imported from devpi's plugins) come back from devpi-client
+        unknown = sorted(k for k in body if k not in self.USER_KEYS and k not in stored)
         if unknown:
             raise bad_request("Unknown keys in user config: %s" % ", ".join(unknown))
         password = body.pop("password", None)
@@ -1307,6 +1320,9 @@ class Model:
         if self._auth_cache.get(key) == row[1]:
             return name
         if verify_password(secret, row[1]):
+            if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
+                self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
+                row = self.get_user_row(name)
             with self._auth_cache_lock:
                 if len(self._auth_cache) > 4096:
                     self._auth_cache.clear()
@@ -2026,6 +2042,7 @@ MIRROR_READ_TIMEOUT = 10.0
 MAX_PAGE_BYTES = 128 * 1024 * 1024
 MAX_ROOT_BYTES = 2 * 1024 ** 3
 MAX_REDIRECTS = 5
+FAILURE_BACKOFF = 10.0  # seconds a failed upstream page is not asked for again
 VIA_HEADER = "X-Minidevpi-Via"  # marks our own upstream requests, to detect a loop
 
 
@@ -2165,12 +2182,14 @@ class Mirror:
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
+        self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
         model.mirror_changed = self._forget_index
 
     def _forget_index(self, index_id):
-        for key in [k for k in self._fresh if k[0] == index_id]:
-            self._fresh.pop(key, None)
+        for cache in (self._fresh, self._failed):
+            for key in [k for k in cache if k[0] == index_id]:
+                cache.pop(key, None)
         shutil.rmtree(os.path.join(self.store.serverdir, "+mirror", str(index_id)),
                       ignore_errors=True)
 
@@ -2310,14 +2329,26 @@ class Mirror:
         if row is not None and time.time() - row[0] < self._expiry(ix):
             self._fresh[key] = row[0]
             return (row[4], json.loads(row[5])) if row[1] == 200 else None
+        failed = self._failed.get(key)
+        if failed is not None and time.time() - failed[0] < min(FAILURE_BACKOFF,
+                                                                 self._expiry(ix)):
+            # upstream failed a moment ago: don't make every request wait for it again
+            if row is not None and row[1] == 200:
+                return row[4], json.loads(row[5])
+            raise failed[1]
         with self.single_flight(("page",) + key) as leader:
             if not leader:
                 row = self._row(ix, norm)
                 if row is not None:
                     return (row[4], json.loads(row[5])) if row[1] == 200 else None
             try:
-                return self._fetch_page(ix, norm, row)
+                result = self._fetch_page(ix, norm, row)
+                self._failed.pop(key, None)
+                return result
             except UpstreamError as e:
+                if len(self._failed) > 10000:
+                    self._failed.clear()
+                self._failed[key] = (time.time(), e)
                 if row is not None and row[1] == 200:
                     log("WARNING: serving a stale page of %s on %s: %s" % (norm, ix.path,
                                                                           e.message))
@@ -2341,6 +2372,7 @@ class Mirror:
         with self.store.write() as c:
             c.execute("DELETE FROM mirror_pages WHERE index_id=? AND project=?", (ix.id, norm))
         self._fresh.pop((ix.id, norm), None)
+        self._failed.pop((ix.id, norm), None)
 
     def _fetch_page(self, ix, norm, row):
         url = self._page_url(ix, norm)
@@ -3129,9 +3161,16 @@ class App:
         data["+links"] = self._links(req, files)
         return data
 
-    def mirror_version_data(self, ix, norm):
-        """{version: (metadata, yanked, [File])} of a mirrored project, as devpi lists it."""
-        files = self.mirror.files(ix, norm)
+    def mirror_version_data(self, ix, norm, asking=None):
+        """{version: (metadata, yanked, [File])} of a mirrored project, as devpi lists it.
+        When another index asks (``asking``), a failing upstream counts as no project."""
+        try:
+            files = self.mirror.files(ix, norm)
+        except UpstreamError as e:
+            if asking is None or asking is ix:
+                raise
+            log("WARNING: %s: %s" % (asking.path, e.message))
+            return None
         if files is None:
             return None
         display = self.mirror.page(ix, norm)
@@ -3154,7 +3193,7 @@ class App:
             if b.is_mirror:
                 if blocked:
                     continue
-                data = self.mirror_version_data(b, norm)
+                data = self.mirror_version_data(b, norm, asking=ix)
                 if data is None:
                     continue
                 found = True
@@ -3194,9 +3233,12 @@ class App:
             return api_result("versiondata", self._version_json(req, meta, yanked, files))
         norm = self._norm_or_redirect(req, project)
         result = None
+        blocked = m.mirror_blocked(ix, norm)
         for b in m.resolve_bases(ix):
             if b.is_mirror:
-                data = self.mirror_version_data(b, norm) or {}
+                if blocked:
+                    continue
+                data = self.mirror_version_data(b, norm, asking=ix) or {}
             else:
                 data = m.version_data(b, norm, version)
             if version in data:
@@ -3899,7 +3941,511 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
 
 
 # ===================================================================================
-# 8. embedding
+# 8. export / import (devpi-server's dump format)
+# ===================================================================================
+
+DUMP_VERSION = "2"
+DEVPI_NAME_BAD = re.compile(r"""[\x00-\x20\x7f`!"#$%&'()*+,/:;<=>?\[\\\]^{|}~]""")
+
+
+def unusable_argon2():
+    """A well-formed Argon2id hash that no password matches (random salt and tag): what
+    devpi gets for an account whose real hash it can't check. Never empty: devpi-import
+    turns a missing hash into the empty password."""
+    b64 = lambda n: base64.b64encode(secrets.token_bytes(n)).decode().rstrip("=")
+    return "$argon2id$v=19$m=65536,t=3,p=4$%s$%s" % (b64(16), b64(32))
+
+
+def legacy_devpi_hash(salt, hexhash):
+    """devpi < 4.2 stored sha256(salt + password) with a per-user salt; checkable here."""
+    return "devpi_sha256$%s$%s" % (salt, hexhash)
+
+
+def _http_date_ts(value):
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _place_file(src, dest, hard_links, notes):
+    """Link (if asked and possible) or copy ``src`` to ``dest``."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if hard_links and not notes.get("no_links"):
+        try:
+            os.link(src, dest)
+            return
+        except OSError as e:
+            notes["no_links"] = "hard links are not possible here (%s): files were copied" % e
+    shutil.copyfile(src, dest)
+
+
+def export_server(serverdir, target, include_mirrored=False, hard_links=False):
+    """Write a devpi-compatible dump of the server at ``serverdir`` into ``target`` (new or
+    empty). Reads one consistent snapshot, so a running server may go on meanwhile.
+    Returns a list of lines to tell the user."""
+    store = Store(serverdir)
+    if not store.is_initialised():
+        raise HTTPError(404, "%s contains no minidevpi server" % store.serverdir)
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise HTTPError(409, "export directory %s must not exist or be empty" % target)
+    store.open(readonly=True)
+    os.makedirs(target, exist_ok=True)
+    notes = {}
+    told = []
+    c = store._connect()
+    try:
+        c.execute("BEGIN")  # one snapshot for everything below (WAL)
+        users = {}
+        devpi_cant_check = []
+        for name, pwhash, config, created, modified in c.execute(
+                "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
+            u = {"username": name, "created": created}
+            if modified:
+                u["modified"] = modified
+            u.update(json.loads(config))
+            if pwhash.startswith("$argon2"):
+                u["pwhash"] = pwhash  # devpi's own kind: it can check it
+            else:
+                u["pwhash"] = unusable_argon2()
+                if is_known_hash(pwhash):
+                    u["minidevpi_pwhash"] = pwhash
+                devpi_cant_check.append(name)
+            users[name] = u
+        indexes = {}
+        rows = c.execute("SELECT id, user, name, config FROM indexes ORDER BY user, name")
+        for ix_id, user, name, config in rows.fetchall():
+            config = json.loads(config)
+            path = "%s/%s" % (user, name)
+            entry = {"indexconfig": config}
+            indexes[path] = entry
+            if config.get("type") == "mirror" and not include_mirrored:
+                continue
+            projects = {}
+            files = []
+            versions = c.execute(
+                "SELECT p.name, p.display, v.id, v.version, v.metadata, v.yanked FROM versions v "
+                "JOIN projects p ON v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id",
+                (ix_id,)).fetchall()
+            is_mirror = config.get("type") == "mirror"
+            for norm, display, vid, version, meta, yanked in versions:
+                vfiles = c.execute(
+                    "SELECT filename, rel, sha256, uploaded, for_filename, log FROM files "
+                    "WHERE version_id=? ORDER BY id", (vid,)).fetchall()
+                if is_mirror:
+                    if not vfiles:
+                        continue
+                    data = {"name": norm, "version": version}
+                    meta = json.loads(meta)
+                    if meta.get("requires_python"):
+                        data["requires_python"] = meta["requires_python"]
+                else:
+                    data = full_metadata(display, version, json.loads(meta))
+                if yanked is not None:
+                    data["yanked"] = yanked
+                projects.setdefault(norm, {})[version] = data
+                sha_of = {fn: sha for fn, rel, sha, _u, _f, _l in vfiles}
+                for filename, rel, sha, uploaded, for_filename, log_json in vfiles:
+                    mapping = {"last_modified": http_date(uploaded),
+                               "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha},
+                               "project": norm, "version": version}
+                    log_list = json.loads(log_json)
+                    f = {"type": rel, "projectname": norm, "version": version}
+                    if rel == "doczip":
+                        relpath = "%s/%s-%s.doc.zip" % (path, norm, version)
+                    elif rel == "toxresult":
+                        rsha = sha_of.get(for_filename, "")
+                        relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
+                        f["for_entrypath"] = "%s/+f/%s/%s/%s" % (path, rsha[:3], rsha[3:16],
+                                                                 for_filename)
+                    else:
+                        relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
+                    if is_mirror:
+                        src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
+                        mapping["url"] = src[0] if src and src[0] else filename
+                        log_list = []
+                    f["relpath"] = relpath
+                    f["entrymapping"] = mapping
+                    f["log"] = log_list
+                    blob = store.blob_path(sha)
+                    if not os.path.exists(blob):
+                        raise HTTPError(409, "the bytes of %s/%s vanished while exporting "
+                                             "(removed meanwhile?); run the export again"
+                                        % (path, filename))
+                    _place_file(blob, os.path.join(target, *relpath.split("/")), hard_links,
+                                notes)
+                    files.append(f)
+            entry["projects"] = projects
+            entry["files"] = files
+        c.execute("COMMIT")
+    finally:
+        c.close()
+        store.close()
+    data = {"dumpversion": DUMP_VERSION, "pythonversion": list(sys.version_info),
+            "minidevpi": __version__, "users": users, "indexes": indexes}
+    tmp = os.path.join(target, ".dataindex.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(target, "dataindex.json"))  # written last: complete dumps only
+    nfiles = sum(len(i.get("files", [])) for i in indexes.values())
+    told.append("exported %d users, %d indexes, %d files to %s"
+                % (len(users), len(indexes), nfiles, target))
+    if notes.get("no_links"):
+        told.append(notes["no_links"])
+    if devpi_cant_check:
+        told.append("for devpi-server: the password hashes of %s are of a kind devpi can't "
+                    "check; after devpi-import they match no password. Set them as root: "
+                    "devpi user -m NAME password=... (minidevpi keeps them working)"
+                    % ", ".join(devpi_cant_check))
+    return told
+
+
+def _read_dump(dump):
+    """dataindex.json of a dump, checked for shape; raises with the list of problems."""
+    path = os.path.join(dump, "dataindex.json")
+    if not os.path.isfile(path):
+        raise HTTPError(404, "%s has no dataindex.json: not an export directory "
+                             "(or an incomplete one)" % dump)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise HTTPError(400, "dataindex.json is not readable JSON: %s" % e)
+    if not isinstance(data, dict):
+        raise HTTPError(400, "dataindex.json is not a JSON object")
+    if str(data.get("dumpversion")) not in ("1", "2"):
+        raise HTTPError(400, "incompatible dumpversion: %r (1 and 2 are understood)"
+                        % (data.get("dumpversion"),))
+    if not isinstance(data.get("users"), dict) or not isinstance(data.get("indexes"), dict):
+        raise HTTPError(400, "dataindex.json needs 'users' and 'indexes' objects")
+    return data
+
+
+def check_dump(dump, data, skip_types=()):
+    """Every problem of a dump, as a list of lines (empty: fine). Hashes every file."""
+    problems = []
+    users = data["users"]
+    for name, u in users.items():
+        if not isinstance(u, dict):
+            problems.append("user %r: not an object" % name)
+        elif not name or DEVPI_NAME_BAD.search(name):
+            problems.append("user %r: invalid name" % name)
+    for path, ix in data["indexes"].items():
+        if not isinstance(ix, dict) or not isinstance(ix.get("indexconfig"), dict) \
+                or "type" not in ix["indexconfig"]:
+            problems.append("index %r: no indexconfig with a type" % path)
+            continue
+        user, sep, name = path.partition("/")
+        if not sep or not name or DEVPI_NAME_BAD.search(name) or DEVPI_NAME_BAD.search(user):
+            problems.append("index %r: invalid name" % path)
+        if user not in users:
+            problems.append("index %r: its user %r is not in the dump" % (path, user))
+        ixtype = ix["indexconfig"]["type"]
+        if ixtype not in ("stage", "mirror") and ixtype not in skip_types:
+            problems.append("index %r: unknown index type %r (use --skip-import-type %s to "
+                            "leave it out)" % (path, ixtype, ixtype))
+        projects = ix.get("projects", {})
+        if not isinstance(projects, dict):
+            problems.append("index %r: 'projects' is not an object" % path)
+            continue
+        norm_projects = {}
+        for pname, versions in projects.items():
+            if not isinstance(versions, dict):
+                problems.append("%s/%s: versions are not an object" % (path, pname))
+                continue
+            norm_projects.setdefault(normalize_name(pname), {}).update(versions)
+            for ver, vdata in versions.items():
+                if not isinstance(vdata, dict) or not vdata.get("name"):
+                    problems.append('%s/%s %s: missing required field "name"' % (path, pname, ver))
+                elif any(k.startswith("+") for k in vdata):
+                    problems.append("%s/%s %s: unexpected '+' keys" % (path, pname, ver))
+        files = ix.get("files", [])
+        if not isinstance(files, list):
+            problems.append("index %r: 'files' is not a list" % path)
+            continue
+        for f in files:
+            if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in (
+                    "type", "projectname", "relpath")):
+                problems.append("%s: a file entry without type/projectname/relpath" % path)
+                continue
+            rel = f["relpath"]
+            parts = rel.split("/")
+            if rel.startswith("/") or ".." in parts or "\x00" in rel:
+                problems.append("%s: file path %r leaves the dump" % (path, rel))
+                continue
+            if f["type"] not in ("releasefile", "doczip", "toxresult"):
+                problems.append("%s: file %s has unknown type %r" % (path, rel, f["type"]))
+            norm = normalize_name(f["projectname"])
+            if norm not in norm_projects:
+                problems.append("%s: file %s belongs to project %r, which is not in the dump"
+                                % (path, rel, f["projectname"]))
+            elif f["type"] == "releasefile" and str(f.get("version", _version_of(f))) \
+                    not in norm_projects[norm]:
+                problems.append("%s: file %s belongs to version %r, not registered"
+                                % (path, rel, f.get("version")))
+            if ix["indexconfig"]["type"] == "mirror" and f["type"] == "releasefile" and not (
+                    isinstance(f.get("entrymapping"), dict) and f["entrymapping"].get("url")):
+                problems.append("%s: mirrored file %s has no entrymapping.url" % (path, rel))
+            full = os.path.join(dump, *parts)
+            if not os.path.isfile(full):
+                problems.append("%s: the file at %s is missing" % (path, rel))
+                continue
+            want = _want_sha256(f)
+            if want is not None and _file_sha256(full) != want:
+                problems.append("%s: %s: sha256 mismatch" % (path, rel))
+    cyc = _base_cycle(data["indexes"])
+    if cyc:
+        problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
+    return problems
+
+
+def _version_of(f):
+    split = split_filename(os.path.basename(f["relpath"]))
+    return split[1] if split else ""
+
+
+def _want_sha256(f):
+    em = f.get("entrymapping") if isinstance(f.get("entrymapping"), dict) else {}
+    hashes = em.get("hashes") if isinstance(em.get("hashes"), dict) else {}
+    if hashes.get("sha256"):
+        return str(hashes["sha256"]).lower()
+    spec = em.get("hash_spec") or ""
+    if isinstance(spec, str) and spec.startswith("sha256="):
+        return spec[7:].lower()
+    return None
+
+
+def _file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _base_cycle(indexes):
+    graph = {p: [b for b in (ix.get("indexconfig", {}).get("bases") or []) if b in indexes]
+             for p, ix in indexes.items() if isinstance(ix, dict)}
+    state = {}
+    for start in graph:
+        stack = [(start, iter(graph[start]))]
+        state[start] = state.get(start, 0) or 1
+        if state[start] == 2:
+            continue
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return [n for n, _ in stack]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, iter(graph.get(nxt, []))))
+    return []
+
+
+INDEX_DEFAULTS = {"bases": [], "volatile": True, "acl_toxresult_upload": [":ANONYMOUS:"],
+                  "mirror_whitelist": [], "mirror_whitelist_inheritance": "intersection"}
+
+
+def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_pypi=True,
+                  skip_types=(), hard_links=False):
+    """Create a server at ``serverdir`` (new or empty) from a devpi or minidevpi dump.
+
+    Everything is checked first (every file's sha256 included); a damaged dump is refused
+    with the list of problems and nothing is written. The server is built beside the
+    target and moved into place only when complete. Returns lines to tell the user.
+    """
+    dump = os.path.abspath(dump)
+    serverdir = os.path.abspath(serverdir)
+    if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
+        raise HTTPError(409, "%s must be new or empty to import into" % serverdir)
+    data = _read_dump(dump)
+    problems = check_dump(dump, data, skip_types)
+    if problems:
+        raise HTTPError(400, "the export at %s can't be imported:\n  %s"
+                        % (dump, "\n  ".join(problems)))
+    parent = os.path.dirname(serverdir)
+    os.makedirs(parent, exist_ok=True)
+    building = tempfile.mkdtemp(prefix=".import-", dir=parent)
+    told = []
+    notes = {}
+    try:
+        os.rmdir(building)
+        has_pypi = "root/pypi" in data["indexes"]
+        store, model = init_serverdir(
+            building, root_password=root_password if root_pwhash is None else None,
+            root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi)
+        needs_password = _import_users(store, data["users"], root_password, root_pwhash)
+        if "root" in needs_password or ("root" not in data["users"] and root_password is None
+                                        and root_pwhash is None):
+            # nobody could set passwords: give root a working one and say it once
+            generated = secrets.token_urlsafe(12)
+            model.set_password_hash("root", hash_password(generated))
+            if "root" in needs_password:
+                needs_password.remove("root")
+            told.append("root's password in the dump can't be checked here (or there was "
+                        "none); root's new password (shown only now): %s" % generated)
+        _import_indexes(store, model, dump, data["indexes"], root_pypi, skip_types,
+                        hard_links, notes, told)
+        store.close()
+        if os.path.isdir(serverdir):
+            os.rmdir(serverdir)  # empty, checked above
+        os.rename(building, serverdir)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    told.insert(0, "imported %d users and %d indexes from %s into %s" % (
+        len(data["users"]), len(data["indexes"]), dump, serverdir))
+    if notes.get("no_links"):
+        told.append(notes["no_links"])
+    if needs_password:
+        told.append("these users have a password hash minidevpi can't check (devpi's Argon2) "
+                    "or none at all, so they can't log in until root sets a password: %s. "
+                    "As root: devpi user -m NAME password=..." % ", ".join(needs_password))
+    return told
+
+
+def _import_users(store, users, root_password, root_pwhash):
+    needs = []
+    with store.write() as c:
+        for name, u in sorted(users.items()):
+            own = u.get("minidevpi_pwhash")
+            if isinstance(own, str) and is_known_hash(own):
+                pwhash = own
+            elif isinstance(u.get("pwsalt"), str) and isinstance(u.get("pwhash"), str):
+                pwhash = legacy_devpi_hash(u["pwsalt"], u["pwhash"])
+            elif isinstance(u.get("pwhash"), str) and (is_known_hash(u["pwhash"])
+                                                       or u["pwhash"].startswith("$argon2")):
+                pwhash = u["pwhash"]
+            else:
+                pwhash = "!none"  # no password matches (devpi would give it the empty one)
+            if name == "root" and (root_password is not None or root_pwhash is not None):
+                # --root-passwd always gives root a working password
+                pwhash = c.execute("SELECT pwhash FROM users WHERE name='root'").fetchone()[0]
+            elif not is_known_hash(pwhash):
+                needs.append(name)
+            # profile fields, and any other key devpi kept (plugins'): they survive
+            config = {k: v for k, v in u.items() if k not in (
+                "pwhash", "pwsalt", "username", "created", "modified", "minidevpi_pwhash",
+                "password", "indexes")}
+            created = u.get("created") if isinstance(u.get("created"), str) \
+                else "1970-01-01T00:00:00Z"
+            modified = u.get("modified") if isinstance(u.get("modified"), str) else None
+            c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, modified) "
+                      "VALUES (?,?,?,?,?)", (name, pwhash, json.dumps(config), created, modified))
+    return needs
+
+
+def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_links, notes,
+                    told):
+    for path, ix in sorted(indexes.items()):
+        config = dict(ix["indexconfig"])
+        if config["type"] in skip_types and config["type"] not in ("stage", "mirror"):
+            told.append("skipped index %s of type %r" % (path, config["type"]))
+            continue
+        if path == "root/pypi" and not root_pypi:
+            told.append("skipped root/pypi (--no-root-pypi)")
+            continue
+        user = path.split("/", 1)[0]
+        if "pypi_whitelist" in config:
+            config.setdefault("mirror_whitelist", config.pop("pypi_whitelist"))
+        allowed = STAGE_KEYS if config["type"] == "stage" else MIRROR_KEYS
+        dropped = sorted(k for k in config if k not in allowed)
+        for k in dropped:
+            config.pop(k)
+        if dropped:
+            told.append("index %s: dropped settings minidevpi does not know: %s"
+                        % (path, ", ".join(dropped)))
+        if config["type"] == "stage":
+            for k, v in INDEX_DEFAULTS.items():
+                config.setdefault(k, list(v) if isinstance(v, list) else v)
+            config.setdefault("acl_upload", [user])
+        else:
+            config.setdefault("volatile", True)
+        with store.write() as c:
+            ix_id = c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
+                              (user, path.split("/", 1)[1], json.dumps(config))).lastrowid
+            _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes)
+
+
+def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes):
+    is_mirror = ix["indexconfig"]["type"] == "mirror"
+    version_ids = {}
+    for pname, versions in (ix.get("projects") or {}).items():
+        norm = normalize_name(pname)
+        for ver, vdata in versions.items():
+            display = vdata.get("name") or pname
+            row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                            (ix_id, norm)).fetchone()
+            pid = row[0] if row else c.execute(
+                "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
+                (ix_id, norm, norm if is_mirror else display)).lastrowid
+            meta = {k: v for k, v in vdata.items() if k not in ("name", "version", "yanked")
+                    and not k.startswith("+") and k != ":action"}
+            yanked = vdata.get("yanked")
+            if yanked is True:
+                yanked = ""
+            elif yanked is False:
+                yanked = None
+            version = str(vdata.get("version") or ver)
+            vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, metadata, "
+                            "yanked, created) VALUES (?,?,?,?,?)",
+                            (pid, version, json.dumps(meta), yanked, time.time())).lastrowid
+            version_ids[(norm, str(ver))] = (vid, meta.get("requires_python", "") or "")
+    for f in ix.get("files") or []:
+        norm = normalize_name(f["projectname"])
+        version = str(f.get("version") or _version_of(f))
+        if (norm, version) not in version_ids:
+            # a doc zip or tox result of an unregistered version: register it bare
+            pid = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                            (ix_id, norm)).fetchone()[0]
+            vid = c.execute("INSERT INTO versions (project_id, version, metadata, created) "
+                            "VALUES (?,?,?,?)", (pid, version, "{}", time.time())).lastrowid
+            version_ids[(norm, version)] = (vid, "")
+        vid, requires_python = version_ids[(norm, version)]
+        src = os.path.join(dump, *f["relpath"].split("/"))
+        sha = _want_sha256(f) or _file_sha256(src)
+        dest = store.blob_path(sha)
+        if not os.path.exists(dest):
+            tmp = os.path.join(store.tmp_dir, "import-" + secrets.token_hex(8))
+            _place_file(src, tmp, hard_links, notes)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(tmp, dest)
+        filename = os.path.basename(f["relpath"])
+        em = f.get("entrymapping") if isinstance(f.get("entrymapping"), dict) else {}
+        uploaded = _http_date_ts(em.get("last_modified")) or time.time()
+        log_list = f.get("log")
+        if not isinstance(log_list, list):
+            log_list = [{"what": "upload", "who": "<import>", "when": when_list(),
+                         "dst": path}]
+        if is_mirror:
+            log_list = [{"what": "mirror", "who": None, "when": when_list(uploaded),
+                         "src": em.get("url")}]
+        core = None
+        if filename.endswith(".whl") and f["type"] == "releasefile":
+            try:
+                meta_bytes = read_core_metadata(dest, filename)
+                core = store.put_bytes(meta_bytes) if meta_bytes else None
+            except HTTPError:
+                core = None
+        for_filename = None
+        if f["type"] == "toxresult":
+            for_filename = os.path.basename(f.get("for_entrypath") or "") or None
+        c.execute("INSERT OR REPLACE INTO files (index_id, version_id, filename, rel, sha256, "
+                  "size, uploaded, requires_python, core_metadata, for_filename, log) "
+                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                  (ix_id, vid, filename, f["type"], sha, os.path.getsize(dest), uploaded,
+                   requires_python if f["type"] == "releasefile" else "", core, for_filename,
+                   json.dumps(log_list)))
+
+
+# ===================================================================================
+# 9. embedding
 # ===================================================================================
 
 
@@ -4050,7 +4596,7 @@ class Server:
 
 
 # ===================================================================================
-# 9. command line
+# 10. command line
 # ===================================================================================
 
 # devpi-server options that a --configfile may set, and what they mean here
@@ -4058,7 +4604,8 @@ CONFIG_OPTIONS = {
     "serverdir": str, "host": str, "port": int, "outside-url": str,
     "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
     "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
-    "mirror-connect-timeout": int, "mirror-read-timeout": int,
+    "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
+    "hard-links": bool, "include-mirrored-files": bool, "no-events": bool,
 }
 
 
@@ -4195,6 +4742,42 @@ def build_parser():
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no access log")
+
+    def devpi_compat(p):
+        p.add_argument("--storage", metavar="NAME",
+                       help="accepted for devpi's scripts; only 'sqlite' (changes nothing)")
+        p.add_argument("--hard-links", action="store_true", default=None,
+                       help="hard-link files instead of copying them where the file system "
+                            "allows (says so when it can't)")
+
+    p = sub.add_parser("export", help="write the server in devpi-server's export format",
+                       description="Write users (with password hashes), indexes, projects, "
+                                   "versions and files in devpi-server's export format, from "
+                                   "a consistent snapshot (the server may keep running).")
+    p.add_argument("directory", metavar="DIR", help="where to write (new or empty)")
+    common(p)
+    devpi_compat(p)
+    p.add_argument("--include-mirrored-files", action="store_true", default=None,
+                   help="also the files mirrors keep (and what serves them offline)")
+
+    p = sub.add_parser("import", help="create a server from a devpi or minidevpi export",
+                       description="Create a server directory (new or empty) from an export "
+                                   "written by minidevpi or devpi-server 6.x. Everything is "
+                                   "checked first; a damaged export changes nothing.")
+    p.add_argument("directory", metavar="DIR", help="the export directory")
+    common(p)
+    devpi_compat(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--root-passwd", metavar="PW",
+                   help="give root this password, whatever the export says")
+    g.add_argument("--root-passwd-hash", metavar="HASH",
+                   help="give root this password hash (as minidevpi writes them)")
+    p.add_argument("--no-root-pypi", action="store_true", default=None,
+                   help="no root/pypi: neither the default one nor the export's")
+    p.add_argument("--skip-import-type", metavar="TYPE", action="append", default=None,
+                   help="leave out indexes of this type (repeatable)")
+    p.add_argument("--no-events", action="store_true", default=None,
+                   help="accepted for devpi's scripts; changes nothing")
     return parser
 
 
@@ -4275,6 +4858,40 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "mirror_read_timeout": MIRROR_READ_TIMEOUT}
 
 
+def _check_storage(args):
+    if getattr(args, "storage", None) not in (None, "sqlite"):
+        raise SystemExit("error: --storage %s: minidevpi stores in sqlite only"
+                         % args.storage)
+
+
+def cmd_export(args):
+    _check_storage(args)
+    try:
+        lines = export_server(args.serverdir, args.directory,
+                              include_mirrored=bool(args.include_mirrored_files),
+                              hard_links=bool(args.hard_links))
+    except HTTPError as e:
+        raise SystemExit("error: " + e.message)
+    for line in lines:
+        print(line, flush=True)
+    return 0
+
+
+def cmd_import(args):
+    _check_storage(args)
+    try:
+        lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
+                              root_pwhash=args.root_passwd_hash,
+                              root_pypi=not args.no_root_pypi,
+                              skip_types=tuple(args.skip_import_type or ()),
+                              hard_links=bool(args.hard_links))
+    except HTTPError as e:
+        raise SystemExit("error: " + e.message)
+    for line in lines:
+        print(line, flush=True)
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     defaults = {"serverdir": default_serverdir(), "no_root_pypi": False}
@@ -4286,6 +4903,10 @@ def main(argv=None):
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
     if args.command == "init":
         return cmd_init(args)
+    if args.command == "export":
+        return cmd_export(args)
+    if args.command == "import":
+        return cmd_import(args)
     return cmd_serve(args)
 
 

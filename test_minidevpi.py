@@ -28,6 +28,12 @@ import pytest
 import minidevpi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# root/pypi follows pip's configured index by default. The tests reach nothing beyond
+# 127.0.0.1: servers the tests start (in process and as subprocesses) mirror a closed local
+# port unless a test gives its own fake upstream. (pip itself runs with --isolated.)
+UNREACHABLE_UPSTREAM = "http://127.0.0.1:9/simple/"
+os.environ["PIP_INDEX_URL"] = UNREACHABLE_UPSTREAM
 SCRIPT = os.path.join(HERE, "minidevpi.py")
 BIN = os.path.dirname(sys.executable)
 
@@ -231,9 +237,10 @@ def server():
 
 @pytest.fixture
 def alice(server):
-    """A server with user alice (password secret) and her volatile index alice/dev."""
+    """A server with user alice (password secret) and her volatile index alice/dev.
+    (Its root/pypi mirrors a closed port: tests of the mirror use a fake upstream.)"""
     server.create_user("alice", "secret", email="a@x")
-    server.create_index("alice/dev", bases="root/pypi", volatile=True)
+    server.create_index("alice/dev", volatile=True)
     return server
 
 
@@ -692,7 +699,8 @@ def test_files_download_metadata_and_json(alice, tmp_path):
     assert r.json()["result"]["hashes"]["sha256"] == sha
     # wrong hash directory, another index, nonsense: 404
     assert http(url, path=path.replace(sha[:3], "000", 1)).status == 404
-    assert http(url, path=path.replace("alice/dev", "root/pypi")).status == 404
+    alice.create_index("alice/other")
+    assert http(url, path=path.replace("alice/dev", "alice/other")).status == 404
     assert http(url, path="/alice/dev/+f/zz%25/x/y").status == 404
 
 
@@ -1144,7 +1152,7 @@ def test_root_pypi_upstream_follows_pip_configuration(tmp_path):
     conf = tmp_path / "pip.conf"
     conf.write_text("[global]\nindex-url = http://127.0.0.1:7/fromconf/simple/\n")
     d = tmp_path / "srv2"
-    env = {"PIP_CONFIG_FILE": str(conf), "PIP_INDEX_URL": ""}
+    env = {"PIP_CONFIG_FILE": str(conf), "PIP_INDEX_URL": "", "XDG_CONFIG_DIRS": str(tmp_path)}
     cli("init", "--serverdir", str(d), "--root-passwd", "x", env=env)
     with minidevpi.Server(d) as srv:
         assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
@@ -1426,8 +1434,11 @@ PATHS = ["/", "/+login", "/alice", "/alice/", "/alice/dev", "/alice/dev/", "/ali
          "/nosuch/idx", "/root/pypi", "/root/pypi/pkg/1.0"]
 
 
-def test_malformed_json_and_paths_never_cause_500(alice):
-    url = alice.url
+def test_malformed_json_and_paths_never_cause_500(tmp_path):
+    srv = minidevpi.Server(root_password="rootpw", offline=True).start()
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev", bases="root/pypi")
+    url = srv.url
     auths = [None, ("alice", "secret"), ("root", "rootpw")]
     u = urllib.parse.urlsplit(url)
     conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=30)
@@ -1456,6 +1467,7 @@ def test_malformed_json_and_paths_never_cause_500(alice):
     # (some of those were valid deletes and changes) the server still answers
     assert api(url, path="/+api").status == 200
     assert login_token(url, "root", "rootpw")
+    srv.stop()
 
 
 def test_malformed_http_gets_4xx_or_a_closed_connection(server):
@@ -1836,15 +1848,20 @@ def test_devpi_client_on_mirrored_projects(mirrored, upstream, tmp_path):
                                           ("notindex", 502), ("loop", 502)])
 def test_upstream_page_faults(mirrored, upstream, fault, status):
     srv = mirrored
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["mirror_cache_expiry=0"])
     upstream.faults["/simple/mirrored-pkg/"] = fault
     t0 = time.time()
     r = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/")
     assert r.status == status and "upstream" in r.json()["message"]
     assert time.time() - t0 < 15
-    # the server is fine, and with a cached page it serves that instead (stale)
+    # a failure is remembered briefly (no retry storm), then upstream is asked again
+    t0 = time.time()
+    assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == status
+    assert time.time() - t0 < 0.5
     del upstream.faults["/simple/mirrored-pkg/"]
+    time.sleep(1.1)
     assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
-    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["mirror_cache_expiry=0"])
+    # with a cached page it serves that instead (stale)
     time.sleep(1.1)
     upstream.faults["/simple/mirrored-pkg/"] = fault
     assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
@@ -1895,3 +1912,319 @@ def test_upstream_connection_refused_is_502(tmp_path):
         r = http(srv.url, path="/root/pypi/+simple/anything/")
         assert r.status == 502 and "upstream" in r.json()["message"]
         assert http(srv.url, path="/+api").status == 200
+
+
+# ----------------------------------------------------------------------------------
+# 8. export / import
+# ----------------------------------------------------------------------------------
+
+FIXTURES = os.path.join(HERE, "..", "shared", "fixtures")
+
+
+def fixture_dir(name):
+    path = os.path.join(FIXTURES, name)
+    if not os.path.isdir(path):
+        skip_or_fail("the shared fixtures are not beside this checkout (%s)" % path)
+    return path
+
+
+def dump_json(d):
+    with open(os.path.join(str(d), "dataindex.json")) as f:
+        return json.load(f)
+
+
+def comparable(data):
+    """A dump without what legitimately differs between two exports of the same state."""
+    out = {"users": {}, "indexes": {}}
+    for name, u in data["users"].items():
+        u = dict(u)
+        if "minidevpi_pwhash" in u:
+            u.pop("pwhash")  # a fresh unusable Argon2 string each time
+        out["users"][name] = u
+    for path, ix in data["indexes"].items():
+        ix = json.loads(json.dumps(ix))
+        for f in ix.get("files", []):
+            f.pop("log", None)
+        ix["files"] = sorted(ix.get("files", []), key=lambda f: f["relpath"])
+        out["indexes"][path] = ix
+    return out
+
+
+def test_import_a_real_devpi_export(tmp_path):
+    dump = fixture_dir("devpi-export-sample")
+    with open(os.path.join(FIXTURES, "devpi-export-sample.expect.json")) as f:
+        expect = json.load(f)
+    code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
+                    "--root-passwd", "newroot")
+    assert "alice" in out and "bob" in out and "devpi user -m NAME password=" in out
+    with minidevpi.Server(tmp_path / "srv") as srv:
+        url = srv.url
+        assert login_token(url, "root", "newroot")
+        # devpi's Argon2 hashes are kept but can't be checked here: no login, no empty one
+        for user, facts in expect["users"].items():
+            if user != "root":
+                for pw in (facts["password"], ""):
+                    assert api(url, "POST", "/+login",
+                               json_body={"user": user, "password": pw}).status == 401
+        info = api(url, path="/alice").json()["result"]
+        assert info["email"] == "alice@example.com" and info["created"] == "2026-11-25T12:29:00Z"
+        for path, facts in expect["indexes"].items():
+            r = api(url, path="/" + path)
+            assert r.status == 200, path
+            config = r.json()["result"]
+            for k, v in facts["indexconfig"].items():
+                assert config[k] == v, (path, k)
+            for project, pfacts in facts.get("projects", {}).items():
+                res = api(url, path="/%s/%s/?ignore_bases=" % (path, project)).json()["result"]
+                for version, vfacts in pfacts["versions"].items():
+                    hrefs = {l["href"].rsplit("/", 1)[1]: l["hashes"]["sha256"]
+                             for l in res[version]["+links"] if l["rel"] == "releasefile"}
+                    for ffacts in vfacts["files"]:
+                        assert hrefs[ffacts["filename"]] == ffacts["sha256"]
+                        sha = ffacts["sha256"]
+                        r = http(url, path="/%s/+f/%s/%s/%s" % (path, sha[:3], sha[3:16],
+                                                                ffacts["filename"]))
+                        assert hashlib.sha256(r.body).hexdigest() == sha
+        # root sets alice a password; she logs in; pip installs from the imported index
+        api(url, "PATCH", "/alice", auth=("root", "newroot"), json_body={"password": "pw2"})
+        assert login_token(url, "alice", "pw2")
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            srv.index_url("alice/dev"), "samplea")
+        assert (tmp_path / "t" / "samplea-2.0.dist-info").is_dir()
+
+
+def test_import_without_root_password_generates_one(tmp_path):
+    dump = fixture_dir("devpi-export-sample")
+    code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"), "--no-root-pypi")
+    m = re.search(r"root's new password \(shown only now\): (\S+)", out)
+    assert m, out
+    with minidevpi.Server(tmp_path / "srv") as srv:
+        assert login_token(srv.url, "root", m.group(1))
+        assert api(srv.url, path="/root/pypi").status == 404
+
+
+def make_populated_server(serverdir, tmp_path):
+    """A server with users, indexes, uploads, a push, a yank and a doc zip."""
+    srv = minidevpi.Server(serverdir, root_password="rootpw").start()
+    srv.model.create_user("root", "alice", {"password": "alicepw", "email": "a@x",
+                                            "title": "Alice"})
+    srv.model.create_user("root", "bob", {"password": "bobpw"})
+    srv.create_index("alice/dev", bases="root/pypi", acl_upload="alice,bob",
+                     mirror_whitelist="samplepkg", title="Dev")
+    srv.create_index("alice/prod", bases="alice/dev", volatile=False)
+    srv.create_index("bob/scratch")
+    for v in ("1.0", "1.1"):
+        srv.upload("alice/dev", make_wheel(tmp_path, "samplepkg", v, requires_python=">=3.8"))
+        srv.upload("alice/dev", make_sdist(tmp_path, "samplepkg", v, requires_python=">=3.8"))
+    srv.upload("bob/scratch", make_wheel(tmp_path, "Bob_Tool", "0.1"))
+    srv.model.push("root", srv.model.get_index("alice/dev"), "samplepkg", "1.0",
+                   srv.model.get_index("alice/prod"))
+    srv.model.set_yanked("root", srv.model.get_index("alice/dev"), "samplepkg", "1.1", "bad")
+    doc = tmp_path / "doc.zip"
+    with zipfile.ZipFile(str(doc), "w") as zf:
+        zf.writestr("index.html", "<h1>docs</h1>")
+    body, ctype = multipart([(":action", "doc_upload"), ("name", "samplepkg"),
+                             ("version", "1.0")], [("content", "samplepkg-1.0.doc.zip",
+                                                    doc.read_bytes())])
+    assert http(srv.url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+                auth=("alice", "alicepw")).status == 200
+    return srv
+
+
+def test_round_trip_minidevpi_to_minidevpi(tmp_path):
+    srv = make_populated_server(tmp_path / "a", tmp_path)
+    before = {ix: http(srv.url, path="/%s/+simple/samplepkg/" % ix,
+                       headers={"Accept": simple_accept("json")}).json()
+              for ix in ("alice/dev", "alice/prod")}
+    srv.stop()
+    cli("export", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "a"))
+    code, out = cli("import", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "b"))
+    assert "can't be checked" not in out  # every password survives
+    cli("export", str(tmp_path / "dump2"), "--serverdir", str(tmp_path / "b"))
+    assert comparable(dump_json(tmp_path / "dump1")) == comparable(dump_json(tmp_path / "dump2"))
+    with minidevpi.Server(tmp_path / "b") as srv2:
+        for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("bob", "bobpw")):
+            assert login_token(srv2.url, user, pw)
+        for ix, page in before.items():
+            after = http(srv2.url, path="/%s/+simple/samplepkg/" % ix,
+                         headers={"Accept": simple_accept("json")}).json()
+            for f in after["files"] + page["files"]:  # the format keeps whole seconds
+                f["upload-time"] = f["upload-time"][:19]
+            assert after == page, json.dumps([after, page], indent=0)[:3000]
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            srv2.index_url("alice/prod"), "samplepkg")
+        assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
+    # the export also reads the same for devpi: Argon2-shaped hashes that match no password
+    for name, u in dump_json(tmp_path / "dump1")["users"].items():
+        assert u["pwhash"].startswith("$argon2id$") and u["minidevpi_pwhash"]
+
+
+def test_damaged_exports_are_refused_and_change_nothing(tmp_path):
+    srv = make_populated_server(tmp_path / "a", tmp_path)
+    srv.stop()
+    cli("export", str(tmp_path / "good"), "--serverdir", str(tmp_path / "a"))
+    good = dump_json(tmp_path / "good")
+    whl = [f for f in good["indexes"]["alice/dev"]["files"] if f["relpath"].endswith(".whl")][0]
+
+    def damaged(name, change):
+        d = tmp_path / name
+        shutil.copytree(str(tmp_path / "good"), str(d))
+        change(d)
+        return d
+
+    cases = {
+        "missing": (lambda d: os.unlink(str(d / whl["relpath"])), "is missing"),
+        "hash": (lambda d: (d / whl["relpath"]).write_bytes(b"changed"), "sha256 mismatch"),
+        "json": (lambda d: (d / "dataindex.json").write_text("{nope"), "not readable JSON"),
+        "version": (lambda d: (d / "dataindex.json").write_text(
+            json.dumps(dict(good, dumpversion="3"))), "incompatible dumpversion"),
+        "nodataindex": (lambda d: os.unlink(str(d / "dataindex.json")), "no dataindex.json"),
+    }
+    for name, (change, message) in cases.items():
+        d = damaged(name, change)
+        target = tmp_path / ("srv-" + name)
+        code, out = cli("import", str(d), "--serverdir", str(target), check=False)
+        assert code != 0 and message in out, (name, out)
+        assert not target.exists()
+        assert not [p for p in os.listdir(str(tmp_path)) if p.startswith(".import-")]
+    # target must be new or empty; export target likewise
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code, out = cli("import", str(tmp_path / "good"), "--serverdir", str(tmp_path / "full"),
+                    check=False)
+    assert code != 0 and "new or empty" in out
+    code, out = cli("export", str(tmp_path / "full"), "--serverdir", str(tmp_path / "a"),
+                    check=False)
+    assert code != 0 and "must not exist or be empty" in out
+    code, out = cli("import", str(tmp_path / "good"), "--serverdir", str(tmp_path / "z"),
+                    "--storage", "redis", check=False)
+    assert code != 0 and "sqlite" in out
+    cli("import", str(tmp_path / "good"), "--serverdir", str(tmp_path / "z"),
+        "--storage", "sqlite", "--no-events")
+
+
+def test_export_while_the_server_takes_uploads(tmp_path):
+    with minidevpi.Server(tmp_path / "srv", root_password="rootpw") as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        stop = threading.Event()
+        done = []
+
+        def uploader():
+            i = 0
+            while not stop.is_set() and i < 200:
+                d = tmp_path / ("u%d" % i)
+                d.mkdir()
+                srv.upload("alice/dev", make_wheel(d, "busy-pkg", "1.%d" % i))
+                done.append(i)
+                i += 1
+        t = threading.Thread(target=uploader)
+        t.start()
+        while len(done) < 3:
+            time.sleep(0.01)
+        minidevpi.export_server(str(tmp_path / "srv"), str(tmp_path / "dump"))
+        stop.set()
+        t.join()
+    data = dump_json(tmp_path / "dump")
+    n = len(data["indexes"]["alice/dev"]["files"])
+    assert 3 <= n <= len(done)
+    assert len(data["indexes"]["alice/dev"]["projects"]["busy-pkg"]) == n
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "copy"))
+
+
+def test_hard_links_and_mirrored_files(mirrored, upstream, tmp_path):
+    srv = mirrored
+    pip("install", "--target", str(tmp_path / "t"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg==1.0")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    serverdir = srv.serverdir
+    srv.stop()
+    code, out = cli("export", str(tmp_path / "plain"), "--serverdir", serverdir)
+    assert "files" not in dump_json(tmp_path / "plain")["indexes"]["root/pypi"]
+    code, out = cli("export", str(tmp_path / "dump"), "--serverdir", serverdir,
+                    "--include-mirrored-files", "--hard-links")
+    data = dump_json(tmp_path / "dump")
+    mf = data["indexes"]["root/pypi"]["files"]
+    assert [f["relpath"] for f in mf] == [
+        "root/pypi/mirrored-pkg/1.0/mirrored_pkg-1.0-py3-none-any.whl"]
+    assert mf[0]["entrymapping"]["url"].startswith(upstream.url)
+    own = data["indexes"]["alice/dev"]["files"][0]
+    sha = own["entrymapping"]["hashes"]["sha256"]
+    blob = os.path.join(serverdir, minidevpi.FILES_DIR, sha[:2], sha[2:4], sha)
+    assert os.stat(blob).st_ino == os.stat(str(tmp_path / "dump" / own["relpath"])).st_ino
+    # imported elsewhere, with the upstream gone: the mirrored file installs offline
+    upstream.stop()
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"), "--hard-links")
+    with minidevpi.Server(tmp_path / "b", offline=True) as srv2:
+        pip("install", "--target", str(tmp_path / "t2"), "--index-url",
+            srv2.index_url("root/pypi"), "mirrored-pkg")
+        assert (tmp_path / "t2" / "mirrored_pkg-1.0.dist-info").is_dir()
+
+
+def test_import_devpi_mirrored_export_and_legacy_hashes(tmp_path):
+    dump = fixture_dir("devpi-export-sample-mirrored")
+    data = json.load(open(os.path.join(dump, "dataindex.json")))
+    # a user from a devpi < 4.2 dump: salted sha256, checkable and re-hashed at login
+    data["users"]["olduser"] = {"pwsalt": "c2FsdHNhbHQ=", "pwhash": hashlib.sha256(
+        b"c2FsdHNhbHQ=" + b"oldpw").hexdigest()}
+    data["users"]["nohash"] = {}
+    d = tmp_path / "dump"
+    shutil.copytree(dump, str(d))
+    (d / "dataindex.json").write_text(json.dumps(data))
+    code, out = cli("import", str(d), "--serverdir", str(tmp_path / "srv"), "--root-passwd", "r")
+    assert "nohash" in out and "olduser" not in out.split("can't log in")[-1]
+    with minidevpi.Server(tmp_path / "srv", offline=True) as srv:
+        assert login_token(srv.url, "olduser", "oldpw")
+        row = srv.model.get_user_row("olduser")
+        assert row[1].startswith(("scrypt$", "pbkdf2_sha256$"))  # re-hashed
+        assert login_token(srv.url, "olduser", "oldpw")
+        for pw in ("", "x"):
+            assert api(srv.url, "POST", "/+login",
+                       json_body={"user": "nohash", "password": pw}).status == 401
+        page = http(srv.url, path="/root/pypi/+simple/extdep/",
+                    headers={"Accept": simple_accept("json")}).json()
+        yanked = {f["filename"]: f["yanked"] for f in page["files"]}
+        assert yanked["extdep-1.0-py3-none-any.whl"] == "broken build"
+        assert yanked["extdep-1.1-py3-none-any.whl"] is False
+
+
+def devpi_canonical(data):
+    """What devpi-import keeps of a dump, files sorted (their order is not stable)."""
+    data = json.loads(json.dumps(data))
+    out = {"users": data["users"], "indexes": data["indexes"]}
+    for name, u in out["users"].items():
+        u.setdefault("username", name)
+    for ix in out["indexes"].values():
+        # devpi-import fills in a web URL template for mirrors; it has no meaning here
+        ix["indexconfig"].pop("mirror_web_url_fmt", None)
+        if "files" in ix:
+            ix["files"].sort(key=lambda f: (f["relpath"], f["type"]))
+    return out
+
+
+def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
+    devpi_import, devpi_export = need("devpi-import"), need("devpi-export")
+    srv = make_populated_server(tmp_path / "a", tmp_path)
+    srv.model.create_user("root", "carol", {"password": "c", "custom_data": {"team": "x"}})
+    srv.stop()
+    code, out = cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
+    assert "devpi user -m NAME password=" in out  # how to set passwords on the devpi side
+    run([devpi_import, "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "ours")])
+    run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    ours, theirs = dump_json(tmp_path / "ours"), dump_json(tmp_path / "theirs")
+    assert devpi_canonical(theirs) == devpi_canonical(ours)
+    # and back: devpi's export of it imports into minidevpi with every password working
+    cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"))
+    with minidevpi.Server(tmp_path / "back") as srv2:
+        for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("carol", "c")):
+            assert login_token(srv2.url, user, pw)
+        assert api(srv2.url, path="/carol").json()["result"]["custom_data"] == {"team": "x"}
+        r = api(srv2.url, "PATCH", "/carol", json_body={"custom_data": {"team": "x"},
+                                                         "email": "c@x"}, auth=("carol", "c"))
+        assert r.status == 200
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            srv2.index_url("alice/prod"), "samplepkg")
+        assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()

@@ -1,0 +1,905 @@
+#!/usr/bin/env python3
+"""Benchmarks: minidevpi against devpi-server and pypiserver, on this machine.
+
+    python3 benchmarks/bench.py [--quick] [--peers-python /tmp/benchvenv/bin/python]
+
+Starts each server on 127.0.0.1 (free ports, temporary directories, all removed at the end,
+also on Ctrl-C), fills each with the same generated distributions over HTTP, drives the same
+requests at each and prints a table. Ratios are "how many times better minidevpi is": peer ÷
+minidevpi for times, minidevpi ÷ peer for rates; above 1 means minidevpi wins. Standard
+library only; uses `wrk` for the keep-alive load test when it is on PATH. See README.md here.
+"""
+
+import argparse
+import base64
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from urllib.parse import urljoin, urlsplit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MINIDEVPI = os.path.join(REPO, "minidevpi.py")
+USER, PASSWORD, INDEX = "bench", "bench-secret", "dev"
+JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+HTML_ACCEPT = "text/html"
+
+PROCS = []      # every subprocess we started, stopped in cleanup()
+TMPDIRS = []    # every temporary directory we made, removed in cleanup()
+
+
+def say(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------
+# Distributions
+# ----------------------------------------------------------------------------------
+
+def _b64hash(data):
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def make_wheel(name, version, payload=b"", requires=()):
+    """A small valid pure-Python wheel; ``payload`` goes in as an uncompressed data file."""
+    dist = re.sub(r"[-_.]+", "_", name).lower()
+    di = "%s-%s.dist-info" % (dist, version)
+    meta = ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: minidevpi benchmark package\n"
+            % (name, version)) + "".join("Requires-Dist: %s\n" % r for r in requires)
+    files = [("%s/__init__.py" % dist, ("__version__ = %r\n" % version).encode(), zipfile.ZIP_DEFLATED)]
+    if payload:
+        files.append(("%s/data.bin" % dist, payload, zipfile.ZIP_STORED))
+    files.append(("%s/METADATA" % di, meta.encode(), zipfile.ZIP_DEFLATED))
+    files.append(("%s/WHEEL" % di, b"Wheel-Version: 1.0\nGenerator: minidevpi-bench\n"
+                  b"Root-Is-Purelib: true\nTag: py3-none-any\n", zipfile.ZIP_DEFLATED))
+    record = "".join("%s,sha256=%s,%d\n" % (p, _b64hash(d), len(d)) for p, d, _ in files)
+    record += "%s/RECORD,,\n" % di
+    files.append(("%s/RECORD" % di, record.encode(), zipfile.ZIP_DEFLATED))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path, data, comp in files:
+            zi = zipfile.ZipInfo(path, date_time=(2024, 1, 1, 0, 0, 0))
+            zi.compress_type = comp
+            zi.external_attr = 0o644 << 16
+            zf.writestr(zi, data)
+    return "%s-%s-py3-none-any.whl" % (dist, version), buf.getvalue(), "bdist_wheel", "py3"
+
+
+def make_sdist(name, version):
+    dist = re.sub(r"[-_.]+", "_", name).lower()
+    base = "%s-%s" % (dist, version)
+    pkginfo = ("Metadata-Version: 2.1\nName: %s\nVersion: %s\nSummary: minidevpi benchmark package\n"
+               % (name, version)).encode()
+    pyproject = (b'[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+                 b'[project]\nname = "%s"\nversion = "%s"\n' % (name.encode(), version.encode()))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for path, data in (("PKG-INFO", pkginfo), ("pyproject.toml", pyproject),
+                           ("%s/__init__.py" % dist, b"")):
+            ti = tarfile.TarInfo("%s/%s" % (base, path))
+            ti.size, ti.mtime, ti.mode = len(data), 1704067200, 0o644
+            tf.addfile(ti, io.BytesIO(data))
+    return base + ".tar.gz", buf.getvalue(), "sdist", "source"
+
+
+def multipart(name, version, dist):
+    filename, data, filetype, pyversion = dist
+    boundary = "minidevpibench" + uuid.uuid4().hex
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("metadata_version", "2.1"),
+              ("name", name), ("version", version), ("filetype", filetype),
+              ("pyversion", pyversion), ("sha256_digest", hashlib.sha256(data).hexdigest())]
+    out = []
+    for k, v in fields:
+        out.append(('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                    % (boundary, k, v)).encode())
+    out.append(('--%s\r\nContent-Disposition: form-data; name="content"; filename="%s"\r\n'
+                'Content-Type: application/octet-stream\r\n\r\n' % (boundary, filename)).encode())
+    out.append(data)
+    out.append(("\r\n--%s--\r\n" % boundary).encode())
+    return b"".join(out), "multipart/form-data; boundary=" + boundary
+
+
+# ----------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------
+
+class Client:
+    """One keep-alive connection, reconnecting when the server closed it."""
+
+    def __init__(self, port, timeout=120):
+        self.port, self.timeout, self.conn = port, timeout, None
+
+    def request(self, method, path, body=None, headers=None, read=True):
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                resp = self.conn.getresponse()
+                data = resp.read() if read else resp
+                if read and resp.will_close:
+                    self.close()
+                return resp.status, data, resp
+            except (ConnectionError, http.client.BadStatusLine, http.client.CannotSendRequest):
+                self.close()
+                if attempt == 2 or body is not None and not isinstance(body, (bytes, str)):
+                    raise
+        raise AssertionError
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def basic_auth(user, pw):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, pw)).encode()).decode()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_answered(port, proc, deadline_s=120):
+    """Poll until a GET / gets any HTTP answer; returns the monotonic time of the answer."""
+    end = time.monotonic() + deadline_s
+    req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("server exited with %s before answering" % proc.returncode)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(req)
+                if s.recv(12).startswith(b"HTTP/"):
+                    return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError("no answer on port %d within %ss" % (port, deadline_s))
+
+
+def vm_hwm_mb(pid):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------
+
+def mkdtemp(prefix):
+    d = tempfile.mkdtemp(prefix=prefix)
+    TMPDIRS.append(d)
+    return d
+
+
+def popen(cmd, logpath, env=None):
+    log = open(logpath, "ab")
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                         start_new_session=True, env=env)
+    log.close()
+    PROCS.append(p)
+    return p
+
+
+def stop_proc(p):
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in PROCS:
+        PROCS.remove(p)
+
+
+class Target:
+    name = "?"
+
+    def __init__(self, python):
+        self.python = python
+        self.proc = None
+        self.port = None
+        self.dir = None
+
+    # subclasses: command(s), paths
+    def launch(self, fresh):
+        raise NotImplementedError
+
+    def start(self, fresh=True):
+        """Start (initialising a new directory when ``fresh``); returns seconds to answer."""
+        if fresh:
+            self.dir = mkdtemp("bench-%s-" % self.name)
+        self.port = free_port()
+        t0 = time.monotonic()
+        self.launch(fresh)
+        return wait_answered(self.port, self.proc) - t0
+
+    def stop(self):
+        if self.proc is not None:
+            stop_proc(self.proc)
+            self.proc = None
+
+    def discard(self):
+        self.stop()
+        if self.dir and self.dir in TMPDIRS:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            TMPDIRS.remove(self.dir)
+        self.dir = None
+
+    def log(self):
+        return os.path.join(self.dir, "bench-server.log")
+
+    def serverdir(self):
+        return os.path.join(self.dir, "server")  # created by the server itself
+
+    def setup(self):
+        pass
+
+    def upload_headers(self):
+        return {"Authorization": basic_auth(USER, PASSWORD)}
+
+    def simple_root(self):
+        return "/%s/%s/+simple/" % (USER, INDEX)
+
+    def upload_path(self):
+        return "/%s/%s/" % (USER, INDEX)
+
+    def upload(self, client, name, version, dist):
+        body, ctype = multipart(name, version, dist)
+        headers = dict(self.upload_headers(), **{"Content-Type": ctype})
+        status, data, _ = client.request("POST", self.upload_path(), body=body, headers=headers)
+        return status, data
+
+
+class DevpiLike(Target):
+    """minidevpi and devpi-server share the HTTP API for users and indexes."""
+
+    def setup(self):
+        c = Client(self.port)
+        st, body, _ = c.request("PUT", "/" + USER, json.dumps({"password": PASSWORD}),
+                                {"Content-Type": "application/json", "Accept": "application/json"})
+        assert st in (200, 201), (self.name, "create user", st, body[:300])
+        st, body, _ = c.request("PUT", "/%s/%s" % (USER, INDEX), json.dumps({"volatile": True}),
+                                {"Content-Type": "application/json", "Accept": "application/json",
+                                 "Authorization": basic_auth(USER, PASSWORD)})
+        assert st in (200, 201), (self.name, "create index", st, body[:300])
+        c.close()
+
+
+class Minidevpi(DevpiLike):
+    name = "minidevpi"
+
+    def launch(self, fresh):
+        self.proc = popen([sys.executable, MINIDEVPI, "serve", "--serverdir", self.serverdir(),
+                           "--host", "127.0.0.1", "--port", str(self.port), "--root-passwd", "pw",
+                           "--no-root-pypi", "--offline-mode", "--no-access-log"], self.log())
+
+
+class DevpiServer(DevpiLike):
+    name = "devpi-server"
+
+    def bin(self, name):
+        return os.path.join(os.path.dirname(self.python), name)
+
+    def launch(self, fresh):
+        if fresh:
+            r = subprocess.run([self.bin("devpi-init"), "--serverdir", self.serverdir(), "--no-root-pypi",
+                                "--root-passwd", "pw"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if r.returncode:
+                raise RuntimeError("devpi-init failed: %s" % r.stdout.decode()[-2000:])
+        self.proc = popen([self.bin("devpi-server"), "--serverdir", self.serverdir(), "--host",
+                           "127.0.0.1", "--port", str(self.port), "--offline-mode"], self.log())
+
+
+class PypiServer(Target):
+    name = "pypiserver"
+
+    def launch(self, fresh):
+        pkgdir = self.serverdir()
+        os.makedirs(pkgdir, exist_ok=True)
+        self.proc = popen([os.path.join(os.path.dirname(self.python), "pypi-server"), "run",
+                           "-i", "127.0.0.1", "-p", str(self.port), "-a", ".", "-P", ".",
+                           "--disable-fallback", "--log-stream", "none", pkgdir], self.log())
+
+    def upload_headers(self):
+        return {}
+
+    def simple_root(self):
+        return "/simple/"
+
+    def upload_path(self):
+        return "/"
+
+
+# ----------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def latency(port, path, n, headers=None):
+    """Median seconds of ``n`` sequential GETs over one keep-alive connection."""
+    c = Client(port)
+    c.request("GET", path, headers=headers)  # warm
+    times, bad = [], 0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        st, _, _ = c.request("GET", path, headers=headers)
+        times.append(time.perf_counter() - t0)
+        bad += st != 200
+    c.close()
+    return statistics.median(times), bad
+
+
+def load_wrk(port, path, headers, conns, seconds):
+    cmd = ["wrk", "-t", "2", "-c", str(conns), "-d", "%ds" % max(1, round(seconds)),
+           "--timeout", "10s"]
+    for k, v in headers.items():
+        cmd += ["-H", "%s: %s" % (k, v)]
+    cmd.append("http://127.0.0.1:%d%s" % (port, path))
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=seconds + 60,
+                         stdin=subprocess.DEVNULL).stdout.decode()
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if not m:
+        raise RuntimeError("wrk output not understood:\n" + out)
+    errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses:\s*(\d+)", out))
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if se:
+        errors += sum(int(x) for x in se.groups())
+    return float(m.group(1)), errors
+
+
+def load_threads(port, path, headers, conns, seconds):
+    """Fallback when wrk is missing: ``conns`` threads, each one keep-alive connection.
+    Shares the GIL with nothing else but itself; wrk measures servers more faithfully."""
+    end = time.monotonic() + seconds
+    counts, errors = [0] * conns, [0] * conns
+
+    def worker(i):
+        c = Client(port, timeout=10)
+        while time.monotonic() < end:
+            try:
+                st, _, _ = c.request("GET", path, headers=headers)
+                counts[i] += 1
+                errors[i] += st != 200
+            except (OSError, http.client.HTTPException):
+                errors[i] += 1
+                c.close()
+        c.close()
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(seconds + 60)
+    return sum(counts) / (time.monotonic() - t0), sum(errors)
+
+
+LOAD = load_wrk if shutil.which("wrk") else load_threads
+
+
+def throughput(port, path, runs, size):
+    """Median MB/s of downloading ``path`` ``runs`` times over one connection."""
+    rates = []
+    c = Client(port)
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        st, resp, _ = c.request("GET", path, read=False)
+        got = 0
+        while True:
+            chunk = resp.read(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        dt = time.perf_counter() - t0
+        if st != 200 or got != size:
+            raise RuntimeError("download %s: status %s, %d of %d bytes" % (path, st, got, size))
+        rates.append(size / dt / 1e6)
+    c.close()
+    return statistics.median(rates)
+
+
+def concurrent_uploads(target, jobs, workers):
+    """Upload ``jobs`` (lists of (name, version, dist)) from ``workers`` threads, one
+    connection each; returns (median latency seconds, failures, failure notes)."""
+    times, fails, notes = [], [0], []
+    lock = threading.Lock()
+
+    def worker(mine):
+        c = Client(target.port)
+        for name, version, dist in mine:
+            t0 = time.perf_counter()
+            try:
+                st, body = target.upload(c, name, version, dist)
+            except (OSError, http.client.HTTPException) as e:
+                st, body = None, repr(e).encode()
+                c.close()
+            dt = time.perf_counter() - t0
+            with lock:
+                times.append(dt)
+                if st not in (200, 201):
+                    fails[0] += 1
+                    notes.append("%s %s: %s %s" % (name, version, st, body[:200]))
+        c.close()
+    per = [jobs[i::workers] for i in range(workers)]
+    ts = [threading.Thread(target=worker, args=(p,), daemon=True) for p in per]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return (statistics.median(times) if times else None), fails[0], notes
+
+
+def fill(target, dists, workers=8):
+    st = time.monotonic()
+    _, fails, notes = concurrent_uploads(target, dists, workers)
+    if fails:
+        raise RuntimeError("%s: %d of %d uploads failed, e.g. %s"
+                           % (target.name, fails, len(dists), notes[:3]))
+    return time.monotonic() - st
+
+
+def file_links(target, project):
+    """Absolute paths of the files on ``project``'s simple page."""
+    page = target.simple_root() + project + "/"
+    c = Client(target.port)
+    st, body, _ = c.request("GET", page, headers={"Accept": HTML_ACCEPT})
+    c.close()
+    if st != 200:
+        raise RuntimeError("%s: GET %s answered %s" % (target.name, page, st))
+    links = []
+    for href in re.findall(r'href="([^"]+)"', body.decode()):
+        u = urlsplit(urljoin("http://127.0.0.1:%d%s" % (target.port, page), href.replace("&amp;", "&")))
+        links.append(u.path)
+    return links
+
+
+def count_json_files(target, project):
+    c = Client(target.port)
+    st, body, resp = c.request("GET", target.simple_root() + project + "/",
+                               headers={"Accept": JSON_ACCEPT})
+    c.close()
+    ctype = resp.getheader("Content-Type", "")
+    if st != 200 or "json" not in ctype:
+        return None
+    return len(json.loads(body).get("files", []))
+
+
+def pip_install(pip_python, index_url, packages, runs):
+    env = dict(os.environ, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+    times = []
+    for i in range(runs + 1):  # the first run warms the index and is not counted
+        target_dir = mkdtemp("bench-pip-")
+        t0 = time.monotonic()
+        r = subprocess.run([pip_python, "-m", "pip", "install", "--isolated", "--no-cache-dir",
+                            "--disable-pip-version-check", "--no-input", "--quiet", "--target",
+                            target_dir, "--index-url", index_url] + packages,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=env, timeout=300)
+        dt = time.monotonic() - t0
+        shutil.rmtree(target_dir, ignore_errors=True)
+        TMPDIRS.remove(target_dir)
+        if r.returncode:
+            raise RuntimeError("pip install failed: %s" % r.stdout.decode()[-1500:])
+        if i:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def inprocess_start(runs):
+    sys.path.insert(0, REPO)
+    try:
+        import minidevpi
+    except Exception as e:  # the file may be mid-edit; the rest of the run still counts
+        say("  in-process: cannot import minidevpi: %r" % e)
+        return None
+    finally:
+        sys.path.remove(REPO)
+    times = []
+    for _ in range(runs):
+        d = mkdtemp("bench-inproc-")
+        os.rmdir(d)  # a fresh, not yet existing server directory
+        t0 = time.monotonic()
+        srv = minidevpi.Server(d, root_password="pw")
+        srv.start()
+        try:
+            wait_answered(srv.port, None)
+            times.append(time.monotonic() - t0)
+        finally:
+            srv.stop()
+            shutil.rmtree(d, ignore_errors=True)
+            TMPDIRS.remove(d)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------
+
+class Cfg:
+    def __init__(self, quick):
+        self.quick = quick
+        self.start_runs = 3 if quick else 5
+        self.load_runs = 1 if quick else 3
+        self.load_seconds = 1 if quick else 4
+        self.lat_n = 100 if quick else 400
+        self.up1 = 4 if quick else 10
+        self.up8 = 16 if quick else 40
+        self.dl_runs = 2 if quick else 3
+        self.dl_mb = 50
+        self.many = 1000 if quick else 10000
+        self.root_n = 5 if quick else 15
+        self.growth_up = 5 if quick else 15
+        self.pip_runs = 1 if quick else 3
+
+
+class Data:
+    """The distributions every server gets, generated once."""
+
+    def __init__(self, cfg):
+        self.page = []   # (name, version, dist): 10 versions x (wheel + sdist) of pagepkg
+        for i in range(10):
+            v = "1.%d" % i
+            self.page += [("pagepkg", v, make_wheel("pagepkg", v)), ("pagepkg", v, make_sdist("pagepkg", v))]
+        self.pip = [("benchlib-a", "1.0", make_wheel("benchlib-a", "1.0")),
+                    ("benchlib-b", "2.0", make_wheel("benchlib-b", "2.0")),
+                    ("benchapp", "1.0", make_wheel("benchapp", "1.0",
+                                                   requires=("benchlib-a>=1", "benchlib-b")))]
+        self.pip_packages = ["benchapp", "benchlib-a"]
+        mb = os.urandom(1 << 20)
+        self.up1 = [("uploadpkg", "1.%d" % i, make_wheel("uploadpkg", "1.%d" % i, mb[:(1 << 20) - 2048]))
+                    for i in range(cfg.up1)]
+        self.up8 = [("uploadpkg", "8.%d" % i, make_wheel("uploadpkg", "8.%d" % i, mb[:(1 << 20) - 2048]))
+                    for i in range(cfg.up8)]
+        self.big = ("bigpkg", "1.0", make_wheel("bigpkg", "1.0", os.urandom(cfg.dl_mb << 20)))
+        self.growth_up = {}
+        n = 0
+        self.filler = []   # filler projects up to cfg.many
+        while n < cfg.many:
+            name = "filler%05d" % n
+            self.filler.append((name, "1.0", make_wheel(name, "1.0")))
+            n += 1
+
+    def growth_uploads(self, tag, n):
+        return [("growth-%s-%d" % (tag, i), "1.0", make_wheel("growth-%s-%d" % (tag, i), "1.0"))
+                for i in range(n)]
+
+
+def run_target(target, cfg, data, pip_python, results, problems):
+    R = results.setdefault(target.name, {})
+    name = target.name
+    # 1. startup
+    fresh, again = [], []
+    for _ in range(cfg.start_runs):
+        fresh.append(target.start(fresh=True))
+        target.stop()
+        again.append(target.start(fresh=False))
+        target.discard()
+    R["start_fresh"], R["start_again"] = median(fresh), median(again)
+    say("  start: fresh %.3fs, existing dir %.3fs" % (R["start_fresh"], R["start_again"]))
+
+    target.start(fresh=True)
+    target.setup()
+    fill(target, data.page + data.pip, workers=1)
+    fill(target, data.filler[:100 - 4])
+    # 6a. growth baseline at ~100 projects
+    page = target.simple_root() + "pagepkg/"
+    R["g100_page"], _ = latency(target.port, page, cfg.lat_n // 2, {"Accept": HTML_ACCEPT})
+    R["g100_upload"], f, notes = concurrent_uploads(target, data.growth_uploads("a", cfg.growth_up), 1)
+    if f:
+        problems.append("%s: growth uploads at 100 projects: %d failed: %s" % (name, f, notes[:2]))
+
+    # 2. project page
+    nfiles = len(file_links(target, "pagepkg"))
+    if nfiles != 20:
+        problems.append("%s: project page lists %d files, expected 20" % (name, nfiles))
+    nj = count_json_files(target, "pagepkg")
+    R["json_ok"] = nj is not None
+    if nj is not None and nj != 20:
+        problems.append("%s: PEP 691 JSON project page lists %d files, expected 20" % (name, nj))
+    for fmt, accept in (("html", HTML_ACCEPT), ("json", JSON_ACCEPT)):
+        if fmt == "json" and nj is None:
+            continue
+        rates, errs = [], 0
+        for _ in range(cfg.load_runs):
+            r, e = LOAD(target.port, page, {"Accept": accept}, 16, cfg.load_seconds)
+            rates.append(r)
+            errs += e
+        R["page_rps_" + fmt] = median(rates)
+        if errs:
+            problems.append("%s: %d errors/non-2xx under 16-connection load (%s page)" % (name, errs, fmt))
+        R["page_lat_" + fmt], bad = latency(target.port, page, cfg.lat_n, {"Accept": accept})
+        if bad:
+            problems.append("%s: %d non-200 answers (%s page, 1 connection)" % (name, bad, fmt))
+        say("  project page %s: %.0f req/s (16 conns), %.2f ms (1 conn)"
+            % (fmt, R["page_rps_" + fmt], R["page_lat_" + fmt] * 1e3))
+
+    # 3. uploads of 1 MB wheels
+    for key, jobs, workers in (("up1", data.up1, 1), ("up8", data.up8, 8)):
+        lat, fails, notes = concurrent_uploads(target, jobs, workers)
+        R[key], R[key + "_fail"] = lat, fails
+        if fails:
+            problems.append("%s: %d of %d 1 MB uploads failed with %d uploaders: %s"
+                            % (name, fails, len(jobs), workers, notes[:3]))
+        say("  upload 1 MB, %d uploader(s): median %.1f ms, %d failed" % (workers, lat * 1e3, fails))
+
+    # 4. 50 MB download
+    fill(target, [data.big], workers=1)
+    big_fn = data.big[2][0]
+    links = [p for p in file_links(target, "bigpkg") if p.endswith(big_fn)]
+    if not links:
+        problems.append("%s: no link to %s" % (name, big_fn))
+    else:
+        R["download"] = throughput(target.port, links[0], cfg.dl_runs, len(data.big[2][1]))
+        say("  download %d MB: %.0f MB/s" % (cfg.dl_mb, R["download"]))
+
+    # 7. pip install
+    if pip_python:
+        url = "http://127.0.0.1:%d%s" % (target.port, target.simple_root())
+        try:
+            R["pip"] = pip_install(pip_python, url, data.pip_packages, cfg.pip_runs)
+            say("  pip install %s: %.2fs" % (" ".join(data.pip_packages), R["pip"]))
+        except Exception as e:
+            problems.append("%s: pip install: %s" % (name, e))
+
+    # 5. + 6b. many projects
+    t = fill(target, data.filler[100 - 4:])
+    say("  filled to %d projects in %.1fs (%.1f uploads/s, 8 uploaders)"
+        % (cfg.many, t, len(data.filler[100 - 4:]) / t))
+    R["fill_rate"] = len(data.filler[100 - 4:]) / t
+    R["root"], bad = latency(target.port, target.simple_root(), cfg.root_n, {"Accept": HTML_ACCEPT})
+    c = Client(target.port)
+    st, body, _ = c.request("GET", target.simple_root(), headers={"Accept": HTML_ACCEPT})
+    c.close()
+    listed = body.count(b"<a ")
+    if listed < cfg.many:
+        problems.append("%s: root listing shows %d projects, expected >= %d" % (name, listed, cfg.many))
+    say("  root listing, %d projects: %.1f ms (%d KB)" % (cfg.many, R["root"] * 1e3, len(body) // 1024))
+    R["gN_page"], _ = latency(target.port, page, cfg.lat_n // 2, {"Accept": HTML_ACCEPT})
+    R["gN_upload"], f, notes = concurrent_uploads(target, data.growth_uploads("b", cfg.growth_up), 1)
+    if f:
+        problems.append("%s: growth uploads at %d projects: %d failed: %s" % (name, cfg.many, f, notes[:2]))
+    R["growth_page"] = R["gN_page"] / R["g100_page"]
+    R["growth_upload"] = R["gN_upload"] / R["g100_upload"]
+    say("  growth 100 -> %d: page %.2fx, upload %.2fx"
+        % (cfg.many, R["growth_page"], R["growth_upload"]))
+    R["rss"] = vm_hwm_mb(target.proc.pid)
+    say("  peak RSS (VmHWM): %.1f MB" % R["rss"])
+    target.discard()
+
+
+# (key, label, unit, scale, kind) -- kind "time": lower is better; "rate": higher is better
+ROWS = [
+    ("start_fresh", "start → first answer, fresh dir", "ms", 1e3, "time"),
+    ("start_inproc", "  in-process minidevpi.Server (vs peers' subprocess)", "ms", 1e3, "time"),
+    ("start_again", "start → first answer, existing dir", "ms", 1e3, "time"),
+    ("page_rps_html", "project page, 20 files, HTML, 16 conns", "req/s", 1, "rate"),
+    ("page_rps_json", "project page, 20 files, JSON, 16 conns", "req/s", 1, "rate"),
+    ("page_lat_html", "project page HTML, 1 conn, median", "ms", 1e3, "time"),
+    ("page_lat_json", "project page JSON, 1 conn, median", "ms", 1e3, "time"),
+    ("up1", "upload 1 MB wheel, 1 uploader, median", "ms", 1e3, "time"),
+    ("up1_fail", "  failures", "", 1, "count"),
+    ("up8", "upload 1 MB wheel, 8 uploaders, median", "ms", 1e3, "time"),
+    ("up8_fail", "  failures", "", 1, "count"),
+    ("download", "download 50 MB file, 1 conn", "MB/s", 1, "rate"),
+    ("root", "root listing, {many} projects, median", "ms", 1e3, "time"),
+    ("fill_rate", "fill: small uploads, 8 uploaders", "up/s", 1, "rate"),
+    ("growth_page", "growth 100→{many}: project page latency", "x", 1, "info"),
+    ("growth_upload", "growth 100→{many}: upload latency", "x", 1, "info"),
+    ("rss", "peak RSS of the server (VmHWM)", "MB", 1, "info"),
+    ("pip", "pip install 3 packages, warm index", "s", 1, "time"),
+]
+
+# key -> list of (description, check(results) -> bool or None when not measurable)
+
+
+def targets(res, many):
+    m = res.get("minidevpi", {})
+    d = res.get("devpi-server", {})
+    p = res.get("pypiserver", {})
+
+    def ratio(peer, key):
+        a, b = m.get(key), peer.get(key)
+        if a is None or b is None or a == 0:
+            return None
+        return b / a
+    out = {}
+
+    def add(key, text, ok):
+        out.setdefault(key, []).append((text, ok))
+    r = ratio(d, "start_fresh")
+    add("start_fresh", "≥20x devpi", None if r is None else r >= 20)
+    r = ratio(p, "start_fresh")
+    add("start_fresh", "< pypiserver", None if r is None else r > 1)
+    for key, peer, label, need in (("page_rps_html", d, "devpi", 3), ("page_rps_html", p, "pypiserver", 5),
+                                   ("page_rps_json", d, "devpi", 3)):
+        a, b = m.get(key), peer.get(key)
+        add(key, "≥%dx %s" % (need, label), None if a is None or b is None else a >= need * b)
+    for key in ("page_lat_html", "page_lat_json", "root", "up1", "up8"):
+        r = ratio(d, key)
+        add(key, "< devpi", None if r is None else r > 1)
+    for key in ("up1_fail", "up8_fail"):
+        add(key, "= 0", None if m.get(key) is None else m[key] == 0)
+    a, b = m.get("download"), d.get("download")
+    add("download", "≥ devpi", None if a is None or b is None else a >= b)
+    for key in ("growth_page", "growth_upload"):
+        add(key, "≤1.5x", None if m.get(key) is None else m[key] <= 1.5)
+    add("rss", "< 60 MB", None if m.get("rss") is None else m["rss"] < 60)
+    return out
+
+
+def fmt(v, scale, key):
+    if v is None:
+        return "-"
+    v = v * scale
+    if isinstance(v, int) or key.endswith("_fail"):
+        return "%d" % v
+    if v >= 100:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    return "%.2f" % v
+
+
+def fmt_ratio(m, peer, kind):
+    if m is None or peer is None or kind in ("count", "info") or m == 0 or peer == 0:
+        return ""
+    r = peer / m if kind == "time" else m / peer
+    return "%.1fx" % r if r >= 1 else "%.2fx" % r
+
+
+def print_table(res, cfg, names):
+    tg = targets(res, cfg.many)
+    head = ["scenario", "unit"]
+    for n in names:
+        head.append(n)
+        if n != "minidevpi":
+            head.append("ratio")
+    head += ["target", "ok"]
+    rows = []
+    for key, label, unit, scale, kind in ROWS:
+        label = label.format(many=cfg.many)
+        row = [label, unit]
+        for n in names:
+            v = res.get(n, {}).get(key)
+            if key == "start_inproc":
+                v = res.get(n, {}).get("start_inproc" if n == "minidevpi" else "start_fresh")
+            row.append(fmt(v, scale, key))
+            if n != "minidevpi":
+                mv = res.get("minidevpi", {}).get(key)
+                if key == "start_inproc":
+                    mv = res.get("minidevpi", {}).get("start_inproc")
+                row.append(fmt_ratio(mv, v, kind))
+        checks = tg.get(key, [])
+        row.append(", ".join(t for t, _ in checks))
+        row.append(", ".join("-" if ok is None else ("PASS" if ok else "FAIL") for _, ok in checks))
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    print(line(head))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+    print("\nratio: how many times better minidevpi is (peer ÷ minidevpi for times, "
+          "minidevpi ÷ peer for rates); above 1 means minidevpi wins.")
+    fails = [(k, t) for k, cs in tg.items() for t, ok in cs if ok is False]
+    return fails
+
+
+def cleanup():
+    for p in list(PROCS):
+        try:
+            stop_proc(p)
+        except Exception:
+            pass
+    for d in list(TMPDIRS):
+        shutil.rmtree(d, ignore_errors=True)
+        TMPDIRS.remove(d)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer runs, shorter loads, 1,000 instead of 10,000 projects")
+    ap.add_argument("--peers-python", default="/tmp/benchvenv/bin/python",
+                    help="python of the virtual environment holding devpi-server and pypiserver")
+    ap.add_argument("--only", default="minidevpi,devpi-server,pypiserver",
+                    help="comma-separated servers to run (default: all that are installed)")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw results to FILE")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cfg = Cfg(args.quick)
+    wanted = args.only.split(",")
+    peers_bin = os.path.dirname(args.peers_python)
+    names, tgts = [], []
+    for cls, exe in ((Minidevpi, None), (DevpiServer, "devpi-server"), (PypiServer, "pypi-server")):
+        if cls.name not in wanted:
+            continue
+        if exe and not os.access(os.path.join(peers_bin, exe), os.X_OK):
+            say("%s: not installed in %s, skipped (see benchmarks/README.md)" % (cls.name, peers_bin))
+            continue
+        names.append(cls.name)
+        tgts.append(cls(args.peers_python))
+    pip_python = args.peers_python if os.access(args.peers_python, os.X_OK) else sys.executable
+    if subprocess.run([pip_python, "-m", "pip", "--version"], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode:
+        say("pip not available; the pip install scenario is skipped")
+        pip_python = None
+    say("load generator: %s; %s mode" % ("wrk" if LOAD is load_wrk else "threads (wrk not on PATH)",
+                                         "quick" if cfg.quick else "full"))
+    t_all = time.monotonic()
+    say("generating distributions ...")
+    data = Data(cfg)
+    results, problems = {}, []
+    try:
+        for t in tgts:
+            say("%s:" % t.name)
+            try:
+                run_target(t, cfg, data, pip_python, results, problems)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                problems.append("%s: run aborted: %s" % (t.name, e))
+                say("  aborted: %s" % e)
+                try:
+                    say("  server log tail: " + open(t.log(), errors="replace").read()[-1500:])
+                except (OSError, TypeError):
+                    pass
+                t.discard()
+            if t.name == "minidevpi":
+                results["minidevpi"]["start_inproc"] = inprocess_start(cfg.start_runs)
+    except KeyboardInterrupt:
+        say("interrupted; stopping servers and removing temporary directories")
+        cleanup()
+        return 130
+    finally:
+        cleanup()
+    print()
+    print("minidevpi benchmarks (%s, %d CPUs, Python %s, load: %s), %.0fs"
+          % ("quick" if cfg.quick else "full", os.cpu_count(), sys.version.split()[0],
+             "wrk" if LOAD is load_wrk else "threads", time.monotonic() - t_all))
+    fails = print_table(results, cfg, names)
+    if fails:
+        print("\nmissed targets: " + "; ".join("%s %s" % (k, t) for k, t in fails))
+    if problems:
+        print("\nproblems seen:")
+        for p in problems:
+            print("  - " + p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "problems": problems, "quick": cfg.quick}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
