@@ -3583,8 +3583,8 @@ class App:
                 if f.requires_python:
                     d["requires-python"] = f.requires_python
                 if f.core_metadata:
+                    # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
                     d["core-metadata"] = {"sha256": f.core_metadata}
-                    d["dist-info-metadata"] = {"sha256": f.core_metadata}
                 d["yanked"] = (f.yanked or True) if f.yanked is not None else False
                 d["size"] = f.size
                 d["upload-time"] = iso_upload_time(f.uploaded)

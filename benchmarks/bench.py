@@ -835,10 +835,15 @@ def main(argv=None):
                     help="python of the virtual environment holding devpi-server and pypiserver")
     ap.add_argument("--only", default="minidevpi,devpi-server,pypiserver",
                     help="comma-separated servers to run (default: all that are installed)")
+    ap.add_argument("--projects", type=int, metavar="N",
+                    help="projects for the root listing and growth scenarios "
+                         "(default 10,000; 1,000 with --quick; at least 200)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results to FILE")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     cfg = Cfg(args.quick)
+    if args.projects:
+        cfg.many = max(200, args.projects)
     wanted = args.only.split(",")
     peers_bin = os.path.dirname(args.peers_python)
     names, tgts = [], []
