@@ -2232,3 +2232,24 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
         pip("install", "--target", str(tmp_path / "t"), "--index-url",
             srv2.index_url("alice/prod"), "samplepkg")
         assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
+
+
+def test_import_skip_type_and_hard_links(tmp_path):
+    dump = tmp_path / "dump"
+    shutil.copytree(fixture_dir("devpi-export-sample"), str(dump))
+    data = dump_json(dump)
+    data["indexes"]["bob/weird"] = {"indexconfig": {"type": "weird"}}
+    (dump / "dataindex.json").write_text(json.dumps(data))
+    code, out = cli("import", str(dump), "--serverdir", str(tmp_path / "a"), check=False)
+    assert code != 0 and "unknown index type 'weird'" in out and "--skip-import-type" in out
+    assert not (tmp_path / "a").exists()
+    code, out = cli("import", str(dump), "--serverdir", str(tmp_path / "a"),
+                    "--skip-import-type", "weird", "--hard-links", "--root-passwd", "r")
+    assert "skipped index bob/weird" in out
+    with minidevpi.Server(tmp_path / "a") as srv:
+        assert api(srv.url, path="/bob/weird").status == 404
+        assert api(srv.url, path="/bob/scratch").status == 200
+    f = [x for x in data["indexes"]["alice/dev"]["files"] if x["type"] == "releasefile"][0]
+    sha = f["entrymapping"]["hashes"]["sha256"]
+    blob = tmp_path / "a" / minidevpi.FILES_DIR / sha[:2] / sha[2:4] / sha
+    assert os.stat(str(blob)).st_ino == os.stat(str(dump / f["relpath"])).st_ino
