@@ -886,6 +886,9 @@ class Store:
 
 # -- passwords and tokens ----------------------------------------------------------
 
+THROTTLE_AFTER = 5      # wrong passwords for a user before checks slow down
+THROTTLE_MAX = 2.0      # seconds, the most one check waits
+THROTTLE_WINDOW = 900   # seconds after the last failure that the slowdown lasts
 SCRYPT_PARAMS = (2 ** 14, 8, 5)  # OWASP: N=2^14, r=8, p=5 (16 MiB)
 PBKDF2_ITERATIONS = 600000      # OWASP for PBKDF2-HMAC-SHA256, where scrypt is missing
 
@@ -1132,6 +1135,8 @@ class Model:
         self._auth_cache = {}
         self._auth_cache_lock = threading.Lock()
         self._pending_hashes = {}  # user name -> Event, while a hash is computed
+        self._failures = {}  # user name -> (failed password checks, time of the last)
+        self._dummy_hash = None
 
     # -- change notifications ---------------------------------------------------------
 
@@ -1312,6 +1317,10 @@ class Model:
             pending.wait()
         row = self.get_user_row(name)
         if row is None:
+            # as slow as a wrong password, so that names can't be probed by timing
+            if self._dummy_hash is None:
+                self._dummy_hash = hash_password(secrets.token_hex(8))
+            verify_password(secret, self._dummy_hash)
             return None
         if self.check_token(name, secret, row[1]):
             return name
@@ -1319,16 +1328,30 @@ class Model:
                               "sha256").digest())
         if self._auth_cache.get(key) == row[1]:
             return name
-        if verify_password(secret, row[1]):
-            if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
-                self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
-                row = self.get_user_row(name)
-            with self._auth_cache_lock:
-                if len(self._auth_cache) > 4096:
-                    self._auth_cache.clear()
-                self._auth_cache[key] = row[1]
-            return name
-        return None
+        self._throttle(name)
+        if not verify_password(secret, row[1]):
+            count = self._failures.get(name, (0, 0))[0]
+            if len(self._failures) > 10000:
+                self._failures.clear()
+            self._failures[name] = (count + 1, time.time())
+            return None
+        self._failures.pop(name, None)
+        if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
+            self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
+            row = self.get_user_row(name)
+        with self._auth_cache_lock:
+            if len(self._auth_cache) > 4096:
+                self._auth_cache.clear()
+            self._auth_cache[key] = row[1]
+        return name
+
+    def _throttle(self, name):
+        """After repeated wrong passwords for a user, each further check waits a little
+        (doubling, at most THROTTLE_MAX seconds): guessing slows down, but a right password
+        still gets in, from anywhere."""
+        count, last = self._failures.get(name, (0, 0))
+        if count >= THROTTLE_AFTER and time.time() - last < THROTTLE_WINDOW:
+            time.sleep(min(THROTTLE_MAX, 0.05 * 2 ** (count - THROTTLE_AFTER)))
 
     def _token_sig(self, name, issued, pwhash):
         # The password hash takes part: a password change invalidates every older token.
@@ -2899,9 +2922,9 @@ class Request:
         value = self.headers.get("Content-Length")
         if value is None:
             return 0
-        if len(self.headers.get_all("Content-Length")) > 1 or not value.strip().isdigit():
+        if len(self.headers.get_all("Content-Length")) > 1 or not CONTENT_LENGTH_RE.match(value):
             raise bad_request("invalid Content-Length")
-        return int(value)
+        return int(value.strip(" \t"))
 
     def json_body(self, limit=10 * 1024 * 1024):
         data = self.read_body(limit)
@@ -2946,6 +2969,7 @@ def compile_routes(specs):
 
 ROUTES = compile_routes(ROUTE_SPECS)
 HEX_RE = re.compile(r"^[0-9a-f]+$")
+CONTENT_LENGTH_RE = re.compile(r"^[ \t]*[0-9]{1,18}[ \t]*$")
 
 
 class App:
@@ -3648,7 +3672,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body must not wait for delayed ACKs
     server_version = "minidevpi/" + __version__
-    timeout = 60  # seconds a connection may sit idle or stall mid-request
+    def setup(self):
+        # seconds a connection may sit idle or stall mid-request, then it is closed
+        self.timeout = self.server.connection_timeout
+        super().setup()
 
     def do_GET(self):
         self.dispatch()
@@ -3681,7 +3708,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         lengths = h.get_all("Content-Length") or []
         te = (h.get("Transfer-Encoding") or "").strip().lower()
         bad = None
-        if len(lengths) > 1 or any(not v.strip().isdigit() for v in lengths):
+        if len(lengths) > 1 or any(not CONTENT_LENGTH_RE.match(v) for v in lengths):
             bad = "invalid Content-Length"
         elif te and te != "chunked":
             bad = "unsupported Transfer-Encoding %r" % te[:50]
@@ -3815,20 +3842,48 @@ class RequestHandler(BaseHTTPRequestHandler):
         pass  # access lines come from log_access
 
 
+DEFAULT_THREADS = 256
+DEFAULT_CONNECTION_TIMEOUT = 60
+
+
 class IndexHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_threads`` at once: beyond that a new
+    connection is answered 503 at once, so idle or slow clients can't pile up threads."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, app, access_log=True):
+    def __init__(self, address, app, access_log=True, max_threads=DEFAULT_THREADS,
+                 connection_timeout=DEFAULT_CONNECTION_TIMEOUT):
         self.app = app
         self.access_log = access_log
+        self.connection_timeout = connection_timeout
+        self.slots = threading.BoundedSemaphore(max_threads)
         self.connections = set()
         self.connections_lock = threading.Lock()
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1)
+                body = b'{"message": "server busy: too many connections, try again"}\n'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                b"application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
 
     def process_request_thread(self, request, client_address):
         with self.connections_lock:
@@ -3838,8 +3893,11 @@ class IndexHTTPServer(ThreadingHTTPServer):
         finally:
             with self.connections_lock:
                 self.connections.discard(request)
+            self.slots.release()
 
-    def close_connections(self):
+    def close_connections(self, wait=5.0):
+        """Shut every open connection and wait (a while) for their threads to finish, so
+        that nothing still uses the database when it is closed."""
         with self.connections_lock:
             conns = list(self.connections)
         for c in conns:
@@ -3847,6 +3905,13 @@ class IndexHTTPServer(ThreadingHTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self.connections_lock:
+                if not self.connections:
+                    return True
+            time.sleep(0.01)
+        return False
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -4466,7 +4531,8 @@ class Server:
     def __init__(self, serverdir=None, *, host=DEFAULT_HOST, port=0, root_password=None,
                  mirror_url=None, offline=False, outside_url=None, access_log=False,
                  max_request_body_size=DEFAULT_MAX_BODY,
-                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT)):
+                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
+                 max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT):
         self._serverdir_arg = serverdir
         self.host = host
         self._port_arg = port
@@ -4477,6 +4543,8 @@ class Server:
         self.access_log = access_log
         self.max_request_body_size = max_request_body_size
         self.mirror_timeouts = mirror_timeouts
+        self.max_threads = max_threads
+        self.connection_timeout = connection_timeout
         self.serverdir = None
         self.port = None
         self.url = None
@@ -4508,7 +4576,9 @@ class Server:
                       max_body=self.max_request_body_size, offline=self.offline,
                       mirror_timeouts=self.mirror_timeouts)
             self._httpd = IndexHTTPServer((self.host, self._port_arg), app,
-                                          access_log=self.access_log)
+                                          access_log=self.access_log,
+                                          max_threads=self.max_threads,
+                                          connection_timeout=self.connection_timeout)
         except BaseException:
             self._cleanup()
             raise
@@ -4524,18 +4594,20 @@ class Server:
     def stop(self):
         """Stop serving, release the port, join the thread; harmless when repeated."""
         httpd, self._httpd = self._httpd, None
+        drained = True
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
-            httpd.close_connections()
+            drained = httpd.close_connections()
             if self._thread is not None:
                 self._thread.join(5)
-        self._cleanup()
+        self._cleanup(close_store=drained)
 
-    def _cleanup(self):
+    def _cleanup(self, close_store=True):
         if self.model is not None:
             self.model.wait_pending_hashes()
-            self.model.store.close()
+            if close_store:  # (else a thread still uses it; it goes with the process)
+                self.model.store.close()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -4605,7 +4677,8 @@ CONFIG_OPTIONS = {
     "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
     "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
-    "hard-links": bool, "include-mirrored-files": bool, "no-events": bool,
+    "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
+    "connection-timeout": int,
 }
 
 
@@ -4730,6 +4803,12 @@ def build_parser():
     p.add_argument("--max-request-body-size", type=int, metavar="BYTES",
                    help="largest request body (upload) accepted, enforced while it streams "
                         "(default: %d, 2 GiB)" % DEFAULT_MAX_BODY)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="most connections served at once, a thread each; more are answered "
+                        "503 (default: %d)" % DEFAULT_THREADS)
+    p.add_argument("--connection-timeout", type=float, metavar="SECONDS",
+                   help="close a connection idle or stalled this long (default: %d)"
+                        % DEFAULT_CONNECTION_TIMEOUT)
     p.add_argument("--offline-mode", action="store_true", default=None,
                    help="no upstream traffic: mirrors serve only what they kept")
     p.add_argument("--mirror-connect-timeout", type=float, metavar="SECONDS",
@@ -4822,7 +4901,9 @@ def cmd_serve(args):
               offline=args.offline_mode,
               mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
     try:
-        httpd = IndexHTTPServer((args.host, args.port), app, access_log=args.access_log)
+        httpd = IndexHTTPServer((args.host, args.port), app, access_log=args.access_log,
+                                max_threads=args.threads,
+                                connection_timeout=args.connection_timeout)
     except OSError as e:
         raise SystemExit("error: cannot listen on %s:%s: %s" % (args.host, args.port, e))
     host, port = httpd.server_address[:2]
@@ -4845,8 +4926,8 @@ def cmd_serve(args):
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
-        httpd.close_connections()
-        store.close()
+        if httpd.close_connections():
+            store.close()
     log("minidevpi stopped")
     return 0
 
@@ -4855,7 +4936,8 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "max_request_body_size": DEFAULT_MAX_BODY, "access_log": True,
                   "no_root_pypi": False, "offline_mode": False,
                   "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
-                  "mirror_read_timeout": MIRROR_READ_TIMEOUT}
+                  "mirror_read_timeout": MIRROR_READ_TIMEOUT, "threads": DEFAULT_THREADS,
+                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT}
 
 
 def _check_storage(args):

@@ -2253,3 +2253,414 @@ def test_import_skip_type_and_hard_links(tmp_path):
     sha = f["entrymapping"]["hashes"]["sha256"]
     blob = tmp_path / "a" / minidevpi.FILES_DIR / sha[:2] / sha[2:4] / sha
     assert os.stat(str(blob)).st_ino == os.stat(str(dump / f["relpath"])).st_ino
+
+
+# ----------------------------------------------------------------------------------
+# reliability and security: tests that try to break it
+# ----------------------------------------------------------------------------------
+
+import random
+import sqlite3
+
+
+def upload_bytes(url, index, filename, data, headers):
+    body, ctype = multipart([(":action", "file_upload")], [("content", filename, data)])
+    h = {"Content-Type": ctype}
+    h.update(headers)
+    return http(url, "POST", "/%s/" % index, body=body, headers=h)
+
+
+def test_sigkill_at_random_moments_loses_nothing_answered(tmp_path):
+    rnd = random.Random(7)
+    d = tmp_path / "srv"
+    uploaded = {}   # filename -> sha256 of answered (200) uploads
+    deleted = set()  # versions whose DELETE was answered 200
+    uncertain = set()  # versions with a request in flight at a kill
+    token = None
+    for cycle in range(20):
+        p = ServeProcess("--serverdir", str(d), "--root-passwd", "rootpw", "--no-access-log")
+        url = p.url
+        if token is None:
+            api(url, "PUT", "/alice", json_body={"password": "secret"})
+            token = login_token(url, "alice", "secret")
+            api(url, "PUT", "/alice/dev", json_body={}, headers=xauth("alice", token))
+        auth = xauth("alice", token)
+        stop = threading.Event()
+
+        def work(cycle=cycle):
+            i = 0
+            while not stop.is_set():
+                version = "%d.%d" % (cycle, i)
+                i += 1
+                try:
+                    if i % 5 == 4 and uploaded:
+                        victim = rnd.choice(sorted(uploaded))
+                        v = minidevpi.split_filename(victim)[1]
+                        uncertain.add(v)
+                        # 404: a delete cut short by a kill had been done after all
+                        if api(url, "DELETE", "/alice/dev/crash-pkg/" + v,
+                               headers=auth).status in (200, 404):
+                            deleted.add(v)
+                        uncertain.discard(v)
+                    elif i % 7 == 6:
+                        api(url, "PATCH", "/alice/dev", json_body=["title=cycle %d" % cycle],
+                            headers=auth)
+                    else:
+                        data = make_wheel_bytes("crash-pkg", version, rnd.randbytes(
+                            rnd.choice([10, 5000, 200000])) if hasattr(rnd, "randbytes")
+                            else os.urandom(5000))
+                        name = "crash_pkg-%s-py3-none-any.whl" % version
+                        uncertain.add(version)
+                        r = upload_bytes(url, "alice/dev", name, data, auth)
+                        if r.status == 200:
+                            uploaded[name] = hashlib.sha256(data).hexdigest()
+                        uncertain.discard(version)
+                except (OSError, httpclient.HTTPException):
+                    return  # killed mid-request
+        t = threading.Thread(target=work)
+        t.start()
+        time.sleep(rnd.uniform(0.05, 0.4))
+        p.proc.kill()
+        p.proc.wait()
+        stop.set()
+        t.join()
+        db = sqlite3.connect(str(d / minidevpi.DB_NAME))
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+    # restart once more and check everything that was answered
+    p = ServeProcess("--serverdir", str(d), "--no-access-log")
+    try:
+        assert os.listdir(str(d / minidevpi.TMP_DIR)) == []  # leftovers cleaned at start
+        r = api(p.url, path="/alice/dev/crash-pkg/")
+        listed = {}
+        if r.status == 200:
+            for v, data in r.json()["result"].items():
+                for link in data["+links"]:
+                    listed[link["href"].rsplit("/", 1)[1]] = link["href"]
+        for name, sha in uploaded.items():
+            v = minidevpi.split_filename(name)[1]
+            if v in deleted or v in uncertain:
+                continue
+            assert name in listed, name
+        for name, href in listed.items():  # nothing half-written is listed or served
+            body = http(p.url, path=urllib.parse.urlsplit(href).path).body
+            h3, h13 = href.split("/+f/")[1].split("/")[:2]
+            assert hashlib.sha256(body).hexdigest().startswith(h3 + h13)
+            if name in uploaded:
+                assert hashlib.sha256(body).hexdigest() == uploaded[name]
+            assert minidevpi.split_filename(name)[1] not in deleted
+    finally:
+        p.stop()
+    assert len(uploaded) >= 20
+
+
+def make_wheel_bytes(name, version, extra=b""):
+    d = tempfile_dir()
+    path = make_wheel(d, name, version, extra=extra)
+    with open(path, "rb") as f:
+        data = f.read()
+    shutil.rmtree(d)
+    return data
+
+
+def tempfile_dir():
+    import tempfile
+    return tempfile.mkdtemp(prefix="mdt-")
+
+
+def test_32_concurrent_clients(tmp_path):
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        token = login_token(srv.url, "alice", "secret")
+        auth = xauth("alice", token)
+        bad = []
+        state = {}
+        titles = set()
+        deadline = time.time() + 4
+
+        def client(n):
+            rnd = random.Random(n)
+            mine = set()
+            i = 0
+            while time.time() < deadline:
+                i += 1
+                op = rnd.random()
+                if op < 0.4 or not mine:
+                    v = "1.%d" % i
+                    r = upload_bytes(srv.url, "alice/dev", "proj%d-%s-py3-none-any.whl" % (n, v),
+                                     make_wheel_bytes("proj%d" % n, v), auth)
+                    if r.status == 200:
+                        mine.add(v)
+                elif op < 0.55:
+                    v = rnd.choice(sorted(mine))
+                    r = api(srv.url, "DELETE", "/alice/dev/proj%d/%s" % (n, v), headers=auth)
+                    if r.status == 200:
+                        mine.discard(v)
+                elif op < 0.65:
+                    title = "t%d-%d" % (n, i)
+                    r = api(srv.url, "PATCH", "/alice/dev", json_body=["title=" + title],
+                            headers=auth)
+                    if r.status == 200:
+                        titles.add(title)
+                elif op < 0.85:
+                    r = http(srv.url, path="/alice/dev/+simple/proj%d/" % n,
+                             headers={"Accept": simple_accept("json")})
+                    if r.status == 200:
+                        got = {f["filename"].split("-")[1] for f in r.json()["files"]}
+                        if got != mine:
+                            bad.append(("page", n, got, set(mine)))
+                        f = rnd.choice(r.json()["files"]) if r.json()["files"] else None
+                        if f:
+                            body = http(srv.url, path=urllib.parse.urljoin(
+                                "/alice/dev/+simple/proj%d/" % n, f["url"])).body
+                            if hashlib.sha256(body).hexdigest() != f["hashes"]["sha256"]:
+                                bad.append(("bytes", f["filename"]))
+                else:
+                    r = http(srv.url, path="/alice/dev/+simple/")
+                if r.status >= 500 or b"locked" in r.body:
+                    bad.append((r.status, r.body[:200]))
+            state[n] = mine
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()  # no deadlock
+        assert bad == []
+        for n, versions in state.items():
+            r = api(srv.url, path="/alice/dev/proj%d/" % n)
+            got = set(r.json()["result"]) if r.status == 200 else set()
+            assert got == versions
+        assert api(srv.url, path="/alice/dev").json()["result"].get("title") in titles | {None}
+
+
+def test_full_disk_answers_507_and_keeps_nothing(alice, tmp_path, monkeypatch):
+    whl = make_wheel(tmp_path, "diskfull", "1.0")
+    real_mkstemp = minidevpi.tempfile.mkstemp
+
+    def full_mkstemp(*a, **kw):
+        fd, path = real_mkstemp(*a, **kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), path  # every write: ENOSPC
+    monkeypatch.setattr(minidevpi.tempfile, "mkstemp", full_mkstemp)
+    r = upload_form(alice.url, "alice/dev", whl, ("alice", "secret"))
+    assert r.status == 507 and "disk" in r.reason
+    monkeypatch.setattr(minidevpi.tempfile, "mkstemp", real_mkstemp)
+    assert os.listdir(os.path.join(alice.serverdir, minidevpi.TMP_DIR)) == []
+    assert api(alice.url, path="/alice/dev").json()["result"]["projects"] == []
+    assert upload_form(alice.url, "alice/dev", whl, ("alice", "secret")).status == 200
+
+
+def test_idle_and_slow_clients_do_not_block_others(tmp_path):
+    with minidevpi.Server(offline=True, connection_timeout=2, max_threads=300) as srv:
+        idle, slow = [], []
+        for i in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", srv.port)))
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"G")
+            slow.append(s)
+        stop = threading.Event()
+
+        def dribble():
+            for ch in b"ET /+api HTTP/1.1\r\n":
+                if stop.is_set():
+                    return
+                for s in slow:
+                    try:
+                        s.sendall(bytes([ch]))
+                    except OSError:
+                        pass
+                time.sleep(1)
+        t = threading.Thread(target=dribble)
+        t.start()
+        try:
+            t0 = time.time()
+            for _ in range(20):
+                assert http(srv.url, path="/+api").status == 200
+            assert time.time() - t0 < 5
+            assert threading.active_count() < 300 + 20
+            time.sleep(3)
+            # idle sockets were closed by the server after connection_timeout
+            closed = 0
+            for s in idle:
+                s.settimeout(2)
+                try:
+                    if s.recv(10) == b"":
+                        closed += 1
+                except (ConnectionResetError, socket.timeout):
+                    closed += 1
+            assert closed == len(idle)
+        finally:
+            stop.set()
+            t.join()
+            for s in idle + slow:
+                s.close()
+    # the number of threads is bounded: beyond it, an immediate 503
+    with minidevpi.Server(offline=True, max_threads=10) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(10)]
+        time.sleep(0.2)
+        r = http(srv.url, path="/+api")
+        assert r.status == 503
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert http(srv.url, path="/+api").status == 200
+
+
+def test_ten_thousand_malformed_requests(tmp_path):
+    rnd = random.Random(1234)
+    good = [b"GET /+api HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n",
+            b"POST /+login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 36\r\n\r\n{\"user\": \"root\", \"password\": \"no\"}",
+            b"PUT /someone HTTP/1.1\r\nContent-Length: 21\r\n\r\n{\"password\": \"x\"}   ",
+            b"GET /root/pypi/+simple/x/ HTTP/1.1\r\nAccept: text/html\r\n\r\n",
+            b"PATCH /root/pypi HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]",
+            b"POST /root/pypi/ HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+            b"Content-Length: 60\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nb\r\n--B--"]
+    junk = [b"\x00", b"\xff", b"%", b"%2f", b"..", b"/", b"\r\n", b" ", b":", b"{", b"[" * 50,
+            b"Content-Length: 99999999\r\n", b"Transfer-Encoding: chunked\r\n",
+            b"Content-Length: -1\r\n", b"X" * 5000, b"\xc0\xaf", b"%00", b"?a=%ZZ"]
+
+    def mutate(req):
+        req = bytearray(req)
+        for _ in range(rnd.randint(1, 4)):
+            op = rnd.random()
+            pos = rnd.randint(0, len(req))
+            if op < 0.3:
+                req[pos:pos] = rnd.choice(junk)
+            elif op < 0.5 and req:
+                del req[pos:pos + rnd.randint(1, 20)]
+            elif op < 0.7 and req:
+                req[min(pos, len(req) - 1)] = rnd.randint(0, 255)
+            elif op < 0.8:
+                req = req[:pos]
+            else:
+                req[pos:pos] = b"X-Dup: a\r\n" * rnd.randint(1, 50)
+        return bytes(req)
+
+    with minidevpi.Server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
+        statuses = {}
+        for i in range(10000):
+            raw = mutate(rnd.choice(good))
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            try:
+                s.sendall(raw)
+                s.shutdown(socket.SHUT_WR)
+                data = s.recv(200)
+            except OSError:  # reset, or closed before we were done: a closed connection
+                data = b""
+            finally:
+                s.close()
+            if data.startswith(b"HTTP/"):
+                status = int(data.split(b" ", 2)[1])
+                statuses[status] = statuses.get(status, 0) + 1
+                assert status < 500, (raw[:300], data)
+        assert sum(statuses.values()) > 5000
+        assert http(srv.url, path="/+api").status == 200
+        assert login_token(srv.url, "root", "rootpw")
+
+
+def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatch):
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        url = srv.url
+        srv.create_user("alice", "secret")
+        srv.create_user("bob", "bobpw")
+        srv.create_index("alice/dev")
+        srv.create_index("bob/dev")
+        alice_token = login_token(url, "alice", "secret")
+        bob_token = login_token(url, "bob", "bobpw")
+        real_time = time.time
+        monkeypatch.setattr(minidevpi.time, "time", lambda: real_time() - 2 * minidevpi.TOKEN_LIFETIME)
+        expired = srv.model.make_token("alice")
+        monkeypatch.setattr(minidevpi.time, "time", real_time)
+        tampered = alice_token[:-3] + ("x" if alice_token[-3] != "x" else "y") + alice_token[-2:]
+        srv.create_user("carol", "old")
+        carol_old_token = login_token(url, "carol", "old")
+        api(url, "PATCH", "/carol", json_body={"password": "new"}, auth=("carol", "old"))
+        whl = make_wheel(tmp_path, "evil", "1.0")
+        credentials = {
+            "none": {}, "wrong password": {"Authorization": "Basic " + base64.b64encode(
+                b"alice:nope").decode()},
+            "another user's token": xauth("alice", bob_token),
+            "expired token": xauth("alice", expired), "tampered token": xauth("alice", tampered),
+            "token from before a password change": xauth("carol", carol_old_token),
+        }
+        for what, headers in credentials.items():
+            r = upload_form(url, "alice/dev", whl, None)
+            body, ctype = multipart([(":action", "file_upload")],
+                                    [("content", "evil-1.0-py3-none-any.whl", open(whl, "rb").read())])
+            h = dict(headers, **{"Content-Type": ctype})
+            r = http(url, "POST", "/alice/dev/", body=body, headers=h)
+            assert r.status == 401, what
+            assert api(url, "PATCH", "/alice/dev", json_body=["title=x"], headers=headers
+                       ).status in (401, 403), what
+            assert api(url, "DELETE", "/alice", headers=headers).status in (401, 403), what
+        bob = {"Authorization": "Basic " + base64.b64encode(b"bob:bobpw").decode()}
+        attempts = [
+            ("PATCH", "/alice/dev", ["acl_upload=bob"]), ("DELETE", "/alice/dev", None),
+            ("PATCH", "/alice", {"password": "pwned"}), ("DELETE", "/alice", None),
+            ("PUT", "/alice/new", {}), ("PATCH", "/root/pypi", ["mirror_url=http://x/"]),
+            ("DELETE", "/root/pypi", None), ("PATCH", "/root", {"email": "x"}),
+            ("DELETE", "/alice/dev/pkg/1.0", None), ("PUT", "/root/new", {}),
+        ]
+        for method, path, body in attempts:
+            r = api(url, method, path, json_body=body, headers=bob)
+            assert r.status in (403, 404), (method, path, r)
+        assert api(url, path="/alice/dev").status == 200
+        assert login_token(url, "alice", "secret")
+        # names with path tricks, as user, index, project and file
+        tricks = ["..", "%2e%2e", "a%2fb", "a%00b", "%00", "a/../root", "a\\b"]
+        for t in tricks:
+            for path in ("/%s" % t, "/alice/%s" % t, "/alice/dev/%s" % t,
+                         "/alice/dev/+f/abc/0123456789abc/%s" % t):
+                for method in ("PUT", "GET", "DELETE"):
+                    r = api(url, method, path, json_body={"password": "x"} if method == "PUT"
+                            else None, headers=bob)
+                    assert 400 <= r.status < 500, (method, path, r)
+        body, ctype = multipart([(":action", "file_upload")],
+                                [("content", "../../../etc/evil-1.0.tar.gz", b"x")])
+        r = http(url, "POST", "/bob/dev/", body=body, headers=dict(bob, **{"Content-Type": ctype}))
+        assert r.status == 400
+        for root, dirs, files in os.walk(srv.serverdir):
+            assert "evil-1.0.tar.gz" not in files
+
+
+def test_failed_logins_slow_down_but_the_right_password_gets_in(tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(minidevpi.time, "sleep", lambda s: waits.append(s))
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        for _ in range(12):
+            assert api(srv.url, "POST", "/+login",
+                       json_body={"user": "alice", "password": "guess"}).status == 401
+        delays = [w for w in waits if w >= 0.05]
+        assert len(delays) >= 6 and delays == sorted(delays)
+        assert max(delays) <= minidevpi.THROTTLE_MAX
+        assert login_token(srv.url, "alice", "secret")  # not locked out
+        waits.clear()
+        assert login_token(srv.url, "alice", "secret")
+        assert not [w for w in waits if w >= 0.05]  # success resets the slowdown
+
+
+def test_output_is_escaped_and_never_sniffed(alice, tmp_path):
+    alice.upload("alice/dev", make_wheel(tmp_path, "xss-pkg", "1.0"))
+    alice.model.set_yanked("root", alice.model.get_index("alice/dev"), "xss-pkg", "1.0",
+                           '<script>alert(1)</script>"')
+    page = http(alice.url, path="/alice/dev/+simple/xss-pkg/").body.decode()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    r = api(alice.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+            json_body=["description=<img src=x onerror=alert(1)>"])
+    assert r.status == 200
+    for path in ("/alice/dev/+simple/", "/alice/dev/+simple/xss-pkg/", "/alice/dev",
+                 "/nosuch"):
+        r = http(alice.url, path=path)
+        assert r.header("X-Content-Type-Options") == "nosniff"
+        assert b"<img" not in r.body or r.header("Content-Type") == "application/json"
+    f = http(alice.url, path="/alice/dev/+simple/xss-pkg/",
+             headers={"Accept": simple_accept("json")}).json()["files"][0]
+    r = http(alice.url, path=urllib.parse.urljoin("/alice/dev/+simple/xss-pkg/", f["url"]))
+    assert r.header("Content-Type") in ("application/octet-stream", "application/zip",
+                                        "application/x-tar")
+    assert r.header("X-Content-Type-Options") == "nosniff"
