@@ -1765,17 +1765,20 @@ class Model:
             return False
         return True
 
+    def _version_id_of(self, c, ix, norm, version):
+        row = c.execute("SELECT v.id FROM versions v JOIN projects p ON v.project_id=p.id "
+                        "WHERE p.index_id=? AND p.name=? AND v.version=?",
+                        (ix.id, norm, version)).fetchone()
+        if row is None:
+            raise not_found("The version %s of project %s does not exist." % (version, norm))
+        return row[0]
+
     def delete_version(self, actor, ix, name, version, force=False):
         norm = normalize_name(name)
         if not self._check_removable(actor, ix, force):
             raise forbidden("cannot delete version on non-volatile index")
         with self.store.write() as c:
-            row = c.execute(
-                "SELECT v.id FROM versions v JOIN projects p ON v.project_id=p.id "
-                "WHERE p.index_id=? AND p.name=? AND v.version=?",
-                (ix.id, norm, version)).fetchone()
-            if row is None:
-                raise not_found("The version %s of project %s does not exist." % (version, norm))
+            row = (self._version_id_of(c, ix, norm, version),)
             self._delete_files(c, ix, "f.version_id=?", (row[0],))
             c.execute("DELETE FROM versions WHERE id=?", (row[0],))
             self._changed(projects=[norm])
@@ -1833,12 +1836,7 @@ class Model:
             raise bad_request("'yanked' must be true, false or a reason string")
         norm = normalize_name(name)
         with self.store.write() as c:
-            row = c.execute(
-                "SELECT v.id FROM versions v JOIN projects p ON v.project_id=p.id "
-                "WHERE p.index_id=? AND p.name=? AND v.version=?",
-                (ix.id, norm, version)).fetchone()
-            if row is None:
-                raise not_found("The version %s of project %s does not exist." % (version, norm))
+            row = (self._version_id_of(c, ix, norm, version),)
             c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, row[0]))
             self._changed(projects=[norm])
 
