@@ -459,12 +459,24 @@ def concurrent_uploads(target, jobs, workers):
     return (statistics.median(times) if times else None), fails[0], notes
 
 
-def fill(target, dists, workers=8):
+def fill(target, dists, workers=8, problems=None):
+    """Upload ``dists``; a failed upload is retried (up to 3 tries) and reported in
+    ``problems``; only uploads that fail every try abort the server's run."""
     st = time.monotonic()
-    _, fails, notes = concurrent_uploads(target, dists, workers)
-    if fails:
-        raise RuntimeError("%s: %d of %d uploads failed, e.g. %s"
-                           % (target.name, fails, len(dists), notes[:3]))
+    todo, tries = list(dists), 0
+    while todo and tries < 3:
+        tries += 1
+        _, fails, notes = concurrent_uploads(target, todo, workers)
+        if not fails:
+            break
+        if problems is not None:
+            problems.append("%s: %d of %d uploads failed (try %d, retried), e.g. %s"
+                            % (target.name, fails, len(todo), tries, notes[:2]))
+        failed = {n.split(" ", 2)[0] + " " + n.split(" ", 2)[1].rstrip(":") for n in notes}
+        todo = [j for j in todo if "%s %s" % (j[0], j[1]) in failed]
+    else:
+        if todo and tries >= 3:
+            raise RuntimeError("%s: uploads failed 3 times: %s" % (target.name, notes[:3]))
     return time.monotonic() - st
 
 
@@ -610,7 +622,7 @@ def run_target(target, cfg, data, pip_python, results, problems):
     target.start(fresh=True)
     target.setup()
     fill(target, data.page + data.pip, workers=1)
-    fill(target, data.filler[:100 - 4])
+    fill(target, data.filler[:100 - 4], problems=problems)
     # 6a. growth baseline at ~100 projects
     page = target.simple_root() + "pagepkg/"
     R["g100_page"], _ = latency(target.port, page, cfg.lat_n // 2, {"Accept": HTML_ACCEPT})
@@ -672,7 +684,7 @@ def run_target(target, cfg, data, pip_python, results, problems):
             problems.append("%s: pip install: %s" % (name, e))
 
     # 5. + 6b. many projects
-    t = fill(target, data.filler[100 - 4:])
+    t = fill(target, data.filler[100 - 4:], problems=problems)
     say("  filled to %d projects in %.1fs (%.1f uploads/s, 8 uploaders)"
         % (cfg.many, t, len(data.filler[100 - 4:]) / t))
     R["fill_rate"] = len(data.filler[100 - 4:]) / t
