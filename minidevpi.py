@@ -2839,22 +2839,38 @@ class CachedPage:
 
 
 class PageCache:
-    """Rendered simple pages as bytes, valid while the model's generations are unchanged."""
+    """Rendered simple pages as bytes, valid while the model's generations are unchanged;
+    the least recently used go first once they take more than ``max_bytes``."""
 
-    def __init__(self, limit=20000):
-        self.pages = {}
-        self.limit = limit
+    def __init__(self, max_bytes=32 * 1024 * 1024):
+        import collections
+        self.pages = collections.OrderedDict()
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.lock = threading.Lock()
 
     def get(self, key, validator):
         page = self.pages.get(key)
         if page is not None and page.validator == validator:
+            try:
+                self.pages.move_to_end(key)
+            except KeyError:
+                pass
             return page
         return None
 
     def put(self, key, validator, body, content_type):
-        if len(self.pages) >= self.limit:
-            self.pages = {}
-        page = self.pages[key] = CachedPage(validator, body, content_type)
+        page = CachedPage(validator, body, content_type)
+        cost = len(page.body) + len(page.gzipped or b"") + 200
+        with self.lock:
+            old = self.pages.pop(key, None)
+            if old is not None:
+                self.size -= len(old.body) + len(old.gzipped or b"") + 200
+            self.pages[key] = page
+            self.size += cost
+            while self.size > self.max_bytes and len(self.pages) > 1:
+                _k, gone = self.pages.popitem(last=False)
+                self.size -= len(gone.body) + len(gone.gzipped or b"") + 200
         return page
 
 
