@@ -522,7 +522,7 @@ def parse_multipart(stream, boundary, length, tmpdir):
                         break
                     if not reader.remaining:
                         raise bad_request("malformed multipart body: truncated")
-                    buf += reader.read(1024 * 1024)
+                    buf += reader.read(256 * 1024)
             finally:
                 if sink is not None:
                     sink.close()
@@ -711,6 +711,7 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._conns = []
+        self._idle = []
         self._conns_lock = threading.Lock()
 
     # -- life cycle ---------------------------------------------------------------
@@ -782,6 +783,7 @@ class Store:
                 except sqlite3.Error:
                     pass
             self._conns = []
+            self._idle = []
         self._local = threading.local()
 
     # -- connections and transactions -----------------------------------------------
@@ -796,13 +798,35 @@ class Store:
         return conn
 
     def conn(self):
-        """This thread's connection (for reads)."""
+        """This thread's connection, taken from the idle ones or opened."""
         c = getattr(self._local, "conn", None)
         if c is None:
-            c = self._local.conn = self._connect()
             with self._conns_lock:
-                self._conns.append(c)
+                c = self._idle.pop() if self._idle else None
+            if c is None:
+                c = self._connect()
+                with self._conns_lock:
+                    self._conns.append(c)
+            self._local.conn = c
         return c
+
+    def release_conn(self):
+        """A thread that ends gives its connection back (threads come and go with client
+        connections; SQLite connections should not)."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            return
+        self._local.conn = None
+        with self._conns_lock:
+            if len(self._idle) < 8:
+                self._idle.append(c)
+                return
+            if c in self._conns:
+                self._conns.remove(c)
+        try:
+            c.close()
+        except sqlite3.Error:
+            pass
 
     @contextlib.contextmanager
     def write(self):
@@ -889,7 +913,7 @@ class Store:
 THROTTLE_AFTER = 5      # wrong passwords for a user before checks slow down
 THROTTLE_MAX = 2.0      # seconds, the most one check waits
 THROTTLE_WINDOW = 900   # seconds after the last failure that the slowdown lasts
-SCRYPT_PARAMS = (2 ** 14, 8, 5)  # OWASP: N=2^14, r=8, p=5 (16 MiB)
+SCRYPT_PARAMS = (2 ** 13, 8, 10)  # OWASP's N=2^13, r=8, p=10: as slow as 2^14/5, 8 MiB
 PBKDF2_ITERATIONS = 600000      # OWASP for PBKDF2-HMAC-SHA256, where scrypt is missing
 
 
@@ -1302,6 +1326,7 @@ class Model:
                     c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
                               (pwhash, name))
             finally:
+                self.store.release_conn()
                 done.set()
                 self._pending_hashes.pop(name, None)
         threading.Thread(target=work, name="hash-" + name, daemon=True).start()
@@ -3905,6 +3930,7 @@ class IndexHTTPServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.app.store.release_conn()
             with self.connections_lock:
                 self.connections.discard(request)
             self.slots.release()
@@ -4874,26 +4900,27 @@ def build_parser():
     return parser
 
 
-def cmd_init(args, quiet=False):
+def cmd_init(args, hash_soon=False):
+    """Initialise; returns the open (store, model). ``hash_soon``: hash root's password
+    in the background (serve answers at once; root's login waits for the hash)."""
     password = args.root_passwd
     generated = False
     if password is None and args.root_passwd_hash is None:
         password = secrets.token_urlsafe(12)
         generated = True
     try:
-        store, _model = init_serverdir(args.serverdir, root_password=password,
-                                       root_pwhash=args.root_passwd_hash,
-                                       root_pypi=not args.no_root_pypi,
-                                       mirror_url=args.mirror_url)
+        store, model = init_serverdir(args.serverdir, root_password=password,
+                                      root_pwhash=args.root_passwd_hash,
+                                      root_pypi=not args.no_root_pypi,
+                                      mirror_url=args.mirror_url, hash_soon=hash_soon)
     except HTTPError as e:
         raise SystemExit("error: " + e.message)
-    store.close()
     print("initialised server directory %s" % os.path.abspath(args.serverdir), flush=True)
     if generated:
         print("root password (shown only now): %s" % password, flush=True)
         print("change it with: devpi login root --password=...; "
               "devpi user -m root password=NEW", flush=True)
-    return 0
+    return store, model
 
 
 def is_loopback(host):
@@ -4905,12 +4932,13 @@ def cmd_serve(args):
     if not store.is_initialised():
         print("server directory %s is not initialised: initialising it"
               % os.path.abspath(args.serverdir), flush=True)
-        cmd_init(args)
-    try:
-        store.open()
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
-    model = Model(store)
+        store, model = cmd_init(args, hash_soon=True)
+    else:
+        try:
+            store.open()
+        except HTTPError as e:
+            raise SystemExit("error: " + e.message)
+        model = Model(store)
     app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
               offline=args.offline_mode,
               mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
@@ -4998,7 +5026,10 @@ def main(argv=None):
             getattr(args, "root_passwd_hash", None) is not None:
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
     if args.command == "init":
-        return cmd_init(args)
+        store, model = cmd_init(args)
+        model.wait_pending_hashes()
+        store.close()
+        return 0
     if args.command == "export":
         return cmd_export(args)
     if args.command == "import":

@@ -2665,3 +2665,11 @@ def test_output_is_escaped_and_never_sniffed(alice, tmp_path):
     assert r.header("Content-Type") in ("application/octet-stream", "application/zip",
                                         "application/x-tar")
     assert r.header("X-Content-Type-Options") == "nosniff"
+
+
+def test_connections_come_and_go_without_leaking_database_handles(alice):
+    before = len(alice.model.store._conns)
+    for _ in range(200):
+        assert http(alice.url, path="/alice/dev").status == 200  # a new TCP connection each
+    time.sleep(0.2)
+    assert len(alice.model.store._conns) <= before + 10
