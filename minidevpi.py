@@ -4073,6 +4073,32 @@ def _http_date_ts(value):
         return None
 
 
+class Progress:
+    """'<what>: N of M files, X MB' on stderr, a few times a second and at the end."""
+
+    def __init__(self, what, total, quiet=False):
+        self.what = what
+        self.total = total
+        self.quiet = quiet
+        self.done = 0
+        self.bytes = 0
+        self.shown = 0.0
+
+    def add(self, nbytes):
+        self.done += 1
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.shown > 0.5 or self.done == self.total:
+            self.shown = now
+            self.show()
+
+    def show(self):
+        if not self.quiet and self.total:
+            sys.stderr.write("%s: %d of %d files, %.1f MB\n"
+                             % (self.what, self.done, self.total, self.bytes / 1e6))
+            sys.stderr.flush()
+
+
 def _place_file(src, dest, hard_links, notes):
     """Link (if asked and possible) or copy ``src`` to ``dest``."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -4085,7 +4111,7 @@ def _place_file(src, dest, hard_links, notes):
     shutil.copyfile(src, dest)
 
 
-def export_server(serverdir, target, include_mirrored=False, hard_links=False):
+def export_server(serverdir, target, include_mirrored=False, hard_links=False, quiet=False):
     """Write a devpi-compatible dump of the server at ``serverdir`` into ``target`` (new or
     empty). Reads one consistent snapshot, so a running server may go on meanwhile.
     Returns a list of lines to tell the user."""
@@ -4101,6 +4127,12 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False):
     c = store._connect()
     try:
         c.execute("BEGIN")  # one snapshot for everything below (WAL)
+        total = 0
+        for ix_id, config in c.execute("SELECT id, config FROM indexes").fetchall():
+            if include_mirrored or json.loads(config).get("type") != "mirror":
+                total += c.execute("SELECT COUNT(*) FROM files WHERE index_id=?",
+                                   (ix_id,)).fetchone()[0]
+        progress = Progress("exported", total, quiet)
         users = {}
         devpi_cant_check = []
         for name, pwhash, config, created, modified in c.execute(
@@ -4179,6 +4211,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False):
                                         % (path, filename))
                     _place_file(blob, os.path.join(target, *relpath.split("/")), hard_links,
                                 notes)
+                    progress.add(os.path.getsize(blob))
                     files.append(f)
             entry["projects"] = projects
             entry["files"] = files
@@ -4228,7 +4261,7 @@ def _read_dump(dump):
     return data
 
 
-def check_dump(dump, data, skip_types=()):
+def check_dump(dump, data, skip_types=(), progress=None):
     """Every problem of a dump, as a list of lines (empty: fine). Hashes every file."""
     problems = []
     users = data["users"]
@@ -4300,6 +4333,8 @@ def check_dump(dump, data, skip_types=()):
             want = _want_sha256(f)
             if want is not None and _file_sha256(full) != want:
                 problems.append("%s: %s: sha256 mismatch" % (path, rel))
+            if progress is not None:
+                progress.add(os.path.getsize(full))
     cyc = _base_cycle(data["indexes"])
     if cyc:
         problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
@@ -4358,7 +4393,7 @@ INDEX_DEFAULTS = {"bases": [], "volatile": True, "acl_toxresult_upload": [":ANON
 
 
 def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_pypi=True,
-                  skip_types=(), hard_links=False):
+                  skip_types=(), hard_links=False, quiet=False):
     """Create a server at ``serverdir`` (new or empty) from a devpi or minidevpi dump.
 
     Everything is checked first (every file's sha256 included); a damaged dump is refused
@@ -4370,7 +4405,9 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
         raise HTTPError(409, "%s must be new or empty to import into" % serverdir)
     data = _read_dump(dump)
-    problems = check_dump(dump, data, skip_types)
+    nfiles = sum(len(ix.get("files") or []) for ix in data["indexes"].values()
+                 if isinstance(ix, dict) and isinstance(ix.get("files"), list))
+    problems = check_dump(dump, data, skip_types, Progress("checked", nfiles, quiet))
     if problems:
         raise HTTPError(400, "the export at %s can't be imported:\n  %s"
                         % (dump, "\n  ".join(problems)))
@@ -4396,7 +4433,7 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
             told.append("root's password in the dump can't be checked here (or there was "
                         "none); root's new password (shown only now): %s" % generated)
         _import_indexes(store, model, dump, data["indexes"], root_pypi, skip_types,
-                        hard_links, notes, told)
+                        hard_links, notes, told, Progress("imported", nfiles, quiet))
         store.close()
         if os.path.isdir(serverdir):
             os.rmdir(serverdir)  # empty, checked above
@@ -4447,10 +4484,10 @@ def _import_users(store, users, root_password, root_pwhash):
 
 
 def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_links, notes,
-                    told):
+                    told, progress):
     for path, ix in sorted(indexes.items()):
         config = dict(ix["indexconfig"])
-        if config["type"] in skip_types and config["type"] not in ("stage", "mirror"):
+        if config["type"] in skip_types:
             told.append("skipped index %s of type %r" % (path, config["type"]))
             continue
         if path == "root/pypi" and not root_pypi:
@@ -4475,10 +4512,22 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         with store.write() as c:
             ix_id = c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
                               (user, path.split("/", 1)[1], json.dumps(config))).lastrowid
-            _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes)
+            _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress)
+    # bases left out (skipped, or not in the export) would make the index unmodifiable
+    with store.write() as c:
+        existing = {"%s/%s" % (u, n) for u, n in c.execute("SELECT user, name FROM indexes")}
+        for ix_id, user, name, config in c.execute(
+                "SELECT id, user, name, config FROM indexes").fetchall():
+            config = json.loads(config)
+            missing = [b for b in config.get("bases", []) if b not in existing]
+            if missing:
+                config["bases"] = [b for b in config["bases"] if b in existing]
+                c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix_id))
+                told.append("index %s/%s: dropped bases that are not there: %s"
+                            % (user, name, ", ".join(missing)))
 
 
-def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes):
+def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress):
     is_mirror = ix["indexconfig"]["type"] == "mirror"
     version_ids = {}
     for pname, versions in (ix.get("projects") or {}).items():
@@ -4541,12 +4590,14 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes):
         for_filename = None
         if f["type"] == "toxresult":
             for_filename = os.path.basename(f.get("for_entrypath") or "") or None
+        size = os.path.getsize(dest)
         c.execute("INSERT OR REPLACE INTO files (index_id, version_id, filename, rel, sha256, "
                   "size, uploaded, requires_python, core_metadata, for_filename, log) "
                   "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                  (ix_id, vid, filename, f["type"], sha, os.path.getsize(dest), uploaded,
+                  (ix_id, vid, filename, f["type"], sha, size, uploaded,
                    requires_python if f["type"] == "releasefile" else "", core, for_filename,
                    json.dumps(log_list)))
+        progress.add(size)
 
 
 # ===================================================================================
@@ -4878,6 +4929,8 @@ def build_parser():
     devpi_compat(p)
     p.add_argument("--include-mirrored-files", action="store_true", default=None,
                    help="also the files mirrors keep (and what serves them offline)")
+    p.add_argument("-q", "--quiet", action="store_true", default=None,
+                   help="no progress lines on stderr")
 
     p = sub.add_parser("import", help="create a server from a devpi or minidevpi export",
                        description="Create a server directory (new or empty) from an export "
@@ -4897,6 +4950,8 @@ def build_parser():
                    help="leave out indexes of this type (repeatable)")
     p.add_argument("--no-events", action="store_true", default=None,
                    help="accepted for devpi's scripts; changes nothing")
+    p.add_argument("-q", "--quiet", action="store_true", default=None,
+                   help="no progress lines on stderr")
     return parser
 
 
@@ -4993,7 +5048,7 @@ def cmd_export(args):
     try:
         lines = export_server(args.serverdir, args.directory,
                               include_mirrored=bool(args.include_mirrored_files),
-                              hard_links=bool(args.hard_links))
+                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     except HTTPError as e:
         raise SystemExit("error: " + e.message)
     for line in lines:
@@ -5008,7 +5063,7 @@ def cmd_import(args):
                               root_pwhash=args.root_passwd_hash,
                               root_pypi=not args.no_root_pypi,
                               skip_types=tuple(args.skip_import_type or ()),
-                              hard_links=bool(args.hard_links))
+                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     except HTTPError as e:
         raise SystemExit("error: " + e.message)
     for line in lines:

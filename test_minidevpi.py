@@ -2673,3 +2673,50 @@ def test_connections_come_and_go_without_leaking_database_handles(alice):
         assert http(alice.url, path="/alice/dev").status == 200  # a new TCP connection each
     time.sleep(0.2)
     assert len(alice.model.store._conns) <= before + 10
+
+
+def test_export_import_progress_and_root_options(tmp_path):
+    srv = make_populated_server(tmp_path / "a", tmp_path)
+    srv.stop()
+    p = subprocess.run([sys.executable, SCRIPT, "export", str(tmp_path / "d"), "--serverdir",
+                        str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.returncode == 0 and re.search(rb"exported: (\d+) of \1 files", p.stderr)
+    p = subprocess.run([sys.executable, SCRIPT, "export", "-q", str(tmp_path / "d2"),
+                        "--serverdir", str(tmp_path / "a")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    assert p.returncode == 0 and p.stderr == b""
+    pwhash = minidevpi.hash_password("hashedroot")
+    p = subprocess.run([sys.executable, SCRIPT, "import", str(tmp_path / "d"), "--serverdir",
+                        str(tmp_path / "b"), "--root-passwd-hash", pwhash,
+                        "--skip-import-type", "mirror"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.returncode == 0, p.stderr
+    assert re.search(rb"checked: (\d+) of \1 files", p.stderr)
+    assert re.search(rb"imported: (\d+) of \1 files", p.stderr)
+    with minidevpi.Server(tmp_path / "b") as s2:
+        assert login_token(s2.url, "root", "hashedroot")  # overrides the export's root
+        assert api(s2.url, "POST", "/+login",
+                   json_body={"user": "root", "password": "rootpw"}).status == 401
+        assert api(s2.url, path="/alice/dev").status == 200
+        # --skip-import-type mirror leaves the mirror out (and init adds no default one)
+        assert api(s2.url, path="/root/pypi").status == 404
+
+
+def test_mirror_through_a_stage_with_a_dependency_then_upstream_gone(upstream, tmp_path):
+    upstream.add(make_wheel(tmp_path, "dep-lib", "1.0"))
+    with minidevpi.Server(tmp_path / "srv", mirror_url=upstream.url + "/simple/",
+                          mirror_timeouts=(2, 1)) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev", bases="root/pypi")
+        (tmp_path / "app").mkdir()
+        srv.upload("alice/dev", make_wheel(tmp_path / "app", "my-app", "1.0",
+                                           requires_dist=["dep-lib>=1"]))
+        for n in ("t1", "t2"):
+            pip("install", "--target", str(tmp_path / n), "--index-url",
+                srv.index_url("alice/dev"), "my-app")
+            assert (tmp_path / n / "dep_lib-1.0.dist-info").is_dir()
+            upstream.stop()  # the second install runs with the upstream gone
+    with minidevpi.Server(tmp_path / "srv", offline=True) as srv:
+        pip("install", "--target", str(tmp_path / "t3"), "--index-url",
+            srv.index_url("alice/dev"), "my-app")
+        assert (tmp_path / "t3" / "dep_lib-1.0.dist-info").is_dir()
