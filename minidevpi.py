@@ -795,6 +795,7 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute("PRAGMA cache_size=-1024")  # 1 MiB a connection; the OS caches the rest
         return conn
 
     def conn(self):
@@ -1160,6 +1161,7 @@ class Model:
         self._auth_cache_lock = threading.Lock()
         self._pending_hashes = {}  # user name -> Event, while a hash is computed
         self._failures = {}  # user name -> (failed password checks, time of the last)
+        self._kdf_slots = threading.BoundedSemaphore(2)
         self._dummy_hash = None
 
     # -- change notifications ---------------------------------------------------------
@@ -1354,7 +1356,13 @@ class Model:
         if self._auth_cache.get(key) == row[1]:
             return name
         self._throttle(name)
-        if not verify_password(secret, row[1]):
+        # two slow hash checks at a time: each takes 8 MiB and a core; the ones waiting
+        # often find the answer cached by the one before them
+        with self._kdf_slots:
+            if self._auth_cache.get(key) == row[1]:
+                return name
+            ok = verify_password(secret, row[1])
+        if not ok:
             count = self._failures.get(name, (0, 0))[0]
             if len(self._failures) > 10000:
                 self._failures.clear()
@@ -2867,7 +2875,7 @@ class PageCache:
     """Rendered simple pages as bytes, valid while the model's generations are unchanged;
     the least recently used go first once they take more than ``max_bytes``."""
 
-    def __init__(self, max_bytes=32 * 1024 * 1024):
+    def __init__(self, max_bytes=16 * 1024 * 1024):
         import collections
         self.pages = collections.OrderedDict()
         self.max_bytes = max_bytes
