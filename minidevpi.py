@@ -4269,9 +4269,16 @@ def _read_dump(dump):
     return data
 
 
-def check_dump(dump, data, skip_types=(), progress=None):
-    """Every problem of a dump, as a list of lines (empty: fine). Hashes every file."""
+def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_links=False,
+               notes=None):
+    """Every problem of a dump, as a list of lines (empty: fine). Hashes every file.
+
+    With ``stage_dir``, each file is also copied (or linked) there while it is read, so an
+    import reads every file once; ``notes["staged"]`` maps relpath -> (sha256, staged path).
+    """
     problems = []
+    notes = notes if notes is not None else {}
+    staged = notes.setdefault("staged", {})
     users = data["users"]
     for name, u in users.items():
         if not isinstance(u, dict):
@@ -4339,7 +4346,13 @@ def check_dump(dump, data, skip_types=(), progress=None):
                 problems.append("%s: the file at %s is missing" % (path, rel))
                 continue
             want = _want_sha256(f)
-            if want is not None and _file_sha256(full) != want:
+            if stage_dir is not None and rel not in staged:
+                dest = os.path.join(stage_dir, "%d" % len(staged))
+                got = _stage_file(full, dest, hard_links, notes)
+                staged[rel] = (got, dest)
+            else:
+                got = _file_sha256(full)
+            if want is not None and got != want:
                 problems.append("%s: %s: sha256 mismatch" % (path, rel))
             if progress is not None:
                 progress.add(os.path.getsize(full))
@@ -4347,6 +4360,22 @@ def check_dump(dump, data, skip_types=(), progress=None):
     if cyc:
         problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
     return problems
+
+
+def _stage_file(src, dest, hard_links, notes):
+    """Link or copy ``src`` to ``dest``, reading it once; returns its sha256."""
+    if hard_links and not notes.get("no_links"):
+        try:
+            os.link(src, dest)
+            return _file_sha256(dest)
+        except OSError as e:
+            notes["no_links"] = "hard links are not possible here (%s): files were copied" % e
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1024 * 1024), b""):
+            h.update(chunk)
+            fout.write(chunk)
+    return h.hexdigest()
 
 
 def _version_of(f):
@@ -4415,15 +4444,27 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     data = _read_dump(dump)
     nfiles = sum(len(ix.get("files") or []) for ix in data["indexes"].values()
                  if isinstance(ix, dict) and isinstance(ix.get("files"), list))
-    problems = check_dump(dump, data, skip_types, Progress("checked", nfiles, quiet))
-    if problems:
-        raise HTTPError(400, "the export at %s can't be imported:\n  %s"
-                        % (dump, "\n  ".join(problems)))
     parent = os.path.dirname(serverdir)
     os.makedirs(parent, exist_ok=True)
+    notes = {}
+    # files are checked and copied in one read, beside the target (same file system)
+    staging = tempfile.mkdtemp(prefix=".import-files-", dir=parent)
+    try:
+        problems = check_dump(dump, data, skip_types, Progress("checked", nfiles, quiet),
+                              stage_dir=staging, hard_links=hard_links, notes=notes)
+        if problems:
+            raise HTTPError(400, "the export at %s can't be imported:\n  %s"
+                            % (dump, "\n  ".join(problems)))
+        return _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
+                               root_pwhash, root_pypi, skip_types, hard_links, quiet)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password, root_pwhash,
+                    root_pypi, skip_types, hard_links, quiet):
     building = tempfile.mkdtemp(prefix=".import-", dir=parent)
     told = []
-    notes = {}
     try:
         os.rmdir(building)
         has_pypi = "root/pypi" in data["indexes"]
@@ -4571,11 +4612,14 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
             version_ids[(norm, version)] = (vid, "")
         vid, requires_python = version_ids[(norm, version)]
         src = os.path.join(dump, *f["relpath"].split("/"))
-        sha = _want_sha256(f) or _file_sha256(src)
+        sha, tmp = notes.get("staged", {}).get(f["relpath"], (None, None))
+        if sha is None:
+            sha = _want_sha256(f) or _file_sha256(src)
         dest = store.blob_path(sha)
         if not os.path.exists(dest):
-            tmp = os.path.join(store.tmp_dir, "import-" + secrets.token_hex(8))
-            _place_file(src, tmp, hard_links, notes)
+            if tmp is None or not os.path.exists(tmp):
+                tmp = os.path.join(store.tmp_dir, "import-" + secrets.token_hex(8))
+                _place_file(src, tmp, hard_links, notes)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.replace(tmp, dest)
         filename = os.path.basename(f["relpath"])
