@@ -3976,9 +3976,10 @@ class IndexHTTPServer(ThreadingHTTPServer):
 # -- setting up a server directory ----------------------------------------------------
 
 
-def pip_index_url():
+def pip_index_url(ignore_system_files=False):
     """The index pip on this host is configured to use: PIP_INDEX_URL, then pip's
-    configuration files, then pip's built-in default where pip is importable."""
+    configuration files, then pip's built-in default where pip is importable.
+    (``ignore_system_files``: only the user's files, for tests.)"""
     env = os.environ.get("PIP_INDEX_URL")
     if env:
         return env.split()[0]
@@ -3987,8 +3988,9 @@ def pip_index_url():
     if os.environ.get("PIP_CONFIG_FILE") and os.environ["PIP_CONFIG_FILE"] != os.devnull:
         files.append(os.environ["PIP_CONFIG_FILE"])
     xdg_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)
-    files = ([os.path.join(d, "pip", "pip.conf") for d in xdg_dirs] + ["/etc/pip.conf"]
-             + [os.path.expanduser("~/.pip/pip.conf"),
+    system = [os.path.join(d, "pip", "pip.conf") for d in xdg_dirs] + ["/etc/pip.conf"]
+    files = ([] if ignore_system_files else system) + (
+               [os.path.expanduser("~/.pip/pip.conf"),
                 os.path.join(os.environ.get("XDG_CONFIG_HOME", os.path.expanduser("~/.config")),
                              "pip", "pip.conf")]
              + [os.path.join(sys.prefix, "pip.conf")] + files)

@@ -2720,3 +2720,16 @@ def test_mirror_through_a_stage_with_a_dependency_then_upstream_gone(upstream, t
         pip("install", "--target", str(tmp_path / "t3"), "--index-url",
             srv.index_url("alice/dev"), "my-app")
         assert (tmp_path / "t3" / "dep_lib-1.0.dist-info").is_dir()
+
+
+def test_root_pypi_falls_back_to_pips_own_default(tmp_path, monkeypatch):
+    pip_default = pytest.importorskip("pip._internal.models.index").PyPI.simple_url
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("XDG_CONFIG_DIRS", str(empty))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(empty))
+    monkeypatch.setenv("HOME", str(empty))
+    monkeypatch.setattr(minidevpi.sys, "prefix", str(empty))
+    assert minidevpi.pip_index_url(ignore_system_files=True) == pip_default
