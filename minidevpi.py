@@ -2391,10 +2391,11 @@ class Mirror:
                 return row[4], json.loads(row[5])
             raise failed[1]
         with self.single_flight(("page",) + key) as leader:
-            if not leader:
-                row = self._row(ix, norm)
-                if row is not None:
-                    return (row[4], json.loads(row[5])) if row[1] == 200 else None
+            # the one before us in the flight may have just fetched it
+            newer = self._row(ix, norm)
+            if newer is not None and (not leader or row is None or newer[0] > row[0]):
+                return (newer[4], json.loads(newer[5])) if newer[1] == 200 else None
+            row = newer
             try:
                 result = self._fetch_page(ix, norm, row)
                 self._failed.pop(key, None)
@@ -2524,6 +2525,8 @@ class Mirror:
         display, entry = found
         flight = self.single_flight(("file", ix.id, entry["sha256"]))
         leader = flight.__enter__()
+        if leader and self._kept(ix, filename, sha_prefix):
+            leader = False  # another request kept it between our look and our turn
         if not leader:
             flight.__exit__(None, None, None)
             return None
@@ -2555,6 +2558,13 @@ class Mirror:
                 chunks.close()
             return None
         return size, chunks
+
+    def _kept(self, ix, filename, sha_prefix):
+        try:
+            self.model.find_file(ix, filename, sha_prefix)
+        except HTTPError:
+            return False
+        return True
 
     def _stream(self, ix, display, entry, resp, size, cleanup):
         import http.client
@@ -2622,8 +2632,8 @@ class Mirror:
         path = self.store.blob_path(sha)
         if os.path.exists(path):
             return path, sha
-        with self.single_flight(("meta", sha)) as leader:
-            if leader or not os.path.exists(path):
+        with self.single_flight(("meta", sha)):
+            if not os.path.exists(path):  # (kept meanwhile by the one before us?)
                 resp, url, conn = self.open_url(entry["url"] + ".metadata")
                 try:
                     if resp.status != 200:
@@ -2653,8 +2663,8 @@ class Mirror:
         if age is None:
             if self.offline:
                 return None
-            with self.single_flight(("root", ix.id)) as leader:
-                if leader or not os.path.exists(path):
+            with self.single_flight(("root", ix.id)):
+                if not os.path.exists(path):  # (fetched meanwhile by the one before us?)
                     self._fetch_root(ix, d)
         elif age > self._expiry(ix) and not self.offline and ix.id not in self._root_refreshing:
             self._root_refreshing.add(ix.id)
