@@ -2683,6 +2683,8 @@ class Mirror:
         return path, path + ".gz"
 
     def _fetch_root(self, ix, d):
+        """Fetch upstream's project list and write it as HTML and JSON, each also gzipped,
+        in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
         resp, final_url, conn = self.open_url(
             url, {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
@@ -2690,40 +2692,133 @@ class Mirror:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                        resp.status))
-            body = self.read_body(resp, url, MAX_ROOT_BYTES)
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype.endswith("json"):
+                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES),
+                                    _ROOT_JSON_NAME_RE, b"}", b'"projects"')
+            elif ctype in ("text/html", SIMPLE_HTML, ""):
+                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES),
+                                    _ROOT_HTML_NAME_RE, b"</a>", None)
+            else:
+                raise UpstreamError(502, "upstream %s answered with %r, not an index"
+                                    % (url, ctype))
+            os.makedirs(d, exist_ok=True)
+            _write_root_listing(self.store, d, names, url)
         finally:
             conn.close()
-        names = []
-        if ctype.endswith("json"):
+
+    def _body_chunks(self, resp, url, limit):
+        """The body in chunks, checked against ``limit`` and Content-Length."""
+        import http.client
+        want = resp.getheader("Content-Length")
+        total = 0
+        while True:
             try:
-                data = json.loads(body)
-                names = [p["name"] for p in data["projects"] if isinstance(p.get("name"), str)]
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                raise UpstreamError(502, "upstream %s project list is unreadable" % url)
-        elif ctype in ("text/html", SIMPLE_HTML, ""):
-            names = [text for _attrs, text in _LinkParser().feed(
-                body.decode("utf-8", "replace")).links if text]
-        else:
-            raise UpstreamError(502, "upstream %s answered with %r, not an index" % (url, ctype))
-        del body
-        os.makedirs(d, exist_ok=True)
-        html_out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                    'content="1.1"><title>Simple index</title></head><body>\n']
-        html_out.extend('<a href="%s/">%s</a>\n' % (html.escape(normalize_name(n)),
-                                                    html.escape(n)) for n in names)
-        html_out.append("</body></html>\n")
-        outputs = {
-            "html": "".join(html_out).encode(),
-            "json": json.dumps({"meta": {"api-version": "1.1"},
-                                "projects": [{"name": n} for n in names]}).encode(),
-        }
-        for fmt, data in outputs.items():
-            for suffix, payload in (("", data), (".gz", gzip.compress(data, 6))):
-                f, tmp = self.store.new_tmp()
-                with f:
-                    f.write(payload)
-                os.replace(tmp, os.path.join(d, "root." + fmt + suffix))
+                chunk = resp.read(1024 * 1024)
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
+            except (OSError, http.client.HTTPException) as e:
+                raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamError(502, "upstream %s page is larger than %d bytes"
+                                    % (_safe_url(url), limit))
+            yield chunk
+        if want is not None and want.isdigit() and int(want) != total:
+            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
+                                % (_safe_url(url), total, want))
+
+
+# A project list is scanned, not parsed: only names that are valid project names are
+# taken, so a name can never carry markup or JSON escapes into the pages written from it.
+_ROOT_JSON_NAME_RE = re.compile(rb'"name"\s*:\s*"([^"\\]{1,200})"')
+_ROOT_HTML_NAME_RE = re.compile(rb"<a\b[^>]*>\s*([^<]{1,200}?)\s*</a>", re.IGNORECASE)
+
+
+def _root_names(chunks, pattern, boundary, required):
+    """Lists of project names found in a streamed project list. Each chunk is scanned up
+    to the last ``boundary`` (the end of an entry); the rest waits for the next chunk."""
+    buf = b""
+    seen_required = required is None
+    for chunk in chunks:
+        buf += chunk
+        cut = buf.rfind(boundary) if boundary != b"</a>" else buf.lower().rfind(boundary)
+        if cut < 0:
+            if len(buf) > 1024 * 1024 * 4:
+                raise UpstreamError(502, "upstream project list is unreadable")
+            continue
+        cut += len(boundary)
+        part, buf = buf[:cut], buf[cut:]
+        if not seen_required and required in part:
+            seen_required = True
+        yield _valid_names(pattern.findall(part), boundary == b"</a>")
+    if buf:
+        yield _valid_names(pattern.findall(buf), boundary == b"</a>")
+    if not seen_required:
+        raise UpstreamError(502, "upstream project list is unreadable")
+
+
+def _valid_names(raw, is_html):
+    out = []
+    for r in raw:
+        try:
+            n = r.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if is_html and "&" in n:
+            n = html.unescape(n)
+        if PROJECT_NAME_RE.match(n):
+            out.append(n)
+    return out
+
+
+def _write_root_listing(store, d, batches, url):
+    """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
+    outs = {}
+    try:
+        for fmt in ("html", "json"):
+            f, tmp = store.new_tmp()
+            gf, gtmp = store.new_tmp()
+            outs[fmt] = (f, tmp, gf, gtmp, gzip.GzipFile(fileobj=gf, mode="wb",
+                                                          compresslevel=6, mtime=0))
+
+        def write(fmt, text):
+            data = text.encode()
+            outs[fmt][0].write(data)
+            outs[fmt][4].write(data)
+        write("html", '<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+                      'content="1.1"><title>Simple index</title></head><body>\n')
+        write("json", '{"meta": {"api-version": "1.1"}, "projects": [')
+        first = True
+        for names in batches:
+            if not names:
+                continue
+            write("html", "".join('<a href="%s/">%s</a>\n' % (normalize_name(n), n)
+                                  for n in names))
+            write("json", ("" if first else ", ") + ", ".join('{"name": "%s"}' % n
+                                                              for n in names))
+            first = False
+        write("html", "</body></html>\n")
+        write("json", "]}")
+        for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
+            gz.close()
+            gf.close()
+            f.close()
+        for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
+            os.replace(gtmp, os.path.join(d, "root.%s.gz" % fmt))
+            os.replace(tmp, os.path.join(d, "root." + fmt))
+        outs = {}
+    finally:
+        for f, tmp, gf, gtmp, gz in outs.values():
+            for x in (gz, gf, f):
+                try:
+                    x.close()
+                except Exception:
+                    pass
+            _unlink_quiet(tmp)
+            _unlink_quiet(gtmp)
 
 
 class Download:

@@ -1520,6 +1520,7 @@ class FakeUpstream:
     def __init__(self, fmt="json"):
         self.fmt = fmt
         self.projects = {}   # norm -> [(filename, bytes, metadata or None, upload_time)]
+        self.listed = []     # names in the project list only, as given (not normalised)
         self.faults = {}
         self.requests = []
         self.lock = threading.Lock()
@@ -1586,7 +1587,7 @@ class FakeUpstream:
         if fault == "notindex":
             return self.send(h, 200, b"\x89PNG....", "image/png")
         if path == "/simple/":
-            names = sorted(self.projects)
+            names = sorted(self.projects) + self.listed
             if "json" in (h.headers.get("Accept") or "") and self.fmt == "json":
                 body = json.dumps({"meta": {"api-version": "1.0"},
                                    "projects": [{"name": n} for n in names]}).encode()
@@ -1801,6 +1802,26 @@ def test_mirror_root_listing_passes_upstream_through(mirrored, upstream, tmp_pat
     import gzip as _gzip
     assert _gzip.decompress(r2.body) == r.body
     assert upstream.count("/simple/") == 1 + 0  # fetched once, served from disk after
+
+
+@pytest.mark.parametrize("fmt", ["json", "html"])
+def test_mirror_root_listing_of_a_large_upstream(fmt, tmp_path):
+    # large enough to arrive in many pieces; names that are not project names (markup,
+    # quotes) are left out rather than written into the pages
+    up = FakeUpstream(fmt)
+    try:
+        good = ["Pkg_%05d.x" % i for i in range(60000)]
+        up.listed = good[:30000] + ['evil"name', "<b>bold</b>", "a&amp;b", "-dash"] + good[30000:]
+        with minidevpi.Server(tmp_path / "srv", root_password="pw",
+                              mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
+            assert [p["name"] for p in r.json()["projects"]] == good
+            page = http(srv.url, path="/root/pypi/+simple/").body.decode()
+            assert page.count("<a ") == len(good)
+            assert '<a href="pkg-12345-x/">Pkg_12345.x</a>' in page
+            assert "evil" not in page and "bold" not in page and "&" not in page
+    finally:
+        up.stop()
 
 
 def test_mirror_whitelist_shadowing(mirrored, upstream, tmp_path):
