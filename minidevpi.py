@@ -2865,6 +2865,15 @@ def _proxy_for(u):
 # 7. HTTP
 # ===================================================================================
 
+# Simple pages can change with every upload, so a cache in front (nginx, a CDN; see the
+# README) may keep one only a moment: it still takes the read traffic (a page asked
+# 10,000 times a second reaches the server once a second, as a cheap 304), and an upload
+# shows up for installers behind it within a second. Installers that talk to the server
+# directly revalidate with If-None-Match and get a 304.
+PAGE_CACHE_CONTROL = "public, max-age=1"
+# a mirror's whole project list only changes when it is fetched again from upstream
+MIRROR_LIST_CACHE_CONTROL = "public, max-age=60"
+
 
 class Response:
     """What a route answers: status, headers, and a body of bytes or a file to send."""
@@ -3578,6 +3587,7 @@ class App:
                                    metadata)
 
     def _file_headers(self, sha, filename, uploaded, metadata):
+        # a file URL holds its sha256: its bytes can never change, any cache may keep them
         return [("Content-Type", file_content_type(filename, metadata)),
                 ("ETag", '"%s"' % sha),
                 ("Last-Modified", http_date(uploaded)),
@@ -3657,7 +3667,7 @@ class App:
         path, gz = paths
         headers = [("Content-Type", SIMPLE_JSON if fmt == "json" else HTML_TYPE),
                    ("Vary", "Accept, User-Agent, Accept-Encoding"),
-                   ("Cache-Control", "max-age=60, public")]
+                   ("Cache-Control", MIRROR_LIST_CACHE_CONTROL)]
         if "gzip" in (req.headers.get("Accept-Encoding") or "") and os.path.exists(gz):
             path = gz
             headers.append(("Content-Encoding", "gzip"))
@@ -3792,7 +3802,7 @@ class App:
     def page_response(self, req, page):
         headers = [("Content-Type", page.content_type), ("ETag", page.etag),
                    ("Vary", "Accept, User-Agent, Accept-Encoding"),
-                   ("Cache-Control", "max-age=60, public")]
+                   ("Cache-Control", PAGE_CACHE_CONTROL)]
         body = page.body
         etag = page.etag
         if page.gzipped is not None and "gzip" in (req.headers.get("Accept-Encoding") or ""):

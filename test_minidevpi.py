@@ -1057,6 +1057,140 @@ def test_yank_and_unyank_a_release(alice, devpi, tmp_path):
     assert all(f["yanked"] is False for f in page["files"])
 
 
+# -- nginx in front, with the configuration the README gives ----------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def readme_nginx_config(minidevpi_port, nginx_port, cache_dir):
+    """The README's nginx block, pointed at this test's ports and cache directory."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        block = re.search(r"```nginx\n(.*?)```", f.read(), re.S).group(1)
+    for old, new in (("127.0.0.1:3141", "127.0.0.1:%d" % minidevpi_port),
+                     ("listen 80;", "listen 127.0.0.1:%d;" % nginx_port),
+                     ("/var/cache/nginx/minidevpi", str(cache_dir))):
+        assert old in block, "the README's nginx block no longer has %r" % old
+        block = block.replace(old, new)
+    return block
+
+
+class Nginx:
+    """nginx in the foreground with a configuration of its own in ``directory``."""
+
+    def __init__(self, exe, directory, site_config, port):
+        self.port = port
+        self.url = "http://127.0.0.1:%d" % port
+        d = str(directory)
+        with open(os.path.join(d, "site.conf"), "w") as f:
+            f.write(site_config)
+        _, version = run([exe, "-V"])
+        temp_paths = "".join(
+            "%s_temp_path %s/%s;\n" % (m, d, m) for m in ("client_body", "proxy")) + "".join(
+            "%s_temp_path %s/%s;\n" % (m, d, m) for m in ("fastcgi", "uwsgi", "scgi")
+            if "--without-http_%s_module" % m not in version)
+        with open(os.path.join(d, "nginx.conf"), "w") as f:
+            f.write("%sdaemon off;\nworker_processes 1;\npid %s/nginx.pid;\n"
+                    "error_log %s/error.log warn;\nevents { worker_connections 256; }\n"
+                    "http {\naccess_log off;\n%sinclude %s/site.conf;\n}\n"
+                    % ("user root;\n" if os.geteuid() == 0 else "", d, d, temp_paths, d))
+        code, out = run([exe, "-t", "-p", d, "-c", d + "/nginx.conf"], check=False)
+        assert code == 0, "nginx refuses the README's configuration:\n" + out
+        self.proc = subprocess.Popen([exe, "-p", d, "-c", d + "/nginx.conf"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, \
+                    open(os.path.join(d, "error.log")).read()
+                time.sleep(0.02)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_nginx_in_front_with_the_readme_configuration(tmp_path):
+    exe = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
+    if exe is None:
+        pytest.skip("nginx is not installed (Debian: nginx-light)")
+    nginx_port = free_port()
+    srv = minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                           outside_url="http://127.0.0.1:%d" % nginx_port).start()
+    proxy = None
+    try:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev", volatile=True)
+        (tmp_path / "nginx").mkdir()
+        proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
+            srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+        url = proxy.url
+        # an upload streams through nginx (no body size limit of nginx's own in the way)
+        dist = tmp_path / "dist"
+        dist.mkdir()
+        whl = make_wheel(dist, "proxied-pkg", "1.0", extra=os.urandom(3 * 1024 * 1024))
+        assert upload_form(url, "alice/dev", whl, ("alice", "secret")).status == 200
+        for i in range(12):  # a page large enough to be offered gzipped
+            srv.upload("alice/dev", make_wheel(dist, "proxied-pkg", "0.%d" % i))
+        # installers get their pages and files through nginx, which keeps what may be kept
+        pip("download", "--no-deps", "--dest", str(tmp_path / "dl"), "--index-url",
+            url + "/alice/dev/+simple/", "proxied-pkg")
+        assert sha256_file(tmp_path / "dl" / os.path.basename(whl)) == sha256_file(whl)
+        page_path = "/alice/dev/+simple/proxied-pkg/"
+        json_accept = {"Accept": simple_accept("json")}
+        page = http(url, path=page_path, headers=json_accept)
+        file_path = urllib.parse.urljoin(page_path, [
+            f["url"] for f in page.json()["files"] if f["filename"] == os.path.basename(whl)][0])
+        assert http(url, path=page_path, headers=json_accept).header("x-cache-status") == "HIT"
+        first = http(url, path=file_path)
+        again = http(url, path=file_path)
+        assert again.header("x-cache-status") == "HIT" and again.body == first.body
+        # pip's HTML and uv's JSON, gzip or not: each client gets its own variant
+        html_page = http(url, path=page_path, headers={"Accept": "text/html"})
+        assert html_page.body.decode().startswith("<!DOCTYPE html>")
+        gz = http(url, path=page_path, headers=dict(json_accept, **{"Accept-Encoding": "gzip"}))
+        assert gz.header("content-encoding") == "gzip"
+        import gzip as _gzip
+        assert json.loads(_gzip.decompress(gz.body)) == page.json()
+        assert http(url, path=page_path, headers=json_accept).json() == page.json()
+        # one cached page for every installer, whatever its version
+        http(url, path=page_path, headers=dict(json_accept, **{"User-Agent": "pip/26.0"}))
+        assert http(url, path=page_path, headers=dict(json_accept, **{
+            "User-Agent": "uv/0.13.9"})).header("x-cache-status") == "HIT"
+        # the JSON API is never kept: a change shows at once
+        api(url, "PATCH", "/alice/dev", auth=("alice", "secret"), json_body=["volatile=False"])
+        assert api(url, path="/alice/dev").json()["result"]["volatile"] is False
+        assert api(url, path="/alice/dev").header("x-cache-status") != "HIT"
+        # absolute URLs are the outside URL, whatever a client claims
+        r = http(url, path="/alice/dev/+simple/proxied-pkg",
+                 headers={"X-Outside-Url": "http://evil.invalid"})
+        assert r.status in (301, 302) and r.header("location").startswith(url + "/")
+        # a new upload shows through nginx within about a second
+        (tmp_path / "v2").mkdir()
+        assert upload_form(url, "alice/dev", make_wheel(tmp_path / "v2", "proxied-pkg", "2.0"),
+                           ("alice", "secret")).status == 200
+        deadline = time.time() + 10
+        while "2.0" not in http(url, path=page_path, headers=json_accept).json()["versions"]:
+            assert time.time() < deadline, "the new upload never showed through nginx"
+            time.sleep(0.2)
+        # with minidevpi stopped, what nginx kept is still served
+        srv.stop()
+        down = http(url, path=file_path)
+        assert down.status == 200 and down.body == first.body
+        assert http(url, path=page_path, headers=json_accept).status == 200
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------------
 # 8. command line
 # ----------------------------------------------------------------------------------
