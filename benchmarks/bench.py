@@ -12,8 +12,11 @@ library only; uses `wrk` for the keep-alive load test when it is on PATH. See RE
 
 import argparse
 import base64
+import functools
+import gzip
 import hashlib
 import http.client
+import http.server
 import io
 import json
 import os
@@ -196,6 +199,12 @@ def mkdtemp(prefix):
     return d
 
 
+def server_env():
+    """The environment of the servers: whatever proxy is configured, 127.0.0.1 is reached
+    directly (the fake upstream of the mirror scenarios lives there)."""
+    return dict(os.environ, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+
+
 def popen(cmd, logpath, env=None):
     log = open(logpath, "ab")
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -225,6 +234,7 @@ class Target:
         self.proc = None
         self.port = None
         self.dir = None
+        self.online = False  # True: may talk to an upstream (the fake one of the mirror runs)
 
     # subclasses: command(s), paths
     def launch(self, fresh):
@@ -270,6 +280,8 @@ class Target:
         return "/%s/%s/" % (USER, INDEX)
 
     def upload(self, client, name, version, dist):
+        if callable(dist):  # made when it is sent (large fills are not kept in memory)
+            dist = dist()
         body, ctype = multipart(name, version, dist)
         headers = dict(self.upload_headers(), **{"Content-Type": ctype})
         status, data, _ = client.request("POST", self.upload_path(), body=body, headers=headers)
@@ -290,6 +302,17 @@ class DevpiLike(Target):
         assert st in (200, 201), (self.name, "create index", st, body[:300])
         c.close()
 
+    def make_mirror(self, upstream_url):
+        """root/pypi as a mirror of ``upstream_url``, made as root over the JSON API."""
+        c = Client(self.port)
+        st, body, _ = c.request("PUT", "/root/pypi",
+                                json.dumps({"type": "mirror", "mirror_url": upstream_url}),
+                                {"Content-Type": "application/json", "Accept": "application/json",
+                                 "Authorization": basic_auth("root", "pw")})
+        c.close()
+        if st not in (200, 201):
+            raise RuntimeError("creating the mirror root/pypi answered %s: %s" % (st, body[:300]))
+
 
 class Minidevpi(DevpiLike):
     name = "minidevpi"
@@ -297,7 +320,8 @@ class Minidevpi(DevpiLike):
     def launch(self, fresh):
         self.proc = popen([sys.executable, MINIDEVPI, "serve", "--serverdir", self.serverdir(),
                            "--host", "127.0.0.1", "--port", str(self.port), "--root-passwd", "pw",
-                           "--no-root-pypi", "--offline-mode", "--no-access-log"], self.log())
+                           "--no-root-pypi", "--no-access-log"]
+                          + ([] if self.online else ["--offline-mode"]), self.log(), server_env())
 
 
 class DevpiServer(DevpiLike):
@@ -314,7 +338,8 @@ class DevpiServer(DevpiLike):
             if r.returncode:
                 raise RuntimeError("devpi-init failed: %s" % r.stdout.decode()[-2000:])
         self.proc = popen([self.bin("devpi-server"), "--serverdir", self.serverdir(), "--host",
-                           "127.0.0.1", "--port", str(self.port), "--offline-mode"], self.log())
+                           "127.0.0.1", "--port", str(self.port)]
+                          + ([] if self.online else ["--offline-mode"]), self.log(), server_env())
 
 
 class PypiServer(Target):
@@ -325,7 +350,8 @@ class PypiServer(Target):
         os.makedirs(pkgdir, exist_ok=True)
         self.proc = popen([os.path.join(os.path.dirname(self.python), "pypi-server"), "run",
                            "-i", "127.0.0.1", "-p", str(self.port), "-a", ".", "-P", ".",
-                           "--disable-fallback", "--log-stream", "none", pkgdir], self.log())
+                           "--disable-fallback", "--log-stream", "none", pkgdir], self.log(),
+                          server_env())
 
     def upload_headers(self):
         return {}
@@ -480,25 +506,24 @@ def fill(target, dists, workers=8, problems=None):
     return time.monotonic() - st
 
 
-def file_links(target, project):
-    """Absolute paths of the files on ``project``'s simple page."""
-    page = target.simple_root() + project + "/"
-    c = Client(target.port)
+def file_links(port, page):
+    """Absolute paths of the files on the simple page at ``page``."""
+    c = Client(port)
     st, body, _ = c.request("GET", page, headers={"Accept": HTML_ACCEPT})
     c.close()
     if st != 200:
-        raise RuntimeError("%s: GET %s answered %s" % (target.name, page, st))
+        raise RuntimeError("GET %s answered %s" % (page, st))
     links = []
     for href in re.findall(r'href="([^"]+)"', body.decode()):
-        u = urlsplit(urljoin("http://127.0.0.1:%d%s" % (target.port, page), href.replace("&amp;", "&")))
+        u = urlsplit(urljoin("http://127.0.0.1:%d%s" % (port, page), href.replace("&amp;", "&")))
         links.append(u.path)
     return links
 
 
-def count_json_files(target, project):
-    c = Client(target.port)
-    st, body, resp = c.request("GET", target.simple_root() + project + "/",
-                               headers={"Accept": JSON_ACCEPT})
+def count_json_files(port, page):
+    """Files on the PEP 691 JSON variant of ``page``; None when the server has none."""
+    c = Client(port)
+    st, body, resp = c.request("GET", page, headers={"Accept": JSON_ACCEPT})
     c.close()
     ctype = resp.getheader("Content-Type", "")
     if st != 200 or "json" not in ctype:
@@ -506,25 +531,81 @@ def count_json_files(target, project):
     return len(json.loads(body).get("files", []))
 
 
-def pip_install(pip_python, index_url, packages, runs):
-    env = dict(os.environ, no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+def page_rate(target, page, accept, cfg, problems, what):
+    """Median req/s of ``cfg.load_runs`` loads of 16 keep-alive connections."""
+    rates, errs = [], 0
+    for _ in range(cfg.load_runs):
+        r, e = LOAD(target.port, page, {"Accept": accept}, 16, cfg.load_seconds)
+        rates.append(r)
+        errs += e
+    if errs:
+        problems.append("%s: %d errors/non-2xx under 16-connection load (%s)" % (target.name, errs, what))
+    return median(rates)
+
+
+def installer_env():
+    """pip's and uv's environment: no index, config or proxy of this machine leaks in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.upper().startswith(("PIP_", "UV_"))
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(PIP_CONFIG_FILE=os.devnull, UV_NO_CONFIG="1", UV_PYTHON_DOWNLOADS="never",
+               no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
+    return env
+
+
+def find_uv():
+    for cand in ("/tmp/dv/bin/uv", shutil.which("uv")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def install_times(tool, python, uv, index_url, wanted, runs):
+    """Median wall time of installing ``wanted[0]`` (which pulls in all of ``wanted``)
+    into a new --target directory with pip or uv, caches off; one warm-up run first."""
     times = []
-    for i in range(runs + 1):  # the first run warms the index and is not counted
-        target_dir = mkdtemp("bench-pip-")
+    for i in range(runs + 1):
+        target_dir = mkdtemp("bench-%s-" % tool)
+        if tool == "pip":
+            cmd = [python, "-m", "pip", "install", "--isolated", "--no-cache-dir",
+                   "--disable-pip-version-check", "--no-input", "--quiet", "--target",
+                   target_dir, "--index-url", index_url, wanted[0]]
+        else:
+            cmd = [uv, "pip", "install", "--no-config", "--no-cache", "--quiet", "--python",
+                   python, "--target", target_dir, "--default-index", index_url, wanted[0]]
         t0 = time.monotonic()
-        r = subprocess.run([pip_python, "-m", "pip", "install", "--isolated", "--no-cache-dir",
-                            "--disable-pip-version-check", "--no-input", "--quiet", "--target",
-                            target_dir, "--index-url", index_url] + packages,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, env=env, timeout=300)
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=installer_env(), timeout=300,
+                           cwd=target_dir)
         dt = time.monotonic() - t0
+        got = {e.split("-")[0] for e in os.listdir(target_dir) if e.endswith(".dist-info")}
         shutil.rmtree(target_dir, ignore_errors=True)
         TMPDIRS.remove(target_dir)
         if r.returncode:
-            raise RuntimeError("pip install failed: %s" % r.stdout.decode()[-1500:])
+            raise RuntimeError("%s install failed: %s" % (tool, r.stdout.decode()[-1500:]))
+        missing = {re.sub(r"[-_.]+", "_", w) for w in wanted} - got
+        if missing:
+            raise RuntimeError("%s installed %d packages, %d missing (e.g. %s)"
+                               % (tool, len(got), len(missing), sorted(missing)[:3]))
         if i:
             times.append(dt)
     return statistics.median(times)
+
+
+def drop_caches():
+    """Write back and drop the page cache, so that the next step reads from disk;
+    False (quietly) where that is not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def count_files(top):
+    return sum(len(files) for _, _, files in os.walk(top))
 
 
 def inprocess_start(runs):
@@ -554,6 +635,309 @@ def inprocess_start(runs):
 
 
 # ----------------------------------------------------------------------------------
+# Fake upstream (the mirror scenarios)
+# ----------------------------------------------------------------------------------
+
+SYLLABLES = ("py", "data", "flask", "auth", "core", "lib", "test", "cloud", "json", "web", "ml",
+             "sql", "async", "http", "tool", "kit", "utils", "client", "api", "grid", "net",
+             "log", "cli", "xml", "img", "geo", "stats", "bio", "aws", "cache", "queue")
+
+
+def upstream_names(n):
+    """``n`` distinct project names, the same every run, varied like a public index's
+    (mixed case; '-', '_', '.' or no separator; 5 to ~20 characters). The trailing
+    number is the name's position, so no two names normalize alike."""
+    k = len(SYLLABLES)
+    seps = ("-", "", "_", "-", ".", "")
+    out = []
+    for i in range(n):
+        name = "%s%s%s%d" % (SYLLABLES[i % k], seps[(i // 7) % 6], SYLLABLES[(i // k) % k], i)
+        out.append(name.capitalize() if i % 13 == 0 else name)
+    return out
+
+
+def normalize(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wants_json(accept):
+    """Whether an Accept header prefers PEP 691 JSON over HTML (q-values honoured)."""
+    best = {"json": -1.0, "html": -1.0}
+    for part in (accept or "").split(","):
+        bits = [b.strip() for b in part.split(";")]
+        q = 1.0
+        for b in bits[1:]:
+            if b.startswith("q="):
+                try:
+                    q = float(b[2:])
+                except ValueError:
+                    q = 0.0
+        kind = {JSON_ACCEPT: "json", "application/vnd.pypi.simple.latest+json": "json",
+                "text/html": "html", "application/vnd.pypi.simple.v1+html": "html",
+                "application/vnd.pypi.simple.latest+html": "html", "*/*": "html"}.get(bits[0])
+        if kind:
+            best[kind] = max(best[kind], q)
+    return best["json"] > 0 and best["json"] >= best["html"]
+
+
+class _UpstreamHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout):
+            pass  # a client hung up; not our measurement
+
+    def do_GET(self):
+        up = self.server.upstream
+        path = urlsplit(self.path).path
+        with up.lock:
+            up.hits[path] = up.hits.get(path, 0) + 1
+        js = wants_json(self.headers.get("Accept"))
+        body, ctype = None, None
+        if path == "/simple/":
+            body, ctype = (up.root_json, JSON_ACCEPT) if js else (up.root_html, "text/html; charset=utf-8")
+        elif path.startswith("/simple/") and path.endswith("/"):
+            page = up.pages.get(normalize(path[len("/simple/"):-1]))
+            if page is not None:
+                body, ctype = (page[1], JSON_ACCEPT) if js else (page[0], "text/html; charset=utf-8")
+        elif path.startswith("/files/"):
+            body = up.files.get(path[len("/files/"):])
+            ctype = "application/octet-stream"
+        if body is None:
+            body, ctype = b"not found\n", "text/plain"
+            self.send_response(404)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-PyPI-Last-Serial", str(up.serial))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class FakeUpstream:
+    """A read-only index on 127.0.0.1 shaped like a big public one: a root listing of
+    ``nprojects`` names, one of them ``mirrorpkg``, the one project with a page: 20 files
+    (10 versions, wheel + sdist). Pages in PEP 691 JSON or HTML by Accept, files at /files/.
+    Every body is made once beforehand, so serving costs next to nothing."""
+
+    def __init__(self, nprojects):
+        self.n = nprojects
+        self.serial = 20000000 + nprojects
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UpstreamHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.upstream = self
+        self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
+        self.simple_url = self.url + "simple/"
+        # mirrorpkg is listed too: devpi-server serves only projects upstream lists
+        names = upstream_names(nprojects - 1) + ["mirrorpkg"]
+        serials = [10000000 + (i * 7919) % 10000000 for i in range(nprojects)]
+        self.root_html = "".join(
+            ['<!DOCTYPE html>\n<html>\n  <head>\n    <meta name="pypi:repository-version" '
+             'content="1.1">\n    <title>Simple index</title>\n  </head>\n  <body>\n']
+            + ['    <a href="/simple/%s/">%s</a>\n' % (normalize(n), n) for n in names]
+            + ["  </body>\n</html>\n"]).encode()
+        self.root_json = ('{"meta": {"_last-serial": %d, "api-version": "1.1"}, "projects": [%s]}'
+                          % (self.serial, ", ".join('{"_last-serial": %d, "name": "%s"}' % x
+                                                    for x in zip(serials, names)))).encode()
+        del names, serials
+        self.files, entries = {}, []
+        for i in range(10):
+            v = "2.%d" % i
+            for fn, data, _, _ in (make_wheel("mirrorpkg", v), make_sdist("mirrorpkg", v)):
+                self.files[fn] = data
+                entries.append({"filename": fn, "url": self.url + "files/" + fn,
+                                "hashes": {"sha256": hashlib.sha256(data).hexdigest()},
+                                "requires-python": ">=3.8", "size": len(data),
+                                "upload-time": "2024-01-01T00:00:00.000000Z", "yanked": False})
+        page_json = json.dumps({"meta": {"api-version": "1.1", "_last-serial": self.serial},
+                                "name": "mirrorpkg", "versions": ["2.%d" % i for i in range(10)],
+                                "files": entries}).encode()
+        page_html = ("<!DOCTYPE html>\n<html><head><meta name=\"pypi:repository-version\" "
+                     "content=\"1.1\"><title>Links for mirrorpkg</title></head><body>\n"
+                     "<h1>Links for mirrorpkg</h1>\n"
+                     + "".join('<a href="%s#sha256=%s" data-requires-python="&gt;=3.8">%s</a><br />\n'
+                               % (e["url"], e["hashes"]["sha256"], e["filename"]) for e in entries)
+                     + "</body></html>\n").encode()
+        self.pages = {"mirrorpkg": (page_html, page_json)}
+        self.thread = None
+        self.hits, self.lock = {}, threading.Lock()  # path -> GETs answered
+
+    def count(self, path):
+        with self.lock:
+            return self.hits.get(path, 0)
+
+    def start(self):
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread is not None:
+            self.httpd.shutdown()
+            self.thread = None
+        self.httpd.server_close()
+
+
+def root_count(body, resp, fmt):
+    """Projects listed in a root listing body (gunzipped when the server gzipped it)."""
+    if resp.getheader("Content-Encoding", "") == "gzip":
+        body = gzip.decompress(body)
+    if fmt == "json":
+        return len(json.loads(body)["projects"])
+    return body.count(b"<a ")
+
+
+def run_mirror(target, cfg, upstream, R, problems):
+    """The mirror scenarios on a fresh server of ``target`` that may go upstream, with
+    root/pypi mirroring the fake upstream: the root listing (first and later requests),
+    then the cached project page under load, then the server's peak RSS."""
+    name = target.name
+    target.online = True
+    try:
+        target.start(fresh=True)
+    finally:
+        target.online = False
+    try:
+        target.make_mirror(upstream.simple_url)
+        root_hits = upstream.count("/simple/")
+        root = "/root/pypi/+simple/"
+        c = Client(target.port, timeout=600)
+        t0 = time.perf_counter()
+        st, body, resp = c.request("GET", root, headers={"Accept": HTML_ACCEPT})
+        R["mirror_root_first"] = time.perf_counter() - t0
+        n = root_count(body, resp, "html") if st == 200 else 0
+        if n != upstream.n:
+            problems.append("%s: mirror root listing (first request) answered %s with %d of %d "
+                            "projects" % (name, st, n, upstream.n))
+        say("  mirror root, %d upstream projects: first request %.2fs (%d MB)"
+            % (upstream.n, R["mirror_root_first"], len(body) >> 20))
+        del body
+        for fmt, accept in (("html", HTML_ACCEPT), ("json", JSON_ACCEPT)):
+            for gz in (False, True):
+                key = "mirror_root_%s%s" % (fmt, "_gz" if gz else "")
+                headers = {"Accept": accept}
+                if gz:
+                    headers["Accept-Encoding"] = "gzip"
+                st, body, resp = c.request("GET", root, headers=headers)
+                ctype = resp.getheader("Content-Type", "")
+                if fmt == "json" and "json" not in ctype:
+                    problems.append("%s: mirror root listing has no PEP 691 JSON (got %r)" % (name, ctype))
+                    break
+                n = root_count(body, resp, fmt) if st == 200 else 0
+                if n != upstream.n:
+                    problems.append("%s: mirror root listing (%s%s) answered %s with %d of %d projects"
+                                    % (name, fmt, ", gzip" if gz else "", st, n, upstream.n))
+                zipped = resp.getheader("Content-Encoding", "") == "gzip"
+                if gz and not zipped and name == "minidevpi":  # (devpi-server never gzips)
+                    problems.append("%s: mirror root listing (%s) not gzipped although asked" % (name, fmt))
+                size = len(body)
+                del body
+                times = []
+                for _ in range(cfg.mirror_root_n):
+                    t0 = time.perf_counter()
+                    st, _, _ = c.request("GET", root, headers=headers)
+                    times.append(time.perf_counter() - t0)
+                    if st != 200:
+                        problems.append("%s: mirror root listing answered %s" % (name, st))
+                R[key] = median(times)
+                say("  mirror root, later, %s%s: %.0f ms (%.1f MB%s)"
+                    % (fmt, " + Accept-Encoding: gzip" if gz else "", R[key] * 1e3, size / 1e6,
+                       " gzipped" if zipped else ""))
+        c.close()
+        if upstream.count("/simple/") - root_hits != 1:
+            problems.append("%s: asked upstream for the project list %d times, expected once"
+                            % (name, upstream.count("/simple/") - root_hits))
+        page = root + "mirrorpkg/"
+        nh = len(file_links(target.port, page))   # the first request fetches and keeps it
+        nj = count_json_files(target.port, page)
+        if nh != 20 or nj not in (None, 20):
+            problems.append("%s: mirror project page lists %d files (HTML), %s (JSON), expected 20"
+                            % (name, nh, nj))
+        page_hits = upstream.count("/simple/mirrorpkg/")
+        for fmt, accept in (("html", HTML_ACCEPT), ("json", JSON_ACCEPT)):
+            if fmt == "json" and nj is None:
+                continue
+            R["mirror_page_rps_" + fmt] = page_rate(target, page, accept, cfg, problems,
+                                                    "mirror %s page" % fmt)
+            say("  mirror project page (cached) %s: %.0f req/s (16 conns)"
+                % (fmt, R["mirror_page_rps_" + fmt]))
+        if upstream.count("/simple/mirrorpkg/") != page_hits:
+            problems.append("%s: the mirror project page was fetched upstream %d times during the "
+                            "load (not served from its cache)"
+                            % (name, upstream.count("/simple/mirrorpkg/") - page_hits))
+        R["mirror_rss"] = vm_hwm_mb(target.proc.pid)
+        say("  mirror server peak RSS (VmHWM): %.1f MB" % R["mirror_rss"])
+    finally:
+        target.discard()
+
+
+# ----------------------------------------------------------------------------------
+# Export and import (minidevpi only) against cp -r
+# ----------------------------------------------------------------------------------
+
+def xfer_wheel(name, version, size):
+    return make_wheel(name, version, os.urandom(size))
+
+
+def run_export_import(cfg, R, problems):
+    """Fill a minidevpi server with ``cfg.xfer_files`` files of random bytes, stop it, then
+    time ``cp -r`` of its directory, ``minidevpi export`` of it and ``minidevpi import`` of
+    that export, the page cache dropped before each (where permitted)."""
+    t = Minidevpi(None)
+    t.start(fresh=True)
+    try:
+        t.setup()
+        jobs = []
+        for p in range(cfg.xfer_files // 5):
+            pname = "xfer%05d" % p
+            jobs += [(pname, "1.%d" % v, functools.partial(xfer_wheel, pname, "1.%d" % v,
+                                                             cfg.xfer_kb * 1024)) for v in range(5)]
+        secs = fill(t, jobs, problems=problems)
+        t.stop()
+        src = t.serverdir()
+        blobs = count_files(os.path.join(src, "+files"))
+        mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 1e6
+        say("  export/import: %d files uploaded in %.1fs; server dir %.0f MB"
+            % (len(jobs), secs, mb))
+        times = {"cp": [], "export": [], "import": []}
+        cold = True
+        for i in range(cfg.xfer_runs):
+            steps = (("cp", ["cp", "-r", src, os.path.join(t.dir, "cp")]),
+                     ("export", [sys.executable, MINIDEVPI, "export", "-q", "--serverdir", src,
+                                 os.path.join(t.dir, "export")]),
+                     ("import", [sys.executable, MINIDEVPI, "import", "-q", "--no-root-pypi",
+                                 "--serverdir", os.path.join(t.dir, "import"),
+                                 os.path.join(t.dir, "export")]))
+            for step, cmd in steps:
+                cold = drop_caches() and cold
+                t0 = time.monotonic()
+                r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=3600)
+                times[step].append(time.monotonic() - t0)
+                if r.returncode:
+                    raise RuntimeError("%s failed: %s" % (step, r.stdout.decode()[-1500:]))
+            if i == 0:
+                got = count_files(os.path.join(t.dir, "import", "+files"))
+                if got != blobs:
+                    problems.append("minidevpi: import holds %d stored files, the exported server %d"
+                                    % (got, blobs))
+            for d in ("cp", "export", "import"):
+                shutil.rmtree(os.path.join(t.dir, d))
+        for step in times:
+            R["xfer_" + step] = median(times[step])
+        R["xfer_cold"] = cold
+        say("  cp -r %.2fs, export %.2fs, import %.2fs (%s cache)"
+            % (R["xfer_cp"], R["xfer_export"], R["xfer_import"], "cold" if cold else "warm"))
+    finally:
+        t.discard()
+
+
+# ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
 
@@ -572,6 +956,18 @@ class Cfg:
         self.root_n = 5 if quick else 15
         self.growth_up = 5 if quick else 15
         self.pip_runs = 1 if quick else 3
+        self.upstream_projects = 600000
+        self.mirror_root_n = 3 if quick else 7
+        self.xfer_files = 1000 if quick else 10000
+        self.xfer_kb = 100
+        self.xfer_runs = 1 if quick else 3
+
+
+CHAIN = 30
+
+
+def chain_name(k):
+    return "bench-chain-%02d" % k
 
 
 class Data:
@@ -582,18 +978,22 @@ class Data:
         for i in range(10):
             v = "1.%d" % i
             self.page += [("pagepkg", v, make_wheel("pagepkg", v)), ("pagepkg", v, make_sdist("pagepkg", v))]
-        self.pip = [("benchlib-a", "1.0", make_wheel("benchlib-a", "1.0")),
-                    ("benchlib-b", "2.0", make_wheel("benchlib-b", "2.0")),
-                    ("benchapp", "1.0", make_wheel("benchapp", "1.0",
-                                                   requires=("benchlib-a>=1", "benchlib-b")))]
-        self.pip_packages = ["benchapp", "benchlib-a"]
+        # the install scenario: bench-chain-01 requires -02, which requires -03 ... -30;
+        # every fifth also requires the one five further on; versions 1.0 and 1.1 of each
+        self.chain = []
+        for k in range(1, CHAIN + 1):
+            reqs = ["%s>=1.0" % chain_name(k + 1)] if k < CHAIN else []
+            if k % 5 == 1 and k + 5 <= CHAIN:
+                reqs.append(chain_name(k + 5))
+            self.chain += [(chain_name(k), v, make_wheel(chain_name(k), v, requires=reqs))
+                           for v in ("1.0", "1.1")]
+        self.chain_names = [chain_name(k) for k in range(1, CHAIN + 1)]
         mb = os.urandom(1 << 20)
         self.up1 = [("uploadpkg", "1.%d" % i, make_wheel("uploadpkg", "1.%d" % i, mb[:(1 << 20) - 2048]))
                     for i in range(cfg.up1)]
         self.up8 = [("uploadpkg", "8.%d" % i, make_wheel("uploadpkg", "8.%d" % i, mb[:(1 << 20) - 2048]))
                     for i in range(cfg.up8)]
         self.big = ("bigpkg", "1.0", make_wheel("bigpkg", "1.0", os.urandom(cfg.dl_mb << 20)))
-        self.growth_up = {}
         n = 0
         self.filler = []   # filler projects up to cfg.many
         while n < cfg.many:
@@ -606,7 +1006,7 @@ class Data:
                 for i in range(n)]
 
 
-def run_target(target, cfg, data, pip_python, results, problems):
+def run_target(target, cfg, data, pip_python, uv, results, problems):
     R = results.setdefault(target.name, {})
     name = target.name
     # 1. startup
@@ -621,8 +1021,10 @@ def run_target(target, cfg, data, pip_python, results, problems):
 
     target.start(fresh=True)
     target.setup()
-    fill(target, data.page + data.pip, workers=1)
-    fill(target, data.filler[:100 - 4], problems=problems)
+    fill(target, data.page, workers=1)
+    fill(target, data.chain, problems=problems)
+    first = 100 - 1 - CHAIN  # fillers to ~100 projects, with pagepkg and the chain
+    fill(target, data.filler[:first], problems=problems)
     # 6a. growth baseline at ~100 projects
     page = target.simple_root() + "pagepkg/"
     R["g100_page"], _ = latency(target.port, page, cfg.lat_n // 2, {"Accept": HTML_ACCEPT})
@@ -631,24 +1033,16 @@ def run_target(target, cfg, data, pip_python, results, problems):
         problems.append("%s: growth uploads at 100 projects: %d failed: %s" % (name, f, notes[:2]))
 
     # 2. project page
-    nfiles = len(file_links(target, "pagepkg"))
+    nfiles = len(file_links(target.port, page))
     if nfiles != 20:
         problems.append("%s: project page lists %d files, expected 20" % (name, nfiles))
-    nj = count_json_files(target, "pagepkg")
-    R["json_ok"] = nj is not None
+    nj = count_json_files(target.port, page)
     if nj is not None and nj != 20:
         problems.append("%s: PEP 691 JSON project page lists %d files, expected 20" % (name, nj))
     for fmt, accept in (("html", HTML_ACCEPT), ("json", JSON_ACCEPT)):
         if fmt == "json" and nj is None:
             continue
-        rates, errs = [], 0
-        for _ in range(cfg.load_runs):
-            r, e = LOAD(target.port, page, {"Accept": accept}, 16, cfg.load_seconds)
-            rates.append(r)
-            errs += e
-        R["page_rps_" + fmt] = median(rates)
-        if errs:
-            problems.append("%s: %d errors/non-2xx under 16-connection load (%s page)" % (name, errs, fmt))
+        R["page_rps_" + fmt] = page_rate(target, page, accept, cfg, problems, "%s page" % fmt)
         R["page_lat_" + fmt], bad = latency(target.port, page, cfg.lat_n, {"Accept": accept})
         if bad:
             problems.append("%s: %d non-200 answers (%s page, 1 connection)" % (name, bad, fmt))
@@ -667,27 +1061,30 @@ def run_target(target, cfg, data, pip_python, results, problems):
     # 4. 50 MB download
     fill(target, [data.big], workers=1)
     big_fn = data.big[2][0]
-    links = [p for p in file_links(target, "bigpkg") if p.endswith(big_fn)]
+    links = [p for p in file_links(target.port, target.simple_root() + "bigpkg/")
+             if p.endswith(big_fn)]
     if not links:
         problems.append("%s: no link to %s" % (name, big_fn))
     else:
         R["download"] = throughput(target.port, links[0], cfg.dl_runs, len(data.big[2][1]))
         say("  download %d MB: %.0f MB/s" % (cfg.dl_mb, R["download"]))
 
-    # 7. pip install
-    if pip_python:
-        url = "http://127.0.0.1:%d%s" % (target.port, target.simple_root())
+    # 7. pip and uv install of the chain
+    url = "http://127.0.0.1:%d%s" % (target.port, target.simple_root())
+    for tool, ok in (("pip", pip_python), ("uv", pip_python and uv)):
+        if not ok:
+            continue
         try:
-            R["pip"] = pip_install(pip_python, url, data.pip_packages, cfg.pip_runs)
-            say("  pip install %s: %.2fs" % (" ".join(data.pip_packages), R["pip"]))
+            R[tool] = install_times(tool, pip_python, uv, url, data.chain_names, cfg.pip_runs)
+            say("  %s install %s (all %d): %.2fs" % (tool, data.chain_names[0], CHAIN, R[tool]))
         except Exception as e:
-            problems.append("%s: pip install: %s" % (name, e))
+            problems.append("%s: %s install: %s" % (name, tool, e))
 
     # 5. + 6b. many projects
-    t = fill(target, data.filler[100 - 4:], problems=problems)
+    t = fill(target, data.filler[first:], problems=problems)
     say("  filled to %d projects in %.1fs (%.1f uploads/s, 8 uploaders)"
-        % (cfg.many, t, len(data.filler[100 - 4:]) / t))
-    R["fill_rate"] = len(data.filler[100 - 4:]) / t
+        % (cfg.many, t, len(data.filler[first:]) / t))
+    R["fill_rate"] = len(data.filler[first:]) / t
     R["root"], bad = latency(target.port, target.simple_root(), cfg.root_n, {"Accept": HTML_ACCEPT})
     c = Client(target.port)
     st, body, _ = c.request("GET", target.simple_root(), headers={"Accept": HTML_ACCEPT})
@@ -709,7 +1106,8 @@ def run_target(target, cfg, data, pip_python, results, problems):
     target.discard()
 
 
-# (key, label, unit, scale, kind) -- kind "time": lower is better; "rate": higher is better
+# (key, label, unit, scale, kind) -- kind "time": lower is better (times, MB); "rate": higher
+# is better; "count" and "info": no ratio
 ROWS = [
     ("start_fresh", "start → first answer, fresh dir", "ms", 1e3, "time"),
     ("start_inproc", "  in-process minidevpi.Server (vs peers' subprocess)", "ms", 1e3, "time"),
@@ -728,13 +1126,25 @@ ROWS = [
     ("growth_page", "growth 100→{many}: project page latency", "x", 1, "info"),
     ("growth_upload", "growth 100→{many}: upload latency", "x", 1, "info"),
     ("rss", "peak RSS of the server (VmHWM)", "MB", 1, "info"),
-    ("pip", "pip install 3 packages, warm index", "s", 1, "time"),
+    ("mirror_page_rps_html", "mirror project page, cached, 20 files, HTML, 16 conns", "req/s", 1, "rate"),
+    ("mirror_page_rps_json", "mirror project page, cached, 20 files, JSON, 16 conns", "req/s", 1, "rate"),
+    ("mirror_root_first", "mirror root listing, {upstream} upstream projects: first", "s", 1, "time"),
+    ("mirror_root_html", "  later requests, HTML, median", "ms", 1e3, "time"),
+    ("mirror_root_html_gz", "  later requests, HTML, gzip, median", "ms", 1e3, "time"),
+    ("mirror_root_json", "  later requests, JSON, median", "ms", 1e3, "time"),
+    ("mirror_root_json_gz", "  later requests, JSON, gzip, median", "ms", 1e3, "time"),
+    ("mirror_rss", "  peak RSS of the mirror server (VmHWM)", "MB", 1, "time"),
+    ("xfer_cp", "cp -r of a server dir with {xfer} files (reference)", "s", 1, "info"),
+    ("xfer_export", "export {xfer} files", "s", 1, "info"),
+    ("xfer_import", "import {xfer} files", "s", 1, "info"),
+    ("pip", "pip install 30 packages (chain), warm index", "s", 1, "time"),
+    ("uv", "uv pip install 30 packages (chain), warm index", "s", 1, "time"),
 ]
 
 # key -> list of (description, check(results) -> bool or None when not measurable)
 
 
-def targets(res, many):
+def targets(res):
     m = res.get("minidevpi", {})
     d = res.get("devpi-server", {})
     p = res.get("pypiserver", {})
@@ -766,6 +1176,21 @@ def targets(res, many):
     for key in ("growth_page", "growth_upload"):
         add(key, "≤1.5x", None if m.get(key) is None else m[key] <= 1.5)
     add("rss", "< 60 MB", None if m.get("rss") is None else m["rss"] < 60)
+    for fmt in ("html", "json"):
+        a, b = m.get("mirror_page_rps_" + fmt), m.get("page_rps_" + fmt)
+        r = None if a is None or not b else a / b
+        add("mirror_page_rps_" + fmt, "≥0.8x private page" + ("" if r is None else ": %.2fx" % r),
+            None if r is None else r >= 0.8)
+    for key in ("mirror_root_html", "mirror_root_html_gz", "mirror_root_json", "mirror_root_json_gz"):
+        add(key, "< 300 ms", None if m.get(key) is None else m[key] < 0.3)
+    add("mirror_rss", "< 150 MB", None if m.get("mirror_rss") is None else m["mirror_rss"] < 150)
+    for key in ("xfer_export", "xfer_import"):
+        a, b = m.get(key), m.get("xfer_cp")
+        r = None if a is None or not b else a / b
+        add(key, "≤2x cp -r" + ("" if r is None else ": %.2fx" % r), None if r is None else r <= 2.0)
+    for key in ("pip", "uv"):
+        a, b = m.get(key), d.get(key)
+        add(key, "≤ devpi", None if a is None or b is None else a <= b)
     return out
 
 
@@ -790,7 +1215,7 @@ def fmt_ratio(m, peer, kind):
 
 
 def print_table(res, cfg, names):
-    tg = targets(res, cfg.many)
+    tg = targets(res)
     head = ["scenario", "unit"]
     for n in names:
         head.append(n)
@@ -799,7 +1224,8 @@ def print_table(res, cfg, names):
     head += ["target", "ok"]
     rows = []
     for key, label, unit, scale, kind in ROWS:
-        label = label.format(many=cfg.many)
+        label = label.format(many=cfg.many, upstream="{:,}".format(cfg.upstream_projects),
+                             xfer="{:,}".format(cfg.xfer_files))
         row = [label, unit]
         for n in names:
             v = res.get(n, {}).get(key)
@@ -870,42 +1296,66 @@ def main(argv=None):
     pip_python = args.peers_python if os.access(args.peers_python, os.X_OK) else sys.executable
     if subprocess.run([pip_python, "-m", "pip", "--version"], stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL).returncode:
-        say("pip not available; the pip install scenario is skipped")
+        say("pip not available; the pip and uv install scenarios are skipped")
         pip_python = None
+    uv = find_uv()
+    if pip_python and not uv:
+        say("uv not found (/tmp/dv/bin/uv or PATH); the uv install scenario is skipped")
     say("load generator: %s; %s mode" % ("wrk" if LOAD is load_wrk else "threads (wrk not on PATH)",
                                          "quick" if cfg.quick else "full"))
     t_all = time.monotonic()
     say("generating distributions ...")
     data = Data(cfg)
     results, problems = {}, []
+    upstream = None
     try:
+        if any(isinstance(t, DevpiLike) for t in tgts):
+            t0 = time.monotonic()
+            upstream = FakeUpstream(cfg.upstream_projects)
+            upstream.start()
+            say("fake upstream with %d projects at %s (%.1fs to make, root listing %d MB HTML, "
+                "%d MB JSON)" % (upstream.n, upstream.simple_url, time.monotonic() - t0,
+                                 len(upstream.root_html) >> 20, len(upstream.root_json) >> 20))
         for t in tgts:
             say("%s:" % t.name)
-            try:
-                run_target(t, cfg, data, pip_python, results, problems)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                problems.append("%s: run aborted: %s" % (t.name, e))
-                say("  aborted: %s" % e)
-                try:
-                    say("  server log tail: " + open(t.log(), errors="replace").read()[-1500:])
-                except (OSError, TypeError):
-                    pass
-                t.discard()
+            R = results.setdefault(t.name, {})
+            phases = [("run", lambda: run_target(t, cfg, data, pip_python, uv, results, problems))]
+            if isinstance(t, DevpiLike):
+                phases.append(("mirror run", lambda: run_mirror(t, cfg, upstream, R, problems)))
             if t.name == "minidevpi":
-                results["minidevpi"]["start_inproc"] = inprocess_start(cfg.start_runs)
+                phases.append(("export/import run", lambda: run_export_import(cfg, R, problems)))
+            for what, fn in phases:
+                try:
+                    fn()
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    problems.append("%s: %s aborted: %s" % (t.name, what, e))
+                    say("  aborted: %s" % e)
+                    try:
+                        say("  server log tail: " + open(t.log(), errors="replace").read()[-1500:])
+                    except (OSError, TypeError):
+                        pass
+                    t.discard()
+            if t.name == "minidevpi":
+                R["start_inproc"] = inprocess_start(cfg.start_runs)
     except KeyboardInterrupt:
         say("interrupted; stopping servers and removing temporary directories")
         cleanup()
         return 130
     finally:
+        if upstream is not None:
+            upstream.stop()
         cleanup()
     print()
     print("minidevpi benchmarks (%s, %d CPUs, Python %s, load: %s), %.0fs"
           % ("quick" if cfg.quick else "full", os.cpu_count(), sys.version.split()[0],
              "wrk" if LOAD is load_wrk else "threads", time.monotonic() - t_all))
     fails = print_table(results, cfg, names)
+    cold = results.get("minidevpi", {}).get("xfer_cold")
+    if cold is not None:
+        print("export/import and cp -r: " + ("page cache dropped before each timed step" if cold else
+                                             "page cache NOT dropped (not permitted): warm-cache figures"))
     if fails:
         print("\nmissed targets: " + "; ".join("%s %s" % (k, t) for k, t in fails))
     if problems:
