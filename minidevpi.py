@@ -3961,12 +3961,28 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._send_stream(data, resp)
             elif resp.file_path and send_body:
                 with open(resp.file_path, "rb") as f:
-                    self.wfile.write(data)
-                    self.connection.sendfile(f)
+                    self._sendfile(data, f, length)
             else:
                 self.wfile.write(data + resp.body if send_body else data)
         except OSError:
             self.close_connection = True
+
+    def _sendfile(self, head, f, count):
+        """Headers, then the file by the kernel (``socket.sendfile``: it gives up on a
+        client that stops reading for the connection timeout). On Linux TCP_CORK holds
+        the headers back to go out with the file in full-sized segments."""
+        sock = self.connection
+        cork = getattr(socket, "TCP_CORK", None)
+        if cork is None:
+            self.wfile.write(head)
+            sock.sendfile(f, 0, count)
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+        try:
+            self.wfile.write(head)
+            sock.sendfile(f, 0, count)
+        finally:
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
     def _send_stream(self, head, resp):
         """Send chunks as they come; if they fail, cut the connection so the client sees a

@@ -2783,6 +2783,39 @@ def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatc
             assert "evil-1.0.tar.gz" not in files
 
 
+def test_a_download_that_is_never_read_is_cut_off(tmp_path):
+    # the file goes out by sendfile; a client that stops reading must not hold the
+    # server's thread for good: after connection_timeout the server gives up
+    with minidevpi.Server(tmp_path / "srv", root_password="rootpw", offline=True,
+                          connection_timeout=1, max_threads=2) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        whl = make_wheel(tmp_path, "bigpkg", "1.0", extra=os.urandom(48 * 1024 * 1024))
+        srv.upload("alice/dev", whl)
+        page = http(srv.url, path="/alice/dev/+simple/bigpkg/",
+                    headers={"Accept": simple_accept("json")}).json()
+        path = urllib.parse.urljoin("/alice/dev/+simple/bigpkg/", page["files"][0]["url"])
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+        time.sleep(3)  # not reading
+        s.settimeout(10)
+        got = 0
+        try:
+            while True:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+        s.close()
+        assert 0 < got < os.path.getsize(whl)  # cut off, not completed
+        # and the server answers others as before
+        again = http(srv.url, path=path)
+        assert again.status == 200 and len(again.body) == os.path.getsize(whl)
+
+
 def test_failed_logins_slow_down_but_the_right_password_gets_in(tmp_path, monkeypatch):
     waits = []
     monkeypatch.setattr(minidevpi.time, "sleep", lambda s: waits.append(s))

@@ -1006,6 +1006,107 @@ class Data:
                 for i in range(n)]
 
 
+# ----------------------------------------------------------------------------------
+# nginx: the README's caching configuration in front, and nginx serving files itself
+# ----------------------------------------------------------------------------------
+
+def find_nginx():
+    for cand in (shutil.which("nginx"), "/usr/sbin/nginx", "/usr/local/sbin/nginx"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def readme_nginx_block():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        m = re.search(r"```nginx\n(.*?)```", f.read(), re.S)
+    if not m:
+        raise RuntimeError("README.md has no ```nginx block")
+    return m.group(1)
+
+
+class Nginx:
+    """nginx (2 workers) with two servers: the README's caching reverse proxy in front of
+    minidevpi on ``upstream_port``, and a plain static server of ``static_root``."""
+
+    def __init__(self, exe, upstream_port, static_root):
+        self.dir = mkdtemp("nginx")
+        self.proxy_port, self.static_port = free_port(), free_port()
+        site = readme_nginx_block()
+        for old, new in (("127.0.0.1:3141", "127.0.0.1:%d" % upstream_port),
+                         ("listen 80;", "listen 127.0.0.1:%d;" % self.proxy_port),
+                         ("/var/cache/nginx/minidevpi", os.path.join(self.dir, "cache"))):
+            if old not in site:
+                raise RuntimeError("README's nginx block has no %r" % old)
+            site = site.replace(old, new)
+        site += ("\nserver {\n    listen 127.0.0.1:%d;\n    root %s;\n    sendfile on;\n"
+                 "    tcp_nopush on;\n}\n" % (self.static_port, static_root))
+        version = subprocess.run([exe, "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL).stdout.decode()
+        temps = "".join("%s_temp_path %s/%s;\n" % (m, self.dir, m)
+                        for m in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+                        if "--without-http_%s_module" % m not in version)
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(os.path.join(self.dir, "site.conf"), "w") as f:
+            f.write(site)
+        with open(conf, "w") as f:
+            f.write("%sdaemon off;\nworker_processes 2;\npid %s/nginx.pid;\n"
+                    "error_log %s/error.log warn;\nevents { worker_connections 1024; }\n"
+                    "http {\naccess_log off;\n%sinclude %s/site.conf;\n}\n"
+                    % ("user root;\n" if os.geteuid() == 0 else "", self.dir, self.dir, temps,
+                       self.dir))
+        self.proc = popen([exe, "-p", self.dir, "-c", conf], os.path.join(self.dir, "out.log"))
+        for port in (self.proxy_port, self.static_port):
+            wait_answered(port, self.proc, 20)
+
+    def stop(self):
+        stop_proc(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_nginx(target, cfg, data, R, problems):
+    """minidevpi behind the README's nginx configuration, and nginx serving the 50 MB file
+    from disk (the yardstick for minidevpi's own download rate)."""
+    exe = find_nginx()
+    if exe is None:
+        say("  nginx not installed: nginx rows skipped (Debian: apt-get install nginx-light)")
+        return
+    static = mkdtemp("static")
+    big_fn, big_bytes = data.big[2][:2]
+    with open(os.path.join(static, big_fn), "wb") as f:
+        f.write(big_bytes)
+    nginx = Nginx(exe, target.port, static)
+    try:
+        R["nginx_static_dl"] = throughput(nginx.static_port, "/" + big_fn, cfg.dl_runs,
+                                          len(big_bytes))
+        page = target.simple_root() + "pagepkg/"
+        rates, errs = [], 0
+        warm = Client(nginx.proxy_port)
+        warm.request("GET", page, headers={"Accept": HTML_ACCEPT})
+        warm.close()
+        for _ in range(cfg.load_runs):
+            r, e = LOAD(nginx.proxy_port, page, {"Accept": HTML_ACCEPT}, 16, cfg.load_seconds)
+            rates.append(r)
+            errs += e
+        R["nginx_page_rps"] = median(rates)
+        if errs:
+            problems.append("nginx in front: %d errors/non-2xx under load" % errs)
+        links = [p for p in file_links(nginx.proxy_port, target.simple_root() + "bigpkg/")
+                 if p.endswith(big_fn)]
+        if links:
+            throughput(nginx.proxy_port, links[0], 1, len(big_bytes))  # into nginx's cache
+            R["nginx_proxy_dl"] = throughput(nginx.proxy_port, links[0], cfg.dl_runs,
+                                             len(big_bytes))
+        else:
+            problems.append("nginx in front: no link to %s on the page" % big_fn)
+        say("  nginx: static file %.0f MB/s; in front of minidevpi: page %.0f req/s, "
+            "cached file %.0f MB/s" % (R["nginx_static_dl"], R["nginx_page_rps"],
+                                       R.get("nginx_proxy_dl") or 0))
+    finally:
+        nginx.stop()
+        shutil.rmtree(static, ignore_errors=True)
+
+
 def run_target(target, cfg, data, pip_python, uv, results, problems):
     R = results.setdefault(target.name, {})
     name = target.name
@@ -1069,6 +1170,9 @@ def run_target(target, cfg, data, pip_python, uv, results, problems):
         R["download"] = throughput(target.port, links[0], cfg.dl_runs, len(data.big[2][1]))
         say("  download %d MB: %.0f MB/s" % (cfg.dl_mb, R["download"]))
 
+    if name == "minidevpi":
+        run_nginx(target, cfg, data, R, problems)
+
     # 7. pip and uv install of the chain
     url = "http://127.0.0.1:%d%s" % (target.port, target.simple_root())
     for tool, ok in (("pip", pip_python), ("uv", pip_python and uv)):
@@ -1121,6 +1225,9 @@ ROWS = [
     ("up8", "upload 1 MB wheel, 8 uploaders, median", "ms", 1e3, "time"),
     ("up8_fail", "  failures", "", 1, "count"),
     ("download", "download 50 MB file, 1 conn", "MB/s", 1, "rate"),
+    ("nginx_static_dl", "  nginx serving the same file from disk", "MB/s", 1, "info"),
+    ("nginx_proxy_dl", "  through nginx in front (README config), cached", "MB/s", 1, "info"),
+    ("nginx_page_rps", "project page HTML, 16 conns, nginx in front", "req/s", 1, "info"),
     ("root", "root listing, {many} projects, median", "ms", 1e3, "time"),
     ("fill_rate", "fill: small uploads, 8 uploaders", "up/s", 1, "rate"),
     ("growth_page", "growth 100→{many}: project page latency", "x", 1, "info"),
@@ -1173,6 +1280,8 @@ def targets(res):
         add(key, "= 0", None if m.get(key) is None else m[key] == 0)
     a, b = m.get("download"), d.get("download")
     add("download", "≥ devpi", None if a is None or b is None else a >= b)
+    b = m.get("nginx_static_dl")
+    add("download", "≥ nginx÷1.3", None if a is None or b is None else a * 1.3 >= b)
     for key in ("growth_page", "growth_upload"):
         add(key, "≤1.5x", None if m.get(key) is None else m[key] <= 1.5)
     add("rss", "< 60 MB", None if m.get("rss") is None else m["rss"] < 60)
