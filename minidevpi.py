@@ -620,6 +620,20 @@ def _unlink_quiet(path):
         pass
 
 
+def _fsync_dir(path):
+    """Make a rename in ``path`` durable (where the platform can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # ===================================================================================
 # 4. storage
 # ===================================================================================
@@ -713,6 +727,9 @@ class Store:
         self._conns = []
         self._idle = []
         self._conns_lock = threading.Lock()
+        # each blob is fsynced before it is named; an import, which builds a whole new
+        # server beside its target, turns this off and syncs everything once at the end
+        self.sync_each_blob = True
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -876,8 +893,9 @@ class Store:
             _unlink_quiet(tmp_path)
             return dest
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if self.sync_each_blob:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, dest)
         return dest
@@ -4145,7 +4163,7 @@ def pip_index_url(ignore_system_files=False):
 
 
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
-                   mirror_url=None, hash_soon=False):
+                   mirror_url=None, hash_soon=False, root_unusable=False):
     """Create a server directory with root and (unless told not to) root/pypi.
 
     Returns the Store, opened. Refuses a directory that is already initialised.
@@ -4159,7 +4177,9 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     store.create()
     store.open()
     model = Model(store)
-    if root_pwhash is not None:
+    if root_unusable:  # (an import, which gives root its password next)
+        model.create_user(None, "root", {}, pwhash="!none")
+    elif root_pwhash is not None:
         if not is_known_hash(root_pwhash):
             raise bad_request("--root-passwd-hash is not a hash minidevpi can check "
                               "(scrypt$... or pbkdf2_sha256$..., as written by minidevpi)")
@@ -4409,9 +4429,12 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
     With ``stage_dir``, each file is also copied (or linked) there while it is read, so an
     import reads every file once; ``notes["staged"]`` maps relpath -> (sha256, staged path).
     """
+    import concurrent.futures
     problems = []
     notes = notes if notes is not None else {}
     staged = notes.setdefault("staged", {})
+    queued, jobs = {}, []
+    pool = concurrent.futures.ThreadPoolExecutor(4)
     users = data["users"]
     for name, u in users.items():
         if not isinstance(u, dict):
@@ -4474,41 +4497,78 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             if ix["indexconfig"]["type"] == "mirror" and f["type"] == "releasefile" and not (
                     isinstance(f.get("entrymapping"), dict) and f["entrymapping"].get("url")):
                 problems.append("%s: mirrored file %s has no entrymapping.url" % (path, rel))
-            full = os.path.join(dump, *parts)
-            if not os.path.isfile(full):
-                problems.append("%s: the file at %s is missing" % (path, rel))
-                continue
-            want = _want_sha256(f)
-            if stage_dir is not None and rel not in staged:
-                dest = os.path.join(stage_dir, "%d" % len(staged))
-                got = _stage_file(full, dest, hard_links, notes)
-                staged[rel] = (got, dest)
-            else:
-                got = _file_sha256(full)
-            if want is not None and got != want:
-                problems.append("%s: %s: sha256 mismatch" % (path, rel))
-            if progress is not None:
-                progress.add(os.path.getsize(full))
+            job = queued.get(rel)
+            if job is None:  # (the same file in two indexes is read once)
+                dest = None
+                if stage_dir is not None:
+                    dest = os.path.join(stage_dir, "%d" % len(queued))
+                wheel = f["type"] == "releasefile" and rel.endswith(".whl")
+                job = queued[rel] = pool.submit(
+                    _stage_file, os.path.join(dump, *parts), dest, hard_links, notes, wheel)
+            jobs.append((path, rel, _want_sha256(f), job))
+    # the files are read (hashed, copied, a wheel's metadata taken) by a few threads: the
+    # reading waits on the disk, the hashing and copying let go of the GIL
+    for path, rel, want, job in jobs:
+        try:
+            got, size, dest, core = job.result()
+        except FileNotFoundError:
+            problems.append("%s: the file at %s is missing" % (path, rel))
+            continue
+        except IsADirectoryError:
+            problems.append("%s: the file at %s is not a file" % (path, rel))
+            continue
+        if dest is not None:
+            staged[rel] = (got, dest)
+            if core is not None:
+                notes.setdefault("core", {})[rel] = core  # (sha256, staged path) or None
+        if want is not None and got != want:
+            problems.append("%s: %s: sha256 mismatch" % (path, rel))
+        if progress is not None:
+            progress.add(size)
+    pool.shutdown()
     cyc = _base_cycle(data["indexes"])
     if cyc:
         problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
     return problems
 
 
-def _stage_file(src, dest, hard_links, notes):
-    """Link or copy ``src`` to ``dest``, reading it once; returns its sha256."""
+def _stage_file(src, dest, hard_links, notes, wheel=False):
+    """Hash ``src`` and, given a ``dest``, link or copy it there, reading it once.
+    Returns (sha256, size, dest or None, a wheel's core metadata or None)."""
+    if not os.path.isfile(src):
+        raise (IsADirectoryError if os.path.exists(src) else FileNotFoundError)(src)
+    if dest is None:
+        return _file_sha256(src), os.path.getsize(src), None, None
     if hard_links and not notes.get("no_links"):
         try:
             os.link(src, dest)
-            return _file_sha256(dest)
+            return _file_sha256(dest), os.path.getsize(dest), dest, _core_or_none(dest, wheel)
         except OSError as e:
             notes["no_links"] = "hard links are not possible here (%s): files were copied" % e
     h = hashlib.sha256()
+    size = 0
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         for chunk in iter(lambda: fin.read(1024 * 1024), b""):
             h.update(chunk)
             fout.write(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
+
+
+def _core_or_none(path, wheel):
+    """A wheel's METADATA, read right after the copy (still in the page cache) and
+    staged beside it: (sha256, path), or False for a wheel without one."""
+    if not wheel:
+        return None
+    try:
+        data = read_core_metadata(path, os.path.basename(path) + ".whl")
+    except HTTPError:
+        data = None
+    if not data:
+        return False
+    with open(path + ".metadata", "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest(), path + ".metadata"
 
 
 def _version_of(f):
@@ -4603,7 +4663,9 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         has_pypi = "root/pypi" in data["indexes"]
         store, model = init_serverdir(
             building, root_password=root_password if root_pwhash is None else None,
-            root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi)
+            root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi,
+            root_unusable=root_password is None and root_pwhash is None)
+        store.sync_each_blob = False  # 10,000 fsyncs cost more than the copying
         needs_password = _import_users(store, data["users"], root_password, root_pwhash)
         if "root" in needs_password or ("root" not in data["users"] and root_password is None
                                         and root_pwhash is None):
@@ -4617,9 +4679,13 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         _import_indexes(store, model, dump, data["indexes"], root_pypi, skip_types,
                         hard_links, notes, told, Progress("imported", nfiles, quiet))
         store.close()
+        # everything copied and written is on disk before the server exists under its
+        # name: one sync instead of one per file
+        os.sync()
         if os.path.isdir(serverdir):
             os.rmdir(serverdir)  # empty, checked above
         os.rename(building, serverdir)
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -4767,11 +4833,19 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
                          "src": em.get("url")}]
         core = None
         if filename.endswith(".whl") and f["type"] == "releasefile":
-            try:
-                meta_bytes = read_core_metadata(dest, filename)
+            staged_core = notes.get("core", {}).get(f["relpath"])
+            if staged_core:
+                core, core_tmp = staged_core
+                core_dest = store.blob_path(core)
+                if not os.path.exists(core_dest):
+                    os.makedirs(os.path.dirname(core_dest), exist_ok=True)
+                    os.replace(core_tmp, core_dest)
+            elif staged_core is None:
+                try:
+                    meta_bytes = read_core_metadata(dest, filename)
+                except HTTPError:
+                    meta_bytes = None
                 core = store.put_bytes(meta_bytes) if meta_bytes else None
-            except HTTPError:
-                core = None
         for_filename = None
         if f["type"] == "toxresult":
             for_filename = os.path.basename(f.get("for_entrypath") or "") or None
