@@ -2348,27 +2348,7 @@ class Mirror:
 
     def read_body(self, resp, url, limit):
         """The whole body, checked against Content-Length: a short body is an error."""
-        import http.client
-        want = resp.getheader("Content-Length")
-        chunks, total = [], 0
-        try:
-            while True:
-                chunk = resp.read(65536)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise UpstreamError(502, "upstream %s page is larger than %d bytes"
-                                        % (_safe_url(url), limit))
-                chunks.append(chunk)
-        except socket.timeout:
-            raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
-        except (OSError, http.client.HTTPException) as e:
-            raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
-        if want is not None and want.isdigit() and int(want) != total:
-            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
-                                % (_safe_url(url), total, want))
-        return b"".join(chunks)
+        return b"".join(self._body_chunks(resp, url, limit))
 
     # -- project pages ------------------------------------------------------------------
 
@@ -2712,10 +2692,10 @@ class Mirror:
                                                                        resp.status))
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
             if ctype.endswith("json"):
-                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES),
+                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20),
                                     _ROOT_JSON_NAME_RE, b"}", b'"projects"')
             elif ctype in ("text/html", SIMPLE_HTML, ""):
-                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES),
+                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20),
                                     _ROOT_HTML_NAME_RE, b"</a>", None)
             else:
                 raise UpstreamError(502, "upstream %s answered with %r, not an index"
@@ -2725,14 +2705,14 @@ class Mirror:
         finally:
             conn.close()
 
-    def _body_chunks(self, resp, url, limit):
+    def _body_chunks(self, resp, url, limit, size=65536):
         """The body in chunks, checked against ``limit`` and Content-Length."""
         import http.client
         want = resp.getheader("Content-Length")
         total = 0
         while True:
             try:
-                chunk = resp.read(1024 * 1024)
+                chunk = resp.read(size)
             except socket.timeout:
                 raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
             except (OSError, http.client.HTTPException) as e:
