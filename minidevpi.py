@@ -2873,6 +2873,9 @@ PAGE_CACHE_CONTROL = "public, max-age=1"
 MIRROR_LIST_CACHE_CONTROL = "public, max-age=60"
 
 
+SMALL_FILE = 64 * 1024  # files up to this size go out with their headers in one write
+
+
 class Response:
     """What a route answers: status, headers, and a body of bytes or a file to send."""
 
@@ -3551,6 +3554,8 @@ class App:
                 ix.path, h3, h13, filename)))
         metadata = False
         try:
+            if filename.endswith(".metadata"):  # (no distribution's name ends so)
+                raise not_found("no such file")
             f = m.find_file(ix, filename, h3 + h13)
         except HTTPError as e:
             if e.status != 404:
@@ -3959,7 +3964,10 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._send_stream(data, resp)
             elif resp.file_path and send_body:
                 with open(resp.file_path, "rb") as f:
-                    self._sendfile(data, f, length)
+                    if length <= SMALL_FILE:  # metadata, small wheels: one write
+                        self.wfile.write(data + f.read(length))
+                    else:
+                        self._sendfile(data, f, length)
             else:
                 self.wfile.write(data + resp.body if send_body else data)
         except OSError:

@@ -560,11 +560,11 @@ def find_uv():
     return None
 
 
-def install_times(tool, python, uv, index_url, wanted, runs):
+def install_times(tool, python, uv, index_url, wanted, runs, warm=True):
     """Median wall time of installing ``wanted[0]`` (which pulls in all of ``wanted``)
     into a new --target directory with pip or uv, caches off; one warm-up run first."""
     times = []
-    for i in range(runs + 1):
+    for i in range(runs + 1 if warm else runs):
         target_dir = mkdtemp("bench-%s-" % tool)
         if tool == "pip":
             cmd = [python, "-m", "pip", "install", "--isolated", "--no-cache-dir",
@@ -587,7 +587,7 @@ def install_times(tool, python, uv, index_url, wanted, runs):
         if missing:
             raise RuntimeError("%s installed %d packages, %d missing (e.g. %s)"
                                % (tool, len(got), len(missing), sorted(missing)[:3]))
-        if i:
+        if i or not warm:
             times.append(dt)
     return statistics.median(times)
 
@@ -955,7 +955,7 @@ class Cfg:
         self.many = 1000 if quick else 10000
         self.root_n = 5 if quick else 15
         self.growth_up = 5 if quick else 15
-        self.pip_runs = 1 if quick else 3
+        self.pip_runs = 3 if quick else 7
         self.upstream_projects = 600000
         self.mirror_root_n = 3 if quick else 7
         self.xfer_files = 1000 if quick else 10000
@@ -1107,7 +1107,45 @@ def run_nginx(target, cfg, data, R, problems):
         shutil.rmtree(static, ignore_errors=True)
 
 
-def run_target(target, cfg, data, pip_python, uv, results, problems):
+def run_installs(classes, python, cfg, data, pip_python, uv, results, problems):
+    """pip and uv installs of the 30-package chain, side by side: a fresh server of each
+    kind holding only the chain, all started at once, and the rounds interleaved (pip on
+    A, B, C, then uv on A, B, C, ...), so that the machine's slow moments fall on every
+    server alike. pip's wall time is mostly pip's own; measured one server after the
+    other, minutes apart, the noise was as large as the differences."""
+    servers = []
+    try:
+        for cls in classes:
+            t = cls(python)
+            t.start(fresh=True)
+            t.setup()
+            fill(t, data.chain, problems=problems)
+            servers.append(t)
+        times = {}
+        for rnd in range(cfg.pip_runs + 1):  # round 0 warms up
+            for tool in ("pip", "uv"):
+                if tool == "uv" and not uv:
+                    continue
+                for t in servers:
+                    url = "http://127.0.0.1:%d%s" % (t.port, t.simple_root())
+                    try:
+                        dt = install_times(tool, pip_python, uv, url, data.chain_names, 1,
+                                           warm=False)
+                    except Exception as e:
+                        problems.append("%s: %s install: %s" % (t.name, tool, e))
+                        continue
+                    if rnd:
+                        times.setdefault((t.name, tool), []).append(dt)
+        for (name, tool), ts in times.items():
+            results.setdefault(name, {})[tool] = median(ts)
+            say("  %s, %s install %s (all %d): %.2fs" % (name, tool, data.chain_names[0], CHAIN,
+                                                        median(ts)))
+    finally:
+        for t in servers:
+            t.discard()
+
+
+def run_target(target, cfg, data, results, problems):
     R = results.setdefault(target.name, {})
     name = target.name
     # 1. startup
@@ -1172,17 +1210,6 @@ def run_target(target, cfg, data, pip_python, uv, results, problems):
 
     if name == "minidevpi":
         run_nginx(target, cfg, data, R, problems)
-
-    # 7. pip and uv install of the chain
-    url = "http://127.0.0.1:%d%s" % (target.port, target.simple_root())
-    for tool, ok in (("pip", pip_python), ("uv", pip_python and uv)):
-        if not ok:
-            continue
-        try:
-            R[tool] = install_times(tool, pip_python, uv, url, data.chain_names, cfg.pip_runs)
-            say("  %s install %s (all %d): %.2fs" % (tool, data.chain_names[0], CHAIN, R[tool]))
-        except Exception as e:
-            problems.append("%s: %s install: %s" % (name, tool, e))
 
     # 5. + 6b. many projects
     t = fill(target, data.filler[first:], problems=problems)
@@ -1428,7 +1455,7 @@ def main(argv=None):
         for t in tgts:
             say("%s:" % t.name)
             R = results.setdefault(t.name, {})
-            phases = [("run", lambda: run_target(t, cfg, data, pip_python, uv, results, problems))]
+            phases = [("run", lambda: run_target(t, cfg, data, results, problems))]
             if isinstance(t, DevpiLike):
                 phases.append(("mirror run", lambda: run_mirror(t, cfg, upstream, R, problems)))
             if t.name == "minidevpi":
@@ -1448,6 +1475,10 @@ def main(argv=None):
                     t.discard()
             if t.name == "minidevpi":
                 R["start_inproc"] = inprocess_start(cfg.start_runs)
+        if pip_python and tgts:
+            say("pip and uv installs, all servers side by side:")
+            run_installs([type(t) for t in tgts], args.peers_python, cfg, data, pip_python, uv,
+                         results, problems)
     except KeyboardInterrupt:
         say("interrupted; stopping servers and removing temporary directories")
         cleanup()
