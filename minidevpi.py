@@ -2875,6 +2875,24 @@ MIRROR_LIST_CACHE_CONTROL = "public, max-age=60"
 
 SMALL_FILE = 64 * 1024  # files up to this size go out with their headers in one write
 
+# PEP 658 metadata is offered for wheels larger than this, not for smaller ones. Fetching a
+# wheel this small costs an installer no more than fetching its metadata: one request either
+# way, and the request, not the bytes, is the cost (pip spends about 2 ms of its own on each).
+# With the metadata on offer pip fetches the metadata, resolves, and then fetches the wheel
+# anyway: three requests per package where two do. Measured side by side on a 30-package
+# chain of small wheels: pip 0.60 s without, 0.68 s with; uv 0.22 s either way. Large wheels
+# are where the metadata saves whole downloads, and they keep it. Every wheel's .metadata URL
+# still answers.
+CORE_METADATA_MIN_SIZE = 64 * 1024
+
+
+def offered_core_metadata(f):
+    """The sha256 of ``f``'s core metadata if its simple page should offer it, else None.
+    A size of 0 is unknown (an upstream page that does not say): offered."""
+    if f.core_metadata and not 0 < (f.size or 0) <= CORE_METADATA_MIN_SIZE:
+        return f.core_metadata
+    return None
+
 
 class Response:
     """What a route answers: status, headers, and a body of bytes or a file to send."""
@@ -3771,9 +3789,10 @@ class App:
                 d = {"filename": f.filename, "url": url(f), "hashes": {"sha256": f.sha256}}
                 if f.requires_python:
                     d["requires-python"] = f.requires_python
-                if f.core_metadata:
+                meta = offered_core_metadata(f)
+                if meta:
                     # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
-                    d["core-metadata"] = {"sha256": f.core_metadata}
+                    d["core-metadata"] = {"sha256": meta}
                 d["yanked"] = (f.yanked or True) if f.yanked is not None else False
                 d["size"] = f.size
                 d["upload-time"] = iso_upload_time(f.uploaded)
@@ -3791,9 +3810,10 @@ class App:
             attrs = ""
             if f.requires_python:
                 attrs += ' data-requires-python="%s"' % esc(f.requires_python)
-            if f.core_metadata:
+            meta = offered_core_metadata(f)
+            if meta:
                 attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
-                          % (f.core_metadata, f.core_metadata))
+                          % (meta, meta))
             if f.yanked is not None:
                 attrs += ' data-yanked="%s"' % esc(f.yanked)
             attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv

@@ -711,9 +711,14 @@ def simple_accept(kind):
                    " q=0.1, text/html; q=0.01"}[kind]
 
 
+def big_extra():
+    """Bytes that make a test wheel larger than CORE_METADATA_MIN_SIZE (stored, not deflated)."""
+    return os.urandom(minidevpi.CORE_METADATA_MIN_SIZE // 2 + 1000).hex().encode()
+
+
 def test_simple_pages_html_and_json(alice, tmp_path):
     url, auth = alice.url, ("alice", "secret")
-    whl = make_wheel(tmp_path, "Other_Pkg", "0.1", requires_python=">=3.8")
+    whl = make_wheel(tmp_path, "Other_Pkg", "0.1", requires_python=">=3.8", extra=big_extra())
     sdist = make_sdist(tmp_path, "Other_Pkg", "0.1", requires_python=">=3.8")
     for f in (whl, sdist):
         assert upload_form(url, "alice/dev", f, auth).status == 200
@@ -936,11 +941,46 @@ def test_pip_install_download_and_index_versions(alice, tmp_path):
     assert code != 0
 
 
+def test_core_metadata_is_offered_for_large_wheels_only(alice, tmp_path):
+    """A small wheel costs an installer no more to fetch whole than its metadata, so its
+    page entry offers none (pip would fetch metadata, then the wheel); a large one does.
+    The .metadata URL answers for both."""
+    url = alice.url
+    small = make_wheel(tmp_path, "mixed-pkg", "1.0")
+    large = make_wheel(tmp_path, "mixed-pkg", "2.0", extra=big_extra())
+    assert os.path.getsize(small) < minidevpi.CORE_METADATA_MIN_SIZE < os.path.getsize(large)
+    for w in (small, large):
+        alice.upload("alice/dev", w)
+    page = "/alice/dev/+simple/mixed-pkg/"
+    files = {f["filename"]: f for f in http(url, path=page, headers={
+        "Accept": simple_accept("json")}).json()["files"]}
+    html_page = http(url, path=page, headers={"Accept": "text/html"}).body.decode()
+    links = {re.search(r">([^<]+)</a>", line).group(1): line
+             for line in html_page.splitlines() if "<a " in line}
+    for w, offered in ((small, False), (large, True)):
+        fn = os.path.basename(w)
+        meta = http(url, path=urllib.parse.urljoin(page, files[fn]["url"]) + ".metadata")
+        assert meta.status == 200 and b"Name: mixed-pkg" in meta.body
+        sha = hashlib.sha256(meta.body).hexdigest()
+        if offered:
+            assert files[fn]["core-metadata"] == {"sha256": sha}
+            assert 'data-core-metadata="sha256=%s"' % sha in links[fn]
+            assert 'data-dist-info-metadata="sha256=%s"' % sha in links[fn]
+        else:
+            assert "core-metadata" not in files[fn]
+            assert "data-core-metadata" not in links[fn]
+            assert "data-dist-info-metadata" not in links[fn]
+    for version in ("1.0", "2.0"):
+        pip("install", "--target", str(tmp_path / version), "--index-url",
+            alice.index_url("alice/dev"), "mixed-pkg==" + version)
+        assert (tmp_path / version / ("mixed_pkg-%s.dist-info" % version)).is_dir()
+
+
 def test_uv_installs_with_json_and_core_metadata(alice, tmp_path):
     uv = need("uv")
-    alice.upload("alice/dev", make_wheel(tmp_path, "dep-pkg", "2.0"))
-    alice.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0",
-                                         requires_dist=["dep-pkg>=2"]))
+    alice.upload("alice/dev", make_wheel(tmp_path, "dep-pkg", "2.0"))  # small: no metadata
+    alice.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0", extra=big_extra(),
+                                         requires_dist=["dep-pkg>=2"]))  # metadata offered
     target = tmp_path / "target"
     run([uv, "pip", "install", "--no-cache", "--target", str(target), "--index-url",
          alice.index_url("alice/dev"), "samplepkg"])
@@ -1887,20 +1927,29 @@ def test_mirror_url_change_takes_effect_at_once(mirrored, upstream, tmp_path):
 def test_mirror_core_metadata_and_uv(mirrored, upstream, tmp_path):
     srv = mirrored
     uv = need("uv")
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "3.0", extra=big_extra()))
     run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "t"), "--index-url",
          srv.index_url("root/pypi"), "mirrored-pkg"])
-    assert (tmp_path / "t" / "mirrored_pkg-2.0.dist-info").is_dir()
+    assert (tmp_path / "t" / "mirrored_pkg-3.0.dist-info").is_dir()
     page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
                 headers={"Accept": simple_accept("json")}).json()
-    whl = [f for f in page["files"] if f["filename"] == "mirrored_pkg-1.0-py3-none-any.whl"][0]
+    files = {f["filename"]: f for f in page["files"]}
+    # upstream's metadata is offered for the large wheel, fetched from upstream once
+    big = files["mirrored_pkg-3.0-py3-none-any.whl"]
     meta = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
-                                                   whl["url"]) + ".metadata")
+                                                   big["url"]) + ".metadata")
     assert meta.status == 200
-    assert hashlib.sha256(meta.body).hexdigest() == whl["core-metadata"]["sha256"]
-    n = upstream.count("/files/mirrored_pkg-1.0-py3-none-any.whl.metadata")
+    assert hashlib.sha256(meta.body).hexdigest() == big["core-metadata"]["sha256"]
+    n = upstream.count("/files/mirrored_pkg-3.0-py3-none-any.whl.metadata")
     http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
-                                            whl["url"]) + ".metadata")
-    assert upstream.count("/files/mirrored_pkg-1.0-py3-none-any.whl.metadata") == n == 1
+                                            big["url"]) + ".metadata")
+    assert upstream.count("/files/mirrored_pkg-3.0-py3-none-any.whl.metadata") == n == 1
+    # a small wheel's is not offered (cheaper to fetch whole), but its URL still answers
+    small = files["mirrored_pkg-1.0-py3-none-any.whl"]
+    assert "core-metadata" not in small
+    meta = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
+                                                   small["url"]) + ".metadata")
+    assert meta.status == 200 and b"Version: 1.0" in meta.body
 
 
 def test_concurrent_first_downloads_fetch_once(mirrored, upstream):
