@@ -229,6 +229,20 @@ class Devpi:
         return out
 
 
+@pytest.fixture(autouse=True)
+def cheap_password_hashing(monkeypatch):
+    """In-process servers hash passwords with cheap scrypt parameters: the real ones cost
+    ~40 ms a check, which made most of the suite's time. Tests about hashing itself ask for
+    ``real_kdf``; servers run as subprocesses always use the real parameters."""
+    monkeypatch.setattr(minidevpi, "SCRYPT_PARAMS", (2 ** 4, 8, 1))
+    monkeypatch.setattr(minidevpi, "PBKDF2_ITERATIONS", 1000)
+
+
+@pytest.fixture
+def real_kdf(monkeypatch):
+    monkeypatch.undo()  # the module's own (slow) parameters
+
+
 @pytest.fixture
 def server():
     with minidevpi.Server(root_password="rootpw") as srv:
@@ -349,7 +363,8 @@ def test_accept_negotiation():
 # ----------------------------------------------------------------------------------
 
 
-def test_password_hashes_are_salted_and_slow():
+def test_password_hashes_are_salted_and_slow(real_kdf):
+    assert minidevpi.SCRYPT_PARAMS[0] >= 2 ** 13
     h1, h2 = minidevpi.hash_password("pw"), minidevpi.hash_password("pw")
     assert h1 != h2 and "pw" not in h1
     assert h1.startswith(("scrypt$", "pbkdf2_sha256$"))
