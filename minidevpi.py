@@ -65,6 +65,12 @@ import threading
 import time
 import urllib.parse
 import zipfile
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: msvcrt's lock instead
+    fcntl = None
+    import msvcrt
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -77,6 +83,7 @@ DEVPI_API_VERSION = "2"
 SCHEMA_VERSION = 2
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
+LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
 FILES_DIR = "+files"
 TMP_DIR = "+tmp"
 JSON_TYPE = "application/json"
@@ -727,6 +734,7 @@ class Store:
         self._conns = []
         self._idle = []
         self._conns_lock = threading.Lock()
+        self._lock_file = None
         # each blob is fsynced before it is named; an import, which builds a whole new
         # server beside its target, turns this off and syncs everything once at the end
         self.sync_each_blob = True
@@ -743,6 +751,7 @@ class Store:
         os.makedirs(self.serverdir, exist_ok=True)
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
+        self.lock()
         secret_path = os.path.join(self.serverdir, SECRET_NAME)
         if not os.path.exists(secret_path):
             fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -764,6 +773,8 @@ class Store:
         ``readonly`` (export, beside a running server): no migration, no cleaning."""
         if not self.is_initialised():
             raise HTTPError(404, "server directory %s is not initialised" % self.serverdir)
+        if not readonly:
+            self.lock()
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
         with open(os.path.join(self.serverdir, SECRET_NAME)) as f:
@@ -787,6 +798,30 @@ class Store:
         if not readonly:
             self.clean_tmp()
 
+    def lock(self):
+        """Make this process the one that writes the directory: a second server on it
+        would clean the first one's uploads in flight as leftovers. The lock goes with
+        the process (or ``close``); a crash leaves nothing to clean up."""
+        if self._lock_file is not None:
+            return
+        f = open(os.path.join(self.serverdir, LOCK_NAME), "a+")
+        try:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            f.seek(0)
+            pid = f.read(20).strip()
+            f.close()
+            raise HTTPError(409, "server directory %s is in use by another minidevpi "
+                                 "process%s" % (self.serverdir, " (pid %s)" % pid if pid else ""))
+        f.seek(0)
+        f.truncate()
+        f.write("%d\n" % os.getpid())
+        f.flush()
+        self._lock_file = f
+
     def clean_tmp(self):
         """Remove temporary files left by a crashed process."""
         for name in os.listdir(self.tmp_dir):
@@ -802,6 +837,9 @@ class Store:
             self._conns = []
             self._idle = []
         self._local = threading.local()
+        if self._lock_file is not None:
+            self._lock_file.close()  # (closing releases the lock)
+            self._lock_file = None
 
     # -- connections and transactions -----------------------------------------------
 
@@ -4920,6 +4958,10 @@ class Server:
         else:
             self.serverdir = os.path.abspath(str(self._serverdir_arg))
         try:
+            self._httpd = IndexHTTPServer((self.host, self._port_arg), None,
+                                          access_log=self.access_log,
+                                          max_threads=self.max_threads,
+                                          connection_timeout=self.connection_timeout)
             store = Store(self.serverdir)
             if store.is_initialised():
                 store.open()
@@ -4930,14 +4972,13 @@ class Server:
                 store, self.model = init_serverdir(
                     self.serverdir, root_password=self.root_password,
                     mirror_url=self.mirror_url, hash_soon=True)
-            app = App(self.model, outside_url=self.outside_url,
-                      max_body=self.max_request_body_size, offline=self.offline,
-                      mirror_timeouts=self.mirror_timeouts)
-            self._httpd = IndexHTTPServer((self.host, self._port_arg), app,
-                                          access_log=self.access_log,
-                                          max_threads=self.max_threads,
-                                          connection_timeout=self.connection_timeout)
+            self._httpd.app = App(self.model, outside_url=self.outside_url,
+                                  max_body=self.max_request_body_size, offline=self.offline,
+                                  mirror_timeouts=self.mirror_timeouts)
         except BaseException:
+            if self._httpd is not None:
+                self._httpd.server_close()
+                self._httpd = None
             self._cleanup()
             raise
         self.port = self._httpd.server_address[1]
@@ -5120,6 +5161,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version="minidevpi " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    parser.commands = sub.choices  # (main shows a command's own usage for its mistakes)
 
     def common(p):
         p.add_argument("--serverdir", metavar="DIR",
@@ -5266,27 +5308,35 @@ def _limit_malloc_arenas():
 
 def cmd_serve(args):
     _limit_malloc_arenas()
-    store = Store(args.serverdir)
-    if not store.is_initialised():
-        print("server directory %s is not initialised: initialising it"
-              % os.path.abspath(args.serverdir), flush=True)
-        store, model = cmd_init(args, hash_soon=True)
-    else:
-        try:
-            store.open()
-        except HTTPError as e:
-            raise SystemExit("error: " + e.message)
-        model = Model(store)
-    app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
-              offline=args.offline_mode,
-              mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
+    # the port first: a busy port must not leave a fresh directory initialised behind it
     try:
-        httpd = IndexHTTPServer((args.host, args.port), app, access_log=args.access_log,
+        httpd = IndexHTTPServer((args.host, args.port), None, access_log=args.access_log,
                                 max_threads=args.threads,
                                 connection_timeout=args.connection_timeout)
     except OSError as e:
         raise SystemExit("error: cannot listen on %s:%s: %s" % (args.host, args.port, e))
     host, port = httpd.server_address[:2]
+    shown = "[%s]" % host if ":" in host else host
+    url = "http://%s:%d/" % (shown, port)
+    store = Store(args.serverdir)
+    fresh = not store.is_initialised()
+    try:
+        if fresh:
+            print("server directory %s is not initialised: initialising it"
+                  % os.path.abspath(args.serverdir), flush=True)
+            store, model = cmd_init(args, hash_soon=True)
+        else:
+            try:
+                store.open()
+            except HTTPError as e:
+                raise SystemExit("error: " + e.message)
+            model = Model(store)
+    except BaseException:
+        httpd.server_close()
+        raise
+    httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
+                    offline=args.offline_mode,
+                    mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
     if not is_loopback(args.host):
         empty = [name for name, pwhash in store.conn().execute(
             "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
@@ -5299,9 +5349,13 @@ def cmd_serve(args):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    shown = "[%s]" % host if ":" in host else host
-    print("minidevpi %s serving %s at http://%s:%d/" % (__version__, store.serverdir, shown,
-                                                         port), flush=True)
+    print("minidevpi %s serving %s at %s%s" % (
+        __version__, store.serverdir, url,
+        " in offline mode (no upstream traffic: mirrors serve what they kept)"
+        if args.offline_mode else ""), flush=True)
+    if fresh:
+        print("next: devpi use %s && devpi login root --password=...   "
+              "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
@@ -5355,7 +5409,10 @@ def cmd_import(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error("unrecognized arguments: " + " ".join(unknown))
     defaults = {"serverdir": default_serverdir(), "no_root_pypi": False}
     if args.command == "serve":
         defaults.update(SERVE_DEFAULTS)

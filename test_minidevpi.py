@@ -1272,7 +1272,7 @@ class ServeProcess:
             if not line:
                 break
             self.lines.append(line)
-            m = re.search(r"serving .* at (http://\S+?)/?$", line.strip())
+            m = re.search(r"serving .* at (http://\S+?)/?(\s|$)", line.strip())
             if m:
                 self.url = m.group(1)
                 break
@@ -1368,6 +1368,48 @@ def test_serve_initialises_prints_url_logs_and_stops(tmp_path):
     assert not any("initialising" in line for line in p.lines)
     assert login_token(p.url, "root", "pw")
     assert p.stop(signal.SIGINT) == 0
+
+
+def test_serve_on_a_busy_port_initialises_nothing(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    d = tmp_path / "fresh"
+    try:
+        code, out = cli("serve", "--serverdir", str(d), "--port", str(busy.getsockname()[1]),
+                        check=False)
+    finally:
+        busy.close()
+    assert code != 0 and "cannot listen" in out, out
+    assert "root password" not in out and not d.exists()
+
+
+def test_a_second_server_on_one_directory_refuses(tmp_path):
+    d = tmp_path / "srv"
+    p = ServeProcess("--serverdir", str(d), "--root-passwd", "pw")
+    try:
+        assert p.proc.stdout.readline().decode().startswith("next: devpi use %s/" % p.url)
+        code, out = cli("serve", "--serverdir", str(d), "--port", "0", check=False)
+        assert code != 0 and "in use by another minidevpi process (pid %d)" % p.proc.pid in out
+        with pytest.raises(minidevpi.HTTPError) as e:
+            minidevpi.Server(d).start()
+        assert e.value.status == 409
+        assert login_token(p.url, "root", "pw")  # the first one goes on
+    finally:
+        assert p.stop() == 0
+    with minidevpi.Server(d) as srv:  # free again once it stopped
+        assert login_token(srv.url, "root", "pw")
+
+
+def test_serve_says_offline_mode_and_its_own_usage(tmp_path):
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--offline-mode")
+    try:
+        assert "offline mode" in p.lines[-1]
+    finally:
+        p.stop()
+    code, out = cli("serve", "--prot", "3150", check=False)
+    assert code == 2
+    assert "usage: minidevpi.py serve" in out and "unrecognized arguments: --prot 3150" in out
 
 
 def test_serve_reads_devpi_config_files(tmp_path):
