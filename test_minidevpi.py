@@ -935,6 +935,41 @@ def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
     assert devpi("list")[1].strip() == ""
 
 
+def readme_section(title):
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    start = text.index("\n## %s\n" % title)
+    end = text.find("\n#", start + 1)  # to the next heading, a subsection's too
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_walkthrough_runs_as_written(server, tmp_path):
+    need("devpi")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for v in ("0.9", "1.0"):
+        make_wheel(dist, "samplepkg", v)
+        make_sdist(dist, "samplepkg", v)
+    lines = [m.group(1) for m in re.finditer(r"(?m)^    \$ (.*)$",
+                                             readme_section("Walkthrough with devpi-client"))]
+    assert len(lines) > 10
+    env = dict(os.environ, DEVPI_CLIENTDIR=str(tmp_path / "client"),
+               PATH=BIN + os.pathsep + os.environ["PATH"])
+    for line in lines:
+        command = re.sub(r"\s+# .*$", "", line).replace("http://127.0.0.1:3141", server.url)
+        p = subprocess.run(["bash", "-c", command], cwd=str(tmp_path), env=env, timeout=180,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, "%s:\n%s" % (command, p.stdout.decode(errors="replace"))
+    # what the walkthrough did is there
+    assert api(server.url, path="/alice/dev").status == 404
+    prod = api(server.url, path="/alice/prod/samplepkg").json()["result"]
+    assert sorted(prod) == ["1.0"]
+    code, out = run([str(tmp_path / "venv" / "bin" / "python"), "-c",
+                     "import samplepkg; print(samplepkg.VERSION)"])
+    assert out.strip() == "1.0"
+
+
 def test_pip_install_download_and_index_versions(alice, tmp_path):
     url = alice.url
     dist = tmp_path / "dist"
