@@ -1045,6 +1045,9 @@ OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
+# a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
+ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
+                     "a mirror_url")
 
 
 def parse_bool(value):
@@ -1246,7 +1249,7 @@ class Model:
     def user_exists(self, name):
         return self.get_user_row(name) is not None
 
-    def user_info(self, name, with_indexes=True):
+    def user_info(self, name, with_indexes=True, actor=None):
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -1256,12 +1259,13 @@ class Model:
         if row[4]:
             info["modified"] = row[4]
         if with_indexes:
-            info["indexes"] = {ix.name: self.public_config(ix) for ix in self.user_indexes(name)}
+            info["indexes"] = {ix.name: self.public_config(ix, actor)
+                               for ix in self.user_indexes(name)}
         return info
 
-    def list_users(self):
+    def list_users(self, actor=None):
         names = [r[0] for r in self.store.conn().execute("SELECT name FROM users ORDER BY name")]
-        return {n: self.user_info(n) for n in names}
+        return {n: self.user_info(n, actor=actor) for n in names}
 
     USER_KEYS = ("password", "email", "title", "description", "custom_data")
 
@@ -1508,8 +1512,17 @@ class Model:
             "SELECT id, user, name, config FROM indexes ORDER BY user, name")
         return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
-    def public_config(self, ix):
-        return dict(ix.config)
+    def public_config(self, ix, actor=None):
+        return self.shown_config(ix.config, actor)
+
+    @staticmethod
+    def shown_config(config, actor):
+        """An index config as ``actor`` may see it: a mirror_url's credentials are shown to
+        root only (root needs them to read the config back and set it again)."""
+        config = dict(config)
+        if actor != "root" and "mirror_url" in config:
+            config["mirror_url"] = shown_mirror_url(config["mirror_url"])
+        return config
 
     def can_modify_index(self, actor, ix_user):
         return actor is not None and (actor == ix_user or actor == "root")
@@ -1571,6 +1584,8 @@ class Model:
         if not isinstance(body, dict):
             raise bad_request("index config must be a JSON object")
         ixtype = body.get("type", "stage")
+        if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
+            raise forbidden(ONLY_ROOT_MIRRORS)
         if ixtype == "mirror":
             config = {"type": "mirror", "volatile": True}
         else:
@@ -1596,6 +1611,9 @@ class Model:
         if not self.can_modify_index(actor, ix.user):
             raise forbidden("no permission to modify index %s" % path)
         new = apply_index_patch(ix.config, patch)
+        to_mirror = new.get("type") == "mirror" and not ix.is_mirror
+        if actor != "root" and (to_mirror or new.get("mirror_url") != ix.config.get("mirror_url")):
+            raise forbidden(ONLY_ROOT_MIRRORS)
         if new.get("type", ix.config["type"]) != ix.config["type"]:
             raise bad_request("the 'type' of an index can't be changed")
         new["type"] = ix.config["type"]
@@ -2149,8 +2167,15 @@ class Model:
 
 MIRROR_CONNECT_TIMEOUT = 5.0   # seconds; pip's own default timeout (15 s) stays larger
 MIRROR_READ_TIMEOUT = 10.0
-MAX_PAGE_BYTES = 128 * 1024 * 1024
-MAX_ROOT_BYTES = 2 * 1024 ** 3
+# Upstream answers are bounded: a project page is read up to MAX_PAGE_BYTES and may list at
+# most MAX_PAGE_LINKS files (the largest real pages are well below both); the project list
+# (600,000 names, ~30 MB today) is streamed to disk, never held whole, and bounded too.
+# Answers are asked for uncompressed and never decompressed, so the caps hold on the bytes
+# that are stored. A file is bounded by --max-request-body-size, as an upload is.
+MAX_PAGE_BYTES = 20 * 1024 * 1024
+MAX_PAGE_LINKS = 100000
+MAX_ROOT_BYTES = 256 * 1024 * 1024
+MAX_ROOT_NAMES = 2000000
 MAX_REDIRECTS = 5
 FAILURE_BACKOFF = 10.0  # seconds a failed upstream page is not asked for again
 VIA_HEADER = "X-Minidevpi-Via"  # marks our own upstream requests, to detect a loop
@@ -2161,15 +2186,18 @@ class UpstreamError(HTTPError):
 
 
 class _LinkParser:
-    """Collects the <a> elements of a PEP 503 page: (attributes, text)."""
+    """Collects the <a> elements of a PEP 503 page: (attributes, text); more than
+    ``limit`` of them is an error (raised while parsing, before they take memory)."""
 
-    def __init__(self):
+    def __init__(self, limit=None, page_url=""):
         from html.parser import HTMLParser
         outer = self
 
         class P(HTMLParser):
             def handle_starttag(self, tag, attrs):
                 if tag == "a":
+                    if limit is not None and len(outer.links) >= limit:
+                        raise _too_many_links(page_url)
                     outer._current = dict(attrs)
                     outer._text = []
 
@@ -2220,10 +2248,42 @@ def _clean_sha(value):
     return None
 
 
+_MIRROR_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_]*$")
+
+
+def _file_of_project(filename, norm):
+    """Whether an upstream file name is a distribution of project ``norm`` (a link on
+    one project's page that names another project's file is dropped)."""
+    try:
+        check_filename(filename)
+    except HTTPError:
+        return False
+    split = split_filename(filename)
+    return bool(split and normalize_name(split[0]) == norm
+                and _MIRROR_VERSION_RE.match(split[1]))
+
+
+def _is_display_of(display, norm):
+    """Whether an upstream display name is a valid project name spelling ``norm``."""
+    return (isinstance(display, str) and len(display) <= 200
+            and bool(PROJECT_NAME_RE.match(display)) and normalize_name(display) == norm)
+
+
+def _too_many_links(page_url):
+    return UpstreamError(502, "upstream page %s lists more than %d files; not read"
+                         % (_safe_url(page_url), MAX_PAGE_LINKS))
+
+
 def parse_project_page(body, content_type, page_url):
-    """(display name, [file entries]) of an upstream PEP 691 JSON or PEP 503 HTML page."""
+    """(display name, [file entries]) of an upstream PEP 691 JSON or PEP 503 HTML page.
+    Only links with a sha256 are taken (nothing else can be checked, so nothing else is
+    served); a page with more than MAX_PAGE_LINKS links is refused."""
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype in (SIMPLE_JSON, JSON_TYPE) or ctype.endswith("+json"):
+        # every JSON value but the last in a container is followed by a comma: counting
+        # commas and brackets bounds what json.loads would build, before it builds it
+        if body.count(b",") + body.count(b"{") + body.count(b"[") > MAX_PAGE_LINKS * 20:
+            raise _too_many_links(page_url)
         try:
             data = json.loads(body.decode("utf-8"))
             raw = data["files"]
@@ -2231,20 +2291,28 @@ def parse_project_page(body, content_type, page_url):
                 raise TypeError
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             raise UpstreamError(502, "upstream %s answered with an unreadable JSON page"
-                                % page_url)
+                                % _safe_url(page_url))
+        if len(raw) > MAX_PAGE_LINKS:
+            raise _too_many_links(page_url)
         entries = []
         for f in raw:
             if not isinstance(f, dict) or not isinstance(f.get("filename"), str) or \
                     not isinstance(f.get("url"), str):
                 continue
             hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
+            if _clean_sha(hashes.get("sha256")) is None:
+                continue
             meta = f.get("core-metadata", f.get("dist-info-metadata"))
             meta_sha = _clean_sha(meta.get("sha256")) if isinstance(meta, dict) else None
             yanked = f.get("yanked")
             yanked = (yanked if isinstance(yanked, str) else "") if yanked else None
             size = f.get("size") if isinstance(f.get("size"), int) else None
             rp = f.get("requires-python")
-            entries.append(_entry(f["filename"], urllib.parse.urljoin(page_url, f["url"]),
+            try:
+                url = urllib.parse.urljoin(page_url, f["url"])
+            except ValueError:
+                continue
+            entries.append(_entry(f["filename"], url,
                                   _clean_sha(hashes.get("sha256")),
                                   rp if isinstance(rp, str) else None, yanked, meta_sha,
                                   size, parse_upload_time(f.get("upload-time"))))
@@ -2256,15 +2324,20 @@ def parse_project_page(body, content_type, page_url):
         except UnicodeDecodeError:
             text = body.decode("latin-1")
         entries = []
-        for attrs, label in _LinkParser().feed(text).links:
+        for attrs, label in _LinkParser(MAX_PAGE_LINKS, page_url).feed(text).links:
             href = attrs.get("href")
             if not href:
                 continue
-            url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            try:
+                url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            except ValueError:
+                continue
             filename = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
             sha = None
             if fragment.startswith("sha256="):
                 sha = _clean_sha(fragment[7:])
+            if sha is None:
+                continue
             meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
             meta_sha = _clean_sha(meta[7:]) if meta and meta.startswith("sha256=") else None
             yanked = attrs.get("data-yanked")
@@ -2273,7 +2346,7 @@ def parse_project_page(body, content_type, page_url):
                                   parse_upload_time(attrs.get("data-upload-time"))))
         return None, entries
     raise UpstreamError(502, "upstream %s answered with %r, not an index page"
-                        % (page_url, content_type))
+                        % (_safe_url(page_url), content_type))
 
 
 class Mirror:
@@ -2283,12 +2356,14 @@ class Mirror:
     working with the upstream unplugged. ``offline`` makes no upstream traffic at all."""
 
     def __init__(self, model, offline=False, connect_timeout=MIRROR_CONNECT_TIMEOUT,
-                 read_timeout=MIRROR_READ_TIMEOUT):
+                 read_timeout=MIRROR_READ_TIMEOUT, max_file=DEFAULT_MAX_BODY, allow_hosts=()):
         self.model = model
         self.store = model.store
         self.offline = offline
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_file = max_file
+        self.allow_hosts = parse_allow_hosts(allow_hosts)
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
@@ -2327,20 +2402,26 @@ class Mirror:
 
     # -- upstream HTTP ------------------------------------------------------------------
 
-    def open_url(self, url, headers=None):
-        """GET ``url`` upstream (following a few redirects). Returns (response, final URL,
-        connection); the caller reads the body and closes the connection."""
+    def open_url(self, url, origin, headers=None):
+        """GET ``url`` upstream (following a few redirects), for the mirror whose
+        ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
+        Returns (response, final URL, connection); the caller reads the body and closes
+        the connection."""
         import http.client
         import ssl
         seen = set()
         for _hop in range(MAX_REDIRECTS + 1):
             if url in seen:
-                raise UpstreamError(502, "upstream redirect loop at %s" % url)
+                raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
             seen.add(url)
-            u = urllib.parse.urlsplit(url)
-            if u.scheme not in ("http", "https") or not u.hostname:
-                raise UpstreamError(502, "unsupported upstream URL %r" % url)
-            port = u.port or (443 if u.scheme == "https" else 80)
+            try:
+                u = urllib.parse.urlsplit(url)
+                port = u.port or (443 if u.scheme == "https" else 80)
+                if u.scheme not in ("http", "https") or not u.hostname:
+                    raise ValueError
+            except ValueError:
+                raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
+            addresses = self._route(u, port, origin)
             proxy = _proxy_for(u)
             try:
                 if u.scheme == "https":
@@ -2351,13 +2432,17 @@ class Mirror:
                     conn = http.client.HTTPConnection(
                         proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
                         timeout=self.connect_timeout)
+                if addresses is not None and not proxy:
+                    # connect to the addresses that were checked, not to whatever the name
+                    # resolves to a moment later (DNS rebinding); TLS still checks the name
+                    conn._create_connection = _connect_to(addresses)
                 target = u.path or "/"
                 if u.query:
                     target += "?" + u.query
                 if proxy and u.scheme == "https":
                     conn.set_tunnel(u.hostname, port)
                 elif proxy:
-                    target = url.partition("#")[0]
+                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
                 conn.connect()
                 conn.sock.settimeout(self.read_timeout)
                 h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
@@ -2371,10 +2456,15 @@ class Mirror:
                 resp = conn.getresponse()
             except socket.timeout:
                 raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
-            except (OSError, http.client.HTTPException, ssl.SSLError) as e:
-                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), e))
+            except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+                # (what a host root did not name answered is not repeated to the client)
+                detail = e if addresses is None else type(e).__name__
+                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                try:
+                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                except ValueError:
+                    url = ""  # (refused as unsupported at the next hop)
                 conn.close()
                 continue
             if resp.status == 400 and resp.getheader(VIA_HEADER) == self.store.uuid:
@@ -2384,9 +2474,33 @@ class Mirror:
             return resp, url, conn
         raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
 
-    def read_body(self, resp, url, limit):
+    def _route(self, u, port, origin):
+        """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
+        it may go wherever the host name leads (the host of the index's own ``mirror_url``,
+        same scheme and port, which root chose; or a ``--mirror-allow-host``). Any other
+        host must resolve to publicly routable addresses only: then those addresses, the
+        only ones to connect to. Anything else is refused before a connection is made,
+        with the same answer whatever (if anything) is there."""
+        host = u.hostname
+        if origin is not None and _origin(origin) == (u.scheme, host, port):
+            return None
+        if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
+            return None
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            infos = []
+        if infos and all(is_public_address(info[4][0]) for info in infos):
+            return infos
+        shown = "[%s]" % host if ":" in host else host
+        raise UpstreamError(502, "the link to %s://%s:%d was refused by the mirror policy "
+                                 "(a mirror fetches only from its mirror_url's own host, "
+                                 "from hosts with public addresses only, and from hosts "
+                                 "allowed with --mirror-allow-host)" % (u.scheme, shown, port))
+
+    def read_body(self, resp, url, limit, what="page"):
         """The whole body, checked against Content-Length: a short body is an error."""
-        return b"".join(self._body_chunks(resp, url, limit))
+        return b"".join(self._body_chunks(resp, url, limit, what=what))
 
     # -- project pages ------------------------------------------------------------------
 
@@ -2406,8 +2520,9 @@ class Mirror:
     def page(self, ix, norm):
         """(display, entries) of a mirrored project, or None when upstream has no such
         project. Fetches or revalidates upstream when the cached page expired; serves a
-        stale page (logging a warning) when upstream fails."""
-        if self.offline:
+        stale page (logging a warning) when upstream fails. A name that is not a valid
+        project name is no project: upstream is not asked."""
+        if self.offline or len(norm) > 200 or not PROJECT_NAME_RE.match(norm):
             return None
         key = (ix.id, norm)
         fresh = self._fresh.get(key)
@@ -2473,7 +2588,7 @@ class Mirror:
                 headers["If-None-Match"] = row[2]
             if row[3]:
                 headers["If-Modified-Since"] = row[3]
-        resp, final_url, conn = self.open_url(url, headers)
+        resp, final_url, conn = self.open_url(url, ix.config.get("mirror_url"), headers)
         try:
             now = time.time()
             if resp.status == 304 and row is not None:
@@ -2487,12 +2602,17 @@ class Mirror:
                 self._store_page(ix, norm, now, 404, None, None, None, [])
                 return None
             if resp.status != 200:
-                raise UpstreamError(502, "upstream %s answered %d %s"
-                                    % (_safe_url(url), resp.status, resp.reason))
-            body = self.read_body(resp, url, MAX_PAGE_BYTES)
+                raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
+                                                                     resp.status))
+            body = self.read_body(resp, final_url, MAX_PAGE_BYTES)
             display, entries = parse_project_page(body, resp.getheader("Content-Type"),
                                                   final_url)
-            display = display or (row[4] if row else None) or norm
+            del body
+            # upstream's names are data: files are taken only under the project whose
+            # page lists them, and a display name only if it is a valid spelling of it
+            entries = [e for e in entries if _file_of_project(e["filename"], norm)]
+            if not _is_display_of(display, norm):
+                display = row[4] if row and _is_display_of(row[4], norm) else norm
             self._store_page(ix, norm, now, 200, resp.getheader("ETag"),
                              resp.getheader("Last-Modified"), display, entries)
             return display, entries
@@ -2521,8 +2641,8 @@ class Mirror:
         have = {f.filename: f for f in (local or [])}
         out = []
         for e in entries:
-            if e["sha256"] is None:
-                continue  # nothing to check the bytes against: not mirrored
+            if e["sha256"] is None or not _file_of_project(e["filename"], norm):
+                continue  # nothing to check the bytes against, or another project's
             split = split_filename(e["filename"])
             version = split[1] if split else ""
             kept = have.pop(e["filename"], None)
@@ -2535,15 +2655,19 @@ class Mirror:
         return out
 
     def find_entry(self, ix, filename, sha_prefix):
+        """(display name, entry) of a file on its project's upstream page, or None."""
         split = split_filename(filename)
         if split is None:
             return None
-        page = self.page(ix, normalize_name(split[0]))
+        norm = normalize_name(split[0])
+        if not _file_of_project(filename, norm):
+            return None
+        page = self.page(ix, norm)
         if page is None:
             return None
         for e in page[1]:
             if e["filename"] == filename and e["sha256"] and e["sha256"].startswith(sha_prefix):
-                return page[0], e
+                return (page[0] if _is_display_of(page[0], norm) else norm), e
         return None
 
     # -- files ----------------------------------------------------------------------------
@@ -2559,6 +2683,8 @@ class Mirror:
         if found is None:
             raise not_found("no such file")
         display, entry = found
+        if entry["size"] is not None and entry["size"] > self.max_file:
+            raise self._too_large(filename)
         flight = self.single_flight(("file", ix.id, entry["sha256"]))
         leader = flight.__enter__()
         if leader and self._kept(ix, filename, sha_prefix):
@@ -2567,13 +2693,16 @@ class Mirror:
             flight.__exit__(None, None, None)
             return None
         try:
-            resp, url, conn = self.open_url(entry["url"])
+            resp, url, conn = self.open_url(entry["url"], ix.config.get("mirror_url"))
             if resp.status != 200:
                 conn.close()
                 raise UpstreamError(404 if resp.status == 404 else 502,
                                     "upstream answered %d for %s" % (resp.status, filename))
             length = resp.getheader("Content-Length")
             size = int(length) if length and length.isdigit() else None
+            if size is not None and size > self.max_file:
+                conn.close()
+                raise self._too_large(filename)
         except BaseException:
             flight.__exit__(None, None, None)
             raise
@@ -2594,6 +2723,11 @@ class Mirror:
                 chunks.close()
             return None
         return size, chunks
+
+    def _too_large(self, filename):
+        return UpstreamError(502, "upstream file %s is larger than %d bytes, the limit "
+                                  "(--max-request-body-size); not kept"
+                             % (filename, self.max_file))
 
     def _kept(self, ix, filename, sha_prefix):
         try:
@@ -2621,9 +2755,11 @@ class Mirror:
                                             % (entry["filename"], e))
                     if not chunk:
                         break
+                    total += len(chunk)
+                    if total > self.max_file:
+                        raise self._too_large(entry["filename"])
                     f.write(chunk)
                     digest.update(chunk)
-                    total += len(chunk)
                     if held is not None:
                         yield held
                     held = chunk
@@ -2670,12 +2806,13 @@ class Mirror:
             return path, sha
         with self.single_flight(("meta", sha)):
             if not os.path.exists(path):  # (kept meanwhile by the one before us?)
-                resp, url, conn = self.open_url(entry["url"] + ".metadata")
+                resp, url, conn = self.open_url(entry["url"] + ".metadata",
+                                                ix.config.get("mirror_url"))
                 try:
                     if resp.status != 200:
                         raise UpstreamError(502, "upstream answered %d for %s.metadata"
                                             % (resp.status, filename))
-                    data = self.read_body(resp, url, MAX_METADATA_BYTES)
+                    data = self.read_body(resp, url, MAX_METADATA_BYTES, "metadata file")
                 finally:
                     conn.close()
                 if hashlib.sha256(data).hexdigest() != sha:
@@ -2723,30 +2860,33 @@ class Mirror:
         in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
         resp, final_url, conn = self.open_url(
-            url, {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
+            url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
         try:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                        resp.status))
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
+            chunks = self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20, "project list")
             if ctype.endswith("json"):
-                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20),
-                                    _ROOT_JSON_NAME_RE, b"}", b'"projects"')
+                names = _root_names(chunks, _ROOT_JSON_NAME_RE, b"}", b'"projects"')
             elif ctype in ("text/html", SIMPLE_HTML, ""):
-                names = _root_names(self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20),
-                                    _ROOT_HTML_NAME_RE, b"</a>", None)
+                names = _root_names(chunks, _ROOT_HTML_NAME_RE, b"</a>", None)
             else:
                 raise UpstreamError(502, "upstream %s answered with %r, not an index"
-                                    % (url, ctype))
+                                    % (_safe_url(url), ctype))
             os.makedirs(d, exist_ok=True)
             _write_root_listing(self.store, d, names, url)
         finally:
             conn.close()
 
-    def _body_chunks(self, resp, url, limit, size=65536):
+    def _body_chunks(self, resp, url, limit, size=65536, what="page"):
         """The body in chunks, checked against ``limit`` and Content-Length."""
         import http.client
         want = resp.getheader("Content-Length")
+        too_large = UpstreamError(502, "upstream %s %s is larger than %d bytes; not read"
+                                  % (what, _safe_url(url), limit))
+        if want is not None and want.isdigit() and int(want) > limit:
+            raise too_large
         total = 0
         while True:
             try:
@@ -2759,8 +2899,7 @@ class Mirror:
                 break
             total += len(chunk)
             if total > limit:
-                raise UpstreamError(502, "upstream %s page is larger than %d bytes"
-                                    % (_safe_url(url), limit))
+                raise too_large
             yield chunk
         if want is not None and want.isdigit() and int(want) != total:
             raise UpstreamError(502, "upstream %s sent %d of %s bytes"
@@ -2778,6 +2917,7 @@ def _root_names(chunks, pattern, boundary, required):
     to the last ``boundary`` (the end of an entry); the rest waits for the next chunk."""
     buf = b""
     seen_required = required is None
+    count = 0
     for chunk in chunks:
         buf += chunk
         cut = buf.rfind(boundary) if boundary != b"</a>" else buf.lower().rfind(boundary)
@@ -2789,7 +2929,12 @@ def _root_names(chunks, pattern, boundary, required):
         part, buf = buf[:cut], buf[cut:]
         if not seen_required and required in part:
             seen_required = True
-        yield _valid_names(pattern.findall(part), boundary == b"</a>")
+        names = _valid_names(pattern.findall(part), boundary == b"</a>")
+        count += len(names)
+        if count > MAX_ROOT_NAMES:
+            raise UpstreamError(502, "upstream project list has more than %d names; not read"
+                                % MAX_ROOT_NAMES)
+        yield names
     if buf:
         yield _valid_names(pattern.findall(buf), boundary == b"</a>")
     if not seen_required:
@@ -2812,6 +2957,8 @@ def _valid_names(raw, is_html):
 
 def _write_root_listing(store, d, batches, url):
     """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
+    esc = html.escape
+    quote = json.encoder.encode_basestring
     outs = {}
     try:
         for fmt in ("html", "json"):
@@ -2831,9 +2978,10 @@ def _write_root_listing(store, d, batches, url):
         for names in batches:
             if not names:
                 continue
-            write("html", "".join('<a href="%s/">%s</a>\n' % (normalize_name(n), n)
+            # (valid project names need no escaping; escaped anyway, cheaply)
+            write("html", "".join('<a href="%s/">%s</a>\n' % (esc(normalize_name(n)), esc(n))
                                   for n in names))
-            write("json", ("" if first else ", ") + ", ".join('{"name": "%s"}' % n
+            write("json", ("" if first else ", ") + ", ".join('{"name": %s}' % quote(n)
                                                               for n in names))
             first = False
         write("html", "</body></html>\n")
@@ -2874,12 +3022,116 @@ class Download:
 
 
 def _safe_url(url):
-    """A URL without its credentials, for messages."""
-    u = urllib.parse.urlsplit(url)
-    if u.username is None:
+    """A URL without its credentials, for messages and logs."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(unreadable URL)"
+    if "@" not in u.netloc:
         return url
-    return urllib.parse.urlunsplit((u.scheme, u.hostname + (":%d" % u.port if u.port else ""),
-                                    u.path, u.query, ""))
+    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, u.query,
+                                    u.fragment))
+
+
+def shown_mirror_url(url):
+    """``mirror_url`` as shown to anyone but root: the password (or a user name alone,
+    which may be a token) replaced by ``***``."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "***"
+    if "@" not in u.netloc:
+        return url
+    userinfo, _, hostport = u.netloc.rpartition("@")
+    user, sep, _pw = userinfo.partition(":")
+    shown = user + ":***" if sep else "***"
+    return urllib.parse.urlunsplit((u.scheme, shown + "@" + hostport, u.path, u.query,
+                                    u.fragment))
+
+
+def _origin(url):
+    """(scheme, host, port) of a URL, or None."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def parse_allow_hosts(values):
+    """{(host, port or None)} from ``--mirror-allow-host`` values: HOST, HOST:PORT,
+    [IPv6] or [IPv6]:PORT, each value possibly a comma-separated list."""
+    out = set()
+    if isinstance(values, str):  # (from a config file)
+        values = [values]
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            port = None
+            if item.startswith("["):
+                host, _, rest = item[1:].partition("]")
+                if rest:
+                    if not rest.startswith(":"):
+                        raise ValueError("bad --mirror-allow-host %r" % item)
+                    port = rest[1:]
+            elif item.count(":") == 1:
+                host, _, port = item.partition(":")
+            else:
+                host = item  # a name, an IPv4 address or a bare IPv6 address
+            if port is not None:
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError("bad port in --mirror-allow-host %r" % item)
+                port = int(port)
+            if not host:
+                raise ValueError("bad --mirror-allow-host %r" % item)
+            out.add((host, port))
+    return out
+
+
+def is_public_address(addr):
+    """True for an address that is publicly routable: not loopback, private, link-local,
+    site-local, shared (CGNAT), multicast, reserved or unspecified -- also when an IPv6
+    address carries an IPv4 one (IPv4-mapped, 6to4, NAT64)."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in ipaddress.ip_network("64:ff9b::/96"):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public_address(str(inner))
+        if ip.is_site_local or ip.teredo is not None:
+            return False
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
+                                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def _connect_to(addresses):
+    """A replacement for http.client's socket.create_connection that connects only to
+    ``addresses`` (getaddrinfo results), in order."""
+    def create(_address, timeout=None, source_address=None):
+        error = None
+        for family, socktype, proto, _name, sockaddr in addresses:
+            sock = socket.socket(family, socktype, proto)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError("no address to connect to")
+    return create
 
 
 def _proxy_for(u):
@@ -3194,11 +3446,13 @@ class App:
     """The HTTP surface over a Model: each route handler turns a Request into a Response."""
 
     def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY, offline=False,
-                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT)):
+                 mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
+                 mirror_allow_hosts=()):
         self.model = model
         self.store = model.store
         self.mirror = Mirror(model, offline=offline, connect_timeout=mirror_timeouts[0],
-                             read_timeout=mirror_timeouts[1])
+                             read_timeout=mirror_timeouts[1], max_file=max_body,
+                             allow_hosts=mirror_allow_hosts)
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
@@ -3289,14 +3543,14 @@ class App:
         return api_result("proxyauth", result, message="login successful")
 
     def route_list_users(self, req):
-        return api_result("list:userconfig", self.model.list_users())
+        return api_result("list:userconfig", self.model.list_users(actor=req.actor))
 
     # -- users --------------------------------------------------------------------------
 
     def route_user(self, req, user):
         m = self.model
         if req.method == "GET":
-            return api_result("userconfig", m.user_info(user))
+            return api_result("userconfig", m.user_info(user, actor=req.actor))
         if req.method == "PUT":
             body = req.json_body()
             info = m.create_user(req.actor, user, body if body is not None else {})
@@ -3321,18 +3575,18 @@ class App:
             if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
                 return self.simple_root(req, m.require_index(path))
             ix = m.require_index(path)
-            result = m.public_config(ix)
+            result = m.public_config(ix, req.actor)
             if "no_projects" not in req.query:
                 result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
             return api_result("indexconfig", result)
         if req.method == "PUT":
             body = req.json_body()
             config = m.create_index(req.actor, path, body if body is not None else {})
-            return api_result("indexconfig", config)
+            return api_result("indexconfig", m.shown_config(config, req.actor))
         if req.method == "PATCH":
             body = req.json_body()
             config = m.modify_index(req.actor, path, body if body is not None else [])
-            return api_result("indexconfig", config)
+            return api_result("indexconfig", m.shown_config(config, req.actor))
         if req.method == "DELETE":
             m.delete_index(req.actor, path)
             return message_response("index %s deleted" % path, status=201)
@@ -3765,8 +4019,9 @@ class App:
             else:
                 out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
                        'content="1.1"><title>Simple index</title></head><body>\n']
+                esc = html.escape
                 for n in names:
-                    out.append('<a href="%s%s/">%s</a>\n' % (prefix, n, n))
+                    out.append('<a href="%s%s/">%s</a>\n' % (esc(prefix), esc(n), esc(n)))
                 out.append("</body></html>\n")
                 body = "".join(out).encode()
                 ctype = HTML_TYPE
@@ -4928,7 +5183,8 @@ class Server:
                  mirror_url=None, offline=False, outside_url=None, access_log=False,
                  max_request_body_size=DEFAULT_MAX_BODY,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
-                 max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT):
+                 max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
+                 mirror_allow_hosts=()):
         self._serverdir_arg = serverdir
         self.host = host
         self._port_arg = port
@@ -4941,6 +5197,7 @@ class Server:
         self.mirror_timeouts = mirror_timeouts
         self.max_threads = max_threads
         self.connection_timeout = connection_timeout
+        self.mirror_allow_hosts = mirror_allow_hosts
         self.serverdir = None
         self.port = None
         self.url = None
@@ -4974,7 +5231,8 @@ class Server:
                     mirror_url=self.mirror_url, hash_soon=True)
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
-                                  mirror_timeouts=self.mirror_timeouts)
+                                  mirror_timeouts=self.mirror_timeouts,
+                                  mirror_allow_hosts=self.mirror_allow_hosts)
         except BaseException:
             if self._httpd is not None:
                 self._httpd.server_close()
@@ -5077,7 +5335,7 @@ CONFIG_OPTIONS = {
     "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
     "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
-    "connection-timeout": int,
+    "connection-timeout": int, "mirror-allow-host": str,
 }
 
 
@@ -5217,6 +5475,11 @@ def build_parser():
     p.add_argument("--mirror-read-timeout", type=float, metavar="SECONDS",
                    help="seconds to wait for each read from a mirror's upstream "
                         "(default: %g)" % MIRROR_READ_TIMEOUT)
+    p.add_argument("--mirror-allow-host", action="append", metavar="HOST[:PORT]",
+                   help="a host (any port, or only PORT) a mirror may fetch files from even "
+                        "though it is not the mirror_url's own host and has non-public "
+                        "addresses, e.g. an internal upstream's file server (repeatable, "
+                        "or comma-separated)")
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -5307,6 +5570,10 @@ def _limit_malloc_arenas():
 
 
 def cmd_serve(args):
+    try:
+        parse_allow_hosts(args.mirror_allow_host)
+    except ValueError as e:
+        raise SystemExit("error: %s" % e)
     _limit_malloc_arenas()
     # the port first: a busy port must not leave a fresh directory initialised behind it
     try:
@@ -5336,7 +5603,8 @@ def cmd_serve(args):
         raise
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
-                    mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout))
+                    mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
+                    mirror_allow_hosts=args.mirror_allow_host)
     if not is_loopback(args.host):
         empty = [name for name, pwhash in store.conn().execute(
             "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
@@ -5371,7 +5639,7 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "no_root_pypi": False, "offline_mode": False,
                   "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
                   "mirror_read_timeout": MIRROR_READ_TIMEOUT, "threads": DEFAULT_THREADS,
-                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT}
+                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": []}
 
 
 def _check_storage(args):

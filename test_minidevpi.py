@@ -549,6 +549,8 @@ def test_index_api_config_parsing_and_errors(alice):
     r = api(url, "PATCH", "/alice/prod", auth=auth, json_body={"title": "via dict"})
     assert r.json()["result"]["title"] == "via dict"
     r = api(url, "PATCH", "/alice/prod", auth=auth, json_body=["type=mirror"])
+    assert r.status == 403 and "only root" in r.json()["message"]
+    r = api(url, "PATCH", "/alice/prod", auth=("root", "rootpw"), json_body=["type=mirror"])
     assert r.status == 400 and "can't be changed" in r.json()["message"]
     assert api(url, "PATCH", "/root/pypi", auth=auth, json_body=["volatile=True"]).status == 403
     # reading: projects listed unless ?no_projects
@@ -3062,3 +3064,526 @@ def test_root_pypi_falls_back_to_pips_own_default(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(empty))
     monkeypatch.setattr(minidevpi.sys, "prefix", str(empty))
     assert minidevpi.pip_index_url(ignore_system_files=True) == pip_default
+
+
+# ----------------------------------------------------------------------------------
+# security: mirror (who may create one, where it fetches from, what it takes from
+# upstream, what it shows of its mirror_url)
+# ----------------------------------------------------------------------------------
+
+
+class RoutedUpstream(FakeUpstream):
+    """A FakeUpstream where ``routes[path] = (status, body, headers)`` answers first (body
+    None: an empty body; ``no_length`` paths are sent without Content-Length, ended by
+    closing). ``hosts`` records the Host header of every request."""
+
+    def __init__(self, fmt="json"):
+        self.routes = {}
+        self.no_length = set()
+        self.hosts = []
+        self.auths = []
+        super().__init__(fmt)
+
+    def handle(self, h):
+        with self.lock:
+            self.hosts.append(h.headers.get("Host"))
+            self.auths.append(h.headers.get("Authorization"))
+        route = self.routes.get(h.path)
+        if route is None:
+            return super().handle(h)
+        with self.lock:
+            self.requests.append(h.path)
+        status, body, headers = route
+        body = body or b""
+        h.send_response(status)
+        for k, v in headers:
+            h.send_header(k, v)
+        if h.path in self.no_length:
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(body)
+            h.close_connection = True
+            return
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+
+def json_page(name, files):
+    """A PEP 691 page listing ``files`` [(filename, url, bytes)] with their sha256."""
+    return json.dumps({"meta": {"api-version": "1.1"}, "name": name, "files": [
+        {"filename": fn, "url": url, "hashes": {"sha256": hashlib.sha256(data).hexdigest()}}
+        for fn, url, data in files]}).encode()
+
+
+JSON_PAGE = [("Content-Type", "application/vnd.pypi.simple.v1+json")]
+
+
+def mirror_file_path(srv, project, filename):
+    """The server's +f path of a mirrored file, as its simple page links it."""
+    page = http(srv.url, path="/root/pypi/+simple/%s/" % project,
+                headers={"Accept": simple_accept("json")})
+    assert page.status == 200, page
+    f = [x for x in page.json()["files"] if x["filename"] == filename][0]
+    return urllib.parse.urljoin("/root/pypi/+simple/%s/" % project, f["url"])
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path):
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        alice, root = ("alice", "secret"), ("root", "rootpw")
+        target = "http://127.0.0.1:%d/simple/" % closed_port()
+        for method, path, body in [
+                ("PUT", "/alice/mir", {"type": "mirror", "mirror_url": target}),
+                ("PUT", "/alice/mir", {"type": "mirror"}),
+                ("PUT", "/alice/st", {"mirror_url": target}),
+                ("PATCH", "/alice/dev", ["type=mirror"]),
+                ("PATCH", "/alice/dev", ["mirror_url=" + target]),
+                ("PATCH", "/alice/dev", {"type": "mirror", "mirror_url": target})]:
+            r = api(srv.url, method, path, json_body=body, auth=alice)
+            assert r.status == 403, (method, path, body, r)
+            assert "only root" in r.json()["message"]
+        assert api(srv.url, path="/alice/mir").status == 404
+        assert api(srv.url, path="/alice/dev").json()["result"]["type"] == "stage"
+        # root may, also for alice; alice may then change her mirror's other settings
+        r = api(srv.url, "PUT", "/alice/mir", auth=root,
+                json_body={"type": "mirror", "mirror_url": target})
+        assert r.status == 200 and r.json()["result"]["mirror_url"] == target
+        r = api(srv.url, "PATCH", "/alice/mir", auth=alice,
+                json_body=["title=mine", "mirror_cache_expiry=60"])
+        assert r.status == 200 and r.json()["result"]["title"] == "mine"
+        for patch in (["mirror_url=http://127.0.0.1:9/other/"], {"mirror_url": target + "x"}):
+            r = api(srv.url, "PATCH", "/alice/mir", auth=alice, json_body=patch)
+            assert r.status == 403 and "only root" in r.json()["message"]
+        assert api(srv.url, "PATCH", "/alice/mir", auth=root,
+                   json_body=["mirror_url=http://127.0.0.1:9/other/"]).status == 200
+        # devpi-client shows the refusal as it is
+        d = Devpi(tmp_path / "client")
+        d("use", srv.url)
+        d("login", "alice", "--password", "secret")
+        out = d.fails("index", "-c", "mir2", "type=mirror", "mirror_url=" + target)
+        assert "403" in out and "only root" in out
+
+
+def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path):
+    up, other = RoutedUpstream(), RoutedUpstream()
+    try:
+        oport = other.httpd.server_address[1]
+        wheels = {}
+        for name in ("to-port", "to-localhost", "to-127-2", "via-redirect", "closed-port"):
+            path = make_wheel(tmp_path, name, "1.0")
+            other.add(path)  # the bytes are really there: only the policy stops them
+            wheels[name] = (os.path.basename(path), open(path, "rb").read())
+        links = {"to-port": "http://127.0.0.1:%d/files/" % oport,
+                 "to-localhost": "http://localhost:%d/files/" % oport,
+                 "to-127-2": "http://127.0.0.2:%d/files/" % oport,
+                 "via-redirect": "/redirect/",
+                 "closed-port": "http://127.0.0.1:%d/files/" % closed_port()}
+        for name, base in links.items():
+            fn, data = wheels[name]
+            up.routes["/simple/%s/" % name] = (200, json_page(name, [(fn, base + fn, data)]),
+                                               JSON_PAGE)
+        fn = wheels["via-redirect"][0]
+        up.routes["/redirect/" + fn] = (302, None, [
+            ("Location", "http://127.0.0.1:%d/files/%s" % (oport, fn))])
+        # a project page that redirects elsewhere
+        up.routes["/simple/page-moved/"] = (301, None, [
+            ("Location", "http://127.0.0.1:%d/simple/to-port/" % oport)])
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                              mirror_url=up.url + "/simple/", mirror_timeouts=(2, 2)) as srv:
+            messages = {}
+            for name in links:
+                path = mirror_file_path(srv, name, wheels[name][0])
+                for _ in range(2):
+                    r = http(srv.url, path=path)
+                    assert r.status == 502, (name, r)
+                    msg = r.json()["message"]
+                    assert "refused by the mirror policy" in msg, msg
+                messages[name] = msg
+                ix = srv.model.get_index("root/pypi")
+                assert srv.model.local_files(ix, name) is None
+            # nothing tells what listens where: a port with a server and a closed port
+            # get the same answer
+            assert messages["to-port"].replace(str(oport), "P") == \
+                messages["closed-port"].replace(links["closed-port"].split(":")[2][:-7], "P")
+            for msg in messages.values():
+                assert "onnection" not in msg and "Errno" not in msg
+            r = http(srv.url, path="/root/pypi/+simple/page-moved/")
+            assert r.status == 502 and "refused by the mirror policy" in r.json()["message"]
+            assert up.count("/redirect/" + fn) == 2  # (the origin itself is asked)
+        assert other.requests == []  # not one request reached the other server
+    finally:
+        up.stop()
+        other.stop()
+
+
+def test_mirror_allow_host_opens_one_internal_file_host(tmp_path):
+    up, other = RoutedUpstream(), RoutedUpstream()
+    try:
+        oport = other.httpd.server_address[1]
+        path = make_wheel(tmp_path, "internal-pkg", "1.0")
+        other.add(path)
+        fn, data = os.path.basename(path), open(path, "rb").read()
+        up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
+            (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
+        for allowed in (["127.0.0.1:%d" % oport], ["files.example.com, 127.0.0.1"]):
+            with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                                  mirror_allow_hosts=allowed) as srv:
+                r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
+                assert r.status == 200 and r.body == data
+        assert other.count("/files/" + fn) == 2
+        # the name is what is allowed: localhost is not 127.0.0.1, another port not that port
+        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                              mirror_allow_hosts=["localhost:%d" % (oport + 1)]) as srv:
+            r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
+            assert r.status == 502 and "mirror policy" in r.json()["message"]
+        assert other.count("/files/" + fn) == 2
+    finally:
+        up.stop()
+        other.stop()
+    # the option, also from a config file; a bad one is refused at start
+    assert minidevpi.parse_allow_hosts(["a.example.com:8080, [::1]:81", "B.example.com"]) == {
+        ("a.example.com", 8080), ("::1", 81), ("b.example.com", None)}
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  mirror-allow-host: 'files.example.com, 10.1.2.3:8080'\n")
+    assert minidevpi.read_configfile(str(conf))["mirror_allow_host"] == \
+        "files.example.com, 10.1.2.3:8080"
+    code, out = cli("serve", "--serverdir", str(tmp_path / "s"), "--mirror-allow-host",
+                    "x.example.com:http", check=False)
+    assert code != 0 and "mirror-allow-host" in out
+    assert not os.path.exists(str(tmp_path / "s"))
+
+
+def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch):
+    # Names resolve through a stub (no DNS query leaves the machine): 'rebind.example'
+    # answers 127.0.0.1 (counted as public here) once, then 127.0.0.3 (nothing listens)
+    # -- a fetch that resolves again to connect reaches nothing; 'mixed.example' has a
+    # non-public address among public ones; 'nowhere.example' does not resolve.
+    up, other = RoutedUpstream(), RoutedUpstream()
+    banner = socket.socket()
+    try:
+        oport = other.httpd.server_address[1]
+        real_getaddrinfo = socket.getaddrinfo
+        asked = []
+
+        def getaddrinfo(host, port, *args, **kw):
+            if host == "banner.example":
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+            if host in ("rebind.example", "mixed.example", "nowhere.example"):
+                asked.append(host)
+                if host == "nowhere.example":
+                    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+                if host == "mixed.example":
+                    ips = ["127.0.0.1", "127.0.0.2"]
+                else:
+                    ips = ["127.0.0.1"] if asked.count(host) == 1 else ["127.0.0.3"]
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
+            return real_getaddrinfo(host, port, *args, **kw)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(minidevpi, "is_public_address", lambda a: a == "127.0.0.1")
+        banner.bind(("127.0.0.1", 0))
+        banner.listen(5)
+
+        def talk():
+            while True:
+                try:
+                    c, _ = banner.accept()
+                except OSError:
+                    return
+                c.sendall(b"SSH-2.0-OpenSSH_9.9 internal-secret-banner\r\n")
+                c.close()
+        threading.Thread(target=talk, daemon=True).start()
+        files = {}
+        for name, host, port in (("rebound", "rebind.example", oport),
+                                 ("mixed", "mixed.example", oport),
+                                 ("nowhere", "nowhere.example", oport),
+                                 ("banner", "banner.example", banner.getsockname()[1])):
+            path = make_wheel(tmp_path, name, "1.0")
+            other.add(path)
+            fn, data = os.path.basename(path), open(path, "rb").read()
+            files[name] = fn
+            up.routes["/simple/%s/" % name] = (200, json_page(name, [
+                (fn, "http://%s:%d/files/%s" % (host, port, fn), data)]), JSON_PAGE)
+        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path=mirror_file_path(srv, "rebound", files["rebound"]))
+            assert r.status == 200
+            assert other.hosts == ["rebind.example:%d" % oport]  # the name, as Host
+            assert asked == ["rebind.example"]  # resolved once, connected to that answer
+            for name in ("mixed", "nowhere"):
+                r = http(srv.url, path=mirror_file_path(srv, name, files[name]))
+                assert r.status == 502 and "refused by the mirror policy" in \
+                    r.json()["message"]
+            # what a (public) host that root did not name answers is not repeated
+            r = http(srv.url, path=mirror_file_path(srv, "banner", files["banner"]))
+            assert r.status == 502 and "OpenSSH" not in r.body.decode()
+            assert "BadStatusLine" in r.json()["message"]
+        assert other.count("/files/" + files["mixed"]) == 0
+    finally:
+        up.stop()
+        other.stop()
+        banner.close()
+
+
+def test_mirror_policy_holds_before_a_proxy(tmp_path, monkeypatch):
+    # the 'proxy' is a local server that counts what it is asked; the mirror's own
+    # upstream is reached directly (no_proxy)
+    up, proxy = RoutedUpstream(), RoutedUpstream()
+    try:
+        path = make_wheel(tmp_path, "proxied", "1.0")
+        fn, data = os.path.basename(path), open(path, "rb").read()
+        target = "http://localhost:%d/files/%s" % (closed_port(), fn)
+        up.routes["/simple/proxied/"] = (200, json_page("proxied", [(fn, target, data)]),
+                                         JSON_PAGE)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path=mirror_file_path(srv, "proxied", fn))
+            assert r.status == 502 and "refused by the mirror policy" in r.json()["message"]
+            assert proxy.requests == []
+        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                              mirror_allow_hosts=["localhost"]) as srv:
+            http(srv.url, path=mirror_file_path(srv, "proxied", fn))
+            assert proxy.requests == [target]  # allowed: handed to the proxy, as it was
+    finally:
+        up.stop()
+        proxy.stop()
+
+
+@pytest.mark.parametrize("addr", [
+    "127.0.0.1", "127.255.0.9", "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.1",
+    "192.168.0.1", "192.168.255.254", "100.64.0.1", "100.127.255.254", "169.254.169.254",
+    "0.0.0.0", "0.1.2.3", "224.0.0.1", "239.255.255.250", "240.0.0.1", "255.255.255.255",
+    "192.0.2.1", "198.18.0.1", "::1", "::", "fe80::1", "fe80::1%eth0", "fc00::1", "fd12::1",
+    "fec0::1", "ff02::1", "ff0e::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+    "::ffff:192.168.1.1", "::127.0.0.1", "2002:7f00:1::1", "2002:a00:1::1",
+    "64:ff9b::a00:1", "64:ff9b::7f00:1", "64:ff9b:1::1", "2001::1", "2001:db8::1",
+    "not an address", ""])
+def test_non_public_addresses_are_recognised(addr):
+    assert minidevpi.is_public_address(addr) is False
+
+
+@pytest.mark.parametrize("addr", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700::1111",
+                                  "2a00:1450::1", "::ffff:8.8.8.8", "64:ff9b::808:808"])
+def test_public_addresses_are_recognised(addr):
+    assert minidevpi.is_public_address(addr) is True
+
+
+def test_upstream_names_are_data_not_markup(tmp_path):
+    xss = "<img src=x onerror=alert(1)>"
+    up = RoutedUpstream()
+    try:
+        own = make_wheel(tmp_path, "xss-up", "1.0")
+        foreign = make_wheel(tmp_path, "other-pkg", "1.0")
+        odd = make_wheel(tmp_path, "xss-up", "2.0")
+        fn, data = os.path.basename(own), open(own, "rb").read()
+        up.routes["/simple/xss-up/"] = (200, json_page(xss, [
+            (fn, "/f/" + fn, data),
+            # another project's file on this page; a markup "version"
+            (os.path.basename(foreign), "/f/x", open(foreign, "rb").read()),
+            ("xss_up-<b>-py3-none-any.whl", "/f/y", b"z"),
+        ]), JSON_PAGE)
+        up.routes["/f/" + fn] = (200, data, [])
+        # a valid name, but another project's: not taken as the display name either
+        path2 = make_wheel(tmp_path, "victim-x", "1.0")
+        fn2, data2 = os.path.basename(path2), open(path2, "rb").read()
+        up.routes["/simple/victim-x/"] = (200, json_page("Other-Project", [
+            (fn2, "/f/" + fn2, data2)]), JSON_PAGE)
+        up.routes["/f/" + fn2] = (200, data2, [])
+        up.listed = [xss, "fine-name"]
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                              mirror_url=up.url + "/simple/") as srv:
+            srv.create_user("alice", "secret")
+            srv.create_index("alice/dev", bases="root/pypi")
+            page = http(srv.url, path="/root/pypi/+simple/xss-up/",
+                        headers={"Accept": simple_accept("json")}).json()
+            assert [f["filename"] for f in page["files"]] == [fn]
+            assert page["name"] == "xss-up"
+            for path, name in ((mirror_file_path(srv, "xss-up", fn), "xss-up"),
+                               (mirror_file_path(srv, "victim-x", fn2), "victim-x")):
+                assert http(srv.url, path=path).status == 200
+            ix = srv.model.get_index("root/pypi")
+            # kept under the project that was asked for, with its own name
+            assert srv.model.project_names(ix) == {"xss-up": "xss-up", "victim-x": "victim-x"}
+            assert srv.model.local_files(ix, "other-pkg") is None
+            pages = [http(srv.url, path=p, headers={"Accept": a}).body.decode()
+                     for p in ("/alice/dev/+simple/", "/root/pypi/+simple/",
+                               "/alice/dev/+simple/xss-up/", "/root/pypi/+simple/xss-up/",
+                               "/alice/dev/xss-up", "/root/pypi/xss-up/1.0")
+                     for a in ("text/html", simple_accept("json"), "application/json")]
+            for body in pages:
+                assert "<img" not in body and "onerror" not in body and "<b>" not in body
+            assert 'href="xss-up/"' in pages[0] and "fine-name" in pages[3]
+            # a requested name that is no project name is not asked upstream at all
+            n = len(up.requests)
+            assert http(srv.url, path="/root/pypi/+simple/%3Cimg%3E/").status == 404
+            assert http(srv.url, path="/root/pypi/+simple/a%3Fb%23c/").status == 404
+            assert len(up.requests) == n
+    finally:
+        up.stop()
+
+
+def test_upstream_pages_are_bounded(tmp_path, monkeypatch):
+    up = RoutedUpstream()
+    try:
+        big = b"<html><body>" + b"<!-- padding -->" * (minidevpi.MAX_PAGE_BYTES // 16 + 10)
+        up.routes["/simple/huge/"] = (200, big, [("Content-Type", "text/html")])
+        up.routes["/simple/huge-nolength/"] = (200, big, [("Content-Type", "text/html")])
+        up.no_length.add("/simple/huge-nolength/")
+        monkeypatch.setattr(minidevpi, "MAX_PAGE_LINKS", 50)
+        many = [("many_links-%d.0.tar.gz" % i, "/f/%d" % i, b"%d" % i) for i in range(60)]
+        up.routes["/simple/many-links/"] = (200, json_page("many-links", many), JSON_PAGE)
+        up.routes["/simple/many-html/"] = (200, "".join(
+            '<a href="/f/%s#sha256=%s">x</a>\n' % (fn, hashlib.sha256(d).hexdigest())
+            for fn, _, d in many).encode(), [("Content-Type", "text/html")])
+        up.routes["/simple/many-empty/"] = (200, b'{"files": [' + b",".join(
+            [b"{}"] * 2000) + b"]}", JSON_PAGE)
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                              mirror_url=up.url + "/simple/") as srv:
+            for name, words in (("huge", "larger than %d" % minidevpi.MAX_PAGE_BYTES),
+                                ("huge-nolength", "larger than"),
+                                ("many-links", "more than 50 files"),
+                                ("many-html", "more than 50 files"),
+                                ("many-empty", "more than 50 files")):
+                r = http(srv.url, path="/root/pypi/+simple/%s/" % name)
+                assert r.status == 502 and words in r.json()["message"], (name, r)
+            rows = srv.model.store.conn().execute("SELECT COUNT(*) FROM mirror_pages").fetchone()
+            assert rows[0] == 0  # nothing of them stored
+            assert api(srv.url, path="/+api").status == 200
+    finally:
+        up.stop()
+
+
+def test_upstream_files_are_bounded(tmp_path):
+    up = RoutedUpstream()
+    try:
+        path = make_wheel(tmp_path, "big-file", "1.0", extra=b"x" * 300000)
+        fn, data = os.path.basename(path), open(path, "rb").read()
+        sha = hashlib.sha256(data).hexdigest()
+        page = '<a href="/f/%s#sha256=%s">%s</a>\n' % (fn, sha, fn)
+        up.routes["/simple/big-file/"] = (200, page.encode(), [("Content-Type", "text/html")])
+        up.routes["/f/" + fn] = (200, data, [])
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                              mirror_url=up.url + "/simple/",
+                              max_request_body_size=200000) as srv:
+            for no_length in (False, True):
+                if no_length:
+                    up.no_length.add("/f/" + fn)
+                try:
+                    r = http(srv.url, path=mirror_file_path(srv, "big-file", fn))
+                    assert r.status == 502 and "larger than 200000" in r.json()["message"]
+                except (httpclient.IncompleteRead, ConnectionError):
+                    pass  # (cut off: also a failed download)
+                assert srv.model.local_files(srv.model.get_index("root/pypi"),
+                                             "big-file") is None
+                assert os.listdir(os.path.join(srv.serverdir, minidevpi.TMP_DIR)) == []
+                assert not os.path.exists(srv.model.store.blob_path(sha))
+            assert up.count("/f/" + fn) == 2
+    finally:
+        up.stop()
+
+
+def test_upstream_project_list_is_bounded(tmp_path, monkeypatch):
+    up = FakeUpstream()
+    try:
+        up.listed = ["pkg-%05d" % i for i in range(3000)]
+        monkeypatch.setattr(minidevpi, "MAX_ROOT_NAMES", 2000)
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
+                              mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
+            assert r.status == 200 and r.json()["projects"] == []  # (what is kept: nothing)
+            for _d, _dirs, names in os.walk(os.path.join(srv.serverdir, "+mirror")):
+                assert not [n for n in names if n.startswith("root.")]
+        monkeypatch.setattr(minidevpi, "MAX_ROOT_NAMES", 5000)
+        monkeypatch.setattr(minidevpi, "MAX_ROOT_BYTES", 10000)
+        with minidevpi.Server(tmp_path / "srv2", root_password="rootpw",
+                              mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
+            assert r.status == 200 and r.json()["projects"] == []
+        monkeypatch.setattr(minidevpi, "MAX_ROOT_BYTES", 1000000)
+        with minidevpi.Server(tmp_path / "srv3", root_password="rootpw",
+                              mirror_url=up.url + "/simple/") as srv:
+            r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
+            assert len(r.json()["projects"]) == 3000  # within the bounds: all of it
+    finally:
+        up.stop()
+
+
+def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, capsys):
+    secret = "s3cr3t-t0ken"
+    up = RoutedUpstream()
+    logged = []
+    real_log = minidevpi.log
+    monkeypatch.setattr(minidevpi, "log", lambda msg: (logged.append(msg), real_log(msg)))
+    try:
+        path = make_wheel(tmp_path, "cred-pkg", "1.0")
+        up.add(path)
+        fn, data = os.path.basename(path), open(path, "rb").read()
+        up.routes["/simple/refused/"] = (200, json_page("refused", [
+            (fn.replace("cred_pkg", "refused"), "http://127.0.0.2:9/x.whl", data)]), JSON_PAGE)
+        up.routes["/simple/bad-json/"] = (200, b"{nope", JSON_PAGE)
+        up.routes["/simple/moved/"] = (302, None, [("Location", "/simple/moved/")])
+        mirror_url = "http://tok-user:%s@%s/simple/" % (secret, up.url[len("http://"):])
+        with minidevpi.Server(tmp_path / "srv", root_password="rootpw", access_log=True,
+                              mirror_url=mirror_url, mirror_timeouts=(2, 1)) as srv:
+            srv.create_user("alice", "secret")
+            srv.create_index("alice/dev", bases="root/pypi")
+            shown = "http://tok-user:***@%s/simple/" % up.url[len("http://"):]
+            bodies = []
+            for auth in (None, ("alice", "secret")):
+                for path in ("/root/pypi", "/", "/root"):
+                    r = api(srv.url, path=path, auth=auth)
+                    assert r.status == 200
+                    bodies.append(r.body.decode())
+                    assert shown in r.body.decode(), (path, auth)
+            for path in ("/root/pypi", "/", "/root"):
+                r = api(srv.url, path=path, auth=("root", "rootpw"))
+                assert mirror_url in r.body.decode()  # root reads back what it set
+            # a mirror root made for alice: her own changes don't show her the secret
+            api(srv.url, "PUT", "/alice/mir", auth=("root", "rootpw"),
+                json_body={"type": "mirror", "mirror_url": mirror_url})
+            r = api(srv.url, "PATCH", "/alice/mir", auth=("alice", "secret"),
+                    json_body=["title=t"])
+            assert r.status == 200 and r.json()["result"]["mirror_url"] == shown
+            bodies.append(r.body.decode())
+            bodies.append(api(srv.url, path="/alice", auth=("alice", "secret")).body.decode())
+            # upstream errors of every kind, as responses and in the log
+            assert http(srv.url, path="/root/pypi/+simple/cred-pkg/").status == 200
+            assert up.auths[-1] == "Basic " + base64.b64encode(
+                ("tok-user:" + secret).encode()).decode()  # (sent upstream, as auth)
+            api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+                json_body=["mirror_cache_expiry=0"])
+            for fault in ("500", "notindex", "timeout", "truncate"):
+                time.sleep(1.1)
+                up.faults["/simple/cred-pkg/"] = fault
+                bodies.append(http(srv.url, path="/root/pypi/+simple/cred-pkg/").body.decode())
+                bodies.append(http(srv.url, path="/alice/dev/+simple/cred-pkg/").body.decode())
+                bodies.append(api(srv.url, path="/alice/dev/cred-pkg").body.decode())
+            for name in ("refused", "bad-json", "moved", "not-there"):
+                r = http(srv.url, path="/root/pypi/+simple/%s/" % name)
+                bodies.append(r.body.decode())
+                if name == "refused":
+                    r = http(srv.url, path=mirror_file_path(srv, name, fn.replace(
+                        "cred_pkg", "refused")))
+                    assert r.status == 502
+                    bodies.append(r.body.decode())
+            up.stop()  # upstream gone: connection errors, stale pages, the project list
+            time.sleep(1.1)
+            for path in ("/root/pypi/+simple/cred-pkg/", "/root/pypi/+simple/",
+                         "/root/pypi/+simple/never-seen/", "/alice/dev/+simple/never-seen/"):
+                bodies.append(http(srv.url, path=path).body.decode())
+            assert any("upstream" in b for b in bodies)
+        out = capsys.readouterr()
+        assert logged and any("WARNING" in m for m in logged)
+        for text in bodies + logged + [out.out, out.err]:
+            assert secret not in text
+    finally:
+        up.stop()
