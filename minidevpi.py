@@ -149,22 +149,36 @@ def normalize_name(name):
 
 
 def check_user_name(name):
-    if not name or len(name) > 100 or not USER_NAME_RE.match(name):
+    if not name or len(name) > 100 or not USER_NAME_RE.fullmatch(name):
         raise bad_request(
             "username %r contains characters that aren't allowed. "
             "Any ascii symbol besides -.@_ is blocked." % name)
 
 
 def check_index_name(name):
-    if not name or len(name) > 100 or not INDEX_NAME_RE.match(name):
+    if not name or len(name) > 100 or not INDEX_NAME_RE.fullmatch(name):
         raise bad_request(
             "indexname %r contains characters that aren't allowed. "
             "Any ascii symbol besides -.@_ is blocked." % name)
 
 
 def check_project_name(name):
-    if not name or len(name) > 200 or not PROJECT_NAME_RE.match(name):
+    if not name or len(name) > 200 or not PROJECT_NAME_RE.fullmatch(name):
         raise bad_request("invalid project name %r" % (name,))
+
+
+# A version names a folder in an export (devpi's layout), so it must never read as a path.
+# devpi takes versions that are not PEP 440 (1.0-r1, 2013b, 1.0+local.7 pass here too):
+# letters, digits and . _ + ! -, starting with a letter or digit.
+VERSION_CHARS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+!-]*")
+
+
+def check_version(version):
+    if not isinstance(version, str) or not version or len(version) > 200 \
+            or not VERSION_CHARS_RE.fullmatch(version):
+        raise bad_request(
+            "invalid version %r: a version is letters, digits and . _ + ! - (at most 200), "
+            "starting with a letter or digit" % (version,))
 
 
 _VERSION_RE = re.compile(
@@ -351,6 +365,219 @@ def full_metadata(name, version, meta):
 
 
 MAX_METADATA_BYTES = 16 * 1024 * 1024
+# How far an uploaded archive is looked into for its metadata (PKG-INFO / METADATA): at
+# most this many members (headers, for a tar), and for a tar at most this many bytes
+# decompressed on the way (its members are read in order, so a bomb is never unpacked
+# whole). Memory stays small whatever the archive: members are looked at one at a time,
+# and only the one metadata member (at most MAX_METADATA_BYTES) is ever held.
+MAX_ARCHIVE_MEMBERS = 200000
+MAX_TAR_SCAN_BYTES = 512 * 1024 * 1024
+
+
+class ArchiveTooLarge(ValueError):
+    """An archive past MAX_ARCHIVE_MEMBERS or MAX_TAR_SCAN_BYTES: not looked into further."""
+
+
+def zip_entries(f):
+    """The central directory of the zip file ``f`` (open, binary), one entry at a time:
+    (name, flags, method, crc, compressed size, size, local header offset). Nothing is
+    kept between entries. Raises zipfile.BadZipFile for a broken zip, ArchiveTooLarge
+    past MAX_ARCHIVE_MEMBERS entries."""
+    import struct
+    f.seek(0, 2)
+    end = f.tell()
+    tail_len = min(end, 22 + 65535)
+    f.seek(end - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or tail_len - pos < 22:
+        raise zipfile.BadZipFile("no end of central directory")
+    count, cd_size, cd_offset = struct.unpack("<10xHII2x", tail[pos:pos + 22])
+    records = end - tail_len + pos  # where the end records start
+    if records >= 76:
+        f.seek(records - 20)
+        locator = f.read(20)
+        if locator[:4] == b"PK\x06\x07":  # zip64: the real numbers are in its own record
+            f.seek(records - 76)
+            rec = f.read(56)
+            if len(rec) != 56 or rec[:4] != b"PK\x06\x06":
+                raise zipfile.BadZipFile("broken zip64 end of central directory")
+            count, cd_size, cd_offset = struct.unpack("<32xQQQ", rec)
+            records -= 76
+    concat = records - cd_size - cd_offset  # bytes in front of the zip (as zipfile allows)
+    if concat < 0:
+        raise zipfile.BadZipFile("central directory out of place")
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise ArchiveTooLarge("more than %d members" % MAX_ARCHIVE_MEMBERS)
+    f.seek(cd_offset + concat)
+    for _ in range(count):
+        head = f.read(46)
+        if len(head) != 46 or head[:4] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("broken central directory")
+        (flags, method, crc, csize, size, nlen, elen, clen,
+         offset) = struct.unpack("<8xHH4xIIIHHH8xI", head)
+        name = f.read(nlen).decode("utf-8" if flags & 0x800 else "cp437", "replace")
+        extra = f.read(elen)
+        f.seek(clen, 1)
+        if 0xFFFFFFFF in (size, csize, offset):  # zip64 extra field: the large ones, in order
+            i = 0
+            while i + 4 <= len(extra):
+                xid, xlen = struct.unpack("<HH", extra[i:i + 4])
+                if xid == 1:
+                    raw = extra[i + 4:i + 4 + xlen]
+                    vals = list(struct.unpack("<%dQ" % (len(raw) // 8), raw[:len(raw) // 8 * 8]))
+                    if size == 0xFFFFFFFF and vals:
+                        size = vals.pop(0)
+                    if csize == 0xFFFFFFFF and vals:
+                        csize = vals.pop(0)
+                    if offset == 0xFFFFFFFF and vals:
+                        offset = vals.pop(0)
+                    break
+                i += 4 + xlen
+        yield name, flags, method, crc, csize, size, offset + concat
+
+
+def _zip_member(f, entry, limit):
+    """The bytes of one zip member (an entry of zip_entries), or ArchiveTooLarge when it
+    is larger than ``limit``. Stored and deflated members (what wheels and sdists use) are
+    read; never more than the stated size is inflated, and the CRC is checked."""
+    import struct
+    import zlib
+    name, flags, method, crc, csize, size, offset = entry
+    if size > limit:
+        raise ArchiveTooLarge("%s is larger than %d bytes" % (name, limit))
+    if flags & 1:
+        raise zipfile.BadZipFile("%s is encrypted" % name)
+    if method not in (0, 8):
+        raise zipfile.BadZipFile("%s uses compression method %d (stored and deflated are "
+                                 "read)" % (name, method))
+    f.seek(offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("broken local header of %s" % name)
+    nlen, elen = struct.unpack("<26xHH", head)
+    f.seek(nlen + elen, 1)
+    inflate = zlib.decompressobj(-15) if method == 8 else None
+    out, got, left, pending = [], 0, csize, b""
+    while left > 0 or pending:
+        if not pending:
+            pending = f.read(min(left, 1024 * 1024))
+            if not pending:
+                raise zipfile.BadZipFile("%s is cut short" % name)
+            left -= len(pending)
+        if inflate is None:
+            piece, pending = pending, b""
+        else:
+            piece = inflate.decompress(pending, size - got + 1)
+            pending = inflate.unconsumed_tail
+        got += len(piece)
+        if got > size:
+            raise zipfile.BadZipFile("%s is larger than its stated size" % name)
+        out.append(piece)
+    data = b"".join(out)
+    if len(data) != size or zlib.crc32(data) != crc:
+        raise zipfile.BadZipFile("%s: CRC or size mismatch" % name)
+    return data
+
+
+def _tar_number(field):
+    if field[:1] in (b"\x80", b"\xff"):  # base-256 (GNU), for sizes past 8 GiB
+        n = int.from_bytes(field[1:], "big")
+        return n - (256 ** (len(field) - 1)) if field[:1] == b"\xff" else n
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text or b"0", 8)
+
+
+def _tar_open(raw):
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if magic[:3] == b"BZh":
+        import bz2
+        return bz2.BZ2File(raw)
+    if magic == b"\xfd7zXZ\x00":
+        import lzma
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+def _tar_pkg_info(path):
+    """The first ``<dir>/PKG-INFO`` of a (compressed) tar, read as a stream: None when it
+    is not there, larger than MAX_METADATA_BYTES, or past the scan limits."""
+    with open(path, "rb") as raw:
+        f = _tar_open(raw)
+        budget = MAX_TAR_SCAN_BYTES
+
+        def read(n):
+            nonlocal budget
+            if n > budget:
+                raise ArchiveTooLarge("more than %d bytes to read" % MAX_TAR_SCAN_BYTES)
+            data = f.read(n)
+            if len(data) != n:
+                raise EOFError("tar cut short")
+            budget -= n
+            return data
+
+        long_name = pax = None
+        for _ in range(MAX_ARCHIVE_MEMBERS):
+            head = read(512)
+            if head == bytes(512):
+                return None
+            want = _tar_number(head[148:156])
+            unsigned = 256 + sum(head[:148]) + sum(head[156:])
+            if want != unsigned and want != unsigned - 512 * sum(
+                    1 for b in head[:148] + head[156:] if b >= 128):
+                return None  # not a tar header: garbage
+            kind = head[156:157]
+            size = _tar_number(head[124:136])
+            if pax and "size" in pax and kind not in (b"x", b"g", b"L", b"K"):
+                size = int(pax["size"])
+            if size < 0:
+                return None
+            padded = -(-size // 512) * 512
+            if kind in (b"x", b"g", b"L", b"K"):  # pax and GNU long-name headers
+                if size > 1024 * 1024:
+                    return None
+                data = read(padded)[:size]
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0]
+                elif kind == b"x":
+                    pax = _pax_records(data)
+                continue
+            name = head[:100].split(b"\0", 1)[0]
+            prefix = head[345:500].split(b"\0", 1)[0]
+            if prefix and kind != b"S":
+                name = prefix + b"/" + name
+            if long_name is not None:
+                name = long_name
+            if pax and "path" in pax:
+                name = pax["path"].encode("utf-8", "surrogateescape")
+            long_name = pax = None
+            regular = kind in (b"0", b"\0", b"7")
+            if regular and name.count(b"/") == 1 and name.endswith(b"/PKG-INFO"):
+                return read(size) if size <= MAX_METADATA_BYTES else None
+            if regular or kind not in (b"1", b"2", b"3", b"4", b"5", b"6"):
+                while padded:  # skip the member's data
+                    n = min(padded, 1024 * 1024)
+                    read(n)
+                    padded -= n
+        return None
+
+
+def _pax_records(data):
+    """``path`` and ``size`` of a pax extended header ("<len> key=value\\n" records)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        m = re.match(rb"(\d{1,8}) ", data[pos:pos + 10])
+        if not m or int(m.group(1)) <= len(m.group(0)):
+            break
+        record = data[pos + len(m.group(0)):pos + int(m.group(1)) - 1]
+        pos += int(m.group(1))
+        key, _, value = record.partition(b"=")
+        if key in (b"path", b"size"):
+            out[key.decode()] = value.decode("utf-8", "surrogateescape")
+    return out
 
 
 def read_core_metadata(path, filename):
@@ -358,36 +585,42 @@ def read_core_metadata(path, filename):
 
     For a wheel these are what PEP 658 serves as ``<file>.metadata``.
     Raises HTTPError 400 for a wheel that is not a readable zip with a METADATA file.
+    An sdist whose PKG-INFO can't be found within the limits above (too large, too many
+    members, too much to decompress, broken) has None: it is taken without metadata of
+    its own (the upload form's fields still count).
     """
     try:
         if filename.endswith(".whl"):
-            with zipfile.ZipFile(path) as zf:
-                names = [n for n in zf.namelist()
-                         if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
-                if len(names) != 1:
+            with open(path, "rb") as f:
+                found = []
+                for entry in zip_entries(f):
+                    name = entry[0]
+                    if name.count("/") == 1 and name.endswith(".dist-info/METADATA"):
+                        found.append(entry)
+                        if len(found) > 1:
+                            break
+                if len(found) != 1:
                     raise bad_request("%s: wheel has no single *.dist-info/METADATA" % filename)
-                info = zf.getinfo(names[0])
-                if info.file_size > MAX_METADATA_BYTES:
+                try:
+                    return _zip_member(f, found[0], MAX_METADATA_BYTES)
+                except ArchiveTooLarge:
                     raise bad_request("%s: METADATA too large" % filename)
-                return zf.read(info)
         if filename.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")):
-            with tarfile.open(path) as tf:
-                for member in tf:
-                    if (member.isfile() and member.name.count("/") == 1
-                            and member.name.endswith("/PKG-INFO")
-                            and member.size <= MAX_METADATA_BYTES):
-                        return tf.extractfile(member).read()
-            return None
+            return _tar_pkg_info(path)
         if filename.endswith(".zip") and not filename.endswith(".doc.zip"):
-            with zipfile.ZipFile(path) as zf:
-                for n in zf.namelist():
-                    if n.count("/") == 1 and n.endswith("/PKG-INFO"):
-                        return zf.read(n)[:MAX_METADATA_BYTES]
+            with open(path, "rb") as f:
+                for entry in zip_entries(f):
+                    name = entry[0]
+                    if name.count("/") == 1 and name.endswith("/PKG-INFO"):
+                        return _zip_member(f, entry, MAX_METADATA_BYTES)
             return None
     except HTTPError:
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError,
-            KeyError, NotImplementedError, RuntimeError):
+    except ArchiveTooLarge as e:
+        if filename.endswith(".whl"):
+            raise bad_request("%s: %s: not looked into" % (filename, e))
+        return None
+    except Exception:  # whatever a broken archive makes zipfile or a decompressor raise
         if filename.endswith(".whl"):
             raise bad_request("%s: not a valid wheel (zip) file" % filename)
         return None
@@ -1733,6 +1966,7 @@ class Model:
         check_project_name(name)
         if not version:
             raise bad_request("version needs to be set")
+        check_version(version)
         norm = normalize_name(name)
         with self.store.write() as c:
             pid = self._project_id(c, ix, norm, name, True)
@@ -1821,6 +2055,7 @@ class Model:
         if not version:
             raise bad_request("version needs to be set (no version field and none in the file)")
         check_project_name(name)
+        check_version(version)
         split = split_filename(filename, version)
         if split is None or split[2] == "doczip":
             raise bad_request("filename %r does not contain version %r" % (filename, version))
@@ -1845,10 +2080,14 @@ class Model:
         if not name or not version:
             raise bad_request("name and version need to be set for a doc upload")
         check_project_name(name)
+        check_version(version)
         try:
-            with zipfile.ZipFile(tmp_path) as zf:
-                zf.namelist()
-        except (zipfile.BadZipFile, OSError):
+            with open(tmp_path, "rb") as f:
+                for _entry in zip_entries(f):
+                    pass
+        except ArchiveTooLarge as e:
+            raise bad_request("documentation zip has %s" % e)
+        except (zipfile.BadZipFile, OSError, ValueError):
             raise bad_request("documentation upload is not a zip file")
         filename = "%s-%s.doc.zip" % (normalize_name(name).replace("-", "_"), version)
         check_filename(filename)
@@ -4512,7 +4751,6 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
 # ===================================================================================
 
 DUMP_VERSION = "2"
-DEVPI_NAME_BAD = re.compile(r"""[\x00-\x20\x7f`!"#$%&'()*+,/:;<=>?\[\\\]^{|}~]""")
 
 
 def unusable_argon2():
@@ -4526,6 +4764,103 @@ def unusable_argon2():
 def legacy_devpi_hash(salt, hexhash):
     """devpi < 4.2 stored sha256(salt + password) with a per-user salt; checkable here."""
     return "devpi_sha256$%s$%s" % (salt, hexhash)
+
+
+def pwhash_fingerprint(pwhash):
+    """What an export writes as ``minidevpi_pwhash_for`` beside ``minidevpi_pwhash``: which
+    devpi-side ``pwhash`` it wrote. devpi keeps both keys; when the password is changed on
+    the devpi side its ``pwhash`` no longer has this fingerprint, and the newer hash wins."""
+    return hashlib.sha256(pwhash.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def refusal(check, value):
+    """The message with which ``check`` (one of the API's check_* functions of section 3)
+    refuses ``value``, or None: export and import judge names by the API's own rules."""
+    if not isinstance(value, str):
+        return "%r is not a string" % (value,)
+    try:
+        check(value)
+    except HTTPError as e:
+        return e.message
+    return None
+
+
+def check_sha256(value):
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise bad_request("invalid sha256 %r" % (value,))
+
+
+def dump_path_refusal(rel):
+    """Why the dump-relative path ``rel`` (``/``-separated) is refused, or None: absolute,
+    ``..``, ``.``, empty parts, backslashes or control characters."""
+    if not isinstance(rel, str) or not rel:
+        return "file path %r is not a path" % (rel,)
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")) \
+            or "\\" in rel or any(ord(c) < 32 or c == "\x7f" for c in rel):
+        return "file path %r leaves the dump or is not a plain path" % (rel,)
+    return None
+
+
+def is_inside(root, path):
+    """Whether ``path`` resolves (symbolic links followed) to somewhere inside the real
+    directory ``root``."""
+    return os.path.realpath(path).startswith(os.path.join(root, ""))
+
+
+class DumpFileRefused(Exception):
+    """A dump's file that is not read: a symbolic link, outside the dump, not a file."""
+
+
+def open_in_dump(dump, rel):
+    """The regular file ``rel`` of the dump at the real path ``dump``, open for reading.
+
+    A dump is read as given, never through a symbolic link: any part of the path that is
+    one is refused (checked part by part, then opened part by part relative to the
+    directory above with O_NOFOLLOW where the OS has it, so that nothing swapped in
+    meanwhile is followed either), and the file's real path must be inside the dump. FIFOs
+    and devices are refused too (opened non-blocking, then checked). Raises
+    FileNotFoundError for a missing file and DumpFileRefused for the rest."""
+    parts = rel.split("/")
+    path = dump
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise DumpFileRefused("%s is a symbolic link: refused (files are read only from "
+                                  "inside the dump)" % "/".join(parts[:i + 1]))
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            raise FileNotFoundError(path)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | nofollow
+    try:
+        if nofollow and os.open in os.supports_dir_fd:
+            dfd = os.open(dump, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                for part in parts[:-1]:
+                    nfd = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow,
+                                  dir_fd=dfd)
+                    os.close(dfd)
+                    dfd = nfd
+                fd = os.open(parts[-1], flags, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        else:
+            fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP, ENOTDIR: a link or a file swapped in since the check
+        raise DumpFileRefused("%s can't be read safely (%s)" % (rel, e.strerror))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DumpFileRefused("%s is not a file" % rel)
+        if not is_inside(dump, path):
+            raise DumpFileRefused("%s is not inside the dump" % rel)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _http_date_ts(value):
@@ -4584,8 +4919,13 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         raise HTTPError(409, "export directory %s must not exist or be empty" % target)
     store.open(readonly=True)
     os.makedirs(target, exist_ok=True)
+    root = os.path.realpath(target)
     notes = {}
     told = []
+    # rows that no dump may carry (a name or version the API refuses, e.g. from a doctored
+    # database): left out with a warning, so the dump imports again and nothing is ever
+    # written outside the target
+    skipped = []
     c = store._connect()
     try:
         c.execute("BEGIN")  # one snapshot for everything below (WAL)
@@ -4599,6 +4939,10 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         devpi_cant_check = []
         for name, pwhash, config, created, modified in c.execute(
                 "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
+            why = refusal(check_user_name, name)
+            if why:
+                skipped.append("user %r (%s)" % (name, why))
+                continue
             u = {"username": name, "created": created}
             if modified:
                 u["modified"] = modified
@@ -4609,6 +4953,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 u["pwhash"] = unusable_argon2()
                 if is_known_hash(pwhash):
                     u["minidevpi_pwhash"] = pwhash
+                    u["minidevpi_pwhash_for"] = pwhash_fingerprint(u["pwhash"])
                 devpi_cant_check.append(name)
             users[name] = u
         indexes = {}
@@ -4616,6 +4961,11 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         for ix_id, user, name, config in rows.fetchall():
             config = json.loads(config)
             path = "%s/%s" % (user, name)
+            why = refusal(check_index_name, name) or (
+                None if user in users else "its user is not exported")
+            if why:
+                skipped.append("index %r (%s)" % (path, why))
+                continue
             entry = {"indexconfig": config}
             indexes[path] = entry
             if config.get("type") == "mirror" and not include_mirrored:
@@ -4628,6 +4978,11 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 (ix_id,)).fetchall()
             is_mirror = config.get("type") == "mirror"
             for norm, display, vid, version, meta, yanked in versions:
+                why = refusal(check_project_name, norm) or refusal(check_version, version) \
+                    or (None if is_mirror else refusal(check_project_name, display))
+                if why:
+                    skipped.append("%s %s version %r (%s)" % (path, norm, version, why))
+                    continue
                 vfiles = c.execute(
                     "SELECT filename, rel, sha256, uploaded, for_filename, log FROM files "
                     "WHERE version_id=? ORDER BY id", (vid,)).fetchall()
@@ -4659,6 +5014,15 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                                                                  for_filename)
                     else:
                         relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
+                    dest = os.path.join(target, *relpath.split("/"))
+                    why = refusal(check_filename, filename) or refusal(check_sha256, sha) or (
+                        refusal(check_filename, for_filename) if rel == "toxresult" else None) \
+                        or dump_path_refusal(relpath) or (
+                            None if is_inside(root, dest) else "it would be written outside "
+                                                               "the export")
+                    if why:
+                        skipped.append("%s file %r (%s)" % (path, filename, why))
+                        continue
                     if is_mirror:
                         src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
                         mapping["url"] = src[0] if src and src[0] else filename
@@ -4671,8 +5035,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                         raise HTTPError(409, "the bytes of %s/%s vanished while exporting "
                                              "(removed meanwhile?); run the export again"
                                         % (path, filename))
-                    _place_file(blob, os.path.join(target, *relpath.split("/")), hard_links,
-                                notes)
+                    _place_file(blob, dest, hard_links, notes)
                     progress.add(os.path.getsize(blob))
                     files.append(f)
             entry["projects"] = projects
@@ -4694,6 +5057,12 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 % (len(users), len(indexes), nfiles, target))
     if notes.get("no_links"):
         told.append(notes["no_links"])
+    if skipped:
+        told.append("WARNING: not exported, because the API does not accept their names or "
+                    "versions (so an import would refuse them): %s%s. Remove or rename them "
+                    "on the server and export again." % (
+                        "; ".join(skipped[:20]),
+                        " and %d more" % (len(skipped) - 20) if len(skipped) > 20 else ""))
     if devpi_cant_check:
         told.append("for devpi-server: the password hashes of %s are of a kind devpi can't "
                     "check; after devpi-import they match no password. Set them as root: "
@@ -4709,8 +5078,10 @@ def _read_dump(dump):
         raise HTTPError(404, "%s has no dataindex.json: not an export directory "
                              "(or an incomplete one)" % dump)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open_in_dump(os.path.realpath(dump), "dataindex.json") as f:
+            data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+    except DumpFileRefused as e:
+        raise HTTPError(400, "the export at %s can't be imported: %s" % (dump, e))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise HTTPError(400, "dataindex.json is not readable JSON: %s" % e)
     if not isinstance(data, dict):
@@ -4731,6 +5102,7 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
     import reads every file once; ``notes["staged"]`` maps relpath -> (sha256, staged path).
     """
     import concurrent.futures
+    dump = os.path.realpath(dump)
     problems = []
     notes = notes if notes is not None else {}
     staged = notes.setdefault("staged", {})
@@ -4740,16 +5112,18 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
     for name, u in users.items():
         if not isinstance(u, dict):
             problems.append("user %r: not an object" % name)
-        elif not name or DEVPI_NAME_BAD.search(name):
-            problems.append("user %r: invalid name" % name)
+        elif refusal(check_user_name, name):
+            problems.append("user %r: %s" % (name, refusal(check_user_name, name)))
     for path, ix in data["indexes"].items():
         if not isinstance(ix, dict) or not isinstance(ix.get("indexconfig"), dict) \
                 or "type" not in ix["indexconfig"]:
             problems.append("index %r: no indexconfig with a type" % path)
             continue
         user, sep, name = path.partition("/")
-        if not sep or not name or DEVPI_NAME_BAD.search(name) or DEVPI_NAME_BAD.search(user):
-            problems.append("index %r: invalid name" % path)
+        why = refusal(check_user_name, user) or refusal(check_index_name, name)
+        if why:
+            problems.append("index %r: %s" % (path, why))
+            continue
         if user not in users:
             problems.append("index %r: its user %r is not in the dump" % (path, user))
         ixtype = ix["indexconfig"]["type"]
@@ -4762,6 +5136,10 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             continue
         norm_projects = {}
         for pname, versions in projects.items():
+            why = refusal(check_project_name, pname)
+            if why:
+                problems.append("%s: project %s" % (path, why))
+                continue
             if not isinstance(versions, dict):
                 problems.append("%s/%s: versions are not an object" % (path, pname))
                 continue
@@ -4771,6 +5149,12 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
                     problems.append('%s/%s %s: missing required field "name"' % (path, pname, ver))
                 elif any(k.startswith("+") for k in vdata):
                     problems.append("%s/%s %s: unexpected '+' keys" % (path, pname, ver))
+                else:
+                    why = refusal(check_version, ver) or refusal(
+                        check_version, str(vdata.get("version") or ver)) or refusal(
+                        check_project_name, vdata["name"])
+                    if why:
+                        problems.append("%s/%s %r: %s" % (path, pname, ver, why))
         files = ix.get("files", [])
         if not isinstance(files, list):
             problems.append("index %r: 'files' is not a list" % path)
@@ -4782,8 +5166,12 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
                 continue
             rel = f["relpath"]
             parts = rel.split("/")
-            if rel.startswith("/") or ".." in parts or "\x00" in rel:
-                problems.append("%s: file path %r leaves the dump" % (path, rel))
+            why = dump_path_refusal(rel) or refusal(check_filename, parts[-1]) or refusal(
+                check_project_name, f["projectname"]) or refusal(check_version, _version_of(f))
+            if not why and f["type"] == "toxresult" and f.get("for_entrypath"):
+                why = refusal(check_filename, str(f["for_entrypath"]).rsplit("/", 1)[-1])
+            if why:
+                problems.append("%s: file %r: %s" % (path, rel, why))
                 continue
             if f["type"] not in ("releasefile", "doczip", "toxresult"):
                 problems.append("%s: file %s has unknown type %r" % (path, rel, f["type"]))
@@ -4791,8 +5179,7 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             if norm not in norm_projects:
                 problems.append("%s: file %s belongs to project %r, which is not in the dump"
                                 % (path, rel, f["projectname"]))
-            elif f["type"] == "releasefile" and str(f.get("version", _version_of(f))) \
-                    not in norm_projects[norm]:
+            elif f["type"] == "releasefile" and _version_of(f) not in norm_projects[norm]:
                 problems.append("%s: file %s belongs to version %r, not registered"
                                 % (path, rel, f.get("version")))
             if ix["indexconfig"]["type"] == "mirror" and f["type"] == "releasefile" and not (
@@ -4804,8 +5191,8 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
                 if stage_dir is not None:
                     dest = os.path.join(stage_dir, "%d" % len(queued))
                 wheel = f["type"] == "releasefile" and rel.endswith(".whl")
-                job = queued[rel] = pool.submit(
-                    _stage_file, os.path.join(dump, *parts), dest, hard_links, notes, wheel)
+                job = queued[rel] = pool.submit(_stage_file, dump, rel, dest, hard_links, notes,
+                                                wheel)
             jobs.append((path, rel, _want_sha256(f), job))
     # the files are read (hashed, copied, a wheel's metadata taken) by a few threads: the
     # reading waits on the disk, the hashing and copying let go of the GIL
@@ -4817,6 +5204,9 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             continue
         except IsADirectoryError:
             problems.append("%s: the file at %s is not a file" % (path, rel))
+            continue
+        except DumpFileRefused as e:
+            problems.append("%s: %s" % (path, e))
             continue
         if dest is not None:
             staged[rel] = (got, dest)
@@ -4833,26 +5223,39 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
     return problems
 
 
-def _stage_file(src, dest, hard_links, notes, wheel=False):
-    """Hash ``src`` and, given a ``dest``, link or copy it there, reading it once.
+def _stage_file(dump, rel, dest, hard_links, notes, wheel=False):
+    """Hash the dump's file ``rel`` (opened by open_in_dump: never through a link) and,
+    given a ``dest``, link or copy it there, reading it once. What is hashed is what is
+    kept: a hard link is checked to be the very file that was opened.
     Returns (sha256, size, dest or None, a wheel's core metadata or None)."""
-    if not os.path.isfile(src):
-        raise (IsADirectoryError if os.path.exists(src) else FileNotFoundError)(src)
-    if dest is None:
-        return _file_sha256(src), os.path.getsize(src), None, None
-    if hard_links and not notes.get("no_links"):
-        try:
-            os.link(src, dest)
-            return _file_sha256(dest), os.path.getsize(dest), dest, _core_or_none(dest, wheel)
-        except OSError as e:
-            notes["no_links"] = "hard links are not possible here (%s): files were copied" % e
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        for chunk in iter(lambda: fin.read(1024 * 1024), b""):
-            h.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
+    with open_in_dump(dump, rel) as fin:
+        linked = False
+        if dest is not None and hard_links and not notes.get("no_links"):
+            try:
+                os.link(os.path.join(dump, *rel.split("/")), dest, follow_symlinks=False)
+                linked = True
+            except OSError as e:
+                notes["no_links"] = "hard links are not possible here (%s): files were copied" % e
+        if linked:
+            opened, placed = os.fstat(fin.fileno()), os.lstat(dest)
+            if (opened.st_dev, opened.st_ino) != (placed.st_dev, placed.st_ino):
+                _unlink_quiet(dest)
+                raise DumpFileRefused("%s changed while it was read" % rel)
+            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
+                h.update(chunk)
+                size += len(chunk)
+            return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
+        with contextlib.ExitStack() as stack:
+            fout = stack.enter_context(open(dest, "wb")) if dest is not None else None
+            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
+                h.update(chunk)
+                if fout is not None:
+                    fout.write(chunk)
+                size += len(chunk)
+    if dest is None:
+        return h.hexdigest(), size, None, None
     return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
 
 
@@ -4873,6 +5276,10 @@ def _core_or_none(path, wheel):
 
 
 def _version_of(f):
+    """The version a file entry belongs to: its ``version``, or (dumpversion 1) the one in
+    its file name."""
+    if f.get("version"):
+        return str(f["version"])
     split = split_filename(os.path.basename(f["relpath"]))
     return split[1] if split else ""
 
@@ -4886,14 +5293,6 @@ def _want_sha256(f):
     if isinstance(spec, str) and spec.startswith("sha256="):
         return spec[7:].lower()
     return None
-
-
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _base_cycle(indexes):
@@ -4967,7 +5366,8 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
             root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi,
             root_unusable=root_password is None and root_pwhash is None)
         store.sync_each_blob = False  # 10,000 fsyncs cost more than the copying
-        needs_password = _import_users(store, data["users"], root_password, root_pwhash)
+        needs_password, stale = _import_users(store, data["users"], root_password, root_pwhash,
+                                              own_export="minidevpi" in data)
         if "root" in needs_password or ("root" not in data["users"] and root_password is None
                                         and root_pwhash is None):
             # nobody could set passwords: give root a working one and say it once
@@ -4994,6 +5394,10 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         len(data["users"]), len(data["indexes"]), dump, serverdir))
     if notes.get("no_links"):
         told.append(notes["no_links"])
+    if stale:
+        told.append("the passwords of these users were changed on the devpi side after "
+                    "minidevpi exported them: minidevpi's older password hash was dropped and "
+                    "devpi's newer one kept: %s" % ", ".join(stale))
     if needs_password:
         told.append("these users have a password hash minidevpi can't check (devpi's Argon2) "
                     "or none at all, so they can't log in until root sets a password: %s. "
@@ -5001,11 +5405,28 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
     return told
 
 
-def _import_users(store, users, root_password, root_pwhash):
-    needs = []
+def _import_users(store, users, root_password, root_pwhash, own_export=False):
+    """Returns (users who need a new password, users whose minidevpi hash was stale).
+
+    ``minidevpi_pwhash`` is used only while the devpi-side ``pwhash`` is still the one the
+    export wrote beside it (``minidevpi_pwhash_for``): a password changed on the devpi side
+    since then wins. Exports from before that fingerprint are trusted only as minidevpi
+    wrote them (``own_export``), never after a trip through devpi."""
+    needs, stale = [], []
     with store.write() as c:
         for name, u in sorted(users.items()):
             own = u.get("minidevpi_pwhash")
+            if isinstance(own, str) and is_known_hash(own):
+                written_for = u.get("minidevpi_pwhash_for")
+                devpi_hash = u.get("pwhash") if isinstance(u.get("pwhash"), str) else ""
+                if written_for is None and own_export:
+                    fresh = True
+                else:
+                    fresh = isinstance(written_for, str) and hmac.compare_digest(
+                        written_for, pwhash_fingerprint(devpi_hash)) and "pwsalt" not in u
+                if not fresh:
+                    stale.append(name)
+                    own = None
             if isinstance(own, str) and is_known_hash(own):
                 pwhash = own
             elif isinstance(u.get("pwsalt"), str) and isinstance(u.get("pwhash"), str):
@@ -5023,13 +5444,13 @@ def _import_users(store, users, root_password, root_pwhash):
             # profile fields, and any other key devpi kept (plugins'): they survive
             config = {k: v for k, v in u.items() if k not in (
                 "pwhash", "pwsalt", "username", "created", "modified", "minidevpi_pwhash",
-                "password", "indexes")}
+                "minidevpi_pwhash_for", "password", "indexes")}
             created = u.get("created") if isinstance(u.get("created"), str) \
                 else "1970-01-01T00:00:00Z"
             modified = u.get("modified") if isinstance(u.get("modified"), str) else None
             c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, modified) "
                       "VALUES (?,?,?,?,?)", (name, pwhash, json.dumps(config), created, modified))
-    return needs
+    return needs, stale
 
 
 def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_links, notes,
@@ -5102,7 +5523,7 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
             version_ids[(norm, str(ver))] = (vid, meta.get("requires_python", "") or "")
     for f in ix.get("files") or []:
         norm = normalize_name(f["projectname"])
-        version = str(f.get("version") or _version_of(f))
+        version = _version_of(f)
         if (norm, version) not in version_ids:
             # a doc zip or tox result of an unregistered version: register it bare
             pid = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
@@ -5111,15 +5532,11 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
                             "VALUES (?,?,?,?)", (pid, version, "{}", time.time())).lastrowid
             version_ids[(norm, version)] = (vid, "")
         vid, requires_python = version_ids[(norm, version)]
-        src = os.path.join(dump, *f["relpath"].split("/"))
-        sha, tmp = notes.get("staged", {}).get(f["relpath"], (None, None))
-        if sha is None:
-            sha = _want_sha256(f) or _file_sha256(src)
+        # read, hashed and copied once by check_dump (never through a link): the dump itself
+        # is not read again
+        sha, tmp = notes["staged"][f["relpath"]]
         dest = store.blob_path(sha)
         if not os.path.exists(dest):
-            if tmp is None or not os.path.exists(tmp):
-                tmp = os.path.join(store.tmp_dir, "import-" + secrets.token_hex(8))
-                _place_file(src, tmp, hard_links, notes)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.replace(tmp, dest)
         filename = os.path.basename(f["relpath"])

@@ -2242,7 +2242,8 @@ def comparable(data):
     for name, u in data["users"].items():
         u = dict(u)
         if "minidevpi_pwhash" in u:
-            u.pop("pwhash")  # a fresh unusable Argon2 string each time
+            u.pop("pwhash")  # a fresh unusable Argon2 string each time, and its fingerprint
+            u.pop("minidevpi_pwhash_for")
         out["users"][name] = u
     for path, ix in data["indexes"].items():
         ix = json.loads(json.dumps(ix))
@@ -3587,3 +3588,497 @@ def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, ca
             assert secret not in text
     finally:
         up.stop()
+
+# security: export / import, names and versions, archive metadata
+# ----------------------------------------------------------------------------------
+
+import gzip
+import struct
+import zlib
+
+
+def small_export(tmp_path, name="srv"):
+    """A server with alice/dev holding one sdist and one wheel, exported with the CLI;
+    returns (the export's path, its dataindex.json)."""
+    with minidevpi.Server(tmp_path / name, root_password="rootpw") as srv:
+        srv.create_user("alice", "alicepw")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_sdist(tmp_path, "small-pkg", "1.0"))
+        srv.upload("alice/dev", make_wheel(tmp_path, "small-pkg", "1.0"))
+    dump = tmp_path / (name + "-dump")
+    cli("export", str(dump), "--serverdir", str(tmp_path / name))
+    return dump, dump_json(dump)
+
+
+def files_holding(root, needle):
+    """Every regular file under ``root`` (links not followed) whose bytes contain ``needle``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(str(root)):
+        for fn in filenames:
+            p = os.path.join(dirpath, fn)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as f:
+                    if needle in f.read():
+                        found.append(p)
+    return found
+
+
+def write_dump_json(dump, data):
+    (dump / "dataindex.json").write_text(json.dumps(data))
+
+
+def test_import_never_follows_a_link_or_reads_outside_the_dump(tmp_path):
+    secret_bytes = b"top secret %s\n" % os.urandom(8).hex().encode()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(secret_bytes)
+    good, data = small_export(tmp_path)
+    sdist = [f for f in data["indexes"]["alice/dev"]["files"]
+             if f["relpath"].endswith(".tar.gz")][0]
+
+    def variant(name, change):
+        d = tmp_path / name
+        shutil.copytree(str(good), str(d), symlinks=True)
+        new = json.loads(json.dumps(data))
+        entry = [f for f in new["indexes"]["alice/dev"]["files"]
+                 if f["relpath"] == sdist["relpath"]][0]
+        entry["entrymapping"] = {"last_modified": entry["entrymapping"]["last_modified"]}
+        change(d, entry, new)  # the entry has no hash: only the bytes read could tell
+        write_dump_json(d, new)
+        return d
+
+    def link_file(d, entry, new):
+        os.unlink(str(d / entry["relpath"]))
+        os.symlink(str(secret), str(d / entry["relpath"]))
+
+    def link_dir(d, entry, new):  # a folder on the way is a link (to a look-alike outside)
+        outside = tmp_path / (d.name + "-outside")
+        shutil.move(str(d / "alice"), str(outside))
+        (outside / sdist["relpath"].split("/", 1)[1]).write_bytes(secret_bytes)
+        os.symlink(str(outside), str(d / "alice"))
+
+    def dotdot(d, entry, new):
+        shutil.copy(str(secret), str(tmp_path / "x"))
+        entry["relpath"] = "../../x"
+
+    def absolute(d, entry, new):
+        entry["relpath"] = str(secret)
+
+    def fifo(d, entry, new):  # would block a reader that opens it plainly
+        os.unlink(str(d / entry["relpath"]))
+        os.mkfifo(str(d / entry["relpath"]))
+
+    def link_index(d, entry, new):  # dataindex.json itself
+        (tmp_path / "elsewhere.json").write_text(json.dumps(new))
+
+    cases = [("link-file", link_file, "is a symbolic link"),
+             ("link-dir", link_dir, "alice is a symbolic link"),
+             ("dotdot", dotdot, "'../../x' leaves the dump"),
+             ("absolute", absolute, "leaves the dump"),
+             ("fifo", fifo, "is not a file")]
+    if not hasattr(os, "mkfifo"):
+        cases.pop()
+    for name, change, message in cases:
+        d = variant(name, change)
+        for extra in ((), ("--hard-links",)):
+            target = tmp_path / ("srv-%s%s" % (name, "-".join(extra)))
+            code, out = cli("import", str(d), "--serverdir", str(target), *extra, check=False)
+            assert code != 0 and "can't be imported" in out and message in out, (name, out)
+            assert not target.exists(), name
+    d = variant("link-json", link_index)
+    os.unlink(str(d / "dataindex.json"))
+    os.symlink(str(tmp_path / "elsewhere.json"), str(d / "dataindex.json"))
+    code, out = cli("import", str(d), "--serverdir", str(tmp_path / "srv-json"), check=False)
+    assert code != 0 and "dataindex.json is a symbolic link" in out, out
+    # the secret went nowhere: no server was made, nothing staged was left, no copy exists
+    assert not [p for p in os.listdir(str(tmp_path)) if p.startswith(".import")]
+    copies = files_holding(tmp_path, secret_bytes)
+    assert all("-outside" in p or p in (str(secret), str(tmp_path / "x")) for p in copies), \
+        copies
+    # and the same dump without the tricks imports; its files are what the entry says
+    d = variant("plain", lambda d, entry, new: None)
+    cli("import", str(d), "--serverdir", str(tmp_path / "srv-plain"))
+    with minidevpi.Server(tmp_path / "srv-plain") as srv:
+        page = http(srv.url, path="/alice/dev/+simple/small-pkg/",
+                    headers={"Accept": simple_accept("json")}).json()
+        shas = {f["filename"]: f["hashes"]["sha256"] for f in page["files"]}
+        assert shas[os.path.basename(sdist["relpath"])] == sdist["entrymapping"]["hashes"][
+            "sha256"]
+
+
+def test_import_refuses_names_and_versions_the_api_refuses(tmp_path):
+    good, data = small_export(tmp_path)
+
+    def bad_version(new):  # the version as the attacker would write it, everywhere
+        ix = new["indexes"]["alice/dev"]
+        vdata = ix["projects"]["small-pkg"].pop("1.0")
+        vdata["version"] = "../../../../tmp/x"
+        ix["projects"]["small-pkg"]["../../../../tmp/x"] = vdata
+        for f in ix["files"]:
+            f["version"] = "../../../../tmp/x"
+
+    def file_version(new):  # only the file entry says it
+        new["indexes"]["alice/dev"]["files"][0]["version"] = "1.0/../../x"
+
+    def user(new):
+        new["users"][".."] = {"pwhash": minidevpi.unusable_argon2()}
+
+    def index(new):
+        new["indexes"]["alice/.."] = {"indexconfig": {"type": "stage"}}
+
+    def project(new):
+        new["indexes"]["alice/dev"]["projects"]["../p"] = {"1.0": {"name": "p"}}
+
+    def display(new):
+        new["indexes"]["alice/dev"]["projects"]["small-pkg"]["1.0"]["name"] = "a/../b"
+
+    def filename(new):
+        f = new["indexes"]["alice/dev"]["files"][0]
+        f["relpath"] = f["relpath"].rsplit("/", 1)[0] + "/.hidden-1.0.tar.gz"
+
+    def control(new):
+        vdata = new["indexes"]["alice/dev"]["projects"]["small-pkg"]["1.0"]
+        vdata["version"] = "1.0\n"
+
+    cases = [(bad_version, "'../../../../tmp/x'"), (file_version, "'1.0/../../x'"),
+             (user, "'..'"), (index, "'..'"), (project, "'../p'"), (display, "'a/../b'"),
+             (filename, "'.hidden-1.0.tar.gz'"), (control, "'1.0\\n'")]
+    for change, message in cases:
+        d = tmp_path / ("dump-" + change.__name__)
+        shutil.copytree(str(good), str(d))
+        new = json.loads(json.dumps(data))
+        change(new)
+        write_dump_json(d, new)
+        target = tmp_path / ("srv-" + change.__name__)
+        code, out = cli("import", str(d), "--serverdir", str(target), check=False)
+        assert code != 0 and "can't be imported" in out and message in out, (change, out)
+        assert not target.exists()
+
+
+def test_export_of_a_doctored_database_writes_nothing_outside_its_target(tmp_path):
+    secret_bytes = b"database secret %s\n" % os.urandom(8).hex().encode()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(secret_bytes)
+    with minidevpi.Server(tmp_path / "srv", root_password="rootpw") as srv:
+        srv.create_user("alice", "alicepw")
+        srv.create_index("alice/dev")
+        for name in ("keep-pkg", "bad-version", "bad-file", "bad-sha"):
+            srv.upload("alice/dev", make_wheel(tmp_path, name, "1.0"))
+    db = sqlite3.connect(str(tmp_path / "srv" / minidevpi.DB_NAME))
+    with db:
+        db.execute("UPDATE versions SET version='../../../../escaped-version' WHERE "
+                   "project_id=(SELECT id FROM projects WHERE name='bad-version')")
+        db.execute("UPDATE files SET filename='../../../../../escaped-file.whl' WHERE "
+                   "filename LIKE 'bad_file-%'")
+        # a "sha256" that is a path: the blob it names would be the secret file
+        db.execute("UPDATE files SET sha256=? WHERE filename LIKE 'bad_sha-%'", (str(secret),))
+    db.close()
+    target = tmp_path / "out" / "dump"
+    code, out = cli("export", str(target), "--serverdir", str(tmp_path / "srv"))
+    assert "WARNING: not exported" in out, out
+    for named in ("'../../../../escaped-version'", "'../../../../../escaped-file.whl'",
+                  "invalid sha256"):
+        assert named in out, (named, out)
+    escaped = [os.path.join(dp, n) for dp, dns, fns in os.walk(str(tmp_path))
+               for n in dns + fns if "escaped" in n]
+    assert escaped == []
+    assert files_holding(tmp_path / "out", secret_bytes) == []
+    data = dump_json(target)
+    assert sorted(data["indexes"]["alice/dev"]["projects"]) == ["bad-file", "bad-sha",
+                                                                "keep-pkg"]
+    assert [f["relpath"].rsplit("/", 1)[1] for f in data["indexes"]["alice/dev"]["files"]] \
+        == ["keep_pkg-1.0-py3-none-any.whl"]
+    # what was exported imports again
+    cli("import", str(target), "--serverdir", str(tmp_path / "back"))
+
+
+LEGACY_VERSIONS = ("1.0-r1", "2013b", "1.0+local.7", "1!2.0", "v1.0", "1.0.post1.dev2",
+                   "0.1_beta")
+
+
+def test_upload_refuses_path_like_versions(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    whl = make_wheel(tmp_path, "samplepkg", "1.0")
+    data = open(whl, "rb").read()
+    bad = ["..", "../x", "a/b", "a\\b", ".hidden", "-1.0", "1.0\x01", "1.0\x00", "1.0 beta",
+           "x" * 201]
+    for version in bad:
+        for action, filename in (("file_upload", "samplepkg-1.0-py3-none-any.whl"),
+                                 ("doc_upload", "samplepkg-1.0.doc.zip")):
+            fields = [(":action", action), ("name", "samplepkg"), ("version", version)]
+            r = upload_form(url, "alice/dev", None, auth, fields=fields, filename=filename,
+                            data=data)
+            assert r.status == 400 and "invalid version" in r.reason, (version, action, r)
+            assert "invalid version" in r.json()["message"]
+        body, ctype = multipart([(":action", "submit"), ("name", "samplepkg"),
+                                 ("version", version)], [])
+        r = http(url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+                 auth=auth)
+        assert r.status == 400 and "invalid version" in r.reason, (version, r)
+    # a version only in the file's own metadata is judged the same way
+    sdist = tmp_path / "sneaky-1.0.tar.gz"
+    with tarfile.open(str(sdist), "w:gz") as tf:
+        meta = make_metadata("sneaky", "../../x")
+        info = tarfile.TarInfo("sneaky-1.0/PKG-INFO")
+        info.size = len(meta)
+        tf.addfile(info, io.BytesIO(meta))
+    r = upload_form(url, "alice/dev", str(sdist), auth, fields=[(":action", "file_upload")])
+    assert r.status == 400 and "invalid version" in r.reason, r
+    assert api(url, path="/alice/dev").json()["result"]["projects"] == []
+    assert upload_form(url, "alice/dev", whl, auth).status == 200
+
+
+def test_legacy_versions_upload_and_round_trip(tmp_path):
+    with minidevpi.Server(tmp_path / "a", root_password="rootpw") as srv:
+        srv.create_user("alice", "alicepw")
+        srv.create_index("alice/dev")
+        for v in LEGACY_VERSIONS:
+            d = tmp_path / ("v" + str(LEGACY_VERSIONS.index(v)))
+            d.mkdir()
+            r = upload_form(srv.url, "alice/dev", make_sdist(d, "legacy-pkg", v),
+                            ("alice", "alicepw"),
+                            fields=[(":action", "file_upload"), ("name", "legacy-pkg"),
+                                    ("version", v)])
+            assert r.status == 200, (v, r)
+        before = sorted(api(srv.url, path="/alice/dev/legacy-pkg").json()["result"])
+    assert before == sorted(LEGACY_VERSIONS)
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"))
+    with minidevpi.Server(tmp_path / "b") as srv:
+        after = sorted(api(srv.url, path="/alice/dev/legacy-pkg").json()["result"])
+        assert after == before
+        assert login_token(srv.url, "alice", "alicepw")
+
+
+def test_a_password_changed_on_the_devpi_side_is_not_undone_by_import(tmp_path):
+    with minidevpi.Server(tmp_path / "a", root_password="rootpw") as srv:
+        srv.create_user("alice", "alicepw")
+        srv.create_user("bob", "bobpw")
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    data = dump_json(tmp_path / "dump")
+
+    def imported(name, change):
+        d = tmp_path / ("dump-" + name)
+        shutil.copytree(str(tmp_path / "dump"), str(d))
+        new = json.loads(json.dumps(data))
+        change(new)
+        write_dump_json(d, new)
+        code, out = cli("import", str(d), "--serverdir", str(tmp_path / ("srv-" + name)))
+        return out, minidevpi.Server(tmp_path / ("srv-" + name))
+
+    def logs_in(url, user, pw):
+        return api(url, "POST", "/+login", json_body={"user": user, "password": pw}).status
+
+    def devpi_changed_alice(new):  # devpi-passwd alice, then devpi-export, as devpi does
+        new["users"]["alice"]["pwhash"] = minidevpi.unusable_argon2()
+        new.pop("minidevpi")
+        new["devpi_server"] = "6.20.3"
+
+    def through_devpi_before_fingerprints(new):  # an older minidevpi export, via devpi
+        for u in new["users"].values():
+            u.pop("minidevpi_pwhash_for", None)
+        new.pop("minidevpi")
+
+    def older_minidevpi_export(new):  # an older minidevpi export, straight back
+        for u in new["users"].values():
+            u.pop("minidevpi_pwhash_for", None)
+
+    out, srv = imported("changed", devpi_changed_alice)
+    assert "changed on the devpi side" in out and "alice" in out.split("devpi side")[1], out
+    assert "bob" not in out.split("devpi side")[1].split("\n")[0]
+    with srv:
+        assert logs_in(srv.url, "alice", "alicepw") == 401  # the stale password is gone
+        assert logs_in(srv.url, "bob", "bobpw") == 200
+        assert logs_in(srv.url, "root", "rootpw") == 200
+    out, srv = imported("unfingerprinted", through_devpi_before_fingerprints)
+    assert "changed on the devpi side" in out, out
+    with srv:
+        assert logs_in(srv.url, "alice", "alicepw") == 401
+    for name, change in (("unchanged", lambda new: None),
+                         ("older", older_minidevpi_export)):
+        out, srv = imported(name, change)
+        assert "devpi side" not in out and "can't be checked" not in out, out
+        with srv:
+            for user, pw in (("alice", "alicepw"), ("bob", "bobpw"), ("root", "rootpw")):
+                assert logs_in(srv.url, user, pw) == 200, (name, user)
+
+
+# -- archives: bounded reading of an upload's metadata
+
+ZEROS = bytes(1024 * 1024)
+
+
+def zip_with_huge_member(path, member, mib, declared=None):
+    """A zip whose ``member`` inflates to ``mib`` MiB of zeros, written as a stream (the test
+    holds 1 MiB at a time). ``declared``: patch the stated size to this (a lying header)."""
+    with zipfile.ZipFile(str(path), "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open(member, "w", force_zip64=True) as w:
+            for _ in range(mib):
+                w.write(ZEROS)
+    if declared is not None:
+        raw = bytearray(open(str(path), "rb").read())
+        cd = raw.rfind(b"PK\x01\x02")  # the central directory's "uncompressed size"
+        assert struct.unpack("<I", raw[cd + 24:cd + 28])[0] == mib * 1024 * 1024
+        raw[cd + 24:cd + 28] = struct.pack("<I", declared)
+        open(str(path), "wb").write(bytes(raw))
+    return path
+
+
+def tar_header(name, size, kind=b"0"):
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.type = kind
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def tar_gz_stream(path, pieces):
+    """A .tar.gz written piece by piece: ``pieces`` yields (header bytes, data size in MiB of
+    zeros or bytes). Compression level 1: quick, and zeros still shrink ~1000 times."""
+    with gzip.open(str(path), "wb", compresslevel=1) as g:
+        for header, body in pieces:
+            g.write(header)
+            if isinstance(body, int):
+                for _ in range(body):
+                    g.write(ZEROS)
+            else:
+                g.write(body + bytes(-len(body) % 512))
+        g.write(bytes(1024))
+    return path
+
+
+def zip_with_many_members(path, count, name=b"a/b"):
+    """A stored zip of ``count`` empty members, written entry by entry (zip64 end records)."""
+    crc = zlib.crc32(b"")
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0, crc, 0, 0,
+                        len(name), 0) + name
+    with open(str(path), "wb") as f:
+        for _ in range(count):
+            f.write(local)
+        cd_offset = f.tell()
+        for i in range(count):
+            f.write(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc,
+                                0, 0, len(name), 0, 0, 0, 0, 0, i * len(local)) + name)
+        cd_size = f.tell() - cd_offset
+        zip64 = f.tell()
+        f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
+                            cd_size, cd_offset))
+        f.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, zip64, 1))
+        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                            0xFFFFFFFF, 0))
+    return path
+
+
+def test_core_metadata_reader_keeps_reading_real_archive_variants(tmp_path):
+    meta = make_metadata("variant-pkg", "1.0")
+    long_dir = "variant_pkg-1.0" + "x" * 120
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for comp in ("gz", "bz2", "xz", ""):
+            for top in ("variant_pkg-1.0", long_dir):
+                if fmt == tarfile.USTAR_FORMAT and top == long_dir:
+                    continue  # a name part over 100 characters does not fit in ustar
+                p = tmp_path / ("v-%d-%s-%d.tar%s" % (fmt, comp, len(top),
+                                                      "." + comp if comp else ""))
+                with tarfile.open(str(p), "w:" + comp, format=fmt) as tf:
+                    for fn, data in (("setup.py", b"x" * 3000), ("PKG-INFO", meta)):
+                        info = tarfile.TarInfo("%s/%s" % (top, fn))
+                        info.size = len(data)
+                        tf.addfile(info, io.BytesIO(data))
+                assert minidevpi.read_core_metadata(str(p), p.name) == meta, p.name
+    for zip64 in (False, True):
+        p = tmp_path / ("z%d.zip" % zip64)
+        with zipfile.ZipFile(str(p), "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("variant_pkg-1.0/setup.py", b"y" * 5000)
+            with zf.open("variant_pkg-1.0/PKG-INFO", "w", force_zip64=zip64) as w:
+                w.write(meta)
+        assert minidevpi.read_core_metadata(str(p), "variant_pkg-1.0.zip") == meta
+        prefixed = tmp_path / ("prefixed%d.zip" % zip64)  # bytes in front, as zipfile allows
+        prefixed.write_bytes(b"#!/bin/sh\n" * 10 + p.read_bytes())
+        assert minidevpi.read_core_metadata(str(prefixed), "variant_pkg-1.0.zip") == meta
+    whl = make_wheel(tmp_path, "variant-pkg", "1.0")
+    assert minidevpi.read_core_metadata(whl, os.path.basename(whl)) == meta
+
+
+def test_core_metadata_reader_bounds_members_and_decompression(tmp_path, monkeypatch):
+    MiB = 1024 * 1024
+    # a zip member inflating past the size its header states is never read beyond it
+    liar = zip_with_huge_member(tmp_path / "liar.zip", "liar-1.0/PKG-INFO", 64, declared=100)
+    assert minidevpi.read_core_metadata(str(liar), "liar-1.0.zip") is None
+    liar_whl = zip_with_huge_member(tmp_path / "liar.whl", "liar-1.0.dist-info/METADATA", 64,
+                                    declared=100)
+    with pytest.raises(minidevpi.HTTPError) as e:
+        minidevpi.read_core_metadata(str(liar_whl), "liar-1.0-py3-none-any.whl")
+    assert e.value.status == 400 and "not a valid wheel" in e.value.message
+    # a tar is read as a stream, as far as its byte budget: a PKG-INFO behind a 64 MiB member
+    # is found with the default budget, not with a budget of 8 MiB
+    behind = tar_gz_stream(tmp_path / "behind-1.0.tar.gz", [
+        (tar_header("behind-1.0/big.bin", 64 * MiB), 64),
+        (tar_header("behind-1.0/PKG-INFO", 10), b"Name: x\n\n\n")])
+    assert minidevpi.read_core_metadata(str(behind), "behind-1.0.tar.gz") == b"Name: x\n\n\n"
+    monkeypatch.setattr(minidevpi, "MAX_TAR_SCAN_BYTES", 8 * MiB)
+    t = time.monotonic()
+    assert minidevpi.read_core_metadata(str(behind), "behind-1.0.tar.gz") is None
+    assert time.monotonic() - t < 5
+    monkeypatch.undo()
+    # and as far as its member budget
+    monkeypatch.setattr(minidevpi, "MAX_ARCHIVE_MEMBERS", 1000)
+    many = tar_gz_stream(tmp_path / "many-1.0.tar.gz",
+                         [(tar_header("many-1.0/f", 0), b"")] * 1500
+                         + [(tar_header("many-1.0/PKG-INFO", 10), b"Name: x\n\n\n")])
+    assert minidevpi.read_core_metadata(str(many), "many-1.0.tar.gz") is None
+    manyzip = zip_with_many_members(tmp_path / "many.zip", 1500, b"many-1.0/PKG-INFO")
+    assert minidevpi.read_core_metadata(str(manyzip), "many-1.0.zip") is None
+    with pytest.raises(minidevpi.HTTPError) as e:
+        minidevpi.read_core_metadata(str(manyzip), "many-1.0-py3-none-any.whl")
+    assert e.value.status == 400 and "more than 1000 members" in e.value.message
+
+
+def vm_peak_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+
+
+def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read the server's peak memory")
+    MiB = 1024 * 1024
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
+                     "--no-access-log")
+    try:
+        url, auth = p.url, ("alice", "secret")
+        assert api(url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
+        assert api(url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+        sdist = make_sdist(tmp_path, "warm-pkg", "1.0")
+        assert upload_form(url, "alice/dev", sdist, auth).status == 200  # code paths warm
+        peak_before = vm_peak_kib(p.proc.pid)
+        bombs = [
+            # (file name, archive, status): sdists without readable metadata are taken
+            # (name and version from the file name); a wheel must have it, so it is refused
+            ("zipbomb-1.0.zip",
+             zip_with_huge_member(tmp_path / "a.zip", "zipbomb-1.0/PKG-INFO", 160), 200),
+            ("tarbomb-1.0.tar.gz", tar_gz_stream(tmp_path / "b.tar.gz", [
+                (tar_header("tarbomb-1.0/PKG-INFO", 160 * MiB), 160)]), 200),
+            ("paxbomb-1.0.tar.gz", tar_gz_stream(tmp_path / "c.tar.gz", [
+                (tar_header("././@PaxHeader", 160 * MiB, tarfile.XHDTYPE), 160),
+                (tar_header("paxbomb-1.0/PKG-INFO", 10), b"Name: x\n\n\n")]), 200),
+            ("manyzip-1.0.zip", zip_with_many_members(tmp_path / "d.zip", 250000), 200),
+            ("manytar-1.0.tar.gz", tar_gz_stream(tmp_path / "e.tar.gz", [
+                (tar_header("manytar-1.0/f", 0), b"")] * 250000), 200),
+            ("manywheel-1.0-py3-none-any.whl",
+             zip_with_many_members(tmp_path / "f.whl", 250000), 400),
+            ("bigmeta-1.0-py3-none-any.whl", zip_with_huge_member(
+                tmp_path / "g.whl", "bigmeta-1.0.dist-info/METADATA", 160), 400),
+        ]
+        for filename, path, status in bombs:
+            assert os.path.getsize(str(path)) < 40 * MiB
+            t = time.monotonic()
+            r = upload_form(url, "alice/dev", str(path), auth, filename=filename)
+            elapsed = time.monotonic() - t
+            assert r.status == status and elapsed < 30, (filename, r, elapsed)
+            grown = (vm_peak_kib(p.proc.pid) - peak_before) / 1024.0
+            assert grown < 48, (filename, "server peak memory grew by %.0f MiB" % grown)
+        assert "too large" in r.reason or "not looked into" in r.reason, r
+        # the sdists were taken, without metadata of their own
+        res = api(url, path="/alice/dev/zipbomb/1.0").json()["result"]
+        assert res["summary"] == ""
+        assert upload_form(url, "alice/dev", sdist, auth).status == 200  # still fine
+    finally:
+        p.stop()
