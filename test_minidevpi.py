@@ -2221,14 +2221,242 @@ def test_upstream_connection_refused_is_502(tmp_path):
 # 8. export / import
 # ----------------------------------------------------------------------------------
 
-FIXTURES = os.path.join(HERE, "..", "shared", "fixtures")
+
+class DevpiServer:
+    """The real devpi-server: ``devpi-init`` of ``serverdir`` (without root/pypi: the tests
+    create their own mirror, so nothing reaches beyond 127.0.0.1), then ``devpi-server`` on a
+    free port of 127.0.0.1 until ``stop()``. Its output goes to a log that failures show."""
+
+    # devpi-server derives its token key with Argon2 (512 MiB, ~5 s at every start); its own
+    # tests lower that with these options (hidden from --help). Where a devpi-server does not
+    # know them, it starts with its defaults.
+    CHEAP_KEY_DERIVATION = ["--argon2-memory-cost", "8", "--argon2-time-cost", "1",
+                            "--argon2-parallelism", "1"]
+
+    def __init__(self, serverdir, root_password, timeout=60):
+        self.serverdir = str(serverdir)
+        self.log_path = self.serverdir + ".log"
+        run([need("devpi-init"), "--serverdir", self.serverdir, "--no-root-pypi",
+             "--root-passwd", root_password], timeout=timeout)
+        for options in (self.CHEAP_KEY_DERIVATION, []):
+            port = free_port()
+            self.url = "http://127.0.0.1:%d" % port
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [need("devpi-server"), "--serverdir", self.serverdir, "--host",
+                     "127.0.0.1", "--port", str(port), *options], stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    if http(self.url, path="/+api").status == 200:
+                        return
+                except (OSError, httpclient.HTTPException):
+                    pass
+                if self.proc.poll() is not None or time.time() > deadline:
+                    break
+                time.sleep(0.1)
+            self.stop()
+            if not (options and "unrecognized arguments" in self.output()):
+                raise AssertionError("devpi-server did not answer at %s:\n%s"
+                                     % (self.url, self.output()))
+
+    def output(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-5000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
-def fixture_dir(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.isdir(path):
-        skip_or_fail("the shared fixtures are not beside this checkout (%s)" % path)
-    return path
+class AnnotatedUpstream(FakeUpstream):
+    """A FakeUpstream whose JSON project pages also carry keys per file (``files[filename]``
+    updates that file's entry: ``requires-python``, ``yanked``...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.file_keys = {}
+
+    def send(self, h, status, body, ctype="text/html", headers=()):
+        if status == 200 and ctype == "application/vnd.pypi.simple.v1+json":
+            page = json.loads(body.decode())
+            for f in page.get("files", []):
+                f.update(self.file_keys.get(f["filename"], {}))
+            body = json.dumps(page).encode()
+        return super().send(h, status, body, ctype, headers)
+
+
+class DevpiExports:
+    """Exports made by the real devpi-server (``plain``; ``mirrored`` with
+    --include-mirrored-files) of a state built here, and ``expect``: what that state holds
+    (users with their passwords, index configurations as devpi-server shows them, projects,
+    versions, files with sha256; ``yanked``: the mirrored files and their yanked value)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.users = {"root": {"password": "rootpw1"},
+                      "alice": {"password": "alicepw1", "email": "alice@example.com",
+                                "title": "Alice Example", "description": "Lead dev"},
+                      "bob": {"password": "bobpw1"}}
+        self.expect = {"users": self.users, "indexes": {}}
+        self.yanked = {}
+        self.plain = str(base / "devpi-export")
+        self.mirrored = str(base / "devpi-export-mirrored")
+
+    def uploaded(self, index, *paths):
+        """Note files as uploaded to (or pushed into) ``index``."""
+        projects = self.expect["indexes"].setdefault(index, {}).setdefault("projects", {})
+        for path in paths:
+            filename = os.path.basename(path)
+            name, version = minidevpi.split_filename(filename)[:2]
+            files = projects.setdefault(minidevpi.normalize_name(name), {
+                "versions": {}})["versions"].setdefault(version, {"files": []})["files"]
+            files.append({"filename": filename, "sha256": sha256_file(path)})
+
+    def build(self):
+        dist = self.base / "dist"
+        dist.mkdir()
+        files = {}
+        for name, version, extra in (("samplea", "1.0", {}), ("samplea", "1.1", {}),
+                                     ("samplea", "2.0", {
+                                         "requires_dist": ["Sample-Pkg.Two>=0.1"]}),
+                                     ("Sample_Pkg.Two", "0.1", {}),
+                                     ("Sample_Pkg.Two", "0.2", {}),
+                                     ("bob-tool", "0.1.0", {})):
+            d = dist / ("%s-%s" % (name, version))
+            d.mkdir()
+            whl = make_wheel(d, name, version, requires_python=">=3.8", **extra)
+            sdist = make_sdist(d, name, version, requires_python=">=3.8")
+            if name == "Sample_Pkg.Two":  # the names old setuptools gave: not normalised
+                renamed = []
+                for path, pattern in ((whl, "%s-%s-py3-none-any.whl"),
+                                      (sdist, "%s-%s.tar.gz")):
+                    renamed.append(os.path.join(str(d), pattern % (name, version)))
+                    os.rename(path, renamed[-1])
+                whl, sdist = renamed
+            files[name, version] = (whl, sdist)
+        (dist / "up").mkdir()
+        ups = [make_wheel(dist / "up", "extdep", v, requires_python=">=3.8")
+               for v in ("1.0", "1.1")]
+        self.yanked = dict(zip(map(os.path.basename, ups), ("broken build", False)))
+        pw = {u: facts["password"] for u, facts in self.users.items()}
+        srv = DevpiServer(self.base / "server", pw["root"])
+        upstream = None
+        try:
+            upstream = AnnotatedUpstream()
+            for path in ups:
+                upstream.add(path)
+                filename = os.path.basename(path)
+                upstream.file_keys[filename] = {"requires-python": ">=3.8"}
+                if self.yanked[filename]:
+                    upstream.file_keys[filename]["yanked"] = self.yanked[filename]
+            self.fill(srv, files, upstream, pw)
+        except Exception as e:
+            raise AssertionError("building the devpi-server state failed: %s\n"
+                                 "devpi-server's log:\n%s" % (e, srv.output())) from e
+        finally:
+            srv.stop()
+            if upstream is not None:
+                upstream.stop()
+        for target, extra in ((self.plain, []), (self.mirrored, ["--include-mirrored-files"])):
+            run([need("devpi-export"), "--serverdir", srv.serverdir, *extra, target],
+                timeout=120)
+
+    def fill(self, srv, files, upstream, pw):
+        """Users, indexes and root/pypi over devpi-server's JSON API; uploads, a removal
+        and a push with devpi-client; a doc zip, a toxresult and mirrored files over HTTP."""
+        auth = {"root": xauth("root", login_token(srv.url, "root", pw["root"]))}
+
+        def put(path, user, body):
+            r = api(srv.url, "PUT", path, json_body=body, headers=auth[user])
+            assert r.status in (200, 201), (path, r)
+
+        put("/root/pypi", "root", {
+            "type": "mirror", "volatile": False, "title": "PyPI",
+            "mirror_url": "%s/simple/" % upstream.url,
+            "mirror_web_url_fmt": "%s/project/{name}/" % upstream.url})
+        for user, facts in self.users.items():
+            if user != "root":  # alice's title and description come later: "modified"
+                put("/" + user, "root", {k: v for k, v in facts.items()
+                                         if k not in ("title", "description")})
+                auth[user] = xauth(user, login_token(srv.url, user, pw[user]))
+        r = api(srv.url, "PATCH", "/alice", headers=auth["alice"], json_body={
+            k: self.users["alice"][k] for k in ("title", "description")})
+        assert r.status == 200, r
+        put("/alice/dev", "alice", {"bases": ["root/pypi"], "volatile": True,
+                                    "acl_upload": ["alice", "bob"],
+                                    "mirror_whitelist": ["samplea"]})
+        put("/alice/prod", "alice", {"bases": ["alice/dev"], "volatile": False,
+                                     "title": "Alice production",
+                                     "description": "Released packages only"})
+        put("/bob/scratch", "bob", {"bases": []})
+        alice = Devpi(self.base / "client-alice")
+        alice("use", srv.url + "/alice/dev")
+        alice("login", "alice", "--password", pw["alice"])
+        mine = [p for key in (("samplea", "1.0"), ("samplea", "1.1"), ("samplea", "2.0"),
+                              ("Sample_Pkg.Two", "0.1")) for p in files[key]]
+        alice("upload", *mine, files["Sample_Pkg.Two", "0.2"][0])
+        alice("remove", "-y", "samplea==1.0")
+        alice("push", "samplea==1.1", "alice/prod")
+        self.uploaded("alice/dev", *mine[2:], files["Sample_Pkg.Two", "0.2"][0])
+        self.uploaded("alice/prod", *files["samplea", "1.1"])
+        bob = Devpi(self.base / "client-bob")
+        bob("use", srv.url + "/bob/scratch")
+        bob("login", "bob", "--password", pw["bob"])
+        bob("upload", *files["bob-tool", "0.1.0"])
+        bob("upload", "--index", "alice/dev", files["Sample_Pkg.Two", "0.2"][1])
+        self.uploaded("bob/scratch", *files["bob-tool", "0.1.0"])
+        self.uploaded("alice/dev", files["Sample_Pkg.Two", "0.2"][1])
+        # a doc zip for samplea 2.0, and an anonymous toxresult for its wheel
+        doc = self.base / "samplea-2.0.doc.zip"
+        with zipfile.ZipFile(str(doc), "w") as zf:
+            zf.writestr("index.html", "<h1>samplea docs</h1>")
+        body, ctype = multipart([(":action", "doc_upload"), ("name", "samplea"),
+                                 ("version", "2.0")],
+                                [("content", doc.name, doc.read_bytes())])
+        r = http(srv.url, "POST", "/alice/dev/", body=body,
+                 headers=dict(auth["alice"], **{"Content-Type": ctype}))
+        assert r.status == 200, r
+        links = api(srv.url, path="/alice/dev/samplea/2.0").json()["result"]["+links"]
+        whl = [l["href"] for l in links if l["href"].endswith(".whl")][0]
+        r = api(srv.url, "POST", urllib.parse.urlsplit(whl).path, json_body={
+            "reportversion": "1", "toxversion": "4.0", "platform": "linux",
+            "host": "example.com", "testenvs": {"py": {"test": [{"retcode": 0}]}}})
+        assert r.status == 200, r
+        # root/pypi keeps what is fetched through it
+        page = http(srv.url, path="/root/pypi/+simple/extdep/",
+                    headers={"Accept": simple_accept("json")}).json()
+        assert sorted(f["filename"] for f in page["files"]) == sorted(self.yanked), page
+        for f in page["files"]:
+            r = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/extdep/", f["url"]))
+            assert r.status == 200 and hashlib.sha256(r.body).hexdigest() == \
+                f["hashes"]["sha256"], r
+        # what devpi-server says of its users and indexes
+        for user, facts in self.users.items():
+            info = api(srv.url, path="/" + user).json()["result"]
+            for k, v in facts.items():
+                assert k == "password" or info[k] == v, (user, k, info)
+            facts.update((k, info[k]) for k in ("created", "modified") if k in info)
+        assert "modified" in self.users["alice"]
+        for index in ("root/pypi", "alice/dev", "alice/prod", "bob/scratch"):
+            config = api(srv.url, path="/" + index).json()["result"]
+            config.pop("projects")
+            self.expect["indexes"].setdefault(index, {})["indexconfig"] = config
+
+
+@pytest.fixture(scope="session")
+def devpi_exports(tmp_path_factory):
+    """Exports of the real devpi-server, made once per test session (a few seconds)."""
+    need("devpi-server")  # the package that brings devpi-init and devpi-export
+    exports = DevpiExports(tmp_path_factory.mktemp("devpi-exports"))
+    exports.build()
+    return exports
 
 
 def dump_json(d):
@@ -2254,10 +2482,8 @@ def comparable(data):
     return out
 
 
-def test_import_a_real_devpi_export(tmp_path):
-    dump = fixture_dir("devpi-export-sample")
-    with open(os.path.join(FIXTURES, "devpi-export-sample.expect.json")) as f:
-        expect = json.load(f)
+def test_import_a_real_devpi_export(devpi_exports, tmp_path):
+    dump, expect = devpi_exports.plain, devpi_exports.expect
     code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
                     "--root-passwd", "newroot")
     assert "alice" in out and "bob" in out and "devpi user -m NAME password=" in out
@@ -2270,8 +2496,10 @@ def test_import_a_real_devpi_export(tmp_path):
                 for pw in (facts["password"], ""):
                     assert api(url, "POST", "/+login",
                                json_body={"user": user, "password": pw}).status == 401
-        info = api(url, path="/alice").json()["result"]
-        assert info["email"] == "alice@example.com" and info["created"] == "2026-11-25T12:29:00Z"
+        for user, facts in expect["users"].items():
+            info = api(url, path="/" + user).json()["result"]
+            for k, v in facts.items():
+                assert k == "password" or info[k] == v, (user, k)
         for path, facts in expect["indexes"].items():
             r = api(url, path="/" + path)
             assert r.status == 200, path
@@ -2289,6 +2517,7 @@ def test_import_a_real_devpi_export(tmp_path):
                         r = http(url, path="/%s/+f/%s/%s/%s" % (path, sha[:3], sha[3:16],
                                                                 ffacts["filename"]))
                         assert hashlib.sha256(r.body).hexdigest() == sha
+        assert api(url, path="/alice/dev/samplea/1.0").status == 404  # removed before export
         # root sets alice a password; she logs in; pip installs from the imported index
         api(url, "PATCH", "/alice", auth=("root", "newroot"), json_body={"password": "pw2"})
         assert login_token(url, "alice", "pw2")
@@ -2297,9 +2526,9 @@ def test_import_a_real_devpi_export(tmp_path):
         assert (tmp_path / "t" / "samplea-2.0.dist-info").is_dir()
 
 
-def test_import_without_root_password_generates_one(tmp_path):
-    dump = fixture_dir("devpi-export-sample")
-    code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"), "--no-root-pypi")
+def test_import_without_root_password_generates_one(devpi_exports, tmp_path):
+    code, out = cli("import", devpi_exports.plain, "--serverdir", str(tmp_path / "srv"),
+                    "--no-root-pypi")
     m = re.search(r"root's new password \(shown only now\): (\S+)", out)
     assert m, out
     with minidevpi.Server(tmp_path / "srv") as srv:
@@ -2467,8 +2696,8 @@ def test_hard_links_and_mirrored_files(mirrored, upstream, tmp_path):
         assert (tmp_path / "t2" / "mirrored_pkg-1.0.dist-info").is_dir()
 
 
-def test_import_devpi_mirrored_export_and_legacy_hashes(tmp_path):
-    dump = fixture_dir("devpi-export-sample-mirrored")
+def test_import_devpi_mirrored_export_and_legacy_hashes(devpi_exports, tmp_path):
+    dump = devpi_exports.mirrored
     data = json.load(open(os.path.join(dump, "dataindex.json")))
     # a user from a devpi < 4.2 dump: salted sha256, checkable and re-hashed at login
     data["users"]["olduser"] = {"pwsalt": "c2FsdHNhbHQ=", "pwhash": hashlib.sha256(
@@ -2489,9 +2718,7 @@ def test_import_devpi_mirrored_export_and_legacy_hashes(tmp_path):
                        json_body={"user": "nohash", "password": pw}).status == 401
         page = http(srv.url, path="/root/pypi/+simple/extdep/",
                     headers={"Accept": simple_accept("json")}).json()
-        yanked = {f["filename"]: f["yanked"] for f in page["files"]}
-        assert yanked["extdep-1.0-py3-none-any.whl"] == "broken build"
-        assert yanked["extdep-1.1-py3-none-any.whl"] is False
+        assert {f["filename"]: f["yanked"] for f in page["files"]} == devpi_exports.yanked
 
 
 def devpi_canonical(data):
@@ -2534,9 +2761,9 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
         assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
 
 
-def test_import_skip_type_and_hard_links(tmp_path):
+def test_import_skip_type_and_hard_links(devpi_exports, tmp_path):
     dump = tmp_path / "dump"
-    shutil.copytree(fixture_dir("devpi-export-sample"), str(dump))
+    shutil.copytree(devpi_exports.plain, str(dump))
     data = dump_json(dump)
     data["indexes"]["bob/weird"] = {"indexconfig": {"type": "weird"}}
     (dump / "dataindex.json").write_text(json.dumps(data))
