@@ -3357,6 +3357,7 @@ def test_json_bodies_are_small_and_plain(alice):
         assert_answered_once_and_closed(data, closed, 413)
     # lone surrogates, numbers that are not finite, absurdly long numbers: 400, never 500
     mirror = b'{"type": "mirror", "mirror_url": "http://127.0.0.1:9/", "mirror_cache_expiry": '
+    pypi_before = api(url, path="/root/pypi").json()["result"]
     cases = [
         ("POST", "/+login", b'{"user": "\\ud800", "password": "x"}', None),
         ("POST", "/+login", b'{"user": "alice", "password": "\\udfff"}', None),
@@ -3384,6 +3385,7 @@ def test_json_bodies_are_small_and_plain(alice):
     assert api(url, path="/alice").json()["result"]["email"] == "a@x"
     config = api(url, path="/alice/dev").json()["result"]
     assert "custom_data" not in config and config.get("title") is None
+    assert api(url, path="/root/pypi").json()["result"] == pypi_before
     # a surrogate pair is an ordinary character
     r = send("PATCH", "/alice/dev", b'{"title": "\\ud83d\\ude00"}', alice_auth)
     assert r.status == 200 and r.json()["result"]["title"] == "\U0001F600"
