@@ -685,7 +685,8 @@ MAX_PARTS = 10000
 
 
 def parse_multipart(stream, boundary, length, tmpdir):
-    """Parse a multipart/form-data body of ``length`` bytes from ``stream``.
+    """Parse a multipart/form-data body of ``length`` bytes from ``stream`` (``length``
+    None: up to the end of ``stream``, a reader that ends where the body ends).
 
     Plain fields are kept as text (bounded in total); file fields are streamed into a
     temporary file under ``tmpdir`` while their sha256 is computed. Returns the parts in
@@ -787,6 +788,11 @@ class _BoundedReader:
         self.until_eof = length is None
         self.remaining = 1 << 62 if length is None else length
 
+    @property
+    def complete(self):
+        """Read to its end: every byte of the body, and nothing beyond it."""
+        return self.remaining == 0
+
     def read(self, n):
         if self.remaining <= 0:
             return b""
@@ -804,8 +810,22 @@ class _BoundedReader:
             self.read(65536)
 
 
+# RFC 9112 §7.1: chunk-size is hex digits only (no sign, no "0x", no spaces), then any
+# number of ";name" or ";name=value" extensions (ignored), then CRLF.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+CHUNK_SIZE_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*\r\n\Z"
+    % (_TOKEN, _TOKEN, _QUOTED))
+CHUNK_LINE_MAX = 4096       # a chunk-size line with its extensions
+TRAILERS_MAX = 32           # trailer fields after the last chunk (all ignored) ...
+TRAILERS_MAX_BYTES = 16384  # ... and their bytes in all
+
+
 class ChunkedReader:
-    """Decodes a ``Transfer-Encoding: chunked`` request body, bounded by ``limit``."""
+    """Decodes a ``Transfer-Encoding: chunked`` request body, bounded by ``limit``.
+    ``complete`` once the last chunk and the trailers were read: only then does the
+    stream stand at the next request."""
 
     def __init__(self, stream, limit):
         self.stream = stream
@@ -814,35 +834,53 @@ class ChunkedReader:
         self.left = 0
         self.done = False
 
+    @property
+    def complete(self):
+        return self.done
+
+    def _line(self, limit, what):
+        line = self.stream.readline(limit + 1)
+        if not line:
+            raise bad_request("truncated chunked body")
+        if len(line) > limit or not line.endswith(b"\r\n"):
+            raise bad_request("malformed chunked body: %s" % what)
+        return line
+
     def read(self, n):
         if self.done:
             return b""
         if self.left == 0:
-            line = self.stream.readline(1024)
-            if not line.endswith(b"\n"):
-                raise bad_request("malformed chunked body")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise bad_request("malformed chunked body")
+            m = CHUNK_SIZE_LINE.match(self._line(CHUNK_LINE_MAX, "bad chunk size line"))
+            if m is None:
+                raise bad_request("malformed chunked body: bad chunk size line")
+            size = int(m.group(1), 16)
             if size == 0:
-                while True:  # trailers
-                    t = self.stream.readline(1024)
-                    if t in (b"\r\n", b"\n", b""):
-                        break
-                self.done = True
+                self._trailers()
                 return b""
+            if self.total + size > self.limit:
+                raise HTTPError(413, "request body larger than the limit of %d bytes"
+                                % self.limit)
             self.left = size
             self.total += size
-            if self.total > self.limit:
-                raise HTTPError(413, "request body larger than the limit of %d bytes" % self.limit)
         data = self.stream.read(min(n, self.left))
         if not data:
             raise bad_request("truncated chunked body")
         self.left -= len(data)
-        if self.left == 0:
-            self.stream.readline(16)
+        if self.left == 0 and self.stream.read(2) != b"\r\n":
+            raise bad_request("malformed chunked body: chunk data not followed by CRLF")
         return data
+
+    def _trailers(self):
+        count = size = 0
+        while True:
+            line = self._line(TRAILERS_MAX_BYTES, "trailer line too long")
+            if line == b"\r\n":
+                break
+            count += 1
+            size += len(line)
+            if count > TRAILERS_MAX or size > TRAILERS_MAX_BYTES:
+                raise bad_request("malformed chunked body: too many trailers")
+        self.done = True
 
     def read_all(self):
         out = []
@@ -3398,6 +3436,9 @@ def _proxy_for(u):
 # shows up for installers behind it within a second. Installers that talk to the server
 # directly revalidate with If-None-Match and get a 304.
 PAGE_CACHE_CONTROL = "public, max-age=1"
+# A page with absolute URLs (X-Devpi-Absolute-Urls) holds a host taken from the request (or
+# --outside-url) and depends on a header that no cache key holds: no shared cache keeps it.
+PRIVATE_PAGE_CACHE_CONTROL = "private, max-age=1"
 # a mirror's whole project list only changes when it is fetched again from upstream
 MIRROR_LIST_CACHE_CONTROL = "public, max-age=60"
 
@@ -3569,6 +3610,78 @@ class PageCache:
         return page
 
 
+JSON_MAX_BODY = 1024 * 1024  # every JSON body of devpi's API is far smaller
+# a login body is a few hundred bytes; before any credentials are checked, JSON bodies are
+# held this small (a 10 MiB body of "[{},{},...]" takes some 260 MB as Python objects)
+JSON_MAX_BODY_ANONYMOUS = 64 * 1024
+JSON_MAX_DIGITS = 100  # no number of devpi's has more digits (long ones cost CPU to convert)
+
+
+def _json_int(text):
+    if len(text) > JSON_MAX_DIGITS:
+        raise ValueError("number too long")
+    return int(text)
+
+
+class RequestBody:
+    """The body of one request: its framing, the one reader that consumes it, and whether
+    it was read to its end (``complete``). The handler decides from ``complete`` alone
+    whether the connection may carry another request (see RequestHandler._finish_body),
+    so no byte of a body is ever taken for the next request."""
+
+    __slots__ = ("handler", "length", "chunked", "reader")
+
+    def __init__(self, handler, length, chunked):
+        self.handler = handler
+        self.length = length    # Content-Length (0 without one); unused when chunked
+        self.chunked = chunked
+        self.reader = None
+
+    @property
+    def complete(self):
+        if self.reader is None:
+            return not self.chunked and self.length == 0
+        return self.reader.complete
+
+    @property
+    def remaining(self):
+        """Bytes of a Content-Length body not read yet."""
+        return self.length if self.reader is None else self.reader.remaining
+
+    def open(self, limit, what="request body"):
+        """The reader of the body, which may hold at most ``limit`` bytes (413 beyond:
+        before reading when Content-Length says so, else while reading). From here on the
+        body has to keep coming (BODY_MIN_RATE)."""
+        if self.reader is not None:
+            raise RuntimeError("the request body is read twice")
+        if not self.chunked and self.length > limit:
+            raise HTTPError(413, "%s of %d bytes is larger than the limit of %d bytes"
+                            % (what, self.length, limit))
+        h = self.handler
+        h.raw_in.expect(h.timeout, BODY_MIN_RATE)
+        if self.chunked:
+            self.reader = ChunkedReader(h.rfile, limit)
+        else:
+            self.reader = _BoundedReader(h.rfile, self.length)
+        return self.reader
+
+    def read(self, limit):
+        """The whole (small) body, bounded by ``limit`` bytes."""
+        reader = self.open(limit)
+        out = []
+        while True:
+            data = reader.read(65536)
+            if not data:
+                return b"".join(out)
+            out.append(data)
+
+    def drain(self):
+        """Read and drop the rest of a Content-Length body."""
+        if self.reader is None:
+            self.reader = _BoundedReader(self.handler.rfile, self.length)
+        self.reader.drain()
+
+
 class Request:
     """One parsed request, with lazy authentication."""
 
@@ -3580,9 +3693,9 @@ class Request:
         self.query = query
         self.trailing = trailing
         self.headers = handler.headers
+        self.body = handler.body
         self.accept = handler.headers.get("Accept", "")
         self._actor = False
-        self.body_consumed = False
         self.is_upload = False
 
     @property
@@ -3612,35 +3725,26 @@ class Request:
     def absolute(self, path):
         return self.outside_url() + "/" + path.lstrip("/")
 
-    def read_body(self, limit):
-        """The whole (small) request body, bounded by ``limit`` bytes."""
-        self.body_consumed = True
-        h = self.headers
-        if "chunked" in (h.get("Transfer-Encoding") or "").lower():
-            return ChunkedReader(self.handler.rfile, limit).read_all()
-        length = self.content_length()
-        if length > limit:
-            self.body_consumed = False
-            raise HTTPError(413, "request body larger than the limit of %d bytes" % limit)
-        data = self.handler.rfile.read(length) if length else b""
-        if len(data) != length:
-            raise bad_request("request body shorter than its Content-Length")
-        return data
-
-    def content_length(self):
-        value = self.headers.get("Content-Length")
-        if value is None:
-            return 0
-        if len(self.headers.get_all("Content-Length")) > 1 or not CONTENT_LENGTH_RE.match(value):
-            raise bad_request("invalid Content-Length")
-        return int(value.strip(" \t"))
-
-    def json_body(self, limit=10 * 1024 * 1024):
-        data = self.read_body(limit)
+    def json_body(self, limit=None):
+        """The body as JSON (None when empty). At most ``limit`` bytes; by default
+        JSON_MAX_BODY, and JSON_MAX_BODY_ANONYMOUS without valid credentials. A lone
+        surrogate ("\\ud800") can't be stored or sent as UTF-8, and no value of devpi's is
+        infinite or not a number (1e309, NaN, Infinity): all 400, for every route."""
+        if limit is None:
+            limit = JSON_MAX_BODY if self.actor else JSON_MAX_BODY_ANONYMOUS
+        data = self.body.read(limit)
+        if not data.strip():
+            return None
         try:
-            return json.loads(data.decode("utf-8")) if data.strip() else None
+            value = json.loads(data.decode("utf-8"), parse_int=_json_int)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise bad_request("Bad request: could not decode json")
+        try:
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+            raise bad_request("Bad request: JSON with a lone surrogate or a number that is "
+                              "infinite or not a number")
+        return value
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -3774,7 +3878,8 @@ class App:
         })
 
     def route_login(self, req):
-        body = req.json_body()
+        # never authenticated first (a stale token would count as a wrong password)
+        body = req.json_body(JSON_MAX_BODY_ANONYMOUS)
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
             raise bad_request("Bad request: no user/password specified")
@@ -3996,17 +4101,9 @@ class App:
         main, params = parse_header_params(ctype)
         if main != "multipart/form-data":
             raise bad_request("upload needs a multipart/form-data body")
-        if "chunked" in (req.headers.get("Transfer-Encoding") or "").lower():
-            stream, length = ChunkedReader(req.handler.rfile, self.max_body), None
-        else:
-            length = req.content_length()
-            if length > self.max_body:
-                raise HTTPError(413, "upload of %d bytes is larger than the limit of %d bytes"
-                                % (length, self.max_body))
-            stream = req.handler.rfile
-        req.body_consumed = True
+        reader = req.body.open(self.max_body, "upload")
         try:
-            parts = parse_multipart(stream, params.get("boundary"), length, self.store.tmp_dir)
+            parts = parse_multipart(reader, params.get("boundary"), None, self.store.tmp_dir)
         except OSError as e:
             raise self._disk_error(e)
         try:
@@ -4306,7 +4403,7 @@ class App:
                 page = CachedPage(None, *rendered)
             else:
                 page = self.pages.put(key, validator, *rendered)
-        return self.page_response(req, page)
+        return self.page_response(req, page, shared=not absolute)
 
     def render_project(self, req, ix, norm, display, files, fmt, base, absolute):
         def url(f):
@@ -4354,10 +4451,11 @@ class App:
         lines.append("</body></html>\n")
         return "".join(lines).encode(), HTML_TYPE
 
-    def page_response(self, req, page):
+    def page_response(self, req, page, shared=True):
         headers = [("Content-Type", page.content_type), ("ETag", page.etag),
                    ("Vary", "Accept, User-Agent, Accept-Encoding"),
-                   ("Cache-Control", PAGE_CACHE_CONTROL)]
+                   ("Cache-Control", PAGE_CACHE_CONTROL if shared
+                    else PRIVATE_PAGE_CACHE_CONTROL)]
         body = page.body
         etag = page.etag
         if page.gzipped is not None and "gzip" in (req.headers.get("Accept-Encoding") or ""):
@@ -4376,7 +4474,77 @@ class App:
 COMMON_HEADERS = [("X-Devpi-Api-Version", DEVPI_API_VERSION),
                   ("X-Devpi-Server-Version", "6.20.3 (minidevpi %s)" % __version__),
                   ("X-Content-Type-Options", "nosniff")]
+# Time bounds. The request line and headers must be in within the connection timeout of
+# the connection's previous answer (or its opening); a body, from when the server starts
+# reading it, must come at BODY_MIN_RATE on average after a grace of one connection
+# timeout; no single read or write waits longer than the connection timeout. A client
+# sending a byte a second holds a thread for one timeout, not forever.
+BODY_MIN_RATE = 1024  # bytes a second: a link slower than this can't upload a wheel anyway
+# An unread rest of a Content-Length body up to this size is read and dropped (within
+# DRAIN_SECONDS) so that the connection stays usable; anything else closes it.
 SMALL_BODY_DRAIN = 256 * 1024
+DRAIN_SECONDS = 2
+# Closing with unread bytes in the socket resets the connection, and the client may lose
+# the answer: first up to LINGER_BYTES (LINGER_SECONDS) of what it still sends are dropped.
+LINGER_BYTES = 1024 * 1024
+LINGER_SECONDS = 1
+
+
+class _SocketInput(io.RawIOBase):
+    """The socket as its handler reads it, with a deadline for the reads of a request
+    (``expect``): the socket's own timeout bounds each read, the deadline all of them. The
+    socket's timeout is only changed when the deadline is nearer than it, so a request
+    that arrives at once costs no system call."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout  # the socket's timeout, for every single read and write
+        self.current = timeout  # what it is set to now
+        self.slop = min(1.0, timeout / 10) if timeout else 0
+        self.deadline = None
+        self.per_byte = 0.0
+        self.received = 0
+        self.failed = False     # a read timed out or failed: the stream is unusable
+
+    def readable(self):
+        return True
+
+    def expect(self, seconds, rate=None):
+        """Reads from now on must be done within ``seconds``; with ``rate`` (bytes a
+        second) each byte read earns 1/rate second more."""
+        if not self.timeout:
+            return
+        self.per_byte = 1.0 / rate if rate else 0.0
+        self.deadline = time.monotonic() + seconds - self.received * self.per_byte
+        self._set(self.timeout)
+
+    def pause(self):
+        """No deadline (while a route works, and for writes)."""
+        self.deadline = None
+        self._set(self.timeout)
+
+    def _set(self, t):
+        if t != self.current:
+            self.sock.settimeout(t)
+            self.current = t
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline + self.received * self.per_byte - time.monotonic()
+            if left <= 0:
+                self.failed = True
+                raise socket.timeout("request not received in time")
+            want = left if left < self.timeout else self.timeout
+            if want > self.current or want < self.current - self.slop:
+                self.sock.settimeout(want)
+                self.current = want
+        try:
+            n = self.sock.recv_into(b)
+        except OSError:
+            self.failed = True
+            raise
+        self.received += n
+        return n
 
 
 def _reason_phrase(text):
@@ -4393,6 +4561,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         # seconds a connection may sit idle or stall mid-request, then it is closed
         self.timeout = self.server.connection_timeout
         super().setup()
+        self.rfile.close()  # read through the deadline instead (see _SocketInput)
+        self.raw_in = _SocketInput(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.raw_in)
+        self.body = None
+
+    def handle_one_request(self):
+        self.raw_in.expect(self.timeout)  # request line and headers within the timeout
+        super().handle_one_request()
 
     def do_GET(self):
         self.dispatch()
@@ -4401,39 +4577,49 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def dispatch(self):
         t0 = time.monotonic()
+        self.raw_in.pause()  # the headers are in; a body is bounded when a route reads it
         app = self.server.app
         req = None
+        self.body = None
         try:
-            self._check_framing()
+            self.body = self._request_body()
             path, query = self._parse_target()
             req = Request(self, app, self.command, path, query, False)
             resp = app.dispatch(req)
         except HTTPError as e:
             resp = self._error_response(e, req)
-        except Exception:  # a bug: log it, answer 500, keep serving
-            import traceback
-            log("ERROR handling %s %s:\n%s" % (self.command, self.path[:200],
-                                                traceback.format_exc()))
-            resp = message_response("internal server error", 500)
-        self._finish_body(req)
+        except Exception:
+            if self.raw_in.failed:  # the client stalled or went away while sending its body
+                resp = message_response("request body not received in time", 408)
+            else:  # a bug: log it, answer 500, keep serving
+                import traceback
+                log("ERROR handling %s %s:\n%s" % (self.command, self.path[:200],
+                                                    traceback.format_exc()))
+                resp = message_response("internal server error", 500)
+        unread = self._finish_body()
         self._send(resp, req)
+        if unread:
+            self._linger()
         self.server.log_access(self, resp, time.monotonic() - t0)
 
-    def _check_framing(self):
-        """Refuse bodies whose length can't be known for sure (request smuggling, garbage)."""
+    def _request_body(self):
+        """The request's body as its headers frame it. Bodies whose length can't be known
+        for sure are refused (request smuggling, garbage)."""
         h = self.headers
         lengths = h.get_all("Content-Length") or []
-        te = (h.get("Transfer-Encoding") or "").strip().lower()
+        tes = h.get_all("Transfer-Encoding") or []
+        te = tes[0].strip().lower() if tes else ""
         bad = None
         if len(lengths) > 1 or any(not CONTENT_LENGTH_RE.match(v) for v in lengths):
             bad = "invalid Content-Length"
-        elif te and te != "chunked":
-            bad = "unsupported Transfer-Encoding %r" % te[:50]
-        elif te and lengths:
+        elif len(tes) > 1 or (tes and te != "chunked"):
+            bad = "unsupported Transfer-Encoding %r" % ", ".join(tes)[:50]
+        elif tes and lengths:
             bad = "both Content-Length and Transfer-Encoding given"
         if bad:
             self.close_connection = True
             raise bad_request(bad)
+        return RequestBody(self, int(lengths[0].strip(" \t")) if lengths else 0, bool(tes))
 
     def _parse_target(self):
         raw = self.path
@@ -4465,30 +4651,48 @@ class RequestHandler(BaseHTTPRequestHandler):
             resp.reason = _reason_phrase(e.message)
         return resp
 
-    def _finish_body(self, req):
-        """Drain a small unread request body so the connection stays usable; else close."""
-        if req is not None and req.body_consumed:
-            return
-        if self.close_connection:
-            return
-        h = self.headers
-        if "chunked" in (h.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
-            return
+    def _finish_body(self):
+        """Make sure that no byte of this request's body is read as the next request; True
+        when the connection is to be closed with bytes of the body unread.
+
+        Decided from the body itself: read to its end, the connection stays. A small unread
+        rest of a Content-Length body is read and dropped (briefly). Anything else, a
+        chunked body not read to its last chunk, a large rest, a failed read, a framing that
+        was refused, closes the connection after the answer (``Connection: close``)."""
+        body = self.body
+        raw = self.raw_in
+        if body is not None and not body.complete and not body.chunked \
+                and not self.close_connection and not raw.failed \
+                and body.remaining <= SMALL_BODY_DRAIN:
+            raw.expect(min(DRAIN_SECONDS, self.timeout or DRAIN_SECONDS))
+            try:
+                body.drain()
+            except (HTTPError, OSError):
+                pass
+        raw.pause()
+        if body is not None and body.complete:
+            return False
+        self.close_connection = True
+        return not raw.failed
+
+    def _linger(self):
+        """Close a connection whose request body was not read: stop sending, then drop what
+        the client still sends (a little, briefly), so that it reads the answer rather than
+        a reset. The connection serves nothing more."""
         try:
-            length = int(h.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            return
-        if length <= 0:
-            return
-        if length > SMALL_BODY_DRAIN:
-            self.close_connection = True
-            return
-        try:
-            self.rfile.read(length)
+            self.connection.shutdown(socket.SHUT_WR)
         except OSError:
-            self.close_connection = True
+            return
+        self.raw_in.expect(min(LINGER_SECONDS, self.timeout or LINGER_SECONDS))
+        got = 0
+        try:
+            while got < LINGER_BYTES:
+                data = self.rfile.read1(65536)
+                if not data:
+                    break
+                got += len(data)
+        except (OSError, ValueError):
+            pass
 
     def _send(self, resp, req):
         status = resp.status

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import http.client as httpclient
 import io
+import itertools
 import json
 import os
 import re
@@ -1208,11 +1209,16 @@ class Nginx:
         self.proc.wait(10)
 
 
-def test_nginx_in_front_with_the_readme_configuration(tmp_path):
+def nginx_or_skip():
     exe = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(p)), None)
     if exe is None:
         pytest.skip("nginx is not installed (Debian: nginx-light)")
+    return exe
+
+
+def test_nginx_in_front_with_the_readme_configuration(tmp_path):
+    exe = nginx_or_skip()
     nginx_port = free_port()
     srv = minidevpi.Server(tmp_path / "srv", root_password="rootpw",
                            outside_url="http://127.0.0.1:%d" % nginx_port).start()
@@ -4309,3 +4315,399 @@ def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
         assert upload_form(url, "alice/dev", sdist, auth).status == 200  # still fine
     finally:
         p.stop()
+
+# security: the HTTP layer (request framing, chunk syntax, time bounds, JSON, caches)
+# ----------------------------------------------------------------------------------
+
+
+def basic_auth(user, password):
+    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+def exchange(port, data, read_timeout=3.0):
+    """Send ``data`` on a new connection and read until the server closes it, or until
+    ``read_timeout`` passes without that: (the bytes read, whether the server closed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=read_timeout)
+    out = b""
+    closed = False
+    try:
+        try:
+            s.sendall(data)
+        except OSError:  # the server stopped reading: what it answered is still there
+            pass
+        deadline = time.monotonic() + read_timeout
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            out += chunk
+    finally:
+        s.close()
+    return out, closed
+
+
+def statuses(raw):
+    return [int(s) for s in re.findall(rb"(?m)^HTTP/1\.1 (\d{3}) ", raw)]
+
+
+def assert_answered_once_and_closed(raw, closed, status):
+    assert statuses(raw) == [status], raw[:600]
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nconnection: close\r\n" in head + b"\r\n"
+    assert closed, "the server kept the connection open"
+
+
+def smuggled_user_creation(name):
+    # with root's credentials, so that only the framing can stop it
+    body = b'{"password": "evil"}'
+    return (b"PUT /%s HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (name.encode(), basic_auth("root", "rootpw").encode(), len(body), body))
+
+
+LOGIN_HEAD = (b"POST /+login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Accept: application/json\r\n")
+
+
+def test_a_request_hidden_in_a_failed_login_body_is_never_run(server):
+    put = smuggled_user_creation("eviluser")
+    attacks = {
+        # refused at the size line of a chunk over the limit: its data would come next
+        "chunked, over the limit": (
+            LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n1000000\r\n" + put, 413),
+        # a good chunk, then a size line that does not parse, then the request
+        "chunked, malformed": (
+            LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\nZZ\r\n" + put, 400),
+        # too large to read or drain: refused before reading, then closed
+        "Content-Length, over the limit": (
+            LOGIN_HEAD + b"Content-Length: %d\r\n\r\n" % (len(put) + 300 * 1024)
+            + put + b" " * (300 * 1024), 413),
+    }
+    for what, (raw, status) in attacks.items():
+        data, closed = exchange(server.port, raw)
+        assert_answered_once_and_closed(data, closed, status)
+        assert api(server.url, path="/eviluser").status == 404, what
+    # a body that is read whole (and fails as JSON) keeps the connection; what it held was
+    # only ever a body
+    raw = (LOGIN_HEAD + b"Content-Length: %d\r\n\r\n" % len(put) + put
+           + b"GET /+api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data, closed = exchange(server.port, raw)
+    assert statuses(data) == [400, 200] and closed
+    assert api(server.url, path="/eviluser").status == 404
+
+
+def test_a_request_hidden_in_a_failed_upload_is_never_run(alice, tmp_path, monkeypatch):
+    alice.upload("alice/dev", make_wheel(tmp_path, "keepme", "1.0"))
+    monkeypatch.setattr(minidevpi, "MAX_PARTS", 3)
+    monkeypatch.setattr(minidevpi, "MAX_FIELDS_BYTES", 1000)
+    auth = basic_auth("alice", "secret").encode()
+    delete = (b"DELETE /alice/dev/keepme/1.0 HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n"
+              b"Accept: application/json\r\nContent-Length: 0\r\n\r\n" % auth)
+    head = (b"POST /alice/dev/ HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n"
+            b"Content-Type: multipart/form-data; boundary=B\r\n" % auth)
+
+    def field(name):
+        return b'--B\r\nContent-Disposition: form-data; name="%s"\r\n\r\n' % name
+    # each fails within the first 64 KiB the server reads; the request starts right after
+    starts = {
+        "a broken part header": (b"--B\r\nno colon in this line\r\n\r\n", 400),
+        "too many parts": (field(b"a") + b"1\r\n" + field(b"b") + b"2\r\n" + field(b"c")
+                           + b"3\r\n" + field(b"d"), 400),
+        "an oversized field": (field(b"a"), 413),
+    }
+    for what, (start, status) in starts.items():
+        first = start + b"x" * (65536 - len(start))
+        # a rest too large to drain: the connection is closed after the answer
+        rest = delete + b"x" * (300 * 1024)
+        raw = head + b"Content-Length: %d\r\n\r\n" % (len(first) + len(rest)) + first + rest
+        data, closed = exchange(alice.port, raw)
+        assert_answered_once_and_closed(data, closed, status)
+        assert api(alice.url, path="/alice/dev/keepme/1.0").status == 200, what
+        # a small rest is read and dropped: the connection goes on with the next request
+        raw = (head + b"Content-Length: %d\r\n\r\n" % (len(first) + len(delete)) + first
+               + delete + b"GET /+api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, closed = exchange(alice.port, raw)
+        assert statuses(data) == [status, 200], (what, data[:600])
+        assert api(alice.url, path="/alice/dev/keepme/1.0").status == 200, what
+    # chunked: the failing part is a chunk of its own, the request stands where the next
+    # chunk's size line would be
+    start = b"--B\r\nno colon in this line\r\n\r\n"
+    raw = (head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(start) + start + b"\r\n"
+           + delete)
+    data, closed = exchange(alice.port, raw)
+    assert_answered_once_and_closed(data, closed, 400)
+    assert api(alice.url, path="/alice/dev/keepme/1.0").status == 200
+
+
+def test_behind_nginx_no_page_is_shaped_by_an_attacker(tmp_path):
+    # the README's block, in front of a server without --outside-url
+    exe = nginx_or_skip()
+    nginx_port = free_port()
+    srv = minidevpi.Server(tmp_path / "srv", root_password="rootpw").start()
+    proxy = None
+    try:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.create_user("mallory", "mallorypw")
+        srv.create_index("mallory/dev")
+        (tmp_path / "a").mkdir()
+        (tmp_path / "m").mkdir()
+        srv.upload("alice/dev", make_wheel(tmp_path / "a", "victim-pkg", "1.0"))
+        srv.upload("mallory/dev", make_wheel(tmp_path / "m", "evil-pkg", "6.6.6"))
+        (tmp_path / "nginx").mkdir()
+        proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
+            srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+        victim = "/alice/dev/+simple/victim-pkg/"
+        # 1. a user's failed upload holds the start of a request for their own page, to
+        # be completed by whichever request nginx sends next on that upstream connection
+        smuggled = b"GET /mallory/dev/+simple/evil-pkg/ HTTP/1.1\r\nHost: x\r\nX-Ignore: "
+        start = b"--B\r\nno colon in this line\r\n\r\n"
+        body = start + b"x" * (65536 - len(start)) + smuggled
+        raw = (b"POST /mallory/dev/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n"
+               b"Content-Type: multipart/form-data; boundary=B\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % (basic_auth("mallory", "mallorypw").encode(),
+                                                len(body)) + body)
+        for accept in ("text/html", simple_accept("json"), simple_accept("pip")):
+            data, _ = exchange(nginx_port, raw)
+            assert statuses(data) == [400]
+            for _ in range(3):
+                page = http(proxy.url, path=victim, headers={"Accept": accept})
+                assert page.status == 200 and b"victim" in page.body, page
+                assert b"evil" not in page.body, page
+        # 2. absolute URLs built from a client's Host header are the asker's alone
+        evil = {"Host": "evil.example", "X-Devpi-Absolute-Urls": "1"}
+        for accept in ("text/html", simple_accept("json")):
+            for path in ("/alice/dev/+simple/victim-pkg/?fresh", "/alice/dev/victim-pkg/"):
+                asked = http(proxy.url, path=path, headers=dict(evil, **{
+                    "Accept": accept, "User-Agent": "pip/26.0"}))
+                assert asked.status == 200 and b"http://evil.example/" in asked.body
+                assert "public" not in asked.header("cache-control")
+                for _ in range(2):
+                    plain = http(proxy.url, path=path, headers={
+                        "Accept": accept, "User-Agent": "pip/26.0"})
+                    assert plain.status == 200 and b"victim" in plain.body
+                    assert b"evil.example" not in plain.body, plain
+        # redirects carry the asker's host, and are not kept either
+        moved = http(proxy.url, path="/alice/dev/+simple/Victim_Pkg/", headers=evil)
+        assert moved.status in (301, 302) and "evil.example" in moved.header("location")
+        plain = http(proxy.url, path="/alice/dev/+simple/Victim_Pkg/")
+        assert "evil.example" not in plain.header("location")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        srv.stop()
+
+
+CHUNKED_LOGIN = LOGIN_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+
+
+def test_chunk_sizes_are_hex_digits_only(server):
+    # "-1" read without limit (the whole rest of the connection as one chunk)
+    for size in (b"-1", b"+10", b"0x10", b" 10", b"10 ", b"1 0", b"1_0", b"1" * 17,
+                 b"10;", b"10;a b", b"10;=x", b"10;a=\"open", b"\xef\xbc\x91"):
+        data, closed = exchange(server.port, CHUNKED_LOGIN + size + b"\r\n" + b"{" * 16
+                                + b"\r\n0\r\n\r\n")
+        assert_answered_once_and_closed(data, closed, 400)
+    bad_framing = {
+        "bare LF after a size": b"10\n" + b"{" * 16 + b"\r\n0\r\n\r\n",
+        "no CRLF after the data": b"2\r\n{}XX0\r\n\r\n",
+        "a size line too long": b"2;" + b"e=x;" * 2000 + b"e\r\n{}\r\n0\r\n\r\n",
+        "too many trailers": b"2\r\n{}\r\n0\r\n" + b"X-T: 1\r\n" * 100 + b"\r\n",
+        "a trailer too long": b"2\r\n{}\r\n0\r\nX-T: " + b"a" * 20000 + b"\r\n\r\n",
+    }
+    for what, body in bad_framing.items():
+        data, closed = exchange(server.port, CHUNKED_LOGIN + body)
+        assert statuses(data) == [400] and closed, what
+    # extensions (ignored), upper case hex, leading zeros and a few trailers are fine, and
+    # the connection goes on
+    payload = json.dumps({"password": "chunky"}).encode()
+    body = (b"%X;name=value ; q=\"a quoted; value\"\r\n" % 5 + payload[:5] + b"\r\n"
+            + b"000%x\r\n" % (len(payload) - 5) + payload[5:] + b"\r\n0;last\r\nX-T: 1\r\n\r\n")
+    raw = (b"PUT /chunky HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nAccept: application/json"
+           b"\r\nTransfer-Encoding: chunked\r\n\r\n" % basic_auth("root", "rootpw").encode()
+           + body + b"GET /+api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data, closed = exchange(server.port, raw)
+    assert statuses(data) == [201, 200], data[:600]
+    assert login_token(server.url, "chunky", "chunky")
+
+
+def test_a_chunked_upload_over_the_limit_is_refused(tmp_path):
+    with minidevpi.Server(root_password="rootpw", offline=True,
+                          max_request_body_size=100000) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        body, ctype = multipart([(":action", "file_upload")],
+                                [("content", "big-1.0.tar.gz", os.urandom(200000))])
+        chunks = b"".join(b"%x\r\n" % len(body[i:i + 8192]) + body[i:i + 8192] + b"\r\n"
+                          for i in range(0, len(body), 8192)) + b"0\r\n\r\n"
+        raw = (b"POST /alice/dev/ HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n"
+               b"Content-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+               % (basic_auth("alice", "secret").encode(), ctype.encode()) + chunks)
+        data, closed = exchange(srv.port, raw)
+        assert_answered_once_and_closed(data, closed, 413)
+        assert api(srv.url, path="/alice/dev").json()["result"]["projects"] == []
+
+
+def trickle(sock, data, every, stop_after):
+    """Send ``data`` a byte at a time, one each ``every`` seconds; the seconds until the
+    server closed the connection (or ``stop_after`` when it did not)."""
+    t0 = time.monotonic()
+    sock.settimeout(every)
+    for b in itertools.cycle(data):
+        if time.monotonic() - t0 > stop_after:
+            return stop_after
+        try:
+            sock.sendall(bytes([b]))
+            if sock.recv(65536) == b"":
+                break
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+    return time.monotonic() - t0
+
+
+def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path):
+    with minidevpi.Server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
+        # headers: bounded as a whole by the connection timeout
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        took = trickle(s, b"GET /+api HTTP/1.1\r\nX-Slow: " + b"a" * 1000, 0.1, 6)
+        s.close()
+        assert took < 1 + 1
+        # a body: after a grace of one timeout it must keep coming at BODY_MIN_RATE
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(LOGIN_HEAD + b"Content-Length: 4000\r\n\r\n")
+        took = trickle(s, b"{" * 4000, 0.1, 6)
+        s.close()
+        assert took < 1 + 1
+        # and a real upload over a slow link (16 KiB/s here, for three timeouts) gets in
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        whl = make_wheel(tmp_path, "slowpoke", "1.0", extra=os.urandom(48 * 1024))
+        with open(whl, "rb") as f:
+            body, ctype = multipart([(":action", "file_upload")],
+                                    [("content", os.path.basename(whl), f.read())])
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.sendall(b"POST /alice/dev/ HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n"
+                  b"Content-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                  % (basic_auth("alice", "secret").encode(), ctype.encode(), len(body)))
+        for i in range(0, len(body), 4096):
+            s.sendall(body[i:i + 4096])
+            time.sleep(0.25)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        s.close()
+        assert statuses(reply) == [200], reply[:300]
+
+
+def test_four_tricklers_do_not_keep_a_four_thread_server_busy(tmp_path):
+    with minidevpi.Server(offline=True, connection_timeout=1, max_threads=4) as srv:
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        stop = threading.Event()
+
+        def dribble():
+            while not stop.is_set():
+                for s in socks:
+                    try:
+                        s.sendall(b"a")
+                    except OSError:
+                        pass
+                time.sleep(0.1)
+        for s in socks:
+            s.sendall(b"GET /+api HTTP/1.1\r\nX-Slow: ")
+        t = threading.Thread(target=dribble)
+        t.start()
+        try:
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            assert http(srv.url, path="/+api").status == 503  # every thread is held
+            while http(srv.url, path="/+api").status != 200:
+                assert time.monotonic() - t0 < 4, "still 503 long after the timeout"
+                time.sleep(0.05)
+            assert time.monotonic() - t0 < 1 + 1
+        finally:
+            stop.set()
+            t.join()
+            for s in socks:
+                s.close()
+
+
+def test_json_bodies_are_small_and_plain(alice):
+    url = alice.url
+    alice_auth = basic_auth("alice", "secret")
+    root_auth = basic_auth("root", "rootpw")
+    json_headers = {"Content-Type": "application/json", "Accept": "application/json"}
+
+    def send(method, path, body, auth=None):
+        h = dict(json_headers)
+        if auth:
+            h["Authorization"] = auth
+        return http(url, method, path, body=body, headers=h)
+
+    def objects(nbytes):  # "[{},{},...]": small on the wire, large in memory
+        return b"[" + b"{}," * (nbytes // 3) + b"{}]"
+    # without credentials 64 KiB, by Content-Length and chunked alike
+    assert send("POST", "/+login", objects(100 * 1024)).status == 413
+    body = objects(100 * 1024)
+    data, closed = exchange(alice.port, CHUNKED_LOGIN + b"%x\r\n" % len(body) + body
+                            + b"\r\n0\r\n\r\n")
+    assert_answered_once_and_closed(data, closed, 413)
+    # with credentials 1 MiB
+    r = send("PATCH", "/alice/dev", json.dumps(["description=" + "d" * 200000]).encode(),
+             alice_auth)
+    assert r.status == 200
+    assert send("PATCH", "/alice/dev", objects(2 * 1024 * 1024), alice_auth).status == 413
+    # the 10 MiB of the audit: refused before a byte of it is read
+    for auth in (None, alice_auth):
+        head = b"PATCH /alice/dev HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        if auth:
+            head += b"Authorization: %s\r\n" % auth.encode()
+        data, closed = exchange(alice.port, head + b"Content-Length: %d\r\n\r\n"
+                                % (10 * 1024 * 1024))
+        assert_answered_once_and_closed(data, closed, 413)
+    # lone surrogates, numbers that are not finite, absurdly long numbers: 400, never 500
+    mirror = b'{"type": "mirror", "mirror_url": "http://127.0.0.1:9/", "mirror_cache_expiry": '
+    pypi_before = api(url, path="/root/pypi").json()["result"]
+    cases = [
+        ("POST", "/+login", b'{"user": "\\ud800", "password": "x"}', None),
+        ("POST", "/+login", b'{"user": "alice", "password": "\\udfff"}', None),
+        ("PUT", "/carol", b'{"password": "\\ud800"}', root_auth),
+        ("PATCH", "/alice", b'{"email": "\\udc00x"}', alice_auth),
+        ("PUT", "/alice/new", b'{"title": "\\ud800"}', alice_auth),
+        ("PATCH", "/alice/dev", b'["title=\\ud800"]', alice_auth),
+        ("PATCH", "/alice/dev", b'{"custom_data": NaN}', alice_auth),
+        ("PATCH", "/alice/dev", b'{"custom_data": [1e309]}', alice_auth),
+        ("PUT", "/root/m1", mirror + b'1e309}', root_auth),
+        ("PUT", "/root/m2", mirror + b'Infinity}', root_auth),
+        ("PUT", "/root/m3", mirror + b'-Infinity}', root_auth),
+        ("PUT", "/root/m4", mirror + b'NaN}', root_auth),
+        ("PATCH", "/root/pypi", b'{"mirror_cache_expiry": 1e309}', root_auth),
+        ("PATCH", "/root/pypi", b'{"mirror_cache_expiry": 1' + b"0" * 5000 + b"}", root_auth),
+        ("POST", "/alice/dev", b'{"name": "\\ud800", "version": "1.0", "targetindex": '
+                               b'"alice/dev"}', alice_auth),
+        ("PATCH", "/alice/dev/pkg/1.0", b'{"yanked": "\\ud800"}', alice_auth),
+    ]
+    for method, path, body, auth in cases:
+        r = send(method, path, body, auth)
+        assert r.status == 400 and r.json()["message"], (method, path, body[:80], r)
+    for path in ("/carol", "/alice/new", "/root/m1", "/root/m2", "/root/m3", "/root/m4"):
+        assert api(url, path=path).status == 404
+    assert api(url, path="/alice").json()["result"]["email"] == "a@x"
+    config = api(url, path="/alice/dev").json()["result"]
+    assert "custom_data" not in config and config.get("title") is None
+    assert api(url, path="/root/pypi").json()["result"] == pypi_before
+    # a surrogate pair is an ordinary character
+    r = send("PATCH", "/alice/dev", b'{"title": "\\ud83d\\ude00"}', alice_auth)
+    assert r.status == 200 and r.json()["result"]["title"] == "\U0001F600"
