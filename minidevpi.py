@@ -3925,10 +3925,15 @@ class App:
             return api_result("indexconfig", result)
         if req.method == "PUT":
             body = req.json_body()
+            if isinstance(body, dict):
+                self._refuse_own_url(req, body.get("mirror_url"))
             config = m.create_index(req.actor, path, body if body is not None else {})
             return api_result("indexconfig", m.shown_config(config, req.actor))
         if req.method == "PATCH":
             body = req.json_body()
+            ix = m.require_index(path)
+            self._refuse_own_url(req, apply_index_patch(ix.config, body if body is not None
+                                                        else []).get("mirror_url"))
             config = m.modify_index(req.actor, path, body if body is not None else [])
             return api_result("indexconfig", m.shown_config(config, req.actor))
         if req.method == "DELETE":
@@ -3940,6 +3945,34 @@ class App:
         if req.method == "PUSH" or ctype.startswith("application/json"):
             return self.push(req, ix)
         return self.upload(req, ix)
+
+    def _refuse_own_url(self, req, url):
+        """A mirror_url naming this very server (as the request reached it, its
+        --outside-url, or its own address) is refused when it is set: it could only ever
+        answer 'request loop'. (Through a proxy it may look like another host: then each
+        request finds out, see Mirror.open_url.)"""
+        if not isinstance(url, str):
+            return
+        try:
+            u = urllib.parse.urlsplit(url)
+            port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+            target = ((u.hostname or "").lower(), port)
+        except ValueError:
+            return  # (the model says what is wrong with it)
+        own = set()
+        host, our_port = req.handler.server.server_address[:2]
+        for name in ("localhost", "127.0.0.1", "::1", host.lower()):
+            own.add((name, our_port))
+        for origin in (req.outside_url(), "http://" + (req.headers.get("Host") or "")):
+            try:
+                o = urllib.parse.urlsplit(origin)
+                own.add(((o.hostname or "").lower(),
+                         o.port or {"http": 80, "https": 443}.get(o.scheme)))
+            except ValueError:
+                pass
+        if target in own:
+            raise bad_request("mirror_url %s points at this server itself; a mirror must "
+                              "fetch from another index" % _safe_url(url))
 
     def push(self, req, ix):
         body = req.json_body()
@@ -4396,6 +4429,9 @@ class App:
                     raise errors[0]
                 log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
+                if self.mirror.offline and any(b.is_mirror for b in m.resolve_bases(ix)):
+                    raise not_found("The project %s is not kept locally (offline mode: no "
+                                    "upstream traffic)" % norm)
                 raise not_found("The project %s does not exist." % norm)
             display = m.project_display(ix, norm) or norm
             rendered = self.render_project(req, ix, norm, display, files, fmt, base, absolute)
@@ -5539,6 +5575,13 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
         raise HTTPError(409, "%s must be new or empty to import into" % serverdir)
     data = _read_dump(dump)
+    dump_types = {ix["indexconfig"].get("type") for ix in data["indexes"].values()
+                  if isinstance(ix, dict) and isinstance(ix.get("indexconfig"), dict)}
+    unknown = sorted(set(skip_types) - {"stage", "mirror"} - dump_types)
+    if unknown:
+        raise bad_request("--skip-import-type %s: no index of that type in the export (its "
+                          "types: %s)" % (", ".join(unknown), ", ".join(sorted(
+                              t for t in dump_types if isinstance(t, str))) or "none"))
     nfiles = sum(len(ix.get("files") or []) for ix in data["indexes"].values()
                  if isinstance(ix, dict) and isinstance(ix.get("files"), list))
     parent = os.path.dirname(serverdir)
@@ -5581,8 +5624,9 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                 needs_password.remove("root")
             told.append("root's password in the dump can't be checked here (or there was "
                         "none); root's new password (shown only now): %s" % generated)
-        _import_indexes(store, model, dump, data["indexes"], root_pypi, skip_types,
-                        hard_links, notes, told, Progress("imported", nfiles, quiet))
+        nindexes = _import_indexes(store, model, dump, data["indexes"], root_pypi,
+                                   skip_types, hard_links, notes, told,
+                                   Progress("imported", nfiles, quiet))
         store.close()
         # everything copied and written is on disk before the server exists under its
         # name: one sync instead of one per file
@@ -5595,7 +5639,7 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         shutil.rmtree(building, ignore_errors=True)
         raise
     told.insert(0, "imported %d users and %d indexes from %s into %s" % (
-        len(data["users"]), len(data["indexes"]), dump, serverdir))
+        len(data["users"]), nindexes, dump, serverdir))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if stale:
@@ -5659,6 +5703,8 @@ def _import_users(store, users, root_password, root_pwhash, own_export=False):
 
 def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_links, notes,
                     told, progress):
+    """Returns how many indexes were imported (the skipped ones are said in ``told``)."""
+    imported = 0
     for path, ix in sorted(indexes.items()):
         config = dict(ix["indexconfig"])
         if config["type"] in skip_types:
@@ -5687,6 +5733,7 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
             ix_id = c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
                               (user, path.split("/", 1)[1], json.dumps(config))).lastrowid
             _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress)
+        imported += 1
     # bases left out (skipped, or not in the export) would make the index unmodifiable
     with store.write() as c:
         existing = {"%s/%s" % (u, n) for u, n in c.execute("SELECT user, name FROM indexes")}
@@ -5699,6 +5746,7 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
                 c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix_id))
                 told.append("index %s/%s: dropped bases that are not there: %s"
                             % (user, name, ", ".join(missing)))
+    return imported
 
 
 def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress):

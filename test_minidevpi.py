@@ -2205,10 +2205,31 @@ def test_bad_upstream_files_are_never_kept_or_delivered_whole(mirrored, upstream
 
 def test_a_mirror_of_itself_is_refused(tmp_path):
     with minidevpi.Server(root_password="rootpw") as srv:
-        api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
-            json_body=["mirror_url=%s/root/pypi/+simple/" % srv.url])
+        own = "%s/root/pypi/+simple/" % srv.url
+        for url in (own, own.replace("127.0.0.1", "localhost")):
+            r = api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+                    json_body=["mirror_url=" + url])
+            assert r.status == 400 and "points at this server itself" in r.json()["message"]
+            r = api(srv.url, "PUT", "/root/loop", auth=("root", "rootpw"),
+                    json_body={"type": "mirror", "mirror_url": url})
+            assert r.status == 400 and "points at this server itself" in r.json()["message"]
+        # one that looks like another host (a proxy's name, say) is found out per request
+        srv.model.modify_index("root", "root/pypi", ["mirror_url=" + own])
         r = http(srv.url, path="/root/pypi/+simple/anything/")
         assert r.status == 502 and "itself" in r.json()["message"]
+
+
+def test_offline_mode_says_what_is_not_kept(tmp_path):
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev", bases="root/pypi")
+        for index in ("root/pypi", "alice/dev"):
+            r = http(srv.url, path="/%s/+simple/never-fetched/" % index)
+            assert r.status == 404
+            assert "not kept locally (offline mode" in r.json()["message"]
+        srv.create_index("alice/solo")  # no mirror behind it: simply no such project
+        r = http(srv.url, path="/alice/solo/+simple/never-fetched/")
+        assert r.status == 404 and "does not exist" in r.json()["message"]
 
 
 def test_upstream_connection_refused_is_502(tmp_path):
@@ -2777,8 +2798,14 @@ def test_import_skip_type_and_hard_links(devpi_exports, tmp_path):
     assert code != 0 and "unknown index type 'weird'" in out and "--skip-import-type" in out
     assert not (tmp_path / "a").exists()
     code, out = cli("import", str(dump), "--serverdir", str(tmp_path / "a"),
+                    "--skip-import-type", "wierd", check=False)  # a typo is not ignored
+    assert code != 0 and "--skip-import-type wierd: no index of that type" in out, out
+    assert "weird" in out and not (tmp_path / "a").exists()
+    code, out = cli("import", str(dump), "--serverdir", str(tmp_path / "a"),
                     "--skip-import-type", "weird", "--hard-links", "--root-passwd", "r")
     assert "skipped index bob/weird" in out
+    # the summary counts what was imported, not what the dump held
+    assert "and %d indexes from" % (len(data["indexes"]) - 1) in out, out
     with minidevpi.Server(tmp_path / "a") as srv:
         assert api(srv.url, path="/bob/weird").status == 404
         assert api(srv.url, path="/bob/scratch").status == 200
