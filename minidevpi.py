@@ -1238,9 +1238,12 @@ class Store:
 
 # -- passwords and tokens ----------------------------------------------------------
 
-THROTTLE_AFTER = 5      # wrong passwords for a user before checks slow down
+THROTTLE_AFTER = 5      # wrong passwords for a name before checks slow down
 THROTTLE_MAX = 2.0      # seconds, the most one check waits
 THROTTLE_WINDOW = 900   # seconds after the last failure that the slowdown lasts
+THROTTLE_ENTRIES = 10000  # failure records kept; the least recently failed go first
+THROTTLE_INFLIGHT = 2   # checks at once for a throttled (address, name); more answer 429
+KDF_SLOTS = 2           # slow password checks at once: each takes 8 MiB and a core
 SCRYPT_PARAMS = (2 ** 13, 8, 10)  # OWASP's N=2^13, r=8, p=10: as slow as 2^14/5, 8 MiB
 PBKDF2_ITERATIONS = 600000      # OWASP for PBKDF2-HMAC-SHA256, where scrypt is missing
 
@@ -1299,9 +1302,125 @@ def is_known_hash(pwhash):
         "scrypt", "pbkdf2_sha256", "devpi_sha256")
 
 
+class KDFQueue:
+    """At most ``slots`` slow password checks at once. A check that has to wait is let in
+    by its rank (lowest first, ``rank()`` asked each time a slot frees: it may have changed
+    while waiting), then in order of arrival. A freed slot is handed straight to the one
+    let in, so no later arrival can jump the queue."""
+
+    def __init__(self, slots):
+        self._lock = threading.Lock()
+        self._free = slots
+        self._waiting = []  # (rank function, arrival, Event)
+        self._arrivals = 0
+
+    @contextlib.contextmanager
+    def slot(self, rank):
+        ev = None
+        with self._lock:
+            if self._free:
+                self._free -= 1
+            else:
+                self._arrivals += 1
+                ev = threading.Event()
+                self._waiting.append((rank, self._arrivals, ev))
+        if ev is not None:
+            ev.wait()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._waiting:
+                    nxt = min(self._waiting, key=lambda w: (w[0](), w[1]))
+                    self._waiting.remove(nxt)
+                    nxt[2].set()
+                else:
+                    self._free += 1
+
+
+class LoginThrottle:
+    """Wrong passwords slow down further guesses without taking the password checks of
+    anyone else: failures are counted by the name tried (whether or not such a user
+    exists), by (client address, name) and by client address.
+
+    - After THROTTLE_AFTER failures for a name, each check of it first waits (doubling from
+      50 ms, at most THROTTLE_MAX), holding no key-derivation slot.
+    - A throttled (address, name) has at most THROTTLE_INFLIGHT checks under way; more are
+      answered 429 at once, before any key derivation.
+    - Checks wait for one of the KDF_SLOTS in order of the failures of their (address, name),
+      then their name, then their address: a guesser queues behind everyone else.
+    """
+
+    def __init__(self, slots=KDF_SLOTS):
+        self._lock = threading.Lock()
+        self._failures = {}  # key -> (count, time of the last); in order of the last
+        self._busy = {}  # ("pair", address, name) -> checks under way, for throttled pairs
+        self.kdf = KDFQueue(slots)
+
+    def _count(self, key, now):
+        count, last = self._failures.get(key, (0, 0))
+        return count if now - last < THROTTLE_WINDOW else 0
+
+    @staticmethod
+    def delay(count):
+        if count < THROTTLE_AFTER:
+            return 0
+        return min(THROTTLE_MAX, 0.05 * 2 ** min(count - THROTTLE_AFTER, 16))
+
+    def rank(self, name, source):
+        now = time.time()
+        return (self._count(("pair", source, name), now), self._count(("name", name), now),
+                self._count(("source", source), now))
+
+    @contextlib.contextmanager
+    def check(self, name, source):
+        """Around one slow password check of ``name`` asked from address ``source``."""
+        now = time.time()
+        pair = ("pair", source, name)
+        with self._lock:
+            n_name = self._count(("name", name), now)
+            n_pair = self._count(pair, now)
+            wait = self.delay(n_name)
+            throttled = n_pair >= THROTTLE_AFTER
+            if throttled:
+                busy = self._busy.get(pair, 0)
+                if busy >= THROTTLE_INFLIGHT:
+                    raise HTTPError(429, "too many wrong passwords for %r from this address; "
+                                         "try again later" % name,
+                                    {"Retry-After": str(max(1, int(wait + 0.999)))})
+                self._busy[pair] = busy + 1
+        try:
+            if wait:
+                time.sleep(wait)
+            with self.kdf.slot(lambda: self.rank(name, source)):
+                yield
+        finally:
+            if throttled:
+                with self._lock:
+                    left = self._busy.pop(pair) - 1
+                    if left:
+                        self._busy[pair] = left
+
+    def failed(self, name, source):
+        now = time.time()
+        with self._lock:
+            for key in (("name", name), ("pair", source, name), ("source", source)):
+                count = self._count(key, now)
+                self._failures.pop(key, None)
+                self._failures[key] = (count + 1, now)
+            while len(self._failures) > THROTTLE_ENTRIES:
+                del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, name, source):
+        with self._lock:
+            self._failures.pop(("name", name), None)
+            self._failures.pop(("pair", source, name), None)
+
+
 # -- index configuration -------------------------------------------------------------
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
+ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
              "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
@@ -1490,8 +1609,7 @@ class Model:
         self._auth_cache = {}
         self._auth_cache_lock = threading.Lock()
         self._pending_hashes = {}  # user name -> Event, while a hash is computed
-        self._failures = {}  # user name -> (failed password checks, time of the last)
-        self._kdf_slots = threading.BoundedSemaphore(2)
+        self.throttle = LoginThrottle()
         self._dummy_hash = None
 
     # -- change notifications ---------------------------------------------------------
@@ -1625,16 +1743,26 @@ class Model:
             raise forbidden("no permission to delete user %r" % name)
         if name == "root":
             raise forbidden("root user can not be deleted")
-        indexes = self.user_indexes(name)
-        fixed = [ix.name for ix in indexes if not ix.volatile]
-        if fixed:
-            raise forbidden("user %r has non-volatile index: %s" % (name, ",".join(fixed)))
-        for ix in indexes:
-            self._check_not_a_base(ix, exclude_user=name)
         with self.store.write() as c:
+            # checked in the transaction: nothing can change in between
+            indexes = self.user_indexes(name)
+            fixed = [ix.name for ix in indexes if not ix.volatile]
+            if fixed:
+                raise forbidden("user %r has non-volatile index: %s" % (name, ",".join(fixed)))
+            for ix in indexes:
+                self._check_not_a_base(ix, exclude_user=name)
             shas = self._file_shas(c, "f.index_id IN (SELECT id FROM indexes WHERE user=?)",
                                    (name,))
             c.execute("DELETE FROM users WHERE name=?", (name,))
+            # the name leaves every ACL, so whoever registers it next inherits no rights
+            for ix_id, config_json in c.execute("SELECT id, config FROM indexes").fetchall():
+                config = json.loads(config_json)
+                if any(name in config.get(k, ()) for k in ACL_KEYS):
+                    for k in ACL_KEYS:
+                        if k in config:
+                            config[k] = [u for u in config[k] if u != name]
+                    c.execute("UPDATE indexes SET config=? WHERE id=?",
+                              (json.dumps(config), ix_id))
             self.store.drop_unused_blobs(shas)
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
 
@@ -1668,38 +1796,36 @@ class Model:
         for ev in list(self._pending_hashes.values()):
             ev.wait()
 
-    def authenticate(self, name, secret):
-        """The user name if ``secret`` is the user's password or a valid login token."""
+    def authenticate(self, name, secret, source=None):
+        """The user name if ``secret`` is the user's password or a valid login token.
+        ``source``: the client's address, for throttling (see LoginThrottle)."""
         pending = self._pending_hashes.get(name)
         if pending is not None:
             pending.wait()
         row = self.get_user_row(name)
-        if row is None:
-            # as slow as a wrong password, so that names can't be probed by timing
-            if self._dummy_hash is None:
-                self._dummy_hash = hash_password(secrets.token_hex(8))
-            verify_password(secret, self._dummy_hash)
-            return None
-        if self.check_token(name, secret, row[1]):
+        if row is not None and self.check_token(name, secret, row[1]):
             return name
         key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
                               "sha256").digest())
-        if self._auth_cache.get(key) == row[1]:
+        if row is not None and self._auth_cache.get(key) == row[1]:
             return name
-        self._throttle(name)
-        # two slow hash checks at a time: each takes 8 MiB and a core; the ones waiting
-        # often find the answer cached by the one before them
-        with self._kdf_slots:
-            if self._auth_cache.get(key) == row[1]:
-                return name
-            ok = verify_password(secret, row[1])
+        # Every name tried takes the same way and costs one key derivation, whether such a
+        # user exists or not, so that names can't be probed by timing. The ones waiting for
+        # a slot often find the answer cached by the one before them.
+        with self.throttle.check(name, source):
+            ok = False
+            if row is not None:
+                if self._auth_cache.get(key) == row[1]:
+                    return name
+                ok = verify_password(secret, row[1])
+            if row is None or not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
+                if self._dummy_hash is None:
+                    self._dummy_hash = hash_password(secrets.token_hex(8))
+                verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
         if not ok:
-            count = self._failures.get(name, (0, 0))[0]
-            if len(self._failures) > 10000:
-                self._failures.clear()
-            self._failures[name] = (count + 1, time.time())
+            self.throttle.failed(name, source)
             return None
-        self._failures.pop(name, None)
+        self.throttle.succeeded(name, source)
         if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
             self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
             row = self.get_user_row(name)
@@ -1708,14 +1834,6 @@ class Model:
                 self._auth_cache.clear()
             self._auth_cache[key] = row[1]
         return name
-
-    def _throttle(self, name):
-        """After repeated wrong passwords for a user, each further check waits a little
-        (doubling, at most THROTTLE_MAX seconds): guessing slows down, but a right password
-        still gets in, from anywhere."""
-        count, last = self._failures.get(name, (0, 0))
-        if count >= THROTTLE_AFTER and time.time() - last < THROTTLE_WINDOW:
-            time.sleep(min(THROTTLE_MAX, 0.05 * 2 ** (count - THROTTLE_AFTER)))
 
     def _token_sig(self, name, issued, pwhash):
         # The password hash takes part: a password change invalidates every older token.
@@ -1743,8 +1861,8 @@ class Model:
             return False
         return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
 
-    def login(self, name, password):
-        if self.authenticate(name, password) is None:
+    def login(self, name, password, source=None):
+        if self.authenticate(name, password, source) is None:
             raise HTTPError(401, "user %r could not be authenticated" % name)
         return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
 
@@ -1869,6 +1987,8 @@ class Model:
         config = self.validate_index_config(path, config)
         self._check_cycle(path, config.get("bases", []))
         with self.store.write() as c:
+            if not c.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
+                raise not_found("no user %r" % user)  # deleted meanwhile
             if c.execute("SELECT 1 FROM indexes WHERE user=? AND name=?",
                          (user, name)).fetchone():
                 raise HTTPError(409, "index %r exists" % path)
@@ -1881,18 +2001,25 @@ class Model:
         ix = self.require_index(path)
         if not self.can_modify_index(actor, ix.user):
             raise forbidden("no permission to modify index %s" % path)
-        new = apply_index_patch(ix.config, patch)
-        to_mirror = new.get("type") == "mirror" and not ix.is_mirror
-        if actor != "root" and (to_mirror or new.get("mirror_url") != ix.config.get("mirror_url")):
-            raise forbidden(ONLY_ROOT_MIRRORS)
-        if new.get("type", ix.config["type"]) != ix.config["type"]:
-            raise bad_request("the 'type' of an index can't be changed")
-        new["type"] = ix.config["type"]
-        config = self.validate_index_config(path, new)
-        self._check_cycle(path, config.get("bases", []))
         with self.store.write() as c:
+            # the patch applies to the config as it is now: a change committed meanwhile
+            # (a deleted user's name leaving the ACLs) is not undone
+            row = c.execute("SELECT config FROM indexes WHERE id=?", (ix.id,)).fetchone()
+            if row is None:
+                raise not_found("The stage %s could not be found." % path)
+            current = json.loads(row[0])
+            new = apply_index_patch(current, patch)
+            to_mirror = new.get("type") == "mirror" and current["type"] != "mirror"
+            if actor != "root" and (to_mirror or
+                                    new.get("mirror_url") != current.get("mirror_url")):
+                raise forbidden(ONLY_ROOT_MIRRORS)
+            if new.get("type", current["type"]) != current["type"]:
+                raise bad_request("the 'type' of an index can't be changed")
+            new["type"] = current["type"]
+            config = self.validate_index_config(path, new)
+            self._check_cycle(path, config.get("bases", []))
             c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
-            if config.get("mirror_url") != ix.config.get("mirror_url"):
+            if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
                 c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
                 self.store.after_commit(lambda _c: self.mirror_changed(ix.id))
@@ -2027,6 +2154,10 @@ class Model:
                                   "dst": ix.path}
             reason = "OK"
             with self.store.write() as c:
+                if c.execute("SELECT 1 FROM indexes WHERE id=?", (ix.id,)).fetchone() is None:
+                    raise not_found("The stage %s could not be found." % ix.path)
+                if core_metadata and not os.path.exists(self.store.blob_path(core_metadata)):
+                    core_metadata = None  # (removed meanwhile: a row must not name it)
                 old = c.execute("SELECT id, sha256, log, core_metadata FROM files "
                                 "WHERE index_id=? AND filename=?", (ix.id, filename)).fetchone()
                 log_list = [entry]
@@ -2106,10 +2237,11 @@ class Model:
         elif "requires_python" not in meta and file_meta.get("requires_python"):
             meta["requires_python"] = file_meta["requires_python"]
         core_sha = None
-        if core is not None and filename.endswith(".whl"):
-            core_sha = self.store.put_bytes(core)
-        reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, meta,
-                               core_metadata=core_sha)
+        with self.store.write():  # the metadata blob is placed where the row naming it is
+            if core is not None and filename.endswith(".whl"):
+                core_sha = self.store.put_bytes(core)
+            reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size,
+                                   meta, core_metadata=core_sha)
         return reason, "%s/+f/%s/%s/%s" % (ix.path, sha256[:3], sha256[3:16], filename)
 
     def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
@@ -2225,37 +2357,43 @@ class Model:
             self._changed(projects=[norm])
 
     def push(self, actor, src, name, version, target, no_docs=False, only_docs=False):
-        """Copy a release with its files to another index; returns devpi's action log."""
+        """Copy a release with its files to another index; returns devpi's action log.
+
+        The release is read in the transaction that writes the copy: one deleted meanwhile
+        is not pushed, and no row is ever written for bytes that are gone."""
         norm = normalize_name(name)
         if target.is_mirror:
             raise not_found("cannot submit to mirror index")
         if not self.can_upload(actor, target):
             raise HTTPError(401 if actor is None else 403,
                             "user %r cannot upload to %r" % (actor, target.path))
-        found = None
-        for ix in self.resolve_bases(src):
-            row = self.store.conn().execute(
-                "SELECT v.id, v.metadata, p.display, v.version FROM versions v "
-                "JOIN projects p ON v.project_id=p.id "
-                "WHERE p.index_id=? AND p.name=? AND v.version=?",
-                (ix.id, norm, version)).fetchone()
-            if row is not None:
-                found = (ix, row)
-                break
-        if found is None:
-            raise bad_request("there are no files for %s %s on stage %s" % (name, version, src.path))
-        ix, (vid, meta_json, display, version) = found
-        files = self.store.conn().execute(
-            "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
-            "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
-            (vid,)).fetchall()
-        if no_docs:
-            files = [f for f in files if f[1] != "doczip"]
-        if only_docs:
-            files = [f for f in files if f[1] == "doczip"]
-        actionlog = [[200, "register", display, version, "->", target.path]]
         now = time.time()
         with self.store.write() as c:
+            if c.execute("SELECT 1 FROM indexes WHERE id=?", (target.id,)).fetchone() is None:
+                raise not_found("The stage %s could not be found." % target.path)
+            found = None
+            for ix in self.resolve_bases(src):
+                row = c.execute(
+                    "SELECT v.id, v.metadata, p.display, v.version FROM versions v "
+                    "JOIN projects p ON v.project_id=p.id "
+                    "WHERE p.index_id=? AND p.name=? AND v.version=?",
+                    (ix.id, norm, version)).fetchone()
+                if row is not None:
+                    found = (ix, row)
+                    break
+            if found is None:
+                raise bad_request("there are no files for %s %s on stage %s"
+                                  % (name, version, src.path))
+            ix, (vid, meta_json, display, version) = found
+            files = c.execute(
+                "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
+                "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
+                (vid,)).fetchall()
+            if no_docs:
+                files = [f for f in files if f[1] != "doczip"]
+            if only_docs:
+                files = [f for f in files if f[1] == "doczip"]
+            actionlog = [[200, "register", display, version, "->", target.path]]
             for (filename, rel, sha, size, uploaded, rp, cm) in files:
                 old = c.execute("SELECT sha256 FROM files WHERE index_id=? AND filename=?",
                                 (target.id, filename)).fetchone()
@@ -2264,16 +2402,19 @@ class Model:
             pid = self._project_id(c, target, norm, display, True)
             tvid = self._version_id(c, pid, version, json.loads(meta_json), now)
             for (filename, rel, sha, size, uploaded, rp, cm) in files:
-                old = c.execute("SELECT id, sha256 FROM files WHERE index_id=? AND filename=?",
+                store_what = "store_%s" % ("releasefile" if rel == "releasefile" else "doczip")
+                stored = "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16], filename)
+                old = c.execute("SELECT id, sha256, core_metadata FROM files "
+                                "WHERE index_id=? AND filename=?",
                                 (target.id, filename)).fetchone()
                 if old is not None:
                     if old[1] == sha:
-                        actionlog.append([200, "store_%s" % ("releasefile" if rel == "releasefile"
-                                                             else "doczip"),
-                                          "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16],
-                                                              filename)])
+                        actionlog.append([200, store_what, stored])
                         continue
                     c.execute("DELETE FROM files WHERE id=?", (old[0],))
+                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
+                              (target.id, filename, old[1]))
+                    self.store.drop_unused_blobs([old[1], old[2]])
                 entry = {"what": "push", "who": actor, "when": when_list(now),
                          "src": ix.path, "dst": target.path}
                 c.execute(
@@ -2281,9 +2422,9 @@ class Model:
                     "uploaded, requires_python, core_metadata, log) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (target.id, tvid, filename, rel, sha, size, uploaded, rp, cm,
                      json.dumps([entry])))
-                actionlog.append([200, "store_%s" % ("releasefile" if rel == "releasefile"
-                                                     else "doczip"),
-                                  "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16], filename)])
+                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
+                          (target.id, filename, sha))
+                actionlog.append([200, store_what, stored])
             self._changed(projects=[norm])
         return actionlog
 
@@ -3843,7 +3984,12 @@ class App:
             except (binascii.Error, ValueError, UnicodeDecodeError):
                 continue
             if sep and user and len(user) <= 100 and len(secret) <= 4096:
-                name = self.model.authenticate(user, secret)
+                try:
+                    name = self.model.authenticate(user, secret, req.handler.client_address[0])
+                except HTTPError as e:
+                    if e.status != 429 or req.method not in ("GET", "HEAD"):
+                        raise
+                    continue  # a read goes on anonymously, as with a wrong password
                 if name:
                     return name
         return None
@@ -3883,7 +4029,8 @@ class App:
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
             raise bad_request("Bad request: no user/password specified")
-        result = self.model.login(body["user"], body["password"])
+        result = self.model.login(body["user"], body["password"],
+                                  req.handler.client_address[0])
         return api_result("proxyauth", result, message="login successful")
 
     def route_list_users(self, req):

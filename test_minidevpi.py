@@ -1712,7 +1712,9 @@ PATHS = ["/", "/+login", "/alice", "/alice/", "/alice/dev", "/alice/dev/", "/ali
          "/nosuch/idx", "/root/pypi", "/root/pypi/pkg/1.0"]
 
 
-def test_malformed_json_and_paths_never_cause_500(tmp_path):
+def test_malformed_json_and_paths_never_cause_500(tmp_path, monkeypatch):
+    # alice is deleted along the way; her name's checks then fail, and would each wait 2 s
+    monkeypatch.setattr(minidevpi, "THROTTLE_MAX", 0.01)
     srv = minidevpi.Server(root_password="rootpw", offline=True).start()
     srv.create_user("alice", "secret")
     srv.create_index("alice/dev", bases="root/pypi")
@@ -4738,3 +4740,208 @@ def test_json_bodies_are_small_and_plain(alice):
     # a surrogate pair is an ordinary character
     r = send("PATCH", "/alice/dev", b'{"title": "\\ud83d\\ude00"}', alice_auth)
     assert r.status == 200 and r.json()["result"]["title"] == "\U0001F600"
+
+# security: accounts (users, passwords and throttling, ACLs, push and delete)
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deleter", ["bob", "root"])
+def test_a_deleted_users_name_leaves_every_acl_and_a_new_owner_inherits_nothing(
+        alice, tmp_path, deleter):
+    url = alice.url
+    assert api(url, "PUT", "/bob", json_body={"password": "bobpw"}).status == 201  # anyone
+    r = api(url, "PUT", "/alice/team", auth=("alice", "secret"),
+            json_body={"acl_upload": ["alice", "bob"], "acl_toxresult_upload": ["bob"]})
+    assert r.status == 200, r
+    assert upload_form(url, "alice/team", make_wheel(tmp_path, "teampkg", "1.0"),
+                       ("bob", "bobpw")).status == 200
+    assert api(url, "PUT", "/bob/own", auth=("bob", "bobpw"), json_body={}).status == 200
+    creds = {"bob": ("bob", "bobpw"), "root": ("root", "rootpw")}[deleter]
+    assert api(url, "DELETE", "/bob", auth=creds).status == 200
+    cfg = api(url, path="/alice/team").json()["result"]
+    assert cfg["acl_upload"] == ["alice"] and cfg["acl_toxresult_upload"] == []
+    assert api(url, path="/bob/own").status == 404  # his own indexes went with him
+    # a stranger registers the freed name: none of the old bob's rights come with it
+    assert api(url, "PUT", "/bob", json_body={"password": "mallory"}).status == 201
+    r = upload_form(url, "alice/team", make_wheel(tmp_path, "teampkg", "2.0"),
+                    ("bob", "mallory"))
+    assert r.status == 403, r
+    assert sorted(api(url, path="/alice/team/teampkg").json()["result"]) == ["1.0"]
+
+
+def _listed_files(url, ix):
+    """(url path, sha256) of every file an index lists: simple JSON pages and the JSON API."""
+    accept = {"Accept": simple_accept("json")}
+    out = []
+    root = http(url, path="/%s/+simple/" % ix, headers=accept)
+    assert root.status == 200, root
+    for p in root.json()["projects"]:
+        page = "/%s/+simple/%s/" % (ix, p["name"])
+        r = http(url, path=page, headers=accept)
+        if r.status == 404:
+            continue
+        assert r.status == 200, r
+        for f in r.json()["files"]:
+            out.append((urllib.parse.urljoin(page, f["url"]).split("#")[0],
+                        f["hashes"]["sha256"]))
+        r = api(url, path="/%s/%s" % (ix, p["name"]))
+        if r.status == 200:
+            for data in r.json()["result"].values():
+                for link in data.get("+links", []):
+                    path = urllib.parse.urlsplit(link["href"]).path
+                    out.append((path, "".join(path.split("/+f/")[1].split("/")[:2])))
+    return out
+
+
+def test_push_and_delete_of_one_release_at_once_leave_every_listed_file_downloadable(
+        alice, tmp_path):
+    url = alice.url
+    alice.create_index("alice/prod", volatile=True)
+    auth = xauth("alice", login_token(url, "alice", "secret"))
+    rnd = random.Random(3)
+    problems = []
+    for i in range(60):
+        v = "1.%d" % i
+        alice.upload("alice/dev", make_wheel_bytes("racepkg", v),
+                     "racepkg-%s-py3-none-any.whl" % v)
+        alice.upload("alice/dev", make_sdist(tmp_path, "racepkg", v))
+        start = threading.Barrier(3)
+        got = {}
+
+        def go(what, method, path, body=None):
+            start.wait()
+            time.sleep(rnd.random() * 0.004)
+            got[what] = api(url, method, path, headers=auth, json_body=body).status
+        threads = [
+            threading.Thread(target=go, args=("push", "PUSH", "/alice/dev", {
+                "name": "racepkg", "version": v, "targetindex": "alice/prod"})),
+            threading.Thread(target=go, args=("delete", "DELETE", "/alice/dev/racepkg/" + v)),
+            threading.Thread(target=go, args=("target", "DELETE", "/alice/prod/racepkg/" + v)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got["push"] in (200, 400) and got["delete"] == 200, got
+        assert got["target"] in (200, 404), got
+        for ix in ("alice/dev", "alice/prod"):
+            for path, sha in _listed_files(url, ix):
+                r = http(url, path=path)
+                if r.status != 200 or not hashlib.sha256(r.body).hexdigest().startswith(sha):
+                    problems.append((i, got, path, r.status))
+        # and the state is what the answers imply
+        prod = api(url, path="/alice/prod/racepkg")
+        prod_versions = set(prod.json()["result"]) if prod.status == 200 else set()
+        dev = api(url, path="/alice/dev/racepkg")
+        assert dev.status == 404 or v not in dev.json()["result"]
+        assert (v in prod_versions) == (got["push"] == 200 and got["target"] == 404), got
+    assert problems == []
+
+
+def test_password_guessing_does_not_starve_a_legitimate_login(real_kdf):
+    # 40 connections guess root's password without pause (real key derivation) while alice,
+    # then bob, log in from the same address: the guesses are slowed down (429, or waiting
+    # without holding a key-derivation slot), the logins are not stuck behind them
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_user("bob", "bobpw")
+        srv.model.wait_pending_hashes()
+        stop = threading.Event()
+        answers, retry_after = [], []
+
+        def guess(n):
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    r = api(srv.url, "POST", "/+login",
+                            json_body={"user": "root", "password": "guess-%d-%d" % (n, i)})
+                    answers.append(r.status)
+                    if r.status == 429:
+                        retry_after.append(r.header("Retry-After"))
+                except OSError:
+                    answers.append(None)
+        threads = [threading.Thread(target=guess, args=(n,)) for n in range(40)]
+        for t in threads:
+            t.start()
+        try:
+            times = []
+            for user, pw, after in (("alice", "secret", 1.5), ("bob", "bobpw", 0.5)):
+                time.sleep(after)  # guessing under way, root's checks throttled
+                t0 = time.time()
+                r = api(srv.url, "POST", "/+login", json_body={"user": user, "password": pw})
+                times.append(time.time() - t0)
+                assert r.status == 200, r
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert max(times) < 3, times  # (the old code took 4-10 s here, 0.5 s idle)
+        assert set(answers) <= {401, 429} and 429 in answers, set(answers)
+        assert retry_after and set(retry_after) <= {"1", "2"}, set(retry_after)
+        # throttled, not locked out: the right password still gets in
+        assert login_token(srv.url, "root", "rootpw")
+
+
+def test_wrong_passwords_take_as_long_for_unknown_names_as_for_real_users(real_kdf):
+    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+        srv.create_user("alice", "secret")
+        srv.model.wait_pending_hashes()
+
+        def attempt(user):
+            t0 = time.time()
+            r = api(srv.url, "POST", "/+login", json_body={"user": user, "password": "wrong"})
+            assert r.status == 401, r
+            return time.time() - t0
+
+        def fail(user, n):
+            for _ in range(n):
+                attempt(user)
+        # 8 failures each (side by side): the 9th check of a name waits 0.4 s, well above
+        # the noise of one key derivation
+        primers = [threading.Thread(target=fail, args=(u, 8)) for u in ("alice", "nosuchuser")]
+        for t in primers:
+            t.start()
+        for t in primers:
+            t.join(60)
+        wait = min(minidevpi.THROTTLE_MAX, 0.05 * 2 ** (8 - minidevpi.THROTTLE_AFTER))
+        assert wait >= 0.4
+        real, unknown = attempt("alice"), attempt("nosuchuser")
+        assert real > wait and unknown > wait, (real, unknown)
+        assert max(real, unknown) < 2 * min(real, unknown), (real, unknown)
+
+
+def test_the_failure_table_stays_bounded_and_keeps_the_latest():
+    t = minidevpi.LoginThrottle()
+    for i in range(minidevpi.THROTTLE_ENTRIES):  # a flood of names, to push root's out
+        t.failed("name%d" % i, "127.0.0.%d" % (i % 250))
+    for _ in range(6):
+        t.failed("root", "127.0.0.1")
+    assert len(t._failures) <= minidevpi.THROTTLE_ENTRIES
+    assert t.rank("root", "127.0.0.1")[:2] == (6, 6)
+    assert t.delay(10 ** 6) == minidevpi.THROTTLE_MAX  # (no float overflow after many)
+
+
+def test_a_throttled_address_and_name_with_checks_under_way_gets_429_before_any_check(
+        alice, tmp_path, monkeypatch):
+    for _ in range(minidevpi.THROTTLE_AFTER):
+        assert api(alice.url, "POST", "/+login",
+                   json_body={"user": "alice", "password": "guess"}).status == 401
+    calls = []
+    real_verify = minidevpi.verify_password
+    monkeypatch.setattr(minidevpi, "verify_password",
+                        lambda *a: calls.append(a) or real_verify(*a))
+    # as if THROTTLE_INFLIGHT checks for (this address, alice) were under way
+    busy = alice.model.throttle._busy
+    busy[("pair", "127.0.0.1", "alice")] = minidevpi.THROTTLE_INFLIGHT
+    r = api(alice.url, "POST", "/+login", json_body={"user": "alice", "password": "secret"})
+    assert r.status == 429 and int(r.header("Retry-After")) >= 1, r
+    assert "try again later" in r.json()["message"]
+    r = upload_form(alice.url, "alice/dev", make_wheel(tmp_path, "pkg429", "1.0"),
+                    ("alice", "guess"))
+    assert r.status == 429, r
+    # a read with the credentials goes on anonymously, as with a wrong password
+    assert api(alice.url, path="/alice/dev", auth=("alice", "guess")).status == 200
+    assert calls == []  # no key derivation for any of them
+    busy.clear()
+    assert login_token(alice.url, "alice", "secret")
