@@ -1345,8 +1345,9 @@ class LoginThrottle:
 
     - After THROTTLE_AFTER failures for a name, each check of it first waits (doubling from
       50 ms, at most THROTTLE_MAX), holding no key-derivation slot.
-    - A throttled (address, name) has at most THROTTLE_INFLIGHT checks under way; more are
-      answered 429 at once, before any key derivation.
+    - An (address, name) has at most THROTTLE_AFTER minus its failures, and at least
+      THROTTLE_INFLIGHT, checks under way; more are answered 429 at once, before any key
+      derivation (a right password, once checked, is cached and needs no more checks).
     - Checks wait for one of the KDF_SLOTS in order of the failures of their (address, name),
       then their name, then their address: a guesser queues behind everyone else.
     """
@@ -1381,25 +1382,24 @@ class LoginThrottle:
             n_name = self._count(("name", name), now)
             n_pair = self._count(pair, now)
             wait = self.delay(n_name)
-            throttled = n_pair >= THROTTLE_AFTER
-            if throttled:
-                busy = self._busy.get(pair, 0)
-                if busy >= THROTTLE_INFLIGHT:
-                    raise HTTPError(429, "too many wrong passwords for %r from this address; "
-                                         "try again later" % name,
-                                    {"Retry-After": str(max(1, int(wait + 0.999)))})
-                self._busy[pair] = busy + 1
+            busy = self._busy.get(pair, 0)
+            # as many checks at once as failures short of throttling (a burst of guesses
+            # is throttled as soon as it would have failed enough), never fewer than 2
+            if busy >= max(THROTTLE_INFLIGHT, THROTTLE_AFTER - n_pair):
+                raise HTTPError(429, "too many wrong passwords for %r from this address; "
+                                     "try again later" % name,
+                                {"Retry-After": str(max(1, int(wait + 0.999)))})
+            self._busy[pair] = busy + 1
         try:
             if wait:
                 time.sleep(wait)
             with self.kdf.slot(lambda: self.rank(name, source)):
                 yield
         finally:
-            if throttled:
-                with self._lock:
-                    left = self._busy.pop(pair) - 1
-                    if left:
-                        self._busy[pair] = left
+            with self._lock:
+                left = self._busy.pop(pair) - 1
+                if left:
+                    self._busy[pair] = left
 
     def failed(self, name, source):
         now = time.time()
