@@ -882,14 +882,6 @@ class ChunkedReader:
                 raise bad_request("malformed chunked body: too many trailers")
         self.done = True
 
-    def read_all(self):
-        out = []
-        while True:
-            d = self.read(65536)
-            if not d:
-                return b"".join(out)
-            out.append(d)
-
 
 def _unlink_quiet(path):
     try:
