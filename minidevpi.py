@@ -1611,11 +1611,19 @@ class Model:
         self._pending_hashes = {}  # user name -> Event, while a hash is computed
         self.throttle = LoginThrottle()
         self._dummy_hash = None
+        self._upstream_listeners = []
 
     # -- change notifications ---------------------------------------------------------
 
-    def mirror_changed(self, index_id):
-        """Hook for the mirror's in-memory state of an index (set by the mirror section)."""
+    def on_upstream_change(self, fn):
+        """Call ``fn(index_id)`` after each commit that gives an index a new mirror_url (the
+        mirror, a later section, forgets what it holds of the old upstream)."""
+        self._upstream_listeners.append(fn)
+
+    def mirror_page_changed(self, norm):
+        """A mirror stored a page of project ``norm`` that differs from the one it had:
+        the pages built from it are out of date (call inside the write transaction)."""
+        self._changed(projects=[norm])
 
     def _changed(self, projects=(), config=False, project_set=False):
         def bump(_c):
@@ -2022,7 +2030,8 @@ class Model:
             if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
                 c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
-                self.store.after_commit(lambda _c: self.mirror_changed(ix.id))
+                for fn in self._upstream_listeners:
+                    self.store.after_commit(lambda _c, fn=fn: fn(ix.id))
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
         return config
 
@@ -2603,6 +2612,279 @@ class UpstreamError(HTTPError):
     """The upstream of a mirror failed: 502 (bad answer) or 504 (no answer in time)."""
 
 
+# -- the upstream HTTP client ---------------------------------------------------------
+
+class Upstream:
+    """The mirror's HTTP client: GET with a few redirects, each hop checked against the
+    mirror policy first (``_route``), bodies read within a bound, credentials sent in a
+    header and never repeated in a message. Requests carry VIA_HEADER with ``server_id``,
+    so that a mirror of this very server is found out."""
+
+    def __init__(self, server_id, connect_timeout=MIRROR_CONNECT_TIMEOUT,
+                 read_timeout=MIRROR_READ_TIMEOUT, allow_hosts=()):
+        self.server_id = server_id
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.allow_hosts = parse_allow_hosts(allow_hosts)
+
+    def open(self, url, origin, headers=None):
+        """GET ``url`` upstream (following a few redirects), for the mirror whose
+        ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
+        Returns (response, final URL, connection); the caller reads the body and closes
+        the connection."""
+        import http.client
+        import ssl
+        seen = set()
+        for _hop in range(MAX_REDIRECTS + 1):
+            if url in seen:
+                raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
+            seen.add(url)
+            try:
+                u = urllib.parse.urlsplit(url)
+                port = u.port or (443 if u.scheme == "https" else 80)
+                if u.scheme not in ("http", "https") or not u.hostname:
+                    raise ValueError
+            except ValueError:
+                raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
+            addresses = self._route(u, port, origin)
+            proxy = _proxy_for(u)
+            try:
+                if u.scheme == "https":
+                    conn = http.client.HTTPSConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout, context=ssl.create_default_context())
+                else:
+                    conn = http.client.HTTPConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout)
+                if addresses is not None and not proxy:
+                    # connect to the addresses that were checked, not to whatever the name
+                    # resolves to a moment later (DNS rebinding); TLS still checks the name
+                    conn._create_connection = _connect_to(addresses)
+                target = u.path or "/"
+                if u.query:
+                    target += "?" + u.query
+                if proxy and u.scheme == "https":
+                    conn.set_tunnel(u.hostname, port)
+                elif proxy:
+                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
+                conn.connect()
+                conn.sock.settimeout(self.read_timeout)
+                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
+                     VIA_HEADER: self.server_id}
+                h.update(headers or {})
+                if u.username is not None:
+                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
+                        urllib.parse.unquote(u.username),
+                        urllib.parse.unquote(u.password or ""))).encode()).decode()
+                conn.request("GET", target, headers=h)
+                resp = conn.getresponse()
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
+            except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+                # (what a host root did not name answered is not repeated to the client)
+                detail = e if addresses is None else type(e).__name__
+                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                try:
+                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                except ValueError:
+                    url = ""  # (refused as unsupported at the next hop)
+                conn.close()
+                continue
+            if resp.status == 400 and resp.getheader(VIA_HEADER) == self.server_id:
+                conn.close()
+                raise UpstreamError(502, "mirror_url %s points at this server itself; "
+                                         "refusing to mirror from ourselves" % _safe_url(url))
+            return resp, url, conn
+        raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
+
+    def _route(self, u, port, origin):
+        """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
+        it may go wherever the host name leads (the host of the index's own ``mirror_url``,
+        same scheme and port, which root chose; or a ``--mirror-allow-host``). Any other
+        host must resolve to publicly routable addresses only: then those addresses, the
+        only ones to connect to. Anything else is refused before a connection is made,
+        with the same answer whatever (if anything) is there."""
+        host = u.hostname
+        if origin is not None and _origin(origin) == (u.scheme, host, port):
+            return None
+        if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
+            return None
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            infos = []
+        if infos and all(is_public_address(info[4][0]) for info in infos):
+            return infos
+        shown = "[%s]" % host if ":" in host else host
+        raise UpstreamError(502, "the link to %s://%s:%d was refused by the mirror policy "
+                                 "(a mirror fetches only from its mirror_url's own host, "
+                                 "from hosts with public addresses only, and from hosts "
+                                 "allowed with --mirror-allow-host)" % (u.scheme, shown, port))
+
+    def read_body(self, resp, url, limit, what="page"):
+        """The whole body, checked against Content-Length: a short body is an error."""
+        return b"".join(self.body_chunks(resp, url, limit, what=what))
+
+    def body_chunks(self, resp, url, limit, size=65536, what="page", too_large=None):
+        """The body in chunks, checked against ``limit`` (raising ``too_large`` beyond it)
+        and Content-Length: a short body is an error."""
+        import http.client
+        want = resp.getheader("Content-Length")
+        if too_large is None:
+            too_large = UpstreamError(502, "upstream %s %s is larger than %d bytes; not read"
+                                      % (what, _safe_url(url), limit))
+        if want is not None and want.isdigit() and int(want) > limit:
+            raise too_large
+        total = 0
+        while True:
+            try:
+                chunk = resp.read(size)
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
+            except (OSError, http.client.HTTPException) as e:
+                raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            yield chunk
+        if want is not None and want.isdigit() and int(want) != total:
+            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
+                                % (_safe_url(url), total, want))
+
+
+def _safe_url(url):
+    """A URL without its credentials, for messages and logs."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(unreadable URL)"
+    if "@" not in u.netloc:
+        return url
+    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, u.query,
+                                    u.fragment))
+
+
+def shown_mirror_url(url):
+    """``mirror_url`` as shown to anyone but root: the password (or a user name alone,
+    which may be a token) replaced by ``***``."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "***"
+    if "@" not in u.netloc:
+        return url
+    userinfo, _, hostport = u.netloc.rpartition("@")
+    user, sep, _pw = userinfo.partition(":")
+    shown = user + ":***" if sep else "***"
+    return urllib.parse.urlunsplit((u.scheme, shown + "@" + hostport, u.path, u.query,
+                                    u.fragment))
+
+
+def _origin(url):
+    """(scheme, host, port) of a URL, or None."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def parse_allow_hosts(values):
+    """{(host, port or None)} from ``--mirror-allow-host`` values: HOST, HOST:PORT,
+    [IPv6] or [IPv6]:PORT, each value possibly a comma-separated list."""
+    out = set()
+    if isinstance(values, str):  # (from a config file)
+        values = [values]
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            port = None
+            if item.startswith("["):
+                host, _, rest = item[1:].partition("]")
+                if rest:
+                    if not rest.startswith(":"):
+                        raise ValueError("bad --mirror-allow-host %r" % item)
+                    port = rest[1:]
+            elif item.count(":") == 1:
+                host, _, port = item.partition(":")
+            else:
+                host = item  # a name, an IPv4 address or a bare IPv6 address
+            if port is not None:
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError("bad port in --mirror-allow-host %r" % item)
+                port = int(port)
+            if not host:
+                raise ValueError("bad --mirror-allow-host %r" % item)
+            out.add((host, port))
+    return out
+
+
+def is_public_address(addr):
+    """True for an address that is publicly routable: not loopback, private, link-local,
+    site-local, shared (CGNAT), multicast, reserved or unspecified -- also when an IPv6
+    address carries an IPv4 one (IPv4-mapped, 6to4, NAT64)."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in ipaddress.ip_network("64:ff9b::/96"):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public_address(str(inner))
+        if ip.is_site_local or ip.teredo is not None:
+            return False
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
+                                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def _connect_to(addresses):
+    """A replacement for http.client's socket.create_connection that connects only to
+    ``addresses`` (getaddrinfo results), in order."""
+    def create(_address, timeout=None, source_address=None):
+        error = None
+        for family, socktype, proto, _name, sockaddr in addresses:
+            sock = socket.socket(family, socktype, proto)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError("no address to connect to")
+    return create
+
+
+def _proxy_for(u):
+    """(host, port) of the proxy for a URL, from the usual environment variables."""
+    import urllib.request
+    if urllib.request.proxy_bypass(u.hostname or ""):
+        return None
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if not proxy:
+        return None
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if not p.hostname:
+        return None
+    return p.hostname, p.port or 80
+
+
+# -- upstream pages ------------------------------------------------------------------
+
 class _LinkParser:
     """Collects the <a> elements of a PEP 503 page: (attributes, text); more than
     ``limit`` of them is an error (raised while parsing, before they take memory)."""
@@ -2778,16 +3060,14 @@ class Mirror:
         self.model = model
         self.store = model.store
         self.offline = offline
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.upstream = Upstream(model.store.uuid, connect_timeout, read_timeout, allow_hosts)
         self.max_file = max_file
-        self.allow_hosts = parse_allow_hosts(allow_hosts)
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
-        model.mirror_changed = self._forget_index
+        model.on_upstream_change(self._forget_index)
 
     def _forget_index(self, index_id):
         for cache in (self._fresh, self._failed):
@@ -2808,7 +3088,7 @@ class Mirror:
             if leader:
                 ev = self._flights[key] = threading.Event()
         if not leader:
-            ev.wait(self.connect_timeout + self.read_timeout * 6 + 60)
+            ev.wait(self.upstream.connect_timeout + self.upstream.read_timeout * 6 + 60)
             yield False
             return
         try:
@@ -2817,108 +3097,6 @@ class Mirror:
             with self._flights_lock:
                 self._flights.pop(key, None)
             ev.set()
-
-    # -- upstream HTTP ------------------------------------------------------------------
-
-    def open_url(self, url, origin, headers=None):
-        """GET ``url`` upstream (following a few redirects), for the mirror whose
-        ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
-        Returns (response, final URL, connection); the caller reads the body and closes
-        the connection."""
-        import http.client
-        import ssl
-        seen = set()
-        for _hop in range(MAX_REDIRECTS + 1):
-            if url in seen:
-                raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
-            seen.add(url)
-            try:
-                u = urllib.parse.urlsplit(url)
-                port = u.port or (443 if u.scheme == "https" else 80)
-                if u.scheme not in ("http", "https") or not u.hostname:
-                    raise ValueError
-            except ValueError:
-                raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
-            addresses = self._route(u, port, origin)
-            proxy = _proxy_for(u)
-            try:
-                if u.scheme == "https":
-                    conn = http.client.HTTPSConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout, context=ssl.create_default_context())
-                else:
-                    conn = http.client.HTTPConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout)
-                if addresses is not None and not proxy:
-                    # connect to the addresses that were checked, not to whatever the name
-                    # resolves to a moment later (DNS rebinding); TLS still checks the name
-                    conn._create_connection = _connect_to(addresses)
-                target = u.path or "/"
-                if u.query:
-                    target += "?" + u.query
-                if proxy and u.scheme == "https":
-                    conn.set_tunnel(u.hostname, port)
-                elif proxy:
-                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
-                conn.connect()
-                conn.sock.settimeout(self.read_timeout)
-                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
-                     VIA_HEADER: self.store.uuid}
-                h.update(headers or {})
-                if u.username is not None:
-                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
-                        urllib.parse.unquote(u.username),
-                        urllib.parse.unquote(u.password or ""))).encode()).decode()
-                conn.request("GET", target, headers=h)
-                resp = conn.getresponse()
-            except socket.timeout:
-                raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
-            except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
-                # (what a host root did not name answered is not repeated to the client)
-                detail = e if addresses is None else type(e).__name__
-                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                try:
-                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
-                except ValueError:
-                    url = ""  # (refused as unsupported at the next hop)
-                conn.close()
-                continue
-            if resp.status == 400 and resp.getheader(VIA_HEADER) == self.store.uuid:
-                conn.close()
-                raise UpstreamError(502, "mirror_url %s points at this server itself; "
-                                         "refusing to mirror from ourselves" % _safe_url(url))
-            return resp, url, conn
-        raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
-
-    def _route(self, u, port, origin):
-        """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
-        it may go wherever the host name leads (the host of the index's own ``mirror_url``,
-        same scheme and port, which root chose; or a ``--mirror-allow-host``). Any other
-        host must resolve to publicly routable addresses only: then those addresses, the
-        only ones to connect to. Anything else is refused before a connection is made,
-        with the same answer whatever (if anything) is there."""
-        host = u.hostname
-        if origin is not None and _origin(origin) == (u.scheme, host, port):
-            return None
-        if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
-            return None
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError, ValueError):
-            infos = []
-        if infos and all(is_public_address(info[4][0]) for info in infos):
-            return infos
-        shown = "[%s]" % host if ":" in host else host
-        raise UpstreamError(502, "the link to %s://%s:%d was refused by the mirror policy "
-                                 "(a mirror fetches only from its mirror_url's own host, "
-                                 "from hosts with public addresses only, and from hosts "
-                                 "allowed with --mirror-allow-host)" % (u.scheme, shown, port))
-
-    def read_body(self, resp, url, limit, what="page"):
-        """The whole body, checked against Content-Length: a short body is an error."""
-        return b"".join(self._body_chunks(resp, url, limit, what=what))
 
     # -- project pages ------------------------------------------------------------------
 
@@ -3006,7 +3184,7 @@ class Mirror:
                 headers["If-None-Match"] = row[2]
             if row[3]:
                 headers["If-Modified-Since"] = row[3]
-        resp, final_url, conn = self.open_url(url, ix.config.get("mirror_url"), headers)
+        resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers)
         try:
             now = time.time()
             if resp.status == 304 and row is not None:
@@ -3016,13 +3194,13 @@ class Mirror:
                 self._fresh[(ix.id, norm)] = now
                 return row[4], json.loads(row[5])
             if resp.status == 404:
-                self.read_body(resp, url, 1024 * 1024)
+                self.upstream.read_body(resp, url, 1024 * 1024)
                 self._store_page(ix, norm, now, 404, None, None, None, [])
                 return None
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                      resp.status))
-            body = self.read_body(resp, final_url, MAX_PAGE_BYTES)
+            body = self.upstream.read_body(resp, final_url, MAX_PAGE_BYTES)
             display, entries = parse_project_page(body, resp.getheader("Content-Type"),
                                                   final_url)
             del body
@@ -3045,7 +3223,7 @@ class Mirror:
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
             if old is None or old[0] != data or old[1] != status:
-                self.model._changed(projects=[norm])
+                self.model.mirror_page_changed(norm)
         self._fresh[(ix.id, norm)] = now
 
     def files(self, ix, norm):
@@ -3111,7 +3289,7 @@ class Mirror:
             flight.__exit__(None, None, None)
             return None
         try:
-            resp, url, conn = self.open_url(entry["url"], ix.config.get("mirror_url"))
+            resp, url, conn = self.upstream.open(entry["url"], ix.config.get("mirror_url"))
             if resp.status != 200:
                 conn.close()
                 raise UpstreamError(404 if resp.status == 404 else 502,
@@ -3155,7 +3333,6 @@ class Mirror:
         return True
 
     def _stream(self, ix, display, entry, resp, size, cleanup):
-        import http.client
         f, tmp = self.store.new_tmp()
         digest = hashlib.sha256()
         total = 0
@@ -3163,27 +3340,15 @@ class Mirror:
         ok = False
         try:
             with f:
-                while True:
-                    try:
-                        chunk = resp.read(256 * 1024)
-                    except socket.timeout:
-                        raise UpstreamError(504, "upstream stalled sending %s" % entry["filename"])
-                    except (OSError, http.client.HTTPException) as e:
-                        raise UpstreamError(502, "upstream broke off sending %s: %s"
-                                            % (entry["filename"], e))
-                    if not chunk:
-                        break
+                for chunk in self.upstream.body_chunks(
+                        resp, entry["url"], self.max_file, 256 * 1024, "file",
+                        too_large=self._too_large(entry["filename"])):
                     total += len(chunk)
-                    if total > self.max_file:
-                        raise self._too_large(entry["filename"])
                     f.write(chunk)
                     digest.update(chunk)
                     if held is not None:
                         yield held
                     held = chunk
-            if size is not None and total != size:
-                raise UpstreamError(502, "upstream sent %d of %d bytes of %s"
-                                    % (total, size, entry["filename"]))
             if digest.hexdigest() != entry["sha256"]:
                 raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"
                                     % entry["filename"])
@@ -3224,13 +3389,13 @@ class Mirror:
             return path, sha
         with self.single_flight(("meta", sha)):
             if not os.path.exists(path):  # (kept meanwhile by the one before us?)
-                resp, url, conn = self.open_url(entry["url"] + ".metadata",
+                resp, url, conn = self.upstream.open(entry["url"] + ".metadata",
                                                 ix.config.get("mirror_url"))
                 try:
                     if resp.status != 200:
                         raise UpstreamError(502, "upstream answered %d for %s.metadata"
                                             % (resp.status, filename))
-                    data = self.read_body(resp, url, MAX_METADATA_BYTES, "metadata file")
+                    data = self.upstream.read_body(resp, url, MAX_METADATA_BYTES, "metadata file")
                 finally:
                     conn.close()
                 if hashlib.sha256(data).hexdigest() != sha:
@@ -3277,14 +3442,14 @@ class Mirror:
         """Fetch upstream's project list and write it as HTML and JSON, each also gzipped,
         in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
-        resp, final_url, conn = self.open_url(
+        resp, final_url, conn = self.upstream.open(
             url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
         try:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                        resp.status))
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            chunks = self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20, "project list")
+            chunks = self.upstream.body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20, "project list")
             if ctype.endswith("json"):
                 names = _root_names(chunks, _ROOT_JSON_NAME_RE, b"}", b'"projects"')
             elif ctype in ("text/html", SIMPLE_HTML, ""):
@@ -3297,31 +3462,6 @@ class Mirror:
         finally:
             conn.close()
 
-    def _body_chunks(self, resp, url, limit, size=65536, what="page"):
-        """The body in chunks, checked against ``limit`` and Content-Length."""
-        import http.client
-        want = resp.getheader("Content-Length")
-        too_large = UpstreamError(502, "upstream %s %s is larger than %d bytes; not read"
-                                  % (what, _safe_url(url), limit))
-        if want is not None and want.isdigit() and int(want) > limit:
-            raise too_large
-        total = 0
-        while True:
-            try:
-                chunk = resp.read(size)
-            except socket.timeout:
-                raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
-            except (OSError, http.client.HTTPException) as e:
-                raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise too_large
-            yield chunk
-        if want is not None and want.isdigit() and int(want) != total:
-            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
-                                % (_safe_url(url), total, want))
 
 
 # A project list is scanned, not parsed: only names that are valid project names are
@@ -3439,131 +3579,6 @@ class Download:
         self.cleanup()
 
 
-def _safe_url(url):
-    """A URL without its credentials, for messages and logs."""
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "(unreadable URL)"
-    if "@" not in u.netloc:
-        return url
-    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, u.query,
-                                    u.fragment))
-
-
-def shown_mirror_url(url):
-    """``mirror_url`` as shown to anyone but root: the password (or a user name alone,
-    which may be a token) replaced by ``***``."""
-    if not isinstance(url, str) or "@" not in url:
-        return url
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in u.netloc:
-        return url
-    userinfo, _, hostport = u.netloc.rpartition("@")
-    user, sep, _pw = userinfo.partition(":")
-    shown = user + ":***" if sep else "***"
-    return urllib.parse.urlunsplit((u.scheme, shown + "@" + hostport, u.path, u.query,
-                                    u.fragment))
-
-
-def _origin(url):
-    """(scheme, host, port) of a URL, or None."""
-    try:
-        u = urllib.parse.urlsplit(url)
-        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    except ValueError:
-        return None
-
-
-def parse_allow_hosts(values):
-    """{(host, port or None)} from ``--mirror-allow-host`` values: HOST, HOST:PORT,
-    [IPv6] or [IPv6]:PORT, each value possibly a comma-separated list."""
-    out = set()
-    if isinstance(values, str):  # (from a config file)
-        values = [values]
-    for value in values or ():
-        for item in str(value).split(","):
-            item = item.strip().lower()
-            if not item:
-                continue
-            port = None
-            if item.startswith("["):
-                host, _, rest = item[1:].partition("]")
-                if rest:
-                    if not rest.startswith(":"):
-                        raise ValueError("bad --mirror-allow-host %r" % item)
-                    port = rest[1:]
-            elif item.count(":") == 1:
-                host, _, port = item.partition(":")
-            else:
-                host = item  # a name, an IPv4 address or a bare IPv6 address
-            if port is not None:
-                if not port.isdigit() or not 0 < int(port) < 65536:
-                    raise ValueError("bad port in --mirror-allow-host %r" % item)
-                port = int(port)
-            if not host:
-                raise ValueError("bad --mirror-allow-host %r" % item)
-            out.add((host, port))
-    return out
-
-
-def is_public_address(addr):
-    """True for an address that is publicly routable: not loopback, private, link-local,
-    site-local, shared (CGNAT), multicast, reserved or unspecified -- also when an IPv6
-    address carries an IPv4 one (IPv4-mapped, 6to4, NAT64)."""
-    import ipaddress
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6:
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None:
-            return is_public_address(str(inner))
-        if ip.is_site_local or ip.teredo is not None:
-            return False
-    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
-                                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def _connect_to(addresses):
-    """A replacement for http.client's socket.create_connection that connects only to
-    ``addresses`` (getaddrinfo results), in order."""
-    def create(_address, timeout=None, source_address=None):
-        error = None
-        for family, socktype, proto, _name, sockaddr in addresses:
-            sock = socket.socket(family, socktype, proto)
-            try:
-                if isinstance(timeout, (int, float)):
-                    sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as e:
-                sock.close()
-                error = e
-        raise error or OSError("no address to connect to")
-    return create
-
-
-def _proxy_for(u):
-    """(host, port) of the proxy for a URL, from the usual environment variables."""
-    import urllib.request
-    if urllib.request.proxy_bypass(u.hostname or ""):
-        return None
-    proxy = urllib.request.getproxies().get(u.scheme)
-    if not proxy:
-        return None
-    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-    if not p.hostname:
-        return None
-    return p.hostname, p.port or 80
 
 
 
@@ -4097,7 +4112,7 @@ class App:
         """A mirror_url naming this very server (as the request reached it, its
         --outside-url, or its own address) is refused when it is set: it could only ever
         answer 'request loop'. (Through a proxy it may look like another host: then each
-        request finds out, see Mirror.open_url.)"""
+        request finds out, see Upstream.open.)"""
         if not isinstance(url, str):
             return
         try:
