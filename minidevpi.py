@@ -3906,33 +3906,59 @@ class Request:
 # -- routes ---------------------------------------------------------------------------
 
 
-NAME = r"(?P<%s>[^/+][^/]*)"
+# Path variables: {name} is one segment that does not start with "+" (those are the
+# server's own words), {name:rest} one or more segments (a path inside a release's docs).
+ROUTE_VARIABLES = {"": r"[^/+][^/]*", "rest": r".+"}
 ROUTE_SPECS = [
-    # method(s)                     path pattern                              handler
-    ("GET",                         "/+api",                                  "api"),
-    ("GET",                         "/+status",                               "status"),
-    ("POST",                        "/+login",                                "login"),
-    ("GET",                         "/",                                      "list_users"),
-    ("GET",                         "/{user}/+api",                           "api"),
-    ("GET PUT PATCH DELETE",        "/{user}",                                "user"),
-    ("GET",                         "/{user}/{index}/+api",                   "api"),
-    ("GET",                         "/{user}/{index}/+simple",                "simple_root"),
-    ("GET",                         "/{user}/{index}/+simple/{project}",      "simple_project"),
-    ("POST",                        "/{user}/{index}/+simple/{project}/refresh", "refresh"),
-    ("GET HEAD DELETE",             "/{user}/{index}/+f/{h3}/{h13}/{filename}", "file"),
-    ("GET PUT PATCH DELETE POST PUSH", "/{user}/{index}",                     "index"),
-    ("GET DELETE",                  "/{user}/{index}/{project}",              "project"),
-    ("GET DELETE PATCH",            "/{user}/{index}/{project}/{version}",    "version"),
+    # method   path pattern                                        handler (App.route_...)
+    ("GET",    "/+api",                                            "api"),
+    ("GET",    "/+status",                                         "status"),
+    ("POST",   "/+login",                                          "login"),
+    ("GET",    "/",                                                "list_users"),
+    ("GET",    "/{user}/+api",                                     "api"),
+    ("GET",    "/{user}",                                          "get_user"),
+    ("PUT",    "/{user}",                                          "create_user"),
+    ("PATCH",  "/{user}",                                          "modify_user"),
+    ("DELETE", "/{user}",                                          "delete_user"),
+    ("GET",    "/{user}/{index}/+api",                             "api"),
+    ("GET",    "/{user}/{index}/+simple",                          "simple_root"),
+    ("GET",    "/{user}/{index}/+simple/{project}",                "simple_project"),
+    ("POST",   "/{user}/{index}/+simple/{project}/refresh",        "refresh"),
+    ("GET",    "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
+    ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
+    ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
+    ("GET",    "/{user}/{index}",                                  "get_index"),
+    ("PUT",    "/{user}/{index}",                                  "create_index"),
+    ("PATCH",  "/{user}/{index}",                                  "modify_index"),
+    ("DELETE", "/{user}/{index}",                                  "delete_index"),
+    ("POST",   "/{user}/{index}",                                  "upload_or_push"),
+    ("PUSH",   "/{user}/{index}",                                  "push"),
+    ("GET",    "/{user}/{index}/{project}",                        "get_project"),
+    ("DELETE", "/{user}/{index}/{project}",                        "delete_project"),
+    ("GET",    "/{user}/{index}/{project}/{version}",              "get_version"),
+    ("PATCH",  "/{user}/{index}/{project}/{version}",              "yank_version"),
+    ("DELETE", "/{user}/{index}/{project}/{version}",              "delete_version"),
 ]
 
 
 def compile_routes(specs):
+    """[(regex, {method: App method name})]: one regex per pattern, in the order the
+    patterns first appear, so a request costs one match per pattern whatever its method.
+    A method without a row is answered 405; HEAD goes to GET's handler if it has none."""
     routes = []
-    for methods, pattern, name in specs:
-        rx = re.escape(pattern)
-        for var in re.findall(r"\{(\w+)\}", pattern):
-            rx = rx.replace(re.escape("{%s}" % var), NAME % var)
-        routes.append((set(methods.split()), re.compile("^" + rx + "$"), name))
+    by_pattern = {}
+    for method, pattern, name in specs:
+        if pattern not in by_pattern:
+            parts = re.split(r"\{(\w+)(?::(\w+))?\}", pattern)
+            rx = re.escape(parts[0])
+            for k in range(1, len(parts), 3):
+                kind = parts[k + 1] or ""
+                if kind not in ROUTE_VARIABLES:
+                    raise ValueError("unknown path variable kind %r in %s" % (kind, pattern))
+                rx += "(?P<%s>%s)" % (parts[k], ROUTE_VARIABLES[kind]) + re.escape(parts[k + 2])
+            by_pattern[pattern] = {}
+            routes.append((re.compile("^" + rx + "$"), by_pattern[pattern]))
+        by_pattern[pattern][method] = "route_" + name
     return routes
 
 
@@ -3966,18 +3992,18 @@ class App:
         trailing = len(path) > 1 and path.endswith("/")
         match_path = path[:-1] if trailing else path
         allowed = set()
-        for methods, rx, name in ROUTES:
+        for rx, handlers in ROUTES:
             m = rx.match(match_path)
             if m is None:
                 continue
-            method = req.method
-            if method == "HEAD" and "HEAD" not in methods and "GET" in methods:
-                method = "GET"
-            if method not in methods:
-                allowed |= methods
+            name = handlers.get(req.method)
+            if name is None and req.method == "HEAD":
+                name = handlers.get("GET")
+            if name is None:
+                allowed.update(handlers)
                 continue
             req.trailing = trailing
-            return getattr(self, "route_" + name)(req, **m.groupdict())
+            return getattr(self, name)(req, **m.groupdict())
         if allowed:
             raise HTTPError(405, "method %s not allowed here" % req.method,
                             {"Allow": ", ".join(sorted(allowed))})
@@ -4053,60 +4079,74 @@ class App:
 
     # -- users --------------------------------------------------------------------------
 
-    def route_user(self, req, user):
-        m = self.model
-        if req.method == "GET":
-            return api_result("userconfig", m.user_info(user, actor=req.actor))
-        if req.method == "PUT":
-            body = req.json_body()
-            info = m.create_user(req.actor, user, body if body is not None else {})
-            return api_result("userconfig", info, status=201)
-        if req.method == "PATCH":
-            body = req.json_body()
-            token = m.modify_user(req.actor, user, body if body is not None else {})
-            if token:
-                return api_result("userpassword", {"password": token,
-                                                   "expiration": TOKEN_LIFETIME},
-                                  message="user updated, new proxy auth")
-            return message_response("user updated")
-        m.delete_user(req.actor, user)
+    def route_get_user(self, req, user):
+        return api_result("userconfig", self.model.user_info(user, actor=req.actor))
+
+    def route_create_user(self, req, user):
+        body = req.json_body()
+        info = self.model.create_user(req.actor, user, body if body is not None else {})
+        return api_result("userconfig", info, status=201)
+
+    def route_modify_user(self, req, user):
+        body = req.json_body()
+        token = self.model.modify_user(req.actor, user, body if body is not None else {})
+        if token:
+            return api_result("userpassword", {"password": token,
+                                               "expiration": TOKEN_LIFETIME},
+                              message="user updated, new proxy auth")
+        return message_response("user updated")
+
+    def route_delete_user(self, req, user):
+        self.model.delete_user(req.actor, user)
         return message_response("user %r deleted" % user)
 
     # -- indexes ------------------------------------------------------------------------
 
-    def route_index(self, req, user, index):
+    def route_get_index(self, req, user, index):
         path = user + "/" + index
         m = self.model
-        if req.method == "GET":
-            if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
-                return self.simple_root(req, m.require_index(path))
-            ix = m.require_index(path)
-            result = m.public_config(ix, req.actor)
-            if "no_projects" not in req.query:
-                result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
-            return api_result("indexconfig", result)
-        if req.method == "PUT":
-            body = req.json_body()
-            if isinstance(body, dict):
-                self._refuse_own_url(req, body.get("mirror_url"))
-            config = m.create_index(req.actor, path, body if body is not None else {})
-            return api_result("indexconfig", m.shown_config(config, req.actor))
-        if req.method == "PATCH":
-            body = req.json_body()
-            ix = m.require_index(path)
-            self._refuse_own_url(req, apply_index_patch(ix.config, body if body is not None
-                                                        else []).get("mirror_url"))
-            config = m.modify_index(req.actor, path, body if body is not None else [])
-            return api_result("indexconfig", m.shown_config(config, req.actor))
-        if req.method == "DELETE":
-            m.delete_index(req.actor, path)
-            return message_response("index %s deleted" % path, status=201)
-        # POST (upload form, or push as JSON) and PUSH
+        if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
+            return self.simple_root(req, m.require_index(path))
         ix = m.require_index(path)
+        result = m.public_config(ix, req.actor)
+        if "no_projects" not in req.query:
+            result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
+        return api_result("indexconfig", result)
+
+    def route_create_index(self, req, user, index):
+        path = user + "/" + index
+        m = self.model
+        body = req.json_body()
+        if isinstance(body, dict):
+            self._refuse_own_url(req, body.get("mirror_url"))
+        config = m.create_index(req.actor, path, body if body is not None else {})
+        return api_result("indexconfig", m.shown_config(config, req.actor))
+
+    def route_modify_index(self, req, user, index):
+        path = user + "/" + index
+        m = self.model
+        body = req.json_body()
+        ix = m.require_index(path)
+        self._refuse_own_url(req, apply_index_patch(ix.config, body if body is not None
+                                                    else []).get("mirror_url"))
+        config = m.modify_index(req.actor, path, body if body is not None else [])
+        return api_result("indexconfig", m.shown_config(config, req.actor))
+
+    def route_delete_index(self, req, user, index):
+        path = user + "/" + index
+        self.model.delete_index(req.actor, path)
+        return message_response("index %s deleted" % path, status=201)
+
+    def route_upload_or_push(self, req, user, index):
+        # an upload form (twine, setup.py upload), or a push as JSON (devpi-client)
+        ix = self.model.require_index(user + "/" + index)
         ctype = (req.headers.get("Content-Type") or "").lower()
-        if req.method == "PUSH" or ctype.startswith("application/json"):
+        if ctype.startswith("application/json"):
             return self.push(req, ix)
         return self.upload(req, ix)
+
+    def route_push(self, req, user, index):
+        return self.push(req, self.model.require_index(user + "/" + index))
 
     def _refuse_own_url(self, req, url):
         """A mirror_url naming this very server (as the request reached it, its
@@ -4155,22 +4195,27 @@ class App:
 
     # -- projects and versions (JSON API, and the installer shortcut) -------------------
 
-    def _norm_or_redirect(self, req, project, rest=""):
+    def _norm_or_redirect(self, req, project):
+        """The normalised name, or (for a name that is not) a redirect to it. Only reads
+        call this: a change is made under the name it was asked for."""
         norm = normalize_name(project)
-        if norm != project and req.method in ("GET", "HEAD"):
+        if norm != project:
             path = req.path.rsplit("/" + project, 1)
             raise HTTPError(302, "moved to the normalised project name", {
                 "Location": req.absolute(path[0] + "/" + norm + path[1]
                                          if len(path) == 2 else norm)})
         return norm
 
-    def route_project(self, req, user, index, project):
+    def route_delete_project(self, req, user, index, project):
         m = self.model
         ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_project(req.actor, ix, project, force="force" in req.query)
-            return message_response("project %s deleted from stage %s"
-                                    % (normalize_name(project), ix.path))
+        m.delete_project(req.actor, ix, project, force="force" in req.query)
+        return message_response("project %s deleted from stage %s"
+                                % (normalize_name(project), ix.path))
+
+    def route_get_project(self, req, user, index, project):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_project_page(req, ix, norm)
@@ -4252,20 +4297,26 @@ class App:
             raise not_found("no project %r" % norm)
         return result
 
-    def route_version(self, req, user, index, project, version):
+    def route_delete_version(self, req, user, index, project, version):
         m = self.model
         ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_version(req.actor, ix, project, version, force="force" in req.query)
-            return message_response("project %s version %r deleted"
-                                    % (normalize_name(project), version))
-        if req.method == "PATCH":
-            body = req.json_body()
-            if not isinstance(body, dict) or "yanked" not in body or len(body) != 1:
-                raise bad_request("PATCH of a version takes {\"yanked\": true|false|\"reason\"}")
-            m.set_yanked(req.actor, ix, project, version, body["yanked"])
-            meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
-            return api_result("versiondata", self._version_json(req, meta, yanked, files))
+        m.delete_version(req.actor, ix, project, version, force="force" in req.query)
+        return message_response("project %s version %r deleted"
+                                % (normalize_name(project), version))
+
+    def route_yank_version(self, req, user, index, project, version):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        body = req.json_body()
+        if not isinstance(body, dict) or "yanked" not in body or len(body) != 1:
+            raise bad_request("PATCH of a version takes {\"yanked\": true|false|\"reason\"}")
+        m.set_yanked(req.actor, ix, project, version, body["yanked"])
+        meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
+        return api_result("versiondata", self._version_json(req, meta, yanked, files))
+
+    def route_get_version(self, req, user, index, project, version):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
         result = None
         blocked = m.mirror_blocked(ix, norm)
@@ -4384,15 +4435,22 @@ class App:
 
     # -- files --------------------------------------------------------------------------
 
-    def route_file(self, req, user, index, h3, h13, filename):
+    def _file_index(self, user, index, h3, h13):
+        """The index of a file URL, whose two hash segments must be hex of 3 and 13 digits."""
         if len(h3) != 3 or len(h13) != 13 or not HEX_RE.match(h3 + h13):
             raise not_found("no such file")
+        return self.model.require_index(user + "/" + index)
+
+    def route_delete_file(self, req, user, index, h3, h13, filename):
+        ix = self._file_index(user, index, h3, h13)
+        self.model.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
+        return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
+            ix.path, h3, h13, filename)))
+
+    def route_get_file(self, req, user, index, h3, h13, filename):
+        # (also HEAD: a first download of a mirrored file is then fetched, not streamed)
+        ix = self._file_index(user, index, h3, h13)
         m = self.model
-        ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
-            return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
-                ix.path, h3, h13, filename)))
         metadata = False
         try:
             if filename.endswith(".metadata"):  # (no distribution's name ends so)
