@@ -2612,6 +2612,29 @@ class UpstreamError(HTTPError):
     """The upstream of a mirror failed: 502 (bad answer) or 504 (no answer in time)."""
 
 
+# -- simple pages: what the mirror's project list and the HTTP layer's pages share ----
+
+def simple_html_head(title, heading=False):
+    """The start of a simple page in HTML (PEP 503; the repository version of PEP 629),
+    through <body> and, with ``heading``, the title as <h1>; SIMPLE_HTML_END ends it."""
+    t = html.escape(title)
+    return ('<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+            'content="1.1"><title>%s</title></head><body>\n' % t
+            + ("<h1>%s</h1>\n" % t if heading else ""))
+
+
+SIMPLE_HTML_END = "</body></html>\n"
+
+
+def simple_root_links(names, prefix=""):
+    """The <a> lines of a project list from (normalised name, name shown) pairs, the
+    links relative, after ``prefix``."""
+    esc = html.escape
+    p = esc(prefix)
+    return "".join('<a href="%s%s/">%s</a>\n' % (p, esc(norm), esc(shown))
+                   for norm, shown in names)
+
+
 # -- the upstream HTTP client ---------------------------------------------------------
 
 class Upstream:
@@ -3515,7 +3538,6 @@ def _valid_names(raw, is_html):
 
 def _write_root_listing(store, d, batches, url):
     """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
-    esc = html.escape
     quote = json.encoder.encode_basestring
     outs = {}
     try:
@@ -3529,20 +3551,18 @@ def _write_root_listing(store, d, batches, url):
             data = text.encode()
             outs[fmt][0].write(data)
             outs[fmt][4].write(data)
-        write("html", '<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                      'content="1.1"><title>Simple index</title></head><body>\n')
+        write("html", simple_html_head("Simple index"))
         write("json", '{"meta": {"api-version": "1.1"}, "projects": [')
         first = True
         for names in batches:
             if not names:
                 continue
             # (valid project names need no escaping; escaped anyway, cheaply)
-            write("html", "".join('<a href="%s/">%s</a>\n' % (esc(normalize_name(n)), esc(n))
-                                  for n in names))
+            write("html", simple_root_links((normalize_name(n), n) for n in names))
             write("json", ("" if first else ", ") + ", ".join('{"name": %s}' % quote(n)
                                                               for n in names))
             first = False
-        write("html", "</body></html>\n")
+        write("html", SIMPLE_HTML_END)
         write("json", "]}")
         for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
             gz.close()
@@ -3901,6 +3921,60 @@ class Request:
             raise bad_request("Bad request: JSON with a lone surrogate or a number that is "
                               "infinite or not a number")
         return value
+
+
+# -- simple pages, rendered from data ---------------------------------------------------
+
+def render_simple_root(names, fmt, prefix=""):
+    """(body, content type) of an index's project list: ``names`` normalised and sorted,
+    HTML links relative, after ``prefix``."""
+    if fmt == "json":
+        return json.dumps({"meta": {"api-version": "1.1"},
+                           "projects": [{"name": n} for n in names]}).encode(), SIMPLE_JSON
+    links = simple_root_links(((n, n) for n in names), prefix)
+    return (simple_html_head("Simple index") + links + SIMPLE_HTML_END).encode(), HTML_TYPE
+
+
+def render_simple_project(norm, display, files, versions, fmt, href):
+    """(body, content type) of a project's simple page: its ``files`` (File rows), linked
+    to ``href(f)``; ``versions``, those without files too (PEP 700, in JSON)."""
+    if fmt == "json":
+        out = []
+        versions = set(versions)
+        for f in files:
+            versions.add(f.version)
+            d = {"filename": f.filename, "url": href(f), "hashes": {"sha256": f.sha256}}
+            if f.requires_python:
+                d["requires-python"] = f.requires_python
+            meta = offered_core_metadata(f)
+            if meta:
+                # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
+                d["core-metadata"] = {"sha256": meta}
+            d["yanked"] = (f.yanked or True) if f.yanked is not None else False
+            d["size"] = f.size
+            d["upload-time"] = iso_upload_time(f.uploaded)
+            out.append(d)
+        body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
+                           "versions": sorted(versions, key=version_key),
+                           "files": out}).encode()
+        return body, SIMPLE_JSON
+    esc = html.escape
+    lines = [simple_html_head("Links for %s" % display, heading=True)]
+    for f in files:
+        attrs = ""
+        if f.requires_python:
+            attrs += ' data-requires-python="%s"' % esc(f.requires_python)
+        meta = offered_core_metadata(f)
+        if meta:
+            attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
+                      % (meta, meta))
+        if f.yanked is not None:
+            attrs += ' data-yanked="%s"' % esc(f.yanked)
+        attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
+        lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
+                     % (esc(href(f)), f.sha256, attrs, esc(f.filename)))
+    lines.append(SIMPLE_HTML_END)
+    return "".join(lines).encode(), HTML_TYPE
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -4598,23 +4672,10 @@ class App:
         key = ("root", ix.path, fmt, base)
         page = self.pages.get(key, validator)
         if page is None:
-            names = sorted(m.project_names(ix))
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
             prefix = "" if prefix == "." else prefix + "/"
-            if fmt == "json":
-                body = json.dumps({"meta": {"api-version": "1.1"},
-                                   "projects": [{"name": n} for n in names]}).encode()
-                ctype = SIMPLE_JSON
-            else:
-                out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                       'content="1.1"><title>Simple index</title></head><body>\n']
-                esc = html.escape
-                for n in names:
-                    out.append('<a href="%s%s/">%s</a>\n' % (esc(prefix), esc(n), esc(n)))
-                out.append("</body></html>\n")
-                body = "".join(out).encode()
-                ctype = HTML_TYPE
-            page = self.pages.put(key, validator, body, ctype)
+            page = self.pages.put(key, validator, *render_simple_root(
+                sorted(m.project_names(ix)), fmt, prefix))
         return self.page_response(req, page)
 
     def simple_project_page(self, req, ix, norm):
@@ -4654,58 +4715,19 @@ class App:
                                     "upstream traffic)" % norm)
                 raise not_found("The project %s does not exist." % norm)
             display = m.project_display(ix, norm) or norm
-            rendered = self.render_project(req, ix, norm, display, files, fmt, base, absolute)
+            if absolute:
+                def href(f):
+                    return req.absolute(f.relpath)
+            else:
+                def href(f):
+                    return posixpath.relpath("/" + f.relpath, base)
+            versions = m.project_versions(ix, norm) if fmt == "json" else ()  # (HTML has none)
+            rendered = render_simple_project(norm, display, files, versions, fmt, href)
             if errors:  # partial (a mirror failed): serve, but do not keep
                 page = CachedPage(None, *rendered)
             else:
                 page = self.pages.put(key, validator, *rendered)
         return self.page_response(req, page, shared=not absolute)
-
-    def render_project(self, req, ix, norm, display, files, fmt, base, absolute):
-        def url(f):
-            if absolute:
-                return req.absolute(f.relpath)
-            return posixpath.relpath("/" + f.relpath, base)
-        if fmt == "json":
-            out = []
-            versions = set()
-            for f in files:
-                versions.add(f.version)
-                d = {"filename": f.filename, "url": url(f), "hashes": {"sha256": f.sha256}}
-                if f.requires_python:
-                    d["requires-python"] = f.requires_python
-                meta = offered_core_metadata(f)
-                if meta:
-                    # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
-                    d["core-metadata"] = {"sha256": meta}
-                d["yanked"] = (f.yanked or True) if f.yanked is not None else False
-                d["size"] = f.size
-                d["upload-time"] = iso_upload_time(f.uploaded)
-                out.append(d)
-            versions |= self.model.project_versions(ix, norm)
-            body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
-                               "versions": sorted(versions, key=version_key),
-                               "files": out}).encode()
-            return body, SIMPLE_JSON
-        esc = html.escape
-        lines = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                 'content="1.1"><title>Links for %s</title></head><body>\n'
-                 '<h1>Links for %s</h1>\n' % (esc(display), esc(display))]
-        for f in files:
-            attrs = ""
-            if f.requires_python:
-                attrs += ' data-requires-python="%s"' % esc(f.requires_python)
-            meta = offered_core_metadata(f)
-            if meta:
-                attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
-                          % (meta, meta))
-            if f.yanked is not None:
-                attrs += ' data-yanked="%s"' % esc(f.yanked)
-            attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
-            lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
-                         % (esc(url(f)), f.sha256, attrs, esc(f.filename)))
-        lines.append("</body></html>\n")
-        return "".join(lines).encode(), HTML_TYPE
 
     def page_response(self, req, page, shared=True):
         headers = [("Content-Type", page.content_type), ("ETag", page.etag),
