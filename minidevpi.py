@@ -90,7 +90,8 @@ JSON_TYPE = "application/json"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 SIMPLE_HTML = "application/vnd.pypi.simple.v1+html"
 HTML_TYPE = "text/html; charset=utf-8"
-# devpi treats a request as coming from an installer by its User-Agent (spec §3.3).
+# A request whose User-Agent names one of these tools comes from an installer: as in
+# devpi-server, /USER/INDEX and /USER/INDEX/PROJECT then answer with the simple page.
 INSTALLER_UA = re.compile(r"^([^ ]* )*(distribute|setuptools|pip|pex|uv)/")
 
 
@@ -2040,7 +2041,7 @@ class Model:
                  if ix.path in other.config.get("bases", []) and other.user != exclude_user
                  and other.path != ix.path]
         if users:
-            # devpi allows this and leaves the other indexes broken (spec §8.8); we refuse.
+            # devpi-server allows this and leaves the others naming a base that is gone; we refuse.
             raise HTTPError(409, "index %s is a base of %s; remove it from their bases first"
                             % (ix.path, ", ".join(users)))
 
@@ -4826,7 +4827,8 @@ class _SocketInput(io.RawIOBase):
 
 
 def _reason_phrase(text):
-    """A status-line-safe rendering of a message (clients print it, spec §2.3)."""
+    """A status-line-safe rendering of a message: upload clients (twine, devpi upload)
+    print the reason phrase of a refused upload, not its body."""
     text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(text)).strip()
     return text.encode("latin-1", "replace").decode("latin-1")[:300] or "Error"
 
