@@ -2780,16 +2780,24 @@ class Upstream:
                                 % (_safe_url(url), total, want))
 
 
-def _safe_url(url):
-    """A URL without its credentials, for messages and logs."""
+def _with_userinfo(url, shown, unreadable):
+    """``url`` with the user info before its host replaced by ``shown(userinfo)`` (None:
+    left out); ``unreadable`` for a URL that can't be split."""
     try:
         u = urllib.parse.urlsplit(url)
     except ValueError:
-        return "(unreadable URL)"
+        return unreadable
     if "@" not in u.netloc:
         return url
-    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, u.query,
-                                    u.fragment))
+    userinfo, _, hostport = u.netloc.rpartition("@")
+    userinfo = shown(userinfo)
+    netloc = hostport if userinfo is None else userinfo + "@" + hostport
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
+def _safe_url(url):
+    """A URL without its credentials, for messages and logs."""
+    return _with_userinfo(url, lambda _userinfo: None, "(unreadable URL)")
 
 
 def shown_mirror_url(url):
@@ -2797,17 +2805,8 @@ def shown_mirror_url(url):
     which may be a token) replaced by ``***``."""
     if not isinstance(url, str) or "@" not in url:
         return url
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in u.netloc:
-        return url
-    userinfo, _, hostport = u.netloc.rpartition("@")
-    user, sep, _pw = userinfo.partition(":")
-    shown = user + ":***" if sep else "***"
-    return urllib.parse.urlunsplit((u.scheme, shown + "@" + hostport, u.path, u.query,
-                                    u.fragment))
+    return _with_userinfo(url, lambda userinfo: userinfo.partition(":")[0] + ":***"
+                          if ":" in userinfo else "***", "***")
 
 
 def _origin(url):
