@@ -90,7 +90,8 @@ JSON_TYPE = "application/json"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 SIMPLE_HTML = "application/vnd.pypi.simple.v1+html"
 HTML_TYPE = "text/html; charset=utf-8"
-# devpi treats a request as coming from an installer by its User-Agent (spec §3.3).
+# A request whose User-Agent names one of these tools comes from an installer: as in
+# devpi-server, /USER/INDEX and /USER/INDEX/PROJECT then answer with the simple page.
 INSTALLER_UA = re.compile(r"^([^ ]* )*(distribute|setuptools|pip|pex|uv)/")
 
 
@@ -1603,11 +1604,19 @@ class Model:
         self._pending_hashes = {}  # user name -> Event, while a hash is computed
         self.throttle = LoginThrottle()
         self._dummy_hash = None
+        self._upstream_listeners = []
 
     # -- change notifications ---------------------------------------------------------
 
-    def mirror_changed(self, index_id):
-        """Hook for the mirror's in-memory state of an index (set by the mirror section)."""
+    def on_upstream_change(self, fn):
+        """Call ``fn(index_id)`` after each commit that gives an index a new mirror_url (the
+        mirror, a later section, forgets what it holds of the old upstream)."""
+        self._upstream_listeners.append(fn)
+
+    def mirror_page_changed(self, norm):
+        """A mirror stored a page of project ``norm`` that differs from the one it had:
+        the pages built from it are out of date (call inside the write transaction)."""
+        self._changed(projects=[norm])
 
     def _changed(self, projects=(), config=False, project_set=False):
         def bump(_c):
@@ -2014,7 +2023,8 @@ class Model:
             if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
                 c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
-                self.store.after_commit(lambda _c: self.mirror_changed(ix.id))
+                for fn in self._upstream_listeners:
+                    self.store.after_commit(lambda _c, fn=fn: fn(ix.id))
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
         return config
 
@@ -2023,7 +2033,7 @@ class Model:
                  if ix.path in other.config.get("bases", []) and other.user != exclude_user
                  and other.path != ix.path]
         if users:
-            # devpi allows this and leaves the other indexes broken (spec §8.8); we refuse.
+            # devpi-server allows this and leaves the others naming a base that is gone; we refuse.
             raise HTTPError(409, "index %s is a base of %s; remove it from their bases first"
                             % (ix.path, ", ".join(users)))
 
@@ -2595,6 +2605,301 @@ class UpstreamError(HTTPError):
     """The upstream of a mirror failed: 502 (bad answer) or 504 (no answer in time)."""
 
 
+# -- simple pages: what the mirror's project list and the HTTP layer's pages share ----
+
+def simple_html_head(title, heading=False):
+    """The start of a simple page in HTML (PEP 503; the repository version of PEP 629),
+    through <body> and, with ``heading``, the title as <h1>; SIMPLE_HTML_END ends it."""
+    t = html.escape(title)
+    return ('<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
+            'content="1.1"><title>%s</title></head><body>\n' % t
+            + ("<h1>%s</h1>\n" % t if heading else ""))
+
+
+SIMPLE_HTML_END = "</body></html>\n"
+
+
+def simple_root_links(names, prefix=""):
+    """The <a> lines of a project list from (normalised name, name shown) pairs, the
+    links relative, after ``prefix``."""
+    esc = html.escape
+    p = esc(prefix)
+    return "".join('<a href="%s%s/">%s</a>\n' % (p, esc(norm), esc(shown))
+                   for norm, shown in names)
+
+
+# -- the upstream HTTP client ---------------------------------------------------------
+
+class Upstream:
+    """The mirror's HTTP client: GET with a few redirects, each hop checked against the
+    mirror policy first (``_route``), bodies read within a bound, credentials sent in a
+    header and never repeated in a message. Requests carry VIA_HEADER with ``server_id``,
+    so that a mirror of this very server is found out."""
+
+    def __init__(self, server_id, connect_timeout=MIRROR_CONNECT_TIMEOUT,
+                 read_timeout=MIRROR_READ_TIMEOUT, allow_hosts=()):
+        self.server_id = server_id
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.allow_hosts = parse_allow_hosts(allow_hosts)
+
+    def open(self, url, origin, headers=None):
+        """GET ``url`` upstream (following a few redirects), for the mirror whose
+        ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
+        Returns (response, final URL, connection); the caller reads the body and closes
+        the connection."""
+        import http.client
+        import ssl
+        seen = set()
+        for _hop in range(MAX_REDIRECTS + 1):
+            if url in seen:
+                raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
+            seen.add(url)
+            try:
+                u = urllib.parse.urlsplit(url)
+                port = u.port or (443 if u.scheme == "https" else 80)
+                if u.scheme not in ("http", "https") or not u.hostname:
+                    raise ValueError
+            except ValueError:
+                raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
+            addresses = self._route(u, port, origin)
+            proxy = _proxy_for(u)
+            try:
+                if u.scheme == "https":
+                    conn = http.client.HTTPSConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout, context=ssl.create_default_context())
+                else:
+                    conn = http.client.HTTPConnection(
+                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
+                        timeout=self.connect_timeout)
+                if addresses is not None and not proxy:
+                    # connect to the addresses that were checked, not to whatever the name
+                    # resolves to a moment later (DNS rebinding); TLS still checks the name
+                    conn._create_connection = _connect_to(addresses)
+                target = u.path or "/"
+                if u.query:
+                    target += "?" + u.query
+                if proxy and u.scheme == "https":
+                    conn.set_tunnel(u.hostname, port)
+                elif proxy:
+                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
+                conn.connect()
+                conn.sock.settimeout(self.read_timeout)
+                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
+                     VIA_HEADER: self.server_id}
+                h.update(headers or {})
+                if u.username is not None:
+                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
+                        urllib.parse.unquote(u.username),
+                        urllib.parse.unquote(u.password or ""))).encode()).decode()
+                conn.request("GET", target, headers=h)
+                resp = conn.getresponse()
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
+            except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+                # (what a host root did not name answered is not repeated to the client)
+                detail = e if addresses is None else type(e).__name__
+                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                try:
+                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
+                except ValueError:
+                    url = ""  # (refused as unsupported at the next hop)
+                conn.close()
+                continue
+            if resp.status == 400 and resp.getheader(VIA_HEADER) == self.server_id:
+                conn.close()
+                raise UpstreamError(502, "mirror_url %s points at this server itself; "
+                                         "refusing to mirror from ourselves" % _safe_url(url))
+            return resp, url, conn
+        raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
+
+    def _route(self, u, port, origin):
+        """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
+        it may go wherever the host name leads (the host of the index's own ``mirror_url``,
+        same scheme and port, which root chose; or a ``--mirror-allow-host``). Any other
+        host must resolve to publicly routable addresses only: then those addresses, the
+        only ones to connect to. Anything else is refused before a connection is made,
+        with the same answer whatever (if anything) is there."""
+        host = u.hostname
+        if origin is not None and _origin(origin) == (u.scheme, host, port):
+            return None
+        if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
+            return None
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError, ValueError):
+            infos = []
+        if infos and all(is_public_address(info[4][0]) for info in infos):
+            return infos
+        shown = "[%s]" % host if ":" in host else host
+        raise UpstreamError(502, "the link to %s://%s:%d was refused by the mirror policy "
+                                 "(a mirror fetches only from its mirror_url's own host, "
+                                 "from hosts with public addresses only, and from hosts "
+                                 "allowed with --mirror-allow-host)" % (u.scheme, shown, port))
+
+    def read_body(self, resp, url, limit, what="page"):
+        """The whole body, checked against Content-Length: a short body is an error."""
+        return b"".join(self.body_chunks(resp, url, limit, what=what))
+
+    def body_chunks(self, resp, url, limit, size=65536, what="page", too_large=None):
+        """The body in chunks, checked against ``limit`` (raising ``too_large`` beyond it)
+        and Content-Length: a short body is an error."""
+        import http.client
+        want = resp.getheader("Content-Length")
+        if too_large is None:
+            too_large = UpstreamError(502, "upstream %s %s is larger than %d bytes; not read"
+                                      % (what, _safe_url(url), limit))
+        if want is not None and want.isdigit() and int(want) > limit:
+            raise too_large
+        total = 0
+        while True:
+            try:
+                chunk = resp.read(size)
+            except socket.timeout:
+                raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
+            except (OSError, http.client.HTTPException) as e:
+                raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise too_large
+            yield chunk
+        if want is not None and want.isdigit() and int(want) != total:
+            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
+                                % (_safe_url(url), total, want))
+
+
+def _with_userinfo(url, shown, unreadable):
+    """``url`` with the user info before its host replaced by ``shown(userinfo)`` (None:
+    left out); ``unreadable`` for a URL that can't be split."""
+    try:
+        u = urllib.parse.urlsplit(url)
+    except ValueError:
+        return unreadable
+    if "@" not in u.netloc:
+        return url
+    userinfo, _, hostport = u.netloc.rpartition("@")
+    userinfo = shown(userinfo)
+    netloc = hostport if userinfo is None else userinfo + "@" + hostport
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
+def _safe_url(url):
+    """A URL without its credentials, for messages and logs."""
+    return _with_userinfo(url, lambda _userinfo: None, "(unreadable URL)")
+
+
+def shown_mirror_url(url):
+    """``mirror_url`` as shown to anyone but root: the password (or a user name alone,
+    which may be a token) replaced by ``***``."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    return _with_userinfo(url, lambda userinfo: userinfo.partition(":")[0] + ":***"
+                          if ":" in userinfo else "***", "***")
+
+
+def _origin(url):
+    """(scheme, host, port) of a URL, or None."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return None
+
+
+def parse_allow_hosts(values):
+    """{(host, port or None)} from ``--mirror-allow-host`` values: HOST, HOST:PORT,
+    [IPv6] or [IPv6]:PORT, each value possibly a comma-separated list."""
+    out = set()
+    if isinstance(values, str):  # (from a config file)
+        values = [values]
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            port = None
+            if item.startswith("["):
+                host, _, rest = item[1:].partition("]")
+                if rest:
+                    if not rest.startswith(":"):
+                        raise ValueError("bad --mirror-allow-host %r" % item)
+                    port = rest[1:]
+            elif item.count(":") == 1:
+                host, _, port = item.partition(":")
+            else:
+                host = item  # a name, an IPv4 address or a bare IPv6 address
+            if port is not None:
+                if not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError("bad port in --mirror-allow-host %r" % item)
+                port = int(port)
+            if not host:
+                raise ValueError("bad --mirror-allow-host %r" % item)
+            out.add((host, port))
+    return out
+
+
+def is_public_address(addr):
+    """True for an address that is publicly routable: not loopback, private, link-local,
+    site-local, shared (CGNAT), multicast, reserved or unspecified -- also when an IPv6
+    address carries an IPv4 one (IPv4-mapped, 6to4, NAT64)."""
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in ipaddress.ip_network("64:ff9b::/96"):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return is_public_address(str(inner))
+        if ip.is_site_local or ip.teredo is not None:
+            return False
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
+                                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def _connect_to(addresses):
+    """A replacement for http.client's socket.create_connection that connects only to
+    ``addresses`` (getaddrinfo results), in order."""
+    def create(_address, timeout=None, source_address=None):
+        error = None
+        for family, socktype, proto, _name, sockaddr in addresses:
+            sock = socket.socket(family, socktype, proto)
+            try:
+                if isinstance(timeout, (int, float)):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError("no address to connect to")
+    return create
+
+
+def _proxy_for(u):
+    """(host, port) of the proxy for a URL, from the usual environment variables."""
+    import urllib.request
+    if urllib.request.proxy_bypass(u.hostname or ""):
+        return None
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if not proxy:
+        return None
+    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if not p.hostname:
+        return None
+    return p.hostname, p.port or 80
+
+
+# -- upstream pages ------------------------------------------------------------------
+
 class _LinkParser:
     """Collects the <a> elements of a PEP 503 page: (attributes, text); more than
     ``limit`` of them is an error (raised while parsing, before they take memory)."""
@@ -2770,16 +3075,14 @@ class Mirror:
         self.model = model
         self.store = model.store
         self.offline = offline
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
+        self.upstream = Upstream(model.store.uuid, connect_timeout, read_timeout, allow_hosts)
         self.max_file = max_file
-        self.allow_hosts = parse_allow_hosts(allow_hosts)
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
-        model.mirror_changed = self._forget_index
+        model.on_upstream_change(self._forget_index)
 
     def _forget_index(self, index_id):
         for cache in (self._fresh, self._failed):
@@ -2800,7 +3103,7 @@ class Mirror:
             if leader:
                 ev = self._flights[key] = threading.Event()
         if not leader:
-            ev.wait(self.connect_timeout + self.read_timeout * 6 + 60)
+            ev.wait(self.upstream.connect_timeout + self.upstream.read_timeout * 6 + 60)
             yield False
             return
         try:
@@ -2809,108 +3112,6 @@ class Mirror:
             with self._flights_lock:
                 self._flights.pop(key, None)
             ev.set()
-
-    # -- upstream HTTP ------------------------------------------------------------------
-
-    def open_url(self, url, origin, headers=None):
-        """GET ``url`` upstream (following a few redirects), for the mirror whose
-        ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
-        Returns (response, final URL, connection); the caller reads the body and closes
-        the connection."""
-        import http.client
-        import ssl
-        seen = set()
-        for _hop in range(MAX_REDIRECTS + 1):
-            if url in seen:
-                raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
-            seen.add(url)
-            try:
-                u = urllib.parse.urlsplit(url)
-                port = u.port or (443 if u.scheme == "https" else 80)
-                if u.scheme not in ("http", "https") or not u.hostname:
-                    raise ValueError
-            except ValueError:
-                raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
-            addresses = self._route(u, port, origin)
-            proxy = _proxy_for(u)
-            try:
-                if u.scheme == "https":
-                    conn = http.client.HTTPSConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout, context=ssl.create_default_context())
-                else:
-                    conn = http.client.HTTPConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout)
-                if addresses is not None and not proxy:
-                    # connect to the addresses that were checked, not to whatever the name
-                    # resolves to a moment later (DNS rebinding); TLS still checks the name
-                    conn._create_connection = _connect_to(addresses)
-                target = u.path or "/"
-                if u.query:
-                    target += "?" + u.query
-                if proxy and u.scheme == "https":
-                    conn.set_tunnel(u.hostname, port)
-                elif proxy:
-                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
-                conn.connect()
-                conn.sock.settimeout(self.read_timeout)
-                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
-                     VIA_HEADER: self.store.uuid}
-                h.update(headers or {})
-                if u.username is not None:
-                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
-                        urllib.parse.unquote(u.username),
-                        urllib.parse.unquote(u.password or ""))).encode()).decode()
-                conn.request("GET", target, headers=h)
-                resp = conn.getresponse()
-            except socket.timeout:
-                raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
-            except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
-                # (what a host root did not name answered is not repeated to the client)
-                detail = e if addresses is None else type(e).__name__
-                raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                try:
-                    url = urllib.parse.urljoin(url, resp.getheader("Location"))
-                except ValueError:
-                    url = ""  # (refused as unsupported at the next hop)
-                conn.close()
-                continue
-            if resp.status == 400 and resp.getheader(VIA_HEADER) == self.store.uuid:
-                conn.close()
-                raise UpstreamError(502, "mirror_url %s points at this server itself; "
-                                         "refusing to mirror from ourselves" % _safe_url(url))
-            return resp, url, conn
-        raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
-
-    def _route(self, u, port, origin):
-        """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
-        it may go wherever the host name leads (the host of the index's own ``mirror_url``,
-        same scheme and port, which root chose; or a ``--mirror-allow-host``). Any other
-        host must resolve to publicly routable addresses only: then those addresses, the
-        only ones to connect to. Anything else is refused before a connection is made,
-        with the same answer whatever (if anything) is there."""
-        host = u.hostname
-        if origin is not None and _origin(origin) == (u.scheme, host, port):
-            return None
-        if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
-            return None
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError, ValueError):
-            infos = []
-        if infos and all(is_public_address(info[4][0]) for info in infos):
-            return infos
-        shown = "[%s]" % host if ":" in host else host
-        raise UpstreamError(502, "the link to %s://%s:%d was refused by the mirror policy "
-                                 "(a mirror fetches only from its mirror_url's own host, "
-                                 "from hosts with public addresses only, and from hosts "
-                                 "allowed with --mirror-allow-host)" % (u.scheme, shown, port))
-
-    def read_body(self, resp, url, limit, what="page"):
-        """The whole body, checked against Content-Length: a short body is an error."""
-        return b"".join(self._body_chunks(resp, url, limit, what=what))
 
     # -- project pages ------------------------------------------------------------------
 
@@ -2998,7 +3199,7 @@ class Mirror:
                 headers["If-None-Match"] = row[2]
             if row[3]:
                 headers["If-Modified-Since"] = row[3]
-        resp, final_url, conn = self.open_url(url, ix.config.get("mirror_url"), headers)
+        resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers)
         try:
             now = time.time()
             if resp.status == 304 and row is not None:
@@ -3008,13 +3209,13 @@ class Mirror:
                 self._fresh[(ix.id, norm)] = now
                 return row[4], json.loads(row[5])
             if resp.status == 404:
-                self.read_body(resp, url, 1024 * 1024)
+                self.upstream.read_body(resp, url, 1024 * 1024)
                 self._store_page(ix, norm, now, 404, None, None, None, [])
                 return None
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                      resp.status))
-            body = self.read_body(resp, final_url, MAX_PAGE_BYTES)
+            body = self.upstream.read_body(resp, final_url, MAX_PAGE_BYTES)
             display, entries = parse_project_page(body, resp.getheader("Content-Type"),
                                                   final_url)
             del body
@@ -3037,7 +3238,7 @@ class Mirror:
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
             if old is None or old[0] != data or old[1] != status:
-                self.model._changed(projects=[norm])
+                self.model.mirror_page_changed(norm)
         self._fresh[(ix.id, norm)] = now
 
     def files(self, ix, norm):
@@ -3103,7 +3304,7 @@ class Mirror:
             flight.__exit__(None, None, None)
             return None
         try:
-            resp, url, conn = self.open_url(entry["url"], ix.config.get("mirror_url"))
+            resp, url, conn = self.upstream.open(entry["url"], ix.config.get("mirror_url"))
             if resp.status != 200:
                 conn.close()
                 raise UpstreamError(404 if resp.status == 404 else 502,
@@ -3147,7 +3348,6 @@ class Mirror:
         return True
 
     def _stream(self, ix, display, entry, resp, size, cleanup):
-        import http.client
         f, tmp = self.store.new_tmp()
         digest = hashlib.sha256()
         total = 0
@@ -3155,27 +3355,15 @@ class Mirror:
         ok = False
         try:
             with f:
-                while True:
-                    try:
-                        chunk = resp.read(256 * 1024)
-                    except socket.timeout:
-                        raise UpstreamError(504, "upstream stalled sending %s" % entry["filename"])
-                    except (OSError, http.client.HTTPException) as e:
-                        raise UpstreamError(502, "upstream broke off sending %s: %s"
-                                            % (entry["filename"], e))
-                    if not chunk:
-                        break
+                for chunk in self.upstream.body_chunks(
+                        resp, entry["url"], self.max_file, 256 * 1024, "file",
+                        too_large=self._too_large(entry["filename"])):
                     total += len(chunk)
-                    if total > self.max_file:
-                        raise self._too_large(entry["filename"])
                     f.write(chunk)
                     digest.update(chunk)
                     if held is not None:
                         yield held
                     held = chunk
-            if size is not None and total != size:
-                raise UpstreamError(502, "upstream sent %d of %d bytes of %s"
-                                    % (total, size, entry["filename"]))
             if digest.hexdigest() != entry["sha256"]:
                 raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"
                                     % entry["filename"])
@@ -3216,13 +3404,13 @@ class Mirror:
             return path, sha
         with self.single_flight(("meta", sha)):
             if not os.path.exists(path):  # (kept meanwhile by the one before us?)
-                resp, url, conn = self.open_url(entry["url"] + ".metadata",
+                resp, url, conn = self.upstream.open(entry["url"] + ".metadata",
                                                 ix.config.get("mirror_url"))
                 try:
                     if resp.status != 200:
                         raise UpstreamError(502, "upstream answered %d for %s.metadata"
                                             % (resp.status, filename))
-                    data = self.read_body(resp, url, MAX_METADATA_BYTES, "metadata file")
+                    data = self.upstream.read_body(resp, url, MAX_METADATA_BYTES, "metadata file")
                 finally:
                     conn.close()
                 if hashlib.sha256(data).hexdigest() != sha:
@@ -3269,14 +3457,14 @@ class Mirror:
         """Fetch upstream's project list and write it as HTML and JSON, each also gzipped,
         in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
-        resp, final_url, conn = self.open_url(
+        resp, final_url, conn = self.upstream.open(
             url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
         try:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                        resp.status))
             ctype = (resp.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            chunks = self._body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20, "project list")
+            chunks = self.upstream.body_chunks(resp, url, MAX_ROOT_BYTES, 1 << 20, "project list")
             if ctype.endswith("json"):
                 names = _root_names(chunks, _ROOT_JSON_NAME_RE, b"}", b'"projects"')
             elif ctype in ("text/html", SIMPLE_HTML, ""):
@@ -3289,31 +3477,6 @@ class Mirror:
         finally:
             conn.close()
 
-    def _body_chunks(self, resp, url, limit, size=65536, what="page"):
-        """The body in chunks, checked against ``limit`` and Content-Length."""
-        import http.client
-        want = resp.getheader("Content-Length")
-        too_large = UpstreamError(502, "upstream %s %s is larger than %d bytes; not read"
-                                  % (what, _safe_url(url), limit))
-        if want is not None and want.isdigit() and int(want) > limit:
-            raise too_large
-        total = 0
-        while True:
-            try:
-                chunk = resp.read(size)
-            except socket.timeout:
-                raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
-            except (OSError, http.client.HTTPException) as e:
-                raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise too_large
-            yield chunk
-        if want is not None and want.isdigit() and int(want) != total:
-            raise UpstreamError(502, "upstream %s sent %d of %s bytes"
-                                % (_safe_url(url), total, want))
 
 
 # A project list is scanned, not parsed: only names that are valid project names are
@@ -3367,7 +3530,6 @@ def _valid_names(raw, is_html):
 
 def _write_root_listing(store, d, batches, url):
     """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
-    esc = html.escape
     quote = json.encoder.encode_basestring
     outs = {}
     try:
@@ -3381,20 +3543,18 @@ def _write_root_listing(store, d, batches, url):
             data = text.encode()
             outs[fmt][0].write(data)
             outs[fmt][4].write(data)
-        write("html", '<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                      'content="1.1"><title>Simple index</title></head><body>\n')
+        write("html", simple_html_head("Simple index"))
         write("json", '{"meta": {"api-version": "1.1"}, "projects": [')
         first = True
         for names in batches:
             if not names:
                 continue
             # (valid project names need no escaping; escaped anyway, cheaply)
-            write("html", "".join('<a href="%s/">%s</a>\n' % (esc(normalize_name(n)), esc(n))
-                                  for n in names))
+            write("html", simple_root_links((normalize_name(n), n) for n in names))
             write("json", ("" if first else ", ") + ", ".join('{"name": %s}' % quote(n)
                                                               for n in names))
             first = False
-        write("html", "</body></html>\n")
+        write("html", SIMPLE_HTML_END)
         write("json", "]}")
         for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
             gz.close()
@@ -3431,131 +3591,6 @@ class Download:
         self.cleanup()
 
 
-def _safe_url(url):
-    """A URL without its credentials, for messages and logs."""
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "(unreadable URL)"
-    if "@" not in u.netloc:
-        return url
-    return urllib.parse.urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, u.query,
-                                    u.fragment))
-
-
-def shown_mirror_url(url):
-    """``mirror_url`` as shown to anyone but root: the password (or a user name alone,
-    which may be a token) replaced by ``***``."""
-    if not isinstance(url, str) or "@" not in url:
-        return url
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "***"
-    if "@" not in u.netloc:
-        return url
-    userinfo, _, hostport = u.netloc.rpartition("@")
-    user, sep, _pw = userinfo.partition(":")
-    shown = user + ":***" if sep else "***"
-    return urllib.parse.urlunsplit((u.scheme, shown + "@" + hostport, u.path, u.query,
-                                    u.fragment))
-
-
-def _origin(url):
-    """(scheme, host, port) of a URL, or None."""
-    try:
-        u = urllib.parse.urlsplit(url)
-        return u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    except ValueError:
-        return None
-
-
-def parse_allow_hosts(values):
-    """{(host, port or None)} from ``--mirror-allow-host`` values: HOST, HOST:PORT,
-    [IPv6] or [IPv6]:PORT, each value possibly a comma-separated list."""
-    out = set()
-    if isinstance(values, str):  # (from a config file)
-        values = [values]
-    for value in values or ():
-        for item in str(value).split(","):
-            item = item.strip().lower()
-            if not item:
-                continue
-            port = None
-            if item.startswith("["):
-                host, _, rest = item[1:].partition("]")
-                if rest:
-                    if not rest.startswith(":"):
-                        raise ValueError("bad --mirror-allow-host %r" % item)
-                    port = rest[1:]
-            elif item.count(":") == 1:
-                host, _, port = item.partition(":")
-            else:
-                host = item  # a name, an IPv4 address or a bare IPv6 address
-            if port is not None:
-                if not port.isdigit() or not 0 < int(port) < 65536:
-                    raise ValueError("bad port in --mirror-allow-host %r" % item)
-                port = int(port)
-            if not host:
-                raise ValueError("bad --mirror-allow-host %r" % item)
-            out.add((host, port))
-    return out
-
-
-def is_public_address(addr):
-    """True for an address that is publicly routable: not loopback, private, link-local,
-    site-local, shared (CGNAT), multicast, reserved or unspecified -- also when an IPv6
-    address carries an IPv4 one (IPv4-mapped, 6to4, NAT64)."""
-    import ipaddress
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6:
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None:
-            return is_public_address(str(inner))
-        if ip.is_site_local or ip.teredo is not None:
-            return False
-    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
-                                 or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def _connect_to(addresses):
-    """A replacement for http.client's socket.create_connection that connects only to
-    ``addresses`` (getaddrinfo results), in order."""
-    def create(_address, timeout=None, source_address=None):
-        error = None
-        for family, socktype, proto, _name, sockaddr in addresses:
-            sock = socket.socket(family, socktype, proto)
-            try:
-                if isinstance(timeout, (int, float)):
-                    sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as e:
-                sock.close()
-                error = e
-        raise error or OSError("no address to connect to")
-    return create
-
-
-def _proxy_for(u):
-    """(host, port) of the proxy for a URL, from the usual environment variables."""
-    import urllib.request
-    if urllib.request.proxy_bypass(u.hostname or ""):
-        return None
-    proxy = urllib.request.getproxies().get(u.scheme)
-    if not proxy:
-        return None
-    p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-    if not p.hostname:
-        return None
-    return p.hostname, p.port or 80
 
 
 
@@ -3880,36 +3915,116 @@ class Request:
         return value
 
 
+# -- simple pages, rendered from data ---------------------------------------------------
+
+def render_simple_root(names, fmt, prefix=""):
+    """(body, content type) of an index's project list: ``names`` normalised and sorted,
+    HTML links relative, after ``prefix``."""
+    if fmt == "json":
+        return json.dumps({"meta": {"api-version": "1.1"},
+                           "projects": [{"name": n} for n in names]}).encode(), SIMPLE_JSON
+    links = simple_root_links(((n, n) for n in names), prefix)
+    return (simple_html_head("Simple index") + links + SIMPLE_HTML_END).encode(), HTML_TYPE
+
+
+def render_simple_project(norm, display, files, versions, fmt, href):
+    """(body, content type) of a project's simple page: its ``files`` (File rows), linked
+    to ``href(f)``; ``versions``, those without files too (PEP 700, in JSON)."""
+    if fmt == "json":
+        out = []
+        versions = set(versions)
+        for f in files:
+            versions.add(f.version)
+            d = {"filename": f.filename, "url": href(f), "hashes": {"sha256": f.sha256}}
+            if f.requires_python:
+                d["requires-python"] = f.requires_python
+            meta = offered_core_metadata(f)
+            if meta:
+                # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
+                d["core-metadata"] = {"sha256": meta}
+            d["yanked"] = (f.yanked or True) if f.yanked is not None else False
+            d["size"] = f.size
+            d["upload-time"] = iso_upload_time(f.uploaded)
+            out.append(d)
+        body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
+                           "versions": sorted(versions, key=version_key),
+                           "files": out}).encode()
+        return body, SIMPLE_JSON
+    esc = html.escape
+    lines = [simple_html_head("Links for %s" % display, heading=True)]
+    for f in files:
+        attrs = ""
+        if f.requires_python:
+            attrs += ' data-requires-python="%s"' % esc(f.requires_python)
+        meta = offered_core_metadata(f)
+        if meta:
+            attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
+                      % (meta, meta))
+        if f.yanked is not None:
+            attrs += ' data-yanked="%s"' % esc(f.yanked)
+        attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
+        lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
+                     % (esc(href(f)), f.sha256, attrs, esc(f.filename)))
+    lines.append(SIMPLE_HTML_END)
+    return "".join(lines).encode(), HTML_TYPE
+
+
 # -- routes ---------------------------------------------------------------------------
 
 
-NAME = r"(?P<%s>[^/+][^/]*)"
+# Path variables: {name} is one segment that does not start with "+" (those are the
+# server's own words), {name:rest} one or more segments (a path inside a release's docs).
+ROUTE_VARIABLES = {"": r"[^/+][^/]*", "rest": r".+"}
 ROUTE_SPECS = [
-    # method(s)                     path pattern                              handler
-    ("GET",                         "/+api",                                  "api"),
-    ("GET",                         "/+status",                               "status"),
-    ("POST",                        "/+login",                                "login"),
-    ("GET",                         "/",                                      "list_users"),
-    ("GET",                         "/{user}/+api",                           "api"),
-    ("GET PUT PATCH DELETE",        "/{user}",                                "user"),
-    ("GET",                         "/{user}/{index}/+api",                   "api"),
-    ("GET",                         "/{user}/{index}/+simple",                "simple_root"),
-    ("GET",                         "/{user}/{index}/+simple/{project}",      "simple_project"),
-    ("POST",                        "/{user}/{index}/+simple/{project}/refresh", "refresh"),
-    ("GET HEAD DELETE",             "/{user}/{index}/+f/{h3}/{h13}/{filename}", "file"),
-    ("GET PUT PATCH DELETE POST PUSH", "/{user}/{index}",                     "index"),
-    ("GET DELETE",                  "/{user}/{index}/{project}",              "project"),
-    ("GET DELETE PATCH",            "/{user}/{index}/{project}/{version}",    "version"),
+    # method   path pattern                                        handler (App.route_...)
+    ("GET",    "/+api",                                            "api"),
+    ("GET",    "/+status",                                         "status"),
+    ("POST",   "/+login",                                          "login"),
+    ("GET",    "/",                                                "list_users"),
+    ("GET",    "/{user}/+api",                                     "api"),
+    ("GET",    "/{user}",                                          "get_user"),
+    ("PUT",    "/{user}",                                          "create_user"),
+    ("PATCH",  "/{user}",                                          "modify_user"),
+    ("DELETE", "/{user}",                                          "delete_user"),
+    ("GET",    "/{user}/{index}/+api",                             "api"),
+    ("GET",    "/{user}/{index}/+simple",                          "simple_root"),
+    ("GET",    "/{user}/{index}/+simple/{project}",                "simple_project"),
+    ("POST",   "/{user}/{index}/+simple/{project}/refresh",        "refresh"),
+    ("GET",    "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
+    ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
+    ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
+    ("GET",    "/{user}/{index}",                                  "get_index"),
+    ("PUT",    "/{user}/{index}",                                  "create_index"),
+    ("PATCH",  "/{user}/{index}",                                  "modify_index"),
+    ("DELETE", "/{user}/{index}",                                  "delete_index"),
+    ("POST",   "/{user}/{index}",                                  "upload_or_push"),
+    ("PUSH",   "/{user}/{index}",                                  "push"),
+    ("GET",    "/{user}/{index}/{project}",                        "get_project"),
+    ("DELETE", "/{user}/{index}/{project}",                        "delete_project"),
+    ("GET",    "/{user}/{index}/{project}/{version}",              "get_version"),
+    ("PATCH",  "/{user}/{index}/{project}/{version}",              "yank_version"),
+    ("DELETE", "/{user}/{index}/{project}/{version}",              "delete_version"),
 ]
 
 
 def compile_routes(specs):
+    """[(regex, {method: App method name})]: one regex per pattern, in the order the
+    patterns first appear, so a request costs one match per pattern whatever its method.
+    A method without a row is answered 405; HEAD goes to GET's handler if it has none."""
     routes = []
-    for methods, pattern, name in specs:
-        rx = re.escape(pattern)
-        for var in re.findall(r"\{(\w+)\}", pattern):
-            rx = rx.replace(re.escape("{%s}" % var), NAME % var)
-        routes.append((set(methods.split()), re.compile("^" + rx + "$"), name))
+    by_pattern = {}
+    for method, pattern, name in specs:
+        if pattern not in by_pattern:
+            parts = re.split(r"\{(\w+)(?::(\w+))?\}", pattern)
+            rx = re.escape(parts[0])
+            for k in range(1, len(parts), 3):
+                kind = parts[k + 1] or ""
+                if kind not in ROUTE_VARIABLES:
+                    raise ValueError("unknown path variable kind %r in %s" % (kind, pattern))
+                rx += "(?P<%s>%s)" % (parts[k], ROUTE_VARIABLES[kind]) + re.escape(parts[k + 2])
+            by_pattern[pattern] = {}
+            routes.append((re.compile("^" + rx + "$"), by_pattern[pattern]))
+        by_pattern[pattern][method] = "route_" + name
     return routes
 
 
@@ -3943,18 +4058,18 @@ class App:
         trailing = len(path) > 1 and path.endswith("/")
         match_path = path[:-1] if trailing else path
         allowed = set()
-        for methods, rx, name in ROUTES:
+        for rx, handlers in ROUTES:
             m = rx.match(match_path)
             if m is None:
                 continue
-            method = req.method
-            if method == "HEAD" and "HEAD" not in methods and "GET" in methods:
-                method = "GET"
-            if method not in methods:
-                allowed |= methods
+            name = handlers.get(req.method)
+            if name is None and req.method == "HEAD":
+                name = handlers.get("GET")
+            if name is None:
+                allowed.update(handlers)
                 continue
             req.trailing = trailing
-            return getattr(self, "route_" + name)(req, **m.groupdict())
+            return getattr(self, name)(req, **m.groupdict())
         if allowed:
             raise HTTPError(405, "method %s not allowed here" % req.method,
                             {"Allow": ", ".join(sorted(allowed))})
@@ -4030,66 +4145,80 @@ class App:
 
     # -- users --------------------------------------------------------------------------
 
-    def route_user(self, req, user):
-        m = self.model
-        if req.method == "GET":
-            return api_result("userconfig", m.user_info(user, actor=req.actor))
-        if req.method == "PUT":
-            body = req.json_body()
-            info = m.create_user(req.actor, user, body if body is not None else {})
-            return api_result("userconfig", info, status=201)
-        if req.method == "PATCH":
-            body = req.json_body()
-            token = m.modify_user(req.actor, user, body if body is not None else {})
-            if token:
-                return api_result("userpassword", {"password": token,
-                                                   "expiration": TOKEN_LIFETIME},
-                                  message="user updated, new proxy auth")
-            return message_response("user updated")
-        m.delete_user(req.actor, user)
+    def route_get_user(self, req, user):
+        return api_result("userconfig", self.model.user_info(user, actor=req.actor))
+
+    def route_create_user(self, req, user):
+        body = req.json_body()
+        info = self.model.create_user(req.actor, user, body if body is not None else {})
+        return api_result("userconfig", info, status=201)
+
+    def route_modify_user(self, req, user):
+        body = req.json_body()
+        token = self.model.modify_user(req.actor, user, body if body is not None else {})
+        if token:
+            return api_result("userpassword", {"password": token,
+                                               "expiration": TOKEN_LIFETIME},
+                              message="user updated, new proxy auth")
+        return message_response("user updated")
+
+    def route_delete_user(self, req, user):
+        self.model.delete_user(req.actor, user)
         return message_response("user %r deleted" % user)
 
     # -- indexes ------------------------------------------------------------------------
 
-    def route_index(self, req, user, index):
+    def route_get_index(self, req, user, index):
         path = user + "/" + index
         m = self.model
-        if req.method == "GET":
-            if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
-                return self.simple_root(req, m.require_index(path))
-            ix = m.require_index(path)
-            result = m.public_config(ix, req.actor)
-            if "no_projects" not in req.query:
-                result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
-            return api_result("indexconfig", result)
-        if req.method == "PUT":
-            body = req.json_body()
-            if isinstance(body, dict):
-                self._refuse_own_url(req, body.get("mirror_url"))
-            config = m.create_index(req.actor, path, body if body is not None else {})
-            return api_result("indexconfig", m.shown_config(config, req.actor))
-        if req.method == "PATCH":
-            body = req.json_body()
-            ix = m.require_index(path)
-            self._refuse_own_url(req, apply_index_patch(ix.config, body if body is not None
-                                                        else []).get("mirror_url"))
-            config = m.modify_index(req.actor, path, body if body is not None else [])
-            return api_result("indexconfig", m.shown_config(config, req.actor))
-        if req.method == "DELETE":
-            m.delete_index(req.actor, path)
-            return message_response("index %s deleted" % path, status=201)
-        # POST (upload form, or push as JSON) and PUSH
+        if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
+            return self.simple_root(req, m.require_index(path))
         ix = m.require_index(path)
+        result = m.public_config(ix, req.actor)
+        if "no_projects" not in req.query:
+            result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
+        return api_result("indexconfig", result)
+
+    def route_create_index(self, req, user, index):
+        path = user + "/" + index
+        m = self.model
+        body = req.json_body()
+        if isinstance(body, dict):
+            self._refuse_own_url(req, body.get("mirror_url"))
+        config = m.create_index(req.actor, path, body if body is not None else {})
+        return api_result("indexconfig", m.shown_config(config, req.actor))
+
+    def route_modify_index(self, req, user, index):
+        path = user + "/" + index
+        m = self.model
+        body = req.json_body()
+        ix = m.require_index(path)
+        self._refuse_own_url(req, apply_index_patch(ix.config, body if body is not None
+                                                    else []).get("mirror_url"))
+        config = m.modify_index(req.actor, path, body if body is not None else [])
+        return api_result("indexconfig", m.shown_config(config, req.actor))
+
+    def route_delete_index(self, req, user, index):
+        path = user + "/" + index
+        self.model.delete_index(req.actor, path)
+        return message_response("index %s deleted" % path, status=201)
+
+    def route_upload_or_push(self, req, user, index):
+        # an upload form (twine, setup.py upload), or a push as JSON (devpi-client)
+        ix = self.model.require_index(user + "/" + index)
         ctype = (req.headers.get("Content-Type") or "").lower()
-        if req.method == "PUSH" or ctype.startswith("application/json"):
+        if ctype.startswith("application/json"):
             return self.push(req, ix)
         return self.upload(req, ix)
+
+    def route_push(self, req, user, index):
+        return self.push(req, self.model.require_index(user + "/" + index))
 
     def _refuse_own_url(self, req, url):
         """A mirror_url naming this very server (as the request reached it, its
         --outside-url, or its own address) is refused when it is set: it could only ever
         answer 'request loop'. (Through a proxy it may look like another host: then each
-        request finds out, see Mirror.open_url.)"""
+        request finds out, see Upstream.open.)"""
         if not isinstance(url, str):
             return
         try:
@@ -4132,22 +4261,27 @@ class App:
 
     # -- projects and versions (JSON API, and the installer shortcut) -------------------
 
-    def _norm_or_redirect(self, req, project, rest=""):
+    def _norm_or_redirect(self, req, project):
+        """The normalised name, or (for a name that is not) a redirect to it. Only reads
+        call this: a change is made under the name it was asked for."""
         norm = normalize_name(project)
-        if norm != project and req.method in ("GET", "HEAD"):
+        if norm != project:
             path = req.path.rsplit("/" + project, 1)
             raise HTTPError(302, "moved to the normalised project name", {
                 "Location": req.absolute(path[0] + "/" + norm + path[1]
                                          if len(path) == 2 else norm)})
         return norm
 
-    def route_project(self, req, user, index, project):
+    def route_delete_project(self, req, user, index, project):
         m = self.model
         ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_project(req.actor, ix, project, force="force" in req.query)
-            return message_response("project %s deleted from stage %s"
-                                    % (normalize_name(project), ix.path))
+        m.delete_project(req.actor, ix, project, force="force" in req.query)
+        return message_response("project %s deleted from stage %s"
+                                % (normalize_name(project), ix.path))
+
+    def route_get_project(self, req, user, index, project):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_project_page(req, ix, norm)
@@ -4229,20 +4363,26 @@ class App:
             raise not_found("no project %r" % norm)
         return result
 
-    def route_version(self, req, user, index, project, version):
+    def route_delete_version(self, req, user, index, project, version):
         m = self.model
         ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_version(req.actor, ix, project, version, force="force" in req.query)
-            return message_response("project %s version %r deleted"
-                                    % (normalize_name(project), version))
-        if req.method == "PATCH":
-            body = req.json_body()
-            if not isinstance(body, dict) or "yanked" not in body or len(body) != 1:
-                raise bad_request("PATCH of a version takes {\"yanked\": true|false|\"reason\"}")
-            m.set_yanked(req.actor, ix, project, version, body["yanked"])
-            meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
-            return api_result("versiondata", self._version_json(req, meta, yanked, files))
+        m.delete_version(req.actor, ix, project, version, force="force" in req.query)
+        return message_response("project %s version %r deleted"
+                                % (normalize_name(project), version))
+
+    def route_yank_version(self, req, user, index, project, version):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        body = req.json_body()
+        if not isinstance(body, dict) or "yanked" not in body or len(body) != 1:
+            raise bad_request("PATCH of a version takes {\"yanked\": true|false|\"reason\"}")
+        m.set_yanked(req.actor, ix, project, version, body["yanked"])
+        meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
+        return api_result("versiondata", self._version_json(req, meta, yanked, files))
+
+    def route_get_version(self, req, user, index, project, version):
+        m = self.model
+        ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
         result = None
         blocked = m.mirror_blocked(ix, norm)
@@ -4361,15 +4501,22 @@ class App:
 
     # -- files --------------------------------------------------------------------------
 
-    def route_file(self, req, user, index, h3, h13, filename):
+    def _file_index(self, user, index, h3, h13):
+        """The index of a file URL, whose two hash segments must be hex of 3 and 13 digits."""
         if len(h3) != 3 or len(h13) != 13 or not HEX_RE.match(h3 + h13):
             raise not_found("no such file")
+        return self.model.require_index(user + "/" + index)
+
+    def route_delete_file(self, req, user, index, h3, h13, filename):
+        ix = self._file_index(user, index, h3, h13)
+        self.model.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
+        return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
+            ix.path, h3, h13, filename)))
+
+    def route_get_file(self, req, user, index, h3, h13, filename):
+        # (also HEAD: a first download of a mirrored file is then fetched, not streamed)
+        ix = self._file_index(user, index, h3, h13)
         m = self.model
-        ix = m.require_index(user + "/" + index)
-        if req.method == "DELETE":
-            m.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
-            return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
-                ix.path, h3, h13, filename)))
         metadata = False
         try:
             if filename.endswith(".metadata"):  # (no distribution's name ends so)
@@ -4517,23 +4664,10 @@ class App:
         key = ("root", ix.path, fmt, base)
         page = self.pages.get(key, validator)
         if page is None:
-            names = sorted(m.project_names(ix))
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
             prefix = "" if prefix == "." else prefix + "/"
-            if fmt == "json":
-                body = json.dumps({"meta": {"api-version": "1.1"},
-                                   "projects": [{"name": n} for n in names]}).encode()
-                ctype = SIMPLE_JSON
-            else:
-                out = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                       'content="1.1"><title>Simple index</title></head><body>\n']
-                esc = html.escape
-                for n in names:
-                    out.append('<a href="%s%s/">%s</a>\n' % (esc(prefix), esc(n), esc(n)))
-                out.append("</body></html>\n")
-                body = "".join(out).encode()
-                ctype = HTML_TYPE
-            page = self.pages.put(key, validator, body, ctype)
+            page = self.pages.put(key, validator, *render_simple_root(
+                sorted(m.project_names(ix)), fmt, prefix))
         return self.page_response(req, page)
 
     def simple_project_page(self, req, ix, norm):
@@ -4573,58 +4707,19 @@ class App:
                                     "upstream traffic)" % norm)
                 raise not_found("The project %s does not exist." % norm)
             display = m.project_display(ix, norm) or norm
-            rendered = self.render_project(req, ix, norm, display, files, fmt, base, absolute)
+            if absolute:
+                def href(f):
+                    return req.absolute(f.relpath)
+            else:
+                def href(f):
+                    return posixpath.relpath("/" + f.relpath, base)
+            versions = m.project_versions(ix, norm) if fmt == "json" else ()  # (HTML has none)
+            rendered = render_simple_project(norm, display, files, versions, fmt, href)
             if errors:  # partial (a mirror failed): serve, but do not keep
                 page = CachedPage(None, *rendered)
             else:
                 page = self.pages.put(key, validator, *rendered)
         return self.page_response(req, page, shared=not absolute)
-
-    def render_project(self, req, ix, norm, display, files, fmt, base, absolute):
-        def url(f):
-            if absolute:
-                return req.absolute(f.relpath)
-            return posixpath.relpath("/" + f.relpath, base)
-        if fmt == "json":
-            out = []
-            versions = set()
-            for f in files:
-                versions.add(f.version)
-                d = {"filename": f.filename, "url": url(f), "hashes": {"sha256": f.sha256}}
-                if f.requires_python:
-                    d["requires-python"] = f.requires_python
-                meta = offered_core_metadata(f)
-                if meta:
-                    # PEP 714: only the new key in JSON (pip 22.3-23.1 crash on the old one)
-                    d["core-metadata"] = {"sha256": meta}
-                d["yanked"] = (f.yanked or True) if f.yanked is not None else False
-                d["size"] = f.size
-                d["upload-time"] = iso_upload_time(f.uploaded)
-                out.append(d)
-            versions |= self.model.project_versions(ix, norm)
-            body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
-                               "versions": sorted(versions, key=version_key),
-                               "files": out}).encode()
-            return body, SIMPLE_JSON
-        esc = html.escape
-        lines = ['<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-                 'content="1.1"><title>Links for %s</title></head><body>\n'
-                 '<h1>Links for %s</h1>\n' % (esc(display), esc(display))]
-        for f in files:
-            attrs = ""
-            if f.requires_python:
-                attrs += ' data-requires-python="%s"' % esc(f.requires_python)
-            meta = offered_core_metadata(f)
-            if meta:
-                attrs += (' data-dist-info-metadata="sha256=%s" data-core-metadata="sha256=%s"'
-                          % (meta, meta))
-            if f.yanked is not None:
-                attrs += ' data-yanked="%s"' % esc(f.yanked)
-            attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
-            lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
-                         % (esc(url(f)), f.sha256, attrs, esc(f.filename)))
-        lines.append("</body></html>\n")
-        return "".join(lines).encode(), HTML_TYPE
 
     def page_response(self, req, page, shared=True):
         headers = [("Content-Type", page.content_type), ("ETag", page.etag),
@@ -4723,7 +4818,8 @@ class _SocketInput(io.RawIOBase):
 
 
 def _reason_phrase(text):
-    """A status-line-safe rendering of a message (clients print it, spec §2.3)."""
+    """A status-line-safe rendering of a message: upload clients (twine, devpi upload)
+    print the reason phrase of a refused upload, not its body."""
     text = re.sub(r"[\x00-\x1f\x7f]+", " ", str(text)).strip()
     return text.encode("latin-1", "replace").decode("latin-1")[:300] or "Error"
 

@@ -4945,3 +4945,27 @@ def test_a_throttled_address_and_name_with_checks_under_way_gets_429_before_any_
     assert calls == []  # no key derivation for any of them
     busy.clear()
     assert login_token(alice.url, "alice", "secret")
+
+
+# ----------------------------------------------------------------------------------
+# HTTP: the route table
+# ----------------------------------------------------------------------------------
+
+def test_route_table_rows_name_a_handler_per_method_and_may_span_segments():
+    doc = "/{user}/{index}/{project}/{version}/+doc/{path:rest}"
+    routes = minidevpi.compile_routes([("GET", doc, "doc"), ("DELETE", doc, "delete_doc"),
+                                       ("GET", "/{user}", "get_user")])
+    assert len(routes) == 2  # one regex per pattern, the methods in a dict
+    rx, handlers = routes[0]
+    assert handlers == {"GET": "route_doc", "DELETE": "route_delete_doc"}
+    m = rx.match("/alice/dev/pkg/1.0/+doc/api/index.html")
+    assert m.groupdict() == {"user": "alice", "index": "dev", "project": "pkg",
+                             "version": "1.0", "path": "api/index.html"}
+    assert rx.match("/alice/dev/pkg/1.0/+doc/") is None  # a rest has at least one byte
+    assert rx.match("/alice/dev/pkg/+doc/index.html") is None  # {version} is one segment
+    assert routes[1][0].match("/+api") is None  # a name never starts with '+'
+    with pytest.raises(ValueError):
+        minidevpi.compile_routes([("GET", "/{x:bogus}", "x")])
+    # every handler the server's table names exists
+    names = {name for _rx, handlers in minidevpi.ROUTES for name in handlers.values()}
+    assert names and all(hasattr(minidevpi.App, name) for name in names)
