@@ -1588,6 +1588,88 @@ class File:
         return "%s/+f/%s/%s/%s" % (self.index, self.sha256[:3], self.sha256[3:16], self.filename)
 
 
+class BaseWalk:
+    """One project through an index and its bases, as one reader sees it (Model.walk).
+
+    ``chain`` is every index of the walk in devpi's resolution order. devpi's shadowing
+    protection: once a private index of the chain holds the project, the mirrors
+    contribute nothing unless the project (or ``*``) is in the mirror_whitelist, combined
+    along the chain by the asking index's mirror_whitelist_inheritance; ``visible`` is
+    the chain without the mirrors that hides. Which indexes hold the project is asked
+    once, in one query, and only when needed: a walk that has no mirror to judge and
+    lists nothing costs nothing.
+
+    What a walk reads must be read after the page-cache validator of what it renders
+    (see App.simple_project_page): make a new walk rather than keep one across commits.
+    """
+
+    __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden")
+
+    def __init__(self, model, ix, norm, reader, chain):
+        self.model = model
+        self.index = ix
+        self.project = norm
+        self.reader = reader
+        self.chain = chain
+        self._held = None
+        self._hidden = None
+
+    def _holders(self):
+        """{index id: display name} of the chain's indexes that hold the project."""
+        if self._held is None:
+            ids = [b.id for b in self.chain]
+            self._held = dict(self.model.store.conn().execute(
+                "SELECT index_id, display FROM projects WHERE name=? AND index_id IN (%s)"
+                % ",".join("?" * len(ids)), [self.project] + ids).fetchall())
+        return self._held
+
+    def holds(self, b):
+        """Whether the index ``b`` itself has the project (a mirror: files of it kept)."""
+        return b.id in self._holders()
+
+    def display_at(self, b):
+        """The project's name as ``b`` holds it (first uploaded), or None."""
+        return self._holders().get(b.id)
+
+    @property
+    def display(self):
+        """The project's name from the first index of the chain that holds it, or None."""
+        for b in self.chain:
+            name = self.display_at(b)
+            if name is not None:
+                return name
+        return None
+
+    @property
+    def mirrors_hidden(self):
+        """Whether the whitelist hides the chain's mirrors for this project."""
+        if self._hidden is None:
+            self._hidden = self._judge_mirrors()
+        return self._hidden
+
+    def _judge_mirrors(self):
+        whitelist = None
+        inheritance = self.index.config.get("mirror_whitelist_inheritance", "union")
+        privates = [b for b in self.chain if not b.is_mirror]
+        for b in privates:
+            own = set(b.config.get("mirror_whitelist", []))
+            whitelist = own if whitelist is None else (
+                whitelist | own if inheritance == "union" else whitelist & own)
+            if "*" in whitelist or self.project in whitelist:
+                return False  # whitelisted somewhere along the chain: mirrors count
+        return any(self.holds(b) for b in privates)
+
+    @property
+    def visible(self):
+        """The chain without the mirrors the whitelist hides."""
+        return [b for b in self.chain if not (b.is_mirror and self.mirrors_hidden)]
+
+    @property
+    def mirrors(self):
+        """The mirrors that contribute to the project."""
+        return [b for b in self.visible if b.is_mirror]
+
+
 def when_list(ts=None):
     return list(time.gmtime(ts)[:6])
 
@@ -2074,6 +2156,21 @@ class Model:
             i += 1
         return order + mirrors
 
+    def chain(self, ix, reader, ignore_bases=False):
+        """The indexes ``reader`` reads through ``ix``: ``ix`` and, unless ``ignore_bases``,
+        what it inherits from (resolve_bases). Every read through bases starts here or at
+        ``walk``, so that a rule about who may read what is a change in this one place.
+
+        ``reader`` is the user name asking (None: anonymous), or a function giving it,
+        called only when a rule needs to know: a page anyone may read does not have to
+        authenticate the request. (Today every reader sees everything.)"""
+        return [ix] if ignore_bases else self.resolve_bases(ix)
+
+    def walk(self, ix, norm, reader, ignore_bases=False):
+        """The walk through bases for the project ``norm``, as ``reader`` sees it from
+        ``ix``: a BaseWalk."""
+        return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases))
+
     # -- permissions -----------------------------------------------------------------------
 
     def can_upload(self, actor, ix):
@@ -2372,7 +2469,7 @@ class Model:
             if c.execute("SELECT 1 FROM indexes WHERE id=?", (target.id,)).fetchone() is None:
                 raise not_found("The stage %s could not be found." % target.path)
             found = None
-            for ix in self.resolve_bases(src):
+            for ix in self.chain(src, actor):
                 row = c.execute(
                     "SELECT v.id, v.metadata, p.display, v.version FROM versions v "
                     "JOIN projects p ON v.project_id=p.id "
@@ -2430,30 +2527,15 @@ class Model:
 
     # -- releases: reading ------------------------------------------------------------------
 
-    def project_names(self, ix, ignore_bases=False):
-        """{normalised name: display name} of the projects an index serves."""
+    def project_names(self, ix, reader, ignore_bases=False):
+        """{normalised name: display name} of the projects an index serves to ``reader``."""
         names = {}
-        chain = [ix] if ignore_bases else self.resolve_bases(ix)
         c = self.store.conn()
-        for b in chain:
+        for b in self.chain(ix, reader, ignore_bases):
             for norm, display in c.execute(
                     "SELECT name, display FROM projects WHERE index_id=?", (b.id,)):
                 names.setdefault(norm, display)
         return names
-
-    def has_project(self, ix, norm):
-        return self.store.conn().execute(
-            "SELECT 1 FROM projects WHERE index_id=? AND name=?", (ix.id, norm)).fetchone() \
-            is not None
-
-    def project_display(self, ix, norm):
-        for b in self.resolve_bases(ix):
-            row = self.store.conn().execute(
-                "SELECT display FROM projects WHERE index_id=? AND name=?",
-                (b.id, norm)).fetchone()
-            if row:
-                return row[0]
-        return None
 
     _FILE_COLS = ("f.filename, f.rel, f.sha256, f.size, f.uploaded, f.requires_python, "
                   "f.core_metadata, v.yanked, f.for_filename, f.log")
@@ -2473,40 +2555,20 @@ class Model:
             return None
         return [File(ix.path, norm, r[0], r[1:]) for r in rows if r[1] is not None]
 
-    def project_files(self, ix, norm, mirror_files=None):
-        """Release files of a project through the index and its bases: a file name already
-        seen in an earlier index is not repeated. None if no index has the project.
-
-        devpi's shadowing protection: once the project exists in a private index of the
-        chain, mirrors contribute nothing unless the project (or ``*``) is in the
-        mirror_whitelist, combined along the chain by the asking index's
-        mirror_whitelist_inheritance. ``mirror_files(mirror_index, name)`` gives a mirror's
-        files (fetching them upstream); without it, mirrors give what they hold locally.
-        """
+    def project_files(self, walk, mirror_files=None):
+        """Release files of the walk's project through its visible indexes: a file name
+        already seen in an earlier index is not repeated. None if no index has the project.
+        ``mirror_files(mirror_index, name)`` gives a mirror's files (fetching them
+        upstream); without it, mirrors give what they hold locally."""
+        norm = walk.project
         files = []
         seen = set()
         found = False
-        whitelist = None
-        whitelisted = private_hit = False
-        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
-        for b in self.resolve_bases(ix):
+        for b in walk.visible:
             if b.is_mirror:
-                if private_hit and not whitelisted:
-                    continue
                 got = mirror_files(b, norm) if mirror_files else self.local_files(b, norm)
             else:
-                own = set(b.config.get("mirror_whitelist", []))
-                if whitelist is None:
-                    whitelist = own
-                elif inheritance == "union":
-                    whitelist = whitelist | own
-                else:
-                    whitelist = whitelist & own
-                got = self.local_files(b, norm)
-                if "*" in whitelist or norm in whitelist:
-                    whitelisted = True
-                elif got is not None:
-                    private_hit = True
+                got = self.local_files(b, norm) if walk.holds(b) else None
             if got is None:
                 continue
             found = True
@@ -2516,33 +2578,42 @@ class Model:
                     files.append(f)
         return files if found else None
 
-    def mirror_blocked(self, ix, norm):
-        """The mirror whose releases of ``norm`` the whitelist hides from ``ix``, or None."""
-        whitelist = None
-        whitelisted = private_hit = False
-        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
-        for b in self.resolve_bases(ix):
-            if b.is_mirror:
-                return b.path if private_hit and not whitelisted else None
-            own = set(b.config.get("mirror_whitelist", []))
-            whitelist = own if whitelist is None else (
-                whitelist | own if inheritance == "union" else whitelist & own)
-            if "*" in whitelist or norm in whitelist:
-                whitelisted = True
-            elif self.has_project(b, norm):
-                private_hit = True
-        return None
-
-    def project_versions(self, ix, norm):
-        """Every version string of a project through the index and its bases."""
+    def project_versions(self, ix, norm, reader):
+        """Every version string of a project through the index and its bases (the mirrors
+        the whitelist hides included: what they kept)."""
+        walk = self.walk(ix, norm, reader)
         out = set()
         c = self.store.conn()
-        for b in self.resolve_bases(ix):
-            for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
-                                  "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
-                                  (b.id, norm)):
-                out.add(v)
+        for b in walk.chain:
+            if walk.holds(b):
+                for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
+                                      "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
+                                      (b.id, norm)):
+                    out.add(v)
         return out
+
+    def releases(self, walk, mirror_data, version=None):
+        """{version: [(metadata, yanked, [File]), ...]} of the walk's project through its
+        visible indexes: first the release that counts, then the ones it shadows (devpi's
+        ``+shadowing``), in the order of the chain; only ``version`` if given. None when no
+        index has the project. ``mirror_data(mirror_index)`` gives a mirror's
+        {version: (metadata, yanked, [File])}, or None."""
+        out = {}
+        found = False
+        for b in walk.visible:
+            if b.is_mirror:
+                data = mirror_data(b)
+                if data is None:
+                    continue
+            elif walk.holds(b):
+                data = self.version_data(b, walk.project, version)
+            else:
+                continue
+            found = True
+            for ver, release in data.items():
+                if version is None or ver == version:
+                    out.setdefault(ver, []).append(release)
+        return out if found else None
 
     def version_data(self, ix, norm, version=None):
         """{version: (metadata dict, yanked, [File])} of one index's own project."""
@@ -4068,7 +4139,8 @@ class App:
             ix = m.require_index(path)
             result = m.public_config(ix, req.actor)
             if "no_projects" not in req.query:
-                result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
+                result["projects"] = sorted(m.project_names(ix, req.actor,
+                                                            ignore_bases=True))
             return api_result("indexconfig", result)
         if req.method == "PUT":
             body = req.json_body()
@@ -4181,20 +4253,22 @@ class App:
         data["+links"] = self._links(req, files)
         return data
 
-    def mirror_version_data(self, ix, norm, asking=None):
-        """{version: (metadata, yanked, [File])} of a mirrored project, as devpi lists it.
-        When another index asks (``asking``), a failing upstream counts as no project."""
+    def mirror_version_data(self, ix, walk):
+        """{version: (metadata, yanked, [File])} of the walk's project on the mirror ``ix``,
+        as devpi lists it. When another index asks, a failing upstream counts as no
+        project."""
+        norm = walk.project
         try:
             files = self.mirror.files(ix, norm)
         except UpstreamError as e:
-            if asking is None or asking is ix:
+            if walk.index is ix:
                 raise
-            log("WARNING: %s: %s" % (asking.path, e.message))
+            log("WARNING: %s: %s" % (walk.index.path, e.message))
             return None
         if files is None:
             return None
         display = self.mirror.page(ix, norm)
-        display = display[0] if display else (self.model.project_display(ix, norm) or norm)
+        display = display[0] if display else (walk.display_at(ix) or norm)
         out = {}
         for f in files:
             if f.version not in out:
@@ -4203,39 +4277,20 @@ class App:
             out[f.version][2].append(f)
         return out
 
+    def _shadowing_json(self, req, releases):
+        """The first of a version's releases (Model.releases) as JSON, with the ones it
+        shadows under devpi's ``+shadowing``."""
+        data = self._version_json(req, *releases[0])
+        if len(releases) > 1:
+            data["+shadowing"] = [self._version_json(req, *r) for r in releases[1:]]
+        return data
+
     def project_config(self, req, ix, norm, ignore_bases=False):
-        m = self.model
-        chain = [ix] if ignore_bases else m.resolve_bases(ix)
-        blocked = None if ignore_bases else m.mirror_blocked(ix, norm)
-        result = {}
-        found = False
-        for b in chain:
-            if b.is_mirror:
-                if blocked:
-                    continue
-                data = self.mirror_version_data(b, norm, asking=ix)
-                if data is None:
-                    continue
-                found = True
-                for ver, (meta, yanked, files) in data.items():
-                    vj = self._version_json(req, meta, yanked, files)
-                    if ver in result:
-                        result[ver].setdefault("+shadowing", []).append(vj)
-                    else:
-                        result[ver] = vj
-                continue
-            if not m.has_project(b, norm):
-                continue
-            found = True
-            for ver, (meta, yanked, files) in m.version_data(b, norm).items():
-                data = self._version_json(req, meta, yanked, files)
-                if ver in result:
-                    result[ver].setdefault("+shadowing", []).append(data)
-                else:
-                    result[ver] = data
-        if not found:
+        walk = self.model.walk(ix, norm, lambda: req.actor, ignore_bases)
+        releases = self.model.releases(walk, lambda b: self.mirror_version_data(b, walk))
+        if releases is None:
             raise not_found("no project %r" % norm)
-        return result
+        return {ver: self._shadowing_json(req, found) for ver, found in releases.items()}
 
     def route_version(self, req, user, index, project, version):
         m = self.model
@@ -4252,24 +4307,12 @@ class App:
             meta, yanked, files = m.version_data(ix, normalize_name(project), version)[version]
             return api_result("versiondata", self._version_json(req, meta, yanked, files))
         norm = self._norm_or_redirect(req, project)
-        result = None
-        blocked = m.mirror_blocked(ix, norm)
-        for b in m.resolve_bases(ix):
-            if b.is_mirror:
-                if blocked:
-                    continue
-                data = self.mirror_version_data(b, norm, asking=ix) or {}
-            else:
-                data = m.version_data(b, norm, version)
-            if version in data:
-                vj = self._version_json(req, *data[version])
-                if result is None:
-                    result = vj
-                else:
-                    result.setdefault("+shadowing", []).append(vj)
-        if result is None:
+        walk = m.walk(ix, norm, lambda: req.actor)
+        found = (m.releases(walk, lambda b: self.mirror_version_data(b, walk), version)
+                 or {}).get(version)
+        if not found:
             raise not_found("The version %s of project %s does not exist." % (version, norm))
-        return api_result("versiondata", result)
+        return api_result("versiondata", self._shadowing_json(req, found))
 
     # -- upload -------------------------------------------------------------------------
 
@@ -4476,7 +4519,7 @@ class App:
 
     def route_refresh(self, req, user, index, project):
         ix = self.model.require_index(user + "/" + index)
-        for b in self.model.resolve_bases(ix):
+        for b in self.model.chain(ix, req.actor):
             if b.is_mirror:
                 self.mirror.forget_project(b, normalize_name(project))
         return redirect(req.absolute("%s/+simple/%s/" % (ix.path, normalize_name(project))))
@@ -4525,7 +4568,7 @@ class App:
         key = ("root", ix.path, fmt, base)
         page = self.pages.get(key, validator)
         if page is None:
-            names = sorted(m.project_names(ix))
+            names = sorted(m.project_names(ix, lambda: req.actor))
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
             prefix = "" if prefix == "." else prefix + "/"
             if fmt == "json":
@@ -4552,14 +4595,14 @@ class App:
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
         key = ("project", ix.path, norm, fmt, base,
                req.outside_url() if absolute else None)
-        chain = m.resolve_bases(ix)
-        if chain[-1].is_mirror and not m.mirror_blocked(ix, norm):
-            for b in chain:
-                if b.is_mirror:
-                    self.mirror.ensure_fresh(b, norm)
+        mirrors = m.walk(ix, norm, lambda: req.actor).mirrors
+        if mirrors:
+            for b in mirrors:
+                self.mirror.ensure_fresh(b, norm)
             validator = (m.gen_config, m.gen_project.get(norm, 0))
         page = self.pages.get(key, validator)
         if page is None:
+            walk = m.walk(ix, norm, lambda: req.actor)  # (read after the validator)
             errors = []
 
             def mirror_files(b, name):
@@ -4570,17 +4613,17 @@ class App:
                 except UpstreamError as e:
                     errors.append(e)
                     return None
-            files = m.project_files(ix, norm, mirror_files=mirror_files)
+            files = m.project_files(walk, mirror_files=mirror_files)
             if errors:
                 if files is None:
                     raise errors[0]
                 log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
-                if self.mirror.offline and any(b.is_mirror for b in m.resolve_bases(ix)):
+                if self.mirror.offline and any(b.is_mirror for b in walk.chain):
                     raise not_found("The project %s is not kept locally (offline mode: no "
                                     "upstream traffic)" % norm)
                 raise not_found("The project %s does not exist." % norm)
-            display = m.project_display(ix, norm) or norm
+            display = walk.display or norm
             rendered = self.render_project(req, ix, norm, display, files, fmt, base, absolute)
             if errors:  # partial (a mirror failed): serve, but do not keep
                 page = CachedPage(None, *rendered)
@@ -4609,7 +4652,7 @@ class App:
                 d["size"] = f.size
                 d["upload-time"] = iso_upload_time(f.uploaded)
                 out.append(d)
-            versions |= self.model.project_versions(ix, norm)
+            versions |= self.model.project_versions(ix, norm, lambda: req.actor)
             body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
                                "versions": sorted(versions, key=version_key),
                                "files": out}).encode()
