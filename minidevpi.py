@@ -262,6 +262,12 @@ def check_filename(filename):
         raise bad_request("invalid filename %r" % (filename,))
 
 
+def file_relpath(index_path, sha256, filename):
+    """A stored file's path below the server root, devpi's layout:
+    user/index/+f/<3 hex>/<13 hex>/name, from the file's sha256 (or its first 16 digits)."""
+    return "%s/+f/%s/%s/%s" % (index_path, sha256[:3], sha256[3:16], filename)
+
+
 def split_filename(filename, version_hint=None):
     """(project part, version, kind) of a distribution filename, or None.
 
@@ -1122,6 +1128,7 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute("PRAGMA cache_size=-1024")  # 1 MiB a connection; the OS caches the rest
+        conn.row_factory = sqlite3.Row  # rows by column name (and still by position)
         return conn
 
     def conn(self):
@@ -1185,6 +1192,29 @@ class Store:
     def after_commit(self, fn):
         """Run fn(conn) once the current write transaction committed (lock still held)."""
         self._local.after_commit.append(fn)
+
+    # -- rows that more than one part writes --------------------------------------------
+
+    @staticmethod
+    def insert_index(c, user, name, config):
+        """A new index row (``config``: a dict); returns its id."""
+        return c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
+                         (user, name, json.dumps(config))).lastrowid
+
+    @staticmethod
+    def insert_file(c, index_id, version_id, filename, rel, sha256, size, uploaded,
+                    requires_python="", core_metadata=None, for_filename=None, log=(),
+                    replace=False):
+        """A file row, its bytes already in place; its URL is no longer a deleted file's.
+        ``replace``: a row of the same name on the index goes (else that is an error)."""
+        c.execute(
+            "INSERT " + ("OR REPLACE " if replace else "") + "INTO files (index_id, "
+            "version_id, filename, rel, sha256, size, uploaded, requires_python, "
+            "core_metadata, for_filename, log) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (index_id, version_id, filename, rel, sha256, size, uploaded, requires_python,
+             core_metadata, for_filename, json.dumps(list(log))))
+        c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
+                  (index_id, filename, sha256))
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -1440,6 +1470,16 @@ ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirro
                      "a mirror_url")
 
 
+def index_defaults(ixtype, user):
+    """The settings a new index of type ``ixtype`` owned by ``user`` starts with, as in
+    devpi (what a config does not say, whether created here or imported)."""
+    if ixtype == "mirror":
+        return {"type": "mirror", "volatile": True}
+    return {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
+            "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
+            "mirror_whitelist_inheritance": "intersection"}
+
+
 def parse_bool(value):
     if isinstance(value, bool):
         return value
@@ -1553,6 +1593,10 @@ class Index:
         self.name = name
         self.config = config
 
+    @classmethod
+    def from_row(cls, row):
+        return cls(row["id"], row["user"], row["name"], json.loads(row["config"]))
+
     @property
     def path(self):
         return self.user + "/" + self.name
@@ -1573,19 +1617,34 @@ class File:
                  "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
                  "log")
 
-    def __init__(self, index, project, version, row):
-        self.index = index
+    def __init__(self, index, project, version, filename, rel, sha256, size, uploaded,
+                 requires_python="", core_metadata=None, yanked=None, for_filename=None,
+                 log="[]"):
+        self.index = index  # the index's path
         self.project = project
         self.version = version
-        (self.filename, self.rel, self.sha256, self.size, self.uploaded,
-         self.requires_python, self.core_metadata, self.yanked, self.for_filename,
-         log_json) = row
-        self.log = log_json
+        self.filename = filename
+        self.rel = rel
+        self.sha256 = sha256
+        self.size = size
+        self.uploaded = uploaded
+        self.requires_python = requires_python
+        self.core_metadata = core_metadata  # sha256 of its PEP 658 metadata, or None
+        self.yanked = yanked  # None, or the reason ('' for none given)
+        self.for_filename = for_filename
+        self.log = log  # JSON text
+
+    @classmethod
+    def from_row(cls, index, project, version, row):
+        """From a database row with the columns of Model._FILE_COLS."""
+        return cls(index, project, version, row["filename"], row["rel"], row["sha256"],
+                   row["size"], row["uploaded"], row["requires_python"], row["core_metadata"],
+                   row["yanked"], row["for_filename"], row["log"])
 
     @property
     def relpath(self):
         """The file's path below the server root: user/index/+f/abc/def.../name."""
-        return "%s/+f/%s/%s/%s" % (self.index, self.sha256[:3], self.sha256[3:16], self.filename)
+        return file_relpath(self.index, self.sha256, self.filename)
 
 
 class BaseWalk:
@@ -1724,11 +1783,11 @@ class Model:
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
-        info = {"username": row[0]}
-        info.update(json.loads(row[2]))
-        info["created"] = row[3]
-        if row[4]:
-            info["modified"] = row[4]
+        info = {"username": row["name"]}
+        info.update(json.loads(row["config"]))
+        info["created"] = row["created"]
+        if row["modified"]:
+            info["modified"] = row["modified"]
         if with_indexes:
             info["indexes"] = {ix.name: self.public_config(ix, actor)
                                for ix in self.user_indexes(name)}
@@ -1796,7 +1855,7 @@ class Model:
             raise bad_request("user config must be a JSON object")
         body = {k: v for k, v in body.items()
                 if k not in ("created", "modified", "username", "indexes")}
-        stored = json.loads(row[2])
+        stored = json.loads(row["config"])
         # keys it already has (imported from devpi's plugins) come back from devpi-client
         unknown = sorted(k for k in body if k not in self.USER_KEYS and k not in stored)
         if unknown:
@@ -1804,9 +1863,9 @@ class Model:
         password = body.pop("password", None)
         if password is not None and not isinstance(password, str):
             raise bad_request("password must be a string")
-        config = self._user_config(json.loads(row[2]), body)
+        config = self._user_config(stored, body)
         with self.store.write() as c:
-            pwhash = row[1] if password is None else hash_password(password)
+            pwhash = row["pwhash"] if password is None else hash_password(password)
             c.execute("UPDATE users SET pwhash=?, config=?, modified=? WHERE name=?",
                       (pwhash, json.dumps(config), utcnow_iso(), name))
         if password is not None:
@@ -1885,11 +1944,11 @@ class Model:
         if pending is not None:
             pending.wait()
         row = self.get_user_row(name)
-        if row is not None and self.check_token(name, secret, row[1]):
+        if row is not None and self.check_token(name, secret, row["pwhash"]):
             return name
         key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
                               "sha256").digest())
-        if row is not None and self._auth_cache.get(key) == row[1]:
+        if row is not None and self._auth_cache.get(key) == row["pwhash"]:
             return name
         # Every name tried takes the same way and costs one key derivation, whether such a
         # user exists or not, so that names can't be probed by timing. The ones waiting for
@@ -1897,10 +1956,10 @@ class Model:
         with self.throttle.check(name, source):
             ok = False
             if row is not None:
-                if self._auth_cache.get(key) == row[1]:
+                if self._auth_cache.get(key) == row["pwhash"]:
                     return name
-                ok = verify_password(secret, row[1])
-            if row is None or not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
+                ok = verify_password(secret, row["pwhash"])
+            if row is None or not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
                 if self._dummy_hash is None:
                     self._dummy_hash = hash_password(secrets.token_hex(8))
                 verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
@@ -1908,13 +1967,13 @@ class Model:
             self.throttle.failed(name, source)
             return None
         self.throttle.succeeded(name, source)
-        if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
+        if not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
             self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
             row = self.get_user_row(name)
         with self._auth_cache_lock:
             if len(self._auth_cache) > 4096:
                 self._auth_cache.clear()
-            self._auth_cache[key] = row[1]
+            self._auth_cache[key] = row["pwhash"]
         return name
 
     def _token_sig(self, name, issued, pwhash):
@@ -1926,7 +1985,7 @@ class Model:
         row = self.get_user_row(name)
         issued = int(time.time())
         return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
-                                  self._token_sig(name, issued, row[1]))
+                                  self._token_sig(name, issued, row["pwhash"]))
 
     def check_token(self, name, token, pwhash):
         parts = token.split(".")
@@ -1961,7 +2020,7 @@ class Model:
             (user, name)).fetchone()
         if row is None:
             return None
-        ix = Index(row[0], row[1], row[2], json.loads(row[3]))
+        ix = Index.from_row(row)
         if len(self._index_cache) > 10000:
             self._index_cache = {}
         self._index_cache[path] = ix
@@ -1976,12 +2035,12 @@ class Model:
     def user_indexes(self, user):
         rows = self.store.conn().execute(
             "SELECT id, user, name, config FROM indexes WHERE user=? ORDER BY name", (user,))
-        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+        return [Index.from_row(r) for r in rows]
 
     def all_indexes(self):
         rows = self.store.conn().execute(
             "SELECT id, user, name, config FROM indexes ORDER BY user, name")
-        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+        return [Index.from_row(r) for r in rows]
 
     def public_config(self, ix, actor=None):
         return self.shown_config(ix.config, actor)
@@ -2057,12 +2116,7 @@ class Model:
         ixtype = body.get("type", "stage")
         if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
             raise forbidden(ONLY_ROOT_MIRRORS)
-        if ixtype == "mirror":
-            config = {"type": "mirror", "volatile": True}
-        else:
-            config = {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
-                      "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
-                      "mirror_whitelist_inheritance": "intersection"}
+        config = index_defaults(ixtype, user)
         config.update(body)
         if ixtype == "mirror" and "mirror_url" not in config:
             raise bad_request("a mirror index needs a mirror_url")
@@ -2074,8 +2128,7 @@ class Model:
             if c.execute("SELECT 1 FROM indexes WHERE user=? AND name=?",
                          (user, name)).fetchone():
                 raise HTTPError(409, "index %r exists" % path)
-            c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
-                      (user, name, json.dumps(config)))
+            self.store.insert_index(c, user, name, config)
             self._changed(config=True)
         return config
 
@@ -2089,7 +2142,7 @@ class Model:
             row = c.execute("SELECT config FROM indexes WHERE id=?", (ix.id,)).fetchone()
             if row is None:
                 raise not_found("The stage %s could not be found." % path)
-            current = json.loads(row[0])
+            current = json.loads(row["config"])
             new = apply_index_patch(current, patch)
             to_mirror = new.get("type") == "mirror" and current["type"] != "mirror"
             if actor != "root" and (to_mirror or
@@ -2215,10 +2268,11 @@ class Model:
                         (project_id, version)).fetchone()
         if row:
             if meta:
-                old = json.loads(row[1])
+                old = json.loads(row["metadata"])
                 old.update({k: v for k, v in meta.items() if v not in ("", [])})
-                c.execute("UPDATE versions SET metadata=? WHERE id=?", (json.dumps(old), row[0]))
-            return row[0]
+                c.execute("UPDATE versions SET metadata=? WHERE id=?",
+                          (json.dumps(old), row["id"]))
+            return row["id"]
         return c.execute("INSERT INTO versions (project_id, version, metadata, created) "
                          "VALUES (?,?,?,?)", (project_id, version, json.dumps(meta), now)).lastrowid
 
@@ -2259,32 +2313,24 @@ class Model:
                                 "WHERE index_id=? AND filename=?", (ix.id, filename)).fetchone()
                 log_list = [entry]
                 if old is not None:
-                    if old[1] == sha256:
+                    if old["sha256"] == sha256:
                         if not ix.volatile:
                             _unlink_quiet(tmp_path)
                             return "Upload of identical file to non volatile index."
                     elif not ix.volatile:
                         raise HTTPError(409, "%s already exists in non-volatile index" % filename)
-                    prev = json.loads(old[2])
+                    prev = json.loads(old["log"])
                     count = max([e.get("count", 1) for e in prev
                                  if e.get("what") == "overwrite"] or [0]) + 1
                     log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
                                  "count": count}, entry]
-                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
-                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
-                              (ix.id, filename, old[1]))
-                    self.store.drop_unused_blobs([old[1], old[3]])
+                    self._retire_file(c, ix.id, old["id"], filename, old["sha256"],
+                                      old["core_metadata"])
                 pid = self._project_id(c, ix, norm, name, True)
                 vid = self._version_id(c, pid, version, meta, now)
                 self.store.place_blob(tmp_path, sha256)
-                c.execute(
-                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
-                    "uploaded, requires_python, core_metadata, for_filename, log) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (ix.id, vid, filename, rel, sha256, size, now, requires_python,
-                     core_metadata, for_filename, json.dumps(log_list)))
-                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
-                          (ix.id, filename, sha256))
+                self.store.insert_file(c, ix.id, vid, filename, rel, sha256, size, now,
+                                       requires_python, core_metadata, for_filename, log_list)
                 self._changed(projects=[norm])
             return reason
         finally:
@@ -2339,7 +2385,7 @@ class Model:
                 core_sha = self.store.put_bytes(core)
             reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size,
                                    meta, core_metadata=core_sha)
-        return reason, "%s/+f/%s/%s/%s" % (ix.path, sha256[:3], sha256[3:16], filename)
+        return reason, file_relpath(ix.path, sha256, filename)
 
     def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
         """Store a documentation zip for a release (``:action=doc_upload``)."""
@@ -2361,12 +2407,20 @@ class Model:
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
                              rel="doczip")
 
+    def _retire_file(self, c, index_id, file_id, filename, sha256, core_metadata):
+        """Drop a file row that another of its name replaces: its URL answers 410, and its
+        blobs go once nothing names them."""
+        c.execute("DELETE FROM files WHERE id=?", (file_id,))
+        c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (index_id, filename, sha256))
+        self.store.drop_unused_blobs([sha256, core_metadata])
+
     def _delete_files(self, c, ix, where, args):
         rows = c.execute("SELECT f.id, f.filename, f.sha256, f.core_metadata FROM files f "
                          "WHERE " + where, args).fetchall()
-        for _id, filename, sha, _meta in rows:
-            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (ix.id, filename, sha))
-        shas = [r[2] for r in rows] + [r[3] for r in rows]
+        for r in rows:
+            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
+                      (ix.id, r["filename"], r["sha256"]))
+        shas = [r["sha256"] for r in rows] + [r["core_metadata"] for r in rows]
         self.store.drop_unused_blobs(shas)
         return rows
 
@@ -2418,17 +2472,17 @@ class Model:
                 "SELECT f.id, f.sha256, p.name FROM files f JOIN versions v ON f.version_id=v.id "
                 "JOIN projects p ON v.project_id=p.id WHERE f.index_id=? AND f.filename=?",
                 (ix.id, filename)).fetchone()
-            if row is None or not row[1].startswith(sha_prefix):
+            if row is None or not row["sha256"].startswith(sha_prefix):
                 if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? "
                              "AND sha256 LIKE ?", (ix.id, filename, sha_prefix + "%")).fetchone():
                     raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
                 raise not_found("no such file")
             # toxresults of this file go with it
             self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
-                               (ix.id, row[0], filename))
+                               (ix.id, row["id"], filename))
             c.execute("DELETE FROM files WHERE index_id=? AND (id=? OR for_filename=?)",
-                      (ix.id, row[0], filename))
-            self._changed(projects=[row[2]])
+                      (ix.id, row["id"], filename))
+            self._changed(projects=[row["name"]])
 
     def set_yanked(self, actor, ix, name, version, yanked):
         """PEP 592: yank (True or a reason) or unyank (False) a release on a private index."""
@@ -2481,46 +2535,44 @@ class Model:
             if found is None:
                 raise bad_request("there are no files for %s %s on stage %s"
                                   % (name, version, src.path))
-            ix, (vid, meta_json, display, version) = found
+            ix, release = found
+            display, version = release["display"], release["version"]
             files = c.execute(
                 "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
                 "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
-                (vid,)).fetchall()
+                (release["id"],)).fetchall()
             if no_docs:
-                files = [f for f in files if f[1] != "doczip"]
+                files = [f for f in files if f["rel"] != "doczip"]
             if only_docs:
-                files = [f for f in files if f[1] == "doczip"]
+                files = [f for f in files if f["rel"] == "doczip"]
             actionlog = [[200, "register", display, version, "->", target.path]]
-            for (filename, rel, sha, size, uploaded, rp, cm) in files:
+            for f in files:
                 old = c.execute("SELECT sha256 FROM files WHERE index_id=? AND filename=?",
-                                (target.id, filename)).fetchone()
-                if old is not None and not target.volatile and old[0] != sha:
-                    raise HTTPError(409, "%s already exists in non-volatile index" % filename)
+                                (target.id, f["filename"])).fetchone()
+                if old is not None and not target.volatile and old["sha256"] != f["sha256"]:
+                    raise HTTPError(409, "%s already exists in non-volatile index"
+                                    % f["filename"])
             pid = self._project_id(c, target, norm, display, True)
-            tvid = self._version_id(c, pid, version, json.loads(meta_json), now)
-            for (filename, rel, sha, size, uploaded, rp, cm) in files:
-                store_what = "store_%s" % ("releasefile" if rel == "releasefile" else "doczip")
-                stored = "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16], filename)
+            tvid = self._version_id(c, pid, version, json.loads(release["metadata"]), now)
+            for f in files:
+                filename, sha = f["filename"], f["sha256"]
+                store_what = "store_%s" % ("releasefile" if f["rel"] == "releasefile"
+                                           else "doczip")
+                stored = file_relpath(target.path, sha, filename)
                 old = c.execute("SELECT id, sha256, core_metadata FROM files "
                                 "WHERE index_id=? AND filename=?",
                                 (target.id, filename)).fetchone()
                 if old is not None:
-                    if old[1] == sha:
+                    if old["sha256"] == sha:
                         actionlog.append([200, store_what, stored])
                         continue
-                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
-                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
-                              (target.id, filename, old[1]))
-                    self.store.drop_unused_blobs([old[1], old[2]])
+                    self._retire_file(c, target.id, old["id"], filename, sha256=old["sha256"],
+                                      core_metadata=old["core_metadata"])
                 entry = {"what": "push", "who": actor, "when": when_list(now),
                          "src": ix.path, "dst": target.path}
-                c.execute(
-                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
-                    "uploaded, requires_python, core_metadata, log) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (target.id, tvid, filename, rel, sha, size, uploaded, rp, cm,
-                     json.dumps([entry])))
-                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
-                          (target.id, filename, sha))
+                self.store.insert_file(c, target.id, tvid, filename, f["rel"], sha, f["size"],
+                                       f["uploaded"], f["requires_python"], f["core_metadata"],
+                                       log=[entry])
                 actionlog.append([200, store_what, stored])
             self._changed(projects=[norm])
         return actionlog
@@ -2553,7 +2605,8 @@ class Model:
                          (ix.id, norm)).fetchone():
                 return []
             return None
-        return [File(ix.path, norm, r[0], r[1:]) for r in rows if r[1] is not None]
+        return [File.from_row(ix.path, norm, r["version"], r) for r in rows
+                if r["filename"] is not None]
 
     def project_files(self, walk, mirror_files=None):
         """Release files of the walk's project through its visible indexes: a file name
@@ -2626,8 +2679,8 @@ class Model:
             args.append(version)
         out = {}
         for vid, ver, meta, yanked, display in c.execute(sql, args).fetchall():
-            files = [File(ix.path, norm, ver, r) for r in c.execute(
-                "SELECT " + self._FILE_COLS.replace("v.yanked", "NULL") +
+            files = [File.from_row(ix.path, norm, ver, r) for r in c.execute(
+                "SELECT " + self._FILE_COLS.replace("v.yanked", "NULL AS yanked") +
                 " FROM files f WHERE f.version_id=? ORDER BY f.id", (vid,))]
             meta = json.loads(meta)
             meta = full_metadata(display, ver, meta)
@@ -2641,13 +2694,12 @@ class Model:
             "SELECT p.name, v.version, " + self._FILE_COLS + " FROM files f "
             "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
             "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
-        if row is None or not row[4].startswith(sha_prefix):
+        if row is None or not row["sha256"].startswith(sha_prefix):
             if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
                          (ix.id, filename, sha_prefix + "%")).fetchone():
                 raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
             raise not_found("no such file")
-        f = File(ix.path, row[0], row[1], row[2:])
-        return f
+        return File.from_row(ix.path, row["name"], row["version"], row)
 
 
 # ===================================================================================
@@ -3136,10 +3188,11 @@ class Mirror:
             version = split[1] if split else ""
             kept = have.pop(e["filename"], None)
             core = e["core_metadata"]
-            row = (e["filename"], "releasefile", e["sha256"], e["size"] or 0,
-                   e["upload_time"] or (kept.uploaded if kept else 0), e["requires_python"],
-                   core, e["yanked"], None, "[]")
-            out.append(File(ix.path, norm, version, row))
+            out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
+                            sha256=e["sha256"], size=e["size"] or 0,
+                            uploaded=e["upload_time"] or (kept.uploaded if kept else 0),
+                            requires_python=e["requires_python"], core_metadata=core,
+                            yanked=e["yanked"]))
         out.extend(have.values())
         return out
 
@@ -4241,8 +4294,7 @@ class App:
             link = {"rel": f.rel, "href": href, "hash_spec": "sha256=" + f.sha256,
                     "hashes": {"sha256": f.sha256}, "log": json.loads(f.log)}
             if f.for_filename:
-                link["for_href"] = req.absolute(
-                    "%s/+f/%s/%s/%s" % (f.index, f.sha256[:3], f.sha256[3:16], f.for_filename))
+                link["for_href"] = req.absolute(file_relpath(f.index, f.sha256, f.for_filename))
             links.append(link)
         return links
 
@@ -4419,8 +4471,8 @@ class App:
         ix = m.require_index(user + "/" + index)
         if req.method == "DELETE":
             m.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
-            return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
-                ix.path, h3, h13, filename)))
+            return message_response("package %r deleted"
+                                    % file_relpath(ix.path, h3 + h13, filename))
         metadata = False
         try:
             if filename.endswith(".metadata"):  # (no distribution's name ends so)
@@ -5163,16 +5215,15 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
         if url:
             config["mirror_url"] = url
             with store.write() as c:
-                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
-                          (json.dumps(model.validate_index_config("root/pypi", config)),))
+                store.insert_index(c, "root", "pypi",
+                                   model.validate_index_config("root/pypi", config))
         else:
             log("warning: no upstream index found for root/pypi (no PIP_INDEX_URL, no pip "
                 "configuration, pip not importable); set one with "
                 "'devpi index root/pypi mirror_url=URL'")
             config["mirror_url"] = "http://127.0.0.1:9/simple/"
             with store.write() as c:
-                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
-                          (json.dumps(config),))
+                store.insert_index(c, "root", "pypi", config)
     return store, model
 
 
@@ -5440,8 +5491,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     elif rel == "toxresult":
                         rsha = sha_of.get(for_filename, "")
                         relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
-                        f["for_entrypath"] = "%s/+f/%s/%s/%s" % (path, rsha[:3], rsha[3:16],
-                                                                 for_filename)
+                        f["for_entrypath"] = file_relpath(path, rsha, for_filename)
                     else:
                         relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
                     dest = os.path.join(target, *relpath.split("/"))
@@ -5748,10 +5798,6 @@ def _base_cycle(indexes):
     return []
 
 
-INDEX_DEFAULTS = {"bases": [], "volatile": True, "acl_toxresult_upload": [":ANONYMOUS:"],
-                  "mirror_whitelist": [], "mirror_whitelist_inheritance": "intersection"}
-
-
 def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_pypi=True,
                   skip_types=(), hard_links=False, quiet=False):
     """Create a server at ``serverdir`` (new or empty) from a devpi or minidevpi dump.
@@ -5913,15 +5959,10 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
-        if config["type"] == "stage":
-            for k, v in INDEX_DEFAULTS.items():
-                config.setdefault(k, list(v) if isinstance(v, list) else v)
-            config.setdefault("acl_upload", [user])
-        else:
-            config.setdefault("volatile", True)
+        for k, v in index_defaults(config["type"], user).items():
+            config.setdefault(k, v)
         with store.write() as c:
-            ix_id = c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
-                              (user, path.split("/", 1)[1], json.dumps(config))).lastrowid
+            ix_id = store.insert_index(c, user, path.split("/", 1)[1], config)
             _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress)
         imported += 1
     # bases left out (skipped, or not in the export) would make the index unmodifiable
@@ -6010,12 +6051,9 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
         if f["type"] == "toxresult":
             for_filename = os.path.basename(f.get("for_entrypath") or "") or None
         size = os.path.getsize(dest)
-        c.execute("INSERT OR REPLACE INTO files (index_id, version_id, filename, rel, sha256, "
-                  "size, uploaded, requires_python, core_metadata, for_filename, log) "
-                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                  (ix_id, vid, filename, f["type"], sha, size, uploaded,
-                   requires_python if f["type"] == "releasefile" else "", core, for_filename,
-                   json.dumps(log_list)))
+        store.insert_file(c, ix_id, vid, filename, f["type"], sha, size, uploaded,
+                          requires_python if f["type"] == "releasefile" else "", core,
+                          for_filename, log_list, replace=True)
         progress.add(size)
 
 
