@@ -59,7 +59,6 @@ import socketserver
 import sqlite3
 import stat
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -80,6 +79,8 @@ DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
 DEVPI_API_VERSION = "2"
+DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
+COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
 SCHEMA_VERSION = 2
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
@@ -131,6 +132,11 @@ def not_found(message):
 
 def forbidden(message):
     return HTTPError(403, message)
+
+
+def unauthorized():
+    """401 for an anonymous request that needs a user: clients then send credentials."""
+    return HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
 
 
 # ===================================================================================
@@ -192,6 +198,7 @@ _VERSION_RE = re.compile(
     \s*$""", re.VERBOSE | re.IGNORECASE)
 
 _INF = float("inf")
+_PRE_ALIASES = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}  # PEP 440
 
 
 def version_key(version):
@@ -203,7 +210,7 @@ def version_key(version):
     while len(release) > 1 and release[-1] == 0:
         release = release[:-1]
     pre_l = (m.group("pre_l") or "").lower()
-    pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+    pre_l = _PRE_ALIASES.get(pre_l, pre_l)
     post = m.group("post_n1") or m.group("post_n2")
     if post is None and m.group("post_l"):
         post = "0"
@@ -222,11 +229,6 @@ def version_key(version):
     return (int(m.group("epoch") or 0), release, pre, post_k, dev_k, local_k)
 
 
-def is_prerelease(version):
-    m = _VERSION_RE.match(version)
-    return bool(m and (m.group("pre_l") or m.group("dev_l")))
-
-
 def normalize_version(version):
     """Canonical spelling of a PEP 440 version (for comparing names in filenames)."""
     m = _VERSION_RE.match(version)
@@ -238,7 +240,7 @@ def normalize_version(version):
     out += ".".join(str(int(x)) for x in m.group("release").split("."))
     pre_l = (m.group("pre_l") or "").lower()
     if pre_l:
-        pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+        pre_l = _PRE_ALIASES.get(pre_l, pre_l)
         out += "%s%d" % (pre_l, int(m.group("pre_n") or 0))
     post = m.group("post_n1") or m.group("post_n2")
     if post is not None or m.group("post_l"):
@@ -308,6 +310,25 @@ def split_filename(filename, version_hint=None):
     if not name or not ver:
         return None
     return name, ver, kind
+
+
+def filename_version(filename):
+    """The version in a distribution's file name ('' when the name has none)."""
+    split = split_filename(filename)
+    return split[1] if split else ""
+
+
+def copy_hashed(fin, fout, *hashes):
+    """Read ``fin`` to its end, feeding every hash and writing to ``fout`` (if not None);
+    returns the number of bytes."""
+    size = 0
+    for chunk in iter(lambda: fin.read(COPY_CHUNK), b""):
+        for h in hashes:
+            h.update(chunk)
+        if fout is not None:
+            fout.write(chunk)
+        size += len(chunk)
+    return size
 
 
 # Core metadata fields, as devpi keeps them per version (lists are multiple-use fields).
@@ -1789,7 +1810,7 @@ class Model:
         if row["modified"]:
             info["modified"] = row["modified"]
         if with_indexes:
-            info["indexes"] = {ix.name: self.public_config(ix, actor)
+            info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
                                for ix in self.user_indexes(name)}
         return info
 
@@ -2042,9 +2063,6 @@ class Model:
             "SELECT id, user, name, config FROM indexes ORDER BY user, name")
         return [Index.from_row(r) for r in rows]
 
-    def public_config(self, ix, actor=None):
-        return self.shown_config(ix.config, actor)
-
     @staticmethod
     def shown_config(config, actor):
         """An index config as ``actor`` may see it: a mirror_url's credentials are shown to
@@ -2239,15 +2257,14 @@ class Model:
             raise not_found("cannot submit to mirror index")
         if not self.can_upload(actor, ix):
             if actor is None:
-                raise HTTPError(401, "Unauthorized",
-                                {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to submit")
 
     def check_release_admin(self, actor, ix):
         """Removing releases: the index owner or root (as devpi)."""
         if not self.can_modify_index(actor, ix.user):
             if actor is None:
-                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to modify index %s" % ix.path)
 
     # -- releases: writing ------------------------------------------------------------------
@@ -2303,7 +2320,6 @@ class Model:
             requires_python = meta.get("requires_python", "") or ""
             entry = log_entry or {"what": "upload", "who": actor, "when": when_list(now),
                                   "dst": ix.path}
-            reason = "OK"
             with self.store.write() as c:
                 if c.execute("SELECT 1 FROM indexes WHERE id=?", (ix.id,)).fetchone() is None:
                     raise not_found("The stage %s could not be found." % ix.path)
@@ -2332,7 +2348,7 @@ class Model:
                 self.store.insert_file(c, ix.id, vid, filename, rel, sha256, size, now,
                                        requires_python, core_metadata, for_filename, log_list)
                 self._changed(projects=[norm])
-            return reason
+            return "OK"
         finally:
             if os.path.exists(tmp_path):
                 _unlink_quiet(tmp_path)
@@ -2473,10 +2489,7 @@ class Model:
                 "JOIN projects p ON v.project_id=p.id WHERE f.index_id=? AND f.filename=?",
                 (ix.id, filename)).fetchone()
             if row is None or not row["sha256"].startswith(sha_prefix):
-                if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? "
-                             "AND sha256 LIKE ?", (ix.id, filename, sha_prefix + "%")).fetchone():
-                    raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
-                raise not_found("no such file")
+                raise self._missing_file(c, ix, filename, sha_prefix)
             # toxresults of this file go with it
             self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
                                (ix.id, row["id"], filename))
@@ -2491,7 +2504,7 @@ class Model:
         if not (self.can_modify_index(actor, ix.user) or
                 (actor is not None and self.can_upload(actor, ix))):
             if actor is None:
-                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to yank on %s" % ix.path)
         if yanked is True:
             value = ""
@@ -2687,6 +2700,14 @@ class Model:
             out[ver] = (meta, yanked, files)
         return out
 
+    @staticmethod
+    def _missing_file(c, ix, filename, sha_prefix):
+        """The error for a +f URL that names no file: 410 if it named a deleted one."""
+        if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
+                     (ix.id, filename, sha_prefix + "%")).fetchone():
+            return HTTPError(410, "file %r existed, deleted in later serial" % filename)
+        return not_found("no such file")
+
     def find_file(self, ix, filename, sha_prefix):
         """(File, blob path) for a +f URL; raises 404, or 410 for a deleted file."""
         c = self.store.conn()
@@ -2695,10 +2716,7 @@ class Model:
             "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
             "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
         if row is None or not row["sha256"].startswith(sha_prefix):
-            if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
-                         (ix.id, filename, sha_prefix + "%")).fetchone():
-                raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
-            raise not_found("no such file")
+            raise self._missing_file(c, ix, filename, sha_prefix)
         return File.from_row(ix.path, row["name"], row["version"], row)
 
 
@@ -3184,8 +3202,7 @@ class Mirror:
         for e in entries:
             if e["sha256"] is None or not _file_of_project(e["filename"], norm):
                 continue  # nothing to check the bytes against, or another project's
-            split = split_filename(e["filename"])
-            version = split[1] if split else ""
+            version = filename_version(e["filename"])
             kept = have.pop(e["filename"], None)
             core = e["core_metadata"]
             out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
@@ -3322,8 +3339,7 @@ class Mirror:
             cleanup()
 
     def _keep(self, ix, display, entry, tmp, size):
-        split = split_filename(entry["filename"])
-        version = split[1] if split else "0"
+        version = filename_version(entry["filename"])
         meta = {"requires_python": entry["requires_python"]} if entry["requires_python"] else {}
         core = entry["core_metadata"]
         if core and not os.path.exists(self.store.blob_path(core)):
@@ -4140,7 +4156,7 @@ class App:
 
     def route_status(self, req):
         return api_result("status", {
-            "versioninfo": {"devpi-server": "6.20.3", "minidevpi": __version__},
+            "versioninfo": {"devpi-server": DEVPI_SERVER_VERSION, "minidevpi": __version__},
             "serial": self.store.serial, "uuid": self.store.uuid,
             "serverdir": self.store.serverdir, "outside-url": self.outside_url,
             "host": req.handler.server.server_address[0],
@@ -4190,7 +4206,7 @@ class App:
             if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
                 return self.simple_root(req, m.require_index(path))
             ix = m.require_index(path)
-            result = m.public_config(ix, req.actor)
+            result = m.shown_config(ix.config, req.actor)
             if "no_projects" not in req.query:
                 result["projects"] = sorted(m.project_names(ix, req.actor,
                                                             ignore_bases=True))
@@ -4450,9 +4466,7 @@ class App:
             else:
                 hashers[k] = hashlib.blake2b(digest_size=32)
         with open(part.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1024 * 1024), b""):
-                for h in hashers.values():
-                    h.update(chunk)
+            copy_hashed(f, None, *hashers.values())
         for k, v in others:
             if k in hashers and hashers[k].hexdigest() != v:
                 raise bad_request("%s does not match the uploaded file" % k)
@@ -4750,7 +4764,8 @@ class App:
 # -- the handler and the server -------------------------------------------------------
 
 COMMON_HEADERS = [("X-Devpi-Api-Version", DEVPI_API_VERSION),
-                  ("X-Devpi-Server-Version", "6.20.3 (minidevpi %s)" % __version__),
+                  ("X-Devpi-Server-Version", "%s (minidevpi %s)" % (DEVPI_SERVER_VERSION,
+                                                                     __version__)),
                   ("X-Content-Type-Options", "nosniff")]
 # Time bounds. The request line and headers must be in within the connection timeout of
 # the connection's previous answer (or its opening); a body, from when the server starts
@@ -5723,17 +5738,11 @@ def _stage_file(dump, rel, dest, hard_links, notes, wheel=False):
             if (opened.st_dev, opened.st_ino) != (placed.st_dev, placed.st_ino):
                 _unlink_quiet(dest)
                 raise DumpFileRefused("%s changed while it was read" % rel)
-            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
-                h.update(chunk)
-                size += len(chunk)
+            size = copy_hashed(fin, None, h)
             return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
         with contextlib.ExitStack() as stack:
             fout = stack.enter_context(open(dest, "wb")) if dest is not None else None
-            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
-                h.update(chunk)
-                if fout is not None:
-                    fout.write(chunk)
-                size += len(chunk)
+            size = copy_hashed(fin, fout, h)
     if dest is None:
         return h.hexdigest(), size, None, None
     return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
@@ -5760,8 +5769,7 @@ def _version_of(f):
     its file name."""
     if f.get("version"):
         return str(f["version"])
-    split = split_filename(os.path.basename(f["relpath"]))
-    return split[1] if split else ""
+    return filename_version(os.path.basename(f["relpath"]))
 
 
 def _want_sha256(f):
@@ -6208,10 +6216,7 @@ class Server:
             else:
                 filename = filename or os.path.basename(str(path_or_bytes))
                 with open(str(path_or_bytes), "rb") as src:
-                    for chunk in iter(lambda: src.read(1024 * 1024), b""):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
+                    size = copy_hashed(src, f, digest)
         _reason, relpath = self.model.upload_file("root", ix, filename, tmp, digest.hexdigest(),
                                                   size, [])
         return "%s/%s" % (self.url, relpath)
