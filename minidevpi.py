@@ -1468,6 +1468,125 @@ class LoginThrottle:
             self._failures.pop(("pair", source, name), None)
 
 
+class Accounts:
+    """Who is who: password hashes (computed in the background where asked), login
+    tokens, the cache of passwords already checked, and the login throttle. The users'
+    other data and the rules about them live in the Model."""
+
+    def __init__(self, store):
+        self.store = store
+        self._auth_cache = {}
+        self._auth_cache_lock = threading.Lock()
+        self._pending_hashes = {}  # user name -> Event, while a hash is computed
+        self.throttle = LoginThrottle()
+        self._dummy_hash = None
+
+    def get_user_row(self, name):
+        return self.store.conn().execute(
+            "SELECT name, pwhash, config, created, modified FROM users WHERE name=?",
+            (name,)).fetchone()
+
+    def set_password_hash(self, name, pwhash):
+        with self.store.write() as c:
+            c.execute("UPDATE users SET pwhash=?, modified=? WHERE name=?",
+                      (pwhash, utcnow_iso(), name))
+
+    def set_password_soon(self, name, password):
+        """Hash a password in the background, so that an embedded server starts at once.
+
+        Until the hash is stored the account has none that any password matches;
+        authentication of that user waits for it.
+        """
+        done = threading.Event()
+        self._pending_hashes[name] = done
+
+        def work():
+            try:
+                pwhash = hash_password(password)
+                with self.store.write() as c:
+                    c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
+                              (pwhash, name))
+            finally:
+                self.store.release_conn()
+                done.set()
+                self._pending_hashes.pop(name, None)
+        threading.Thread(target=work, name="hash-" + name, daemon=True).start()
+
+    def wait_pending_hashes(self):
+        for ev in list(self._pending_hashes.values()):
+            ev.wait()
+
+    def authenticate(self, name, secret, source=None):
+        """The user name if ``secret`` is the user's password or a valid login token.
+        ``source``: the client's address, for throttling (see LoginThrottle)."""
+        pending = self._pending_hashes.get(name)
+        if pending is not None:
+            pending.wait()
+        row = self.get_user_row(name)
+        if row is not None and self.check_token(name, secret, row["pwhash"]):
+            return name
+        key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
+                              "sha256").digest())
+        if row is not None and self._auth_cache.get(key) == row["pwhash"]:
+            return name
+        # Every name tried takes the same way and costs one key derivation, whether such a
+        # user exists or not, so that names can't be probed by timing. The ones waiting for
+        # a slot often find the answer cached by the one before them.
+        with self.throttle.check(name, source):
+            ok = False
+            if row is not None:
+                if self._auth_cache.get(key) == row["pwhash"]:
+                    return name
+                ok = verify_password(secret, row["pwhash"])
+            if row is None or not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
+                if self._dummy_hash is None:
+                    self._dummy_hash = hash_password(secrets.token_hex(8))
+                verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
+        if not ok:
+            self.throttle.failed(name, source)
+            return None
+        self.throttle.succeeded(name, source)
+        if not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
+            self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
+            row = self.get_user_row(name)
+        with self._auth_cache_lock:
+            if len(self._auth_cache) > 4096:
+                self._auth_cache.clear()
+            self._auth_cache[key] = row["pwhash"]
+        return name
+
+    def _token_sig(self, name, issued, pwhash):
+        # The password hash takes part: a password change invalidates every older token.
+        msg = "%s\0%d\0%s" % (name, issued, pwhash)
+        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest())
+
+    def make_token(self, name):
+        row = self.get_user_row(name)
+        issued = int(time.time())
+        return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
+                                  self._token_sig(name, issued, row["pwhash"]))
+
+    def check_token(self, name, token, pwhash):
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "mdp1":
+            return False
+        try:
+            if _b64d(parts[1]).decode() != name:
+                return False
+            issued = int(parts[2])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return False
+        now = time.time()
+        if issued > now + 60 or issued + TOKEN_LIFETIME < now:
+            return False
+        return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
+
+    def login(self, name, password, source=None):
+        if self.authenticate(name, password, source) is None:
+            raise HTTPError(401, "user %r could not be authenticated" % name)
+        return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
+
+
 # -- index configuration -------------------------------------------------------------
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
@@ -1768,11 +1887,8 @@ class Model:
         self.gen_config = 0
         self.gen_projects = 0
         self.gen_project = {}
-        self._auth_cache = {}
-        self._auth_cache_lock = threading.Lock()
-        self._pending_hashes = {}  # user name -> Event, while a hash is computed
-        self.throttle = LoginThrottle()
-        self._dummy_hash = None
+        self.accounts = Accounts(store)
+        self.throttle = self.accounts.throttle
 
     # -- change notifications ---------------------------------------------------------
 
@@ -1793,9 +1909,13 @@ class Model:
     # -- users --------------------------------------------------------------------------
 
     def get_user_row(self, name):
-        return self.store.conn().execute(
-            "SELECT name, pwhash, config, created, modified FROM users WHERE name=?",
-            (name,)).fetchone()
+        return self.accounts.get_user_row(name)
+
+    def make_token(self, name):
+        return self.accounts.make_token(name)
+
+    def wait_pending_hashes(self):
+        self.accounts.wait_pending_hashes()
 
     def user_exists(self, name):
         return self.get_user_row(name) is not None
@@ -1848,7 +1968,7 @@ class Model:
             c.execute("INSERT INTO users (name, pwhash, config, created) VALUES (?,?,?,?)",
                       (name, pwhash, json.dumps(config), utcnow_iso()))
         if pwhash == "!pending":
-            self.set_password_soon(name, password)
+            self.accounts.set_password_soon(name, password)
         return self.user_info(name)
 
     def _user_config(self, config, body):
@@ -1893,11 +2013,6 @@ class Model:
             return self.make_token(name)
         return None
 
-    def set_password_hash(self, name, pwhash):
-        with self.store.write() as c:
-            c.execute("UPDATE users SET pwhash=?, modified=? WHERE name=?",
-                      (pwhash, utcnow_iso(), name))
-
     def delete_user(self, actor, name):
         if self.get_user_row(name) is None:
             raise not_found("no user %r" % name)
@@ -1930,103 +2045,6 @@ class Model:
 
     def _all_project_names(self, c):
         return [r[0] for r in c.execute("SELECT DISTINCT name FROM projects")]
-
-    # -- authentication -------------------------------------------------------------------
-
-    def set_password_soon(self, name, password):
-        """Hash a password in the background, so that an embedded server starts at once.
-
-        Until the hash is stored the account has none that any password matches;
-        authentication of that user waits for it.
-        """
-        done = threading.Event()
-        self._pending_hashes[name] = done
-
-        def work():
-            try:
-                pwhash = hash_password(password)
-                with self.store.write() as c:
-                    c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
-                              (pwhash, name))
-            finally:
-                self.store.release_conn()
-                done.set()
-                self._pending_hashes.pop(name, None)
-        threading.Thread(target=work, name="hash-" + name, daemon=True).start()
-
-    def wait_pending_hashes(self):
-        for ev in list(self._pending_hashes.values()):
-            ev.wait()
-
-    def authenticate(self, name, secret, source=None):
-        """The user name if ``secret`` is the user's password or a valid login token.
-        ``source``: the client's address, for throttling (see LoginThrottle)."""
-        pending = self._pending_hashes.get(name)
-        if pending is not None:
-            pending.wait()
-        row = self.get_user_row(name)
-        if row is not None and self.check_token(name, secret, row["pwhash"]):
-            return name
-        key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
-                              "sha256").digest())
-        if row is not None and self._auth_cache.get(key) == row["pwhash"]:
-            return name
-        # Every name tried takes the same way and costs one key derivation, whether such a
-        # user exists or not, so that names can't be probed by timing. The ones waiting for
-        # a slot often find the answer cached by the one before them.
-        with self.throttle.check(name, source):
-            ok = False
-            if row is not None:
-                if self._auth_cache.get(key) == row["pwhash"]:
-                    return name
-                ok = verify_password(secret, row["pwhash"])
-            if row is None or not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
-                if self._dummy_hash is None:
-                    self._dummy_hash = hash_password(secrets.token_hex(8))
-                verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
-        if not ok:
-            self.throttle.failed(name, source)
-            return None
-        self.throttle.succeeded(name, source)
-        if not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
-            self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
-            row = self.get_user_row(name)
-        with self._auth_cache_lock:
-            if len(self._auth_cache) > 4096:
-                self._auth_cache.clear()
-            self._auth_cache[key] = row["pwhash"]
-        return name
-
-    def _token_sig(self, name, issued, pwhash):
-        # The password hash takes part: a password change invalidates every older token.
-        msg = "%s\0%d\0%s" % (name, issued, pwhash)
-        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest())
-
-    def make_token(self, name):
-        row = self.get_user_row(name)
-        issued = int(time.time())
-        return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
-                                  self._token_sig(name, issued, row["pwhash"]))
-
-    def check_token(self, name, token, pwhash):
-        parts = token.split(".")
-        if len(parts) != 4 or parts[0] != "mdp1":
-            return False
-        try:
-            if _b64d(parts[1]).decode() != name:
-                return False
-            issued = int(parts[2])
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            return False
-        now = time.time()
-        if issued > now + 60 or issued + TOKEN_LIFETIME < now:
-            return False
-        return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
-
-    def login(self, name, password, source=None):
-        if self.authenticate(name, password, source) is None:
-            raise HTTPError(401, "user %r could not be authenticated" % name)
-        return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
 
     # -- indexes --------------------------------------------------------------------------
 
@@ -4125,7 +4143,8 @@ class App:
                 continue
             if sep and user and len(user) <= 100 and len(secret) <= 4096:
                 try:
-                    name = self.model.authenticate(user, secret, req.handler.client_address[0])
+                    name = self.model.accounts.authenticate(user, secret,
+                                                            req.handler.client_address[0])
                 except HTTPError as e:
                     if e.status != 429 or req.method not in ("GET", "HEAD"):
                         raise
@@ -4169,7 +4188,7 @@ class App:
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
             raise bad_request("Bad request: no user/password specified")
-        result = self.model.login(body["user"], body["password"],
+        result = self.model.accounts.login(body["user"], body["password"],
                                   req.handler.client_address[0])
         return api_result("proxyauth", result, message="login successful")
 
@@ -5863,7 +5882,7 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                                         and root_pwhash is None):
             # nobody could set passwords: give root a working one and say it once
             generated = secrets.token_urlsafe(12)
-            model.set_password_hash("root", hash_password(generated))
+            model.accounts.set_password_hash("root", hash_password(generated))
             if "root" in needs_password:
                 needs_password.remove("root")
             told.append("root's password in the dump can't be checked here (or there was "
