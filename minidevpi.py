@@ -6456,13 +6456,10 @@ def cmd_init(args, hash_soon=False):
     if password is None and args.root_passwd_hash is None:
         password = secrets.token_urlsafe(12)
         generated = True
-    try:
-        store, model = init_serverdir(args.serverdir, root_password=password,
-                                      root_pwhash=args.root_passwd_hash,
-                                      root_pypi=not args.no_root_pypi,
-                                      mirror_url=args.mirror_url, hash_soon=hash_soon)
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    store, model = init_serverdir(args.serverdir, root_password=password,
+                                  root_pwhash=args.root_passwd_hash,
+                                  root_pypi=not args.no_root_pypi,
+                                  mirror_url=args.mirror_url, hash_soon=hash_soon)
     print("initialised server directory %s" % os.path.abspath(args.serverdir), flush=True)
     if generated:
         print("root password (shown only now): %s" % password, flush=True)
@@ -6514,10 +6511,7 @@ def cmd_serve(args):
                   % os.path.abspath(args.serverdir), flush=True)
             store, model = cmd_init(args, hash_soon=True)
         else:
-            try:
-                store.open()
-            except HTTPError as e:
-                raise SystemExit("error: " + e.message)
+            store.open()
             model = Model(store)
     except BaseException:
         httpd.server_close()
@@ -6571,12 +6565,9 @@ def _check_storage(args):
 
 def cmd_export(args):
     _check_storage(args)
-    try:
-        lines = export_server(args.serverdir, args.directory,
-                              include_mirrored=bool(args.include_mirrored_files),
-                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    lines = export_server(args.serverdir, args.directory,
+                          include_mirrored=bool(args.include_mirrored_files),
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     for line in lines:
         print(line, flush=True)
     return 0
@@ -6584,14 +6575,11 @@ def cmd_export(args):
 
 def cmd_import(args):
     _check_storage(args)
-    try:
-        lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
-                              root_pwhash=args.root_passwd_hash,
-                              root_pypi=not args.no_root_pypi,
-                              skip_types=tuple(args.skip_import_type or ()),
-                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
+                          root_pwhash=args.root_passwd_hash,
+                          root_pypi=not args.no_root_pypi,
+                          skip_types=tuple(args.skip_import_type or ()),
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     for line in lines:
         print(line, flush=True)
     return 0
@@ -6609,6 +6597,13 @@ def main(argv=None):
     if getattr(args, "root_passwd", None) is not None and \
             getattr(args, "root_passwd_hash", None) is not None:
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
+    try:
+        return run_command(args)
+    except HTTPError as e:  # what the user got wrong or must know: a message, no traceback
+        raise SystemExit("error: " + e.message)
+
+
+def run_command(args):
     if args.command == "init":
         store, model = cmd_init(args)
         model.wait_pending_hashes()
