@@ -55,11 +55,9 @@ import secrets
 import shutil
 import signal
 import socket
-import socketserver
 import sqlite3
 import stat
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -80,6 +78,8 @@ DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
 DEVPI_API_VERSION = "2"
+DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
+COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
 SCHEMA_VERSION = 2
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
@@ -132,6 +132,11 @@ def not_found(message):
 
 def forbidden(message):
     return HTTPError(403, message)
+
+
+def unauthorized():
+    """401 for an anonymous request that needs a user: clients then send credentials."""
+    return HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
 
 
 # ===================================================================================
@@ -193,6 +198,7 @@ _VERSION_RE = re.compile(
     \s*$""", re.VERBOSE | re.IGNORECASE)
 
 _INF = float("inf")
+_PRE_ALIASES = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}  # PEP 440
 
 
 def version_key(version):
@@ -204,7 +210,7 @@ def version_key(version):
     while len(release) > 1 and release[-1] == 0:
         release = release[:-1]
     pre_l = (m.group("pre_l") or "").lower()
-    pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+    pre_l = _PRE_ALIASES.get(pre_l, pre_l)
     post = m.group("post_n1") or m.group("post_n2")
     if post is None and m.group("post_l"):
         post = "0"
@@ -223,11 +229,6 @@ def version_key(version):
     return (int(m.group("epoch") or 0), release, pre, post_k, dev_k, local_k)
 
 
-def is_prerelease(version):
-    m = _VERSION_RE.match(version)
-    return bool(m and (m.group("pre_l") or m.group("dev_l")))
-
-
 def normalize_version(version):
     """Canonical spelling of a PEP 440 version (for comparing names in filenames)."""
     m = _VERSION_RE.match(version)
@@ -239,7 +240,7 @@ def normalize_version(version):
     out += ".".join(str(int(x)) for x in m.group("release").split("."))
     pre_l = (m.group("pre_l") or "").lower()
     if pre_l:
-        pre_l = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}.get(pre_l, pre_l)
+        pre_l = _PRE_ALIASES.get(pre_l, pre_l)
         out += "%s%d" % (pre_l, int(m.group("pre_n") or 0))
     post = m.group("post_n1") or m.group("post_n2")
     if post is not None or m.group("post_l"):
@@ -261,6 +262,12 @@ def check_filename(filename):
             or "\x00" in filename or filename in (".", "..") or filename.startswith(".")
             or any(ord(c) < 32 for c in filename)):
         raise bad_request("invalid filename %r" % (filename,))
+
+
+def file_relpath(index_path, sha256, filename):
+    """A stored file's path below the server root, devpi's layout:
+    user/index/+f/<3 hex>/<13 hex>/name, from the file's sha256 (or its first 16 digits)."""
+    return "%s/+f/%s/%s/%s" % (index_path, sha256[:3], sha256[3:16], filename)
 
 
 def split_filename(filename, version_hint=None):
@@ -303,6 +310,25 @@ def split_filename(filename, version_hint=None):
     if not name or not ver:
         return None
     return name, ver, kind
+
+
+def filename_version(filename):
+    """The version in a distribution's file name ('' when the name has none)."""
+    split = split_filename(filename)
+    return split[1] if split else ""
+
+
+def copy_hashed(fin, fout, *hashes):
+    """Read ``fin`` to its end, feeding every hash and writing to ``fout`` (if not None);
+    returns the number of bytes."""
+    size = 0
+    for chunk in iter(lambda: fin.read(COPY_CHUNK), b""):
+        for h in hashes:
+            h.update(chunk)
+        if fout is not None:
+            fout.write(chunk)
+        size += len(chunk)
+    return size
 
 
 # Core metadata fields, as devpi keeps them per version (lists are multiple-use fields).
@@ -1115,6 +1141,7 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=60000")
         conn.execute("PRAGMA cache_size=-1024")  # 1 MiB a connection; the OS caches the rest
+        conn.row_factory = sqlite3.Row  # rows by column name (and still by position)
         return conn
 
     def conn(self):
@@ -1178,6 +1205,29 @@ class Store:
     def after_commit(self, fn):
         """Run fn(conn) once the current write transaction committed (lock still held)."""
         self._local.after_commit.append(fn)
+
+    # -- rows that more than one part writes --------------------------------------------
+
+    @staticmethod
+    def insert_index(c, user, name, config):
+        """A new index row (``config``: a dict); returns its id."""
+        return c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
+                         (user, name, json.dumps(config))).lastrowid
+
+    @staticmethod
+    def insert_file(c, index_id, version_id, filename, rel, sha256, size, uploaded,
+                    requires_python="", core_metadata=None, for_filename=None, log=(),
+                    replace=False):
+        """A file row, its bytes already in place; its URL is no longer a deleted file's.
+        ``replace``: a row of the same name on the index goes (else that is an error)."""
+        c.execute(
+            "INSERT " + ("OR REPLACE " if replace else "") + "INTO files (index_id, "
+            "version_id, filename, rel, sha256, size, uploaded, requires_python, "
+            "core_metadata, for_filename, log) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (index_id, version_id, filename, rel, sha256, size, uploaded, requires_python,
+             core_metadata, for_filename, json.dumps(list(log))))
+        c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
+                  (index_id, filename, sha256))
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -1410,6 +1460,125 @@ class LoginThrottle:
             self._failures.pop(("pair", source, name), None)
 
 
+class Accounts:
+    """Who is who: password hashes (computed in the background where asked), login
+    tokens, the cache of passwords already checked, and the login throttle. The users'
+    other data and the rules about them live in the Model."""
+
+    def __init__(self, store):
+        self.store = store
+        self._auth_cache = {}
+        self._auth_cache_lock = threading.Lock()
+        self._pending_hashes = {}  # user name -> Event, while a hash is computed
+        self.throttle = LoginThrottle()
+        self._dummy_hash = None
+
+    def get_user_row(self, name):
+        return self.store.conn().execute(
+            "SELECT name, pwhash, config, created, modified FROM users WHERE name=?",
+            (name,)).fetchone()
+
+    def set_password_hash(self, name, pwhash):
+        with self.store.write() as c:
+            c.execute("UPDATE users SET pwhash=?, modified=? WHERE name=?",
+                      (pwhash, utcnow_iso(), name))
+
+    def set_password_soon(self, name, password):
+        """Hash a password in the background, so that an embedded server starts at once.
+
+        Until the hash is stored the account has none that any password matches;
+        authentication of that user waits for it.
+        """
+        done = threading.Event()
+        self._pending_hashes[name] = done
+
+        def work():
+            try:
+                pwhash = hash_password(password)
+                with self.store.write() as c:
+                    c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
+                              (pwhash, name))
+            finally:
+                self.store.release_conn()
+                done.set()
+                self._pending_hashes.pop(name, None)
+        threading.Thread(target=work, name="hash-" + name, daemon=True).start()
+
+    def wait_pending_hashes(self):
+        for ev in list(self._pending_hashes.values()):
+            ev.wait()
+
+    def authenticate(self, name, secret, source=None):
+        """The user name if ``secret`` is the user's password or a valid login token.
+        ``source``: the client's address, for throttling (see LoginThrottle)."""
+        pending = self._pending_hashes.get(name)
+        if pending is not None:
+            pending.wait()
+        row = self.get_user_row(name)
+        if row is not None and self.check_token(name, secret, row["pwhash"]):
+            return name
+        key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
+                              "sha256").digest())
+        if row is not None and self._auth_cache.get(key) == row["pwhash"]:
+            return name
+        # Every name tried takes the same way and costs one key derivation, whether such a
+        # user exists or not, so that names can't be probed by timing. The ones waiting for
+        # a slot often find the answer cached by the one before them.
+        with self.throttle.check(name, source):
+            ok = False
+            if row is not None:
+                if self._auth_cache.get(key) == row["pwhash"]:
+                    return name
+                ok = verify_password(secret, row["pwhash"])
+            if row is None or not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
+                if self._dummy_hash is None:
+                    self._dummy_hash = hash_password(secrets.token_hex(8))
+                verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
+        if not ok:
+            self.throttle.failed(name, source)
+            return None
+        self.throttle.succeeded(name, source)
+        if not row["pwhash"].startswith(("scrypt$", "pbkdf2_sha256$")):
+            self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
+            row = self.get_user_row(name)
+        with self._auth_cache_lock:
+            if len(self._auth_cache) > 4096:
+                self._auth_cache.clear()
+            self._auth_cache[key] = row["pwhash"]
+        return name
+
+    def _token_sig(self, name, issued, pwhash):
+        # The password hash takes part: a password change invalidates every older token.
+        msg = "%s\0%d\0%s" % (name, issued, pwhash)
+        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest())
+
+    def make_token(self, name):
+        row = self.get_user_row(name)
+        issued = int(time.time())
+        return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
+                                  self._token_sig(name, issued, row["pwhash"]))
+
+    def check_token(self, name, token, pwhash):
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "mdp1":
+            return False
+        try:
+            if _b64d(parts[1]).decode() != name:
+                return False
+            issued = int(parts[2])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return False
+        now = time.time()
+        if issued > now + 60 or issued + TOKEN_LIFETIME < now:
+            return False
+        return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
+
+    def login(self, name, password, source=None):
+        if self.authenticate(name, password, source) is None:
+            raise HTTPError(401, "user %r could not be authenticated" % name)
+        return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
+
+
 # -- index configuration -------------------------------------------------------------
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
@@ -1431,6 +1600,16 @@ DEFAULT_MIRROR_CACHE_EXPIRY = 1800
 # a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
+
+
+def index_defaults(ixtype, user):
+    """The settings a new index of type ``ixtype`` owned by ``user`` starts with, as in
+    devpi (what a config does not say, whether created here or imported)."""
+    if ixtype == "mirror":
+        return {"type": "mirror", "volatile": True}
+    return {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
+            "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
+            "mirror_whitelist_inheritance": "intersection"}
 
 
 def parse_bool(value):
@@ -1546,6 +1725,10 @@ class Index:
         self.name = name
         self.config = config
 
+    @classmethod
+    def from_row(cls, row):
+        return cls(row["id"], row["user"], row["name"], json.loads(row["config"]))
+
     @property
     def path(self):
         return self.user + "/" + self.name
@@ -1566,19 +1749,116 @@ class File:
                  "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
                  "log")
 
-    def __init__(self, index, project, version, row):
-        self.index = index
+    def __init__(self, index, project, version, filename, rel, sha256, size, uploaded,
+                 requires_python="", core_metadata=None, yanked=None, for_filename=None,
+                 log="[]"):
+        self.index = index  # the index's path
         self.project = project
         self.version = version
-        (self.filename, self.rel, self.sha256, self.size, self.uploaded,
-         self.requires_python, self.core_metadata, self.yanked, self.for_filename,
-         log_json) = row
-        self.log = log_json
+        self.filename = filename
+        self.rel = rel
+        self.sha256 = sha256
+        self.size = size
+        self.uploaded = uploaded
+        self.requires_python = requires_python
+        self.core_metadata = core_metadata  # sha256 of its PEP 658 metadata, or None
+        self.yanked = yanked  # None, or the reason ('' for none given)
+        self.for_filename = for_filename
+        self.log = log  # JSON text
+
+    @classmethod
+    def from_row(cls, index, project, version, row):
+        """From a database row with the columns of Model._FILE_COLS."""
+        return cls(index, project, version, row["filename"], row["rel"], row["sha256"],
+                   row["size"], row["uploaded"], row["requires_python"], row["core_metadata"],
+                   row["yanked"], row["for_filename"], row["log"])
 
     @property
     def relpath(self):
         """The file's path below the server root: user/index/+f/abc/def.../name."""
-        return "%s/+f/%s/%s/%s" % (self.index, self.sha256[:3], self.sha256[3:16], self.filename)
+        return file_relpath(self.index, self.sha256, self.filename)
+
+
+class BaseWalk:
+    """One project through an index and its bases, as one reader sees it (Model.walk).
+
+    ``chain`` is every index of the walk in devpi's resolution order. devpi's shadowing
+    protection: once a private index of the chain holds the project, the mirrors
+    contribute nothing unless the project (or ``*``) is in the mirror_whitelist, combined
+    along the chain by the asking index's mirror_whitelist_inheritance; ``visible`` is
+    the chain without the mirrors that hides. Which indexes hold the project is asked
+    once, in one query, and only when needed: a walk that has no mirror to judge and
+    lists nothing costs nothing.
+
+    What a walk reads must be read after the page-cache validator of what it renders
+    (see App.simple_project_page): make a new walk rather than keep one across commits.
+    """
+
+    __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden")
+
+    def __init__(self, model, ix, norm, reader, chain):
+        self.model = model
+        self.index = ix
+        self.project = norm
+        self.reader = reader
+        self.chain = chain
+        self._held = None
+        self._hidden = None
+
+    def _holders(self):
+        """{index id: display name} of the chain's indexes that hold the project."""
+        if self._held is None:
+            ids = [b.id for b in self.chain]
+            self._held = dict(self.model.store.conn().execute(
+                "SELECT index_id, display FROM projects WHERE name=? AND index_id IN (%s)"
+                % ",".join("?" * len(ids)), [self.project] + ids).fetchall())
+        return self._held
+
+    def holds(self, b):
+        """Whether the index ``b`` itself has the project (a mirror: files of it kept)."""
+        return b.id in self._holders()
+
+    def display_at(self, b):
+        """The project's name as ``b`` holds it (first uploaded), or None."""
+        return self._holders().get(b.id)
+
+    @property
+    def display(self):
+        """The project's name from the first index of the chain that holds it, or None."""
+        for b in self.chain:
+            name = self.display_at(b)
+            if name is not None:
+                return name
+        return None
+
+    @property
+    def mirrors_hidden(self):
+        """Whether the whitelist hides the chain's mirrors for this project."""
+        if self._hidden is None:
+            self._hidden = self._judge_mirrors()
+        return self._hidden
+
+    def _judge_mirrors(self):
+        whitelist = None
+        inheritance = self.index.config.get("mirror_whitelist_inheritance", "union")
+        privates = [b for b in self.chain if not b.is_mirror]
+        for b in privates:
+            own = set(b.config.get("mirror_whitelist", []))
+            whitelist = own if whitelist is None else (
+                whitelist | own if inheritance == "union" else whitelist & own)
+            if "*" in whitelist or self.project in whitelist:
+                return False  # whitelisted somewhere along the chain: mirrors count
+        return any(self.holds(b) for b in privates)
+
+    @property
+    def visible(self):
+        """The chain without the mirrors the whitelist hides."""
+        return [b for b in self.chain if not (b.is_mirror and self.mirrors_hidden)]
+
+    @property
+    def mirrors(self):
+        """The mirrors that contribute to the project."""
+        return [b for b in self.visible if b.is_mirror]
 
 
 def when_list(ts=None):
@@ -1599,11 +1879,8 @@ class Model:
         self.gen_config = 0
         self.gen_projects = 0
         self.gen_project = {}
-        self._auth_cache = {}
-        self._auth_cache_lock = threading.Lock()
-        self._pending_hashes = {}  # user name -> Event, while a hash is computed
-        self.throttle = LoginThrottle()
-        self._dummy_hash = None
+        self.accounts = Accounts(store)
+        self.throttle = self.accounts.throttle
         self._upstream_listeners = []
 
     # -- change notifications ---------------------------------------------------------
@@ -1632,9 +1909,13 @@ class Model:
     # -- users --------------------------------------------------------------------------
 
     def get_user_row(self, name):
-        return self.store.conn().execute(
-            "SELECT name, pwhash, config, created, modified FROM users WHERE name=?",
-            (name,)).fetchone()
+        return self.accounts.get_user_row(name)
+
+    def make_token(self, name):
+        return self.accounts.make_token(name)
+
+    def wait_pending_hashes(self):
+        self.accounts.wait_pending_hashes()
 
     def user_exists(self, name):
         return self.get_user_row(name) is not None
@@ -1643,13 +1924,13 @@ class Model:
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
-        info = {"username": row[0]}
-        info.update(json.loads(row[2]))
-        info["created"] = row[3]
-        if row[4]:
-            info["modified"] = row[4]
+        info = {"username": row["name"]}
+        info.update(json.loads(row["config"]))
+        info["created"] = row["created"]
+        if row["modified"]:
+            info["modified"] = row["modified"]
         if with_indexes:
-            info["indexes"] = {ix.name: self.public_config(ix, actor)
+            info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
                                for ix in self.user_indexes(name)}
         return info
 
@@ -1687,7 +1968,7 @@ class Model:
             c.execute("INSERT INTO users (name, pwhash, config, created) VALUES (?,?,?,?)",
                       (name, pwhash, json.dumps(config), utcnow_iso()))
         if pwhash == "!pending":
-            self.set_password_soon(name, password)
+            self.accounts.set_password_soon(name, password)
         return self.user_info(name)
 
     def _user_config(self, config, body):
@@ -1715,7 +1996,7 @@ class Model:
             raise bad_request("user config must be a JSON object")
         body = {k: v for k, v in body.items()
                 if k not in ("created", "modified", "username", "indexes")}
-        stored = json.loads(row[2])
+        stored = json.loads(row["config"])
         # keys it already has (imported from devpi's plugins) come back from devpi-client
         unknown = sorted(k for k in body if k not in self.USER_KEYS and k not in stored)
         if unknown:
@@ -1723,19 +2004,14 @@ class Model:
         password = body.pop("password", None)
         if password is not None and not isinstance(password, str):
             raise bad_request("password must be a string")
-        config = self._user_config(json.loads(row[2]), body)
+        config = self._user_config(stored, body)
         with self.store.write() as c:
-            pwhash = row[1] if password is None else hash_password(password)
+            pwhash = row["pwhash"] if password is None else hash_password(password)
             c.execute("UPDATE users SET pwhash=?, config=?, modified=? WHERE name=?",
                       (pwhash, json.dumps(config), utcnow_iso(), name))
         if password is not None:
             return self.make_token(name)
         return None
-
-    def set_password_hash(self, name, pwhash):
-        with self.store.write() as c:
-            c.execute("UPDATE users SET pwhash=?, modified=? WHERE name=?",
-                      (pwhash, utcnow_iso(), name))
 
     def delete_user(self, actor, name):
         if self.get_user_row(name) is None:
@@ -1770,103 +2046,6 @@ class Model:
     def _all_project_names(self, c):
         return [r[0] for r in c.execute("SELECT DISTINCT name FROM projects")]
 
-    # -- authentication -------------------------------------------------------------------
-
-    def set_password_soon(self, name, password):
-        """Hash a password in the background, so that an embedded server starts at once.
-
-        Until the hash is stored the account has none that any password matches;
-        authentication of that user waits for it.
-        """
-        done = threading.Event()
-        self._pending_hashes[name] = done
-
-        def work():
-            try:
-                pwhash = hash_password(password)
-                with self.store.write() as c:
-                    c.execute("UPDATE users SET pwhash=? WHERE name=? AND pwhash='!pending'",
-                              (pwhash, name))
-            finally:
-                self.store.release_conn()
-                done.set()
-                self._pending_hashes.pop(name, None)
-        threading.Thread(target=work, name="hash-" + name, daemon=True).start()
-
-    def wait_pending_hashes(self):
-        for ev in list(self._pending_hashes.values()):
-            ev.wait()
-
-    def authenticate(self, name, secret, source=None):
-        """The user name if ``secret`` is the user's password or a valid login token.
-        ``source``: the client's address, for throttling (see LoginThrottle)."""
-        pending = self._pending_hashes.get(name)
-        if pending is not None:
-            pending.wait()
-        row = self.get_user_row(name)
-        if row is not None and self.check_token(name, secret, row[1]):
-            return name
-        key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
-                              "sha256").digest())
-        if row is not None and self._auth_cache.get(key) == row[1]:
-            return name
-        # Every name tried takes the same way and costs one key derivation, whether such a
-        # user exists or not, so that names can't be probed by timing. The ones waiting for
-        # a slot often find the answer cached by the one before them.
-        with self.throttle.check(name, source):
-            ok = False
-            if row is not None:
-                if self._auth_cache.get(key) == row[1]:
-                    return name
-                ok = verify_password(secret, row[1])
-            if row is None or not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
-                if self._dummy_hash is None:
-                    self._dummy_hash = hash_password(secrets.token_hex(8))
-                verify_password(secret, self._dummy_hash)  # (legacy hashes are fast)
-        if not ok:
-            self.throttle.failed(name, source)
-            return None
-        self.throttle.succeeded(name, source)
-        if not row[1].startswith(("scrypt$", "pbkdf2_sha256$")):
-            self.set_password_hash(name, hash_password(secret))  # legacy: re-hash
-            row = self.get_user_row(name)
-        with self._auth_cache_lock:
-            if len(self._auth_cache) > 4096:
-                self._auth_cache.clear()
-            self._auth_cache[key] = row[1]
-        return name
-
-    def _token_sig(self, name, issued, pwhash):
-        # The password hash takes part: a password change invalidates every older token.
-        msg = "%s\0%d\0%s" % (name, issued, pwhash)
-        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest())
-
-    def make_token(self, name):
-        row = self.get_user_row(name)
-        issued = int(time.time())
-        return "mdp1.%s.%d.%s" % (_b64e(name.encode()), issued,
-                                  self._token_sig(name, issued, row[1]))
-
-    def check_token(self, name, token, pwhash):
-        parts = token.split(".")
-        if len(parts) != 4 or parts[0] != "mdp1":
-            return False
-        try:
-            if _b64d(parts[1]).decode() != name:
-                return False
-            issued = int(parts[2])
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            return False
-        now = time.time()
-        if issued > now + 60 or issued + TOKEN_LIFETIME < now:
-            return False
-        return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
-
-    def login(self, name, password, source=None):
-        if self.authenticate(name, password, source) is None:
-            raise HTTPError(401, "user %r could not be authenticated" % name)
-        return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
-
     # -- indexes --------------------------------------------------------------------------
 
     def get_index(self, path):
@@ -1880,7 +2059,7 @@ class Model:
             (user, name)).fetchone()
         if row is None:
             return None
-        ix = Index(row[0], row[1], row[2], json.loads(row[3]))
+        ix = Index.from_row(row)
         if len(self._index_cache) > 10000:
             self._index_cache = {}
         self._index_cache[path] = ix
@@ -1895,15 +2074,12 @@ class Model:
     def user_indexes(self, user):
         rows = self.store.conn().execute(
             "SELECT id, user, name, config FROM indexes WHERE user=? ORDER BY name", (user,))
-        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+        return [Index.from_row(r) for r in rows]
 
     def all_indexes(self):
         rows = self.store.conn().execute(
             "SELECT id, user, name, config FROM indexes ORDER BY user, name")
-        return [Index(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
-
-    def public_config(self, ix, actor=None):
-        return self.shown_config(ix.config, actor)
+        return [Index.from_row(r) for r in rows]
 
     @staticmethod
     def shown_config(config, actor):
@@ -1976,12 +2152,7 @@ class Model:
         ixtype = body.get("type", "stage")
         if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
             raise forbidden(ONLY_ROOT_MIRRORS)
-        if ixtype == "mirror":
-            config = {"type": "mirror", "volatile": True}
-        else:
-            config = {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
-                      "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
-                      "mirror_whitelist_inheritance": "intersection"}
+        config = index_defaults(ixtype, user)
         config.update(body)
         if ixtype == "mirror" and "mirror_url" not in config:
             raise bad_request("a mirror index needs a mirror_url")
@@ -1993,8 +2164,7 @@ class Model:
             if c.execute("SELECT 1 FROM indexes WHERE user=? AND name=?",
                          (user, name)).fetchone():
                 raise HTTPError(409, "index %r exists" % path)
-            c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
-                      (user, name, json.dumps(config)))
+            self.store.insert_index(c, user, name, config)
             self._changed(config=True)
         return config
 
@@ -2008,7 +2178,7 @@ class Model:
             row = c.execute("SELECT config FROM indexes WHERE id=?", (ix.id,)).fetchone()
             if row is None:
                 raise not_found("The stage %s could not be found." % path)
-            current = json.loads(row[0])
+            current = json.loads(row["config"])
             new = apply_index_patch(current, patch)
             to_mirror = new.get("type") == "mirror" and current["type"] != "mirror"
             if actor != "root" and (to_mirror or
@@ -2076,6 +2246,21 @@ class Model:
             i += 1
         return order + mirrors
 
+    def chain(self, ix, reader, ignore_bases=False):
+        """The indexes ``reader`` reads through ``ix``: ``ix`` and, unless ``ignore_bases``,
+        what it inherits from (resolve_bases). Every read through bases starts here or at
+        ``walk``, so that a rule about who may read what is a change in this one place.
+
+        ``reader`` is the user name asking (None: anonymous), or a function giving it,
+        called only when a rule needs to know: a page anyone may read does not have to
+        authenticate the request. (Today every reader sees everything.)"""
+        return [ix] if ignore_bases else self.resolve_bases(ix)
+
+    def walk(self, ix, norm, reader, ignore_bases=False):
+        """The walk through bases for the project ``norm``, as ``reader`` sees it from
+        ``ix``: a BaseWalk."""
+        return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases))
+
     # -- permissions -----------------------------------------------------------------------
 
     def can_upload(self, actor, ix):
@@ -2091,15 +2276,14 @@ class Model:
             raise not_found("cannot submit to mirror index")
         if not self.can_upload(actor, ix):
             if actor is None:
-                raise HTTPError(401, "Unauthorized",
-                                {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to submit")
 
     def check_release_admin(self, actor, ix):
         """Removing releases: the index owner or root (as devpi)."""
         if not self.can_modify_index(actor, ix.user):
             if actor is None:
-                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to modify index %s" % ix.path)
 
     # -- releases: writing ------------------------------------------------------------------
@@ -2120,10 +2304,11 @@ class Model:
                         (project_id, version)).fetchone()
         if row:
             if meta:
-                old = json.loads(row[1])
+                old = json.loads(row["metadata"])
                 old.update({k: v for k, v in meta.items() if v not in ("", [])})
-                c.execute("UPDATE versions SET metadata=? WHERE id=?", (json.dumps(old), row[0]))
-            return row[0]
+                c.execute("UPDATE versions SET metadata=? WHERE id=?",
+                          (json.dumps(old), row["id"]))
+            return row["id"]
         return c.execute("INSERT INTO versions (project_id, version, metadata, created) "
                          "VALUES (?,?,?,?)", (project_id, version, json.dumps(meta), now)).lastrowid
 
@@ -2154,7 +2339,6 @@ class Model:
             requires_python = meta.get("requires_python", "") or ""
             entry = log_entry or {"what": "upload", "who": actor, "when": when_list(now),
                                   "dst": ix.path}
-            reason = "OK"
             with self.store.write() as c:
                 if c.execute("SELECT 1 FROM indexes WHERE id=?", (ix.id,)).fetchone() is None:
                     raise not_found("The stage %s could not be found." % ix.path)
@@ -2164,34 +2348,26 @@ class Model:
                                 "WHERE index_id=? AND filename=?", (ix.id, filename)).fetchone()
                 log_list = [entry]
                 if old is not None:
-                    if old[1] == sha256:
+                    if old["sha256"] == sha256:
                         if not ix.volatile:
                             _unlink_quiet(tmp_path)
                             return "Upload of identical file to non volatile index."
                     elif not ix.volatile:
                         raise HTTPError(409, "%s already exists in non-volatile index" % filename)
-                    prev = json.loads(old[2])
+                    prev = json.loads(old["log"])
                     count = max([e.get("count", 1) for e in prev
                                  if e.get("what") == "overwrite"] or [0]) + 1
                     log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
                                  "count": count}, entry]
-                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
-                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
-                              (ix.id, filename, old[1]))
-                    self.store.drop_unused_blobs([old[1], old[3]])
+                    self._retire_file(c, ix.id, old["id"], filename, old["sha256"],
+                                      old["core_metadata"])
                 pid = self._project_id(c, ix, norm, name, True)
                 vid = self._version_id(c, pid, version, meta, now)
                 self.store.place_blob(tmp_path, sha256)
-                c.execute(
-                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
-                    "uploaded, requires_python, core_metadata, for_filename, log) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (ix.id, vid, filename, rel, sha256, size, now, requires_python,
-                     core_metadata, for_filename, json.dumps(log_list)))
-                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
-                          (ix.id, filename, sha256))
+                self.store.insert_file(c, ix.id, vid, filename, rel, sha256, size, now,
+                                       requires_python, core_metadata, for_filename, log_list)
                 self._changed(projects=[norm])
-            return reason
+            return "OK"
         finally:
             if os.path.exists(tmp_path):
                 _unlink_quiet(tmp_path)
@@ -2244,7 +2420,7 @@ class Model:
                 core_sha = self.store.put_bytes(core)
             reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size,
                                    meta, core_metadata=core_sha)
-        return reason, "%s/+f/%s/%s/%s" % (ix.path, sha256[:3], sha256[3:16], filename)
+        return reason, file_relpath(ix.path, sha256, filename)
 
     def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
         """Store a documentation zip for a release (``:action=doc_upload``)."""
@@ -2266,12 +2442,20 @@ class Model:
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
                              rel="doczip")
 
+    def _retire_file(self, c, index_id, file_id, filename, sha256, core_metadata):
+        """Drop a file row that another of its name replaces: its URL answers 410, and its
+        blobs go once nothing names them."""
+        c.execute("DELETE FROM files WHERE id=?", (file_id,))
+        c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (index_id, filename, sha256))
+        self.store.drop_unused_blobs([sha256, core_metadata])
+
     def _delete_files(self, c, ix, where, args):
         rows = c.execute("SELECT f.id, f.filename, f.sha256, f.core_metadata FROM files f "
                          "WHERE " + where, args).fetchall()
-        for _id, filename, sha, _meta in rows:
-            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (ix.id, filename, sha))
-        shas = [r[2] for r in rows] + [r[3] for r in rows]
+        for r in rows:
+            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
+                      (ix.id, r["filename"], r["sha256"]))
+        shas = [r["sha256"] for r in rows] + [r["core_metadata"] for r in rows]
         self.store.drop_unused_blobs(shas)
         return rows
 
@@ -2323,17 +2507,14 @@ class Model:
                 "SELECT f.id, f.sha256, p.name FROM files f JOIN versions v ON f.version_id=v.id "
                 "JOIN projects p ON v.project_id=p.id WHERE f.index_id=? AND f.filename=?",
                 (ix.id, filename)).fetchone()
-            if row is None or not row[1].startswith(sha_prefix):
-                if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? "
-                             "AND sha256 LIKE ?", (ix.id, filename, sha_prefix + "%")).fetchone():
-                    raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
-                raise not_found("no such file")
+            if row is None or not row["sha256"].startswith(sha_prefix):
+                raise self._missing_file(c, ix, filename, sha_prefix)
             # toxresults of this file go with it
             self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
-                               (ix.id, row[0], filename))
+                               (ix.id, row["id"], filename))
             c.execute("DELETE FROM files WHERE index_id=? AND (id=? OR for_filename=?)",
-                      (ix.id, row[0], filename))
-            self._changed(projects=[row[2]])
+                      (ix.id, row["id"], filename))
+            self._changed(projects=[row["name"]])
 
     def set_yanked(self, actor, ix, name, version, yanked):
         """PEP 592: yank (True or a reason) or unyank (False) a release on a private index."""
@@ -2342,7 +2523,7 @@ class Model:
         if not (self.can_modify_index(actor, ix.user) or
                 (actor is not None and self.can_upload(actor, ix))):
             if actor is None:
-                raise HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+                raise unauthorized()
             raise forbidden("no permission to yank on %s" % ix.path)
         if yanked is True:
             value = ""
@@ -2374,7 +2555,7 @@ class Model:
             if c.execute("SELECT 1 FROM indexes WHERE id=?", (target.id,)).fetchone() is None:
                 raise not_found("The stage %s could not be found." % target.path)
             found = None
-            for ix in self.resolve_bases(src):
+            for ix in self.chain(src, actor):
                 row = c.execute(
                     "SELECT v.id, v.metadata, p.display, v.version FROM versions v "
                     "JOIN projects p ON v.project_id=p.id "
@@ -2386,76 +2567,59 @@ class Model:
             if found is None:
                 raise bad_request("there are no files for %s %s on stage %s"
                                   % (name, version, src.path))
-            ix, (vid, meta_json, display, version) = found
+            ix, release = found
+            display, version = release["display"], release["version"]
             files = c.execute(
                 "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
                 "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
-                (vid,)).fetchall()
+                (release["id"],)).fetchall()
             if no_docs:
-                files = [f for f in files if f[1] != "doczip"]
+                files = [f for f in files if f["rel"] != "doczip"]
             if only_docs:
-                files = [f for f in files if f[1] == "doczip"]
+                files = [f for f in files if f["rel"] == "doczip"]
             actionlog = [[200, "register", display, version, "->", target.path]]
-            for (filename, rel, sha, size, uploaded, rp, cm) in files:
+            for f in files:
                 old = c.execute("SELECT sha256 FROM files WHERE index_id=? AND filename=?",
-                                (target.id, filename)).fetchone()
-                if old is not None and not target.volatile and old[0] != sha:
-                    raise HTTPError(409, "%s already exists in non-volatile index" % filename)
+                                (target.id, f["filename"])).fetchone()
+                if old is not None and not target.volatile and old["sha256"] != f["sha256"]:
+                    raise HTTPError(409, "%s already exists in non-volatile index"
+                                    % f["filename"])
             pid = self._project_id(c, target, norm, display, True)
-            tvid = self._version_id(c, pid, version, json.loads(meta_json), now)
-            for (filename, rel, sha, size, uploaded, rp, cm) in files:
-                store_what = "store_%s" % ("releasefile" if rel == "releasefile" else "doczip")
-                stored = "%s/+f/%s/%s/%s" % (target.path, sha[:3], sha[3:16], filename)
+            tvid = self._version_id(c, pid, version, json.loads(release["metadata"]), now)
+            for f in files:
+                filename, sha = f["filename"], f["sha256"]
+                store_what = "store_%s" % ("releasefile" if f["rel"] == "releasefile"
+                                           else "doczip")
+                stored = file_relpath(target.path, sha, filename)
                 old = c.execute("SELECT id, sha256, core_metadata FROM files "
                                 "WHERE index_id=? AND filename=?",
                                 (target.id, filename)).fetchone()
                 if old is not None:
-                    if old[1] == sha:
+                    if old["sha256"] == sha:
                         actionlog.append([200, store_what, stored])
                         continue
-                    c.execute("DELETE FROM files WHERE id=?", (old[0],))
-                    c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
-                              (target.id, filename, old[1]))
-                    self.store.drop_unused_blobs([old[1], old[2]])
+                    self._retire_file(c, target.id, old["id"], filename, sha256=old["sha256"],
+                                      core_metadata=old["core_metadata"])
                 entry = {"what": "push", "who": actor, "when": when_list(now),
                          "src": ix.path, "dst": target.path}
-                c.execute(
-                    "INSERT INTO files (index_id, version_id, filename, rel, sha256, size, "
-                    "uploaded, requires_python, core_metadata, log) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (target.id, tvid, filename, rel, sha, size, uploaded, rp, cm,
-                     json.dumps([entry])))
-                c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
-                          (target.id, filename, sha))
+                self.store.insert_file(c, target.id, tvid, filename, f["rel"], sha, f["size"],
+                                       f["uploaded"], f["requires_python"], f["core_metadata"],
+                                       log=[entry])
                 actionlog.append([200, store_what, stored])
             self._changed(projects=[norm])
         return actionlog
 
     # -- releases: reading ------------------------------------------------------------------
 
-    def project_names(self, ix, ignore_bases=False):
-        """{normalised name: display name} of the projects an index serves."""
+    def project_names(self, ix, reader, ignore_bases=False):
+        """{normalised name: display name} of the projects an index serves to ``reader``."""
         names = {}
-        chain = [ix] if ignore_bases else self.resolve_bases(ix)
         c = self.store.conn()
-        for b in chain:
+        for b in self.chain(ix, reader, ignore_bases):
             for norm, display in c.execute(
                     "SELECT name, display FROM projects WHERE index_id=?", (b.id,)):
                 names.setdefault(norm, display)
         return names
-
-    def has_project(self, ix, norm):
-        return self.store.conn().execute(
-            "SELECT 1 FROM projects WHERE index_id=? AND name=?", (ix.id, norm)).fetchone() \
-            is not None
-
-    def project_display(self, ix, norm):
-        for b in self.resolve_bases(ix):
-            row = self.store.conn().execute(
-                "SELECT display FROM projects WHERE index_id=? AND name=?",
-                (b.id, norm)).fetchone()
-            if row:
-                return row[0]
-        return None
 
     _FILE_COLS = ("f.filename, f.rel, f.sha256, f.size, f.uploaded, f.requires_python, "
                   "f.core_metadata, v.yanked, f.for_filename, f.log")
@@ -2473,42 +2637,23 @@ class Model:
                          (ix.id, norm)).fetchone():
                 return []
             return None
-        return [File(ix.path, norm, r[0], r[1:]) for r in rows if r[1] is not None]
+        return [File.from_row(ix.path, norm, r["version"], r) for r in rows
+                if r["filename"] is not None]
 
-    def project_files(self, ix, norm, mirror_files=None):
-        """Release files of a project through the index and its bases: a file name already
-        seen in an earlier index is not repeated. None if no index has the project.
-
-        devpi's shadowing protection: once the project exists in a private index of the
-        chain, mirrors contribute nothing unless the project (or ``*``) is in the
-        mirror_whitelist, combined along the chain by the asking index's
-        mirror_whitelist_inheritance. ``mirror_files(mirror_index, name)`` gives a mirror's
-        files (fetching them upstream); without it, mirrors give what they hold locally.
-        """
+    def project_files(self, walk, mirror_files=None):
+        """Release files of the walk's project through its visible indexes: a file name
+        already seen in an earlier index is not repeated. None if no index has the project.
+        ``mirror_files(mirror_index, name)`` gives a mirror's files (fetching them
+        upstream); without it, mirrors give what they hold locally."""
+        norm = walk.project
         files = []
         seen = set()
         found = False
-        whitelist = None
-        whitelisted = private_hit = False
-        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
-        for b in self.resolve_bases(ix):
+        for b in walk.visible:
             if b.is_mirror:
-                if private_hit and not whitelisted:
-                    continue
                 got = mirror_files(b, norm) if mirror_files else self.local_files(b, norm)
             else:
-                own = set(b.config.get("mirror_whitelist", []))
-                if whitelist is None:
-                    whitelist = own
-                elif inheritance == "union":
-                    whitelist = whitelist | own
-                else:
-                    whitelist = whitelist & own
-                got = self.local_files(b, norm)
-                if "*" in whitelist or norm in whitelist:
-                    whitelisted = True
-                elif got is not None:
-                    private_hit = True
+                got = self.local_files(b, norm) if walk.holds(b) else None
             if got is None:
                 continue
             found = True
@@ -2518,33 +2663,42 @@ class Model:
                     files.append(f)
         return files if found else None
 
-    def mirror_blocked(self, ix, norm):
-        """The mirror whose releases of ``norm`` the whitelist hides from ``ix``, or None."""
-        whitelist = None
-        whitelisted = private_hit = False
-        inheritance = ix.config.get("mirror_whitelist_inheritance", "union")
-        for b in self.resolve_bases(ix):
-            if b.is_mirror:
-                return b.path if private_hit and not whitelisted else None
-            own = set(b.config.get("mirror_whitelist", []))
-            whitelist = own if whitelist is None else (
-                whitelist | own if inheritance == "union" else whitelist & own)
-            if "*" in whitelist or norm in whitelist:
-                whitelisted = True
-            elif self.has_project(b, norm):
-                private_hit = True
-        return None
-
-    def project_versions(self, ix, norm):
-        """Every version string of a project through the index and its bases."""
+    def project_versions(self, ix, norm, reader):
+        """Every version string of a project through the index and its bases (the mirrors
+        the whitelist hides included: what they kept)."""
+        walk = self.walk(ix, norm, reader)
         out = set()
         c = self.store.conn()
-        for b in self.resolve_bases(ix):
-            for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
-                                  "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
-                                  (b.id, norm)):
-                out.add(v)
+        for b in walk.chain:
+            if walk.holds(b):
+                for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
+                                      "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
+                                      (b.id, norm)):
+                    out.add(v)
         return out
+
+    def releases(self, walk, mirror_data, version=None):
+        """{version: [(metadata, yanked, [File]), ...]} of the walk's project through its
+        visible indexes: first the release that counts, then the ones it shadows (devpi's
+        ``+shadowing``), in the order of the chain; only ``version`` if given. None when no
+        index has the project. ``mirror_data(mirror_index)`` gives a mirror's
+        {version: (metadata, yanked, [File])}, or None."""
+        out = {}
+        found = False
+        for b in walk.visible:
+            if b.is_mirror:
+                data = mirror_data(b)
+                if data is None:
+                    continue
+            elif walk.holds(b):
+                data = self.version_data(b, walk.project, version)
+            else:
+                continue
+            found = True
+            for ver, release in data.items():
+                if version is None or ver == version:
+                    out.setdefault(ver, []).append(release)
+        return out if found else None
 
     def version_data(self, ix, norm, version=None):
         """{version: (metadata dict, yanked, [File])} of one index's own project."""
@@ -2557,13 +2711,21 @@ class Model:
             args.append(version)
         out = {}
         for vid, ver, meta, yanked, display in c.execute(sql, args).fetchall():
-            files = [File(ix.path, norm, ver, r) for r in c.execute(
-                "SELECT " + self._FILE_COLS.replace("v.yanked", "NULL") +
+            files = [File.from_row(ix.path, norm, ver, r) for r in c.execute(
+                "SELECT " + self._FILE_COLS.replace("v.yanked", "NULL AS yanked") +
                 " FROM files f WHERE f.version_id=? ORDER BY f.id", (vid,))]
             meta = json.loads(meta)
             meta = full_metadata(display, ver, meta)
             out[ver] = (meta, yanked, files)
         return out
+
+    @staticmethod
+    def _missing_file(c, ix, filename, sha_prefix):
+        """The error for a +f URL that names no file: 410 if it named a deleted one."""
+        if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
+                     (ix.id, filename, sha_prefix + "%")).fetchone():
+            return HTTPError(410, "file %r existed, deleted in later serial" % filename)
+        return not_found("no such file")
 
     def find_file(self, ix, filename, sha_prefix):
         """(File, blob path) for a +f URL; raises 404, or 410 for a deleted file."""
@@ -2572,13 +2734,9 @@ class Model:
             "SELECT p.name, v.version, " + self._FILE_COLS + " FROM files f "
             "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
             "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
-        if row is None or not row[4].startswith(sha_prefix):
-            if c.execute("SELECT 1 FROM gone WHERE index_id=? AND filename=? AND sha256 LIKE ?",
-                         (ix.id, filename, sha_prefix + "%")).fetchone():
-                raise HTTPError(410, "file %r existed, deleted in later serial" % filename)
-            raise not_found("no such file")
-        f = File(ix.path, row[0], row[1], row[2:])
-        return f
+        if row is None or not row["sha256"].startswith(sha_prefix):
+            raise self._missing_file(c, ix, filename, sha_prefix)
+        return File.from_row(ix.path, row["name"], row["version"], row)
 
 
 # ===================================================================================
@@ -3254,14 +3412,14 @@ class Mirror:
         for e in entries:
             if e["sha256"] is None or not _file_of_project(e["filename"], norm):
                 continue  # nothing to check the bytes against, or another project's
-            split = split_filename(e["filename"])
-            version = split[1] if split else ""
+            version = filename_version(e["filename"])
             kept = have.pop(e["filename"], None)
             core = e["core_metadata"]
-            row = (e["filename"], "releasefile", e["sha256"], e["size"] or 0,
-                   e["upload_time"] or (kept.uploaded if kept else 0), e["requires_python"],
-                   core, e["yanked"], None, "[]")
-            out.append(File(ix.path, norm, version, row))
+            out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
+                            sha256=e["sha256"], size=e["size"] or 0,
+                            uploaded=e["upload_time"] or (kept.uploaded if kept else 0),
+                            requires_python=e["requires_python"], core_metadata=core,
+                            yanked=e["yanked"]))
         out.extend(have.values())
         return out
 
@@ -3378,8 +3536,7 @@ class Mirror:
             cleanup()
 
     def _keep(self, ix, display, entry, tmp, size):
-        split = split_filename(entry["filename"])
-        version = split[1] if split else "0"
+        version = filename_version(entry["filename"])
         meta = {"requires_python": entry["requires_python"]} if entry["requires_python"] else {}
         core = entry["core_metadata"]
         if core and not os.path.exists(self.store.blob_path(core)):
@@ -4092,7 +4249,8 @@ class App:
                 continue
             if sep and user and len(user) <= 100 and len(secret) <= 4096:
                 try:
-                    name = self.model.authenticate(user, secret, req.handler.client_address[0])
+                    name = self.model.accounts.authenticate(user, secret,
+                                                            req.handler.client_address[0])
                 except HTTPError as e:
                     if e.status != 429 or req.method not in ("GET", "HEAD"):
                         raise
@@ -4123,7 +4281,7 @@ class App:
 
     def route_status(self, req):
         return api_result("status", {
-            "versioninfo": {"devpi-server": "6.20.3", "minidevpi": __version__},
+            "versioninfo": {"devpi-server": DEVPI_SERVER_VERSION, "minidevpi": __version__},
             "serial": self.store.serial, "uuid": self.store.uuid,
             "serverdir": self.store.serverdir, "outside-url": self.outside_url,
             "host": req.handler.server.server_address[0],
@@ -4136,7 +4294,7 @@ class App:
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
             raise bad_request("Bad request: no user/password specified")
-        result = self.model.login(body["user"], body["password"],
+        result = self.model.accounts.login(body["user"], body["password"],
                                   req.handler.client_address[0])
         return api_result("proxyauth", result, message="login successful")
 
@@ -4174,9 +4332,9 @@ class App:
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_root(req, m.require_index(path))
         ix = m.require_index(path)
-        result = m.public_config(ix, req.actor)
+        result = m.shown_config(ix.config, req.actor)
         if "no_projects" not in req.query:
-            result["projects"] = sorted(m.project_names(ix, ignore_bases=True))
+            result["projects"] = sorted(m.project_names(ix, req.actor, ignore_bases=True))
         return api_result("indexconfig", result)
 
     def route_create_index(self, req, user, index):
@@ -4295,8 +4453,7 @@ class App:
             link = {"rel": f.rel, "href": href, "hash_spec": "sha256=" + f.sha256,
                     "hashes": {"sha256": f.sha256}, "log": json.loads(f.log)}
             if f.for_filename:
-                link["for_href"] = req.absolute(
-                    "%s/+f/%s/%s/%s" % (f.index, f.sha256[:3], f.sha256[3:16], f.for_filename))
+                link["for_href"] = req.absolute(file_relpath(f.index, f.sha256, f.for_filename))
             links.append(link)
         return links
 
@@ -4307,20 +4464,22 @@ class App:
         data["+links"] = self._links(req, files)
         return data
 
-    def mirror_version_data(self, ix, norm, asking=None):
-        """{version: (metadata, yanked, [File])} of a mirrored project, as devpi lists it.
-        When another index asks (``asking``), a failing upstream counts as no project."""
+    def mirror_version_data(self, ix, walk):
+        """{version: (metadata, yanked, [File])} of the walk's project on the mirror ``ix``,
+        as devpi lists it. When another index asks, a failing upstream counts as no
+        project."""
+        norm = walk.project
         try:
             files = self.mirror.files(ix, norm)
         except UpstreamError as e:
-            if asking is None or asking is ix:
+            if walk.index is ix:
                 raise
-            log("WARNING: %s: %s" % (asking.path, e.message))
+            log("WARNING: %s: %s" % (walk.index.path, e.message))
             return None
         if files is None:
             return None
         display = self.mirror.page(ix, norm)
-        display = display[0] if display else (self.model.project_display(ix, norm) or norm)
+        display = display[0] if display else (walk.display_at(ix) or norm)
         out = {}
         for f in files:
             if f.version not in out:
@@ -4329,39 +4488,20 @@ class App:
             out[f.version][2].append(f)
         return out
 
+    def _shadowing_json(self, req, releases):
+        """The first of a version's releases (Model.releases) as JSON, with the ones it
+        shadows under devpi's ``+shadowing``."""
+        data = self._version_json(req, *releases[0])
+        if len(releases) > 1:
+            data["+shadowing"] = [self._version_json(req, *r) for r in releases[1:]]
+        return data
+
     def project_config(self, req, ix, norm, ignore_bases=False):
-        m = self.model
-        chain = [ix] if ignore_bases else m.resolve_bases(ix)
-        blocked = None if ignore_bases else m.mirror_blocked(ix, norm)
-        result = {}
-        found = False
-        for b in chain:
-            if b.is_mirror:
-                if blocked:
-                    continue
-                data = self.mirror_version_data(b, norm, asking=ix)
-                if data is None:
-                    continue
-                found = True
-                for ver, (meta, yanked, files) in data.items():
-                    vj = self._version_json(req, meta, yanked, files)
-                    if ver in result:
-                        result[ver].setdefault("+shadowing", []).append(vj)
-                    else:
-                        result[ver] = vj
-                continue
-            if not m.has_project(b, norm):
-                continue
-            found = True
-            for ver, (meta, yanked, files) in m.version_data(b, norm).items():
-                data = self._version_json(req, meta, yanked, files)
-                if ver in result:
-                    result[ver].setdefault("+shadowing", []).append(data)
-                else:
-                    result[ver] = data
-        if not found:
+        walk = self.model.walk(ix, norm, lambda: req.actor, ignore_bases)
+        releases = self.model.releases(walk, lambda b: self.mirror_version_data(b, walk))
+        if releases is None:
             raise not_found("no project %r" % norm)
-        return result
+        return {ver: self._shadowing_json(req, found) for ver, found in releases.items()}
 
     def route_delete_version(self, req, user, index, project, version):
         m = self.model
@@ -4384,24 +4524,12 @@ class App:
         m = self.model
         ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
-        result = None
-        blocked = m.mirror_blocked(ix, norm)
-        for b in m.resolve_bases(ix):
-            if b.is_mirror:
-                if blocked:
-                    continue
-                data = self.mirror_version_data(b, norm, asking=ix) or {}
-            else:
-                data = m.version_data(b, norm, version)
-            if version in data:
-                vj = self._version_json(req, *data[version])
-                if result is None:
-                    result = vj
-                else:
-                    result.setdefault("+shadowing", []).append(vj)
-        if result is None:
+        walk = m.walk(ix, norm, lambda: req.actor)
+        found = (m.releases(walk, lambda b: self.mirror_version_data(b, walk), version)
+                 or {}).get(version)
+        if not found:
             raise not_found("The version %s of project %s does not exist." % (version, norm))
-        return api_result("versiondata", result)
+        return api_result("versiondata", self._shadowing_json(req, found))
 
     # -- upload -------------------------------------------------------------------------
 
@@ -4487,9 +4615,7 @@ class App:
             else:
                 hashers[k] = hashlib.blake2b(digest_size=32)
         with open(part.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1024 * 1024), b""):
-                for h in hashers.values():
-                    h.update(chunk)
+            copy_hashed(f, None, *hashers.values())
         for k, v in others:
             if k in hashers and hashers[k].hexdigest() != v:
                 raise bad_request("%s does not match the uploaded file" % k)
@@ -4510,8 +4636,8 @@ class App:
     def route_delete_file(self, req, user, index, h3, h13, filename):
         ix = self._file_index(user, index, h3, h13)
         self.model.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
-        return message_response("package %r deleted" % ("%s/+f/%s/%s/%s" % (
-            ix.path, h3, h13, filename)))
+        return message_response("package %r deleted"
+                                % file_relpath(ix.path, h3 + h13, filename))
 
     def route_get_file(self, req, user, index, h3, h13, filename):
         # (also HEAD: a first download of a mirrored file is then fetched, not streamed)
@@ -4615,7 +4741,7 @@ class App:
 
     def route_refresh(self, req, user, index, project):
         ix = self.model.require_index(user + "/" + index)
-        for b in self.model.resolve_bases(ix):
+        for b in self.model.chain(ix, req.actor):
             if b.is_mirror:
                 self.mirror.forget_project(b, normalize_name(project))
         return redirect(req.absolute("%s/+simple/%s/" % (ix.path, normalize_name(project))))
@@ -4667,7 +4793,7 @@ class App:
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
             prefix = "" if prefix == "." else prefix + "/"
             page = self.pages.put(key, validator, *render_simple_root(
-                sorted(m.project_names(ix)), fmt, prefix))
+                sorted(m.project_names(ix, lambda: req.actor)), fmt, prefix))
         return self.page_response(req, page)
 
     def simple_project_page(self, req, ix, norm):
@@ -4678,14 +4804,14 @@ class App:
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
         key = ("project", ix.path, norm, fmt, base,
                req.outside_url() if absolute else None)
-        chain = m.resolve_bases(ix)
-        if chain[-1].is_mirror and not m.mirror_blocked(ix, norm):
-            for b in chain:
-                if b.is_mirror:
-                    self.mirror.ensure_fresh(b, norm)
+        mirrors = m.walk(ix, norm, lambda: req.actor).mirrors
+        if mirrors:
+            for b in mirrors:
+                self.mirror.ensure_fresh(b, norm)
             validator = (m.gen_config, m.gen_project.get(norm, 0))
         page = self.pages.get(key, validator)
         if page is None:
+            walk = m.walk(ix, norm, lambda: req.actor)  # (read after the validator)
             errors = []
 
             def mirror_files(b, name):
@@ -4696,24 +4822,24 @@ class App:
                 except UpstreamError as e:
                     errors.append(e)
                     return None
-            files = m.project_files(ix, norm, mirror_files=mirror_files)
+            files = m.project_files(walk, mirror_files=mirror_files)
             if errors:
                 if files is None:
                     raise errors[0]
                 log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
-                if self.mirror.offline and any(b.is_mirror for b in m.resolve_bases(ix)):
+                if self.mirror.offline and any(b.is_mirror for b in walk.chain):
                     raise not_found("The project %s is not kept locally (offline mode: no "
                                     "upstream traffic)" % norm)
                 raise not_found("The project %s does not exist." % norm)
-            display = m.project_display(ix, norm) or norm
+            display = walk.display or norm
             if absolute:
                 def href(f):
                     return req.absolute(f.relpath)
             else:
                 def href(f):
                     return posixpath.relpath("/" + f.relpath, base)
-            versions = m.project_versions(ix, norm) if fmt == "json" else ()  # (HTML has none)
+            versions = m.project_versions(ix, norm, lambda: req.actor) if fmt == "json" else ()  # (HTML has none)
             rendered = render_simple_project(norm, display, files, versions, fmt, href)
             if errors:  # partial (a mirror failed): serve, but do not keep
                 page = CachedPage(None, *rendered)
@@ -4742,7 +4868,8 @@ class App:
 # -- the handler and the server -------------------------------------------------------
 
 COMMON_HEADERS = [("X-Devpi-Api-Version", DEVPI_API_VERSION),
-                  ("X-Devpi-Server-Version", "6.20.3 (minidevpi %s)" % __version__),
+                  ("X-Devpi-Server-Version", "%s (minidevpi %s)" % (DEVPI_SERVER_VERSION,
+                                                                     __version__)),
                   ("X-Content-Type-Options", "nosniff")]
 # Time bounds. The request line and headers must be in within the connection timeout of
 # the connection's previous answer (or its opening); a body, from when the server starts
@@ -5208,16 +5335,15 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
         if url:
             config["mirror_url"] = url
             with store.write() as c:
-                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
-                          (json.dumps(model.validate_index_config("root/pypi", config)),))
+                store.insert_index(c, "root", "pypi",
+                                   model.validate_index_config("root/pypi", config))
         else:
             log("warning: no upstream index found for root/pypi (no PIP_INDEX_URL, no pip "
                 "configuration, pip not importable); set one with "
                 "'devpi index root/pypi mirror_url=URL'")
             config["mirror_url"] = "http://127.0.0.1:9/simple/"
             with store.write() as c:
-                c.execute("INSERT INTO indexes (user, name, config) VALUES ('root', 'pypi', ?)",
-                          (json.dumps(config),))
+                store.insert_index(c, "root", "pypi", config)
     return store, model
 
 
@@ -5485,8 +5611,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     elif rel == "toxresult":
                         rsha = sha_of.get(for_filename, "")
                         relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
-                        f["for_entrypath"] = "%s/+f/%s/%s/%s" % (path, rsha[:3], rsha[3:16],
-                                                                 for_filename)
+                        f["for_entrypath"] = file_relpath(path, rsha, for_filename)
                     else:
                         relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
                     dest = os.path.join(target, *relpath.split("/"))
@@ -5718,17 +5843,11 @@ def _stage_file(dump, rel, dest, hard_links, notes, wheel=False):
             if (opened.st_dev, opened.st_ino) != (placed.st_dev, placed.st_ino):
                 _unlink_quiet(dest)
                 raise DumpFileRefused("%s changed while it was read" % rel)
-            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
-                h.update(chunk)
-                size += len(chunk)
+            size = copy_hashed(fin, None, h)
             return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
         with contextlib.ExitStack() as stack:
             fout = stack.enter_context(open(dest, "wb")) if dest is not None else None
-            for chunk in iter(lambda: fin.read(1024 * 1024), b""):
-                h.update(chunk)
-                if fout is not None:
-                    fout.write(chunk)
-                size += len(chunk)
+            size = copy_hashed(fin, fout, h)
     if dest is None:
         return h.hexdigest(), size, None, None
     return h.hexdigest(), size, dest, _core_or_none(dest, wheel)
@@ -5755,8 +5874,7 @@ def _version_of(f):
     its file name."""
     if f.get("version"):
         return str(f["version"])
-    split = split_filename(os.path.basename(f["relpath"]))
-    return split[1] if split else ""
+    return filename_version(os.path.basename(f["relpath"]))
 
 
 def _want_sha256(f):
@@ -5791,10 +5909,6 @@ def _base_cycle(indexes):
                 state[nxt] = 1
                 stack.append((nxt, iter(graph.get(nxt, []))))
     return []
-
-
-INDEX_DEFAULTS = {"bases": [], "volatile": True, "acl_toxresult_upload": [":ANONYMOUS:"],
-                  "mirror_whitelist": [], "mirror_whitelist_inheritance": "intersection"}
 
 
 def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_pypi=True,
@@ -5854,7 +5968,7 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                                         and root_pwhash is None):
             # nobody could set passwords: give root a working one and say it once
             generated = secrets.token_urlsafe(12)
-            model.set_password_hash("root", hash_password(generated))
+            model.accounts.set_password_hash("root", hash_password(generated))
             if "root" in needs_password:
                 needs_password.remove("root")
             told.append("root's password in the dump can't be checked here (or there was "
@@ -5958,15 +6072,10 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
-        if config["type"] == "stage":
-            for k, v in INDEX_DEFAULTS.items():
-                config.setdefault(k, list(v) if isinstance(v, list) else v)
-            config.setdefault("acl_upload", [user])
-        else:
-            config.setdefault("volatile", True)
+        for k, v in index_defaults(config["type"], user).items():
+            config.setdefault(k, v)
         with store.write() as c:
-            ix_id = c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
-                              (user, path.split("/", 1)[1], json.dumps(config))).lastrowid
+            ix_id = store.insert_index(c, user, path.split("/", 1)[1], config)
             _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress)
         imported += 1
     # bases left out (skipped, or not in the export) would make the index unmodifiable
@@ -6055,12 +6164,9 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
         if f["type"] == "toxresult":
             for_filename = os.path.basename(f.get("for_entrypath") or "") or None
         size = os.path.getsize(dest)
-        c.execute("INSERT OR REPLACE INTO files (index_id, version_id, filename, rel, sha256, "
-                  "size, uploaded, requires_python, core_metadata, for_filename, log) "
-                  "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                  (ix_id, vid, filename, f["type"], sha, size, uploaded,
-                   requires_python if f["type"] == "releasefile" else "", core, for_filename,
-                   json.dumps(log_list)))
+        store.insert_file(c, ix_id, vid, filename, f["type"], sha, size, uploaded,
+                          requires_python if f["type"] == "releasefile" else "", core,
+                          for_filename, log_list, replace=True)
         progress.add(size)
 
 
@@ -6215,10 +6321,7 @@ class Server:
             else:
                 filename = filename or os.path.basename(str(path_or_bytes))
                 with open(str(path_or_bytes), "rb") as src:
-                    for chunk in iter(lambda: src.read(1024 * 1024), b""):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
+                    size = copy_hashed(src, f, digest)
         _reason, relpath = self.model.upload_file("root", ix, filename, tmp, digest.hexdigest(),
                                                   size, [])
         return "%s/%s" % (self.url, relpath)
@@ -6439,13 +6542,10 @@ def cmd_init(args, hash_soon=False):
     if password is None and args.root_passwd_hash is None:
         password = secrets.token_urlsafe(12)
         generated = True
-    try:
-        store, model = init_serverdir(args.serverdir, root_password=password,
-                                      root_pwhash=args.root_passwd_hash,
-                                      root_pypi=not args.no_root_pypi,
-                                      mirror_url=args.mirror_url, hash_soon=hash_soon)
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    store, model = init_serverdir(args.serverdir, root_password=password,
+                                  root_pwhash=args.root_passwd_hash,
+                                  root_pypi=not args.no_root_pypi,
+                                  mirror_url=args.mirror_url, hash_soon=hash_soon)
     print("initialised server directory %s" % os.path.abspath(args.serverdir), flush=True)
     if generated:
         print("root password (shown only now): %s" % password, flush=True)
@@ -6497,10 +6597,7 @@ def cmd_serve(args):
                   % os.path.abspath(args.serverdir), flush=True)
             store, model = cmd_init(args, hash_soon=True)
         else:
-            try:
-                store.open()
-            except HTTPError as e:
-                raise SystemExit("error: " + e.message)
+            store.open()
             model = Model(store)
     except BaseException:
         httpd.server_close()
@@ -6554,12 +6651,9 @@ def _check_storage(args):
 
 def cmd_export(args):
     _check_storage(args)
-    try:
-        lines = export_server(args.serverdir, args.directory,
-                              include_mirrored=bool(args.include_mirrored_files),
-                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    lines = export_server(args.serverdir, args.directory,
+                          include_mirrored=bool(args.include_mirrored_files),
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     for line in lines:
         print(line, flush=True)
     return 0
@@ -6567,14 +6661,11 @@ def cmd_export(args):
 
 def cmd_import(args):
     _check_storage(args)
-    try:
-        lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
-                              root_pwhash=args.root_passwd_hash,
-                              root_pypi=not args.no_root_pypi,
-                              skip_types=tuple(args.skip_import_type or ()),
-                              hard_links=bool(args.hard_links), quiet=bool(args.quiet))
-    except HTTPError as e:
-        raise SystemExit("error: " + e.message)
+    lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
+                          root_pwhash=args.root_passwd_hash,
+                          root_pypi=not args.no_root_pypi,
+                          skip_types=tuple(args.skip_import_type or ()),
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
     for line in lines:
         print(line, flush=True)
     return 0
@@ -6592,6 +6683,13 @@ def main(argv=None):
     if getattr(args, "root_passwd", None) is not None and \
             getattr(args, "root_passwd_hash", None) is not None:
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
+    try:
+        return run_command(args)
+    except HTTPError as e:  # what the user got wrong or must know: a message, no traceback
+        raise SystemExit("error: " + e.message)
+
+
+def run_command(args):
     if args.command == "init":
         store, model = cmd_init(args)
         model.wait_pending_hashes()

@@ -3675,7 +3675,7 @@ def test_upstream_names_are_data_not_markup(tmp_path):
                 assert http(srv.url, path=path).status == 200
             ix = srv.model.get_index("root/pypi")
             # kept under the project that was asked for, with its own name
-            assert srv.model.project_names(ix) == {"xss-up": "xss-up", "victim-x": "victim-x"}
+            assert srv.model.project_names(ix, None) == {"xss-up": "xss-up", "victim-x": "victim-x"}
             assert srv.model.local_files(ix, "other-pkg") is None
             pages = [http(srv.url, path=p, headers={"Accept": a}).body.decode()
                      for p in ("/alice/dev/+simple/", "/root/pypi/+simple/",
