@@ -366,11 +366,12 @@ def test_accept_negotiation():
 
 def test_password_hashes_are_salted_and_slow(real_kdf):
     assert minidevpi.SCRYPT_PARAMS[0] >= 2 ** 13
-    h1, h2 = minidevpi.hash_password("pw"), minidevpi.hash_password("pw")
-    assert h1 != h2 and "pw" not in h1
+    # (a password with a space: a salt or hash in base64 could hold any word of letters)
+    h1, h2 = minidevpi.hash_password("my pw"), minidevpi.hash_password("my pw")
+    assert h1 != h2 and "my pw" not in h1
     assert h1.startswith(("scrypt$", "pbkdf2_sha256$"))
-    assert minidevpi.verify_password("pw", h1)
-    assert not minidevpi.verify_password("pW", h1)
+    assert minidevpi.verify_password("my pw", h1)
+    assert not minidevpi.verify_password("my pW", h1)
     # hashes it cannot check (devpi's argon2) never match, not even the empty password
     assert not minidevpi.verify_password("", "$argon2id$v=19$m=65536,t=3,p=4$abc$def")
 
@@ -971,6 +972,19 @@ def test_readme_walkthrough_runs_as_written(server, tmp_path):
     code, out = run([str(tmp_path / "venv" / "bin" / "python"), "-c",
                      "import samplepkg; print(samplepkg.VERSION)"])
     assert out.strip() == "1.0"
+
+
+def test_readme_test_command_installs_what_ci_installs():
+    # one list of test dependencies, written twice: the README's command and .ci/run
+    import shlex
+    command = readme_section("Run the tests").strip().splitlines()[2].strip()
+    words = shlex.split(command)
+    installs = [i for i, w in enumerate(words) if w == "install"]
+    readme = words[installs[-1] + 1:words.index("&&", installs[-1])]
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        ci = shlex.split(re.search(r"(?m)^TEST_DEPS=\(([^)]*)\)", f.read()).group(1))
+    assert readme == ci and "pytest-xdist" in ci and "devpi-server" in ci, (readme, ci)
+    assert "-n" in words[words.index("pytest"):], command
 
 
 def test_pip_install_download_and_index_versions(alice, tmp_path):
@@ -2481,10 +2495,28 @@ class DevpiExports:
 
 @pytest.fixture(scope="session")
 def devpi_exports(tmp_path_factory):
-    """Exports of the real devpi-server, made once per test session (a few seconds)."""
+    """Exports of the real devpi-server, made once per test run (a few seconds). Under
+    pytest-xdist the workers share one: the first that needs it builds it, under a lock,
+    in the run's common temporary directory; the others read what it noted there."""
     need("devpi-server")  # the package that brings devpi-init and devpi-export
-    exports = DevpiExports(tmp_path_factory.mktemp("devpi-exports"))
-    exports.build()
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        exports = DevpiExports(tmp_path_factory.mktemp("devpi-exports"))
+        exports.build()
+        return exports
+    import fcntl
+    shared = tmp_path_factory.getbasetemp().parent
+    noted = shared / "devpi-exports.json"
+    with open(str(shared / "devpi-exports.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        exports = DevpiExports(shared / "devpi-exports")
+        if noted.exists():
+            exports.expect, exports.yanked = json.loads(noted.read_text())
+            exports.users = exports.expect["users"]
+        else:
+            shutil.rmtree(str(exports.base), ignore_errors=True)  # a failed try's leftovers
+            exports.base.mkdir()
+            exports.build()
+            noted.write_text(json.dumps([exports.expect, exports.yanked]))
     return exports
 
 
