@@ -159,7 +159,9 @@ def multipart(fields, files):
     return out.getvalue(), "multipart/form-data; boundary=" + boundary
 
 
-def upload_form(url, index, path, auth, fields=None, filename=None, data=None):
+def upload_form(url, index, path, auth, fields=None, filename=None, data=None, headers=None):
+    """POST a file to ``index`` as twine does: the file at ``path``, or ``data`` named
+    ``filename``; ``auth`` a (user, password) for Basic auth, or ``headers`` (X-Devpi-Auth)."""
     if data is None:
         with open(path, "rb") as f:
             data = f.read()
@@ -167,8 +169,16 @@ def upload_form(url, index, path, auth, fields=None, filename=None, data=None):
     if fields is None:
         fields = [(":action", "file_upload"), ("protocol_version", "1")]
     body, ctype = multipart(fields, [("content", filename, data)])
-    return http(url, "POST", "/%s/" % index, body=body, headers={"Content-Type": ctype},
-                auth=auth)
+    return http(url, "POST", "/%s/" % index, body=body,
+                headers=dict(headers or {}, **{"Content-Type": ctype}), auth=auth)
+
+
+def free_port():
+    """A port of 127.0.0.1 that nothing listens on now: for a server to take, or to stand
+    for a closed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def which(tool):
@@ -245,9 +255,24 @@ def real_kdf(monkeypatch):
 
 
 @pytest.fixture
-def server():
-    with minidevpi.Server(root_password="rootpw") as srv:
-        yield srv
+def make_server():
+    """``make_server(serverdir=None, **options)``: a started ``minidevpi.Server``. Every
+    server it started is stopped when the test ends, passed or failed (``with
+    make_server(...) as srv:`` stops one earlier, as a test of restarts needs)."""
+    started = []
+
+    def make(serverdir=None, **options):
+        srv = minidevpi.Server(serverdir, **options)
+        started.append(srv)
+        return srv.start()
+    yield make
+    for srv in reversed(started):
+        srv.stop()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server(root_password="rootpw")
 
 
 @pytest.fixture
@@ -683,8 +708,8 @@ def test_duplicate_uploads_volatile_and_not(alice, tmp_path):
     assert http(url, path=old).status == 410
 
 
-def test_upload_body_limit_is_enforced_while_streaming(tmp_path):
-    with minidevpi.Server(max_request_body_size=100000) as srv:
+def test_upload_body_limit_is_enforced_while_streaming(tmp_path, make_server):
+    with make_server(max_request_body_size=100000) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         whl = make_wheel(tmp_path, "big", "1.0", extra=os.urandom(50000).hex().encode())
@@ -1167,12 +1192,6 @@ def test_yank_and_unyank_a_release(alice, devpi, tmp_path):
 # -- nginx in front, with the configuration the README gives ----------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def readme_nginx_config(minidevpi_port, nginx_port, cache_dir):
     """The README's nginx block, pointed at this test's ports and cache directory."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
@@ -1231,11 +1250,11 @@ def nginx_or_skip():
     return exe
 
 
-def test_nginx_in_front_with_the_readme_configuration(tmp_path):
+def test_nginx_in_front_with_the_readme_configuration(tmp_path, make_server):
     exe = nginx_or_skip()
     nginx_port = free_port()
-    srv = minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                           outside_url="http://127.0.0.1:%d" % nginx_port).start()
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      outside_url="http://127.0.0.1:%d" % nginx_port)
     proxy = None
     try:
         srv.create_user("alice", "secret")
@@ -1354,12 +1373,12 @@ def test_cli_help_and_version():
     assert "--max-request-body-size" in cli("serve", "--help")[1]
 
 
-def test_init_creates_root_and_refuses_twice(tmp_path):
+def test_init_creates_root_and_refuses_twice(tmp_path, make_server):
     d = tmp_path / "srv"
     code, out = cli("init", "--serverdir", str(d))
     m = re.search(r"root password \(shown only now\): (\S+)", out)
     assert m, out
-    with minidevpi.Server(d) as srv:
+    with make_server(d) as srv:
         assert login_token(srv.url, "root", m.group(1))
         config = api(srv.url, path="/root/pypi").json()["result"]
         assert config["type"] == "mirror" and config["mirror_url"].startswith("http")
@@ -1367,23 +1386,23 @@ def test_init_creates_root_and_refuses_twice(tmp_path):
     code, out = cli("init", "--serverdir", str(d), "--root-passwd", "x", check=False)
     assert code != 0 and "already initialised" in out
     assert sorted(os.listdir(str(d))) == before
-    with minidevpi.Server(d) as srv:
+    with make_server(d) as srv:
         assert api(srv.url, "POST", "/+login",
                    json_body={"user": "root", "password": "x"}).status == 401
 
 
-def test_init_options(tmp_path):
+def test_init_options(tmp_path, make_server):
     d = tmp_path / "empty"
     d.mkdir()  # an existing empty directory is fine
     cli("init", "--serverdir", str(d), "--root-passwd", "", "--no-root-pypi")
-    with minidevpi.Server(d) as srv:
+    with make_server(d) as srv:
         assert login_token(srv.url, "root", "")
         assert api(srv.url, path="/root/pypi").status == 404
     pwhash = minidevpi.hash_password("hashed-pw")
     d2 = tmp_path / "hashed"
     cli("init", "--serverdir", str(d2), "--root-passwd-hash", pwhash,
         "--mirror-url", "http://127.0.0.1:9/simple/")
-    with minidevpi.Server(d2) as srv:
+    with make_server(d2) as srv:
         assert login_token(srv.url, "root", "hashed-pw")
         assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
             "http://127.0.0.1:9/simple/"
@@ -1392,11 +1411,11 @@ def test_init_options(tmp_path):
     assert code != 0 and "root-passwd-hash" in out
 
 
-def test_root_pypi_upstream_follows_pip_configuration(tmp_path):
+def test_root_pypi_upstream_follows_pip_configuration(tmp_path, make_server):
     d = tmp_path / "srv"
     cli("init", "--serverdir", str(d), "--root-passwd", "x",
         env={"PIP_INDEX_URL": "http://127.0.0.1:8/custom/simple/"})
-    with minidevpi.Server(d) as srv:
+    with make_server(d) as srv:
         assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
             "http://127.0.0.1:8/custom/simple/"
     conf = tmp_path / "pip.conf"
@@ -1404,7 +1423,7 @@ def test_root_pypi_upstream_follows_pip_configuration(tmp_path):
     d = tmp_path / "srv2"
     env = {"PIP_CONFIG_FILE": str(conf), "PIP_INDEX_URL": "", "XDG_CONFIG_DIRS": str(tmp_path)}
     cli("init", "--serverdir", str(d), "--root-passwd", "x", env=env)
-    with minidevpi.Server(d) as srv:
+    with make_server(d) as srv:
         assert api(srv.url, path="/root/pypi").json()["result"]["mirror_url"] == \
             "http://127.0.0.1:7/fromconf/simple/"
 
@@ -1441,7 +1460,7 @@ def test_serve_on_a_busy_port_initialises_nothing(tmp_path):
     assert "root password" not in out and not d.exists()
 
 
-def test_a_second_server_on_one_directory_refuses(tmp_path):
+def test_a_second_server_on_one_directory_refuses(tmp_path, make_server):
     d = tmp_path / "srv"
     p = ServeProcess("--serverdir", str(d), "--root-passwd", "pw")
     try:
@@ -1449,12 +1468,12 @@ def test_a_second_server_on_one_directory_refuses(tmp_path):
         code, out = cli("serve", "--serverdir", str(d), "--port", "0", check=False)
         assert code != 0 and "in use by another minidevpi process (pid %d)" % p.proc.pid in out
         with pytest.raises(minidevpi.HTTPError) as e:
-            minidevpi.Server(d).start()
+            make_server(d)
         assert e.value.status == 409
         assert login_token(p.url, "root", "pw")  # the first one goes on
     finally:
         assert p.stop() == 0
-    with minidevpi.Server(d) as srv:  # free again once it stopped
+    with make_server(d) as srv:  # free again once it stopped
         assert login_token(srv.url, "root", "pw")
 
 
@@ -1726,10 +1745,10 @@ PATHS = ["/", "/+login", "/alice", "/alice/", "/alice/dev", "/alice/dev/", "/ali
          "/nosuch/idx", "/root/pypi", "/root/pypi/pkg/1.0"]
 
 
-def test_malformed_json_and_paths_never_cause_500(tmp_path, monkeypatch):
+def test_malformed_json_and_paths_never_cause_500(tmp_path, monkeypatch, make_server):
     # alice is deleted along the way; her name's checks then fail, and would each wait 2 s
     monkeypatch.setattr(minidevpi, "THROTTLE_MAX", 0.01)
-    srv = minidevpi.Server(root_password="rootpw", offline=True).start()
+    srv = make_server(root_password="rootpw", offline=True)
     srv.create_user("alice", "secret")
     srv.create_index("alice/dev", bases="root/pypi")
     url = srv.url
@@ -1948,14 +1967,14 @@ def upstream():
 
 
 @pytest.fixture
-def mirrored(upstream, tmp_path):
+def mirrored(upstream, tmp_path, make_server):
     """A server whose root/pypi mirrors the fake upstream, which has 'mirrored-pkg'."""
     for v in ("1.0", "2.0"):
         upstream.add(make_wheel(tmp_path, "mirrored-pkg", v, requires_python=">=3.6"))
     upstream.add(make_sdist(tmp_path, "mirrored-pkg", "2.0"))
-    with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                          mirror_url=upstream.url + "/simple/",
-                          mirror_timeouts=(2, 1)) as srv:
+    with make_server(tmp_path / "srv", root_password="rootpw",
+                     mirror_url=upstream.url + "/simple/",
+                     mirror_timeouts=(2, 1)) as srv:
         yield srv
 
 
@@ -1987,14 +2006,14 @@ def test_mirror_installs_and_keeps_files_for_offline_use(mirrored, upstream, tmp
     assert (tmp_path / "t3" / "mirrored_pkg-2.0.dist-info").is_dir()
 
 
-def test_offline_mode_serves_only_what_was_kept(mirrored, upstream, tmp_path):
+def test_offline_mode_serves_only_what_was_kept(mirrored, upstream, tmp_path, make_server):
     srv = mirrored
     pip("install", "--target", str(tmp_path / "t1"), "--index-url",
         srv.index_url("root/pypi"), "mirrored-pkg==1.0")
     serverdir = srv.serverdir
     srv.stop()
     before = len(upstream.requests)
-    with minidevpi.Server(serverdir, offline=True) as off:
+    with make_server(serverdir, offline=True) as off:
         page = http(off.url, path="/root/pypi/+simple/mirrored-pkg/",
                     headers={"Accept": simple_accept("json")}).json()
         assert [f["filename"] for f in page["files"]] == ["mirrored_pkg-1.0-py3-none-any.whl"]
@@ -2104,15 +2123,15 @@ def test_mirror_root_listing_passes_upstream_through(mirrored, upstream, tmp_pat
 
 
 @pytest.mark.parametrize("fmt", ["json", "html"])
-def test_mirror_root_listing_of_a_large_upstream(fmt, tmp_path):
+def test_mirror_root_listing_of_a_large_upstream(fmt, tmp_path, make_server):
     # large enough to arrive in many pieces; names that are not project names (markup,
     # quotes) are left out rather than written into the pages
     up = FakeUpstream(fmt)
     try:
         good = ["Pkg_%05d.x" % i for i in range(60000)]
         up.listed = good[:30000] + ['evil"name', "<b>bold</b>", "a&amp;b", "-dash"] + good[30000:]
-        with minidevpi.Server(tmp_path / "srv", root_password="pw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv", root_password="pw",
+                         mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
             assert [p["name"] for p in r.json()["projects"]] == good
             page = http(srv.url, path="/root/pypi/+simple/").body.decode()
@@ -2219,8 +2238,8 @@ def test_bad_upstream_files_are_never_kept_or_delivered_whole(mirrored, upstream
     assert hashlib.sha256(r.body).hexdigest() == f["hashes"]["sha256"]
 
 
-def test_a_mirror_of_itself_is_refused(tmp_path):
-    with minidevpi.Server(root_password="rootpw") as srv:
+def test_a_mirror_of_itself_is_refused(tmp_path, make_server):
+    with make_server(root_password="rootpw") as srv:
         own = "%s/root/pypi/+simple/" % srv.url
         for url in (own, own.replace("127.0.0.1", "localhost")):
             r = api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
@@ -2235,8 +2254,8 @@ def test_a_mirror_of_itself_is_refused(tmp_path):
         assert r.status == 502 and "itself" in r.json()["message"]
 
 
-def test_offline_mode_says_what_is_not_kept(tmp_path):
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+def test_offline_mode_says_what_is_not_kept(tmp_path, make_server):
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev", bases="root/pypi")
         for index in ("root/pypi", "alice/dev"):
@@ -2248,13 +2267,10 @@ def test_offline_mode_says_what_is_not_kept(tmp_path):
         assert r.status == 404 and "does not exist" in r.json()["message"]
 
 
-def test_upstream_connection_refused_is_502(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    with minidevpi.Server(root_password="rootpw",
-                          mirror_url="http://127.0.0.1:%d/simple/" % port) as srv:
+def test_upstream_connection_refused_is_502(tmp_path, make_server):
+    port = free_port()  # nothing listens there
+    with make_server(root_password="rootpw",
+                     mirror_url="http://127.0.0.1:%d/simple/" % port) as srv:
         r = http(srv.url, path="/root/pypi/+simple/anything/")
         assert r.status == 502 and "upstream" in r.json()["message"]
         assert http(srv.url, path="/+api").status == 200
@@ -2543,12 +2559,12 @@ def comparable(data):
     return out
 
 
-def test_import_a_real_devpi_export(devpi_exports, tmp_path):
+def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
     dump, expect = devpi_exports.plain, devpi_exports.expect
     code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
                     "--root-passwd", "newroot")
     assert "alice" in out and "bob" in out and "devpi user -m NAME password=" in out
-    with minidevpi.Server(tmp_path / "srv") as srv:
+    with make_server(tmp_path / "srv") as srv:
         url = srv.url
         assert login_token(url, "root", "newroot")
         # devpi's Argon2 hashes are kept but can't be checked here: no login, no empty one
@@ -2587,19 +2603,19 @@ def test_import_a_real_devpi_export(devpi_exports, tmp_path):
         assert (tmp_path / "t" / "samplea-2.0.dist-info").is_dir()
 
 
-def test_import_without_root_password_generates_one(devpi_exports, tmp_path):
+def test_import_without_root_password_generates_one(devpi_exports, tmp_path, make_server):
     code, out = cli("import", devpi_exports.plain, "--serverdir", str(tmp_path / "srv"),
                     "--no-root-pypi")
     m = re.search(r"root's new password \(shown only now\): (\S+)", out)
     assert m, out
-    with minidevpi.Server(tmp_path / "srv") as srv:
+    with make_server(tmp_path / "srv") as srv:
         assert login_token(srv.url, "root", m.group(1))
         assert api(srv.url, path="/root/pypi").status == 404
 
 
-def make_populated_server(serverdir, tmp_path):
+def make_populated_server(make_server, serverdir, tmp_path):
     """A server with users, indexes, uploads, a push, a yank and a doc zip."""
-    srv = minidevpi.Server(serverdir, root_password="rootpw").start()
+    srv = make_server(serverdir, root_password="rootpw")
     srv.model.create_user("root", "alice", {"password": "alicepw", "email": "a@x",
                                             "title": "Alice"})
     srv.model.create_user("root", "bob", {"password": "bobpw"})
@@ -2625,8 +2641,8 @@ def make_populated_server(serverdir, tmp_path):
     return srv
 
 
-def test_round_trip_minidevpi_to_minidevpi(tmp_path):
-    srv = make_populated_server(tmp_path / "a", tmp_path)
+def test_round_trip_minidevpi_to_minidevpi(tmp_path, make_server):
+    srv = make_populated_server(make_server, tmp_path / "a", tmp_path)
     before = {ix: http(srv.url, path="/%s/+simple/samplepkg/" % ix,
                        headers={"Accept": simple_accept("json")}).json()
               for ix in ("alice/dev", "alice/prod")}
@@ -2636,7 +2652,7 @@ def test_round_trip_minidevpi_to_minidevpi(tmp_path):
     assert "can't be checked" not in out  # every password survives
     cli("export", str(tmp_path / "dump2"), "--serverdir", str(tmp_path / "b"))
     assert comparable(dump_json(tmp_path / "dump1")) == comparable(dump_json(tmp_path / "dump2"))
-    with minidevpi.Server(tmp_path / "b") as srv2:
+    with make_server(tmp_path / "b") as srv2:
         for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("bob", "bobpw")):
             assert login_token(srv2.url, user, pw)
         for ix, page in before.items():
@@ -2653,8 +2669,8 @@ def test_round_trip_minidevpi_to_minidevpi(tmp_path):
         assert u["pwhash"].startswith("$argon2id$") and u["minidevpi_pwhash"]
 
 
-def test_damaged_exports_are_refused_and_change_nothing(tmp_path):
-    srv = make_populated_server(tmp_path / "a", tmp_path)
+def test_damaged_exports_are_refused_and_change_nothing(tmp_path, make_server):
+    srv = make_populated_server(make_server, tmp_path / "a", tmp_path)
     srv.stop()
     cli("export", str(tmp_path / "good"), "--serverdir", str(tmp_path / "a"))
     good = dump_json(tmp_path / "good")
@@ -2697,8 +2713,8 @@ def test_damaged_exports_are_refused_and_change_nothing(tmp_path):
         "--storage", "sqlite", "--no-events")
 
 
-def test_export_while_the_server_takes_uploads(tmp_path):
-    with minidevpi.Server(tmp_path / "srv", root_password="rootpw") as srv:
+def test_export_while_the_server_takes_uploads(tmp_path, make_server):
+    with make_server(tmp_path / "srv", root_password="rootpw") as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         stop = threading.Event()
@@ -2726,7 +2742,7 @@ def test_export_while_the_server_takes_uploads(tmp_path):
     cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "copy"))
 
 
-def test_hard_links_and_mirrored_files(mirrored, upstream, tmp_path):
+def test_hard_links_and_mirrored_files(mirrored, upstream, tmp_path, make_server):
     srv = mirrored
     pip("install", "--target", str(tmp_path / "t"), "--index-url",
         srv.index_url("root/pypi"), "mirrored-pkg==1.0")
@@ -2751,13 +2767,13 @@ def test_hard_links_and_mirrored_files(mirrored, upstream, tmp_path):
     # imported elsewhere, with the upstream gone: the mirrored file installs offline
     upstream.stop()
     cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"), "--hard-links")
-    with minidevpi.Server(tmp_path / "b", offline=True) as srv2:
+    with make_server(tmp_path / "b", offline=True) as srv2:
         pip("install", "--target", str(tmp_path / "t2"), "--index-url",
             srv2.index_url("root/pypi"), "mirrored-pkg")
         assert (tmp_path / "t2" / "mirrored_pkg-1.0.dist-info").is_dir()
 
 
-def test_import_devpi_mirrored_export_and_legacy_hashes(devpi_exports, tmp_path):
+def test_import_devpi_mirrored_export_and_legacy_hashes(devpi_exports, tmp_path, make_server):
     dump = devpi_exports.mirrored
     data = json.load(open(os.path.join(dump, "dataindex.json")))
     # a user from a devpi < 4.2 dump: salted sha256, checkable and re-hashed at login
@@ -2769,7 +2785,7 @@ def test_import_devpi_mirrored_export_and_legacy_hashes(devpi_exports, tmp_path)
     (d / "dataindex.json").write_text(json.dumps(data))
     code, out = cli("import", str(d), "--serverdir", str(tmp_path / "srv"), "--root-passwd", "r")
     assert "nohash" in out and "olduser" not in out.split("can't log in")[-1]
-    with minidevpi.Server(tmp_path / "srv", offline=True) as srv:
+    with make_server(tmp_path / "srv", offline=True) as srv:
         assert login_token(srv.url, "olduser", "oldpw")
         row = srv.model.get_user_row("olduser")
         assert row[1].startswith(("scrypt$", "pbkdf2_sha256$"))  # re-hashed
@@ -2796,9 +2812,9 @@ def devpi_canonical(data):
     return out
 
 
-def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
+def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
     devpi_import, devpi_export = need("devpi-import"), need("devpi-export")
-    srv = make_populated_server(tmp_path / "a", tmp_path)
+    srv = make_populated_server(make_server, tmp_path / "a", tmp_path)
     srv.model.create_user("root", "carol", {"password": "c", "custom_data": {"team": "x"}})
     srv.stop()
     code, out = cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
@@ -2810,7 +2826,7 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
     assert devpi_canonical(theirs) == devpi_canonical(ours)
     # and back: devpi's export of it imports into minidevpi with every password working
     cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"))
-    with minidevpi.Server(tmp_path / "back") as srv2:
+    with make_server(tmp_path / "back") as srv2:
         for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("carol", "c")):
             assert login_token(srv2.url, user, pw)
         assert api(srv2.url, path="/carol").json()["result"]["custom_data"] == {"team": "x"}
@@ -2822,7 +2838,7 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path):
         assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
 
 
-def test_import_skip_type_and_hard_links(devpi_exports, tmp_path):
+def test_import_skip_type_and_hard_links(devpi_exports, tmp_path, make_server):
     dump = tmp_path / "dump"
     shutil.copytree(devpi_exports.plain, str(dump))
     data = dump_json(dump)
@@ -2840,7 +2856,7 @@ def test_import_skip_type_and_hard_links(devpi_exports, tmp_path):
     assert "skipped index bob/weird" in out
     # the summary counts what was imported, not what the dump held
     assert "and %d indexes from" % (len(data["indexes"]) - 1) in out, out
-    with minidevpi.Server(tmp_path / "a") as srv:
+    with make_server(tmp_path / "a") as srv:
         assert api(srv.url, path="/bob/weird").status == 404
         assert api(srv.url, path="/bob/scratch").status == 200
     f = [x for x in data["indexes"]["alice/dev"]["files"] if x["type"] == "releasefile"][0]
@@ -2855,13 +2871,6 @@ def test_import_skip_type_and_hard_links(devpi_exports, tmp_path):
 
 import random
 import sqlite3
-
-
-def upload_bytes(url, index, filename, data, headers):
-    body, ctype = multipart([(":action", "file_upload")], [("content", filename, data)])
-    h = {"Content-Type": ctype}
-    h.update(headers)
-    return http(url, "POST", "/%s/" % index, body=body, headers=h)
 
 
 def test_sigkill_at_random_moments_loses_nothing_answered(tmp_path):
@@ -2905,7 +2914,8 @@ def test_sigkill_at_random_moments_loses_nothing_answered(tmp_path):
                             else os.urandom(5000))
                         name = "crash_pkg-%s-py3-none-any.whl" % version
                         uncertain.add(version)
-                        r = upload_bytes(url, "alice/dev", name, data, auth)
+                        r = upload_form(url, "alice/dev", None, None, filename=name,
+                                        data=data, headers=auth)
                         if r.status == 200:
                             uploaded[name] = hashlib.sha256(data).hexdigest()
                         uncertain.discard(version)
@@ -2962,8 +2972,8 @@ def tempfile_dir():
     return tempfile.mkdtemp(prefix="mdt-")
 
 
-def test_32_concurrent_clients(tmp_path):
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+def test_32_concurrent_clients(tmp_path, make_server):
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         token = login_token(srv.url, "alice", "secret")
@@ -2982,8 +2992,9 @@ def test_32_concurrent_clients(tmp_path):
                 op = rnd.random()
                 if op < 0.4 or not mine:
                     v = "1.%d" % i
-                    r = upload_bytes(srv.url, "alice/dev", "proj%d-%s-py3-none-any.whl" % (n, v),
-                                     make_wheel_bytes("proj%d" % n, v), auth)
+                    r = upload_form(srv.url, "alice/dev", None, None,
+                                    filename="proj%d-%s-py3-none-any.whl" % (n, v),
+                                    data=make_wheel_bytes("proj%d" % n, v), headers=auth)
                     if r.status == 200:
                         mine.add(v)
                 elif op < 0.55:
@@ -3047,8 +3058,8 @@ def test_full_disk_answers_507_and_keeps_nothing(alice, tmp_path, monkeypatch):
     assert upload_form(alice.url, "alice/dev", whl, ("alice", "secret")).status == 200
 
 
-def test_idle_and_slow_clients_do_not_block_others(tmp_path):
-    with minidevpi.Server(offline=True, connection_timeout=2, max_threads=300) as srv:
+def test_idle_and_slow_clients_do_not_block_others(tmp_path, make_server):
+    with make_server(offline=True, connection_timeout=2, max_threads=300) as srv:
         idle, slow = [], []
         for i in range(100):
             idle.append(socket.create_connection(("127.0.0.1", srv.port)))
@@ -3092,7 +3103,7 @@ def test_idle_and_slow_clients_do_not_block_others(tmp_path):
             for s in idle + slow:
                 s.close()
     # the number of threads is bounded: beyond it, an immediate 503
-    with minidevpi.Server(offline=True, max_threads=10) as srv:
+    with make_server(offline=True, max_threads=10) as srv:
         held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(10)]
         time.sleep(0.2)
         r = http(srv.url, path="/+api")
@@ -3103,7 +3114,7 @@ def test_idle_and_slow_clients_do_not_block_others(tmp_path):
         assert http(srv.url, path="/+api").status == 200
 
 
-def test_ten_thousand_malformed_requests(tmp_path):
+def test_ten_thousand_malformed_requests(tmp_path, make_server):
     rnd = random.Random(1234)
     good = [b"GET /+api HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n",
             b"POST /+login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -3134,7 +3145,7 @@ def test_ten_thousand_malformed_requests(tmp_path):
                 req[pos:pos] = b"X-Dup: a\r\n" * rnd.randint(1, 50)
         return bytes(req)
 
-    with minidevpi.Server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
+    with make_server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
         statuses = {}
         for i in range(10000):
             raw = mutate(rnd.choice(good))
@@ -3156,8 +3167,8 @@ def test_ten_thousand_malformed_requests(tmp_path):
         assert login_token(srv.url, "root", "rootpw")
 
 
-def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatch):
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatch, make_server):
+    with make_server(root_password="rootpw", offline=True) as srv:
         url = srv.url
         srv.create_user("alice", "secret")
         srv.create_user("bob", "bobpw")
@@ -3182,11 +3193,7 @@ def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatc
             "token from before a password change": xauth("carol", carol_old_token),
         }
         for what, headers in credentials.items():
-            r = upload_form(url, "alice/dev", whl, None)
-            body, ctype = multipart([(":action", "file_upload")],
-                                    [("content", "evil-1.0-py3-none-any.whl", open(whl, "rb").read())])
-            h = dict(headers, **{"Content-Type": ctype})
-            r = http(url, "POST", "/alice/dev/", body=body, headers=h)
+            r = upload_form(url, "alice/dev", whl, None, headers=headers)
             assert r.status == 401, what
             assert api(url, "PATCH", "/alice/dev", json_body=["title=x"], headers=headers
                        ).status in (401, 403), what
@@ -3221,11 +3228,11 @@ def test_authentication_and_authorization_attempts_all_fail(tmp_path, monkeypatc
             assert "evil-1.0.tar.gz" not in files
 
 
-def test_a_download_that_is_never_read_is_cut_off(tmp_path):
+def test_a_download_that_is_never_read_is_cut_off(tmp_path, make_server):
     # the file goes out by sendfile; a client that stops reading must not hold the
     # server's thread for good: after connection_timeout the server gives up
-    with minidevpi.Server(tmp_path / "srv", root_password="rootpw", offline=True,
-                          connection_timeout=1, max_threads=2) as srv:
+    with make_server(tmp_path / "srv", root_password="rootpw", offline=True,
+                     connection_timeout=1, max_threads=2) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         whl = make_wheel(tmp_path, "bigpkg", "1.0", extra=os.urandom(48 * 1024 * 1024))
@@ -3254,10 +3261,10 @@ def test_a_download_that_is_never_read_is_cut_off(tmp_path):
         assert again.status == 200 and len(again.body) == os.path.getsize(whl)
 
 
-def test_failed_logins_slow_down_but_the_right_password_gets_in(tmp_path, monkeypatch):
+def test_failed_logins_slow_down_but_the_right_password_gets_in(tmp_path, monkeypatch, make_server):
     waits = []
     monkeypatch.setattr(minidevpi.time, "sleep", lambda s: waits.append(s))
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         for _ in range(12):
             assert api(srv.url, "POST", "/+login",
@@ -3301,8 +3308,8 @@ def test_connections_come_and_go_without_leaking_database_handles(alice):
     assert len(alice.model.store._conns) <= before + 10
 
 
-def test_export_import_progress_and_root_options(tmp_path):
-    srv = make_populated_server(tmp_path / "a", tmp_path)
+def test_export_import_progress_and_root_options(tmp_path, make_server):
+    srv = make_populated_server(make_server, tmp_path / "a", tmp_path)
     srv.stop()
     p = subprocess.run([sys.executable, SCRIPT, "export", str(tmp_path / "d"), "--serverdir",
                         str(tmp_path / "a")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -3319,7 +3326,7 @@ def test_export_import_progress_and_root_options(tmp_path):
     assert p.returncode == 0, p.stderr
     assert re.search(rb"checked: (\d+) of \1 files", p.stderr)
     assert re.search(rb"imported: (\d+) of \1 files", p.stderr)
-    with minidevpi.Server(tmp_path / "b") as s2:
+    with make_server(tmp_path / "b") as s2:
         assert login_token(s2.url, "root", "hashedroot")  # overrides the export's root
         assert api(s2.url, "POST", "/+login",
                    json_body={"user": "root", "password": "rootpw"}).status == 401
@@ -3328,10 +3335,10 @@ def test_export_import_progress_and_root_options(tmp_path):
         assert api(s2.url, path="/root/pypi").status == 404
 
 
-def test_mirror_through_a_stage_with_a_dependency_then_upstream_gone(upstream, tmp_path):
+def test_mirror_through_a_stage_with_a_dependency_then_upstream_gone(upstream, tmp_path, make_server):
     upstream.add(make_wheel(tmp_path, "dep-lib", "1.0"))
-    with minidevpi.Server(tmp_path / "srv", mirror_url=upstream.url + "/simple/",
-                          mirror_timeouts=(2, 1)) as srv:
+    with make_server(tmp_path / "srv", mirror_url=upstream.url + "/simple/",
+                     mirror_timeouts=(2, 1)) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev", bases="root/pypi")
         (tmp_path / "app").mkdir()
@@ -3342,7 +3349,7 @@ def test_mirror_through_a_stage_with_a_dependency_then_upstream_gone(upstream, t
                 srv.index_url("alice/dev"), "my-app")
             assert (tmp_path / n / "dep_lib-1.0.dist-info").is_dir()
             upstream.stop()  # the second install runs with the upstream gone
-    with minidevpi.Server(tmp_path / "srv", offline=True) as srv:
+    with make_server(tmp_path / "srv", offline=True) as srv:
         pip("install", "--target", str(tmp_path / "t3"), "--index-url",
             srv.index_url("alice/dev"), "my-app")
         assert (tmp_path / "t3" / "dep_lib-1.0.dist-info").is_dir()
@@ -3423,20 +3430,12 @@ def mirror_file_path(srv, project, filename):
     return urllib.parse.urljoin("/root/pypi/+simple/%s/" % project, f["url"])
 
 
-def closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path):
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path, make_server):
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         alice, root = ("alice", "secret"), ("root", "rootpw")
-        target = "http://127.0.0.1:%d/simple/" % closed_port()
+        target = "http://127.0.0.1:%d/simple/" % free_port()
         for method, path, body in [
                 ("PUT", "/alice/mir", {"type": "mirror", "mirror_url": target}),
                 ("PUT", "/alice/mir", {"type": "mirror"}),
@@ -3469,7 +3468,7 @@ def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path):
         assert "403" in out and "only root" in out
 
 
-def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path):
+def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path, make_server):
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
         oport = other.httpd.server_address[1]
@@ -3482,7 +3481,7 @@ def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path):
                  "to-localhost": "http://localhost:%d/files/" % oport,
                  "to-127-2": "http://127.0.0.2:%d/files/" % oport,
                  "via-redirect": "/redirect/",
-                 "closed-port": "http://127.0.0.1:%d/files/" % closed_port()}
+                 "closed-port": "http://127.0.0.1:%d/files/" % free_port()}
         for name, base in links.items():
             fn, data = wheels[name]
             up.routes["/simple/%s/" % name] = (200, json_page(name, [(fn, base + fn, data)]),
@@ -3493,8 +3492,8 @@ def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path):
         # a project page that redirects elsewhere
         up.routes["/simple/page-moved/"] = (301, None, [
             ("Location", "http://127.0.0.1:%d/simple/to-port/" % oport)])
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                              mirror_url=up.url + "/simple/", mirror_timeouts=(2, 2)) as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/", mirror_timeouts=(2, 2)) as srv:
             messages = {}
             for name in links:
                 path = mirror_file_path(srv, name, wheels[name][0])
@@ -3521,7 +3520,7 @@ def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path):
         other.stop()
 
 
-def test_mirror_allow_host_opens_one_internal_file_host(tmp_path):
+def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
         oport = other.httpd.server_address[1]
@@ -3531,14 +3530,14 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path):
         up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
             (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
         for allowed in (["127.0.0.1:%d" % oport], ["files.example.com, 127.0.0.1"]):
-            with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
-                                  mirror_allow_hosts=allowed) as srv:
+            with make_server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                             mirror_allow_hosts=allowed) as srv:
                 r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
                 assert r.status == 200 and r.body == data
         assert other.count("/files/" + fn) == 2
         # the name is what is allowed: localhost is not 127.0.0.1, another port not that port
-        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
-                              mirror_allow_hosts=["localhost:%d" % (oport + 1)]) as srv:
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                         mirror_allow_hosts=["localhost:%d" % (oport + 1)]) as srv:
             r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
             assert r.status == 502 and "mirror policy" in r.json()["message"]
         assert other.count("/files/" + fn) == 2
@@ -3558,7 +3557,7 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path):
     assert not os.path.exists(str(tmp_path / "s"))
 
 
-def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch):
+def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch, make_server):
     # Names resolve through a stub (no DNS query leaves the machine): 'rebind.example'
     # answers 127.0.0.1 (counted as public here) once, then 127.0.0.3 (nothing listens)
     # -- a fetch that resolves again to connect reaches nothing; 'mixed.example' has a
@@ -3608,7 +3607,7 @@ def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch):
             files[name] = fn
             up.routes["/simple/%s/" % name] = (200, json_page(name, [
                 (fn, "http://%s:%d/files/%s" % (host, port, fn), data)]), JSON_PAGE)
-        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path=mirror_file_path(srv, "rebound", files["rebound"]))
             assert r.status == 200
             assert other.hosts == ["rebind.example:%d" % oport]  # the name, as Host
@@ -3628,24 +3627,24 @@ def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch):
         banner.close()
 
 
-def test_mirror_policy_holds_before_a_proxy(tmp_path, monkeypatch):
+def test_mirror_policy_holds_before_a_proxy(tmp_path, monkeypatch, make_server):
     # the 'proxy' is a local server that counts what it is asked; the mirror's own
     # upstream is reached directly (no_proxy)
     up, proxy = RoutedUpstream(), RoutedUpstream()
     try:
         path = make_wheel(tmp_path, "proxied", "1.0")
         fn, data = os.path.basename(path), open(path, "rb").read()
-        target = "http://localhost:%d/files/%s" % (closed_port(), fn)
+        target = "http://localhost:%d/files/%s" % (free_port(), fn)
         up.routes["/simple/proxied/"] = (200, json_page("proxied", [(fn, target, data)]),
                                          JSON_PAGE)
         monkeypatch.setenv("http_proxy", proxy.url)
         monkeypatch.setenv("no_proxy", "127.0.0.1")
-        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path=mirror_file_path(srv, "proxied", fn))
             assert r.status == 502 and "refused by the mirror policy" in r.json()["message"]
             assert proxy.requests == []
-        with minidevpi.Server(root_password="rootpw", mirror_url=up.url + "/simple/",
-                              mirror_allow_hosts=["localhost"]) as srv:
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/",
+                         mirror_allow_hosts=["localhost"]) as srv:
             http(srv.url, path=mirror_file_path(srv, "proxied", fn))
             assert proxy.requests == [target]  # allowed: handed to the proxy, as it was
     finally:
@@ -3672,7 +3671,7 @@ def test_public_addresses_are_recognised(addr):
     assert minidevpi.is_public_address(addr) is True
 
 
-def test_upstream_names_are_data_not_markup(tmp_path):
+def test_upstream_names_are_data_not_markup(tmp_path, make_server):
     xss = "<img src=x onerror=alert(1)>"
     up = RoutedUpstream()
     try:
@@ -3694,8 +3693,8 @@ def test_upstream_names_are_data_not_markup(tmp_path):
             (fn2, "/f/" + fn2, data2)]), JSON_PAGE)
         up.routes["/f/" + fn2] = (200, data2, [])
         up.listed = [xss, "fine-name"]
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
             srv.create_user("alice", "secret")
             srv.create_index("alice/dev", bases="root/pypi")
             page = http(srv.url, path="/root/pypi/+simple/xss-up/",
@@ -3726,7 +3725,7 @@ def test_upstream_names_are_data_not_markup(tmp_path):
         up.stop()
 
 
-def test_upstream_pages_are_bounded(tmp_path, monkeypatch):
+def test_upstream_pages_are_bounded(tmp_path, monkeypatch, make_server):
     up = RoutedUpstream()
     try:
         big = b"<html><body>" + b"<!-- padding -->" * (minidevpi.MAX_PAGE_BYTES // 16 + 10)
@@ -3741,8 +3740,8 @@ def test_upstream_pages_are_bounded(tmp_path, monkeypatch):
             for fn, _, d in many).encode(), [("Content-Type", "text/html")])
         up.routes["/simple/many-empty/"] = (200, b'{"files": [' + b",".join(
             [b"{}"] * 2000) + b"]}", JSON_PAGE)
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
             for name, words in (("huge", "larger than %d" % minidevpi.MAX_PAGE_BYTES),
                                 ("huge-nolength", "larger than"),
                                 ("many-links", "more than 50 files"),
@@ -3757,7 +3756,7 @@ def test_upstream_pages_are_bounded(tmp_path, monkeypatch):
         up.stop()
 
 
-def test_upstream_files_are_bounded(tmp_path):
+def test_upstream_files_are_bounded(tmp_path, make_server):
     up = RoutedUpstream()
     try:
         path = make_wheel(tmp_path, "big-file", "1.0", extra=b"x" * 300000)
@@ -3766,9 +3765,9 @@ def test_upstream_files_are_bounded(tmp_path):
         page = '<a href="/f/%s#sha256=%s">%s</a>\n' % (fn, sha, fn)
         up.routes["/simple/big-file/"] = (200, page.encode(), [("Content-Type", "text/html")])
         up.routes["/f/" + fn] = (200, data, [])
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                              mirror_url=up.url + "/simple/",
-                              max_request_body_size=200000) as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/",
+                         max_request_body_size=200000) as srv:
             for no_length in (False, True):
                 if no_length:
                     up.no_length.add("/f/" + fn)
@@ -3786,33 +3785,33 @@ def test_upstream_files_are_bounded(tmp_path):
         up.stop()
 
 
-def test_upstream_project_list_is_bounded(tmp_path, monkeypatch):
+def test_upstream_project_list_is_bounded(tmp_path, monkeypatch, make_server):
     up = FakeUpstream()
     try:
         up.listed = ["pkg-%05d" % i for i in range(3000)]
         monkeypatch.setattr(minidevpi, "MAX_ROOT_NAMES", 2000)
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
             assert r.status == 200 and r.json()["projects"] == []  # (what is kept: nothing)
             for _d, _dirs, names in os.walk(os.path.join(srv.serverdir, "+mirror")):
                 assert not [n for n in names if n.startswith("root.")]
         monkeypatch.setattr(minidevpi, "MAX_ROOT_NAMES", 5000)
         monkeypatch.setattr(minidevpi, "MAX_ROOT_BYTES", 10000)
-        with minidevpi.Server(tmp_path / "srv2", root_password="rootpw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv2", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
             assert r.status == 200 and r.json()["projects"] == []
         monkeypatch.setattr(minidevpi, "MAX_ROOT_BYTES", 1000000)
-        with minidevpi.Server(tmp_path / "srv3", root_password="rootpw",
-                              mirror_url=up.url + "/simple/") as srv:
+        with make_server(tmp_path / "srv3", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
             r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": simple_accept("json")})
             assert len(r.json()["projects"]) == 3000  # within the bounds: all of it
     finally:
         up.stop()
 
 
-def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, capsys):
+def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, capsys, make_server):
     secret = "s3cr3t-t0ken"
     up = RoutedUpstream()
     logged = []
@@ -3827,8 +3826,8 @@ def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, ca
         up.routes["/simple/bad-json/"] = (200, b"{nope", JSON_PAGE)
         up.routes["/simple/moved/"] = (302, None, [("Location", "/simple/moved/")])
         mirror_url = "http://tok-user:%s@%s/simple/" % (secret, up.url[len("http://"):])
-        with minidevpi.Server(tmp_path / "srv", root_password="rootpw", access_log=True,
-                              mirror_url=mirror_url, mirror_timeouts=(2, 1)) as srv:
+        with make_server(tmp_path / "srv", root_password="rootpw", access_log=True,
+                         mirror_url=mirror_url, mirror_timeouts=(2, 1)) as srv:
             srv.create_user("alice", "secret")
             srv.create_index("alice/dev", bases="root/pypi")
             shown = "http://tok-user:***@%s/simple/" % up.url[len("http://"):]
@@ -3891,10 +3890,10 @@ import struct
 import zlib
 
 
-def small_export(tmp_path, name="srv"):
+def small_export(make_server, tmp_path, name="srv"):
     """A server with alice/dev holding one sdist and one wheel, exported with the CLI;
     returns (the export's path, its dataindex.json)."""
-    with minidevpi.Server(tmp_path / name, root_password="rootpw") as srv:
+    with make_server(tmp_path / name, root_password="rootpw") as srv:
         srv.create_user("alice", "alicepw")
         srv.create_index("alice/dev")
         srv.upload("alice/dev", make_sdist(tmp_path, "small-pkg", "1.0"))
@@ -3921,11 +3920,11 @@ def write_dump_json(dump, data):
     (dump / "dataindex.json").write_text(json.dumps(data))
 
 
-def test_import_never_follows_a_link_or_reads_outside_the_dump(tmp_path):
+def test_import_never_follows_a_link_or_reads_outside_the_dump(tmp_path, make_server):
     secret_bytes = b"top secret %s\n" % os.urandom(8).hex().encode()
     secret = tmp_path / "secret.txt"
     secret.write_bytes(secret_bytes)
-    good, data = small_export(tmp_path)
+    good, data = small_export(make_server, tmp_path)
     sdist = [f for f in data["indexes"]["alice/dev"]["files"]
              if f["relpath"].endswith(".tar.gz")][0]
 
@@ -3991,7 +3990,7 @@ def test_import_never_follows_a_link_or_reads_outside_the_dump(tmp_path):
     # and the same dump without the tricks imports; its files are what the entry says
     d = variant("plain", lambda d, entry, new: None)
     cli("import", str(d), "--serverdir", str(tmp_path / "srv-plain"))
-    with minidevpi.Server(tmp_path / "srv-plain") as srv:
+    with make_server(tmp_path / "srv-plain") as srv:
         page = http(srv.url, path="/alice/dev/+simple/small-pkg/",
                     headers={"Accept": simple_accept("json")}).json()
         shas = {f["filename"]: f["hashes"]["sha256"] for f in page["files"]}
@@ -3999,8 +3998,8 @@ def test_import_never_follows_a_link_or_reads_outside_the_dump(tmp_path):
             "sha256"]
 
 
-def test_import_refuses_names_and_versions_the_api_refuses(tmp_path):
-    good, data = small_export(tmp_path)
+def test_import_refuses_names_and_versions_the_api_refuses(tmp_path, make_server):
+    good, data = small_export(make_server, tmp_path)
 
     def bad_version(new):  # the version as the attacker would write it, everywhere
         ix = new["indexes"]["alice/dev"]
@@ -4048,11 +4047,11 @@ def test_import_refuses_names_and_versions_the_api_refuses(tmp_path):
         assert not target.exists()
 
 
-def test_export_of_a_doctored_database_writes_nothing_outside_its_target(tmp_path):
+def test_export_of_a_doctored_database_writes_nothing_outside_its_target(tmp_path, make_server):
     secret_bytes = b"database secret %s\n" % os.urandom(8).hex().encode()
     secret = tmp_path / "secret.txt"
     secret.write_bytes(secret_bytes)
-    with minidevpi.Server(tmp_path / "srv", root_password="rootpw") as srv:
+    with make_server(tmp_path / "srv", root_password="rootpw") as srv:
         srv.create_user("alice", "alicepw")
         srv.create_index("alice/dev")
         for name in ("keep-pkg", "bad-version", "bad-file", "bad-sha"):
@@ -4121,8 +4120,8 @@ def test_upload_refuses_path_like_versions(alice, tmp_path):
     assert upload_form(url, "alice/dev", whl, auth).status == 200
 
 
-def test_legacy_versions_upload_and_round_trip(tmp_path):
-    with minidevpi.Server(tmp_path / "a", root_password="rootpw") as srv:
+def test_legacy_versions_upload_and_round_trip(tmp_path, make_server):
+    with make_server(tmp_path / "a", root_password="rootpw") as srv:
         srv.create_user("alice", "alicepw")
         srv.create_index("alice/dev")
         for v in LEGACY_VERSIONS:
@@ -4137,14 +4136,14 @@ def test_legacy_versions_upload_and_round_trip(tmp_path):
     assert before == sorted(LEGACY_VERSIONS)
     cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
     code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"))
-    with minidevpi.Server(tmp_path / "b") as srv:
+    with make_server(tmp_path / "b") as srv:
         after = sorted(api(srv.url, path="/alice/dev/legacy-pkg").json()["result"])
         assert after == before
         assert login_token(srv.url, "alice", "alicepw")
 
 
-def test_a_password_changed_on_the_devpi_side_is_not_undone_by_import(tmp_path):
-    with minidevpi.Server(tmp_path / "a", root_password="rootpw") as srv:
+def test_a_password_changed_on_the_devpi_side_is_not_undone_by_import(tmp_path, make_server):
+    with make_server(tmp_path / "a", root_password="rootpw") as srv:
         srv.create_user("alice", "alicepw")
         srv.create_user("bob", "bobpw")
     cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
@@ -4157,7 +4156,7 @@ def test_a_password_changed_on_the_devpi_side_is_not_undone_by_import(tmp_path):
         change(new)
         write_dump_json(d, new)
         code, out = cli("import", str(d), "--serverdir", str(tmp_path / ("srv-" + name)))
-        return out, minidevpi.Server(tmp_path / ("srv-" + name))
+        return out, make_server(tmp_path / ("srv-" + name))
 
     def logs_in(url, user, pw):
         return api(url, "POST", "/+login", json_body={"user": user, "password": pw}).status
@@ -4508,11 +4507,11 @@ def test_a_request_hidden_in_a_failed_upload_is_never_run(alice, tmp_path, monke
     assert api(alice.url, path="/alice/dev/keepme/1.0").status == 200
 
 
-def test_behind_nginx_no_page_is_shaped_by_an_attacker(tmp_path):
+def test_behind_nginx_no_page_is_shaped_by_an_attacker(tmp_path, make_server):
     # the README's block, in front of a server without --outside-url
     exe = nginx_or_skip()
     nginx_port = free_port()
-    srv = minidevpi.Server(tmp_path / "srv", root_password="rootpw").start()
+    srv = make_server(tmp_path / "srv", root_password="rootpw")
     proxy = None
     try:
         srv.create_user("alice", "secret")
@@ -4600,9 +4599,9 @@ def test_chunk_sizes_are_hex_digits_only(server):
     assert login_token(server.url, "chunky", "chunky")
 
 
-def test_a_chunked_upload_over_the_limit_is_refused(tmp_path):
-    with minidevpi.Server(root_password="rootpw", offline=True,
-                          max_request_body_size=100000) as srv:
+def test_a_chunked_upload_over_the_limit_is_refused(tmp_path, make_server):
+    with make_server(root_password="rootpw", offline=True,
+                     max_request_body_size=100000) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
         body, ctype = multipart([(":action", "file_upload")],
@@ -4636,8 +4635,8 @@ def trickle(sock, data, every, stop_after):
     return time.monotonic() - t0
 
 
-def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path):
-    with minidevpi.Server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
+def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path, make_server):
+    with make_server(root_password="rootpw", offline=True, connection_timeout=1) as srv:
         # headers: bounded as a whole by the connection timeout
         s = socket.create_connection(("127.0.0.1", srv.port))
         took = trickle(s, b"GET /+api HTTP/1.1\r\nX-Slow: " + b"a" * 1000, 0.1, 6)
@@ -4673,8 +4672,8 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path):
         assert statuses(reply) == [200], reply[:300]
 
 
-def test_four_tricklers_do_not_keep_a_four_thread_server_busy(tmp_path):
-    with minidevpi.Server(offline=True, connection_timeout=1, max_threads=4) as srv:
+def test_four_tricklers_do_not_keep_a_four_thread_server_busy(tmp_path, make_server):
+    with make_server(offline=True, connection_timeout=1, max_threads=4) as srv:
         socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
         stop = threading.Event()
 
@@ -4870,11 +4869,11 @@ def test_push_and_delete_of_one_release_at_once_leave_every_listed_file_download
     assert problems == []
 
 
-def test_password_guessing_does_not_starve_a_legitimate_login(real_kdf):
+def test_password_guessing_does_not_starve_a_legitimate_login(real_kdf, make_server):
     # 40 connections guess root's password without pause (real key derivation) while alice,
     # then bob, log in from the same address: the guesses are slowed down (429, or waiting
     # without holding a key-derivation slot), the logins are not stuck behind them
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_user("bob", "bobpw")
         srv.model.wait_pending_hashes()
@@ -4915,8 +4914,8 @@ def test_password_guessing_does_not_starve_a_legitimate_login(real_kdf):
         assert login_token(srv.url, "root", "rootpw")
 
 
-def test_wrong_passwords_take_as_long_for_unknown_names_as_for_real_users(real_kdf):
-    with minidevpi.Server(root_password="rootpw", offline=True) as srv:
+def test_wrong_passwords_take_as_long_for_unknown_names_as_for_real_users(real_kdf, make_server):
+    with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.model.wait_pending_hashes()
 
