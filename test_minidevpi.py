@@ -1387,6 +1387,174 @@ def test_push_and_delete_of_one_release_at_once_leave_every_listed_file_download
         assert (v in prod_versions) == (got["push"] == 200 and got["target"] == 404), got
     assert problems == []
 
+def release_links(url, index, project, version):
+    """{filename: href} of one version of a project, as the JSON API lists it."""
+    result = api(url, path="/%s/%s/%s" % (index, project, version)).json()["result"]
+    return {link["href"].rsplit("/", 1)[1]: link["href"] for link in result["+links"]}
+
+
+def simple_filenames(url, index, project):
+    r = http(url, path="/%s/+simple/%s/" % (index, project),
+             headers={"Accept": simple_accept("json")})
+    return sorted(f["filename"] for f in r.json()["files"]) if r.status == 200 else r.status
+
+
+def test_push_over_http_copies_a_release_with_its_files(alice, tmp_path):
+    # as devpi-client pushes: POST of JSON {":action": "push", name, version, targetindex}
+    url, auth = alice.url, ("alice", "secret")
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": [], "volatile": False})
+    alice.create_user("bob", "bobpw")
+    sent, files_of = {}, {}
+    for v in ("1.0", "1.1"):
+        for path in (make_wheel(tmp_path, "Sample_Pkg", v), make_sdist(tmp_path, "Sample_Pkg", v)):
+            assert upload_form(url, "alice/dev", path, auth).status == 200
+            sent[os.path.basename(path)] = sha256_file(path)
+            files_of.setdefault(v, []).append(os.path.basename(path))
+
+    def push(body, auth=auth, method="POST"):
+        return api(url, method, "/alice/dev", auth=auth, json_body=body)
+    r = push({":action": "push", "name": "sample-pkg", "version": "1.0",
+              "targetindex": "alice/prod"})
+    assert r.status == 200, r
+    log = r.json()["result"]
+    assert log[0] == [200, "register", "Sample_Pkg", "1.0", "->", "alice/prod"]
+    stored = sorted(entry[2].rsplit("/", 1)[1] for entry in log[1:])
+    assert stored == sorted(files_of["1.0"]), log
+    # prod now lists 1.0 (not 1.1), and its files download with the bytes that were sent
+    assert sorted(api(url, path="/alice/prod/sample-pkg").json()["result"]) == ["1.0"]
+    links = release_links(url, "alice/prod", "sample-pkg", "1.0")
+    assert sorted(links) == stored
+    for filename, href in links.items():
+        assert href.startswith(url + "/alice/prod/+f/")
+        body = http(url, path=urllib.parse.urlsplit(href).path).body
+        assert hashlib.sha256(body).hexdigest() == sent[filename]
+    assert simple_filenames(url, "alice/prod", "sample-pkg") == stored
+    # the PUSH verb of older clients does the same
+    r = push({"name": "sample-pkg", "version": "1.1", "targetindex": "alice/prod"},
+             method="PUSH")
+    assert r.status == 200, r
+    assert sorted(api(url, path="/alice/prod/sample-pkg").json()["result"]) == ["1.0", "1.1"]
+    # pushing again what is there changes nothing
+    r = push({":action": "push", "name": "sample-pkg", "version": "1.0",
+              "targetindex": "alice/prod"})
+    assert r.status == 200, r
+    assert sorted(release_links(url, "alice/prod", "sample-pkg", "1.0")) == stored
+    # refusals, each with a message
+    refused = [
+        ({"name": "sample-pkg", "version": "1.0", "targetindex": "alice/prod"}, None, 401),
+        ({"name": "sample-pkg", "version": "1.0", "targetindex": "alice/prod"},
+         ("bob", "bobpw"), 403),
+        ({"name": "sample-pkg", "version": "9.9", "targetindex": "alice/prod"}, auth, 400),
+        ({"name": "sample-pkg", "version": "1.0", "targetindex": "alice/nosuch"}, auth, 404),
+        ({"name": "sample-pkg", "version": "1.0", "targetindex": "root/pypi"}, auth, 404),
+        ({"name": "sample-pkg", "version": "1.0"}, auth, 400),
+        ({"name": "sample-pkg", "version": "1.0", "posturl": "http://127.0.0.1:9/"}, auth, 400),
+        ({"version": "1.0", "targetindex": "alice/prod"}, auth, 400),
+    ]
+    for body, who, status in refused:
+        r = push(dict(body, **{":action": "push"}), auth=who)
+        assert r.status == status and r.json()["message"], (body, who, r)
+    # a non-volatile target keeps the file it has: a different one of that name is refused
+    (tmp_path / "changed").mkdir()
+    changed = make_wheel(tmp_path / "changed", "Sample_Pkg", "1.0", extra=b"changed")
+    api(url, "PUT", "/alice/other", auth=auth, json_body={"bases": []})
+    assert upload_form(url, "alice/other", changed, auth).status == 200
+    r = api(url, "POST", "/alice/other", auth=auth, json_body={
+        ":action": "push", "name": "sample-pkg", "version": "1.0", "targetindex": "alice/prod"})
+    assert r.status == 409 and "already exists" in r.json()["message"], r
+    wheel = files_of["1.0"][0]
+    body = http(url, path=urllib.parse.urlsplit(links[wheel]).path).body
+    assert hashlib.sha256(body).hexdigest() == sent[wheel]
+
+
+def test_yank_over_http_shows_in_the_json_and_the_simple_pages(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    for v in ("1.0", "1.1"):
+        assert upload_form(url, "alice/dev", make_wheel(tmp_path, "samplepkg", v),
+                           auth).status == 200
+
+    def yanked_on_pages():
+        page = http(url, path="/alice/dev/+simple/samplepkg/",
+                    headers={"Accept": simple_accept("json")}).json()
+        html = http(url, path="/alice/dev/+simple/samplepkg/").body.decode()
+        return ({f["filename"].split("-")[1]: f["yanked"] for f in page["files"]},
+                html.count("data-yanked"))
+    for value, shown, on_page, in_html in (
+            ("broken build", "broken build", "broken build", 1), (True, True, True, 1),
+            (False, None, False, 0)):
+        r = api(url, "PATCH", "/alice/dev/samplepkg/1.1", auth=auth, json_body={"yanked": value})
+        assert r.status == 200, r
+        assert r.json()["result"].get("yanked") == shown, r
+        assert api(url, path="/alice/dev/samplepkg/1.1").json()["result"].get("yanked") == shown
+        assert yanked_on_pages() == ({"1.0": False, "1.1": on_page}, in_html)
+    # refusals, each with a message; nothing changes
+    for who, path, body, status in (
+            (None, "/alice/dev/samplepkg/1.1", {"yanked": True}, 401),
+            (("bob", "bobpw"), "/alice/dev/samplepkg/1.1", {"yanked": True}, 403),
+            (auth, "/alice/dev/samplepkg/9.9", {"yanked": True}, 404),
+            (auth, "/alice/dev/nosuch/1.0", {"yanked": True}, 404),
+            (auth, "/alice/dev/samplepkg/1.1", {"yanked": 3}, 400),
+            (auth, "/alice/dev/samplepkg/1.1", {"yanked": True, "title": "x"}, 400),
+            (auth, "/alice/dev/samplepkg/1.1", ["yanked=True"], 400),
+            (("root", "rootpw"), "/root/pypi/samplepkg/1.1", {"yanked": True}, 403)):
+        r = api(url, "PATCH", path, auth=who, json_body=body)
+        assert r.status == status and r.json()["message"], (who, path, body, r)
+    assert yanked_on_pages() == ({"1.0": False, "1.1": False}, 0)
+
+
+def test_delete_over_http_of_a_file_a_version_and_a_project(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    for name, v in (("samplepkg", "1.0"), ("samplepkg", "1.1"), ("otherpkg", "1.0")):
+        for path in (make_wheel(tmp_path, name, v), make_sdist(tmp_path, name, v)):
+            assert upload_form(url, "alice/dev", path, auth).status == 200
+    links = release_links(url, "alice/dev", "samplepkg", "1.0")
+    sdist = urllib.parse.urlsplit(links["samplepkg-1.0.tar.gz"]).path
+    # who may not: anonymous, another user; nothing goes
+    for who, status in ((None, 401), (("bob", "bobpw"), 403)):
+        for path in (sdist, "/alice/dev/samplepkg/1.0", "/alice/dev/samplepkg"):
+            r = api(url, "DELETE", path, auth=who)
+            assert r.status == status and r.json()["message"], (who, path, r)
+    assert http(url, path=sdist).status == 200
+    # a file: gone from the version, the simple page and its URL
+    r = api(url, "DELETE", sdist, auth=auth)
+    assert r.status == 200 and "deleted" in r.json()["message"], r
+    assert sorted(release_links(url, "alice/dev", "samplepkg", "1.0")) == [
+        "samplepkg-1.0-py3-none-any.whl"]
+    assert "samplepkg-1.0.tar.gz" not in simple_filenames(url, "alice/dev", "samplepkg")
+    assert http(url, path=sdist).status == 410
+    assert api(url, "DELETE", sdist, auth=auth).status == 410
+    # a version: gone with its files, the other version stays
+    wheel = urllib.parse.urlsplit(links["samplepkg-1.0-py3-none-any.whl"]).path
+    r = api(url, "DELETE", "/alice/dev/samplepkg/1.0", auth=auth)
+    assert r.status == 200 and "deleted" in r.json()["message"], r
+    assert api(url, path="/alice/dev/samplepkg/1.0").status == 404
+    assert sorted(api(url, path="/alice/dev/samplepkg").json()["result"]) == ["1.1"]
+    assert simple_filenames(url, "alice/dev", "samplepkg") == [
+        "samplepkg-1.1-py3-none-any.whl", "samplepkg-1.1.tar.gz"]
+    assert http(url, path=wheel).status == 410
+    assert api(url, "DELETE", "/alice/dev/samplepkg/1.0", auth=auth).status == 404
+    # a project: gone from the index, its pages and its files; the other project stays
+    later = urllib.parse.urlsplit(
+        release_links(url, "alice/dev", "samplepkg", "1.1")["samplepkg-1.1.tar.gz"]).path
+    r = api(url, "DELETE", "/alice/dev/samplepkg", auth=auth)
+    assert r.status == 200 and "deleted" in r.json()["message"], r
+    assert api(url, path="/alice/dev/samplepkg").status == 404
+    assert simple_filenames(url, "alice/dev", "samplepkg") == 404
+    assert http(url, path=later).status == 410
+    assert api(url, path="/alice/dev").json()["result"]["projects"] == ["otherpkg"]
+    assert api(url, "DELETE", "/alice/dev/samplepkg", auth=auth).status == 404
+    # a non-volatile index keeps its releases unless its owner forces it
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": [], "volatile": False})
+    assert upload_form(url, "alice/prod", make_wheel(tmp_path, "otherpkg", "1.0"),
+                       auth).status == 200
+    r = api(url, "DELETE", "/alice/prod/otherpkg/1.0", auth=auth)
+    assert r.status == 403 and "non-volatile" in r.json()["message"], r
+    assert api(url, path="/alice/prod/otherpkg/1.0").status == 200
+    assert api(url, "DELETE", "/alice/prod/otherpkg/1.0?force", auth=auth).status == 200
+    assert api(url, path="/alice/prod/otherpkg/1.0").status == 404
+
 
 # ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
