@@ -21,13 +21,18 @@ Embed it in a test suite::
 The file reads top to bottom in sections; each builds only on those above it:
 
     1  header        imports, constants
-    2  errors        HTTPError: a status and a message, used everywhere
-    3  names         PEP 503 names, PEP 440 versions, filenames, core metadata, multipart
-    4  storage       SQLite schema, connections, transactions, content-addressed blobs
-    5  model         users, passwords, tokens, indexes, bases, ACLs, releases, files, push
-    6  mirror        upstream pages and files on demand, kept for offline use
-    7  HTTP          route table, negotiation, page cache, handler, threading server
-    8  export/import devpi-server's dump format, both ways
+    2  errors        MinidevpiError (a message for the user); HTTPError (with a status)
+    3  names         PEP 503 names, PEP 440 versions, filenames, bounded archive reading
+                     (core metadata), multipart and chunked request bodies
+    4  storage       SQLite schema, connections, transactions, content-addressed blobs,
+                     the lock that makes one process the server of a directory
+    5  model         accounts (passwords, tokens, login throttling), index configuration,
+                     the one walk through bases, releases, files, push, change listeners
+    6  mirror        the upstream HTTP client and its address policy, then upstream pages
+                     and files on demand, kept for offline use
+    7  HTTP          simple pages from data, route table, negotiation, page cache, request
+                     bodies and deadlines, handler, threading server
+    8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
    10  command line  init, serve, export, import; main()
 """
