@@ -21,13 +21,18 @@ Embed it in a test suite::
 The file reads top to bottom in sections; each builds only on those above it:
 
     1  header        imports, constants
-    2  errors        HTTPError: a status and a message, used everywhere
-    3  names         PEP 503 names, PEP 440 versions, filenames, core metadata, multipart
-    4  storage       SQLite schema, connections, transactions, content-addressed blobs
-    5  model         users, passwords, tokens, indexes, bases, ACLs, releases, files, push
-    6  mirror        upstream pages and files on demand, kept for offline use
-    7  HTTP          route table, negotiation, page cache, handler, threading server
-    8  export/import devpi-server's dump format, both ways
+    2  errors        MinidevpiError (a message for the user); HTTPError (with a status)
+    3  names         PEP 503 names, PEP 440 versions, filenames, bounded archive reading
+                     (core metadata), multipart and chunked request bodies
+    4  storage       SQLite schema, connections, transactions, content-addressed blobs,
+                     the lock that makes one process the server of a directory
+    5  model         accounts (passwords, tokens, login throttling), index configuration,
+                     the one walk through bases, releases, files, push, change listeners
+    6  mirror        the upstream HTTP client and its address policy, then upstream pages
+                     and files on demand, kept for offline use
+    7  HTTP          simple pages from data, route table, negotiation, page cache, request
+                     bodies and deadlines, handler, threading server
+    8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
    10  command line  init, serve, export, import; main()
 """
@@ -109,17 +114,29 @@ def log(msg):
 # ===================================================================================
 
 
-class HTTPError(Exception):
-    """A client-visible failure: an HTTP status and a message for the user.
+class MinidevpiError(Exception):
+    """Something to tell the user, not a bug: the storage, export and import raise it,
+    and the command line prints its message (no traceback)."""
 
-    ``headers`` adds response headers (WWW-Authenticate, Location).
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+class HTTPError(MinidevpiError):
+    """A client-visible failure of a request: an HTTP status and a message for the user.
+
+    ``challenge``: a 401 that asks the client for credentials (pip then tries its keyring
+    and netrc); ``retry_after``: seconds until trying again makes sense. ``headers``: more
+    response headers, set by the HTTP layer itself (Location).
     """
 
-    def __init__(self, status, message, headers=None):
+    def __init__(self, status, message, headers=None, challenge=False, retry_after=None):
         super().__init__(message)
         self.status = status
-        self.message = message
         self.headers = headers or {}
+        self.challenge = challenge
+        self.retry_after = retry_after
 
 
 def bad_request(message):
@@ -136,7 +153,7 @@ def forbidden(message):
 
 def unauthorized():
     """401 for an anonymous request that needs a user: clients then send credentials."""
-    return HTTPError(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="pypi"'})
+    return HTTPError(401, "Unauthorized", challenge=True)
 
 
 # ===================================================================================
@@ -1037,7 +1054,7 @@ class Store:
     def create(self):
         """Create the directory layout and an empty database. Refuses an initialised dir."""
         if self.is_initialised():
-            raise HTTPError(409, "server directory %s is already initialised" % self.serverdir)
+            raise MinidevpiError("server directory %s is already initialised" % self.serverdir)
         os.makedirs(self.serverdir, exist_ok=True)
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -1062,7 +1079,7 @@ class Store:
         """Open an initialised server directory: migrate, clean leftovers, load the secret.
         ``readonly`` (export, beside a running server): no migration, no cleaning."""
         if not self.is_initialised():
-            raise HTTPError(404, "server directory %s is not initialised" % self.serverdir)
+            raise MinidevpiError("server directory %s is not initialised" % self.serverdir)
         if not readonly:
             self.lock()
         os.makedirs(self.files_dir, exist_ok=True)
@@ -1074,10 +1091,10 @@ class Store:
         version = int(conn.execute(
             "SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise HTTPError(409, "server directory was written by a newer minidevpi "
+            raise MinidevpiError("server directory was written by a newer minidevpi "
                                  "(schema %d, this one knows %d)" % (version, SCHEMA_VERSION))
         if version < SCHEMA_VERSION and readonly:
-            raise HTTPError(409, "server directory needs an upgrade: start the server once")
+            raise MinidevpiError("server directory needs an upgrade: start the server once")
         if version < SCHEMA_VERSION:
             # migrations so far only add tables and indexes, which SCHEMA creates if missing
             conn.executescript(SCHEMA)
@@ -1104,7 +1121,7 @@ class Store:
             f.seek(0)
             pid = f.read(20).strip()
             f.close()
-            raise HTTPError(409, "server directory %s is in use by another minidevpi "
+            raise MinidevpiError("server directory %s is in use by another minidevpi "
                                  "process%s" % (self.serverdir, " (pid %s)" % pid if pid else ""))
         f.seek(0)
         f.truncate()
@@ -1431,7 +1448,7 @@ class LoginThrottle:
             if busy >= max(THROTTLE_INFLIGHT, THROTTLE_AFTER - n_pair):
                 raise HTTPError(429, "too many wrong passwords for %r from this address; "
                                      "try again later" % name,
-                                {"Retry-After": str(max(1, int(wait + 0.999)))})
+                                retry_after=max(1, int(wait + 0.999)))
             self._busy[pair] = busy + 1
         try:
             if wait:
@@ -1875,13 +1892,10 @@ class Model:
     def __init__(self, store):
         self.store = store
         self._index_cache = {}
-        # page cache generations, bumped after commits (see HTTP section)
-        self.gen_config = 0
-        self.gen_projects = 0
-        self.gen_project = {}
         self.accounts = Accounts(store)
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
+        self._change_listeners = []
 
     # -- change notifications ---------------------------------------------------------
 
@@ -1890,21 +1904,24 @@ class Model:
         mirror, a later section, forgets what it holds of the old upstream)."""
         self._upstream_listeners.append(fn)
 
+    def on_change(self, fn):
+        """Call ``fn(config, project_set, projects)`` after each commit that changed what
+        pages show: any index's config (``config``), which projects exist (``project_set``),
+        or the releases of the (normalised) ``projects`` (the page cache listens)."""
+        self._change_listeners.append(fn)
+
     def mirror_page_changed(self, norm):
         """A mirror stored a page of project ``norm`` that differs from the one it had:
         the pages built from it are out of date (call inside the write transaction)."""
         self._changed(projects=[norm])
 
     def _changed(self, projects=(), config=False, project_set=False):
-        def bump(_c):
+        def tell(_c):
             if config:
                 self._index_cache = {}
-                self.gen_config += 1
-            if project_set:
-                self.gen_projects += 1
-            for name in projects:
-                self.gen_project[name] = self.gen_project.get(name, 0) + 1
-        self.store.after_commit(bump)
+            for fn in self._change_listeners:
+                fn(config, project_set, projects)
+        self.store.after_commit(tell)
 
     # -- users --------------------------------------------------------------------------
 
@@ -3900,8 +3917,12 @@ class CachedPage:
 
 
 class PageCache:
-    """Rendered simple pages as bytes, valid while the model's generations are unchanged;
-    the least recently used go first once they take more than ``max_bytes``."""
+    """Rendered simple pages as bytes, valid while their generations are unchanged; the
+    least recently used go first once they take more than ``max_bytes``.
+
+    The generations count the model's commits (``changed``, a listener of
+    ``Model.on_change``): any index config, the set of projects, each project's releases.
+    A page is stored with the generations it was built from (its validator)."""
 
     def __init__(self, max_bytes=16 * 1024 * 1024):
         import collections
@@ -3909,6 +3930,25 @@ class PageCache:
         self.max_bytes = max_bytes
         self.size = 0
         self.lock = threading.Lock()
+        self.gen_config = 0
+        self.gen_projects = 0
+        self.gen_project = {}
+
+    def changed(self, config, project_set, projects):
+        if config:
+            self.gen_config += 1
+        if project_set:
+            self.gen_projects += 1
+        for name in projects:
+            self.gen_project[name] = self.gen_project.get(name, 0) + 1
+
+    def root_validator(self):
+        """What a project list depends on."""
+        return self.gen_config, self.gen_projects
+
+    def project_validator(self, norm):
+        """What a project's page depends on."""
+        return self.gen_config, self.gen_project.get(norm, 0)
 
     def get(self, key, validator):
         page = self.pages.get(key)
@@ -4204,6 +4244,7 @@ class App:
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
+        model.on_change(self.pages.changed)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -4785,7 +4826,7 @@ class App:
             resp = self.mirror_root(req, ix, fmt)
             if resp is not None:
                 return resp
-        validator = (m.gen_config, m.gen_projects)
+        validator = self.pages.root_validator()
         base = self._page_base(req)
         key = ("root", ix.path, fmt, base)
         page = self.pages.get(key, validator)
@@ -4799,7 +4840,7 @@ class App:
     def simple_project_page(self, req, ix, norm):
         fmt = choose_simple_format(req.accept)
         m = self.model
-        validator = (m.gen_config, m.gen_project.get(norm, 0))
+        validator = self.pages.project_validator(norm)
         base = self._page_base(req)
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
         key = ("project", ix.path, norm, fmt, base,
@@ -4808,7 +4849,7 @@ class App:
         if mirrors:
             for b in mirrors:
                 self.mirror.ensure_fresh(b, norm)
-            validator = (m.gen_config, m.gen_project.get(norm, 0))
+            validator = self.pages.project_validator(norm)
         page = self.pages.get(key, validator)
         if page is None:
             walk = m.walk(ix, norm, lambda: req.actor)  # (read after the validator)
@@ -5044,6 +5085,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _error_response(self, e, req):
         resp = message_response(e.message, e.status)
         resp.headers.extend(e.headers.items())
+        if e.challenge:
+            resp.headers.append(("WWW-Authenticate", 'Basic realm="pypi"'))
+        if e.retry_after is not None:
+            resp.headers.append(("Retry-After", str(e.retry_after)))
         if req is not None and req.is_upload:
             # upload clients (devpi upload, twine) print the reason phrase, not the body
             resp.reason = _reason_phrase(e.message)
@@ -5312,9 +5357,9 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     """
     store = Store(serverdir)
     if store.is_initialised():
-        raise HTTPError(409, "%s is already initialised; nothing was changed" % store.serverdir)
+        raise MinidevpiError("%s is already initialised; nothing was changed" % store.serverdir)
     if os.path.isdir(serverdir) and os.listdir(serverdir):
-        raise HTTPError(409, "%s is not empty; initialise a new or empty directory"
+        raise MinidevpiError("%s is not empty; initialise a new or empty directory"
                         % store.serverdir)
     store.create()
     store.open()
@@ -5323,7 +5368,7 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
         model.create_user(None, "root", {}, pwhash="!none")
     elif root_pwhash is not None:
         if not is_known_hash(root_pwhash):
-            raise bad_request("--root-passwd-hash is not a hash minidevpi can check "
+            raise MinidevpiError("--root-passwd-hash is not a hash minidevpi can check "
                               "(scrypt$... or pbkdf2_sha256$..., as written by minidevpi)")
         model.create_user(None, "root", {}, pwhash=root_pwhash)
     else:
@@ -5515,9 +5560,9 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
     Returns a list of lines to tell the user."""
     store = Store(serverdir)
     if not store.is_initialised():
-        raise HTTPError(404, "%s contains no minidevpi server" % store.serverdir)
+        raise MinidevpiError("%s contains no minidevpi server" % store.serverdir)
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        raise HTTPError(409, "export directory %s must not exist or be empty" % target)
+        raise MinidevpiError("export directory %s must not exist or be empty" % target)
     store.open(readonly=True)
     os.makedirs(target, exist_ok=True)
     root = os.path.realpath(target)
@@ -5632,7 +5677,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     f["log"] = log_list
                     blob = store.blob_path(sha)
                     if not os.path.exists(blob):
-                        raise HTTPError(409, "the bytes of %s/%s vanished while exporting "
+                        raise MinidevpiError("the bytes of %s/%s vanished while exporting "
                                              "(removed meanwhile?); run the export again"
                                         % (path, filename))
                     _place_file(blob, dest, hard_links, notes)
@@ -5675,22 +5720,22 @@ def _read_dump(dump):
     """dataindex.json of a dump, checked for shape; raises with the list of problems."""
     path = os.path.join(dump, "dataindex.json")
     if not os.path.isfile(path):
-        raise HTTPError(404, "%s has no dataindex.json: not an export directory "
+        raise MinidevpiError("%s has no dataindex.json: not an export directory "
                              "(or an incomplete one)" % dump)
     try:
         with open_in_dump(os.path.realpath(dump), "dataindex.json") as f:
             data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
     except DumpFileRefused as e:
-        raise HTTPError(400, "the export at %s can't be imported: %s" % (dump, e))
+        raise MinidevpiError("the export at %s can't be imported: %s" % (dump, e))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise HTTPError(400, "dataindex.json is not readable JSON: %s" % e)
+        raise MinidevpiError("dataindex.json is not readable JSON: %s" % e)
     if not isinstance(data, dict):
-        raise HTTPError(400, "dataindex.json is not a JSON object")
+        raise MinidevpiError("dataindex.json is not a JSON object")
     if str(data.get("dumpversion")) not in ("1", "2"):
-        raise HTTPError(400, "incompatible dumpversion: %r (1 and 2 are understood)"
+        raise MinidevpiError("incompatible dumpversion: %r (1 and 2 are understood)"
                         % (data.get("dumpversion"),))
     if not isinstance(data.get("users"), dict) or not isinstance(data.get("indexes"), dict):
-        raise HTTPError(400, "dataindex.json needs 'users' and 'indexes' objects")
+        raise MinidevpiError("dataindex.json needs 'users' and 'indexes' objects")
     return data
 
 
@@ -5922,13 +5967,13 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     dump = os.path.abspath(dump)
     serverdir = os.path.abspath(serverdir)
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
-        raise HTTPError(409, "%s must be new or empty to import into" % serverdir)
+        raise MinidevpiError("%s must be new or empty to import into" % serverdir)
     data = _read_dump(dump)
     dump_types = {ix["indexconfig"].get("type") for ix in data["indexes"].values()
                   if isinstance(ix, dict) and isinstance(ix.get("indexconfig"), dict)}
     unknown = sorted(set(skip_types) - {"stage", "mirror"} - dump_types)
     if unknown:
-        raise bad_request("--skip-import-type %s: no index of that type in the export (its "
+        raise MinidevpiError("--skip-import-type %s: no index of that type in the export (its "
                           "types: %s)" % (", ".join(unknown), ", ".join(sorted(
                               t for t in dump_types if isinstance(t, str))) or "none"))
     nfiles = sum(len(ix.get("files") or []) for ix in data["indexes"].values()
@@ -5942,7 +5987,7 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
         problems = check_dump(dump, data, skip_types, Progress("checked", nfiles, quiet),
                               stage_dir=staging, hard_links=hard_links, notes=notes)
         if problems:
-            raise HTTPError(400, "the export at %s can't be imported:\n  %s"
+            raise MinidevpiError("the export at %s can't be imported:\n  %s"
                             % (dump, "\n  ".join(problems)))
         return _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                                root_pwhash, root_pypi, skip_types, hard_links, quiet)
@@ -6685,7 +6730,7 @@ def main(argv=None):
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
     try:
         return run_command(args)
-    except HTTPError as e:  # what the user got wrong or must know: a message, no traceback
+    except MinidevpiError as e:  # what the user got wrong or must know: a message, no traceback
         raise SystemExit("error: " + e.message)
 
 

@@ -5124,9 +5124,9 @@ def test_a_second_server_on_one_directory_refuses(tmp_path, make_server):
         assert p.proc.stdout.readline().decode().startswith("next: devpi use %s/" % p.url)
         code, out = cli("serve", "--serverdir", str(d), "--port", "0", check=False)
         assert code != 0 and "in use by another minidevpi process (pid %d)" % p.proc.pid in out
-        with pytest.raises(minidevpi.HTTPError) as e:
+        with pytest.raises(minidevpi.MinidevpiError) as e:
             make_server(d)
-        assert e.value.status == 409
+        assert "in use by another minidevpi process" in e.value.message
         assert login_token(p.url, "root", "pw")  # the first one goes on
     finally:
         assert p.stop() == 0
