@@ -2309,7 +2309,7 @@ class Model:
         row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
                         (ix.id, name)).fetchone()
         if row:
-            return row[0]
+            return row["id"]
         if not create:
             return None
         self._changed(project_set=True)
@@ -2490,16 +2490,16 @@ class Model:
                         (ix.id, norm, version)).fetchone()
         if row is None:
             raise not_found("The version %s of project %s does not exist." % (version, norm))
-        return row[0]
+        return row["id"]
 
     def delete_version(self, actor, ix, name, version, force=False):
         norm = normalize_name(name)
         if not self._check_removable(actor, ix, force):
             raise forbidden("cannot delete version on non-volatile index")
         with self.store.write() as c:
-            row = (self._version_id_of(c, ix, norm, version),)
-            self._delete_files(c, ix, "f.version_id=?", (row[0],))
-            c.execute("DELETE FROM versions WHERE id=?", (row[0],))
+            version_id = self._version_id_of(c, ix, norm, version)
+            self._delete_files(c, ix, "f.version_id=?", (version_id,))
+            c.execute("DELETE FROM versions WHERE id=?", (version_id,))
             self._changed(projects=[norm])
 
     def delete_project(self, actor, ix, name, force=False):
@@ -2512,8 +2512,8 @@ class Model:
             if row is None:
                 raise not_found("project %r not found on %s" % (norm, ix.path))
             self._delete_files(c, ix, "f.version_id IN (SELECT id FROM versions "
-                                      "WHERE project_id=?)", (row[0],))
-            c.execute("DELETE FROM projects WHERE id=?", (row[0],))
+                                      "WHERE project_id=?)", (row["id"],))
+            c.execute("DELETE FROM projects WHERE id=?", (row["id"],))
             self._changed(projects=[norm], project_set=True)
 
     def delete_file(self, actor, ix, filename, sha_prefix, force=False):
@@ -2552,8 +2552,8 @@ class Model:
             raise bad_request("'yanked' must be true, false or a reason string")
         norm = normalize_name(name)
         with self.store.write() as c:
-            row = (self._version_id_of(c, ix, norm, version),)
-            c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, row[0]))
+            version_id = self._version_id_of(c, ix, norm, version)
+            c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, version_id))
             self._changed(projects=[norm])
 
     def push(self, actor, src, name, version, target, no_docs=False, only_docs=False):
@@ -3315,23 +3315,23 @@ class Mirror:
         if fresh is not None and time.time() - fresh < self._expiry(ix):
             row = self._row(ix, norm)
             if row is not None:
-                return (row[4], json.loads(row[5])) if row[1] == 200 else None
+                return (row["display"], json.loads(row["files"])) if row["status"] == 200 else None
         row = self._row(ix, norm)
-        if row is not None and time.time() - row[0] < self._expiry(ix):
-            self._fresh[key] = row[0]
-            return (row[4], json.loads(row[5])) if row[1] == 200 else None
+        if row is not None and time.time() - row["fetched"] < self._expiry(ix):
+            self._fresh[key] = row["fetched"]
+            return (row["display"], json.loads(row["files"])) if row["status"] == 200 else None
         failed = self._failed.get(key)
         if failed is not None and time.time() - failed[0] < min(FAILURE_BACKOFF,
                                                                  self._expiry(ix)):
             # upstream failed a moment ago: don't make every request wait for it again
-            if row is not None and row[1] == 200:
-                return row[4], json.loads(row[5])
+            if row is not None and row["status"] == 200:
+                return row["display"], json.loads(row["files"])
             raise failed[1]
         with self.single_flight(("page",) + key) as leader:
             # the one before us in the flight may have just fetched it
             newer = self._row(ix, norm)
-            if newer is not None and (not leader or row is None or newer[0] > row[0]):
-                return (newer[4], json.loads(newer[5])) if newer[1] == 200 else None
+            if newer is not None and (not leader or row is None or newer["fetched"] > row["fetched"]):
+                return (newer["display"], json.loads(newer["files"])) if newer["status"] == 200 else None
             row = newer
             try:
                 result = self._fetch_page(ix, norm, row)
@@ -3341,10 +3341,10 @@ class Mirror:
                 if len(self._failed) > 10000:
                     self._failed.clear()
                 self._failed[key] = (time.time(), e)
-                if row is not None and row[1] == 200:
+                if row is not None and row["status"] == 200:
                     log("WARNING: serving a stale page of %s on %s: %s" % (norm, ix.path,
                                                                           e.message))
-                    return row[4], json.loads(row[5])
+                    return row["display"], json.loads(row["files"])
                 raise
 
     def ensure_fresh(self, ix, norm):
@@ -3369,11 +3369,11 @@ class Mirror:
     def _fetch_page(self, ix, norm, row):
         url = self._page_url(ix, norm)
         headers = {"Accept": "%s, %s;q=0.2, text/html;q=0.1" % (SIMPLE_JSON, SIMPLE_HTML)}
-        if row is not None and row[1] == 200:
-            if row[2]:
-                headers["If-None-Match"] = row[2]
-            if row[3]:
-                headers["If-Modified-Since"] = row[3]
+        if row is not None and row["status"] == 200:
+            if row["etag"]:
+                headers["If-None-Match"] = row["etag"]
+            if row["last_modified"]:
+                headers["If-Modified-Since"] = row["last_modified"]
         resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers)
         try:
             now = time.time()
@@ -3382,7 +3382,7 @@ class Mirror:
                     c.execute("UPDATE mirror_pages SET fetched=? WHERE index_id=? AND project=?",
                               (now, ix.id, norm))
                 self._fresh[(ix.id, norm)] = now
-                return row[4], json.loads(row[5])
+                return row["display"], json.loads(row["files"])
             if resp.status == 404:
                 self.upstream.read_body(resp, url, 1024 * 1024)
                 self._store_page(ix, norm, now, 404, None, None, None, [])
@@ -3398,7 +3398,7 @@ class Mirror:
             # page lists them, and a display name only if it is a valid spelling of it
             entries = [e for e in entries if _file_of_project(e["filename"], norm)]
             if not _is_display_of(display, norm):
-                display = row[4] if row and _is_display_of(row[4], norm) else norm
+                display = row["display"] if row and _is_display_of(row["display"], norm) else norm
             self._store_page(ix, norm, now, 200, resp.getheader("ETag"),
                              resp.getheader("Last-Modified"), display, entries)
             return display, entries
@@ -3412,7 +3412,7 @@ class Mirror:
                             "project=?", (ix.id, norm)).fetchone()
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
-            if old is None or old[0] != data or old[1] != status:
+            if old is None or old["files"] != data or old["status"] != status:
                 self.model.mirror_page_changed(norm)
         self._fresh[(ix.id, norm)] = now
 
@@ -6147,7 +6147,7 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
             display = vdata.get("name") or pname
             row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
                             (ix_id, norm)).fetchone()
-            pid = row[0] if row else c.execute(
+            pid = row["id"] if row else c.execute(
                 "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
                 (ix_id, norm, norm if is_mirror else display)).lastrowid
             meta = {k: v for k, v in vdata.items() if k not in ("name", "version", "yanked")
