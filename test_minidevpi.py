@@ -1564,6 +1564,106 @@ def test_delete_over_http_of_a_file_a_version_and_a_project(alice, tmp_path):
     assert api(url, path="/alice/prod/otherpkg/1.0").status == 404
 
 
+# the JSON report `devpi test` posts (tox's --result-json, as devpi-client reads it back)
+TOX_REPORT = {
+    "reportversion": "1", "toxversion": "4.0", "platform": "linux", "host": "ci-host",
+    "installpkg": {"basename": "samplepkg-1.0.tar.gz", "sha256": "0" * 64},
+    "testenvs": {"py": {
+        "setup": [{"command": ["pip", "install"], "retcode": "0", "output": "ok"}],
+        "test": [{"command": ["python", "-c", "pass"], "retcode": "0", "output": ""}],
+        "python": {"version": "3.11.7 (main)"}}}}
+
+
+def toxresult_links(url, index, project, version):
+    """The version's toxresult links, as the JSON API lists them."""
+    result = api(url, path="/%s/%s/%s" % (index, project, version)).json()["result"]
+    return [link for link in result["+links"] if link["rel"] == "toxresult"]
+
+
+def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
+        alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    sdist = make_sdist(tmp_path, "samplepkg", "1.0")
+    wheel = make_wheel(tmp_path, "samplepkg", "1.0")
+    for path in (sdist, wheel):
+        assert upload_form(url, "alice/dev", path, auth).status == 200
+    links = release_links(url, "alice/dev", "samplepkg", "1.0")
+    href = links["samplepkg-1.0.tar.gz"]
+    fpath = urllib.parse.urlsplit(href).path
+    # anonymous, as devpi's default acl_toxresult_upload (:ANONYMOUS:) allows
+    r = api(url, "POST", fpath, json_body=TOX_REPORT)
+    assert r.status == 200 and r.json()["type"] == "toxresultpath", r
+    result = r.json()["result"]
+    m = re.match(r"^alice/dev/\+f/(\w{3})/(\w{13})/samplepkg-1\.0\.tar\.gz\.toxresult-"
+                 r"(\d{14})-0#sha256=([0-9a-f]{64})$", result)
+    assert m and fpath == "/alice/dev/+f/%s/%s/samplepkg-1.0.tar.gz" % m.groups()[:2], result
+    # a second one of the same file gets a name of its own
+    r2 = api(url, "POST", fpath, auth=("bob", "bobpw"), json_body=dict(TOX_REPORT, host="h2"))
+    assert r2.status == 200 and r2.json()["result"] != result, r2
+    # listed with the version, below the release file's hash, for_href the release file
+    tox = toxresult_links(url, "alice/dev", "samplepkg", "1.0")
+    assert [t["href"] for t in tox] == [url + "/" + result.split("#")[0],
+                                        url + "/" + r2.json()["result"].split("#")[0]]
+    assert all(t["for_href"] == href for t in tox), tox
+    assert tox[0]["hash_spec"] == "sha256=" + m.group(4)
+    assert [t["log"][0]["what"] for t in tox] == ["upload", "upload"]
+    assert [t["log"][0]["who"] for t in tox] == [None, "bob"]
+    # served back as the JSON that was sent
+    got = http(url, path=urllib.parse.urlsplit(tox[0]["href"]).path)
+    assert got.status == 200 and json.loads(got.body) == TOX_REPORT, got
+    assert hashlib.sha256(got.body).hexdigest() == m.group(4)
+    assert http(url, path="/alice/dev/+f/%s/%s/%s" % (
+        m.group(4)[:3], m.group(4)[3:16], tox[0]["href"].rsplit("/", 1)[1])).status == 404
+    # never on the simple pages (they are not distributions)
+    assert simple_filenames(url, "alice/dev", "samplepkg") == [
+        "samplepkg-1.0-py3-none-any.whl", "samplepkg-1.0.tar.gz"]
+    # refusals, each a 4xx with a message, and nothing kept
+    toxpath = urllib.parse.urlsplit(tox[0]["href"]).path
+    wrong_hash = "/alice/dev/+f/000/0000000000000/samplepkg-1.0.tar.gz"
+    refused = [
+        (fpath, b"not json", None, 400),
+        (fpath, b"[1, 2]", None, 400),
+        (fpath, b'"a string"', None, 400),
+        (fpath, b'{"a": NaN}', None, 400),
+        (fpath, b'{"output": "%s"}' % (b"x" * (1024 * 1024)), None, 413),
+        (wrong_hash, json.dumps(TOX_REPORT).encode(), None, 404),
+        ("/alice/dev/+f/000/0000000000000/nosuch-1.0.tar.gz", b"{}", None, 404),
+        (toxpath, json.dumps(TOX_REPORT).encode(), None, 404),  # not a release file
+        ("/alice/nosuch/+f/000/0000000000000/x.tar.gz", b"{}", None, 404),
+    ]
+    for path, body, who, status in refused:
+        r = api(url, "POST", path, body=body, auth=who,
+                headers={"Content-Type": "application/json"})
+        assert r.status == status and r.json()["message"], (path, body[:20], r)
+    assert len(toxresult_links(url, "alice/dev", "samplepkg", "1.0")) == 2
+    # acl_toxresult_upload: only the users it names (401 asks anonymous for credentials)
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["acl_toxresult_upload=alice"])
+    assert r.status == 200 and r.json()["result"]["acl_toxresult_upload"] == ["alice"], r
+    r = api(url, "POST", fpath, json_body=TOX_REPORT)
+    assert r.status == 401 and r.json()["message"], r
+    r = api(url, "POST", fpath, auth=("bob", "bobpw"), json_body=TOX_REPORT)
+    assert r.status == 403 and "No permission to upload tox results" in r.json()["message"], r
+    assert api(url, "POST", fpath, auth=auth, json_body=TOX_REPORT).status == 200
+    assert len(toxresult_links(url, "alice/dev", "samplepkg", "1.0")) == 3
+    # pushed with its release file: listed in the target below the pushed file
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": [], "volatile": False})
+    r = api(url, "POST", "/alice/dev", auth=auth, json_body={
+        ":action": "push", "name": "samplepkg", "version": "1.0", "targetindex": "alice/prod"})
+    assert r.status == 200, r
+    assert [e[1] for e in r.json()["result"]].count("store_toxresult") == 3, r
+    prod_href = release_links(url, "alice/prod", "samplepkg", "1.0")["samplepkg-1.0.tar.gz"]
+    pushed = toxresult_links(url, "alice/prod", "samplepkg", "1.0")
+    assert len(pushed) == 3 and all(t["for_href"] == prod_href for t in pushed), pushed
+    assert [t["log"][-1]["what"] for t in pushed] == ["push"] * 3
+    got = http(url, path=urllib.parse.urlsplit(pushed[0]["href"]).path)
+    assert got.status == 200 and json.loads(got.body) == TOX_REPORT, got
+    # deleting the release file takes its toxresults with it
+    assert api(url, "DELETE", fpath, auth=auth).status == 200
+    assert toxresult_links(url, "alice/dev", "samplepkg", "1.0") == []
+    assert http(url, path=toxpath).status in (404, 410)
+
+
 # ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
 # ----------------------------------------------------------------------------------
