@@ -3813,6 +3813,59 @@ def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
     assert devpi("list")[1].strip() == ""
 
 
+def make_tox_sdist(directory, name="samplepkg", version="1.0"):
+    """An sdist whose tox.ini runs two environments offline (nothing to install): one
+    passes, one fails."""
+    base = "%s-%s" % (name, version)
+    path = os.path.join(str(directory), base + ".tar.gz")
+    tox_ini = ("[tox]\nenvlist = good, bad\nskipsdist = true\n"
+               "[testenv]\nskip_install = true\n"
+               "[testenv:good]\ncommands = python -c pass\n"
+               "[testenv:bad]\ncommands = python -c \"raise SystemExit(3)\"\n").encode()
+    with tarfile.open(path, "w:gz") as tf:
+        for fn, data in (("PKG-INFO", make_metadata(name, version)),
+                         ("setup.py", b"from setuptools import setup\nsetup()\n"),
+                         ("tox.ini", tox_ini)):
+            info = tarfile.TarInfo("%s/%s" % (base, fn))
+            info.size = len(data)
+            info.mtime = 1700000000
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_devpi_test_runs_tox_and_devpi_list_shows_the_results(alice, tmp_path):
+    # `devpi test` downloads the sdist, runs tox on it (pip pointed at this server only:
+    # devpi sets PIP_INDEX_URL; nothing is installed) and posts tox's JSON report
+    need("tox")
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", alice.url + "/alice/dev")
+    devpi("login", "alice", "--password=secret")
+    devpi("upload", make_tox_sdist(tmp_path))
+    code, out = run([devpi.exe, "test", "samplepkg"], check=False, env={
+        "DEVPI_CLIENTDIR": devpi.clientdir,
+        "VIRTUALENV_NO_PERIODIC_UPDATE": "1"})  # (virtualenv's seed wheels stay as they are)
+    assert code == 1 and "tox command failed" in out, out  # the "bad" environment
+    assert "posting tox result data to %s/alice/dev/+f/" % alice.url in out, out
+    assert "success" in out, out
+    tox = toxresult_links(alice.url, "alice/dev", "samplepkg", "1.0")
+    assert len(tox) == 1 and tox[0]["for_href"].endswith("/samplepkg-1.0.tar.gz"), tox
+    # devpi list -t / --toxresults reads them back: one line per environment
+    out = devpi("list", "-t", "samplepkg")[1]
+    assert re.search(r"(?m)^\S+\s+\S+\s+good\s+\S+.*tests passed$", out), out
+    assert re.search(r"(?m)^\S+\s+\S+\s+bad\s+\S+.*tests failed$", out), out
+    assert devpi("list", "--toxresults", "samplepkg")[1] == out
+    # -f shows the failing command
+    out = devpi("list", "-f", "samplepkg")[1]
+    assert "FAIL:" in out and "SystemExit(3)" in out, out
+    # an anonymous report of the exact shape devpi test sends (tox's --result-json) too
+    devpi("logout")
+    r = api(alice.url, "POST", urllib.parse.urlsplit(tox[0]["for_href"]).path,
+            json_body=dict(TOX_REPORT, host="other-host"))
+    assert r.status == 200, r
+    out = devpi("list", "-t", "samplepkg")[1]
+    assert re.search(r"(?m)^other-host\s+linux\s+py\s+3\.11\.7 tests passed$", out), out
+
+
 def readme_section(title):
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
