@@ -4510,6 +4510,20 @@ def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
                                                                 ffacts["filename"]))
                         assert hashlib.sha256(r.body).hexdigest() == sha
         assert api(url, path="/alice/dev/samplea/1.0").status == 404  # removed before export
+        # the anonymous toxresult of samplea 2.0's wheel, listed with it and served
+        links = api(url, path="/alice/dev/samplea/2.0").json()["result"]["+links"]
+        whl = [l["href"] for l in links if l["href"].endswith(".whl")][0]
+        tox = [l for l in links if l["rel"] == "toxresult"]
+        assert len(tox) == 1 and tox[0]["for_href"] == whl, links
+        assert tox[0]["href"].startswith(whl + ".toxresult-"), tox
+        assert tox[0]["log"][0]["who"] is None, tox
+        got = http(url, path=urllib.parse.urlsplit(tox[0]["href"]).path)
+        assert got.status == 200 and json.loads(got.body)["host"] == "example.com", got
+        assert "sha256=" + hashlib.sha256(got.body).hexdigest() == tox[0]["hash_spec"]
+        devpi = Devpi(tmp_path / "client")
+        devpi("use", url + "/alice/dev")
+        assert re.search(r"(?m)^example\.com\s+linux\s+py\s+tests passed$",
+                         devpi("list", "-t", "samplea==2.0")[1])
         # root sets alice a password; she logs in; pip installs from the imported index
         api(url, "PATCH", "/alice", auth=("root", "newroot"), json_body={"password": "pw2"})
         assert login_token(url, "alice", "pw2")
@@ -4529,7 +4543,7 @@ def test_import_without_root_password_generates_one(devpi_exports, tmp_path, mak
 
 
 def make_populated_server(make_server, serverdir, tmp_path):
-    """A server with users, indexes, uploads, a push, a yank and a doc zip."""
+    """A server with users, indexes, uploads, a push, a yank, a doc zip and a toxresult."""
     srv = make_server(serverdir, root_password="rootpw")
     srv.model.create_user("root", "alice", {"password": "alicepw", "email": "a@x",
                                             "title": "Alice"})
@@ -4553,6 +4567,11 @@ def make_populated_server(make_server, serverdir, tmp_path):
                                                     doc.read_bytes())])
     assert http(srv.url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
                 auth=("alice", "alicepw")).status == 200
+    # an anonymous toxresult for samplepkg 1.0's wheel
+    wheel = release_links(srv.url, "alice/dev", "samplepkg", "1.0")[
+        "samplepkg-1.0-py3-none-any.whl"]
+    assert api(srv.url, "POST", urllib.parse.urlsplit(wheel).path,
+               json_body=TOX_REPORT).status == 200
     return srv
 
 
@@ -4752,6 +4771,9 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
     run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
     ours, theirs = dump_json(tmp_path / "ours"), dump_json(tmp_path / "theirs")
     assert devpi_canonical(theirs) == devpi_canonical(ours)
+    tox = [f for f in theirs["indexes"]["alice/dev"]["files"] if f["type"] == "toxresult"]
+    assert len(tox) == 1 and tox[0]["for_entrypath"].endswith(
+        "/samplepkg-1.0-py3-none-any.whl"), tox
     # and back: devpi's export of it imports into minidevpi with every password working
     cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"))
     with make_server(tmp_path / "back") as srv2:
