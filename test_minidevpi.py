@@ -3864,6 +3864,14 @@ def test_devpi_test_runs_tox_and_devpi_list_shows_the_results(alice, tmp_path):
     assert r.status == 200, r
     out = devpi("list", "-t", "samplepkg")[1]
     assert re.search(r"(?m)^other-host\s+linux\s+py\s+3\.11\.7 tests passed$", out), out
+    # devpi push takes them with the release
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "prod", "volatile=False")
+    out = devpi("push", "samplepkg==1.0", "alice/prod")[1]
+    assert out.count("store_toxresult") == 2, out
+    out = devpi("list", "-t", "--index", "alice/prod", "samplepkg")[1]
+    assert "/alice/prod/+f/" in out and re.search(r"(?m)\sgood\s.*tests passed$", out), out
+    assert re.search(r"(?m)^other-host\s.*tests passed$", out), out
 
 
 def readme_section(title):
