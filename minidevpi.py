@@ -2280,8 +2280,8 @@ class Model:
 
     # -- permissions -----------------------------------------------------------------------
 
-    def can_upload(self, actor, ix):
-        acl = ix.config.get("acl_upload", [])
+    def can_upload(self, actor, ix, acl_key="acl_upload"):
+        acl = ix.config.get(acl_key, [])
         if ":ANONYMOUS:" in acl:
             return True
         if actor is None:
@@ -2459,6 +2459,51 @@ class Model:
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
                              rel="doczip")
 
+    def add_toxresult(self, actor, ix, filename, sha_prefix, report):
+        """Keep a tox JSON report (what ``devpi test`` posts to a release file's URL) with
+        that file, named as devpi names it: <file>.toxresult-<UTC YYYYmmddHHMMSS>-<n>, and
+        served below the release file's hash directory. Allowed by the index's
+        acl_toxresult_upload. Returns its path below the server root with #sha256=."""
+        if ix.is_mirror:
+            raise forbidden("cannot store toxresults on mirror index %s" % ix.path)
+        if not self.can_upload(actor, ix, "acl_toxresult_upload"):
+            if actor is None:
+                raise unauthorized()
+            raise forbidden("No permission to upload tox results. You can use the devpi "
+                            "test --no-upload option to skip the upload.")
+        if not isinstance(report, dict):
+            raise bad_request("a toxresult is a JSON object (tox's JSON report)")
+        data = json.dumps(report, ensure_ascii=False).encode("utf-8")
+        now = time.time()
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+        sha = self.store.put_bytes(data)
+        try:
+            with self.store.write() as c:
+                row = c.execute(
+                    "SELECT f.sha256, f.rel, f.version_id, p.name FROM files f "
+                    "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
+                    "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
+                if row is None or not row["sha256"].startswith(sha_prefix):
+                    raise self._missing_file(c, ix, filename, sha_prefix)
+                if row["rel"] != "releasefile":
+                    raise not_found("no release file found at %s"
+                                    % file_relpath(ix.path, sha_prefix, filename))
+                n = 0
+                while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=?",
+                                (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n))).fetchone():
+                    n += 1
+                name = "%s.toxresult-%s-%d" % (filename, stamp, n)
+                check_filename(name)
+                entry = {"what": "upload", "who": actor, "when": when_list(now), "dst": ix.path}
+                self.store.insert_file(c, ix.id, row["version_id"], name, "toxresult", sha,
+                                       len(data), now, "", None, filename, [entry])
+                self._changed(projects=[row["name"]])
+        except Exception:
+            with self.store.write():
+                self.store.drop_unused_blobs([sha])
+            raise
+        return file_relpath(ix.path, row["sha256"], name) + "#sha256=" + sha
+
     def _retire_file(self, c, index_id, file_id, filename, sha256, core_metadata):
         """Drop a file row that another of its name replaces: its URL answers 410, and its
         blobs go once nothing names them."""
@@ -2623,8 +2668,32 @@ class Model:
                                        f["uploaded"], f["requires_python"], f["core_metadata"],
                                        log=[entry])
                 actionlog.append([200, store_what, stored])
+            if not only_docs:
+                self._push_toxresults(c, release["id"], ix, target, tvid, files, actor, now,
+                                      actionlog)
             self._changed(projects=[norm])
         return actionlog
+
+    def _push_toxresults(self, c, vid, src, target, tvid, files, actor, now, actionlog):
+        """The toxresults of the pushed release files go with them (as in devpi), their
+        log kept and a push entry added."""
+        pushed = {f["filename"]: f["sha256"] for f in files if f["rel"] == "releasefile"}
+        for t in c.execute("SELECT filename, sha256, size, uploaded, for_filename, log "
+                           "FROM files WHERE version_id=? AND rel='toxresult' ORDER BY id",
+                           (vid,)).fetchall():
+            rsha = pushed.get(t["for_filename"])
+            if rsha is None:
+                continue
+            stored = file_relpath(target.path, rsha, t["filename"])
+            if c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=?",
+                         (target.id, t["filename"])).fetchone() is None:
+                log_list = [e for e in json.loads(t["log"]) if e.get("what") != "overwrite"]
+                log_list.append({"what": "push", "who": actor, "when": when_list(now),
+                                 "src": src.path, "dst": target.path})
+                self.store.insert_file(c, target.id, tvid, t["filename"], "toxresult",
+                                       t["sha256"], t["size"], t["uploaded"], "", None,
+                                       t["for_filename"], log=log_list)
+            actionlog.append([200, "store_toxresult", stored])
 
     # -- releases: reading ------------------------------------------------------------------
 
@@ -2751,7 +2820,12 @@ class Model:
             "SELECT p.name, v.version, " + self._FILE_COLS + " FROM files f "
             "JOIN versions v ON f.version_id=v.id JOIN projects p ON v.project_id=p.id "
             "WHERE f.index_id=? AND f.filename=?", (ix.id, filename)).fetchone()
-        if row is None or not row["sha256"].startswith(sha_prefix):
+        path_sha = row["sha256"] if row is not None else ""
+        if row is not None and row["rel"] == "toxresult":  # under its release file's hash
+            rf = c.execute("SELECT sha256 FROM files WHERE index_id=? AND filename=?",
+                           (ix.id, row["for_filename"])).fetchone()
+            path_sha = rf["sha256"] if rf is not None else ""
+        if row is None or not path_sha.startswith(sha_prefix):
             raise self._missing_file(c, ix, filename, sha_prefix)
         return File.from_row(ix.path, row["name"], row["version"], row)
 
@@ -3979,6 +4053,9 @@ JSON_MAX_BODY = 1024 * 1024  # every JSON body of devpi's API is far smaller
 # a login body is a few hundred bytes; before any credentials are checked, JSON bodies are
 # held this small (a 10 MiB body of "[{},{},...]" takes some 260 MB as Python objects)
 JSON_MAX_BODY_ANONYMOUS = 64 * 1024
+# a tox JSON report holds the commands' output: larger than other JSON bodies, and anonymous
+# by default (devpi's acl_toxresult_upload is :ANONYMOUS:)
+TOXRESULT_MAX_BODY = 1024 * 1024
 JSON_MAX_DIGITS = 100  # no number of devpi's has more digits (long ones cost CPU to convert)
 
 
@@ -4190,6 +4267,7 @@ ROUTE_SPECS = [
     ("GET",    "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
+    ("POST",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "post_toxresult"),
     ("GET",    "/{user}/{index}",                                  "get_index"),
     ("PUT",    "/{user}/{index}",                                  "create_index"),
     ("PATCH",  "/{user}/{index}",                                  "modify_index"),
@@ -4489,12 +4567,19 @@ class App:
 
     def _links(self, req, files):
         links = []
+        release_sha = None
         for f in files:
-            href = req.absolute(f.relpath)
+            if f.for_filename:  # a toxresult: below its release file's hash, as in devpi
+                if release_sha is None:
+                    release_sha = {g.filename: g.sha256 for g in files if not g.for_filename}
+                rsha = release_sha.get(f.for_filename, f.sha256)
+                href = req.absolute(file_relpath(f.index, rsha, f.filename))
+            else:
+                href = req.absolute(f.relpath)
             link = {"rel": f.rel, "href": href, "hash_spec": "sha256=" + f.sha256,
                     "hashes": {"sha256": f.sha256}, "log": json.loads(f.log)}
             if f.for_filename:
-                link["for_href"] = req.absolute(file_relpath(f.index, f.sha256, f.for_filename))
+                link["for_href"] = req.absolute(file_relpath(f.index, rsha, f.for_filename))
             links.append(link)
         return links
 
@@ -4679,6 +4764,12 @@ class App:
         self.model.delete_file(req.actor, ix, filename, h3 + h13, force="force" in req.query)
         return message_response("package %r deleted"
                                 % file_relpath(ix.path, h3 + h13, filename))
+
+    def route_post_toxresult(self, req, user, index, h3, h13, filename):
+        ix = self._file_index(user, index, h3, h13)
+        report = req.json_body(TOXRESULT_MAX_BODY)
+        return api_result("toxresultpath", self.model.add_toxresult(
+            req.actor, ix, filename, h3 + h13, report))
 
     def route_get_file(self, req, user, index, h3, h13, filename):
         # (also HEAD: a first download of a mirrored file is then fetched, not streamed)

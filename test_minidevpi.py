@@ -1564,6 +1564,106 @@ def test_delete_over_http_of_a_file_a_version_and_a_project(alice, tmp_path):
     assert api(url, path="/alice/prod/otherpkg/1.0").status == 404
 
 
+# the JSON report `devpi test` posts (tox's --result-json, as devpi-client reads it back)
+TOX_REPORT = {
+    "reportversion": "1", "toxversion": "4.0", "platform": "linux", "host": "ci-host",
+    "installpkg": {"basename": "samplepkg-1.0.tar.gz", "sha256": "0" * 64},
+    "testenvs": {"py": {
+        "setup": [{"command": ["pip", "install"], "retcode": "0", "output": "ok"}],
+        "test": [{"command": ["python", "-c", "pass"], "retcode": "0", "output": ""}],
+        "python": {"version": "3.11.7 (main)"}}}}
+
+
+def toxresult_links(url, index, project, version):
+    """The version's toxresult links, as the JSON API lists them."""
+    result = api(url, path="/%s/%s/%s" % (index, project, version)).json()["result"]
+    return [link for link in result["+links"] if link["rel"] == "toxresult"]
+
+
+def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
+        alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    sdist = make_sdist(tmp_path, "samplepkg", "1.0")
+    wheel = make_wheel(tmp_path, "samplepkg", "1.0")
+    for path in (sdist, wheel):
+        assert upload_form(url, "alice/dev", path, auth).status == 200
+    links = release_links(url, "alice/dev", "samplepkg", "1.0")
+    href = links["samplepkg-1.0.tar.gz"]
+    fpath = urllib.parse.urlsplit(href).path
+    # anonymous, as devpi's default acl_toxresult_upload (:ANONYMOUS:) allows
+    r = api(url, "POST", fpath, json_body=TOX_REPORT)
+    assert r.status == 200 and r.json()["type"] == "toxresultpath", r
+    result = r.json()["result"]
+    m = re.match(r"^alice/dev/\+f/(\w{3})/(\w{13})/samplepkg-1\.0\.tar\.gz\.toxresult-"
+                 r"(\d{14})-0#sha256=([0-9a-f]{64})$", result)
+    assert m and fpath == "/alice/dev/+f/%s/%s/samplepkg-1.0.tar.gz" % m.groups()[:2], result
+    # a second one of the same file gets a name of its own
+    r2 = api(url, "POST", fpath, auth=("bob", "bobpw"), json_body=dict(TOX_REPORT, host="h2"))
+    assert r2.status == 200 and r2.json()["result"] != result, r2
+    # listed with the version, below the release file's hash, for_href the release file
+    tox = toxresult_links(url, "alice/dev", "samplepkg", "1.0")
+    assert [t["href"] for t in tox] == [url + "/" + result.split("#")[0],
+                                        url + "/" + r2.json()["result"].split("#")[0]]
+    assert all(t["for_href"] == href for t in tox), tox
+    assert tox[0]["hash_spec"] == "sha256=" + m.group(4)
+    assert [t["log"][0]["what"] for t in tox] == ["upload", "upload"]
+    assert [t["log"][0]["who"] for t in tox] == [None, "bob"]
+    # served back as the JSON that was sent
+    got = http(url, path=urllib.parse.urlsplit(tox[0]["href"]).path)
+    assert got.status == 200 and json.loads(got.body) == TOX_REPORT, got
+    assert hashlib.sha256(got.body).hexdigest() == m.group(4)
+    assert http(url, path="/alice/dev/+f/%s/%s/%s" % (
+        m.group(4)[:3], m.group(4)[3:16], tox[0]["href"].rsplit("/", 1)[1])).status == 404
+    # never on the simple pages (they are not distributions)
+    assert simple_filenames(url, "alice/dev", "samplepkg") == [
+        "samplepkg-1.0-py3-none-any.whl", "samplepkg-1.0.tar.gz"]
+    # refusals, each a 4xx with a message, and nothing kept
+    toxpath = urllib.parse.urlsplit(tox[0]["href"]).path
+    wrong_hash = "/alice/dev/+f/000/0000000000000/samplepkg-1.0.tar.gz"
+    refused = [
+        (fpath, b"not json", None, 400),
+        (fpath, b"[1, 2]", None, 400),
+        (fpath, b'"a string"', None, 400),
+        (fpath, b'{"a": NaN}', None, 400),
+        (fpath, b'{"output": "%s"}' % (b"x" * (1024 * 1024)), None, 413),
+        (wrong_hash, json.dumps(TOX_REPORT).encode(), None, 404),
+        ("/alice/dev/+f/000/0000000000000/nosuch-1.0.tar.gz", b"{}", None, 404),
+        (toxpath, json.dumps(TOX_REPORT).encode(), None, 404),  # not a release file
+        ("/alice/nosuch/+f/000/0000000000000/x.tar.gz", b"{}", None, 404),
+    ]
+    for path, body, who, status in refused:
+        r = api(url, "POST", path, body=body, auth=who,
+                headers={"Content-Type": "application/json"})
+        assert r.status == status and r.json()["message"], (path, body[:20], r)
+    assert len(toxresult_links(url, "alice/dev", "samplepkg", "1.0")) == 2
+    # acl_toxresult_upload: only the users it names (401 asks anonymous for credentials)
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["acl_toxresult_upload=alice"])
+    assert r.status == 200 and r.json()["result"]["acl_toxresult_upload"] == ["alice"], r
+    r = api(url, "POST", fpath, json_body=TOX_REPORT)
+    assert r.status == 401 and r.json()["message"], r
+    r = api(url, "POST", fpath, auth=("bob", "bobpw"), json_body=TOX_REPORT)
+    assert r.status == 403 and "No permission to upload tox results" in r.json()["message"], r
+    assert api(url, "POST", fpath, auth=auth, json_body=TOX_REPORT).status == 200
+    assert len(toxresult_links(url, "alice/dev", "samplepkg", "1.0")) == 3
+    # pushed with its release file: listed in the target below the pushed file
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": [], "volatile": False})
+    r = api(url, "POST", "/alice/dev", auth=auth, json_body={
+        ":action": "push", "name": "samplepkg", "version": "1.0", "targetindex": "alice/prod"})
+    assert r.status == 200, r
+    assert [e[1] for e in r.json()["result"]].count("store_toxresult") == 3, r
+    prod_href = release_links(url, "alice/prod", "samplepkg", "1.0")["samplepkg-1.0.tar.gz"]
+    pushed = toxresult_links(url, "alice/prod", "samplepkg", "1.0")
+    assert len(pushed) == 3 and all(t["for_href"] == prod_href for t in pushed), pushed
+    assert [t["log"][-1]["what"] for t in pushed] == ["push"] * 3
+    got = http(url, path=urllib.parse.urlsplit(pushed[0]["href"]).path)
+    assert got.status == 200 and json.loads(got.body) == TOX_REPORT, got
+    # deleting the release file takes its toxresults with it
+    assert api(url, "DELETE", fpath, auth=auth).status == 200
+    assert toxresult_links(url, "alice/dev", "samplepkg", "1.0") == []
+    assert http(url, path=toxpath).status in (404, 410)
+
+
 # ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
 # ----------------------------------------------------------------------------------
@@ -3713,6 +3813,67 @@ def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
     assert devpi("list")[1].strip() == ""
 
 
+def make_tox_sdist(directory, name="samplepkg", version="1.0"):
+    """An sdist whose tox.ini runs two environments offline (nothing to install): one
+    passes, one fails."""
+    base = "%s-%s" % (name, version)
+    path = os.path.join(str(directory), base + ".tar.gz")
+    tox_ini = ("[tox]\nenvlist = good, bad\nskipsdist = true\n"
+               "[testenv]\nskip_install = true\n"
+               "[testenv:good]\ncommands = python -c pass\n"
+               "[testenv:bad]\ncommands = python -c \"raise SystemExit(3)\"\n").encode()
+    with tarfile.open(path, "w:gz") as tf:
+        for fn, data in (("PKG-INFO", make_metadata(name, version)),
+                         ("setup.py", b"from setuptools import setup\nsetup()\n"),
+                         ("tox.ini", tox_ini)):
+            info = tarfile.TarInfo("%s/%s" % (base, fn))
+            info.size = len(data)
+            info.mtime = 1700000000
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_devpi_test_runs_tox_and_devpi_list_shows_the_results(alice, tmp_path):
+    # `devpi test` downloads the sdist, runs tox on it (pip pointed at this server only:
+    # devpi sets PIP_INDEX_URL; nothing is installed) and posts tox's JSON report
+    need("tox")
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", alice.url + "/alice/dev")
+    devpi("login", "alice", "--password=secret")
+    devpi("upload", make_tox_sdist(tmp_path))
+    code, out = run([devpi.exe, "test", "samplepkg"], check=False, env={
+        "DEVPI_CLIENTDIR": devpi.clientdir,
+        "VIRTUALENV_NO_PERIODIC_UPDATE": "1"})  # (virtualenv's seed wheels stay as they are)
+    assert code == 1 and "tox command failed" in out, out  # the "bad" environment
+    assert "posting tox result data to %s/alice/dev/+f/" % alice.url in out, out
+    assert "success" in out, out
+    tox = toxresult_links(alice.url, "alice/dev", "samplepkg", "1.0")
+    assert len(tox) == 1 and tox[0]["for_href"].endswith("/samplepkg-1.0.tar.gz"), tox
+    # devpi list -t / --toxresults reads them back: one line per environment
+    out = devpi("list", "-t", "samplepkg")[1]
+    assert re.search(r"(?m)^\S+\s+\S+\s+good\s+\S+.*tests passed$", out), out
+    assert re.search(r"(?m)^\S+\s+\S+\s+bad\s+\S+.*tests failed$", out), out
+    assert devpi("list", "--toxresults", "samplepkg")[1] == out
+    # -f shows the failing command
+    out = devpi("list", "-f", "samplepkg")[1]
+    assert "FAIL:" in out and "SystemExit(3)" in out, out
+    # an anonymous report of the exact shape devpi test sends (tox's --result-json) too
+    devpi("logout")
+    r = api(alice.url, "POST", urllib.parse.urlsplit(tox[0]["for_href"]).path,
+            json_body=dict(TOX_REPORT, host="other-host"))
+    assert r.status == 200, r
+    out = devpi("list", "-t", "samplepkg")[1]
+    assert re.search(r"(?m)^other-host\s+linux\s+py\s+3\.11\.7 tests passed$", out), out
+    # devpi push takes them with the release
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "prod", "volatile=False")
+    out = devpi("push", "samplepkg==1.0", "alice/prod")[1]
+    assert out.count("store_toxresult") == 2, out
+    out = devpi("list", "-t", "--index", "alice/prod", "samplepkg")[1]
+    assert "/alice/prod/+f/" in out and re.search(r"(?m)\sgood\s.*tests passed$", out), out
+    assert re.search(r"(?m)^other-host\s.*tests passed$", out), out
+
+
 def readme_section(title):
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
@@ -4357,6 +4518,20 @@ def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
                                                                 ffacts["filename"]))
                         assert hashlib.sha256(r.body).hexdigest() == sha
         assert api(url, path="/alice/dev/samplea/1.0").status == 404  # removed before export
+        # the anonymous toxresult of samplea 2.0's wheel, listed with it and served
+        links = api(url, path="/alice/dev/samplea/2.0").json()["result"]["+links"]
+        whl = [l["href"] for l in links if l["href"].endswith(".whl")][0]
+        tox = [l for l in links if l["rel"] == "toxresult"]
+        assert len(tox) == 1 and tox[0]["for_href"] == whl, links
+        assert tox[0]["href"].startswith(whl + ".toxresult-"), tox
+        assert tox[0]["log"][0]["who"] is None, tox
+        got = http(url, path=urllib.parse.urlsplit(tox[0]["href"]).path)
+        assert got.status == 200 and json.loads(got.body)["host"] == "example.com", got
+        assert "sha256=" + hashlib.sha256(got.body).hexdigest() == tox[0]["hash_spec"]
+        devpi = Devpi(tmp_path / "client")
+        devpi("use", url + "/alice/dev")
+        assert re.search(r"(?m)^example\.com\s+linux\s+py\s+tests passed$",
+                         devpi("list", "-t", "samplea==2.0")[1])
         # root sets alice a password; she logs in; pip installs from the imported index
         api(url, "PATCH", "/alice", auth=("root", "newroot"), json_body={"password": "pw2"})
         assert login_token(url, "alice", "pw2")
@@ -4376,7 +4551,7 @@ def test_import_without_root_password_generates_one(devpi_exports, tmp_path, mak
 
 
 def make_populated_server(make_server, serverdir, tmp_path):
-    """A server with users, indexes, uploads, a push, a yank and a doc zip."""
+    """A server with users, indexes, uploads, a push, a yank, a doc zip and a toxresult."""
     srv = make_server(serverdir, root_password="rootpw")
     srv.model.create_user("root", "alice", {"password": "alicepw", "email": "a@x",
                                             "title": "Alice"})
@@ -4400,6 +4575,11 @@ def make_populated_server(make_server, serverdir, tmp_path):
                                                     doc.read_bytes())])
     assert http(srv.url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
                 auth=("alice", "alicepw")).status == 200
+    # an anonymous toxresult for samplepkg 1.0's wheel
+    wheel = release_links(srv.url, "alice/dev", "samplepkg", "1.0")[
+        "samplepkg-1.0-py3-none-any.whl"]
+    assert api(srv.url, "POST", urllib.parse.urlsplit(wheel).path,
+               json_body=TOX_REPORT).status == 200
     return srv
 
 
@@ -4599,6 +4779,9 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
     run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
     ours, theirs = dump_json(tmp_path / "ours"), dump_json(tmp_path / "theirs")
     assert devpi_canonical(theirs) == devpi_canonical(ours)
+    tox = [f for f in theirs["indexes"]["alice/dev"]["files"] if f["type"] == "toxresult"]
+    assert len(tox) == 1 and tox[0]["for_entrypath"].endswith(
+        "/samplepkg-1.0-py3-none-any.whl"), tox
     # and back: devpi's export of it imports into minidevpi with every password working
     cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"))
     with make_server(tmp_path / "back") as srv2:
