@@ -1600,6 +1600,7 @@ class Accounts:
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
 ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
+SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
              "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
@@ -2125,6 +2126,7 @@ class Model:
         if ixtype == "stage":
             bases = []
             for base in clean.get("bases", []):
+                base = base.lstrip("/")  # devpi takes "/root/pypi" for root/pypi
                 if base.count("/") != 1:
                     raise bad_request("base index %r is not of the form user/index" % base)
                 if base == path:
@@ -2140,6 +2142,9 @@ class Model:
                 if name not in wl:
                     wl.append(name)
             clean["mirror_whitelist"] = wl
+            for key in ACL_KEYS:  # devpi spells the special names in capitals
+                if key in clean:
+                    clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
         return clean
 
     def _check_cycle(self, path, bases):
@@ -5349,6 +5354,25 @@ def pip_index_url(ignore_system_files=False):
         return None
 
 
+def mirror_web_url_fmt(mirror_url):
+    """The upstream's project page for ``{name}``, as devpi gives its root/pypi, derived from
+    a simple index URL whose shape says where the pages are: ``.../simple/`` (the public
+    index's layout: ``.../project/{name}/``) or a devpi index ``/U/I/+simple/`` (``/U/I/{name}``);
+    None for any other URL. Credentials in the URL are left out."""
+    u = urllib.parse.urlsplit(mirror_url)
+    if u.query or u.fragment or not u.hostname:
+        return None
+    host = u.hostname if ":" not in u.hostname else "[%s]" % u.hostname
+    if u.port:
+        host += ":%d" % u.port
+    m = re.match(r"^(/(?:[^/]+/)*?)(simple|\+simple)/?$", u.path)
+    if not m:
+        return None
+    prefix, last = m.groups()
+    page = prefix + ("project/{name}/" if last == "simple" else "{name}")
+    return urllib.parse.urlunsplit((u.scheme, host, page, "", ""))
+
+
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
                    mirror_url=None, hash_soon=False, root_unusable=False):
     """Create a server directory with root and (unless told not to) root/pypi.
@@ -5379,6 +5403,9 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
         url = mirror_url or pip_index_url()
         if url:
             config["mirror_url"] = url
+            web = mirror_web_url_fmt(url)
+            if web:
+                config["mirror_web_url_fmt"] = web
             with store.write() as c:
                 store.insert_index(c, "root", "pypi",
                                    model.validate_index_config("root/pypi", config))

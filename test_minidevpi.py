@@ -1194,6 +1194,47 @@ def test_base_cycles_are_refused(alice):
     assert r.status == 400
 
 
+def test_index_config_takes_devpis_spellings_of_bases_and_acl_names(alice, devpi):
+    url, auth = alice.url, ("alice", "secret")
+    r = api(url, "PUT", "/alice/prod", auth=auth, json_body={
+        "bases": "/root/pypi,/alice/dev", "acl_upload": "alice,:anonymous:",
+        "acl_toxresult_upload": ":authenticated:"})
+    assert r.status == 200, r
+    res = r.json()["result"]
+    assert res["bases"] == ["root/pypi", "alice/dev"]
+    assert res["acl_upload"] == ["alice", ":ANONYMOUS:"]
+    assert res["acl_toxresult_upload"] == [":AUTHENTICATED:"]
+    r = api(url, "PATCH", "/alice/prod", auth=auth,
+            json_body=["acl_upload=:Authenticated:", "bases=/alice/dev"])
+    assert r.json()["result"]["acl_upload"] == [":AUTHENTICATED:"]
+    assert r.json()["result"]["bases"] == ["alice/dev"]
+    # the real client, as devpi-client's tests do it
+    devpi("login", "alice", "--password", "secret")
+    out = devpi("index", "-c", "alice/anon", "bases=/root/pypi",
+                "acl_upload=:anonymous:")[1]
+    assert "bases=root/pypi" in out and "acl_upload=:ANONYMOUS:" in out, out
+    assert api(url, path="/alice/anon?no_projects=").json()["result"]["acl_upload"] == [
+        ":ANONYMOUS:"]
+
+
+def test_root_pypi_config_has_exactly_devpis_keys_and_a_derived_project_page(make_server):
+    srv = make_server(root_password="pw", mirror_url="http://127.0.0.1:9/simple/")
+    r = api(srv.url, path="/root/pypi?no_projects=")
+    assert r.json() == {"type": "indexconfig", "result": {
+        "type": "mirror", "volatile": False, "title": "PyPI",
+        "mirror_url": "http://127.0.0.1:9/simple/",
+        "mirror_web_url_fmt": "http://127.0.0.1:9/project/{name}/"}}
+    f = minidevpi.mirror_web_url_fmt
+    assert f("http://u:p@127.0.0.1:8/root/pypi/+simple/") == "http://127.0.0.1:8/root/pypi/{name}"
+    assert f("https://mirror.example.com/pypi/simple") == \
+        "https://mirror.example.com/pypi/project/{name}/"
+    assert f("http://127.0.0.1:8/artifactory/api/pypi/repo/") is None
+    assert f("http://127.0.0.1:8/simple/?x=1") is None
+    # an upstream with no known page layout: the key is left out, not guessed
+    srv2 = make_server(root_password="pw", mirror_url="http://127.0.0.1:9/files/")
+    assert "mirror_web_url_fmt" not in api(srv2.url, path="/root/pypi").json()["result"]
+
+
 def test_index_delete_rules(alice):
     url, auth = alice.url, ("alice", "secret")
     api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": "alice/dev", "volatile": False})
