@@ -273,6 +273,14 @@ SDIST_EXTS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".tar")
 OTHER_EXTS = (".egg", ".exe", ".msi", ".rpm", ".dmg")
 
 
+_PLATFORM = (r"(?:win32|win-amd64|win-arm64|win-arm32|linux-[a-z0-9_]+|macosx-[0-9._]+-[a-z0-9_]+"
+             r"|cygwin-[0-9a-z._]+-[a-z0-9_]+|freebsd-[0-9a-z._]+-[a-z0-9_]+)")
+_DUMB_SUFFIX_RE = re.compile(r"\.%s$" % _PLATFORM)
+_RPM_SUFFIX_RE = re.compile(r"-[0-9][a-z0-9_]*\.[a-z0-9_]+$")  # -release.arch
+_BINARY_SUFFIX_RE = re.compile(  # egg, exe, msi: -pyX.Y and/or a platform
+    r"(?:(?:[.-]%s)?-py\d+(?:\.\d+)?(?:-%s)?|[.-]%s)$" % (_PLATFORM, _PLATFORM, _PLATFORM))
+
+
 def check_filename(filename):
     """Refuse file names that could escape a directory or confuse a URL."""
     if (not filename or len(filename) > 255 or "/" in filename or "\\" in filename
@@ -310,11 +318,12 @@ def split_filename(filename, version_hint=None):
         else:
             return None
         if kind == "other":
-            # eggs and installers: name-version-pyX.Y[-platform].ext
-            parts = stem.split("-")
-            if len(parts) >= 2:
-                return parts[0], parts[1], kind
-            return None
+            # eggs, installers, rpms: name-version then -pyX.Y, a platform, an rpm release
+            stem = (_RPM_SUFFIX_RE if ext == ".rpm" else _BINARY_SUFFIX_RE).sub("", stem)
+        elif _DUMB_SUFFIX_RE.search(stem):
+            # bdist_dumb: an archive name-version.platform.tar.gz, not an sdist
+            stem = _DUMB_SUFFIX_RE.sub("", stem)
+            kind = "other"
     if version_hint and stem.endswith("-" + version_hint):
         return stem[:-len(version_hint) - 1], version_hint, kind
     if version_hint:

@@ -397,6 +397,28 @@ def test_split_filename(filename, version, expected):
     assert minidevpi.split_filename(filename, version) == expected
 
 
+LEGACY_FILES = [  # devpi accepts these formats; setuptools' old bdist commands make them
+    ("hello-1.0.linux-x86_64.tar.gz", ("hello", "1.0", "other")),   # bdist_dumb
+    ("hello-1.0.macosx-10.9-x86_64.zip", ("hello", "1.0", "other")),  # bdist_dumb, zip
+    ("hello-1.0-py2.7.egg", ("hello", "1.0", "other")),
+    ("my_pkg-1.0-py2.7-linux-x86_64.egg", ("my_pkg", "1.0", "other")),
+    ("hello-1.0.win32.exe", ("hello", "1.0", "other")),
+    ("hello-1.0.win-amd64-py3.8.exe", ("hello", "1.0", "other")),
+    ("hello-1.0.msi", ("hello", "1.0", "other")),
+    ("hello-1.0.win-amd64.msi", ("hello", "1.0", "other")),
+    ("hello-1.0-1.noarch.rpm", ("hello", "1.0", "other")),
+    ("my-pkg-1.0-1.src.rpm", ("my-pkg", "1.0", "other")),
+    ("hello-1.0.zip", ("hello", "1.0", "sdist")),
+]
+
+
+@pytest.mark.parametrize("filename,expected", LEGACY_FILES)
+def test_split_filename_of_legacy_formats(filename, expected):
+    assert minidevpi.split_filename(filename) == expected
+    assert minidevpi.split_filename(filename, "1.0") == expected
+    assert minidevpi.split_filename(filename, "1.1") is None
+
+
 @pytest.mark.parametrize("bad", ["../x.whl", "a/b.whl", "a\\b.whl", "x\x00.whl", "..", ".hidden",
                                  ""])
 def test_check_filename_refuses_path_tricks(bad):
@@ -1326,6 +1348,31 @@ def test_upload_errors_are_clear_4xx(alice, tmp_path):
     assert os.listdir(os.path.join(alice.serverdir, minidevpi.TMP_DIR)) == []
     # the server is still fine
     assert upload_form(url, "alice/dev", whl, auth).status == 200
+
+
+def test_legacy_formats_are_accepted_listed_and_downloadable(alice):
+    url, auth = alice.url, ("alice", "secret")
+    for i, (filename, (name, version, _kind)) in enumerate(LEGACY_FILES):
+        data = b"legacy %d " % i + filename.encode()
+        # as devpi-client and setup.py upload send them (name and version fields) ...
+        fields = [(":action", "file_upload"), ("name", name), ("version", version)]
+        if i % 2:  # ... and as a bare file whose name says both
+            fields = None
+        r = upload_form(url, "alice/dev", None, auth, fields=fields, filename=filename,
+                        data=data)
+        assert r.status == 200, (filename, r)
+        page = http(url, path="/alice/dev/+simple/%s/" % minidevpi.normalize_name(name))
+        assert filename in page.body.decode(), filename
+        links = api(url, path="/alice/dev/%s/1.0" % minidevpi.normalize_name(name)).json()[
+            "result"]["+links"]
+        href = [ln["href"] for ln in links if ln["href"].endswith("/" + filename)]
+        assert len(href) == 1, (filename, links)
+        got = http(url, path=urllib.parse.urlsplit(href[0]).path)
+        assert got.status == 200 and got.body == data, filename
+    r = upload_form(url, "alice/dev", None, auth, filename="hello-1.0.linux-x86_64.tar.gz",
+                    data=b"x", fields=[(":action", "file_upload"), ("name", "hello"),
+                                       ("version", "2.0")])
+    assert r.status == 400 and "does not contain version" in r.json()["message"], r
 
 
 def test_upload_with_form_fields_only_in_the_file(alice, tmp_path):
@@ -3702,6 +3749,25 @@ def test_devpi_client_users_logins_and_indexes(server, devpi):
     devpi("login", "root", "--password=rootpw")
     devpi("user", "-y", "--delete", "bob")
     assert api(server.url, path="/bob").status == 404
+
+
+def test_devpi_client_upload_with_deprecated_formats(server, devpi, tmp_path):
+    """`devpi upload --formats sdist.zip,bdist_dumb` (devpi-client 7.3 still offers it: it
+    runs `setup.py sdist --formats zip` and `setup.py bdist_dumb`) uploads both files."""
+    devpi("user", "-c", "alice", "password=secret")
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "dev")
+    devpi("use", "alice/dev")
+    project = write_project(tmp_path, "hello", "1.0")
+    (project / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+    code, out = devpi("upload", "--no-vcs", "--formats", "sdist.zip,bdist_dumb",
+                      cwd=str(project), check=False)
+    if code != 0 and ("No module named" in out or "invalid command" in out):
+        skip_or_fail("setup.py bdist_dumb needs a setuptools that has it: " + out[-300:])
+    assert code == 0, out
+    out = devpi("list", "hello")[1]
+    assert re.search(r"/hello-1\.0\.zip\b", out), out
+    assert re.search(r"/hello-1\.0\.linux-[a-z0-9_]+\.tar\.gz\b", out), out
 
 
 def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
