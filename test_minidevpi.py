@@ -2644,6 +2644,139 @@ def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, ca
         up.stop()
 
 
+def hashless_page(links):
+    """An upstream HTML page (a plain directory index) of ``links`` [(href, name)]."""
+    return ("<html><body>\n" + "".join('<a href="%s">%s</a>\n' % (href, name)
+                                        for href, name in links) + "</body></html>\n").encode()
+
+
+def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_them(
+        tmp_path, make_server, capfd):
+    up = RoutedUpstream()
+    html_type = [("Content-Type", "text/html")]
+    data = {"hello-1.0.tar.gz": open(make_sdist(tmp_path, "hello", "1.0"), "rb").read(),
+            "hello-1.1.tar.gz": b"odd fragment", "hello-1.2.zip": b"with an md5",
+            "hello-1.4.zip": b"with a wrong md5", "pkg-1!2017.4+devpi.zip": b"quoted name"}
+    md5 = hashlib.md5(data["hello-1.2.zip"]).hexdigest()
+    for fn, body in data.items():
+        up.routes["/files/" + urllib.parse.quote(fn)] = (200, body, [])
+    up.routes["/simple/hello/"] = (200, hashless_page([
+        ("/files/hello-1.0.tar.gz", "hello-1.0.tar.gz"),
+        ("/files/hello-1.1.tar.gz#sha256=1234", "hello-1.1.tar.gz"),
+        ("/files/hello-1.2.zip#md5=" + md5, "hello-1.2.zip"),
+        ("/files/hello-1.3.tar.gz", "hello-1.3.tar.gz"),  # upstream answers 404 for it
+        ("/files/hello-1.4.zip#md5=" + "0" * 32, "hello-1.4.zip")]), html_type)
+    up.routes["/simple/pkg/"] = (200, hashless_page([
+        ("/files/pkg-1%212017.4%2Bdevpi.zip", "pkg-1!2017.4+devpi.zip")]), html_type)
+    sha = {fn: hashlib.sha256(b).hexdigest() for fn, b in data.items()}
+
+    def listed(srv, project):
+        page = http(srv.url, path="/root/pypi/+simple/%s/" % project,
+                    headers={"Accept": simple_accept("json")})
+        assert page.status == 200, page
+        return {f["filename"]: f for f in page.json()["files"]}
+
+    def get(srv, url):
+        return http(srv.url, path=urllib.parse.urlsplit(
+            urllib.parse.urljoin(srv.url + "/root/pypi/+simple/x/", url)).path)
+    try:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            files = listed(srv, "hello")
+            assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip",
+                                     "hello-1.3.tar.gz", "hello-1.4.zip"]
+            for f in files.values():  # listed, under a +e URL, no hash claimed
+                path = urllib.parse.urljoin("/root/pypi/+simple/hello/", f["url"])
+                assert re.match(r"^/root/pypi/\+e/[0-9a-f]{16}/" + re.escape(f["filename"])
+                                + "$", path) and f["hashes"] == {}, f
+            html_page = http(srv.url, path="/root/pypi/+simple/hello/").body.decode()
+            assert "hello-1.0.tar.gz" in html_page and "#sha256=" not in html_page
+            ext_urls = {fn: f["url"] for fn, f in files.items()}
+            links = api(srv.url, path="/root/pypi/hello/1.3").json()["result"]["+links"]
+            assert links[0]["hashes"] == {} and "/root/pypi/+e/" in links[0]["href"], links
+            # first download: fetched, hashed, kept; the page then gives the hash
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.status == 200 and r.body == data["hello-1.0.tar.gz"], r
+            for fn in ("hello-1.1.tar.gz", "hello-1.2.zip"):
+                assert get(srv, ext_urls[fn]).body == data[fn]
+            files = listed(srv, "hello")
+            for fn in ("hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip"):
+                assert files[fn]["hashes"] == {"sha256": sha[fn]}, files[fn]
+                assert "/+f/%s/%s/" % (sha[fn][:3], sha[fn][3:16]) in files[fn]["url"]
+            assert "#sha256=" + sha["hello-1.0.tar.gz"] in http(
+                srv.url, path="/root/pypi/+simple/hello/").body.decode()
+            # the +e URL keeps working (a lock file may hold it), from disk
+            n = up.count("/files/hello-1.0.tar.gz")
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.body == data["hello-1.0.tar.gz"] and r.header("ETag") == \
+                '"%s"' % sha["hello-1.0.tar.gz"]
+            assert up.count("/files/hello-1.0.tar.gz") == n
+            # a file upstream answers 404 for: a clear error, nothing kept
+            r = get(srv, ext_urls["hello-1.3.tar.gz"])
+            assert r.status == 404 and r.json()["message"] == \
+                "error 404 getting %s/files/hello-1.3.tar.gz" % up.url, r
+            # a wrong md5: not kept, and no client gets it whole
+            try:
+                r = get(srv, ext_urls["hello-1.4.zip"])
+                assert r.status == 502 or r.body != data["hello-1.4.zip"], r
+            except (httpclient.IncompleteRead, ConnectionError):
+                pass
+            assert listed(srv, "hello")["hello-1.4.zip"]["hashes"] == {}
+            # a quoted name in upstream's link
+            url = listed(srv, "pkg")["pkg-1!2017.4+devpi.zip"]["url"]
+            assert get(srv, url).body == data["pkg-1!2017.4+devpi.zip"]
+            # a made-up key, a key on a stage index: no such file
+            bad = re.sub(r"/\+e/[0-9a-f]{16}/", "/+e/" + "0" * 16 + "/",
+                         ext_urls["hello-1.3.tar.gz"])
+            assert get(srv, bad).status == 404
+            srv.create_user("alice", "secret")
+            srv.create_index("alice/dev")
+            assert http(srv.url, path="/alice/dev/+e/%s/hello-1.0.tar.gz" % ("0" * 16)
+                        ).status == 404
+            # upstream deletes the project: the kept files stay listed (stale, a warning)
+            capfd.readouterr()
+            up.routes["/simple/hello/"] = (404, b"gone", html_type)
+            assert http(srv.url, "POST", "/root/pypi/+simple/hello/refresh").status == 302
+            files = listed(srv, "hello")
+            assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip"]
+            assert "upstream has no project hello (404) any more" in capfd.readouterr().err
+        # offline: the kept files are listed with their hashes and served
+        with make_server(tmp_path / "srv", offline=True) as srv:
+            up.stop()
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.status == 200 and r.body == data["hello-1.0.tar.gz"]
+            files = listed(srv, "hello")
+            assert files["hello-1.2.zip"]["hashes"] == {"sha256": sha["hello-1.2.zip"]}
+    finally:
+        up.stop()
+
+
+def test_pip_installs_from_a_mirror_whose_upstream_gives_no_hashes(tmp_path, make_server):
+    """pip through a mirror of a plain directory index: the first install fetches and
+    hashes the wheel, the second (upstream gone) gets it from what was kept, with its
+    hash on the page (pip checks it)."""
+    up = RoutedUpstream()
+    whl = make_wheel(tmp_path, "plainpkg", "1.0")
+    fn = os.path.basename(whl)
+    up.routes["/files/" + fn] = (200, open(whl, "rb").read(), [])
+    up.routes["/simple/plainpkg/"] = (200, hashless_page([("/files/" + fn, fn)]),
+                                      [("Content-Type", "text/html")])
+    try:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            for i in (1, 2):
+                target = tmp_path / ("t%d" % i)
+                run([sys.executable, "-m", "pip", "--isolated", "install", "--no-deps",
+                     "--no-cache-dir", "--target", str(target), "--index-url",
+                     srv.url + "/root/pypi/+simple/", "plainpkg==1.0"])
+                assert (target / "plainpkg" / "__init__.py").exists()
+                up.stop()
+            assert "#sha256=" + sha256_file(whl) in http(
+                srv.url, path="/root/pypi/+simple/plainpkg/").body.decode()
+    finally:
+        up.stop()
+
+
 # ----------------------------------------------------------------------------------
 # 7. HTTP
 # ----------------------------------------------------------------------------------
