@@ -2665,7 +2665,10 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
         ("/files/hello-1.1.tar.gz#sha256=1234", "hello-1.1.tar.gz"),
         ("/files/hello-1.2.zip#md5=" + md5, "hello-1.2.zip"),
         ("/files/hello-1.3.tar.gz", "hello-1.3.tar.gz"),  # upstream answers 404 for it
-        ("/files/hello-1.4.zip#md5=" + "0" * 32, "hello-1.4.zip")]), html_type)
+        ("/files/hello-1.4.zip#md5=" + "0" * 32, "hello-1.4.zip"),
+        ("/files/hello-1.5.tar.gz", "hello-1.5.tar.gz")]), html_type)  # cut off half-way
+    up.add(make_sdist(tmp_path, "hello", "1.5"))
+    up.faults["/files/hello-1.5.tar.gz"] = "truncate"
     up.routes["/simple/pkg/"] = (200, hashless_page([
         ("/files/pkg-1%212017.4%2Bdevpi.zip", "pkg-1!2017.4+devpi.zip")]), html_type)
     sha = {fn: hashlib.sha256(b).hexdigest() for fn, b in data.items()}
@@ -2684,7 +2687,7 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
                          mirror_url=up.url + "/simple/") as srv:
             files = listed(srv, "hello")
             assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip",
-                                     "hello-1.3.tar.gz", "hello-1.4.zip"]
+                                     "hello-1.3.tar.gz", "hello-1.4.zip", "hello-1.5.tar.gz"]
             for f in files.values():  # listed, under a +e URL, no hash claimed
                 path = urllib.parse.urljoin("/root/pypi/+simple/hello/", f["url"])
                 assert re.match(r"^/root/pypi/\+e/[0-9a-f]{16}/" + re.escape(f["filename"])
@@ -2715,13 +2718,15 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             r = get(srv, ext_urls["hello-1.3.tar.gz"])
             assert r.status == 404 and r.json()["message"] == \
                 "error 404 getting %s/files/hello-1.3.tar.gz" % up.url, r
-            # a wrong md5: not kept, and no client gets it whole
-            try:
-                r = get(srv, ext_urls["hello-1.4.zip"])
-                assert r.status == 502 or r.body != data["hello-1.4.zip"], r
-            except (httpclient.IncompleteRead, ConnectionError):
-                pass
-            assert listed(srv, "hello")["hello-1.4.zip"]["hashes"] == {}
+            # a wrong md5, a body cut off: not kept, and no client gets them whole
+            for fn in ("hello-1.4.zip", "hello-1.5.tar.gz"):
+                try:
+                    r = get(srv, ext_urls[fn])
+                    assert r.status == 502 or r.body != data.get(fn), r
+                except (httpclient.IncompleteRead, ConnectionError):
+                    pass
+                assert listed(srv, "hello")[fn]["hashes"] == {}
+            assert os.listdir(os.path.join(srv.serverdir, minidevpi.TMP_DIR)) == []
             # a quoted name in upstream's link
             url = listed(srv, "pkg")["pkg-1!2017.4+devpi.zip"]["url"]
             assert get(srv, url).body == data["pkg-1!2017.4+devpi.zip"]
