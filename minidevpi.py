@@ -273,6 +273,14 @@ SDIST_EXTS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".tar")
 OTHER_EXTS = (".egg", ".exe", ".msi", ".rpm", ".dmg")
 
 
+_PLATFORM = (r"(?:win32|win-amd64|win-arm64|win-arm32|linux-[a-z0-9_]+|macosx-[0-9._]+-[a-z0-9_]+"
+             r"|cygwin-[0-9a-z._]+-[a-z0-9_]+|freebsd-[0-9a-z._]+-[a-z0-9_]+)")
+_DUMB_SUFFIX_RE = re.compile(r"\.%s$" % _PLATFORM)
+_RPM_SUFFIX_RE = re.compile(r"-[0-9][a-z0-9_]*\.[a-z0-9_]+$")  # -release.arch
+_BINARY_SUFFIX_RE = re.compile(  # egg, exe, msi: -pyX.Y and/or a platform
+    r"(?:(?:[.-]%s)?-py\d+(?:\.\d+)?(?:-%s)?|[.-]%s)$" % (_PLATFORM, _PLATFORM, _PLATFORM))
+
+
 def check_filename(filename):
     """Refuse file names that could escape a directory or confuse a URL."""
     if (not filename or len(filename) > 255 or "/" in filename or "\\" in filename
@@ -310,11 +318,12 @@ def split_filename(filename, version_hint=None):
         else:
             return None
         if kind == "other":
-            # eggs and installers: name-version-pyX.Y[-platform].ext
-            parts = stem.split("-")
-            if len(parts) >= 2:
-                return parts[0], parts[1], kind
-            return None
+            # eggs, installers, rpms: name-version then -pyX.Y, a platform, an rpm release
+            stem = (_RPM_SUFFIX_RE if ext == ".rpm" else _BINARY_SUFFIX_RE).sub("", stem)
+        elif _DUMB_SUFFIX_RE.search(stem):
+            # bdist_dumb: an archive name-version.platform.tar.gz, not an sdist
+            stem = _DUMB_SUFFIX_RE.sub("", stem)
+            kind = "other"
     if version_hint and stem.endswith("-" + version_hint):
         return stem[:-len(version_hint) - 1], version_hint, kind
     if version_hint:
@@ -1600,6 +1609,7 @@ class Accounts:
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
 ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
+SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
              "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
@@ -1764,11 +1774,11 @@ class File:
 
     __slots__ = ("index", "project", "version", "filename", "rel", "sha256", "size",
                  "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
-                 "log")
+                 "log", "ext")
 
     def __init__(self, index, project, version, filename, rel, sha256, size, uploaded,
                  requires_python="", core_metadata=None, yanked=None, for_filename=None,
-                 log="[]"):
+                 log="[]", ext=None):
         self.index = index  # the index's path
         self.project = project
         self.version = version
@@ -1782,6 +1792,7 @@ class File:
         self.yanked = yanked  # None, or the reason ('' for none given)
         self.for_filename = for_filename
         self.log = log  # JSON text
+        self.ext = ext  # a mirrored file upstream gave no hash for: its +e key (sha256 None)
 
     @classmethod
     def from_row(cls, index, project, version, row):
@@ -1792,7 +1803,10 @@ class File:
 
     @property
     def relpath(self):
-        """The file's path below the server root: user/index/+f/abc/def.../name."""
+        """The file's path below the server root: user/index/+f/abc/def.../name (or
+        user/index/+e/KEY/name for a mirrored file whose hash is not known yet)."""
+        if self.sha256 is None:
+            return "%s/+e/%s/%s" % (self.index, self.ext, self.filename)
         return file_relpath(self.index, self.sha256, self.filename)
 
 
@@ -2125,6 +2139,7 @@ class Model:
         if ixtype == "stage":
             bases = []
             for base in clean.get("bases", []):
+                base = base.lstrip("/")  # devpi takes "/root/pypi" for root/pypi
                 if base.count("/") != 1:
                     raise bad_request("base index %r is not of the form user/index" % base)
                 if base == path:
@@ -2140,6 +2155,9 @@ class Model:
                 if name not in wl:
                     wl.append(name)
             clean["mirror_whitelist"] = wl
+            for key in ACL_KEYS:  # devpi spells the special names in capitals
+                if key in clean:
+                    clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
         return clean
 
     def _check_cycle(self, path, bases):
@@ -3200,14 +3218,29 @@ def parse_upload_time(value):
 
 
 def _entry(filename, url, sha256, requires_python=None, yanked=None, core_metadata=None,
-           size=None, upload_time=None):
-    return {"filename": filename, "url": url, "sha256": sha256,
-            "requires_python": requires_python or "", "yanked": yanked,
-            "core_metadata": core_metadata, "size": size, "upload_time": upload_time}
+           size=None, upload_time=None, md5=None):
+    e = {"filename": filename, "url": url, "sha256": sha256,
+         "requires_python": requires_python or "", "yanked": yanked,
+         "core_metadata": core_metadata, "size": size, "upload_time": upload_time}
+    if sha256 is None:  # a link upstream gives no sha256 for: fetched, then hashed here
+        e["md5"] = md5
+    return e
+
+
+def ext_key(url):
+    """The key of an upstream file that has no sha256 in our URL for it (+e/KEY/name):
+    stable for as long as upstream's URL is, and nothing of that URL's text."""
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def _clean_sha(value):
     if isinstance(value, str) and re.match(r"^[0-9a-fA-F]{64}$", value):
+        return value.lower()
+    return None
+
+
+def _clean_md5(value):
+    if isinstance(value, str) and re.match(r"^[0-9a-fA-F]{32}$", value):
         return value.lower()
     return None
 
@@ -3240,8 +3273,8 @@ def _too_many_links(page_url):
 
 def parse_project_page(body, content_type, page_url):
     """(display name, [file entries]) of an upstream PEP 691 JSON or PEP 503 HTML page.
-    Only links with a sha256 are taken (nothing else can be checked, so nothing else is
-    served); a page with more than MAX_PAGE_LINKS links is refused."""
+    A link without a (well-formed) sha256 gets sha256 None (and its md5 if one is given):
+    it is hashed when first fetched. A page with more than MAX_PAGE_LINKS links is refused."""
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype in (SIMPLE_JSON, JSON_TYPE) or ctype.endswith("+json"):
         # every JSON value but the last in a container is followed by a comma: counting
@@ -3264,8 +3297,6 @@ def parse_project_page(body, content_type, page_url):
                     not isinstance(f.get("url"), str):
                 continue
             hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
-            if _clean_sha(hashes.get("sha256")) is None:
-                continue
             meta = f.get("core-metadata", f.get("dist-info-metadata"))
             meta_sha = _clean_sha(meta.get("sha256")) if isinstance(meta, dict) else None
             yanked = f.get("yanked")
@@ -3279,7 +3310,8 @@ def parse_project_page(body, content_type, page_url):
             entries.append(_entry(f["filename"], url,
                                   _clean_sha(hashes.get("sha256")),
                                   rp if isinstance(rp, str) else None, yanked, meta_sha,
-                                  size, parse_upload_time(f.get("upload-time"))))
+                                  size, parse_upload_time(f.get("upload-time")),
+                                  _clean_md5(hashes.get("md5"))))
         name = data.get("name") if isinstance(data.get("name"), str) else None
         return name, entries
     if ctype in ("text/html", SIMPLE_HTML, "application/xhtml+xml", ""):
@@ -3297,17 +3329,17 @@ def parse_project_page(body, content_type, page_url):
             except ValueError:
                 continue
             filename = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
-            sha = None
+            sha = md5 = None
             if fragment.startswith("sha256="):
                 sha = _clean_sha(fragment[7:])
-            if sha is None:
-                continue
+            elif fragment.startswith("md5="):
+                md5 = _clean_md5(fragment[4:])
             meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
             meta_sha = _clean_sha(meta[7:]) if meta and meta.startswith("sha256=") else None
             yanked = attrs.get("data-yanked")
             entries.append(_entry(filename, url, sha, attrs.get("data-requires-python"),
                                   yanked if "data-yanked" in attrs else None, meta_sha, None,
-                                  parse_upload_time(attrs.get("data-upload-time"))))
+                                  parse_upload_time(attrs.get("data-upload-time")), md5))
         return None, entries
     raise UpstreamError(502, "upstream %s answered with %r, not an index page"
                         % (_safe_url(page_url), content_type))
@@ -3460,6 +3492,9 @@ class Mirror:
             if resp.status == 404:
                 self.upstream.read_body(resp, url, 1024 * 1024)
                 self._store_page(ix, norm, now, 404, None, None, None, [])
+                if self.model.local_files(ix, norm):
+                    log("WARNING: upstream has no project %s (404) any more; %s keeps "
+                        "listing the files it kept (stale)" % (norm, ix.path))
                 return None
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
@@ -3501,10 +3536,20 @@ class Mirror:
         have = {f.filename: f for f in (local or [])}
         out = []
         for e in entries:
-            if e["sha256"] is None or not _file_of_project(e["filename"], norm):
-                continue  # nothing to check the bytes against, or another project's
+            if not _file_of_project(e["filename"], norm):
+                continue  # another project's
             version = filename_version(e["filename"])
             kept = have.pop(e["filename"], None)
+            if e["sha256"] is None:
+                if kept is not None:
+                    out.append(kept)  # hashed when it was fetched: listed with its hash
+                else:
+                    out.append(File(ix.path, norm, version, filename=e["filename"],
+                                    rel="releasefile", sha256=None, size=e["size"] or 0,
+                                    uploaded=e["upload_time"] or 0,
+                                    requires_python=e["requires_python"], yanked=e["yanked"],
+                                    ext=ext_key(e["url"])))
+                continue
             core = e["core_metadata"]
             out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
                             sha256=e["sha256"], size=e["size"] or 0,
@@ -3514,8 +3559,9 @@ class Mirror:
         out.extend(have.values())
         return out
 
-    def find_entry(self, ix, filename, sha_prefix):
-        """(display name, entry) of a file on its project's upstream page, or None."""
+    def find_entry(self, ix, filename, sha_prefix, ext=None):
+        """(display name, entry) of a file on its project's upstream page, or None; with
+        ``ext``, the link without a hash whose ext_key that is."""
         split = split_filename(filename)
         if split is None:
             return None
@@ -3526,26 +3572,31 @@ class Mirror:
         if page is None:
             return None
         for e in page[1]:
-            if e["filename"] == filename and e["sha256"] and e["sha256"].startswith(sha_prefix):
+            if e["filename"] != filename:
+                continue
+            if (e["sha256"].startswith(sha_prefix) if e["sha256"] else
+                    ext is not None and ext_key(e["url"]) == ext):
                 return (page[0] if _is_display_of(page[0], norm) else norm), e
         return None
 
     # -- files ----------------------------------------------------------------------------
 
-    def download(self, ix, filename, sha_prefix):
+    def download(self, ix, filename, sha_prefix, ext=None):
         """For a file not yet kept: (size, chunks) streaming it from upstream; the bytes are
         kept only when complete and matching upstream's sha256, and the last chunk is held
         back until then, so no client ever receives a bad file complete. Returns None when
-        another request just fetched it (serve it from disk)."""
+        another request just fetched it (serve it from disk). With ``ext`` (a link upstream
+        gives no sha256 for): kept when complete (and matching its md5 if upstream gave
+        one), under the sha256 computed here."""
         if self.offline:
             raise not_found("no such file (offline mode: only files already kept are served)")
-        found = self.find_entry(ix, filename, sha_prefix)
+        found = self.find_entry(ix, filename, sha_prefix, ext)
         if found is None:
             raise not_found("no such file")
         display, entry = found
         if entry["size"] is not None and entry["size"] > self.max_file:
             raise self._too_large(filename)
-        flight = self.single_flight(("file", ix.id, entry["sha256"]))
+        flight = self.single_flight(("file", ix.id, entry["sha256"] or "+e/" + ext))
         leader = flight.__enter__()
         if leader and self._kept(ix, filename, sha_prefix):
             leader = False  # another request kept it between our look and our turn
@@ -3557,7 +3608,7 @@ class Mirror:
             if resp.status != 200:
                 conn.close()
                 raise UpstreamError(404 if resp.status == 404 else 502,
-                                    "upstream answered %d for %s" % (resp.status, filename))
+                                    "error %d getting %s" % (resp.status, _safe_url(url)))
             length = resp.getheader("Content-Length")
             size = int(length) if length and length.isdigit() else None
             if size is not None and size > self.max_file:
@@ -3599,6 +3650,7 @@ class Mirror:
     def _stream(self, ix, display, entry, resp, size, cleanup):
         f, tmp = self.store.new_tmp()
         digest = hashlib.sha256()
+        md5 = hashlib.md5(usedforsecurity=False) if entry["sha256"] is None and entry.get("md5") else None
         total = 0
         held = None
         ok = False
@@ -3610,13 +3662,19 @@ class Mirror:
                     total += len(chunk)
                     f.write(chunk)
                     digest.update(chunk)
+                    if md5 is not None:
+                        md5.update(chunk)
                     if held is not None:
                         yield held
                     held = chunk
-            if digest.hexdigest() != entry["sha256"]:
+            sha = digest.hexdigest()
+            if entry["sha256"] is not None and sha != entry["sha256"]:
                 raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"
                                     % entry["filename"])
-            self._keep(ix, display, entry, tmp, total)
+            if md5 is not None and md5.hexdigest() != entry["md5"]:
+                raise UpstreamError(502, "%s from upstream does not match its md5; not kept"
+                                    % entry["filename"])
+            self._keep(ix, display, entry, tmp, total, sha)
             ok = True
             if held is not None:
                 yield held
@@ -3626,13 +3684,13 @@ class Mirror:
                 log("WARNING: mirror download of %s on %s failed" % (entry["filename"], ix.path))
             cleanup()
 
-    def _keep(self, ix, display, entry, tmp, size):
+    def _keep(self, ix, display, entry, tmp, size, sha):
         version = filename_version(entry["filename"])
         meta = {"requires_python": entry["requires_python"]} if entry["requires_python"] else {}
         core = entry["core_metadata"]
         if core and not os.path.exists(self.store.blob_path(core)):
             core = None  # offered, but not fetched yet: it is fetched on first request
-        self.model.add_file(None, ix, display, version, entry["filename"], tmp, entry["sha256"],
+        self.model.add_file(None, ix, display, version, entry["filename"], tmp, sha,
                             size, meta, core_metadata=core,
                             uploaded=entry["upload_time"] or time.time(),
                             log_entry={"what": "mirror", "who": None, "when": when_list(),
@@ -4209,7 +4267,8 @@ def render_simple_project(norm, display, files, versions, fmt, href):
         versions = set(versions)
         for f in files:
             versions.add(f.version)
-            d = {"filename": f.filename, "url": href(f), "hashes": {"sha256": f.sha256}}
+            d = {"filename": f.filename, "url": href(f),
+                 "hashes": {"sha256": f.sha256} if f.sha256 else {}}
             if f.requires_python:
                 d["requires-python"] = f.requires_python
             meta = offered_core_metadata(f)
@@ -4237,8 +4296,9 @@ def render_simple_project(norm, display, files, versions, fmt, href):
         if f.yanked is not None:
             attrs += ' data-yanked="%s"' % esc(f.yanked)
         attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
-        lines.append('<a href="%s#sha256=%s"%s>%s</a><br>\n'
-                     % (esc(href(f)), f.sha256, attrs, esc(f.filename)))
+        lines.append('<a href="%s%s"%s>%s</a><br>\n'
+                     % (esc(href(f)), "#sha256=" + f.sha256 if f.sha256 else "", attrs,
+                        esc(f.filename)))
     lines.append(SIMPLE_HTML_END)
     return "".join(lines).encode(), HTML_TYPE
 
@@ -4268,6 +4328,7 @@ ROUTE_SPECS = [
     ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
     ("POST",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "post_toxresult"),
+    ("GET",    "/{user}/{index}/+e/{key}/{filename}",              "get_ext_file"),
     ("GET",    "/{user}/{index}",                                  "get_index"),
     ("PUT",    "/{user}/{index}",                                  "create_index"),
     ("PATCH",  "/{user}/{index}",                                  "modify_index"),
@@ -4576,8 +4637,10 @@ class App:
                 href = req.absolute(file_relpath(f.index, rsha, f.filename))
             else:
                 href = req.absolute(f.relpath)
-            link = {"rel": f.rel, "href": href, "hash_spec": "sha256=" + f.sha256,
-                    "hashes": {"sha256": f.sha256}, "log": json.loads(f.log)}
+            link = {"rel": f.rel, "href": href,
+                    "hash_spec": "sha256=" + f.sha256 if f.sha256 else "",
+                    "hashes": {"sha256": f.sha256} if f.sha256 else {},
+                    "log": json.loads(f.log)}
             if f.for_filename:
                 link["for_href"] = req.absolute(file_relpath(f.index, rsha, f.for_filename))
             links.append(link)
@@ -4812,6 +4875,21 @@ class App:
         return self._blob_response(req, self.store.blob_path(sha), sha, f.filename, f.uploaded,
                                    metadata)
 
+    def route_get_ext_file(self, req, user, index, key, filename):
+        """A mirrored file upstream gave no hash for: served from disk once kept (also
+        offline), else fetched, hashed and kept on this first download."""
+        ix = self.model.require_index(user + "/" + index)
+        if not ix.is_mirror or len(key) != 16 or not HEX_RE.match(key):
+            raise not_found("no such file")
+        try:
+            f = self.model.find_file(ix, filename, "")
+        except HTTPError as e:
+            if e.status != 404:
+                raise
+            return self._mirror_download(req, ix, filename, "", ext=key)
+        return self._blob_response(req, self.store.blob_path(f.sha256), f.sha256, f.filename,
+                                   f.uploaded, False)
+
     def _file_headers(self, sha, filename, uploaded, metadata):
         # a file URL holds its sha256: its bytes can never change, any cache may keep them
         return [("Content-Type", file_content_type(filename, metadata)),
@@ -4832,9 +4910,9 @@ class App:
         r.file_size = size
         return r
 
-    def _mirror_download(self, req, ix, filename, sha_prefix):
+    def _mirror_download(self, req, ix, filename, sha_prefix, ext=None):
         """First download of a mirrored file: streamed from upstream while it is kept."""
-        got = self.mirror.download(ix, filename, sha_prefix)
+        got = self.mirror.download(ix, filename, sha_prefix, ext)
         if got is None or req.method == "HEAD":
             if got is not None:  # HEAD: fetch it whole, then answer from disk
                 size, chunks = got
@@ -4847,6 +4925,11 @@ class App:
             return self._blob_response(req, self.store.blob_path(f.sha256), f.sha256,
                                        f.filename, f.uploaded, False)
         size, chunks = got
+        if ext is not None:  # its hash is known only at the end: nothing to promise yet
+            r = Response(200, b"", [("Content-Type", file_content_type(filename))])
+            r.stream = chunks
+            r.file_size = size
+            return r
         found = self.mirror.find_entry(ix, filename, sha_prefix)
         sha = found[1]["sha256"] if found else sha_prefix
         r = Response(200, b"", self._file_headers(sha, filename, time.time(), False))
@@ -5440,6 +5523,25 @@ def pip_index_url(ignore_system_files=False):
         return None
 
 
+def mirror_web_url_fmt(mirror_url):
+    """The upstream's project page for ``{name}``, as devpi gives its root/pypi, derived from
+    a simple index URL whose shape says where the pages are: ``.../simple/`` (the public
+    index's layout: ``.../project/{name}/``) or a devpi index ``/U/I/+simple/`` (``/U/I/{name}``);
+    None for any other URL. Credentials in the URL are left out."""
+    u = urllib.parse.urlsplit(mirror_url)
+    if u.query or u.fragment or not u.hostname:
+        return None
+    host = u.hostname if ":" not in u.hostname else "[%s]" % u.hostname
+    if u.port:
+        host += ":%d" % u.port
+    m = re.match(r"^(/(?:[^/]+/)*?)(simple|\+simple)/?$", u.path)
+    if not m:
+        return None
+    prefix, last = m.groups()
+    page = prefix + ("project/{name}/" if last == "simple" else "{name}")
+    return urllib.parse.urlunsplit((u.scheme, host, page, "", ""))
+
+
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
                    mirror_url=None, hash_soon=False, root_unusable=False):
     """Create a server directory with root and (unless told not to) root/pypi.
@@ -5470,6 +5572,9 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
         url = mirror_url or pip_index_url()
         if url:
             config["mirror_url"] = url
+            web = mirror_web_url_fmt(url)
+            if web:
+                config["mirror_web_url_fmt"] = web
             with store.write() as c:
                 store.insert_index(c, "root", "pypi",
                                    model.validate_index_config("root/pypi", config))

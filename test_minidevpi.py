@@ -397,6 +397,28 @@ def test_split_filename(filename, version, expected):
     assert minidevpi.split_filename(filename, version) == expected
 
 
+LEGACY_FILES = [  # devpi accepts these formats; setuptools' old bdist commands make them
+    ("hello-1.0.linux-x86_64.tar.gz", ("hello", "1.0", "other")),   # bdist_dumb
+    ("hello-1.0.macosx-10.9-x86_64.zip", ("hello", "1.0", "other")),  # bdist_dumb, zip
+    ("hello-1.0-py2.7.egg", ("hello", "1.0", "other")),
+    ("my_pkg-1.0-py2.7-linux-x86_64.egg", ("my_pkg", "1.0", "other")),
+    ("hello-1.0.win32.exe", ("hello", "1.0", "other")),
+    ("hello-1.0.win-amd64-py3.8.exe", ("hello", "1.0", "other")),
+    ("hello-1.0.msi", ("hello", "1.0", "other")),
+    ("hello-1.0.win-amd64.msi", ("hello", "1.0", "other")),
+    ("hello-1.0-1.noarch.rpm", ("hello", "1.0", "other")),
+    ("my-pkg-1.0-1.src.rpm", ("my-pkg", "1.0", "other")),
+    ("hello-1.0.zip", ("hello", "1.0", "sdist")),
+]
+
+
+@pytest.mark.parametrize("filename,expected", LEGACY_FILES)
+def test_split_filename_of_legacy_formats(filename, expected):
+    assert minidevpi.split_filename(filename) == expected
+    assert minidevpi.split_filename(filename, "1.0") == expected
+    assert minidevpi.split_filename(filename, "1.1") is None
+
+
 @pytest.mark.parametrize("bad", ["../x.whl", "a/b.whl", "a\\b.whl", "x\x00.whl", "..", ".hidden",
                                  ""])
 def test_check_filename_refuses_path_tricks(bad):
@@ -1194,6 +1216,47 @@ def test_base_cycles_are_refused(alice):
     assert r.status == 400
 
 
+def test_index_config_takes_devpis_spellings_of_bases_and_acl_names(alice, devpi):
+    url, auth = alice.url, ("alice", "secret")
+    r = api(url, "PUT", "/alice/prod", auth=auth, json_body={
+        "bases": "/root/pypi,/alice/dev", "acl_upload": "alice,:anonymous:",
+        "acl_toxresult_upload": ":authenticated:"})
+    assert r.status == 200, r
+    res = r.json()["result"]
+    assert res["bases"] == ["root/pypi", "alice/dev"]
+    assert res["acl_upload"] == ["alice", ":ANONYMOUS:"]
+    assert res["acl_toxresult_upload"] == [":AUTHENTICATED:"]
+    r = api(url, "PATCH", "/alice/prod", auth=auth,
+            json_body=["acl_upload=:Authenticated:", "bases=/alice/dev"])
+    assert r.json()["result"]["acl_upload"] == [":AUTHENTICATED:"]
+    assert r.json()["result"]["bases"] == ["alice/dev"]
+    # the real client, as devpi-client's tests do it
+    devpi("login", "alice", "--password", "secret")
+    out = devpi("index", "-c", "alice/anon", "bases=/root/pypi",
+                "acl_upload=:anonymous:")[1]
+    assert "bases=root/pypi" in out and "acl_upload=:ANONYMOUS:" in out, out
+    assert api(url, path="/alice/anon?no_projects=").json()["result"]["acl_upload"] == [
+        ":ANONYMOUS:"]
+
+
+def test_root_pypi_config_has_exactly_devpis_keys_and_a_derived_project_page(make_server):
+    srv = make_server(root_password="pw", mirror_url="http://127.0.0.1:9/simple/")
+    r = api(srv.url, path="/root/pypi?no_projects=")
+    assert r.json() == {"type": "indexconfig", "result": {
+        "type": "mirror", "volatile": False, "title": "PyPI",
+        "mirror_url": "http://127.0.0.1:9/simple/",
+        "mirror_web_url_fmt": "http://127.0.0.1:9/project/{name}/"}}
+    f = minidevpi.mirror_web_url_fmt
+    assert f("http://u:p@127.0.0.1:8/root/pypi/+simple/") == "http://127.0.0.1:8/root/pypi/{name}"
+    assert f("https://mirror.example.com/pypi/simple") == \
+        "https://mirror.example.com/pypi/project/{name}/"
+    assert f("http://127.0.0.1:8/artifactory/api/pypi/repo/") is None
+    assert f("http://127.0.0.1:8/simple/?x=1") is None
+    # an upstream with no known page layout: the key is left out, not guessed
+    srv2 = make_server(root_password="pw", mirror_url="http://127.0.0.1:9/files/")
+    assert "mirror_web_url_fmt" not in api(srv2.url, path="/root/pypi").json()["result"]
+
+
 def test_index_delete_rules(alice):
     url, auth = alice.url, ("alice", "secret")
     api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": "alice/dev", "volatile": False})
@@ -1285,6 +1348,31 @@ def test_upload_errors_are_clear_4xx(alice, tmp_path):
     assert os.listdir(os.path.join(alice.serverdir, minidevpi.TMP_DIR)) == []
     # the server is still fine
     assert upload_form(url, "alice/dev", whl, auth).status == 200
+
+
+def test_legacy_formats_are_accepted_listed_and_downloadable(alice):
+    url, auth = alice.url, ("alice", "secret")
+    for i, (filename, (name, version, _kind)) in enumerate(LEGACY_FILES):
+        data = b"legacy %d " % i + filename.encode()
+        # as devpi-client and setup.py upload send them (name and version fields) ...
+        fields = [(":action", "file_upload"), ("name", name), ("version", version)]
+        if i % 2:  # ... and as a bare file whose name says both
+            fields = None
+        r = upload_form(url, "alice/dev", None, auth, fields=fields, filename=filename,
+                        data=data)
+        assert r.status == 200, (filename, r)
+        page = http(url, path="/alice/dev/+simple/%s/" % minidevpi.normalize_name(name))
+        assert filename in page.body.decode(), filename
+        links = api(url, path="/alice/dev/%s/1.0" % minidevpi.normalize_name(name)).json()[
+            "result"]["+links"]
+        href = [ln["href"] for ln in links if ln["href"].endswith("/" + filename)]
+        assert len(href) == 1, (filename, links)
+        got = http(url, path=urllib.parse.urlsplit(href[0]).path)
+        assert got.status == 200 and got.body == data, filename
+    r = upload_form(url, "alice/dev", None, auth, filename="hello-1.0.linux-x86_64.tar.gz",
+                    data=b"x", fields=[(":action", "file_upload"), ("name", "hello"),
+                                       ("version", "2.0")])
+    assert r.status == 400 and "does not contain version" in r.json()["message"], r
 
 
 def test_upload_with_form_fields_only_in_the_file(alice, tmp_path):
@@ -2656,6 +2744,144 @@ def test_mirror_url_credentials_are_shown_to_root_only(tmp_path, monkeypatch, ca
         up.stop()
 
 
+def hashless_page(links):
+    """An upstream HTML page (a plain directory index) of ``links`` [(href, name)]."""
+    return ("<html><body>\n" + "".join('<a href="%s">%s</a>\n' % (href, name)
+                                        for href, name in links) + "</body></html>\n").encode()
+
+
+def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_them(
+        tmp_path, make_server, capfd):
+    up = RoutedUpstream()
+    html_type = [("Content-Type", "text/html")]
+    data = {"hello-1.0.tar.gz": open(make_sdist(tmp_path, "hello", "1.0"), "rb").read(),
+            "hello-1.1.tar.gz": b"odd fragment", "hello-1.2.zip": b"with an md5",
+            "hello-1.4.zip": b"with a wrong md5", "pkg-1!2017.4+devpi.zip": b"quoted name"}
+    md5 = hashlib.md5(data["hello-1.2.zip"]).hexdigest()
+    for fn, body in data.items():
+        up.routes["/files/" + urllib.parse.quote(fn)] = (200, body, [])
+    up.routes["/simple/hello/"] = (200, hashless_page([
+        ("/files/hello-1.0.tar.gz", "hello-1.0.tar.gz"),
+        ("/files/hello-1.1.tar.gz#sha256=1234", "hello-1.1.tar.gz"),
+        ("/files/hello-1.2.zip#md5=" + md5, "hello-1.2.zip"),
+        ("/files/hello-1.3.tar.gz", "hello-1.3.tar.gz"),  # upstream answers 404 for it
+        ("/files/hello-1.4.zip#md5=" + "0" * 32, "hello-1.4.zip"),
+        ("/files/hello-1.5.tar.gz", "hello-1.5.tar.gz")]), html_type)  # cut off half-way
+    up.add(make_sdist(tmp_path, "hello", "1.5"))
+    up.faults["/files/hello-1.5.tar.gz"] = "truncate"
+    up.routes["/simple/pkg/"] = (200, hashless_page([
+        ("/files/pkg-1%212017.4%2Bdevpi.zip", "pkg-1!2017.4+devpi.zip")]), html_type)
+    sha = {fn: hashlib.sha256(b).hexdigest() for fn, b in data.items()}
+
+    def listed(srv, project):
+        page = http(srv.url, path="/root/pypi/+simple/%s/" % project,
+                    headers={"Accept": simple_accept("json")})
+        assert page.status == 200, page
+        return {f["filename"]: f for f in page.json()["files"]}
+
+    def get(srv, url):
+        return http(srv.url, path=urllib.parse.urlsplit(
+            urllib.parse.urljoin(srv.url + "/root/pypi/+simple/x/", url)).path)
+    try:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            files = listed(srv, "hello")
+            assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip",
+                                     "hello-1.3.tar.gz", "hello-1.4.zip", "hello-1.5.tar.gz"]
+            for f in files.values():  # listed, under a +e URL, no hash claimed
+                path = urllib.parse.urljoin("/root/pypi/+simple/hello/", f["url"])
+                assert re.match(r"^/root/pypi/\+e/[0-9a-f]{16}/" + re.escape(f["filename"])
+                                + "$", path) and f["hashes"] == {}, f
+            html_page = http(srv.url, path="/root/pypi/+simple/hello/").body.decode()
+            assert "hello-1.0.tar.gz" in html_page and "#sha256=" not in html_page
+            ext_urls = {fn: f["url"] for fn, f in files.items()}
+            links = api(srv.url, path="/root/pypi/hello/1.3").json()["result"]["+links"]
+            assert links[0]["hashes"] == {} and "/root/pypi/+e/" in links[0]["href"], links
+            # first download: fetched, hashed, kept; the page then gives the hash
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.status == 200 and r.body == data["hello-1.0.tar.gz"], r
+            for fn in ("hello-1.1.tar.gz", "hello-1.2.zip"):
+                assert get(srv, ext_urls[fn]).body == data[fn]
+            files = listed(srv, "hello")
+            for fn in ("hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip"):
+                assert files[fn]["hashes"] == {"sha256": sha[fn]}, files[fn]
+                assert "/+f/%s/%s/" % (sha[fn][:3], sha[fn][3:16]) in files[fn]["url"]
+            assert "#sha256=" + sha["hello-1.0.tar.gz"] in http(
+                srv.url, path="/root/pypi/+simple/hello/").body.decode()
+            # the +e URL keeps working (a lock file may hold it), from disk
+            n = up.count("/files/hello-1.0.tar.gz")
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.body == data["hello-1.0.tar.gz"] and r.header("ETag") == \
+                '"%s"' % sha["hello-1.0.tar.gz"]
+            assert up.count("/files/hello-1.0.tar.gz") == n
+            # a file upstream answers 404 for: a clear error, nothing kept
+            r = get(srv, ext_urls["hello-1.3.tar.gz"])
+            assert r.status == 404 and r.json()["message"] == \
+                "error 404 getting %s/files/hello-1.3.tar.gz" % up.url, r
+            # a wrong md5, a body cut off: not kept, and no client gets them whole
+            for fn in ("hello-1.4.zip", "hello-1.5.tar.gz"):
+                try:
+                    r = get(srv, ext_urls[fn])
+                    assert r.status == 502 or r.body != data.get(fn), r
+                except (httpclient.IncompleteRead, ConnectionError):
+                    pass
+                assert listed(srv, "hello")[fn]["hashes"] == {}
+            assert os.listdir(os.path.join(srv.serverdir, minidevpi.TMP_DIR)) == []
+            # a quoted name in upstream's link
+            url = listed(srv, "pkg")["pkg-1!2017.4+devpi.zip"]["url"]
+            assert get(srv, url).body == data["pkg-1!2017.4+devpi.zip"]
+            # a made-up key, a key on a stage index: no such file
+            bad = re.sub(r"/\+e/[0-9a-f]{16}/", "/+e/" + "0" * 16 + "/",
+                         ext_urls["hello-1.3.tar.gz"])
+            assert get(srv, bad).status == 404
+            srv.create_user("alice", "secret")
+            srv.create_index("alice/dev")
+            assert http(srv.url, path="/alice/dev/+e/%s/hello-1.0.tar.gz" % ("0" * 16)
+                        ).status == 404
+            # upstream deletes the project: the kept files stay listed (stale, a warning)
+            capfd.readouterr()
+            up.routes["/simple/hello/"] = (404, b"gone", html_type)
+            assert http(srv.url, "POST", "/root/pypi/+simple/hello/refresh").status == 302
+            files = listed(srv, "hello")
+            assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip"]
+            assert "upstream has no project hello (404) any more" in capfd.readouterr().err
+        # offline: the kept files are listed with their hashes and served
+        with make_server(tmp_path / "srv", offline=True) as srv:
+            up.stop()
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.status == 200 and r.body == data["hello-1.0.tar.gz"]
+            files = listed(srv, "hello")
+            assert files["hello-1.2.zip"]["hashes"] == {"sha256": sha["hello-1.2.zip"]}
+    finally:
+        up.stop()
+
+
+def test_pip_installs_from_a_mirror_whose_upstream_gives_no_hashes(tmp_path, make_server):
+    """pip through a mirror of a plain directory index: the first install fetches and
+    hashes the wheel, the second (upstream gone) gets it from what was kept, with its
+    hash on the page (pip checks it)."""
+    up = RoutedUpstream()
+    whl = make_wheel(tmp_path, "plainpkg", "1.0")
+    fn = os.path.basename(whl)
+    up.routes["/files/" + fn] = (200, open(whl, "rb").read(), [])
+    up.routes["/simple/plainpkg/"] = (200, hashless_page([("/files/" + fn, fn)]),
+                                      [("Content-Type", "text/html")])
+    try:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            for i in (1, 2):
+                target = tmp_path / ("t%d" % i)
+                run([sys.executable, "-m", "pip", "--isolated", "install", "--no-deps",
+                     "--no-cache-dir", "--target", str(target), "--index-url",
+                     srv.url + "/root/pypi/+simple/", "plainpkg==1.0"])
+                assert (target / "plainpkg" / "__init__.py").exists()
+                up.stop()
+            assert "#sha256=" + sha256_file(whl) in http(
+                srv.url, path="/root/pypi/+simple/plainpkg/").body.decode()
+    finally:
+        up.stop()
+
+
 # ----------------------------------------------------------------------------------
 # 7. HTTP
 # ----------------------------------------------------------------------------------
@@ -3761,6 +3987,25 @@ def test_devpi_client_users_logins_and_indexes(server, devpi):
     devpi("login", "root", "--password=rootpw")
     devpi("user", "-y", "--delete", "bob")
     assert api(server.url, path="/bob").status == 404
+
+
+def test_devpi_client_upload_with_deprecated_formats(server, devpi, tmp_path):
+    """`devpi upload --formats sdist.zip,bdist_dumb` (devpi-client 7.3 still offers it: it
+    runs `setup.py sdist --formats zip` and `setup.py bdist_dumb`) uploads both files."""
+    devpi("user", "-c", "alice", "password=secret")
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "dev")
+    devpi("use", "alice/dev")
+    project = write_project(tmp_path, "hello", "1.0")
+    (project / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+    code, out = devpi("upload", "--no-vcs", "--formats", "sdist.zip,bdist_dumb",
+                      cwd=str(project), check=False)
+    if code != 0 and ("No module named" in out or "invalid command" in out):
+        skip_or_fail("setup.py bdist_dumb needs a setuptools that has it: " + out[-300:])
+    assert code == 0, out
+    out = devpi("list", "hello")[1]
+    assert re.search(r"/hello-1\.0\.zip\b", out), out
+    assert re.search(r"/hello-1\.0\.linux-[a-z0-9_]+\.tar\.gz\b", out), out
 
 
 def test_devpi_client_upload_list_remove_push_install(server, devpi, tmp_path):
