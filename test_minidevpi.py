@@ -5152,6 +5152,39 @@ def test_export_of_a_doctored_database_writes_nothing_outside_its_target(tmp_pat
     cli("import", str(target), "--serverdir", str(tmp_path / "back"))
 
 
+def test_doc_zip_export_layout_and_import_keep_the_docs(tmp_path, make_server):
+    """A doc zip is exported beside the release files as ``<project>-<version>.doc.zip``,
+    the project as the user wrote it (devpi's layout); minidevpi and devpi-import take it
+    back with the release."""
+    devpi_import, devpi_export = need("devpi-import"), need("devpi-export")
+    srv = make_server(tmp_path / "a", root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    srv.upload("alice/dev", make_wheel(tmp_path, "my-pkg-123", "1.3"))
+    doc = make_doc_zip(tmp_path / "d.zip", {"index.html": "<h1>my docs</h1>"})
+    assert upload_doc(srv, "alice/dev", "my-pkg-123", "1.3", doc).status == 200
+    srv.stop()
+    cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
+    files = dump_json(tmp_path / "ours")["indexes"]["alice/dev"]["files"]
+    docs = [f for f in files if f["type"] == "doczip"]
+    assert [f["relpath"] for f in docs] == ["alice/dev/my-pkg-123-1.3.doc.zip"]
+    assert (tmp_path / "ours" / "alice" / "dev" / "my-pkg-123-1.3.doc.zip").read_bytes() == \
+        open(doc, "rb").read()
+    cli("import", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "b"))
+    with make_server(tmp_path / "b") as srv2:
+        r = http(srv2.url, path="/alice/dev/my-pkg-123/1.3/+doc/")
+        assert r.status == 200 and r.body == b"<h1>my docs</h1>", r
+        assert [link["href"].rsplit("/", 1)[-1]
+                for link in doc_links(srv2, "alice/dev", "my-pkg-123", "1.3")] == \
+            ["my-pkg-123-1.3.doc.zip"]
+    run([devpi_import, "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "ours")])
+    run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = dump_json(tmp_path / "theirs")["indexes"]["alice/dev"]["files"]
+    assert [f["relpath"] for f in theirs if f["type"] == "doczip"] == \
+        ["alice/dev/my-pkg-123-1.3.doc.zip"]
+
+
 # ----------------------------------------------------------------------------------
 # 9. embedding: minidevpi.Server
 # ----------------------------------------------------------------------------------
