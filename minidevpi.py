@@ -2425,7 +2425,7 @@ class Model:
                         if not ix.volatile:
                             _unlink_quiet(tmp_path)
                             return "Upload of identical file to non volatile index."
-                    elif not ix.volatile and rel != "doczip":  # (docs may be replaced)
+                    elif not ix.volatile:
                         raise HTTPError(409, "%s already exists in non-volatile index" % filename)
                     prev = json.loads(old["log"])
                     count = max([e.get("count", 1) for e in prev

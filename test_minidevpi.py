@@ -4203,13 +4203,19 @@ def test_doc_pages_latest_stable_directories_and_types(alice, tmp_path):
     assert http(url, path="/alice/dev/doc-pkg/4.0/+doc/").status == 404
 
 
-def test_doc_upload_replaces_the_docs_on_a_non_volatile_index(alice, tmp_path):
+def test_doc_upload_on_a_non_volatile_index_is_kept_as_devpi_keeps_it(alice, tmp_path):
+    """As devpi: docs once uploaded to a non-volatile index stay (409 for other ones; an
+    identical re-upload is fine); a volatile index takes the new ones."""
     alice.create_index("alice/prod", volatile=False)
-    for text in ("one", "two"):
-        path = make_doc_zip(tmp_path / "d.zip", {"index.html": text})
-        assert upload_doc(alice, "alice/prod", "pkg", "1.0", path).status == 200
-    assert http(alice.url, path="/alice/prod/pkg/1.0/+doc/").body == b"two"
-    assert len(doc_links(alice, "alice/prod", "pkg", "1.0")) == 1
+    for ix, second in (("alice/prod", 409), ("alice/dev", 200)):
+        first = make_doc_zip(tmp_path / "one.zip", {"index.html": "one"})
+        assert upload_doc(alice, ix, "pkg", "1.0", first).status == 200
+        assert upload_doc(alice, ix, "pkg", "1.0", first).status == 200
+        other = make_doc_zip(tmp_path / "two.zip", {"index.html": "two"})
+        assert upload_doc(alice, ix, "pkg", "1.0", other).status == second
+        assert http(alice.url, path="/%s/pkg/1.0/+doc/" % ix).body == (
+            b"one" if second == 409 else b"two")
+        assert len(doc_links(alice, ix, "pkg", "1.0")) == 1
 
 
 def test_devpi_push_with_docs_no_docs_and_only_docs(alice, devpi, tmp_path):
