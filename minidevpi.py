@@ -4778,10 +4778,15 @@ class App:
             cache[sha256] = members
         return members
 
+    def _doc_slash_redirect(self, req):
+        """To the path with a slash: a directory's index.html, whose relative links work."""
+        location = req.absolute(urllib.parse.quote(req.path, safe="/+:@!$&'()*,;=~") + "/")
+        return Response(302, b"", [("Location", location)] + list(self.DOC_HEADERS))
+
     def route_doc_root(self, req, user, index, project, version):
         if not req.trailing:
-            return Response(302, b"", [("Location", req.absolute(
-                urllib.parse.quote(req.path, safe="/+:@!$&'()*,;=~") + "/"))] + list(self.DOC_HEADERS))
+            self._doc_file(req, user, index, project, version)  # (a 404 before a redirect)
+            return self._doc_slash_redirect(req)
         return self.route_doc(req, user, index, project, version, "")
 
     def route_doc(self, req, user, index, project, version, path):
@@ -4792,8 +4797,7 @@ class App:
             name = path + "/index.html" if req.trailing and path else path or "index.html"
             entry = members.get(name)
             if entry is None and not req.trailing and path + "/index.html" in members:
-                return Response(302, b"", [("Location", req.absolute(
-                    urllib.parse.quote(req.path, safe="/+:@!$&'()*,;=~") + "/"))] + list(self.DOC_HEADERS))
+                return self._doc_slash_redirect(req)
             if entry is None:
                 raise not_found("no such page in the documentation: %s" % name[:200])
             with open(blob, "rb") as fh:

@@ -4192,7 +4192,7 @@ def test_doc_pages_latest_stable_directories_and_types(alice, tmp_path):
         assert_sandboxed(r)
     # what is not there: 404 with a JSON message
     for path in ("/alice/dev/doc-pkg/1.0/+doc/nosuch.html", "/alice/dev/doc-pkg/9.9/+doc/",
-                 "/alice/dev/nosuch/latest/+doc/", "/alice/dev/doc-pkg/1.0/+doc/../../x"):
+                 "/alice/dev/doc-pkg/9.9/+doc", "/alice/dev/nosuch/latest/+doc/", "/alice/dev/doc-pkg/1.0/+doc/../../x"):
         r = api(url, path=path)
         assert r.status == (400 if ".." in path else 404) and r.json()["message"], (path, r)
     # a release without docs, and an inheriting index: the base's docs are served
