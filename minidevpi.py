@@ -53,6 +53,7 @@ import hmac
 import html
 import io
 import json
+import mimetypes
 import os
 import posixpath
 import re
@@ -216,6 +217,13 @@ _VERSION_RE = re.compile(
 
 _INF = float("inf")
 _PRE_ALIASES = {"alpha": "a", "beta": "b", "c": "rc", "pre": "rc", "preview": "rc"}  # PEP 440
+
+
+def is_prerelease(version):
+    """Whether a version is a pre-release or development release (PEP 440); an
+    unparseable one counts as one."""
+    m = _VERSION_RE.match(version)
+    return not m or bool(m.group("pre_l") or m.group("dev_l"))
 
 
 def version_key(version):
@@ -433,9 +441,10 @@ class ArchiveTooLarge(ValueError):
 
 def zip_entries(f):
     """The central directory of the zip file ``f`` (open, binary), one entry at a time:
-    (name, flags, method, crc, compressed size, size, local header offset). Nothing is
-    kept between entries. Raises zipfile.BadZipFile for a broken zip, ArchiveTooLarge
-    past MAX_ARCHIVE_MEMBERS entries."""
+    (name, flags, method, crc, compressed size, size, local header offset, external
+    attributes: a Unix mode in the high 16 bits). Nothing is kept between entries.
+    Raises zipfile.BadZipFile for a broken zip, ArchiveTooLarge past MAX_ARCHIVE_MEMBERS
+    entries."""
     import struct
     f.seek(0, 2)
     end = f.tell()
@@ -467,8 +476,8 @@ def zip_entries(f):
         head = f.read(46)
         if len(head) != 46 or head[:4] != b"PK\x01\x02":
             raise zipfile.BadZipFile("broken central directory")
-        (flags, method, crc, csize, size, nlen, elen, clen,
-         offset) = struct.unpack("<8xHH4xIIIHHH8xI", head)
+        (flags, method, crc, csize, size, nlen, elen, clen, attrs,
+         offset) = struct.unpack("<8xHH4xIIIHHH4xII", head)
         name = f.read(nlen).decode("utf-8" if flags & 0x800 else "cp437", "replace")
         extra = f.read(elen)
         f.seek(clen, 1)
@@ -487,7 +496,7 @@ def zip_entries(f):
                         offset = vals.pop(0)
                     break
                 i += 4 + xlen
-        yield name, flags, method, crc, csize, size, offset + concat
+        yield name, flags, method, crc, csize, size, offset + concat, attrs
 
 
 def _zip_member(f, entry, limit):
@@ -496,7 +505,7 @@ def _zip_member(f, entry, limit):
     read; never more than the stated size is inflated, and the CRC is checked."""
     import struct
     import zlib
-    name, flags, method, crc, csize, size, offset = entry
+    name, flags, method, crc, csize, size, offset = entry[:7]
     if size > limit:
         raise ArchiveTooLarge("%s is larger than %d bytes" % (name, limit))
     if flags & 1:
@@ -531,6 +540,53 @@ def _zip_member(f, entry, limit):
     if len(data) != size or zlib.crc32(data) != crc:
         raise zipfile.BadZipFile("%s: CRC or size mismatch" % name)
     return data
+
+
+# A documentation zip is an untrusted archive served member by member: it may hold at
+# most this many members and this many bytes unpacked (the sum of the members' stated
+# sizes; a member is never inflated past its stated size), and a member at most
+# MAX_DOC_MEMBER_BYTES (a page is read whole to be served).
+MAX_DOC_MEMBERS = 50000
+MAX_DOC_BYTES = 1024 * 1024 * 1024
+MAX_DOC_MEMBER_BYTES = 128 * 1024 * 1024
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+
+
+def doc_zip_members(f):
+    """{member name: zip entry} of the documentation zip ``f`` (open, binary), directories
+    left out. Raises ValueError naming the problem for a member outside the zip's root
+    (absolute, a drive, a ``..`` segment), a symlink, an encrypted member or one not stored
+    or deflated, past the MAX_DOC_* bounds;
+    zipfile.BadZipFile for a broken zip."""
+    members = {}
+    total = 0
+    count = 0
+    for entry in zip_entries(f):
+        name, flags, method, _crc, _csize, size, _offset, attrs = entry
+        count += 1
+        if count > MAX_DOC_MEMBERS:
+            raise ValueError("more than %d members" % MAX_DOC_MEMBERS)
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or _DRIVE_RE.match(name) or ".." in parts \
+                or "\0" in name:
+            raise ValueError("a member outside its root: %r" % name[:200])
+        if stat.S_ISLNK(attrs >> 16):
+            raise ValueError("a symlink: %r" % name[:200])
+        if name.endswith("/"):
+            continue
+        if flags & 1:
+            raise ValueError("an encrypted member: %r" % name[:200])
+        if method not in (0, 8):
+            raise ValueError("member %r uses compression method %d (stored and deflated "
+                             "are served)" % (name[:200], method))
+        if size > MAX_DOC_MEMBER_BYTES:
+            raise ValueError("member %r larger than %d bytes" % (name[:200],
+                                                                  MAX_DOC_MEMBER_BYTES))
+        total += size
+        if total > MAX_DOC_BYTES:
+            raise ValueError("more than %d bytes unpacked" % MAX_DOC_BYTES)
+        members[name] = entry
+    return members
 
 
 def _tar_number(field):
@@ -2458,21 +2514,28 @@ class Model:
         return reason, file_relpath(ix.path, sha256, filename)
 
     def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
-        """Store a documentation zip for a release (``:action=doc_upload``)."""
+        """Store a documentation zip for a release (``:action=doc_upload``). Without a
+        version, the project's latest version in ``ix`` is taken, as devpi does."""
         self.check_upload(actor, ix)
-        if not name or not version:
-            raise bad_request("name and version need to be set for a doc upload")
+        if not name:
+            raise bad_request("name needs to be set for a doc upload")
         check_project_name(name)
+        norm = normalize_name(name)
+        if not version:
+            versions = self.version_data(ix, norm)
+            if not versions:
+                raise bad_request("doczip has no version and '%s' has no releases to "
+                                  "derive one from" % norm)
+            version = max(versions, key=version_key)
         check_version(version)
         try:
             with open(tmp_path, "rb") as f:
-                for _entry in zip_entries(f):
-                    pass
-        except ArchiveTooLarge as e:
+                doc_zip_members(f)
+        except ValueError as e:
             raise bad_request("documentation zip has %s" % e)
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except (zipfile.BadZipFile, OSError):
             raise bad_request("documentation upload is not a zip file")
-        filename = "%s-%s.doc.zip" % (normalize_name(name).replace("-", "_"), version)
+        filename = "%s-%s.doc.zip" % (norm, version)  # devpi's name for it
         check_filename(filename)
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
                              rel="doczip")
@@ -4340,6 +4403,8 @@ ROUTE_SPECS = [
     ("GET",    "/{user}/{index}/{project}/{version}",              "get_version"),
     ("PATCH",  "/{user}/{index}/{project}/{version}",              "yank_version"),
     ("DELETE", "/{user}/{index}/{project}/{version}",              "delete_version"),
+    ("GET",    "/{user}/{index}/{project}/{version}/+doc",         "doc_root"),
+    ("GET",    "/{user}/{index}/{project}/{version}/+doc/{path:rest}", "doc"),
 ]
 
 
@@ -4384,6 +4449,7 @@ class App:
         self.max_body = max_body
         self.pages = PageCache()
         model.on_change(self.pages.changed)
+        self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -4813,6 +4879,83 @@ class App:
         reason = self.model.upload_doczip(req.actor, ix, name, version, part.path, part.sha256,
                                           part.size)
         return Response(200, b"", [("Content-Type", HTML_TYPE)], reason=reason)
+
+    # -- documentation ----------------------------------------------------------------
+
+    # A doc page is HTML anyone with upload rights wrote, served from the index's origin:
+    # it runs sandboxed (an opaque origin, no scripts, no forms, no plugins), so it can't
+    # read what the origin keeps, post to the API as the reader, or be sniffed into HTML.
+    DOC_HEADERS = (("Content-Security-Policy",
+                    "sandbox; script-src 'none'; object-src 'none'; form-action 'none'"),
+                   ("X-Content-Type-Options", "nosniff"))
+
+    def _doc_file(self, req, user, index, project, version):
+        """The doc zip (a File) of a release, seen from the index through its bases;
+        ``latest`` and ``stable`` (latest not pre-release) pick the newest version with
+        docs, as devpi-web does."""
+        m = self.model
+        ix = m.require_index(user + "/" + index)
+        norm = normalize_name(project)
+        walk = m.walk(ix, norm, lambda: req.actor)
+        named = version not in ("latest", "stable")
+        docs = {}
+        for ver, found in (m.releases(walk, lambda b: None, version if named else None)
+                           or {}).items():
+            for _meta, _yanked, files in found:
+                doc = next((f for f in files if f.rel == "doczip"), None)
+                if doc is not None:
+                    docs[ver] = doc
+                    break
+        if not named:
+            if version == "stable":
+                docs = {v: f for v, f in docs.items() if not is_prerelease(v)}
+            version = max(docs, key=version_key) if docs else version
+        if version not in docs:
+            raise not_found("no documentation for %s %s" % (norm, version))
+        return docs[version]
+
+    def _doc_members(self, sha256, blob):
+        """{name: zip entry} of a stored doc zip; the last few are kept (by content)."""
+        cache = self._doc_cache
+        members = cache.get(sha256)
+        if members is None:
+            with open(blob, "rb") as f:
+                members = doc_zip_members(f)
+            while len(cache) >= 16:
+                cache.pop(next(iter(cache)), None)
+            cache[sha256] = members
+        return members
+
+    def _doc_slash_redirect(self, req):
+        """To the path with a slash: a directory's index.html, whose relative links work."""
+        location = req.absolute(urllib.parse.quote(req.path, safe="/+:@!$&'()*,;=~") + "/")
+        return Response(302, b"", [("Location", location)] + list(self.DOC_HEADERS))
+
+    def route_doc_root(self, req, user, index, project, version):
+        if not req.trailing:
+            self._doc_file(req, user, index, project, version)  # (a 404 before a redirect)
+            return self._doc_slash_redirect(req)
+        return self.route_doc(req, user, index, project, version, "")
+
+    def route_doc(self, req, user, index, project, version, path):
+        f = self._doc_file(req, user, index, project, version)
+        blob = self.store.blob_path(f.sha256)
+        try:
+            members = self._doc_members(f.sha256, blob)
+            name = path + "/index.html" if req.trailing and path else path or "index.html"
+            entry = members.get(name)
+            if entry is None and not req.trailing and path + "/index.html" in members:
+                return self._doc_slash_redirect(req)
+            if entry is None:
+                raise not_found("no such page in the documentation: %s" % name[:200])
+            with open(blob, "rb") as fh:
+                data = _zip_member(fh, entry, MAX_DOC_MEMBER_BYTES)
+        except (OSError, ValueError, zipfile.BadZipFile):
+            raise not_found("the documentation of %s %s can't be read" % (f.project, f.version))
+        ctype, encoding = mimetypes.guess_type(name)
+        if encoding or not ctype:
+            ctype = "application/octet-stream"
+        return Response(200, data, [("Content-Type", ctype)] + list(self.DOC_HEADERS))
 
     # -- files --------------------------------------------------------------------------
 
@@ -5847,8 +5990,8 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                                "project": norm, "version": version}
                     log_list = json.loads(log_json)
                     f = {"type": rel, "projectname": norm, "version": version}
-                    if rel == "doczip":
-                        relpath = "%s/%s-%s.doc.zip" % (path, norm, version)
+                    if rel == "doczip":  # (devpi: named as the project was written)
+                        relpath = "%s/%s-%s.doc.zip" % (path, display, version)
                     elif rel == "toxresult":
                         rsha = sha_of.get(for_filename, "")
                         relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
@@ -6377,6 +6520,8 @@ def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progres
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             os.replace(tmp, dest)
         filename = os.path.basename(f["relpath"])
+        if f["type"] == "doczip":  # stored under the name an upload gives it
+            filename = "%s-%s.doc.zip" % (norm, version)
         em = f.get("entrymapping") if isinstance(f.get("entrymapping"), dict) else {}
         uploaded = _http_date_ts(em.get("last_modified")) or time.time()
         log_list = f.get("log")

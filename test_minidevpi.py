@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import subprocess
 import sys
@@ -4444,6 +4445,246 @@ def test_poetry_publish(alice, tmp_path):
     assert code != 0 and "409" in out
 
 
+# -- documentation ----------------------------------------------------------------------
+
+
+def make_doc_zip(path, pages=None):
+    """A doc zip at ``path`` holding ``pages`` ({member name: text}), an index.html by
+    default."""
+    with zipfile.ZipFile(str(path), "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in (pages or {"index.html": "<h1>the docs</h1>"}).items():
+            zf.writestr(name, text)
+    return str(path)
+
+
+def doc_links(srv, index, project, version):
+    r = api(srv.url, path="/%s/%s/%s" % (index, project, version))
+    assert r.status == 200, r
+    return [link for link in r.json()["result"]["+links"] if link["rel"] == "doczip"]
+
+
+def assert_sandboxed(r):
+    """A doc page's answer: its scripts run in no origin of ours, and it is not sniffed."""
+    csp = r.header("content-security-policy")
+    assert csp and csp.split(";")[0].strip() == "sandbox", csp  # (no allow-* tokens)
+    assert "script-src 'none'" in csp and "allow-same-origin" not in csp
+    assert r.header("x-content-type-options") == "nosniff"
+
+
+FAKE_SPHINX = '''import os, sys
+src, build = sys.argv[-2], sys.argv[-1]
+os.makedirs(os.path.join(build, "_static"), exist_ok=True)
+with open(os.path.join(build, "index.html"), "w") as f:
+    f.write("<h1>built from %s</h1>" % sorted(os.listdir(src)))
+with open(os.path.join(build, "_static", "style.css"), "w") as f:
+    f.write("h1 { color: red }")
+'''
+
+
+def test_devpi_upload_with_docs_and_only_docs(alice, devpi, tmp_path):
+    """`devpi upload --with-docs` builds the docs (sphinx-build, here a stand-in on PATH)
+    and uploads the doc zip with the release; `--only-docs` the docs alone. The docs are
+    listed with the release and served below its +doc."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sphinx-build").write_text("#!%s\n%s" % (sys.executable, FAKE_SPHINX))
+    (bindir / "sphinx-build").chmod(0o755)
+    env = {"DEVPI_CLIENTDIR": devpi.clientdir,
+           "PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")}
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    project = write_project(tmp_path, "doc-pkg", "1.0")
+    (project / "docs").mkdir()
+    (project / "docs" / "conf.py").write_text("project = 'doc-pkg'\n")
+    code, out = run([devpi.exe, "upload", "--no-isolation", "--with-docs"], env=env,
+                    cwd=str(project), check=False)
+    if code != 0 and "No module named" in out:
+        skip_or_fail("building needs setuptools and build in the test environment: "
+                     + out[-300:])
+    assert code == 0, out
+    assert "doc_upload of doc-pkg-1.0.doc.zip" in out and "file_upload of" in out
+    links = doc_links(alice, "alice/dev", "doc-pkg", "1.0")
+    assert [link["href"].rsplit("/", 1)[-1] for link in links] == ["doc-pkg-1.0.doc.zip"]
+    assert "doc-pkg-1.0.doc.zip" in devpi("getjson", "/alice/dev/doc-pkg/1.0")[1]
+    # (`devpi list` shows release files and tox results only, as against devpi-server)
+    r = http(alice.url, path="/alice/dev/doc-pkg/1.0/+doc/")
+    assert r.status == 200 and b"<h1>built from ['conf.py']</h1>" in r.body, r
+    assert r.header("content-type").startswith("text/html")
+    assert_sandboxed(r)
+    r = http(alice.url, path="/alice/dev/doc-pkg/latest/+doc/_static/style.css")
+    assert r.status == 200 and r.header("content-type").startswith("text/css"), r
+    # --only-docs: a new build of the docs replaces them, the release files stay
+    (bindir / "sphinx-build").write_text("#!%s\n%s" % (
+        sys.executable, FAKE_SPHINX.replace("built from", "rebuilt from")))
+    code, out = run([devpi.exe, "upload", "--no-isolation", "--only-docs"], env=env,
+                    cwd=str(project), check=False)
+    assert code == 0, out
+    assert "doc_upload of doc-pkg-1.0.doc.zip" in out and "file_upload" not in out
+    assert b"rebuilt from" in http(alice.url, path="/alice/dev/doc-pkg/1.0/+doc/").body
+    assert len(doc_links(alice, "alice/dev", "doc-pkg", "1.0")) == 1
+
+
+@pytest.mark.parametrize("filename,repackaged", [
+    ("foo-1.0.doc.zip", False), ("foo-1.0.docs.zip", False),
+    ("foo-1.0.doc.tar.gz", True), ("foo-1.0.docs.tgz", True)])
+def test_devpi_upload_of_a_built_doc_archive(alice, devpi, tmp_path, filename, repackaged):
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    path = tmp_path / filename
+    if repackaged:  # devpi-client repackages a tar as a zip before it uploads it
+        src = tmp_path / "index.html"
+        src.write_text("<h1>foo docs</h1>")
+        with tarfile.open(str(path), "w:gz") as tf:
+            tf.add(str(src), "index.html")
+    else:
+        make_doc_zip(path, {"index.html": "<h1>foo docs</h1>"})
+    out = devpi("upload", str(path))[1]
+    assert "doc_upload of %s" % ("foo-1.0.doc.zip" if repackaged else filename) in out
+    assert len(doc_links(alice, "alice/dev", "foo", "1.0")) == 1
+    r = http(alice.url, path="/alice/dev/foo/1.0/+doc/index.html")
+    assert r.status == 200 and r.body == b"<h1>foo docs</h1>", r
+
+
+def test_devpi_upload_of_a_doc_zip_without_version(alice, devpi, tmp_path):
+    """``foo.doc.zip`` goes to the project's latest version; with no releases to derive
+    one from, the user is told so."""
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    path = make_doc_zip(tmp_path / "foo.doc.zip")
+    out = devpi.fails("upload", path)
+    assert "doczip has no version and 'foo' has no releases to derive one from" in out
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for v in ("1.0", "1.10", "1.9"):
+        devpi("upload", make_wheel(dist, "foo", v))
+    out = devpi("upload", path)[1]
+    assert "doc_upload of foo.doc.zip" in out
+    assert len(doc_links(alice, "alice/dev", "foo", "1.10")) == 1
+    assert doc_links(alice, "alice/dev", "foo", "1.9") == []
+    assert http(alice.url, path="/alice/dev/foo/1.10/+doc/").status == 200
+
+
+def upload_doc(srv, index, name, version, path, auth=("alice", "secret")):
+    fields = [(":action", "doc_upload"), ("protocol_version", "1"), ("name", name)]
+    if version:
+        fields.append(("version", version))
+    return upload_form(srv.url, index, path, auth, fields=fields,
+                       filename="%s-%s.doc.zip" % (name, version))
+
+
+def test_doc_pages_latest_stable_directories_and_types(alice, tmp_path):
+    url = alice.url
+    pages = {"index.html": "<p>v</p>", "api/index.html": "<p>api</p>", "logo.png": "PNG",
+             "data.json": "{}", "_static/search.js": "x()", "notes": "plain"}
+    for v in ("1.0", "2.0", "3.0b1"):
+        pages["index.html"] = "<p>%s</p>" % v
+        path = make_doc_zip(tmp_path / ("d%s.zip" % v), pages)
+        assert upload_doc(alice, "alice/dev", "Doc.Pkg", v, path).status == 200
+    # +doc redirects to +doc/, which is index.html
+    r = http(url, path="/alice/dev/doc-pkg/2.0/+doc")
+    assert r.status == 302 and r.header("location").endswith("/alice/dev/doc-pkg/2.0/+doc/")
+    assert http(url, path="/alice/dev/doc-pkg/2.0/+doc/").body == b"<p>2.0</p>"
+    assert http(url, path="/alice/dev/doc-pkg/latest/+doc/").body == b"<p>3.0b1</p>"
+    assert http(url, path="/alice/dev/doc-pkg/stable/+doc/").body == b"<p>2.0</p>"
+    # a directory: its index.html, after a redirect to the name with a slash
+    r = http(url, path="/alice/dev/doc-pkg/1.0/+doc/api")
+    assert r.status == 302 and r.header("location").endswith("/1.0/+doc/api/")
+    assert http(url, path="/alice/dev/doc-pkg/1.0/+doc/api/").body == b"<p>api</p>"
+    for member, ctype in (("logo.png", "image/png"), ("data.json", "application/json"),
+                          ("_static/search.js", "javascript"),
+                          ("notes", "application/octet-stream")):
+        r = http(url, path="/alice/dev/doc-pkg/1.0/+doc/" + member)
+        assert r.status == 200 and ctype in r.header("content-type"), (member, r)
+        assert_sandboxed(r)
+    # what is not there: 404 with a JSON message
+    for path in ("/alice/dev/doc-pkg/1.0/+doc/nosuch.html", "/alice/dev/doc-pkg/9.9/+doc/",
+                 "/alice/dev/doc-pkg/9.9/+doc", "/alice/dev/nosuch/latest/+doc/", "/alice/dev/doc-pkg/1.0/+doc/../../x"):
+        r = api(url, path=path)
+        assert r.status == (400 if ".." in path else 404) and r.json()["message"], (path, r)
+    # a release without docs, and an inheriting index: the base's docs are served
+    alice.create_index("alice/prod", bases="alice/dev")
+    assert http(url, path="/alice/prod/doc-pkg/stable/+doc/").body == b"<p>2.0</p>"
+    alice.upload("alice/dev", make_wheel(tmp_path, "doc-pkg", "4.0"))
+    assert http(url, path="/alice/dev/doc-pkg/latest/+doc/").body == b"<p>3.0b1</p>"
+    assert http(url, path="/alice/dev/doc-pkg/4.0/+doc/").status == 404
+
+
+def test_doc_upload_on_a_non_volatile_index_is_kept_as_devpi_keeps_it(alice, tmp_path):
+    """As devpi: docs once uploaded to a non-volatile index stay (409 for other ones; an
+    identical re-upload is fine); a volatile index takes the new ones."""
+    alice.create_index("alice/prod", volatile=False)
+    for ix, second in (("alice/prod", 409), ("alice/dev", 200)):
+        first = make_doc_zip(tmp_path / "one.zip", {"index.html": "one"})
+        assert upload_doc(alice, ix, "pkg", "1.0", first).status == 200
+        assert upload_doc(alice, ix, "pkg", "1.0", first).status == 200
+        other = make_doc_zip(tmp_path / "two.zip", {"index.html": "two"})
+        assert upload_doc(alice, ix, "pkg", "1.0", other).status == second
+        assert http(alice.url, path="/%s/pkg/1.0/+doc/" % ix).body == (
+            b"one" if second == 409 else b"two")
+        assert len(doc_links(alice, ix, "pkg", "1.0")) == 1
+
+
+def test_devpi_push_with_docs_no_docs_and_only_docs(alice, devpi, tmp_path):
+    devpi("login", "alice", "--password=secret")
+    for ix in ("a", "b", "c"):
+        devpi("index", "-c", ix)
+    devpi("use", "alice/dev")
+    devpi("upload", make_wheel(tmp_path, "pkg", "1.0"),
+          make_doc_zip(tmp_path / "pkg-1.0.doc.zip"))
+    devpi("push", "pkg==1.0", "alice/a")
+    devpi("push", "--no-docs", "pkg==1.0", "alice/b")
+    devpi("push", "--only-docs", "pkg==1.0", "alice/c")
+    def rels(ix):
+        r = api(alice.url, path="/alice/%s/pkg/1.0" % ix)
+        return sorted(link["rel"] for link in r.json()["result"]["+links"])
+    assert rels("a") == ["doczip", "releasefile"]
+    assert rels("b") == ["releasefile"]
+    assert rels("c") == ["doczip"]
+    for ix in ("a", "c"):
+        assert http(alice.url, path="/alice/%s/pkg/1.0/+doc/" % ix).body == \
+            b"<h1>the docs</h1>"
+
+
+@pytest.mark.parametrize("member,problem", [
+    ("../evil.html", "a member outside its root"),
+    ("a/../../evil.html", "a member outside its root"),
+    ("/etc/evil.html", "a member outside its root"),
+    ("C:/evil.html", "a member outside its root"),
+    ("link.html", "a symlink"),
+])
+def test_doc_upload_refuses_an_unsafe_archive(alice, tmp_path, member, problem):
+    path = tmp_path / "bad.doc.zip"
+    with zipfile.ZipFile(str(path), "w") as zf:
+        zf.writestr("index.html", "<h1>ok</h1>")
+        info = zipfile.ZipInfo(member)
+        if problem == "a symlink":
+            info.create_system = 3
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd" if problem == "a symlink" else "x")
+    r = upload_doc(alice, "alice/dev", "pkg", "1.0", str(path))
+    assert r.status == 400 and problem in r.reason, r
+    assert api(alice.url, path="/alice/dev/pkg/1.0").status == 404  # nothing kept
+
+
+def test_doc_upload_refuses_too_many_members_or_bytes(alice, tmp_path, monkeypatch):
+    monkeypatch.setattr(minidevpi, "MAX_DOC_MEMBERS", 50)
+    path = make_doc_zip(tmp_path / "many.zip", {"p%d.html" % i: "x" for i in range(51)})
+    r = upload_doc(alice, "alice/dev", "pkg", "1.0", path)
+    assert r.status == 400 and "more than 50 members" in r.reason, r
+    monkeypatch.setattr(minidevpi, "MAX_DOC_BYTES", 100000)
+    # a bomb: two members that inflate past the bound
+    path = make_doc_zip(tmp_path / "bomb.zip", {"a.html": "0" * 60000, "b.html": "0" * 60000})
+    assert os.path.getsize(path) < 2000
+    r = upload_doc(alice, "alice/dev", "pkg", "1.0", path)
+    assert r.status == 400 and "more than 100000 bytes unpacked" in r.reason, r
+    r = upload_form(
+        alice.url, "alice/dev", None, ("alice", "secret"), filename="pkg-1.0.doc.zip",
+        data=b"not a zip", fields=[(":action", "doc_upload"), ("name", "pkg"),
+                                   ("version", "1.0")])
+    assert r.status == 400 and "not a zip file" in r.reason, r
+    assert api(alice.url, path="/alice/dev/pkg").status == 404
+
+
 # ----------------------------------------------------------------------------------
 # 8. export / import
 # ----------------------------------------------------------------------------------
@@ -5343,6 +5584,39 @@ def test_export_of_a_doctored_database_writes_nothing_outside_its_target(tmp_pat
         == ["keep_pkg-1.0-py3-none-any.whl"]
     # what was exported imports again
     cli("import", str(target), "--serverdir", str(tmp_path / "back"))
+
+
+def test_doc_zip_export_layout_and_import_keep_the_docs(tmp_path, make_server):
+    """A doc zip is exported beside the release files as ``<project>-<version>.doc.zip``,
+    the project as the user wrote it (devpi's layout); minidevpi and devpi-import take it
+    back with the release."""
+    devpi_import, devpi_export = need("devpi-import"), need("devpi-export")
+    srv = make_server(tmp_path / "a", root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    srv.upload("alice/dev", make_wheel(tmp_path, "my-pkg-123", "1.3"))
+    doc = make_doc_zip(tmp_path / "d.zip", {"index.html": "<h1>my docs</h1>"})
+    assert upload_doc(srv, "alice/dev", "my-pkg-123", "1.3", doc).status == 200
+    srv.stop()
+    cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
+    files = dump_json(tmp_path / "ours")["indexes"]["alice/dev"]["files"]
+    docs = [f for f in files if f["type"] == "doczip"]
+    assert [f["relpath"] for f in docs] == ["alice/dev/my-pkg-123-1.3.doc.zip"]
+    assert (tmp_path / "ours" / "alice" / "dev" / "my-pkg-123-1.3.doc.zip").read_bytes() == \
+        open(doc, "rb").read()
+    cli("import", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "b"))
+    with make_server(tmp_path / "b") as srv2:
+        r = http(srv2.url, path="/alice/dev/my-pkg-123/1.3/+doc/")
+        assert r.status == 200 and r.body == b"<h1>my docs</h1>", r
+        assert [link["href"].rsplit("/", 1)[-1]
+                for link in doc_links(srv2, "alice/dev", "my-pkg-123", "1.3")] == \
+            ["my-pkg-123-1.3.doc.zip"]
+    run([devpi_import, "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "ours")])
+    run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = dump_json(tmp_path / "theirs")["indexes"]["alice/dev"]["files"]
+    assert [f["relpath"] for f in theirs if f["type"] == "doczip"] == \
+        ["alice/dev/my-pkg-123-1.3.doc.zip"]
 
 
 # ----------------------------------------------------------------------------------
