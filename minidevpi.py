@@ -1952,6 +1952,14 @@ def when_list(ts=None):
     return list(time.gmtime(ts)[:6])
 
 
+def overwrite_entry(prev_log, now):
+    """The log entry of a file that replaces one with these log entries (devpi's shape:
+    ``who`` null, ``count`` how many times the name has been overwritten)."""
+    count = max([e.get("count", 1) for e in prev_log if e.get("what") == "overwrite"]
+                or [0]) + 1
+    return {"what": "overwrite", "who": None, "when": when_list(now), "count": count}
+
+
 class Model:
     """Users, indexes and releases: every rule of devpi's data model lives here.
 
@@ -2445,11 +2453,7 @@ class Model:
                             return "Upload of identical file to non volatile index."
                     elif not ix.volatile:
                         raise HTTPError(409, "%s already exists in non-volatile index" % filename)
-                    prev = json.loads(old["log"])
-                    count = max([e.get("count", 1) for e in prev
-                                 if e.get("what") == "overwrite"] or [0]) + 1
-                    log_list = [{"what": "overwrite", "who": None, "when": when_list(now),
-                                 "count": count}, entry]
+                    log_list = [overwrite_entry(json.loads(old["log"]), now), entry]
                     self._retire_file(c, ix.id, old["id"], filename, old["sha256"],
                                       old["core_metadata"])
                 pid = self._project_id(c, ix, norm, name, True)
@@ -2713,8 +2717,9 @@ class Model:
             ix, release = found
             display, version = release["display"], release["version"]
             files = c.execute(
-                "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata "
-                "FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') ORDER BY id",
+                "SELECT filename, rel, sha256, size, uploaded, requires_python, core_metadata, "
+                "log FROM files WHERE version_id=? AND rel IN ('releasefile', 'doczip') "
+                "ORDER BY id",
                 (release["id"],)).fetchall()
             if no_docs:
                 files = [f for f in files if f["rel"] != "doczip"]
@@ -2734,20 +2739,28 @@ class Model:
                 store_what = "store_%s" % ("releasefile" if f["rel"] == "releasefile"
                                            else "doczip")
                 stored = file_relpath(target.path, sha, filename)
-                old = c.execute("SELECT id, sha256, core_metadata FROM files "
+                old = c.execute("SELECT id, sha256, core_metadata, log FROM files "
                                 "WHERE index_id=? AND filename=?",
                                 (target.id, filename)).fetchone()
+                # as devpi writes it: the target's overwrite entry, the file's history
+                # (a release file's without its overwrites at the source; a mirrored
+                # file's origin is not history), the push
+                log_list = []
                 if old is not None:
                     if old["sha256"] == sha:
                         actionlog.append([200, store_what, stored])
                         continue
+                    log_list.append(overwrite_entry(json.loads(old["log"]), now))
                     self._retire_file(c, target.id, old["id"], filename, sha256=old["sha256"],
                                       core_metadata=old["core_metadata"])
-                entry = {"what": "push", "who": actor, "when": when_list(now),
-                         "src": ix.path, "dst": target.path}
+                log_list.extend(e for e in json.loads(f["log"] or "[]")
+                                if e.get("what") != "mirror" and (
+                                    f["rel"] != "releasefile" or e.get("what") != "overwrite"))
+                log_list.append({"what": "push", "who": actor, "when": when_list(now),
+                                 "src": ix.path, "dst": target.path})
                 self.store.insert_file(c, target.id, tvid, filename, f["rel"], sha, f["size"],
                                        f["uploaded"], f["requires_python"], f["core_metadata"],
-                                       log=[entry])
+                                       log=log_list)
                 actionlog.append([200, store_what, stored])
             if not only_docs:
                 self._push_toxresults(c, release["id"], ix, target, tvid, files, actor, now,

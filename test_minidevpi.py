@@ -4079,6 +4079,51 @@ def make_tox_sdist(directory, name="samplepkg", version="1.0"):
     return path
 
 
+def test_devpi_push_over_an_overwritten_file_keeps_its_log_as_devpi(alice, devpi, tmp_path):
+    # as devpi-client's own test_push_existing_to_volatile: prod and dev (based on prod)
+    # both hold hello-1.0.tar.gz with other bytes; dev's is pushed over prod's
+    devpi("login", "alice", "--password=secret")
+    devpi("index", "-c", "prod", "volatile=True")
+    devpi("index", "-c", "dev2", "volatile=True", "bases=alice/prod")
+    devpi("index", "-c", "other", "volatile=True")
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    make_sdist(first, "hello", "1.0")
+    make_sdist(second, "hello", "1.0", requires_python=">=3.8")  # other bytes, same name
+    devpi("upload", "--index", "alice/prod", str(first / "hello-1.0.tar.gz"))
+    devpi("use", "alice/dev2")
+    devpi("upload", str(second / "hello-1.0.tar.gz"))
+
+    def log_of(index):
+        code, out = devpi("getjson", "/alice/%s/hello" % index)
+        result = json.loads(out)["result"]
+        assert list(result) == ["1.0"], result
+        link, = result["1.0"]["+links"]
+        return [{k: v for k, v in e.items() if k != "when"} for e in link["log"]]
+
+    devpi("push", "hello==1.0", "alice/prod")
+    assert log_of("prod") == [
+        {"what": "overwrite", "who": None, "count": 1},
+        {"what": "upload", "who": "alice", "dst": "alice/dev2"},
+        {"what": "push", "who": "alice", "src": "alice/dev2", "dst": "alice/prod"}]
+    assert log_of("dev2") == [{"what": "upload", "who": "alice", "dst": "alice/dev2"}]
+    # overwritten twice more at the source: the count goes on there, and a push to an
+    # index without the file carries the history without the source's overwrites
+    for requires in (">=3.9", ">=3.10"):
+        make_sdist(second, "hello", "1.0", requires_python=requires)
+        devpi("upload", str(second / "hello-1.0.tar.gz"))
+    assert log_of("dev2") == [{"what": "overwrite", "who": None, "count": 2},
+                              {"what": "upload", "who": "alice", "dst": "alice/dev2"}]
+    devpi("push", "hello==1.0", "alice/other")
+    assert log_of("other") == [
+        {"what": "upload", "who": "alice", "dst": "alice/dev2"},
+        {"what": "push", "who": "alice", "src": "alice/dev2", "dst": "alice/other"}]
+    # and pushed over prod's once more: prod counts its own second overwrite
+    devpi("push", "hello==1.0", "alice/prod")
+    assert log_of("prod")[0] == {"what": "overwrite", "who": None, "count": 2}
+
+
 def test_devpi_test_runs_tox_and_devpi_list_shows_the_results(alice, tmp_path):
     # `devpi test` downloads the sdist, runs tox on it (pip pointed at this server only:
     # devpi sets PIP_INDEX_URL; nothing is installed) and posts tox's JSON report
