@@ -5948,11 +5948,14 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
             if pwhash.startswith("$argon2"):
                 u["pwhash"] = pwhash  # devpi's own kind: it can check it
             else:
-                u["pwhash"] = unusable_argon2()
+                # devpi-import keeps the dump's root entry over the root its --root-passwd
+                # made: with no pwhash there, that password stays root's
+                if name != "root":
+                    u["pwhash"] = unusable_argon2()
+                    devpi_cant_check.append(name)
                 if is_known_hash(pwhash):
                     u["minidevpi_pwhash"] = pwhash
-                    u["minidevpi_pwhash_for"] = pwhash_fingerprint(u["pwhash"])
-                devpi_cant_check.append(name)
+                    u["minidevpi_pwhash_for"] = pwhash_fingerprint(u.get("pwhash", ""))
             users[name] = u
         indexes = {}
         rows = c.execute("SELECT id, user, name, config FROM indexes ORDER BY user, name")
@@ -6060,11 +6063,16 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     "on the server and export again." % (
                         "; ".join(skipped[:20]),
                         " and %d more" % (len(skipped) - 20) if len(skipped) > 20 else ""))
+    if "root" in users and not users["root"].get("pwhash"):
+        told.append("for devpi-server: root's password does not travel (devpi can't check "
+                    "minidevpi's hash); give root one with devpi-import --root-passwd PW "
+                    "(without it devpi-import gives root the empty password)")
     if devpi_cant_check:
         told.append("for devpi-server: the password hashes of %s are of a kind devpi can't "
-                    "check; after devpi-import they match no password. Set them as root: "
-                    "devpi user -m NAME password=... (minidevpi keeps them working)"
-                    % ", ".join(devpi_cant_check))
+                    "check; after devpi-import they match no password (minidevpi keeps them "
+                    "working). With devpi-server running, log in as root and set each:\n  %s"
+                    % (", ".join(devpi_cant_check), "\n  ".join(
+                        "devpi user -m %s password=..." % n for n in devpi_cant_check)))
     return told
 
 

@@ -4746,11 +4746,12 @@ class DevpiServer:
     CHEAP_KEY_DERIVATION = ["--argon2-memory-cost", "8", "--argon2-time-cost", "1",
                             "--argon2-parallelism", "1"]
 
-    def __init__(self, serverdir, root_password, timeout=60):
+    def __init__(self, serverdir, root_password=None, timeout=60):
         self.serverdir = str(serverdir)
         self.log_path = self.serverdir + ".log"
-        run([need("devpi-init"), "--serverdir", self.serverdir, "--no-root-pypi",
-             "--root-passwd", root_password], timeout=timeout)
+        if root_password is not None:  # (None: serve a server directory made before)
+            run([need("devpi-init"), "--serverdir", self.serverdir, "--no-root-pypi",
+                 "--root-passwd", root_password], timeout=timeout)
         for options in (self.CHEAP_KEY_DERIVATION, []):
             port = free_port()
             self.url = "http://127.0.0.1:%d" % port
@@ -5001,7 +5002,7 @@ def comparable(data):
     for name, u in data["users"].items():
         u = dict(u)
         if "minidevpi_pwhash" in u:
-            u.pop("pwhash")  # a fresh unusable Argon2 string each time, and its fingerprint
+            u.pop("pwhash", None)  # a fresh unusable Argon2 string each time, and its fingerprint
             u.pop("minidevpi_pwhash_for")
         out["users"][name] = u
     for path, ix in data["indexes"].items():
@@ -5138,8 +5139,10 @@ def test_round_trip_minidevpi_to_minidevpi(tmp_path, make_server):
             srv2.index_url("alice/prod"), "samplepkg")
         assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
     # the export also reads the same for devpi: Argon2-shaped hashes that match no password
+    # (root's is left out: devpi-import --root-passwd sets it)
     for name, u in dump_json(tmp_path / "dump1")["users"].items():
-        assert u["pwhash"].startswith("$argon2id$") and u["minidevpi_pwhash"]
+        assert (name == "root" and "pwhash" not in u or
+                u["pwhash"].startswith("$argon2id$")) and u["minidevpi_pwhash"]
 
 
 def test_damaged_exports_are_refused_and_change_nothing(tmp_path, make_server):
@@ -5304,19 +5307,24 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
     srv.model.create_user("root", "carol", {"password": "c", "custom_data": {"team": "x"}})
     srv.stop()
     code, out = cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
-    assert "devpi user -m NAME password=" in out  # how to set passwords on the devpi side
+    assert "devpi user -m carol password=" in out  # how to set passwords on the devpi side
     run([devpi_import, "--serverdir", str(tmp_path / "devpi"), "--no-events",
-         str(tmp_path / "ours")])
+         "--root-passwd", "devpiroot", str(tmp_path / "ours")])
     run([devpi_export, "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
     ours, theirs = dump_json(tmp_path / "ours"), dump_json(tmp_path / "theirs")
+    assert "pwhash" not in ours["users"]["root"]
+    theirs["users"]["root"].pop("pwhash")  # the one devpi-import's --root-passwd made
     assert devpi_canonical(theirs) == devpi_canonical(ours)
     tox = [f for f in theirs["indexes"]["alice/dev"]["files"] if f["type"] == "toxresult"]
     assert len(tox) == 1 and tox[0]["for_entrypath"].endswith(
         "/samplepkg-1.0-py3-none-any.whl"), tox
     # and back: devpi's export of it imports into minidevpi with every password working
-    cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"))
+    # (root's password was set on the devpi side: minidevpi's older one is not brought back)
+    code, out = cli("import", str(tmp_path / "theirs"), "--serverdir", str(tmp_path / "back"),
+                    "--root-passwd", "backroot")
+    assert "devpi side" in out and "root" in out.split("devpi side")[1], out
     with make_server(tmp_path / "back") as srv2:
-        for user, pw in (("root", "rootpw"), ("alice", "alicepw"), ("carol", "c")):
+        for user, pw in (("root", "backroot"), ("alice", "alicepw"), ("carol", "c")):
             assert login_token(srv2.url, user, pw)
         assert api(srv2.url, path="/carol").json()["result"]["custom_data"] == {"team": "x"}
         r = api(srv2.url, "PATCH", "/carol", json_body={"custom_data": {"team": "x"},
@@ -5325,6 +5333,45 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
         pip("install", "--target", str(tmp_path / "t"), "--index-url",
             srv2.index_url("alice/prod"), "samplepkg")
         assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
+
+
+def test_devpi_import_root_passwd_of_a_minidevpi_export_lets_root_log_in(tmp_path, make_server):
+    with make_server(tmp_path / "a", root_password="rootpw") as srv:
+        for user in ("alice", "bob"):
+            srv.create_user(user, user + "pw")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0"))
+    code, out = cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    # root's password does not travel, and the others are named with the command for each
+    assert "root's password does not travel" in out and "devpi-import --root-passwd PW" in out
+    for user in ("alice", "bob"):
+        assert "\n  devpi user -m %s password=...\n" % user in out + "\n", out
+    assert "devpi user -m root" not in out
+    assert "pwhash" not in dump_json(tmp_path / "dump")["users"]["root"]
+    run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         "--root-passwd", "newroot", str(tmp_path / "dump")], timeout=120)
+    devpi_srv = DevpiServer(tmp_path / "devpi")
+    try:
+        client = Devpi(tmp_path / "client")
+        client("use", devpi_srv.url)
+        client.fails("login", "root", "--password", "rootpw")  # minidevpi's: not devpi's
+        client("login", "root", "--password", "newroot")
+        # the users the export named: locked until root does as it said
+        assert api(devpi_srv.url, "POST", "/+login",
+                   json_body={"user": "alice", "password": "alicepw"}).status == 401
+        client("user", "-m", "alice", "password=alicenew")
+        assert login_token(devpi_srv.url, "alice", "alicenew")
+        assert api(devpi_srv.url, path="/alice/dev/samplepkg").status == 200
+    except Exception as e:
+        raise AssertionError("%s\ndevpi-server's log:\n%s" % (e, devpi_srv.output())) from e
+    finally:
+        devpi_srv.stop()
+    # minidevpi's own import of the export: root keeps its old password
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"))
+    assert "can't be checked" not in out, out
+    with make_server(tmp_path / "b") as srv2:
+        for user in ("root", "alice", "bob"):
+            assert login_token(srv2.url, user, user + "pw" if user != "root" else "rootpw")
 
 
 def test_import_skip_type_and_hard_links(devpi_exports, tmp_path, make_server):
