@@ -557,10 +557,15 @@ def doc_zip_members(f):
     left out. Raises ValueError naming the problem for a member outside the zip's root
     (absolute, a drive, a ``..`` segment), a symlink, an encrypted member or one not stored
     or deflated, past the MAX_DOC_* bounds;
-    zipfile.BadZipFile for a broken zip."""
+    zipfile.BadZipFile for a broken zip. An empty file is documentation without pages
+    (devpi-client uploads one, and devpi-server keeps it)."""
     members = {}
     total = 0
     count = 0
+    f.seek(0, io.SEEK_END)
+    if f.tell() == 0:
+        return members
+    f.seek(0)
     for entry in zip_entries(f):
         name, flags, method, _crc, _csize, size, _offset, attrs = entry
         count += 1
@@ -2552,8 +2557,8 @@ class Model:
         if ix.is_mirror:
             raise forbidden("cannot store toxresults on mirror index %s" % ix.path)
         if not self.can_upload(actor, ix, "acl_toxresult_upload"):
-            if actor is None:
-                raise unauthorized()
+            # (anonymous too, as devpi: devpi test, the one poster, sends its credentials
+            # up front and never answers a 401, so the message with the way out is better)
             raise forbidden("No permission to upload tox results. You can use the devpi "
                             "test --no-upload option to skip the upload.")
         if not isinstance(report, dict):
@@ -2630,7 +2635,17 @@ class Model:
             version_id = self._version_id_of(c, ix, norm, version)
             self._delete_files(c, ix, "f.version_id=?", (version_id,))
             c.execute("DELETE FROM versions WHERE id=?", (version_id,))
-            self._changed(projects=[norm])
+            self._changed(projects=[norm], project_set=self._drop_empty(c, ix, norm))
+
+    def _drop_empty(self, c, ix, norm, version_id=None):
+        """As devpi: a version whose last file is removed goes (``version_id``), and a
+        project whose last version goes. Returns whether the project went."""
+        if version_id is not None:
+            c.execute("DELETE FROM versions WHERE id=? AND NOT EXISTS "
+                      "(SELECT 1 FROM files WHERE version_id=?)", (version_id, version_id))
+        return c.execute("DELETE FROM projects WHERE index_id=? AND name=? AND NOT EXISTS "
+                         "(SELECT 1 FROM versions WHERE project_id=projects.id)",
+                         (ix.id, norm)).rowcount > 0
 
     def delete_project(self, actor, ix, name, force=False):
         norm = normalize_name(name)
@@ -2651,7 +2666,8 @@ class Model:
             raise forbidden("cannot delete file on non-volatile index")
         with self.store.write() as c:
             row = c.execute(
-                "SELECT f.id, f.sha256, p.name FROM files f JOIN versions v ON f.version_id=v.id "
+                "SELECT f.id, f.sha256, f.version_id, p.name FROM files f "
+                "JOIN versions v ON f.version_id=v.id "
                 "JOIN projects p ON v.project_id=p.id WHERE f.index_id=? AND f.filename=?",
                 (ix.id, filename)).fetchone()
             if row is None or not row["sha256"].startswith(sha_prefix):
@@ -2661,7 +2677,8 @@ class Model:
                                (ix.id, row["id"], filename))
             c.execute("DELETE FROM files WHERE index_id=? AND (id=? OR for_filename=?)",
                       (ix.id, row["id"], filename))
-            self._changed(projects=[row["name"]])
+            self._changed(projects=[row["name"]], project_set=self._drop_empty(
+                c, ix, row["name"], row["version_id"]))
 
     def set_yanked(self, actor, ix, name, version, yanked):
         """PEP 592: yank (True or a reason) or unyank (False) a release on a private index."""

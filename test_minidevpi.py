@@ -1726,11 +1726,12 @@ def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
                 headers={"Content-Type": "application/json"})
         assert r.status == status and r.json()["message"], (path, body[:20], r)
     assert len(toxresult_links(url, "alice/dev", "samplepkg", "1.0")) == 2
-    # acl_toxresult_upload: only the users it names (401 asks anonymous for credentials)
+    # acl_toxresult_upload: only the users it names (anonymous too gets devpi's 403 with
+    # the way out, as devpi-client's test_toxresult_forbidden expects)
     r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["acl_toxresult_upload=alice"])
     assert r.status == 200 and r.json()["result"]["acl_toxresult_upload"] == ["alice"], r
     r = api(url, "POST", fpath, json_body=TOX_REPORT)
-    assert r.status == 401 and r.json()["message"], r
+    assert r.status == 403 and "--no-upload" in r.json()["message"], r
     r = api(url, "POST", fpath, auth=("bob", "bobpw"), json_body=TOX_REPORT)
     assert r.status == 403 and "No permission to upload tox results" in r.json()["message"], r
     assert api(url, "POST", fpath, auth=auth, json_body=TOX_REPORT).status == 200
@@ -4124,6 +4125,27 @@ def test_devpi_push_over_an_overwritten_file_keeps_its_log_as_devpi(alice, devpi
     assert log_of("prod")[0] == {"what": "overwrite", "who": None, "count": 2}
 
 
+def test_devpi_remove_of_the_last_version_or_file_removes_the_project(alice, devpi, tmp_path):
+    # as devpi-client's own test_all_index_option: a project without versions is not listed
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    devpi("upload", make_sdist(tmp_path, "hello", "1.0"), make_sdist(tmp_path, "hello", "1.1"),
+          make_wheel(tmp_path, "other", "1.0"), make_sdist(tmp_path, "other", "1.0"))
+    devpi("remove", "-y", "hello==1.0")
+    assert devpi("list")[1].split() == ["hello", "other"]
+    devpi("remove", "-y", "hello==1.1")
+    assert devpi("list")[1].split() == ["other"]
+    assert devpi("list", "-v")[1].split() == ["other==1.0"]
+    assert api(alice.url, path="/alice/dev/hello").status == 404
+    # removing files one by one: the version goes with its last file, then the project
+    wheel, sdist = sorted(release_links(alice.url, "alice/dev", "other", "1.0").values())
+    devpi("remove", "-y", wheel)
+    assert devpi("list", "other")[1].split() == [sdist]
+    devpi("remove", "-y", sdist)
+    assert devpi("list")[1].split() == []
+    assert api(alice.url, path="/alice/dev/other").status == 404
+
+
 def test_devpi_test_runs_tox_and_devpi_list_shows_the_results(alice, tmp_path):
     # `devpi test` downloads the sdist, runs tox on it (pip pointed at this server only:
     # devpi sets PIP_INDEX_URL; nothing is installed) and posts tox's JSON report
@@ -4688,6 +4710,26 @@ def test_devpi_push_with_docs_no_docs_and_only_docs(alice, devpi, tmp_path):
     for ix in ("a", "c"):
         assert http(alice.url, path="/alice/%s/pkg/1.0/+doc/" % ix).body == \
             b"<h1>the docs</h1>"
+
+
+def test_devpi_upload_only_docs_of_an_empty_archive_is_kept_without_pages(alice, devpi,
+                                                                         tmp_path):
+    # as devpi-client's own test_only_docs_with_path: an empty file named foo-1.0.doc.zip
+    devpi("login", "alice", "--password=secret")
+    devpi("use", "alice/dev")
+    (tmp_path / "foo-1.0.docs.zip").write_bytes(b"")
+    code, out = devpi("upload", "--no-isolation", "--only-docs", "foo-1.0.docs.zip",
+                      cwd=str(tmp_path))
+    assert "doc_upload of foo-1.0.docs.zip" in out, out
+    r = api(alice.url, path="/alice/dev/foo/1.0")
+    assert [link["rel"] for link in r.json()["result"]["+links"]] == ["doczip"], r
+    r = http(alice.url, path="/alice/dev/foo/1.0/+doc/")
+    assert r.status == 404, r  # no pages to serve
+    # a file that is not empty has to be a zip
+    (tmp_path / "foo-1.0.doc.zip").write_bytes(b"not a zip")
+    code, out = devpi("upload", "--no-isolation", "--only-docs", "foo-1.0.doc.zip",
+                      cwd=str(tmp_path), check=False)
+    assert code != 0 and "not a zip file" in out, out
 
 
 @pytest.mark.parametrize("member,problem", [

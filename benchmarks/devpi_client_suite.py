@@ -82,6 +82,19 @@ if serverdir:
     log = os.open(serverdir.rstrip("/") + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+if os.environ.get("SUITE_USERS_MAY_MIRROR") == "1":
+    # --users-may-mirror (a diagnosis, not minidevpi): an index's owner may make mirrors,
+    # as in devpi, to see what the mirror tests say of the rest
+    sys.path.insert(0, os.path.dirname(%(minidevpi)r))
+    import minidevpi
+    for method in ("create_index", "modify_index"):
+        def lifted(self, actor, path, body, _orig=getattr(minidevpi.Model, method)):
+            if actor is not None and self.can_modify_index(actor, path.split("/")[0]):
+                actor = "root"
+            return _orig(self, actor, path, body)
+        setattr(minidevpi.Model, method, lifted)
+    sys.argv = [%(minidevpi)r, "serve"] + args
+    sys.exit(minidevpi.main())
 os.execv(%(python)r, [%(python)r, %(minidevpi)r, "serve"] + args)
 '''
 
@@ -177,6 +190,10 @@ def main(argv=None):
     p.add_argument("--venv", default="/tmp/devpi-suite-venv")
     p.add_argument("--all", action="store_true",
                    help="run every test of the suite, not only the live-server ones")
+    p.add_argument("--users-may-mirror", action="store_true",
+                   help="a diagnosis: let index owners make mirror indexes, as devpi does "
+                        "(minidevpi leaves that to root), by patching the server the shim "
+                        "starts")
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = p.parse_args(argv)
     work, src, shims, py = prepare(args)
@@ -186,8 +203,10 @@ def main(argv=None):
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([shims, os.path.dirname(py), env.get("PATH", "")])
     env["PYTHONPATH"] = work
+    env["VIRTUAL_ENV"] = os.path.abspath(args.venv)  # (as under tox, which the tests expect)
     env["SUITE_RESULTS"] = results
     env["SUITE_ALL"] = "1" if args.all else "0"
+    env["SUITE_USERS_MAY_MIRROR"] = "1" if args.users_may_mirror else "0"
     env.pop("DEVPI_INDEX", None)
     basetemp = os.path.join(work, "tmp")
     shutil.rmtree(basetemp, ignore_errors=True)
