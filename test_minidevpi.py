@@ -2946,7 +2946,7 @@ def guarded(upstream, tmp_path, make_server):
 def test_mirror_min_age_options_are_checked(guarded):
     url, root = guarded.url, ("root", "rootpw")
     for given, seconds in (("7d", 604800), ("48h", 172800), ("90m", 5400), ("3600", 3600),
-                           (120, 120), ("0", 0)):
+                           ("30s", 30), ("2w", 1209600), (120, 120), ("0", 0)):
         r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=%s" % given]
                 if isinstance(given, str) else {"mirror_min_age": given})
         assert r.status == 200, r
@@ -3067,6 +3067,9 @@ def test_time_machine_serves_the_index_as_it_was(guarded, upstream, tmp_path):
     assert page_files(srv.url, paths[1]) == ["mirrored_pkg-1.0-py3-none-any.whl",
                                              "mirrored_pkg-2.0-py3-none-any.whl"]
     assert page_files(srv.url, paths[2]) == ["mirrored_pkg-1.0-py3-none-any.whl"]
+    offset = time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(moment + 7200))
+    assert page_files(srv.url, "/alice/dev/+at/%s/+simple/own-pkg/" % offset) == [
+        "own_pkg-1.0-py3-none-any.whl"]
     # later: a private upload, a new upstream release, the upstream page fetched again
     srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "2.0"))
     upstream.add(make_wheel(tmp_path, "mirrored-pkg", "3.0"), upload_time=iso(time.time()))
@@ -3119,7 +3122,8 @@ def test_project_status_from_upstream_and_set_by_root(guarded, upstream, tmp_pat
     code, out = pip("install", "--target", str(tmp_path / "q"), "--index-url",
                     srv.index_url("alice/dev"), "mirrored-pkg", check=False)
     assert code != 0
-    assert api(srv.url, path="/alice/dev/mirrored-pkg").json()["result"] == {}
+    r = api(srv.url, path="/alice/dev/mirrored-pkg").json()
+    assert r["result"] == {} and "project status: quarantined: malware" in r["message"]
     # an HTML upstream's <meta> is read as well
     upstream.fmt = "html"
     upstream.status["mirrored-pkg"] = ("archived", "done")
@@ -3161,6 +3165,7 @@ def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, 
         "kind": "example"}, "attestations": []}]}).encode()
     upstream.provenance["mirrored_pkg-1.0-py3-none-any.whl"] = doc
     upstream.provenance["mirrored_pkg-2.0-py3-none-any.whl"] = b"[" * 300 * 1024  # too large
+    upstream.provenance["fresh_fix-1.0-py3-none-any.whl"] = doc
     page = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")
     assert page["meta"]["api-version"] == "1.3"
     files = {f["filename"]: f for f in page["files"]}
@@ -3177,6 +3182,12 @@ def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, 
     assert r.status == 200 and r.body == doc
     assert r.header("content-type") == "application/vnd.pypi.integrity.v1+json"
     assert upstream.count("/provenance/mirrored_pkg-1.0-py3-none-any.whl") == 1
+    # without a download, on the first request for it
+    fix = page_json(srv.url, "/alice/dev/+simple/fresh-fix/")["files"][0]
+    r = http(srv.url, path=urllib.parse.urljoin("/alice/dev/+simple/fresh-fix/",
+                                                fix["provenance"]))
+    assert r.status == 200 and r.body == doc
+    assert upstream.count("/provenance/fresh_fix-1.0-py3-none-any.whl") == 1
     # a document larger than the bound is not kept
     two = files["mirrored_pkg-2.0-py3-none-any.whl"]
     r = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
