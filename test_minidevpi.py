@@ -3089,6 +3089,12 @@ def test_time_machine_serves_the_index_as_it_was(guarded, upstream, tmp_path):
     assert (tmp_path / "u" / "mirrored_pkg-1.0.dist-info").is_dir()
     # now it is there
     assert "own_pkg-2.0-py3-none-any.whl" in page_files(srv.url, "/alice/dev/+simple/own-pkg/")
+    # no yank history is kept: a file upstream yanks now shows yanked at any TIME
+    upstream.yanked["mirrored_pkg-1.0-py3-none-any.whl"] = "broken"
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    for path in ("/alice/dev/+simple/mirrored-pkg/",
+                 "/alice/dev/+at/2024-01-02/+simple/mirrored-pkg/"):
+        assert [f["yanked"] for f in page_json(srv.url, path)["files"]][0] == "broken"
     # a date is the end of that day (UTC); a time needs a zone; none may lie ahead
     assert page_files(srv.url, "/alice/dev/+at/2024-01-01/+simple/mirrored-pkg/") == []
     for bad in ("2024-01-02T03:04:05", "yesterday", "2024-13-01", "2024-01-02T25:00:00Z",
@@ -3216,6 +3222,13 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
         config = api(back.url, path="/root/pypi").json()["result"]
         assert config["mirror_min_age"] == 604800
         assert config["mirror_min_age_exempt"] == ["fresh-fix"]
+    # the real devpi-server takes them and keeps them (it does not apply them)
+    run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "dump")])
+    run([need("devpi-export"), "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
+    config = theirs["indexes"]["root/pypi"]["indexconfig"]
+    assert (config["mirror_min_age"], config["mirror_min_age_exempt"]) == (604800, ["fresh-fix"])
     # a dump is untrusted: a bad value is refused, not taken
     dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
     dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = "soon"
