@@ -4083,12 +4083,17 @@ class Mirror:
     def provenance(self, ix, filename, sha_prefix):
         """(blob path, sha256) of the provenance document kept for a mirrored file; fetched
         from upstream now if it was not kept with the file (not in offline mode)."""
+        found = None
+        if not self._kept(ix, filename, sha_prefix):  # (the URL must name the file's hash)
+            found = self.find_entry(ix, filename, sha_prefix) if not self.offline else None
+            if found is None:
+                raise not_found("no such file")
         path = self._kept_provenance(ix, filename)
         if path is not None:
             return path
         if self.offline:
             raise not_found("no provenance kept for %s (offline mode)" % filename)
-        found = self.find_entry(ix, filename, sha_prefix)
+        found = found or self.find_entry(ix, filename, sha_prefix)
         if found is None or not found[1].get("provenance"):
             raise not_found("upstream offers no provenance for %s" % filename)
         return self._fetch_provenance(ix, found[1])

@@ -3188,6 +3188,8 @@ def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, 
     assert r.status == 200 and r.body == doc
     assert r.header("content-type") == "application/vnd.pypi.integrity.v1+json"
     assert upstream.count("/provenance/mirrored_pkg-1.0-py3-none-any.whl") == 1
+    wrong = re.sub(r"/\+f/[0-9a-f]{3}/", "/+f/000/", prov_url)
+    assert wrong != prov_url and http(srv.url, path=wrong).status == 404
     # without a download, on the first request for it
     fix = page_json(srv.url, "/alice/dev/+simple/fresh-fix/")["files"][0]
     r = http(srv.url, path=urllib.parse.urljoin("/alice/dev/+simple/fresh-fix/",
