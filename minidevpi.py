@@ -1697,6 +1697,7 @@ OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_min_age")
 # mirror_min_age: a duration as seconds, or a number with one of these units
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 10 * 366 * 86400  # (a time that far ahead is still a date)
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
 # a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
@@ -1747,6 +1748,8 @@ def parse_duration(key, value):
                           "seconds, got %r" % (key, value))
     if seconds < 0:
         raise bad_request("%s must not be negative" % key)
+    if seconds > MAX_DURATION:
+        raise bad_request("%s must be at most %d seconds (10 years)" % (key, MAX_DURATION))
     return seconds
 
 

@@ -2954,8 +2954,9 @@ def test_mirror_min_age_options_are_checked(guarded):
     for bad in ("7x", "-1", "1.5d", "", "d"):
         r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=" + bad])
         assert r.status == 400 and "mirror_min_age" in r.json()["message"], r
-    r = api(url, "PATCH", "/root/pypi", auth=root, json_body={"mirror_min_age": True})
-    assert r.status == 400
+    for bad in (True, 10 ** 30, "99999999d", -5, 1.5):
+        r = api(url, "PATCH", "/root/pypi", auth=root, json_body={"mirror_min_age": bad})
+        assert r.status == 400 and "mirror_min_age" in r.json()["message"], (bad, r)
     r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age_exempt=*"])
     assert r.status == 400 and "'*'" in r.json()["message"]
     r = api(url, "PATCH", "/root/pypi", auth=root,
