@@ -2996,7 +2996,8 @@ def test_cooling_off_period_holds_back_fresh_upstream_releases(guarded, upstream
             assert "mirrored_pkg-1.0" in body and "2.0" not in body, body
     assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 0
     # the JSON API (devpi list, getjson) has no 2.0 and says why, and until when
-    until = minidevpi.utcnow_iso(time.time() - 3600 + 2 * 86400)[:15]  # (to the minute)
+    until = minidevpi.utcnow_iso(minidevpi.parse_upload_time(
+        upstream.projects["mirrored-pkg"][1][3]) + 2 * 86400)
     for ix in ("root/pypi", "alice/dev"):
         r = api(srv.url, path="/%s/mirrored-pkg" % ix)
         assert list(r.json()["result"]) == ["1.0"]
