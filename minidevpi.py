@@ -1083,6 +1083,20 @@ CREATE TABLE IF NOT EXISTS mirror_pages (  -- cached upstream project pages (a c
     files TEXT NOT NULL,            -- JSON list of the upstream's files
     PRIMARY KEY (index_id, project)
 );
+CREATE TABLE IF NOT EXISTS project_status (  -- PEP 792 status of a project on an index
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    project TEXT NOT NULL,          -- normalised
+    status TEXT NOT NULL,           -- archived, quarantined, deprecated (active: no row)
+    reason TEXT,                    -- or NULL; on a mirror both are upstream's
+    PRIMARY KEY (index_id, project)
+);
+CREATE TABLE IF NOT EXISTS provenance (  -- PEP 740 documents kept with mirrored files
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    project TEXT NOT NULL,          -- normalised
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,           -- the blob holding the document as upstream gave it
+    PRIMARY KEY (index_id, filename)
+);
 CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     filename TEXT NOT NULL,
@@ -1668,7 +1682,8 @@ class Accounts:
 
 # -- index configuration -------------------------------------------------------------
 
-LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
+LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist",
+             "mirror_min_age_exempt")
 ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
 SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
@@ -1680,10 +1695,14 @@ STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
 MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
                "mirror_no_project_list", "mirror_use_external_urls",
                "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
-               "description", "custom_data")
+               "description", "custom_data", "mirror_min_age", "mirror_min_age_exempt")
 OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
-                 "mirror_ignore_serial_header", "mirror_provides_core_metadata")
+                 "mirror_ignore_serial_header", "mirror_provides_core_metadata",
+                 "mirror_min_age")
+# mirror_min_age: a duration as seconds, or a number with one of these units
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 10 * 366 * 86400  # (a time that far ahead is still a date)
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
 # a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
@@ -1719,8 +1738,40 @@ def parse_list(value):
                       % (value,))
 
 
+def parse_duration(key, value):
+    """Seconds (an int) from ``7d``, ``48h``, ``90m``, ``30s``, ``2w`` or a whole number
+    of seconds (int or numeric string); 400 for anything else."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif text and re.match(r"^[0-9]{1,12}$", text):
+        seconds = int(text)
+    elif text and re.match(r"^[0-9]{1,9}[smhdw]$", text):
+        seconds = int(text[:-1]) * DURATION_UNITS[text[-1]]
+    else:
+        raise bad_request("%s must be a duration like 7d, 48h, 90m or a whole number of "
+                          "seconds, got %r" % (key, value))
+    if seconds < 0:
+        raise bad_request("%s must not be negative" % key)
+    if seconds > MAX_DURATION:
+        raise bad_request("%s must be at most %d seconds (10 years)" % (key, MAX_DURATION))
+    return seconds
+
+
 def coerce_index_value(key, value):
     """Turn one config value (a string from the command line, or JSON) into its type."""
+    if key == "mirror_min_age":
+        return parse_duration(key, value)
+    if key == "mirror_min_age_exempt":
+        names = []
+        for name in parse_list(value):
+            if name == "*":
+                raise bad_request("mirror_min_age_exempt takes project names; '*' (every "
+                                  "project) is not allowed: set mirror_min_age=0 instead")
+            check_project_name(name)
+            if normalize_name(name) not in names:
+                names.append(normalize_name(name))
+        return names
     if key in LIST_KEYS:
         return parse_list(value)
     if key in BOOL_KEYS:
@@ -1835,7 +1886,7 @@ class File:
 
     __slots__ = ("index", "project", "version", "filename", "rel", "sha256", "size",
                  "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
-                 "log", "ext")
+                 "log", "ext", "provenance")
 
     def __init__(self, index, project, version, filename, rel, sha256, size, uploaded,
                  requires_python="", core_metadata=None, yanked=None, for_filename=None,
@@ -1854,6 +1905,7 @@ class File:
         self.for_filename = for_filename
         self.log = log  # JSON text
         self.ext = ext  # a mirrored file upstream gave no hash for: its +e key (sha256 None)
+        self.provenance = False  # a mirrored file with a PEP 740 provenance (ours or upstream's)
 
     @classmethod
     def from_row(cls, index, project, version, row):
@@ -1884,11 +1936,16 @@ class BaseWalk:
 
     What a walk reads must be read after the page-cache validator of what it renders
     (see App.simple_project_page): make a new walk rather than keep one across commits.
+
+    Which files of the visible indexes the reader is offered is ``offers``: the
+    supply-chain guards (a quarantined project, the time machine's ``at``, a mirror's
+    mirror_min_age) are decided there and nowhere else.
     """
 
-    __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden")
+    __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden",
+                 "at", "now", "cooling", "next_change", "_status")
 
-    def __init__(self, model, ix, norm, reader, chain):
+    def __init__(self, model, ix, norm, reader, chain, at=None):
         self.model = model
         self.index = ix
         self.project = norm
@@ -1896,6 +1953,11 @@ class BaseWalk:
         self.chain = chain
         self._held = None
         self._hidden = None
+        self.at = at            # the time machine: only files uploaded at or before it
+        self.now = time.time()
+        self.cooling = {}       # version -> when its first file held back by age matures
+        self.next_change = None  # when the first file held back by age matures
+        self._status = {}
 
     def _holders(self):
         """{index id: display name} of the chain's indexes that hold the project."""
@@ -1951,6 +2013,71 @@ class BaseWalk:
     def mirrors(self):
         """The mirrors that contribute to the project."""
         return [b for b in self.visible if b.is_mirror]
+
+    def status_at(self, b):
+        """(status, reason) of the project on ``b`` (PEP 792; on a mirror, upstream's as
+        last fetched), or None for active. Read when first asked, per index: a mirror's
+        is read after its page was fetched."""
+        if b.id not in self._status:
+            row = self.model.store.conn().execute(
+                "SELECT status, reason FROM project_status WHERE index_id=? AND project=?",
+                (b.id, self.project)).fetchone()
+            self._status[b.id] = (row[0], row[1]) if row else None
+        return self._status[b.id]
+
+    @property
+    def status(self):
+        """The project's status as the reader sees it: that of the first visible index
+        that holds the project or has a status for it (None: active)."""
+        for b in self.visible:
+            st = self.status_at(b)
+            if st is not None or self.holds(b):
+                return st
+        return None
+
+    def filters(self, b):
+        """Whether ``offers`` may refuse a file of ``b`` (else every file is offered)."""
+        return (self.at is not None or (b.is_mirror and b.config.get("mirror_min_age"))
+                or self.status_at(b) is not None)
+
+    def offers(self, b, version, uploaded):
+        """Whether the reader is offered a release file of ``version`` uploaded at
+        ``uploaded`` (for a mirror: upstream's upload time, else when it first saw it) on
+        the visible index ``b``: not of a quarantined project, not uploaded after the time
+        machine's ``at``, and on a mirror not younger than its mirror_min_age unless the
+        project is exempt (private uploads are never held back). A file held back for its
+        age is noted in ``cooling`` and ``next_change``."""
+        st = self.status_at(b)
+        if st is not None and st[0] == "quarantined":
+            return False
+        if self.at is not None and uploaded > self.at:
+            return False
+        until = cooling_until(b, self.project, uploaded, self.now)
+        if until is not None:
+            if until < self.cooling.get(version, until + 1):
+                self.cooling[version] = until
+            if self.next_change is None or until < self.next_change:
+                self.next_change = until
+            return False
+        return True
+
+    def held_back(self, offered_versions):
+        """{version: when it matures} of the versions held back by mirror_min_age that no
+        file offers."""
+        return {v: t for v, t in self.cooling.items() if v not in offered_versions}
+
+
+def cooling_until(ix, norm, uploaded, now):
+    """When a file of project ``norm`` uploaded at ``uploaded`` to the mirror ``ix`` is
+    old enough for its mirror_min_age, if it is not yet (else None)."""
+    age = ix.config.get("mirror_min_age") if ix.is_mirror else None
+    if not age or norm in ix.config.get("mirror_min_age_exempt", ()):
+        return None
+    until = (uploaded or 0) + age
+    return until if until > now else None
+
+
+PROJECT_STATUS_NAMES = ("active", "archived", "quarantined", "deprecated")  # PEP 792
 
 
 def when_list(ts=None):
@@ -2360,10 +2487,10 @@ class Model:
         authenticate the request. (Today every reader sees everything.)"""
         return [ix] if ignore_bases else self.resolve_bases(ix)
 
-    def walk(self, ix, norm, reader, ignore_bases=False):
+    def walk(self, ix, norm, reader, ignore_bases=False, at=None):
         """The walk through bases for the project ``norm``, as ``reader`` sees it from
-        ``ix``: a BaseWalk."""
-        return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases))
+        ``ix`` (with ``at``: as it was then, the time machine): a BaseWalk."""
+        return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases), at)
 
     # -- permissions -----------------------------------------------------------------------
 
@@ -2503,6 +2630,7 @@ class Model:
             raise bad_request("version needs to be set (no version field and none in the file)")
         check_project_name(name)
         check_version(version)
+        self._check_open_for_uploads(ix, normalize_name(name))
         split = split_filename(filename, version)
         if split is None or split[2] == "doczip":
             raise bad_request("filename %r does not contain version %r" % (filename, version))
@@ -2521,6 +2649,39 @@ class Model:
             reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size,
                                    meta, core_metadata=core_sha)
         return reason, file_relpath(ix.path, sha256, filename)
+
+    def _check_open_for_uploads(self, ix, norm):
+        """PEP 792: an archived or quarantined project takes no new uploads."""
+        row = self.store.conn().execute(
+            "SELECT status FROM project_status WHERE index_id=? AND project=?",
+            (ix.id, norm)).fetchone()
+        if row is not None and row[0] in ("archived", "quarantined"):
+            raise forbidden("project %s on %s is %s (PEP 792): it takes no uploads"
+                            % (norm, ix.path, row[0]))
+
+    def set_project_status(self, actor, ix, name, status, reason=None):
+        """Root sets the PEP 792 status of a project of a private index ("active" clears
+        it); returns {"status": ..., "reason": ...}."""
+        if actor != "root":
+            raise forbidden("only root can set a project's status")
+        if ix.is_mirror:
+            raise bad_request("a mirror's project status is upstream's")
+        if status not in PROJECT_STATUS_NAMES:
+            raise bad_request("status must be one of %s" % ", ".join(PROJECT_STATUS_NAMES))
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 1000):
+            raise bad_request("reason must be a string of at most 1000 characters")
+        norm = normalize_name(name)
+        with self.store.write() as c:
+            if not c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
+                             (ix.id, norm)).fetchone():
+                raise not_found("no project %r on %s" % (norm, ix.path))
+            c.execute("DELETE FROM project_status WHERE index_id=? AND project=?",
+                      (ix.id, norm))
+            if status != "active":
+                c.execute("INSERT INTO project_status VALUES (?,?,?,?)",
+                          (ix.id, norm, status, reason or None))
+            self._changed(projects=[norm])
+        return {"status": status, "reason": reason or None}
 
     def upload_doczip(self, actor, ix, name, version, tmp_path, sha256, size):
         """Store a documentation zip for a release (``:action=doc_upload``). Without a
@@ -2808,13 +2969,17 @@ class Model:
 
     # -- releases: reading ------------------------------------------------------------------
 
-    def project_names(self, ix, reader, ignore_bases=False):
-        """{normalised name: display name} of the projects an index serves to ``reader``."""
+    def project_names(self, ix, reader, ignore_bases=False, at=None):
+        """{normalised name: display name} of the projects an index serves to ``reader``;
+        with ``at``, those that had a release file uploaded at or before it."""
         names = {}
         c = self.store.conn()
+        sql = "SELECT name, display FROM projects p WHERE index_id=?"
+        if at is not None:
+            sql += (" AND EXISTS (SELECT 1 FROM versions v JOIN files f ON f.version_id=v.id"
+                    " WHERE v.project_id=p.id AND f.rel='releasefile' AND f.uploaded<=?)")
         for b in self.chain(ix, reader, ignore_bases):
-            for norm, display in c.execute(
-                    "SELECT name, display FROM projects WHERE index_id=?", (b.id,)):
+            for norm, display in c.execute(sql, (b.id,) if at is None else (b.id, at)):
                 names.setdefault(norm, display)
         return names
 
@@ -2854,23 +3019,41 @@ class Model:
             if got is None:
                 continue
             found = True
+            check = walk.filters(b)
             for f in got:
-                if f.filename not in seen:
+                if f.filename not in seen and (not check or walk.offers(b, f.version,
+                                                                         f.uploaded)):
                     seen.add(f.filename)
                     files.append(f)
         return files if found else None
 
-    def project_versions(self, ix, norm, reader):
+    def project_versions(self, ix, norm, reader, walk=None):
         """Every version string of a project through the index and its bases (the mirrors
-        the whitelist hides included: what they kept)."""
-        walk = self.walk(ix, norm, reader)
+        the whitelist hides included: what they kept), as ``walk`` offers them: a version
+        with release files only if one of them is offered (BaseWalk.offers), one without
+        (registered only) if it was created by the walk's ``at``."""
+        walk = walk or self.walk(ix, norm, reader)
         out = set()
         c = self.store.conn()
         for b in walk.chain:
-            if walk.holds(b):
+            if not walk.holds(b):
+                continue
+            if not walk.filters(b):
                 for (v,) in c.execute("SELECT v.version FROM versions v JOIN projects p "
                                       "ON v.project_id=p.id WHERE p.index_id=? AND p.name=?",
                                       (b.id, norm)):
+                    out.add(v)
+                continue
+            for v, created, uploaded in c.execute(
+                    "SELECT v.version, v.created, f.uploaded FROM versions v JOIN projects p "
+                    "ON v.project_id=p.id LEFT JOIN files f ON f.version_id=v.id AND "
+                    "f.rel='releasefile' WHERE p.index_id=? AND p.name=?", (b.id, norm)):
+                if v in out:
+                    continue
+                if uploaded is None:
+                    if (walk.at is None or created <= walk.at) and walk.offers(b, v, created):
+                        out.add(v)
+                elif walk.offers(b, v, uploaded):
                     out.add(v)
         return out
 
@@ -2892,8 +3075,15 @@ class Model:
             else:
                 continue
             found = True
+            check = walk.filters(b)
             for ver, release in data.items():
                 if version is None or ver == version:
+                    if check and any(f.rel == "releasefile" for f in release[2]):
+                        offered = [f for f in release[2] if f.rel != "releasefile" or
+                                   walk.offers(b, ver, f.uploaded)]
+                        if not any(f.rel == "releasefile" for f in offered):
+                            continue  # every release file held back: no such release
+                        release = (release[0], release[1], offered)
                     out.setdefault(ver, []).append(release)
         return out if found else None
 
@@ -2967,12 +3157,15 @@ class UpstreamError(HTTPError):
 
 # -- simple pages: what the mirror's project list and the HTTP layer's pages share ----
 
-def simple_html_head(title, heading=False):
+def simple_html_head(title, heading=False, version="1.1", meta=()):
     """The start of a simple page in HTML (PEP 503; the repository version of PEP 629),
-    through <body> and, with ``heading``, the title as <h1>; SIMPLE_HTML_END ends it."""
+    through <body> and, with ``heading``, the title as <h1>; SIMPLE_HTML_END ends it.
+    ``meta``: more (name, content) <meta> elements."""
     t = html.escape(title)
+    more = "".join('<meta name="%s" content="%s">' % (html.escape(n), html.escape(c))
+                   for n, c in meta)
     return ('<!DOCTYPE html>\n<html><head><meta name="pypi:repository-version" '
-            'content="1.1"><title>%s</title></head><body>\n' % t
+            'content="%s">%s<title>%s</title></head><body>\n' % (version, more, t)
             + ("<h1>%s</h1>\n" % t if heading else ""))
 
 
@@ -3270,6 +3463,10 @@ class _LinkParser:
 
         class P(HTMLParser):
             def handle_starttag(self, tag, attrs):
+                if tag == "meta":
+                    d = dict(attrs)
+                    if d.get("name") in PAGE_META_NAMES and isinstance(d.get("content"), str):
+                        outer.meta.setdefault(d["name"], d["content"])
                 if tag == "a":
                     if limit is not None and len(outer.links) >= limit:
                         raise _too_many_links(page_url)
@@ -3286,6 +3483,7 @@ class _LinkParser:
                     outer._current = None
 
         self.links = []
+        self.meta = {}  # the <meta> of PAGE_META_NAMES: name -> content
         self._current = None
         self._text = []
         self.parser = P(convert_charrefs=True)
@@ -3293,6 +3491,28 @@ class _LinkParser:
     def feed(self, text):
         self.parser.feed(text)
         return self
+
+
+# a PEP 740 provenance document is a few KiB (attestations of one file); larger is refused
+MAX_PROVENANCE_BYTES = 256 * 1024
+
+
+def held_back_message(what, until):
+    return ("%s is held back by mirror_min_age until %s (a cooling-off period for new "
+            "upstream releases)" % (what, utcnow_iso(until)))
+
+
+PAGE_META_NAMES = ("pypi:project-status", "pypi:project-status-reason")
+MAX_STATUS_REASON = 1000  # characters of a status reason kept (upstream's text is data)
+
+
+def clean_project_status(status, reason):
+    """(status, reason) of PEP 792 from upstream's values, or None for active (also for
+    an unknown status: PEP 792 has no others, and none of them is a reason to hide)."""
+    if not isinstance(status, str) or status not in PROJECT_STATUS_NAMES or status == "active":
+        return None
+    reason = reason[:MAX_STATUS_REASON] if isinstance(reason, str) and reason else None
+    return status, reason
 
 
 def parse_upload_time(value):
@@ -3311,13 +3531,26 @@ def parse_upload_time(value):
 
 
 def _entry(filename, url, sha256, requires_python=None, yanked=None, core_metadata=None,
-           size=None, upload_time=None, md5=None):
+           size=None, upload_time=None, md5=None, provenance=None):
     e = {"filename": filename, "url": url, "sha256": sha256,
          "requires_python": requires_python or "", "yanked": yanked,
          "core_metadata": core_metadata, "size": size, "upload_time": upload_time}
     if sha256 is None:  # a link upstream gives no sha256 for: fetched, then hashed here
         e["md5"] = md5
+    elif provenance:  # PEP 740: upstream's URL of the file's provenance document
+        e["provenance"] = provenance
     return e
+
+
+def _join_url(page_url, value):
+    """An upstream URL (PEP 740's provenance) made absolute, or None when not one."""
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        return None
+    try:
+        url = urllib.parse.urljoin(page_url, value)
+    except ValueError:
+        return None
+    return url if url.startswith(("http://", "https://")) else None
 
 
 def ext_key(url):
@@ -3364,10 +3597,12 @@ def _too_many_links(page_url):
                          % (_safe_url(page_url), MAX_PAGE_LINKS))
 
 
-def parse_project_page(body, content_type, page_url):
+def parse_project_page(body, content_type, page_url, status=None):
     """(display name, [file entries]) of an upstream PEP 691 JSON or PEP 503 HTML page.
     A link without a (well-formed) sha256 gets sha256 None (and its md5 if one is given):
-    it is hashed when first fetched. A page with more than MAX_PAGE_LINKS links is refused."""
+    it is hashed when first fetched. A page with more than MAX_PAGE_LINKS links is refused.
+    ``status``, a list, gets the page's PEP 792 project status appended (None: active)."""
+    status = status if status is not None else []
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype in (SIMPLE_JSON, JSON_TYPE) or ctype.endswith("+json"):
         # every JSON value but the last in a container is followed by a comma: counting
@@ -3404,8 +3639,12 @@ def parse_project_page(body, content_type, page_url):
                                   _clean_sha(hashes.get("sha256")),
                                   rp if isinstance(rp, str) else None, yanked, meta_sha,
                                   size, parse_upload_time(f.get("upload-time")),
-                                  _clean_md5(hashes.get("md5"))))
+                                  _clean_md5(hashes.get("md5")),
+                                  _join_url(page_url, f.get("provenance"))))
         name = data.get("name") if isinstance(data.get("name"), str) else None
+        ps = data.get("project-status")
+        status.append(clean_project_status(ps.get("status"), ps.get("reason"))
+                      if isinstance(ps, dict) else None)
         return name, entries
     if ctype in ("text/html", SIMPLE_HTML, "application/xhtml+xml", ""):
         try:
@@ -3413,7 +3652,10 @@ def parse_project_page(body, content_type, page_url):
         except UnicodeDecodeError:
             text = body.decode("latin-1")
         entries = []
-        for attrs, label in _LinkParser(MAX_PAGE_LINKS, page_url).feed(text).links:
+        parsed = _LinkParser(MAX_PAGE_LINKS, page_url).feed(text)
+        status.append(clean_project_status(parsed.meta.get("pypi:project-status"),
+                                           parsed.meta.get("pypi:project-status-reason")))
+        for attrs, label in parsed.links:
             href = attrs.get("href")
             if not href:
                 continue
@@ -3432,7 +3674,8 @@ def parse_project_page(body, content_type, page_url):
             yanked = attrs.get("data-yanked")
             entries.append(_entry(filename, url, sha, attrs.get("data-requires-python"),
                                   yanked if "data-yanked" in attrs else None, meta_sha, None,
-                                  parse_upload_time(attrs.get("data-upload-time")), md5))
+                                  parse_upload_time(attrs.get("data-upload-time")), md5,
+                                  _join_url(page_url, attrs.get("data-provenance"))))
         return None, entries
     raise UpstreamError(502, "upstream %s answered with %r, not an index page"
                         % (_safe_url(page_url), content_type))
@@ -3593,8 +3836,9 @@ class Mirror:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
                                                                      resp.status))
             body = self.upstream.read_body(resp, final_url, MAX_PAGE_BYTES)
+            pstatus = []
             display, entries = parse_project_page(body, resp.getheader("Content-Type"),
-                                                  final_url)
+                                                  final_url, pstatus)
             del body
             # upstream's names are data: files are taken only under the project whose
             # page lists them, and a display name only if it is a valid spelling of it
@@ -3602,19 +3846,41 @@ class Mirror:
             if not _is_display_of(display, norm):
                 display = row["display"] if row and _is_display_of(row["display"], norm) else norm
             self._store_page(ix, norm, now, 200, resp.getheader("ETag"),
-                             resp.getheader("Last-Modified"), display, entries)
+                             resp.getheader("Last-Modified"), display, entries, pstatus[0])
             return display, entries
         finally:
             conn.close()
 
-    def _store_page(self, ix, norm, now, status, etag, last_modified, display, entries):
-        data = json.dumps(entries)
+    def _store_page(self, ix, norm, now, status, etag, last_modified, display, entries,
+                    project_status=None):
+        """Keep a fetched page; an entry upstream gives no upload time keeps the time this
+        mirror first saw it (``first_seen``: mirror_min_age counts from it), and the
+        page's PEP 792 status (None: active) is kept with it."""
         with self.store.write() as c:
             old = c.execute("SELECT files, status FROM mirror_pages WHERE index_id=? AND "
                             "project=?", (ix.id, norm)).fetchone()
+            if any(e["upload_time"] is None for e in entries):
+                seen = {}
+                for e in (json.loads(old["files"]) if old is not None else []):
+                    if e.get("first_seen"):
+                        seen[e["filename"]] = e["first_seen"]
+                for e in entries:
+                    if e["upload_time"] is None:
+                        e["first_seen"] = seen.get(e["filename"], now)
+            data = json.dumps(entries)
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
-            if old is None or old["files"] != data or old["status"] != status:
+            had = c.execute("SELECT status, reason FROM project_status WHERE index_id=? AND "
+                            "project=?", (ix.id, norm)).fetchone()
+            had = (had[0], had[1]) if had is not None else None
+            if had != project_status:
+                c.execute("DELETE FROM project_status WHERE index_id=? AND project=?",
+                          (ix.id, norm))
+                if project_status is not None:
+                    c.execute("INSERT INTO project_status VALUES (?,?,?,?)",
+                              (ix.id, norm) + tuple(project_status))
+            if (old is None or old["files"] != data or old["status"] != status
+                    or had != project_status):
                 self.model.mirror_page_changed(norm)
         self._fresh[(ix.id, norm)] = now
 
@@ -3624,7 +3890,7 @@ class Mirror:
         local = self.model.local_files(ix, norm)
         page = self.page(ix, norm)
         if page is None:
-            return local
+            return self._mark_provenance(ix, norm, local, ())
         display, entries = page
         have = {f.filename: f for f in (local or [])}
         out = []
@@ -3639,18 +3905,34 @@ class Mirror:
                 else:
                     out.append(File(ix.path, norm, version, filename=e["filename"],
                                     rel="releasefile", sha256=None, size=e["size"] or 0,
-                                    uploaded=e["upload_time"] or 0,
+                                    uploaded=e["upload_time"] or e.get("first_seen") or 0,
                                     requires_python=e["requires_python"], yanked=e["yanked"],
                                     ext=ext_key(e["url"])))
                 continue
             core = e["core_metadata"]
             out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
                             sha256=e["sha256"], size=e["size"] or 0,
-                            uploaded=e["upload_time"] or (kept.uploaded if kept else 0),
+                            uploaded=e["upload_time"] or (kept.uploaded if kept else
+                                                          e.get("first_seen") or 0),
                             requires_python=e["requires_python"], core_metadata=core,
                             yanked=e["yanked"]))
         out.extend(have.values())
-        return out
+        return self._mark_provenance(ix, norm, out, [e["filename"] for e in entries
+                                                     if e.get("provenance")])
+
+    def _mark_provenance(self, ix, norm, files, offered):
+        """``files`` with File.provenance set for those upstream offers a provenance
+        for (``offered``, names) or whose document is kept (PEP 740)."""
+        if not files:
+            return files
+        names = set(offered)
+        names.update(r[0] for r in self.store.conn().execute(
+            "SELECT filename FROM provenance WHERE index_id=? AND project=?", (ix.id, norm)))
+        if names:
+            for f in files:
+                if f.sha256 and f.filename in names:
+                    f.provenance = True
+        return files
 
     def find_entry(self, ix, filename, sha_prefix, ext=None):
         """(display name, entry) of a file on its project's upstream page, or None; with
@@ -3687,6 +3969,10 @@ class Mirror:
         if found is None:
             raise not_found("no such file")
         display, entry = found
+        until = cooling_until(ix, normalize_name(display), entry["upload_time"] or
+                              entry.get("first_seen"), time.time())
+        if until is not None:
+            raise not_found(held_back_message(filename, until))
         if entry["size"] is not None and entry["size"] > self.max_file:
             raise self._too_large(filename)
         flight = self.single_flight(("file", ix.id, entry["sha256"] or "+e/" + ext))
@@ -3769,6 +4055,12 @@ class Mirror:
                                     % entry["filename"])
             self._keep(ix, display, entry, tmp, total, sha)
             ok = True
+            if entry.get("provenance"):  # kept with the file: offline clients get it too
+                try:
+                    self._fetch_provenance(ix, entry)
+                except HTTPError as e:
+                    log("WARNING: provenance of %s on %s not kept: %s"
+                        % (entry["filename"], ix.path, e.message))
             if held is not None:
                 yield held
         finally:
@@ -3785,7 +4077,8 @@ class Mirror:
             core = None  # offered, but not fetched yet: it is fetched on first request
         self.model.add_file(None, ix, display, version, entry["filename"], tmp, sha,
                             size, meta, core_metadata=core,
-                            uploaded=entry["upload_time"] or time.time(),
+                            uploaded=entry["upload_time"] or entry.get("first_seen")
+                            or time.time(),
                             log_entry={"what": "mirror", "who": None, "when": when_list(),
                                        "src": _safe_url(entry["url"])})
 
@@ -3817,6 +4110,62 @@ class Mirror:
                                              "sha256; not kept" % filename)
                 self.store.put_bytes(data)
         return path, sha
+
+    # -- PEP 740 provenance ---------------------------------------------------------------
+
+    def provenance(self, ix, filename, sha_prefix):
+        """(blob path, sha256) of the provenance document kept for a mirrored file; fetched
+        from upstream now if it was not kept with the file (not in offline mode)."""
+        found = None
+        if not self._kept(ix, filename, sha_prefix):  # (the URL must name the file's hash)
+            found = self.find_entry(ix, filename, sha_prefix) if not self.offline else None
+            if found is None:
+                raise not_found("no such file")
+        path = self._kept_provenance(ix, filename)
+        if path is not None:
+            return path
+        if self.offline:
+            raise not_found("no provenance kept for %s (offline mode)" % filename)
+        found = found or self.find_entry(ix, filename, sha_prefix)
+        if found is None or not found[1].get("provenance"):
+            raise not_found("upstream offers no provenance for %s" % filename)
+        return self._fetch_provenance(ix, found[1])
+
+    def _kept_provenance(self, ix, filename):
+        row = self.store.conn().execute(
+            "SELECT sha256 FROM provenance WHERE index_id=? AND filename=?",
+            (ix.id, filename)).fetchone()
+        if row is not None and os.path.exists(self.store.blob_path(row[0])):
+            return self.store.blob_path(row[0]), row[0]
+        return None
+
+    def _fetch_provenance(self, ix, entry):
+        filename = entry["filename"]
+        with self.single_flight(("provenance", ix.id, filename)):
+            kept = self._kept_provenance(ix, filename)
+            if kept is not None:
+                return kept
+            resp, url, conn = self.upstream.open(entry["provenance"],
+                                                 ix.config.get("mirror_url"))
+            try:
+                if resp.status != 200:
+                    raise UpstreamError(502, "upstream answered %d for the provenance of %s"
+                                        % (resp.status, filename))
+                data = self.upstream.read_body(resp, url, MAX_PROVENANCE_BYTES,
+                                               "provenance document")
+            finally:
+                conn.close()
+            try:
+                if not isinstance(json.loads(data.decode("utf-8")), dict):
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise UpstreamError(502, "the provenance of %s from upstream is not a JSON "
+                                         "object; not kept" % filename)
+            with self.store.write() as c:
+                sha = self.store.put_bytes(data)
+                c.execute("INSERT OR REPLACE INTO provenance VALUES (?,?,?,?)",
+                          (ix.id, normalize_name(split_filename(filename)[0]), filename, sha))
+        return self.store.blob_path(sha), sha
 
     # -- the project list -----------------------------------------------------------------
 
@@ -4010,6 +4359,7 @@ PRIVATE_PAGE_CACHE_CONTROL = "private, max-age=1"
 MIRROR_LIST_CACHE_CONTROL = "public, max-age=60"
 
 
+PROVENANCE_TYPE = "application/vnd.pypi.integrity.v1+json"  # as PEP 740's upstream serves it
 SMALL_FILE = 64 * 1024  # files up to this size go out with their headers in one write
 
 # PEP 658 metadata is offered for wheels larger than this, not for smaller ones. Fetching a
@@ -4131,10 +4481,11 @@ def http_date(ts):
 
 
 class CachedPage:
-    __slots__ = ("validator", "body", "gzipped", "etag", "content_type")
+    __slots__ = ("validator", "body", "gzipped", "etag", "content_type", "expires")
 
-    def __init__(self, validator, body, content_type):
+    def __init__(self, validator, body, content_type, expires=None):
         self.validator = validator
+        self.expires = expires  # a page that changes by itself then (a file matures)
         self.body = body
         self.content_type = content_type
         self.etag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
@@ -4177,7 +4528,8 @@ class PageCache:
 
     def get(self, key, validator):
         page = self.pages.get(key)
-        if page is not None and page.validator == validator:
+        if page is not None and page.validator == validator and (
+                page.expires is None or page.expires > time.time()):
             try:
                 self.pages.move_to_end(key)
             except KeyError:
@@ -4185,8 +4537,8 @@ class PageCache:
             return page
         return None
 
-    def put(self, key, validator, body, content_type):
-        page = CachedPage(validator, body, content_type)
+    def put(self, key, validator, body, content_type, expires=None):
+        page = CachedPage(validator, body, content_type, expires)
         cost = len(page.body) + len(page.gzipped or b"") + 200
         with self.lock:
             old = self.pages.pop(key, None)
@@ -4352,9 +4704,21 @@ def render_simple_root(names, fmt, prefix=""):
     return (simple_html_head("Simple index") + links + SIMPLE_HTML_END).encode(), HTML_TYPE
 
 
-def render_simple_project(norm, display, files, versions, fmt, href):
+def repository_version(files, status):
+    """The simple API version a project page needs: 1.4 with a PEP 792 status, 1.3 with
+    a PEP 740 provenance, else 1.1 (PEP 700)."""
+    if status is not None:
+        return "1.4"
+    if any(f.provenance for f in files):
+        return "1.3"
+    return "1.1"
+
+
+def render_simple_project(norm, display, files, versions, fmt, href, status=None):
     """(body, content type) of a project's simple page: its ``files`` (File rows), linked
-    to ``href(f)``; ``versions``, those without files too (PEP 700, in JSON)."""
+    to ``href(f)`` (a provenance at that + ".provenance", PEP 740); ``versions``, those
+    without files too (PEP 700, in JSON); ``status``: (status, reason) of PEP 792 or None."""
+    api_version = repository_version(files, status)
     if fmt == "json":
         out = []
         versions = set(versions)
@@ -4371,13 +4735,25 @@ def render_simple_project(norm, display, files, versions, fmt, href):
             d["yanked"] = (f.yanked or True) if f.yanked is not None else False
             d["size"] = f.size
             d["upload-time"] = iso_upload_time(f.uploaded)
+            if f.provenance:
+                d["provenance"] = href(f) + ".provenance"
             out.append(d)
-        body = json.dumps({"meta": {"api-version": "1.1"}, "name": norm,
-                           "versions": sorted(versions, key=version_key),
-                           "files": out}).encode()
-        return body, SIMPLE_JSON
+        page = {"meta": {"api-version": api_version}, "name": norm}
+        if status is not None:
+            page["project-status"] = {"status": status[0]}
+            if status[1]:
+                page["project-status"]["reason"] = status[1]
+        page["versions"] = sorted(versions, key=version_key)
+        page["files"] = out
+        return json.dumps(page).encode(), SIMPLE_JSON
     esc = html.escape
-    lines = [simple_html_head("Links for %s" % display, heading=True)]
+    meta_tags = []
+    if status is not None:
+        meta_tags.append(("pypi:project-status", status[0]))
+        if status[1]:
+            meta_tags.append(("pypi:project-status-reason", status[1]))
+    lines = [simple_html_head("Links for %s" % display, heading=True, version=api_version,
+                              meta=meta_tags)]
     for f in files:
         attrs = ""
         if f.requires_python:
@@ -4389,6 +4765,8 @@ def render_simple_project(norm, display, files, versions, fmt, href):
         if f.yanked is not None:
             attrs += ' data-yanked="%s"' % esc(f.yanked)
         attrs += ' data-upload-time="%s"' % iso_upload_time(f.uploaded)  # read by uv
+        if f.provenance:
+            attrs += ' data-provenance="%s"' % esc(href(f) + ".provenance")
         lines.append('<a href="%s%s"%s>%s</a><br>\n'
                      % (esc(href(f)), "#sha256=" + f.sha256 if f.sha256 else "", attrs,
                         esc(f.filename)))
@@ -4417,6 +4795,8 @@ ROUTE_SPECS = [
     ("GET",    "/{user}/{index}/+simple",                          "simple_root"),
     ("GET",    "/{user}/{index}/+simple/{project}",                "simple_project"),
     ("POST",   "/{user}/{index}/+simple/{project}/refresh",        "refresh"),
+    ("GET",    "/{user}/{index}/+at/{moment}/+simple",               "at_simple_root"),
+    ("GET",    "/{user}/{index}/+at/{moment}/+simple/{project}",     "at_simple_project"),
     ("GET",    "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
@@ -4430,12 +4810,33 @@ ROUTE_SPECS = [
     ("PUSH",   "/{user}/{index}",                                  "push"),
     ("GET",    "/{user}/{index}/{project}",                        "get_project"),
     ("DELETE", "/{user}/{index}/{project}",                        "delete_project"),
+    ("PATCH",  "/{user}/{index}/{project}",                        "project_status"),
     ("GET",    "/{user}/{index}/{project}/{version}",              "get_version"),
     ("PATCH",  "/{user}/{index}/{project}/{version}",              "yank_version"),
     ("DELETE", "/{user}/{index}/{project}/{version}",              "delete_version"),
     ("GET",    "/{user}/{index}/{project}/{version}/+doc",         "doc_root"),
     ("GET",    "/{user}/{index}/{project}/{version}/+doc/{path:rest}", "doc"),
 ]
+
+
+def parse_at_time(text):
+    """The time machine's TIME: RFC 3339 with a zone (``2026-06-01T12:00:00Z``) or a date
+    (``2026-06-01``: the end of that day, UTC); 400 for anything else or a time still in
+    the future (a page of it could change)."""
+    if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", text):
+        start = parse_upload_time(text + "T00:00:00Z")
+        at = start + 86400 - 1e-6 if start is not None else None
+    elif re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                  r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
+        at = parse_upload_time(text.upper().replace(" ", "T"))
+    else:
+        at = None
+    if at is None:
+        raise bad_request("invalid time %r for +at: give RFC 3339 with a zone, like "
+                          "2026-06-01T12:00:00Z, or a date like 2026-06-01" % text)
+    if at > time.time():
+        raise bad_request("+at/%s is in the future: its pages could still change" % text)
+    return at
 
 
 def compile_routes(specs):
@@ -4719,8 +5120,23 @@ class App:
         norm = self._norm_or_redirect(req, project)
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_project_page(req, ix, norm)
-        return api_result("projectconfig", self.project_config(
-            req, ix, norm, ignore_bases="ignore_bases" in req.query))
+        notes = []
+        result = self.project_config(req, ix, norm, ignore_bases="ignore_bases" in req.query,
+                                     notes=notes)
+        return api_result("projectconfig", result, message=" ".join(notes) or None)
+
+    def route_project_status(self, req, user, index, project):
+        """PEP 792: root sets a private project's status ({"status": ..., "reason": ...};
+        "active" clears it)."""
+        ix = self.model.require_index(user + "/" + index)
+        body = req.json_body()
+        if not isinstance(body, dict) or set(body) - {"status", "reason"} or \
+                "status" not in body:
+            raise bad_request('PATCH of a project takes {"status": "active"|"archived"|'
+                              '"quarantined"|"deprecated", "reason": "..."}')
+        status = self.model.set_project_status(req.actor, ix, project, body["status"],
+                                               body.get("reason"))
+        return api_result("projectstatus", status)
 
     def _links(self, req, files):
         links = []
@@ -4781,11 +5197,24 @@ class App:
             data["+shadowing"] = [self._version_json(req, *r) for r in releases[1:]]
         return data
 
-    def project_config(self, req, ix, norm, ignore_bases=False):
+    def project_config(self, req, ix, norm, ignore_bases=False, notes=None):
+        """``notes``, a list, gets what the reader should be told: the versions held back
+        by a mirror's mirror_min_age and until when, the project's PEP 792 status."""
         walk = self.model.walk(ix, norm, lambda: req.actor, ignore_bases)
         releases = self.model.releases(walk, lambda b: self.mirror_version_data(b, walk))
         if releases is None:
             raise not_found("no project %r" % norm)
+        if notes is not None:
+            held = walk.held_back(releases)
+            if held:
+                notes.append("held back by mirror_min_age (a cooling-off period for new "
+                             "upstream releases): %s." % ", ".join(
+                                 "%s until %s" % (v, utcnow_iso(held[v]))
+                                 for v in sorted(held, key=version_key)))
+            status = walk.status
+            if status is not None:
+                notes.append("project status: %s%s." % (status[0], ": " + status[1]
+                                                        if status[1] else ""))
         return {ver: self._shadowing_json(req, found) for ver, found in releases.items()}
 
     def route_delete_version(self, req, user, index, project, version):
@@ -4813,6 +5242,10 @@ class App:
         found = (m.releases(walk, lambda b: self.mirror_version_data(b, walk), version)
                  or {}).get(version)
         if not found:
+            held = walk.held_back(())
+            if version in held:
+                raise not_found(held_back_message("version %s of project %s"
+                                                  % (version, norm), held[version]))
             raise not_found("The version %s of project %s does not exist." % (version, norm))
         return api_result("versiondata", self._shadowing_json(req, found))
 
@@ -5012,6 +5445,13 @@ class App:
         ix = self._file_index(user, index, h3, h13)
         m = self.model
         metadata = False
+        if filename.endswith(".provenance"):  # PEP 740 (no distribution's name ends so)
+            if not ix.is_mirror:
+                raise not_found("no provenance for %s" % filename)
+            path, sha = self.mirror.provenance(ix, filename[:-len(".provenance")], h3 + h13)
+            r = self._blob_response(req, path, sha, filename, time.time(), True)
+            r.headers[0] = ("Content-Type", PROVENANCE_TYPE)
+            return r
         try:
             if filename.endswith(".metadata"):  # (no distribution's name ends so)
                 raise not_found("no such file")
@@ -5039,6 +5479,10 @@ class App:
                 return self._mirror_download(req, ix, filename, h3 + h13)
             else:
                 raise
+        if ix.is_mirror and not metadata:
+            until = cooling_until(ix, f.project, f.uploaded, time.time())
+            if until is not None:
+                raise not_found(held_back_message(f.filename, until))
         if wants_json(req.accept) and not metadata:
             return api_result("releasefilemeta", {
                 "hash_spec": "sha256=" + f.sha256, "hashes": {"sha256": f.sha256},
@@ -5127,6 +5571,21 @@ class App:
             return redirect(req.absolute("%s/+simple/%s/" % (ix.path, norm)))
         return self.simple_project_page(req, ix, norm)
 
+    def route_at_simple_root(self, req, user, index, moment):
+        ix = self.model.require_index(user + "/" + index)
+        at = parse_at_time(moment)
+        if not req.trailing:
+            return redirect(req.absolute("%s/+at/%s/+simple/" % (ix.path, moment)))
+        return self.simple_root(req, ix, at=at)
+
+    def route_at_simple_project(self, req, user, index, moment, project):
+        ix = self.model.require_index(user + "/" + index)
+        at = parse_at_time(moment)
+        norm = normalize_name(project)
+        if norm != project or not req.trailing:
+            return redirect(req.absolute("%s/+at/%s/+simple/%s/" % (ix.path, moment, norm)))
+        return self.simple_project_page(req, ix, norm, at=at)
+
     def route_refresh(self, req, user, index, project):
         ix = self.model.require_index(user + "/" + index)
         for b in self.model.chain(ix, req.actor):
@@ -5166,10 +5625,10 @@ class App:
         r.file_size = st.st_size
         return r
 
-    def simple_root(self, req, ix):
+    def simple_root(self, req, ix, at=None):
         fmt = choose_simple_format(req.accept)
         m = self.model
-        if ix.is_mirror and req.path.endswith("/+simple/"):
+        if ix.is_mirror and req.path.endswith("/+simple/") and at is None:
             resp = self.mirror_root(req, ix, fmt)
             if resp is not None:
                 return resp
@@ -5181,10 +5640,10 @@ class App:
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
             prefix = "" if prefix == "." else prefix + "/"
             page = self.pages.put(key, validator, *render_simple_root(
-                sorted(m.project_names(ix, lambda: req.actor)), fmt, prefix))
+                sorted(m.project_names(ix, lambda: req.actor, at=at)), fmt, prefix))
         return self.page_response(req, page)
 
-    def simple_project_page(self, req, ix, norm):
+    def simple_project_page(self, req, ix, norm, at=None):
         fmt = choose_simple_format(req.accept)
         m = self.model
         validator = self.pages.project_validator(norm)
@@ -5199,7 +5658,7 @@ class App:
             validator = self.pages.project_validator(norm)
         page = self.pages.get(key, validator)
         if page is None:
-            walk = m.walk(ix, norm, lambda: req.actor)  # (read after the validator)
+            walk = m.walk(ix, norm, lambda: req.actor, at=at)  # (read after the validator)
             errors = []
 
             def mirror_files(b, name):
@@ -5227,12 +5686,13 @@ class App:
             else:
                 def href(f):
                     return posixpath.relpath("/" + f.relpath, base)
-            versions = m.project_versions(ix, norm, lambda: req.actor) if fmt == "json" else ()  # (HTML has none)
-            rendered = render_simple_project(norm, display, files, versions, fmt, href)
+            versions = m.project_versions(ix, norm, lambda: req.actor, walk) if fmt == "json" else ()  # (HTML has none)
+            rendered = render_simple_project(norm, display, files, versions, fmt, href,
+                                             walk.status)
             if errors:  # partial (a mirror failed): serve, but do not keep
                 page = CachedPage(None, *rendered)
-            else:
-                page = self.pages.put(key, validator, *rendered)
+            else:  # (a page with files held back by age is built again when one matures)
+                page = self.pages.put(key, validator, *rendered, expires=walk.next_change)
         return self.page_response(req, page, shared=not absolute)
 
     def page_response(self, req, page, shared=True):
@@ -6494,6 +6954,12 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
+        for k in ("mirror_min_age", "mirror_min_age_exempt"):  # read by every page
+            if k in config:
+                try:
+                    config[k] = coerce_index_value(k, config[k])
+                except HTTPError as e:
+                    raise MinidevpiError("index %s: %s" % (path, e.message))
         for k, v in index_defaults(config["type"], user).items():
             config.setdefault(k, v)
         with store.write() as c:

@@ -11,6 +11,7 @@ import http.client as httpclient
 import io
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -1761,12 +1762,19 @@ def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
 
 class FakeUpstream:
     """A small simple index: ``add(path)`` publishes a file; ``faults[path]`` breaks a URL
-    ('timeout', '500', 'truncate', 'badhash', 'notindex', 'loop'); ``requests`` counts."""
+    ('timeout', '500', 'truncate', 'badhash', 'notindex', 'loop'); ``requests`` counts.
+    ``status[norm]`` = (status, reason) gives a project a PEP 792 status, ``yanked[fn]``
+    yanks a file, ``provenance[fn]`` = bytes gives it a PEP 740 provenance document;
+    ``html_times`` puts upload times (None: none) on HTML pages too."""
 
     def __init__(self, fmt="json"):
         self.fmt = fmt
         self.projects = {}   # norm -> [(filename, bytes, metadata or None, upload_time)]
         self.listed = []     # names in the project list only, as given (not normalised)
+        self.status = {}
+        self.yanked = {}
+        self.provenance = {}
+        self.html_times = False
         self.faults = {}
         self.requests = []
         self.lock = threading.Lock()
@@ -1845,27 +1853,46 @@ class FakeUpstream:
             files = self.projects.get(m.group(1))
             if files is None:
                 return self.send(h, 404, b"not found")
-            etag = '"%d"' % len(files)
+            etag = '"%d-%s"' % (len(files), hashlib.sha256(repr((
+                self.status.get(m.group(1)), self.yanked, sorted(self.provenance))).encode()
+            ).hexdigest()[:8])
+            status = self.status.get(m.group(1))
             if h.headers.get("If-None-Match") == etag:
                 h.send_response(304)
                 h.send_header("Content-Length", "0")
                 h.end_headers()
                 return
             if self.fmt == "json":
-                body = json.dumps({"meta": {"api-version": "1.1"}, "name": m.group(1), "files": [
+                page = {"meta": {"api-version": "1.4" if status else "1.1"},
+                        "name": m.group(1), "files": [
                     dict({"filename": fn, "url": "../../files/" + fn,
                           "hashes": {"sha256": hashlib.sha256(data).hexdigest()},
                           "upload-time": ut, "size": len(data)},
                          **({"core-metadata": {"sha256": hashlib.sha256(meta).hexdigest()}}
-                            if meta else {}))
-                    for fn, data, meta, ut in files]}).encode()
+                            if meta else {}),
+                         **({"yanked": self.yanked[fn]} if fn in self.yanked else {}),
+                         **({"provenance": "/provenance/" + fn}
+                            if fn in self.provenance else {}))
+                    for fn, data, meta, ut in files]}
+                if status:
+                    page["project-status"] = {"status": status[0], "reason": status[1]}
+                body = json.dumps(page).encode()
                 ctype = "application/vnd.pypi.simple.v1+json"
             else:
-                body = "".join(
-                    '<a href="../../files/%s#sha256=%s"%s>%s</a>\n' % (
+                head = ""
+                if status:
+                    head = ('<meta name="pypi:project-status" content="%s">'
+                            '<meta name="pypi:project-status-reason" content="%s">\n' % status)
+                body = (head + "".join(
+                    '<a href="../../files/%s#sha256=%s"%s%s%s%s>%s</a>\n' % (
                         fn, hashlib.sha256(data).hexdigest(),
                         ' data-core-metadata="sha256=%s"' % hashlib.sha256(meta).hexdigest()
-                        if meta else "", fn) for fn, data, meta, ut in files).encode()
+                        if meta else "",
+                        ' data-upload-time="%s"' % ut if self.html_times and ut else "",
+                        ' data-yanked="%s"' % self.yanked[fn] if fn in self.yanked else "",
+                        ' data-provenance="../../provenance/%s"' % fn
+                        if fn in self.provenance else "",
+                        fn) for fn, data, meta, ut in files)).encode()
                 ctype = "text/html"
             if fault == "truncate":
                 h.send_response(200)
@@ -1876,6 +1903,10 @@ class FakeUpstream:
                 h.close_connection = True
                 return
             return self.send(h, 200, body, ctype, [("ETag", etag)])
+        m = re.match(r"^/provenance/(.+)$", path)
+        if m and m.group(1) in self.provenance:
+            return self.send(h, 200, self.provenance[m.group(1)],
+                             "application/vnd.pypi.integrity.v1+json")
         m = re.match(r"^/files/(.+?)(\.metadata)?$", path)
         if m:
             for files in self.projects.values():
@@ -2882,6 +2913,335 @@ def test_pip_installs_from_a_mirror_whose_upstream_gives_no_hashes(tmp_path, mak
                 srv.url, path="/root/pypi/+simple/plainpkg/").body.decode()
     finally:
         up.stop()
+
+
+# -- supply-chain guards: a cooling-off period, a time machine, status, provenance ------
+
+def iso(ts):
+    return minidevpi.iso_upload_time(ts)
+
+
+def page_json(url, path):
+    return http(url, path=path, headers={"Accept": simple_accept("json")}).json()
+
+
+def page_files(url, path):
+    return [f["filename"] for f in page_json(url, path)["files"]]
+
+
+@pytest.fixture
+def guarded(upstream, tmp_path, make_server):
+    """root/pypi mirrors the fake upstream: mirrored-pkg 1.0 (2024), 2.0 (an hour ago);
+    fresh-fix 1.0 (2024), 1.1 (an hour ago); alice/dev is based on root/pypi."""
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "1.0"))
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "2.0"), upload_time=iso(time.time() - 3600))
+    upstream.add(make_wheel(tmp_path, "fresh-fix", "1.0"))
+    upstream.add(make_wheel(tmp_path, "fresh-fix", "1.1"), upload_time=iso(time.time() - 3600))
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1))
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev", bases=["root/pypi"])
+    return srv
+
+
+def test_mirror_min_age_options_are_checked(guarded):
+    url, root = guarded.url, ("root", "rootpw")
+    for given, seconds in (("7d", 604800), ("48h", 172800), ("90m", 5400), ("3600", 3600),
+                           ("30s", 30), ("2w", 1209600), (120, 120), ("0", 0)):
+        r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=%s" % given]
+                if isinstance(given, str) else {"mirror_min_age": given})
+        assert r.status == 200, r
+        assert r.json()["result"]["mirror_min_age"] == seconds
+    for bad in ("7x", "-1", "1.5d", "", "d"):
+        r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=" + bad])
+        assert r.status == 400 and "mirror_min_age" in r.json()["message"], r
+    for bad in (True, 10 ** 30, "99999999d", -5, 1.5):
+        r = api(url, "PATCH", "/root/pypi", auth=root, json_body={"mirror_min_age": bad})
+        assert r.status == 400 and "mirror_min_age" in r.json()["message"], (bad, r)
+    r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age_exempt=*"])
+    assert r.status == 400 and "'*'" in r.json()["message"]
+    r = api(url, "PATCH", "/root/pypi", auth=root,
+            json_body=["mirror_min_age_exempt=Fresh_Fix,other.Pkg"])
+    assert r.json()["result"]["mirror_min_age_exempt"] == ["fresh-fix", "other-pkg"]
+    r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age_exempt-=other-pkg"])
+    assert r.json()["result"]["mirror_min_age_exempt"] == ["fresh-fix"]
+    r = api(url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age_exempt=a/b"])
+    assert r.status == 400
+    # a private index has no upstream to wait for
+    r = api(url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+            json_body=["mirror_min_age=7d"])
+    assert r.status == 400 and "mirror_min_age" in r.json()["message"]
+
+
+def test_cooling_off_period_holds_back_fresh_upstream_releases(guarded, upstream, tmp_path):
+    srv, root = guarded, ("root", "rootpw")
+    uv = need("uv")
+    assert "2.0" in page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")["versions"]
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=2d"])
+    # pip and uv, through the mirror and through a stage based on it, get the old release
+    for ix in ("root/pypi", "alice/dev"):
+        for name in ("mirrored-pkg", "fresh-fix"):
+            pip("install", "--target", str(tmp_path / ix / name), "--index-url",
+                srv.index_url(ix), name)
+        assert (tmp_path / ix / "mirrored-pkg" / "mirrored_pkg-1.0.dist-info").is_dir()
+        assert (tmp_path / ix / "fresh-fix" / "fresh_fix-1.0.dist-info").is_dir()
+        run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "uv" / ix),
+             "--index-url", srv.index_url(ix), "mirrored-pkg"])
+        assert (tmp_path / "uv" / ix / "mirrored_pkg-1.0.dist-info").is_dir()
+        code, out = pip("install", "--target", str(tmp_path / "no"), "--index-url",
+                        srv.index_url(ix), "mirrored-pkg==2.0", check=False)
+        assert code != 0 and "2.0" not in out.split("versions:")[-1].split(")")[0], out
+        for fmt in ("json", "html"):
+            body = http(srv.url, path="/%s/+simple/mirrored-pkg/" % ix,
+                        headers={"Accept": simple_accept(fmt)}).body.decode()
+            assert "mirrored_pkg-1.0" in body and "2.0" not in body, body
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 0
+    # the JSON API (devpi list, getjson) has no 2.0 and says why, and until when
+    until = minidevpi.utcnow_iso(minidevpi.parse_upload_time(
+        upstream.projects["mirrored-pkg"][1][3]) + 2 * 86400)
+    for ix in ("root/pypi", "alice/dev"):
+        r = api(srv.url, path="/%s/mirrored-pkg" % ix)
+        assert list(r.json()["result"]) == ["1.0"]
+        assert "held back by mirror_min_age" in r.json()["message"]
+        assert "2.0 until " + until in r.json()["message"]
+        r = api(srv.url, path="/%s/mirrored-pkg/2.0" % ix)
+        assert r.status == 404 and "held back by mirror_min_age until" in r.json()["message"]
+    # nor is the file itself served by its URL
+    sha = hashlib.sha256(upstream.projects["mirrored-pkg"][1][1]).hexdigest()
+    r = http(srv.url, path="/" + minidevpi.file_relpath(
+        "root/pypi", sha, "mirrored_pkg-2.0-py3-none-any.whl"))
+    assert r.status == 404 and b"held back" in r.body
+    # the exempt project gets its fresh release at once
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age_exempt=Fresh_Fix"])
+    pip("install", "--target", str(tmp_path / "ex"), "--index-url",
+        srv.index_url("alice/dev"), "fresh-fix")
+    assert (tmp_path / "ex" / "fresh_fix-1.1.dist-info").is_dir()
+    # a private upload is never held back
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    pip("install", "--target", str(tmp_path / "own"), "--index-url",
+        srv.index_url("alice/dev"), "own-pkg")
+    assert (tmp_path / "own" / "own_pkg-1.0.dist-info").is_dir()
+    # devpi's client sees the mirror as the API says
+    d = Devpi(tmp_path / "client")
+    d("use", srv.url + "/alice/dev")
+    code, out = d("list", "mirrored-pkg")
+    assert "mirrored_pkg-1.0" in out and "mirrored_pkg-2.0" not in out, out
+    # and off again: 2.0 is there
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=0"])
+    assert "mirrored_pkg-2.0-py3-none-any.whl" in page_files(srv.url,
+                                                             "/alice/dev/+simple/mirrored-pkg/")
+
+
+def test_a_page_cached_while_a_file_cools_off_shows_it_once_it_matured(upstream, tmp_path,
+                                                                      make_server):
+    upstream.fmt = "html"  # an upstream that gives no upload times: first seen here counts
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "1.0"))
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      mirror_url=upstream.url + "/simple/")
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+        json_body=["mirror_min_age=3"])
+    seen = time.time()
+    assert page_files(srv.url, "/root/pypi/+simple/mirrored-pkg/") == []
+    assert page_files(srv.url, "/root/pypi/+simple/mirrored-pkg/") == []  # (cached)
+    assert upstream.count("/simple/mirrored-pkg/") == 1
+    time.sleep(max(0, seen + 3.2 - time.time()))
+    files = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"]
+    assert [f["filename"] for f in files] == ["mirrored_pkg-1.0-py3-none-any.whl"]
+    assert upstream.count("/simple/mirrored-pkg/") == 1  # the page came from no new fetch
+    # the time it was first seen is kept, and is what the page says
+    assert abs(minidevpi.parse_upload_time(files[0]["upload-time"]) - seen) < 2
+
+
+def test_time_machine_serves_the_index_as_it_was(guarded, upstream, tmp_path):
+    srv = guarded
+    uv = need("uv")
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    moment = math.ceil(time.time()) + 1
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+    time.sleep(max(0, moment + 0.1 - time.time()))
+    paths = ["/alice/dev/+at/%s/+simple/own-pkg/" % at,
+             "/alice/dev/+at/%s/+simple/mirrored-pkg/" % at,
+             "/alice/dev/+at/2024-01-02/+simple/mirrored-pkg/",
+             "/alice/dev/+at/%s/+simple/" % at]
+    before = {(p, fmt): http(srv.url, path=p, headers={"Accept": simple_accept(fmt)})
+              for p in paths for fmt in ("json", "html")}
+    assert all(r.status == 200 for r in before.values()), before
+    assert page_files(srv.url, paths[0]) == ["own_pkg-1.0-py3-none-any.whl"]
+    assert page_files(srv.url, paths[1]) == ["mirrored_pkg-1.0-py3-none-any.whl",
+                                             "mirrored_pkg-2.0-py3-none-any.whl"]
+    assert page_files(srv.url, paths[2]) == ["mirrored_pkg-1.0-py3-none-any.whl"]
+    offset = time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(moment + 7200))
+    assert page_files(srv.url, "/alice/dev/+at/%s/+simple/own-pkg/" % offset) == [
+        "own_pkg-1.0-py3-none-any.whl"]
+    # later: a private upload, a new upstream release, the upstream page fetched again
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "2.0"))
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "3.0"), upload_time=iso(time.time()))
+    assert http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh").status == 302
+    assert "mirrored_pkg-3.0-py3-none-any.whl" in page_files(
+        srv.url, "/alice/dev/+simple/mirrored-pkg/")
+    for (p, fmt), r in before.items():
+        again = http(srv.url, path=p, headers={"Accept": simple_accept(fmt)})
+        assert again.body == r.body, (p, fmt)
+        assert again.header("etag") == r.header("etag")
+    # pip and uv take it as their index URL, unchanged, and install the old releases
+    base = srv.url + "/alice/dev/+at/%s/+simple/" % at
+    pip("install", "--target", str(tmp_path / "p"), "--index-url", base, "own-pkg")
+    assert (tmp_path / "p" / "own_pkg-1.0.dist-info").is_dir()
+    run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "u"),
+         "--index-url", srv.url + "/alice/dev/+at/2024-01-02/+simple/", "mirrored-pkg"])
+    assert (tmp_path / "u" / "mirrored_pkg-1.0.dist-info").is_dir()
+    # now it is there
+    assert "own_pkg-2.0-py3-none-any.whl" in page_files(srv.url, "/alice/dev/+simple/own-pkg/")
+    # no yank history is kept: a file upstream yanks now shows yanked at any TIME
+    upstream.yanked["mirrored_pkg-1.0-py3-none-any.whl"] = "broken"
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    for path in ("/alice/dev/+simple/mirrored-pkg/",
+                 "/alice/dev/+at/2024-01-02/+simple/mirrored-pkg/"):
+        assert [f["yanked"] for f in page_json(srv.url, path)["files"]][0] == "broken"
+    # a date is the end of that day (UTC); a time needs a zone; none may lie ahead
+    assert page_files(srv.url, "/alice/dev/+at/2024-01-01/+simple/mirrored-pkg/") == []
+    for bad in ("2024-01-02T03:04:05", "yesterday", "2024-13-01", "2024-01-02T25:00:00Z",
+                "9999-01-01", time.strftime("%Y-%m-%d")):
+        r = http(srv.url, path="/alice/dev/+at/%s/+simple/own-pkg/" % bad)
+        assert r.status == 400 and "+at" in r.json()["message"] or "time" in \
+            r.json()["message"], (bad, r)
+    r = http(srv.url, path="/alice/dev/+at/%s/+simple/own-pkg" % at,
+             headers={"Accept": simple_accept("html")})
+    assert r.status == 302 and r.header("location").endswith("/+simple/own-pkg/")
+
+
+def test_project_status_from_upstream_and_set_by_root(guarded, upstream, tmp_path):
+    srv, root = guarded, ("root", "rootpw")
+    upstream.status["mirrored-pkg"] = ("deprecated", "use fresh-fix <instead>")
+    page = page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")
+    assert page["meta"]["api-version"] == "1.4"
+    assert page["project-status"] == {"status": "deprecated",
+                                      "reason": "use fresh-fix <instead>"}
+    assert len(page["files"]) == 2  # deprecated: files still offered
+    html_page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").body.decode()
+    assert '<meta name="pypi:repository-version" content="1.4">' in html_page
+    assert '<meta name="pypi:project-status" content="deprecated">' in html_page
+    assert ('<meta name="pypi:project-status-reason" content="use fresh-fix '
+            '&lt;instead&gt;">') in html_page
+    # quarantined upstream: no files at all, through the stage too
+    upstream.status["mirrored-pkg"] = ("quarantined", "malware")
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    page = page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")
+    assert page["project-status"]["status"] == "quarantined" and page["files"] == []
+    code, out = pip("install", "--target", str(tmp_path / "q"), "--index-url",
+                    srv.index_url("alice/dev"), "mirrored-pkg", check=False)
+    assert code != 0
+    r = api(srv.url, path="/alice/dev/mirrored-pkg").json()
+    assert r["result"] == {} and "project status: quarantined: malware" in r["message"]
+    # an HTML upstream's <meta> is read as well
+    upstream.fmt = "html"
+    upstream.status["mirrored-pkg"] = ("archived", "done")
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    page = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")
+    assert page["project-status"] == {"status": "archived", "reason": "done"}
+    assert len(page["files"]) == 2
+    # root sets a status on a private project; nobody else may
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    r = api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=("alice", "secret"),
+            json_body={"status": "archived"})
+    assert r.status == 403
+    for bad in ({"status": "gone"}, {"status": "archived", "reason": 7}, {"reason": "x"}):
+        r = api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body=bad)
+        assert r.status == 400 and r.json()["message"], bad
+    assert api(srv.url, "PATCH", "/alice/dev/nope", auth=root,
+               json_body={"status": "archived"}).status == 404
+    r = api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root,
+            json_body={"status": "archived", "reason": "no longer kept"})
+    assert r.status == 200
+    page = page_json(srv.url, "/alice/dev/+simple/own-pkg/")
+    assert page["project-status"] == {"status": "archived", "reason": "no longer kept"}
+    assert len(page["files"]) == 1
+    r = upload_form(srv.url, "alice/dev", make_wheel(tmp_path, "own-pkg", "2.0"),
+                    ("alice", "secret"))
+    assert r.status == 403, r  # archived: no uploads (PEP 792)
+    api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body={"status": "quarantined"})
+    assert page_json(srv.url, "/alice/dev/+simple/own-pkg/")["files"] == []
+    api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body={"status": "active"})
+    page = page_json(srv.url, "/alice/dev/+simple/own-pkg/")
+    assert "project-status" not in page and page["meta"]["api-version"] == "1.1"
+    assert len(page["files"]) == 1
+
+
+def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, tmp_path,
+                                                            make_server):
+    srv = guarded
+    doc = json.dumps({"version": 1, "attestation_bundles": [{"publisher": {
+        "kind": "example"}, "attestations": []}]}).encode()
+    upstream.provenance["mirrored_pkg-1.0-py3-none-any.whl"] = doc
+    upstream.provenance["mirrored_pkg-2.0-py3-none-any.whl"] = b"[" * 300 * 1024  # too large
+    upstream.provenance["fresh_fix-1.0-py3-none-any.whl"] = doc
+    page = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")
+    assert page["meta"]["api-version"] == "1.3"
+    files = {f["filename"]: f for f in page["files"]}
+    one = files["mirrored_pkg-1.0-py3-none-any.whl"]
+    assert one["provenance"] == one["url"] + ".provenance"  # our own URL, not upstream's
+    html_page = http(srv.url, path="/alice/dev/+simple/mirrored-pkg/").body.decode()
+    assert 'data-provenance="../../../../root/pypi/+f/' in html_page
+    assert '<meta name="pypi:repository-version" content="1.3">' in html_page
+    pip("install", "--target", str(tmp_path / "t"), "--index-url",
+        srv.index_url("root/pypi"), "mirrored-pkg==1.0")
+    assert upstream.count("/provenance/mirrored_pkg-1.0-py3-none-any.whl") == 1  # with the file
+    prov_url = urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/", one["provenance"])
+    r = http(srv.url, path=prov_url)
+    assert r.status == 200 and r.body == doc
+    assert r.header("content-type") == "application/vnd.pypi.integrity.v1+json"
+    assert upstream.count("/provenance/mirrored_pkg-1.0-py3-none-any.whl") == 1
+    wrong = re.sub(r"/\+f/[0-9a-f]{3}/", "/+f/000/", prov_url)
+    assert wrong != prov_url and http(srv.url, path=wrong).status == 404
+    # without a download, on the first request for it
+    fix = page_json(srv.url, "/alice/dev/+simple/fresh-fix/")["files"][0]
+    r = http(srv.url, path=urllib.parse.urljoin("/alice/dev/+simple/fresh-fix/",
+                                                fix["provenance"]))
+    assert r.status == 200 and r.body == doc
+    assert upstream.count("/provenance/fresh_fix-1.0-py3-none-any.whl") == 1
+    # a document larger than the bound is not kept
+    two = files["mirrored_pkg-2.0-py3-none-any.whl"]
+    r = http(srv.url, path=urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/",
+                                                two["provenance"]))
+    assert r.status == 502, r
+    serverdir = srv.serverdir
+    srv.stop()
+    upstream.stop()
+    with make_server(serverdir, offline=True) as off:
+        page = page_json(off.url, "/root/pypi/+simple/mirrored-pkg/")
+        assert [(f["filename"], f.get("provenance")) for f in page["files"]] == [
+            ("mirrored_pkg-1.0-py3-none-any.whl", one["url"] + ".provenance")]
+        r = http(off.url, path=prov_url)
+        assert r.status == 200 and r.body == doc
+        assert http(off.url, path=prov_url.replace("1.0", "2.0")).status == 404
+
+
+def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server):
+    srv, root = guarded, ("root", "rootpw")
+    api(srv.url, "PATCH", "/root/pypi", auth=root,
+        json_body=["mirror_min_age=7d", "mirror_min_age_exempt=fresh-fix"])
+    srv.stop()
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "srv"))
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "back"))
+    with make_server(tmp_path / "back") as back:
+        config = api(back.url, path="/root/pypi").json()["result"]
+        assert config["mirror_min_age"] == 604800
+        assert config["mirror_min_age_exempt"] == ["fresh-fix"]
+    # the real devpi-server takes them and keeps them (it does not apply them)
+    run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "dump")])
+    run([need("devpi-export"), "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
+    config = theirs["indexes"]["root/pypi"]["indexconfig"]
+    assert (config["mirror_min_age"], config["mirror_min_age_exempt"]) == (604800, ["fresh-fix"])
+    # a dump is untrusted: a bad value is refused, not taken
+    dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
+    dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = "soon"
+    (tmp_path / "dump" / "dataindex.json").write_text(json.dumps(dump))
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad"),
+                    check=False)
+    assert code != 0 and "mirror_min_age" in out, out
+
 
 
 # ----------------------------------------------------------------------------------
