@@ -86,7 +86,7 @@ DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels p
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
 LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
@@ -1013,6 +1013,17 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# -- 3b. description rendering: STAND-IN ----------------------------------------------
+# >>> stand-in for section 3b (the 'render' branch writes the real renderer): the lead
+# >>> drops this block at the merge. Same name and signature: a safe HTML fragment.
+
+def render_description(text, content_type):
+    """A release description as a safe HTML fragment (stand-in: preformatted, escaped)."""
+    return "<pre>" + html.escape(text or "", quote=True) + "</pre>"
+
+# <<< end of the stand-in for section 3b
+
+
 # ===================================================================================
 # 4. storage
 # ===================================================================================
@@ -1084,6 +1095,19 @@ CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     sha256 TEXT NOT NULL,
     PRIMARY KEY (index_id, filename, sha256)
 );
+CREATE TABLE IF NOT EXISTS search (  -- one row a project of an index (SearchIndex; derived)
+    project_id INTEGER PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,             -- normalised
+    display TEXT NOT NULL,
+    version TEXT NOT NULL,          -- the latest (PEP 440; a final release before a pre-release)
+    summary TEXT NOT NULL,
+    keywords TEXT NOT NULL,
+    words TEXT NOT NULL,            -- the description's distinct words, lower case
+    uploaded REAL
+);
+CREATE INDEX IF NOT EXISTS search_name ON search(name);
+CREATE INDEX IF NOT EXISTS search_index_name ON search(index_id, name);
 """
 
 
@@ -1162,6 +1186,7 @@ class Store:
             raise MinidevpiError("server directory needs an upgrade: start the server once")
         if version < SCHEMA_VERSION:
             # migrations so far only add tables and indexes, which SCHEMA creates if missing
+            # (the search rows a new table lacks are filled by SearchIndex.prepare below)
             conn.executescript(SCHEMA)
             with self.write() as c:
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'",
@@ -1169,6 +1194,7 @@ class Store:
         self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
         if not readonly:
             self.clean_tmp()
+            SearchIndex(self).prepare()
 
     def lock(self):
         """Make this process the one that writes the directory: a second server on it
@@ -1355,6 +1381,228 @@ class Store:
             if c.execute("SELECT 1 FROM files WHERE sha256=? OR core_metadata=? LIMIT 1",
                          (sha, sha)).fetchone() is None:
                 _unlink_quiet(self.blob_path(sha))
+
+
+# -- the search index: derived rows, kept in step by the model -------------------------
+
+SEARCH_WORDS_CHARS = 8000  # of a description's distinct words, kept for search
+SEARCH_MAX_TERMS = 8
+SEARCH_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+def fts5_available():
+    """Whether this interpreter's sqlite3 has FTS5 (probed on an in-memory database)."""
+    try:
+        c = sqlite3.connect(":memory:")
+        try:
+            c.execute("CREATE VIRTUAL TABLE probe USING fts5(a)")
+        finally:
+            c.close()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+_FTS5 = None
+
+
+class SearchIndex:
+    """One row a project of an index in the ``search`` table: its latest version, summary,
+    keywords, upload time and its description's words; with FTS5 (where sqlite3 has it)
+    a full-text table over them, kept by triggers. The model writes the rows of the
+    projects it changes in the same transaction (``update``), so that search and the index
+    pages read what the commit wrote; a directory whose rows do not match its projects
+    (new table, an import, FTS5 come or gone) is rebuilt when the server opens it."""
+
+    FTS_TABLE = ("CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(name, summary, "
+                 "keywords, words, content='search', content_rowid='project_id')")
+    _NEW = ("INSERT INTO search_fts(rowid, name, summary, keywords, words) VALUES "
+            "(new.project_id, new.name, new.summary, new.keywords, new.words);")
+    _OLD = ("INSERT INTO search_fts(search_fts, rowid, name, summary, keywords, words) VALUES "
+            "('delete', old.project_id, old.name, old.summary, old.keywords, old.words);")
+    FTS_TRIGGERS = (
+        ("search_ai", "AFTER INSERT ON search BEGIN " + _NEW + " END"),
+        ("search_ad", "AFTER DELETE ON search BEGIN " + _OLD + " END"),
+        ("search_au", "AFTER UPDATE ON search BEGIN " + _OLD + " " + _NEW + " END"))
+
+    def __init__(self, store):
+        global _FTS5
+        if _FTS5 is None:
+            _FTS5 = fts5_available()
+        self.store = store
+        self.fts = _FTS5
+
+    @property
+    def backend(self):
+        return "SQLite FTS5" if self.fts else "SQL LIKE (this sqlite3 has no FTS5)"
+
+    def prepare(self):
+        """At open: the full-text table and its triggers where FTS5 exists (dropped where
+        it does not: an insert must never need a module this interpreter lacks), and a
+        rebuild when the rows are not those of the projects."""
+        with self.store.write() as c:
+            had = c.execute("SELECT value FROM meta WHERE key='search_fts'").fetchone()
+            had = had is not None and had[0] == "1"
+            if self.fts:
+                c.execute(self.FTS_TABLE)
+                self._triggers(c, True)
+            else:
+                self._triggers(c, False)
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('search_fts', ?)",
+                      ("1" if self.fts else "0"))
+            n_projects = c.execute("SELECT COUNT(*) FROM projects").fetchone()[0]
+            n_rows = c.execute("SELECT COUNT(*) FROM search").fetchone()[0]
+            if n_projects != n_rows or (self.fts and not had):
+                self.rebuild(c)
+
+    def _triggers(self, c, on):
+        for name, body in self.FTS_TRIGGERS:
+            c.execute("DROP TRIGGER IF EXISTS %s" % name)
+            if on:
+                c.execute("CREATE TRIGGER %s %s" % (name, body))
+
+    def rebuild(self, c):
+        """Every row again, from the projects (inside a write transaction); the full-text
+        index from the rows, whatever it held before."""
+        self._triggers(c, False)
+        c.execute("DELETE FROM search")
+        ids = [r[0] for r in c.execute("SELECT id FROM projects")]
+        for i in range(0, len(ids), 500):
+            self._write_rows(c, ids[i:i + 500])
+        if self.fts:
+            c.execute("INSERT INTO search_fts(search_fts) VALUES ('rebuild')")
+            self._triggers(c, True)
+
+    def update(self, c, names):
+        """The rows of the (normalised) project ``names`` on every index, anew (inside the
+        write transaction that changed them)."""
+        names = list(set(names))
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            c.execute("DELETE FROM search WHERE name IN (%s)" % marks, chunk)
+            self._write_rows(c, [r[0] for r in c.execute(
+                "SELECT id FROM projects WHERE name IN (%s)" % marks, chunk)])
+
+    @staticmethod
+    def latest(versions):
+        """The version a page shows first: the newest final release, else the newest."""
+        if not versions:
+            return None
+        finals = [v for v in versions if not is_prerelease(v)]
+        return max(finals or versions, key=version_key)
+
+    def _write_rows(self, c, project_ids):
+        if not project_ids:
+            return
+        marks = ",".join("?" * len(project_ids))
+        versions = {}
+        for pid, vid, ver in c.execute(
+                "SELECT project_id, id, version FROM versions WHERE project_id IN (%s)"
+                % marks, project_ids):
+            versions.setdefault(pid, {})[ver] = vid
+        rows = []
+        for pid, ix_id, name, display in c.execute(
+                "SELECT id, index_id, name, display FROM projects WHERE id IN (%s)" % marks,
+                project_ids).fetchall():
+            vers = versions.get(pid, {})
+            latest = self.latest(list(vers))
+            meta, uploaded = {}, None
+            if latest is not None:
+                vid = vers[latest]
+                row = c.execute("SELECT metadata, created FROM versions WHERE id=?",
+                                (vid,)).fetchone()
+                try:
+                    meta = json.loads(row[0])
+                except ValueError:
+                    meta = {}
+                up = c.execute("SELECT MAX(uploaded) FROM files WHERE version_id=? AND "
+                               "rel='releasefile'", (vid,)).fetchone()[0]
+                uploaded = up if up is not None else row[1]
+            summary = meta.get("summary") if isinstance(meta.get("summary"), str) else ""
+            keywords = meta.get("keywords")
+            keywords = " ".join(keywords) if isinstance(keywords, list) else (
+                keywords if isinstance(keywords, str) else "")
+            description = meta.get("description")
+            words = self.words(description if isinstance(description, str) else "")
+            rows.append((pid, ix_id, name, display, latest or "", summary[:500],
+                         keywords[:500], words, uploaded))
+        c.executemany("INSERT INTO search (project_id, index_id, name, display, "
+                      "version, summary, keywords, words, uploaded) VALUES (?,?,?,?,?,?,?,?,?)",
+                      rows)
+
+    @staticmethod
+    def words(text):
+        """' w1 w2 ... ' : the distinct words of a text, lower case, in order of first use."""
+        seen = {}
+        total = 1
+        for w in SEARCH_WORD_RE.findall(text[:200000].lower()):
+            if w not in seen and len(w) < 40:
+                total += len(w) + 1
+                if total > SEARCH_WORDS_CHARS:
+                    break
+                seen[w] = None
+        return " " + " ".join(seen) + " "
+
+    COLS = "s.index_id, s.name, s.display, s.version, s.summary, s.uploaded"
+
+    def query(self, text, index_ids, limit=50):
+        """[(index id, name, display, version, summary, uploaded)] of the projects on
+        ``index_ids`` that match ``text``, best first: the exact (normalised) name, names
+        starting with it, then the words of the text in name, summary, keywords and
+        description (all of them; the last one may be a prefix), ranked."""
+        index_ids = list(index_ids)
+        text = (text or "").strip()[:200]
+        if not text or not index_ids:
+            return []
+        c = self.store.conn()
+        ixs = ",".join(str(int(i)) for i in index_ids)
+        out, seen = [], set()
+
+        def take(rows):
+            for r in rows:
+                key = (r[0], r[1])
+                if key not in seen and len(out) < limit:
+                    seen.add(key)
+                    out.append(tuple(r[:6]))
+
+        norm = normalize_name(text)
+        if norm and " " not in norm:
+            take(c.execute("SELECT " + self.COLS + " FROM search s WHERE s.name=? AND "
+                           "s.index_id IN (%s)" % ixs, (norm,)))
+            take(c.execute("SELECT " + self.COLS + " FROM search s WHERE s.name>? AND "
+                           "s.name<? AND s.index_id IN (%s) ORDER BY s.name LIMIT ?" % ixs,
+                           (norm, norm + "\uffff", limit)))
+        terms = [t for t in SEARCH_WORD_RE.findall(text.lower()) if len(t) < 40]
+        terms = terms[:SEARCH_MAX_TERMS]
+        if not terms or len(out) >= limit:
+            return out
+        if self.fts:
+            match = " ".join('"%s"' % t for t in terms[:-1]) + ' "%s"*' % terms[-1]
+            take(c.execute(
+                "SELECT " + self.COLS + " FROM search_fts JOIN search s ON "
+                "s.project_id=search_fts.rowid WHERE search_fts MATCH ? AND s.index_id IN "
+                "(%s) ORDER BY bm25(search_fts, 10.0, 5.0, 5.0, 1.0) LIMIT ?" % ixs,
+                (match, limit)))
+            return out
+        # the slower path: every term somewhere, ranked by where it was found
+        where, args = [], []
+        for i, t in enumerate(terms):
+            like = "%" + t.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            word = like if i == len(terms) - 1 else like + " "
+            where.append("(s.name LIKE ? ESCAPE '\\' OR s.summary LIKE ? ESCAPE '\\' OR "
+                         "s.keywords LIKE ? ESCAPE '\\' OR s.words LIKE ? ESCAPE '\\')")
+            args += [like + "%", like + "%", like + "%", "% " + word[1:] + "%"]
+        rows = c.execute("SELECT " + self.COLS + ", s.keywords, s.words FROM search s "
+                         "WHERE s.index_id IN (%s) AND " % ixs + " AND ".join(where) +
+                         " LIMIT 2000", args).fetchall()
+
+        def score(r):
+            name, summary, keywords = r[1], r[4].lower(), r[6].lower()
+            return -sum(10 * (t in name) + 5 * (t in summary) + 5 * (t in keywords) + 1
+                        for t in terms)
+        take(sorted(rows, key=lambda r: (score(r), r[1])))
+        return out
 
 
 # ===================================================================================
@@ -1966,6 +2214,7 @@ class Model:
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
         self._change_listeners = []
+        self.search = SearchIndex(store)
 
     # -- change notifications ---------------------------------------------------------
 
@@ -1986,6 +2235,9 @@ class Model:
         self._changed(projects=[norm])
 
     def _changed(self, projects=(), config=False, project_set=False):
+        if projects and not config:  # (a config change changes no release: no new rows)
+            self.search.update(self.store.conn(), projects)
+
         def tell(_c):
             if config:
                 self._index_cache = {}
