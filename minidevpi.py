@@ -1293,10 +1293,13 @@ class Store:
                 return
             self._local.in_write = True
             self._local.after_commit = []
+            self._local.before_commit = []
             try:
                 c.execute("BEGIN IMMEDIATE")
                 try:
                     yield c
+                    for fn in self._local.before_commit:
+                        fn(c)
                     c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                               "WHERE key='serial'")
                     c.execute("COMMIT")
@@ -1309,6 +1312,12 @@ class Store:
             finally:
                 self._local.in_write = False
                 self._local.after_commit = []
+                self._local.before_commit = []
+
+    def before_commit(self, fn):
+        """Run fn(conn) at the end of the current write transaction, in it (derived rows
+        of what it changed, written once however many changes it made)."""
+        self._local.before_commit.append(fn)
 
     def after_commit(self, fn):
         """Run fn(conn) once the current write transaction committed (lock still held)."""
@@ -1387,6 +1396,7 @@ class Store:
 
 SEARCH_WORDS_CHARS = 8000  # of a description's distinct words, kept for search
 SEARCH_MAX_TERMS = 8
+SEARCH_RANK_MAX = 2000  # matches ranked by relevance (bm25); beyond, by where they matched
 SEARCH_WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
@@ -1473,6 +1483,17 @@ class SearchIndex:
             c.execute("INSERT INTO search_fts(search_fts) VALUES ('rebuild')")
             self._triggers(c, True)
 
+    def changed(self, names):
+        """The releases of the project ``names`` changed in the current write transaction:
+        their rows are written anew at its end."""
+        local = self.store._local
+        pending = getattr(local, "search_pending", None)
+        if pending is None or getattr(local, "search_tx", None) is not local.before_commit:
+            pending = local.search_pending = set()
+            local.search_tx = local.before_commit
+            self.store.before_commit(lambda c: self.update(c, pending))
+        pending.update(names)
+
     def update(self, c, names):
         """The rows of the (normalised) project ``names`` on every index, anew (inside the
         write transaction that changed them)."""
@@ -1524,7 +1545,8 @@ class SearchIndex:
             keywords = " ".join(keywords) if isinstance(keywords, list) else (
                 keywords if isinstance(keywords, str) else "")
             description = meta.get("description")
-            words = self.words(description if isinstance(description, str) else "")
+            words = self.words(" ".join((name, display, summary, keywords, description
+                                         if isinstance(description, str) else "")))
             rows.append((pid, ix_id, name, display, latest or "", summary[:500],
                          keywords[:500], words, uploaded))
         c.executemany("INSERT INTO search (project_id, index_id, name, display, "
@@ -1579,11 +1601,25 @@ class SearchIndex:
             return out
         if self.fts:
             match = " ".join('"%s"' % t for t in terms[:-1]) + ' "%s"*' % terms[-1]
-            take(c.execute(
-                "SELECT " + self.COLS + " FROM search_fts JOIN search s ON "
-                "s.project_id=search_fts.rowid WHERE search_fts MATCH ? AND s.index_id IN "
-                "(%s) ORDER BY bm25(search_fts, 10.0, 5.0, 5.0, 1.0) LIMIT ?" % ixs,
-                (match, limit)))
+            n = c.execute("SELECT COUNT(*) FROM (SELECT 1 FROM search_fts WHERE search_fts "
+                          "MATCH ? LIMIT ?)", (match, SEARCH_RANK_MAX + 1)).fetchone()[0]
+            if n <= SEARCH_RANK_MAX:
+                tiers = [(match, "ORDER BY bm25(search_fts, 10.0, 5.0, 5.0, 1.0)")]
+            else:  # words too common to rank every match: where they say most, first
+                tiers = [("{name summary keywords} : (%s)" % match, ""), (match, "")]
+            for expr, order in tiers:
+                ids = [r[0] for r in c.execute(
+                    "SELECT rowid FROM search_fts WHERE search_fts MATCH ? %s LIMIT ?" % order,
+                    (expr, SEARCH_RANK_MAX))]
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    rows = {r[0]: r[1:] for r in c.execute(
+                        "SELECT s.project_id, " + self.COLS + " FROM search s WHERE "
+                        "s.project_id IN (%s) AND s.index_id IN (%s)"
+                        % (",".join(str(int(x)) for x in chunk), ixs))}
+                    take(rows[x] for x in chunk if x in rows)
+                    if len(out) >= limit:
+                        return out
             return out
         # the slower path: every term somewhere, ranked by where it was found
         where, args = [], []
@@ -2236,7 +2272,7 @@ class Model:
 
     def _changed(self, projects=(), config=False, project_set=False):
         if projects and not config:  # (a config change changes no release: no new rows)
-            self.search.update(self.store.conn(), projects)
+            self.search.changed(projects)
 
         def tell(_c):
             if config:
