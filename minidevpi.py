@@ -1624,11 +1624,9 @@ class SearchIndex:
         # the slower path: every term somewhere, ranked by where it was found
         where, args = [], []
         for i, t in enumerate(terms):
-            like = "%" + t.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            word = like if i == len(terms) - 1 else like + " "
-            where.append("(s.name LIKE ? ESCAPE '\\' OR s.summary LIKE ? ESCAPE '\\' OR "
-                         "s.keywords LIKE ? ESCAPE '\\' OR s.words LIKE ? ESCAPE '\\')")
-            args += [like + "%", like + "%", like + "%", "% " + word[1:] + "%"]
+            esc = t.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("s.words LIKE ? ESCAPE '\\'")  # (the words of all four)
+            args.append("% " + esc + ("%" if i == len(terms) - 1 else " %"))
         rows = c.execute("SELECT " + self.COLS + ", s.keywords, s.words FROM search s "
                          "WHERE s.index_id IN (%s) AND " % ixs + " AND ".join(where) +
                          " LIMIT 2000", args).fetchall()
