@@ -4744,8 +4744,12 @@ document.querySelectorAll("button[data-copy]").forEach(function (b) {
 });
 """
 
+WEB_ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" '
+            'height="16" rx="3" fill="#1559b3"/><path d="M4 12V4l4 5 4-5v8" stroke="#fff" '
+            'stroke-width="2" fill="none"/></svg>')
 WEB_STATIC = {"style.css": ("text/css; charset=utf-8", WEB_STYLE.encode()),
-              "copy.js": ("text/javascript; charset=utf-8", WEB_COPY_JS.encode())}
+              "copy.js": ("text/javascript; charset=utf-8", WEB_COPY_JS.encode()),
+              "icon.svg": ("image/svg+xml", WEB_ICON.encode())}
 
 
 def wants_html(req):
@@ -4806,6 +4810,7 @@ def web_document(title, body, prefix, crumbs=(), search=("", "")):
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<title>%s</title><link rel=\"stylesheet\" href=\"%s/+static/style.css\">"
+            "<link rel=\"icon\" href=\"%s/+static/icon.svg\" type=\"image/svg+xml\">"
             "<script src=\"%s/+static/copy.js\" defer></script></head><body>"
             "<header><div class=\"bar\"><nav class=\"crumbs\">%s</nav>"
             "<form class=\"search\" action=\"%s/+search\" method=\"get\" role=\"search\">%s"
@@ -4813,7 +4818,7 @@ def web_document(title, body, prefix, crumbs=(), search=("", "")):
             "aria-label=\"Search projects\"><button type=\"submit\">Search</button></form>"
             "</div></header><main>%s</main><footer>minidevpi %s &middot; "
             "<a href=\"%s/+status\">status</a></footer></body></html>\n" % (
-                _e(title), _e(prefix), _e(prefix),
+                _e(title), _e(prefix), _e(prefix), _e(prefix),
                 '<span class="sep">/</span>'.join(parts), _e(prefix), hidden, _e(q), body,
                 _e(__version__), _e(prefix))).encode("utf-8")
 

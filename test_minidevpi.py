@@ -5147,6 +5147,141 @@ def test_stylesheet_and_script_are_served_by_the_server_itself(alice):
     assert http(alice.url, path="/+static/nosuch.css").status == 404
 
 
+def chromium_driver(width=1280, height=900):
+    """Headless Chromium driven by Selenium through the system's chromedriver (Debian's
+    chromium and chromium-driver): nothing is downloaded. Where one of them is missing the
+    test skips, or fails under MINIDEVPI_REQUIRE_CLIENTS=1."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        skip_or_fail("selenium is not installed")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    if browser is None or driver is None:
+        skip_or_fail("chromium and chromedriver are not installed")
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-extensions", "--window-size=%d,%d" % (width, height)):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
+        alice, tmp_path):
+    """A real headless Chromium: each page kind loads with its stylesheet and script under
+    the CSP (the console shows no violation, no error), the links lead from the root to the
+    documentation, a search finds the project; screenshots are saved."""
+    from selenium.webdriver.common.by import By
+    url, auth = alice.url, ("alice", "secret")
+    assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
+        "title=Alice's development index", "description=Where new releases land first"]
+    ).status == 200
+    wheel = make_wheel(tmp_path, "browse-pkg", "1.0", requires_dist=["idna>=3"])
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "browse-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"),
+              ("summary", "A package to look at"), ("author", "Ada Lovelace"),
+              ("license", "MIT"), ("classifiers", "Programming Language :: Python :: 3"),
+              ("requires_dist", "idna>=3"),
+              ("project_urls", "Source, https://example.com/src"),
+              ("description", "Look here.\n\n" + HOSTILE),
+              ("description_content_type", "text/plain")]
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "browse-pkg", "1.0")[
+        "browse_pkg-1.0-py3-none-any.whl"]).path
+    assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>"})
+    assert upload_form(url, "alice/dev", docs, auth, filename="browse-pkg-1.0.doc.zip", fields=[
+        (":action", "doc_upload"), ("name", "browse-pkg"), ("version", "1.0")]).status == 200
+    alice.upload("alice/dev", make_wheel(tmp_path, "browse-pkg", "1.1"))
+    shots = os.environ.get("MINIDEVPI_SCREENSHOTS") or str(tmp_path / "screenshots")
+    os.makedirs(shots, exist_ok=True)
+    d = chromium_driver()
+    problems = []
+
+    def console():
+        for entry in d.get_log("browser"):
+            if entry.get("level") in ("SEVERE", "WARNING") or \
+                    "Content Security Policy" in entry.get("message", ""):
+                problems.append(entry)
+
+    def shot(name):
+        d.save_screenshot(os.path.join(shots, name + ".png"))
+        console()
+
+    def styled():
+        # the stylesheet applied: the header bar has its own background, the body its font
+        return d.execute_script(
+            "return getComputedStyle(document.querySelector('header')).borderBottomStyle")
+
+    try:
+        d.get(url + "/")
+        assert "minidevpi" in d.title and styled() == "solid"
+        assert "Alice's development index" in d.find_element(By.TAG_NAME, "main").text
+        shot("1-root")
+        d.find_element(By.CSS_SELECTOR, "a[href='/alice/dev']").click()
+        main = d.find_element(By.TAG_NAME, "main").text
+        assert "pip install --index-url %s/alice/dev/+simple/ PROJECT" % url in main, main
+        assert "devpi use %s/alice/dev" % url in main
+        # copy.js ran (allowed by the CSP): it shows the copy buttons
+        buttons = d.find_elements(By.CSS_SELECTOR, "button[data-copy]")
+        assert len(buttons) == 3 and all(b.is_displayed() for b in buttons)
+        shot("2-index")
+        d.find_element(By.LINK_TEXT, "browse-pkg").click()
+        assert d.current_url == url + "/alice/dev/browse-pkg"
+        rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "main table tbody tr")]
+        assert rows[0].startswith("1.1") and rows[1].startswith("1.0"), rows
+        shot("3-project")
+        d.find_element(By.LINK_TEXT, "1.0").click()
+        main = d.find_element(By.TAG_NAME, "main").text
+        for fact in ("A package to look at", "Ada Lovelace", "MIT", "idna>=3",
+                     "browse_pkg-1.0-py3-none-any.whl", "py passed",
+                     "A newer stable version is available: 1.1", "<script>alert(1)</script>"):
+            assert fact in main, fact
+        assert d.execute_script("return window.__hacked === undefined && "
+                                "document.querySelectorAll('main script, main img').length") \
+            == 0
+        shot("4-version")
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark = d.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert dark not in ("rgb(253, 253, 252)", "rgba(0, 0, 0, 0)"), dark
+        shot("5-version-dark")
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        d.set_window_size(390, 844)  # a phone: nothing wider than the screen but the tables
+        d.refresh()
+        assert d.execute_script("return document.documentElement.scrollWidth <= "
+                                "window.innerWidth + 1")
+        shot("6-version-phone")
+        d.set_window_size(1280, 900)
+        d.find_element(By.LINK_TEXT, "read the documentation").click()
+        assert d.current_url == url + "/alice/dev/browse-pkg/1.0/+doc/"
+        assert d.find_element(By.TAG_NAME, "h1").text == "Browse docs"
+        shot("7-docs")
+        d.get(url + "/")
+        box = d.find_element(By.CSS_SELECTOR, "main input[name=q]")
+        box.send_keys("tiny sample")  # (the summary of 1.1, the latest)
+        box.submit()
+        assert d.current_url.startswith(url + "/+search?q=tiny+sample")
+        results = d.find_element(By.TAG_NAME, "main")
+        assert "1 result" in results.text and "browse-pkg" in results.text, results.text
+        shot("8-search")
+        d.get(url + "/+status")
+        assert "search backend" in d.find_element(By.TAG_NAME, "main").text
+        shot("9-status")
+        d.get(url + "/alice/dev/no-such-project")
+        assert "404" in d.find_element(By.TAG_NAME, "h1").text
+        d.get_log("browser")  # (the 404 itself is logged as a failed load: expected here)
+    finally:
+        d.quit()
+    assert problems == [], problems
+    assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 9
+
+
 # ----------------------------------------------------------------------------------
 # 8. export / import
 # ----------------------------------------------------------------------------------
