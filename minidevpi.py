@@ -32,6 +32,8 @@ The file reads top to bottom in sections; each builds only on those above it:
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache, request
                      bodies and deadlines, handler, threading server
+    7b web pages     (within 7, before its route table) HTML for browsers at the API's
+                     URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
    10  command line  init, serve, export, import; main()
