@@ -1452,19 +1452,18 @@ class SearchIndex:
         """At open: the full-text table and its triggers where FTS5 exists (dropped where
         it does not: an insert must never need a module this interpreter lacks), and a
         rebuild when the rows are not those of the projects."""
+        state = "fts5" if self.fts else "like"
         with self.store.write() as c:
-            had = c.execute("SELECT value FROM meta WHERE key='search_fts'").fetchone()
-            had = had is not None and had[0] == "1"
+            had = c.execute("SELECT value FROM meta WHERE key='search_state'").fetchone()
             if self.fts:
                 c.execute(self.FTS_TABLE)
                 self._triggers(c, True)
             else:
                 self._triggers(c, False)
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('search_fts', ?)",
-                      ("1" if self.fts else "0"))
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('search_state', ?)", (state,))
             n_projects = c.execute("SELECT COUNT(*) FROM projects").fetchone()[0]
             n_rows = c.execute("SELECT COUNT(*) FROM search").fetchone()[0]
-            if n_projects != n_rows or (self.fts and not had):
+            if n_projects != n_rows or had is None or had[0] != state:
                 self.rebuild(c)
 
     def _triggers(self, c, on):
@@ -1500,12 +1499,21 @@ class SearchIndex:
         """The rows of the (normalised) project ``names`` on every index, anew (inside the
         write transaction that changed them)."""
         names = list(set(names))
-        for i in range(0, len(names), 500):
-            chunk = names[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            c.execute("DELETE FROM search WHERE name IN (%s)" % marks, chunk)
-            self._write_rows(c, [r[0] for r in c.execute(
-                "SELECT id FROM projects WHERE name IN (%s)" % marks, chunk)])
+        c.execute("SAVEPOINT search_rows")
+        try:
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                c.execute("DELETE FROM search WHERE name IN (%s)" % marks, chunk)
+                self._write_rows(c, [r[0] for r in c.execute(
+                    "SELECT id FROM projects WHERE name IN (%s)" % marks, chunk)])
+        except sqlite3.Error as e:
+            # derived rows never cost the change itself: it commits, the rows are rebuilt
+            # when the server next opens the directory
+            c.execute("ROLLBACK TO search_rows")
+            c.execute("DELETE FROM meta WHERE key='search_state'")
+            log("WARNING: search rows not updated (%s); rebuilt at the next start" % e)
+        c.execute("RELEASE search_rows")
 
     @staticmethod
     def latest(versions):

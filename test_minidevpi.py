@@ -5101,13 +5101,30 @@ def test_search_rows_are_built_for_a_server_dir_of_an_older_schema(make_server, 
         db.execute("DROP TABLE IF EXISTS search_fts")
         db.execute("DROP TABLE search")
         db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
-        db.execute("DELETE FROM meta WHERE key='search_fts'")
+        db.execute("DELETE FROM meta WHERE key='search_state'")
     db.close()
     srv = make_server(d)
     r = api(srv.url, path="/+search?q=old")
     assert [x["name"] for x in r.json()["result"]] == ["old-pkg"], r
     srv.upload("alice/dev", make_wheel(tmp_path, "old-pkg-two", "1.0"))
     assert len(api(srv.url, path="/+search?q=old").json()["result"]) == 2
+
+
+def test_a_failing_search_update_never_costs_the_upload(alice, tmp_path, monkeypatch):
+    """The search rows are derived: when writing them fails, the upload still commits, and
+    the rows are rebuilt when the server opens its directory again."""
+    def broken(self, c, project_ids):
+        raise sqlite3.OperationalError("disk image is malformed (simulated)")
+    kept = minidevpi.SearchIndex._write_rows
+    monkeypatch.setattr(minidevpi.SearchIndex, "_write_rows", broken)
+    alice.upload("alice/dev", make_wheel(tmp_path, "kept-pkg", "1.0"))
+    assert api(alice.url, path="/alice/dev/kept-pkg/1.0").status == 200
+    assert api(alice.url, path="/+search?q=kept").json()["result"] == []
+    monkeypatch.setattr(minidevpi.SearchIndex, "_write_rows", kept)
+    store = alice.model.store
+    minidevpi.SearchIndex(store).prepare()  # (what opening the directory does)
+    assert [r[1] for r in alice.model.search.query("kept", [
+        alice.model.get_index("alice/dev").id])] == ["kept-pkg"]
 
 
 def test_status_and_error_pages_for_browsers_json_for_clients(alice, tmp_path):
