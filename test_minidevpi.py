@@ -5145,9 +5145,31 @@ def test_status_and_error_pages_for_browsers_json_for_clients(alice, tmp_path):
     assert api(url, "DELETE", path, auth=auth).status == 200
     assert_web_page(browse(url, path), 410)
     assert api(url, path=path).status == 410 and api(url, path=path).json()["message"]
-    # the page tells a browser's 401 (and keeps the challenge), an upload's stays as it was
+    # an upload's error stays JSON (and its reason phrase) even from a browser's headers
     r = http(url, "POST", "/alice/dev/", headers=BROWSER, body=b"x")
     assert r.status in (400, 401) and r.header("content-type") == "application/json"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refusals_are_pages_for_browsers_and_json_for_clients(alice, monkeypatch, status):
+    """A read that is refused (as the read permissions refuse one): a browser gets a page,
+    with the challenge of a 401 kept; devpi-client and curl get devpi's JSON."""
+    def refuse(self, req, user):
+        raise minidevpi.unauthorized() if status == 401 else minidevpi.forbidden(
+            "no permission to read <b>%s</b>" % user)
+    monkeypatch.setattr(minidevpi.App, "route_get_user", refuse)
+    r = browse(alice.url, "/alice")
+    page = assert_web_page(r, status)
+    assert str(status) in " ".join(page.text)
+    if status == 403:
+        assert b"no permission to read &lt;b&gt;alice&lt;/b&gt;" in r.body
+    else:
+        assert r.header("www-authenticate") == 'Basic realm="pypi"'
+    for headers in ({"Accept": "application/json"}, {"Accept": "*/*"},
+                    dict(BROWSER, **{"User-Agent": "devpi-client/7.3.0"})):
+        r = http(alice.url, path="/alice", headers=headers)
+        assert r.status == status and r.json()["message"], r
+        assert r.header("content-type") == "application/json"
 
 
 def test_stylesheet_and_script_are_served_by_the_server_itself(alice):
