@@ -4944,7 +4944,7 @@ def test_web_pages_escape_every_value_users_wrote(alice, tmp_path):
 
 
 def test_web_pages_are_cached_with_etags_and_change_with_uploads(alice, tmp_path):
-    url, auth = alice.url, ("alice", "secret")
+    url = alice.url
     alice.upload("alice/dev", make_wheel(tmp_path, "cached-pkg", "1.0"))
     r1 = browse(url, "/alice/dev/cached-pkg/1.0")
     etag = r1.header("etag")
