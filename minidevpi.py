@@ -5400,20 +5400,23 @@ class WebPages:
         m = self.model
         c = self.store.conn()
         count = lambda sql: c.execute(sql).fetchone()[0]  # noqa: E731
-        size = 0
-        for dirpath, _dirs, names in os.walk(self.store.serverdir):
-            for n in names:
-                try:
-                    size += os.lstat(os.path.join(dirpath, n)).st_size
-                except OSError:
-                    pass
+        # (from the rows, not a walk of the directory: a big server has many blobs)
+        blobs = c.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM "
+                          "files GROUP BY sha256)").fetchone()[0]
+        db = 0
+        for suffix in ("", "-wal"):
+            try:
+                db += os.stat(self.store.db_path + suffix).st_size
+            except OSError:
+                pass
         up = int(time.time() - getattr(self, "started", time.time()))
         facts = [("version", "minidevpi %s (speaks devpi-server %s)" % (
                      __version__, DEVPI_SERVER_VERSION)),
                  ("uptime", "%dd %02d:%02d:%02d" % (up // 86400, up // 3600 % 24,
                                                     up // 60 % 60, up % 60)),
                  ("serial", str(self.store.serial)),
-                 ("storage", "%s in %s" % (web_size(size), self.store.serverdir)),
+                 ("storage", "%s of files, %s of database, in %s" % (
+                     web_size(blobs), web_size(db), self.store.serverdir)),
                  ("users", str(count("SELECT COUNT(*) FROM users"))),
                  ("indexes", str(count("SELECT COUNT(*) FROM indexes"))),
                  ("projects", str(count("SELECT COUNT(*) FROM projects"))),
