@@ -5132,7 +5132,8 @@ def test_status_and_error_pages_for_browsers_json_for_clients(alice, tmp_path):
     alice.upload("alice/dev", make_wheel(tmp_path, "gone-pkg", "1.0"))
     page = assert_web_page(browse(url, "/+status"))
     text = " ".join(page.text)
-    for fact in ("uptime", "kB of files", "users", "projects", "offline mode", "search backend",
+    assert re.search(r"storage \d[\d.]* (bytes|kB) of files, [\d.]+ (kB|MB) of database", text)
+    for fact in ("uptime", "users", "projects", "offline mode", "search backend",
                  "root/pypi", minidevpi.__version__):
         assert fact in text, fact
     assert api(url, path="/+status").json()["type"] == "status"
