@@ -32,6 +32,8 @@ The file reads top to bottom in sections; each builds only on those above it:
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache, request
                      bodies and deadlines, handler, threading server
+    7b web pages     (within 7, before its route table) HTML for browsers at the API's
+                     URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
    10  command line  init, serve, export, import; main()
@@ -86,7 +88,7 @@ DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels p
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
 LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
@@ -1018,6 +1020,17 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# -- 3b. description rendering: STAND-IN ----------------------------------------------
+# >>> stand-in for section 3b (the 'render' branch writes the real renderer): the lead
+# >>> drops this block at the merge. Same name and signature: a safe HTML fragment.
+
+def render_description(text, content_type):
+    """A release description as a safe HTML fragment (stand-in: preformatted, escaped)."""
+    return "<pre>" + html.escape(text or "", quote=True) + "</pre>"
+
+# <<< end of the stand-in for section 3b
+
+
 # ===================================================================================
 # 4. storage
 # ===================================================================================
@@ -1103,6 +1116,19 @@ CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     sha256 TEXT NOT NULL,
     PRIMARY KEY (index_id, filename, sha256)
 );
+CREATE TABLE IF NOT EXISTS search (  -- one row a project of an index (SearchIndex; derived)
+    project_id INTEGER PRIMARY KEY REFERENCES projects(id) ON DELETE CASCADE,
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,             -- normalised
+    display TEXT NOT NULL,
+    version TEXT NOT NULL,          -- the latest (PEP 440; a final release before a pre-release)
+    summary TEXT NOT NULL,
+    keywords TEXT NOT NULL,
+    words TEXT NOT NULL,            -- the description's distinct words, lower case
+    uploaded REAL
+);
+CREATE INDEX IF NOT EXISTS search_name ON search(name);
+CREATE INDEX IF NOT EXISTS search_index_name ON search(index_id, name);
 """
 
 
@@ -1181,6 +1207,7 @@ class Store:
             raise MinidevpiError("server directory needs an upgrade: start the server once")
         if version < SCHEMA_VERSION:
             # migrations so far only add tables and indexes, which SCHEMA creates if missing
+            # (the search rows a new table lacks are filled by SearchIndex.prepare below)
             conn.executescript(SCHEMA)
             with self.write() as c:
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'",
@@ -1188,6 +1215,7 @@ class Store:
         self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
         if not readonly:
             self.clean_tmp()
+            SearchIndex(self).prepare()
 
     def lock(self):
         """Make this process the one that writes the directory: a second server on it
@@ -1286,10 +1314,13 @@ class Store:
                 return
             self._local.in_write = True
             self._local.after_commit = []
+            self._local.before_commit = []
             try:
                 c.execute("BEGIN IMMEDIATE")
                 try:
                     yield c
+                    for fn in self._local.before_commit:
+                        fn(c)
                     c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                               "WHERE key='serial'")
                     c.execute("COMMIT")
@@ -1302,6 +1333,12 @@ class Store:
             finally:
                 self._local.in_write = False
                 self._local.after_commit = []
+                self._local.before_commit = []
+
+    def before_commit(self, fn):
+        """Run fn(conn) at the end of the current write transaction, in it (derived rows
+        of what it changed, written once however many changes it made)."""
+        self._local.before_commit.append(fn)
 
     def after_commit(self, fn):
         """Run fn(conn) once the current write transaction committed (lock still held)."""
@@ -1374,6 +1411,261 @@ class Store:
             if c.execute("SELECT 1 FROM files WHERE sha256=? OR core_metadata=? LIMIT 1",
                          (sha, sha)).fetchone() is None:
                 _unlink_quiet(self.blob_path(sha))
+
+
+# -- the search index: derived rows, kept in step by the model -------------------------
+
+SEARCH_WORDS_CHARS = 8000  # of a description's distinct words, kept for search
+SEARCH_MAX_TERMS = 8
+SEARCH_RANK_MAX = 2000  # matches ranked by relevance (bm25); beyond, by where they matched
+SEARCH_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+def fts5_available():
+    """Whether this interpreter's sqlite3 has FTS5 (probed on an in-memory database)."""
+    try:
+        c = sqlite3.connect(":memory:")
+        try:
+            c.execute("CREATE VIRTUAL TABLE probe USING fts5(a)")
+        finally:
+            c.close()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+_FTS5 = None
+
+
+class SearchIndex:
+    """One row a project of an index in the ``search`` table: its latest version, summary,
+    keywords, upload time and its description's words; with FTS5 (where sqlite3 has it)
+    a full-text table over them, kept by triggers. The model writes the rows of the
+    projects it changes in the same transaction (``update``), so that search and the index
+    pages read what the commit wrote; a directory whose rows do not match its projects
+    (new table, an import, FTS5 come or gone) is rebuilt when the server opens it."""
+
+    FTS_TABLE = ("CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(name, summary, "
+                 "keywords, words, content='search', content_rowid='project_id')")
+    _NEW = ("INSERT INTO search_fts(rowid, name, summary, keywords, words) VALUES "
+            "(new.project_id, new.name, new.summary, new.keywords, new.words);")
+    _OLD = ("INSERT INTO search_fts(search_fts, rowid, name, summary, keywords, words) VALUES "
+            "('delete', old.project_id, old.name, old.summary, old.keywords, old.words);")
+    FTS_TRIGGERS = (
+        ("search_ai", "AFTER INSERT ON search BEGIN " + _NEW + " END"),
+        ("search_ad", "AFTER DELETE ON search BEGIN " + _OLD + " END"),
+        ("search_au", "AFTER UPDATE ON search BEGIN " + _OLD + " " + _NEW + " END"))
+
+    def __init__(self, store):
+        global _FTS5
+        if _FTS5 is None:
+            _FTS5 = fts5_available()
+        self.store = store
+        self.fts = _FTS5
+
+    @property
+    def backend(self):
+        return "SQLite FTS5" if self.fts else "SQL LIKE (this sqlite3 has no FTS5)"
+
+    def prepare(self):
+        """At open: the full-text table and its triggers where FTS5 exists (dropped where
+        it does not: an insert must never need a module this interpreter lacks), and a
+        rebuild when the rows are not those of the projects."""
+        state = "fts5" if self.fts else "like"
+        with self.store.write() as c:
+            had = c.execute("SELECT value FROM meta WHERE key='search_state'").fetchone()
+            if self.fts:
+                c.execute(self.FTS_TABLE)
+                self._triggers(c, True)
+            else:
+                self._triggers(c, False)
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('search_state', ?)", (state,))
+            n_projects = c.execute("SELECT COUNT(*) FROM projects").fetchone()[0]
+            n_rows = c.execute("SELECT COUNT(*) FROM search").fetchone()[0]
+            if n_projects != n_rows or had is None or had[0] != state:
+                self.rebuild(c)
+
+    def _triggers(self, c, on):
+        for name, body in self.FTS_TRIGGERS:
+            c.execute("DROP TRIGGER IF EXISTS %s" % name)
+            if on:
+                c.execute("CREATE TRIGGER %s %s" % (name, body))
+
+    def rebuild(self, c):
+        """Every row again, from the projects (inside a write transaction); the full-text
+        index from the rows, whatever it held before."""
+        self._triggers(c, False)
+        c.execute("DELETE FROM search")
+        ids = [r[0] for r in c.execute("SELECT id FROM projects")]
+        for i in range(0, len(ids), 500):
+            self._write_rows(c, ids[i:i + 500])
+        if self.fts:
+            c.execute("INSERT INTO search_fts(search_fts) VALUES ('rebuild')")
+            self._triggers(c, True)
+
+    def changed(self, names):
+        """The releases of the project ``names`` changed in the current write transaction:
+        their rows are written anew at its end."""
+        local = self.store._local
+        pending = getattr(local, "search_pending", None)
+        if pending is None or getattr(local, "search_tx", None) is not local.before_commit:
+            pending = local.search_pending = set()
+            local.search_tx = local.before_commit
+            self.store.before_commit(lambda c: self.update(c, pending))
+        pending.update(names)
+
+    def update(self, c, names):
+        """The rows of the (normalised) project ``names`` on every index, anew (inside the
+        write transaction that changed them)."""
+        names = list(set(names))
+        c.execute("SAVEPOINT search_rows")
+        try:
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                c.execute("DELETE FROM search WHERE name IN (%s)" % marks, chunk)
+                self._write_rows(c, [r[0] for r in c.execute(
+                    "SELECT id FROM projects WHERE name IN (%s)" % marks, chunk)])
+        except sqlite3.Error as e:
+            # derived rows never cost the change itself: it commits, the rows are rebuilt
+            # when the server next opens the directory
+            c.execute("ROLLBACK TO search_rows")
+            c.execute("DELETE FROM meta WHERE key='search_state'")
+            log("WARNING: search rows not updated (%s); rebuilt at the next start" % e)
+        c.execute("RELEASE search_rows")
+
+    @staticmethod
+    def latest(versions):
+        """The version a page shows first: the newest final release, else the newest."""
+        if not versions:
+            return None
+        finals = [v for v in versions if not is_prerelease(v)]
+        return max(finals or versions, key=version_key)
+
+    def _write_rows(self, c, project_ids):
+        if not project_ids:
+            return
+        marks = ",".join("?" * len(project_ids))
+        versions = {}
+        for pid, vid, ver in c.execute(
+                "SELECT project_id, id, version FROM versions WHERE project_id IN (%s)"
+                % marks, project_ids):
+            versions.setdefault(pid, {})[ver] = vid
+        rows = []
+        for pid, ix_id, name, display in c.execute(
+                "SELECT id, index_id, name, display FROM projects WHERE id IN (%s)" % marks,
+                project_ids).fetchall():
+            vers = versions.get(pid, {})
+            latest = self.latest(list(vers))
+            meta, uploaded = {}, None
+            if latest is not None:
+                vid = vers[latest]
+                row = c.execute("SELECT metadata, created FROM versions WHERE id=?",
+                                (vid,)).fetchone()
+                try:
+                    meta = json.loads(row[0])
+                except ValueError:
+                    meta = {}
+                up = c.execute("SELECT MAX(uploaded) FROM files WHERE version_id=? AND "
+                               "rel='releasefile'", (vid,)).fetchone()[0]
+                uploaded = up if up is not None else row[1]
+            summary = meta.get("summary") if isinstance(meta.get("summary"), str) else ""
+            keywords = meta.get("keywords")
+            keywords = " ".join(keywords) if isinstance(keywords, list) else (
+                keywords if isinstance(keywords, str) else "")
+            description = meta.get("description")
+            words = self.words(" ".join((name, display, summary, keywords, description
+                                         if isinstance(description, str) else "")))
+            rows.append((pid, ix_id, name, display, latest or "", summary[:500],
+                         keywords[:500], words, uploaded))
+        c.executemany("INSERT INTO search (project_id, index_id, name, display, "
+                      "version, summary, keywords, words, uploaded) VALUES (?,?,?,?,?,?,?,?,?)",
+                      rows)
+
+    @staticmethod
+    def words(text):
+        """' w1 w2 ... ' : the distinct words of a text, lower case, in order of first use."""
+        seen = {}
+        total = 1
+        for w in SEARCH_WORD_RE.findall(text[:200000].lower()):
+            if w not in seen and len(w) < 40:
+                total += len(w) + 1
+                if total > SEARCH_WORDS_CHARS:
+                    break
+                seen[w] = None
+        return " " + " ".join(seen) + " "
+
+    COLS = "s.index_id, s.name, s.display, s.version, s.summary, s.uploaded"
+
+    def query(self, text, index_ids, limit=50):
+        """[(index id, name, display, version, summary, uploaded)] of the projects on
+        ``index_ids`` that match ``text``, best first: the exact (normalised) name, names
+        starting with it, then the words of the text in name, summary, keywords and
+        description (all of them; the last one may be a prefix), ranked."""
+        index_ids = list(index_ids)
+        text = (text or "").strip()[:200]
+        if not text or not index_ids:
+            return []
+        c = self.store.conn()
+        ixs = ",".join(str(int(i)) for i in index_ids)
+        out, seen = [], set()
+
+        def take(rows):
+            for r in rows:
+                key = (r[0], r[1])
+                if key not in seen and len(out) < limit:
+                    seen.add(key)
+                    out.append(tuple(r[:6]))
+
+        norm = normalize_name(text)
+        if norm and " " not in norm:
+            take(c.execute("SELECT " + self.COLS + " FROM search s WHERE s.name=? AND "
+                           "s.index_id IN (%s)" % ixs, (norm,)))
+            take(c.execute("SELECT " + self.COLS + " FROM search s WHERE s.name>? AND "
+                           "s.name<? AND s.index_id IN (%s) ORDER BY s.name LIMIT ?" % ixs,
+                           (norm, norm + "\uffff", limit)))
+        terms = [t for t in SEARCH_WORD_RE.findall(text.lower()) if len(t) < 40]
+        terms = terms[:SEARCH_MAX_TERMS]
+        if not terms or len(out) >= limit:
+            return out
+        if self.fts:
+            match = " ".join('"%s"' % t for t in terms[:-1]) + ' "%s"*' % terms[-1]
+            n = c.execute("SELECT COUNT(*) FROM (SELECT 1 FROM search_fts WHERE search_fts "
+                          "MATCH ? LIMIT ?)", (match, SEARCH_RANK_MAX + 1)).fetchone()[0]
+            if n <= SEARCH_RANK_MAX:
+                tiers = [(match, "ORDER BY bm25(search_fts, 10.0, 5.0, 5.0, 1.0)")]
+            else:  # words too common to rank every match: where they say most, first
+                tiers = [("{name summary keywords} : (%s)" % match, ""), (match, "")]
+            for expr, order in tiers:
+                ids = [r[0] for r in c.execute(
+                    "SELECT rowid FROM search_fts WHERE search_fts MATCH ? %s LIMIT ?" % order,
+                    (expr, SEARCH_RANK_MAX))]
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    rows = {r[0]: r[1:] for r in c.execute(
+                        "SELECT s.project_id, " + self.COLS + " FROM search s WHERE "
+                        "s.project_id IN (%s) AND s.index_id IN (%s)"
+                        % (",".join(str(int(x)) for x in chunk), ixs))}
+                    take(rows[x] for x in chunk if x in rows)
+                    if len(out) >= limit:
+                        return out
+            return out
+        # the slower path: every term somewhere, ranked by where it was found
+        where, args = [], []
+        for i, t in enumerate(terms):
+            esc = t.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("s.words LIKE ? ESCAPE '\\'")  # (the words of all four)
+            args.append("% " + esc + ("%" if i == len(terms) - 1 else " %"))
+        rows = c.execute("SELECT " + self.COLS + ", s.keywords, s.words FROM search s "
+                         "WHERE s.index_id IN (%s) AND " % ixs + " AND ".join(where) +
+                         " LIMIT 2000", args).fetchall()
+
+        def score(r):
+            name, summary, keywords = r[1], r[4].lower(), r[6].lower()
+            return -sum(10 * (t in name) + 5 * (t in summary) + 5 * (t in keywords) + 1
+                        for t in terms)
+        take(sorted(rows, key=lambda r: (score(r), r[1])))
+        return out
 
 
 # ===================================================================================
@@ -2106,6 +2398,7 @@ class Model:
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
         self._change_listeners = []
+        self.search = SearchIndex(store)
 
     # -- change notifications ---------------------------------------------------------
 
@@ -2126,6 +2419,9 @@ class Model:
         self._changed(projects=[norm])
 
     def _changed(self, projects=(), config=False, project_set=False):
+        if projects and not config:  # (a config change changes no release: no new rows)
+            self.search.changed(projects)
+
         def tell(_c):
             if config:
                 self._index_cache = {}
@@ -4774,6 +5070,798 @@ def render_simple_project(norm, display, files, versions, fmt, href, status=None
     return "".join(lines).encode(), HTML_TYPE
 
 
+# ===================================================================================
+# 7b. web pages: HTML for people at the API's own URLs (devpi-web's job)
+# ===================================================================================
+# A browser (Accept: text/html first) gets a page at /, /USER, /USER/INDEX, .../PROJECT and
+# .../VERSION; devpi-client and anything asking for JSON get the JSON API, installers the
+# simple pages, as before. Pages are rendered from what the model gives the reader
+# (list_users, chain, walk, releases: the read rules apply) by the pure functions below,
+# kept in the page cache like the simple pages, and sent with a Content-Security-Policy
+# that allows no inline script and nothing from elsewhere but https images.
+
+WEB_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; "
+           "script-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+WEB_HEADERS = (("Content-Security-Policy", WEB_CSP), ("Referrer-Policy", "same-origin"))
+WEB_BROWSER_TYPES = ("text/html", "application/xhtml+xml")
+WEB_PAGE_SIZE = 100  # projects an index page lists at a time
+WEB_SEARCH_LIMIT = 50
+WEB_STATIC_CACHE_CONTROL = "public, max-age=3600"
+
+WEB_STYLE = """\
+:root{--bg:#fdfdfc;--fg:#1d2125;--muted:#5f6b76;--line:#dde2e6;--card:#f3f5f7;
+--link:#1559b3;--ok:#17803d;--bad:#b42318;--warn:#8a5a00;--code:#eef1f4}
+@media (prefers-color-scheme:dark){:root{--bg:#15181b;--fg:#e4e7ea;--muted:#9aa5b0;
+--line:#2e353b;--card:#1d2226;--link:#7eb3ff;--ok:#4cc27a;--bad:#ff7b72;--warn:#e3b341;
+--code:#222930}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);line-height:1.5;
+font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+a{color:var(--link);text-decoration:none}a:hover{text-decoration:underline}
+header{border-bottom:1px solid var(--line);background:var(--card)}
+.bar{max-width:72rem;margin:0 auto;padding:.6rem 1rem;display:flex;flex-wrap:wrap;
+gap:.5rem 1rem;align-items:center;justify-content:space-between}
+.crumbs{font-weight:600;overflow-wrap:anywhere}.crumbs .sep{color:var(--muted);margin:0 .3rem}
+form.search{display:flex;gap:.4rem;flex:1 1 16rem;max-width:28rem}
+input[type=search],select{flex:1;min-width:0;padding:.4rem .6rem;border:1px solid var(--line);
+border-radius:6px;background:var(--bg);color:var(--fg);font:inherit}
+button{padding:.35rem .8rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--fg);font:inherit;cursor:pointer}
+main{max-width:72rem;margin:0 auto;padding:1rem}
+h1{font-size:1.7rem;margin:.6rem 0 .2rem;overflow-wrap:anywhere}
+h2{font-size:1.25rem;margin:1.6rem 0 .5rem;border-bottom:1px solid var(--line)}
+h3{font-size:1.05rem;margin:1.2rem 0 .4rem}
+.lead{color:var(--muted);margin:.2rem 0 1rem}.muted{color:var(--muted)}
+.tag{display:inline-block;font-size:.78rem;padding:0 .45rem;border-radius:999px;
+border:1px solid var(--line);color:var(--muted);vertical-align:middle;white-space:nowrap}
+.tag.pre{color:var(--warn);border-color:var(--warn)}.tag.yanked,.tag.fail{color:var(--bad);
+border-color:var(--bad)}.tag.ok{color:var(--ok);border-color:var(--ok)}
+.note{border-left:4px solid var(--warn);background:var(--card);padding:.5rem .8rem;
+margin:1rem 0}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.95rem}
+th,td{text-align:left;padding:.4rem .6rem;border-bottom:1px solid var(--line);
+vertical-align:top}
+th{color:var(--muted);font-weight:600;white-space:nowrap}
+td.num{text-align:right;white-space:nowrap}
+code,pre,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+font-size:.88em}
+code{background:var(--code);padding:.05rem .3rem;border-radius:4px;overflow-wrap:anywhere}
+pre{background:var(--code);padding:.8rem;border-radius:6px;overflow-x:auto}
+pre code{background:none;padding:0}
+.usage{display:flex;gap:.5rem;align-items:center;margin:.3rem 0}
+.usage code{flex:1;padding:.4rem .6rem;display:block}
+dl.meta{display:grid;grid-template-columns:minmax(7rem,max-content) 1fr;gap:.2rem 1rem;
+margin:0}
+dl.meta dt{color:var(--muted)}dl.meta dd{margin:0;overflow-wrap:anywhere}
+ul.plain{list-style:none;padding:0;margin:0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(18rem,1fr));gap:1rem}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem}
+.card h2{border:0;margin:0 0 .3rem}
+.description{overflow-wrap:anywhere}.description img{max-width:100%}
+.pager{display:flex;gap:1rem;margin:1rem 0}
+.sha{font-size:.75rem;color:var(--muted);word-break:break-all}
+footer{max-width:72rem;margin:2rem auto;padding:1rem;color:var(--muted);font-size:.85rem;
+border-top:1px solid var(--line)}
+@media (max-width:40rem){main{padding:.6rem}h1{font-size:1.4rem}
+table.files td:nth-child(4),table.files th:nth-child(4){display:none}}
+"""
+
+WEB_COPY_JS = """\
+// minidevpi: copy buttons (the pages work without this script)
+document.querySelectorAll("button[data-copy]").forEach(function (b) {
+  if (!navigator.clipboard) { return; }
+  b.hidden = false;
+  b.addEventListener("click", function () {
+    navigator.clipboard.writeText(b.getAttribute("data-copy")).then(function () {
+      b.textContent = "Copied";
+      setTimeout(function () { b.textContent = "Copy"; }, 1500);
+    });
+  });
+});
+"""
+
+WEB_ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" '
+            'height="16" rx="3" fill="#1559b3"/><path d="M4 12V4l4 5 4-5v8" stroke="#fff" '
+            'stroke-width="2" fill="none"/></svg>')
+WEB_STATIC = {"style.css": ("text/css; charset=utf-8", WEB_STYLE.encode()),
+              "copy.js": ("text/javascript; charset=utf-8", WEB_COPY_JS.encode()),
+              "icon.svg": ("image/svg+xml", WEB_ICON.encode())}
+
+
+def wants_html(req):
+    """Whether a request comes from a browser: its Accept puts an HTML type first, and it
+    is neither devpi-client nor an installer (they keep their JSON and simple pages)."""
+    if req.is_installer or req.headers.get("User-Agent", "").startswith("devpi-client"):
+        return False
+    for mtype, _q in parse_accept(req.accept):
+        return mtype in WEB_BROWSER_TYPES
+    return False
+
+
+def _e(value):
+    """Text for HTML, attributes included (every value a user wrote passes here)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _seg(value):
+    return urllib.parse.quote(str(value), safe="")
+
+
+def web_href(prefix, *segments):
+    """The escaped path of a page: ``prefix`` (the outside URL's path) and segments."""
+    return _e(prefix + "/" + "/".join(_seg(s) for s in segments))
+
+
+def web_time(ts):
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + " UTC"
+
+
+def web_size(n):
+    n = n or 0
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return ("%d %s" % (n, unit)) if unit == "bytes" else ("%.1f %s" % (n, unit))
+        n /= 1000.0
+    return ""
+
+
+def web_link(url, text=None):
+    """A link to a URL a user wrote: http(s) only (else the text alone), nofollow."""
+    text = url if text is None else text
+    if isinstance(url, str) and re.match(r"^https?://[^\s]+$", url.strip(), re.I):
+        return '<a href="%s" rel="nofollow noopener noreferrer">%s</a>' % (_e(url.strip()),
+                                                                        _e(text))
+    return _e(text)
+
+
+def web_document(title, body, prefix, crumbs=(), search=("", "")):
+    """A whole page: ``crumbs`` [(text, href or None)] above, a search box, ``body``."""
+    parts = ['<a href="%s/">minidevpi</a>' % _e(prefix)]
+    for text, href in crumbs:
+        parts.append('<a href="%s">%s</a>' % (href, _e(text)) if href else _e(text))
+    q, index = search
+    hidden = ('<input type="hidden" name="index" value="%s">' % _e(index)) if index else ""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<title>%s</title><link rel=\"stylesheet\" href=\"%s/+static/style.css\">"
+            "<link rel=\"icon\" href=\"%s/+static/icon.svg\" type=\"image/svg+xml\">"
+            "<script src=\"%s/+static/copy.js\" defer></script></head><body>"
+            "<header><div class=\"bar\"><nav class=\"crumbs\">%s</nav>"
+            "<form class=\"search\" action=\"%s/+search\" method=\"get\" role=\"search\">%s"
+            "<input type=\"search\" name=\"q\" value=\"%s\" placeholder=\"Search projects\" "
+            "aria-label=\"Search projects\"><button type=\"submit\">Search</button></form>"
+            "</div></header><main>%s</main><footer>minidevpi %s &middot; "
+            "<a href=\"%s/+status\">status</a></footer></body></html>\n" % (
+                _e(title), _e(prefix), _e(prefix), _e(prefix),
+                '<span class="sep">/</span>'.join(parts), _e(prefix), hidden, _e(q), body,
+                _e(__version__), _e(prefix))).encode("utf-8")
+
+
+def _index_crumbs(prefix, path):
+    user, _, name = path.partition("/")
+    return [(user, web_href(prefix, user)), (name, web_href(prefix, user, name))]
+
+
+def _web_index_cards(prefix, user, indexes):
+    out = []
+    for name, config in sorted(indexes.items()):
+        kind = config.get("type", "stage")
+        bases = config.get("bases") or []
+        out.append(
+            '<div class="card"><h2><a href="%s">%s/%s</a> <span class="tag">%s</span>%s</h2>'
+            % (web_href(prefix, user, name), _e(user), _e(name), _e(kind),
+               "" if config.get("volatile", True) else ' <span class="tag">non-volatile</span>'))
+        if config.get("title"):
+            out.append("<div><strong>%s</strong></div>" % _e(config["title"]))
+        if config.get("description"):
+            out.append('<div class="muted">%s</div>' % _e(config["description"]))
+        if bases:
+            out.append('<div class="muted">bases: %s</div>' % ", ".join(
+                '<a href="%s">%s</a>' % (web_href(prefix, *b.split("/", 1)), _e(b))
+                for b in bases))
+        out.append("</div>")
+    return "".join(out)
+
+
+def render_web_root(prefix, users):
+    """The root page: every user (``list_users``) and their indexes."""
+    body = ['<h1>Indexes</h1><p class="lead">Every user of this server and their indexes.'
+            '</p><form class="search" action="%s/+search" method="get"><input type="search" '
+            'name="q" placeholder="Search all indexes" aria-label="Search all indexes">'
+            '<button type="submit">Search</button></form>' % _e(prefix)]
+    for name, info in sorted(users.items()):
+        body.append('<h2><a href="%s">%s</a></h2>' % (web_href(prefix, name), _e(name)))
+        if info.get("title") or info.get("description"):
+            body.append('<p class="muted">%s %s</p>' % (_e(info.get("title", "")),
+                                                       _e(info.get("description", ""))))
+        indexes = info.get("indexes") or {}
+        body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
+                    if indexes else '<p class="muted">no indexes</p>')
+    return web_document("minidevpi", "".join(body), prefix)
+
+
+def render_web_user(prefix, info):
+    name = info["username"]
+    body = ["<h1>%s</h1>" % _e(name)]
+    if info.get("title"):
+        body.append('<p class="lead"><strong>%s</strong></p>' % _e(info["title"]))
+    if info.get("description"):
+        body.append('<p class="lead">%s</p>' % _e(info["description"]))
+    indexes = info.get("indexes") or {}
+    body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
+                if indexes else '<p class="muted">no indexes</p>')
+    return web_document(name, "".join(body), prefix, [(name, None)])
+
+
+def _usage(line):
+    return ('<div class="usage"><code>%s</code><button type="button" data-copy="%s" hidden>'
+            'Copy</button></div>' % (_e(line), _e(line)))
+
+
+def _acl(values):
+    return ", ".join("<code>%s</code>" % _e(v) for v in values) if values else \
+        '<span class="muted">nobody</span>'
+
+
+def render_web_index(prefix, server_url, ix, config, chain, projects, page, total):
+    """An index page: ``config`` as the reader may see it, ``chain`` the paths of the
+    resolution order, ``projects`` this page's rows [(name, display, version, summary,
+    uploaded)] of ``total``."""
+    path = ix.path
+    kind = config.get("type", "stage")
+    body = ['<h1>%s <span class="tag">%s</span></h1>' % (_e(path), _e(kind))]
+    if config.get("title"):
+        body.append('<p class="lead"><strong>%s</strong></p>' % _e(config["title"]))
+    if config.get("description"):
+        body.append('<p class="lead">%s</p>' % _e(config["description"]))
+    simple = server_url + "/" + path + "/+simple/"
+    body.append("<h2>Use it</h2>")
+    body.append(_usage("pip install --index-url %s PROJECT" % simple))
+    body.append(_usage("uv pip install --index-url %s PROJECT" % simple))
+    body.append(_usage("devpi use %s/%s" % (server_url, path)))
+    body.append('<h2>Configuration</h2><dl class="meta">')
+    body.append("<dt>bases (resolution order)</dt><dd>%s</dd>" % (" &rarr; ".join(
+        '<a href="%s">%s</a>' % (web_href(prefix, *p.split("/", 1)), _e(p))
+        for p in chain[1:]) or '<span class="muted">none</span>'))
+    if kind == "mirror":
+        body.append("<dt>mirror of</dt><dd>%s</dd>" % _e(config.get("mirror_url", "")))
+        body.append("<dt>page cache</dt><dd>%s s</dd>" % _e(config.get(
+            "mirror_cache_expiry", DEFAULT_MIRROR_CACHE_EXPIRY)))
+        body.append('<dt>upstream projects</dt><dd><a href="%s/+simple/">the upstream\'s '
+                    'project list</a> (not shown here)</dd>' % web_href(prefix, ix.user, ix.name))
+    else:
+        body.append("<dt>acl_upload</dt><dd>%s</dd>" % _acl(config.get("acl_upload", [])))
+        body.append("<dt>acl_toxresult_upload</dt><dd>%s</dd>"
+                    % _acl(config.get("acl_toxresult_upload", [])))
+        body.append("<dt>mirror_whitelist</dt><dd>%s (%s)</dd>" % (
+            _acl(config.get("mirror_whitelist", [])).replace(
+                '<span class="muted">nobody</span>', '<span class="muted">none</span>'),
+            _e(config.get("mirror_whitelist_inheritance", "union"))))
+    body.append("<dt>volatile</dt><dd>%s</dd></dl>" % (
+        "yes (releases can be overwritten and removed)" if config.get("volatile", True)
+        else "no (releases stay as uploaded)"))
+    npages = max(1, (total + WEB_PAGE_SIZE - 1) // WEB_PAGE_SIZE)
+    body.append("<h2>Projects <span class=\"muted\">(%d%s)</span></h2>" % (
+        total, ", kept locally" if kind == "mirror" else ""))
+    if projects:
+        body.append('<div class="scroll"><table><thead><tr><th>project</th><th>latest</th>'
+                    '<th>summary</th><th>uploaded</th></tr></thead><tbody>')
+        for name, display, version, summary, uploaded in projects:
+            body.append('<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td>'
+                        '<td class="muted">%s</td></tr>' % (
+                            web_href(prefix, ix.user, ix.name, name), _e(display),
+                            '<a href="%s">%s</a>' % (web_href(prefix, ix.user, ix.name, name,
+                                                              version), _e(version))
+                            if version else "", _e(summary), _e(web_time(uploaded))))
+        body.append("</tbody></table></div>")
+    else:
+        body.append('<p class="muted">no projects%s</p>' % (
+            " kept locally yet" if kind == "mirror" else ""))
+    if npages > 1:
+        links = []
+        if page > 1:
+            links.append('<a href="?page=%d">&larr; previous</a>' % (page - 1))
+        links.append('<span class="muted">page %d of %d</span>' % (page, npages))
+        if page < npages:
+            links.append('<a href="?page=%d">next &rarr;</a>' % (page + 1))
+        body.append('<div class="pager">%s</div>' % "".join(links))
+    return web_document(path, "".join(body), prefix, _index_crumbs(prefix, path),
+                        search=("", path))
+
+
+def render_web_project(prefix, server_url, ix, norm, display, rows):
+    """A project page: ``rows`` [(version, summary, yanked, source index path, has docs,
+    shadowed paths)], newest first."""
+    path = ix.path
+    body = ["<h1>%s</h1>" % _e(display)]
+    if rows:
+        latest = SearchIndex.latest([r[0] for r in rows])
+        summary = next((r[1] for r in rows if r[0] == latest), "")
+        if summary:
+            body.append('<p class="lead">%s</p>' % _e(summary))
+        body.append('<p>Latest: <a href="%s">%s</a></p>' % (
+            web_href(prefix, ix.user, ix.name, norm, latest), _e(latest)))
+    body.append(_usage("pip install --index-url %s/%s/+simple/ %s" % (server_url, path, norm)))
+    body.append('<h2>Versions</h2><div class="scroll"><table><thead><tr><th>version</th>'
+                '<th>from index</th><th>documentation</th><th></th></tr></thead><tbody>')
+    for version, _summary, yanked, source, has_doc, shadowed in rows:
+        tags = ""
+        if is_prerelease(version):
+            tags += ' <span class="tag pre">pre-release</span>'
+        if yanked is not None:
+            tags += ' <span class="tag yanked" title="%s">yanked</span>' % _e(yanked)
+        src = '<a href="%s">%s</a>' % (web_href(prefix, *source.split("/", 1)), _e(source))
+        if shadowed:
+            src += ' <span class="muted">(shadows %s)</span>' % _e(", ".join(shadowed))
+        doc = ('<a href="%s/+doc/">docs</a>' % web_href(prefix, ix.user, ix.name, norm,
+                                                          version)) if has_doc else ""
+        body.append('<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td><td>%s</td></tr>'
+                    % (web_href(prefix, ix.user, ix.name, norm, version), _e(version), src,
+                       doc, tags))
+    body.append("</tbody></table></div>")
+    return web_document("%s - %s" % (display, path), "".join(body), prefix,
+                        _index_crumbs(prefix, path) + [(display, None)], search=("", path))
+
+
+def _wheel_tag(filename):
+    if filename.endswith(".whl"):
+        parts = filename[:-4].split("-")
+        if len(parts) >= 5:
+            return "wheel", parts[-3]
+        return "wheel", ""
+    if filename.endswith(".egg"):
+        return "egg", ""
+    if filename.endswith((".tar.gz", ".zip", ".tar.bz2", ".tgz", ".tar")):
+        return "sdist", "source"
+    return "file", ""
+
+
+def _uploader(log_text):
+    try:
+        entries = json.loads(log_text or "[]")
+    except ValueError:
+        return ""
+    for e in reversed(entries if isinstance(entries, list) else []):
+        if isinstance(e, dict) and e.get("what") in ("upload", "push"):
+            who = e.get("who") or "anonymous"
+            if e.get("what") == "push":
+                return "%s (pushed from %s)" % (who, e.get("src", "?"))
+            return who
+    return ""
+
+
+def tox_envs(report):
+    """[(environment, passed, python)] of a tox JSON report (as ``devpi test`` posts it)."""
+    out = []
+    envs = report.get("testenvs") if isinstance(report, dict) else None
+    if not isinstance(envs, dict):
+        return out
+    for name, env in sorted(envs.items()):
+        if not isinstance(env, dict):
+            continue
+        codes = []
+        for step in ("setup", "test"):
+            for cmd in env.get(step) or []:
+                if isinstance(cmd, dict):
+                    codes.append(str(cmd.get("retcode", "")).strip())
+        python = env.get("python", {})
+        python = python.get("version", "") if isinstance(python, dict) else ""
+        out.append((str(name), bool(codes) and all(c == "0" for c in codes), str(python)))
+    return out
+
+
+def _requirement(text):
+    req, sep, marker = str(text).partition(";")
+    out = "<code>%s</code>" % _e(req.strip())
+    if sep:
+        out += ' <span class="muted mono">; %s</span>' % _e(marker.strip())
+    return out
+
+
+def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
+                       tox, newer, doc):
+    """A version page. ``files`` [(File, href)] of the release files, ``tox`` {release
+    filename: [(href, report dict, File)]}, ``newer`` [(label, version)], ``doc`` the
+    documentation's URL or None."""
+    display = meta.get("name") or norm
+    path = ix.path
+    body = ['<h1>%s <span class="muted">%s</span></h1>' % (_e(display), _e(version))]
+    if meta.get("summary"):
+        body.append('<p class="lead">%s</p>' % _e(meta["summary"]))
+    for label, v in newer:
+        body.append('<p class="note">A newer %s version is available: <a href="%s">%s</a>'
+                    '</p>' % (_e(label), web_href(prefix, ix.user, ix.name, norm, v), _e(v)))
+    if yanked is not None:
+        body.append('<p class="note"><span class="tag yanked">yanked</span> %s</p>'
+                    % _e(yanked or "(no reason given)"))
+    if is_prerelease(version):
+        body.append('<p><span class="tag pre">pre-release</span></p>')
+    body.append(_usage("pip install --index-url %s/%s/+simple/ %s==%s" % (
+        server_url, path, norm, version)))
+    body.append('<dl class="meta">')
+
+    def row(label, value_html):
+        if value_html:
+            body.append("<dt>%s</dt><dd>%s</dd>" % (label, value_html))
+    row("from index", '<a href="%s">%s</a>' % (web_href(prefix, *source.split("/", 1)),
+                                               _e(source)))
+    if doc:
+        row("documentation", '<a href="%s">read the documentation</a>' % _e(doc))
+    author = meta.get("author") or ""
+    if meta.get("author_email"):
+        author = (author + " " if author else "") + "<%s>" % meta["author_email"]
+    row("author", _e(author))
+    maint = meta.get("maintainer") or ""
+    if meta.get("maintainer_email"):
+        maint = (maint + " " if maint else "") + "<%s>" % meta["maintainer_email"]
+    row("maintainer", _e(maint))
+    lic = meta.get("license_expression") or meta.get("license") or ""
+    row("license", _e(lic if len(lic) < 300 else lic[:300] + "..."))
+    row("requires-python", "<code>%s</code>" % _e(meta["requires_python"])
+        if meta.get("requires_python") else "")
+    row("keywords", _e(meta.get("keywords", "")))
+    urls = []
+    if meta.get("home_page"):
+        urls.append(("Homepage", meta["home_page"]))
+    if meta.get("download_url"):
+        urls.append(("Download", meta["download_url"]))
+    for entry in meta.get("project_urls") or []:
+        label, sep, url = str(entry).partition(",")
+        urls.append((label.strip(), url.strip()) if sep else ("link", label.strip()))
+    row("project URLs", "<br>".join("%s: %s" % (_e(label), web_link(url))
+                                      for label, url in urls))
+    row("dependencies", "<br>".join(_requirement(r) for r in meta.get("requires_dist") or []))
+    row("extras", ", ".join("<code>%s</code>" % _e(x) for x in meta.get("provides_extras")
+                            or []))
+    row("classifiers", "<br>".join(_e(c) for c in meta.get("classifiers") or []))
+    body.append("</dl>")
+    body.append('<h2>Files</h2>')
+    if files:
+        body.append('<div class="scroll"><table class="files"><thead><tr><th>file</th>'
+                    '<th>type</th><th>python</th><th>size</th><th>uploaded</th>'
+                    '<th>tests</th></tr></thead><tbody>')
+        for f, href in files:
+            kind, pytag = _wheel_tag(f.filename)
+            tests = []
+            for thref, report, tf in tox.get(f.filename, []):
+                envs = tox_envs(report)
+                for env, passed, _python in envs:
+                    tests.append('<a href="%s" class="tag %s">%s %s</a>' % (
+                        _e(thref), "ok" if passed else "fail", _e(env),
+                        "passed" if passed else "failed"))
+                if not envs:
+                    tests.append('<a href="%s" class="tag">report</a>' % _e(thref))
+            up = _uploader(f.log)
+            body.append(
+                '<tr><td><a href="%s">%s</a>%s<div class="sha">sha256 %s</div></td>'
+                '<td>%s</td><td>%s</td><td class="num">%s</td><td>%s%s</td><td>%s</td></tr>'
+                % (_e(href), _e(f.filename),
+                   ' <span class="tag yanked">yanked</span>' if f.yanked is not None else "",
+                   _e(f.sha256 or "(not known until first download)"), kind, _e(pytag),
+                   _e(web_size(f.size)), _e(web_time(f.uploaded)),
+                   ('<div class="muted">by %s</div>' % _e(up)) if up else "",
+                   " ".join(tests)))
+        body.append("</tbody></table></div>")
+    else:
+        body.append('<p class="muted">no files</p>')
+    description = meta.get("description") or ""
+    if description.strip():
+        body.append('<h2>Description</h2><div class="description">%s</div>' % render_description(
+            description, meta.get("description_content_type") or ""))
+    return web_document("%s %s - %s" % (display, version, path), "".join(body), prefix,
+                        _index_crumbs(prefix, path) + [
+                            (display, web_href(prefix, ix.user, ix.name, norm)),
+                            (version, None)], search=("", path))
+
+
+def render_web_search(prefix, q, index, results, backend, ms):
+    """Search results [(index path, name, display, version, summary, uploaded)]."""
+    where = " in %s" % index if index else ""
+    body = ["<h1>Search%s</h1>" % _e(where)]
+    body.append('<form class="search" action="%s/+search" method="get">%s<input '
+                'type="search" name="q" value="%s" aria-label="Search projects"><button '
+                'type="submit">Search</button></form>' % (
+                    _e(prefix), ('<input type="hidden" name="index" value="%s">' % _e(index))
+                    if index else "", _e(q)))
+    if q.strip():
+        body.append('<p class="muted">%d result%s for <strong>%s</strong>%s%s '
+                    '(%.1f ms)</p>' % (len(results), "" if len(results) == 1 else "s", _e(q),
+                                       _e(where), " (the first %d)" % WEB_SEARCH_LIMIT
+                                       if len(results) >= WEB_SEARCH_LIMIT else "", ms))
+        if results:
+            body.append('<div class="scroll"><table><thead><tr><th>project</th><th>version'
+                        '</th><th>index</th><th>summary</th></tr></thead><tbody>')
+            for path, name, display, version, summary, _up in results:
+                user, _, ixname = path.partition("/")
+                body.append('<tr><td><a href="%s">%s</a></td><td>%s</td><td><a href="%s">%s'
+                            '</a></td><td>%s</td></tr>' % (
+                                web_href(prefix, user, ixname, name), _e(display),
+                                '<a href="%s">%s</a>' % (web_href(prefix, user, ixname, name,
+                                                                  version), _e(version))
+                                if version else "",
+                                web_href(prefix, user, ixname), _e(path), _e(summary)))
+            body.append("</tbody></table></div>")
+    body.append('<p class="muted">Matches project names (normalised, by prefix), summaries, '
+                'keywords and description words. Search backend: %s.</p>' % _e(backend))
+    return web_document("Search: %s" % q if q else "Search", "".join(body), prefix,
+                        [("search", None)], search=(q, index))
+
+
+def render_web_status(prefix, facts, mirrors):
+    """The status page: ``facts`` [(label, text)], ``mirrors`` [(path, url, last
+    success, last failure, error)]."""
+    body = ['<h1>Status</h1><dl class="meta">']
+    for label, value in facts:
+        body.append("<dt>%s</dt><dd>%s</dd>" % (_e(label), _e(value)))
+    body.append("</dl><h2>Mirrors</h2>")
+    if mirrors:
+        body.append('<div class="scroll"><table><thead><tr><th>index</th><th>upstream</th>'
+                    '<th>last success</th><th>last failure</th></tr></thead><tbody>')
+        for path, url, ok, failed, error in mirrors:
+            user, _, name = path.partition("/")
+            body.append('<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td><td>%s%s</td>'
+                        '</tr>' % (web_href(prefix, user, name), _e(path), _e(url),
+                                   _e(web_time(ok) or "never"), _e(web_time(failed) or "none"),
+                                   ('<div class="muted">%s</div>' % _e(error)) if error else ""))
+        body.append("</tbody></table></div>")
+    else:
+        body.append('<p class="muted">no mirror indexes</p>')
+    return web_document("Status", "".join(body), prefix, [("status", None)])
+
+
+def render_web_error(prefix, status, message):
+    title = {401: "Log-in needed", 403: "Not allowed", 404: "Not found",
+             410: "Gone"}.get(status, "Error")
+    body = ('<h1>%d %s</h1><p class="lead">%s</p><p><a href="%s/">Back to the list of '
+            'indexes</a></p>' % (status, _e(title), _e(message), _e(prefix)))
+    return web_document("%d %s" % (status, title), body, prefix)
+
+
+class WebPages:
+    """The App's web pages (mixed into App): each reads through the model as the request's
+    reader, renders with the functions above, and keeps the bytes in the page cache."""
+
+    def web_prefix(self, req):
+        return urllib.parse.urlsplit(req.outside_url()).path.rstrip("/")
+
+    def web_response(self, req, page):
+        resp = self.page_response(req, page, shared=False)
+        resp.headers.extend(WEB_HEADERS)
+        return resp
+
+    def web_cached(self, req, key, validator, render):
+        """The page ``key`` from the cache while ``validator`` holds, else ``render()``d
+        (and kept). Pages hold this server's URL and depend on who reads them."""
+        key = ("web",) + key + (req.outside_url(), req.actor)
+        page = self.pages.get(key, validator)
+        if page is None:
+            page = self.pages.put(key, validator, render(), HTML_TYPE)
+        return self.web_response(req, page)
+
+    def web_readable(self, ix, reader):
+        """Whether ``reader`` may read the index itself (the model's read rule)."""
+        try:
+            return any(b.id == ix.id for b in self.model.chain(ix, reader, ignore_bases=True))
+        except HTTPError:
+            return False
+
+    def web_root(self, req):
+        return self.web_cached(req, ("root",), self.store.serial, lambda: render_web_root(
+            self.web_prefix(req), self.model.list_users(actor=req.actor)))
+
+    def web_user(self, req, user):
+        return self.web_cached(req, ("user", user), self.store.serial, lambda: render_web_user(
+            self.web_prefix(req), self.model.user_info(user, actor=req.actor)))
+
+    def web_index(self, req, ix):
+        try:
+            page = max(1, min(int((req.query.get("page") or ["1"])[0]), 10 ** 6))
+        except ValueError:
+            raise bad_request("page must be a number")
+        m = self.model
+
+        def render():
+            names = sorted(m.project_names(ix, req.actor, ignore_bases=True))
+            shown = names[(page - 1) * WEB_PAGE_SIZE:page * WEB_PAGE_SIZE]
+            rows = {}
+            if shown:
+                for r in self.store.conn().execute(
+                        "SELECT name, display, version, summary, uploaded FROM search WHERE "
+                        "index_id=? AND name IN (%s)" % ",".join("?" * len(shown)),
+                        [ix.id] + shown):
+                    rows[r[0]] = tuple(r)
+            projects = [rows.get(n, (n, n, "", "", None)) for n in shown]
+            chain = [b.path for b in m.chain(ix, req.actor)]
+            return render_web_index(self.web_prefix(req), req.outside_url(), ix,
+                                    m.shown_config(ix.config, req.actor), chain, projects,
+                                    page, len(names))
+        if not self.web_readable(ix, req.actor):
+            raise forbidden("no permission to read %s" % ix.path)
+        return self.web_cached(req, ("index", ix.path, page), self.store.serial, render)
+
+    def _web_releases(self, ix, walk):
+        """{version: [(meta, yanked, files, index path)]} through the walk's visible indexes,
+        in the chain's order (the first one counts): which index each comes from."""
+        out = {}
+        m = self.model
+        found = False
+        for b in walk.visible:
+            if b.is_mirror:
+                data = self.mirror_version_data(b, walk)
+            elif walk.holds(b):
+                data = m.version_data(b, walk.project)
+            else:
+                data = None
+            if data is None:
+                continue
+            found = True
+            for ver, (meta, yanked, files) in data.items():
+                out.setdefault(ver, []).append((meta, yanked, files, b.path))
+        return out if found else None
+
+    def web_project(self, req, ix, norm):
+        m = self.model
+
+        def render():
+            walk = m.walk(ix, norm, req.actor)
+            releases = self._web_releases(ix, walk)
+            if not releases:
+                raise not_found("The project %s does not exist on %s." % (norm, ix.path))
+            rows = []
+            for ver in sorted(releases, key=version_key, reverse=True):
+                first = releases[ver][0]
+                meta, yanked, files, source = first
+                has_doc = any(f.rel == "doczip" for r in releases[ver] for f in r[2])
+                rows.append((ver, meta.get("summary", ""), yanked, source, has_doc,
+                             [r[3] for r in releases[ver][1:]]))
+            display = walk.display or releases[rows[0][0]][0][0].get("name") or norm
+            return render_web_project(self.web_prefix(req), req.outside_url(), ix, norm,
+                                      display, rows)
+        return self.web_cached(req, ("project", ix.path, norm),
+                               self.pages.project_validator(norm), render)
+
+    def web_version(self, req, ix, norm, version):
+        m = self.model
+
+        def render():
+            walk = m.walk(ix, norm, req.actor)
+            releases = self._web_releases(ix, walk) or {}
+            found = releases.get(version)
+            if not found:
+                raise not_found("The version %s of project %s does not exist."
+                                % (version, norm))
+            meta, yanked, files, source = found[0]
+            prefix = self.web_prefix(req)
+            doc = None
+            if any(f.rel == "doczip" for r in found for f in r[2]):
+                doc = prefix + "/%s/%s/%s/+doc/" % (ix.path, _seg(norm), _seg(version))
+            release = [f for f in files if f.rel == "releasefile"]
+            shas = {f.filename: f.sha256 for f in release}
+            tox = {}
+            for f in files:
+                if f.rel != "toxresult" or f.for_filename not in shas:
+                    continue
+                try:
+                    with open(self.store.blob_path(f.sha256), "rb") as fh:
+                        report = json.loads(fh.read(TOXRESULT_MAX_BODY + 1).decode("utf-8"))
+                except (OSError, ValueError):
+                    report = {}
+                href = prefix + "/" + file_relpath(f.index, shas[f.for_filename], f.filename)
+                tox.setdefault(f.for_filename, []).append((href, report, f))
+            versions = list(releases)
+            newer = []
+            key = version_key(version)
+            stable = SearchIndex.latest([v for v in versions if not is_prerelease(v)])
+            newest = max(versions, key=version_key)
+            if stable and version_key(stable) > key:
+                newer.append(("stable", stable))
+            if newest != stable and version_key(newest) > key:
+                newer.append(("pre-release", newest))
+            return render_web_version(prefix, req.outside_url(), ix, norm, version, meta,
+                                      yanked, source,
+                                      [(f, prefix + "/" + f.relpath) for f in release], tox,
+                                      newer, doc)
+        return self.web_cached(req, ("version", ix.path, norm, version),
+                               self.pages.project_validator(norm), render)
+
+    def route_search(self, req):
+        t0 = time.perf_counter()
+        m = self.model
+        q = (req.query.get("q") or [""])[0][:200]
+        index = (req.query.get("index") or [""])[0].strip("/")
+        if index:
+            ix = m.require_index(index)
+            if not self.web_readable(ix, req.actor):
+                raise forbidden("no permission to read %s" % ix.path)
+            indexes = m.chain(ix, req.actor)
+        else:
+            indexes = [ix for ix in m.all_indexes() if self.web_readable(ix, req.actor)]
+        paths = {b.id: b.path for b in indexes}
+        results = [(paths[r[0]],) + tuple(r[1:])
+                   for r in m.search.query(q, list(paths), WEB_SEARCH_LIMIT)]
+        if wants_json(req.accept) and not wants_html(req):
+            return api_result("search", [
+                {"index": r[0], "name": r[1], "display": r[2], "version": r[3],
+                 "summary": r[4]} for r in results])
+        ms = (time.perf_counter() - t0) * 1000
+        page = CachedPage(None, render_web_search(self.web_prefix(req), q, index, results,
+                                                  m.search.backend, ms), HTML_TYPE)
+        return self.web_response(req, page)
+
+    def route_static(self, req, name):
+        found = WEB_STATIC.get(name)
+        if found is None:
+            raise not_found("no such file: /+static/%s" % name[:100])
+        ctype, body = found
+        page = self.pages.get(("static", name), 0) or self.pages.put(("static", name), 0,
+                                                                    body, ctype)
+        resp = self.page_response(req, page)
+        resp.headers = [(k, WEB_STATIC_CACHE_CONTROL if k == "Cache-Control" else v)
+                        for k, v in resp.headers]
+        return resp
+
+    def web_status(self, req):
+        m = self.model
+        c = self.store.conn()
+        count = lambda sql: c.execute(sql).fetchone()[0]  # noqa: E731
+        # (from the rows, not a walk of the directory: a big server has many blobs)
+        blobs = c.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM "
+                          "files GROUP BY sha256)").fetchone()[0]
+        db = 0
+        for suffix in ("", "-wal"):
+            try:
+                db += os.stat(self.store.db_path + suffix).st_size
+            except OSError:
+                pass
+        up = int(time.time() - getattr(self, "started", time.time()))
+        facts = [("version", "minidevpi %s (speaks devpi-server %s)" % (
+                     __version__, DEVPI_SERVER_VERSION)),
+                 ("uptime", "%dd %02d:%02d:%02d" % (up // 86400, up // 3600 % 24,
+                                                    up // 60 % 60, up % 60)),
+                 ("serial", str(self.store.serial)),
+                 ("storage", "%s of files, %s of database, in %s" % (
+                     web_size(blobs), web_size(db), self.store.serverdir)),
+                 ("users", str(count("SELECT COUNT(*) FROM users"))),
+                 ("indexes", str(count("SELECT COUNT(*) FROM indexes"))),
+                 ("projects", str(count("SELECT COUNT(*) FROM projects"))),
+                 ("versions", str(count("SELECT COUNT(*) FROM versions"))),
+                 ("files", str(count("SELECT COUNT(*) FROM files"))),
+                 ("offline mode", "on: no upstream traffic" if self.mirror.offline else "off"),
+                 ("search backend", m.search.backend)]
+        fetched = dict(c.execute("SELECT index_id, MAX(fetched) FROM mirror_pages WHERE "
+                                 "status IN (200, 404) GROUP BY index_id").fetchall())
+        failed = {}
+        for key, value in list((getattr(self.mirror, "_failed", None) or {}).items()):
+            try:
+                ts, err = value[0], value[1]
+                if key[0] not in failed or ts > failed[key[0]][0]:
+                    failed[key[0]] = (ts, getattr(err, "message", str(err)))
+            except (TypeError, IndexError):
+                pass
+        mirrors = []
+        for ix in m.all_indexes():
+            if ix.is_mirror and self.web_readable(ix, req.actor):
+                fail = failed.get(ix.id, (None, ""))
+                mirrors.append((ix.path, shown_mirror_url(ix.config.get("mirror_url", "")),
+                                fetched.get(ix.id), fail[0], fail[1]))
+        page = CachedPage(None, render_web_status(self.web_prefix(req), facts, mirrors),
+                          HTML_TYPE)
+        return self.web_response(req, page)
+
+    def error_page(self, req, e):
+        """An error as a page, for a browser (the handler adds the error's headers)."""
+        try:
+            prefix = self.web_prefix(req)
+        except Exception:
+            prefix = ""
+        return Response(e.status, render_web_error(prefix, e.status, e.message),
+                        [("Content-Type", HTML_TYPE)] + list(WEB_HEADERS))
+
+
 # -- routes ---------------------------------------------------------------------------
 
 
@@ -4784,6 +5872,8 @@ ROUTE_SPECS = [
     # method   path pattern                                        handler (App.route_...)
     ("GET",    "/+api",                                            "api"),
     ("GET",    "/+status",                                         "status"),
+    ("GET",    "/+search",                                         "search"),
+    ("GET",    "/+static/{name}",                                  "static"),
     ("POST",   "/+login",                                          "login"),
     ("GET",    "/",                                                "list_users"),
     ("GET",    "/{user}/+api",                                     "api"),
@@ -4865,7 +5955,7 @@ HEX_RE = re.compile(r"^[0-9a-f]+$")
 CONTENT_LENGTH_RE = re.compile(r"^[ \t]*[0-9]{1,18}[ \t]*$")
 
 
-class App:
+class App(WebPages):
     """The HTTP surface over a Model: each route handler turns a Request into a Response."""
 
     def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY, offline=False,
@@ -4881,6 +5971,7 @@ class App:
         self.pages = PageCache()
         model.on_change(self.pages.changed)
         self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
+        self.started = time.time()
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -4957,6 +6048,8 @@ class App:
         return api_result("apiconfig", result)
 
     def route_status(self, req):
+        if wants_html(req):
+            return self.web_status(req)
         return api_result("status", {
             "versioninfo": {"devpi-server": DEVPI_SERVER_VERSION, "minidevpi": __version__},
             "serial": self.store.serial, "uuid": self.store.uuid,
@@ -4976,11 +6069,15 @@ class App:
         return api_result("proxyauth", result, message="login successful")
 
     def route_list_users(self, req):
+        if wants_html(req):
+            return self.web_root(req)
         return api_result("list:userconfig", self.model.list_users(actor=req.actor))
 
     # -- users --------------------------------------------------------------------------
 
     def route_get_user(self, req, user):
+        if wants_html(req):
+            return self.web_user(req, user)
         return api_result("userconfig", self.model.user_info(user, actor=req.actor))
 
     def route_create_user(self, req, user):
@@ -5006,6 +6103,8 @@ class App:
     def route_get_index(self, req, user, index):
         path = user + "/" + index
         m = self.model
+        if wants_html(req):
+            return self.web_index(req, m.require_index(path))
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_root(req, m.require_index(path))
         ix = m.require_index(path)
@@ -5118,6 +6217,8 @@ class App:
         m = self.model
         ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
+        if wants_html(req):
+            return self.web_project(req, ix, norm)
         if not wants_json(req.accept) and (req.is_installer or wants_simple(req.accept)):
             return self.simple_project_page(req, ix, norm)
         notes = []
@@ -5238,6 +6339,8 @@ class App:
         m = self.model
         ix = m.require_index(user + "/" + index)
         norm = self._norm_or_redirect(req, project)
+        if wants_html(req):
+            return self.web_version(req, ix, norm, version)
         walk = m.walk(ix, norm, lambda: req.actor)
         found = (m.releases(walk, lambda b: self.mirror_version_data(b, walk), version)
                  or {}).get(version)
@@ -5890,7 +6993,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         return path, query
 
     def _error_response(self, e, req):
-        resp = message_response(e.message, e.status)
+        if req is not None and e.status >= 400 and req.method in ("GET", "HEAD") \
+                and wants_html(req):
+            resp = self.server.app.error_page(req, e)  # a browser's: a page
+        else:
+            resp = message_response(e.message, e.status)
         resp.headers.extend(e.headers.items())
         if e.challenge:
             resp.headers.append(("WWW-Authenticate", 'Basic realm="pypi"'))

@@ -5133,6 +5133,643 @@ def test_doc_upload_refuses_too_many_members_or_bytes(alice, tmp_path, monkeypat
 
 
 # ----------------------------------------------------------------------------------
+# 7b. web pages
+# ----------------------------------------------------------------------------------
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+           "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0"}
+
+
+def browse(url, path, **headers):
+    return http(url, path=path, headers=dict(BROWSER, **headers))
+
+
+class PageTags(__import__("html.parser").parser.HTMLParser):
+    """Every start tag of a page with its attributes, and its visible text."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.tags = []
+        self.text = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def links(self):
+        return [a.get("href") for t, a in self.tags if t == "a"]
+
+
+def assert_web_page(r, status=200):
+    """A page as a browser gets it: HTML, the CSP without inline script, not sniffed; and
+    no markup but ours (one script, from the server itself; no event handlers; no
+    javascript: links)."""
+    assert r.status == status, r
+    assert r.header("content-type") == "text/html; charset=utf-8", r.headers
+    csp = r.header("content-security-policy")
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp, csp
+    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert r.header("x-content-type-options") == "nosniff"
+    page = PageTags(r.body.decode())
+    scripts = [a for t, a in page.tags if t == "script"]
+    assert [s.get("src", "").rsplit("/", 2)[-2:] for s in scripts] == [["+static", "copy.js"]]
+    for tag, attrs in page.tags:
+        assert tag not in ("iframe", "object", "embed", "style", "base", "meta") or (
+            tag == "meta" and set(attrs) <= {"charset", "name", "content"}), (tag, attrs)
+        assert not any(k.startswith("on") for k in attrs), (tag, attrs)
+        for k in ("href", "src", "action"):
+            v = (attrs.get(k) or "").strip().lower()
+            assert not v.startswith(("javascript:", "data:", "vbscript:")), (tag, attrs)
+    return page
+
+
+def web_fixture(alice, tmp_path):
+    """alice/base <- alice/dev: samplepkg 1.0 on base; 1.1, 2.0rc1 and a yanked 0.9 on dev."""
+    alice.create_index("alice/base", volatile=True)
+    auth = ("alice", "secret")
+    url = alice.url
+    assert api(url, "PATCH", "/alice/dev", auth=auth,
+               json_body=["bases+=alice/base", "bases+=root/pypi"]).status == 200
+    for index, version in (("alice/base", "1.0"), ("alice/dev", "0.9"), ("alice/dev", "1.1"),
+                           ("alice/dev", "2.0rc1")):
+        alice.upload(index, make_wheel(tmp_path, "samplepkg", version,
+                                       requires_dist=['idna[all]>=3; python_version<"3.12"']))
+    assert api(url, "PATCH", "/alice/dev/samplepkg/0.9", auth=auth,
+               json_body={"yanked": "broken build"}).status == 200
+    return url, auth
+
+
+def test_browsers_get_pages_where_clients_keep_their_json_and_simple_pages(alice, tmp_path):
+    """devpi-web's negotiation: Accept with HTML first (a browser) gets a page at /, /USER,
+    /USER/INDEX, .../PROJECT, .../VERSION; JSON stays byte for byte what it is for a JSON
+    Accept, devpi-client's or curl's */*; installers keep their simple pages."""
+    url, _auth = web_fixture(alice, tmp_path)
+    paths = ["/", "/alice", "/alice/dev", "/alice/dev/samplepkg", "/alice/dev/samplepkg/1.1"]
+    for path in paths:
+        page = assert_web_page(browse(url, path))
+        text = " ".join(page.text)
+        assert "minidevpi" in text, path
+        as_json = api(url, path=path)
+        assert as_json.header("content-type") == "application/json", path
+        # the same bytes however a client asks for JSON, and as json.dumps(indent=2) writes
+        for headers in ({"Accept": "*/*"}, {}, {"Accept": "*/*", "User-Agent":
+                                                 "devpi-client/7.3.0 (py3.11.7; linux)"},
+                        dict(BROWSER, **{"User-Agent": "devpi-client/7.3.0"})):
+            other = http(url, path=path, headers=headers)
+            assert other.body == as_json.body, (path, headers)
+        assert as_json.body == (json.dumps(as_json.json(), indent=2) + "\n").encode()
+        assert "result" in as_json.json() and as_json.header("content-security-policy") is None
+    # installers: simple pages at the index and project URLs, whatever they accept
+    for ua in ("pip/24.0 {}", "uv/0.5.0"):
+        r = http(url, path="/alice/dev/samplepkg", headers=dict(BROWSER, **{"User-Agent": ua}))
+        assert r.status == 200 and b"samplepkg-1.1-py3-none-any.whl#sha256=" in r.body, r
+        assert r.header("content-security-policy") is None
+    r = http(url, path="/alice/dev/+simple/samplepkg/", headers={"Accept": "text/html"})
+    assert b"<!DOCTYPE html>\n<html><head><meta name=\"pypi:repository-version\"" in r.body \
+        or b"pypi:repository-version" in r.body, r.body[:200]
+    assert r.header("content-security-policy") is None
+
+
+def test_devpi_client_and_pip_work_against_every_url_with_the_web_pages(alice, tmp_path):
+    url, _auth = web_fixture(alice, tmp_path)
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", url + "/alice/dev")
+    code, out = devpi("use", "-l")
+    assert "alice/dev" in out and "alice/base" in out, out
+    code, out = devpi("list")
+    assert "samplepkg" in out, out
+    code, out = devpi("list", "samplepkg")
+    assert "samplepkg-1.1-py3-none-any.whl" in out and "samplepkg-1.0" in out, out
+    code, out = devpi("getjson", "/alice/dev/samplepkg/1.1")
+    assert json.loads(out)["result"]["version"] == "1.1", out
+    code, out = devpi("getjson", "/")
+    assert "alice" in json.loads(out)["result"], out
+    devpi("login", "alice", "--password=secret")
+    code, out = devpi("index", "-l")
+    assert "alice/dev" in out, out
+    code, out = devpi("getjson", "/alice/dev")
+    assert json.loads(out)["result"]["bases"] == ["alice/base", "root/pypi"], out
+    for index_url in (url + "/alice/dev/+simple/", url + "/alice/dev"):
+        target = tmp_path / ("t%d" % len(os.listdir(str(tmp_path))))
+        pip("install", "--target", str(target), "--no-deps", "--index-url", index_url,
+            "samplepkg")
+        assert (target / "samplepkg-1.1.dist-info").is_dir()
+    code, out = pip("index", "versions", "--pre", "--index-url", url + "/alice/dev/+simple/",
+                    "samplepkg")
+    assert "2.0rc1" in out, out
+
+
+def test_web_pages_show_indexes_projects_versions_and_files(alice, tmp_path):
+    url, auth = web_fixture(alice, tmp_path)
+    alice.create_user("bob", "bobpw")
+    assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
+        "title=Alice's dev index", "description=where alice tries things",
+        "acl_upload+=bob", "mirror_whitelist+=samplepkg"]).status == 200
+    root = assert_web_page(browse(url, "/"))
+    text = " ".join(root.text)
+    assert "Alice's dev index" in text and "where alice tries things" in text
+    assert "/alice/dev" in root.links() and "/root/pypi" in root.links() and "/bob" in \
+        root.links()
+    assert any(t == "form" and a.get("action") == "/+search" for t, a in root.tags)
+    # the index: how to use it, bases in resolution order, permissions, projects
+    index = assert_web_page(browse(url, "/alice/dev"))
+    text = " ".join(index.text)
+    for line in ("pip install --index-url %s/alice/dev/+simple/" % url,
+                 "uv pip install --index-url %s/alice/dev/+simple/" % url,
+                 "devpi use %s/alice/dev" % url):
+        assert line in text, line
+        assert any(a.get("data-copy", "").startswith(line) for t, a in index.tags), line
+    assert re.search(r"alice/base\s*\u2192\s*root/pypi", text), text
+    assert "bob" in text and ":ANONYMOUS:" in text and "samplepkg" in text
+    assert "/alice/dev/samplepkg" in index.links() and "/alice/dev/samplepkg/1.1" in \
+        index.links(), index.links()
+    # the project: newest first in PEP 440 order, pre-release and yanked marked, sources
+    project = assert_web_page(browse(url, "/alice/dev/samplepkg"))
+    versions = [h.rsplit("/", 1)[-1] for h in project.links()
+                if re.match(r"^/alice/dev/samplepkg/[^/]+$", h or "")]
+    assert versions[versions.index("2.0rc1"):] == ["2.0rc1", "1.1", "1.0", "0.9"], versions
+    text = " ".join(project.text)
+    assert "pre-release" in text and "yanked" in text
+    assert "/alice/base" in project.links()
+    page = browse(url, "/alice/dev/samplepkg").body.decode()
+    row_10 = re.search(r"<tr><td><a href=\"/alice/dev/samplepkg/1\.0\">.*?</tr>", page).group(0)
+    assert "/alice/base" in row_10, row_10
+    # a version: files with their facts, requirements with extras and markers, newer note
+    version = assert_web_page(browse(url, "/alice/dev/samplepkg/1.1"))
+    text = " ".join(version.text)
+    assert "samplepkg-1.1-py3-none-any.whl" in text and "py3" in text and "wheel" in text
+    wheel = os.path.join(str(tmp_path), "samplepkg-1.1-py3-none-any.whl")
+    assert sha256_file(wheel) in text
+    assert 'idna[all]>=3' in text and 'python_version<"3.12"' in text, text
+    assert "A newer pre-release version is available" in text and \
+        "/alice/dev/samplepkg/2.0rc1" in version.links()
+    assert "by root" in text, text  # (Server.upload uploads as root)
+    old = " ".join(assert_web_page(browse(url, "/alice/dev/samplepkg/0.9")).text)
+    assert "broken build" in old and re.search(r"A newer stable version is available:\s+1\.1", old)
+    # normalised names redirect, unknown ones are a page too
+    r = browse(url, "/alice/dev/SamplePkg/1.1")
+    assert r.status == 302 and r.header("location").endswith("/alice/dev/samplepkg/1.1")
+    assert_web_page(browse(url, "/alice/dev/samplepkg/7.0"), 404)
+
+
+def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    wheel = make_wheel(tmp_path, "meta-pkg", "1.0")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "meta-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"), ("summary", "All the facts"),
+              ("author", "Ada"), ("author_email", "ada@example.com"), ("license", "MIT"),
+              ("requires_python", ">=3.9"), ("classifiers", "Programming Language :: Python"),
+              ("classifiers", "License :: OSI Approved :: MIT License"),
+              ("project_urls", "Source, https://example.com/src"),
+              ("requires_dist", 'rich>=13; extra == "pretty"'), ("provides_extra", "pretty"),
+              ("description", "Hello *world*"), ("description_content_type", "text/markdown")]
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "meta-pkg", "1.0")[
+        "meta_pkg-1.0-py3-none-any.whl"]).path
+    assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    failing = json.loads(json.dumps(TOX_REPORT))
+    failing["testenvs"] = {"py39": {"test": [{"command": ["pytest"], "retcode": "1"}]}}
+    assert api(url, "POST", fpath, json_body=failing).status == 200
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>meta docs</h1>"})
+    assert upload_form(url, "alice/dev", docs, auth, filename="meta-pkg-1.0.doc.zip", fields=[
+        (":action", "doc_upload"), ("name", "meta-pkg"), ("version", "1.0")]).status == 200
+    page = assert_web_page(browse(url, "/alice/dev/meta-pkg/1.0"))
+    text = " ".join(page.text)
+    for fact in ("All the facts", "Ada", "ada@example.com", "MIT", ">=3.9",
+                 "Programming Language :: Python", "rich>=13", 'extra == "pretty"',
+                 "pretty", "Hello *world*", "py passed", "py39 failed"):
+        assert fact in text, fact
+    assert "https://example.com/src" in page.links()
+    link = [a for t, a in page.tags if t == "a" and a.get("href") == "https://example.com/src"]
+    assert "nofollow" in link[0]["rel"], link
+    reports = [h for h in page.links() if ".toxresult-" in h]
+    assert len(reports) == 2 and all(h.startswith(fpath + ".toxresult-") for h in reports)
+    assert api(url, path=reports[0]).status == 200
+    doc = [h for h in page.links() if h.endswith("/+doc/")]
+    assert doc == ["/alice/dev/meta-pkg/1.0/+doc/"], page.links()
+    r = http(url, path=doc[0], headers=BROWSER)
+    assert r.status == 200 and b"<h1>meta docs</h1>" in r.body
+    project = assert_web_page(browse(url, "/alice/dev/meta-pkg"))
+    assert "/alice/dev/meta-pkg/1.0/+doc/" in project.links()
+
+
+HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
+
+
+def test_web_pages_escape_every_value_users_wrote(alice, tmp_path):
+    """Hostile user, index and release metadata (titles, descriptions, summary, author,
+    URLs, classifiers, requirements, keywords, the description itself) reach the pages as
+    text: no tag, attribute or link of theirs."""
+    url, auth = alice.url, ("alice", "secret")
+    assert api(url, "PATCH", "/alice", auth=auth, json_body={
+        "title": HOSTILE, "description": HOSTILE}).status == 200
+    assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
+        "title=" + HOSTILE, "description=" + HOSTILE]).status == 200
+    wheel = make_wheel(tmp_path, "evil-pkg", "1.0")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "evil-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1")] + [
+        (k, HOSTILE) for k in ("summary", "author", "author_email", "license", "keywords",
+                               "requires_python", "classifiers", "requires_dist",
+                               "provides_extra", "description", "home_page")] + [
+        ("project_urls", "Evil, javascript:alert(3)"), ("download_url", "data:text/html,x"),
+        ("description_content_type", "text/markdown")]
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    assert api(url, "PATCH", "/alice/dev/evil-pkg/1.0", auth=auth,
+               json_body={"yanked": HOSTILE}).status == 200
+    pages = ["/", "/alice", "/alice/dev", "/alice/dev/evil-pkg", "/alice/dev/evil-pkg/1.0",
+             "/+search?q=" + urllib.parse.quote(HOSTILE), "/+search?q=evil",
+             "/alice/dev/" + urllib.parse.quote("nosuch<script>")]
+    for path in pages:
+        r = browse(url, path)
+        page = assert_web_page(r, 404 if "nosuch" in path else 200)
+        assert b"<script>alert" not in r.body and b"<img src=x" not in r.body, path
+        assert "alert(1)" in " ".join(page.text) or "nosuch" in path or path == "/", path
+    assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in browse(url, "/alice/dev/evil-pkg/1.0").body
+
+
+def test_web_pages_are_cached_with_etags_and_change_with_uploads(alice, tmp_path):
+    url = alice.url
+    alice.upload("alice/dev", make_wheel(tmp_path, "cached-pkg", "1.0"))
+    r1 = browse(url, "/alice/dev/cached-pkg/1.0")
+    etag = r1.header("etag")
+    assert etag and r1.header("vary").startswith("Accept")
+    assert browse(url, "/alice/dev/cached-pkg/1.0").body == r1.body
+    r = browse(url, "/alice/dev/cached-pkg/1.0", **{"If-None-Match": etag})
+    assert r.status == 304 and r.body == b"", r
+    index_etag = browse(url, "/alice/dev").header("etag")
+    alice.upload("alice/dev", make_wheel(tmp_path, "cached-pkg", "1.1"))
+    r2 = browse(url, "/alice/dev/cached-pkg/1.0", **{"If-None-Match": etag})
+    assert r2.status == 200 and b"A newer stable version is available" in r2.body
+    assert browse(url, "/alice/dev").header("etag") != index_etag
+    assert b"/alice/dev/cached-pkg/1.1" in browse(url, "/alice/dev").body
+    # gzip for those that take it
+    # measured: a version page rendered (cache missed) and answered from the cache
+    app = alice._httpd.app
+    ix = app.model.get_index("alice/dev")
+
+    class FakeReq:
+        headers = {"Accept": BROWSER["Accept"], "User-Agent": BROWSER["User-Agent"]}
+        accept = BROWSER["Accept"]
+        query = {}
+        actor = None
+        is_installer = False
+
+        def outside_url(self):
+            return url
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        app.pages.changed(False, False, ["cached-pkg"])
+        app.web_version(FakeReq(), ix, "cached-pkg", "1.0")
+    render_ms = (time.perf_counter() - t0) * 1000 / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        app.web_version(FakeReq(), ix, "cached-pkg", "1.0")
+    cached_ms = (time.perf_counter() - t0) * 1000 / n
+    print("version page: rendered in %.2f ms, from the cache in %.3f ms" % (render_ms,
+                                                                           cached_ms))
+
+
+def test_index_page_is_paged_and_a_mirror_shows_what_it_keeps(alice, tmp_path):
+    m = alice.model
+    ix = m.get_index("alice/dev")
+    with m.store.write():
+        for i in range(250):
+            m.register("alice", ix, "paged-%03d" % i, "1.%d" % i, {"summary": "number %d" % i})
+    first = assert_web_page(browse(alice.url, "/alice/dev"))
+    rows = [h for h in first.links() if re.match(r"^/alice/dev/paged-\d+$", h or "")]
+    assert rows == ["/alice/dev/paged-%03d" % i for i in range(100)], rows[:3]
+    assert "?page=2" in first.links() and "page 1 of 3" in " ".join(first.text)
+    assert "number 7" in " ".join(first.text) and "/alice/dev/paged-007/1.7" in first.links()
+    last = assert_web_page(browse(alice.url, "/alice/dev?page=3"))
+    rows = [h for h in last.links() if re.match(r"^/alice/dev/paged-\d+$", h or "")]
+    assert rows == ["/alice/dev/paged-%03d" % i for i in range(200, 250)]
+    assert "?page=2" in last.links() and "?page=4" not in last.links()
+    assert assert_web_page(browse(alice.url, "/alice/dev?page=x"), 400)
+    # a mirror: its kept projects (none yet), and a link to the upstream's list
+    mirror = assert_web_page(browse(alice.url, "/root/pypi"))
+    assert "/root/pypi/+simple/" in mirror.links()
+    assert "no projects kept locally yet" in " ".join(mirror.text)
+
+
+def test_search_finds_names_summaries_keywords_and_description_words(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_index("alice/other", volatile=True)
+    wheel = make_wheel(tmp_path, "Fancy_Widgets", "1.0")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "Fancy_Widgets"),
+              ("version", "1.0"), ("metadata_version", "2.1"),
+              ("summary", "Widgets for dashboards"), ("keywords", "gizmo,gadget"),
+              ("description", "Renders **sparklines** quickly.")]
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    alice.upload("alice/other", make_wheel(tmp_path, "fancy", "2.0"))
+    alice.upload("alice/other", make_wheel(tmp_path, "dashboards-helper", "0.1"))
+
+    def found(q, index=None):
+        path = "/+search?q=" + urllib.parse.quote(q) + ("&index=" + index if index else "")
+        r = api(url, path=path)
+        assert r.status == 200, r
+        return [(x["index"], x["name"]) for x in r.json()["result"]]
+    # the name, normalised and by prefix, first; then the words found elsewhere
+    assert found("fancy") == [("alice/other", "fancy"), ("alice/dev", "fancy-widgets")]
+    assert found("Fancy.Widgets") == [("alice/dev", "fancy-widgets")]
+    assert found("dashboards") == [("alice/other", "dashboards-helper"),
+                                   ("alice/dev", "fancy-widgets")]
+    assert found("gadget") == found("sparklines") == [("alice/dev", "fancy-widgets")]
+    assert found("sparkl") == [("alice/dev", "fancy-widgets")]  # the last word: a prefix
+    assert found("widgets dashboards") == [("alice/dev", "fancy-widgets")]
+    assert found("fancy", index="alice/other") == [("alice/other", "fancy")]
+    assert found("nothing-like-it") == [] and found("") == []
+    assert found('"*^ OR NEAR(') == []  # FTS syntax is text, never an error
+    # kept up to date: a deleted project leaves the results
+    assert api(url, "DELETE", "/alice/other/fancy", auth=auth).status == 200
+    assert found("fancy") == [("alice/dev", "fancy-widgets")]
+    page = assert_web_page(browse(url, "/+search?q=fancy"))
+    assert "/alice/dev/fancy-widgets" in page.links() and "1 result" in " ".join(page.text)
+    assert assert_web_page(browse(url, "/+search?q=x&index=alice/nosuch"), 404)
+
+
+def _fill_search(model, n):
+    ix = model.get_index("alice/dev")
+    t0 = time.perf_counter()
+    with model.store.write():
+        for i in range(n):
+            model.register("alice", ix, "proj-%05d" % i, "1.%d" % (i % 10), {
+                "summary": "tool number %d for %s" % (i, ("parsing", "plotting")[i % 2]),
+                "keywords": "kw%d" % (i % 100),
+                "description": "Long text with word%d and common words." % i})
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("fts", [True, False], ids=["fts5", "like"])
+def test_search_on_10000_projects_is_fast_with_either_backend(make_server, monkeypatch, fts,
+                                                              tmp_path):
+    if fts and not minidevpi.fts5_available():
+        skip_or_fail("this sqlite3 has no FTS5")
+    monkeypatch.setattr(minidevpi, "_FTS5", fts)
+    srv = make_server(tmp_path / "srv", root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    m = srv.model
+    assert m.search.backend.startswith("SQLite FTS5" if fts else "SQL LIKE")
+    built = _fill_search(m, 10000)
+    ids = [m.get_index("alice/dev").id]
+    times = {}
+    for q, want in (("proj-01234", ["proj-01234"]), ("word777", ["proj-00777"] + ["proj-0777%d" % i for i in range(10)]),
+                    ("plotting kw13", ["proj-%05d" % i for i in range(13, 10000, 100)][:50]),
+                    ("proj-0999", ["proj-0999%d" % i for i in range(10)]),
+                    ("common", None)):
+        t0 = time.perf_counter()
+        got = [r[1] for r in m.search.query(q, ids, 50)]
+        times[q] = (time.perf_counter() - t0) * 1000
+        if want is None:
+            assert len(got) == 50
+        else:
+            assert sorted(got) == sorted(want), (q, got[:5])
+    print("search (%s): 10,000 projects written in %.2f s; queries %s" % (
+        m.search.backend, built, ", ".join("%r %.1f ms" % kv for kv in times.items())))
+    assert max(times.values()) < 500  # (a bound for a busy machine; measured far below)
+    # through HTTP, the page says which backend answered
+    r = browse(srv.url, "/+search?q=proj-01234")
+    assert b"/alice/dev/proj-01234" in r.body and m.search.backend.encode() in r.body
+
+
+def test_search_rows_are_built_for_a_server_dir_of_an_older_schema(make_server, tmp_path):
+    """A server directory of schema 2 (no search table) opens, and its projects are found."""
+    d = tmp_path / "srv"
+    with make_server(d, root_password="rootpw") as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_wheel(tmp_path, "old-pkg", "1.0"))
+    db = sqlite3.connect(str(d / minidevpi.DB_NAME))
+    with db:
+        db.execute("DROP TABLE IF EXISTS search_fts")
+        db.execute("DROP TABLE search")
+        db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+        db.execute("DELETE FROM meta WHERE key='search_state'")
+    db.close()
+    srv = make_server(d)
+    r = api(srv.url, path="/+search?q=old")
+    assert [x["name"] for x in r.json()["result"]] == ["old-pkg"], r
+    srv.upload("alice/dev", make_wheel(tmp_path, "old-pkg-two", "1.0"))
+    assert len(api(srv.url, path="/+search?q=old").json()["result"]) == 2
+
+
+def test_a_failing_search_update_never_costs_the_upload(alice, tmp_path, monkeypatch):
+    """The search rows are derived: when writing them fails, the upload still commits, and
+    the rows are rebuilt when the server opens its directory again."""
+    def broken(self, c, project_ids):
+        raise sqlite3.OperationalError("disk image is malformed (simulated)")
+    kept = minidevpi.SearchIndex._write_rows
+    monkeypatch.setattr(minidevpi.SearchIndex, "_write_rows", broken)
+    alice.upload("alice/dev", make_wheel(tmp_path, "kept-pkg", "1.0"))
+    assert api(alice.url, path="/alice/dev/kept-pkg/1.0").status == 200
+    assert api(alice.url, path="/+search?q=kept").json()["result"] == []
+    monkeypatch.setattr(minidevpi.SearchIndex, "_write_rows", kept)
+    store = alice.model.store
+    minidevpi.SearchIndex(store).prepare()  # (what opening the directory does)
+    assert [r[1] for r in alice.model.search.query("kept", [
+        alice.model.get_index("alice/dev").id])] == ["kept-pkg"]
+
+
+def test_status_and_error_pages_for_browsers_json_for_clients(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.upload("alice/dev", make_wheel(tmp_path, "gone-pkg", "1.0"))
+    page = assert_web_page(browse(url, "/+status"))
+    text = " ".join(page.text)
+    assert re.search(r"storage \d[\d.]* (bytes|kB) of files, [\d.]+ (kB|MB) of database", text)
+    for fact in ("uptime", "users", "projects", "offline mode", "search backend",
+                 "root/pypi", minidevpi.__version__):
+        assert fact in text, fact
+    assert api(url, path="/+status").json()["type"] == "status"
+    r = browse(url, "/nosuchuser")
+    assert_web_page(r, 404)
+    assert b"404" in r.body and b"nosuchuser" in r.body
+    assert api(url, path="/nosuchuser").json()["message"]
+    href = release_links(url, "alice/dev", "gone-pkg", "1.0")["gone_pkg-1.0-py3-none-any.whl"]
+    path = urllib.parse.urlsplit(href).path
+    assert api(url, "DELETE", path, auth=auth).status == 200
+    assert_web_page(browse(url, path), 410)
+    assert api(url, path=path).status == 410 and api(url, path=path).json()["message"]
+    # an upload's error stays JSON (and its reason phrase) even from a browser's headers
+    r = http(url, "POST", "/alice/dev/", headers=BROWSER, body=b"x")
+    assert r.status in (400, 401) and r.header("content-type") == "application/json"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refusals_are_pages_for_browsers_and_json_for_clients(alice, monkeypatch, status):
+    """A read that is refused (as the read permissions refuse one): a browser gets a page,
+    with the challenge of a 401 kept; devpi-client and curl get devpi's JSON."""
+    def refuse(self, req, user):
+        raise minidevpi.unauthorized() if status == 401 else minidevpi.forbidden(
+            "no permission to read <b>%s</b>" % user)
+    monkeypatch.setattr(minidevpi.App, "route_get_user", refuse)
+    r = browse(alice.url, "/alice")
+    page = assert_web_page(r, status)
+    assert str(status) in " ".join(page.text)
+    if status == 403:
+        assert b"no permission to read &lt;b&gt;alice&lt;/b&gt;" in r.body
+    else:
+        assert r.header("www-authenticate") == 'Basic realm="pypi"'
+    for headers in ({"Accept": "application/json"}, {"Accept": "*/*"},
+                    dict(BROWSER, **{"User-Agent": "devpi-client/7.3.0"})):
+        r = http(alice.url, path="/alice", headers=headers)
+        assert r.status == status and r.json()["message"], r
+        assert r.header("content-type") == "application/json"
+
+
+def test_stylesheet_and_script_are_served_by_the_server_itself(alice):
+    r = http(alice.url, path="/+static/style.css")
+    assert r.status == 200 and r.header("content-type").startswith("text/css")
+    css = r.body.decode()
+    assert "prefers-color-scheme:dark" in css and "@media (max-width" in css
+    assert "@import" not in css and "url(" not in css and "@font-face" not in css
+    assert http(alice.url, path="/+static/style.css", headers={
+        "If-None-Match": r.header("etag")}).status == 304
+    js = http(alice.url, path="/+static/copy.js")
+    assert js.status == 200 and js.header("content-type").startswith("text/javascript")
+    assert b"navigator.clipboard" in js.body
+    assert http(alice.url, path="/+static/nosuch.css").status == 404
+
+
+def chromium_driver(width=1280, height=900):
+    """Headless Chromium driven by Selenium through the system's chromedriver (Debian's
+    chromium and chromium-driver): nothing is downloaded. Where one of them is missing the
+    test skips, or fails under MINIDEVPI_REQUIRE_CLIENTS=1."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        skip_or_fail("selenium is not installed")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+    if browser is None or driver is None:
+        skip_or_fail("chromium and chromedriver are not installed")
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-extensions", "--window-size=%d,%d" % (width, height)):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
+        alice, tmp_path):
+    """A real headless Chromium: each page kind loads with its stylesheet and script under
+    the CSP (the console shows no violation, no error), the links lead from the root to the
+    documentation, a search finds the project; screenshots are saved."""
+    from selenium.webdriver.common.by import By
+    url, auth = alice.url, ("alice", "secret")
+    assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
+        "title=Alice's development index", "description=Where new releases land first"]
+    ).status == 200
+    wheel = make_wheel(tmp_path, "browse-pkg", "1.0", requires_dist=["idna>=3"])
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "browse-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"),
+              ("summary", "A package to look at"), ("author", "Ada Lovelace"),
+              ("license", "MIT"), ("classifiers", "Programming Language :: Python :: 3"),
+              ("requires_dist", "idna>=3"),
+              ("project_urls", "Source, https://example.com/src"),
+              ("description", "Look here.\n\n" + HOSTILE),
+              ("description_content_type", "text/plain")]
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "browse-pkg", "1.0")[
+        "browse_pkg-1.0-py3-none-any.whl"]).path
+    assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>"})
+    assert upload_form(url, "alice/dev", docs, auth, filename="browse-pkg-1.0.doc.zip", fields=[
+        (":action", "doc_upload"), ("name", "browse-pkg"), ("version", "1.0")]).status == 200
+    alice.upload("alice/dev", make_wheel(tmp_path, "browse-pkg", "1.1"))
+    shots = os.environ.get("MINIDEVPI_SCREENSHOTS") or str(tmp_path / "screenshots")
+    os.makedirs(shots, exist_ok=True)
+    d = chromium_driver()
+    problems = []
+
+    def console():
+        for entry in d.get_log("browser"):
+            if entry.get("level") in ("SEVERE", "WARNING") or \
+                    "Content Security Policy" in entry.get("message", ""):
+                problems.append(entry)
+
+    def shot(name):
+        d.save_screenshot(os.path.join(shots, name + ".png"))
+        console()
+
+    def styled():
+        # the stylesheet applied: the header bar has its own background, the body its font
+        return d.execute_script(
+            "return getComputedStyle(document.querySelector('header')).borderBottomStyle")
+
+    try:
+        d.get(url + "/")
+        assert "minidevpi" in d.title and styled() == "solid"
+        assert "Alice's development index" in d.find_element(By.TAG_NAME, "main").text
+        shot("1-root")
+        d.find_element(By.CSS_SELECTOR, "a[href='/alice/dev']").click()
+        main = d.find_element(By.TAG_NAME, "main").text
+        assert "pip install --index-url %s/alice/dev/+simple/ PROJECT" % url in main, main
+        assert "devpi use %s/alice/dev" % url in main
+        # copy.js ran (allowed by the CSP): it shows the copy buttons
+        buttons = d.find_elements(By.CSS_SELECTOR, "button[data-copy]")
+        assert len(buttons) == 3 and all(b.is_displayed() for b in buttons)
+        shot("2-index")
+        d.find_element(By.LINK_TEXT, "browse-pkg").click()
+        assert d.current_url == url + "/alice/dev/browse-pkg"
+        rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "main table tbody tr")]
+        assert rows[0].startswith("1.1") and rows[1].startswith("1.0"), rows
+        shot("3-project")
+        d.find_element(By.LINK_TEXT, "1.0").click()
+        main = d.find_element(By.TAG_NAME, "main").text
+        for fact in ("A package to look at", "Ada Lovelace", "MIT", "idna>=3",
+                     "browse_pkg-1.0-py3-none-any.whl", "py passed",
+                     "A newer stable version is available: 1.1", "<script>alert(1)</script>"):
+            assert fact in main, fact
+        assert d.execute_script("return window.__hacked === undefined && "
+                                "document.querySelectorAll('main script, main img').length") \
+            == 0
+        shot("4-version")
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        dark = d.execute_script("return getComputedStyle(document.body).backgroundColor")
+        assert dark not in ("rgb(253, 253, 252)", "rgba(0, 0, 0, 0)"), dark
+        shot("5-version-dark")
+        d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        d.set_window_size(390, 844)  # a phone: nothing wider than the screen but the tables
+        d.refresh()
+        assert d.execute_script("return document.documentElement.scrollWidth <= "
+                                "window.innerWidth + 1")
+        shot("6-version-phone")
+        d.set_window_size(1280, 900)
+        d.find_element(By.LINK_TEXT, "read the documentation").click()
+        assert d.current_url == url + "/alice/dev/browse-pkg/1.0/+doc/"
+        assert d.find_element(By.TAG_NAME, "h1").text == "Browse docs"
+        shot("7-docs")
+        d.get(url + "/")
+        box = d.find_element(By.CSS_SELECTOR, "main input[name=q]")
+        box.send_keys("tiny sample")  # (the summary of 1.1, the latest)
+        box.submit()
+        assert d.current_url.startswith(url + "/+search?q=tiny+sample")
+        results = d.find_element(By.TAG_NAME, "main")
+        assert "1 result" in results.text and "browse-pkg" in results.text, results.text
+        shot("8-search")
+        d.get(url + "/+status")
+        assert "search backend" in d.find_element(By.TAG_NAME, "main").text
+        shot("9-status")
+        d.get(url + "/alice/dev/no-such-project")
+        assert "404" in d.find_element(By.TAG_NAME, "h1").text
+        d.get_log("browser")  # (the 404 itself is logged as a failed load: expected here)
+    finally:
+        d.quit()
+    assert problems == [], problems
+    assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 9
+
+
+# ----------------------------------------------------------------------------------
 # 8. export / import
 # ----------------------------------------------------------------------------------
 
