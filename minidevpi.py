@@ -2283,19 +2283,12 @@ def safe_url(url, image=False):
     return url
 
 
-class _SanitizerFull(Exception):
-    pass
-
-
 class _Sanitizer(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
-        self.out, self.stack, self.skip, self.skip_depth, self.tags = [], [], None, 0, 0
+        self.out, self.stack, self.skip, self.skip_depth = [], [], None, 0
 
     def handle_starttag(self, tag, attrs):
-        self.tags += 1
-        if self.tags > DESCRIPTION_MAX_TAGS:
-            raise _SanitizerFull()
         if self.skip:
             self.skip_depth += tag == self.skip
             return
@@ -2349,9 +2342,6 @@ class _Sanitizer(html.parser.HTMLParser):
             self.handle_endtag(tag)
 
     def handle_endtag(self, tag):
-        self.tags += 1
-        if self.tags > DESCRIPTION_MAX_TAGS:
-            raise _SanitizerFull()
         if self.skip:
             if tag == self.skip:
                 self.skip_depth -= 1
@@ -2369,9 +2359,8 @@ class _Sanitizer(html.parser.HTMLParser):
         if not self.skip:
             self.out.append(_esc(data))
 
-    def result(self, rest=""):
-        if not self.skip:
-            self.out.append(_esc(rest))
+    def result(self):
+        self.close()
         self.out.extend("</%s>" % t for t in reversed(self.stack))
         return "".join(self.out)
 
@@ -2379,19 +2368,20 @@ class _Sanitizer(html.parser.HTMLParser):
 def _san_lex(fragment):
     """The fragment with only complete tags left for HTMLParser: any other "<" becomes text;
     comments, declarations and processing instructions are dropped. (HTMLParser of some
-    CPython versions rescans an unfinished construct to the end for each "<" after it.)"""
-    out, pos, n, no_gt = [], 0, len(fragment), False
+    CPython versions rescans an unfinished construct to the end for each "<" after it.)
+    After DESCRIPTION_MAX_TAGS tags, the rest is text."""
+    out, pos, n, no_gt, tags = [], 0, len(fragment), False, 0
     while True:
         p = fragment.find("<", pos)
-        if p == -1:
-            out.append(fragment[pos:])
+        if p == -1 or tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
+            out.append(fragment[pos:] if p == -1 else _esc_text(fragment[pos:]))
             break
         out.append(fragment[pos:p])
         end = min(n, p + 65536)
         m = _MD_OPEN_TAG.match(fragment, p, end) or _MD_CLOSE_TAG.match(fragment, p, end)
         if m:
             out.append(m.group())
-            pos = m.end()
+            pos, tags = m.end(), tags + 1
             continue
         if fragment.startswith("<!--", p):
             close = fragment.find("-->", p + 4)
@@ -2414,14 +2404,8 @@ def sanitize_html(fragment):
     """The fragment with only allow-listed tags and attributes, safe URLs,
     ``rel="nofollow noopener"`` on links, everything closed, quoted and escaped; comments,
     scripts, styles, frames, forms and event handlers dropped."""
-    s, fragment = _Sanitizer(), _san_lex(fragment)
-    try:
-        s.feed(fragment)
-        s.close()
-    except _SanitizerFull:  # too many tags: the rest as text, from the tag found at pos
-        line, col = s.getpos()
-        start = sum(len(l) + 1 for l in fragment.split("\n", line - 1)[:line - 1]) + col
-        return s.result(fragment[start:])
+    s = _Sanitizer()
+    s.feed(_san_lex(fragment))
     return s.result()
 
 

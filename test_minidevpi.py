@@ -1373,6 +1373,19 @@ def test_sanitizer_keeps_what_is_allowed_and_adds_nofollow():
     assert minidevpi.sanitize_html("x<b>" * 200).count("</b>") == 64  # nesting is capped
 
 
+def test_markup_beyond_the_budgets_is_shown_as_text(monkeypatch):
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 4)
+    assert minidevpi.sanitize_html("<b>1</b><i>2</i><script>alert(1)</script><u>3</u>") == \
+        "<b>1</b><i>2</i>&lt;script&gt;alert(1)&lt;/script&gt;&lt;u&gt;3&lt;/u&gt;"
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 50000)
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 3)
+    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/markdown") == \
+        "<p><em>a</em> *b*</p>\n<p>*c*</p>"
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 2)  # one per markup there
+    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/x-rst") == \
+        "<p><em>a</em> <em>b</em></p>\n<p>*c*</p>"
+
+
 BOUNDED = {
     "nested quotes": ">" * (1 << 20),
     "quote lines": (">" * 40 + " x\n") * 25000,
