@@ -1171,6 +1171,11 @@ def _md_interrupts(line):
     return bool(m and line[m.end():].strip() and (m.group(3) is None or m.group(3) == "1"))
 
 
+def _md_lazy(line):
+    """A lazy continuation line, which stays paragraph text (no setext underline)."""
+    return "\\" + line.lstrip() if _MD_SETEXT.match(line) else line
+
+
 def _md_table_cells(line):
     s = line.strip()
     if s.startswith("|"):
@@ -1259,8 +1264,9 @@ class _MdBlocks:
                     if m:
                         rest = l[m.end():]
                         inner.append(rest[1:] if rest.startswith(" ") else rest)
-                    elif l.strip() and inner and inner[-1].strip() and not _md_interrupts(l):
-                        inner.append(l)  # a lazy continuation line
+                    elif (l.strip() and inner and inner[-1].strip() and not _md_interrupts(l)
+                          and not _MD_LIST.match(l)):
+                        inner.append(_md_lazy(l))  # a lazy continuation line
                     else:
                         break
                     i += 1
@@ -1353,7 +1359,7 @@ class _MdBlocks:
             else:
                 width = m.end()
             item, i = [rest], i + 1
-            while i < n:
+            while i < n and (rest.strip() or lines[i].strip() or len(item) > 1):
                 l = lines[i]
                 s = l.lstrip(" ")
                 if not s:
@@ -1362,7 +1368,7 @@ class _MdBlocks:
                     item.append(l[width:])
                 elif (item[-1].strip() and not _md_interrupts(l) and not _MD_LIST.match(l)
                       and not _md_fence(item[-1].lstrip())):
-                    item.append(l)  # a lazy continuation line
+                    item.append(_md_lazy(l))  # a lazy continuation line
                 else:
                     break
                 i += 1

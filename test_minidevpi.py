@@ -1070,7 +1070,7 @@ def assert_safe(fragment):
             if name in ("href", "src"):
                 bare = re.sub(r"[\x00-\x20\x7f-\xa0\u200b-\u200f\u2028\u2029\ufeff]", "",
                               value).lower()
-                scheme = bare.split(":", 1)[0] if ":" in bare.split("/", 1)[0] else ""
+                scheme = re.match(r"([a-z][a-z0-9+.-]*:)?", bare).group()[:-1]  # as browsers
                 ok = ("http", "https", "mailto", "") if name == "href" else ("http", "https", "")
                 assert scheme in ok or (name == "src" and re.match(
                     r"data:image/(png|gif|jpeg|webp)[;,]", bare)), (tag, name, value)
