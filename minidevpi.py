@@ -1289,6 +1289,16 @@ class _MdBlocks:
                 nodes.append(("html", "\n".join(lines[i:j])))
                 i = j
                 continue
+            m = _MD_REFDEF.match(line)
+            if m:  # a link reference definition (it cannot interrupt a paragraph)
+                label = " ".join(m.group(1).split()).casefold()
+                dest = m.group(2)[1:-1] if m.group(2)[0] == "<" else m.group(2)
+                title = m.group(3)[1:-1] if m.group(3) else None
+                if label:
+                    self.refs.setdefault(label, (_md_unescape(dest),
+                                                 _md_unescape(title) if title else None))
+                i += 1
+                continue
             aligns = _md_table_head(lines, i)
             if aligns:
                 head = _md_table_cells(line)
@@ -1317,24 +1327,8 @@ class _MdBlocks:
                 break
             para.append(l)
             i += 1
-        k = 0
-        while k < len(para):  # link reference definitions
-            m = _MD_REFDEF.match(para[k])
-            if not m:
-                break
-            k += 1
-            label = " ".join(m.group(1).split()).casefold()
-            dest = m.group(2)[1:-1] if m.group(2)[0] == "<" else m.group(2)
-            title = m.group(3)[1:-1] if m.group(3) else None
-            if label:
-                self.refs.setdefault(label, (_md_unescape(dest),
-                                             _md_unescape(title) if title else None))
-        para = para[k:]
-        if para:
-            text = "\n".join(l.lstrip() for l in para).rstrip()
-            nodes.append(("h", level, text) if level else ("p", text))
-        elif level == 2:  # "---" under link definitions only: a rule
-            nodes.append(("hr",))
+        text = "\n".join(l.lstrip() for l in para).rstrip()
+        nodes.append(("h", level, text) if level else ("p", text))
         return i
 
     def _list(self, lines, i, depth, nodes):
@@ -1373,7 +1367,7 @@ class _MdBlocks:
                     break
                 i += 1
             trailing = 0
-            while item and not item[-1].strip():
+            while len(item) > 1 and not item[-1].strip():
                 item.pop()
                 trailing += 1
             children = self.parse(item, depth + 1)
