@@ -1024,17 +1024,6 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-# -- 3b. description rendering: STAND-IN ----------------------------------------------
-# >>> stand-in for section 3b (the 'render' branch writes the real renderer): the lead
-# >>> drops this block at the merge. Same name and signature: a safe HTML fragment.
-
-def render_description(text, content_type):
-    """A release description as a safe HTML fragment (stand-in: preformatted, escaped)."""
-    return "<pre>" + html.escape(text or "", quote=True) + "</pre>"
-
-# <<< end of the stand-in for section 3b
-
-
 # ===================================================================================
 # 3b. descriptions
 # ===================================================================================
