@@ -6086,7 +6086,7 @@ def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
     assert "/alice/dev/meta-pkg/1.0/+doc/" in project.links()
 
 
-HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
+HOSTILE_VALUE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
 
 
 def test_web_pages_escape_every_value_users_wrote(alice, tmp_path):
@@ -6095,22 +6095,22 @@ def test_web_pages_escape_every_value_users_wrote(alice, tmp_path):
     text: no tag, attribute or link of theirs."""
     url, auth = alice.url, ("alice", "secret")
     assert api(url, "PATCH", "/alice", auth=auth, json_body={
-        "title": HOSTILE, "description": HOSTILE}).status == 200
+        "title": HOSTILE_VALUE, "description": HOSTILE_VALUE}).status == 200
     assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
-        "title=" + HOSTILE, "description=" + HOSTILE]).status == 200
+        "title=" + HOSTILE_VALUE, "description=" + HOSTILE_VALUE]).status == 200
     wheel = make_wheel(tmp_path, "evil-pkg", "1.0")
     fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "evil-pkg"),
               ("version", "1.0"), ("metadata_version", "2.1")] + [
-        (k, HOSTILE) for k in ("summary", "author", "author_email", "license", "keywords",
+        (k, HOSTILE_VALUE) for k in ("summary", "author", "author_email", "license", "keywords",
                                "requires_python", "classifiers", "requires_dist",
                                "provides_extra", "description", "home_page")] + [
         ("project_urls", "Evil, javascript:alert(3)"), ("download_url", "data:text/html,x"),
         ("description_content_type", "text/markdown")]
     assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
     assert api(url, "PATCH", "/alice/dev/evil-pkg/1.0", auth=auth,
-               json_body={"yanked": HOSTILE}).status == 200
+               json_body={"yanked": HOSTILE_VALUE}).status == 200
     pages = ["/", "/alice", "/alice/dev", "/alice/dev/evil-pkg", "/alice/dev/evil-pkg/1.0",
-             "/+search?q=" + urllib.parse.quote(HOSTILE), "/+search?q=evil",
+             "/+search?q=" + urllib.parse.quote(HOSTILE_VALUE), "/+search?q=evil",
              "/alice/dev/" + urllib.parse.quote("nosuch<script>")]
     for path in pages:
         r = browse(url, path)
@@ -6405,7 +6405,7 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
               ("license", "MIT"), ("classifiers", "Programming Language :: Python :: 3"),
               ("requires_dist", "idna>=3"),
               ("project_urls", "Source, https://example.com/src"),
-              ("description", "Look here.\n\n" + HOSTILE),
+              ("description", "Look here.\n\n" + HOSTILE_VALUE),
               ("description_content_type", "text/plain")]
     assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
     fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "browse-pkg", "1.0")[
