@@ -1685,7 +1685,7 @@ OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
-# a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
+# a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
 
