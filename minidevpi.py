@@ -3381,7 +3381,7 @@ OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 10 * 366 * 86400  # (a time that far ahead is still a date)
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
-# a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
+# a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
 
