@@ -2495,6 +2495,12 @@ CREATE TABLE IF NOT EXISTS provenance (  -- PEP 740 documents kept with mirrored
     sha256 TEXT NOT NULL,           -- the blob holding the document as upstream gave it
     PRIMARY KEY (index_id, filename)
 );
+CREATE TABLE IF NOT EXISTS yank_history (  -- PEP 592 states of a release over time
+    version_id INTEGER NOT NULL REFERENCES versions(id) ON DELETE CASCADE,
+    at REAL,                        -- NULL: the state before the first recorded change
+    yanked TEXT                     -- NULL (not yanked), or the reason ('' for none)
+);
+CREATE INDEX IF NOT EXISTS yank_history_version ON yank_history(version_id);
 CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     filename TEXT NOT NULL,
@@ -3563,7 +3569,7 @@ class File:
 
     __slots__ = ("index", "project", "version", "filename", "rel", "sha256", "size",
                  "uploaded", "requires_python", "core_metadata", "yanked", "for_filename",
-                 "log", "ext", "provenance")
+                 "log", "ext", "provenance", "yank_log")
 
     def __init__(self, index, project, version, filename, rel, sha256, size, uploaded,
                  requires_python="", core_metadata=None, yanked=None, for_filename=None,
@@ -3583,6 +3589,7 @@ class File:
         self.log = log  # JSON text
         self.ext = ext  # a mirrored file upstream gave no hash for: its +e key (sha256 None)
         self.provenance = False  # a mirrored file with a PEP 740 provenance (ours or upstream's)
+        self.yank_log = None  # a mirrored file's [[time or None, yanked], ...] (yank_state_at)
 
     @classmethod
     def from_row(cls, index, project, version, row):
@@ -3620,7 +3627,7 @@ class BaseWalk:
     """
 
     __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden",
-                 "at", "now", "cooling", "next_change", "_status")
+                 "at", "now", "cooling", "next_change", "_status", "_yank_logs")
 
     def __init__(self, model, ix, norm, reader, chain, at=None):
         self.model = model
@@ -3635,6 +3642,7 @@ class BaseWalk:
         self.cooling = {}       # version -> when its first file held back by age matures
         self.next_change = None  # when the first file held back by age matures
         self._status = {}
+        self._yank_logs = {}
 
     def _holders(self):
         """{index id: display name} of the chain's indexes that hold the project."""
@@ -3738,10 +3746,41 @@ class BaseWalk:
             return False
         return True
 
+    def yanked_then(self, b, f):
+        """``f``'s yank state (PEP 592) at the time machine's ``at``, as far as its history
+        was kept (yank_state_at); without ``at``, or without history, its state now."""
+        if self.at is None:
+            return f.yanked
+        if b.is_mirror:
+            log = f.yank_log
+        else:
+            if b.id not in self._yank_logs:
+                logs = {}
+                for ver, at, yanked in self.model.store.conn().execute(
+                        "SELECT v.version, y.at, y.yanked FROM yank_history y JOIN versions v "
+                        "ON y.version_id=v.id JOIN projects p ON v.project_id=p.id WHERE "
+                        "p.index_id=? AND p.name=? ORDER BY y.rowid", (b.id, self.project)):
+                    logs.setdefault(ver, []).append((at, yanked))
+                self._yank_logs[b.id] = logs
+            log = self._yank_logs[b.id].get(f.version)
+        return yank_state_at(log, self.at, f.yanked)
+
     def held_back(self, offered_versions):
         """{version: when it matures} of the versions held back by mirror_min_age that no
         file offers."""
         return {v: t for v, t in self.cooling.items() if v not in offered_versions}
+
+
+def yank_state_at(log, at, now_state):
+    """The yank state at ``at`` from a history [(time, state), ...] whose first entry has
+    time None (the state before the first change recorded); ``now_state`` without one."""
+    if not log:
+        return now_state
+    state = now_state
+    for t, value in log:
+        if t is None or t <= at:
+            state = value
+    return state
 
 
 def cooling_until(ix, norm, uploaded, now):
@@ -4542,6 +4581,14 @@ class Model:
         norm = normalize_name(name)
         with self.store.write() as c:
             version_id = self._version_id_of(c, ix, norm, version)
+            old = c.execute("SELECT yanked FROM versions WHERE id=?", (version_id,)).fetchone()
+            if old[0] != value:  # kept for the time machine (BaseWalk.yanked_then)
+                if not c.execute("SELECT 1 FROM yank_history WHERE version_id=? LIMIT 1",
+                                 (version_id,)).fetchone():
+                    c.execute("INSERT INTO yank_history VALUES (?,NULL,?)",
+                              (version_id, old[0]))
+                c.execute("INSERT INTO yank_history VALUES (?,?,?)",
+                          (version_id, time.time(), value))
             c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, version_id))
             self._changed(projects=[norm])
 
@@ -4705,6 +4752,8 @@ class Model:
                 if f.filename not in seen and (not check or walk.offers(b, f.version,
                                                                          f.uploaded)):
                     seen.add(f.filename)
+                    if walk.at is not None:
+                        f.yanked = walk.yanked_then(b, f)
                     files.append(f)
         return files if found else None
 
@@ -5174,6 +5223,7 @@ class _LinkParser:
         return self
 
 
+MAX_YANK_LOG = 50  # changes of a mirrored file's yank state kept (the latest)
 # a PEP 740 provenance document is a few KiB (attestations of one file); larger is refused
 MAX_PROVENANCE_BYTES = 256 * 1024
 
@@ -5483,9 +5533,11 @@ class Mirror:
             pass  # reported when the page itself is built
 
     def forget_project(self, ix, norm):
-        """Drop a cached page (devpi's refresh): the next request asks upstream."""
+        """Expire a cached page (devpi's refresh): the next request fetches it whole from
+        upstream (what was kept of its files' history, first_seen and yanks, stays)."""
         with self.store.write() as c:
-            c.execute("DELETE FROM mirror_pages WHERE index_id=? AND project=?", (ix.id, norm))
+            c.execute("UPDATE mirror_pages SET fetched=0, etag=NULL, last_modified=NULL "
+                      "WHERE index_id=? AND project=?", (ix.id, norm))
         self._fresh.pop((ix.id, norm), None)
         self._failed.pop((ix.id, norm), None)
 
@@ -5540,14 +5592,18 @@ class Mirror:
         with self.store.write() as c:
             old = c.execute("SELECT files, status FROM mirror_pages WHERE index_id=? AND "
                             "project=?", (ix.id, norm)).fetchone()
-            if any(e["upload_time"] is None for e in entries):
-                seen = {}
-                for e in (json.loads(old["files"]) if old is not None else []):
-                    if e.get("first_seen"):
-                        seen[e["filename"]] = e["first_seen"]
-                for e in entries:
-                    if e["upload_time"] is None:
-                        e["first_seen"] = seen.get(e["filename"], now)
+            before = {e["filename"]: e for e in (json.loads(old["files"]) if old is not None
+                                                 else [])}
+            for e in entries:
+                was = before.get(e["filename"])
+                if e["upload_time"] is None:
+                    e["first_seen"] = was.get("first_seen", now) if was else now
+                if was is not None:  # a yank's history, for the time machine
+                    log = was.get("yank_log")
+                    if was["yanked"] != e["yanked"]:
+                        log = (log or [[None, was["yanked"]]]) + [[now, e["yanked"]]]
+                    if log:  # (bounded: the state before the first, the latest changes)
+                        e["yank_log"] = log[:1] + log[1:][-MAX_YANK_LOG:]
             data = json.dumps(entries)
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
@@ -5582,6 +5638,7 @@ class Mirror:
             kept = have.pop(e["filename"], None)
             if e["sha256"] is None:
                 if kept is not None:
+                    kept.yank_log = e.get("yank_log")
                     out.append(kept)  # hashed when it was fetched: listed with its hash
                 else:
                     out.append(File(ix.path, norm, version, filename=e["filename"],
@@ -5597,6 +5654,7 @@ class Mirror:
                                                           e.get("first_seen") or 0),
                             requires_python=e["requires_python"], core_metadata=core,
                             yanked=e["yanked"]))
+            out[-1].yank_log = e.get("yank_log")
         out.extend(have.values())
         return self._mark_provenance(ix, norm, out, [e["filename"] for e in entries
                                                      if e.get("provenance")])

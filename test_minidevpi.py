@@ -3774,10 +3774,14 @@ def test_a_page_cached_while_a_file_cools_off_shows_it_once_it_matured(upstream,
     assert page_files(srv.url, "/root/pypi/+simple/mirrored-pkg/") == []
     assert page_files(srv.url, "/root/pypi/+simple/mirrored-pkg/") == []  # (cached)
     assert upstream.count("/simple/mirrored-pkg/") == 1
+    time.sleep(1)  # a refresh fetches the page again, and does not start the wait again
+    assert http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh").status == 302
+    assert page_files(srv.url, "/root/pypi/+simple/mirrored-pkg/") == []
+    assert upstream.count("/simple/mirrored-pkg/") == 2
     time.sleep(max(0, seen + 3.2 - time.time()))
     files = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"]
     assert [f["filename"] for f in files] == ["mirrored_pkg-1.0-py3-none-any.whl"]
-    assert upstream.count("/simple/mirrored-pkg/") == 1  # the page came from no new fetch
+    assert upstream.count("/simple/mirrored-pkg/") == 2  # the page came from no new fetch
     # the time it was first seen is kept, and is what the page says
     assert abs(minidevpi.parse_upload_time(files[0]["upload-time"]) - seen) < 2
 
@@ -3803,9 +3807,12 @@ def test_time_machine_serves_the_index_as_it_was(guarded, upstream, tmp_path):
     offset = time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(moment + 7200))
     assert page_files(srv.url, "/alice/dev/+at/%s/+simple/own-pkg/" % offset) == [
         "own_pkg-1.0-py3-none-any.whl"]
-    # later: a private upload, a new upstream release, the upstream page fetched again
+    # later: a private upload and yank, a new upstream release and yank, fetched again
     srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "2.0"))
+    assert api(srv.url, "PATCH", "/alice/dev/own-pkg/1.0", auth=("root", "rootpw"),
+               json_body={"yanked": "bad"}).status == 200
     upstream.add(make_wheel(tmp_path, "mirrored-pkg", "3.0"), upload_time=iso(time.time()))
+    upstream.yanked["mirrored_pkg-1.0-py3-none-any.whl"] = "broken"
     assert http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh").status == 302
     assert "mirrored_pkg-3.0-py3-none-any.whl" in page_files(
         srv.url, "/alice/dev/+simple/mirrored-pkg/")
@@ -3822,12 +3829,22 @@ def test_time_machine_serves_the_index_as_it_was(guarded, upstream, tmp_path):
     assert (tmp_path / "u" / "mirrored_pkg-1.0.dist-info").is_dir()
     # now it is there
     assert "own_pkg-2.0-py3-none-any.whl" in page_files(srv.url, "/alice/dev/+simple/own-pkg/")
-    # no yank history is kept: a file upstream yanks now shows yanked at any TIME
-    upstream.yanked["mirrored_pkg-1.0-py3-none-any.whl"] = "broken"
-    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
-    for path in ("/alice/dev/+simple/mirrored-pkg/",
-                 "/alice/dev/+at/2024-01-02/+simple/mirrored-pkg/"):
-        assert [f["yanked"] for f in page_json(srv.url, path)["files"]][0] == "broken"
+    # the yanks show from when they were made (upstream's: from when this mirror saw them)
+    later = math.ceil(time.time()) + 1
+    time.sleep(max(0, later + 0.1 - time.time()))
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(later))
+    for at_, yanked in ((at, False), (later, "broken")):
+        files = page_json(srv.url, "/alice/dev/+at/%s/+simple/mirrored-pkg/" % at_)["files"]
+        assert files[0]["yanked"] == yanked
+    for at_, yanked in ((at, False), (later, "bad")):
+        files = page_json(srv.url, "/alice/dev/+at/%s/+simple/own-pkg/" % at_)["files"]
+        assert files[0]["yanked"] == yanked
+    # and unyanked again: yanked in between only
+    api(srv.url, "PATCH", "/alice/dev/own-pkg/1.0", auth=("root", "rootpw"),
+        json_body={"yanked": False})
+    assert page_json(srv.url, "/alice/dev/+simple/own-pkg/")["files"][0]["yanked"] is False
+    files = page_json(srv.url, "/alice/dev/+at/%s/+simple/own-pkg/" % later)["files"]
+    assert files[0]["yanked"] == "bad"
     # a date is the end of that day (UTC); a time needs a zone; none may lie ahead
     assert page_files(srv.url, "/alice/dev/+at/2024-01-01/+simple/mirrored-pkg/") == []
     for bad in ("2024-01-02T03:04:05", "yesterday", "2024-13-01", "2024-01-02T25:00:00Z",
