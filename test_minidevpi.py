@@ -1375,6 +1375,15 @@ def test_sanitizer_keeps_what_is_allowed_and_adds_nofollow():
 
 
 def test_markup_beyond_the_budgets_is_shown_as_text(monkeypatch):
+    # nesting deeper than DESCRIPTION_MAX_DEPTH (16) is text
+    out = minidevpi.render_description(">" * 40 + " x", "text/markdown")
+    assert out.count("<blockquote>") == 17 and "&gt;" * 23 + " x" in out
+    out = minidevpi.render_description("".join("  " * k + "- x\n" for k in range(30)),
+                                       "text/markdown")
+    assert out.count("<ul>") == 17
+    out = minidevpi.render_description("".join(" " * k + "x\n\n" for k in range(30)),
+                                       "text/x-rst")
+    assert out.count("<blockquote>") == 17
     monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 4)
     assert minidevpi.sanitize_html("<b>1</b><i>2</i><script>alert(1)</script><u>3</u>") == \
         "<b>1</b><i>2</i>&lt;script&gt;alert(1)&lt;/script&gt;&lt;u&gt;3&lt;/u&gt;"
