@@ -3972,6 +3972,7 @@ class Mirror:
                                     % entry["filename"])
             self._keep(ix, display, entry, tmp, total, sha)
             ok = True
+            cleanup()  # (the connection and the flight are free before the last bytes go)
             if held is not None:
                 yield held
         finally:
