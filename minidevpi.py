@@ -2920,8 +2920,9 @@ MIRROR_READ_TIMEOUT = 10.0
 # Upstream answers are bounded: a project page is read up to MAX_PAGE_BYTES and may list at
 # most MAX_PAGE_LINKS files (the largest real pages are well below both); the project list
 # (600,000 names, ~30 MB today) is streamed to disk, never held whole, and bounded too.
-# Answers are asked for uncompressed and never decompressed, so the caps hold on the bytes
-# that are stored. A file is bounded by --max-request-body-size, as an upload is.
+# Pages and the list are asked for gzipped and the caps hold on the decompressed bytes, as
+# they stream (a gzip bomb stops at the cap). Files are asked for uncompressed and kept as
+# sent; a file is bounded by --max-request-body-size, as an upload is.
 MAX_PAGE_BYTES = 20 * 1024 * 1024
 MAX_PAGE_LINKS = 100000
 MAX_ROOT_BYTES = 256 * 1024 * 1024
@@ -6887,6 +6888,8 @@ class Server:
             httpd.shutdown()
             httpd.server_close()
             drained = httpd.close_connections()
+            if getattr(httpd, "app", None) is not None:
+                httpd.app.mirror.upstream.close_idle()  # (kept upstream connections)
             if self._thread is not None:
                 self._thread.join(5)
         self._cleanup(close_store=drained)
