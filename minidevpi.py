@@ -3964,6 +3964,9 @@ class Mirror:
                     if held is not None:
                         yield held
                     held = chunk
+                if self.store.sync_each_blob:
+                    f.flush()
+                    os.fsync(f.fileno())  # (here, not under the write lock of _keep)
             sha = digest.hexdigest()
             if entry["sha256"] is not None and sha != entry["sha256"]:
                 raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"

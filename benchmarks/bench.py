@@ -1501,7 +1501,7 @@ class _TLSUpstreamHandler(http.server.BaseHTTPRequestHandler):
     def send_body(self, status, body, ctype, gz=False):
         enc = gz and "gzip" in (self.headers.get("Accept-Encoding") or "")
         if enc:
-            body = gzip.compress(body, 6)
+            body = gz if isinstance(gz, bytes) else gzip.compress(body, 6)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -1535,7 +1535,7 @@ class _TLSUpstreamHandler(http.server.BaseHTTPRequestHandler):
             name = m.group(1)
             js = wants_json(self.headers.get("Accept"))
             body, ctype = up.pages[name][js], (JSON_ACCEPT if js else "text/html")
-            return self.send_body(200, body, ctype, gz=True)
+            return self.send_body(200, body, ctype, gz=up.gzipped[name][js])
         if m:
             return self.send_body(404, b"no such project", "text/plain", gz=True)
         return self.send_body(404, b"no", "text/plain")
@@ -1569,7 +1569,7 @@ class TLSUpstream:
         self.url = "https://127.0.0.1:%d/simple/" % self.servers[0].server_address[1]
         self.files_port = self.servers[1].server_address[1]
         files_url = "https://127.0.0.1:%d/files/" % self.files_port
-        self.pages = {}
+        self.pages, self.gzipped = {}, {}
         for name, fns in data.projects.items():
             entries = []
             for fn in fns:
@@ -1591,6 +1591,8 @@ class TLSUpstream:
             self.pages[name] = {True: js, False: ("<!DOCTYPE html><html><body><h1>Links for %s"
                                                   "</h1>\n%s</body></html>\n" % (name, page)
                                                   ).encode()}
+            # (gzipped once beforehand: the upstream costs next to nothing while serving)
+            self.gzipped[name] = {k: gzip.compress(v, 6) for k, v in self.pages[name].items()}
 
     def reset(self):
         with self.lock:
@@ -1766,8 +1768,13 @@ def run_cold_mirror(args):
                              and not p.endswith(".metadata")),
                 "metadata": sum(1 for p in up.hits if p.endswith(".metadata"))}
         srv.discard()
-        real = real_upstream(args, python, uv, script) if args.real_upstream else \
-            "not run (--real-upstream not given)"
+        real = "not run (--real-upstream not given)"
+        if args.real_upstream:
+            say("real upstream ...")
+            try:
+                real = real_upstream(args, python, uv, script)
+            except Exception as e:
+                real = "failed: %s" % str(e)[-300:]
     finally:
         up.stop()
     med = {k: statistics.median(v) for k, v in R.items() if v}
@@ -1832,21 +1839,35 @@ def real_upstream(args, python, uv, script):
                                         timeout=10) if url.startswith("https") else \
             http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port or 80,
                                        timeout=10)
-        c.request("GET", urlsplit(url).path.rstrip("/") + "/pip/",
+        roots = args.real_upstream.split(",")
+        c.request("GET", urlsplit(url).path.rstrip("/") + "/%s/" % normalize(roots[0]),
                   headers={"Accept": JSON_ACCEPT})
-        status = c.getresponse().status
+        resp = c.getresponse()
+        status, body = resp.status, resp.read()
         c.close()
     except OSError as e:
         return "skipped (not reachable: %s)" % type(e).__name__
     if status != 200:
-        return "skipped (not reachable: the project page of pip answered %d)" % status
-    roots = args.real_upstream.split(",")
+        return "skipped (not reachable: the project page answered %d)" % status
+    # a separate file host whose name resolves to non-public addresses here (a proxy, a
+    # sandbox) is refused by the mirror policy: it is allowed by name, as a user would
+    extra, note = [], ""
+    try:
+        f = urlsplit(urljoin(url, json.loads(body)["files"][-1]["url"]))
+        port = f.port or (443 if f.scheme == "https" else 80)
+        if (f.hostname, port) != (urlsplit(url).hostname, urlsplit(url).port or 443) and not all(
+                minidevpi.is_public_address(a[4][0]) for a in socket.getaddrinfo(f.hostname, port)):
+            extra = ["--mirror-allow-host", "%s:%d" % (f.hostname, port)]
+            note = " (the file host resolves to non-public addresses here: allowed with " \
+                   "--mirror-allow-host)"
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
     env = installer_env()
     out = []
     for tool in (("uv", "pip") if uv else ("pip",)):
         ts = {"direct": [], "cold": []}
         for _ in range(2):
-            srv = ColdMinidevpi(script, None, server_env())
+            srv = ColdMinidevpi(script, None, server_env(), extra)
             srv.start()
             mirror = "http://127.0.0.1:%d/root/pypi/+simple/" % srv.port
             for how, index in (("direct", url), ("cold", mirror)):
@@ -1855,7 +1876,7 @@ def real_upstream(args, python, uv, script):
         out.append("%s %.2f s cold via minidevpi vs %.2f s direct (%.2fx)" % (
             tool, statistics.median(ts["cold"]), statistics.median(ts["direct"]),
             statistics.median(ts["cold"]) / statistics.median(ts["direct"])))
-    return "%s: %s" % (" ".join(roots), "; ".join(out))
+    return "%s: %s%s" % (" ".join(roots), "; ".join(out), note)
 
 
 def cleanup():
