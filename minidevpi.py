@@ -3167,7 +3167,13 @@ class Upstream:
                 if not any(a[4][:2] == peer for a in addresses):
                     raise OSError  # (connected where this request may not go)
             # readable while idle: the peer closed it (or sent what nobody asked for)
-            if select.select([found.sock], [], [], 0)[0]:
+            if hasattr(select, "poll"):  # (select() refuses descriptors above 1023)
+                poller = select.poll()
+                poller.register(found.sock, select.POLLIN)
+                readable = poller.poll(0)
+            else:
+                readable = select.select([found.sock], [], [], 0)[0]
+            if readable:
                 raise OSError
         except (OSError, ValueError):
             found.close()

@@ -1476,6 +1476,7 @@ class TreeData:
 
 class _TLSUpstreamHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers: headers and body without delayed ACKs
 
     def log_message(self, *args):
         pass
