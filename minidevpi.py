@@ -4870,8 +4870,9 @@ MIRROR_READ_TIMEOUT = 10.0
 # Upstream answers are bounded: a project page is read up to MAX_PAGE_BYTES and may list at
 # most MAX_PAGE_LINKS files (the largest real pages are well below both); the project list
 # (600,000 names, ~30 MB today) is streamed to disk, never held whole, and bounded too.
-# Answers are asked for uncompressed and never decompressed, so the caps hold on the bytes
-# that are stored. A file is bounded by --max-request-body-size, as an upload is.
+# Pages and the list are asked for gzipped and the caps hold on the decompressed bytes, as
+# they stream (a gzip bomb stops at the cap). Files are asked for uncompressed and kept as
+# sent; a file is bounded by --max-request-body-size, as an upload is.
 MAX_PAGE_BYTES = 20 * 1024 * 1024
 MAX_PAGE_LINKS = 100000
 MAX_ROOT_BYTES = 256 * 1024 * 1024
@@ -4913,11 +4914,66 @@ def simple_root_links(names, prefix=""):
 
 # -- the upstream HTTP client ---------------------------------------------------------
 
+POOL_IDLE_SECONDS = 30.0   # an idle upstream connection older than this is not reused
+POOL_PER_HOST = 16         # idle connections kept per (scheme, host, port, proxy)
+POOL_TOTAL = 64            # idle connections kept in all
+_STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class _SSLContexts:
+    """One client SSL context for the process, built on first use and built again only
+    when the CA configuration changes: SSL_CERT_FILE / SSL_CERT_DIR (what the stdlib's
+    default context reads) or the file's size and mtime."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.key = None
+        self.context = None
+
+    def get(self):
+        import ssl
+        cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+        try:
+            st = os.stat(cafile or ssl.get_default_verify_paths().openssl_cafile)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except (OSError, TypeError, ValueError):
+            stamp = None
+        key = (cafile, capath, stamp)
+        with self.lock:
+            if self.context is None or key != self.key:
+                self.context = ssl.create_default_context()
+                self.key = key
+            return self.context
+
+
+SSL_CONTEXTS = _SSLContexts()
+
+
+class _Lease:
+    """An upstream connection lent to one response: ``close()`` gives it back to the pool
+    when the response was read to its end and may be followed by another, else closes it."""
+
+    def __init__(self, upstream, key, conn, resp):
+        self.upstream, self.key, self.conn, self.resp = upstream, key, conn, resp
+
+    def close(self):
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.upstream._release(self.key, conn, self.resp)
+
+
 class Upstream:
     """The mirror's HTTP client: GET with a few redirects, each hop checked against the
     mirror policy first (``_route``), bodies read within a bound, credentials sent in a
     header and never repeated in a message. Requests carry VIA_HEADER with ``server_id``,
-    so that a mirror of this very server is found out."""
+    so that a mirror of this very server is found out.
+
+    Connections are HTTP/1.1 keep-alive, kept in a small pool per (scheme, host, port,
+    proxy) after an answer was read to its end; one is dropped on any error, on an answer
+    that says close, when idle too long or found closed by the peer, and is reused only for
+    a request whose checked addresses include the one it is connected to. A request on a
+    reused connection that the peer had closed meanwhile (nothing of an answer received)
+    is sent once more on a new connection."""
 
     def __init__(self, server_id, connect_timeout=MIRROR_CONNECT_TIMEOUT,
                  read_timeout=MIRROR_READ_TIMEOUT, allow_hosts=()):
@@ -4925,12 +4981,18 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.allow_hosts = parse_allow_hosts(allow_hosts)
+        self._idle = {}  # pool key -> [(connection, time it went idle)], newest last
+        self._idle_count = 0
+        self._pool_lock = threading.Lock()
+        self.connections_made = 0  # (for tests and the benchmark)
 
-    def open(self, url, origin, headers=None):
+    def open(self, url, origin, headers=None, compressed=False):
         """GET ``url`` upstream (following a few redirects), for the mirror whose
         ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
-        Returns (response, final URL, connection); the caller reads the body and closes
-        the connection."""
+        ``compressed`` asks for gzip (pages: ``body_chunks`` decompresses within its
+        bound; never for files, which are kept as upstream sends them). Returns
+        (response, final URL, connection); the caller reads the body and closes the
+        connection (which goes back to the pool if the body was read to its end)."""
         import http.client
         import ssl
         seen = set()
@@ -4947,56 +5009,173 @@ class Upstream:
                 raise UpstreamError(502, "unsupported upstream URL %s" % _safe_url(url))
             addresses = self._route(u, port, origin)
             proxy = _proxy_for(u)
+            key = (u.scheme, u.hostname, port, proxy)
+            target = u.path or "/"
+            if u.query:
+                target += "?" + u.query
+            if proxy and u.scheme != "https":
+                target = _safe_url(url.partition("#")[0])  # credentials go in a header
+            h = {"User-Agent": "minidevpi/%s" % __version__,
+                 "Accept-Encoding": "gzip" if compressed else "identity",
+                 VIA_HEADER: self.server_id}
+            h.update(headers or {})
+            if u.username is not None:
+                h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
+                    urllib.parse.unquote(u.username),
+                    urllib.parse.unquote(u.password or ""))).encode()).decode()
+            conn = None
             try:
-                if u.scheme == "https":
-                    conn = http.client.HTTPSConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout, context=ssl.create_default_context())
-                else:
-                    conn = http.client.HTTPConnection(
-                        proxy[0] if proxy else u.hostname, proxy[1] if proxy else port,
-                        timeout=self.connect_timeout)
-                if addresses is not None and not proxy:
-                    # connect to the addresses that were checked, not to whatever the name
-                    # resolves to a moment later (DNS rebinding); TLS still checks the name
-                    conn._create_connection = _connect_to(addresses)
-                target = u.path or "/"
-                if u.query:
-                    target += "?" + u.query
-                if proxy and u.scheme == "https":
-                    conn.set_tunnel(u.hostname, port)
-                elif proxy:
-                    target = _safe_url(url.partition("#")[0])  # credentials go in a header
-                conn.connect()
-                conn.sock.settimeout(self.read_timeout)
-                h = {"User-Agent": "minidevpi/%s" % __version__, "Accept-Encoding": "identity",
-                     VIA_HEADER: self.server_id}
-                h.update(headers or {})
-                if u.username is not None:
-                    h["Authorization"] = "Basic " + base64.b64encode(("%s:%s" % (
-                        urllib.parse.unquote(u.username),
-                        urllib.parse.unquote(u.password or ""))).encode()).decode()
-                conn.request("GET", target, headers=h)
-                resp = conn.getresponse()
+                conn = self._pooled(key, None if proxy else addresses)
+                if conn is not None:
+                    try:
+                        conn.request("GET", target, headers=h)
+                        resp = conn.getresponse()
+                    except _STALE_ERRORS:
+                        # closed by the peer while idle, before any answer: once more, anew
+                        conn.close()
+                        conn = None
+                if conn is None:
+                    conn = self._connect(u, port, addresses, proxy)
+                    conn.request("GET", target, headers=h)
+                    resp = conn.getresponse()
             except socket.timeout:
+                if conn is not None:
+                    conn.close()
                 raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
             except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
+                if conn is not None:
+                    conn.close()
                 # (what a host root did not name answered is not repeated to the client)
                 detail = e if addresses is None else type(e).__name__
                 raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
+            lease = _Lease(self, key, conn, resp)
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 try:
                     url = urllib.parse.urljoin(url, resp.getheader("Location"))
                 except ValueError:
                     url = ""  # (refused as unsupported at the next hop)
-                conn.close()
+                self._drain(resp)
+                lease.close()
                 continue
             if resp.status == 400 and resp.getheader(VIA_HEADER) == self.server_id:
-                conn.close()
+                lease.close()
                 raise UpstreamError(502, "mirror_url %s points at this server itself; "
                                          "refusing to mirror from ourselves" % _safe_url(url))
-            return resp, url, conn
+            return resp, url, lease
         raise UpstreamError(502, "upstream %s redirects too often" % _safe_url(url))
+
+    def _connect(self, u, port, addresses, proxy):
+        """A new connection for URL ``u``: to ``addresses`` (checked) unless None."""
+        import http.client
+        host, hport = (proxy[0], proxy[1]) if proxy else (u.hostname, port)
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(host, hport, timeout=self.connect_timeout,
+                                               context=SSL_CONTEXTS.get())
+        else:
+            conn = http.client.HTTPConnection(host, hport, timeout=self.connect_timeout)
+        conn.auto_open = 0  # never connects again by itself (a pooled one: to anywhere)
+        if addresses is not None and not proxy:
+            # connect to the addresses that were checked, not to whatever the name
+            # resolves to a moment later (DNS rebinding); TLS still checks the name
+            conn._create_connection = _connect_to(addresses)
+        if proxy and u.scheme == "https":
+            conn.set_tunnel(u.hostname, port)
+        try:
+            conn.connect()
+            conn.sock.settimeout(self.read_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        self.connections_made += 1
+        return conn
+
+    def _pooled(self, key, addresses):
+        """An idle connection for ``key`` that is still open and, where the policy gave
+        ``addresses``, connected to one of them; or None."""
+        import select
+        now = time.monotonic()
+        drop = []
+        found = None
+        with self._pool_lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn, since = idle.pop()
+                self._idle_count -= 1
+                if now - since > POOL_IDLE_SECONDS:
+                    drop.append(conn)
+                    continue
+                found = conn
+                break
+            if idle is not None and not idle:
+                del self._idle[key]
+        for conn in drop:
+            conn.close()
+        if found is None:
+            return None
+        try:
+            if found.sock is None:
+                raise OSError
+            if addresses is not None:
+                peer = found.sock.getpeername()[:2]
+                if not any(a[4][:2] == peer for a in addresses):
+                    raise OSError  # (connected where this request may not go)
+            # readable while idle: the peer closed it (or sent what nobody asked for)
+            if hasattr(select, "poll"):  # (select() refuses descriptors above 1023)
+                poller = select.poll()
+                poller.register(found.sock, select.POLLIN)
+                readable = poller.poll(0)
+            else:
+                readable = select.select([found.sock], [], [], 0)[0]
+            if readable:
+                raise OSError
+        except (OSError, ValueError):
+            found.close()
+            return None
+        return found
+
+    def _release(self, key, conn, resp):
+        """Back into the pool if ``resp`` was read to its end and the connection may go on."""
+        try:
+            if resp is not None and not resp.isclosed() and resp.length == 0:
+                resp.read()  # (an empty body: 304, or Content-Length: 0)
+        except Exception:
+            pass
+        if resp is None or not resp.isclosed() or resp.will_close or conn.sock is None:
+            conn.close()
+            return
+        drop = []
+        with self._pool_lock:
+            idle = self._idle.setdefault(key, [])
+            idle.append((conn, time.monotonic()))
+            self._idle_count += 1
+            if len(idle) > POOL_PER_HOST:
+                drop.append(idle.pop(0)[0])
+                self._idle_count -= 1
+            while self._idle_count > POOL_TOTAL:
+                oldest = min(self._idle, key=lambda k: self._idle[k][0][1])
+                drop.append(self._idle[oldest].pop(0)[0])
+                self._idle_count -= 1
+                if not self._idle[oldest]:
+                    del self._idle[oldest]
+        for c in drop:
+            c.close()
+
+    def close_idle(self):
+        """Close every pooled connection."""
+        with self._pool_lock:
+            conns = [c for idle in self._idle.values() for c, _ in idle]
+            self._idle.clear()
+            self._idle_count = 0
+        for c in conns:
+            c.close()
+
+    def _drain(self, resp, limit=65536):
+        """Read a small body (a redirect's) to its end so that the connection can go on."""
+        try:
+            if resp.length is not None and resp.length <= limit and not resp.chunked:
+                resp.read()
+        except Exception:
+            pass
 
     def _route(self, u, port, origin):
         """The mirror policy for one request to URL ``u`` (split) on ``port``: None when
@@ -5026,9 +5205,13 @@ class Upstream:
         """The whole body, checked against Content-Length: a short body is an error."""
         return b"".join(self.body_chunks(resp, url, limit, what=what))
 
-    def body_chunks(self, resp, url, limit, size=65536, what="page", too_large=None):
+    def body_chunks(self, resp, url, limit, size=65536, what="page", too_large=None,
+                    decode=True, partial=False):
         """The body in chunks, checked against ``limit`` (raising ``too_large`` beyond it)
-        and Content-Length: a short body is an error."""
+        and Content-Length: a short body is an error. With ``decode`` a gzip body is
+        decompressed as it streams and ``limit`` holds for the decompressed bytes (a
+        file is never decoded: it is kept as sent). With ``partial`` a chunk is what
+        one read gives, not ``size`` bytes (a stream's first bytes go on at once)."""
         import http.client
         want = resp.getheader("Content-Length")
         if too_large is None:
@@ -5036,23 +5219,71 @@ class Upstream:
                                       % (what, _safe_url(url), limit))
         if want is not None and want.isdigit() and int(want) > limit:
             raise too_large
-        total = 0
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        gunzip = None
+        if decode and encoding in ("gzip", "x-gzip"):
+            import zlib
+            gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif decode and encoding != "identity":
+            raise UpstreamError(502, "upstream %s %s came with Content-Encoding %r, which "
+                                     "minidevpi does not read" % (what, _safe_url(url),
+                                                                  encoding[:40]))
+        read = resp.read1 if partial else resp.read
+        wire = total = 0
         while True:
             try:
-                chunk = resp.read(size)
+                chunk = read(size)
             except socket.timeout:
                 raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
             except (OSError, http.client.HTTPException) as e:
                 raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
             if not chunk:
                 break
-            total += len(chunk)
-            if total > limit:
-                raise too_large
-            yield chunk
-        if want is not None and want.isdigit() and int(want) != total:
+            wire += len(chunk)
+            if gunzip is None:
+                total += len(chunk)
+                if total > limit:
+                    raise too_large
+                yield chunk
+                continue
+            while chunk:
+                for part in self._gunzip(gunzip, chunk, limit - total, size, url, what):
+                    total += len(part)
+                    if total > limit:
+                        raise UpstreamError(502, "upstream %s %s is larger than %d bytes "
+                                            "(decompressed); not read"
+                                            % (what, _safe_url(url), limit))
+                    yield part
+                chunk = gunzip.unused_data if gunzip.eof else b""
+                if chunk:  # another gzip member follows
+                    gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if want is not None and want.isdigit() and int(want) != wire:
             raise UpstreamError(502, "upstream %s sent %d of %s bytes"
-                                % (_safe_url(url), total, want))
+                                % (_safe_url(url), wire, want))
+        if gunzip is not None and not gunzip.eof:
+            raise UpstreamError(502, "upstream %s %s: its gzip stream is cut short"
+                                % (what, _safe_url(url)))
+
+    @staticmethod
+    def _gunzip(d, data, room, size, url, what):
+        """Decompressed parts of ``data``, each at most ``size`` bytes, stopping once more
+        than ``room`` came out (the caller refuses that): memory stays bounded."""
+        import zlib
+        out = 0
+        while data:
+            try:
+                part = d.decompress(data, max(1, min(size, room - out + 1)))
+            except zlib.error:
+                raise UpstreamError(502, "upstream %s %s is not valid gzip"
+                                    % (what, _safe_url(url)))
+            out += len(part)
+            if part:
+                yield part
+            if out > room or d.eof:
+                return
+            data = d.unconsumed_tail
+            if not part and not data:
+                return
 
 
 def _with_userinfo(url, shown, unreadable):
@@ -5549,7 +5780,8 @@ class Mirror:
                 headers["If-None-Match"] = row["etag"]
             if row["last_modified"]:
                 headers["If-Modified-Since"] = row["last_modified"]
-        resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers)
+        resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers,
+                                                   compressed=True)
         try:
             now = time.time()
             if resp.status == 304 and row is not None:
@@ -5776,15 +6008,26 @@ class Mirror:
             with f:
                 for chunk in self.upstream.body_chunks(
                         resp, entry["url"], self.max_file, 256 * 1024, "file",
-                        too_large=self._too_large(entry["filename"])):
+                        too_large=self._too_large(entry["filename"]), decode=False,
+                        partial=True):
                     total += len(chunk)
                     f.write(chunk)
                     digest.update(chunk)
                     if md5 is not None:
                         md5.update(chunk)
+                    if size is not None:
+                        # bytes go on as they arrive; only the very last is held back
+                        if total >= size:
+                            chunk, held = chunk[:-1], chunk[-1:]
+                        if chunk:
+                            yield chunk
+                        continue
                     if held is not None:
                         yield held
                     held = chunk
+                if self.store.sync_each_blob:
+                    f.flush()
+                    os.fsync(f.fileno())  # (here, not under the write lock of _keep)
             sha = digest.hexdigest()
             if entry["sha256"] is not None and sha != entry["sha256"]:
                 raise UpstreamError(502, "%s from upstream does not match its sha256; not kept"
@@ -5794,6 +6037,7 @@ class Mirror:
                                     % entry["filename"])
             self._keep(ix, display, entry, tmp, total, sha)
             ok = True
+            cleanup()  # (the connection and the flight are free before the last bytes go)
             if entry.get("provenance"):  # kept with the file: offline clients get it too
                 try:
                     self._fetch_provenance(ix, entry)
@@ -5945,7 +6189,8 @@ class Mirror:
         in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
         resp, final_url, conn = self.upstream.open(
-            url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON})
+            url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON},
+            compressed=True)
         try:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
@@ -9706,6 +9951,8 @@ class Server:
             httpd.shutdown()
             httpd.server_close()
             drained = httpd.close_connections()
+            if getattr(httpd, "app", None) is not None:
+                httpd.app.mirror.upstream.close_idle()  # (kept upstream connections)
             if self._thread is not None:
                 self._thread.join(5)
         self._cleanup(close_store=drained)

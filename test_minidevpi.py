@@ -2504,7 +2504,14 @@ class FakeUpstream:
     ('timeout', '500', 'truncate', 'badhash', 'notindex', 'loop'); ``requests`` counts.
     ``status[norm]`` = (status, reason) gives a project a PEP 792 status, ``yanked[fn]``
     yanks a file, ``provenance[fn]`` = bytes gives it a PEP 740 provenance document;
-    ``html_times`` puts upload times (None: none) on HTML pages too."""
+    ``html_times`` puts upload times (None: none) on HTML pages too.
+    HTTP/1.1 keep-alive: ``ports`` has the client port of every request (one per
+    connection); ``gzip`` gzips pages for a client that accepts it (``encodings`` records
+    (path, Accept-Encoding asked, Content-Encoding sent)); ``delays[path]`` waits before
+    answering; ``stalls[path] = (n, s)`` sends n bytes of the body, waits s seconds, then
+    the rest; ``close_after`` paths close the connection silently once answered;
+    ``hangup_reused`` times, a request on an already used connection gets no answer
+    (the connection is closed: what a server's idle timeout looks like to a client)."""
 
     def __init__(self, fmt="json"):
         self.fmt = fmt
@@ -2516,6 +2523,13 @@ class FakeUpstream:
         self.html_times = False
         self.faults = {}
         self.requests = []
+        self.ports = []
+        self.gzip = False
+        self.encodings = []
+        self.delays = {}
+        self.stalls = {}
+        self.close_after = set()
+        self.hangup_reused = 0
         self.lock = threading.Lock()
         outer = self
 
@@ -2553,18 +2567,45 @@ class FakeUpstream:
         return sum(1 for p in self.requests if p == path)
 
     def send(self, h, status, body, ctype="text/html", headers=()):
+        asked = h.headers.get("Accept-Encoding") or ""
+        encoding = None
+        if self.gzip and "gzip" in asked and ctype != "application/octet-stream":
+            body, encoding = gzip.compress(body), "gzip"
+        with self.lock:
+            self.encodings.append((h.path, asked, encoding))
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body)))
+        if encoding:
+            h.send_header("Content-Encoding", encoding)
         for k, v in headers:
             h.send_header(k, v)
         h.end_headers()
+        stall = self.stalls.get(h.path)
+        if stall:
+            h.wfile.write(body[:stall[0]])
+            h.wfile.flush()
+            time.sleep(stall[1])
+            body = body[stall[0]:]
         h.wfile.write(body)
+        if h.path in self.close_after:
+            h.close_connection = True
 
     def handle(self, h):
         path = h.path
+        served = getattr(h, "served", 0)
+        h.served = served + 1
         with self.lock:
             self.requests.append(path)
+            self.ports.append(h.client_address[1])
+            hangup = served and self.hangup_reused > 0
+            if hangup:
+                self.hangup_reused -= 1
+        if hangup:
+            h.close_connection = True
+            return
+        if path in self.delays:
+            time.sleep(self.delays[path])
         fault = self.faults.get(path)
         if fault == "timeout":
             time.sleep(3)
@@ -3998,6 +4039,223 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
                     check=False)
     assert code != 0 and "mirror_min_age" in out, out
 
+
+
+# -- the upstream client: kept-alive connections, gzip, concurrency, first bytes ------
+
+
+def mirror_of(up, make_server, tmp_path, timeouts=(5, 10), **kw):
+    """A server whose root/pypi mirrors ``up`` and expires pages at once."""
+    srv = make_server(tmp_path / "srv", root_password="rootpw", mirror_url=up.url + "/simple/",
+                      mirror_timeouts=timeouts, **kw)
+    assert api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+               json_body=["mirror_cache_expiry=0"]).status == 200
+    return srv
+
+
+def test_upstream_connections_are_kept_alive_and_replaced_when_closed(upstream, tmp_path,
+                                                                       make_server):
+    for name in ("ka-a", "ka-b", "ka-c", "ka-d", "ka-e", "ka-f"):
+        upstream.add(make_wheel(tmp_path, name, "1.0"))
+    srv = mirror_of(upstream, make_server, tmp_path)
+    # several sequential fetches, pages and a file: one TCP connection upstream
+    for name in ("ka-a", "ka-b", "ka-c"):
+        assert http(srv.url, path="/root/pypi/+simple/%s/" % name).status == 200
+    path = mirror_file_path(srv, "ka-a", "ka_a-1.0-py3-none-any.whl")
+    r = http(srv.url, path=path)
+    assert r.status == 200 and r.body == upstream.projects["ka-a"][0][1]
+    assert len(upstream.requests) == 4 and len(set(upstream.ports)) == 1, upstream.ports
+    # upstream closes the connection after an answer (no "Connection: close"): the next
+    # fetch goes on a new one, and no request is lost on the dead one
+    upstream.close_after.add("/simple/ka-d/")
+    assert http(srv.url, path="/root/pypi/+simple/ka-d/").status == 200
+    time.sleep(0.2)
+    n = len(upstream.requests)
+    assert http(srv.url, path="/root/pypi/+simple/ka-e/").status == 200
+    assert upstream.requests[n:] == ["/simple/ka-e/"]
+    assert len(set(upstream.ports)) == 2
+    # a connection the peer closes when the next request arrives (its idle timeout ran
+    # out as we sent): the request is sent once more on a new connection
+    upstream.hangup_reused = 1
+    n = len(upstream.requests)
+    r = http(srv.url, path="/root/pypi/+simple/ka-f/")
+    assert r.status == 200, r
+    assert upstream.requests[n:] == ["/simple/ka-f/", "/simple/ka-f/"]
+    assert len(set(upstream.ports)) == 3
+
+
+def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monkeypatch,
+                                                                 make_server):
+    # 'rebind.example' resolves to 127.0.0.1 the first time, to 127.0.0.3 (nothing
+    # listens) afterwards, both counted as public here: the connection kept from the
+    # first file must not carry the second, which may go only to 127.0.0.3 now
+    up, other = RoutedUpstream(), RoutedUpstream()
+    try:
+        oport = other.httpd.server_address[1]
+        real_getaddrinfo = socket.getaddrinfo
+        asked = []
+
+        def getaddrinfo(host, port, *args, **kw):
+            if host == "rebind.example":
+                asked.append(host)
+                ip = "127.0.0.1" if len(asked) == 1 else "127.0.0.3"
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+            return real_getaddrinfo(host, port, *args, **kw)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(minidevpi, "is_public_address",
+                            lambda a: a in ("127.0.0.1", "127.0.0.3"))
+        links = []
+        for v in ("1.0", "2.0"):
+            path = make_wheel(tmp_path, "rebound", v)
+            other.add(path)
+            fn = os.path.basename(path)
+            links.append((fn, "http://rebind.example:%d/files/%s" % (oport, fn),
+                          open(path, "rb").read()))
+        up.routes["/simple/rebound/"] = (200, json_page("rebound", links), JSON_PAGE)
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+            assert http(srv.url, path=mirror_file_path(srv, "rebound", links[0][0])).status == 200
+            time.sleep(0.2)  # (the connection goes back to the pool after the answer)
+            r = http(srv.url, path=mirror_file_path(srv, "rebound", links[1][0]))
+            assert r.status == 502 and "failed: ConnectionRefusedError" in \
+                r.json()["message"], r
+            assert asked == ["rebind.example"] * 2
+        assert other.requests == ["/files/" + links[0][0]]
+    finally:
+        up.stop()
+        other.stop()
+
+
+def test_upstream_pages_come_gzipped_files_as_sent(upstream, tmp_path, make_server):
+    upstream.gzip = True
+    upstream.fmt = "html"
+    upstream.add(make_wheel(tmp_path, "zipped", "1.0"))
+    upstream.add(make_sdist(tmp_path, "zipped", "1.0"))
+    srv = mirror_of(upstream, make_server, tmp_path)
+    pip("install", "--target", str(tmp_path / "t"), "--index-url", srv.index_url("root/pypi"),
+        "zipped")
+    assert (tmp_path / "t" / "zipped-1.0.dist-info").is_dir()
+    sent = {path: (asked, enc) for path, asked, enc in upstream.encodings}
+    assert sent["/simple/zipped/"] == ("gzip", "gzip")
+    assert sent["/files/zipped-1.0-py3-none-any.whl"] == ("identity", None)
+    # the project list too; the sdist is kept byte for byte as upstream has it
+    r = http(srv.url, path="/root/pypi/+simple/", headers={"Accept": "text/html"})
+    assert r.status == 200 and 'href="zipped/"' in r.body.decode()
+    assert [e for p, _a, e in upstream.encodings if p == "/simple/"] == ["gzip"]
+    r = http(srv.url, path=mirror_file_path(srv, "zipped", "zipped-1.0.tar.gz"))
+    assert r.status == 200 and r.body == upstream.projects["zipped"][1][1]
+
+
+def test_gzip_bombs_and_broken_gzip_pages_are_refused(tmp_path, monkeypatch, make_server):
+    import tracemalloc
+    monkeypatch.setattr(minidevpi, "MAX_PAGE_BYTES", 1024 * 1024)
+    up = RoutedUpstream()
+    try:
+        bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), 9)  # 64 MiB from ~64 KB
+        assert len(bomb) < 100 * 1024
+        gz = [("Content-Type", "text/html"), ("Content-Encoding", "gzip")]
+        up.routes["/simple/bomb/"] = (200, bomb, gz)
+        up.routes["/simple/cut/"] = (200, gzip.compress(b"<a href='x'>x</a>" * 100)[:-20], gz)
+        up.routes["/simple/notgzip/"] = (200, b"<a href='x'>x</a>", gz)
+        up.routes["/simple/br/"] = (200, b"x", [("Content-Type", "text/html"),
+                                                ("Content-Encoding", "br")])
+        srv = mirror_of(up, make_server, tmp_path)
+        tracemalloc.start()
+        try:
+            r = http(srv.url, path="/root/pypi/+simple/bomb/")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert r.status == 502, r
+        assert "larger than 1048576 bytes (decompressed)" in r.json()["message"]
+        assert peak < 16 * 1024 * 1024, peak  # bounded by the page bound, not the bomb
+        for name, words in (("cut", "cut short"), ("notgzip", "not valid gzip"),
+                            ("br", "Content-Encoding 'br'")):
+            r = http(srv.url, path="/root/pypi/+simple/%s/" % name)
+            assert r.status == 502 and words in r.json()["message"], (name, r)
+        rows = srv.model.store.conn().execute("SELECT COUNT(*) FROM mirror_pages").fetchone()
+        assert rows[0] == 0
+    finally:
+        up.stop()
+
+
+def test_a_slow_upstream_project_holds_up_no_other(upstream, tmp_path, make_server):
+    for name in ("slow-a", "fast-b"):
+        upstream.add(make_wheel(tmp_path, name, "1.0"))
+    srv = mirror_of(upstream, make_server, tmp_path)
+    fn_b = "fast_b-1.0-py3-none-any.whl"
+    path_b = mirror_file_path(srv, "fast-b", fn_b)
+    upstream.delays["/simple/slow-a/"] = 3
+    upstream.delays["/files/slow_a-1.0-py3-none-any.whl"] = 3
+    slow = []
+    threads = [threading.Thread(target=lambda: slow.append(
+        http(srv.url, path="/root/pypi/+simple/slow-a/").status))]
+    threads[0].start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert http(srv.url, path="/root/pypi/+simple/fast-b/").status == 200
+    assert http(srv.url, path=path_b).status == 200
+    assert time.monotonic() - t0 < 1.5 and threads[0].is_alive() and not slow
+    threads[0].join()
+    assert slow == [200]
+    # a slow file holds up neither another file nor a page
+    path_a = mirror_file_path(srv, "slow-a", "slow_a-1.0-py3-none-any.whl")
+    del upstream.delays["/simple/slow-a/"]
+    got = []
+    t = threading.Thread(target=lambda: got.append(http(srv.url, path=path_a).status))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert http(srv.url, path="/root/pypi/+simple/fast-b/").status == 200
+    assert time.monotonic() - t0 < 1.5 and t.is_alive()
+    t.join()
+    assert got == [200]
+
+
+def test_concurrent_cold_requests_make_one_upstream_request(upstream, tmp_path, make_server):
+    upstream.add(make_wheel(tmp_path, "crowd", "1.0"))
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      mirror_url=upstream.url + "/simple/", mirror_timeouts=(5, 10))
+    fn = "crowd-1.0-py3-none-any.whl"
+    upstream.delays["/simple/crowd/"] = 0.5
+    upstream.delays["/files/" + fn] = 0.5
+
+    def crowd(path, n=8):
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(http(srv.url, path=path)))
+                   for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+    pages = crowd("/root/pypi/+simple/crowd/")
+    assert [r.status for r in pages] == [200] * 8 and len({r.body for r in pages}) == 1
+    assert upstream.count("/simple/crowd/") == 1
+    href = re.search(r'href="([^"#]+)', pages[0].body.decode()).group(1)
+    files = crowd(urllib.parse.urljoin("/root/pypi/+simple/crowd/", href))
+    assert [r.status for r in files] == [200] * 8
+    assert {r.body for r in files} == {upstream.projects["crowd"][0][1]}
+    assert upstream.count("/files/" + fn) == 1
+
+
+def test_a_cold_file_streams_while_upstream_sends_it(upstream, tmp_path, make_server):
+    path = make_wheel(tmp_path, "streamed", "1.0", extra=os.urandom(600000))
+    upstream.add(path)
+    data = open(path, "rb").read()
+    srv = mirror_of(upstream, make_server, tmp_path)
+    fpath = mirror_file_path(srv, "streamed", os.path.basename(path))
+    upstream.stalls["/files/" + os.path.basename(path)] = (100000, 2.0)
+    conn = httpclient.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    t0 = time.monotonic()
+    conn.request("GET", fpath)
+    resp = conn.getresponse()
+    first = resp.read(1)
+    ttfb = time.monotonic() - t0
+    rest = resp.read()
+    total = time.monotonic() - t0
+    conn.close()
+    assert first + rest == data
+    assert ttfb < 1.0 and total >= 2.0, (ttfb, total)  # first bytes before upstream's pause
 
 
 # ----------------------------------------------------------------------------------

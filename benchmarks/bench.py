@@ -1390,6 +1390,496 @@ def print_table(res, cfg, names):
     return fails
 
 
+# ----------------------------------------------------------------------------------
+# Cold mirror: minidevpi's root/pypi against a fake HTTPS upstream with latency
+# ----------------------------------------------------------------------------------
+
+def make_certs(d):
+    """A CA and a server certificate for 127.0.0.1 made with the openssl command;
+    returns (CA file, server cert, server key)."""
+    ca_key, ca, key, csr, crt = (os.path.join(d, n) for n in
+                                 ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem"))
+    ext = os.path.join(d, "srv.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (["req", "-x509"] + ec + ["-keyout", ca_key, "-out", ca, "-days", "2", "-subj",
+                                         "/CN=minidevpi bench CA", "-addext",
+                                         "basicConstraints=critical,CA:TRUE", "-addext",
+                                         "keyUsage=critical,keyCertSign,cRLSign"],
+                ["req"] + ec + ["-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+                ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                 "-out", crt, "-days", "2", "-extfile", ext]):
+        subprocess.run(["openssl"] + cmd, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    return ca, crt, key
+
+
+class TreeData:
+    """~100 projects of a dependency tree: libraries bench-lib-NN (3 versions each, a wheel
+    and an sdist per version, wheels of 8-200 KB), each requiring a few libraries further
+    down; 16 apps (bench-app-NN) requiring overlapping sets of the top libraries; bench-big
+    with 2 MB wheels for the time to first byte of a file."""
+
+    def __init__(self, nlibs=83, napps=16):
+        import random
+        rnd = random.Random(15)
+        self.files = {}     # filename -> bytes
+        self.meta = {}      # filename -> METADATA bytes (wheels)
+        self.projects = {}  # norm name -> [filename]
+        self.requires = {}  # norm name -> [norm names]
+        libs = ["bench-lib-%02d" % i for i in range(nlibs)]
+        for i, name in enumerate(libs):
+            later = libs[i + 1:i + 25]
+            deps = rnd.sample(later, min(len(later), rnd.choice((0, 1, 2, 2, 3, 4))))
+            self._add(name, deps, rnd.randint(8, 200) * 1024, rnd)
+        tops = libs[:30]
+        for k in range(napps):
+            self._add("bench-app-%02d" % k, rnd.sample(tops, 8), 8 * 1024, rnd)
+        self.big = []
+        for v in range(5):
+            fn = "bench_big-1.%d-py3-none-any.whl" % v
+            self.files[fn] = make_wheel("bench-big", "1.%d" % v, os.urandom(2 << 20))[1]
+            self.meta[fn] = self._metadata(fn)
+            self.projects.setdefault("bench-big", []).append(fn)
+            self.big.append(fn)
+        self.apps = ["bench-app-%02d" % k for k in range(napps)]
+        self.upload_time = {}
+        for n, (name, fns) in enumerate(sorted(self.projects.items())):
+            for j, fn in enumerate(fns):
+                self.upload_time[fn] = "2024-%02d-%02dT10:%02d:00.000000Z" % (
+                    1 + n % 12, 1 + j % 28, n % 60)
+
+    def _metadata(self, fn):
+        with zipfile.ZipFile(io.BytesIO(self.files[fn])) as zf:
+            return zf.read([n for n in zf.namelist() if n.endswith(".dist-info/METADATA")][0])
+
+    def _add(self, name, deps, size, rnd):
+        self.requires[name] = deps
+        for v in ("1.0", "1.1", "2.0"):
+            reqs = ["%s>=1.0" % d for d in deps]
+            fn, self.files[fn] = make_wheel(name, v, os.urandom(size), reqs)[:2]
+            self.meta[fn] = self._metadata(fn)
+            sd, self.files[sd] = make_sdist(name, v)[:2]
+            self.projects.setdefault(name, []).extend([sd, fn])
+
+    def closure(self, roots):
+        out, todo = set(), list(roots)
+        while todo:
+            n = todo.pop()
+            if n not in out:
+                out.add(n)
+                todo.extend(self.requires.get(n, ()))
+        return out
+
+
+class _TLSUpstreamHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers: headers and body without delayed ACKs
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        up = self.server.up
+        with up.lock:
+            up.connections[self.server.role] += 1
+        time.sleep(up.latency * 2)  # TCP and TLS handshakes: two round trips
+        try:
+            self.request.do_handshake()
+        except (OSError, ValueError):
+            self.request.close()
+            raise ConnectionError
+        super().setup()
+
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout, OSError):
+            pass
+
+    def send_body(self, status, body, ctype, gz=False):
+        enc = gz and "gzip" in (self.headers.get("Accept-Encoding") or "")
+        if enc:
+            body = gz if isinstance(gz, bytes) else gzip.compress(body, 6)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        if enc:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Cache-Control", "max-age=600")
+        self.end_headers()
+        up = self.server.up
+        step = 64 * 1024
+        for i in range(0, len(body), step):
+            self.wfile.write(body[i:i + step])
+            if up.bandwidth and len(body) > step:
+                time.sleep(step / up.bandwidth)
+
+    def do_GET(self):
+        up = self.server.up
+        path = urlsplit(self.path).path
+        with up.lock:
+            up.hits[path] = up.hits.get(path, 0) + 1
+        time.sleep(up.latency)  # one round trip to the answer's first byte
+        data = up.data
+        if self.server.role == "files":
+            fn = path.rsplit("/", 1)[-1]
+            if fn.endswith(".metadata") and fn[:-9] in data.meta:
+                return self.send_body(200, data.meta[fn[:-9]], "application/octet-stream")
+            if fn in data.files:
+                return self.send_body(200, data.files[fn], "application/octet-stream")
+            return self.send_body(404, b"no such file", "text/plain")
+        m = re.match(r"^/simple/([^/]+)/$", path)
+        if m and m.group(1) in data.projects:
+            name = m.group(1)
+            js = wants_json(self.headers.get("Accept"))
+            body, ctype = up.pages[name][js], (JSON_ACCEPT if js else "text/html")
+            return self.send_body(200, body, ctype, gz=up.gzipped[name][js])
+        if m:
+            return self.send_body(404, b"no such project", "text/plain", gz=True)
+        return self.send_body(404, b"no", "text/plain")
+
+
+class TLSUpstream:
+    """Two HTTPS servers on 127.0.0.1, like a public index: pages (``/simple/``, PEP 691
+    JSON or HTML, gzip when asked) on one port, files and their PEP 658 metadata on
+    another. Every answer waits ``latency`` seconds (a round trip), a new connection two
+    (TCP + TLS handshakes); files are sent at ``bandwidth`` bytes/s."""
+
+    def __init__(self, data, cert, key, latency, bandwidth):
+        import ssl
+        self.data, self.latency, self.bandwidth = data, latency, bandwidth
+        self.lock = threading.Lock()
+        self.hits = {}
+        self.connections = {"pages": 0, "files": 0}
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.servers = []
+        for role in ("pages", "files"):
+            s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TLSUpstreamHandler)
+            s.daemon_threads = True
+            s.request_queue_size = 128
+            s.socket = ctx.wrap_socket(s.socket, server_side=True,
+                                       do_handshake_on_connect=False)
+            s.up, s.role = self, role
+            s.handle_error = lambda *a: None
+            self.servers.append(s)
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+        self.url = "https://127.0.0.1:%d/simple/" % self.servers[0].server_address[1]
+        self.files_port = self.servers[1].server_address[1]
+        files_url = "https://127.0.0.1:%d/files/" % self.files_port
+        self.pages, self.gzipped = {}, {}
+        for name, fns in data.projects.items():
+            entries = []
+            for fn in fns:
+                e = {"filename": fn, "url": files_url + fn,
+                     "hashes": {"sha256": hashlib.sha256(data.files[fn]).hexdigest()},
+                     "requires-python": ">=3.8", "size": len(data.files[fn]),
+                     "upload-time": data.upload_time[fn], "yanked": False}
+                if fn in data.meta:
+                    e["core-metadata"] = {"sha256": hashlib.sha256(data.meta[fn]).hexdigest()}
+                entries.append(e)
+            versions = sorted({fn.split("-")[1].replace(".tar.gz", "") for fn in fns})
+            js = json.dumps({"meta": {"api-version": "1.1"}, "name": name, "versions": versions,
+                             "files": entries}).encode()
+            page = "".join(
+                '<a href="%s#sha256=%s" data-requires-python="&gt;=3.8"%s>%s</a><br>\n' % (
+                    e["url"], e["hashes"]["sha256"],
+                    ' data-core-metadata="sha256=%s"' % e["core-metadata"]["sha256"]
+                    if "core-metadata" in e else "", e["filename"]) for e in entries)
+            self.pages[name] = {True: js, False: ("<!DOCTYPE html><html><body><h1>Links for %s"
+                                                  "</h1>\n%s</body></html>\n" % (name, page)
+                                                  ).encode()}
+            # (gzipped once beforehand: the upstream costs next to nothing while serving)
+            self.gzipped[name] = {k: gzip.compress(v, 6) for k, v in self.pages[name].items()}
+
+    def reset(self):
+        with self.lock:
+            self.hits = {}
+            self.connections = {"pages": 0, "files": 0}
+
+    def stop(self):
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+
+
+class ColdMinidevpi(Minidevpi):
+    """minidevpi whose root/pypi mirrors the fake HTTPS upstream (trusting its CA through
+    SSL_CERT_FILE); ``script`` may be another minidevpi.py (an older one, to compare)."""
+
+    def __init__(self, script, upstream_url, env, extra=()):
+        super().__init__(sys.executable)
+        self.script, self.upstream_url, self.env, self.extra = script, upstream_url, env, extra
+
+    def launch(self, fresh):
+        cmd = [sys.executable, self.script, "serve", "--serverdir", self.serverdir(),
+               "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log"]
+        if fresh:
+            cmd += ["--root-passwd", "pw"] + (
+                ["--mirror-url", self.upstream_url] if self.upstream_url else [])
+        self.proc = popen(cmd + list(self.extra), self.log(), self.env)
+
+
+def timed_install(tool, python, uv, index_url, roots, expect, env, extra=()):
+    """Seconds for a fresh install of ``roots`` into a new --target directory, no cache;
+    every name of ``expect`` must be installed."""
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    target_dir = mkdtemp("bench-%s-" % tool)
+    if tool == "pip":
+        cmd = [python, "-m", "pip", "install", "--isolated", "--no-cache-dir",
+               "--disable-pip-version-check", "--no-input", "--quiet", "--target",
+               target_dir, "--index-url", index_url] + list(extra) + roots
+    else:
+        cmd = [uv, "pip", "install", "--no-config", "--no-cache", "--quiet", "--python",
+               python, "--target", target_dir, "--default-index", index_url] + roots
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, env=env, timeout=600, cwd=target_dir)
+    dt = time.monotonic() - t0
+    got = {normalize(e.split("-")[0]) for e in os.listdir(target_dir) if e.endswith(".dist-info")}
+    shutil.rmtree(target_dir, ignore_errors=True)
+    TMPDIRS.remove(target_dir)
+    if r.returncode:
+        raise RuntimeError("%s install of %s failed: %s" % (tool, " ".join(roots),
+                                                           r.stdout.decode()[-1500:]))
+    missing = {normalize(n) for n in expect or ()} - got
+    if missing:
+        raise RuntimeError("%s install of %s: %d missing" % (tool, " ".join(roots),
+                                                             len(missing)))
+    return dt
+
+
+def ttfb(conn, path, headers=None):
+    """Seconds from sending a GET on an open connection to the first body byte."""
+    t0 = time.monotonic()
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    resp.read(1)
+    dt = time.monotonic() - t0
+    resp.read()
+    assert resp.status == 200, (path, resp.status)
+    return dt
+
+
+def run_cold_mirror(args):
+    """The cold mirror scenario (``--cold-mirror``); prints its own table."""
+    import ssl
+    python = sys.executable
+    uv = find_uv()
+    d = mkdtemp("bench-cold-")
+    ca, cert, key = make_certs(d)
+    say("generating the tree ...")
+    data = TreeData()
+    up = TLSUpstream(data, cert, key, args.latency_ms / 1000.0, args.bandwidth_mb * 1e6)
+    script = os.path.abspath(args.minidevpi or MINIDEVPI)
+    senv = dict(server_env(), SSL_CERT_FILE=ca)
+    senv.pop("SSL_CERT_DIR", None)
+    extra = ["--mirror-allow-host", "127.0.0.1:%d" % up.files_port]
+    ienv = dict(installer_env(), SSL_CERT_FILE=ca)
+    ienv.pop("SSL_CERT_DIR", None)
+    pip_cert = ["--cert", ca]
+    root = data.apps[0]
+    tree = data.closure([root])
+    say("fake upstream %s: %d projects, %d files (%.1f MB), latency %d ms, files at %.0f MB/s; "
+        "install %s pulls in %d projects" % (up.url, len(data.projects), len(data.files),
+                                             sum(map(len, data.files.values())) / 1e6,
+                                             args.latency_ms, args.bandwidth_mb, root, len(tree)))
+    R = {k: [] for k in ("uv_direct", "uv_cold", "uv_warm", "pip_direct", "pip_cold",
+                         "pip_warm")}
+    via = {}
+    try:
+        for rnd in range(args.rounds):
+            say("round %d/%d" % (rnd + 1, args.rounds))
+            for tool in (("uv", "pip") if uv else ("pip",)):
+                srv = ColdMinidevpi(script, up.url, senv, extra)
+                srv.start()
+                mirror = "http://127.0.0.1:%d/root/pypi/+simple/" % srv.port
+                R[tool + "_direct"].append(timed_install(tool, python, uv, up.url, root, tree,
+                                                         ienv, pip_cert))
+                up.reset()
+                R[tool + "_cold"].append(timed_install(tool, python, uv, mirror, root, tree, ienv))
+                via[tool] = (sum(up.hits.values()), dict(up.connections),
+                             max(up.hits.values()))
+                R[tool + "_warm"].append(timed_install(tool, python, uv, mirror, root, tree, ienv))
+                srv.discard()
+                say("  %s: direct %.2fs, cold %.2fs, warm %.2fs" % (
+                    tool, R[tool + "_direct"][-1], R[tool + "_cold"][-1], R[tool + "_warm"][-1]))
+        # time to first byte: a cold page and a cold 2 MB file, against the same direct
+        say("time to first byte ...")
+        srv = ColdMinidevpi(script, up.url, senv, extra)
+        srv.start()
+        ctx = ssl.create_default_context(cafile=ca)
+        direct_pages = http.client.HTTPSConnection("127.0.0.1", up.servers[0].server_address[1],
+                                                   context=ctx, timeout=60)
+        direct_files = http.client.HTTPSConnection("127.0.0.1", up.files_port, context=ctx,
+                                                   timeout=60)
+        mine = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        accept = {"Accept": JSON_ACCEPT, "Accept-Encoding": "gzip"}
+        # (one request first on every connection: the handshakes are not measured)
+        ttfb(direct_pages, "/simple/bench-big/", accept)
+        ttfb(direct_files, "/files/" + data.big[0] + ".metadata")
+        ttfb(mine, "/root/pypi/+simple/bench-big/", accept)
+        page_d, page_m, file_d, file_m = [], [], [], []
+        libs = sorted(n for n in data.projects if n.startswith("bench-lib-"))[-5:]
+        for name in libs:
+            page_d.append(ttfb(direct_pages, "/simple/%s/" % name, accept))
+            page_m.append(ttfb(mine, "/root/pypi/+simple/%s/" % name, accept))
+        page = json.loads(mine_get(mine, "/root/pypi/+simple/bench-big/", JSON_ACCEPT))
+        hrefs = {f["filename"]: urljoin("/root/pypi/+simple/bench-big/", f["url"])
+                 for f in page["files"]}
+        ttfb(mine, hrefs[data.big[0]])  # (minidevpi's connection to the file host too)
+        for fn in data.big[1:]:
+            file_d.append(ttfb(direct_files, "/files/" + fn))
+            file_m.append(ttfb(mine, hrefs[fn]))
+        for c in (direct_pages, direct_files, mine):
+            c.close()
+        srv.discard()
+        # 16 concurrent cold installs of overlapping trees through one fresh server
+        say("16 concurrent cold installs ...")
+        srv = ColdMinidevpi(script, up.url, senv, extra)
+        srv.start()
+        mirror = "http://127.0.0.1:%d/root/pypi/+simple/" % srv.port
+        up.reset()
+        errors, times = [], []
+
+        def one(app, tool):
+            try:
+                times.append(timed_install(tool, python, uv, mirror, app,
+                                           data.closure([app]), ienv))
+            except Exception as e:
+                errors.append("%s (%s): %s" % (app, tool, str(e)[-300:]))
+        tools = ["uv"] if uv else ["pip"]
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=one, args=(app, tools[i % len(tools)]))
+                   for i, app in enumerate(data.apps)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        needed = data.closure(data.apps)
+        conc = {"wall": wall, "errors": errors, "requests": sum(up.hits.values()),
+                "max_per_path": max(up.hits.values()), "pages": sum(
+                    1 for p in up.hits if p.startswith("/simple/")),
+                "projects": len(needed), "connections": dict(up.connections),
+                "files": sum(1 for p in up.hits if p.startswith("/files/")
+                             and not p.endswith(".metadata")),
+                "metadata": sum(1 for p in up.hits if p.endswith(".metadata"))}
+        srv.discard()
+        real = "not run (--real-upstream not given)"
+        if args.real_upstream:
+            say("real upstream ...")
+            try:
+                real = real_upstream(args, python, uv, script)
+            except Exception as e:
+                real = "failed: %s" % str(e)[-300:]
+    finally:
+        up.stop()
+    med = {k: statistics.median(v) for k, v in R.items() if v}
+    print()
+    print("cold mirror through minidevpi (%s), %d CPUs, Python %s, latency %d ms, files at "
+          "%.0f MB/s, %d rounds, tree of %d projects from %s"
+          % (os.path.relpath(script), os.cpu_count(), sys.version.split()[0], args.latency_ms,
+             args.bandwidth_mb, args.rounds, len(tree), root))
+    print("| install | direct | minidevpi cold | ratio | minidevpi warm | ratio | goal |")
+    print("|---|---|---|---|---|---|---|")
+    for tool, goal in (("uv", 1.3), ("pip", 1.2)):
+        if tool + "_cold" not in med:
+            continue
+        dr, co, wa = med[tool + "_direct"], med[tool + "_cold"], med[tool + "_warm"]
+        print("| %s | %.2f s | %.2f s | %.2fx | %.2f s | %.2fx | cold ≤ %.1fx: %s; warm ≤ 1x: %s |"
+              % (tool, dr, co, co / dr, wa, wa / dr, goal, "met" if co / dr <= goal else "MISSED",
+                 "met" if wa <= dr else "MISSED"))
+    for tool, (n, conns, mx) in sorted(via.items()):
+        print("cold %s via minidevpi: %d upstream requests, %d + %d connections (pages + files), "
+              "each thing fetched at most %d time(s)" % (tool, n, conns["pages"], conns["files"], mx))
+    print("time to first byte, median: cold page %.1f ms (direct %.1f ms); cold 2 MB file "
+          "%.1f ms (direct %.1f ms)" % (statistics.median(page_m) * 1e3,
+                                        statistics.median(page_d) * 1e3,
+                                        statistics.median(file_m) * 1e3,
+                                        statistics.median(file_d) * 1e3))
+    print("16 concurrent cold installs (%s) of overlapping trees (%d projects in all): %.1f s, "
+          "%d errors; upstream: %d requests (%d pages, %d files, %d metadata), each fetched at "
+          "most %d time(s), %d + %d connections"
+          % ("/".join(tools), conc["projects"], conc["wall"], len(conc["errors"]),
+             conc["requests"], conc["pages"], conc["files"], conc["metadata"],
+             conc["max_per_path"], conc["connections"]["pages"], conc["connections"]["files"]))
+    for e in conc["errors"]:
+        print("  - " + e)
+    print("real upstream: " + real)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"installs": R, "via": via, "ttfb": {"page_direct": page_d,
+                       "page_minidevpi": page_m, "file_direct": file_d,
+                       "file_minidevpi": file_m}, "concurrent": conc, "real": real}, f, indent=1)
+    return 0
+
+
+def mine_get(conn, path, accept):
+    conn.request("GET", path, headers={"Accept": accept})
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == 200, (path, resp.status)
+    return body
+
+
+def real_upstream(args, python, uv, script):
+    """uv and pip cold through minidevpi against the index pip on this machine uses (the
+    mirror's default), against the same direct; a line for the report. The upstream's
+    name is never printed."""
+    sys.path.insert(0, REPO)
+    import minidevpi
+    url = minidevpi.pip_index_url()
+    if not url or not url.startswith("http"):
+        return "skipped (pip on this machine names no HTTP index)"
+    try:
+        c = http.client.HTTPSConnection(urlsplit(url).hostname, urlsplit(url).port or 443,
+                                        timeout=10) if url.startswith("https") else \
+            http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port or 80,
+                                       timeout=10)
+        roots = args.real_upstream.split(",")
+        c.request("GET", urlsplit(url).path.rstrip("/") + "/%s/" % normalize(roots[0]),
+                  headers={"Accept": JSON_ACCEPT})
+        resp = c.getresponse()
+        status, body = resp.status, resp.read()
+        c.close()
+    except OSError as e:
+        return "skipped (not reachable: %s)" % type(e).__name__
+    if status != 200:
+        return "skipped (not reachable: the project page answered %d)" % status
+    # a separate file host whose name resolves to non-public addresses here (a proxy, a
+    # sandbox) is refused by the mirror policy: it is allowed by name, as a user would
+    extra, note = [], ""
+    try:
+        f = urlsplit(urljoin(url, json.loads(body)["files"][-1]["url"]))
+        port = f.port or (443 if f.scheme == "https" else 80)
+        if (f.hostname, port) != (urlsplit(url).hostname, urlsplit(url).port or 443) and not all(
+                minidevpi.is_public_address(a[4][0]) for a in socket.getaddrinfo(f.hostname, port)):
+            extra = ["--mirror-allow-host", "%s:%d" % (f.hostname, port)]
+            note = " (the file host resolves to non-public addresses here: allowed with " \
+                   "--mirror-allow-host)"
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    env = installer_env()
+    out = []
+    for tool in (("uv", "pip") if uv else ("pip",)):
+        ts = {"direct": [], "cold": []}
+        for _ in range(2):
+            srv = ColdMinidevpi(script, None, server_env(), extra)
+            srv.start()
+            mirror = "http://127.0.0.1:%d/root/pypi/+simple/" % srv.port
+            for how, index in (("direct", url), ("cold", mirror)):
+                ts[how].append(timed_install(tool, python, uv, index, roots, None, env))
+            srv.discard()
+        out.append("%s %.2f s cold via minidevpi vs %.2f s direct (%.2fx)" % (
+            tool, statistics.median(ts["cold"]), statistics.median(ts["direct"]),
+            statistics.median(ts["cold"]) / statistics.median(ts["direct"])))
+    return "%s: %s%s" % (" ".join(roots), "; ".join(out), note)
+
+
 def cleanup():
     for p in list(PROCS):
         try:
@@ -1413,8 +1903,29 @@ def main(argv=None):
                     help="projects for the root listing and growth scenarios "
                          "(default 10,000; 1,000 with --quick; at least 200)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results to FILE")
+    g = ap.add_argument_group("cold mirror scenario (--cold-mirror runs only it)")
+    g.add_argument("--cold-mirror", action="store_true",
+                   help="uv and pip cold installs through minidevpi's root/pypi against a "
+                        "fake HTTPS upstream, against the same direct")
+    g.add_argument("--latency-ms", type=float, default=30,
+                   help="the fake upstream's round trip (default 30 ms)")
+    g.add_argument("--bandwidth-mb", type=float, default=50,
+                   help="the fake upstream's file bandwidth, MB/s (default 50)")
+    g.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    g.add_argument("--minidevpi", metavar="PATH",
+                   help="another minidevpi.py to measure (an older one, for before/after)")
+    g.add_argument("--real-upstream", metavar="REQS",
+                   help="also install REQS (comma-separated) through root/pypi against the "
+                        "index pip on this machine uses, against the same direct")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if args.cold_mirror:
+        try:
+            return run_cold_mirror(args)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            cleanup()
     cfg = Cfg(args.quick)
     if args.projects:
         cfg.many = max(200, args.projects)
