@@ -1663,36 +1663,43 @@ class Accounts:
 
 # -- index configuration -------------------------------------------------------------
 
-LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist")
-ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
+LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist", "acl_read")
+ACL_KEYS = ("acl_upload", "acl_toxresult_upload", "acl_read")  # lists of user names
 SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
              "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
 STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
               "mirror_whitelist", "mirror_whitelist_inheritance", "title", "description",
-              "custom_data")
+              "custom_data", "acl_read")
 MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
                "mirror_no_project_list", "mirror_use_external_urls",
                "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
-               "description", "custom_data")
+               "description", "custom_data", "acl_read")
 OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
+# Who may read an index that does not say (acl_read): anyone, as devpi; on a server run with
+# --restrict-reads any logged-in user (and new indexes get that written into their config).
+# The index owner and root always read.
+PUBLIC_READ_ACL = (":ANONYMOUS:",)
+RESTRICTED_READ_ACL = (":AUTHENTICATED:",)
 # a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
 
 
-def index_defaults(ixtype, user):
+def index_defaults(ixtype, user, restrict_reads=False):
     """The settings a new index of type ``ixtype`` owned by ``user`` starts with, as in
-    devpi (what a config does not say, whether created here or imported)."""
+    devpi (what a config does not say, whether created here or imported). On a server with
+    ``restrict_reads`` a new index is readable by logged-in users only."""
+    extra = {"acl_read": list(RESTRICTED_READ_ACL)} if restrict_reads else {}
     if ixtype == "mirror":
-        return {"type": "mirror", "volatile": True}
-    return {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
-            "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
-            "mirror_whitelist_inheritance": "intersection"}
+        return dict({"type": "mirror", "volatile": True}, **extra)
+    return dict({"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
+                 "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
+                 "mirror_whitelist_inheritance": "intersection"}, **extra)
 
 
 def parse_bool(value):
@@ -1957,7 +1964,12 @@ class Model:
 
     Methods take the acting user's name (``actor``; None for anonymous) and raise
     HTTPError for anything the caller may not do or got wrong.
+
+    ``restrict_reads`` (serve --restrict-reads): indexes that don't say who reads them
+    (acl_read) are for logged-in users only, and anonymous readers get no user lists.
     """
+
+    restrict_reads = False
 
     def __init__(self, store):
         self.store = store
@@ -2008,6 +2020,11 @@ class Model:
         return self.get_user_row(name) is not None
 
     def user_info(self, name, with_indexes=True, actor=None):
+        """A user's config and (``with_indexes``) the indexes ``actor`` may read."""
+        self.check_listing(actor)
+        return self._user_info(name, with_indexes, actor)
+
+    def _user_info(self, name, with_indexes=True, actor=None):
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -2018,12 +2035,14 @@ class Model:
             info["modified"] = row["modified"]
         if with_indexes:
             info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
-                               for ix in self.user_indexes(name)}
+                               for ix in self.user_indexes(name) if self.may_read(actor, ix)}
         return info
 
     def list_users(self, actor=None):
+        """Every user with the indexes ``actor`` may read."""
+        self.check_listing(actor)
         names = [r[0] for r in self.store.conn().execute("SELECT name FROM users ORDER BY name")]
-        return {n: self.user_info(n, actor=actor) for n in names}
+        return {n: self._user_info(n, actor=actor) for n in names}
 
     USER_KEYS = ("password", "email", "title", "description", "custom_data")
 
@@ -2056,7 +2075,7 @@ class Model:
                       (name, pwhash, json.dumps(config), utcnow_iso()))
         if pwhash == "!pending":
             self.accounts.set_password_soon(name, password)
-        return self.user_info(name)
+        return self._user_info(name)
 
     def _user_config(self, config, body):
         config = dict(config)
@@ -2211,9 +2230,9 @@ class Model:
                 if name not in wl:
                     wl.append(name)
             clean["mirror_whitelist"] = wl
-            for key in ACL_KEYS:  # devpi spells the special names in capitals
-                if key in clean:
-                    clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
+        for key in ACL_KEYS:  # devpi spells the special names in capitals
+            if key in clean:
+                clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
         return clean
 
     def _check_cycle(self, path, bases):
@@ -2243,7 +2262,7 @@ class Model:
         ixtype = body.get("type", "stage")
         if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
             raise forbidden(ONLY_ROOT_MIRRORS)
-        config = index_defaults(ixtype, user)
+        config = index_defaults(ixtype, user, self.restrict_reads)
         config.update(body)
         if ixtype == "mirror" and "mirror_url" not in config:
             raise bad_request("a mirror index needs a mirror_url")
@@ -2339,13 +2358,16 @@ class Model:
 
     def chain(self, ix, reader, ignore_bases=False):
         """The indexes ``reader`` reads through ``ix``: ``ix`` and, unless ``ignore_bases``,
-        what it inherits from (resolve_bases). Every read through bases starts here or at
-        ``walk``, so that a rule about who may read what is a change in this one place.
+        what it inherits from (resolve_bases), without those ``reader`` may not read
+        (``may_read``; ``ix`` itself too: an index one may not read gives nothing). Every
+        read through bases starts here or at ``walk``, so that a rule about who may read
+        what is a change in this one place.
 
         ``reader`` is the user name asking (None: anonymous), or a function giving it,
         called only when a rule needs to know: a page anyone may read does not have to
-        authenticate the request. (Today every reader sees everything.)"""
-        return [ix] if ignore_bases else self.resolve_bases(ix)
+        authenticate the request."""
+        return [b for b in ([ix] if ignore_bases else self.resolve_bases(ix))
+                if self.may_read(reader, b)]
 
     def walk(self, ix, norm, reader, ignore_bases=False):
         """The walk through bases for the project ``norm``, as ``reader`` sees it from
@@ -2353,6 +2375,51 @@ class Model:
         return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases))
 
     # -- permissions -----------------------------------------------------------------------
+
+    def read_acl(self, ix):
+        """Who may read ``ix`` besides its owner and root (its acl_read, else the default)."""
+        acl = ix.config.get("acl_read")
+        if acl is None:
+            return RESTRICTED_READ_ACL if self.restrict_reads else PUBLIC_READ_ACL
+        return acl
+
+    def may_read(self, reader, ix):
+        """The read rule: whether ``reader`` (a user name, None, or a function giving one,
+        asked only when the index is not readable by anyone) may see ``ix`` and what it
+        holds."""
+        acl = self.read_acl(ix)
+        if ":ANONYMOUS:" in acl:
+            return True
+        name = reader() if callable(reader) else reader
+        if name is None:
+            return False
+        return name == "root" or name == ix.user or ":AUTHENTICATED:" in acl or name in acl
+
+    @staticmethod
+    def read_refusal(reader, what):
+        """The one answer for a read of ``what`` (an index path) that is not allowed, the
+        same whether or not anything below it exists: 401 asking for credentials when
+        anonymous, else 403."""
+        name = reader() if callable(reader) else reader
+        if name is None:
+            return HTTPError(401, "authentication required to read %s" % what,
+                             challenge=True)
+        return forbidden("user %r may not read %s" % (name, what))
+
+    def check_read(self, reader, ix):
+        if not self.may_read(reader, ix):
+            raise self.read_refusal(reader, ix.path)
+
+    def is_public(self, ix):
+        """Whether anyone reads ``ix`` and all it inherits from: what is served from it is
+        the same for every reader (and a shared cache may keep it)."""
+        return all(":ANONYMOUS:" in self.read_acl(b) for b in self.resolve_bases(ix))
+
+    def check_listing(self, actor):
+        """With restrict_reads, the lists of users and their indexes need a login."""
+        if self.restrict_reads and (actor() if callable(actor) else actor) is None:
+            raise HTTPError(401, "authentication required to list users and indexes",
+                            challenge=True)
 
     def can_upload(self, actor, ix, acl_key="acl_upload"):
         acl = ix.config.get(acl_key, [])
@@ -4260,6 +4327,7 @@ class Request:
         self.accept = handler.headers.get("Accept", "")
         self._actor = False
         self.is_upload = False
+        self.restricted = False  # an index not everyone reads answers: no shared cache keeps it
 
     @property
     def actor(self):
@@ -4472,11 +4540,50 @@ class App:
                 allowed.update(handlers)
                 continue
             req.trailing = trailing
-            return getattr(self, name)(req, **m.groupdict())
+            args = m.groupdict()
+            if "index" in args and name != "route_api":
+                self.check_index_read(req, args["user"], args["index"])
+            resp = getattr(self, name)(req, **args)
+            if req.restricted:
+                self._mark_private(resp)
+            return resp
         if allowed:
             raise HTTPError(405, "method %s not allowed here" % req.method,
                             {"Allow": ", ".join(sorted(allowed))})
         raise not_found("The resource could not be found: %s" % path)
+
+    def check_index_read(self, req, user, index):
+        """Before any route below /USER/INDEX: a reader who may not read the index gets the
+        same refusal for every path and method below it, whatever exists there (on a
+        --restrict-reads server an anonymous one also for an index that does not exist)."""
+        m = self.model
+        path = user + "/" + index
+        ix = m.get_index(path)
+        reader = lambda: req.actor  # noqa: E731 (authenticates only when the rule asks)
+        try:
+            if ix is None:
+                if m.restrict_reads and reader() is None:
+                    raise m.read_refusal(None, path)
+                return
+            m.check_read(reader, ix)
+        except HTTPError as e:
+            if e.status == 401 and wants_json(req.accept):
+                # devpi-client's JSON requests: its "you might have to login first" is for 403
+                raise forbidden(e.message)
+            raise
+        req.restricted = not m.is_public(ix)
+
+    @staticmethod
+    def _mark_private(resp):
+        """What an index not everyone reads answers is for the asker alone: no shared cache
+        (nginx in front) may keep it, and a browser's own cache keeps it per credentials."""
+        cc = " ".join(v for k, v in resp.headers if k.lower() == "cache-control")
+        vary = [v for k, v in resp.headers if k.lower() == "vary"]
+        headers = [(k, v) for k, v in resp.headers if k.lower() not in ("cache-control", "vary")]
+        headers.append(("Cache-Control", "private, max-age=31536000, immutable" if "immutable"
+                        in cc else "private, max-age=1" if cc else "private, no-cache"))
+        headers.append(("Vary", ", ".join(vary + ["Authorization, X-Devpi-Auth"])))
+        resp.headers = headers
 
     def authenticate_request(self, req):
         h = req.headers
@@ -4515,14 +4622,21 @@ class App:
             "features": ["push-no-docs", "push-only-docs", "push-register-project",
                          "server-keyvalue-parsing"],
         }
-        if user is not None and index is None and not self.model.user_exists(user):
+        m = self.model
+        hidden = m.restrict_reads and actor is None  # (devpi use needs an answer)
+        if user is not None and index is None and not hidden and not m.user_exists(user):
             raise not_found("no user %r" % user)
         if index is not None:
-            ix = self.model.require_index(user + "/" + index)
-            result["index"] = req.absolute(ix.path)
-            result["simpleindex"] = req.absolute(ix.path + "/+simple/")
-            if not ix.is_mirror:
-                result["pypisubmit"] = req.absolute(ix.path + "/")
+            path = user + "/" + index
+            ix = m.get_index(path)
+            if ix is None and not hidden:
+                raise not_found("The stage %s could not be found." % path)
+            if ix is not None and not m.may_read(actor, ix):
+                ix = None  # its URLs only, the answer for an index that does not exist
+            result["index"] = req.absolute(path)
+            result["simpleindex"] = req.absolute(path + "/+simple/")
+            if ix is None or not ix.is_mirror:
+                result["pypisubmit"] = req.absolute(path + "/")
         return api_result("apiconfig", result)
 
     def route_status(self, req):
@@ -5145,7 +5259,9 @@ class App:
                 return resp
         validator = self.pages.root_validator()
         base = self._page_base(req)
-        key = ("root", ix.path, fmt, base)
+        # the page of what this reader may see: readers who see other indexes get another
+        key = ("root", ix.path, fmt, base,
+               tuple(b.id for b in m.chain(ix, lambda: req.actor)))
         page = self.pages.get(key, validator)
         if page is None:
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
@@ -5160,9 +5276,10 @@ class App:
         validator = self.pages.project_validator(norm)
         base = self._page_base(req)
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
+        seen = m.walk(ix, norm, lambda: req.actor)
         key = ("project", ix.path, norm, fmt, base,
-               req.outside_url() if absolute else None)
-        mirrors = m.walk(ix, norm, lambda: req.actor).mirrors
+               req.outside_url() if absolute else None, tuple(b.id for b in seen.chain))
+        mirrors = seen.mirrors
         if mirrors:
             for b in mirrors:
                 self.mirror.ensure_fresh(b, norm)
@@ -6580,8 +6697,9 @@ class Server:
                  max_request_body_size=DEFAULT_MAX_BODY,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
-                 mirror_allow_hosts=()):
+                 mirror_allow_hosts=(), restrict_reads=False):
         self._serverdir_arg = serverdir
+        self.restrict_reads = restrict_reads
         self.host = host
         self._port_arg = port
         self.root_password = root_password
@@ -6625,6 +6743,7 @@ class Server:
                 store, self.model = init_serverdir(
                     self.serverdir, root_password=self.root_password,
                     mirror_url=self.mirror_url, hash_soon=True)
+            self.model.restrict_reads = bool(self.restrict_reads)
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
                                   mirror_timeouts=self.mirror_timeouts,
@@ -6728,7 +6847,7 @@ CONFIG_OPTIONS = {
     "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
     "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
-    "connection-timeout": int, "mirror-allow-host": str,
+    "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
 }
 
 
@@ -6873,6 +6992,10 @@ def build_parser():
                         "though it is not the mirror_url's own host and has non-public "
                         "addresses, e.g. an internal upstream's file server (repeatable, "
                         "or comma-separated)")
+    p.add_argument("--restrict-reads", action="store_true", default=None,
+                   help="nothing public: indexes without an acl_read (and new ones) are read "
+                        "by logged-in users only, and anonymous requests get no user or "
+                        "index lists")
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -6988,6 +7111,7 @@ def cmd_serve(args):
     except BaseException:
         httpd.server_close()
         raise
+    model.restrict_reads = bool(args.restrict_reads)
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
                     mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
@@ -7004,10 +7128,12 @@ def cmd_serve(args):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("minidevpi %s serving %s at %s%s" % (
+    print("minidevpi %s serving %s at %s%s%s" % (
         __version__, store.serverdir, url,
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
-        if args.offline_mode else ""), flush=True)
+        if args.offline_mode else "",
+        " with restricted reads (indexes without acl_read: logged-in users only)"
+        if args.restrict_reads else ""), flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
               "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)
@@ -7026,7 +7152,8 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "no_root_pypi": False, "offline_mode": False,
                   "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
                   "mirror_read_timeout": MIRROR_READ_TIMEOUT, "threads": DEFAULT_THREADS,
-                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": []}
+                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": [],
+                  "restrict_reads": False}
 
 
 def _check_storage(args):
