@@ -86,7 +86,7 @@ DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels p
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
 LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
@@ -1078,6 +1078,14 @@ CREATE TABLE IF NOT EXISTS mirror_pages (  -- cached upstream project pages (a c
     files TEXT NOT NULL,            -- JSON list of the upstream's files
     PRIMARY KEY (index_id, project)
 );
+CREATE TABLE IF NOT EXISTS tokens (  -- devpi-tokens' tokens (macaroons), schema 3
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,              -- random; with the secret and pwhash: the root key
+    restrictions TEXT NOT NULL,     -- JSON list of the caveats it was created with
+    created TEXT NOT NULL,
+    PRIMARY KEY (user, id)
+);
 CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     filename TEXT NOT NULL,
@@ -1655,10 +1663,304 @@ class Accounts:
             return False
         return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
 
+    # -- scoped tokens (see parse_macaroon) --
+
+    def _token_root_key(self, name, token_id, key, pwhash):
+        # the password hash takes part: a password change kills every token of the user
+        msg = "devpi-tokens\0%s\0%s\0%s\0%s" % (name, token_id, key, pwhash)
+        return hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest()
+
+    def create_scoped_token(self, name, restrictions):
+        row = self.get_user_row(name)
+        if row is None:
+            raise not_found("no user %r" % name)
+        key = secrets.token_urlsafe(32)
+        with self.store.write() as c:
+            taken = {r[0] for r in c.execute("SELECT id FROM tokens WHERE user=?", (name,))}
+            token_id = "".join(secrets.choice(TOKEN_ID_CHARS) for _ in range(8))
+            while token_id in taken:
+                token_id = "".join(secrets.choice(TOKEN_ID_CHARS) for _ in range(8))
+            c.execute("INSERT INTO tokens (user, id, key, restrictions, created) "
+                      "VALUES (?,?,?,?,?)", (name, token_id, key, json.dumps(restrictions),
+                                             utcnow_iso()))
+        identifier = ("%s-%s" % (name, token_id)).encode("utf-8")
+        caveats = [r.encode("utf-8") for r in restrictions]
+        sig = macaroon_signature(self._token_root_key(name, token_id, key, row["pwhash"]),
+                                 identifier, caveats)
+        return "devpi-" + serialize_macaroon(identifier, caveats, sig)
+
+    def list_scoped_tokens(self, name):
+        return {r["id"]: {"restrictions": json.loads(r["restrictions"])}
+                for r in self.store.conn().execute(
+                    "SELECT id, restrictions FROM tokens WHERE user=? ORDER BY id", (name,))}
+
+    def delete_scoped_token(self, name, token_id):
+        """Deleting a token kills every token derived from it (they share its root key)."""
+        with self.store.write() as c:
+            if not c.execute("DELETE FROM tokens WHERE user=? AND id=?",
+                             (name, token_id)).rowcount:
+                raise not_found("No token with id %s" % token_id)
+
+    def check_scoped_token(self, name, token):
+        """A TokenActor for a valid scoped token (of user ``name``, if not None or
+        "__token__"), else None: a deleted, expired, tampered or foreign token, a caveat
+        this server does not know."""
+        try:
+            identifier, caveats, sig = parse_macaroon(token)
+            user, sep, token_id = identifier.decode("utf-8").rpartition("-")
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        if not sep or name not in (None, "__token__", user):
+            return None
+        row = self.store.conn().execute(
+            "SELECT t.key, u.pwhash FROM tokens t JOIN users u ON u.name=t.user "
+            "WHERE t.user=? AND t.id=?", (user, token_id)).fetchone()
+        if row is None:
+            return None
+        want = macaroon_signature(self._token_root_key(user, token_id, row["key"],
+                                                       row["pwhash"]), identifier, caveats)
+        if not hmac.compare_digest(want, sig):
+            return None
+        try:
+            scope = TokenScope.from_caveats(caveats, time.time())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        actor = TokenActor(user)
+        actor.scope = scope
+        return actor
+
     def login(self, name, password, source=None):
         if self.authenticate(name, password, source) is None:
             raise HTTPError(401, "user %r could not be authenticated" % name)
         return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
+
+
+# -- scoped tokens (macaroons, as the devpi-tokens plugin makes them) ------------------
+#
+# A token is "devpi-" and the base64url (unpadded) of a version 2 binary macaroon (the
+# libmacaroons format pymacaroons writes): the byte 2, then fields of (type varint, length
+# varint, bytes) in sections ended by a 0: [location 1] identifier 2 | per caveat
+# [location 1] identifier 2 | an empty section | signature 6 (32 bytes). Its identifier is
+# "USER-ID"; its signature is HMAC-SHA256 chained from the root key over the identifier and
+# then each caveat, so whoever holds a token can add caveats (narrow it) offline but never
+# remove one. Version 1 macaroons (lines of 4 hex digits of length, "key value\n") are read
+# too. Caveats are devpi-tokens' "name=value" first-party ones; any other is refused.
+
+TOKEN_ID_CHARS = "abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+TOKEN_MAX_LIFETIME = 366 * 24 * 3600 + 10  # what a token may live unless root makes it
+TOKEN_MAX_CAVEATS = 64
+# devpi-server's permission names, which a token's "allowed" caveat lists
+TOKEN_PERMISSIONS = ("del_entry", "del_project", "del_verdata", "index_create",
+                     "index_delete", "index_modify", "pkg_read", "toxresult_upload", "upload")
+
+
+def _uvarint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7f
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_uvarint(data, pos):
+    n = shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise ValueError("truncated macaroon")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7f) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _macaroon_v2(raw):
+    """(identifier, [caveat ids], signature) of a binary version 2 macaroon."""
+    pos = 1
+
+    def section():
+        nonlocal pos
+        fields = []
+        while True:
+            kind, pos = _read_uvarint(raw, pos)
+            if kind == 0:
+                return fields
+            size, pos = _read_uvarint(raw, pos)
+            if pos + size > len(raw):
+                raise ValueError("truncated macaroon")
+            fields.append((kind, raw[pos:pos + size]))
+            pos += size
+    head = [f for f in section() if f[0] != 1]
+    if [k for k, _ in head] != [2]:
+        raise ValueError("macaroon without one identifier")
+    caveats = []
+    while True:
+        fields = [f for f in section() if f[0] != 1]
+        if not fields:
+            break
+        if [k for k, _ in fields] != [2]:
+            raise ValueError("third-party caveats are not accepted")
+        caveats.append(fields[0][1])
+        if len(caveats) > TOKEN_MAX_CAVEATS:
+            raise ValueError("too many caveats")
+    kind, pos = _read_uvarint(raw, pos)
+    size, pos = _read_uvarint(raw, pos)
+    if kind != 6 or size != 32 or pos + size != len(raw):
+        raise ValueError("macaroon without a signature")
+    return head[0][1], caveats, raw[pos:]
+
+
+def _macaroon_v1(raw):
+    identifier, caveats, sig = None, [], None
+    pos = 0
+    while pos < len(raw):
+        size = int(raw[pos:pos + 4], 16)
+        packet = raw[pos + 4:pos + size]
+        pos += size
+        if size < 5 or not packet.endswith(b"\n"):
+            raise ValueError("bad macaroon packet")
+        key, _, value = packet[:-1].partition(b" ")
+        if key == b"identifier":
+            identifier = value
+        elif key == b"cid":
+            caveats.append(value)
+        elif key == b"signature" and len(value) == 32:
+            sig = value
+        elif key != b"location":
+            raise ValueError("macaroon field %r is not accepted" % key[:20])
+        if len(caveats) > TOKEN_MAX_CAVEATS:
+            raise ValueError("too many caveats")
+    if identifier is None or sig is None:
+        raise ValueError("macaroon without identifier or signature")
+    return identifier, caveats, sig
+
+
+def parse_macaroon(token):
+    """(identifier, [caveat ids], signature) of a token; ValueError for anything else."""
+    text = token[6:] if token.startswith("devpi-") else token
+    if not text or len(text) > 8192 or not re.match(r"^[A-Za-z0-9_+/=-]+$", text):
+        raise ValueError("not a macaroon")
+    raw = base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_").rstrip("=")
+                                   + "=" * (-len(text.rstrip("=")) % 4))
+    return _macaroon_v2(raw) if raw[:1] == b"\x02" else _macaroon_v1(raw)
+
+
+def macaroon_signature(root_key, identifier, caveats):
+    sig = hmac.new(hmac.new(b"macaroons-key-generator", root_key, "sha256").digest(),
+                   identifier, "sha256").digest()
+    for cid in caveats:
+        sig = hmac.new(sig, cid, "sha256").digest()
+    return sig
+
+
+def serialize_macaroon(identifier, caveats, sig):
+    out = bytearray(b"\x02\x01\x00")  # version 2, an empty location (as pymacaroons)
+    out += b"\x02" + _uvarint(len(identifier)) + identifier + b"\x00"
+    for cid in caveats:
+        out += b"\x02" + _uvarint(len(cid)) + cid + b"\x00"
+    out += b"\x00\x06\x20" + sig
+    return base64.urlsafe_b64encode(bytes(out)).decode("ascii").rstrip("=")
+
+
+class TokenScope:
+    """What a token's caveats leave it: ``allowed`` permissions, ``indexes``, ``projects``
+    (each None for no limit). Every caveat narrows (lists intersect, times are all
+    checked), so a derived token is never broader than the one it came from."""
+
+    __slots__ = ("allowed", "indexes", "projects")
+
+    def __init__(self):
+        self.allowed = self.indexes = self.projects = None
+
+    @classmethod
+    def from_caveats(cls, caveats, now):
+        """The scope, or ValueError for an expired, not yet valid or unknown caveat."""
+        scope = cls()
+        for cid in caveats:
+            name, sep, value = cid.decode("utf-8").partition("=")
+            if not sep:
+                raise ValueError("unknown caveat")
+            if name == "expires":
+                if value != "never" and now >= int(value):
+                    raise ValueError("token expired")
+            elif name == "not_before":
+                if now < int(value):
+                    raise ValueError("token not valid yet")
+            elif name in ("allowed", "indexes", "projects"):
+                items = {x.strip() for x in value.split(",") if x.strip()}
+                if name == "projects":
+                    items = {normalize_name(x) for x in items}
+                old = getattr(scope, name)
+                setattr(scope, name, items if old is None else old & items)
+            else:
+                raise ValueError("unknown caveat")
+        return scope
+
+    def refusal(self, action, index=None, project=None):
+        """Why the token may not do ``action`` (a devpi permission name) on ``index``
+        and ``project``, or None."""
+        if action.startswith("user_"):
+            return "a token can't change users or tokens"
+        if self.allowed is not None and action not in self.allowed:
+            return "the token does not allow %s" % action
+        if index is not None and self.indexes is not None and index not in self.indexes:
+            return "the token does not allow index %s" % index
+        if project is not None and self.projects is not None and \
+                normalize_name(project) not in self.projects:
+            return "the token does not allow project %s" % normalize_name(project)
+        return None
+
+
+class TokenActor(str):
+    """The user name of a request authenticated with a scoped token, with its ``scope``."""
+
+    scope = None
+
+
+def token_restrictions(body, unlimited=False, now=None):
+    """devpi-tokens' caveats ("name=value", by name) for a token-create body, checked as
+    the plugin checks them: a token lives at most a year (``unlimited``: root may make one
+    that never expires)."""
+    now = time.time() if now is None else now
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise bad_request("token-create takes a JSON object of restrictions")
+    body = dict(body)
+    body.setdefault("expires", int(now + TOKEN_MAX_LIFETIME))
+    out = []
+    for name, value in sorted(body.items()):
+        if name in ("expires", "not_before"):
+            if value == "never" and name == "expires":
+                if not unlimited:
+                    raise forbidden("Not allowed to create token with no expiration")
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+                        not re.match(r"^[0-9]{1,12}$", str(value)):
+                    raise bad_request("Invalid value %r for %s" % (value, name))
+                value = int(value)
+                if name == "expires" and value <= now:
+                    raise bad_request("Can't set expiration before current time")
+                if name == "expires" and value > now + TOKEN_MAX_LIFETIME and not unlimited:
+                    raise forbidden("Not allowed to set expiration to more than one year")
+        elif name in ("allowed", "indexes", "projects"):
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(x, str) and re.match(r"^[^,=\s]+$", x) for x in value):
+                raise bad_request("The %s restriction must be a list of names" % name)
+            unknown = [x for x in value if name == "allowed" and x not in TOKEN_PERMISSIONS]
+            if unknown:
+                raise bad_request("Unknown permission %s (known: %s)"
+                                  % (", ".join(unknown), ", ".join(TOKEN_PERMISSIONS)))
+            value = ",".join(sorted(set(value)))
+        else:
+            raise bad_request("Unknown restriction '%s'." % name)
+        out.append("%s=%s" % (name, value))
+    return out
 
 
 # -- index configuration -------------------------------------------------------------
@@ -4447,6 +4749,9 @@ ROUTE_SPECS = [
     ("POST",   "/+login",                                          "login"),
     ("GET",    "/",                                                "list_users"),
     ("GET",    "/{user}/+api",                                     "api"),
+    ("POST",   "/{user}/+token-create",                            "token_create"),
+    ("GET",    "/{user}/+tokens",                                  "tokens"),
+    ("DELETE", "/{user}/+tokens/{token_id}",                       "delete_token"),
     ("GET",    "/{user}",                                          "get_user"),
     ("PUT",    "/{user}",                                          "create_user"),
     ("PATCH",  "/{user}",                                          "modify_user"),
@@ -4543,6 +4848,7 @@ class App:
             args = m.groupdict()
             if "index" in args and name != "route_api":
                 self.check_index_read(req, args["user"], args["index"])
+            self.check_token_scope(req, name, args)
             resp = getattr(self, name)(req, **args)
             if req.restricted:
                 self._mark_private(resp)
@@ -4573,6 +4879,47 @@ class App:
             raise
         req.restricted = not m.is_public(ix)
 
+    # what each route does, in devpi's permission names, for the caveats of scoped tokens
+    # (routes not named only read; upload and push are checked where the body says more)
+    TOKEN_ACTIONS = {
+        "route_create_user": "user_create", "route_modify_user": "user_modify",
+        "route_delete_user": "user_delete", "route_token_create": "user_modify",
+        "route_tokens": "user_modify", "route_delete_token": "user_modify",
+        "route_create_index": "index_create", "route_modify_index": "index_modify",
+        "route_delete_index": "index_delete", "route_delete_project": "del_project",
+        "route_delete_version": "del_verdata", "route_yank_version": "del_verdata",
+        "route_delete_file": "del_entry", "route_post_toxresult": "toxresult_upload",
+        "route_upload_or_push": None, "route_push": None, "route_login": None,
+        "route_api": None, "route_status": None,
+    }
+
+    def check_token_scope(self, req, name, args):
+        """A request made with a scoped token does only what its caveats allow: the
+        action, on the index of its URL (and the project, where the URL names one); no
+        user changes, and no lists of users when it is limited to some indexes."""
+        if not (req.headers.get("Authorization") or req.headers.get("X-Devpi-Auth")):
+            return
+        scope = getattr(req.actor, "scope", None)
+        if scope is None:
+            return
+        action = self.TOKEN_ACTIONS.get(name, "pkg_read")
+        if action is None:
+            return
+        index = args["user"] + "/" + args["index"] if "index" in args else None
+        why = scope.refusal(action, index, args.get("project"))
+        if why is None and index is None and scope.indexes is not None and name in (
+                "route_list_users", "route_get_user"):
+            why = "the token is limited to indexes %s" % ", ".join(sorted(scope.indexes))
+        if why:
+            raise forbidden(why)
+
+    @staticmethod
+    def token_allows(req, action, index, project=None):
+        scope = getattr(req.actor, "scope", None)
+        why = scope.refusal(action, index, project) if scope is not None else None
+        if why:
+            raise forbidden(why)
+
     @staticmethod
     def _mark_private(resp):
         """What an index not everyone reads answers is for the asker alone: no shared cache
@@ -4594,12 +4941,21 @@ class App:
         auth = h.get("Authorization") or ""
         if auth[:6].lower() == "basic ":
             creds.append(auth[6:].strip())
+        elif auth[:7].lower() == "bearer ":
+            return self.model.accounts.check_scoped_token(None, auth[7:].strip())
         for cred in creds:
             try:
                 user, sep, secret = base64.b64decode(cred, validate=True).decode(
                     "utf-8").partition(":")
             except (binascii.Error, ValueError, UnicodeDecodeError):
                 continue
+            if sep and user and len(user) <= 100 and len(secret) <= 8192 and not \
+                    secret.startswith("mdp1.") and (user == "__token__" or len(secret) > 60):
+                actor = self.model.accounts.check_scoped_token(user, secret)
+                if actor is not None:
+                    return actor
+                if user == "__token__":
+                    continue
             if sep and user and len(user) <= 100 and len(secret) <= 4096:
                 try:
                     name = self.model.accounts.authenticate(user, secret,
@@ -4683,6 +5039,36 @@ class App:
     def route_delete_user(self, req, user):
         self.model.delete_user(req.actor, user)
         return message_response("user %r deleted" % user)
+
+    # -- scoped tokens (devpi-tokens' routes) -------------------------------------------
+
+    def _token_owner(self, req, user):
+        """The user whose tokens these are: asked by that user or root, with a password or
+        login token (a scoped token was refused before: check_token_scope)."""
+        m = self.model
+        if req.actor is None:
+            raise unauthorized()
+        if not m.user_exists(user):
+            raise not_found("no user %r" % user)
+        if not m.can_modify_user(req.actor, user):
+            raise forbidden("no permission to manage the tokens of user %r" % user)
+        return user
+
+    def route_token_create(self, req, user):
+        self._token_owner(req, user)
+        restrictions = token_restrictions(req.json_body(), unlimited=req.actor == "root")
+        token = self.model.accounts.create_scoped_token(user, restrictions)
+        return api_result("token-info", {"token": token})
+
+    def route_tokens(self, req, user):
+        self._token_owner(req, user)
+        return api_result("tokens-info", {"tokens": self.model.accounts.list_scoped_tokens(user)})
+
+    def route_delete_token(self, req, user, token_id):
+        self._token_owner(req, user)
+        self.model.accounts.delete_scoped_token(user, token_id)
+        return message_response("token %s of user %s deleted (and every token derived from it)"
+                                % (token_id, user))
 
     # -- indexes ------------------------------------------------------------------------
 
@@ -4772,6 +5158,8 @@ class App:
                                   "upload there with twine")
             raise bad_request("push needs 'targetindex'")
         target = self.model.require_index(target_path.strip("/"))
+        self.token_allows(req, "pkg_read", ix.path, body["name"])
+        self.token_allows(req, "upload", target.path, body["name"])
         log_rows = self.model.push(req.actor, ix, body["name"], body["version"], target,
                                    no_docs=bool(body.get("no_docs")),
                                    only_docs=bool(body.get("only_docs")))
@@ -4905,6 +5293,7 @@ class App:
     def upload(self, req, ix):
         req.is_upload = True  # errors go into the reason phrase, where upload clients look
         m = self.model
+        self.token_allows(req, "upload", ix.path)
         m.check_upload(req.actor, ix)
         ctype = req.headers.get("Content-Type") or ""
         main, params = parse_header_params(ctype)
@@ -4943,6 +5332,8 @@ class App:
         name = (first.get("name") or "").strip()
         version = (first.get("version") or "").strip()
         meta = metadata_from_form(fields)
+        if name:
+            self.token_allows(req, "upload", ix.path, name)
         if action == "submit":
             if not name or not version:
                 raise bad_request("name and version need to be set")
@@ -4954,6 +5345,9 @@ class App:
         part = content[0]
         filename = part.filename
         check_filename(filename)
+        split = split_filename(filename, version or None)
+        if split:  # (a name given in the form was checked above)
+            self.token_allows(req, "upload", ix.path, split[0])
         self._check_digests(first, part)
         if action == "doc_upload":
             return self._doc_upload(req, ix, name, version, part)
@@ -5123,6 +5517,7 @@ class App:
                 return self._mirror_download(req, ix, filename, h3 + h13)
             else:
                 raise
+        self.token_allows(req, "pkg_read", ix.path, f.project)
         if wants_json(req.accept) and not metadata:
             return api_result("releasefilemeta", {
                 "hash_spec": "sha256=" + f.sha256, "hashes": {"sha256": f.sha256},

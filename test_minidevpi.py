@@ -4595,6 +4595,146 @@ def test_pip_uv_and_devpi_read_a_private_index_with_their_credentials(tmp_path, 
     assert "403" in out and "secretpkg" not in out, out
 
 
+def test_scoped_tokens_with_the_devpi_tokens_plugin_pip_and_uv(tmp_path, monkeypatch, make_server):
+    monkeypatch.setattr(minidevpi, "THROTTLE_AFTER", 10 ** 6)  # (not the throttle's test)
+    uv = need("uv")
+    devpi = Devpi(tmp_path / "client")
+    if devpi("token-create", "--help", check=False)[0] != 0:
+        skip_or_fail("the devpi-tokens plugin is not installed beside devpi-client")
+    srv = make_server(root_password="rootpw")
+    url, host = srv.url, "127.0.0.1:%d" % srv.port
+    srv.create_user("acme", "acmepw")
+    srv.create_user("bob", "bobpw")
+    for ix in ("acme/private", "acme/other"):
+        srv.create_index(ix, acl_read="acme", acl_upload="acme")
+    d = tmp_path / "d"
+    d.mkdir()
+    srv.upload("acme/private", make_wheel(d, "secretpkg", "1.0"))
+    srv.upload("acme/private", make_wheel(d, "toolpkg", "1.0"))
+    srv.upload("acme/other", make_wheel(d, "otherpkg", "1.0"))
+    devpi("use", url + "/acme/private")
+    devpi("login", "acme", "--password", "acmepw")
+    read = devpi("token-create", "-a", "pkg_read", "-i", "acme/private")[1].split()[-1]
+    assert read.startswith("devpi-"), read
+    listed = devpi("token-list")[1]
+    token_id = re.search(r"(?m)^\s+(\w{8})$", listed).group(1)
+    assert "allowed=pkg_read" in listed and "indexes=acme/private" in listed, listed
+    inspected = devpi("token-inspect", "--token", read)[1]
+    assert re.search(r"user\s*: acme", inspected) and token_id in inspected, inspected
+
+    def basic(user, token):
+        return {"Authorization": basic_auth(user, token)}
+    # pip and uv install with it in the URL, as the user or as __token__
+    for n, (tool, user) in enumerate((("pip", "acme"), ("pip", "__token__"), ("uv", "__token__"))):
+        target = tmp_path / ("t%d" % n)
+        index = "http://%s:%s@%s/acme/private/+simple/" % (user, read, host)
+        if tool == "pip":
+            pip("install", "--target", str(target), "--index-url", index, "secretpkg")
+        else:
+            run([uv, "pip", "install", "--no-cache", "--target", str(target), "--index-url",
+                 index, "secretpkg"])
+        assert (target / "secretpkg-1.0.dist-info").is_dir()
+    assert http(url, path="/acme/private/+simple/", headers={
+        "Authorization": "Bearer " + read}).status == 200
+    # ... and nothing else: no other index, no upload, no listing, no user or token change
+    whl = make_wheel(d, "secretpkg", "2.0")
+    for cred in (basic("acme", read), basic("__token__", read), {"Authorization": "Bearer " + read},
+                 xauth("acme", read)):
+        attempts = [
+            ("GET", "/acme/other/+simple/", None), ("GET", "/acme/other/+simple/otherpkg/", None),
+            ("GET", "/", None), ("GET", "/acme", None), ("GET", "/bob", None),
+            ("PATCH", "/acme", {"password": "pwned"}), ("DELETE", "/acme", None),
+            ("POST", "/acme/+token-create", {}), ("GET", "/acme/+tokens", None),
+            ("DELETE", "/acme/+tokens/" + token_id, None),
+            ("PATCH", "/acme/private", ["acl_read=:ANONYMOUS:"]), ("PUT", "/acme/new", {}),
+            ("DELETE", "/acme/private/secretpkg", None),
+            ("DELETE", "/acme/private/secretpkg/1.0", None),
+            ("POST", "/acme/private", {"name": "secretpkg", "version": "1.0",
+                                       "targetindex": "acme/other"}),
+        ]
+        for method, path, body in attempts:
+            r = api(url, method, path, json_body=body, headers=cred)
+            assert r.status == 403, (method, path, r)
+        assert upload_form(url, "acme/private", whl, None, headers=cred).status == 403
+    assert api(url, path="/acme/private/secretpkg", auth=("acme", "acmepw")).json()[
+        "result"].keys() == {"1.0"}
+    assert api(url, path="/acme", auth=("acme", "acmepw")).json()["result"]["username"] == "acme"
+    # derived tokens are never broader: a project limit holds, a second "allowed" can't widen
+    narrow = devpi("token-derive", "--token", read, "-p", "toolpkg")[1].split()[-1]
+    assert http(url, path="/acme/private/+simple/toolpkg/", headers=basic("acme", narrow)
+                ).status == 200
+    for path in ("/acme/private/+simple/secretpkg/", "/acme/private/secretpkg/1.0"):
+        assert http(url, path=path, headers=basic("acme", narrow)).status == 403
+    wider = devpi("token-derive", "--token", read, "-a", "pkg_read,upload", "-i",
+                  "acme/private,acme/other")[1].split()[-1]
+    assert upload_form(url, "acme/private", whl, None, headers=basic("acme", wider)).status == 403
+    assert http(url, path="/acme/other/+simple/", headers=basic("acme", wider)).status == 403
+    # expired, tampered, unknown caveats and another user's name: no credentials at all
+    expired = devpi("token-derive", "--token", read, "--expires=-10s")[1].split()[-1]
+    import pymacaroons  # (the client's library, only to forge what a client could)
+    m = pymacaroons.Macaroon.deserialize(read[len("devpi-"):])
+    m.add_first_party_caveat("unknown_caveat=1")
+    unknown = m.serialize()
+    m = pymacaroons.Macaroon.deserialize(read[len("devpi-"):])
+    m.add_first_party_caveat('{"version": 1, "permissions": "user"}')
+    pypi_style = m.serialize()
+    raw = bytearray(base64.urlsafe_b64decode(read[6:] + "=" * (-len(read[6:]) % 4)))
+    raw[-1] ^= 1
+    tampered = "devpi-" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    for what, cred in (("expired", basic("acme", expired)), ("unknown", basic("acme", unknown)),
+                       ("pypi caveat", basic("acme", pypi_style)),
+                       ("tampered", basic("acme", tampered)),
+                       ("another name", basic("bob", read)),
+                       ("bearer tampered", {"Authorization": "Bearer " + tampered})):
+        r = http(url, path="/acme/private/+simple/", headers=cred)
+        assert r.status == 401 and b"secretpkg" not in r.body, (what, r)
+    # an upload token for one project: twine-style upload of it works, of another not
+    up = devpi("token-create", "-a", "upload", "-i", "acme/private", "-p", "secretpkg")[1].split()[-1]
+    assert upload_form(url, "acme/private", whl, None, headers=basic("__token__", up)).status == 200
+    assert upload_form(url, "acme/private", make_wheel(d, "toolpkg", "2.0"), None,
+                       headers=basic("__token__", up)).status == 403
+    assert http(url, path="/acme/private/+simple/secretpkg/", headers=basic("acme", up)
+                ).status == 403  # (no pkg_read)
+    # token-login: devpi-client works with the token as its credentials
+    ci = Devpi(tmp_path / "ci-client")
+    ci("use", url + "/acme/private")
+    ci("token-login", "--token", read)
+    assert ci("list")[1].split() == ["secretpkg", "toolpkg"]
+    assert "403" in ci("use", url + "/acme/other")[1]
+    assert "otherpkg" not in ci.fails("list")
+    # deleting the token kills it and what was derived from it
+    assert token_id in devpi("token-delete", token_id)[1]
+    for token in (read, narrow):
+        assert http(url, path="/acme/private/+simple/", headers=basic("acme", token)).status == 401
+    assert http(url, path="/acme/private/+simple/", headers=basic("acme", up)).status == 403
+    assert "No tokens" not in devpi("token-list")[1]
+    # a password change kills every token of the user; so does deleting the user
+    again = devpi("token-create", "-i", "acme/private")[1].split()[-1]
+    assert http(url, path="/acme/private/+simple/", headers=basic("acme", again)).status == 200
+    api(url, "PATCH", "/acme", auth=("acme", "acmepw"), json_body={"password": "newpw"})
+    for token in (again, up):
+        assert http(url, path="/acme/private/+simple/", headers=basic("acme", token)).status == 401
+    bob_token = api(url, "POST", "/bob/+token-create", auth=("bob", "bobpw"),
+                    json_body={}).json()["result"]["token"]
+    assert http(url, path="/acme/private/+simple/", headers=basic("bob", bob_token)).status == 403
+    assert api(url, "DELETE", "/bob", auth=("bob", "bobpw")).status == 200
+    srv.create_user("bob", "bobpw")
+    assert http(url, path="/", headers=basic("bob", bob_token)).status == 200
+    assert api(url, path="/+api", headers=basic("bob", bob_token)).json()["result"][
+        "authstatus"][0] == "noauth"
+    # what token-create refuses
+    for body, status in (({"allowed": ["everything"]}, 400), ({"foo": ["x"]}, 400),
+                         ({"expires": "never"}, 403), ({"expires": int(time.time()) - 1}, 400),
+                         ({"expires": int(time.time()) + 400 * 86400}, 403),
+                         ({"indexes": "acme/private"}, 400)):
+        r = api(url, "POST", "/acme/+token-create", auth=("acme", "newpw"), json_body=body)
+        assert r.status == status and r.json()["message"], (body, r)
+    assert api(url, "POST", "/acme/+token-create", auth=("root", "rootpw"),
+               json_body={"expires": "never"}).status == 200
+    assert api(url, "POST", "/acme/+token-create", auth=("bob", "bobpw"),
+               json_body={}).status == 403
+
+
 def test_twine_upload(alice, tmp_path):
     twine = need("twine")
     url = alice.url
