@@ -1081,7 +1081,7 @@ CREATE TABLE IF NOT EXISTS mirror_pages (  -- cached upstream project pages (a c
 CREATE TABLE IF NOT EXISTS tokens (  -- devpi-tokens' tokens (macaroons), schema 3
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     id TEXT NOT NULL,
-    key TEXT NOT NULL,              -- random; with the secret and pwhash: the root key
+    key TEXT NOT NULL,              -- random; the root key is derived from it and pwhash
     restrictions TEXT NOT NULL,     -- JSON list of the caveats it was created with
     created TEXT NOT NULL,
     PRIMARY KEY (user, id)
