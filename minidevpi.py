@@ -2501,6 +2501,14 @@ CREATE TABLE IF NOT EXISTS yank_history (  -- PEP 592 states of a release over t
     yanked TEXT                     -- NULL (not yanked), or the reason ('' for none)
 );
 CREATE INDEX IF NOT EXISTS yank_history_version ON yank_history(version_id);
+CREATE TABLE IF NOT EXISTS tokens (  -- devpi-tokens' tokens (macaroons), schema 3
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,              -- random; the root key is derived from it and pwhash
+    restrictions TEXT NOT NULL,     -- JSON list of the caveats it was created with
+    created TEXT NOT NULL,
+    PRIMARY KEY (user, id)
+);
 CREATE TABLE IF NOT EXISTS gone (  -- deleted files: their URLs answer 410
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     filename TEXT NOT NULL,
@@ -3357,28 +3365,323 @@ class Accounts:
             return False
         return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
 
+    # -- scoped tokens (see parse_macaroon) --
+
+    def _token_root_key(self, name, token_id, key, pwhash):
+        # the password hash takes part: a password change kills every token of the user
+        msg = "devpi-tokens\0%s\0%s\0%s\0%s" % (name, token_id, key, pwhash)
+        return hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest()
+
+    def create_scoped_token(self, name, restrictions):
+        row = self.get_user_row(name)
+        if row is None:
+            raise not_found("no user %r" % name)
+        key = secrets.token_urlsafe(32)
+        with self.store.write() as c:
+            taken = {r[0] for r in c.execute("SELECT id FROM tokens WHERE user=?", (name,))}
+            token_id = "".join(secrets.choice(TOKEN_ID_CHARS) for _ in range(8))
+            while token_id in taken:
+                token_id = "".join(secrets.choice(TOKEN_ID_CHARS) for _ in range(8))
+            c.execute("INSERT INTO tokens (user, id, key, restrictions, created) "
+                      "VALUES (?,?,?,?,?)", (name, token_id, key, json.dumps(restrictions),
+                                             utcnow_iso()))
+        identifier = ("%s-%s" % (name, token_id)).encode("utf-8")
+        caveats = [r.encode("utf-8") for r in restrictions]
+        sig = macaroon_signature(self._token_root_key(name, token_id, key, row["pwhash"]),
+                                 identifier, caveats)
+        return "devpi-" + serialize_macaroon(identifier, caveats, sig)
+
+    def list_scoped_tokens(self, name):
+        return {r["id"]: {"restrictions": json.loads(r["restrictions"])}
+                for r in self.store.conn().execute(
+                    "SELECT id, restrictions FROM tokens WHERE user=? ORDER BY id", (name,))}
+
+    def delete_scoped_token(self, name, token_id):
+        """Deleting a token kills every token derived from it (they share its root key)."""
+        with self.store.write() as c:
+            if not c.execute("DELETE FROM tokens WHERE user=? AND id=?",
+                             (name, token_id)).rowcount:
+                raise not_found("No token with id %s" % token_id)
+
+    def check_scoped_token(self, name, token):
+        """A TokenActor for a valid scoped token (of user ``name``, if not None or
+        "__token__"), else None: a deleted, expired, tampered or foreign token, a caveat
+        this server does not know."""
+        try:
+            identifier, caveats, sig = parse_macaroon(token)
+            user, sep, token_id = identifier.decode("utf-8").rpartition("-")
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        if not sep or name not in (None, "__token__", user):
+            return None
+        row = self.store.conn().execute(
+            "SELECT t.key, u.pwhash FROM tokens t JOIN users u ON u.name=t.user "
+            "WHERE t.user=? AND t.id=?", (user, token_id)).fetchone()
+        if row is None:
+            return None
+        want = macaroon_signature(self._token_root_key(user, token_id, row["key"],
+                                                       row["pwhash"]), identifier, caveats)
+        if not hmac.compare_digest(want, sig):
+            return None
+        try:
+            scope = TokenScope.from_caveats(caveats, time.time())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        actor = TokenActor(user)
+        actor.scope = scope
+        return actor
+
     def login(self, name, password, source=None):
         if self.authenticate(name, password, source) is None:
             raise HTTPError(401, "user %r could not be authenticated" % name)
         return {"password": self.make_token(name), "expiration": TOKEN_LIFETIME}
 
 
+# -- scoped tokens (macaroons, as the devpi-tokens plugin makes them) ------------------
+#
+# A token is "devpi-" and the base64url (unpadded) of a version 2 binary macaroon (the
+# libmacaroons format pymacaroons writes): the byte 2, then fields of (type varint, length
+# varint, bytes) in sections ended by a 0: [location 1] identifier 2 | per caveat
+# [location 1] identifier 2 | an empty section | signature 6 (32 bytes). Its identifier is
+# "USER-ID"; its signature is HMAC-SHA256 chained from the root key over the identifier and
+# then each caveat, so whoever holds a token can add caveats (narrow it) offline but never
+# remove one. Version 1 macaroons (lines of 4 hex digits of length, "key value\n") are read
+# too. Caveats are devpi-tokens' "name=value" first-party ones; any other is refused.
+
+TOKEN_ID_CHARS = "abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+TOKEN_MAX_LIFETIME = 366 * 24 * 3600 + 10  # what a token may live unless root makes it
+TOKEN_MAX_CAVEATS = 64
+# devpi-server's permission names, which a token's "allowed" caveat lists
+TOKEN_PERMISSIONS = ("del_entry", "del_project", "del_verdata", "index_create",
+                     "index_delete", "index_modify", "pkg_read", "toxresult_upload", "upload")
+
+
+def _uvarint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7f
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_uvarint(data, pos):
+    n = shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise ValueError("truncated macaroon")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7f) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _macaroon_v2(raw):
+    """(identifier, [caveat ids], signature) of a binary version 2 macaroon."""
+    pos = 1
+
+    def section():
+        nonlocal pos
+        fields = []
+        while True:
+            kind, pos = _read_uvarint(raw, pos)
+            if kind == 0:
+                return fields
+            size, pos = _read_uvarint(raw, pos)
+            if pos + size > len(raw):
+                raise ValueError("truncated macaroon")
+            fields.append((kind, raw[pos:pos + size]))
+            pos += size
+    head = [f for f in section() if f[0] != 1]
+    if [k for k, _ in head] != [2]:
+        raise ValueError("macaroon without one identifier")
+    caveats = []
+    while True:
+        fields = [f for f in section() if f[0] != 1]
+        if not fields:
+            break
+        if [k for k, _ in fields] != [2]:
+            raise ValueError("third-party caveats are not accepted")
+        caveats.append(fields[0][1])
+        if len(caveats) > TOKEN_MAX_CAVEATS:
+            raise ValueError("too many caveats")
+    kind, pos = _read_uvarint(raw, pos)
+    size, pos = _read_uvarint(raw, pos)
+    if kind != 6 or size != 32 or pos + size != len(raw):
+        raise ValueError("macaroon without a signature")
+    return head[0][1], caveats, raw[pos:]
+
+
+def _macaroon_v1(raw):
+    identifier, caveats, sig = None, [], None
+    pos = 0
+    while pos < len(raw):
+        size = int(raw[pos:pos + 4], 16)
+        packet = raw[pos + 4:pos + size]
+        pos += size
+        if size < 5 or not packet.endswith(b"\n"):
+            raise ValueError("bad macaroon packet")
+        key, _, value = packet[:-1].partition(b" ")
+        if key == b"identifier":
+            identifier = value
+        elif key == b"cid":
+            caveats.append(value)
+        elif key == b"signature" and len(value) == 32:
+            sig = value
+        elif key != b"location":
+            raise ValueError("macaroon field %r is not accepted" % key[:20])
+        if len(caveats) > TOKEN_MAX_CAVEATS:
+            raise ValueError("too many caveats")
+    if identifier is None or sig is None:
+        raise ValueError("macaroon without identifier or signature")
+    return identifier, caveats, sig
+
+
+def parse_macaroon(token):
+    """(identifier, [caveat ids], signature) of a token; ValueError for anything else."""
+    text = token[6:] if token.startswith("devpi-") else token
+    if not text or len(text) > 8192 or not re.match(r"^[A-Za-z0-9_+/=-]+$", text):
+        raise ValueError("not a macaroon")
+    raw = base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_").rstrip("=")
+                                   + "=" * (-len(text.rstrip("=")) % 4))
+    return _macaroon_v2(raw) if raw[:1] == b"\x02" else _macaroon_v1(raw)
+
+
+def macaroon_signature(root_key, identifier, caveats):
+    sig = hmac.new(hmac.new(b"macaroons-key-generator", root_key, "sha256").digest(),
+                   identifier, "sha256").digest()
+    for cid in caveats:
+        sig = hmac.new(sig, cid, "sha256").digest()
+    return sig
+
+
+def serialize_macaroon(identifier, caveats, sig):
+    out = bytearray(b"\x02\x01\x00")  # version 2, an empty location (as pymacaroons)
+    out += b"\x02" + _uvarint(len(identifier)) + identifier + b"\x00"
+    for cid in caveats:
+        out += b"\x02" + _uvarint(len(cid)) + cid + b"\x00"
+    out += b"\x00\x06\x20" + sig
+    return base64.urlsafe_b64encode(bytes(out)).decode("ascii").rstrip("=")
+
+
+class TokenScope:
+    """What a token's caveats leave it: ``allowed`` permissions, ``indexes``, ``projects``
+    (each None for no limit). Every caveat narrows (lists intersect, times are all
+    checked), so a derived token is never broader than the one it came from."""
+
+    __slots__ = ("allowed", "indexes", "projects")
+
+    def __init__(self):
+        self.allowed = self.indexes = self.projects = None
+
+    @classmethod
+    def from_caveats(cls, caveats, now):
+        """The scope, or ValueError for an expired, not yet valid or unknown caveat."""
+        scope = cls()
+        for cid in caveats:
+            name, sep, value = cid.decode("utf-8").partition("=")
+            if not sep:
+                raise ValueError("unknown caveat")
+            if name == "expires":
+                if value != "never" and now >= int(value):
+                    raise ValueError("token expired")
+            elif name == "not_before":
+                if now < int(value):
+                    raise ValueError("token not valid yet")
+            elif name in ("allowed", "indexes", "projects"):
+                items = {x.strip() for x in value.split(",") if x.strip()}
+                if name == "projects":
+                    items = {normalize_name(x) for x in items}
+                old = getattr(scope, name)
+                setattr(scope, name, items if old is None else old & items)
+            else:
+                raise ValueError("unknown caveat")
+        return scope
+
+    def refusal(self, action, index=None, project=None):
+        """Why the token may not do ``action`` (a devpi permission name) on ``index``
+        and ``project``, or None."""
+        if action.startswith("user_"):
+            return "a token can't change users or tokens"
+        if self.allowed is not None and action not in self.allowed:
+            return "the token does not allow %s" % action
+        if index is not None and self.indexes is not None and index not in self.indexes:
+            return "the token does not allow index %s" % index
+        if project is not None and self.projects is not None and \
+                normalize_name(project) not in self.projects:
+            return "the token does not allow project %s" % normalize_name(project)
+        return None
+
+
+class TokenActor(str):
+    """The user name of a request authenticated with a scoped token, with its ``scope``."""
+
+    scope = None
+
+
+def token_restrictions(body, unlimited=False, now=None):
+    """devpi-tokens' caveats ("name=value", by name) for a token-create body, checked as
+    the plugin checks them: a token lives at most a year (``unlimited``: root may make one
+    that never expires)."""
+    now = time.time() if now is None else now
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise bad_request("token-create takes a JSON object of restrictions")
+    body = dict(body)
+    body.setdefault("expires", int(now + TOKEN_MAX_LIFETIME))
+    out = []
+    for name, value in sorted(body.items()):
+        if name in ("expires", "not_before"):
+            if value == "never" and name == "expires":
+                if not unlimited:
+                    raise forbidden("Not allowed to create token with no expiration")
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, str)) or \
+                        not re.match(r"^[0-9]{1,12}$", str(value)):
+                    raise bad_request("Invalid value %r for %s" % (value, name))
+                value = int(value)
+                if name == "expires" and value <= now:
+                    raise bad_request("Can't set expiration before current time")
+                if name == "expires" and value > now + TOKEN_MAX_LIFETIME and not unlimited:
+                    raise forbidden("Not allowed to set expiration to more than one year")
+        elif name in ("allowed", "indexes", "projects"):
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(x, str) and re.match(r"^[^,=\s]+$", x) for x in value):
+                raise bad_request("The %s restriction must be a list of names" % name)
+            unknown = [x for x in value if name == "allowed" and x not in TOKEN_PERMISSIONS]
+            if unknown:
+                raise bad_request("Unknown permission %s (known: %s)"
+                                  % (", ".join(unknown), ", ".join(TOKEN_PERMISSIONS)))
+            value = ",".join(sorted(set(value)))
+        else:
+            raise bad_request("Unknown restriction '%s'." % name)
+        out.append("%s=%s" % (name, value))
+    return out
+
+
 # -- index configuration -------------------------------------------------------------
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist",
-             "mirror_min_age_exempt")
-ACL_KEYS = ("acl_upload", "acl_toxresult_upload")  # lists of user names
+             "mirror_min_age_exempt", "acl_read")
+ACL_KEYS = ("acl_upload", "acl_toxresult_upload", "acl_read")  # lists of user names
 SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
              "mirror_ignore_serial_header", "mirror_provides_core_metadata")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
 STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
               "mirror_whitelist", "mirror_whitelist_inheritance", "title", "description",
-              "custom_data")
+              "custom_data", "acl_read")
 MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
                "mirror_no_project_list", "mirror_use_external_urls",
                "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
-               "description", "custom_data", "mirror_min_age", "mirror_min_age_exempt")
+               "description", "custom_data", "mirror_min_age", "mirror_min_age_exempt",
+               "acl_read")
 OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata",
@@ -3387,19 +3690,26 @@ OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 10 * 366 * 86400  # (a time that far ahead is still a date)
 DEFAULT_MIRROR_CACHE_EXPIRY = 1800
-# a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
+# Who may read an index that does not say (acl_read): anyone, as devpi; on a server run with
+# --restrict-reads any logged-in user (and new indexes get that written into their config).
+# The index owner and root always read.
+PUBLIC_READ_ACL = (":ANONYMOUS:",)
+RESTRICTED_READ_ACL = (":AUTHENTICATED:",)
+# a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
 
 
-def index_defaults(ixtype, user):
+def index_defaults(ixtype, user, restrict_reads=False):
     """The settings a new index of type ``ixtype`` owned by ``user`` starts with, as in
-    devpi (what a config does not say, whether created here or imported)."""
+    devpi (what a config does not say, whether created here or imported). On a server with
+    ``restrict_reads`` a new index is readable by logged-in users only."""
+    extra = {"acl_read": list(RESTRICTED_READ_ACL)} if restrict_reads else {}
     if ixtype == "mirror":
-        return {"type": "mirror", "volatile": True}
-    return {"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
-            "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
-            "mirror_whitelist_inheritance": "intersection"}
+        return dict({"type": "mirror", "volatile": True}, **extra)
+    return dict({"type": "stage", "bases": [], "volatile": True, "acl_upload": [user],
+                 "acl_toxresult_upload": [":ANONYMOUS:"], "mirror_whitelist": [],
+                 "mirror_whitelist_inheritance": "intersection"}, **extra)
 
 
 def parse_bool(value):
@@ -3813,7 +4123,12 @@ class Model:
 
     Methods take the acting user's name (``actor``; None for anonymous) and raise
     HTTPError for anything the caller may not do or got wrong.
+
+    ``restrict_reads`` (serve --restrict-reads): indexes that don't say who reads them
+    (acl_read) are for logged-in users only, and anonymous readers get no user lists.
     """
+
+    restrict_reads = False
 
     def __init__(self, store):
         self.store = store
@@ -3868,6 +4183,11 @@ class Model:
         return self.get_user_row(name) is not None
 
     def user_info(self, name, with_indexes=True, actor=None):
+        """A user's config and (``with_indexes``) the indexes ``actor`` may read."""
+        self.check_listing(actor)
+        return self._user_info(name, with_indexes, actor)
+
+    def _user_info(self, name, with_indexes=True, actor=None):
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -3878,12 +4198,14 @@ class Model:
             info["modified"] = row["modified"]
         if with_indexes:
             info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
-                               for ix in self.user_indexes(name)}
+                               for ix in self.user_indexes(name) if self.may_read(actor, ix)}
         return info
 
     def list_users(self, actor=None):
+        """Every user with the indexes ``actor`` may read."""
+        self.check_listing(actor)
         names = [r[0] for r in self.store.conn().execute("SELECT name FROM users ORDER BY name")]
-        return {n: self.user_info(n, actor=actor) for n in names}
+        return {n: self._user_info(n, actor=actor) for n in names}
 
     USER_KEYS = ("password", "email", "title", "description", "custom_data")
 
@@ -3916,7 +4238,7 @@ class Model:
                       (name, pwhash, json.dumps(config), utcnow_iso()))
         if pwhash == "!pending":
             self.accounts.set_password_soon(name, password)
-        return self.user_info(name)
+        return self._user_info(name)
 
     def _user_config(self, config, body):
         config = dict(config)
@@ -4071,9 +4393,9 @@ class Model:
                 if name not in wl:
                     wl.append(name)
             clean["mirror_whitelist"] = wl
-            for key in ACL_KEYS:  # devpi spells the special names in capitals
-                if key in clean:
-                    clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
+        for key in ACL_KEYS:  # devpi spells the special names in capitals
+            if key in clean:
+                clean[key] = [SPECIAL_ACL.get(x.upper(), x) for x in clean[key]]
         return clean
 
     def _check_cycle(self, path, bases):
@@ -4103,7 +4425,7 @@ class Model:
         ixtype = body.get("type", "stage")
         if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
             raise forbidden(ONLY_ROOT_MIRRORS)
-        config = index_defaults(ixtype, user)
+        config = index_defaults(ixtype, user, self.restrict_reads)
         config.update(body)
         if ixtype == "mirror" and "mirror_url" not in config:
             raise bad_request("a mirror index needs a mirror_url")
@@ -4199,13 +4521,16 @@ class Model:
 
     def chain(self, ix, reader, ignore_bases=False):
         """The indexes ``reader`` reads through ``ix``: ``ix`` and, unless ``ignore_bases``,
-        what it inherits from (resolve_bases). Every read through bases starts here or at
-        ``walk``, so that a rule about who may read what is a change in this one place.
+        what it inherits from (resolve_bases), without those ``reader`` may not read
+        (``may_read``; ``ix`` itself too: an index one may not read gives nothing). Every
+        read through bases starts here or at ``walk``, so that a rule about who may read
+        what is a change in this one place.
 
         ``reader`` is the user name asking (None: anonymous), or a function giving it,
         called only when a rule needs to know: a page anyone may read does not have to
-        authenticate the request. (Today every reader sees everything.)"""
-        return [ix] if ignore_bases else self.resolve_bases(ix)
+        authenticate the request."""
+        return [b for b in ([ix] if ignore_bases else self.resolve_bases(ix))
+                if self.may_read(reader, b)]
 
     def walk(self, ix, norm, reader, ignore_bases=False, at=None):
         """The walk through bases for the project ``norm``, as ``reader`` sees it from
@@ -4213,6 +4538,51 @@ class Model:
         return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases), at)
 
     # -- permissions -----------------------------------------------------------------------
+
+    def read_acl(self, ix):
+        """Who may read ``ix`` besides its owner and root (its acl_read, else the default)."""
+        acl = ix.config.get("acl_read")
+        if acl is None:
+            return RESTRICTED_READ_ACL if self.restrict_reads else PUBLIC_READ_ACL
+        return acl
+
+    def may_read(self, reader, ix):
+        """The read rule: whether ``reader`` (a user name, None, or a function giving one,
+        asked only when the index is not readable by anyone) may see ``ix`` and what it
+        holds."""
+        acl = self.read_acl(ix)
+        if ":ANONYMOUS:" in acl:
+            return True
+        name = reader() if callable(reader) else reader
+        if name is None:
+            return False
+        return name == "root" or name == ix.user or ":AUTHENTICATED:" in acl or name in acl
+
+    @staticmethod
+    def read_refusal(reader, what):
+        """The one answer for a read of ``what`` (an index path) that is not allowed, the
+        same whether or not anything below it exists: 401 asking for credentials when
+        anonymous, else 403."""
+        name = reader() if callable(reader) else reader
+        if name is None:
+            return HTTPError(401, "authentication required to read %s" % what,
+                             challenge=True)
+        return forbidden("user %r may not read %s" % (name, what))
+
+    def check_read(self, reader, ix):
+        if not self.may_read(reader, ix):
+            raise self.read_refusal(reader, ix.path)
+
+    def is_public(self, ix):
+        """Whether anyone reads ``ix`` and all it inherits from: what is served from it is
+        the same for every reader (and a shared cache may keep it)."""
+        return all(":ANONYMOUS:" in self.read_acl(b) for b in self.resolve_bases(ix))
+
+    def check_listing(self, actor):
+        """With restrict_reads, the lists of users and their indexes need a login."""
+        if self.restrict_reads and (actor() if callable(actor) else actor) is None:
+            raise HTTPError(401, "authentication required to list users and indexes",
+                            challenge=True)
 
     def can_upload(self, actor, ix, acl_key="acl_upload"):
         acl = ix.config.get(acl_key, [])
@@ -6626,6 +6996,7 @@ class Request:
         self.accept = handler.headers.get("Accept", "")
         self._actor = False
         self.is_upload = False
+        self.restricted = False  # an index not everyone reads answers: no shared cache keeps it
 
     @property
     def actor(self):
@@ -7565,6 +7936,9 @@ ROUTE_SPECS = [
     ("POST",   "/+login",                                          "login"),
     ("GET",    "/",                                                "list_users"),
     ("GET",    "/{user}/+api",                                     "api"),
+    ("POST",   "/{user}/+token-create",                            "token_create"),
+    ("GET",    "/{user}/+tokens",                                  "tokens"),
+    ("DELETE", "/{user}/+tokens/{token_id}",                       "delete_token"),
     ("GET",    "/{user}",                                          "get_user"),
     ("PUT",    "/{user}",                                          "create_user"),
     ("PATCH",  "/{user}",                                          "modify_user"),
@@ -7682,11 +8056,92 @@ class App(WebPages):
                 allowed.update(handlers)
                 continue
             req.trailing = trailing
-            return getattr(self, name)(req, **m.groupdict())
+            args = m.groupdict()
+            if "index" in args and name != "route_api":
+                self.check_index_read(req, args["user"], args["index"])
+            self.check_token_scope(req, name, args)
+            resp = getattr(self, name)(req, **args)
+            if req.restricted:
+                self._mark_private(resp)
+            return resp
         if allowed:
             raise HTTPError(405, "method %s not allowed here" % req.method,
                             {"Allow": ", ".join(sorted(allowed))})
         raise not_found("The resource could not be found: %s" % path)
+
+    def check_index_read(self, req, user, index):
+        """Before any route below /USER/INDEX: a reader who may not read the index gets the
+        same refusal for every path and method below it, whatever exists there (on a
+        --restrict-reads server an anonymous one also for an index that does not exist)."""
+        m = self.model
+        path = user + "/" + index
+        ix = m.get_index(path)
+        reader = lambda: req.actor  # noqa: E731 (authenticates only when the rule asks)
+        try:
+            if ix is None:
+                if m.restrict_reads and reader() is None:
+                    raise m.read_refusal(None, path)
+                return
+            m.check_read(reader, ix)
+        except HTTPError as e:
+            if e.status == 401 and wants_json(req.accept):
+                # devpi-client's JSON requests: its "you might have to login first" is for 403
+                raise forbidden(e.message)
+            raise
+        req.restricted = not m.is_public(ix)
+
+    # what each route does, in devpi's permission names, for the caveats of scoped tokens
+    # (routes not named only read; upload and push are checked where the body says more)
+    TOKEN_ACTIONS = {
+        "route_create_user": "user_create", "route_modify_user": "user_modify",
+        "route_delete_user": "user_delete", "route_token_create": "user_modify",
+        "route_tokens": "user_modify", "route_delete_token": "user_modify",
+        "route_create_index": "index_create", "route_modify_index": "index_modify",
+        "route_delete_index": "index_delete", "route_delete_project": "del_project",
+        "route_delete_version": "del_verdata", "route_yank_version": "del_verdata",
+        "route_delete_file": "del_entry", "route_post_toxresult": "toxresult_upload",
+        "route_upload_or_push": None, "route_push": None, "route_login": None,
+        "route_api": None, "route_status": None,
+    }
+
+    def check_token_scope(self, req, name, args):
+        """A request made with a scoped token does only what its caveats allow: the
+        action, on the index of its URL (and the project, where the URL names one); no
+        user changes, and no lists of users when it is limited to some indexes."""
+        if not (req.headers.get("Authorization") or req.headers.get("X-Devpi-Auth")):
+            return
+        scope = getattr(req.actor, "scope", None)
+        if scope is None:
+            return
+        action = self.TOKEN_ACTIONS.get(name, "pkg_read")
+        if action is None:
+            return
+        index = args["user"] + "/" + args["index"] if "index" in args else None
+        why = scope.refusal(action, index, args.get("project"))
+        if why is None and index is None and scope.indexes is not None and name in (
+                "route_list_users", "route_get_user"):
+            why = "the token is limited to indexes %s" % ", ".join(sorted(scope.indexes))
+        if why:
+            raise forbidden(why)
+
+    @staticmethod
+    def token_allows(req, action, index, project=None):
+        scope = getattr(req.actor, "scope", None)
+        why = scope.refusal(action, index, project) if scope is not None else None
+        if why:
+            raise forbidden(why)
+
+    @staticmethod
+    def _mark_private(resp):
+        """What an index not everyone reads answers is for the asker alone: no shared cache
+        (nginx in front) may keep it, and a browser's own cache keeps it per credentials."""
+        cc = " ".join(v for k, v in resp.headers if k.lower() == "cache-control")
+        vary = [v for k, v in resp.headers if k.lower() == "vary"]
+        headers = [(k, v) for k, v in resp.headers if k.lower() not in ("cache-control", "vary")]
+        headers.append(("Cache-Control", "private, max-age=31536000, immutable" if "immutable"
+                        in cc else "private, max-age=1" if cc else "private, no-cache"))
+        headers.append(("Vary", ", ".join(vary + ["Authorization, X-Devpi-Auth"])))
+        resp.headers = headers
 
     def authenticate_request(self, req):
         h = req.headers
@@ -7697,12 +8152,21 @@ class App(WebPages):
         auth = h.get("Authorization") or ""
         if auth[:6].lower() == "basic ":
             creds.append(auth[6:].strip())
+        elif auth[:7].lower() == "bearer ":
+            return self.model.accounts.check_scoped_token(None, auth[7:].strip())
         for cred in creds:
             try:
                 user, sep, secret = base64.b64decode(cred, validate=True).decode(
                     "utf-8").partition(":")
             except (binascii.Error, ValueError, UnicodeDecodeError):
                 continue
+            if sep and user and len(user) <= 100 and len(secret) <= 8192 and not \
+                    secret.startswith("mdp1.") and (user == "__token__" or len(secret) > 60):
+                actor = self.model.accounts.check_scoped_token(user, secret)
+                if actor is not None:
+                    return actor
+                if user == "__token__":
+                    continue
             if sep and user and len(user) <= 100 and len(secret) <= 4096:
                 try:
                     name = self.model.accounts.authenticate(user, secret,
@@ -7725,14 +8189,21 @@ class App(WebPages):
             "features": ["push-no-docs", "push-only-docs", "push-register-project",
                          "server-keyvalue-parsing"],
         }
-        if user is not None and index is None and not self.model.user_exists(user):
+        m = self.model
+        hidden = m.restrict_reads and actor is None  # (devpi use needs an answer)
+        if user is not None and index is None and not hidden and not m.user_exists(user):
             raise not_found("no user %r" % user)
         if index is not None:
-            ix = self.model.require_index(user + "/" + index)
-            result["index"] = req.absolute(ix.path)
-            result["simpleindex"] = req.absolute(ix.path + "/+simple/")
-            if not ix.is_mirror:
-                result["pypisubmit"] = req.absolute(ix.path + "/")
+            path = user + "/" + index
+            ix = m.get_index(path)
+            if ix is None and not hidden:
+                raise not_found("The stage %s could not be found." % path)
+            if ix is not None and not m.may_read(actor, ix):
+                ix = None  # its URLs only, the answer for an index that does not exist
+            result["index"] = req.absolute(path)
+            result["simpleindex"] = req.absolute(path + "/+simple/")
+            if ix is None or not ix.is_mirror:
+                result["pypisubmit"] = req.absolute(path + "/")
         return api_result("apiconfig", result)
 
     def route_status(self, req):
@@ -7785,6 +8256,36 @@ class App(WebPages):
     def route_delete_user(self, req, user):
         self.model.delete_user(req.actor, user)
         return message_response("user %r deleted" % user)
+
+    # -- scoped tokens (devpi-tokens' routes) -------------------------------------------
+
+    def _token_owner(self, req, user):
+        """The user whose tokens these are: asked by that user or root, with a password or
+        login token (a scoped token was refused before: check_token_scope)."""
+        m = self.model
+        if req.actor is None:
+            raise unauthorized()
+        if not m.user_exists(user):
+            raise not_found("no user %r" % user)
+        if not m.can_modify_user(req.actor, user):
+            raise forbidden("no permission to manage the tokens of user %r" % user)
+        return user
+
+    def route_token_create(self, req, user):
+        self._token_owner(req, user)
+        restrictions = token_restrictions(req.json_body(), unlimited=req.actor == "root")
+        token = self.model.accounts.create_scoped_token(user, restrictions)
+        return api_result("token-info", {"token": token})
+
+    def route_tokens(self, req, user):
+        self._token_owner(req, user)
+        return api_result("tokens-info", {"tokens": self.model.accounts.list_scoped_tokens(user)})
+
+    def route_delete_token(self, req, user, token_id):
+        self._token_owner(req, user)
+        self.model.accounts.delete_scoped_token(user, token_id)
+        return message_response("token %s of user %s deleted (and every token derived from it)"
+                                % (token_id, user))
 
     # -- indexes ------------------------------------------------------------------------
 
@@ -7876,6 +8377,8 @@ class App(WebPages):
                                   "upload there with twine")
             raise bad_request("push needs 'targetindex'")
         target = self.model.require_index(target_path.strip("/"))
+        self.token_allows(req, "pkg_read", ix.path, body["name"])
+        self.token_allows(req, "upload", target.path, body["name"])
         log_rows = self.model.push(req.actor, ix, body["name"], body["version"], target,
                                    no_docs=bool(body.get("no_docs")),
                                    only_docs=bool(body.get("only_docs")))
@@ -8045,6 +8548,7 @@ class App(WebPages):
     def upload(self, req, ix):
         req.is_upload = True  # errors go into the reason phrase, where upload clients look
         m = self.model
+        self.token_allows(req, "upload", ix.path)
         m.check_upload(req.actor, ix)
         ctype = req.headers.get("Content-Type") or ""
         main, params = parse_header_params(ctype)
@@ -8083,6 +8587,8 @@ class App(WebPages):
         name = (first.get("name") or "").strip()
         version = (first.get("version") or "").strip()
         meta = metadata_from_form(fields)
+        if name:
+            self.token_allows(req, "upload", ix.path, name)
         if action == "submit":
             if not name or not version:
                 raise bad_request("name and version need to be set")
@@ -8094,6 +8600,9 @@ class App(WebPages):
         part = content[0]
         filename = part.filename
         check_filename(filename)
+        split = split_filename(filename, version or None)
+        if split:  # (a name given in the form was checked above)
+            self.token_allows(req, "upload", ix.path, split[0])
         self._check_digests(first, part)
         if action == "doc_upload":
             return self._doc_upload(req, ix, name, version, part)
@@ -8270,6 +8779,7 @@ class App(WebPages):
                 return self._mirror_download(req, ix, filename, h3 + h13)
             else:
                 raise
+        self.token_allows(req, "pkg_read", ix.path, f.project)
         if ix.is_mirror and not metadata:
             until = cooling_until(ix, f.project, f.uploaded, time.time())
             if until is not None:
@@ -8425,7 +8935,9 @@ class App(WebPages):
                 return resp
         validator = self.pages.root_validator()
         base = self._page_base(req)
-        key = ("root", ix.path, fmt, base)
+        # the page of what this reader may see: readers who see other indexes get another
+        key = ("root", ix.path, fmt, base,
+               tuple(b.id for b in m.chain(ix, lambda: req.actor)))
         page = self.pages.get(key, validator)
         if page is None:
             prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
@@ -8440,9 +8952,10 @@ class App(WebPages):
         validator = self.pages.project_validator(norm)
         base = self._page_base(req)
         absolute = bool(req.headers.get("X-Devpi-Absolute-Urls"))
+        seen = m.walk(ix, norm, lambda: req.actor)
         key = ("project", ix.path, norm, fmt, base,
-               req.outside_url() if absolute else None)
-        mirrors = m.walk(ix, norm, lambda: req.actor).mirrors
+               req.outside_url() if absolute else None, tuple(b.id for b in seen.chain))
+        mirrors = seen.mirrors
         if mirrors:
             for b in mirrors:
                 self.mirror.ensure_fresh(b, norm)
@@ -9879,8 +10392,9 @@ class Server:
                  max_request_body_size=DEFAULT_MAX_BODY,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
-                 mirror_allow_hosts=()):
+                 mirror_allow_hosts=(), restrict_reads=False):
         self._serverdir_arg = serverdir
+        self.restrict_reads = restrict_reads
         self.host = host
         self._port_arg = port
         self.root_password = root_password
@@ -9924,6 +10438,7 @@ class Server:
                 store, self.model = init_serverdir(
                     self.serverdir, root_password=self.root_password,
                     mirror_url=self.mirror_url, hash_soon=True)
+            self.model.restrict_reads = bool(self.restrict_reads)
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
                                   mirror_timeouts=self.mirror_timeouts,
@@ -10029,7 +10544,7 @@ CONFIG_OPTIONS = {
     "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
     "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
-    "connection-timeout": int, "mirror-allow-host": str,
+    "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
 }
 
 
@@ -10174,6 +10689,10 @@ def build_parser():
                         "though it is not the mirror_url's own host and has non-public "
                         "addresses, e.g. an internal upstream's file server (repeatable, "
                         "or comma-separated)")
+    p.add_argument("--restrict-reads", action="store_true", default=None,
+                   help="nothing public: indexes without an acl_read (and new ones) are read "
+                        "by logged-in users only, and anonymous requests get no user or "
+                        "index lists")
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -10289,6 +10808,7 @@ def cmd_serve(args):
     except BaseException:
         httpd.server_close()
         raise
+    model.restrict_reads = bool(args.restrict_reads)
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
                     mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
@@ -10305,10 +10825,12 @@ def cmd_serve(args):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("minidevpi %s serving %s at %s%s" % (
+    print("minidevpi %s serving %s at %s%s%s" % (
         __version__, store.serverdir, url,
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
-        if args.offline_mode else ""), flush=True)
+        if args.offline_mode else "",
+        " with restricted reads (indexes without acl_read: logged-in users only)"
+        if args.restrict_reads else ""), flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
               "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)
@@ -10327,7 +10849,8 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "no_root_pypi": False, "offline_mode": False,
                   "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
                   "mirror_read_timeout": MIRROR_READ_TIMEOUT, "threads": DEFAULT_THREADS,
-                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": []}
+                  "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": [],
+                  "restrict_reads": False}
 
 
 def _check_storage(args):

@@ -2495,6 +2495,259 @@ def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
 
 
 # ----------------------------------------------------------------------------------
+# 5. model: read permissions (acl_read, --restrict-reads), through every URL kind
+# ----------------------------------------------------------------------------------
+
+
+def private_setup(srv, tmp_path):
+    """alice/priv read by alice and carol only, with a release, its docs and a toxresult;
+    alice/pub (public) and alice/team (alice, bob) have it as a base; bob/dev is bob's."""
+    for name, pw in (("alice", "secret"), ("bob", "bobpw"), ("carol", "carolpw")):
+        srv.create_user(name, pw)
+    srv.create_index("alice/priv", acl_read="alice,carol")
+    srv.create_index("alice/pub", bases="alice/priv")
+    srv.create_index("alice/team", bases="alice/priv", acl_read="bob")
+    srv.create_index("bob/dev")
+    d = tmp_path / "priv-dist"
+    d.mkdir()
+    whl = make_wheel(d, "secretpkg", "1.0", extra=os.urandom(70 * 1024))  # with .metadata
+    srv.upload("alice/priv", whl)
+    srv.upload("alice/pub", make_wheel(d, "pubpkg", "1.0"))
+    srv.upload("alice/team", make_wheel(d, "teampkg", "1.0"))
+    doc = tmp_path / "secret.doc.zip"
+    make_doc_zip(doc)
+    upload_doc(srv, "alice/priv", "secretpkg", "1.0", doc)
+    auth = ("alice", "secret")
+
+    def links():
+        return api(srv.url, path="/alice/priv/secretpkg/1.0", auth=auth).json()["result"][
+            "+links"]
+    wheel_path = urllib.parse.urlsplit([l["href"] for l in links()
+                                        if l["href"].endswith(".whl")][0]).path
+    assert api(srv.url, "POST", wheel_path, json_body=TOX_REPORT, auth=auth).status == 200
+    tox = [l["href"] for l in links() if l["rel"] == "toxresult"]
+    return wheel_path, urllib.parse.urlsplit(tox[0]).path
+
+
+def test_acl_read_is_set_and_shown_like_the_other_acls(alice, devpi):
+    url, auth = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    # an index that does not say is read by anyone, and its config shows nothing new
+    assert "acl_read" not in api(url, path="/alice/dev").json()["result"]
+    r = api(url, "PUT", "/alice/priv", auth=auth, json_body={"acl_read": "alice,:authenticated:"})
+    assert r.status == 200 and r.json()["result"]["acl_read"] == ["alice", ":AUTHENTICATED:"], r
+    r = api(url, "PATCH", "/alice/priv", auth=auth, json_body=["acl_read+=bob",
+                                                                "acl_read-=:AUTHENTICATED:"])
+    assert r.json()["result"]["acl_read"] == ["alice", "bob"], r
+    assert api(url, "PATCH", "/alice/priv", auth=auth, json_body=["acl_read=x y"]).status == 200
+    assert api(url, "PATCH", "/alice/priv", auth=auth, json_body={"acl_read": 3}).status == 400
+    # the real client sets it and shows it
+    devpi("login", "alice", "--password", "secret")
+    devpi("index", "alice/priv", "acl_read=alice,bob,:anonymous:")
+    out = devpi("getjson", "/alice/priv")[1]
+    assert json.loads(out)["result"]["acl_read"] == ["alice", "bob", ":ANONYMOUS:"], out
+    devpi("index", "alice/priv", "acl_read=bob")
+    assert "acl_read=bob" in devpi("index", "alice/priv")[1]
+    # root can make root/pypi private too (a mirror's config takes it)
+    r = api(url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["acl_read=alice"])
+    assert r.status == 200 and r.json()["result"]["acl_read"] == ["alice"], r
+    assert http(url, path="/root/pypi/+simple/").status == 401
+    # a deleted user's name leaves acl_read as it leaves the other ACLs
+    assert api(url, "DELETE", "/bob", auth=("bob", "bobpw")).status == 200
+    assert api(url, path="/alice/priv", auth=auth).json()["result"]["acl_read"] == []
+    # nobody listed: still the owner and root
+    for who in (auth, ("root", "rootpw")):
+        assert http(url, path="/alice/priv/+simple/", auth=who).status == 200
+
+
+SIMPLE_JSON_ACCEPT = "application/vnd.pypi.simple.v1+json"
+READ_URLS = [
+    # (what, method, path (WHL/TOX/ETAG filled in), headers)
+    ("index config", "GET", "/alice/priv", {}),
+    ("index config, no projects", "GET", "/alice/priv?no_projects=", {}),
+    ("index by an installer", "GET", "/alice/priv", {"User-Agent": "pip/26.0"}),
+    ("simple root", "GET", "/alice/priv/+simple/", {}),
+    ("simple root JSON", "GET", "/alice/priv/+simple/", {"Accept": SIMPLE_JSON_ACCEPT}),
+    ("simple root, no slash", "GET", "/alice/priv/+simple", {}),
+    ("simple page", "GET", "/alice/priv/+simple/secretpkg/", {}),
+    ("simple page JSON", "GET", "/alice/priv/+simple/secretpkg/", {"Accept": SIMPLE_JSON_ACCEPT}),
+    ("simple page of no project", "GET", "/alice/priv/+simple/nosuchpkg/", {}),
+    ("simple page, unnormalised", "GET", "/alice/priv/+simple/SecretPkg/", {}),
+    ("simple page, known ETag", "GET", "/alice/priv/+simple/secretpkg/", {"If-None-Match": "ETAG"}),
+    ("project by an installer", "GET", "/alice/priv/secretpkg", {"User-Agent": "pip/26.0"}),
+    ("project JSON", "GET", "/alice/priv/secretpkg", {}),
+    ("no project JSON", "GET", "/alice/priv/nosuchpkg", {}),
+    ("version JSON", "GET", "/alice/priv/secretpkg/1.0", {}),
+    ("no version JSON", "GET", "/alice/priv/secretpkg/9.9", {}),
+    ("file", "GET", "WHL", {}),
+    ("file HEAD", "HEAD", "WHL", {}),
+    ("file, known ETag", "GET", "WHL", {"If-None-Match": "SHA"}),
+    ("file JSON", "GET", "WHL", {"Accept": "application/json"}),
+    ("core metadata", "GET", "WHL.metadata", {}),
+    ("no such file", "GET", "/alice/priv/+f/abc/0123456789abc/nosuch-1.0.tar.gz", {}),
+    ("toxresult", "GET", "TOX", {}),
+    ("docs", "GET", "/alice/priv/secretpkg/1.0/+doc/index.html", {}),
+    ("docs of latest", "GET", "/alice/priv/secretpkg/latest/+doc/", {}),
+    ("no docs", "GET", "/alice/priv/nosuchpkg/1.0/+doc/index.html", {}),
+    ("refresh", "POST", "/alice/priv/+simple/secretpkg/refresh", {}),
+    ("push from it", "POST", "/alice/priv", {"Content-Type": "application/json"}),
+    ("delete a project", "DELETE", "/alice/priv/secretpkg", {}),
+    ("delete no project", "DELETE", "/alice/priv/nosuchpkg", {}),
+    ("ext file of a private mirror", "GET", "/root/privmirror/+e/0123456789abcdef/x-1.0.tar.gz", {}),
+    ("simple page of a private mirror", "GET", "/root/privmirror/+simple/secretpkg/", {}),
+]
+def test_read_attempts_that_must_fail(tmp_path, monkeypatch, make_server):
+    monkeypatch.setattr(minidevpi, "THROTTLE_AFTER", 10 ** 6)  # (not the throttle's test)
+    srv = make_server(root_password="rootpw", offline=True)
+    url = srv.url
+    wheel_path, tox_path = private_setup(srv, tmp_path)
+    srv.create_index("root/privmirror", type="mirror", mirror_url="http://127.0.0.1:9/simple/",
+                     acl_read="carol")
+    push = json.dumps({"name": "secretpkg", "version": "1.0", "targetindex": "bob/dev"}).encode()
+    etag = http(url, path="/alice/priv/+simple/secretpkg/", auth=("alice", "secret"))
+    assert etag.status == 200 and b"secretpkg" in etag.body
+    sha = wheel_path.split("/")[-3] + wheel_path.split("/")[-2]
+    full_sha = api(url, path=wheel_path, auth=("alice", "secret")).json()["result"]["hashes"]
+
+    def ask(method, path, headers, cred):
+        path = path.replace("WHL", wheel_path).replace("TOX", tox_path)
+        headers = {k: v.replace("ETAG", etag.header("etag")).replace(
+            "SHA", '"%s"' % full_sha["sha256"]) for k, v in headers.items()}
+        headers = dict(cred, **headers)
+        return path, http(url, method, path, body=push if method == "POST" and
+                          "+simple" not in path else None, headers=headers)
+    alice_token = login_token(url, "alice", "secret")
+    who = {
+        "anonymous": ({}, 401),
+        "wrong password": ({"Authorization": basic_auth("alice", "nope")}, 401),
+        "unknown user": ({"Authorization": basic_auth("mallory", "x")}, 401),
+        "alice's token for another name": (xauth("bob", alice_token), 401),
+        "bob": ({"Authorization": basic_auth("bob", "bobpw")}, 403),
+        "bob's login token": (xauth("bob", login_token(url, "bob", "bobpw")), 403),
+    }
+    for what, (cred, status) in list(who.items()):
+        # devpi-client's JSON requests are told 403 ("login first"), pip and uv 401
+        who[what + " (JSON)"] = (dict(cred, Accept="application/json"), status)
+    for what, (cred, status) in who.items():
+        bodies = set()
+        for kind, method, path, headers in READ_URLS:
+            path, r = ask(method, path, headers, cred)
+            json_api = dict(cred, **headers).get("Accept") == "application/json"
+            assert r.status == (403 if json_api else status), (what, kind, r)
+            if method != "HEAD":
+                bodies.add(r.body)
+            assert b"secretpkg" not in r.body and b"1.0" not in r.body, (what, kind, r)
+            if r.status == 401:
+                assert r.header("www-authenticate") == 'Basic realm="pypi"', (what, kind)
+        # the same answer for every path below an index, whether anything is there or not
+        assert len(bodies) == 2, (what, bodies)  # (one for alice/priv, one for the mirror)
+    # the readers get every one of them (the URLs are real), root too
+    allowed = {"alice": ("alice", "secret"), "carol": ("carol", "carolpw"), "root": ("root", "rootpw")}
+    for name, auth in allowed.items():
+        for kind, method, path, headers in READ_URLS:
+            if method in ("POST", "DELETE") or "privmirror" in path and name == "alice":
+                continue
+            if "privmirror" in path or "nosuch" in path or "9.9" in path:
+                continue
+            _path, r = ask(method, path, headers, {"Authorization": basic_auth(*auth)})
+            assert r.status in (200, 302, 304), (name, kind, r)
+    # through inheritance: alice/pub (anyone) and alice/team (bob) show nothing of alice/priv
+    for cred in ({}, {"Authorization": basic_auth("bob", "bobpw")}):
+        for ix in ("alice/pub", "alice/team"):
+            if ix == "alice/team" and not cred:
+                assert http(url, path="/alice/team/+simple/").status == 401
+                continue
+            for accept in ("text/html", SIMPLE_JSON_ACCEPT):
+                root = http(url, path="/%s/+simple/" % ix, headers=dict(cred, Accept=accept))
+                assert root.status == 200 and b"secretpkg" not in root.body, (ix, root)
+                assert b"pubpkg" in root.body or b"teampkg" in root.body, root
+                page = http(url, path="/%s/+simple/secretpkg/" % ix,
+                            headers=dict(cred, Accept=accept))
+                assert page.status == 404 and b"1.0" not in page.body, (ix, page)
+            for path in ("/%s/secretpkg", "/%s/secretpkg/1.0", "/%s/secretpkg/1.0/+doc/index.html",
+                         "/%s/secretpkg/latest/+doc/"):
+                r = api(url, path=path % ix, headers=cred)
+                assert r.status == 404, (path % ix, r)
+            assert "secretpkg" not in api(url, path="/" + ix, headers=cred).json()["result"][
+                "projects"]
+        # a push of alice/priv's release through alice/team finds nothing
+        r = api(url, "POST", "/alice/team", json_body={
+            "name": "secretpkg", "version": "1.0", "targetindex": "bob/dev"},
+            headers={"Authorization": basic_auth("bob", "bobpw")})
+        assert r.status == 400 and "no files" in r.json()["message"], r
+        # the listings leave out what the asker may not read
+        listed = api(url, path="/", headers=cred).json()["result"]["alice"]["indexes"]
+        assert listed == api(url, path="/alice", headers=cred).json()["result"]["indexes"]
+        assert sorted(listed) == (["pub", "team"] if cred else ["pub"]), listed
+    # the readers see alice/priv's release through alice/team too
+    team = http(url, path="/alice/team/+simple/", auth=("alice", "secret"))
+    assert b"secretpkg" in team.body and b"teampkg" in team.body
+    assert "priv" in api(url, path="/alice", auth=("carol", "carolpw")).json()["result"][
+        "indexes"]
+
+
+def test_pages_cached_for_one_reader_are_never_served_to_another(tmp_path, make_server):
+    srv = make_server(root_password="rootpw")
+    url = srv.url
+    for name, pw in (("alice", "secret"), ("bob", "bobpw")):
+        srv.create_user(name, pw)
+    srv.create_index("alice/priv", acl_read="alice")
+    srv.create_index("alice/team", bases="alice/priv", acl_read="bob")
+    d = tmp_path / "d"
+    d.mkdir()
+    srv.upload("alice/priv", make_wheel(d, "shared", "1.0"))
+    srv.upload("alice/priv", make_wheel(d, "hidden", "1.0"))
+    srv.upload("alice/team", make_wheel(d, "shared", "2.0"))
+    for path in ("/alice/team/+simple/", "/alice/team/+simple/shared/"):
+        for accept in ("text/html", SIMPLE_JSON_ACCEPT):
+            first = http(url, path=path, auth=("alice", "secret"), headers={"Accept": accept})
+            assert first.status == 200 and (b"hidden" in first.body or b"1.0" in first.body)
+            for _ in range(2):  # the page alice's request left in the cache, then again
+                r = http(url, path=path, auth=("bob", "bobpw"), headers={"Accept": accept})
+                assert r.status == 200 and b"shared" in r.body, r
+                assert b"hidden" not in r.body and b"shared-1.0" not in r.body, r
+                assert r.header("etag") != first.header("etag")
+            # alice's ETag is no 304 for bob: he gets his own page
+            r = http(url, path=path, auth=("bob", "bobpw"),
+                     headers={"Accept": accept, "If-None-Match": first.header("etag")})
+            assert r.status == 200 and b"hidden" not in r.body, r
+            # and alice still gets hers
+            again = http(url, path=path, auth=("alice", "secret"), headers={"Accept": accept})
+            assert again.body == first.body
+    # bob given the right to read alice/priv sees it at once, and loses it at once
+    api(url, "PATCH", "/alice/priv", auth=("alice", "secret"), json_body=["acl_read+=bob"])
+    assert b"hidden" in http(url, path="/alice/team/+simple/", auth=("bob", "bobpw")).body
+    api(url, "PATCH", "/alice/priv", auth=("alice", "secret"), json_body=["acl_read-=bob"])
+    assert b"hidden" not in http(url, path="/alice/team/+simple/", auth=("bob", "bobpw")).body
+
+
+def test_restricted_indexes_answer_for_the_asker_alone(tmp_path, make_server):
+    srv = make_server(root_password="rootpw")
+    url = srv.url
+    wheel_path, _tox = private_setup(srv, tmp_path)
+    auth = ("alice", "secret")
+    for path in ("/alice/priv/+simple/", "/alice/priv/+simple/secretpkg/", wheel_path,
+                 wheel_path + ".metadata", "/alice/priv/secretpkg/1.0/+doc/index.html",
+                 "/alice/pub/+simple/", "/alice/pub/+simple/pubpkg/", "/alice/priv"):
+        r = http(url, path=path, auth=auth)
+        assert r.status == 200, (path, r)
+        assert r.header("cache-control").startswith("private"), (path, r.headers)
+        assert "Authorization" in r.header("vary"), (path, r.headers)
+        # anonymous: the same for alice/pub, a public index whose base is not
+        if path.startswith("/alice/pub"):
+            r = http(url, path=path)
+            assert r.status == 200 and r.header("cache-control").startswith("private")
+    # an index everyone reads (with bases everyone reads) is cached as before
+    srv.create_index("bob/open")
+    srv.upload("bob/open", make_wheel(tmp_path, "openpkg", "1.0"))
+    for path in ("/bob/open/+simple/", "/bob/open/+simple/openpkg/"):
+        assert http(url, path=path).header("cache-control") == "public, max-age=1"
+    f = [l for l in release_links(url, "bob/open", "openpkg", "1.0").values()][0]
+    assert http(url, path=urllib.parse.urlsplit(f).path).header("cache-control") == \
+        "public, max-age=31536000, immutable"
+
+
+# ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
 # ----------------------------------------------------------------------------------
 
@@ -5298,6 +5551,51 @@ def test_behind_nginx_no_page_is_shaped_by_an_attacker(tmp_path, make_server):
         srv.stop()
 
 
+def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_path, make_server):
+    exe = nginx_or_skip()
+    nginx_port = free_port()
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      outside_url="http://127.0.0.1:%d" % nginx_port)
+    proxy = None
+    try:
+        wheel_path, tox_path = private_setup(srv, tmp_path)
+        srv.create_index("bob/open")
+        srv.upload("bob/open", make_wheel(tmp_path, "openpkg", "1.0"))
+        (tmp_path / "nginx").mkdir()
+        proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
+            srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+        url = proxy.url
+        # (the cache works: a public page is kept)
+        http(url, path="/bob/open/+simple/openpkg/")
+        assert http(url, path="/bob/open/+simple/openpkg/").header("x-cache-status") == "HIT"
+        alice, bob = ("alice", "secret"), ("bob", "bobpw")
+        for path in ("/alice/priv/+simple/", "/alice/priv/+simple/secretpkg/", wheel_path,
+                     wheel_path + ".metadata", tox_path, "/alice/priv/secretpkg/1.0",
+                     "/alice/team/+simple/", "/alice/pub/+simple/"):
+            for accept in ("text/html", SIMPLE_JSON_ACCEPT):
+                for _ in range(2):  # asked by a reader, twice: never kept
+                    r = http(url, path=path, auth=alice, headers={"Accept": accept})
+                    assert r.status == 200 and r.header("x-cache-status") != "HIT", (path, r)
+                for ua in ("pip/26.0", "curl/8"):
+                    anon = http(url, path=path, headers={"Accept": accept, "User-Agent": ua})
+                    assert b"secretpkg" not in anon.body and anon.header(
+                        "x-cache-status") != "HIT", (path, anon)
+                    if not path.startswith("/alice/pub"):
+                        assert anon.status == 401, (path, anon)
+                    r = http(url, path=path, auth=bob, headers={"Accept": accept})
+                    assert r.status == (200 if "/alice/priv" not in path else 403), (path, r)
+                    assert b"secretpkg" not in r.body, (path, r)
+        # with minidevpi gone, nginx has nothing of them to serve
+        srv.stop()
+        for path in ("/alice/priv/+simple/secretpkg/", wheel_path):
+            assert http(url, path=path).status >= 500
+        assert http(url, path="/bob/open/+simple/openpkg/").status == 200
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        srv.stop()
+
+
 # -- the real clients: devpi-client, pip, uv, twine; the README's commands ---------
 
 
@@ -5675,6 +5973,207 @@ def test_uv_installs_with_json_and_core_metadata(alice, tmp_path):
          alice.index_url("alice/dev"), "samplepkg"])
     assert (target / "samplepkg-1.0.dist-info").is_dir()
     assert (target / "dep_pkg-2.0.dist-info").is_dir()
+
+
+def test_pip_uv_and_devpi_read_a_private_index_with_their_credentials(tmp_path, make_server):
+    uv = need("uv")
+    devpi = Devpi(tmp_path / "client")
+    srv = make_server(root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_user("bob", "bobpw")
+    srv.create_index("alice/priv", acl_read="alice")
+    d = tmp_path / "d"
+    d.mkdir()
+    srv.upload("alice/priv", make_wheel(d, "dep-pkg", "2.0"))
+    srv.upload("alice/priv", make_wheel(d, "secretpkg", "1.0", extra=big_extra(),
+                                        requires_dist=["dep-pkg>=2"]))
+    host = "127.0.0.1:%d" % srv.port
+    plain = srv.index_url("alice/priv")
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password secret\n")
+    netrc.chmod(0o600)
+    pip_cmd = [sys.executable, "-m", "pip", "--isolated", "--no-cache-dir", "--no-input",
+               "--disable-pip-version-check", "install", "--target"]
+    uv_cmd = [uv, "pip", "install", "--no-cache", "--target"]
+    no_netrc = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    with_netrc = {"HOME": str(home), "NETRC": str(netrc)}
+    attempts = [  # (installer, URL, environment, installs)
+        ("pip", "http://alice:secret@%s/alice/priv/+simple/" % host, no_netrc, True),
+        ("pip", plain, with_netrc, True),
+        ("uv", "http://alice:secret@%s/alice/priv/+simple/" % host, no_netrc, True),
+        ("uv", plain, with_netrc, True),
+        ("pip", plain, no_netrc, False),
+        ("uv", plain, no_netrc, False),
+        ("pip", "http://bob:bobpw@%s/alice/priv/+simple/" % host, no_netrc, False),
+        ("uv", "http://alice:wrong@%s/alice/priv/+simple/" % host, no_netrc, False),
+    ]
+    for n, (tool, index, env, installs) in enumerate(attempts):
+        target = tmp_path / ("t%d" % n)
+        cmd = (pip_cmd if tool == "pip" else uv_cmd) + [str(target), "--index-url", index,
+                                                        "secretpkg"]
+        code, out = run(cmd, env=env, check=False, timeout=120)
+        if installs:
+            assert code == 0, (tool, index, env, out)
+            assert (target / "secretpkg-1.0.dist-info").is_dir()
+            assert (target / "dep_pkg-2.0.dist-info").is_dir()
+        else:
+            assert code != 0 and not (target / "secretpkg-1.0.dist-info").exists(), out
+            # (pip says 'no matching distribution': it was refused the page, see -v)
+            assert re.search(r"40[13]|[Uu]nauthori[sz]ed|[Ff]orbidden|No matching distrib",
+                             out), (tool, out)
+            assert "Traceback" not in out, out
+    # devpi-client: use the index, log in, list it; a user without rights is refused
+    devpi("use", srv.url + "/alice/priv")
+    devpi.fails("list")
+    devpi("login", "alice", "--password", "secret")
+    assert devpi("list")[1].split() == ["dep-pkg", "secretpkg"]
+    assert "secretpkg-1.0-py3-none-any.whl" in devpi("list", "secretpkg")[1]
+    devpi("logoff")
+    devpi("login", "bob", "--password", "bobpw")
+    out = devpi.fails("list")
+    assert "403" in out and "secretpkg" not in out, out
+
+
+def test_scoped_tokens_with_the_devpi_tokens_plugin_pip_and_uv(tmp_path, monkeypatch, make_server):
+    monkeypatch.setattr(minidevpi, "THROTTLE_AFTER", 10 ** 6)  # (not the throttle's test)
+    uv = need("uv")
+    devpi = Devpi(tmp_path / "client")
+    if devpi("token-create", "--help", check=False)[0] != 0:
+        skip_or_fail("the devpi-tokens plugin is not installed beside devpi-client")
+    srv = make_server(root_password="rootpw")
+    url, host = srv.url, "127.0.0.1:%d" % srv.port
+    srv.create_user("acme", "acmepw")
+    srv.create_user("bob", "bobpw")
+    for ix in ("acme/private", "acme/other"):
+        srv.create_index(ix, acl_read="acme", acl_upload="acme")
+    d = tmp_path / "d"
+    d.mkdir()
+    srv.upload("acme/private", make_wheel(d, "secretpkg", "1.0"))
+    srv.upload("acme/private", make_wheel(d, "toolpkg", "1.0"))
+    srv.upload("acme/other", make_wheel(d, "otherpkg", "1.0"))
+    devpi("use", url + "/acme/private")
+    devpi("login", "acme", "--password", "acmepw")
+    read = devpi("token-create", "-a", "pkg_read", "-i", "acme/private")[1].split()[-1]
+    assert read.startswith("devpi-"), read
+    listed = devpi("token-list")[1]
+    token_id = re.search(r"(?m)^\s+(\w{8})$", listed).group(1)
+    assert "allowed=pkg_read" in listed and "indexes=acme/private" in listed, listed
+    inspected = devpi("token-inspect", "--token", read)[1]
+    assert re.search(r"user\s*: acme", inspected) and token_id in inspected, inspected
+
+    def basic(user, token):
+        return {"Authorization": basic_auth(user, token)}
+    # pip and uv install with it in the URL, as the user or as __token__
+    for n, (tool, user) in enumerate((("pip", "acme"), ("pip", "__token__"), ("uv", "__token__"))):
+        target = tmp_path / ("t%d" % n)
+        index = "http://%s:%s@%s/acme/private/+simple/" % (user, read, host)
+        if tool == "pip":
+            pip("install", "--target", str(target), "--index-url", index, "secretpkg")
+        else:
+            run([uv, "pip", "install", "--no-cache", "--target", str(target), "--index-url",
+                 index, "secretpkg"])
+        assert (target / "secretpkg-1.0.dist-info").is_dir()
+    assert http(url, path="/acme/private/+simple/", headers={
+        "Authorization": "Bearer " + read}).status == 200
+    # ... and nothing else: no other index, no upload, no listing, no user or token change
+    whl = make_wheel(d, "secretpkg", "2.0")
+    for cred in (basic("acme", read), basic("__token__", read), {"Authorization": "Bearer " + read},
+                 xauth("acme", read)):
+        attempts = [
+            ("GET", "/acme/other/+simple/", None), ("GET", "/acme/other/+simple/otherpkg/", None),
+            ("GET", "/", None), ("GET", "/acme", None), ("GET", "/bob", None),
+            ("PATCH", "/acme", {"password": "pwned"}), ("DELETE", "/acme", None),
+            ("POST", "/acme/+token-create", {}), ("GET", "/acme/+tokens", None),
+            ("DELETE", "/acme/+tokens/" + token_id, None),
+            ("PATCH", "/acme/private", ["acl_read=:ANONYMOUS:"]), ("PUT", "/acme/new", {}),
+            ("DELETE", "/acme/private/secretpkg", None),
+            ("DELETE", "/acme/private/secretpkg/1.0", None),
+            ("POST", "/acme/private", {"name": "secretpkg", "version": "1.0",
+                                       "targetindex": "acme/other"}),
+        ]
+        for method, path, body in attempts:
+            r = api(url, method, path, json_body=body, headers=cred)
+            assert r.status == 403, (method, path, r)
+        assert upload_form(url, "acme/private", whl, None, headers=cred).status == 403
+    assert api(url, path="/acme/private/secretpkg", auth=("acme", "acmepw")).json()[
+        "result"].keys() == {"1.0"}
+    assert api(url, path="/acme", auth=("acme", "acmepw")).json()["result"]["username"] == "acme"
+    # derived tokens are never broader: a project limit holds, a second "allowed" can't widen
+    narrow = devpi("token-derive", "--token", read, "-p", "toolpkg")[1].split()[-1]
+    assert http(url, path="/acme/private/+simple/toolpkg/", headers=basic("acme", narrow)
+                ).status == 200
+    for path in ("/acme/private/+simple/secretpkg/", "/acme/private/secretpkg/1.0"):
+        assert http(url, path=path, headers=basic("acme", narrow)).status == 403
+    wider = devpi("token-derive", "--token", read, "-a", "pkg_read,upload", "-i",
+                  "acme/private,acme/other")[1].split()[-1]
+    assert upload_form(url, "acme/private", whl, None, headers=basic("acme", wider)).status == 403
+    assert http(url, path="/acme/other/+simple/", headers=basic("acme", wider)).status == 403
+    # expired, tampered, unknown caveats and another user's name: no credentials at all
+    expired = devpi("token-derive", "--token", read, "--expires=-10s")[1].split()[-1]
+    import pymacaroons  # (the client's library, only to forge what a client could)
+    m = pymacaroons.Macaroon.deserialize(read[len("devpi-"):])
+    m.add_first_party_caveat("unknown_caveat=1")
+    unknown = m.serialize()
+    m = pymacaroons.Macaroon.deserialize(read[len("devpi-"):])
+    m.add_first_party_caveat('{"version": 1, "permissions": "user"}')
+    pypi_style = m.serialize()
+    raw = bytearray(base64.urlsafe_b64decode(read[6:] + "=" * (-len(read[6:]) % 4)))
+    raw[-1] ^= 1
+    tampered = "devpi-" + base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    for what, cred in (("expired", basic("acme", expired)), ("unknown", basic("acme", unknown)),
+                       ("pypi caveat", basic("acme", pypi_style)),
+                       ("tampered", basic("acme", tampered)),
+                       ("another name", basic("bob", read)),
+                       ("bearer tampered", {"Authorization": "Bearer " + tampered})):
+        r = http(url, path="/acme/private/+simple/", headers=cred)
+        assert r.status == 401 and b"secretpkg" not in r.body, (what, r)
+    # an upload token for one project: twine-style upload of it works, of another not
+    up = devpi("token-create", "-a", "upload", "-i", "acme/private", "-p", "secretpkg")[1].split()[-1]
+    assert upload_form(url, "acme/private", whl, None, headers=basic("__token__", up)).status == 200
+    assert upload_form(url, "acme/private", make_wheel(d, "toolpkg", "2.0"), None,
+                       headers=basic("__token__", up)).status == 403
+    assert http(url, path="/acme/private/+simple/secretpkg/", headers=basic("acme", up)
+                ).status == 403  # (no pkg_read)
+    # token-login: devpi-client works with the token as its credentials
+    ci = Devpi(tmp_path / "ci-client")
+    ci("use", url + "/acme/private")
+    ci("token-login", "--token", read)
+    assert ci("list")[1].split() == ["secretpkg", "toolpkg"]
+    assert "403" in ci("use", url + "/acme/other")[1]
+    assert "otherpkg" not in ci.fails("list")
+    # deleting the token kills it and what was derived from it
+    assert token_id in devpi("token-delete", token_id)[1]
+    for token in (read, narrow):
+        assert http(url, path="/acme/private/+simple/", headers=basic("acme", token)).status == 401
+    assert http(url, path="/acme/private/+simple/", headers=basic("acme", up)).status == 403
+    assert "No tokens" not in devpi("token-list")[1]
+    # a password change kills every token of the user; so does deleting the user
+    again = devpi("token-create", "-i", "acme/private")[1].split()[-1]
+    assert http(url, path="/acme/private/+simple/", headers=basic("acme", again)).status == 200
+    api(url, "PATCH", "/acme", auth=("acme", "acmepw"), json_body={"password": "newpw"})
+    for token in (again, up):
+        assert http(url, path="/acme/private/+simple/", headers=basic("acme", token)).status == 401
+    bob_token = api(url, "POST", "/bob/+token-create", auth=("bob", "bobpw"),
+                    json_body={}).json()["result"]["token"]
+    assert http(url, path="/acme/private/+simple/", headers=basic("bob", bob_token)).status == 403
+    assert api(url, "DELETE", "/bob", auth=("bob", "bobpw")).status == 200
+    srv.create_user("bob", "bobpw")
+    assert http(url, path="/", headers=basic("bob", bob_token)).status == 200
+    assert api(url, path="/+api", headers=basic("bob", bob_token)).json()["result"][
+        "authstatus"][0] == "noauth"
+    # what token-create refuses
+    for body, status in (({"allowed": ["everything"]}, 400), ({"foo": ["x"]}, 400),
+                         ({"expires": "never"}, 403), ({"expires": int(time.time()) - 1}, 400),
+                         ({"expires": int(time.time()) + 400 * 86400}, 403),
+                         ({"indexes": "acme/private"}, 400)):
+        r = api(url, "POST", "/acme/+token-create", auth=("acme", "newpw"), json_body=body)
+        assert r.status == status and r.json()["message"], (body, r)
+    assert api(url, "POST", "/acme/+token-create", auth=("root", "rootpw"),
+               json_body={"expires": "never"}).status == 200
+    assert api(url, "POST", "/acme/+token-create", auth=("bob", "bobpw"),
+               json_body={}).status == 403
 
 
 def test_twine_upload(alice, tmp_path):
@@ -7358,6 +7857,7 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
     devpi_import, devpi_export = need("devpi-import"), need("devpi-export")
     srv = make_populated_server(make_server, tmp_path / "a", tmp_path)
     srv.model.create_user("root", "carol", {"password": "c", "custom_data": {"team": "x"}})
+    srv.model.modify_index("root", "bob/scratch", ["acl_read=bob,carol"])  # devpi keeps it
     srv.stop()
     code, out = cli("export", str(tmp_path / "ours"), "--serverdir", str(tmp_path / "a"))
     assert "devpi user -m carol password=" in out  # how to set passwords on the devpi side
@@ -7380,6 +7880,10 @@ def test_real_devpi_import_accepts_a_minidevpi_export(tmp_path, make_server):
         for user, pw in (("root", "backroot"), ("alice", "alicepw"), ("carol", "c")):
             assert login_token(srv2.url, user, pw)
         assert api(srv2.url, path="/carol").json()["result"]["custom_data"] == {"team": "x"}
+        # acl_read came through devpi and is obeyed again
+        assert theirs["indexes"]["bob/scratch"]["indexconfig"]["acl_read"] == ["bob", "carol"]
+        assert http(srv2.url, path="/bob/scratch/+simple/").status == 401
+        assert http(srv2.url, path="/bob/scratch/+simple/", auth=("carol", "c")).status == 200
         r = api(srv2.url, "PATCH", "/carol", json_body={"custom_data": {"team": "x"},
                                                          "email": "c@x"}, auth=("carol", "c"))
         assert r.status == 200
@@ -8034,5 +8538,58 @@ def test_serve_port_zero_prints_a_url_that_answers(tmp_path):
     p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "x")
     try:
         assert http(p.url, path="/+api").status == 200
+    finally:
+        p.stop()
+
+
+def test_serve_restrict_reads_shows_nothing_to_anonymous_requests(tmp_path):
+    devpi = Devpi(tmp_path / "client")
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
+                     "--restrict-reads", "--no-access-log")
+    try:
+        url = p.url
+        assert "with restricted reads" in "".join(p.lines)
+        for name, pw in (("alice", "secret"), ("bob", "bobpw")):
+            assert api(url, "PUT", "/" + name, json_body={"password": pw},
+                       auth=("root", "rootpw")).status == 201
+        r = api(url, "PUT", "/alice/dev", json_body={}, auth=("alice", "secret"))
+        assert r.json()["result"]["acl_read"] == [":AUTHENTICATED:"], r
+        r = api(url, "PUT", "/alice/open", json_body={"acl_read": ":anonymous:"},
+                auth=("alice", "secret"))
+        assert r.json()["result"]["acl_read"] == [":ANONYMOUS:"], r
+        whl = make_wheel(tmp_path, "teampkg", "1.0")
+        for ix in ("alice/dev", "alice/open"):
+            assert upload_form(url, ix, whl, ("alice", "secret")).status == 200
+        # anonymous: every list and every index not open to anyone asks for credentials,
+        # whether the user or index exists or not (root/pypi, which says nothing, too)
+        for path in ("/", "/alice", "/nosuchuser", "/alice/dev/+simple/", "/alice/dev",
+                     "/alice/nosuch/+simple/", "/nosuchuser/nosuch/+simple/x/",
+                     "/root/pypi/+simple/", "/alice/dev/+simple/teampkg/"):
+            r = http(url, path=path)
+            assert r.status == 401 and r.header("www-authenticate"), (path, r)
+            assert b"teampkg" not in r.body
+        assert http(url, path="/alice/open/+simple/teampkg/").status == 200
+        # devpi-client's /+api still answers, without saying what exists
+        for path in ("/+api", "/alice/+api", "/nosuchuser/+api", "/alice/dev/+api",
+                     "/alice/nosuch/+api"):
+            assert api(url, path=path).status == 200, path
+        # any logged-in user reads what is for logged-in users, and the lists
+        bob = ("bob", "bobpw")
+        assert b"teampkg" in http(url, path="/alice/dev/+simple/teampkg/", auth=bob).body
+        assert sorted(api(url, path="/", auth=bob).json()["result"]["alice"]["indexes"]) == [
+            "dev", "open"]
+        devpi("use", url + "/alice/dev")
+        devpi("login", "bob", "--password", "bobpw")
+        assert devpi("list")[1].split() == ["teampkg"]
+    finally:
+        p.stop()
+    # the config file says it as devpi-server's do
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n  restrict-reads: true\n  access-log: false\n")
+    assert minidevpi.read_configfile(str(cfg))["restrict_reads"] is True
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "-c", str(cfg))
+    try:
+        assert http(p.url, path="/").status == 401
+        assert http(p.url, path="/alice/open/+simple/").status == 200
     finally:
         p.stop()
