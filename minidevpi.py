@@ -7701,12 +7701,13 @@ class WebPages:
             page = self.pages.put(key, validator, render(), HTML_TYPE)
         return self.web_response(req, page)
 
-    def web_readable(self, ix, reader):
-        """Whether ``reader`` may read the index itself (the model's read rule)."""
-        try:
-            return any(b.id == ix.id for b in self.model.chain(ix, reader, ignore_bases=True))
-        except HTTPError:
+    def web_readable(self, ix, req):
+        """Whether the asker may read the index itself: the model's read rule, and the
+        index limit of a scoped token (a search or a status page lists no other)."""
+        scope = getattr(req.actor, "scope", None)
+        if scope is not None and scope.refusal("pkg_read", ix.path) is not None:
             return False
+        return self.model.may_read(req.actor, ix)
 
     def web_root(self, req):
         return self.web_cached(req, ("root",), self.store.serial, lambda: render_web_root(
@@ -7738,8 +7739,8 @@ class WebPages:
             return render_web_index(self.web_prefix(req), req.outside_url(), ix,
                                     m.shown_config(ix.config, req.actor), chain, projects,
                                     page, len(names))
-        if not self.web_readable(ix, req.actor):
-            raise forbidden("no permission to read %s" % ix.path)
+        if not self.web_readable(ix, req):
+            raise self.model.read_refusal(req.actor, ix.path)
         return self.web_cached(req, ("index", ix.path, page), self.store.serial, render)
 
     def _web_releases(self, ix, walk):
@@ -7834,11 +7835,11 @@ class WebPages:
         index = (req.query.get("index") or [""])[0].strip("/")
         if index:
             ix = m.require_index(index)
-            if not self.web_readable(ix, req.actor):
-                raise forbidden("no permission to read %s" % ix.path)
+            if not self.web_readable(ix, req):
+                raise m.read_refusal(req.actor, ix.path)
             indexes = m.chain(ix, req.actor)
         else:
-            indexes = [ix for ix in m.all_indexes() if self.web_readable(ix, req.actor)]
+            indexes = [ix for ix in m.all_indexes() if self.web_readable(ix, req)]
         paths = {b.id: b.path for b in indexes}
         results = [(paths[r[0]],) + tuple(r[1:])
                    for r in m.search.query(q, list(paths), WEB_SEARCH_LIMIT)]
@@ -7903,7 +7904,7 @@ class WebPages:
                 pass
         mirrors = []
         for ix in m.all_indexes():
-            if ix.is_mirror and self.web_readable(ix, req.actor):
+            if ix.is_mirror and self.web_readable(ix, req):
                 fail = failed.get(ix.id, (None, ""))
                 mirrors.append((ix.path, shown_mirror_url(ix.config.get("mirror_url", "")),
                                 fetched.get(ix.id), fail[0], fail[1]))
@@ -8153,7 +8154,9 @@ class App(WebPages):
         if auth[:6].lower() == "basic ":
             creds.append(auth[6:].strip())
         elif auth[:7].lower() == "bearer ":
-            return self.model.accounts.check_scoped_token(None, auth[7:].strip())
+            actor = self.model.accounts.check_scoped_token(None, auth[7:].strip())
+            if actor is not None:
+                return actor  # (a bad one counts for nothing: X-Devpi-Auth may still do)
         for cred in creds:
             try:
                 user, sep, secret = base64.b64decode(cred, validate=True).decode(

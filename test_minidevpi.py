@@ -2529,6 +2529,54 @@ def private_setup(srv, tmp_path):
     return wheel_path, urllib.parse.urlsplit(tox[0]).path
 
 
+def test_private_reads_hold_for_web_pages_search_and_the_time_machine(tmp_path, make_server):
+    """What came with the web pages, the search and the time machine obeys acl_read too: a
+    reader without rights learns nothing of alice/priv there, nor through alice/pub's base,
+    and a token limited to one index finds nothing elsewhere."""
+    srv = make_server(root_password="rootpw", offline=True)
+    url = srv.url
+    private_setup(srv, tmp_path)
+    html_accept = {"Accept": "text/html,application/xhtml+xml"}
+    refused = ["/alice/priv", "/alice/priv/secretpkg", "/alice/priv/secretpkg/1.0",
+               "/alice/priv/+at/2030-01-01/+simple/", "/alice/priv/+at/2030-01-01/+simple/secretpkg/",
+               "/alice/priv/+at/2030-01-01/+simple/nosuchpkg/"]
+    for cred, status in (({}, 401), ({"Authorization": basic_auth("bob", "bobpw")}, 403)):
+        for path in refused:
+            for headers in (html_accept, {}):
+                r = http(url, path=path, headers=dict(cred, **headers))
+                assert r.status == status and b"secretpkg" not in r.body, (cred, path, r)
+        for q in ("secretpkg", "secret"):
+            found = api(url, path="/+search?q=" + q, headers=cred).json()["result"]
+            assert found == [], (cred, found)
+            page = http(url, path="/+search?q=" + q, headers=dict(cred, **html_accept)).body
+            assert b"/alice/priv/secretpkg" not in page and b"alice/priv" not in page
+        assert http(url, path="/+search?q=secretpkg&index=alice/priv", headers=dict(
+            cred, **html_accept)).status == status
+        root = http(url, path="/", headers=dict(cred, **html_accept)).body
+        # (alice/pub's card names its base, as its config does; alice/priv has no card)
+        assert b'<a href="/alice/pub">alice/pub</a> <span' in root
+        assert b'<a href="/alice/priv">alice/priv</a> <span' not in root
+        pub = http(url, path="/alice/pub", headers=dict(cred, **html_accept))
+        assert pub.status == 200 and b"pubpkg" in pub.body and b"secretpkg" not in pub.body
+    # carol reads alice/priv: her search finds it, her pages show it
+    carol = {"Authorization": basic_auth("carol", "carolpw")}
+    found = api(url, path="/+search?q=secretpkg", headers=carol).json()["result"]
+    assert [(r["index"], r["name"]) for r in found] == [("alice/priv", "secretpkg")]
+    page = http(url, path="/alice/priv/secretpkg/1.0", headers=dict(carol, **html_accept))
+    assert page.status == 200 and b"secretpkg" in page.body
+    # alice's token limited to alice/pub: her own private index is not searched with it
+    token = api(url, "POST", "/alice/+token-create", auth=("alice", "secret"),
+                json_body={"indexes": ["alice/pub"]}).json()["result"]["token"]
+    with_token = {"Authorization": basic_auth("alice", token)}
+    assert api(url, path="/+search?q=pubpkg", headers=with_token).json()["result"]
+    assert api(url, path="/+search?q=secretpkg", headers=with_token).json()["result"] == []
+    assert api(url, path="/+search?q=secretpkg", auth=("alice", "secret")).json()["result"]
+    # a bad bearer token counts for nothing: the X-Devpi-Auth beside it still logs in
+    both = dict(xauth("alice", login_token(url, "alice", "secret")),
+                Authorization="Bearer devpi-AAAA")
+    assert http(url, path="/alice/priv/+simple/", headers=both).status == 200
+
+
 def test_acl_read_is_set_and_shown_like_the_other_acls(alice, devpi):
     url, auth = alice.url, ("alice", "secret")
     alice.create_user("bob", "bobpw")
