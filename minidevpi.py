@@ -5400,7 +5400,7 @@ class Upstream:
                     try:
                         conn.request("GET", target, headers=h)
                         resp = conn.getresponse()
-                    except _STALE_ERRORS:
+                    except _STALE_ERRORS + (ssl.SSLEOFError, ssl.SSLZeroReturnError):
                         # closed by the peer while idle, before any answer: once more, anew
                         conn.close()
                         conn = None
