@@ -2654,7 +2654,6 @@ def test_read_attempts_that_must_fail(tmp_path, monkeypatch, make_server):
     push = json.dumps({"name": "secretpkg", "version": "1.0", "targetindex": "bob/dev"}).encode()
     etag = http(url, path="/alice/priv/+simple/secretpkg/", auth=("alice", "secret"))
     assert etag.status == 200 and b"secretpkg" in etag.body
-    sha = wheel_path.split("/")[-3] + wheel_path.split("/")[-2]
     full_sha = api(url, path=wheel_path, auth=("alice", "secret")).json()["result"]["hashes"]
 
     def ask(method, path, headers, cred):
@@ -3652,7 +3651,6 @@ def test_upstream_names_are_data_not_markup(tmp_path, make_server):
     try:
         own = make_wheel(tmp_path, "xss-up", "1.0")
         foreign = make_wheel(tmp_path, "other-pkg", "1.0")
-        odd = make_wheel(tmp_path, "xss-up", "2.0")
         fn, data = os.path.basename(own), open(own, "rb").read()
         up.routes["/simple/xss-up/"] = (200, json_page(xss, [
             (fn, "/f/" + fn, data),
