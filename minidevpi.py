@@ -3695,7 +3695,7 @@ DEFAULT_MIRROR_CACHE_EXPIRY = 1800
 # The index owner and root always read.
 PUBLIC_READ_ACL = (":ANONYMOUS:",)
 RESTRICTED_READ_ACL = (":AUTHENTICATED:",)
-# a mirror fetches from whatever its mirror_url says (devpi also leaves mirrors to root)
+# a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
 
