@@ -1041,7 +1041,28 @@ DESCRIPTION_MAX_INLINE = 50000  # inline markup characters looked at; the rest i
 DESCRIPTION_MAX_TAGS = 50000  # tags the sanitizer reads; the rest is shown as text
 
 
+_RENDERED = {}  # (sha256 of a description, its content type): the fragment, recently shown
+_RENDERED_LOCK = threading.Lock()
+RENDERED_CACHE_CHARS = 16 * 1024 * 1024  # what the fragments kept may add up to
+
+
 def render_description(text, content_type):
+    """render_description_uncached, remembered: a project's pages are built again after
+    each change to the project, and its descriptions rarely change with them."""
+    if isinstance(text, str):
+        key = (hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest(), content_type)
+        found = _RENDERED.get(key)
+        if found is None:
+            found = render_description_uncached(text, content_type)
+            with _RENDERED_LOCK:
+                if sum(map(len, _RENDERED.values())) + len(found) > RENDERED_CACHE_CHARS:
+                    _RENDERED.clear()
+                _RENDERED[key] = found
+        return found
+    return render_description_uncached(text, content_type)
+
+
+def render_description_uncached(text, content_type):
     """A safe HTML fragment for a description of the given Description-Content-Type.
 
     ``text/markdown`` (any variant), ``text/x-rst``, ``text/plain``; a missing type is

@@ -1388,12 +1388,24 @@ def test_markup_beyond_the_budgets_is_shown_as_text(monkeypatch):
     assert minidevpi.sanitize_html("<b>1</b><i>2</i><script>alert(1)</script><u>3</u>") == \
         "<b>1</b><i>2</i>&lt;script&gt;alert(1)&lt;/script&gt;&lt;u&gt;3&lt;/u&gt;"
     monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_TAGS", 50000)
-    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 3)
-    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/markdown") == \
+    monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 3)  # (not what is remembered)
+    assert minidevpi.render_description_uncached("*a* *b*\n\n*c*", "text/markdown") == \
         "<p><em>a</em> *b*</p>\n<p>*c*</p>"
     monkeypatch.setattr(minidevpi, "DESCRIPTION_MAX_INLINE", 2)  # one per markup there
-    assert minidevpi.render_description("*a* *b*\n\n*c*", "text/x-rst") == \
+    assert minidevpi.render_description_uncached("*a* *b*\n\n*c*", "text/x-rst") == \
         "<p><em>a</em> <em>b</em></p>\n<p>*c*</p>"
+
+
+def test_rendered_descriptions_are_remembered_within_a_bound(monkeypatch):
+    monkeypatch.setattr(minidevpi, "_RENDERED", {})
+    monkeypatch.setattr(minidevpi, "RENDERED_CACHE_CHARS", 1000)
+    first = minidevpi.render_description("# Remembered\n\ntext", "text/markdown")
+    assert first == "<h1>Remembered</h1>\n<p>text</p>"
+    assert minidevpi.render_description("# Remembered\n\ntext", "text/markdown") is first
+    assert minidevpi.render_description("# Remembered\n\ntext", "text/plain") != first
+    for i in range(50):  # what is kept stays within the bound
+        minidevpi.render_description("paragraph %d %s" % (i, "x" * 100), "text/markdown")
+        assert sum(map(len, minidevpi._RENDERED.values())) <= 1000
 
 
 BOUNDED = {
