@@ -5178,12 +5178,13 @@ class Model:
                     out.add(v)
         return out
 
-    def releases(self, walk, mirror_data, version=None):
+    def releases(self, walk, mirror_data, version=None, sources=False):
         """{version: [(metadata, yanked, [File]), ...]} of the walk's project through its
         visible indexes: first the release that counts, then the ones it shadows (devpi's
         ``+shadowing``), in the order of the chain; only ``version`` if given. None when no
         index has the project. ``mirror_data(mirror_index)`` gives a mirror's
-        {version: (metadata, yanked, [File])}, or None."""
+        {version: (metadata, yanked, [File])}, or None. With ``sources``, each release
+        also names the index it comes from: (metadata, yanked, [File], index path)."""
         out = {}
         found = False
         for b in walk.visible:
@@ -5205,7 +5206,8 @@ class Model:
                         if not any(f.rel == "releasefile" for f in offered):
                             continue  # every release file held back: no such release
                         release = (release[0], release[1], offered)
-                    out.setdefault(ver, []).append(release)
+                    out.setdefault(ver, []).append(release + (b.path,) if sources
+                                                   else release)
         return out if found else None
 
     def version_data(self, ix, norm, version=None):
@@ -7220,6 +7222,7 @@ ul.plain{list-style:none;padding:0;margin:0}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem}
 .card h2{border:0;margin:0 0 .3rem}
 .description{overflow-wrap:anywhere}.description img{max-width:100%}
+.description h3{font-size:1.2rem}.description h4{font-size:1.05rem}
 .pager{display:flex;gap:1rem;margin:1rem 0}
 .sha{font-size:.75rem;color:var(--muted);word-break:break-all}
 footer{max-width:72rem;margin:2rem auto;padding:1rem;color:var(--muted);font-size:.85rem;
@@ -7453,11 +7456,41 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
                         search=("", path))
 
 
-def render_web_project(prefix, server_url, ix, norm, display, rows):
+WEB_STATUS_TEXT = {  # PEP 792's meanings, for people
+    "archived": "archived: no further releases are expected.",
+    "deprecated": "deprecated: it is no longer recommended for use, and may have been "
+                  "superseded by another project.",
+    "quarantined": "quarantined: it is considered unsafe to use (malware, for example), and "
+                   "none of its files are offered."}
+
+
+def web_status_note(status):
+    """The banner of a project's PEP 792 status (status, reason), or "" (active)."""
+    if status is None:
+        return ""
+    name, reason = status
+    return ('<p class="note status"><span class="tag %s">%s</span> This project is %s%s</p>'
+            % ("fail" if name == "quarantined" else "pre", _e(name),
+               _e(WEB_STATUS_TEXT.get(name, name + ".")),
+               (" Reason: %s" % _e(reason)) if reason else ""))
+
+
+def web_held_back(until):
+    """What a person sees for a release that mirror_min_age still holds back."""
+    return '<span class="tag pre">held back until %s (mirror_min_age)</span>' % _e(
+        utcnow_iso(until))
+
+
+def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, status=None):
     """A project page: ``rows`` [(version, summary, yanked, source index path, has docs,
-    shadowed paths)], newest first."""
+    shadowed paths)], newest first; ``held`` {version: when it matures} of the versions
+    held back by a mirror's mirror_min_age (listed, never linked); ``status`` the PEP 792
+    (status, reason) or None."""
     path = ix.path
-    body = ["<h1>%s</h1>" % _e(display)]
+    held = held or {}
+    body = ["<h1>%s</h1>" % _e(display), web_status_note(status)]
+    if not rows:
+        body.append('<p class="muted">No version is offered.</p>')
     if rows:
         latest = SearchIndex.latest([r[0] for r in rows])
         summary = next((r[1] for r in rows if r[0] == latest), "")
@@ -7468,7 +7501,14 @@ def render_web_project(prefix, server_url, ix, norm, display, rows):
     body.append(_usage("pip install --index-url %s/%s/+simple/ %s" % (server_url, path, norm)))
     body.append('<h2>Versions</h2><div class="scroll"><table><thead><tr><th>version</th>'
                 '<th>from index</th><th>documentation</th><th></th></tr></thead><tbody>')
-    for version, _summary, yanked, source, has_doc, shadowed in rows:
+    listed = [(version_key(r[0]), 1, r) for r in rows] + [
+        (version_key(v), 0, v) for v in held]
+    for _key, offered, row in sorted(listed, key=lambda t: t[:2], reverse=True):
+        if not offered:
+            body.append('<tr><td>%s</td><td></td><td></td><td>%s</td></tr>' % (
+                _e(row), web_held_back(held[row])))
+            continue
+        version, _summary, yanked, source, has_doc, shadowed = row
         tags = ""
         if is_prerelease(version):
             tags += ' <span class="tag pre">pre-release</span>'
@@ -7542,14 +7582,31 @@ def _requirement(text):
     return out
 
 
+_WEB_HEADING_TAG = re.compile(r"<(/?)h([1-6])(?=[\s>])")
+
+
+def _demote_headings(fragment):
+    """A sanitized description's headings two levels down (h1 to h3, at most h6): below
+    the page's <h1> and its "Description" <h2>. (In sanitized HTML every "<" opens a tag.)"""
+    return _WEB_HEADING_TAG.sub(lambda m: "<%sh%d" % (m.group(1), min(6, int(m.group(2)) + 2)),
+                                fragment)
+
+
 def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
-                       tox, newer, doc):
-    """A version page. ``files`` [(File, href)] of the release files, ``tox`` {release
+                       tox, newer, doc, status=None, cooling=None):
+    """A version page. ``files`` [(File, href)] of the release files offered (a file with
+    a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
     filename: [(href, report dict, File)]}, ``newer`` [(label, version)], ``doc`` the
-    documentation's URL or None."""
+    documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
+    None, ``cooling`` when the first file of this version still held back by
+    mirror_min_age matures (those are not listed), or None."""
     display = meta.get("name") or norm
     path = ix.path
-    body = ['<h1>%s <span class="muted">%s</span></h1>' % (_e(display), _e(version))]
+    body = ['<h1>%s <span class="muted">%s</span></h1>' % (_e(display), _e(version)),
+            web_status_note(status)]
+    if cooling is not None:
+        body.append('<p class="note">%s Some files of this release are not offered yet.</p>'
+                    % web_held_back(cooling))
     if meta.get("summary"):
         body.append('<p class="lead">%s</p>' % _e(meta["summary"]))
     for label, v in newer:
@@ -7617,10 +7674,12 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
                     tests.append('<a href="%s" class="tag">report</a>' % _e(thref))
             up = _uploader(f.log)
             body.append(
-                '<tr><td><a href="%s">%s</a>%s<div class="sha">sha256 %s</div></td>'
+                '<tr><td><a href="%s">%s</a>%s%s<div class="sha">sha256 %s</div></td>'
                 '<td>%s</td><td>%s</td><td class="num">%s</td><td>%s%s</td><td>%s</td></tr>'
                 % (_e(href), _e(f.filename),
                    ' <span class="tag yanked">yanked</span>' if f.yanked is not None else "",
+                   (' <a href="%s.provenance" class="tag" title="PEP 740 provenance (not '
+                    'verified here)">provenance</a>' % _e(href)) if f.provenance else "",
                    _e(f.sha256 or "(not known until first download)"), kind, _e(pytag),
                    _e(web_size(f.size)), _e(web_time(f.uploaded)),
                    ('<div class="muted">by %s</div>' % _e(up)) if up else "",
@@ -7630,8 +7689,8 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
         body.append('<p class="muted">no files</p>')
     description = meta.get("description") or ""
     if description.strip():
-        body.append('<h2>Description</h2><div class="description">%s</div>' % render_description(
-            description, meta.get("description_content_type") or ""))
+        body.append('<h2>Description</h2><div class="description">%s</div>' % _demote_headings(
+            render_description(description, meta.get("description_content_type") or "")))
     return web_document("%s %s - %s" % (display, version, path), "".join(body), prefix,
                         _index_crumbs(prefix, path) + [
                             (display, web_href(prefix, ix.user, ix.name, norm)),
@@ -7714,12 +7773,15 @@ class WebPages:
         return resp
 
     def web_cached(self, req, key, validator, render):
-        """The page ``key`` from the cache while ``validator`` holds, else ``render()``d
-        (and kept). Pages hold this server's URL and depend on who reads them."""
+        """The page ``key`` from the cache while ``validator`` holds (and, for a page that
+        shows a release held back by age, until it matures), else ``render()``d (and
+        kept). Pages hold this server's URL and depend on who reads them."""
         key = ("web",) + key + (req.outside_url(), req.actor)
         page = self.pages.get(key, validator)
         if page is None:
-            page = self.pages.put(key, validator, render(), HTML_TYPE)
+            body = render()  # the page's bytes, or (bytes, when it changes by itself)
+            body, expires = body if isinstance(body, tuple) else (body, None)
+            page = self.pages.put(key, validator, body, HTML_TYPE, expires=expires)
         return self.web_response(req, page)
 
     def web_readable(self, ix, req):
@@ -7764,33 +7826,29 @@ class WebPages:
             raise self.model.read_refusal(req.actor, ix.path)
         return self.web_cached(req, ("index", ix.path, page), self.store.serial, render)
 
-    def _web_releases(self, ix, walk):
-        """{version: [(meta, yanked, files, index path)]} through the walk's visible indexes,
-        in the chain's order (the first one counts): which index each comes from."""
-        out = {}
-        m = self.model
-        found = False
-        for b in walk.visible:
-            if b.is_mirror:
-                data = self.mirror_version_data(b, walk)
-            elif walk.holds(b):
-                data = m.version_data(b, walk.project)
-            else:
-                data = None
-            if data is None:
-                continue
-            found = True
-            for ver, (meta, yanked, files) in data.items():
-                out.setdefault(ver, []).append((meta, yanked, files, b.path))
-        return out if found else None
+    def _web_releases(self, walk):
+        """{version: [(meta, yanked, files, index path)]} as the walk offers them
+        (Model.releases: the supply-chain guards are decided there), the one that counts
+        first; None when no index has the project."""
+        return self.model.releases(walk, lambda b: self.mirror_version_data(b, walk),
+                                   sources=True)
+
+    def _web_project_validator(self, req, ix, norm):
+        """The page-cache validator of a project's pages, read after the mirrors' pages
+        were revalidated upstream if they expired (as the simple page does)."""
+        for b in self.model.walk(ix, norm, req.actor).mirrors:
+            self.mirror.ensure_fresh(b, norm)
+        return self.pages.project_validator(norm)
 
     def web_project(self, req, ix, norm):
         m = self.model
 
         def render():
             walk = m.walk(ix, norm, req.actor)
-            releases = self._web_releases(ix, walk)
-            if not releases:
+            releases = self._web_releases(walk)
+            held = walk.held_back(releases or ())
+            status = walk.status
+            if releases is None or not (releases or held or status):
                 raise not_found("The project %s does not exist on %s." % (norm, ix.path))
             rows = []
             for ver in sorted(releases, key=version_key, reverse=True):
@@ -7799,27 +7857,44 @@ class WebPages:
                 has_doc = any(f.rel == "doczip" for r in releases[ver] for f in r[2])
                 rows.append((ver, meta.get("summary", ""), yanked, source, has_doc,
                              [r[3] for r in releases[ver][1:]]))
-            display = walk.display or releases[rows[0][0]][0][0].get("name") or norm
+            display = walk.display or (rows and releases[rows[0][0]][0][0].get("name")) \
+                or norm
+            # (a page with a release held back by age is built again when it matures)
             return render_web_project(self.web_prefix(req), req.outside_url(), ix, norm,
-                                      display, rows)
+                                      display, rows, held, status), walk.next_change
         return self.web_cached(req, ("project", ix.path, norm),
-                               self.pages.project_validator(norm), render)
+                               self._web_project_validator(req, ix, norm), render)
 
     def web_version(self, req, ix, norm, version):
+        """A version page; VERSION ``latest`` is the newest version offered, ``stable`` the
+        newest that is not a pre-release (as devpi-web has them)."""
         m = self.model
 
         def render():
             walk = m.walk(ix, norm, req.actor)
-            releases = self._web_releases(ix, walk) or {}
-            found = releases.get(version)
+            releases = self._web_releases(walk) or {}
+            ver = version
+            if ver in ("latest", "stable") and ver not in releases:
+                offered = [v for v in releases if ver == "latest" or not is_prerelease(v)]
+                ver = max(offered, key=version_key) if offered else ver
+            found = releases.get(ver)
+            status = walk.status
             if not found:
+                held = walk.held_back(releases)
+                if ver in held:
+                    raise not_found(held_back_message("version %s of project %s"
+                                                      % (ver, norm), held[ver]))
+                if status is not None and status[0] == "quarantined":
+                    raise not_found("The project %s is quarantined%s: none of its files "
+                                    "are offered." % (norm, ": " + status[1] if status[1]
+                                                      else ""))
                 raise not_found("The version %s of project %s does not exist."
-                                % (version, norm))
+                                % (ver, norm))
             meta, yanked, files, source = found[0]
             prefix = self.web_prefix(req)
             doc = None
             if any(f.rel == "doczip" for r in found for f in r[2]):
-                doc = prefix + "/%s/%s/%s/+doc/" % (ix.path, _seg(norm), _seg(version))
+                doc = prefix + "/%s/%s/%s/+doc/" % (ix.path, _seg(norm), _seg(ver))
             release = [f for f in files if f.rel == "releasefile"]
             shas = {f.filename: f.sha256 for f in release}
             tox = {}
@@ -7835,19 +7910,20 @@ class WebPages:
                 tox.setdefault(f.for_filename, []).append((href, report, f))
             versions = list(releases)
             newer = []
-            key = version_key(version)
+            key = version_key(ver)
             stable = SearchIndex.latest([v for v in versions if not is_prerelease(v)])
             newest = max(versions, key=version_key)
             if stable and version_key(stable) > key:
                 newer.append(("stable", stable))
             if newest != stable and version_key(newest) > key:
                 newer.append(("pre-release", newest))
-            return render_web_version(prefix, req.outside_url(), ix, norm, version, meta,
+            return render_web_version(prefix, req.outside_url(), ix, norm, ver, meta,
                                       yanked, source,
                                       [(f, prefix + "/" + f.relpath) for f in release], tox,
-                                      newer, doc)
+                                      newer, doc, status, walk.cooling.get(ver)), \
+                walk.next_change
         return self.web_cached(req, ("version", ix.path, norm, version),
-                               self.pages.project_validator(norm), render)
+                               self._web_project_validator(req, ix, norm), render)
 
     def route_search(self, req):
         t0 = time.perf_counter()

@@ -2722,7 +2722,10 @@ def test_read_attempts_that_must_fail(tmp_path, monkeypatch, make_server):
                 assert b"pubpkg" in root.body or b"teampkg" in root.body, root
                 page = http(url, path="/%s/+simple/secretpkg/" % ix,
                             headers=dict(cred, Accept=accept))
-                assert page.status == 404 and b"secretpkg-1.0" not in page.body, (ix, page)
+                # (a 404 page for Accept: text/html names our version in its footer)
+                assert page.status == 404 and b"secretpkg-1.0" not in page.body and \
+                    b"secretpkg_1.0" not in page.body and b"/alice/priv" not in page.body, \
+                    (ix, page)
             for path in ("/%s/secretpkg", "/%s/secretpkg/1.0", "/%s/secretpkg/1.0/+doc/index.html",
                          "/%s/secretpkg/latest/+doc/"):
                 r = api(url, path=path % ix, headers=cred)
@@ -6912,9 +6915,10 @@ def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
     text = " ".join(page.text)
     for fact in ("All the facts", "Ada", "ada@example.com", "MIT", ">=3.9",
                  "Programming Language :: Python", "rich>=13", 'extra == "pretty"',
-                 "pretty", "py passed", "py39 failed"):
+                 "pretty", "Hello", "py passed", "py39 failed"):
         assert fact in text, fact
-    assert "<p>Hello <em>world</em></p>" in page.html  # the Markdown description, rendered
+    # the description rendered as its Description-Content-Type says (Markdown)
+    assert [(t, a) for t, a in page.tags if t == "em"] == [("em", {})]
     assert "https://example.com/src" in page.links()
     link = [a for t, a in page.tags if t == "a" and a.get("href") == "https://example.com/src"]
     assert "nofollow" in link[0]["rel"], link
@@ -7169,6 +7173,149 @@ def test_status_and_error_pages_for_browsers_json_for_clients(alice, tmp_path):
     # an upload's error stays JSON (and its reason phrase) even from a browser's headers
     r = http(url, "POST", "/alice/dev/", headers=BROWSER, body=b"x")
     assert r.status in (400, 401) and r.header("content-type") == "application/json"
+
+
+# -- the web pages and the supply-chain guards, latest/stable, descriptions -------------
+
+def page_text(r):
+    return " ".join(" ".join(PageTags(r.body.decode()).text).split())
+
+
+def test_web_pages_show_releases_cooling_off_as_held_back_never_their_files(guarded,
+                                                                          upstream):
+    """A mirror's and a stage's project page list a release mirror_min_age holds back as
+    held back until when, with no link to it or its files; its version page is a 404 page
+    that says why; latest is the newest offered; a page cached while the release cools
+    off shows it once it matured."""
+    srv, root = guarded, ("root", "rootpw")
+    fresh_upload = minidevpi.parse_upload_time(upstream.projects["mirrored-pkg"][1][3])
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=2d"])
+    until = minidevpi.utcnow_iso(fresh_upload + 2 * 86400)
+    for ix in ("root/pypi", "alice/dev"):
+        r = browse(srv.url, "/%s/mirrored-pkg" % ix)
+        page = assert_web_page(r)
+        text = page_text(r)
+        assert "held back until %s (mirror_min_age)" % until in text, text
+        assert "1.0" in text
+        links = page.links()
+        assert any(h.endswith("/mirrored-pkg/1.0") for h in links), links
+        assert not any("2.0" in h for h in links), links
+        r = browse(srv.url, "/%s/mirrored-pkg/1.0" % ix)
+        page = assert_web_page(r)
+        assert any(h.endswith("/mirrored_pkg-1.0-py3-none-any.whl") for h in page.links())
+        assert not any("2.0" in h for h in page.links()), page.links()
+        r = browse(srv.url, "/%s/mirrored-pkg/2.0" % ix)
+        assert_web_page(r, 404)
+        assert "held back by mirror_min_age until %s" % until in page_text(r), page_text(r)
+        assert b"mirrored_pkg-2.0" not in r.body
+        r = browse(srv.url, "/%s/mirrored-pkg/latest" % ix)
+        assert "mirrored-pkg 1.0" in page_text(r) and b"mirrored_pkg-2.0" not in r.body
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 0
+    # matures in 3 s: the cached pages show 2.0 then, without any change to the server
+    age = int(time.time() - fresh_upload) + 3
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=%d" % age])
+    matures = fresh_upload + age
+    for _ in range(2):  # (the second from the page cache)
+        r = browse(srv.url, "/alice/dev/mirrored-pkg")
+        assert "held back until" in page_text(r) and "/mirrored-pkg/2.0" not in r.body.decode()
+    time.sleep(max(0, matures + 0.3 - time.time()))
+    r = browse(srv.url, "/alice/dev/mirrored-pkg")
+    assert "held back" not in page_text(r)
+    assert any(h.endswith("/mirrored-pkg/2.0") for h in assert_web_page(r).links())
+    r = browse(srv.url, "/alice/dev/mirrored-pkg/2.0")
+    assert any(h.endswith("/mirrored_pkg-2.0-py3-none-any.whl")
+               for h in assert_web_page(r).links())
+
+
+def test_web_pages_show_the_project_status_and_a_quarantined_project_lists_no_files(
+        guarded, upstream, tmp_path):
+    srv, root = guarded, ("root", "rootpw")
+    reason = 'use <b>fresh-fix</b> <script>alert(1)</script>"'
+    upstream.status["mirrored-pkg"] = ("deprecated", reason)
+    for path in ("/alice/dev/mirrored-pkg", "/alice/dev/mirrored-pkg/1.0"):
+        r = browse(srv.url, path)
+        page = assert_web_page(r)
+        text = page_text(r)
+        assert "This project is deprecated" in text and "Reason: " + reason in text, text
+        assert not any(t == "b" for t, _a in page.tags)
+        assert any(h.endswith(".whl") for h in page.links()) == path.endswith("1.0")
+    upstream.status["mirrored-pkg"] = ("quarantined", "malware")
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    for ix in ("root/pypi", "alice/dev"):
+        r = browse(srv.url, "/%s/mirrored-pkg" % ix)
+        page = assert_web_page(r)
+        assert "This project is quarantined" in page_text(r) and "malware" in page_text(r)
+        assert not any("+f/" in h or "/mirrored-pkg/1.0" in h for h in page.links())
+        r = browse(srv.url, "/%s/mirrored-pkg/1.0" % ix)
+        assert_web_page(r, 404)
+        assert "quarantined: malware" in page_text(r) and b"+f/" not in r.body
+    # root's status on a private project: archived still lists its files
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    assert browse(srv.url, "/alice/dev/own-pkg").status == 200  # (cached: must change)
+    api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root,
+        json_body={"status": "archived", "reason": "no longer kept"})
+    for path in ("/alice/dev/own-pkg", "/alice/dev/own-pkg/1.0"):
+        r = browse(srv.url, path)
+        assert "This project is archived" in page_text(r) and "no longer kept" in page_text(r)
+    assert any(h.endswith("own_pkg-1.0-py3-none-any.whl") for h in assert_web_page(r).links())
+    api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body={"status": "active"})
+    assert "This project is" not in page_text(browse(srv.url, "/alice/dev/own-pkg/1.0"))
+
+
+def test_version_page_links_a_kept_provenance_at_our_own_url(guarded, upstream):
+    srv = guarded
+    doc = json.dumps({"version": 1, "attestation_bundles": []}).encode()
+    upstream.provenance["mirrored_pkg-1.0-py3-none-any.whl"] = doc
+    for ix in ("root/pypi", "alice/dev"):
+        page = assert_web_page(browse(srv.url, "/%s/mirrored-pkg/1.0" % ix))
+        prov = [a["href"] for t, a in page.tags if t == "a" and
+                a.get("href", "").endswith(".provenance")]
+        assert prov == ["/root/pypi/+f/%s/mirrored_pkg-1.0-py3-none-any.whl.provenance"
+                        % "/".join(re.search(r"/\+f/(\w+)/(\w+)/", prov[0]).groups())], prov
+        r = http(srv.url, path=prov[0])
+        assert r.status == 200 and r.body == doc
+        page = assert_web_page(browse(srv.url, "/%s/mirrored-pkg/2.0" % ix))
+        assert not any(h.endswith(".provenance") for h in page.links())
+    assert not any(upstream.url in (h or "") for h in page.links())
+
+
+def test_latest_and_stable_version_pages_and_the_json_api_unchanged(alice, tmp_path):
+    url, _auth = web_fixture(alice, tmp_path)  # 0.9 (yanked), 1.0 (base), 1.1, 2.0rc1
+    for word, shown in (("latest", "2.0rc1"), ("stable", "1.1")):
+        r = browse(url, "/alice/dev/samplepkg/" + word)
+        page = assert_web_page(r)
+        assert '<h1>samplepkg <span class="muted">%s</span></h1>' % shown in r.body.decode()
+        assert any(h.endswith("samplepkg-%s-py3-none-any.whl" % shown) for h in page.links())
+    r = browse(url, "/alice/base/samplepkg/stable")
+    assert '<h1>samplepkg <span class="muted">1.0</span></h1>' in r.body.decode()
+    # the JSON API knows no such version, as before
+    for word in ("latest", "stable"):
+        r = api(url, path="/alice/dev/samplepkg/" + word)
+        assert r.status == 404 and r.json()["message"] == (
+            "The version %s of project samplepkg does not exist." % word), r
+
+
+def test_version_page_description_is_rendered_safely_below_the_page_heading(alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    readme = ("# Fancy Title\n\nSome *text*.\n\n## Usage\n\n<script>alert(1)</script>\n\n"
+              '<img src="x" onerror="alert(2)">\n\n[click](javascript:alert(3)) '
+              '<a href="javascript:alert(4)" onclick="alert(5)">raw</a> '
+              '<iframe src="https://example.com/"></iframe><svg onload="alert(6)"></svg>\n')
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "readme-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"), ("description", readme),
+              ("description_content_type", "text/markdown")]
+    wheel = make_wheel(tmp_path, "readme-pkg", "1.0")
+    assert upload_form(url, "alice/dev", wheel, auth, fields=fields).status == 200
+    r = browse(url, "/alice/dev/readme-pkg/1.0")
+    page = assert_web_page(r)  # no event handler, no javascript: link, no script but ours
+    assert [t for t, _a in page.tags].count("h1") == 1
+    body = r.body.decode()
+    desc = body[body.index('<div class="description">'):]
+    assert "<h3>Fancy Title</h3>" in desc and "<h4>Usage</h4>" in desc, desc[:300]
+    assert "<em>text</em>" in desc
+    for bad in ("<script", "onerror", "javascript:", "onclick", "<iframe", "<svg", "onload"):
+        assert bad not in desc.lower(), bad
+    assert "click" in page_text(r) and "raw" in page_text(r)
 
 
 @pytest.mark.parametrize("status", [401, 403])
