@@ -7410,6 +7410,7 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
     body.append("<dt>bases (resolution order)</dt><dd>%s</dd>" % (" &rarr; ".join(
         '<a href="%s">%s</a>' % (web_href(prefix, *p.split("/", 1)), _e(p))
         for p in chain[1:]) or '<span class="muted">none</span>'))
+    body.append("<dt>acl_read</dt><dd>%s</dd>" % _acl(config.get("acl_read", [])))
     if kind == "mirror":
         body.append("<dt>mirror of</dt><dd>%s</dd>" % _e(config.get("mirror_url", "")))
         body.append("<dt>page cache</dt><dd>%s s</dd>" % _e(config.get(
@@ -7820,7 +7821,8 @@ class WebPages:
             projects = [rows.get(n, (n, n, "", "", None)) for n in shown]
             chain = [b.path for b in m.chain(ix, req.actor)]
             return render_web_index(self.web_prefix(req), req.outside_url(), ix,
-                                    m.shown_config(ix.config, req.actor), chain, projects,
+                                    dict(m.shown_config(ix.config, req.actor),
+                                         acl_read=list(m.read_acl(ix))), chain, projects,
                                     page, len(names))
         if not self.web_readable(ix, req):
             raise self.model.read_refusal(req.actor, ix.path)

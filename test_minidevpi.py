@@ -6842,7 +6842,12 @@ def test_web_pages_show_indexes_projects_versions_and_files(alice, tmp_path):
     alice.create_user("bob", "bobpw")
     assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
         "title=Alice's dev index", "description=where alice tries things",
-        "acl_upload+=bob", "mirror_whitelist+=samplepkg"]).status == 200
+        "acl_upload+=bob", "mirror_whitelist+=samplepkg", "acl_read=alice,bob"]).status == 200
+    shown = " ".join(assert_web_page(browse(url, "/alice/dev", Authorization=basic_auth(
+        "alice", "secret"))).text)
+    assert re.search(r"acl_read\s+alice\s*,\s*bob\s+acl_upload", shown), shown
+    assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
+        "acl_read=:ANONYMOUS:"]).status == 200
     root = assert_web_page(browse(url, "/"))
     text = " ".join(root.text)
     assert "Alice's dev index" in text and "where alice tries things" in text
