@@ -2810,6 +2810,24 @@ class Store:
         os.replace(tmp_path, dest)
         return dest
 
+    def stage_blob(self, tmp_path, sha256):
+        """Put a complete temporary file (fsynced already, if ``sync_each_blob``) at its
+        content address ahead of the write transaction whose row will name it: a hard
+        link, so the temporary file stays, and ``place_blob`` in that transaction finds the
+        blob in place and only drops the temporary name. The file system's work then
+        waits under no write lock. Should the blob go meanwhile (another transaction
+        dropped an unused blob of the same bytes), ``place_blob`` puts it back from the
+        temporary file. Where hard links fail, it is all left to ``place_blob``."""
+        dest = self.blob_path(sha256)
+        if os.path.exists(dest):
+            return
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.chmod(tmp_path, 0o644)
+            os.link(tmp_path, dest)
+        except OSError:
+            pass
+
     def put_bytes(self, data):
         """Store bytes as a blob; returns their sha256."""
         sha = hashlib.sha256(data).hexdigest()
@@ -5307,6 +5325,7 @@ def simple_root_links(names, prefix=""):
 
 # -- the upstream HTTP client ---------------------------------------------------------
 
+PARSED_PAGES_KEPT = 64     # mirrored pages whose parsed entries the mirror keeps in memory
 POOL_IDLE_SECONDS = 30.0   # an idle upstream connection older than this is not reused
 POOL_PER_HOST = 16         # idle connections kept per (scheme, host, port, proxy)
 POOL_TOTAL = 64            # idle connections kept in all
@@ -5897,6 +5916,19 @@ def _entry(filename, url, sha256, requires_python=None, yanked=None, core_metada
     return e
 
 
+_PLAIN_URL_RE = re.compile(r"https?://[A-Za-z0-9._~%!$&'()*+,=:@-]+(?:/[^?#;\[\]\\\x00-\x20\x7f]*)?\Z")
+
+
+def _page_link(page_url, href):
+    """``href`` of an upstream page made absolute, as ``urllib.parse.urljoin`` does; a
+    plain absolute http(s) URL (ASCII, a host, no query, fragment, parameters, brackets,
+    control characters, space or backslash: what an index's file links are) is taken as it is, which is
+    what urljoin would give, without its cost (half of parsing a large page)."""
+    if href.isascii() and _PLAIN_URL_RE.match(href):
+        return href
+    return urllib.parse.urljoin(page_url, href)
+
+
 def _join_url(page_url, value):
     """An upstream URL (PEP 740's provenance) made absolute, or None when not one."""
     if not isinstance(value, str) or not value or len(value) > 4096:
@@ -5987,7 +6019,7 @@ def parse_project_page(body, content_type, page_url, status=None):
             size = f.get("size") if isinstance(f.get("size"), int) else None
             rp = f.get("requires-python")
             try:
-                url = urllib.parse.urljoin(page_url, f["url"])
+                url = _page_link(page_url, f["url"])
             except ValueError:
                 continue
             entries.append(_entry(f["filename"], url,
@@ -6054,10 +6086,11 @@ class Mirror:
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
+        self._parsed = {}  # (index id, project) -> (files column, its entries), see _entries
         model.on_upstream_change(self._forget_index)
 
     def _forget_index(self, index_id):
-        for cache in (self._fresh, self._failed):
+        for cache in (self._fresh, self._failed, self._parsed):
             for key in [k for k in cache if k[0] == index_id]:
                 cache.pop(key, None)
         shutil.rmtree(os.path.join(self.store.serverdir, "+mirror", str(index_id)),
@@ -6100,6 +6133,29 @@ class Mirror:
             "SELECT fetched, status, etag, last_modified, display, files FROM mirror_pages "
             "WHERE index_id=? AND project=?", (ix.id, norm)).fetchone()
 
+    def _entries(self, ix, norm, text):
+        """The entries of a kept page from its ``files`` column, parsed again only when
+        that changed: a cold page is read by the page's build, and each file and metadata
+        request reads it again (a large upstream page takes milliseconds to parse). The
+        entries are shared: nobody changes them."""
+        key = (ix.id, norm)
+        got = self._parsed.get(key)
+        if got is not None and (got[0] is text or got[0] == text):
+            return got[1]
+        entries = json.loads(text)
+        self._remember(key, text, entries)
+        return entries
+
+    def _remember(self, key, text, entries):
+        parsed = self._parsed
+        parsed.pop(key, None)
+        parsed[key] = (text, entries)
+        while len(parsed) > PARSED_PAGES_KEPT:
+            try:
+                del parsed[next(iter(parsed))]
+            except (KeyError, StopIteration, RuntimeError):
+                break
+
     def page(self, ix, norm):
         """(display, entries) of a mirrored project, or None when upstream has no such
         project. Fetches or revalidates upstream when the cached page expired; serves a
@@ -6112,23 +6168,23 @@ class Mirror:
         if fresh is not None and time.time() - fresh < self._expiry(ix):
             row = self._row(ix, norm)
             if row is not None:
-                return (row["display"], json.loads(row["files"])) if row["status"] == 200 else None
+                return (row["display"], self._entries(ix, norm, row["files"])) if row["status"] == 200 else None
         row = self._row(ix, norm)
         if row is not None and time.time() - row["fetched"] < self._expiry(ix):
             self._fresh[key] = row["fetched"]
-            return (row["display"], json.loads(row["files"])) if row["status"] == 200 else None
+            return (row["display"], self._entries(ix, norm, row["files"])) if row["status"] == 200 else None
         failed = self._failed.get(key)
         if failed is not None and time.time() - failed[0] < min(FAILURE_BACKOFF,
                                                                  self._expiry(ix)):
             # upstream failed a moment ago: don't make every request wait for it again
             if row is not None and row["status"] == 200:
-                return row["display"], json.loads(row["files"])
+                return row["display"], self._entries(ix, norm, row["files"])
             raise failed[1]
         with self.single_flight(("page",) + key) as leader:
             # the one before us in the flight may have just fetched it
             newer = self._row(ix, norm)
             if newer is not None and (not leader or row is None or newer["fetched"] > row["fetched"]):
-                return (newer["display"], json.loads(newer["files"])) if newer["status"] == 200 else None
+                return (newer["display"], self._entries(ix, norm, newer["files"])) if newer["status"] == 200 else None
             row = newer
             try:
                 result = self._fetch_page(ix, norm, row)
@@ -6141,7 +6197,7 @@ class Mirror:
                 if row is not None and row["status"] == 200:
                     log("WARNING: serving a stale page of %s on %s: %s" % (norm, ix.path,
                                                                           e.message))
-                    return row["display"], json.loads(row["files"])
+                    return row["display"], self._entries(ix, norm, row["files"])
                 raise
 
     def ensure_fresh(self, ix, norm):
@@ -6217,8 +6273,8 @@ class Mirror:
         with self.store.write() as c:
             old = c.execute("SELECT files, status FROM mirror_pages WHERE index_id=? AND "
                             "project=?", (ix.id, norm)).fetchone()
-            before = {e["filename"]: e for e in (json.loads(old["files"]) if old is not None
-                                                 else [])}
+            before = {e["filename"]: e for e in (self._entries(ix, norm, old["files"])
+                                                 if old is not None else [])}
             for e in entries:
                 was = before.get(e["filename"])
                 if e["upload_time"] is None:
@@ -6232,6 +6288,8 @@ class Mirror:
             data = json.dumps(entries)
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
+            # (the next reads of this page take these entries, not a parse of ``data``)
+            self.store.after_commit(lambda _c: self._remember((ix.id, norm), data, entries))
             had = c.execute("SELECT status, reason FROM project_status WHERE index_id=? AND "
                             "project=?", (ix.id, norm)).fetchone()
             had = (had[0], had[1]) if had is not None else None
@@ -6451,6 +6509,8 @@ class Mirror:
         core = entry["core_metadata"]
         if core and not os.path.exists(self.store.blob_path(core)):
             core = None  # offered, but not fetched yet: it is fetched on first request
+        # (concurrent cold downloads queue for the write lock: keep its hold short)
+        self.store.stage_blob(tmp, sha)
         self.model.add_file(None, ix, display, version, entry["filename"], tmp, sha,
                             size, meta, core_metadata=core,
                             uploaded=entry["upload_time"] or entry.get("first_seen")

@@ -4367,6 +4367,43 @@ def mirror_of(up, make_server, tmp_path, timeouts=(5, 10), **kw):
     return srv
 
 
+def test_upstream_file_links_are_followed_as_written_and_kept_files_leave_no_temporary(
+        tmp_path, make_server):
+    # links of every form an upstream page may give: plain absolute ones (taken as they
+    # are), dot segments, a query, a relative one; each is fetched where it points
+    up = RoutedUpstream()
+    try:
+        wheels = [make_wheel(tmp_path, "links-x", v) for v in ("1.0", "1.1", "1.2", "1.3")]
+        hrefs = [up.url + "/f/links_x-1.0-py3-none-any.whl",
+                 up.url + "/f/a/../links_x-1.1-py3-none-any.whl",
+                 up.url + "/f/links_x-1.2-py3-none-any.whl?token=1",
+                 "../../f/b/links_x-1.3-py3-none-any.whl"]
+        paths = ["/f/links_x-1.0-py3-none-any.whl", "/f/a/../links_x-1.1-py3-none-any.whl",
+                 "/f/links_x-1.2-py3-none-any.whl?token=1", "/f/b/links_x-1.3-py3-none-any.whl"]
+        files = []
+        for w, href, path in zip(wheels, hrefs, paths):
+            data = open(w, "rb").read()
+            files.append((os.path.basename(w), href, data))
+            up.routes[path] = (200, data, [])
+        up.routes["/simple/links-x/"] = (200, json_page("links-x", files), JSON_PAGE)
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            for fn, _href, data in files:
+                r = http(srv.url, path=mirror_file_path(srv, "links-x", fn))
+                assert r.status == 200 and r.body == data, fn
+            assert [p for p in up.requests if p.startswith("/f/")] == paths
+            # each kept under its content address; no temporary name stays behind
+            ix = srv.model.get_index("root/pypi")
+            assert sorted(f.filename for f in srv.model.local_files(ix, "links-x")) == \
+                sorted(fn for fn, _h, _d in files)
+            assert os.listdir(os.path.join(srv.serverdir, "+tmp")) == []
+            for fn, _href, data in files:  # (from disk now: upstream is not asked again)
+                assert http(srv.url, path=mirror_file_path(srv, "links-x", fn)).body == data
+            assert len([p for p in up.requests if p.startswith("/f/")]) == 4
+    finally:
+        up.stop()
+
+
 def test_upstream_connections_are_kept_alive_and_replaced_when_closed(upstream, tmp_path,
                                                                        make_server):
     for name in ("ka-a", "ka-b", "ka-c", "ka-d", "ka-e", "ka-f"):
