@@ -295,11 +295,14 @@ _BINARY_SUFFIX_RE = re.compile(  # egg, exe, msi: -pyX.Y and/or a platform
     r"(?:(?:[.-]%s)?-py\d+(?:\.\d+)?(?:-%s)?|[.-]%s)$" % (_PLATFORM, _PLATFORM, _PLATFORM))
 
 
+_FILENAME_CONTROL_RE = re.compile("[\x00-\x1f]")
+
+
 def check_filename(filename):
     """Refuse file names that could escape a directory or confuse a URL."""
     if (not filename or len(filename) > 255 or "/" in filename or "\\" in filename
-            or "\x00" in filename or filename in (".", "..") or filename.startswith(".")
-            or any(ord(c) < 32 for c in filename)):
+            or filename in (".", "..") or filename.startswith(".")
+            or _FILENAME_CONTROL_RE.search(filename)):
         raise bad_request("invalid filename %r" % (filename,))
 
 
@@ -5889,11 +5892,25 @@ def clean_project_status(status, reason):
     return status, reason
 
 
+_UTC_TIME_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?Z\Z")
+
+
 def parse_upload_time(value):
+    """A PEP 700 upload time (ISO 8601) as a POSIX timestamp, or None when not one."""
     if not isinstance(value, str):
         return None
+    import datetime
+    m = _UTC_TIME_RE.match(value)
+    if m is not None:  # what indexes write: the same value as the general way, faster
+        y, mo, d, h, mi, sec, frac = m.groups()
+        try:
+            return datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec),
+                                     int((frac or "").ljust(6, "0")[:6]),
+                                     datetime.timezone.utc).timestamp()
+        except (ValueError, OverflowError):
+            pass  # (the general way decides)
     try:
-        import datetime
         v = value.strip().replace("Z", "+00:00")
         if "." in v:  # fromisoformat on 3.9/3.10 wants 3 or 6 fraction digits
             head, _, rest = v.partition(".")
@@ -5946,14 +5963,18 @@ def ext_key(url):
     return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
 def _clean_sha(value):
-    if isinstance(value, str) and re.match(r"^[0-9a-fA-F]{64}$", value):
+    if isinstance(value, str) and _SHA256_RE.match(value):
         return value.lower()
     return None
 
 
 def _clean_md5(value):
-    if isinstance(value, str) and re.match(r"^[0-9a-fA-F]{32}$", value):
+    if isinstance(value, str) and _MD5_RE.match(value):
         return value.lower()
     return None
 
@@ -6046,8 +6067,9 @@ def parse_project_page(body, content_type, page_url, status=None):
             href = attrs.get("href")
             if not href:
                 continue
-            try:
-                url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            try:  # (the fragment split off first: a plain link then needs no urljoin)
+                url, _, fragment = href.partition("#")
+                url = _page_link(page_url, url)
             except ValueError:
                 continue
             filename = urllib.parse.unquote(url.rstrip("/").rsplit("/", 1)[-1])
@@ -9150,8 +9172,15 @@ class App(WebPages):
                 def href(f):
                     return req.absolute(f.relpath)
             else:
+                up = {}  # index -> the relative way from the page to it (once per index)
+
                 def href(f):
-                    return posixpath.relpath("/" + f.relpath, base)
+                    to = up.get(f.index)
+                    if to is None:
+                        to = up[f.index] = posixpath.relpath("/" + f.index, base) + "/"
+                    # (a file's path below its index is plain segments: relpath's result)
+                    return f.relpath[len(f.index) + 1:] if to == "./" else \
+                        to + f.relpath[len(f.index) + 1:]
             versions = m.project_versions(ix, norm, lambda: req.actor, walk) if fmt == "json" else ()  # (HTML has none)
             rendered = render_simple_project(norm, display, files, versions, fmt, href,
                                              walk.status)
