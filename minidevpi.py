@@ -51,6 +51,7 @@ import bisect
 import contextlib
 import email.parser
 import email.utils
+import functools
 import gzip
 import hashlib
 import hmac
@@ -5982,6 +5983,7 @@ def _clean_md5(value):
 _MIRROR_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_]*$")
 
 
+@functools.lru_cache(maxsize=16384)  # (asked again for each entry of a page it lists)
 def _file_of_project(filename, norm):
     """Whether an upstream file name is a distribution of project ``norm`` (a link on
     one project's page that names another project's file is dropped)."""
@@ -6029,26 +6031,32 @@ def parse_project_page(body, content_type, page_url, status=None):
             raise _too_many_links(page_url)
         entries = []
         for f in raw:
-            if not isinstance(f, dict) or not isinstance(f.get("filename"), str) or \
-                    not isinstance(f.get("url"), str):
+            if not isinstance(f, dict):
                 continue
-            hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
-            meta = f.get("core-metadata", f.get("dist-info-metadata"))
+            filename, href = f.get("filename"), f.get("url")
+            if not isinstance(filename, str) or not isinstance(href, str):
+                continue
+            hashes = f.get("hashes")
+            if not isinstance(hashes, dict):
+                hashes = {}
+            meta = f.get("core-metadata") if "core-metadata" in f else \
+                f.get("dist-info-metadata")
             meta_sha = _clean_sha(meta.get("sha256")) if isinstance(meta, dict) else None
             yanked = f.get("yanked")
             yanked = (yanked if isinstance(yanked, str) else "") if yanked else None
-            size = f.get("size") if isinstance(f.get("size"), int) else None
+            size = f.get("size")
             rp = f.get("requires-python")
+            provenance = f.get("provenance")
             try:
-                url = _page_link(page_url, f["url"])
+                url = _page_link(page_url, href)
             except ValueError:
                 continue
-            entries.append(_entry(f["filename"], url,
-                                  _clean_sha(hashes.get("sha256")),
+            entries.append(_entry(filename, url, _clean_sha(hashes.get("sha256")),
                                   rp if isinstance(rp, str) else None, yanked, meta_sha,
-                                  size, parse_upload_time(f.get("upload-time")),
+                                  size if isinstance(size, int) else None,
+                                  parse_upload_time(f.get("upload-time")),
                                   _clean_md5(hashes.get("md5")),
-                                  _join_url(page_url, f.get("provenance"))))
+                                  _join_url(page_url, provenance) if provenance else None))
         name = data.get("name") if isinstance(data.get("name"), str) else None
         ps = data.get("project-status")
         status.append(clean_project_status(ps.get("status"), ps.get("reason"))
@@ -6260,7 +6268,7 @@ class Mirror:
                     c.execute("UPDATE mirror_pages SET fetched=? WHERE index_id=? AND project=?",
                               (now, ix.id, norm))
                 self._fresh[(ix.id, norm)] = now
-                return row["display"], json.loads(row["files"])
+                return row["display"], self._entries(ix, norm, row["files"])
             if resp.status == 404:
                 self.upstream.read_body(resp, url, 1024 * 1024)
                 self._store_page(ix, norm, now, 404, None, None, None, [])
