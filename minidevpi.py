@@ -5893,25 +5893,11 @@ def clean_project_status(status, reason):
     return status, reason
 
 
-_UTC_TIME_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?Z\Z")
-
-
 def parse_upload_time(value):
-    """A PEP 700 upload time (ISO 8601) as a POSIX timestamp, or None when not one."""
     if not isinstance(value, str):
         return None
-    import datetime
-    m = _UTC_TIME_RE.match(value)
-    if m is not None:  # what indexes write: the same value as the general way, faster
-        y, mo, d, h, mi, sec, frac = m.groups()
-        try:
-            return datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec),
-                                     int((frac or "").ljust(6, "0")[:6]),
-                                     datetime.timezone.utc).timestamp()
-        except (ValueError, OverflowError):
-            pass  # (the general way decides)
     try:
+        import datetime
         v = value.strip().replace("Z", "+00:00")
         if "." in v:  # fromisoformat on 3.9/3.10 wants 3 or 6 fraction digits
             head, _, rest = v.partition(".")
