@@ -2771,6 +2771,21 @@ class Store:
     # -- rows that more than one part writes --------------------------------------------
 
     @staticmethod
+    def project_status(c, index_id, norm):
+        """(status, reason) of a project on an index (PEP 792), or None for active."""
+        row = c.execute("SELECT status, reason FROM project_status WHERE index_id=? AND "
+                        "project=?", (index_id, norm)).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
+    @staticmethod
+    def set_project_status(c, index_id, norm, status):
+        """Store ``status``, a (status, reason) or None for active."""
+        c.execute("DELETE FROM project_status WHERE index_id=? AND project=?", (index_id, norm))
+        if status is not None:
+            c.execute("INSERT INTO project_status VALUES (?,?,?,?)",
+                      (index_id, norm) + tuple(status))
+
+    @staticmethod
     def insert_index(c, user, name, config):
         """A new index row (``config``: a dict); returns its id."""
         return c.execute("INSERT INTO indexes (user, name, config) VALUES (?,?,?)",
@@ -4057,10 +4072,8 @@ class BaseWalk:
         last fetched), or None for active. Read when first asked, per index: a mirror's
         is read after its page was fetched."""
         if b.id not in self._status:
-            row = self.model.store.conn().execute(
-                "SELECT status, reason FROM project_status WHERE index_id=? AND project=?",
-                (b.id, self.project)).fetchone()
-            self._status[b.id] = (row[0], row[1]) if row else None
+            self._status[b.id] = Store.project_status(self.model.store.conn(), b.id,
+                                                      self.project)
         return self._status[b.id]
 
     @property
@@ -4785,12 +4798,10 @@ class Model:
 
     def _check_open_for_uploads(self, ix, norm):
         """PEP 792: an archived or quarantined project takes no new uploads."""
-        row = self.store.conn().execute(
-            "SELECT status FROM project_status WHERE index_id=? AND project=?",
-            (ix.id, norm)).fetchone()
-        if row is not None and row[0] in ("archived", "quarantined"):
+        status = Store.project_status(self.store.conn(), ix.id, norm)
+        if status is not None and status[0] in ("archived", "quarantined"):
             raise forbidden("project %s on %s is %s (PEP 792): it takes no uploads"
-                            % (norm, ix.path, row[0]))
+                            % (norm, ix.path, status[0]))
 
     def set_project_status(self, actor, ix, name, status, reason=None):
         """Root sets the PEP 792 status of a project of a private index ("active" clears
@@ -4808,11 +4819,8 @@ class Model:
             if not c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
                              (ix.id, norm)).fetchone():
                 raise not_found("no project %r on %s" % (norm, ix.path))
-            c.execute("DELETE FROM project_status WHERE index_id=? AND project=?",
-                      (ix.id, norm))
-            if status != "active":
-                c.execute("INSERT INTO project_status VALUES (?,?,?,?)",
-                          (ix.id, norm, status, reason or None))
+            Store.set_project_status(c, ix.id, norm, None if status == "active"
+                                     else (status, reason or None))
             self._changed(projects=[norm])
         return {"status": status, "reason": reason or None}
 
@@ -6306,15 +6314,9 @@ class Mirror:
                       (ix.id, norm, now, status, etag, last_modified, display, data))
             # (the next reads of this page take these entries, not a parse of ``data``)
             self.store.after_commit(lambda _c: self._remember((ix.id, norm), data, entries))
-            had = c.execute("SELECT status, reason FROM project_status WHERE index_id=? AND "
-                            "project=?", (ix.id, norm)).fetchone()
-            had = (had[0], had[1]) if had is not None else None
+            had = Store.project_status(c, ix.id, norm)
             if had != project_status:
-                c.execute("DELETE FROM project_status WHERE index_id=? AND project=?",
-                          (ix.id, norm))
-                if project_status is not None:
-                    c.execute("INSERT INTO project_status VALUES (?,?,?,?)",
-                              (ix.id, norm) + tuple(project_status))
+                Store.set_project_status(c, ix.id, norm, project_status)
             if (old is None or old["files"] != data or old["status"] != status
                     or had != project_status):
                 self.model.mirror_page_changed(norm)
