@@ -4203,9 +4203,11 @@ class Model:
         self._upstream_listeners.append(fn)
 
     def on_change(self, fn):
-        """Call ``fn(config, project_set, projects)`` after each commit that changed what
-        pages show: any index's config (``config``), which projects exist (``project_set``),
-        or the releases of the (normalised) ``projects`` (the page cache listens)."""
+        """Call ``fn(config, project_set, projects, kept)`` after each commit that changed
+        what pages show: any index's config (``config``), which projects exist
+        (``project_set``), the releases of the (normalised) ``projects``, or only which
+        files a mirror keeps of the ``kept`` projects, files its simple pages already list
+        as they are (the page cache listens)."""
         self._change_listeners.append(fn)
 
     def mirror_page_changed(self, norm):
@@ -4213,15 +4215,15 @@ class Model:
         the pages built from it are out of date (call inside the write transaction)."""
         self._changed(projects=[norm])
 
-    def _changed(self, projects=(), config=False, project_set=False):
-        if projects and not config:  # (a config change changes no release: no new rows)
-            self.search.changed(projects)
+    def _changed(self, projects=(), config=False, project_set=False, kept=()):
+        if (projects or kept) and not config:  # (a config change changes no release)
+            self.search.changed(list(projects) + list(kept))
 
         def tell(_c):
             if config:
                 self._index_cache = {}
             for fn in self._change_listeners:
-                fn(config, project_set, projects)
+                fn(config, project_set, projects, kept)
         self.store.after_commit(tell)
 
     # -- users --------------------------------------------------------------------------
@@ -4704,8 +4706,10 @@ class Model:
 
     def add_file(self, actor, ix, name, version, filename, tmp_path, sha256, size, meta,
                  rel="releasefile", for_filename=None, log_entry=None, core_metadata=None,
-                 uploaded=None):
+                 uploaded=None, as_listed=False):
         """Store an uploaded file; the temporary file is consumed in all cases.
+        ``as_listed``: a mirror keeps a file its upstream page lists with this hash, which
+        changes nothing of the simple pages that list it (they are not built again).
 
         Returns a reason phrase for the 200 answer. Raises 409 for a different file under
         an existing name on a non-volatile index.
@@ -4739,7 +4743,10 @@ class Model:
                 self.store.place_blob(tmp_path, sha256)
                 self.store.insert_file(c, ix.id, vid, filename, rel, sha256, size, now,
                                        requires_python, core_metadata, for_filename, log_list)
-                self._changed(projects=[norm])
+                if as_listed and old is None:
+                    self._changed(kept=[norm])
+                else:
+                    self._changed(projects=[norm])
             return "OK"
         finally:
             if os.path.exists(tmp_path):
@@ -5342,6 +5349,56 @@ POOL_IDLE_SECONDS = 30.0   # an idle upstream connection older than this is not 
 POOL_PER_HOST = 16         # idle connections kept per (scheme, host, port, proxy)
 POOL_TOTAL = 64            # idle connections kept in all
 _STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# A host's addresses are looked up once and used (checked by the mirror policy where it
+# applies) for this long: a cold install opens tens of connections at once, and a resolver
+# that loses a query makes each lookup wait its retry (5 s with glibc's defaults).
+DNS_CACHE_SECONDS = 60.0
+DNS_CACHE_HOSTS = 256      # (host, port) pairs kept; more, and all are forgotten
+
+
+class _Resolver:
+    """getaddrinfo for the mirror's connections, each answer kept DNS_CACHE_SECONDS and
+    looked up by one thread at a time (the others wait for its answer). Failures are not
+    kept; a host whose kept addresses refuse a connection is looked up again (``forget``).
+    Only what the mirror policy saw is ever connected to: the kept answer is the one it
+    checked."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known = {}  # (host, port) -> (monotonic time of the lookup, infos)
+        self._busy = {}   # (host, port) -> a lock held while one thread looks it up
+
+    def resolve(self, host, port):
+        key = (host, port)
+        for _attempt in range(2):
+            with self._lock:
+                got = self._known.get(key)
+                if got is not None and time.monotonic() - got[0] < DNS_CACHE_SECONDS:
+                    return got[1]
+                busy = self._busy.get(key)
+                if busy is None:
+                    busy = self._busy[key] = threading.Lock()
+                    busy.acquire()
+                    break
+            with busy:  # another thread looks it up: its answer, when it has one
+                pass
+        else:
+            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # (it failed)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            with self._lock:
+                if len(self._known) >= DNS_CACHE_HOSTS:
+                    self._known.clear()
+                self._known[key] = (time.monotonic(), infos)
+            return infos
+        finally:
+            with self._lock:
+                self._busy.pop(key, None)
+            busy.release()
+
+    def forget(self, host, port):
+        with self._lock:
+            self._known.pop((host, port), None)
 
 
 class _SSLContexts:
@@ -5408,6 +5465,7 @@ class Upstream:
         self._idle = {}  # pool key -> [(connection, time it went idle)], newest last
         self._idle_count = 0
         self._pool_lock = threading.Lock()
+        self.resolver = _Resolver()
         self.connections_made = 0  # (for tests and the benchmark)
 
     def open(self, url, origin, headers=None, compressed=False):
@@ -5498,17 +5556,21 @@ class Upstream:
         else:
             conn = http.client.HTTPConnection(host, hport, timeout=self.connect_timeout)
         conn.auto_open = 0  # never connects again by itself (a pooled one: to anywhere)
-        if addresses is not None and not proxy:
-            # connect to the addresses that were checked, not to whatever the name
-            # resolves to a moment later (DNS rebinding); TLS still checks the name
-            conn._create_connection = _connect_to(addresses)
-        if proxy and u.scheme == "https":
-            conn.set_tunnel(u.hostname, port)
         try:
+            # connect to the addresses that were checked, not to whatever the name
+            # resolves to a moment later (DNS rebinding); TLS still checks the name. A
+            # host the policy does not check (or a proxy): its kept addresses.
+            if addresses is None or proxy:
+                addresses = self.resolver.resolve(host, hport)
+            conn._create_connection = _connect_to(addresses)
+            if proxy and u.scheme == "https":
+                conn.set_tunnel(u.hostname, port)
             conn.connect()
             conn.sock.settimeout(self.read_timeout)
-        except BaseException:
+        except BaseException as e:
             conn.close()
+            if isinstance(e, OSError) and not isinstance(e, socket.gaierror):
+                self.resolver.forget(host, hport)  # (moved? looked up again next time)
             raise
         self.connections_made += 1
         return conn
@@ -5614,7 +5676,7 @@ class Upstream:
         if (host, port) in self.allow_hosts or (host, None) in self.allow_hosts:
             return None
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = self.resolver.resolve(host, port)
         except (OSError, UnicodeError, ValueError):
             infos = []
         if infos and all(is_public_address(info[4][0]) for info in infos):
@@ -6534,7 +6596,8 @@ class Mirror:
                             uploaded=entry["upload_time"] or entry.get("first_seen")
                             or time.time(),
                             log_entry={"what": "mirror", "who": None, "when": when_list(),
-                                       "src": _safe_url(entry["url"])})
+                                       "src": _safe_url(entry["url"])},
+                            as_listed=entry["sha256"] == sha)
 
     def core_metadata(self, ix, filename, sha_prefix):
         """Blob path of a mirrored wheel's PEP 658 metadata, fetched once and checked."""
@@ -6839,14 +6902,16 @@ def offered_core_metadata(f):
 class Response:
     """What a route answers: status, headers, and a body of bytes or a file to send."""
 
-    __slots__ = ("status", "headers", "body", "file_path", "file_size", "reason", "stream")
+    __slots__ = ("status", "headers", "body", "file_path", "file_size", "file_offset",
+                 "reason", "stream")
 
     def __init__(self, status=200, body=b"", headers=None, reason=None):
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else []
         self.file_path = None
-        self.file_size = 0
+        self.file_size = 0  # the bytes of file_path sent, from file_offset on
+        self.file_offset = 0
         self.reason = reason
         self.stream = None  # an iterable of chunks with close(), of file_size bytes in all
 
@@ -6873,6 +6938,42 @@ def message_response(message, status=200):
 def redirect(location, status=302):
     return json_response({"message": "moved to %s" % location}, status,
                          [("Location", location)])
+
+
+_BYTE_RANGE_RE = re.compile(r"bytes=(?:(\d{1,18})-(\d{0,18})|-(\d{1,18}))")
+
+
+def parse_byte_range(header):
+    """A Range header's one byte range (RFC 9110 14.2) as (first, last): last None for
+    "to the end", first None for a suffix of ``last`` bytes; None for anything else
+    (several ranges, another unit, bad syntax), which is answered with the whole file, as
+    the RFC allows. A client reading a wheel's metadata out of it (uv, where a page
+    offers no PEP 658 metadata) asks for one range at a time."""
+    if not header or len(header) > 50:
+        return None
+    m = _BYTE_RANGE_RE.fullmatch(header.strip())
+    if m is None:
+        return None
+    if m.group(3) is not None:
+        return None, int(m.group(3))
+    first, last = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    if last is not None and last < first:
+        return None  # invalid: ignored, the whole file
+    return first, last
+
+
+def byte_range_slice(spec, size):
+    """(offset, length) of the bytes a ``parse_byte_range`` spec selects of ``size``, or
+    None when it selects none (416)."""
+    first, last = spec
+    if first is None:  # the last ``last`` bytes
+        if last == 0 or size == 0:
+            return None
+        return max(0, size - last), min(last, size)
+    if first >= size:
+        return None
+    end = size - 1 if last is None else min(last, size - 1)
+    return first, end - first + 1
 
 
 def parse_accept(header):
@@ -6964,22 +7065,30 @@ class PageCache:
         self.gen_config = 0
         self.gen_projects = 0
         self.gen_project = {}
+        self.gen_kept = {}
 
-    def changed(self, config, project_set, projects):
+    def changed(self, config, project_set, projects, kept=()):
         if config:
             self.gen_config += 1
         if project_set:
             self.gen_projects += 1
         for name in projects:
             self.gen_project[name] = self.gen_project.get(name, 0) + 1
+        for name in kept:
+            self.gen_kept[name] = self.gen_kept.get(name, 0) + 1
 
     def root_validator(self):
         """What a project list depends on."""
         return self.gen_config, self.gen_projects
 
     def project_validator(self, norm):
-        """What a project's page depends on."""
+        """What a project's simple page depends on."""
         return self.gen_config, self.gen_project.get(norm, 0)
+
+    def web_project_validator(self, norm):
+        """What a project's web pages depend on: also which files a mirror keeps (the
+        version metadata it shows comes from them)."""
+        return self.gen_config, self.gen_project.get(norm, 0), self.gen_kept.get(norm, 0)
 
     def get(self, key, validator):
         page = self.pages.get(key)
@@ -7918,7 +8027,7 @@ class WebPages:
         were revalidated upstream if they expired (as the simple page does)."""
         for b in self.model.walk(ix, norm, req.actor).mirrors:
             self.mirror.ensure_fresh(b, norm)
-        return self.pages.project_validator(norm)
+        return self.pages.web_project_validator(norm)
 
     def web_project(self, req, ix, norm):
         m = self.model
@@ -8993,7 +9102,16 @@ class App(WebPages):
         return [("Content-Type", file_content_type(filename, metadata)),
                 ("ETag", '"%s"' % sha),
                 ("Last-Modified", http_date(uploaded)),
-                ("Cache-Control", "public, max-age=31536000, immutable")]
+                ("Cache-Control", "public, max-age=31536000, immutable"),
+                ("Accept-Ranges", "bytes")]
+
+    @staticmethod
+    def _wants_range(req):
+        """The byte range a GET asks for (``parse_byte_range``), or None. Range is defined
+        for GET only: HEAD answers the whole file's headers."""
+        if req.method != "GET":
+            return None
+        return parse_byte_range(req.headers.get("Range"))
 
     def _blob_response(self, req, path, sha, filename, uploaded, metadata):
         try:
@@ -9006,13 +9124,23 @@ class App(WebPages):
         r = Response(200, b"", headers)
         r.file_path = path
         r.file_size = size
+        spec = self._wants_range(req)
+        if_range = req.headers.get("If-Range")
+        if spec is not None and (if_range is None or if_range.strip() in (
+                '"%s"' % sha, http_date(uploaded))):
+            got = byte_range_slice(spec, size)
+            if got is None:
+                return Response(416, b"", headers + [("Content-Range", "bytes */%d" % size)])
+            r.status = 206
+            r.file_offset, r.file_size = got
+            headers.append(("Content-Range", "bytes %d-%d/%d" % (got[0], sum(got) - 1, size)))
         return r
 
     def _mirror_download(self, req, ix, filename, sha_prefix, ext=None):
         """First download of a mirrored file: streamed from upstream while it is kept."""
         got = self.mirror.download(ix, filename, sha_prefix, ext)
-        if got is None or req.method == "HEAD":
-            if got is not None:  # HEAD: fetch it whole, then answer from disk
+        if got is None or req.method == "HEAD" or self._wants_range(req) is not None:
+            if got is not None:  # HEAD, a range: fetch it whole, then answer from disk
                 size, chunks = got
                 try:
                     for _ in chunks:
@@ -9465,16 +9593,18 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self._send_stream(data, resp)
             elif resp.file_path and send_body:
                 with open(resp.file_path, "rb") as f:
-                    if length <= SMALL_FILE:  # metadata, small wheels: one write
+                    if length <= SMALL_FILE:  # metadata, small wheels, ranges: one write
+                        if resp.file_offset:
+                            f.seek(resp.file_offset)
                         self.wfile.write(data + f.read(length))
                     else:
-                        self._sendfile(data, f, length)
+                        self._sendfile(data, f, resp.file_offset, length)
             else:
                 self.wfile.write(data + resp.body if send_body else data)
         except OSError:
             self.close_connection = True
 
-    def _sendfile(self, head, f, count):
+    def _sendfile(self, head, f, offset, count):
         """Headers, then the file by the kernel (``socket.sendfile``: it gives up on a
         client that stops reading for the connection timeout). On Linux TCP_CORK holds
         the headers back to go out with the file in full-sized segments."""
@@ -9482,12 +9612,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         cork = getattr(socket, "TCP_CORK", None)
         if cork is None:
             self.wfile.write(head)
-            sock.sendfile(f, 0, count)
+            sock.sendfile(f, offset, count)
             return
         sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
         try:
             self.wfile.write(head)
-            sock.sendfile(f, 0, count)
+            sock.sendfile(f, offset, count)
         finally:
             sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 

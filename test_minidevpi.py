@@ -2642,6 +2642,7 @@ READ_URLS = [
     ("file", "GET", "WHL", {}),
     ("file HEAD", "HEAD", "WHL", {}),
     ("file, known ETag", "GET", "WHL", {"If-None-Match": "SHA"}),
+    ("file, a byte range", "GET", "WHL", {"Range": "bytes=0-9"}),
     ("file JSON", "GET", "WHL", {"Accept": "application/json"}),
     ("core metadata", "GET", "WHL.metadata", {}),
     ("no such file", "GET", "/alice/priv/+f/abc/0123456789abc/nosuch-1.0.tar.gz", {}),
@@ -2709,7 +2710,7 @@ def test_read_attempts_that_must_fail(tmp_path, monkeypatch, make_server):
             if "privmirror" in path or "nosuch" in path or "9.9" in path:
                 continue
             _path, r = ask(method, path, headers, {"Authorization": basic_auth(*auth)})
-            assert r.status in (200, 302, 304), (name, kind, r)
+            assert r.status in (200, 206, 302, 304), (name, kind, r)
     # through inheritance: alice/pub (anyone) and alice/team (bob) show nothing of alice/priv
     for cred in ({}, {"Authorization": basic_auth("bob", "bobpw")}):
         for ix in ("alice/pub", "alice/team"):
@@ -3039,6 +3040,44 @@ def mirrored(upstream, tmp_path, make_server):
                      mirror_url=upstream.url + "/simple/",
                      mirror_timeouts=(2, 1)) as srv:
         yield srv
+
+
+def test_keeping_a_listed_file_does_not_build_its_pages_again(mirrored, upstream, tmp_path,
+                                                               monkeypatch):
+    # a file the page lists with its hash reads the same once kept: the simple pages
+    # (the mirror's, and a stage's built on it) are served as they were, not built again
+    # -- a large upstream page costs tens of milliseconds to build -- while the web
+    # version page, which shows what was kept, is
+    srv = mirrored
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev", bases="root/pypi")
+    built = []
+    real = minidevpi.render_simple_project
+    monkeypatch.setattr(minidevpi, "render_simple_project",
+                        lambda *a, **kw: (built.append(a[0]), real(*a, **kw))[1])
+    pages = {}
+    for ix in ("root/pypi", "alice/dev"):
+        pages[ix] = http(srv.url, path="/%s/+simple/mirrored-pkg/" % ix,
+                         headers={"Accept": simple_accept("json")})
+    assert len(built) == 2
+    pip("install", "--target", str(tmp_path / "t"), "--index-url", srv.index_url("root/pypi"),
+        "mirrored-pkg")
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 1
+    n = len(built)  # (pip's own request is the same page)
+    for ix in ("root/pypi", "alice/dev"):
+        again = http(srv.url, path="/%s/+simple/mirrored-pkg/" % ix,
+                     headers={"Accept": simple_accept("json")})
+        assert again.body == pages[ix].body and again.header("ETag") == pages[ix].header("ETag")
+    assert len(built) == n, built
+    # what changes a page still does: upstream yanks a file
+    upstream.yanked["mirrored_pkg-2.0-py3-none-any.whl"] = "broken"
+    api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+        json_body=["mirror_cache_expiry=0"])
+    time.sleep(1.1)
+    page = http(srv.url, path="/alice/dev/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    assert [f["yanked"] for f in page["files"] if f["filename"].startswith(
+        "mirrored_pkg-2.0-py3")] == ["broken"]
 
 
 def test_mirror_installs_and_keeps_files_for_offline_use(mirrored, upstream, tmp_path):
@@ -4438,8 +4477,10 @@ def test_upstream_connections_are_kept_alive_and_replaced_when_closed(upstream, 
 def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monkeypatch,
                                                                  make_server):
     # 'rebind.example' resolves to 127.0.0.1 the first time, to 127.0.0.3 (nothing
-    # listens) afterwards, both counted as public here: the connection kept from the
-    # first file must not carry the second, which may go only to 127.0.0.3 now
+    # listens) afterwards, both counted as public here: once the first answer is no longer
+    # kept (DNS_CACHE_SECONDS, 0 here), the connection kept from the first file must not
+    # carry the second, which may go only to 127.0.0.3 now
+    monkeypatch.setattr(minidevpi, "DNS_CACHE_SECONDS", 0)
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
         oport = other.httpd.server_address[1]
@@ -4474,6 +4515,88 @@ def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monke
     finally:
         up.stop()
         other.stop()
+
+
+def test_a_host_is_looked_up_once_for_many_connections(tmp_path, monkeypatch, make_server):
+    # a cold install opens many upstream connections at once: the file host's name is
+    # looked up once (its answer checked and kept), not once per connection or request,
+    # and a host whose kept address stops answering is looked up again
+    up, other = RoutedUpstream(), RoutedUpstream()
+    try:
+        oport = other.httpd.server_address[1]
+        real_getaddrinfo = socket.getaddrinfo
+        asked, answer = [], ["127.0.0.1"]
+
+        def getaddrinfo(host, port, *args, **kw):
+            if host == "files.example":
+                asked.append(host)
+                time.sleep(0.2)  # (a slow resolver: the lookups in flight are shared)
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer[0], port))]
+            return real_getaddrinfo(host, port, *args, **kw)
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(minidevpi, "is_public_address", lambda a: a == "127.0.0.1")
+        links = []
+        for i in range(9):
+            path = make_wheel(tmp_path, "spread", "1.%d" % i)
+            other.add(path)
+            fn = os.path.basename(path)
+            links.append((fn, "http://files.example:%d/files/%s" % (oport, fn),
+                          open(path, "rb").read()))
+        up.routes["/simple/spread/"] = (200, json_page("spread", links), JSON_PAGE)
+        with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
+            paths = [mirror_file_path(srv, "spread", fn) for fn, _, _ in links]
+            got = []
+            threads = [threading.Thread(target=lambda p=p: got.append(http(srv.url, path=p).status))
+                       for p in paths[:8]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert got == [200] * 8
+            assert asked == ["files.example"]
+            # the host moves; the kept address refuses: the next fetch looks it up anew
+            other.stop()
+            monkeypatch.setattr(minidevpi, "POOL_IDLE_SECONDS", 0)  # (no kept connection)
+            answer[0] = "127.0.0.2"  # (not public here: refused by the policy)
+            r = http(srv.url, path=paths[8])
+            assert r.status == 502 and "ConnectionRefusedError" in r.json()["message"], r
+            r = http(srv.url, path=paths[8])
+            assert r.status == 502 and "refused by the mirror policy" in r.json()["message"]
+            assert asked == ["files.example"] * 2
+    finally:
+        up.stop()
+        other.stop()
+
+
+def test_uv_reads_metadata_by_ranges_where_upstream_offers_none(upstream, tmp_path,
+                                                                make_server, monkeypatch):
+    # an upstream page without PEP 658 metadata: uv asks for a wheel's HEAD and then byte
+    # ranges to read METADATA out of it. The mirror fetches the wheel once (on the HEAD),
+    # keeps it and answers the ranges from it (206): each install downloads the whole
+    # wheel once, cold or warm, where without ranges uv downloads it twice
+    uv = need("uv")
+    path = make_wheel(tmp_path, "ranged-pkg", "1.0", extra=os.urandom(3 * 1024 * 1024))
+    upstream.add(path)
+    fn = os.path.basename(path)
+    upstream.projects["ranged-pkg"] = [(f, d, None, t) for f, d, _m, t in
+                                       upstream.projects["ranged-pkg"]]
+    logged = []
+    real_log = minidevpi.log
+    monkeypatch.setattr(minidevpi, "log", lambda msg: (logged.append(msg), real_log(msg)))
+    with make_server(tmp_path / "srv", root_password="rootpw", access_log=True,
+                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1)) as srv:
+        page = page_json(srv.url, "/root/pypi/+simple/ranged-pkg/")
+        assert "core-metadata" not in page["files"][0]  # (none to offer)
+        for target in ("cold", "warm"):
+            del logged[:]
+            run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / target),
+                 "--index-url", srv.index_url("root/pypi"), "ranged-pkg"])
+            assert (tmp_path / target / "ranged_pkg-1.0.dist-info").is_dir()
+            mine = [line for line in logged if fn in line]
+            assert any('" 206 ' in line for line in mine), mine
+            assert len([line for line in mine if line.startswith("127.0.0.1 - \"GET ")
+                        and '" 200 ' in line]) == 1, mine
+    assert upstream.count("/files/" + fn) == 1
 
 
 def test_upstream_pages_come_gzipped_files_as_sent(upstream, tmp_path, make_server):
@@ -4778,6 +4901,64 @@ def test_files_download_metadata_and_json(alice, tmp_path):
     alice.create_index("alice/other")
     assert http(url, path=path.replace("alice/dev", "alice/other")).status == 404
     assert http(url, path="/alice/dev/+f/zz%25/x/y").status == 404
+
+
+def test_files_answer_one_byte_range(alice, tmp_path):
+    # what uv reads a wheel's METADATA with where a page offers no PEP 658 metadata, and
+    # what resumes a broken download: one range, 206; anything else, the whole file
+    url, auth = alice.url, ("alice", "secret")
+    for size in (2000, 300000):  # (written whole; sent by sendfile from an offset)
+        whl = make_wheel(tmp_path, "rangepkg", "1.%d" % size, extra=os.urandom(size))
+        assert upload_form(url, "alice/dev", whl, auth).status == 200
+        data, sha = open(whl, "rb").read(), sha256_file(whl)
+        n = len(data)
+        path = "/alice/dev/+f/%s/%s/%s" % (sha[:3], sha[3:16], os.path.basename(whl))
+        head = http(url, "HEAD", path)
+        assert head.header("Accept-Ranges") == "bytes" and head.header("Content-Length") == str(n)
+        for spec, want in (("bytes=0-9", (0, 9)), ("bytes=100-", (100, n - 1)),
+                           ("bytes=-22", (n - 22, n - 1)), ("bytes=%d-%d" % (n - 5, n + 99),
+                                                            (n - 5, n - 1)),
+                           ("bytes=-%d" % (n * 2), (0, n - 1)), (" bytes=7-7 ", (7, 7))):
+            r = http(url, path=path, headers={"Range": spec})
+            assert r.status == 206, (spec, r)
+            assert r.header("Content-Range") == "bytes %d-%d/%d" % (want[0], want[1], n)
+            assert r.body == data[want[0]:want[1] + 1]
+            assert r.header("Content-Length") == str(len(r.body)) and r.header("ETag")
+        # the same file still: If-Range with its ETag or date; a changed one: whole
+        r = http(url, path=path, headers={"Range": "bytes=0-9", "If-Range": '"%s"' % sha})
+        assert r.status == 206 and r.body == data[:10]
+        lm = head.header("Last-Modified")
+        r = http(url, path=path, headers={"Range": "bytes=0-9", "If-Range": lm})
+        assert r.status == 206 and r.body == data[:10]
+        r = http(url, path=path, headers={"Range": "bytes=0-9", "If-Range": '"other"'})
+        assert r.status == 200 and r.body == data
+        # nothing of it: 416 with the size; several ranges, another unit, nonsense,
+        # a range backwards, digits without end: the whole file
+        for spec in ("bytes=%d-" % n, "bytes=%d-%d" % (n + 10, n + 20), "bytes=-0"):
+            r = http(url, path=path, headers={"Range": spec})
+            assert r.status == 416 and r.header("Content-Range") == "bytes */%d" % n, spec
+            assert r.body == b""
+        for spec in ("bytes=0-1,5-6", "items=0-9", "bytes=abc", "bytes=9-2", "bytes=--1",
+                     "bytes=" + "9" * 40 + "-", "bytes=0-9" + " " * 100, "bytes=-"):
+            r = http(url, path=path, headers={"Range": spec})
+            assert r.status == 200 and r.body == data, spec
+        # a HEAD is the whole file's; a known ETag is 304 before any range
+        r = http(url, "HEAD", path, headers={"Range": "bytes=0-9"})
+        assert r.status == 200 and r.header("Content-Length") == str(n)
+        r = http(url, path=path, headers={"Range": "bytes=0-9", "If-None-Match": '"%s"' % sha})
+        assert r.status == 304
+        # the connection goes on after a range (keep-alive): two on one connection
+        u = urllib.parse.urlsplit(url)
+        conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=30)
+        for a in (0, 50):
+            conn.request("GET", path, headers={"Range": "bytes=%d-%d" % (a, a + 9)})
+            resp = conn.getresponse()
+            assert resp.status == 206 and resp.read() == data[a:a + 10]
+        conn.close()
+    # the PEP 658 metadata file too
+    meta = http(url, path=path + ".metadata").body
+    r = http(url, path=path + ".metadata", headers={"Range": "bytes=0-4"})
+    assert r.status == 206 and r.body == meta[:5]
 
 
 def test_accept_negotiation():

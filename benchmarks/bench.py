@@ -1826,7 +1826,7 @@ def mine_get(conn, path, accept):
     return body
 
 
-def real_upstream(args, python, uv, script):
+def real_upstream(args, python, uv, script, rounds=2):
     """uv and pip cold through minidevpi against the index pip on this machine uses (the
     mirror's default), against the same direct; a line for the report. The upstream's
     name is never printed."""
@@ -1864,20 +1864,29 @@ def real_upstream(args, python, uv, script):
     except (OSError, ValueError, KeyError, IndexError):
         pass
     env = installer_env()
-    out = []
-    for tool in (("uv", "pip") if uv else ("pip",)):
-        ts = {"direct": [], "cold": []}
-        for _ in range(2):
+    tools = ("uv", "pip") if uv else ("pip",)
+    ts = {(tool, how): [] for tool in tools for how in ("direct", "cold", "warm")}
+    for rnd in range(rounds):
+        for tool in tools:
             srv = ColdMinidevpi(script, None, server_env(), extra)
             srv.start()
             mirror = "http://127.0.0.1:%d/root/pypi/+simple/" % srv.port
-            for how, index in (("direct", url), ("cold", mirror)):
-                ts[how].append(timed_install(tool, python, uv, index, roots, None, env))
+            for how, index in (("direct", url), ("cold", mirror), ("warm", mirror)):
+                ts[tool, how].append(timed_install(tool, python, uv, index, roots, None, env))
             srv.discard()
-        out.append("%s %.2f s cold via minidevpi vs %.2f s direct (%.2fx)" % (
-            tool, statistics.median(ts["cold"]), statistics.median(ts["direct"]),
-            statistics.median(ts["cold"]) / statistics.median(ts["direct"])))
-    return "%s: %s%s" % (" ".join(roots), "; ".join(out), note)
+            say("  round %d/%d %s: direct %.2fs, cold %.2fs (%.2fx), warm %.2fs" % (
+                rnd + 1, rounds, tool, ts[tool, "direct"][-1], ts[tool, "cold"][-1],
+                ts[tool, "cold"][-1] / ts[tool, "direct"][-1], ts[tool, "warm"][-1]))
+    out = []
+    for tool in tools:
+        med = {how: statistics.median(ts[tool, how]) for how in ("direct", "cold", "warm")}
+        out.append("%s %.2f s cold via minidevpi vs %.2f s direct (%.2fx; rounds %s), warm "
+                   "%.2f s (%.2fx)" % (
+                       tool, med["cold"], med["direct"], med["cold"] / med["direct"],
+                       ", ".join("%.2f" % (c / d) for c, d in zip(ts[tool, "cold"],
+                                                                  ts[tool, "direct"])),
+                       med["warm"], med["warm"] / med["direct"]))
+    return "%s, %d rounds: %s%s" % (" ".join(roots), rounds, "; ".join(out), note)
 
 
 def cleanup():
@@ -1917,7 +1926,22 @@ def main(argv=None):
     g.add_argument("--real-upstream", metavar="REQS",
                    help="also install REQS (comma-separated) through root/pypi against the "
                         "index pip on this machine uses, against the same direct")
+    g.add_argument("--real-only", action="store_true",
+                   help="with --real-upstream: only that part, --rounds interleaved rounds "
+                        "(no fake upstream)")
     args = ap.parse_args(argv)
+    if args.real_only:
+        if not args.real_upstream:
+            ap.error("--real-only needs --real-upstream")
+        try:
+            print("real upstream: " + real_upstream(
+                args, sys.executable, find_uv(), os.path.abspath(args.minidevpi or MINIDEVPI),
+                args.rounds))
+            return 0
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            cleanup()
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     if args.cold_mirror:
         try:
