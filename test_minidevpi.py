@@ -4961,6 +4961,44 @@ def test_files_answer_one_byte_range(alice, tmp_path):
     assert r.status == 206 and r.body == meta[:5]
 
 
+def test_json_simple_page_is_what_json_dumps_writes_for_any_value():
+    # the page's file objects are written by string formatting: the bytes must be those
+    # json.dumps writes, for hostile and non-ASCII values too
+    odd = 'q"uote \\ back \u2028 </script> \x01 \u00e9 \U0001F600'
+    files = []
+    for i, (rp, yanked, prov, meta) in enumerate([
+            ("", None, False, None), (">=3.8," + odd, "", True, "b" * 64),
+            (odd, odd, False, "c" * 64), ("<4", "reason", True, None)]):
+        f = minidevpi.File("u/i", "pkg", "1.%d" % i, "pkg-1.%d-py3-none-any.whl" % i,
+                           "releasefile", ("%x" % i) * 64, 70000 + i, 1700000000.25 + i,
+                           requires_python=rp, core_metadata=meta, yanked=yanked)
+        f.provenance = prov
+        files.append(f)
+    files.append(minidevpi.File("u/i", "pkg", "0.9", "pkg-0.9.tar.gz", "releasefile", None, 5, 0,
+                                ext="0123456789abcdef"))
+    href = lambda f: "../../" + f.relpath[len("u/i/"):] + odd  # noqa: E731
+    body, ctype = minidevpi.render_simple_project("pkg", "Pkg", files, ["2.0"], "json", href,
+                                                  ("deprecated", odd))
+    want = {"meta": {"api-version": "1.4"}, "name": "pkg",
+            "project-status": {"status": "deprecated", "reason": odd},
+            "versions": ["0.9", "1.0", "1.1", "1.2", "1.3", "2.0"], "files": []}
+    for f in files:
+        d = {"filename": f.filename, "url": href(f),
+             "hashes": {"sha256": f.sha256} if f.sha256 else {}}
+        if f.requires_python:
+            d["requires-python"] = f.requires_python
+        if f.core_metadata:
+            d["core-metadata"] = {"sha256": f.core_metadata}
+        d["yanked"] = (f.yanked or True) if f.yanked is not None else False
+        d["size"] = f.size
+        d["upload-time"] = minidevpi.iso_upload_time(f.uploaded)
+        if f.provenance:
+            d["provenance"] = href(f) + ".provenance"
+        want["files"].append(d)
+    assert body == json.dumps(want).encode() and ctype == minidevpi.SIMPLE_JSON
+    assert json.loads(body)["files"][2]["yanked"] == odd
+
+
 def test_accept_negotiation():
     pip_accept = ("application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;"
                   " q=0.1, text/html; q=0.01")
