@@ -5356,6 +5356,35 @@ DNS_CACHE_SECONDS = 60.0
 DNS_CACHE_HOSTS = 256      # (host, port) pairs kept; more, and all are forgotten
 
 
+class SingleFlight:
+    """Many threads, one doing the work: ``flight(key)`` yields True to the one caller that
+    should do it; the others wait (at most ``wait`` seconds) until it is done and get False
+    (they then read what it stored, or do it themselves if it failed)."""
+
+    def __init__(self, wait):
+        self.wait = wait
+        self._flights = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def flight(self, key):
+        with self._lock:
+            ev = self._flights.get(key)
+            leader = ev is None
+            if leader:
+                ev = self._flights[key] = threading.Event()
+        if not leader:
+            ev.wait(self.wait)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._lock:
+                self._flights.pop(key, None)
+            ev.set()
+
+
 class _Resolver:
     """getaddrinfo for the mirror's connections, each answer kept DNS_CACHE_SECONDS and
     looked up by one thread at a time (the others wait for its answer). Failures are not
@@ -5366,35 +5395,29 @@ class _Resolver:
     def __init__(self):
         self._lock = threading.Lock()
         self._known = {}  # (host, port) -> (monotonic time of the lookup, infos)
-        self._busy = {}   # (host, port) -> a lock held while one thread looks it up
+        self._flights = SingleFlight(60)
+
+    def _kept(self, key):
+        with self._lock:
+            got = self._known.get(key)
+        if got is not None and time.monotonic() - got[0] < DNS_CACHE_SECONDS:
+            return got[1]
+        return None
 
     def resolve(self, host, port):
         key = (host, port)
-        for _attempt in range(2):
-            with self._lock:
-                got = self._known.get(key)
-                if got is not None and time.monotonic() - got[0] < DNS_CACHE_SECONDS:
-                    return got[1]
-                busy = self._busy.get(key)
-                if busy is None:
-                    busy = self._busy[key] = threading.Lock()
-                    busy.acquire()
-                    break
-            with busy:  # another thread looks it up: its answer, when it has one
-                pass
-        else:
-            return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # (it failed)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            with self._lock:
-                if len(self._known) >= DNS_CACHE_HOSTS:
-                    self._known.clear()
-                self._known[key] = (time.monotonic(), infos)
+        infos = self._kept(key)
+        if infos is not None:
             return infos
-        finally:
-            with self._lock:
-                self._busy.pop(key, None)
-            busy.release()
+        with self._flights.flight(key) as leader:
+            infos = None if leader else self._kept(key)  # (else its lookup failed: ours)
+            if infos is None:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                with self._lock:
+                    if len(self._known) >= DNS_CACHE_HOSTS:
+                        self._known.clear()
+                    self._known[key] = (time.monotonic(), infos)
+            return infos
 
     def forget(self, host, port):
         with self._lock:
@@ -6176,8 +6199,8 @@ class Mirror:
         self.offline = offline
         self.upstream = Upstream(model.store.uuid, connect_timeout, read_timeout, allow_hosts)
         self.max_file = max_file
-        self._flights = {}
-        self._flights_lock = threading.Lock()
+        # (a follower waits at most as long as the slowest upstream answer may take)
+        self._flights = SingleFlight(connect_timeout + read_timeout * 6 + 60)
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
@@ -6193,25 +6216,10 @@ class Mirror:
 
     # -- one fetch at a time per thing --------------------------------------------------
 
-    @contextlib.contextmanager
     def single_flight(self, key):
         """Yields True to the one caller that should do the work; the others wait until
         it is done and get False (they then read what it stored)."""
-        with self._flights_lock:
-            ev = self._flights.get(key)
-            leader = ev is None
-            if leader:
-                ev = self._flights[key] = threading.Event()
-        if not leader:
-            ev.wait(self.upstream.connect_timeout + self.upstream.read_timeout * 6 + 60)
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            with self._flights_lock:
-                self._flights.pop(key, None)
-            ev.set()
+        return self._flights.flight(key)
 
     # -- project pages ------------------------------------------------------------------
 
