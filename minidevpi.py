@@ -9180,7 +9180,8 @@ class App(WebPages):
                 '"%s"' % sha, http_date(uploaded))):
             got = byte_range_slice(spec, size)
             if got is None:
-                return Response(416, b"", headers + [("Content-Range", "bytes */%d" % size)])
+                return Response(416, b"", [h for h in headers if h[0] != "Cache-Control"]
+                                + [("Content-Range", "bytes */%d" % size)])
             r.status = 206
             r.file_offset, r.file_size = got
             headers.append(("Content-Range", "bytes %d-%d/%d" % (got[0], sum(got) - 1, size)))
