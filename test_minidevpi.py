@@ -4506,6 +4506,20 @@ def test_upstream_connections_are_kept_alive_and_replaced_when_closed(upstream, 
     assert len(set(upstream.ports)) == 3
 
 
+def hosted_elsewhere(tmp_path, up, other, name, versions, host):
+    """Wheels of ``name`` kept by the upstream ``other`` and linked from ``up``'s page of
+    ``name`` under the host name ``host`` (on other's port): [(filename, URL, bytes)]."""
+    links = []
+    for v in versions:
+        path = make_wheel(tmp_path, name, v)
+        other.add(path)
+        fn = os.path.basename(path)
+        links.append((fn, "http://%s:%d/files/%s" % (host, other.httpd.server_address[1], fn),
+                      open(path, "rb").read()))
+    up.routes["/simple/%s/" % name] = (200, json_page(name, links), JSON_PAGE)
+    return links
+
+
 def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monkeypatch,
                                                                  make_server):
     # 'rebind.example' resolves to 127.0.0.1 the first time, to 127.0.0.3 (nothing
@@ -4515,7 +4529,6 @@ def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monke
     monkeypatch.setattr(minidevpi, "DNS_CACHE_SECONDS", 0)
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
-        oport = other.httpd.server_address[1]
         real_getaddrinfo = socket.getaddrinfo
         asked = []
 
@@ -4528,14 +4541,8 @@ def test_a_kept_connection_goes_only_where_the_policy_allows_now(tmp_path, monke
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
         monkeypatch.setattr(minidevpi, "is_public_address",
                             lambda a: a in ("127.0.0.1", "127.0.0.3"))
-        links = []
-        for v in ("1.0", "2.0"):
-            path = make_wheel(tmp_path, "rebound", v)
-            other.add(path)
-            fn = os.path.basename(path)
-            links.append((fn, "http://rebind.example:%d/files/%s" % (oport, fn),
-                          open(path, "rb").read()))
-        up.routes["/simple/rebound/"] = (200, json_page("rebound", links), JSON_PAGE)
+        links = hosted_elsewhere(tmp_path, up, other, "rebound", ("1.0", "2.0"),
+                                 "rebind.example")
         with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
             assert http(srv.url, path=mirror_file_path(srv, "rebound", links[0][0])).status == 200
             time.sleep(0.2)  # (the connection goes back to the pool after the answer)
@@ -4555,7 +4562,6 @@ def test_a_host_is_looked_up_once_for_many_connections(tmp_path, monkeypatch, ma
     # and a host whose kept address stops answering is looked up again
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
-        oport = other.httpd.server_address[1]
         real_getaddrinfo = socket.getaddrinfo
         asked, answer = [], ["127.0.0.1"]
 
@@ -4567,14 +4573,8 @@ def test_a_host_is_looked_up_once_for_many_connections(tmp_path, monkeypatch, ma
             return real_getaddrinfo(host, port, *args, **kw)
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
         monkeypatch.setattr(minidevpi, "is_public_address", lambda a: a == "127.0.0.1")
-        links = []
-        for i in range(9):
-            path = make_wheel(tmp_path, "spread", "1.%d" % i)
-            other.add(path)
-            fn = os.path.basename(path)
-            links.append((fn, "http://files.example:%d/files/%s" % (oport, fn),
-                          open(path, "rb").read()))
-        up.routes["/simple/spread/"] = (200, json_page("spread", links), JSON_PAGE)
+        links = hosted_elsewhere(tmp_path, up, other, "spread",
+                                 ["1.%d" % i for i in range(9)], "files.example")
         with make_server(root_password="rootpw", mirror_url=up.url + "/simple/") as srv:
             paths = [mirror_file_path(srv, "spread", fn) for fn, _, _ in links]
             got = []
