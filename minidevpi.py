@@ -5907,8 +5907,29 @@ def _connect_to(addresses):
     return create
 
 
+# what urllib reads to choose a proxy for http(s) (REQUEST_METHOD: under CGI it ignores
+# HTTP_PROXY, a header a client can set)
+_PROXY_ENV = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
+              "REQUEST_METHOD")
+_PROXY_ANSWERS = {}
+
+
 def _proxy_for(u):
-    """(host, port) of the proxy for a URL, from the usual environment variables."""
+    """(host, port) of the proxy for a URL, from the usual environment variables; kept per
+    scheme and host while those variables are unchanged (urllib reads them by walking the
+    whole environment, twice: 0.2 ms a request, on every upstream request of a cold
+    install)."""
+    key = (u.scheme, u.hostname, tuple(map(os.environ.get, _PROXY_ENV)))
+    answer = _PROXY_ANSWERS.get(key, False)
+    if answer is False:
+        answer = _proxy_lookup(u)
+        if len(_PROXY_ANSWERS) >= 256:
+            _PROXY_ANSWERS.clear()
+        _PROXY_ANSWERS[key] = answer
+    return answer
+
+
+def _proxy_lookup(u):
     import urllib.request
     if urllib.request.proxy_bypass(u.hostname or ""):
         return None
