@@ -6400,11 +6400,13 @@ class Mirror:
         old = self._row(ix, norm)
         data = self._merged(ix, norm, old, entries, now)
         with self.store.write() as c:
-            now_old = self._row(ix, norm)
-            if (now_old is None) != (old is None) or (
-                    old is not None and (now_old["fetched"], now_old["status"]) != (
-                        old["fetched"], old["status"])):
-                old = now_old
+            # (only the row's stamp: its files, megabytes for a large page, are read again
+            # only when it changed)
+            stamp = c.execute("SELECT fetched, status FROM mirror_pages WHERE index_id=? AND "
+                              "project=?", (ix.id, norm)).fetchone()
+            if (stamp is None) != (old is None) or (
+                    old is not None and tuple(stamp) != (old["fetched"], old["status"])):
+                old = self._row(ix, norm)
                 data = self._merged(ix, norm, old, entries, now)
             c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
