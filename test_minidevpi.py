@@ -9177,6 +9177,9 @@ def test_serve_restrict_reads_shows_nothing_to_anonymous_requests(tmp_path):
     try:
         url = p.url
         assert "with restricted reads" in "".join(p.lines)
+        assert "only root creates users" in "".join(p.lines)
+        r = api(url, "PUT", "/eve", json_body={"password": "evepw"})
+        assert r.status == 403 and "only root" in r.json()["message"]
         for name, pw in (("alice", "secret"), ("bob", "bobpw")):
             assert api(url, "PUT", "/" + name, json_body={"password": pw},
                        auth=("root", "rootpw")).status == 201
@@ -9221,3 +9224,36 @@ def test_serve_restrict_reads_shows_nothing_to_anonymous_requests(tmp_path):
         assert http(p.url, path="/alice/open/+simple/").status == 200
     finally:
         p.stop()
+
+
+def test_serve_user_create_on_the_command_line_and_in_the_config_file(tmp_path):
+    """Who creates users, said on the command line (overriding --restrict-reads' root) or
+    in the config file (only root on a server whose reads are open); a value that means
+    nothing stops serve before it listens."""
+    srv = str(tmp_path / "srv")
+    p = ServeProcess("--serverdir", srv, "--restrict-reads", "--user-create", "anyone",
+                     "--no-access-log")
+    try:
+        assert "only root creates users" not in "".join(p.lines)
+        assert api(p.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+    finally:
+        p.stop()
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n  user-create: root\n  access-log: false\n")
+    assert minidevpi.read_configfile(str(cfg))["user_create"] == "root"
+    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
+    try:
+        assert "only root creates users" in "".join(p.lines)
+        r = api(p.url, "PUT", "/mallory", json_body={"password": "x"})
+        assert r.status == 403 and "only root" in r.json()["message"]
+        r = api(p.url, "PUT", "/mallory", json_body={"password": "x"}, auth=("eve", "evepw"))
+        assert r.status == 403
+        assert http(p.url, path="/eve").status == 200  # (reads are open here)
+    finally:
+        p.stop()
+    cfg.write_text("devpi-server:\n  user-create: everyone\n")
+    code, out = cli("serve", "--port", "0", "--serverdir", srv, "-c", str(cfg), check=False)
+    assert code != 0 and "user-create must be root or anyone" in out, out
+    code, out = cli("serve", "--port", "0", "--serverdir", srv, "--user-create", "eve",
+                    check=False)
+    assert code != 0 and "--user-create" in out, out
