@@ -3753,6 +3753,20 @@ DEFAULT_MIRROR_CACHE_EXPIRY = 1800
 # The index owner and root always read.
 PUBLIC_READ_ACL = (":ANONYMOUS:",)
 RESTRICTED_READ_ACL = (":AUTHENTICATED:",)
+# Who may create users (serve --user-create): anyone, as in devpi, or root alone (the
+# default with --restrict-reads, where a new account reads what logged-in users read).
+USER_CREATE_ANYONE = "anyone"
+USER_CREATE_ROOT = "root"
+USER_CREATE_CHOICES = (USER_CREATE_ROOT, USER_CREATE_ANYONE)
+
+
+def check_user_create_option(value):
+    """``value`` as a setting of who creates users (None: the default), else ValueError."""
+    if value is not None and value not in USER_CREATE_CHOICES:
+        raise ValueError("user-create must be %s, not %r" % (
+            " or ".join(USER_CREATE_CHOICES), value))
+    return value
+
 # a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
 ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
                      "a mirror_url")
@@ -4181,10 +4195,13 @@ class Model:
     HTTPError for anything the caller may not do or got wrong.
 
     ``restrict_reads`` (serve --restrict-reads): indexes that don't say who reads them
-    (acl_read) are for logged-in users only, and anonymous readers get no user lists.
+    (acl_read) are for logged-in users only, anonymous readers get no user lists and learn
+    nothing of the server's state, and (unless ``user_create`` says otherwise) only root
+    creates users.
     """
 
     restrict_reads = False
+    user_create = None  # who creates users (serve --user-create); None: see user_creators
 
     def __init__(self, store):
         self.store = store
@@ -4268,6 +4285,7 @@ class Model:
     USER_KEYS = ("password", "email", "title", "description", "custom_data")
 
     def create_user(self, actor, name, body, pwhash=None, hash_soon=False):
+        self.check_user_create(actor)
         check_user_name(name)
         if not isinstance(body, dict):
             raise bad_request("user config must be a JSON object")
@@ -4641,6 +4659,37 @@ class Model:
         if self.restrict_reads and (actor() if callable(actor) else actor) is None:
             raise HTTPError(401, "authentication required to list users and indexes",
                             challenge=True)
+
+    def may_see_state(self, actor):
+        """The one rule for what the server tells of its own state: the write serial (the
+        X-Devpi-Serial header of every answer, /+status) and the counts of users, indexes,
+        projects, versions, files and stored bytes. Anyone sees them, but with
+        restrict_reads only logged-in users (``actor``: a name, None, or a function giving
+        one, asked only then). The server directory's path is for root alone, always
+        (may_see_serverdir)."""
+        if not self.restrict_reads:
+            return True
+        return (actor() if callable(actor) else actor) is not None
+
+    @staticmethod
+    def may_see_serverdir(actor):
+        """Whether ``actor`` learns where the server keeps its files: root, in every mode
+        (and not with a token limited by caveats)."""
+        name = actor() if callable(actor) else actor
+        return name == "root" and getattr(name, "scope", None) is None
+
+    def user_creators(self):
+        """Who creates users: USER_CREATE_ROOT or USER_CREATE_ANYONE, as the server was
+        told (user_create), else only root with restrict_reads (there a new account would
+        read everything open to logged-in users), and anyone otherwise, as devpi."""
+        if self.user_create is not None:
+            return self.user_create
+        return USER_CREATE_ROOT if self.restrict_reads else USER_CREATE_ANYONE
+
+    def check_user_create(self, actor):
+        """Refuses (403, saying who may) a user creation ``actor`` may not make."""
+        if self.user_creators() == USER_CREATE_ROOT and actor != "root":
+            raise forbidden("only root may create users on this server")
 
     def can_upload(self, actor, ix, acl_key="acl_upload"):
         acl = ix.config.get(acl_key, [])
@@ -8237,20 +8286,25 @@ class WebPages:
             except OSError:
                 pass
         up = int(time.time() - getattr(self, "started", time.time()))
+        reader = lambda: req.actor  # noqa: E731
         facts = [("version", "minidevpi %s (speaks devpi-server %s)" % (
                      __version__, DEVPI_SERVER_VERSION)),
                  ("uptime", "%dd %02d:%02d:%02d" % (up // 86400, up // 3600 % 24,
-                                                    up // 60 % 60, up % 60)),
+                                                    up // 60 % 60, up % 60))]
+        if m.may_see_state(reader):
+            facts += [
                  ("serial", str(self.store.serial)),
-                 ("storage", "%s of files, %s of database, in %s" % (
-                     web_size(blobs), web_size(db), self.store.serverdir)),
+                 ("storage", "%s of files, %s of database%s" % (
+                     web_size(blobs), web_size(db), ", in %s" % self.store.serverdir
+                     if m.may_see_serverdir(reader) else "")),
                  ("users", str(count("SELECT COUNT(*) FROM users"))),
                  ("indexes", str(count("SELECT COUNT(*) FROM indexes"))),
                  ("projects", str(count("SELECT COUNT(*) FROM projects"))),
                  ("versions", str(count("SELECT COUNT(*) FROM versions"))),
-                 ("files", str(count("SELECT COUNT(*) FROM files"))),
-                 ("offline mode", "on: no upstream traffic" if self.mirror.offline else "off"),
-                 ("search backend", m.search.backend)]
+                 ("files", str(count("SELECT COUNT(*) FROM files")))]
+        facts += [("offline mode", "on: no upstream traffic" if self.mirror.offline
+                   else "off"),
+                  ("search backend", m.search.backend)]
         fetched = dict(c.execute("SELECT index_id, MAX(fetched) FROM mirror_pages WHERE "
                                  "status IN (200, 404) GROUP BY index_id").fetchall())
         failed = {}
@@ -8571,13 +8625,19 @@ class App(WebPages):
     def route_status(self, req):
         if wants_html(req):
             return self.web_status(req)
-        return api_result("status", {
-            "versioninfo": {"devpi-server": DEVPI_SERVER_VERSION, "minidevpi": __version__},
-            "serial": self.store.serial, "uuid": self.store.uuid,
-            "serverdir": self.store.serverdir, "outside-url": self.outside_url,
-            "host": req.handler.server.server_address[0],
-            "port": req.handler.server.server_address[1],
-        })
+        # (devpi --version asks anonymously: the versions are for anyone)
+        result = {"versioninfo": {"devpi-server": DEVPI_SERVER_VERSION,
+                                  "minidevpi": __version__}}
+        reader = lambda: req.actor  # noqa: E731
+        if self.model.may_see_state(reader):
+            result.update({
+                "serial": self.store.serial, "uuid": self.store.uuid,
+                "outside-url": self.outside_url,
+                "host": req.handler.server.server_address[0],
+                "port": req.handler.server.server_address[1]})
+        if self.model.may_see_serverdir(reader):
+            result["serverdir"] = self.store.serverdir
+        return api_result("status", result)
 
     def route_login(self, req):
         # never authenticated first (a stale token would count as a wrong password)
@@ -8602,6 +8662,7 @@ class App(WebPages):
         return api_result("userconfig", self.model.user_info(user, actor=req.actor))
 
     def route_create_user(self, req, user):
+        self.model.check_user_create(req.actor)  # (before its body is read)
         body = req.json_body()
         info = self.model.create_user(req.actor, user, body if body is not None else {})
         return api_result("userconfig", info, status=201)
@@ -9641,6 +9702,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             pass
 
+    def _shows_state(self, req):
+        """Whether this answer carries the server's serial and uuid (Model.may_see_state;
+        an answer to a request that was never parsed counts as anonymous)."""
+        def reader():
+            if req is None:
+                return None
+            try:
+                return req.actor
+            except HTTPError:  # (throttled: counts as anonymous)
+                return None
+        return self.server.app.model.may_see_state(reader)
+
     def _send(self, resp, req):
         status = resp.status
         reason = resp.reason or self.responses.get(status, ("Error",))[0]
@@ -9648,9 +9721,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         for k, v in COMMON_HEADERS:
             head.append("%s: %s\r\n" % (k, v))
         store = self.server.app.store
-        head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\nX-Devpi-Master-Uuid: %s\r\n"
-                    "X-Devpi-Primary-Uuid: %s\r\n" % (store.serial, store.uuid, store.uuid,
-                                                      store.uuid))
+        if self._shows_state(req):
+            head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\nX-Devpi-Master-Uuid: %s\r\n"
+                        "X-Devpi-Primary-Uuid: %s\r\n" % (store.serial, store.uuid,
+                                                          store.uuid, store.uuid))
         for k, v in resp.headers:
             head.append("%s: %s\r\n" % (k, v))
         length = resp.file_size if (resp.file_path or resp.stream) else len(resp.body)
@@ -10783,9 +10857,10 @@ class Server:
                  max_request_body_size=DEFAULT_MAX_BODY,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
-                 mirror_allow_hosts=(), restrict_reads=False):
+                 mirror_allow_hosts=(), restrict_reads=False, user_create=None):
         self._serverdir_arg = serverdir
         self.restrict_reads = restrict_reads
+        self.user_create = check_user_create_option(user_create)
         self.host = host
         self._port_arg = port
         self.root_password = root_password
@@ -10830,6 +10905,7 @@ class Server:
                     self.serverdir, root_password=self.root_password,
                     mirror_url=self.mirror_url, hash_soon=True)
             self.model.restrict_reads = bool(self.restrict_reads)
+            self.model.user_create = self.user_create
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
                                   mirror_timeouts=self.mirror_timeouts,
@@ -10936,6 +11012,7 @@ CONFIG_OPTIONS = {
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
     "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
     "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
+    "user-create": str,
 }
 
 
@@ -11084,6 +11161,10 @@ def build_parser():
                    help="nothing public: indexes without an acl_read (and new ones) are read "
                         "by logged-in users only, and anonymous requests get no user or "
                         "index lists")
+    p.add_argument("--user-create", choices=USER_CREATE_CHOICES,
+                   help="who may create users: 'anyone' (as devpi-server without "
+                        "--restrict-modify) or 'root' (default: root with --restrict-reads, "
+                        "else anyone)")
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -11173,6 +11254,7 @@ def _limit_malloc_arenas():
 def cmd_serve(args):
     try:
         parse_allow_hosts(args.mirror_allow_host)
+        check_user_create_option(args.user_create)
     except ValueError as e:
         raise SystemExit("error: %s" % e)
     _limit_malloc_arenas()
@@ -11200,6 +11282,7 @@ def cmd_serve(args):
         httpd.server_close()
         raise
     model.restrict_reads = bool(args.restrict_reads)
+    model.user_create = args.user_create
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
                     mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
@@ -11216,12 +11299,14 @@ def cmd_serve(args):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("minidevpi %s serving %s at %s%s%s" % (
+    print("minidevpi %s serving %s at %s%s%s%s" % (
         __version__, store.serverdir, url,
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
         if args.offline_mode else "",
         " with restricted reads (indexes without acl_read: logged-in users only)"
-        if args.restrict_reads else ""), flush=True)
+        if args.restrict_reads else "",
+        "; only root creates users" if model.user_creators() == USER_CREATE_ROOT
+        else ""), flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
               "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)

@@ -2810,6 +2810,134 @@ def test_restricted_indexes_answer_for_the_asker_alone(tmp_path, make_server):
         "public, max-age=31536000, immutable"
 
 
+def test_restrict_reads_lets_only_root_create_users(tmp_path, make_server):
+    """The attack: on a --restrict-reads server an anonymous PUT /eve made an account that
+    then read every index open to logged-in users, and the lists. Now only root creates
+    users there (unless the server says anyone may), and the refusal says so."""
+    srv = make_server(root_password="rootpw", restrict_reads=True)
+    url = srv.url
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")  # acl_read :AUTHENTICATED:, as every new index here
+    srv.upload("alice/dev", make_wheel(tmp_path, "teampkg", "1.0"))
+    root = ("root", "rootpw")
+    for who in (None, ("alice", "secret")):
+        for name in ("eve", "alice", "root"):  # (the same answer whether it exists or not)
+            r = api(url, "PUT", "/" + name, json_body={"password": "evepw"}, auth=who)
+            assert r.status == 403, (who, name, r)
+            assert "only root may create users" in r.json()["message"], r
+    assert sorted(api(url, path="/", auth=root).json()["result"]) == ["alice", "root"]
+    assert api(url, path="/eve", auth=root).status == 404
+    # so eve reads nothing: not the index for logged-in users, not the lists
+    eve = ("eve", "evepw")
+    for path in ("/alice/dev/+simple/", "/alice/dev/+simple/teampkg/", "/", "/alice"):
+        r = http(url, path=path, auth=eve)
+        assert r.status == 401 and b"teampkg" not in r.body, (path, r)
+    assert api(url, "POST", "/+login", json_body={"user": "eve", "password": "evepw"}
+               ).status == 401
+    # root creates users as before, and they read what logged-in users read
+    assert api(url, "PUT", "/bob", json_body={"password": "bobpw"}, auth=root).status == 201
+    assert b"teampkg" in http(url, path="/alice/dev/+simple/teampkg/",
+                              auth=("bob", "bobpw")).body
+    # said otherwise: anyone creates users on a restricted server too
+    srv2 = make_server(restrict_reads=True, user_create="anyone")
+    assert api(srv2.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+    # and without --restrict-reads anyone does, as in devpi, unless only root may
+    srv3 = make_server()
+    assert api(srv3.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+    srv4 = make_server(root_password="rootpw", user_create="root")
+    r = api(srv4.url, "PUT", "/eve", json_body={"password": "evepw"})
+    assert r.status == 403 and "only root" in r.json()["message"]
+    assert api(srv4.url, "PUT", "/eve", json_body={"password": "evepw"},
+               auth=("root", "rootpw")).status == 201
+    with pytest.raises(ValueError):
+        minidevpi.Server(user_create="everyone")
+
+
+def state_headers(r):
+    return {k: v for k, v in r.headers.items() if k.startswith("x-devpi-") and (
+        "serial" in k or "uuid" in k)}
+
+
+def test_restrict_reads_keeps_the_server_state_for_logged_in_users(tmp_path, make_server):
+    """/+status told anyone the counts of projects, versions and files, the stored bytes
+    and the server directory's path, and every answer carried the write serial. On a
+    --restrict-reads server anonymous askers now get the versions alone (devpi --version
+    asks), logged-in users the state, and only root the path, in every mode."""
+    serverdir = tmp_path / "srv"
+    srv = make_server(serverdir, root_password="rootpw", restrict_reads=True)
+    url = srv.url
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    srv.upload("alice/dev", make_wheel(tmp_path, "teampkg", "1.0"))
+    path = str(serverdir)
+    state_keys = {"serial", "uuid", "serverdir", "host", "port", "outside-url"}
+    # anonymous: no counts, no path, no serial, not in the JSON, the page or any header
+    r = api(url, path="/+status")
+    assert r.status == 200
+    status = r.json()["result"]
+    assert set(status) == {"versioninfo"} and status["versioninfo"]["minidevpi"], status
+    page = browse(url, "/+status")
+    assert page.status == 200
+    for word in (b"<dt>serial", b"<dt>projects", b"<dt>versions", b"<dt>files",
+                 b"<dt>storage", b"<dt>users", path.encode()):
+        assert word not in page.body, word
+    for method, p in (("GET", "/+status"), ("GET", "/+api"), ("GET", "/"),
+                      ("GET", "/alice/dev/+simple/"), ("GET", "/nosuch/x/y/z"),
+                      ("PUT", "/eve"), ("GET", "/+static/nosuch")):
+        r = api(url, method, p, json_body={"password": "x"} if method == "PUT" else None)
+        assert state_headers(r) == {}, (p, r.status, r.headers)
+        r = api(url, method, p, auth=("alice", "wrong"),
+                json_body={"password": "x"} if method == "PUT" else None)
+        assert state_headers(r) == {}, ("wrong password", p, r.status)
+    # a logged-in user: the serial and the counts, not where the files are
+    alice = ("alice", "secret")
+    r = api(url, path="/+status", auth=alice)
+    status = r.json()["result"]
+    assert state_keys - set(status) == {"serverdir"}, status
+    assert status["serial"] == int(r.header("x-devpi-serial")) == srv.model.store.serial
+    assert state_headers(api(url, path="/alice/dev/+simple/", auth=alice))
+    page = browse(url, "/+status", Authorization=basic_auth(*alice))
+    assert b"<dt>serial" in page.body and b"<dt>projects" in page.body
+    assert b"of database" in page.body and path.encode() not in page.body
+    # root: all of it
+    root = ("root", "rootpw")
+    assert api(url, path="/+status", auth=root).json()["result"]["serverdir"] == path
+    assert path.encode() in browse(url, "/+status", Authorization=basic_auth(*root)).body
+    # without --restrict-reads: the state for anyone, the path still for root alone
+    srv.stop()
+    srv = make_server(serverdir)
+    status = api(srv.url, path="/+status").json()["result"]
+    assert state_keys - set(status) == {"serverdir"}, status
+    assert state_headers(api(srv.url, path="/+api"))
+    page = browse(srv.url, "/+status")
+    assert b"<dt>projects" in page.body and path.encode() not in page.body
+    r = api(srv.url, path="/+status", auth=alice)
+    assert "serverdir" not in r.json()["result"]
+    assert api(srv.url, path="/+status", auth=root).json()["result"]["serverdir"] == path
+
+
+def test_restrict_reads_with_the_devpi_client(tmp_path, make_server):
+    """The happy path with the real client: devpi use and devpi --version anonymously,
+    devpi login, devpi user -c as root; a user made by anyone else is refused, saying
+    why."""
+    srv = make_server(root_password="rootpw", restrict_reads=True)
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", srv.url)
+    code, out = devpi("--version")
+    assert "minidevpi" in out, out
+    out = devpi.fails("user", "-c", "eve", "password=evepw")
+    assert "only root may create users" in out, out
+    devpi("login", "root", "--password", "rootpw")
+    devpi("user", "-c", "carol", "password=carolpw")
+    devpi("logoff")
+    devpi("login", "carol", "--password", "carolpw")
+    out = devpi.fails("user", "-c", "eve", "password=evepw")
+    assert "only root may create users" in out, out
+    devpi("index", "-c", "dev")
+    devpi("use", "carol/dev")
+    assert sorted(srv.model.list_users("root")) == ["carol", "root"]
+
+
 # ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
 # ----------------------------------------------------------------------------------
@@ -9049,6 +9177,9 @@ def test_serve_restrict_reads_shows_nothing_to_anonymous_requests(tmp_path):
     try:
         url = p.url
         assert "with restricted reads" in "".join(p.lines)
+        assert "only root creates users" in "".join(p.lines)
+        r = api(url, "PUT", "/eve", json_body={"password": "evepw"})
+        assert r.status == 403 and "only root" in r.json()["message"]
         for name, pw in (("alice", "secret"), ("bob", "bobpw")):
             assert api(url, "PUT", "/" + name, json_body={"password": pw},
                        auth=("root", "rootpw")).status == 201
@@ -9093,3 +9224,36 @@ def test_serve_restrict_reads_shows_nothing_to_anonymous_requests(tmp_path):
         assert http(p.url, path="/alice/open/+simple/").status == 200
     finally:
         p.stop()
+
+
+def test_serve_user_create_on_the_command_line_and_in_the_config_file(tmp_path):
+    """Who creates users, said on the command line (overriding --restrict-reads' root) or
+    in the config file (only root on a server whose reads are open); a value that means
+    nothing stops serve before it listens."""
+    srv = str(tmp_path / "srv")
+    p = ServeProcess("--serverdir", srv, "--restrict-reads", "--user-create", "anyone",
+                     "--no-access-log")
+    try:
+        assert "only root creates users" not in "".join(p.lines)
+        assert api(p.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+    finally:
+        p.stop()
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n  user-create: root\n  access-log: false\n")
+    assert minidevpi.read_configfile(str(cfg))["user_create"] == "root"
+    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
+    try:
+        assert "only root creates users" in "".join(p.lines)
+        r = api(p.url, "PUT", "/mallory", json_body={"password": "x"})
+        assert r.status == 403 and "only root" in r.json()["message"]
+        r = api(p.url, "PUT", "/mallory", json_body={"password": "x"}, auth=("eve", "evepw"))
+        assert r.status == 403
+        assert http(p.url, path="/eve").status == 200  # (reads are open here)
+    finally:
+        p.stop()
+    cfg.write_text("devpi-server:\n  user-create: everyone\n")
+    code, out = cli("serve", "--port", "0", "--serverdir", srv, "-c", str(cfg), check=False)
+    assert code != 0 and "user-create must be root or anyone" in out, out
+    code, out = cli("serve", "--port", "0", "--serverdir", srv, "--user-create", "eve",
+                    check=False)
+    assert code != 0 and "--user-create" in out, out
