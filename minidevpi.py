@@ -4150,6 +4150,23 @@ class BaseWalk:
         file offers."""
         return {v: t for v, t in self.cooling.items() if v not in offered_versions}
 
+    def file_refusal(self, b, filename, version, uploaded):
+        """What a file URL of ``b`` (the file, its ``.metadata``, its provenance; ``+f/``
+        and ``+e/``) answers for a file of ``version`` uploaded at ``uploaded`` that
+        ``offers`` does not offer, or None when it offers it: the guards hold at the file
+        URLs, not only in the listings (a lock file or a pasted link names the URL
+        itself). 403 with the reason for a quarantined project, 404 for a file held back
+        by mirror_min_age (as if upstream did not have it yet). ``uploaded`` None: a file
+        the index does not list, refused only by what refuses every file of the project."""
+        if self.offers(b, version, uploaded or 0):
+            return None
+        st = self.status_at(b)
+        if st is not None and st[0] == "quarantined":
+            return HTTPError(403, quarantined_message(self.project, st[1], filename))
+        if version in self.cooling:
+            return not_found(held_back_message(filename, self.cooling[version]))
+        return not_found("no such file")
+
 
 def yank_state_at(log, at, now_state):
     """The yank state at ``at`` from a history [(time, state), ...] whose first entry has
@@ -4171,6 +4188,16 @@ def cooling_until(ix, norm, uploaded, now):
         return None
     until = (uploaded or 0) + age
     return until if until > now else None
+
+
+def held_back_message(what, until):
+    return ("%s is held back by mirror_min_age until %s (a cooling-off period for new "
+            "upstream releases)" % (what, utcnow_iso(until)))
+
+
+def quarantined_message(norm, reason, filename):
+    return ("%s is not served: the project %s is quarantined%s (PEP 792)"
+            % (filename, norm, ": " + reason if reason else ""))
 
 
 PROJECT_STATUS_NAMES = ("active", "archived", "quarantined", "deprecated")  # PEP 792
@@ -4612,6 +4639,14 @@ class Model:
         """The walk through bases for the project ``norm``, as ``reader`` sees it from
         ``ix`` (with ``at``: as it was then, the time machine): a BaseWalk."""
         return BaseWalk(self, ix, norm, reader, self.chain(ix, reader, ignore_bases), at)
+
+    def file_refusal(self, ix, norm, filename, version, uploaded):
+        """The refusal a file URL of ``ix`` answers for a file of project ``norm``
+        (BaseWalk.file_refusal), None when ``ix`` offers it. The walk is ``ix`` alone and
+        needs no reader: the route has allowed reading ``ix``, and what ``ix`` offers of
+        its own files is the same for every reader."""
+        return BaseWalk(self, ix, norm, None, [ix]).file_refusal(ix, filename, version,
+                                                                 uploaded)
 
     # -- permissions -----------------------------------------------------------------------
 
@@ -6038,11 +6073,6 @@ MAX_YANK_LOG = 50  # changes of a mirrored file's yank state kept (the latest)
 MAX_PROVENANCE_BYTES = 256 * 1024
 
 
-def held_back_message(what, until):
-    return ("%s is held back by mirror_min_age until %s (a cooling-off period for new "
-            "upstream releases)" % (what, utcnow_iso(until)))
-
-
 PAGE_META_NAMES = ("pypi:project-status", "pypi:project-status-reason")
 MAX_STATUS_REASON = 1000  # characters of a status reason kept (upstream's text is data)
 
@@ -6246,9 +6276,10 @@ def parse_project_page(body, content_type, page_url, status=None):
                 md5 = _clean_md5(fragment[4:])
             meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
             meta_sha = _clean_sha(meta[7:]) if meta and meta.startswith("sha256=") else None
-            yanked = attrs.get("data-yanked")
+            # PEP 592: the attribute yanks, with or without a value (none: no reason)
+            yanked = (attrs["data-yanked"] or "") if "data-yanked" in attrs else None
             entries.append(_entry(filename, url, sha, attrs.get("data-requires-python"),
-                                  yanked if "data-yanked" in attrs else None, meta_sha, None,
+                                  yanked, meta_sha, None,
                                   parse_upload_time(attrs.get("data-upload-time")), md5,
                                   _join_url(page_url, attrs.get("data-provenance"))))
         return None, entries
@@ -6559,6 +6590,25 @@ class Mirror:
                 return (page[0] if _is_display_of(page[0], norm) else norm), e
         return None
 
+    def offered_entry(self, ix, filename, sha_prefix, ext=None):
+        """find_entry for a file URL of the mirror: (display name, entry) of a file it
+        offers; raises the refusal of a file it does not offer (Model.file_refusal: a
+        quarantined project, mirror_min_age), 404 for one upstream does not list. Its
+        page is fetched first: the status read is the one upstream gives now."""
+        found = self.find_entry(ix, filename, sha_prefix, ext)
+        split = split_filename(filename)
+        if split is not None:
+            uploaded = None
+            if found is not None:
+                uploaded = found[1]["upload_time"] or found[1].get("first_seen")
+            refusal = self.model.file_refusal(ix, normalize_name(split[0]), filename,
+                                              split[1], uploaded)
+            if refusal is not None:
+                raise refusal
+        if found is None:
+            raise not_found("no such file")
+        return found
+
     # -- files ----------------------------------------------------------------------------
 
     def download(self, ix, filename, sha_prefix, ext=None):
@@ -6570,14 +6620,7 @@ class Mirror:
         one), under the sha256 computed here."""
         if self.offline:
             raise not_found("no such file (offline mode: only files already kept are served)")
-        found = self.find_entry(ix, filename, sha_prefix, ext)
-        if found is None:
-            raise not_found("no such file")
-        display, entry = found
-        until = cooling_until(ix, normalize_name(display), entry["upload_time"] or
-                              entry.get("first_seen"), time.time())
-        if until is not None:
-            raise not_found(held_back_message(filename, until))
+        display, entry = self.offered_entry(ix, filename, sha_prefix, ext)
         if entry["size"] is not None and entry["size"] > self.max_file:
             raise self._too_large(filename)
         flight = self.single_flight(("file", ix.id, entry["sha256"] or "+e/" + ext))
@@ -6704,10 +6747,9 @@ class Mirror:
 
     def core_metadata(self, ix, filename, sha_prefix):
         """Blob path of a mirrored wheel's PEP 658 metadata, fetched once and checked."""
-        found = self.find_entry(ix, filename, sha_prefix) if not self.offline else None
-        if found is None:
+        if self.offline:
             raise not_found("no such file")
-        entry = found[1]
+        entry = self.offered_entry(ix, filename, sha_prefix)[1]
         sha = entry["core_metadata"]
         if not sha:
             raise not_found("upstream offers no metadata file for %s" % filename)
@@ -6731,16 +6773,29 @@ class Mirror:
                 self.store.put_bytes(data)
         return path, sha
 
+    def kept_refusal(self, ix, f):
+        """Model.file_refusal of the kept file ``f``, as of upstream's status today: its
+        page is revalidated first if it expired (a URL from a lock file reaches the file
+        without its page), not in offline mode."""
+        self.ensure_fresh(ix, f.project)
+        return self.model.file_refusal(ix, f.project, f.filename, f.version, f.uploaded)
+
     # -- PEP 740 provenance ---------------------------------------------------------------
 
     def provenance(self, ix, filename, sha_prefix):
         """(blob path, sha256) of the provenance document kept for a mirrored file; fetched
         from upstream now if it was not kept with the file (not in offline mode)."""
         found = None
-        if not self._kept(ix, filename, sha_prefix):  # (the URL must name the file's hash)
-            found = self.find_entry(ix, filename, sha_prefix) if not self.offline else None
-            if found is None:
+        try:  # (the URL must name the file's hash)
+            f = self.model.find_file(ix, filename, sha_prefix)
+        except HTTPError:
+            if self.offline:
                 raise not_found("no such file")
+            found = self.offered_entry(ix, filename, sha_prefix)
+        else:
+            refusal = self.kept_refusal(ix, f)
+            if refusal is not None:
+                raise refusal
         path = self._kept_provenance(ix, filename)
         if path is not None:
             return path
@@ -9203,10 +9258,7 @@ class App(WebPages):
             else:
                 raise
         self.token_allows(req, "pkg_read", ix.path, f.project)
-        if ix.is_mirror and not metadata:
-            until = cooling_until(ix, f.project, f.uploaded, time.time())
-            if until is not None:
-                raise not_found(held_back_message(f.filename, until))
+        self._refuse_unoffered(ix, f)
         if wants_json(req.accept) and not metadata:
             return api_result("releasefilemeta", {
                 "hash_spec": "sha256=" + f.sha256, "hashes": {"sha256": f.sha256},
@@ -9228,8 +9280,17 @@ class App(WebPages):
             if e.status != 404:
                 raise
             return self._mirror_download(req, ix, filename, "", ext=key)
+        self._refuse_unoffered(ix, f)
         return self._blob_response(req, self.store.blob_path(f.sha256), f.sha256, f.filename,
                                    f.uploaded, False)
+
+    def _refuse_unoffered(self, ix, f):
+        """Raise what a file URL answers for a kept file (or its ``.metadata``) that ``ix``
+        does not offer (Model.file_refusal): the guards hold at the file URLs too."""
+        refusal = (self.mirror.kept_refusal(ix, f) if ix.is_mirror else
+                   self.model.file_refusal(ix, f.project, f.filename, f.version, f.uploaded))
+        if refusal is not None:
+            raise refusal
 
     def _file_headers(self, sha, filename, uploaded, metadata):
         # a file URL holds its sha256: its bytes can never change, any cache may keep them
@@ -9654,8 +9715,9 @@ class RequestHandler(BaseHTTPRequestHandler):
             resp.headers.append(("WWW-Authenticate", 'Basic realm="pypi"'))
         if e.retry_after is not None:
             resp.headers.append(("Retry-After", str(e.retry_after)))
-        if req is not None and req.is_upload:
-            # upload clients (devpi upload, twine) print the reason phrase, not the body
+        if req is not None and (req.is_upload or req.is_installer):
+            # upload clients (devpi upload, twine) print the reason phrase, not the body,
+            # and so does pip refused a file (why it may not install a URL of a lock file)
             resp.reason = _reason_phrase(e.message)
         return resp
 

@@ -2947,7 +2947,7 @@ class FakeUpstream:
     """A small simple index: ``add(path)`` publishes a file; ``faults[path]`` breaks a URL
     ('timeout', '500', 'truncate', 'badhash', 'notindex', 'loop'); ``requests`` counts.
     ``status[norm]`` = (status, reason) gives a project a PEP 792 status, ``yanked[fn]``
-    yanks a file, ``provenance[fn]`` = bytes gives it a PEP 740 provenance document;
+    yanks a file (None: HTML's valueless ``data-yanked``), ``provenance[fn]`` = bytes gives it a PEP 740 provenance document;
     ``html_times`` puts upload times (None: none) on HTML pages too.
     HTTP/1.1 keep-alive: ``ports`` has the client port of every request (one per
     connection); ``gzip`` gzips pages for a client that accepts it (``encodings`` records
@@ -3113,7 +3113,8 @@ class FakeUpstream:
                         ' data-core-metadata="sha256=%s"' % hashlib.sha256(meta).hexdigest()
                         if meta else "",
                         ' data-upload-time="%s"' % ut if self.html_times and ut else "",
-                        ' data-yanked="%s"' % self.yanked[fn] if fn in self.yanked else "",
+                        "" if fn not in self.yanked else ' data-yanked' if
+                        self.yanked[fn] is None else ' data-yanked="%s"' % self.yanked[fn],
                         ' data-provenance="../../provenance/%s"' % fn
                         if fn in self.provenance else "",
                         fn) for fn, data, meta, ut in files)).encode()
@@ -4475,6 +4476,150 @@ def test_project_status_from_upstream_and_set_by_root(guarded, upstream, tmp_pat
     page = page_json(srv.url, "/alice/dev/+simple/own-pkg/")
     assert "project-status" not in page and page["meta"]["api-version"] == "1.1"
     assert len(page["files"]) == 1
+
+
+def file_urls(page_path, f):
+    """The file URL of a simple page's file ``f`` (JSON), its .metadata and provenance."""
+    url = urllib.parse.urljoin(page_path, f["url"]).split("#")[0]
+    return [url, url + ".metadata", url + ".provenance"]
+
+
+def test_a_project_quarantined_by_root_serves_no_file_at_its_urls(guarded, tmp_path):
+    # a lock file (or a pasted link) names the file URL itself, never the page: PEP 792's
+    # quarantine holds there too, with the reason, for pip as well
+    srv, root = guarded, ("root", "rootpw")
+    srv.upload("alice/dev", make_wheel(tmp_path, "own-pkg", "1.0"))
+    f = page_json(srv.url, "/alice/dev/+simple/own-pkg/")["files"][0]
+    url, meta = file_urls("/alice/dev/+simple/own-pkg/", f)[:2]
+    assert http(srv.url, path=meta).status == 200  # (kept, offered for larger wheels)
+    assert http(srv.url, path=url).status == 200
+    assert api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body={
+        "status": "quarantined", "reason": "credential stealer"}).status == 200
+    assert page_json(srv.url, "/alice/dev/+simple/own-pkg/")["files"] == []
+    for u in (url, meta):
+        for method in ("GET", "HEAD"):
+            for accept in ("*/*", "application/json"):
+                r = http(srv.url, method, path=u, headers={"Accept": accept})
+                assert r.status == 403, (u, method, accept, r)
+                assert method == "HEAD" or "quarantined: credential stealer" in \
+                    r.json()["message"], r
+    code, out = pip("install", "--no-deps", "--target", str(tmp_path / "q"), srv.url + url,
+                    check=False)
+    assert code != 0 and "403" in out and "quarantined: credential stealer" in out, out
+    assert not (tmp_path / "q" / "own_pkg").exists()
+    # active again: served again
+    api(srv.url, "PATCH", "/alice/dev/own-pkg", auth=root, json_body={"status": "active"})
+    assert http(srv.url, path=url).status == 200
+
+
+@pytest.mark.parametrize("fmt", ["json", "html"])
+def test_a_project_quarantined_upstream_serves_no_file_at_its_urls(guarded, upstream, fmt):
+    # upstream's PEP 792 status (JSON's project-status, HTML's <meta>) refuses every file
+    # URL of the mirror: kept files (also when nobody asked for the page since: the file
+    # URL revalidates it), and files not kept, which are then not fetched
+    srv, root = guarded, ("root", "rootpw")
+    upstream.fmt = fmt
+    doc = json.dumps({"version": 1, "attestation_bundles": []}).encode()
+    for v in ("1.0", "2.0"):
+        upstream.provenance["mirrored_pkg-%s-py3-none-any.whl" % v] = doc
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_cache_expiry=1"])
+    base = "/root/pypi/+simple/mirrored-pkg/"
+    files = {f["filename"]: f for f in page_json(srv.url, base)["files"]}
+    kept = file_urls(base, files["mirrored_pkg-1.0-py3-none-any.whl"])
+    fresh = file_urls(base, files["mirrored_pkg-2.0-py3-none-any.whl"])
+    for u in kept:  # the file, its metadata and provenance: kept
+        assert http(srv.url, path=u).status == 200, u
+    upstream.status["mirrored-pkg"] = ("quarantined", "malware <found>")
+    time.sleep(1.2)  # the page expired; no page is asked for, only the file URLs
+    for u in kept + fresh:
+        r = http(srv.url, path=u)
+        assert r.status == 403 and "quarantined: malware <found>" in r.json()["message"], \
+            (u, r)
+    assert [p for p in upstream.requests if "mirrored_pkg-2.0" in p] == []
+    assert page_json(srv.url, base)["files"] == []
+    assert page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")["files"] == []
+
+
+def test_the_guards_hold_at_ext_urls(tmp_path, make_server):
+    # a file upstream gives no hash for has a +e/ URL, also once kept (and a +f/ one):
+    # mirror_min_age set after it was kept, and a quarantine, refuse both
+    up = RoutedUpstream()
+    html_type = [("Content-Type", "text/html")]
+    data = {}
+    for v in ("1.0", "1.1"):
+        data[v] = open(make_sdist(tmp_path, "hello", v), "rb").read()
+        up.routes["/files/hello-%s.tar.gz" % v] = (200, data[v], [])
+    page = hashless_page([("../../files/hello-%s.tar.gz" % v, "hello-%s.tar.gz" % v)
+                          for v in ("1.0", "1.1")])
+    up.routes["/simple/hello/"] = (200, page, html_type)
+    base = "/root/pypi/+simple/hello/"
+    try:
+        with make_server(tmp_path / "srv", root_password="rootpw",
+                         mirror_url=up.url + "/simple/") as srv:
+            root = ("root", "rootpw")
+
+            def urls():
+                return {f["filename"]: file_urls(base, f)[0]
+                        for f in page_json(srv.url, base)["files"]}
+            ext = urls()
+            assert all("/+e/" in u for u in ext.values()), ext
+            assert http(srv.url, path=ext["hello-1.0.tar.gz"]).body == data["1.0"]
+            hashed = urls()["hello-1.0.tar.gz"]
+            assert "/+f/" in hashed
+            api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=7d"])
+            for u in (ext["hello-1.0.tar.gz"], hashed, ext["hello-1.1.tar.gz"]):
+                r = http(srv.url, path=u)
+                assert r.status == 404 and "held back by mirror_min_age until" in \
+                    r.json()["message"], (u, r)
+            api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=0"])
+            assert http(srv.url, path=ext["hello-1.0.tar.gz"]).status == 200
+            up.routes["/simple/hello/"] = (200, b'<meta name="pypi:project-status" content='
+                                           b'"quarantined"><meta name="pypi:project-status-'
+                                           b'reason" content="typosquat">\n' + page, html_type)
+            assert http(srv.url, "POST", base + "refresh").status == 302
+            for u in (ext["hello-1.0.tar.gz"], hashed, ext["hello-1.1.tar.gz"]):
+                r = http(srv.url, path=u)
+                assert r.status == 403 and "quarantined: typosquat" in r.json()["message"], \
+                    (u, r)
+            assert up.count("/files/hello-1.1.tar.gz") == 0
+    finally:
+        up.stop()
+
+
+def test_mirror_min_age_holds_at_the_metadata_and_provenance_of_a_kept_file(guarded,
+                                                                           upstream):
+    srv, root = guarded, ("root", "rootpw")
+    fn = "mirrored_pkg-2.0-py3-none-any.whl"  # (uploaded an hour ago)
+    upstream.provenance[fn] = json.dumps({"version": 1, "attestation_bundles": []}).encode()
+    base = "/root/pypi/+simple/mirrored-pkg/"
+    f = [f for f in page_json(srv.url, base)["files"] if f["filename"] == fn][0]
+    urls = file_urls(base, f)
+    for u in urls:  # kept before the wait is set
+        assert http(srv.url, path=u).status == 200, u
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_min_age=2d"])
+    for u in urls:
+        r = http(srv.url, path=u)
+        assert r.status == 404 and "held back by mirror_min_age until" in \
+            r.json()["message"], (u, r)
+
+
+def test_a_valueless_data_yanked_upstream_is_a_yank_without_a_reason(upstream, tmp_path,
+                                                                     make_server):
+    # PEP 592 allows <a href=... data-yanked>: yanked, as data-yanked="" is
+    upstream.fmt = "html"
+    for v in ("1.0", "2.0", "3.0"):
+        upstream.add(make_wheel(tmp_path, "mirrored-pkg", v))
+    upstream.yanked["mirrored_pkg-2.0-py3-none-any.whl"] = ""
+    upstream.yanked["mirrored_pkg-3.0-py3-none-any.whl"] = None
+    srv = make_server(tmp_path / "srv", mirror_url=upstream.url + "/simple/")
+    assert b"data-yanked>" in http(upstream.url, path="/simple/mirrored-pkg/").body
+    files = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"]
+    assert [f["yanked"] for f in files] == [False, True, True]
+    html_page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").body.decode()
+    assert html_page.count('data-yanked=""') == 2
+    pip("install", "--target", str(tmp_path / "t"), "--index-url", srv.index_url("root/pypi"),
+        "mirrored-pkg")
+    assert (tmp_path / "t" / "mirrored_pkg-1.0.dist-info").is_dir()
 
 
 def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, tmp_path,
