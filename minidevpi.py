@@ -4482,10 +4482,12 @@ class Model:
             if ix is not None:
                 todo.extend(ix.config.get("bases", []))
 
-    def _check_new_bases(self, actor, path, bases, old=()):
+    def _check_new_bases(self, actor, action, path, bases, old=()):
         """An index reads what its bases hold: each base added (not in ``old``) must be
-        one the actor may read (acl_read), and one its scoped token, if any, names,
-        else the new config would pass on what they may not read themselves."""
+        one the actor may read (acl_read), and one its scoped token, if any, names (for
+        ``action``, the change being made), else the new config would pass on what they
+        may not read themselves."""
+        scope = getattr(actor, "scope", None)
         for base in bases:
             if base in old:
                 continue
@@ -4493,10 +4495,9 @@ class Model:
             if bix is not None and not self.may_read(actor, bix):
                 raise forbidden("base index %s: user %r may not read it, so %s can't "
                                 "inherit from it" % (base, actor, path))
-            scope = getattr(actor, "scope", None)
-            if scope is not None and scope.indexes is not None and base not in scope.indexes:
-                raise forbidden("base index %s: the token does not allow index %s"
-                                % (base, base))
+            why = scope.refusal(action, base) if scope is not None else None
+            if why:
+                raise forbidden("base index %s: %s" % (base, why))
 
     def create_index(self, actor, path, body):
         user, _, name = path.partition("/")
@@ -4517,7 +4518,7 @@ class Model:
             raise bad_request("a mirror index needs a mirror_url")
         config = self.validate_index_config(path, config)
         self._check_cycle(path, config.get("bases", []))
-        self._check_new_bases(actor, path, config.get("bases", []))
+        self._check_new_bases(actor, "index_create", path, config.get("bases", []))
         with self.store.write() as c:
             if not c.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
                 raise not_found("no user %r" % user)  # deleted meanwhile
@@ -4550,7 +4551,7 @@ class Model:
             new["type"] = current["type"]
             config = self.validate_index_config(path, new)
             self._check_cycle(path, config.get("bases", []))
-            self._check_new_bases(actor, path, config.get("bases", []),
+            self._check_new_bases(actor, "index_modify", path, config.get("bases", []),
                                   current.get("bases", []))
             c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
             if config.get("mirror_url") != current.get("mirror_url"):
@@ -6138,7 +6139,6 @@ def _clean_md5(value):
 _MIRROR_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_]*$")
 
 
-@functools.lru_cache(maxsize=16384)  # (asked again for each entry of a page it lists)
 def mirror_file_project(filename):
     """The project (normalised) a mirror files a distribution named ``filename`` under: the
     one whose upstream page it is looked up on (Mirror.find_entry), or None."""
@@ -6146,6 +6146,7 @@ def mirror_file_project(filename):
     return normalize_name(split[0]) if split else None
 
 
+@functools.lru_cache(maxsize=16384)  # (asked again for each entry of a page it lists)
 def _file_of_project(filename, norm):
     """Whether an upstream file name is a distribution of project ``norm`` (a link on
     one project's page that names another project's file is dropped)."""
