@@ -3682,6 +3682,17 @@ class TokenActor(str):
     scope = None
 
 
+def check_scope(actor, action, index=None, project=None):
+    """403 unless the scoped token ``actor`` came with (if any) allows ``action`` on
+    ``index`` and ``project``. The Model asks this where it has decided which object a
+    request acts on (the project a file row belongs to, the name an upload is filed under),
+    so that the caveat is judged on what is changed, not on a parse of the URL or form."""
+    scope = getattr(actor, "scope", None)
+    why = scope.refusal(action, index, project) if scope is not None else None
+    if why:
+        raise forbidden(why)
+
+
 def token_restrictions(body, unlimited=False, now=None):
     """devpi-tokens' caveats ("name=value", by name) for a token-create body, checked as
     the plugin checks them: a token lives at most a year (``unlimited``: root may make one
@@ -4516,6 +4527,23 @@ class Model:
             if ix is not None:
                 todo.extend(ix.config.get("bases", []))
 
+    def _check_new_bases(self, actor, action, path, bases, old=()):
+        """An index reads what its bases hold: each base added (not in ``old``) must be
+        one the actor may read (acl_read), and one its scoped token, if any, names (for
+        ``action``, the change being made), else the new config would pass on what they
+        may not read themselves."""
+        scope = getattr(actor, "scope", None)
+        for base in bases:
+            if base in old:
+                continue
+            bix = self.get_index(base)
+            if bix is not None and not self.may_read(actor, bix):
+                raise forbidden("base index %s: user %r may not read it, so %s can't "
+                                "inherit from it" % (base, actor, path))
+            why = scope.refusal(action, base) if scope is not None else None
+            if why:
+                raise forbidden("base index %s: %s" % (base, why))
+
     def create_index(self, actor, path, body):
         user, _, name = path.partition("/")
         check_index_name(name)
@@ -4523,6 +4551,7 @@ class Model:
             raise not_found("no user %r" % user)
         if not self.can_modify_index(actor, user):
             raise forbidden("no permission to create index %s" % path)
+        check_scope(actor, "index_create", path)
         if not isinstance(body, dict):
             raise bad_request("index config must be a JSON object")
         ixtype = body.get("type", "stage")
@@ -4534,6 +4563,7 @@ class Model:
             raise bad_request("a mirror index needs a mirror_url")
         config = self.validate_index_config(path, config)
         self._check_cycle(path, config.get("bases", []))
+        self._check_new_bases(actor, "index_create", path, config.get("bases", []))
         with self.store.write() as c:
             if not c.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
                 raise not_found("no user %r" % user)  # deleted meanwhile
@@ -4548,6 +4578,7 @@ class Model:
         ix = self.require_index(path)
         if not self.can_modify_index(actor, ix.user):
             raise forbidden("no permission to modify index %s" % path)
+        check_scope(actor, "index_modify", path)
         with self.store.write() as c:
             # the patch applies to the config as it is now: a change committed meanwhile
             # (a deleted user's name leaving the ACLs) is not undone
@@ -4565,6 +4596,8 @@ class Model:
             new["type"] = current["type"]
             config = self.validate_index_config(path, new)
             self._check_cycle(path, config.get("bases", []))
+            self._check_new_bases(actor, "index_modify", path, config.get("bases", []),
+                                  current.get("bases", []))
             c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
             if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
@@ -4587,6 +4620,7 @@ class Model:
         ix = self.require_index(path)
         if not self.can_modify_index(actor, ix.user):
             raise forbidden("no permission to delete index %s" % path)
+        check_scope(actor, "index_delete", path)
         if not ix.volatile:
             raise forbidden("index %s non-volatile, cannot delete" % path)
         self._check_not_a_base(ix)
@@ -4779,6 +4813,7 @@ class Model:
         """Create a version without files (upload form ``:action=submit``)."""
         self.check_upload(actor, ix)
         check_project_name(name)
+        check_scope(actor, "upload", ix.path, name)
         if not version:
             raise bad_request("version needs to be set")
         check_version(version)
@@ -4867,6 +4902,7 @@ class Model:
             raise bad_request("version needs to be set (no version field and none in the file)")
         check_project_name(name)
         check_version(version)
+        check_scope(actor, "upload", ix.path, name)  # the project it is filed under
         self._check_open_for_uploads(ix, normalize_name(name))
         split = split_filename(filename, version)
         if split is None or split[2] == "doczip":
@@ -4899,6 +4935,7 @@ class Model:
         it); returns {"status": ..., "reason": ...}."""
         if actor != "root":
             raise forbidden("only root can set a project's status")
+        check_scope(actor, "index_modify", ix.path, name)
         if ix.is_mirror:
             raise bad_request("a mirror's project status is upstream's")
         if status not in PROJECT_STATUS_NAMES:
@@ -4922,6 +4959,7 @@ class Model:
         if not name:
             raise bad_request("name needs to be set for a doc upload")
         check_project_name(name)
+        check_scope(actor, "upload", ix.path, name)
         norm = normalize_name(name)
         if not version:
             versions = self.version_data(ix, norm)
@@ -4959,7 +4997,7 @@ class Model:
         data = json.dumps(report, ensure_ascii=False).encode("utf-8")
         now = time.time()
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-        sha = self.store.put_bytes(data)
+        sha = None
         try:
             with self.store.write() as c:
                 row = c.execute(
@@ -4971,6 +5009,7 @@ class Model:
                 if row["rel"] != "releasefile":
                     raise not_found("no release file found at %s"
                                     % file_relpath(ix.path, sha_prefix, filename))
+                check_scope(actor, "toxresult_upload", ix.path, row["name"])
                 n = 0
                 while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=?",
                                 (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n))).fetchone():
@@ -4978,12 +5017,14 @@ class Model:
                 name = "%s.toxresult-%s-%d" % (filename, stamp, n)
                 check_filename(name)
                 entry = {"what": "upload", "who": actor, "when": when_list(now), "dst": ix.path}
+                sha = self.store.put_bytes(data)  # (only once the request is allowed)
                 self.store.insert_file(c, ix.id, row["version_id"], name, "toxresult", sha,
                                        len(data), now, "", None, filename, [entry])
                 self._changed(projects=[row["name"]])
         except Exception:
-            with self.store.write():
-                self.store.drop_unused_blobs([sha])
+            if sha is not None:
+                with self.store.write():
+                    self.store.drop_unused_blobs([sha])
             raise
         return file_relpath(ix.path, row["sha256"], name) + "#sha256=" + sha
 
@@ -5022,6 +5063,7 @@ class Model:
 
     def delete_version(self, actor, ix, name, version, force=False):
         norm = normalize_name(name)
+        check_scope(actor, "del_verdata", ix.path, norm)
         if not self._check_removable(actor, ix, force):
             raise forbidden("cannot delete version on non-volatile index")
         with self.store.write() as c:
@@ -5042,6 +5084,7 @@ class Model:
 
     def delete_project(self, actor, ix, name, force=False):
         norm = normalize_name(name)
+        check_scope(actor, "del_project", ix.path, norm)
         if not self._check_removable(actor, ix, force):
             raise forbidden("cannot delete project on non-volatile index")
         with self.store.write() as c:
@@ -5065,6 +5108,7 @@ class Model:
                 (ix.id, filename)).fetchone()
             if row is None or not row["sha256"].startswith(sha_prefix):
                 raise self._missing_file(c, ix, filename, sha_prefix)
+            check_scope(actor, "del_entry", ix.path, row["name"])  # the file's own project
             # toxresults of this file go with it
             self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
                                (ix.id, row["id"], filename))
@@ -5091,6 +5135,7 @@ class Model:
         else:
             raise bad_request("'yanked' must be true, false or a reason string")
         norm = normalize_name(name)
+        check_scope(actor, "del_verdata", ix.path, norm)
         with self.store.write() as c:
             version_id = self._version_id_of(c, ix, norm, version)
             old = c.execute("SELECT yanked FROM versions WHERE id=?", (version_id,)).fetchone()
@@ -5110,6 +5155,8 @@ class Model:
         The release is read in the transaction that writes the copy: one deleted meanwhile
         is not pushed, and no row is ever written for bytes that are gone."""
         norm = normalize_name(name)
+        check_scope(actor, "pkg_read", src.path, norm)
+        check_scope(actor, "upload", target.path, norm)
         if target.is_mirror:
             raise not_found("cannot submit to mirror index")
         if not self.can_upload(actor, target):
@@ -6171,6 +6218,13 @@ def _clean_md5(value):
 _MIRROR_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.!+_]*$")
 
 
+def mirror_file_project(filename):
+    """The project (normalised) a mirror files a distribution named ``filename`` under: the
+    one whose upstream page it is looked up on (Mirror.find_entry), or None."""
+    split = split_filename(filename)
+    return normalize_name(split[0]) if split else None
+
+
 @functools.lru_cache(maxsize=16384)  # (asked again for each entry of a page it lists)
 def _file_of_project(filename, norm):
     """Whether an upstream file name is a distribution of project ``norm`` (a link on
@@ -6573,10 +6627,9 @@ class Mirror:
     def find_entry(self, ix, filename, sha_prefix, ext=None):
         """(display name, entry) of a file on its project's upstream page, or None; with
         ``ext``, the link without a hash whose ext_key that is."""
-        split = split_filename(filename)
-        if split is None:
+        norm = mirror_file_project(filename)
+        if norm is None:
             return None
-        norm = normalize_name(split[0])
         if not _file_of_project(filename, norm):
             return None
         page = self.page(ix, norm)
@@ -8559,30 +8612,50 @@ class App(WebPages):
             raise
         req.restricted = not m.is_public(ix)
 
-    # what each route does, in devpi's permission names, for the caveats of scoped tokens
-    # (routes not named only read; upload and push are checked where the body says more)
+    # What each route does, in devpi's permission names, for the caveats of scoped tokens:
+    # every route is named here, and one that is not is refused to a scoped token (a new
+    # route is closed to tokens until it is given its action). None: the route changes
+    # nothing a caveat limits (login, the API's description, the stylesheet), or the Model
+    # checks the request's object itself (upload and push, whose body names the project).
+    # Where a change's object is known only to the Model (the project of a file URL, the
+    # name an upload is filed under, the bases of an index), the Model checks it again
+    # on that object (check_scope).
     TOKEN_ACTIONS = {
+        "route_api": None, "route_status": None, "route_static": None, "route_login": None,
+        "route_search": "pkg_read", "route_list_users": "pkg_read",
+        "route_get_user": "pkg_read",
         "route_create_user": "user_create", "route_modify_user": "user_modify",
         "route_delete_user": "user_delete", "route_token_create": "user_modify",
         "route_tokens": "user_modify", "route_delete_token": "user_modify",
-        "route_create_index": "index_create", "route_modify_index": "index_modify",
-        "route_delete_index": "index_delete", "route_delete_project": "del_project",
-        "route_delete_version": "del_verdata", "route_yank_version": "del_verdata",
+        "route_get_index": "pkg_read", "route_create_index": "index_create",
+        "route_modify_index": "index_modify", "route_delete_index": "index_delete",
+        "route_simple_root": "pkg_read", "route_simple_project": "pkg_read",
+        "route_at_simple_root": "pkg_read", "route_at_simple_project": "pkg_read",
+        # (refresh only makes a mirror ask upstream again: a reader's right, as in devpi)
+        "route_refresh": "pkg_read",
+        "route_get_file": "pkg_read", "route_get_ext_file": "pkg_read",
         "route_delete_file": "del_entry", "route_post_toxresult": "toxresult_upload",
-        "route_upload_or_push": None, "route_push": None, "route_login": None,
-        "route_api": None, "route_status": None,
+        "route_upload_or_push": None, "route_push": None,
+        "route_get_project": "pkg_read", "route_delete_project": "del_project",
+        "route_project_status": "index_modify",
+        "route_get_version": "pkg_read", "route_yank_version": "del_verdata",
+        "route_delete_version": "del_verdata",
+        "route_doc_root": "pkg_read", "route_doc": "pkg_read",
     }
 
     def check_token_scope(self, req, name, args):
         """A request made with a scoped token does only what its caveats allow: the
         action, on the index of its URL (and the project, where the URL names one); no
-        user changes, and no lists of users when it is limited to some indexes."""
+        user changes, and no lists of users when it is limited to some indexes. A route
+        TOKEN_ACTIONS does not name is refused."""
         if not (req.headers.get("Authorization") or req.headers.get("X-Devpi-Auth")):
             return
         scope = getattr(req.actor, "scope", None)
         if scope is None:
             return
-        action = self.TOKEN_ACTIONS.get(name, "pkg_read")
+        if name not in self.TOKEN_ACTIONS:
+            raise forbidden("a scoped token can't be used for %s %s" % (req.method, req.path))
+        action = self.TOKEN_ACTIONS[name]
         if action is None:
             return
         index = args["user"] + "/" + args["index"] if "index" in args else None
@@ -8595,10 +8668,7 @@ class App(WebPages):
 
     @staticmethod
     def token_allows(req, action, index, project=None):
-        scope = getattr(req.actor, "scope", None)
-        why = scope.refusal(action, index, project) if scope is not None else None
-        if why:
-            raise forbidden(why)
+        check_scope(req.actor, action, index, project)
 
     @staticmethod
     def _mark_private(resp):
@@ -8855,8 +8925,6 @@ class App(WebPages):
                                   "upload there with twine")
             raise bad_request("push needs 'targetindex'")
         target = self.model.require_index(target_path.strip("/"))
-        self.token_allows(req, "pkg_read", ix.path, body["name"])
-        self.token_allows(req, "upload", target.path, body["name"])
         log_rows = self.model.push(req.actor, ix, body["name"], body["version"], target,
                                    no_docs=bool(body.get("no_docs")),
                                    only_docs=bool(body.get("only_docs")))
@@ -9065,8 +9133,6 @@ class App(WebPages):
         name = (first.get("name") or "").strip()
         version = (first.get("version") or "").strip()
         meta = metadata_from_form(fields)
-        if name:
-            self.token_allows(req, "upload", ix.path, name)
         if action == "submit":
             if not name or not version:
                 raise bad_request("name and version need to be set")
@@ -9078,9 +9144,6 @@ class App(WebPages):
         part = content[0]
         filename = part.filename
         check_filename(filename)
-        split = split_filename(filename, version or None)
-        if split:  # (a name given in the form was checked above)
-            self.token_allows(req, "upload", ix.path, split[0])
         self._check_digests(first, part)
         if action == "doc_upload":
             return self._doc_upload(req, ix, name, version, part)
@@ -9223,6 +9286,8 @@ class App(WebPages):
         ix = self._file_index(user, index, h3, h13)
         m = self.model
         metadata = False
+        if ix.is_mirror:  # (also a first download, its metadata, its provenance)
+            self._token_reads_mirror_file(req, ix, filename)
         if filename.endswith(".provenance"):  # PEP 740 (no distribution's name ends so)
             if not ix.is_mirror:
                 raise not_found("no provenance for %s" % filename)
@@ -9268,12 +9333,21 @@ class App(WebPages):
         return self._blob_response(req, self.store.blob_path(sha), sha, f.filename, f.uploaded,
                                    metadata)
 
+    def _token_reads_mirror_file(self, req, ix, filename):
+        """A token limited to some projects reads only their files from a mirror, also
+        those not kept yet: judged on the project the mirror files it under."""
+        for suffix in (".metadata", ".provenance"):
+            if filename.endswith(suffix):
+                filename = filename[:-len(suffix)]
+        self.token_allows(req, "pkg_read", ix.path, mirror_file_project(filename))
+
     def route_get_ext_file(self, req, user, index, key, filename):
         """A mirrored file upstream gave no hash for: served from disk once kept (also
         offline), else fetched, hashed and kept on this first download."""
         ix = self.model.require_index(user + "/" + index)
         if not ix.is_mirror or len(key) != 16 or not HEX_RE.match(key):
             raise not_found("no such file")
+        self._token_reads_mirror_file(req, ix, filename)
         try:
             f = self.model.find_file(ix, filename, "")
         except HTTPError as e:

@@ -6798,6 +6798,219 @@ def test_scoped_tokens_with_the_devpi_tokens_plugin_pip_and_uv(tmp_path, monkeyp
                json_body={}).status == 403
 
 
+def scoped_token(url, user, password, **restrictions):
+    """A devpi-tokens style token of ``user``, made through +token-create."""
+    r = api(url, "POST", "/%s/+token-create" % user, auth=(user, password),
+            json_body=restrictions)
+    assert r.status == 200, r
+    return r.json()["result"]["token"]
+
+
+def db_dump(srv):
+    """Every row of the server's database: what "nothing changed" is checked against."""
+    return "\n".join(srv.model.store.conn().iterdump())
+
+
+def sdist_with_metadata(directory, filename, name, version):
+    """An sdist named ``filename`` whose PKG-INFO says ``name`` and ``version``."""
+    path = os.path.join(str(directory), filename)
+    with tarfile.open(path, "w:gz") as tf:
+        meta = make_metadata(name, version)
+        info = tarfile.TarInfo("x/PKG-INFO")
+        info.size = len(meta)
+        tf.addfile(info, io.BytesIO(meta))
+    return path
+
+
+def test_project_token_is_checked_on_the_file_and_the_upload_it_acts_on(alice, tmp_path):
+    """A token limited to the project mine can't reach another project through a file URL
+    (delete, toxresult) or an upload whose metadata files it under another name."""
+    url, pw = alice.url, ("alice", "secret")
+    alice.upload("alice/dev", make_wheel(tmp_path, "mine", "1.0"))
+    alice.upload("alice/dev", make_sdist(tmp_path, "victim", "1.0"))
+    token = scoped_token(url, "alice", "secret", projects=["mine"])
+    cred = {"Authorization": basic_auth("alice", token)}
+
+    def href(project):
+        links = api(url, path="/alice/dev/" + project, auth=pw).json()["result"]["1.0"]["+links"]
+        return urllib.parse.urlsplit(links[0]["href"]).path
+    victim, mine = href("victim"), href("mine")
+    before = db_dump(alice)
+    r = api(url, "DELETE", victim, headers=cred)
+    assert r.status == 403 and "victim" in r.json()["message"], r
+    r = api(url, "POST", victim, headers=cred, json_body={"testenvs": {}})
+    assert r.status == 403 and "victim" in r.json()["message"], r
+    # the form names no project: the model reads it from the file ("victim", version "1-")
+    for filename, name in (("victim-1-.tar.gz", "victim"), ("newproj-1-.tar.gz", "newproj")):
+        path = sdist_with_metadata(tmp_path, filename, name, "1-")
+        r = upload_form(url, "alice/dev", path, None, headers=cred,
+                        fields=[(":action", "file_upload")])
+        assert r.status == 403 and name in r.reason, (filename, r)
+        # ... and the form's name can't stand for another project either
+        r = upload_form(url, "alice/dev", path, None, headers=cred,
+                        fields=[(":action", "file_upload"), ("name", "mine")])
+        assert r.status in (400, 403), (filename, r)
+    for fields in ([(":action", "submit"), ("name", "victim"), ("version", "2.0")],
+                   [(":action", "doc_upload"), ("name", "victim"), ("version", "1.0")]):
+        doc = open(make_doc_zip(tmp_path / "doc.zip"), "rb").read()
+        body, ctype = multipart(fields, [("content", "victim-1.0.doc.zip", doc)]
+                                if fields[0][1] == "doc_upload" else [])
+        r = http(url, "POST", "/alice/dev/", body=body, headers=dict(cred, **{
+            "Content-Type": ctype}))
+        assert r.status == 403, (fields, r)
+    assert db_dump(alice) == before
+    assert http(url, path=victim).status == 200
+    assert sorted(api(url, path="/alice/dev").json()["result"]["projects"]) == ["mine", "victim"]
+    # what the token is for still works, on its own project
+    assert api(url, "POST", mine, headers=cred, json_body={"testenvs": {}}).status == 200
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "mine", "2.0"), None,
+                       headers=cred).status == 200
+    assert api(url, "DELETE", mine, headers=cred).status == 200
+    assert http(url, path=mine).status == 410
+
+
+def test_token_actions_name_every_route():
+    """Each route says what it does for scoped tokens; a route left out would be refused
+    to them (check_token_scope fails closed), so a new route is noticed here."""
+    names = {"route_" + name for _method, _pattern, name in minidevpi.ROUTE_SPECS}
+    actions = minidevpi.App.TOKEN_ACTIONS
+    assert set(actions) == names
+    for name, action in actions.items():
+        assert action is None or action in minidevpi.TOKEN_PERMISSIONS or \
+            action.startswith("user_"), (name, action)
+    # the writes are not left as reads
+    for method, _pattern, name in minidevpi.ROUTE_SPECS:
+        if method not in ("GET", "HEAD") and name not in ("login", "refresh"):
+            assert actions["route_" + name] != "pkg_read", name
+
+
+def test_unlisted_route_refuses_scoped_tokens(alice, monkeypatch):
+    token = scoped_token(alice.url, "alice", "secret")
+    cred = {"Authorization": basic_auth("alice", token)}
+    assert http(alice.url, path="/alice/dev/+simple/", headers=cred).status == 200
+    actions = dict(minidevpi.App.TOKEN_ACTIONS)
+    del actions["route_simple_root"]
+    monkeypatch.setattr(minidevpi.App, "TOKEN_ACTIONS", actions)
+    r = api(alice.url, path="/alice/dev/+simple/", headers=cred)
+    assert r.status == 403 and "scoped token" in r.json()["message"], r
+    assert http(alice.url, path="/alice/dev/+simple/", auth=("alice", "secret")).status == 200
+
+
+def test_read_only_token_changes_nothing_through_any_route(alice, tmp_path):
+    """root's token allowed=pkg_read, sent to every route of ROUTE_SPECS with plausible
+    values and bodies: every write is refused with 403 and the database is unchanged."""
+    url = alice.url
+    alice.create_index("root/dev", volatile=True)
+    alice.upload("root/dev", make_wheel(tmp_path, "victim", "1.0"))
+    token = scoped_token(url, "root", "rootpw", allowed=["pkg_read"])
+    cred = {"Authorization": basic_auth("root", token)}
+    token_id = next(iter(api(url, path="/root/+tokens", auth=("root", "rootpw")).json()[
+        "result"]["tokens"]))
+    link = api(url, path="/root/dev/victim", auth=("root", "rootpw")).json()["result"][
+        "1.0"]["+links"][0]["href"]
+    _, h3, h13, filename = urllib.parse.urlsplit(link).path.rsplit("/", 3)
+    values = {"user": "alice", "index": "dev", "project": "victim", "version": "1.0",
+              "h3": h3, "h13": h13, "filename": filename, "token_id": token_id,
+              "key": "0" * 16, "moment": "2020-01-01", "path": "index.html",
+              "name": "style.css"}
+    bodies = {
+        "create_user": {"password": "x", "email": "x@x"}, "modify_user": {"password": "pwned"},
+        "token_create": {}, "create_index": {"bases": ["root/dev"]},
+        "modify_index": ["acl_read=:ANONYMOUS:", "volatile=True"],
+        "project_status": {"status": "quarantined", "reason": "pwned"},
+        "yank_version": {"yanked": True}, "post_toxresult": {"testenvs": {}},
+        "push": {"name": "victim", "version": "1.0", "targetindex": "alice/dev"},
+        "upload_or_push": {"name": "victim", "version": "1.0", "targetindex": "alice/dev"},
+    }
+    before = db_dump(alice)
+    assert http(url, path="/root/dev/+simple/victim/", headers=cred).status == 200
+    writes = 0
+    for method, pattern, name in minidevpi.ROUTE_SPECS:
+        users = ("root", "alice") if "{user}" in pattern else (None,)
+        for user in users:
+            path = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: values[m.group(1)], pattern)
+            if user == "root":
+                path = path.replace("/alice", "/root", 1)
+            r = api(url, method, path, headers=cred, json_body=bodies.get(name))
+            if method in ("GET", "HEAD") or name in ("login", "refresh"):
+                assert r.status != 500, (method, path, r)
+                continue
+            writes += 1
+            assert r.status == 403, (method, path, r)
+            if name == "upload_or_push":  # the upload form, too
+                r = upload_form(url, path.strip("/"), make_wheel(tmp_path, "victim", "2.0"),
+                                None, headers=cred)
+                assert r.status == 403, (path, r)
+    assert writes >= 32  # 16 write routes, on a URL of root's and of alice's
+    assert db_dump(alice) == before
+    r = api(url, path="/root/dev/victim", auth=("root", "rootpw"))
+    assert r.status == 200 and "status" not in (r.json().get("message") or ""), r
+
+
+def test_token_cannot_add_a_base_it_may_not_read(alice, tmp_path):
+    """A token limited to alice/dev can't make alice/private a base of alice/dev and read
+    it through there; a user can't inherit from an index they may not read."""
+    url, pw = alice.url, ("alice", "secret")
+    alice.create_user("bob", "bobpw")
+    alice.create_index("alice/private", acl_read="alice")
+    alice.upload("alice/private", make_wheel(tmp_path, "secretpkg", "1.0"))
+    dev_only = {"Authorization": basic_auth("alice", scoped_token(
+        url, "alice", "secret", indexes=["alice/dev", "alice/new"]))}
+    before = db_dump(alice)
+    for patch in (["bases+=alice/private"], ["bases=alice/private"]):
+        r = api(url, "PATCH", "/alice/dev", headers=dev_only, json_body=patch)
+        assert r.status == 403 and "alice/private" in r.json()["message"], (patch, r)
+    r = api(url, "PUT", "/alice/new", headers=dev_only, json_body={"bases": ["alice/private"]})
+    assert r.status == 403 and "alice/private" in r.json()["message"], r
+    # bob may not read alice/private: he can't inherit from it either
+    for method, path, body in (("PUT", "/bob/x", {"bases": ["alice/private"]}),
+                               ("PUT", "/bob/y", {"bases": ["/alice/private"]})):
+        r = api(url, method, path, auth=("bob", "bobpw"), json_body=body)
+        assert r.status == 403 and "alice/private" in r.json()["message"], r
+    assert db_dump(alice) == before
+    assert http(url, path="/alice/dev/+simple/secretpkg/", headers=dev_only).status == 404
+    assert api(url, path="/alice/dev", auth=pw).json()["result"]["bases"] == []
+    # with the right to read it, the same change goes through
+    assert api(url, "PUT", "/bob/x", auth=("bob", "bobpw"), json_body={}).status == 200
+    r = api(url, "PATCH", "/bob/x", auth=("bob", "bobpw"), json_body=["bases+=alice/private"])
+    assert r.status == 403, r
+    assert api(url, "PATCH", "/alice/private", auth=pw,
+               json_body=["acl_read+=bob"]).status == 200
+    assert api(url, "PATCH", "/bob/x", auth=("bob", "bobpw"),
+               json_body=["bases+=alice/private"]).status == 200
+    both = {"Authorization": basic_auth("alice", scoped_token(
+        url, "alice", "secret", indexes=["alice/dev", "alice/private"]))}
+    assert api(url, "PATCH", "/alice/dev", headers=both,
+               json_body=["bases+=alice/private"]).status == 200
+    assert http(url, path="/alice/dev/+simple/secretpkg/", headers=both).status == 200
+    # a base already there is kept by a change that does not add it
+    assert api(url, "PATCH", "/alice/dev", headers=dev_only,
+               json_body=["title=dev"]).status == 200
+
+
+def test_project_token_reads_only_its_projects_files_from_a_mirror(mirrored, upstream, tmp_path):
+    """A mirror files a first download under the project its name starts with: a token
+    limited to another project gets neither the file nor its metadata, and the mirror
+    fetches nothing for it."""
+    srv = mirrored
+    upstream.add(make_wheel(tmp_path, "other-pkg", "1.0"))
+    srv.create_user("alice", "secret")
+    other = {"Authorization": basic_auth("alice", scoped_token(
+        srv.url, "alice", "secret", projects=["other-pkg"]))}
+    mine = {"Authorization": basic_auth("alice", scoped_token(
+        srv.url, "alice", "secret", projects=["mirrored-pkg"]))}
+    page = http(srv.url, path="/root/pypi/+simple/mirrored-pkg/",
+                headers={"Accept": simple_accept("json")}).json()
+    whl = next(f for f in page["files"] if f["filename"] == "mirrored_pkg-2.0-py3-none-any.whl")
+    path = urllib.parse.urljoin("/root/pypi/+simple/mirrored-pkg/", whl["url"]).split("#")[0]
+    for p in (path, path + ".metadata"):
+        r = http(srv.url, path=p, headers=other)
+        assert r.status == 403 and b"mirrored-pkg" in r.body, (p, r)
+    assert upstream.count("/files/mirrored_pkg-2.0-py3-none-any.whl") == 0
+    assert http(srv.url, path=path, headers=mine).status == 200  # (now kept)
+    assert http(srv.url, path=path, headers=other).status == 403
+
+
 def test_twine_upload(alice, tmp_path):
     twine = need("twine")
     url = alice.url
