@@ -1603,8 +1603,10 @@ class _MdInline:
         # a bare URL (GFM's autolink extension)
         m = _MD_BARE_URL.match(text, pos, min(len(text), pos + 4096))
         url = m.group().rstrip("?!.,:*_~'\"")
-        while url.endswith(")") and url.count(")") > url.count("("):
-            url = url[:-1]
+        # unmatched trailing ")" are not part of it (counted once: runs of ")" stay linear)
+        unmatched = url.count(")") - url.count("(")
+        if unmatched > 0:
+            url = url[:len(url) - min(unmatched, len(url) - len(url.rstrip(")")))]
         if len(url) <= 8 or self.brackets:
             nodes.append(_esc_text(text[pos]))
             return pos + 1
@@ -2175,9 +2177,10 @@ class _RstDoc:
             tok = parts[idx]
             core = tok.lstrip("(\"'<[")
             lead, word = tok[:len(tok) - len(core)], core.rstrip(".,;:!?\"')>]")
-            while len(word) < len(core) and core[len(word)] == ")" and (
-                    word.count("(") > word.count(")")):
-                word += ")"
+            unclosed = word.count("(") - word.count(")")
+            if unclosed > 0:  # a ")" stripped above that closes one in the word is kept
+                rest = core[len(word):]
+                word += ")" * min(unclosed, len(rest) - len(rest.lstrip(")")))
             url, label = None, word
             if word.startswith(("http://", "https://", "mailto:")) and len(word) > 8:
                 url = word
