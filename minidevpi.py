@@ -1111,6 +1111,20 @@ def _plain_html(text):
     return "<pre>%s</pre>" % _esc_text(text)
 
 
+def _pad_table_rows(rows, width, chars):
+    """The rows (lists of cells) padded with empty cells to the table's width, as GFM and
+    docutils do, while the cells added to the whole table stay within chars, the number of
+    characters the table was written with; past that a short row stays short (a browser
+    shows it so anyway). A wide header over many short rows thus adds at most one cell per
+    character of input, never header width times rows."""
+    for cells in rows:
+        add = min(width - len(cells), chars)
+        if add > 0:
+            cells.extend([""] * add)
+            chars -= add
+    return rows
+
+
 # --- Markdown ------------------------------------------------------------------------
 
 _MD_ATX = re.compile(r" {0,3}(#{1,6})(?=[ \t]|$)(.*)$")
@@ -1136,6 +1150,7 @@ _MD_EMAIL = re.compile(r"<([\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,6
 _MD_BARE_URL = re.compile(r"(?:https?://|www\.)[^\s<>]*")
 _MD_BACKTICKS = re.compile(r"`+")
 _MD_DEST = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*\))*")  # parens: one level
+_MD_CELL_SEP = re.compile(r"(?<!\\)\|")
 _MD_ESCAPABLE = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
@@ -1146,7 +1161,13 @@ def markdown_to_html(text):
     parser = _MdBlocks()
     nodes = parser.parse([line.expandtabs(4) for line in text.split("\n")], 0)
     refs, budget = parser.refs, [DESCRIPTION_MAX_INLINE]
-    return _render_blocks(nodes, lambda t: _MdInline(t, refs, budget).render(), False)
+
+    def inline(t):
+        if _MD_SPECIAL.search(t):
+            return _MdInline(t, refs, budget).render()
+        budget[0] -= bool(t)  # what _MdInline does with text without markup, less the work
+        return _esc_text(t)
+    return _render_blocks(nodes, inline, False)
 
 
 def _md_hr(line):
@@ -1214,7 +1235,7 @@ def _md_table_cells(line):
         s = s[1:]
     if s.endswith("|") and not s.endswith("\\|"):
         s = s[:-1]
-    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
+    return [c.strip() for c in _MD_CELL_SEP.split(s)] if "|" in s else [s.strip()]
 
 
 def _md_table_head(lines, i):
@@ -1334,12 +1355,12 @@ class _MdBlocks:
             aligns = _md_table_head(lines, i)
             if aligns:
                 head = _md_table_cells(line)
-                rows, i = [], i + 2
+                rows, i, chars = [], i + 2, len(line) + len(lines[i + 1])
                 while i < n and lines[i].strip() and not _md_interrupts(lines[i]):
-                    cells = _md_table_cells(lines[i])[:len(aligns)]
-                    rows.append(cells + [""] * (len(aligns) - len(cells)))
+                    rows.append(_md_table_cells(lines[i])[:len(aligns)])
+                    chars += len(lines[i])
                     i += 1
-                nodes.append(("table", aligns, [head], rows))
+                nodes.append(("table", aligns, [head], _pad_table_rows(rows, len(aligns), chars)))
                 continue
             i = self._paragraph(lines, i, nodes)
         return nodes
@@ -1462,10 +1483,13 @@ def _render_blocks(nodes, inline, tight):
         elif kind == "table":
             aligns, heads, rows = nd[1:]
 
+            opens = {tag: ["<%s%s>" % (tag, ' align="%s"' % a if a else "") for a in aligns]
+                     for tag in ("th", "td")}
+
             def row(cells, tag):
+                close = "</%s>" % tag
                 return "<tr>%s</tr>" % "".join(
-                    "<%s%s>%s</%s>" % (tag, ' align="%s"' % a if a else "", inline(c), tag)
-                    for a, c in zip(aligns, cells))
+                    [o + inline(c) + close for o, c in zip(opens[tag], cells)])
             out.append("<table>")
             if heads:
                 out.append("<thead>\n%s\n</thead>" % "\n".join(row(r, "th") for r in heads))
@@ -2079,16 +2103,21 @@ class _RstDoc:
         heads, rows, cur = [], [], None
         for line in lines[i + 1:j]:
             if line[0] == "+":
-                if cur:
+                if cur is not None:
                     rows.append(["\n".join(x for x in cell if x) for cell in cur])
                 if "=" in line and not heads:
                     heads, rows = rows, []
                 cur = None
                 continue
-            cur = cur or [[] for _ in cols[1:]]
-            for k in range(len(cols) - 1):
+            cur = [] if cur is None else cur
+            # only the columns the line reaches: a short line under a wide border is no work
+            reach = min(len(cols) - 1, bisect.bisect_left(cols, len(line) - 1))
+            cur.extend([] for _ in range(reach - len(cur)))
+            for k in range(reach):
                 cur[k].append(line[cols[k] + 1:cols[k + 1]].strip(" |"))
-        nodes.append(("table", [None] * (len(cols) - 1), heads, rows))
+        width = len(cols) - 1
+        _pad_table_rows(heads + rows, width, sum(len(line) for line in lines[i:j]))
+        nodes.append(("table", [None] * width, heads, rows))
         return j
 
     def _simple_table(self, lines, i, nodes):
@@ -2102,12 +2131,21 @@ class _RstDoc:
                     break
                 heads, rows = rows, []
             elif line:
-                bounds = cols[1:] + [max(len(line), cols[-1])]
+                # the columns the line reaches (the last one takes the rest of the line);
+                # a cell is its lines, joined at the end (no copying per continuation line)
+                reach = bisect.bisect_left(cols, len(line))
+                bounds = cols[1:reach] + [len(line)]
                 cells = [line[a:b].strip() for a, b in zip(cols, bounds)]
                 if rows and not cells[0]:
-                    rows[-1] = [(a + "\n" + b).strip() for a, b in zip(rows[-1], cells)]
+                    row = rows[-1]
+                    row.extend([] for _ in range(len(cells) - len(row)))
+                    for part, cell in zip(cells, row):
+                        cell.append(part)
                 else:
-                    rows.append(cells)
+                    rows.append([[c] for c in cells])
+        heads, rows = [[["\n".join(p for p in cell if p) for cell in row] for row in part]
+                       for part in (heads, rows)]
+        _pad_table_rows(heads + rows, len(cols), sum(len(line) for line in lines[i:j]))
         nodes.append(("table", [None] * len(cols), heads, rows))
         return j
 
@@ -2404,13 +2442,17 @@ def _san_lex(fragment):
     """The fragment with only complete tags left for HTMLParser: any other "<" becomes text;
     comments, declarations and processing instructions are dropped. (HTMLParser of some
     CPython versions rescans an unfinished construct to the end for each "<" after it.)
-    After DESCRIPTION_MAX_TAGS tags, the rest is text."""
+    After DESCRIPTION_MAX_TAGS tags, the rest is text: returned apart, as the second of
+    the pair, for it needs no parsing (it may be most of a page of tags)."""
     out, pos, n, no_gt, tags = [], 0, len(fragment), False, 0
     while True:
         p = fragment.find("<", pos)
-        if p == -1 or tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
-            out.append(fragment[pos:] if p == -1 else _esc_text(fragment[pos:]))
+        if p == -1:
+            out.append(fragment[pos:])
             break
+        if tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
+            out.append(fragment[pos:p])
+            return "".join(out), fragment[p:]
         out.append(fragment[pos:p])
         end = min(n, p + 65536)
         m = _MD_OPEN_TAG.match(fragment, p, end) or _MD_CLOSE_TAG.match(fragment, p, end)
@@ -2432,7 +2474,7 @@ def _san_lex(fragment):
             no_gt = True
         out.append("&lt;")
         pos = p + 1
-    return "".join(out)
+    return "".join(out), ""
 
 
 def sanitize_html(fragment):
@@ -2440,7 +2482,11 @@ def sanitize_html(fragment):
     ``rel="nofollow noopener"`` on links, everything closed, quoted and escaped; comments,
     scripts, styles, frames, forms and event handlers dropped."""
     s = _Sanitizer()
-    s.feed(_san_lex(fragment))
+    head, rest = _san_lex(fragment)
+    s.feed(head)
+    if rest:
+        s.close()  # what was fed, all handled; then the rest is text where the parser stands
+        s.handle_data(rest)
     return s.result()
 
 
