@@ -1113,10 +1113,12 @@ def _plain_html(text):
 
 def _pad_table_rows(rows, width, chars):
     """The rows (lists of cells) padded with empty cells to the table's width, as GFM and
-    docutils do, while the cells added to the whole table stay within chars, the number of
-    characters the table was written with; past that a short row stays short (a browser
-    shows it so anyway). A wide header over many short rows thus adds at most one cell per
-    character of input, never header width times rows."""
+    docutils do, while the cells added to the whole table stay within half of chars, the
+    number of characters the table was written with (a cell takes two to write: ``x|``);
+    past that a short row stays short (a browser shows it so anyway). A wide header over
+    many short rows thus adds at most one cell per two characters of input, never header
+    width times rows."""
+    chars //= 2
     for cells in rows:
         add = min(width - len(cells), chars)
         if add > 0:
@@ -1220,6 +1222,8 @@ def _md_interrupts(line):
         return _md_html_start(line, True) is not None
     if c in "-*_" and _md_hr(line):
         return True
+    if c not in "-+*" and not c.isdigit():
+        return False
     m = _MD_LIST.match(line)
     return bool(m and line[m.end():].strip() and (m.group(3) is None or m.group(3) == "1"))
 
@@ -1262,6 +1266,8 @@ class _MdBlocks:
     def parse(self, lines, depth):
         if depth > DESCRIPTION_MAX_DEPTH:
             return [("p", "\n".join(line.strip() for line in lines if line.strip()))]
+        if len(lines) == 1 and lines[0][:1].isalpha():  # one line of text (a list item's)
+            return [("p", lines[0].rstrip())]
         nodes, i, n = [], 0, len(lines)
         while i < n:
             line = lines[i]
@@ -1280,7 +1286,8 @@ class _MdBlocks:
                 nodes.append(("code", "", "\n".join(body)))
                 i = j
                 continue
-            m = _md_fence(line)
+            c = s[0]  # what a block can start with, before any regular expression is tried
+            m = _md_fence(line) if c in "`~" else None
             if m:
                 fence, lang = m.group(2), m.group(3).strip()
                 lang = _md_unescape(lang.split()[0]) if lang else ""
@@ -1296,7 +1303,7 @@ class _MdBlocks:
                     i += 1
                 nodes.append(("code", lang, "\n".join(body)))
                 continue
-            m = _MD_ATX.match(line)
+            m = _MD_ATX.match(line) if c == "#" else None
             if m:
                 t = m.group(2).strip()
                 u = t.rstrip("#")
@@ -1305,11 +1312,11 @@ class _MdBlocks:
                 nodes.append(("h", len(m.group(1)), t))
                 i += 1
                 continue
-            if _md_hr(line):
+            if c in "-*_" and _md_hr(line):
                 nodes.append(("hr",))
                 i += 1
                 continue
-            if _MD_QUOTE.match(line):
+            if c == ">":
                 inner = []
                 while i < n:
                     l = lines[i]
@@ -1325,11 +1332,11 @@ class _MdBlocks:
                     i += 1
                 nodes.append(("quote", self.parse(inner, depth + 1)))
                 continue
-            m = _MD_LIST.match(line)
+            m = _MD_LIST.match(line) if c in "-+*" or c.isdigit() else None
             if m:
-                i = self._list(lines, i, depth, nodes)
+                i = self._list(lines, i, depth, nodes, m)
                 continue
-            end = _md_html_start(line, False)
+            end = _md_html_start(line, False) if c == "<" else None
             if end is not None:
                 j = i
                 while j < n:
@@ -1342,7 +1349,7 @@ class _MdBlocks:
                 nodes.append(("html", "\n".join(lines[i:j])))
                 i = j
                 continue
-            m = _MD_REFDEF.match(line)
+            m = _MD_REFDEF.match(line) if c == "[" else None
             if m:  # a link reference definition (it cannot interrupt a paragraph)
                 label = " ".join(m.group(1).split()).casefold()
                 dest = m.group(2)[1:-1] if m.group(2)[0] == "<" else m.group(2)
@@ -1384,18 +1391,20 @@ class _MdBlocks:
         nodes.append(("h", level, text) if level else ("p", text))
         return i
 
-    def _list(self, lines, i, depth, nodes):
-        first = _MD_LIST.match(lines[i])
+    def _list(self, lines, i, depth, nodes, first):
         ordered, marker = first.group(3) is not None, first.group(2)[-1]
         start = int(first.group(3)) if ordered else 1
-        items, loose, n = [], False, len(lines)
+        items, loose, n, m = [], False, len(lines), first
 
         def same_list(line):
+            c = line.lstrip(" ")[:1]
+            if not (c.isdigit() if ordered else c == marker):
+                return None
             m = _MD_LIST.match(line)
             return (m if m and not _md_hr(line) and (m.group(3) is not None) == ordered
                     and m.group(2)[-1] == marker else None)
         while i < n:
-            m = same_list(lines[i])
+            m = m or same_list(lines[i])  # (the first line: matched by the caller)
             if not m:
                 break
             rest, spaces = lines[i][m.end():], len(m.group(4))
@@ -1405,6 +1414,7 @@ class _MdBlocks:
                 width, rest = m.end(2) + 1, " " * (spaces - 1) + rest
             else:
                 width = m.end()
+            m = None
             item, i = [rest], i + 1
             while i < n and (rest.strip() or lines[i].strip() or len(item) > 1):
                 l = lines[i]
@@ -1915,6 +1925,8 @@ class _RstDoc:
     def parse(self, lines, depth):
         if depth > DESCRIPTION_MAX_DEPTH:
             return [("code", "", "\n".join(lines))]
+        if len(lines) == 1 and lines[0][:1].isalpha() and not lines[0].endswith("::"):
+            return [("p", lines[0])]  # one line of text (a list item's, a field's)
         nodes, i, n = [], 0, len(lines)
         while i < n:
             line = lines[i]
@@ -1974,15 +1986,15 @@ class _RstDoc:
                 i = j
                 continue
             if line == "|" or line.startswith("| "):
-                texts = []
+                texts = []  # each line's parts, joined once (not copied per continuation)
                 while i < n and lines[i] and (lines[i][0] == "|" or lines[i][0] == " "):
                     l = lines[i]
                     if l[0] == "|":
-                        texts.append(l[2:])
+                        texts.append([l[2:]])
                     elif texts:
-                        texts[-1] += " " + l.strip()
+                        texts[-1].append(l.strip())
                     i += 1
-                nodes.append(("lines", texts))
+                nodes.append(("lines", [" ".join(parts) for parts in texts]))
                 continue
             if nxt and nxt[0] == " " and nxt.strip():
                 items = []
@@ -2130,21 +2142,24 @@ class _RstDoc:
                 if j >= n or not lines[j]:
                     break
                 heads, rows = rows, []
-            elif line:
-                # the columns the line reaches (the last one takes the rest of the line);
-                # a cell is its lines, joined at the end (no copying per continuation line)
+            elif line:  # the columns the line reaches (the last takes the rest of it)
                 reach = bisect.bisect_left(cols, len(line))
-                bounds = cols[1:reach] + [len(line)]
-                cells = [line[a:b].strip() for a, b in zip(cols, bounds)]
+                cells = [line[a:b].strip() for a, b in zip(cols, cols[1:reach] + [len(line)])]
                 if rows and not cells[0]:
-                    row = rows[-1]
-                    row.extend([] for _ in range(len(cells) - len(row)))
-                    for part, cell in zip(cells, row):
-                        cell.append(part)
+                    rows[-1].append(cells)  # a continuation line: joined below, once
                 else:
-                    rows.append([[c] for c in cells])
-        heads, rows = [[["\n".join(p for p in cell if p) for cell in row] for row in part]
-                       for part in (heads, rows)]
+                    rows.append([cells])
+
+        def joined(row_lines):
+            if len(row_lines) == 1:
+                return row_lines[0]
+            cells = [[] for _ in range(max(map(len, row_lines)))]
+            for line in row_lines:
+                for cell, part in zip(cells, line):
+                    if part:
+                        cell.append(part)
+            return ["\n".join(cell) for cell in cells]
+        heads, rows = [joined(r) for r in heads], [joined(r) for r in rows]
         _pad_table_rows(heads + rows, len(cols), sum(len(line) for line in lines[i:j]))
         nodes.append(("table", [None] * len(cols), heads, rows))
         return j
@@ -2152,6 +2167,9 @@ class _RstDoc:
     # inline markup
 
     def inline(self, text):
+        if not _RST_INLINE.search(text):  # as the loop below would, less the work
+            self.budget -= bool(text)
+            return self._text(text)
         out, pos, n, ends = [], 0, len(text), {}
         while pos < n:
             m = _RST_INLINE.search(text, pos)
