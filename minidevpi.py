@@ -1037,7 +1037,9 @@ def _fsync_dir(path):
 # READMEs use) or plain text. Every renderer's output then passes sanitize_html(), an
 # allow-list on the standard library's HTMLParser, so raw HTML written into a README is
 # never passed through as written. All of it is pure functions of text, bounded in time:
-# no regular expression that can backtrack far, nesting capped, input capped.
+# no regular expression that can backtrack far, nothing rescanned per character, nesting
+# capped, input capped; and output linear in input (table padding included, see
+# _pad_table_rows): the tests hold every construct at its worst to 48 bytes per byte.
 
 DESCRIPTION_MAX_CHARS = 1024 * 1024  # longer descriptions: their start as plain text
 DESCRIPTION_MAX_DEPTH = 16  # nested quotes, lists, directives; deeper ones are text
@@ -2144,7 +2146,8 @@ class _RstDoc:
                 heads, rows = rows, []
             elif line:  # the columns the line reaches (the last takes the rest of it)
                 reach = bisect.bisect_left(cols, len(line))
-                cells = [line[a:b].strip() for a, b in zip(cols, cols[1:reach] + [len(line)])]
+                cells = [line[a:b].strip() for a, b in zip(cols, cols[1:reach] + [len(line)])
+                         ] if reach > 1 else [line.strip()]
                 if rows and not cells[0]:
                     rows[-1].append(cells)  # a continuation line: joined below, once
                 else:
