@@ -1176,10 +1176,11 @@ def markdown_to_html(text):
 
 def _md_hr(line):
     s = line.lstrip(" ")
-    if len(line) - len(s) > 3 or not s or s[0] not in "-*_":
+    c = s[:1]
+    if c not in ("-", "*", "_") or len(line) - len(s) > 3:
         return False
     t = s.replace(" ", "").rstrip()
-    return len(t) >= 3 and t == s[0] * len(t)
+    return len(t) >= 3 and not t.strip(c)
 
 
 def _md_fence(line):
@@ -1863,6 +1864,8 @@ def rst_to_html(text, strict=False):
 
 def _rst_indented(lines, i):
     """The indented block from lines[i] (blank lines inside kept), dedented; its end."""
+    if i < len(lines) and lines[i] and lines[i][0] != " ":
+        return [], i  # none (a list item or field of one line)
     j = i
     while j < len(lines) and (not lines[j] or lines[j][0] == " "):
         j += 1
