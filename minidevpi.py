@@ -1037,7 +1037,9 @@ def _fsync_dir(path):
 # READMEs use) or plain text. Every renderer's output then passes sanitize_html(), an
 # allow-list on the standard library's HTMLParser, so raw HTML written into a README is
 # never passed through as written. All of it is pure functions of text, bounded in time:
-# no regular expression that can backtrack far, nesting capped, input capped.
+# no regular expression that can backtrack far, nothing rescanned per character, nesting
+# capped, input capped; and output linear in input (table padding included, see
+# _pad_table_rows): the tests hold every construct at its worst to 48 bytes per byte.
 
 DESCRIPTION_MAX_CHARS = 1024 * 1024  # longer descriptions: their start as plain text
 DESCRIPTION_MAX_DEPTH = 16  # nested quotes, lists, directives; deeper ones are text
@@ -1111,6 +1113,22 @@ def _plain_html(text):
     return "<pre>%s</pre>" % _esc_text(text)
 
 
+def _pad_table_rows(rows, width, chars):
+    """The rows (lists of cells) padded with empty cells to the table's width, as GFM and
+    docutils do, while the cells added to the whole table stay within half of chars, the
+    number of characters the table was written with (a cell takes two to write: ``x|``);
+    past that a short row stays short (a browser shows it so anyway). A wide header over
+    many short rows thus adds at most one cell per two characters of input, never header
+    width times rows."""
+    chars //= 2
+    for cells in rows:
+        add = min(width - len(cells), chars)
+        if add > 0:
+            cells.extend([""] * add)
+            chars -= add
+    return rows
+
+
 # --- Markdown ------------------------------------------------------------------------
 
 _MD_ATX = re.compile(r" {0,3}(#{1,6})(?=[ \t]|$)(.*)$")
@@ -1136,6 +1154,7 @@ _MD_EMAIL = re.compile(r"<([\w.+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,6
 _MD_BARE_URL = re.compile(r"(?:https?://|www\.)[^\s<>]*")
 _MD_BACKTICKS = re.compile(r"`+")
 _MD_DEST = re.compile(r"(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*\))*")  # parens: one level
+_MD_CELL_SEP = re.compile(r"(?<!\\)\|")
 _MD_ESCAPABLE = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
@@ -1146,15 +1165,22 @@ def markdown_to_html(text):
     parser = _MdBlocks()
     nodes = parser.parse([line.expandtabs(4) for line in text.split("\n")], 0)
     refs, budget = parser.refs, [DESCRIPTION_MAX_INLINE]
-    return _render_blocks(nodes, lambda t: _MdInline(t, refs, budget).render(), False)
+
+    def inline(t):
+        if _MD_SPECIAL.search(t):
+            return _MdInline(t, refs, budget).render()
+        budget[0] -= bool(t)  # what _MdInline does with text without markup, less the work
+        return _esc_text(t)
+    return _render_blocks(nodes, inline, False)
 
 
 def _md_hr(line):
     s = line.lstrip(" ")
-    if len(line) - len(s) > 3 or not s or s[0] not in "-*_":
+    c = s[:1]
+    if c not in ("-", "*", "_") or len(line) - len(s) > 3:
         return False
     t = s.replace(" ", "").rstrip()
-    return len(t) >= 3 and t == s[0] * len(t)
+    return len(t) >= 3 and not t.strip(c)
 
 
 def _md_fence(line):
@@ -1199,6 +1225,8 @@ def _md_interrupts(line):
         return _md_html_start(line, True) is not None
     if c in "-*_" and _md_hr(line):
         return True
+    if c not in "-+*" and not c.isdigit():
+        return False
     m = _MD_LIST.match(line)
     return bool(m and line[m.end():].strip() and (m.group(3) is None or m.group(3) == "1"))
 
@@ -1214,7 +1242,7 @@ def _md_table_cells(line):
         s = s[1:]
     if s.endswith("|") and not s.endswith("\\|"):
         s = s[:-1]
-    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
+    return [c.strip() for c in _MD_CELL_SEP.split(s)] if "|" in s else [s.strip()]
 
 
 def _md_table_head(lines, i):
@@ -1241,6 +1269,8 @@ class _MdBlocks:
     def parse(self, lines, depth):
         if depth > DESCRIPTION_MAX_DEPTH:
             return [("p", "\n".join(line.strip() for line in lines if line.strip()))]
+        if len(lines) == 1 and lines[0][:1].isalpha():  # one line of text (a list item's)
+            return [("p", lines[0].rstrip())]
         nodes, i, n = [], 0, len(lines)
         while i < n:
             line = lines[i]
@@ -1259,7 +1289,8 @@ class _MdBlocks:
                 nodes.append(("code", "", "\n".join(body)))
                 i = j
                 continue
-            m = _md_fence(line)
+            c = s[0]  # what a block can start with, before any regular expression is tried
+            m = _md_fence(line) if c in "`~" else None
             if m:
                 fence, lang = m.group(2), m.group(3).strip()
                 lang = _md_unescape(lang.split()[0]) if lang else ""
@@ -1275,7 +1306,7 @@ class _MdBlocks:
                     i += 1
                 nodes.append(("code", lang, "\n".join(body)))
                 continue
-            m = _MD_ATX.match(line)
+            m = _MD_ATX.match(line) if c == "#" else None
             if m:
                 t = m.group(2).strip()
                 u = t.rstrip("#")
@@ -1284,11 +1315,11 @@ class _MdBlocks:
                 nodes.append(("h", len(m.group(1)), t))
                 i += 1
                 continue
-            if _md_hr(line):
+            if c in "-*_" and _md_hr(line):
                 nodes.append(("hr",))
                 i += 1
                 continue
-            if _MD_QUOTE.match(line):
+            if c == ">":
                 inner = []
                 while i < n:
                     l = lines[i]
@@ -1304,11 +1335,11 @@ class _MdBlocks:
                     i += 1
                 nodes.append(("quote", self.parse(inner, depth + 1)))
                 continue
-            m = _MD_LIST.match(line)
+            m = _MD_LIST.match(line) if c in "-+*" or c.isdigit() else None
             if m:
-                i = self._list(lines, i, depth, nodes)
+                i = self._list(lines, i, depth, nodes, m)
                 continue
-            end = _md_html_start(line, False)
+            end = _md_html_start(line, False) if c == "<" else None
             if end is not None:
                 j = i
                 while j < n:
@@ -1321,7 +1352,7 @@ class _MdBlocks:
                 nodes.append(("html", "\n".join(lines[i:j])))
                 i = j
                 continue
-            m = _MD_REFDEF.match(line)
+            m = _MD_REFDEF.match(line) if c == "[" else None
             if m:  # a link reference definition (it cannot interrupt a paragraph)
                 label = " ".join(m.group(1).split()).casefold()
                 dest = m.group(2)[1:-1] if m.group(2)[0] == "<" else m.group(2)
@@ -1334,12 +1365,12 @@ class _MdBlocks:
             aligns = _md_table_head(lines, i)
             if aligns:
                 head = _md_table_cells(line)
-                rows, i = [], i + 2
+                rows, i, chars = [], i + 2, len(line) + len(lines[i + 1])
                 while i < n and lines[i].strip() and not _md_interrupts(lines[i]):
-                    cells = _md_table_cells(lines[i])[:len(aligns)]
-                    rows.append(cells + [""] * (len(aligns) - len(cells)))
+                    rows.append(_md_table_cells(lines[i])[:len(aligns)])
+                    chars += len(lines[i])
                     i += 1
-                nodes.append(("table", aligns, [head], rows))
+                nodes.append(("table", aligns, [head], _pad_table_rows(rows, len(aligns), chars)))
                 continue
             i = self._paragraph(lines, i, nodes)
         return nodes
@@ -1363,18 +1394,20 @@ class _MdBlocks:
         nodes.append(("h", level, text) if level else ("p", text))
         return i
 
-    def _list(self, lines, i, depth, nodes):
-        first = _MD_LIST.match(lines[i])
+    def _list(self, lines, i, depth, nodes, first):
         ordered, marker = first.group(3) is not None, first.group(2)[-1]
         start = int(first.group(3)) if ordered else 1
-        items, loose, n = [], False, len(lines)
+        items, loose, n, m = [], False, len(lines), first
 
         def same_list(line):
+            c = line.lstrip(" ")[:1]
+            if not (c.isdigit() if ordered else c == marker):
+                return None
             m = _MD_LIST.match(line)
             return (m if m and not _md_hr(line) and (m.group(3) is not None) == ordered
                     and m.group(2)[-1] == marker else None)
         while i < n:
-            m = same_list(lines[i])
+            m = m or same_list(lines[i])  # (the first line: matched by the caller)
             if not m:
                 break
             rest, spaces = lines[i][m.end():], len(m.group(4))
@@ -1384,6 +1417,7 @@ class _MdBlocks:
                 width, rest = m.end(2) + 1, " " * (spaces - 1) + rest
             else:
                 width = m.end()
+            m = None
             item, i = [rest], i + 1
             while i < n and (rest.strip() or lines[i].strip() or len(item) > 1):
                 l = lines[i]
@@ -1462,10 +1496,13 @@ def _render_blocks(nodes, inline, tight):
         elif kind == "table":
             aligns, heads, rows = nd[1:]
 
+            opens = {tag: ["<%s%s>" % (tag, ' align="%s"' % a if a else "") for a in aligns]
+                     for tag in ("th", "td")}
+
             def row(cells, tag):
+                close = "</%s>" % tag
                 return "<tr>%s</tr>" % "".join(
-                    "<%s%s>%s</%s>" % (tag, ' align="%s"' % a if a else "", inline(c), tag)
-                    for a, c in zip(aligns, cells))
+                    [o + inline(c) + close for o, c in zip(opens[tag], cells)])
             out.append("<table>")
             if heads:
                 out.append("<thead>\n%s\n</thead>" % "\n".join(row(r, "th") for r in heads))
@@ -1603,8 +1640,10 @@ class _MdInline:
         # a bare URL (GFM's autolink extension)
         m = _MD_BARE_URL.match(text, pos, min(len(text), pos + 4096))
         url = m.group().rstrip("?!.,:*_~'\"")
-        while url.endswith(")") and url.count(")") > url.count("("):
-            url = url[:-1]
+        # unmatched trailing ")" are not part of it (counted once: runs of ")" stay linear)
+        unmatched = url.count(")") - url.count("(")
+        if unmatched > 0:
+            url = url[:len(url) - min(unmatched, len(url) - len(url.rstrip(")")))]
         if len(url) <= 8 or self.brackets:
             nodes.append(_esc_text(text[pos]))
             return pos + 1
@@ -1825,6 +1864,8 @@ def rst_to_html(text, strict=False):
 
 def _rst_indented(lines, i):
     """The indented block from lines[i] (blank lines inside kept), dedented; its end."""
+    if i < len(lines) and lines[i] and lines[i][0] != " ":
+        return [], i  # none (a list item or field of one line)
     j = i
     while j < len(lines) and (not lines[j] or lines[j][0] == " "):
         j += 1
@@ -1889,6 +1930,8 @@ class _RstDoc:
     def parse(self, lines, depth):
         if depth > DESCRIPTION_MAX_DEPTH:
             return [("code", "", "\n".join(lines))]
+        if len(lines) == 1 and lines[0][:1].isalpha() and not lines[0].endswith("::"):
+            return [("p", lines[0])]  # one line of text (a list item's, a field's)
         nodes, i, n = [], 0, len(lines)
         while i < n:
             line = lines[i]
@@ -1948,15 +1991,15 @@ class _RstDoc:
                 i = j
                 continue
             if line == "|" or line.startswith("| "):
-                texts = []
+                texts = []  # each line's parts, joined once (not copied per continuation)
                 while i < n and lines[i] and (lines[i][0] == "|" or lines[i][0] == " "):
                     l = lines[i]
                     if l[0] == "|":
-                        texts.append(l[2:])
+                        texts.append([l[2:]])
                     elif texts:
-                        texts[-1] += " " + l.strip()
+                        texts[-1].append(l.strip())
                     i += 1
-                nodes.append(("lines", texts))
+                nodes.append(("lines", [" ".join(parts) for parts in texts]))
                 continue
             if nxt and nxt[0] == " " and nxt.strip():
                 items = []
@@ -2077,16 +2120,21 @@ class _RstDoc:
         heads, rows, cur = [], [], None
         for line in lines[i + 1:j]:
             if line[0] == "+":
-                if cur:
+                if cur is not None:
                     rows.append(["\n".join(x for x in cell if x) for cell in cur])
                 if "=" in line and not heads:
                     heads, rows = rows, []
                 cur = None
                 continue
-            cur = cur or [[] for _ in cols[1:]]
-            for k in range(len(cols) - 1):
+            cur = [] if cur is None else cur
+            # only the columns the line reaches: a short line under a wide border is no work
+            reach = min(len(cols) - 1, bisect.bisect_left(cols, len(line) - 1))
+            cur.extend([] for _ in range(reach - len(cur)))
+            for k in range(reach):
                 cur[k].append(line[cols[k] + 1:cols[k + 1]].strip(" |"))
-        nodes.append(("table", [None] * (len(cols) - 1), heads, rows))
+        width = len(cols) - 1
+        _pad_table_rows(heads + rows, width, sum(len(line) for line in lines[i:j]))
+        nodes.append(("table", [None] * width, heads, rows))
         return j
 
     def _simple_table(self, lines, i, nodes):
@@ -2099,19 +2147,35 @@ class _RstDoc:
                 if j >= n or not lines[j]:
                     break
                 heads, rows = rows, []
-            elif line:
-                bounds = cols[1:] + [max(len(line), cols[-1])]
-                cells = [line[a:b].strip() for a, b in zip(cols, bounds)]
+            elif line:  # the columns the line reaches (the last takes the rest of it)
+                reach = bisect.bisect_left(cols, len(line))
+                cells = [line[a:b].strip() for a, b in zip(cols, cols[1:reach] + [len(line)])
+                         ] if reach > 1 else [line.strip()]
                 if rows and not cells[0]:
-                    rows[-1] = [(a + "\n" + b).strip() for a, b in zip(rows[-1], cells)]
+                    rows[-1].append(cells)  # a continuation line: joined below, once
                 else:
-                    rows.append(cells)
+                    rows.append([cells])
+
+        def joined(row_lines):
+            if len(row_lines) == 1:
+                return row_lines[0]
+            cells = [[] for _ in range(max(map(len, row_lines)))]
+            for line in row_lines:
+                for cell, part in zip(cells, line):
+                    if part:
+                        cell.append(part)
+            return ["\n".join(cell) for cell in cells]
+        heads, rows = [joined(r) for r in heads], [joined(r) for r in rows]
+        _pad_table_rows(heads + rows, len(cols), sum(len(line) for line in lines[i:j]))
         nodes.append(("table", [None] * len(cols), heads, rows))
         return j
 
     # inline markup
 
     def inline(self, text):
+        if not _RST_INLINE.search(text):  # as the loop below would, less the work
+            self.budget -= bool(text)
+            return self._text(text)
         out, pos, n, ends = [], 0, len(text), {}
         while pos < n:
             m = _RST_INLINE.search(text, pos)
@@ -2175,9 +2239,10 @@ class _RstDoc:
             tok = parts[idx]
             core = tok.lstrip("(\"'<[")
             lead, word = tok[:len(tok) - len(core)], core.rstrip(".,;:!?\"')>]")
-            while len(word) < len(core) and core[len(word)] == ")" and (
-                    word.count("(") > word.count(")")):
-                word += ")"
+            unclosed = word.count("(") - word.count(")")
+            if unclosed > 0:  # a ")" stripped above that closes one in the word is kept
+                rest = core[len(word):]
+                word += ")" * min(unclosed, len(rest) - len(rest.lstrip(")")))
             url, label = None, word
             if word.startswith(("http://", "https://", "mailto:")) and len(word) > 8:
                 url = word
@@ -2401,13 +2466,17 @@ def _san_lex(fragment):
     """The fragment with only complete tags left for HTMLParser: any other "<" becomes text;
     comments, declarations and processing instructions are dropped. (HTMLParser of some
     CPython versions rescans an unfinished construct to the end for each "<" after it.)
-    After DESCRIPTION_MAX_TAGS tags, the rest is text."""
+    After DESCRIPTION_MAX_TAGS tags, the rest is text: returned apart, as the second of
+    the pair, for it needs no parsing (it may be most of a page of tags)."""
     out, pos, n, no_gt, tags = [], 0, len(fragment), False, 0
     while True:
         p = fragment.find("<", pos)
-        if p == -1 or tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
-            out.append(fragment[pos:] if p == -1 else _esc_text(fragment[pos:]))
+        if p == -1:
+            out.append(fragment[pos:])
             break
+        if tags >= DESCRIPTION_MAX_TAGS:  # too many tags: the rest is text
+            out.append(fragment[pos:p])
+            return "".join(out), fragment[p:]
         out.append(fragment[pos:p])
         end = min(n, p + 65536)
         m = _MD_OPEN_TAG.match(fragment, p, end) or _MD_CLOSE_TAG.match(fragment, p, end)
@@ -2429,7 +2498,7 @@ def _san_lex(fragment):
             no_gt = True
         out.append("&lt;")
         pos = p + 1
-    return "".join(out)
+    return "".join(out), ""
 
 
 def sanitize_html(fragment):
@@ -2437,7 +2506,11 @@ def sanitize_html(fragment):
     ``rel="nofollow noopener"`` on links, everything closed, quoted and escaped; comments,
     scripts, styles, frames, forms and event handlers dropped."""
     s = _Sanitizer()
-    s.feed(_san_lex(fragment))
+    head, rest = _san_lex(fragment)
+    s.feed(head)
+    if rest:
+        s.close()  # what was fed, all handled; then the rest is text where the parser stands
+        s.handle_data(rest)
     return s.result()
 
 

@@ -1452,6 +1452,223 @@ def test_hostile_descriptions_render_in_bounded_time(name):
         _Tags(out)
 
 
+def test_a_wide_table_header_adds_at_most_one_cell_per_two_characters():
+    # GFM and docutils pad a short row to the header's width: a wide header over many
+    # one-character rows made a 12 KB description an 84 MB page (header width times rows)
+    wide = {
+        "text/markdown": "|a" * 1000 + "|\n" + "|-" * 1000 + "|\n" + "x\n" * 1000,
+        "text/x-rst": "= " * 1000 + "\n" + "x\n" * 1000 + "= " * 1000 + "\n",
+        None: "+-" * 1000 + "+\n" + "|\n+\n" * 1000,  # a grid table, untyped
+    }
+    for ct, text in wide.items():
+        fragment = (minidevpi.markdown_to_html(text) if ct == "text/markdown"
+                    else minidevpi.rst_to_html(text))
+        cells = fragment.count("<td")
+        assert 1000 <= cells <= 1000 + len(text) // 2, (ct, cells)  # was 1,000,000
+        out = minidevpi.render_description_uncached(text, ct)
+        assert len(out) < 20 * len(text), (ct, len(out))
+    # a table as written still has its short rows padded
+    out = minidevpi.render_description_uncached(
+        "| a | b | c |\n|---|:-:|---|\n| x |\n| y | z |", "text/markdown")
+    assert "<tr><td>x</td><td align=\"center\"></td><td></td></tr>" in out
+    assert "<tr><td>y</td><td align=\"center\">z</td><td></td></tr>" in out
+    out = minidevpi.render_description_uncached(
+        "===  ===  ===\na    b    c\n===  ===  ===\nx\n          z\n===  ===  ===", "text/x-rst")
+    assert "<tr><td>x</td><td></td><td>z</td></tr>" in out
+
+
+# Every block and inline construct of both renderers at its worst: each generator makes
+# ~1 MB of one construct repeated, nested or left open in the shapes that cost most (runs of
+# delimiters, unclosed openers, deep nesting, wide headers over narrow rows and the reverse).
+WORST_SIZE = 1000000  # just under DESCRIPTION_MAX_CHARS: rendered, not truncated
+
+
+def _fill(unit, head="", tail=""):
+    """head, unit repeated to WORST_SIZE in all, tail."""
+    return head + unit * ((WORST_SIZE - len(head) - len(tail)) // len(unit)) + tail
+
+
+def _staircase(line, step, per=1):
+    """line indented one step more each time (per times at each level), ~WORST_SIZE."""
+    out, k, size = [], 0, 0
+    while size < WORST_SIZE:
+        for _ in range(per):
+            out.append(step * k + line)
+            size += len(out[-1])
+        k += 1
+    return "".join(out)
+
+
+WIDE = 20000  # columns of a wide header
+WORST_MD = {
+    # blocks
+    "atx headings": lambda: _fill("# x\n"),
+    "atx closing run": lambda: _fill("#", "###### x "),
+    "setext headings": lambda: _fill("x\n=\n"),
+    "setext long underline": lambda: _fill("=", "x\n"),
+    "fences opened": lambda: _fill("```x\n"),
+    "fences opened and closed": lambda: _fill("~~~\nx\n~~~\n"),
+    "fence of backticks": lambda: _fill("`", "", "\nx"),
+    "indented code": lambda: _fill("    x\n"),
+    "thematic breaks": lambda: _fill("***\n"),
+    "spaced thematic break": lambda: _fill(" -", "-"),
+    "quote markers": lambda: _fill(">"),
+    "spaced quote markers": lambda: _fill("> "),
+    "quote lines": lambda: _fill(">" * 40 + " x\n"),
+    "lazy quote lines": lambda: _fill("> x\ny\n"),
+    "bullet items": lambda: _fill("- x\n"),
+    "bullet markers": lambda: _fill("- "),
+    "ordered items": lambda: _fill("1. x\n"),
+    "ordered markers": lambda: _fill("1. "),
+    "loose items": lambda: _fill("- x\n\n"),
+    "alternating bullets": lambda: _fill("- x\n* x\n+ x\n"),
+    "item continuations": lambda: _fill("- x\n  y\n\n  z\n"),
+    "nested lists": lambda: _staircase("- x\n", "  "),
+    "nested ordered lists": lambda: _staircase("1. x\n", "   "),
+    "nested quotes in lists": lambda: _staircase("- > x\n", "    "),
+    "html block": lambda: _fill("<p onclick=x>", "<div>\n"),
+    "html blocks": lambda: _fill("<div>\n\n"),
+    "html comment block": lambda: _fill("<!--\n"),
+    "script block unclosed": lambda: _fill("x\n", "<script>\n"),
+    "reference definitions": lambda: _fill("[a]: /b 'c'\n"),
+    "references used": lambda: _fill("[a] [a][] [a][a] ", "[a]: /u\n\n"),
+    "table rows": lambda: _fill("|x|y|\n", "|a|b|\n|-|-|\n"),
+    "table of one column": lambda: _fill("x\n", "a|\n:-:|\n"),
+    "wide header narrow rows": lambda: _fill("x\n", "|a" * WIDE + "|\n" + "|:-:" * WIDE + "|\n"),
+    "narrow header wide rows": lambda: _fill("|x", "|a|\n|-|\n"),
+    "wide header short rows": lambda: _fill("|x|\n", "a|" * WIDE + "\n" + "-|" * WIDE + "\n"),
+    "many tables": lambda: _fill("a|\n-|\n\n"),
+    "paragraph lines": lambda: _fill("x\n"),
+    "hard breaks": lambda: _fill("x  \n"),
+    "backslash breaks": lambda: _fill("x\\\n"),
+    # inline
+    "stars": lambda: _fill("*"),
+    "underscores": lambda: _fill("_"),
+    "tildes": lambda: _fill("~"),
+    "star openers": lambda: _fill("*a "),
+    "star closers": lambda: _fill(" a*"),
+    "strong openers": lambda: _fill("**a"),
+    "emphasis mix": lambda: _fill("*a **"),
+    "mixed delimiters": lambda: _fill("*_"),
+    "strikethrough": lambda: _fill("~~a"),
+    "underscore words": lambda: _fill("_a_ "),
+    "backtick run": lambda: _fill("`"),
+    "single backticks": lambda: _fill("`a"),
+    "backtick lengths": lambda: "".join("`" * (k % 64 + 1) + "x" for k in range(30000)),
+    "open brackets": lambda: _fill("["),
+    "close brackets": lambda: _fill("]"),
+    "empty brackets": lambda: _fill("[]"),
+    "links": lambda: _fill("[a](/b) "),
+    "link openers": lambda: _fill("[a]("),
+    "nested brackets": lambda: _fill("[", "", "a" + "](/b)" * 1000),
+    "link titles": lambda: _fill("[a](b \""),
+    "link angle destinations": lambda: _fill("[a](<"),
+    "destination parens": lambda: _fill("(", "[a]("),
+    "images": lambda: _fill("![a](/b) "),
+    "image openers": lambda: _fill("!["),
+    "angles": lambda: _fill("<"),
+    "open tags": lambda: _fill("<a b='"),
+    "raw inline tags": lambda: _fill("<b>x</b>"),
+    "comments": lambda: _fill("<!--"),
+    "autolinks": lambda: _fill("<http://a.example/>"),
+    "email autolinks": lambda: _fill("<a@b.example>"),
+    "entities": lambda: _fill("&#"),
+    "named entities": lambda: _fill("&amp;"),
+    "ampersands": lambda: _fill("&"),
+    "backslashes": lambda: _fill("\\"),
+    "escaped stars": lambda: _fill("\\*"),
+    "bare urls": lambda: _fill("www."),
+    "bare url links": lambda: _fill("www.a.bc "),
+    "url with closing parens": lambda: _fill(")", "see www.a.bc/x"),
+    "urls with closing parens": lambda: _fill("www.a.bc/x" + ")" * 4000 + " "),
+    "url with open parens": lambda: _fill("(", "http://a.bc/"),
+}
+WORST_RST = {
+    # blocks
+    "rst titles": lambda: _fill("x\n=\n\n"),
+    "rst overlined titles": lambda: _fill("===\nx\n===\n\n"),
+    "rst title levels": lambda: "".join("x%d\n%s\n\n" % (k, "=-~^\"'`#*+<>:._"[k % 15] * 4)
+                                        for k in range(WORST_SIZE // 13)),
+    "rst long adornment": lambda: _fill("=", "x\n"),
+    "rst transitions": lambda: _fill("----\n\n"),
+    "rst bullets": lambda: _fill("- x\n"),
+    "rst bullet markers": lambda: _fill("- "),
+    "rst enumerated": lambda: _fill("1. x\n"),
+    "rst auto-enumerated": lambda: _fill("#. x\n"),
+    "rst parenthesized": lambda: _fill("(1) "),
+    "rst nested bullets": lambda: _staircase("- x\n\n", "  "),
+    "rst field lists": lambda: _fill(":a: b\n"),
+    "rst field markers": lambda: _fill(":a: "),
+    "rst definition lists": lambda: _fill("a\n b\n"),
+    "rst classifiers": lambda: _fill("a : b : c\n d\n"),
+    "rst literal blocks": lambda: _fill("x::\n\n a\n\n"),
+    "rst doctest": lambda: _fill(">>> x\n"),
+    "rst line blocks": lambda: _fill("| x\n"),
+    "rst line block continuations": lambda: _fill("  x\n", "| a\n"),
+    "rst quotes": lambda: _fill(" x\n"),
+    "rst nested quotes": lambda: _staircase("x\n\n", " "),
+    "rst comments": lambda: _fill(".. x\n"),
+    "rst targets": lambda: _fill(".. _a: http://b.example/\n"),
+    "rst anonymous targets": lambda: _fill("__ http://b.example/\n"),
+    "rst substitution definitions": lambda: _fill(".. |a| image:: b\n"),
+    "rst substitutions used": lambda: _fill("|a| |a|_ ", ".. |a| replace:: x\n\n"),
+    "rst nested directives": lambda: _staircase(".. note::\n", "   "),
+    "rst admonitions": lambda: _fill(".. note:: x\n"),
+    "rst code blocks": lambda: _fill(".. code-block:: py\n\n   x\n\n"),
+    "rst images": lambda: _fill(".. image:: x.png\n   :alt: y\n   :width: 10\n\n"),
+    "rst footnotes": lambda: _fill(".. [1] x\n"),
+    "rst containers": lambda: _staircase(".. container::\n\n", "   "),
+    "rst simple table rows": lambda: _fill("x   y\n", "=== ===\na   b\n=== ===\n", "=== ===\n"),
+    "rst simple wide header narrow rows": lambda: _fill("x\n", "= " * WIDE + "\n", "= " * WIDE),
+    "rst simple narrow header wide rows": lambda: _fill("x ", "= =\n", "\n= =\n"),
+    "rst simple continuation": lambda: _fill("    x\n", "=== ===\na   b\n", "=== ===\n"),
+    "rst grid wide header narrow rows": lambda: _fill("|\n+\n", "+-" * WIDE + "+\n"),
+    "rst grid rows": lambda: _fill("|x|y|\n+-+-+\n", "+-+-+\n"),
+    "rst grid header rows": lambda: _fill("|x|\n+=+\n", "+-+\n"),
+    # inline
+    "rst stars": lambda: _fill("*"),
+    "rst emphasis openers": lambda: _fill("*a "),
+    "rst strong openers": lambda: _fill("**a "),
+    "rst literal openers": lambda: _fill("``a "),
+    "rst backquotes": lambda: _fill("`"),
+    "rst interpreted openers": lambda: _fill("`a "),
+    "rst embedded uris": lambda: _fill("`a <"),
+    "rst references": lambda: _fill("a_ "),
+    "rst anonymous references": lambda: _fill("`a`__ "),
+    "rst named references": lambda: _fill("`a <http://b.example/>`_ "),
+    "rst reference words": lambda: _fill("a_"),
+    "rst pipes": lambda: _fill("|"),
+    "rst substitution openers": lambda: _fill("|a "),
+    "rst roles": lambda: _fill(":code:`a` "),
+    "rst role openers": lambda: _fill(":a:`"),
+    "rst backslashes": lambda: _fill("\\"),
+    "rst colons": lambda: _fill(":"),
+    "rst underscores": lambda: _fill("_"),
+    "rst url with parens": lambda: "http://a.bc/" + "(" * 400000 + ")" * 400000,
+    "rst urls with parens": lambda: _fill("(http://a.bc/(x)) "),
+    "rst url closing parens": lambda: _fill(")", "see http://a.bc/x"),
+}
+WORST_RATIO = 48  # output bytes per input byte at most (the worst measured: 44, a table)
+
+
+@pytest.mark.parametrize("name", sorted(WORST_MD) + sorted(WORST_RST))
+def test_every_construct_at_its_worst_renders_in_linear_size_and_bounded_time(name):
+    text = (WORST_MD.get(name) or WORST_RST[name])()
+    assert WORST_SIZE * 0.8 < len(text) <= minidevpi.DESCRIPTION_MAX_CHARS, len(text)
+    # Markdown constructs are also fed to the reST renderer and the reverse; untyped
+    # descriptions go through the reST renderer
+    types = ["text/markdown", "text/x-rst"] if name in WORST_MD else ["text/x-rst", None,
+                                                                      "text/markdown"]
+    for ct in types:
+        t0 = time.process_time()
+        out = minidevpi.render_description_uncached(text, ct)
+        spent = time.process_time() - t0
+        size = len(out.encode())
+        assert size <= WORST_RATIO * len(text.encode()) + 1000, (name, ct, size)
+        # the README promises 2 s per MB; measured: under 1.5 s each on a loaded machine
+        assert spent < 10, (name, ct, spent)
+
+
 def test_oversized_description_is_plain_text_truncated():
     text = "# big\n" + "x" * (minidevpi.DESCRIPTION_MAX_CHARS + 10)
     out = minidevpi.render_description(text, "text/markdown")
