@@ -7026,19 +7026,35 @@ class PageTags(__import__("html.parser").parser.HTMLParser):
         return [a.get("href") for t, a in self.tags if t == "a"]
 
 
+def csp_directives(header):
+    """{directive: [sources]} of a Content-Security-Policy header."""
+    out = {}
+    for part in header.split(";"):
+        words = part.split()
+        if words:
+            out[words[0].lower()] = words[1:]
+    return out
+
+
 def assert_web_page(r, status=200):
-    """A page as a browser gets it: HTML, the CSP without inline script, not sniffed; and
-    no markup but ours (one script, from the server itself; no event handlers; no
-    javascript: links)."""
+    """A page as a browser gets it: HTML, the CSP allowing one script by its hash (not
+    'self': a doc zip's .js is served from the same origin), not sniffed; and no markup but
+    ours (one script, the copy buttons' with that hash; no event handlers; no javascript:
+    links); at most WEB_PAGE_MAX_BYTES."""
     assert r.status == status, r
     assert r.header("content-type") == "text/html; charset=utf-8", r.headers
-    csp = r.header("content-security-policy")
-    assert "default-src 'none'" in csp and "script-src 'self'" in csp, csp
-    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert len(r.body) <= minidevpi.WEB_PAGE_MAX_BYTES
+    csp = csp_directives(r.header("content-security-policy"))
+    assert csp["default-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"], csp
+    assert csp["script-src"] == ["'%s'" % minidevpi.WEB_COPY_JS_HASH], csp
     assert r.header("x-content-type-options") == "nosniff"
-    page = PageTags(r.body.decode())
+    text = r.body.decode()
+    inline = re.findall(r"<script>(.*?)</script>", text, re.S)
+    assert len(inline) == 1 and "sha256-" + base64.b64encode(hashlib.sha256(
+        inline[0].encode()).digest()).decode() == minidevpi.WEB_COPY_JS_HASH
+    page = PageTags(text)
     scripts = [a for t, a in page.tags if t == "script"]
-    assert [s.get("src", "").rsplit("/", 2)[-2:] for s in scripts] == [["+static", "copy.js"]]
+    assert scripts == [{}], scripts
     for tag, attrs in page.tags:
         assert tag not in ("iframe", "object", "embed", "style", "base", "meta") or (
             tag == "meta" and set(attrs) <= {"charset", "name", "content"}), (tag, attrs)
@@ -7644,6 +7660,9 @@ def test_stylesheet_and_script_are_served_by_the_server_itself(alice):
     js = http(alice.url, path="/+static/copy.js")
     assert js.status == 200 and js.header("content-type").startswith("text/javascript")
     assert b"navigator.clipboard" in js.body
+    # the same script the pages carry inline, and the one the pages' CSP allows (by hash)
+    assert "sha256-" + base64.b64encode(hashlib.sha256(js.body).digest()).decode() == \
+        minidevpi.WEB_COPY_JS_HASH
     assert http(alice.url, path="/+static/nosuch.css").status == 404
 
 
