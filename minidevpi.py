@@ -536,13 +536,14 @@ def _zip_member_start(f, entry, limit):
 def zip_member_chunks(f, entry, limit, chunk=COPY_CHUNK):
     """The bytes of one zip member (an entry of zip_entries) in pieces of at most
     ``chunk`` bytes, as they are inflated: never more than the stated size, and the size
-    and CRC checked at the end (zipfile.BadZipFile then). Only the piece at hand is held.
+    and CRC checked before the last piece (zipfile.BadZipFile then). Two pieces are held.
     The checks of _zip_member_start come first."""
     import zlib
     name, _flags, method, crc, csize, size = entry[:6]
     _zip_member_start(f, entry, limit)
     inflate = zlib.decompressobj(-15) if method == 8 else None
     got, left, pending, running = 0, csize, b"", 0
+    held = b""  # the last piece goes once the CRC is checked: a bad member is never whole
     while True:
         if not pending and left > 0:
             pending = f.read(min(left, 64 * 1024))
@@ -561,9 +562,13 @@ def zip_member_chunks(f, entry, limit, chunk=COPY_CHUNK):
             raise zipfile.BadZipFile("%s is larger than its stated size" % name)
         running = zlib.crc32(piece, running)
         if piece:
-            yield piece
+            if held:
+                yield held
+            held = piece
     if got != size or running != crc:
         raise zipfile.BadZipFile("%s: CRC or size mismatch" % name)
+    if held:
+        yield held
 
 
 def _zip_member(f, entry, limit):

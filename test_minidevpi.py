@@ -6994,6 +6994,122 @@ def test_doc_upload_refuses_too_many_members_or_bytes(alice, tmp_path, monkeypat
     assert api(alice.url, path="/alice/dev/pkg").status == 404
 
 
+def _get_streamed(url, path, method="GET"):
+    """(status, headers, length, sha256) of one answer, its body read 1 MiB at a time."""
+    u = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        h, n = hashlib.sha256(), 0
+        while True:
+            piece = r.read(1024 * 1024)
+            if not piece:
+                break
+            h.update(piece)
+            n += len(piece)
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), n, h.hexdigest()
+    finally:
+        conn.close()
+
+
+def test_doc_members_are_served_as_inflated_and_the_servers_memory_stays_bounded(tmp_path):
+    """A 64 KB doc zip whose member inflates to 64 MiB, read by 8 clients at once: each gets
+    the right bytes, and the server holds a piece at a time (it read each member whole
+    before: 8 x 128 MiB)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read the server's peak memory")
+    MiB = 1024 * 1024
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
+                     "--no-access-log")
+    try:
+        url, auth = p.url, ("alice", "secret")
+        assert api(url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
+        assert api(url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+        small = make_doc_zip(tmp_path / "small.zip")
+        fields = [(":action", "doc_upload"), ("protocol_version", "1"), ("name", "pkg"),
+                  ("version", "0.9")]
+        assert upload_form(url, "alice/dev", small, auth, fields=fields,
+                           filename="pkg-0.9.doc.zip").status == 200
+        assert _get_streamed(url, "/alice/dev/pkg/0.9/+doc/")[0] == 200  # code paths warm
+        bomb = zip_with_huge_member(tmp_path / "big.zip", "big.bin", 64)
+        assert os.path.getsize(str(bomb)) < 200 * 1024
+        fields[-1] = ("version", "1.0")
+        assert upload_form(url, "alice/dev", str(bomb), auth, fields=fields,
+                           filename="pkg-1.0.doc.zip").status == 200
+        peak_before = vm_peak_kib(p.proc.pid)
+        want = hashlib.sha256()
+        for _ in range(64):
+            want.update(ZEROS)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            _get_streamed(url, "/alice/dev/pkg/1.0/+doc/big.bin"))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(results) == 8
+        for status, headers, n, digest in results:
+            assert status == 200 and n == 64 * MiB and digest == want.hexdigest()
+            assert headers["content-length"] == str(64 * MiB)
+            assert "sandbox" in headers["content-security-policy"]
+        grown = (vm_peak_kib(p.proc.pid) - peak_before) / 1024.0
+        assert grown < 48, "server peak memory grew by %.0f MiB" % grown
+        # HEAD: the length, no body
+        status, headers, n, _ = _get_streamed(url, "/alice/dev/pkg/1.0/+doc/big.bin", "HEAD")
+        assert status == 200 and headers["content-length"] == str(64 * MiB) and n == 0
+    finally:
+        p.stop()
+
+
+def test_doc_members_inflated_at_once_are_bounded_and_a_busy_server_says_503(
+        alice, tmp_path, monkeypatch):
+    monkeypatch.setattr(minidevpi, "DOC_SLOT_WAIT", 0.2)
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<p>the docs</p>",
+                                                "big.txt": "word " * 300000})
+    assert upload_doc(alice, "alice/dev", "pkg", "1.0", docs).status == 200
+    slots = alice._httpd.app._doc_slots
+    taken = 0
+    while slots.acquire(blocking=False):  # every slot busy
+        taken += 1
+    assert taken == minidevpi.DOC_INFLATE_SLOTS
+    try:
+        for page in ("", "big.txt"):
+            r = http(alice.url, path="/alice/dev/pkg/1.0/+doc/" + page)
+            assert r.status == 503 and int(r.header("retry-after")) > 0, r
+            assert r.json()["message"]
+    finally:
+        for _ in range(taken):
+            slots.release()
+    assert http(alice.url, path="/alice/dev/pkg/1.0/+doc/").body == b"<p>the docs</p>"
+    r = http(alice.url, path="/alice/dev/pkg/1.0/+doc/big.txt")
+    assert r.status == 200 and r.body == b"word " * 300000
+
+
+def test_a_doc_member_with_a_wrong_crc_is_never_served_whole(alice, tmp_path):
+    """A member whose bytes don't match its CRC: a small one answers 404, a large one
+    (streamed) is cut short, never sent complete."""
+    for name, size in (("small.txt", 1000), ("large.txt", 3 * 1024 * 1024)):
+        path = tmp_path / ("crc-%s.zip" % name)
+        with zipfile.ZipFile(str(path), "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(name, b"a" * size)
+        raw = bytearray(path.read_bytes())
+        at = raw.index(b"a" * 100)
+        raw[at] = ord("b")  # the data changed, its CRC not
+        path.write_bytes(bytes(raw))
+        assert upload_doc(alice, "alice/dev", "crc" + str(size), "1.0", str(path)
+                          ).status == 200
+        try:
+            status, headers, n, _d = _get_streamed(alice.url, "/alice/dev/crc%d/1.0/+doc/%s"
+                                                   % (size, name))
+        except (httpclient.IncompleteRead, ConnectionError):
+            continue  # cut short: the client knows the answer is broken
+        if size < minidevpi.DOC_PIECE:
+            assert status == 404, (name, status, n)
+        else:  # fewer bytes than its Content-Length: the client knows it is broken
+            assert status == 200 and n < int(headers["content-length"]) == size, (name, n)
+
+
 # ----------------------------------------------------------------------------------
 # 7b. web pages
 # ----------------------------------------------------------------------------------
