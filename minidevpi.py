@@ -90,8 +90,8 @@ DEFAULT_PORT = 3141
 DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
-# tox results kept per release file: the newest; an older one goes (its URL answers 410)
-# when a new one comes. Anyone may post them by default (acl_toxresult_upload), 1 MiB each.
+# tox results kept per release file: the newest; an older one goes (no longer served) when
+# a new one comes. Anyone may post them by default (acl_toxresult_upload), 1 MiB each.
 TOXRESULTS_KEPT = 10
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
@@ -4894,7 +4894,8 @@ class Model:
 
     def _prune_toxresults(self, c, ix, for_filename):
         """Only the newest TOXRESULTS_KEPT tox results of a release file are kept (anyone
-        may post one by default): the older go, their URLs answer 410."""
+        may post one by default): the older go (no longer served; their names not used
+        again)."""
         old = [r["id"] for r in c.execute(
             "SELECT id FROM files WHERE index_id=? AND rel='toxresult' AND for_filename=? "
             "ORDER BY uploaded DESC, id DESC LIMIT -1 OFFSET ?",
@@ -4933,9 +4934,11 @@ class Model:
                 if row["rel"] != "releasefile":
                     raise not_found("no release file found at %s"
                                     % file_relpath(ix.path, sha_prefix, filename))
-                n = 0
-                while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=?",
-                                (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n))).fetchone():
+                n = 0  # (a name once used, its result since gone, is not used again)
+                while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=? UNION ALL "
+                                "SELECT 1 FROM gone WHERE index_id=? AND filename=?",
+                                (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n)) * 2
+                                ).fetchone():
                     n += 1
                 name = "%s.toxresult-%s-%d" % (filename, stamp, n)
                 check_filename(name)

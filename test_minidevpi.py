@@ -2506,6 +2506,44 @@ def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
     assert http(url, path=toxpath).status in (404, 410)
 
 
+def many_env_report(envs, tag=""):
+    """A tox report of ``envs`` environments (each passed), some 45 bytes an environment."""
+    return {"reportversion": "1", "host": tag, "testenvs": {
+        "e%05d" % i: {"test": [{"retcode": 0}], "python": {"version": "3.12"}}
+        for i in range(envs)}}
+
+
+def test_only_the_newest_toxresults_of_a_file_are_kept(alice, tmp_path):
+    """Anyone may post tox results (acl_toxresult_upload :ANONYMOUS:), 1 MiB each: a release
+    file keeps the newest TOXRESULTS_KEPT; an older one is no longer served. devpi's JSON
+    (what devpi list --toxresults reads) lists those kept, and a push takes them along."""
+    url, auth = alice.url, ("alice", "secret")
+    keep = minidevpi.TOXRESULTS_KEPT
+    assert upload_form(url, "alice/dev", make_sdist(tmp_path, "toxpkg", "1.0"),
+                       auth).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "toxpkg", "1.0")[
+        "toxpkg-1.0.tar.gz"]).path
+    posted = []
+    for i in range(keep + 5):
+        r = api(url, "POST", fpath, json_body=dict(TOX_REPORT, host="run%d" % i))
+        assert r.status == 200, r
+        posted.append(r.json()["result"].split("#")[0])
+    kept = toxresult_links(url, "alice/dev", "toxpkg", "1.0")
+    assert [urllib.parse.urlsplit(t["href"]).path[1:] for t in kept] == posted[-keep:]
+    for gone in posted[:5]:
+        assert http(url, path="/" + gone).status in (404, 410)
+    got = http(url, path="/" + posted[-1])
+    assert got.status == 200 and json.loads(got.body)["host"] == "run%d" % (keep + 4)
+    # a push keeps the bound in the target too
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": []})
+    for _ in range(2):
+        r = api(url, "POST", "/alice/dev", auth=auth, json_body={
+            ":action": "push", "name": "toxpkg", "version": "1.0", "targetindex": "alice/prod"})
+        assert r.status == 200, r
+        assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    assert len(toxresult_links(url, "alice/prod", "toxpkg", "1.0")) == keep
+
+
 # ----------------------------------------------------------------------------------
 # 5. model: read permissions (acl_read, --restrict-reads), through every URL kind
 # ----------------------------------------------------------------------------------
@@ -7356,6 +7394,117 @@ def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
     assert r.status == 200 and b"<h1>meta docs</h1>" in r.body
     project = assert_web_page(browse(url, "/alice/dev/meta-pkg"))
     assert "/alice/dev/meta-pkg/1.0/+doc/" in project.links()
+
+
+def test_version_page_shows_a_bounded_summary_of_many_large_toxresults(alice, tmp_path):
+    """Anonymous posts of large reports with many environments (old: 20 posts made a 177 MB
+    page): the page shows of each file the newest reports, of each a few environments and
+    "N more", every tag linking to the whole report."""
+    url, auth = alice.url, ("alice", "secret")
+    for maker in (make_sdist, make_wheel):
+        assert upload_form(url, "alice/dev", maker(tmp_path, "toxpkg", "1.0"),
+                           auth).status == 200
+    links = release_links(url, "alice/dev", "toxpkg", "1.0")
+    report = json.dumps(many_env_report(12000)).encode()
+    assert 500 * 1024 < len(report) < 1024 * 1024
+    for href in links.values():
+        for _ in range(minidevpi.TOXRESULTS_KEPT + 3):
+            r = api(url, "POST", urllib.parse.urlsplit(href).path, body=report,
+                    headers={"Content-Type": "application/json"})
+            assert r.status == 200, r
+    r = browse(url, "/alice/dev/toxpkg/1.0")
+    page = assert_web_page(r)
+    assert len(r.body) < 128 * 1024, len(r.body)
+    text = " ".join(page.text)
+    shown = minidevpi.WEB_TOX_ENVS_SHOWN
+    assert text.count("e00000 passed") == 2 * minidevpi.TOXRESULTS_KEPT
+    assert text.count("%d more" % (12000 - shown)) == 2 * minidevpi.TOXRESULTS_KEPT
+    assert "e%05d passed" % shown not in text
+    reports = set(h for h in page.links() if ".toxresult-" in h)
+    assert len(reports) == 2 * minidevpi.TOXRESULTS_KEPT
+
+
+def malformed_tox_reports():
+    """TOX_REPORT with one value replaced by a value of each wrong type, at every level
+    (the root too), and a few shapes of their own."""
+    wrong = [None, True, 5, -1.5, "x", "", [], [1, "a"], {}, {"a": 1}, [{}], [[]],
+             {"retcode": [0]}, 10 ** 90]
+
+    def paths(value, prefix=()):
+        yield prefix
+        if isinstance(value, dict):
+            for k, v in value.items():
+                for p in paths(v, prefix + (k,)):
+                    yield p
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                for p in paths(v, prefix + (i,)):
+                    yield p
+
+    def replaced(value, path, new):
+        if not path:
+            return new
+        value = json.loads(json.dumps(value))
+        at = value
+        for step in path[:-1]:
+            at = at[step]
+        at[path[-1]] = new
+        return value
+
+    for path in paths(TOX_REPORT):
+        for new in wrong:
+            yield replaced(TOX_REPORT, path, new)
+    yield {"testenvs": {"py": {"test": 5}}}
+    yield {"testenvs": {"py": {"setup": "x", "python": 3}}}
+    yield {"testenvs": {"py": None, "py2": {"test": [{"retcode": None}]}}}
+    yield {"testenvs": {"": {"python": {"version": ["3"]}}}}
+    yield {"testenvs": {"x" * 5000: {"python": {"version": "y" * 5000}}}}
+    deep = {}
+    for _ in range(200):
+        deep = {"testenvs": deep}
+    yield deep
+
+
+def test_tox_envs_reads_any_report_shape_without_an_exception():
+    n = 0
+    for report in malformed_tox_reports():
+        envs = minidevpi.tox_envs(report)
+        assert envs is None or all(
+            isinstance(e, str) and len(e) <= minidevpi.WEB_TOX_NAME_CHARS and
+            isinstance(ok, bool) and isinstance(py, str) and len(py) <= 40
+            for e, ok, py in envs), (report, envs)
+        html = "".join(minidevpi._web_tox_tags("/x", envs))
+        assert html.startswith("<a ") and len(html) < 4000
+        n += 1
+    assert n > 300
+    assert minidevpi.tox_envs({"testenvs": {"py": {"test": 5}}}) is None
+    assert minidevpi.tox_envs(TOX_REPORT) == [("py", True, "3.11.7")]
+    assert minidevpi.tox_envs({"testenvs": {"py": {"test": [{"retcode": "1"}]}}}) == [
+        ("py", False, "")]
+
+
+def test_a_malformed_toxresult_shows_as_unreadable_never_a_500(alice, tmp_path):
+    """One anonymous report of the wrong shape made the version page answer 500 for everyone:
+    now each shape shows as "unreadable report" (or its environments), HTML and JSON alike."""
+    url, auth = alice.url, ("alice", "secret")
+    assert upload_form(url, "alice/dev", make_sdist(tmp_path, "badtox", "1.0"),
+                       auth).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "badtox", "1.0")[
+        "badtox-1.0.tar.gz"]).path
+    r = api(url, "POST", fpath, json_body={"testenvs": {"py": {"test": 5}}})
+    assert r.status == 200, r
+    page = assert_web_page(browse(url, "/alice/dev/badtox/1.0"))
+    assert "unreadable report" in " ".join(page.text)
+    reports = list(malformed_tox_reports())
+    for i, report in enumerate(reports[::3]):  # (every third: a few seconds in all)
+        r = api(url, "POST", fpath, json_body=report)
+        if r.status != 200:  # the server's own JSON rules (too deep, a long number): 400
+            assert r.status == 400 and r.json()["message"], (report, r)
+            continue
+        assert_web_page(browse(url, "/alice/dev/badtox/1.0"))
+        for path in ("/alice/dev/badtox/1.0", "/alice/dev/badtox"):
+            assert api(url, path=path).status == 200
+        assert http(url, path="/" + r.json()["result"].split("#")[0]).status == 200
 
 
 HOSTILE_VALUE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
