@@ -323,6 +323,22 @@ def cheap_password_hashing(monkeypatch):
     monkeypatch.setattr(minidevpi, "PBKDF2_ITERATIONS", 1000)
 
 
+@pytest.fixture(autouse=True)
+def no_page_over_the_ceiling(monkeypatch):
+    """No web page an in-process server renders in the suite reaches WEB_PAGE_MAX_BYTES:
+    reaching it is a bug in what a page bounds (web_document then serves a notice and
+    calls web_page_over_ceiling, watched here). Yields the list of those calls."""
+    over = []
+    real = minidevpi.web_page_over_ceiling
+
+    def watch(title, size):
+        over.append((title, size))
+        real(title, size)
+    monkeypatch.setattr(minidevpi, "web_page_over_ceiling", watch)
+    yield over
+    assert not over, "pages over WEB_PAGE_MAX_BYTES: %r" % over
+
+
 @pytest.fixture
 def real_kdf(monkeypatch):
     monkeypatch.undo()  # the module's own (slow) parameters
@@ -7507,6 +7523,70 @@ def test_a_malformed_toxresult_shows_as_unreadable_never_a_500(alice, tmp_path):
         assert http(url, path="/" + r.json()["result"].split("#")[0]).status == 200
 
 
+def test_a_page_over_the_ceiling_is_a_short_notice_and_logged(alice, tmp_path, monkeypatch,
+                                                              no_page_over_the_ceiling,
+                                                              capfd):
+    """The one place pages are built (web_document) never emits more than
+    WEB_PAGE_MAX_BYTES: a page that would is replaced by a notice pointing to the JSON API,
+    and logged (here with a ceiling lowered to 40 kB)."""
+    monkeypatch.setattr(minidevpi, "WEB_PAGE_MAX_BYTES", 40000)
+    url, auth = alice.url, ("alice", "secret")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "big-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"),
+              ("description", "many words " * 6000), ("description_content_type", "text/plain")]
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "big-pkg", "1.0"), auth,
+                       fields=fields).status == 200
+    r = browse(url, "/alice/dev/big-pkg/1.0")
+    page = assert_web_page(r)
+    assert len(r.body) < 40000
+    text = " ".join(page.text)
+    assert "too large to show" in text and "JSON" in text and "many words" not in text
+    assert [t for t, _size in no_page_over_the_ceiling] == ["big-pkg 1.0 - alice/dev"]
+    assert no_page_over_the_ceiling[0][1] > 40000
+    assert "over the ceiling of 40000" in capfd.readouterr().err
+    del no_page_over_the_ceiling[:]
+    # the JSON API still has it all
+    assert "many words" in api(url, path="/alice/dev/big-pkg/1.0").json()["result"][
+        "description"]
+    assert_web_page(browse(url, "/alice/dev/big-pkg"))  # the other pages are whole
+
+
+def test_main_pages_csp_allows_the_copy_script_alone_never_a_doc_zips(alice, tmp_path):
+    """A doc zip's .js is served from the index's own origin as text/javascript: with
+    script-src 'self' any HTML injected into a main page could run it. The main pages allow
+    one script, by its hash (the copy buttons', the same bytes as /+static/copy.js); the
+    doc pages keep their sandbox without scripts."""
+    url, auth = alice.url, ("alice", "secret")
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "csp-pkg", "1.0"),
+                       auth).status == 200
+    evil = b"fetch('/alice/dev', {method: 'DELETE'});"
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": '<script src="evil.js"></script>',
+                                                "evil.js": evil.decode()})
+    assert upload_doc(alice, "alice/dev", "csp-pkg", "1.0", docs).status == 200
+    js = http(url, path="/alice/dev/csp-pkg/1.0/+doc/evil.js")
+    assert js.status == 200 and js.body == evil and "javascript" in js.header("content-type")
+    evil_hash = "'sha256-%s'" % base64.b64encode(hashlib.sha256(evil).digest()).decode()
+    copy_js = http(url, path="/+static/copy.js").body
+    copy_hash = "'sha256-%s'" % base64.b64encode(hashlib.sha256(copy_js).digest()).decode()
+    for path in ("/", "/alice", "/alice/dev", "/alice/dev/csp-pkg", "/alice/dev/csp-pkg/1.0",
+                 "/+search?q=csp", "/+status", "/alice/dev/nosuch"):
+        r = browse(url, path)
+        csp = csp_directives(r.header("content-security-policy"))
+        assert csp["script-src"] == [copy_hash], (path, csp)
+        assert csp["default-src"] == ["'none'"] and evil_hash not in csp["script-src"]
+        for directive, sources in csp.items():  # nothing that would let a script in
+            assert "*" not in sources and "'unsafe-inline'" not in sources and \
+                "'unsafe-eval'" not in sources and "data:" not in sources or \
+                directive == "img-src", (path, directive, sources)
+        if r.status == 200:
+            assert_web_page(r)
+    # the doc pages: sandboxed, no script at all
+    for member in ("", "evil.js"):
+        csp = csp_directives(http(url, path="/alice/dev/csp-pkg/1.0/+doc/" + member).header(
+            "content-security-policy"))
+        assert "sandbox" in csp and csp["script-src"] == ["'none'"], csp
+
+
 HOSTILE_VALUE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
 
 
@@ -7978,7 +8058,8 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
     fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "browse-pkg", "1.0")[
         "browse_pkg-1.0-py3-none-any.whl"]).path
     assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
-    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>"})
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>",
+                                                "evil.js": "window.__evil = 1;"})
     assert upload_form(url, "alice/dev", docs, auth, filename="browse-pkg-1.0.doc.zip", fields=[
         (":action", "doc_upload"), ("name", "browse-pkg"), ("version", "1.0")]).status == 200
     alice.upload("alice/dev", make_wheel(tmp_path, "browse-pkg", "1.1"))
@@ -8060,6 +8141,20 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         d.get(url + "/alice/dev/no-such-project")
         assert "404" in d.find_element(By.TAG_NAME, "h1").text
         d.get_log("browser")  # (the 404 itself is logged as a failed load: expected here)
+        # a doc zip's script comes from this origin, yet a main page won't run it (as HTML
+        # injected into the page would have it): the CSP blocks it, and says so
+        d.get(url + "/alice/dev/browse-pkg/1.0")
+        console()
+        d.execute_script("var s = document.createElement('script'); "
+                         "s.src = '/alice/dev/browse-pkg/1.0/+doc/evil.js'; "
+                         "document.head.appendChild(s);")
+        blocked, deadline = [], time.monotonic() + 15
+        while not blocked and time.monotonic() < deadline:
+            blocked = [e for e in d.get_log("browser")
+                       if "Content Security Policy" in e.get("message", "")]
+            time.sleep(0.1)
+        assert blocked and "evil.js" in blocked[0]["message"], blocked
+        assert d.execute_script("return window.__evil === undefined")
     finally:
         d.quit()
     assert problems == [], problems
