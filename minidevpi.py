@@ -7989,8 +7989,8 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
                        tox, newer, doc, status=None, cooling=None):
     """A version page. ``files`` [(File, href)] of the release files offered (a file with
     a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
-    filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label, version)], ``doc`` the
-    documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
+    filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label,
+    version)], ``doc`` the documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
     None, ``cooling`` when the first file of this version still held back by
     mirror_min_age matures (those are not listed), or None."""
     display = meta.get("name") or norm
