@@ -90,6 +90,9 @@ DEFAULT_PORT = 3141
 DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
+# tox results kept per release file: the newest; an older one goes (no longer served) when
+# a new one comes. Anyone may post them by default (acl_toxresult_upload), 1 MiB each.
+TOXRESULTS_KEPT = 10
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
@@ -509,12 +512,11 @@ def zip_entries(f):
         yield name, flags, method, crc, csize, size, offset + concat, attrs
 
 
-def _zip_member(f, entry, limit):
-    """The bytes of one zip member (an entry of zip_entries), or ArchiveTooLarge when it
-    is larger than ``limit``. Stored and deflated members (what wheels and sdists use) are
-    read; never more than the stated size is inflated, and the CRC is checked."""
+def _zip_member_start(f, entry, limit):
+    """Check one zip member (an entry of zip_entries) and seek ``f`` to its data:
+    ArchiveTooLarge when it is larger than ``limit``, zipfile.BadZipFile unless stored or
+    deflated (what wheels and sdists use), unencrypted, with a local header."""
     import struct
-    import zlib
     name, flags, method, crc, csize, size, offset = entry[:7]
     if size > limit:
         raise ArchiveTooLarge("%s is larger than %d bytes" % (name, limit))
@@ -529,34 +531,66 @@ def _zip_member(f, entry, limit):
         raise zipfile.BadZipFile("broken local header of %s" % name)
     nlen, elen = struct.unpack("<26xHH", head)
     f.seek(nlen + elen, 1)
+
+
+def zip_member_chunks(f, entry, limit, chunk=COPY_CHUNK):
+    """The bytes of one zip member (an entry of zip_entries) in pieces of at most
+    ``chunk`` bytes, as they are inflated: never more than the stated size, and the size
+    and CRC checked before the last piece (zipfile.BadZipFile then). Two pieces are held.
+    The checks of _zip_member_start come first."""
+    import zlib
+    name, _flags, method, crc, csize, size = entry[:6]
+    _zip_member_start(f, entry, limit)
     inflate = zlib.decompressobj(-15) if method == 8 else None
-    out, got, left, pending = [], 0, csize, b""
-    while left > 0 or pending:
-        if not pending:
-            pending = f.read(min(left, 1024 * 1024))
+    got, left, pending, running = 0, csize, b"", 0
+    held = b""  # the last piece goes once the CRC is checked: a bad member is never whole
+    while True:
+        if not pending and left > 0:
+            pending = f.read(min(left, 64 * 1024))
             if not pending:
                 raise zipfile.BadZipFile("%s is cut short" % name)
             left -= len(pending)
         if inflate is None:
-            piece, pending = pending, b""
+            piece, pending = pending[:chunk], pending[chunk:]
         else:
-            piece = inflate.decompress(pending, size - got + 1)
+            piece = inflate.decompress(pending, min(chunk, size - got + 1))
             pending = inflate.unconsumed_tail
+        if not piece and not pending and left <= 0:
+            break
         got += len(piece)
         if got > size:
             raise zipfile.BadZipFile("%s is larger than its stated size" % name)
-        out.append(piece)
-    data = b"".join(out)
-    if len(data) != size or zlib.crc32(data) != crc:
+        running = zlib.crc32(piece, running)
+        if piece:
+            if held:
+                yield held
+            held = piece
+    if got != size or running != crc:
         raise zipfile.BadZipFile("%s: CRC or size mismatch" % name)
-    return data
+    if held:
+        yield held
+
+
+def _zip_member(f, entry, limit):
+    """The bytes of one zip member (an entry of zip_entries), or ArchiveTooLarge when it
+    is larger than ``limit``. Stored and deflated members (what wheels and sdists use) are
+    read; never more than the stated size is inflated, and the CRC is checked."""
+    return b"".join(zip_member_chunks(f, entry, limit))
 
 
 # A documentation zip is an untrusted archive served member by member: it may hold at
 # most this many members and this many bytes unpacked (the sum of the members' stated
 # sizes; a member is never inflated past its stated size), and a member at most
-# MAX_DOC_MEMBER_BYTES (a page is read whole to be served).
+# MAX_DOC_MEMBER_BYTES (a member is served as it is inflated, a piece at a time).
 MAX_DOC_MEMBERS = 50000
+# Serving a doc member: it is inflated DOC_PIECE bytes at a time while sent, at most
+# DOC_INFLATE_SLOTS pieces at once in the process (a request waits up to DOC_SLOT_WAIT
+# seconds for a slot, then gets 503 with Retry-After); the member lists of the zips last
+# read are kept, DOC_CACHE_MEMBERS entries in all.
+DOC_PIECE = 256 * 1024
+DOC_INFLATE_SLOTS = 4
+DOC_SLOT_WAIT = 10
+DOC_CACHE_MEMBERS = 200000
 MAX_DOC_BYTES = 1024 * 1024 * 1024
 MAX_DOC_MEMBER_BYTES = 128 * 1024 * 1024
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -5053,6 +5087,19 @@ class Model:
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
                              rel="doczip")
 
+    def _prune_toxresults(self, c, ix, for_filename):
+        """Only the newest TOXRESULTS_KEPT tox results of a release file are kept (anyone
+        may post one by default): the older go (no longer served; their names not used
+        again)."""
+        old = [r["id"] for r in c.execute(
+            "SELECT id FROM files WHERE index_id=? AND rel='toxresult' AND for_filename=? "
+            "ORDER BY uploaded DESC, id DESC LIMIT -1 OFFSET ?",
+            (ix.id, for_filename, TOXRESULTS_KEPT)).fetchall()]
+        if old:
+            marks = ",".join("?" * len(old))
+            self._delete_files(c, ix, "f.id IN (%s)" % marks, old)
+            c.execute("DELETE FROM files WHERE id IN (%s)" % marks, old)
+
     def add_toxresult(self, actor, ix, filename, sha_prefix, report):
         """Keep a tox JSON report (what ``devpi test`` posts to a release file's URL) with
         that file, named as devpi names it: <file>.toxresult-<UTC YYYYmmddHHMMSS>-<n>, and
@@ -5083,9 +5130,11 @@ class Model:
                     raise not_found("no release file found at %s"
                                     % file_relpath(ix.path, sha_prefix, filename))
                 check_scope(actor, "toxresult_upload", ix.path, row["name"])
-                n = 0
-                while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=?",
-                                (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n))).fetchone():
+                n = 0  # (a name once used, its result since gone, is not used again)
+                while c.execute("SELECT 1 FROM files WHERE index_id=? AND filename=? UNION ALL "
+                                "SELECT 1 FROM gone WHERE index_id=? AND filename=?",
+                                (ix.id, "%s.toxresult-%s-%d" % (filename, stamp, n)) * 2
+                                ).fetchone():
                     n += 1
                 name = "%s.toxresult-%s-%d" % (filename, stamp, n)
                 check_filename(name)
@@ -5093,6 +5142,7 @@ class Model:
                 sha = self.store.put_bytes(data)  # (only once the request is allowed)
                 self.store.insert_file(c, ix.id, row["version_id"], name, "toxresult", sha,
                                        len(data), now, "", None, filename, [entry])
+                self._prune_toxresults(c, ix, filename)
                 self._changed(projects=[row["name"]])
         except Exception:
             if sha is not None:
@@ -5325,6 +5375,7 @@ class Model:
                 self.store.insert_file(c, target.id, tvid, t["filename"], "toxresult",
                                        t["sha256"], t["size"], t["uploaded"], "", None,
                                        t["for_filename"], log=log_list)
+                self._prune_toxresults(c, target, t["for_filename"])
             actionlog.append([200, "store_toxresult", stored])
 
     # -- releases: reading ------------------------------------------------------------------
@@ -7650,11 +7701,9 @@ def render_simple_project(norm, display, files, versions, fmt, href, status=None
 # simple pages, as before. Pages are rendered from what the model gives the reader
 # (list_users, chain, walk, releases: the read rules apply) by the pure functions below,
 # kept in the page cache like the simple pages, and sent with a Content-Security-Policy
-# that allows no inline script and nothing from elsewhere but https images.
+# that allows one script, the copy buttons' (by its hash), and nothing from elsewhere but
+# https images.
 
-WEB_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; "
-           "script-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-WEB_HEADERS = (("Content-Security-Policy", WEB_CSP), ("Referrer-Policy", "same-origin"))
 WEB_BROWSER_TYPES = ("text/html", "application/xhtml+xml")
 WEB_PAGE_SIZE = 100  # projects an index page lists at a time
 WEB_SEARCH_LIMIT = 50
@@ -7723,13 +7772,15 @@ table.files td:nth-child(4),table.files th:nth-child(4){display:none}}
 
 WEB_COPY_JS = """\
 // minidevpi: copy buttons (the pages work without this script)
-document.querySelectorAll("button[data-copy]").forEach(function (b) {
-  if (!navigator.clipboard) { return; }
-  b.hidden = false;
-  b.addEventListener("click", function () {
-    navigator.clipboard.writeText(b.getAttribute("data-copy")).then(function () {
-      b.textContent = "Copied";
-      setTimeout(function () { b.textContent = "Copy"; }, 1500);
+document.addEventListener("DOMContentLoaded", function () {
+  document.querySelectorAll("button[data-copy]").forEach(function (b) {
+    if (!navigator.clipboard) { return; }
+    b.hidden = false;
+    b.addEventListener("click", function () {
+      navigator.clipboard.writeText(b.getAttribute("data-copy")).then(function () {
+        b.textContent = "Copied";
+        setTimeout(function () { b.textContent = "Copy"; }, 1500);
+      });
     });
   });
 });
@@ -7741,6 +7792,21 @@ WEB_ICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect w
 WEB_STATIC = {"style.css": ("text/css; charset=utf-8", WEB_STYLE.encode()),
               "copy.js": ("text/javascript; charset=utf-8", WEB_COPY_JS.encode()),
               "icon.svg": ("image/svg+xml", WEB_ICON.encode())}
+# The one script a page may run is the copy buttons', inline, allowed by its hash: not
+# 'self', since a doc zip's .js is served from this origin too (as text/javascript), and
+# with 'self' any HTML injected into a page could load it. (A source with a path, such as
+# /+static/, would not do: CSP ignores the path after a redirect.)
+WEB_COPY_JS_HASH = "sha256-" + base64.b64encode(
+    hashlib.sha256(WEB_COPY_JS.encode()).digest()).decode()
+WEB_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; "
+           "script-src '%s'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+           % WEB_COPY_JS_HASH)
+WEB_HEADERS = (("Content-Security-Policy", WEB_CSP), ("Referrer-Policy", "same-origin"))
+# A web page is at most this many bytes. Every page bounds what it lists (projects a page,
+# tox results and environments, description sizes), so a page over it is a bug: it is
+# logged, and the page answers with a short notice in its place (pointing to the JSON API)
+# rather than send or cache the whole.
+WEB_PAGE_MAX_BYTES = 8 * 1024 * 1024
 
 
 def wants_html(req):
@@ -7798,20 +7864,35 @@ def web_document(title, body, prefix, crumbs=(), search=("", "")):
         parts.append('<a href="%s">%s</a>' % (href, _e(text)) if href else _e(text))
     q, index = search
     hidden = ('<input type="hidden" name="index" value="%s">' % _e(index)) if index else ""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<title>%s</title><link rel=\"stylesheet\" href=\"%s/+static/style.css\">"
             "<link rel=\"icon\" href=\"%s/+static/icon.svg\" type=\"image/svg+xml\">"
-            "<script src=\"%s/+static/copy.js\" defer></script></head><body>"
+            "<script>%s</script></head><body>"
             "<header><div class=\"bar\"><nav class=\"crumbs\">%s</nav>"
             "<form class=\"search\" action=\"%s/+search\" method=\"get\" role=\"search\">%s"
             "<input type=\"search\" name=\"q\" value=\"%s\" placeholder=\"Search projects\" "
             "aria-label=\"Search projects\"><button type=\"submit\">Search</button></form>"
             "</div></header><main>%s</main><footer>minidevpi %s &middot; "
             "<a href=\"%s/+status\">status</a></footer></body></html>\n" % (
-                _e(title), _e(prefix), _e(prefix), _e(prefix),
+                _e(title), _e(prefix), _e(prefix), WEB_COPY_JS,
                 '<span class="sep">/</span>'.join(parts), _e(prefix), hidden, _e(q), body,
                 _e(__version__), _e(prefix))).encode("utf-8")
+    if len(page) > WEB_PAGE_MAX_BYTES:
+        web_page_over_ceiling(title, len(page))
+        return web_document(title[:200], '<h1>%s</h1><p class="note">This page is too large to '
+                            'show (%s; a page is at most %s). What it lists is in the JSON '
+                            'API at the same URL (ask for application/json).</p>'
+                            % (_e(title[:200]), web_size(len(page)),
+                               web_size(WEB_PAGE_MAX_BYTES)), prefix)
+    return page
+
+
+def web_page_over_ceiling(title, size):
+    """A page over WEB_PAGE_MAX_BYTES: a bug in what it bounds, logged. (The tests watch
+    this function: no page in the suite may reach it.)"""
+    log("ERROR: the page %r would be %d bytes, over the ceiling of %d: a notice was served "
+        "instead (please report this)" % (title[:200], size, WEB_PAGE_MAX_BYTES))
 
 
 def _index_crumbs(prefix, path):
@@ -8045,24 +8126,75 @@ def _uploader(log_text):
     return ""
 
 
+# What a version page shows of the tox results of a release file: the newest
+# WEB_TOXRESULTS_SHOWN reports (no more are kept: TOXRESULTS_KEPT), of each at most
+# WEB_TOX_ENVS_SHOWN environments as a tag (env, python, passed or failed) linking to the
+# whole report, names cut to WEB_TOX_NAME_CHARS. A report is anyone's JSON: whatever its
+# shape, the page shows a summary or "unreadable report", never a 500.
+WEB_TOX_ENVS_SHOWN = 12
+WEB_TOX_NAME_CHARS = 40
+
+
 def tox_envs(report):
-    """[(environment, passed, python)] of a tox JSON report (as ``devpi test`` posts it)."""
-    out = []
-    envs = report.get("testenvs") if isinstance(report, dict) else None
+    """[(environment, passed, python)] of a tox JSON report (as ``devpi test`` posts it),
+    or None for a report of another shape (every field of it is untrusted). A report
+    without ``testenvs`` has no environments: []."""
+    if not isinstance(report, dict):
+        return None
+    envs = report.get("testenvs")
+    if envs is None:
+        return []
     if not isinstance(envs, dict):
-        return out
+        return None
+    out = []
     for name, env in sorted(envs.items()):
         if not isinstance(env, dict):
-            continue
+            return None
         codes = []
         for step in ("setup", "test"):
-            for cmd in env.get(step) or []:
-                if isinstance(cmd, dict):
-                    codes.append(str(cmd.get("retcode", "")).strip())
-        python = env.get("python", {})
-        python = python.get("version", "") if isinstance(python, dict) else ""
-        out.append((str(name), bool(codes) and all(c == "0" for c in codes), str(python)))
+            cmds = env.get(step)
+            if cmds is None:
+                continue
+            if not isinstance(cmds, list):
+                return None
+            for cmd in cmds:
+                if not isinstance(cmd, dict):
+                    return None
+                code = cmd.get("retcode", "")
+                if isinstance(code, bool) or not isinstance(code, (int, str)):
+                    return None
+                codes.append(str(code).strip()[:20])
+        python = env.get("python")
+        if python is None:
+            python = ""
+        elif isinstance(python, dict):
+            python = python.get("version", "")
+            if not isinstance(python, str):
+                python = ""
+        else:
+            return None
+        out.append((name[:WEB_TOX_NAME_CHARS], bool(codes) and all(c == "0" for c in codes),
+                    python.split()[0][:WEB_TOX_NAME_CHARS] if python.split() else ""))
     return out
+
+
+def _web_tox_tags(thref, envs):
+    """The tags of one tox report (``envs`` its tox_envs) on a version page: a bounded
+    summary, linking to the whole report."""
+    if envs is None:
+        return ['<a href="%s" class="tag fail">unreadable report</a>' % _e(thref)]
+    if not envs:
+        return ['<a href="%s" class="tag">report</a>' % _e(thref)]
+    tags = []
+    for env, passed, python in envs[:WEB_TOX_ENVS_SHOWN]:
+        tags.append('<a href="%s" class="tag %s"%s>%s %s</a>' % (
+            _e(thref), "ok" if passed else "fail",
+            (' title="python %s"' % _e(python)) if python else "", _e(env),
+            "passed" if passed else "failed"))
+    if len(envs) > WEB_TOX_ENVS_SHOWN:
+        tags.append('<a href="%s" class="tag">%d more</a>'
+                    % (_e(thref), len(envs) - WEB_TOX_ENVS_SHOWN))
+    return tags
 
 
 def _requirement(text):
@@ -8087,8 +8219,8 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
                        tox, newer, doc, status=None, cooling=None):
     """A version page. ``files`` [(File, href)] of the release files offered (a file with
     a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
-    filename: [(href, report dict, File)]}, ``newer`` [(label, version)], ``doc`` the
-    documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
+    filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label,
+    version)], ``doc`` the documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
     None, ``cooling`` when the first file of this version still held back by
     mirror_min_age matures (those are not listed), or None."""
     display = meta.get("name") or norm
@@ -8155,14 +8287,8 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
         for f, href in files:
             kind, pytag = _wheel_tag(f.filename)
             tests = []
-            for thref, report, tf in tox.get(f.filename, []):
-                envs = tox_envs(report)
-                for env, passed, _python in envs:
-                    tests.append('<a href="%s" class="tag %s">%s %s</a>' % (
-                        _e(thref), "ok" if passed else "fail", _e(env),
-                        "passed" if passed else "failed"))
-                if not envs:
-                    tests.append('<a href="%s" class="tag">report</a>' % _e(thref))
+            for thref, envs, tf in tox.get(f.filename, [])[:TOXRESULTS_KEPT]:
+                tests.extend(_web_tox_tags(thref, envs))
             up = _uploader(f.log)
             body.append(
                 '<tr><td><a href="%s">%s</a>%s%s<div class="sha">sha256 %s</div></td>'
@@ -8390,16 +8516,20 @@ class WebPages:
             release = [f for f in files if f.rel == "releasefile"]
             shas = {f.filename: f.sha256 for f in release}
             tox = {}
-            for f in files:
-                if f.rel != "toxresult" or f.for_filename not in shas:
+            for f in sorted((f for f in files if f.rel == "toxresult"
+                             and f.for_filename in shas),
+                            key=lambda f: f.uploaded or 0, reverse=True):
+                shown = tox.setdefault(f.for_filename, [])
+                if len(shown) >= TOXRESULTS_KEPT:  # (only an import brings more)
                     continue
-                try:
+                try:  # one report at a time: only its summary is kept
                     with open(self.store.blob_path(f.sha256), "rb") as fh:
-                        report = json.loads(fh.read(TOXRESULT_MAX_BODY + 1).decode("utf-8"))
-                except (OSError, ValueError):
-                    report = {}
+                        envs = tox_envs(json.loads(fh.read(TOXRESULT_MAX_BODY + 1).decode(
+                            "utf-8"), parse_int=_json_int))
+                except (OSError, ValueError, RecursionError):
+                    envs = None
                 href = prefix + "/" + file_relpath(f.index, shas[f.for_filename], f.filename)
-                tox.setdefault(f.for_filename, []).append((href, report, f))
+                shown.append((href, envs, f))
             versions = list(releases)
             newer = []
             key = version_key(ver)
@@ -8628,6 +8758,8 @@ class App(WebPages):
         self.pages = PageCache()
         model.on_change(self.pages.changed)
         self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
+        self._doc_cache_lock = threading.Lock()
+        self._doc_slots = threading.BoundedSemaphore(DOC_INFLATE_SLOTS)
         self.started = time.time()
 
     # -- dispatch ---------------------------------------------------------------------
@@ -9292,16 +9424,41 @@ class App(WebPages):
         return docs[version]
 
     def _doc_members(self, sha256, blob):
-        """{name: zip entry} of a stored doc zip; the last few are kept (by content)."""
+        """{name: zip entry} of a stored doc zip; the last few are kept (by content), at
+        most DOC_CACHE_MEMBERS entries in all."""
         cache = self._doc_cache
         members = cache.get(sha256)
         if members is None:
             with open(blob, "rb") as f:
                 members = doc_zip_members(f)
-            while len(cache) >= 16:
-                cache.pop(next(iter(cache)), None)
-            cache[sha256] = members
+            with self._doc_cache_lock:
+                while cache and (len(cache) >= 16 or sum(map(len, cache.values()))
+                                 + len(members) > DOC_CACHE_MEMBERS):
+                    cache.pop(next(iter(cache)), None)
+                cache[sha256] = members
         return members
+
+    def _doc_pieces(self, blob, entry):
+        """A doc member's bytes as they are inflated, DOC_PIECE bytes at a time, each piece
+        inflated holding one of DOC_INFLATE_SLOTS (none is held while a piece is sent):
+        503 when no slot frees within DOC_SLOT_WAIT seconds. A member found broken on
+        the way raises HTTPError (the connection is then cut: the client sees a short
+        answer, never a complete bad one)."""
+        with open(blob, "rb") as fh:
+            pieces = zip_member_chunks(fh, entry, MAX_DOC_MEMBER_BYTES, DOC_PIECE)
+            while True:
+                if not self._doc_slots.acquire(timeout=DOC_SLOT_WAIT):
+                    raise HTTPError(503, "too many documentation pages are being unpacked; "
+                                    "try again shortly", retry_after=2)
+                try:
+                    piece = next(pieces, None)
+                except (OSError, ValueError, zipfile.BadZipFile) as e:
+                    raise HTTPError(404, "the documentation can't be read: %s" % e)
+                finally:
+                    self._doc_slots.release()
+                if piece is None:
+                    return
+                yield piece
 
     def _doc_slash_redirect(self, req):
         """To the path with a slash: a directory's index.html, whose relative links work."""
@@ -9325,14 +9482,33 @@ class App(WebPages):
                 return self._doc_slash_redirect(req)
             if entry is None:
                 raise not_found("no such page in the documentation: %s" % name[:200])
-            with open(blob, "rb") as fh:
-                data = _zip_member(fh, entry, MAX_DOC_MEMBER_BYTES)
+            size = entry[5]
+            pieces = self._doc_pieces(blob, entry)
+            first = next(pieces, b"")  # (a busy server's 503, a broken member's 404 here)
+            if len(first) >= size:  # the whole member: checked to its end, sent as bytes
+                if next(pieces, None) is not None:
+                    raise zipfile.BadZipFile("larger than its stated size")
+                pieces = None
+        except HTTPError as e:
+            if e.status != 404:
+                raise
+            raise not_found("the documentation of %s %s can't be read" % (f.project, f.version))
         except (OSError, ValueError, zipfile.BadZipFile):
             raise not_found("the documentation of %s %s can't be read" % (f.project, f.version))
         ctype, encoding = mimetypes.guess_type(name)
         if encoding or not ctype:
             ctype = "application/octet-stream"
-        return Response(200, data, [("Content-Type", ctype)] + list(self.DOC_HEADERS))
+        resp = Response(200, first, [("Content-Type", ctype)] + list(self.DOC_HEADERS))
+        if pieces is not None:  # a large member: sent as it is inflated
+            def stream():
+                try:
+                    yield first
+                    for piece in pieces:
+                        yield piece
+                finally:
+                    pieces.close()
+            resp.stream, resp.file_size = stream(), size
+        return resp
 
     # -- files --------------------------------------------------------------------------
 
@@ -9946,8 +10122,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         data = "".join(head).encode("latin-1", "replace")
         send_body = self.command != "HEAD" and status != 304
         try:
-            if resp.stream is not None:
+            if resp.stream is not None and send_body:
                 self._send_stream(data, resp)
+            elif resp.stream is not None:  # HEAD: its length, not its bytes
+                try:
+                    self.wfile.write(data)
+                finally:
+                    resp.stream.close()
             elif resp.file_path and send_body:
                 with open(resp.file_path, "rb") as f:
                     if length <= SMALL_FILE:  # metadata, small wheels, ranges: one write

@@ -323,6 +323,22 @@ def cheap_password_hashing(monkeypatch):
     monkeypatch.setattr(minidevpi, "PBKDF2_ITERATIONS", 1000)
 
 
+@pytest.fixture(autouse=True)
+def no_page_over_the_ceiling(monkeypatch):
+    """No web page an in-process server renders in the suite reaches WEB_PAGE_MAX_BYTES:
+    reaching it is a bug in what a page bounds (web_document then serves a notice and
+    calls web_page_over_ceiling, watched here). Yields the list of those calls."""
+    over = []
+    real = minidevpi.web_page_over_ceiling
+
+    def watch(title, size):
+        over.append((title, size))
+        real(title, size)
+    monkeypatch.setattr(minidevpi, "web_page_over_ceiling", watch)
+    yield over
+    assert not over, "pages over WEB_PAGE_MAX_BYTES: %r" % over
+
+
 @pytest.fixture
 def real_kdf(monkeypatch):
     monkeypatch.undo()  # the module's own (slow) parameters
@@ -2721,6 +2737,44 @@ def test_toxresults_are_posted_to_a_release_file_kept_listed_pushed_and_deleted(
     assert api(url, "DELETE", fpath, auth=auth).status == 200
     assert toxresult_links(url, "alice/dev", "samplepkg", "1.0") == []
     assert http(url, path=toxpath).status in (404, 410)
+
+
+def many_env_report(envs, tag=""):
+    """A tox report of ``envs`` environments (each passed), some 45 bytes an environment."""
+    return {"reportversion": "1", "host": tag, "testenvs": {
+        "e%05d" % i: {"test": [{"retcode": 0}], "python": {"version": "3.12"}}
+        for i in range(envs)}}
+
+
+def test_only_the_newest_toxresults_of_a_file_are_kept(alice, tmp_path):
+    """Anyone may post tox results (acl_toxresult_upload :ANONYMOUS:), 1 MiB each: a release
+    file keeps the newest TOXRESULTS_KEPT; an older one is no longer served. devpi's JSON
+    (what devpi list --toxresults reads) lists those kept, and a push takes them along."""
+    url, auth = alice.url, ("alice", "secret")
+    keep = minidevpi.TOXRESULTS_KEPT
+    assert upload_form(url, "alice/dev", make_sdist(tmp_path, "toxpkg", "1.0"),
+                       auth).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "toxpkg", "1.0")[
+        "toxpkg-1.0.tar.gz"]).path
+    posted = []
+    for i in range(keep + 5):
+        r = api(url, "POST", fpath, json_body=dict(TOX_REPORT, host="run%d" % i))
+        assert r.status == 200, r
+        posted.append(r.json()["result"].split("#")[0])
+    kept = toxresult_links(url, "alice/dev", "toxpkg", "1.0")
+    assert [urllib.parse.urlsplit(t["href"]).path[1:] for t in kept] == posted[-keep:]
+    for gone in posted[:5]:
+        assert http(url, path="/" + gone).status in (404, 410)
+    got = http(url, path="/" + posted[-1])
+    assert got.status == 200 and json.loads(got.body)["host"] == "run%d" % (keep + 4)
+    # a push keeps the bound in the target too
+    api(url, "PUT", "/alice/prod", auth=auth, json_body={"bases": []})
+    for _ in range(2):
+        r = api(url, "POST", "/alice/dev", auth=auth, json_body={
+            ":action": "push", "name": "toxpkg", "version": "1.0", "targetindex": "alice/prod"})
+        assert r.status == 200, r
+        assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    assert len(toxresult_links(url, "alice/prod", "toxpkg", "1.0")) == keep
 
 
 # ----------------------------------------------------------------------------------
@@ -7697,6 +7751,122 @@ def test_doc_upload_refuses_too_many_members_or_bytes(alice, tmp_path, monkeypat
     assert api(alice.url, path="/alice/dev/pkg").status == 404
 
 
+def _get_streamed(url, path, method="GET"):
+    """(status, headers, length, sha256) of one answer, its body read 1 MiB at a time."""
+    u = urllib.parse.urlsplit(url)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        h, n = hashlib.sha256(), 0
+        while True:
+            piece = r.read(1024 * 1024)
+            if not piece:
+                break
+            h.update(piece)
+            n += len(piece)
+        return r.status, dict((k.lower(), v) for k, v in r.getheaders()), n, h.hexdigest()
+    finally:
+        conn.close()
+
+
+def test_doc_members_are_served_as_inflated_and_the_servers_memory_stays_bounded(tmp_path):
+    """A 64 KB doc zip whose member inflates to 64 MiB, read by 8 clients at once: each gets
+    the right bytes, and the server holds a piece at a time (it read each member whole
+    before: 8 x 128 MiB)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read the server's peak memory")
+    MiB = 1024 * 1024
+    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
+                     "--no-access-log")
+    try:
+        url, auth = p.url, ("alice", "secret")
+        assert api(url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
+        assert api(url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+        small = make_doc_zip(tmp_path / "small.zip")
+        fields = [(":action", "doc_upload"), ("protocol_version", "1"), ("name", "pkg"),
+                  ("version", "0.9")]
+        assert upload_form(url, "alice/dev", small, auth, fields=fields,
+                           filename="pkg-0.9.doc.zip").status == 200
+        assert _get_streamed(url, "/alice/dev/pkg/0.9/+doc/")[0] == 200  # code paths warm
+        bomb = zip_with_huge_member(tmp_path / "big.zip", "big.bin", 64)
+        assert os.path.getsize(str(bomb)) < 200 * 1024
+        fields[-1] = ("version", "1.0")
+        assert upload_form(url, "alice/dev", str(bomb), auth, fields=fields,
+                           filename="pkg-1.0.doc.zip").status == 200
+        peak_before = vm_peak_kib(p.proc.pid)
+        want = hashlib.sha256()
+        for _ in range(64):
+            want.update(ZEROS)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            _get_streamed(url, "/alice/dev/pkg/1.0/+doc/big.bin"))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(results) == 8
+        for status, headers, n, digest in results:
+            assert status == 200 and n == 64 * MiB and digest == want.hexdigest()
+            assert headers["content-length"] == str(64 * MiB)
+            assert "sandbox" in headers["content-security-policy"]
+        grown = (vm_peak_kib(p.proc.pid) - peak_before) / 1024.0
+        assert grown < 48, "server peak memory grew by %.0f MiB" % grown
+        # HEAD: the length, no body
+        status, headers, n, _ = _get_streamed(url, "/alice/dev/pkg/1.0/+doc/big.bin", "HEAD")
+        assert status == 200 and headers["content-length"] == str(64 * MiB) and n == 0
+    finally:
+        p.stop()
+
+
+def test_doc_members_inflated_at_once_are_bounded_and_a_busy_server_says_503(
+        alice, tmp_path, monkeypatch):
+    monkeypatch.setattr(minidevpi, "DOC_SLOT_WAIT", 0.2)
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<p>the docs</p>",
+                                                "big.txt": "word " * 300000})
+    assert upload_doc(alice, "alice/dev", "pkg", "1.0", docs).status == 200
+    slots = alice._httpd.app._doc_slots
+    taken = 0
+    while slots.acquire(blocking=False):  # every slot busy
+        taken += 1
+    assert taken == minidevpi.DOC_INFLATE_SLOTS
+    try:
+        for page in ("", "big.txt"):
+            r = http(alice.url, path="/alice/dev/pkg/1.0/+doc/" + page)
+            assert r.status == 503 and int(r.header("retry-after")) > 0, r
+            assert r.json()["message"]
+    finally:
+        for _ in range(taken):
+            slots.release()
+    assert http(alice.url, path="/alice/dev/pkg/1.0/+doc/").body == b"<p>the docs</p>"
+    r = http(alice.url, path="/alice/dev/pkg/1.0/+doc/big.txt")
+    assert r.status == 200 and r.body == b"word " * 300000
+
+
+def test_a_doc_member_with_a_wrong_crc_is_never_served_whole(alice, tmp_path):
+    """A member whose bytes don't match its CRC: a small one answers 404, a large one
+    (streamed) is cut short, never sent complete."""
+    for name, size in (("small.txt", 1000), ("large.txt", 3 * 1024 * 1024)):
+        path = tmp_path / ("crc-%s.zip" % name)
+        with zipfile.ZipFile(str(path), "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(name, b"a" * size)
+        raw = bytearray(path.read_bytes())
+        at = raw.index(b"a" * 100)
+        raw[at] = ord("b")  # the data changed, its CRC not
+        path.write_bytes(bytes(raw))
+        assert upload_doc(alice, "alice/dev", "crc" + str(size), "1.0", str(path)
+                          ).status == 200
+        try:
+            status, headers, n, _d = _get_streamed(alice.url, "/alice/dev/crc%d/1.0/+doc/%s"
+                                                   % (size, name))
+        except (httpclient.IncompleteRead, ConnectionError):
+            continue  # cut short: the client knows the answer is broken
+        if size < minidevpi.DOC_PIECE:
+            assert status == 404, (name, status, n)
+        else:  # fewer bytes than its Content-Length: the client knows it is broken
+            assert status == 200 and n < int(headers["content-length"]) == size, (name, n)
+
+
 # ----------------------------------------------------------------------------------
 # 7b. web pages
 # ----------------------------------------------------------------------------------
@@ -7729,19 +7899,35 @@ class PageTags(__import__("html.parser").parser.HTMLParser):
         return [a.get("href") for t, a in self.tags if t == "a"]
 
 
+def csp_directives(header):
+    """{directive: [sources]} of a Content-Security-Policy header."""
+    out = {}
+    for part in header.split(";"):
+        words = part.split()
+        if words:
+            out[words[0].lower()] = words[1:]
+    return out
+
+
 def assert_web_page(r, status=200):
-    """A page as a browser gets it: HTML, the CSP without inline script, not sniffed; and
-    no markup but ours (one script, from the server itself; no event handlers; no
-    javascript: links)."""
+    """A page as a browser gets it: HTML, the CSP allowing one script by its hash (not
+    'self': a doc zip's .js is served from the same origin), not sniffed; and no markup but
+    ours (one script, the copy buttons' with that hash; no event handlers; no javascript:
+    links); at most WEB_PAGE_MAX_BYTES."""
     assert r.status == status, r
     assert r.header("content-type") == "text/html; charset=utf-8", r.headers
-    csp = r.header("content-security-policy")
-    assert "default-src 'none'" in csp and "script-src 'self'" in csp, csp
-    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert len(r.body) <= minidevpi.WEB_PAGE_MAX_BYTES
+    csp = csp_directives(r.header("content-security-policy"))
+    assert csp["default-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"], csp
+    assert csp["script-src"] == ["'%s'" % minidevpi.WEB_COPY_JS_HASH], csp
     assert r.header("x-content-type-options") == "nosniff"
-    page = PageTags(r.body.decode())
+    text = r.body.decode()
+    inline = re.findall(r"<script>(.*?)</script>", text, re.S)
+    assert len(inline) == 1 and "sha256-" + base64.b64encode(hashlib.sha256(
+        inline[0].encode()).digest()).decode() == minidevpi.WEB_COPY_JS_HASH
+    page = PageTags(text)
     scripts = [a for t, a in page.tags if t == "script"]
-    assert [s.get("src", "").rsplit("/", 2)[-2:] for s in scripts] == [["+static", "copy.js"]]
+    assert scripts == [{}], scripts
     for tag, attrs in page.tags:
         assert tag not in ("iframe", "object", "embed", "style", "base", "meta") or (
             tag == "meta" and set(attrs) <= {"charset", "name", "content"}), (tag, attrs)
@@ -7927,6 +8113,181 @@ def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
     assert r.status == 200 and b"<h1>meta docs</h1>" in r.body
     project = assert_web_page(browse(url, "/alice/dev/meta-pkg"))
     assert "/alice/dev/meta-pkg/1.0/+doc/" in project.links()
+
+
+def test_version_page_shows_a_bounded_summary_of_many_large_toxresults(alice, tmp_path):
+    """Anonymous posts of large reports with many environments (old: 20 posts made a 177 MB
+    page): the page shows of each file the newest reports, of each a few environments and
+    "N more", every tag linking to the whole report."""
+    url, auth = alice.url, ("alice", "secret")
+    for maker in (make_sdist, make_wheel):
+        assert upload_form(url, "alice/dev", maker(tmp_path, "toxpkg", "1.0"),
+                           auth).status == 200
+    links = release_links(url, "alice/dev", "toxpkg", "1.0")
+    report = json.dumps(many_env_report(12000)).encode()
+    assert 500 * 1024 < len(report) < 1024 * 1024
+    for href in links.values():
+        for _ in range(minidevpi.TOXRESULTS_KEPT + 3):
+            r = api(url, "POST", urllib.parse.urlsplit(href).path, body=report,
+                    headers={"Content-Type": "application/json"})
+            assert r.status == 200, r
+    r = browse(url, "/alice/dev/toxpkg/1.0")
+    page = assert_web_page(r)
+    assert len(r.body) < 128 * 1024, len(r.body)
+    text = " ".join(page.text)
+    shown = minidevpi.WEB_TOX_ENVS_SHOWN
+    assert text.count("e00000 passed") == 2 * minidevpi.TOXRESULTS_KEPT
+    assert text.count("%d more" % (12000 - shown)) == 2 * minidevpi.TOXRESULTS_KEPT
+    assert "e%05d passed" % shown not in text
+    reports = set(h for h in page.links() if ".toxresult-" in h)
+    assert len(reports) == 2 * minidevpi.TOXRESULTS_KEPT
+
+
+def malformed_tox_reports():
+    """TOX_REPORT with one value replaced by a value of each wrong type, at every level
+    (the root too), and a few shapes of their own."""
+    wrong = [None, True, 5, -1.5, "x", "", [], [1, "a"], {}, {"a": 1}, [{}], [[]],
+             {"retcode": [0]}, 10 ** 90]
+
+    def paths(value, prefix=()):
+        yield prefix
+        if isinstance(value, dict):
+            for k, v in value.items():
+                for p in paths(v, prefix + (k,)):
+                    yield p
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                for p in paths(v, prefix + (i,)):
+                    yield p
+
+    def replaced(value, path, new):
+        if not path:
+            return new
+        value = json.loads(json.dumps(value))
+        at = value
+        for step in path[:-1]:
+            at = at[step]
+        at[path[-1]] = new
+        return value
+
+    for path in paths(TOX_REPORT):
+        for new in wrong:
+            yield replaced(TOX_REPORT, path, new)
+    yield {"testenvs": {"py": {"test": 5}}}
+    yield {"testenvs": {"py": {"setup": "x", "python": 3}}}
+    yield {"testenvs": {"py": None, "py2": {"test": [{"retcode": None}]}}}
+    yield {"testenvs": {"": {"python": {"version": ["3"]}}}}
+    yield {"testenvs": {"x" * 5000: {"python": {"version": "y" * 5000}}}}
+    deep = {}
+    for _ in range(200):
+        deep = {"testenvs": deep}
+    yield deep
+
+
+def test_tox_envs_reads_any_report_shape_without_an_exception():
+    n = 0
+    for report in malformed_tox_reports():
+        envs = minidevpi.tox_envs(report)
+        assert envs is None or all(
+            isinstance(e, str) and len(e) <= minidevpi.WEB_TOX_NAME_CHARS and
+            isinstance(ok, bool) and isinstance(py, str) and len(py) <= 40
+            for e, ok, py in envs), (report, envs)
+        html = "".join(minidevpi._web_tox_tags("/x", envs))
+        assert html.startswith("<a ") and len(html) < 4000
+        n += 1
+    assert n > 300
+    assert minidevpi.tox_envs({"testenvs": {"py": {"test": 5}}}) is None
+    assert minidevpi.tox_envs(TOX_REPORT) == [("py", True, "3.11.7")]
+    assert minidevpi.tox_envs({"testenvs": {"py": {"test": [{"retcode": "1"}]}}}) == [
+        ("py", False, "")]
+
+
+def test_a_malformed_toxresult_shows_as_unreadable_never_a_500(alice, tmp_path):
+    """One anonymous report of the wrong shape made the version page answer 500 for everyone:
+    now each shape shows as "unreadable report" (or its environments), HTML and JSON alike."""
+    url, auth = alice.url, ("alice", "secret")
+    assert upload_form(url, "alice/dev", make_sdist(tmp_path, "badtox", "1.0"),
+                       auth).status == 200
+    fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "badtox", "1.0")[
+        "badtox-1.0.tar.gz"]).path
+    r = api(url, "POST", fpath, json_body={"testenvs": {"py": {"test": 5}}})
+    assert r.status == 200, r
+    page = assert_web_page(browse(url, "/alice/dev/badtox/1.0"))
+    assert "unreadable report" in " ".join(page.text)
+    reports = list(malformed_tox_reports())
+    for i, report in enumerate(reports[::3]):  # (every third: a few seconds in all)
+        r = api(url, "POST", fpath, json_body=report)
+        if r.status != 200:  # the server's own JSON rules (too deep, a long number): 400
+            assert r.status == 400 and r.json()["message"], (report, r)
+            continue
+        assert_web_page(browse(url, "/alice/dev/badtox/1.0"))
+        for path in ("/alice/dev/badtox/1.0", "/alice/dev/badtox"):
+            assert api(url, path=path).status == 200
+        assert http(url, path="/" + r.json()["result"].split("#")[0]).status == 200
+
+
+def test_a_page_over_the_ceiling_is_a_short_notice_and_logged(alice, tmp_path, monkeypatch,
+                                                              no_page_over_the_ceiling,
+                                                              capfd):
+    """The one place pages are built (web_document) never emits more than
+    WEB_PAGE_MAX_BYTES: a page that would is replaced by a notice pointing to the JSON API,
+    and logged (here with a ceiling lowered to 40 kB)."""
+    monkeypatch.setattr(minidevpi, "WEB_PAGE_MAX_BYTES", 40000)
+    url, auth = alice.url, ("alice", "secret")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "big-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"),
+              ("description", "many words " * 6000), ("description_content_type", "text/plain")]
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "big-pkg", "1.0"), auth,
+                       fields=fields).status == 200
+    r = browse(url, "/alice/dev/big-pkg/1.0")
+    page = assert_web_page(r)
+    assert len(r.body) < 40000
+    text = " ".join(page.text)
+    assert "too large to show" in text and "JSON" in text and "many words" not in text
+    assert [t for t, _size in no_page_over_the_ceiling] == ["big-pkg 1.0 - alice/dev"]
+    assert no_page_over_the_ceiling[0][1] > 40000
+    assert "over the ceiling of 40000" in capfd.readouterr().err
+    del no_page_over_the_ceiling[:]
+    # the JSON API still has it all
+    assert "many words" in api(url, path="/alice/dev/big-pkg/1.0").json()["result"][
+        "description"]
+    assert_web_page(browse(url, "/alice/dev/big-pkg"))  # the other pages are whole
+
+
+def test_main_pages_csp_allows_the_copy_script_alone_never_a_doc_zips(alice, tmp_path):
+    """A doc zip's .js is served from the index's own origin as text/javascript: with
+    script-src 'self' any HTML injected into a main page could run it. The main pages allow
+    one script, by its hash (the copy buttons', the same bytes as /+static/copy.js); the
+    doc pages keep their sandbox without scripts."""
+    url, auth = alice.url, ("alice", "secret")
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "csp-pkg", "1.0"),
+                       auth).status == 200
+    evil = b"fetch('/alice/dev', {method: 'DELETE'});"
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": '<script src="evil.js"></script>',
+                                                "evil.js": evil.decode()})
+    assert upload_doc(alice, "alice/dev", "csp-pkg", "1.0", docs).status == 200
+    js = http(url, path="/alice/dev/csp-pkg/1.0/+doc/evil.js")
+    assert js.status == 200 and js.body == evil and "javascript" in js.header("content-type")
+    evil_hash = "'sha256-%s'" % base64.b64encode(hashlib.sha256(evil).digest()).decode()
+    copy_js = http(url, path="/+static/copy.js").body
+    copy_hash = "'sha256-%s'" % base64.b64encode(hashlib.sha256(copy_js).digest()).decode()
+    for path in ("/", "/alice", "/alice/dev", "/alice/dev/csp-pkg", "/alice/dev/csp-pkg/1.0",
+                 "/+search?q=csp", "/+status", "/alice/dev/nosuch"):
+        r = browse(url, path)
+        csp = csp_directives(r.header("content-security-policy"))
+        assert csp["script-src"] == [copy_hash], (path, csp)
+        assert csp["default-src"] == ["'none'"] and evil_hash not in csp["script-src"]
+        for directive, sources in csp.items():  # nothing that would let a script in
+            assert "*" not in sources and "'unsafe-inline'" not in sources and \
+                "'unsafe-eval'" not in sources and "data:" not in sources or \
+                directive == "img-src", (path, directive, sources)
+        if r.status == 200:
+            assert_web_page(r)
+    # the doc pages: sandboxed, no script at all
+    for member in ("", "evil.js"):
+        csp = csp_directives(http(url, path="/alice/dev/csp-pkg/1.0/+doc/" + member).header(
+            "content-security-policy"))
+        assert "sandbox" in csp and csp["script-src"] == ["'none'"], csp
 
 
 HOSTILE_VALUE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'><a href="javascript:x">'
@@ -8347,6 +8708,9 @@ def test_stylesheet_and_script_are_served_by_the_server_itself(alice):
     js = http(alice.url, path="/+static/copy.js")
     assert js.status == 200 and js.header("content-type").startswith("text/javascript")
     assert b"navigator.clipboard" in js.body
+    # the same script the pages carry inline, and the one the pages' CSP allows (by hash)
+    assert "sha256-" + base64.b64encode(hashlib.sha256(js.body).digest()).decode() == \
+        minidevpi.WEB_COPY_JS_HASH
     assert http(alice.url, path="/+static/nosuch.css").status == 404
 
 
@@ -8397,7 +8761,8 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
     fpath = urllib.parse.urlsplit(release_links(url, "alice/dev", "browse-pkg", "1.0")[
         "browse_pkg-1.0-py3-none-any.whl"]).path
     assert api(url, "POST", fpath, json_body=TOX_REPORT).status == 200
-    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>"})
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Browse docs</h1>",
+                                                "evil.js": "window.__evil = 1;"})
     assert upload_form(url, "alice/dev", docs, auth, filename="browse-pkg-1.0.doc.zip", fields=[
         (":action", "doc_upload"), ("name", "browse-pkg"), ("version", "1.0")]).status == 200
     alice.upload("alice/dev", make_wheel(tmp_path, "browse-pkg", "1.1"))
@@ -8479,6 +8844,20 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         d.get(url + "/alice/dev/no-such-project")
         assert "404" in d.find_element(By.TAG_NAME, "h1").text
         d.get_log("browser")  # (the 404 itself is logged as a failed load: expected here)
+        # a doc zip's script comes from this origin, yet a main page won't run it (as HTML
+        # injected into the page would have it): the CSP blocks it, and says so
+        d.get(url + "/alice/dev/browse-pkg/1.0")
+        console()
+        d.execute_script("var s = document.createElement('script'); "
+                         "s.src = '/alice/dev/browse-pkg/1.0/+doc/evil.js'; "
+                         "document.head.appendChild(s);")
+        blocked, deadline = [], time.monotonic() + 15
+        while not blocked and time.monotonic() < deadline:
+            blocked = [e for e in d.get_log("browser")
+                       if "Content Security Policy" in e.get("message", "")]
+            time.sleep(0.1)
+        assert blocked and "evil.js" in blocked[0]["message"], blocked
+        assert d.execute_script("return window.__evil === undefined")
     finally:
         d.quit()
     assert problems == [], problems
