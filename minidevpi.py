@@ -5412,6 +5412,7 @@ class Client:
         try:
             yield client
         finally:
+            client.left = True  # (answered: it waits no more, whatever its connection does)
             cls._local.client = cls._local.waiters = None
 
 
@@ -5618,6 +5619,7 @@ class Fetch:
                 return
             self.cut = why
             conn = self.conn
+        self.upstream._untrack(self)  # (its reader raises error(), and finishes it)
         sock = getattr(conn, "sock", None)
         if sock is not None:
             try:  # (the plain socket's shutdown, also under TLS: wakes any read)
@@ -9550,7 +9552,11 @@ class App(WebPages):
             r.stream = chunks
             r.file_size = size
             return r
-        found = self.mirror.find_entry(ix, filename, sha_prefix)
+        try:
+            found = self.mirror.find_entry(ix, filename, sha_prefix)
+        except BaseException:
+            chunks.close()  # (the fetch, its connection and its flight are not left open)
+            raise
         sha = found[1]["sha256"] if found else sha_prefix
         r = Response(200, b"", self._file_headers(sha, filename, time.time(), False))
         r.stream = chunks
