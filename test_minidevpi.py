@@ -4914,6 +4914,17 @@ def test_a_page_trickling_past_its_deadline_is_a_clear_504(tmp_path, make_server
         assert "upstream" in msg and "not read within 4 seconds" in msg, msg
         assert 3 < took < 15, took
         assert _within(5, lambda: up.open == 0)
+        # those who waited for the same page get its answer: upstream is asked once
+        served = up.served
+        got = []
+        crowd = [threading.Thread(target=lambda: got.append(
+            api(srv.url, path="/root/pypi/+simple/drip-crowd/").status)) for _ in range(3)]
+        for t in crowd:
+            t.start()
+        for t in crowd:
+            t.join()
+        assert got == [504] * 3 and up.served == served + 1
+        assert _within(5, lambda: up.open == 0)
         # a trickling file (it must average --mirror-min-rate): cut too, never kept
         fpath = mirror_file_path(srv, "dripping", up.FILE)
         t0 = time.monotonic()
