@@ -5564,6 +5564,22 @@ MAX_ROOT_BYTES = 256 * 1024 * 1024
 MAX_ROOT_NAMES = 2000000
 MAX_REDIRECTS = 5
 FAILURE_BACKOFF = 10.0  # seconds a failed upstream page is not asked for again
+# A read timeout bounds each read, not a whole fetch: an upstream that sends a byte a
+# second would hold a thread for ever. So each fetch also has a total deadline (Fetch):
+# a page (project page, metadata, provenance) must be done within the connect timeout +
+# PAGE_DEADLINE_READS read timeouts; a file or the project list must average at least
+# --mirror-min-rate bytes a second (MIRROR_MIN_RATE) from its start, after a grace of
+# the connect + read timeouts (a file of N bytes: done within connect + read + N/rate).
+# A fetch nobody waits for any more (every client that asked went away) goes on only
+# while it keeps that rate counted from then: a healthy download still fills the cache.
+PAGE_DEADLINE_READS = 3
+MIRROR_MIN_RATE = 16 * 1024
+WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks at the fetches under way
+# Names upstream has no project for (404) are remembered in memory only, the last
+# NEGATIVE_KEPT of them, each for the index's mirror_cache_expiry: anonymous requests
+# for random names leave neither rows nor an ever-growing cache.
+NEGATIVE_KEPT = 10000
+FRESH_KEPT = 20000  # (index, project) -> time of the last upstream check, kept in memory
 VIA_HEADER = "X-Minidevpi-Via"  # marks our own upstream requests, to detect a loop
 
 
@@ -5611,10 +5627,56 @@ DNS_CACHE_SECONDS = 60.0
 DNS_CACHE_HOSTS = 256      # (host, port) pairs kept; more, and all are forgotten
 
 
+class Client:
+    """Who waits for the answer a thread works on: the HTTP layer gives each request one
+    (``serving``) with ``check``, a look whether its connection is still there; ``here()``
+    until it went away or was given up on (``left``). The mirror's fetches ask it."""
+
+    _local = threading.local()
+
+    def __init__(self, check=None):
+        self.check = check
+        self.left = False
+
+    def here(self):
+        if self.left:
+            return False
+        try:
+            return self.check is None or bool(self.check())
+        except Exception:
+            return False
+
+    @classmethod
+    def current(cls):
+        return getattr(cls._local, "client", None)
+
+    @classmethod
+    def waiters(cls):
+        """The clients waiting for this thread's work: those of the flight it leads, else
+        its own request's (a list, shared and growing while followers join)."""
+        got = getattr(cls._local, "waiters", None)
+        if got is not None:
+            return got
+        me = cls.current()
+        return [me] if me is not None else []
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, client):
+        cls._local.client, cls._local.waiters = client, None
+        try:
+            yield client
+        finally:
+            client.left = True  # (answered: it waits no more, whatever its connection does)
+            cls._local.client = cls._local.waiters = None
+
+
 class SingleFlight:
     """Many threads, one doing the work: ``flight(key)`` yields True to the one caller that
     should do it; the others wait (at most ``wait`` seconds) until it is done and get False
-    (they then read what it stored, or do it themselves if it failed)."""
+    (they then read what it stored, or do it themselves if it failed). The clients of
+    those waiting are the leader's too (``Client.waiters``): a fetch nobody waits for
+    any more is found out."""
 
     def __init__(self, wait):
         self.wait = wait
@@ -5623,18 +5685,25 @@ class SingleFlight:
 
     @contextlib.contextmanager
     def flight(self, key):
+        me = Client.current()
         with self._lock:
-            ev = self._flights.get(key)
-            leader = ev is None
+            got = self._flights.get(key)
+            leader = got is None
             if leader:
-                ev = self._flights[key] = threading.Event()
+                got = self._flights[key] = (threading.Event(), list(Client.waiters()))
+            elif me is not None:
+                got[1].append(me)
+        ev, waiters = got
         if not leader:
             ev.wait(self.wait)
             yield False
             return
+        outer = getattr(Client._local, "waiters", None)
+        Client._local.waiters = waiters
         try:
             yield True
         finally:
+            Client._local.waiters = outer
             with self._lock:
                 self._flights.pop(key, None)
             ev.set()
@@ -5710,15 +5779,117 @@ SSL_CONTEXTS = _SSLContexts()
 
 class _Lease:
     """An upstream connection lent to one response: ``close()`` gives it back to the pool
-    when the response was read to its end and may be followed by another, else closes it."""
+    when the response was read to its end and may be followed by another, else closes it;
+    either way its fetch (``fetch``) is over."""
 
-    def __init__(self, upstream, key, conn, resp):
+    def __init__(self, upstream, key, conn, resp, fetch=None):
         self.upstream, self.key, self.conn, self.resp = upstream, key, conn, resp
+        self.fetch = fetch
 
     def close(self):
         conn, self.conn = self.conn, None
+        if self.fetch is not None and not self.fetch.finish():
+            if conn is not None:
+                conn.close()  # (cut: its socket is shut)
+            return
         if conn is not None:
             self.upstream._release(self.key, conn, self.resp)
+
+
+class Fetch:
+    """One upstream request under way, from its first connection to its body's last
+    byte, under a total deadline. The watchdog (``Upstream._watch``) enforces it by
+    shutting the socket, whatever read it waits in (the status line, a header, a chunk
+    size, the body); the reader then raises ``error()``, a 504.
+
+    A page (``min_rate`` None): the connect timeout + PAGE_DEADLINE_READS read timeouts.
+    A file or project list: connect + read timeout + bytes received / ``min_rate``.
+    Once no client waits for it (``waiters``, Client), it must keep ``rate`` bytes a
+    second counted from that moment, after a read timeout's grace."""
+
+    def __init__(self, upstream, url, min_rate=None):
+        now = time.monotonic()
+        self.upstream = upstream
+        self.url = url
+        self.rate = min_rate
+        self.start = now
+        self.grace = upstream.connect_timeout + upstream.read_timeout
+        self.fixed = None if min_rate else (
+            now + upstream.connect_timeout + PAGE_DEADLINE_READS * upstream.read_timeout)
+        self.received = 0  # bytes on the wire, all hops
+        self.base = 0      # (the bytes that count for the rate: those after ``start``)
+        self.conn = None
+        self.cut = None    # why the watchdog cut it
+        self.done = False
+        self.waiters = Client.waiters()
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+    def deadline(self):
+        d = self.fixed if self.fixed is not None else float("inf")
+        if self.rate:
+            d = min(d, self.start + self.grace + (self.received - self.base) / self.rate)
+        return d
+
+    def attach(self, conn):
+        """The connection this fetch now reads from (one per redirect hop)."""
+        with self.lock:
+            self.conn = conn
+            if self.cut is not None:
+                raise self.error()
+
+    def error(self):
+        return UpstreamError(504, "upstream %s: %s" % (_safe_url(self.url), self.cut))
+
+    def client_gone(self):
+        """The leader's own client stopped reading (its answer could not be sent)."""
+        me = Client.current()
+        if me is not None:
+            me.left = True
+
+    def look(self, now):
+        """The watchdog's look: abandoned? past the deadline? then cut."""
+        if not self.abandoned and self.waiters and not any(
+                c.here() for c in list(self.waiters)):
+            self.abandoned = True  # from now on: the minimum rate, or cut
+            self.rate = self.upstream.min_rate
+            self.start, self.base = now, self.received
+            self.grace = self.upstream.read_timeout
+        if now <= self.deadline():
+            return
+        if self.abandoned:
+            why = ("cut: no client waits for it and it came at less than %d bytes a "
+                   "second" % self.upstream.min_rate)
+        elif self.fixed is not None:
+            why = ("not read within %g seconds (the connect timeout + %d read timeouts)"
+                   % (self.fixed - self.start, PAGE_DEADLINE_READS))
+        else:
+            why = ("cut: it came at less than %d bytes a second (--mirror-min-rate)"
+                   % self.rate)
+        self.stop(why)
+
+    def stop(self, why):
+        with self.lock:
+            if self.done or self.cut is not None:
+                return
+            self.cut = why
+            conn = self.conn
+        self.upstream._untrack(self)  # (its reader raises error(), and finishes it)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:  # (the plain socket's shutdown, also under TLS: wakes any read)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+        log("WARNING: upstream fetch of %s %s" % (_safe_url(self.url), why))
+
+    def finish(self):
+        """The fetch is over; False if it had been cut (its connection is not reused)."""
+        with self.lock:
+            self.done = True
+            self.conn = None
+        self.upstream._untrack(self)
+        return self.cut is None
 
 
 class Upstream:
@@ -5735,10 +5906,14 @@ class Upstream:
     is sent once more on a new connection."""
 
     def __init__(self, server_id, connect_timeout=MIRROR_CONNECT_TIMEOUT,
-                 read_timeout=MIRROR_READ_TIMEOUT, allow_hosts=()):
+                 read_timeout=MIRROR_READ_TIMEOUT, allow_hosts=(), min_rate=MIRROR_MIN_RATE):
         self.server_id = server_id
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.min_rate = max(1, min_rate or MIRROR_MIN_RATE)
+        self._fetches = set()  # Fetch objects under way, which the watchdog looks at
+        self._watch_lock = threading.Lock()
+        self._watcher = None
         self.allow_hosts = parse_allow_hosts(allow_hosts)
         self._idle = {}  # pool key -> [(connection, time it went idle)], newest last
         self._idle_count = 0
@@ -5746,17 +5921,71 @@ class Upstream:
         self.resolver = _Resolver()
         self.connections_made = 0  # (for tests and the benchmark)
 
-    def open(self, url, origin, headers=None, compressed=False):
+    def open(self, url, origin, headers=None, compressed=False, large=False):
         """GET ``url`` upstream (following a few redirects), for the mirror whose
         ``mirror_url`` is ``origin``; every hop must pass the mirror policy (``_route``).
         ``compressed`` asks for gzip (pages: ``body_chunks`` decompresses within its
         bound; never for files, which are kept as upstream sends them). Returns
         (response, final URL, connection); the caller reads the body and closes the
-        connection (which goes back to the pool if the body was read to its end)."""
+        connection (which goes back to the pool if the body was read to its end).
+
+        The whole fetch, all hops and the body, is one Fetch under a deadline: a page's
+        fixed one, or with ``large`` (files, the project list) the minimum rate's.
+        (The response carries it as ``resp.minidevpi_fetch``, for ``body_chunks``.)"""
+        fetch = Fetch(self, url, self.min_rate if large else None)
+        self._track(fetch)
+        try:
+            resp, url, lease = self._open(url, origin, headers, compressed, fetch)
+        except BaseException:
+            fetch.finish()
+            raise
+        lease.fetch = fetch
+        resp.minidevpi_fetch = fetch
+        return resp, url, lease
+
+    def _track(self, fetch):
+        with self._watch_lock:
+            self._fetches.add(fetch)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                 name="minidevpi-upstream-watch")
+                self._watcher.start()
+
+    def _untrack(self, fetch):
+        with self._watch_lock:
+            self._fetches.discard(fetch)
+
+    def _watch(self):
+        """The watchdog: a look at each fetch under way every WATCH_INTERVAL; it ends when
+        there is none (the next fetch starts it again)."""
+        while True:
+            with self._watch_lock:
+                if not self._fetches:
+                    self._watcher = None
+                    return
+                fetches = list(self._fetches)
+            now = time.monotonic()
+            for f in fetches:
+                try:
+                    f.look(now)
+                except Exception as e:  # (never let the watchdog die)
+                    log("ERROR: upstream watchdog: %r" % (e,))
+            time.sleep(WATCH_INTERVAL)
+
+    def cut_all(self, why="cut: the server stops"):
+        """Cut every fetch under way (the server stops)."""
+        with self._watch_lock:
+            fetches = list(self._fetches)
+        for f in fetches:
+            f.stop(why)
+
+    def _open(self, url, origin, headers, compressed, fetch):
         import http.client
         import ssl
         seen = set()
         for _hop in range(MAX_REDIRECTS + 1):
+            if fetch.cut is not None:
+                raise fetch.error()
             if url in seen:
                 raise UpstreamError(502, "upstream redirect loop at %s" % _safe_url(url))
             seen.add(url)
@@ -5787,6 +6016,7 @@ class Upstream:
             try:
                 conn = self._pooled(key, None if proxy else addresses)
                 if conn is not None:
+                    fetch.attach(conn)
                     try:
                         conn.request("GET", target, headers=h)
                         resp = conn.getresponse()
@@ -5796,15 +6026,24 @@ class Upstream:
                         conn = None
                 if conn is None:
                     conn = self._connect(u, port, addresses, proxy)
+                    fetch.attach(conn)
                     conn.request("GET", target, headers=h)
                     resp = conn.getresponse()
+            except UpstreamError:
+                if conn is not None:
+                    conn.close()
+                raise
             except socket.timeout:
                 if conn is not None:
                     conn.close()
+                if fetch.cut is not None:
+                    raise fetch.error()
                 raise UpstreamError(504, "upstream %s did not answer in time" % _safe_url(url))
             except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as e:
                 if conn is not None:
                     conn.close()
+                if fetch.cut is not None:
+                    raise fetch.error()
                 # (what a host root did not name answered is not repeated to the client)
                 detail = e if addresses is None else type(e).__name__
                 raise UpstreamError(502, "upstream %s failed: %s" % (_safe_url(url), detail))
@@ -5815,6 +6054,8 @@ class Upstream:
                 except ValueError:
                     url = ""  # (refused as unsupported at the next hop)
                 self._drain(resp)
+                with fetch.lock:
+                    fetch.conn = None  # (pooled again: no more this fetch's to cut)
                 lease.close()
                 continue
             if resp.status == 400 and resp.getheader(VIA_HEADER) == self.server_id:
@@ -5993,14 +6234,23 @@ class Upstream:
                                      "minidevpi does not read" % (what, _safe_url(url),
                                                                   encoding[:40]))
         read = resp.read1 if partial else resp.read
+        fetch = getattr(resp, "minidevpi_fetch", None)
         wire = total = 0
         while True:
             try:
                 chunk = read(size)
             except socket.timeout:
+                if fetch is not None and fetch.cut is not None:
+                    raise fetch.error()
                 raise UpstreamError(504, "upstream %s stalled" % _safe_url(url))
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                if fetch is not None and fetch.cut is not None:
+                    raise fetch.error()
                 raise UpstreamError(502, "upstream %s broke off: %s" % (_safe_url(url), e))
+            if fetch is not None:
+                if fetch.cut is not None:
+                    raise fetch.error()
+                fetch.received += len(chunk)
             if not chunk:
                 break
             wire += len(chunk)
@@ -6472,11 +6722,14 @@ class Mirror:
     working with the upstream unplugged. ``offline`` makes no upstream traffic at all."""
 
     def __init__(self, model, offline=False, connect_timeout=MIRROR_CONNECT_TIMEOUT,
-                 read_timeout=MIRROR_READ_TIMEOUT, max_file=DEFAULT_MAX_BODY, allow_hosts=()):
+                 read_timeout=MIRROR_READ_TIMEOUT, max_file=DEFAULT_MAX_BODY, allow_hosts=(),
+                 min_rate=MIRROR_MIN_RATE):
+        import collections
         self.model = model
         self.store = model.store
         self.offline = offline
-        self.upstream = Upstream(model.store.uuid, connect_timeout, read_timeout, allow_hosts)
+        self.upstream = Upstream(model.store.uuid, connect_timeout, read_timeout, allow_hosts,
+                                 min_rate)
         self.max_file = max_file
         # (a follower waits at most as long as the slowest upstream answer may take)
         self._flights = SingleFlight(connect_timeout + read_timeout * 6 + 60)
@@ -6484,9 +6737,16 @@ class Mirror:
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
         self._parsed = {}  # (index id, project) -> (files column, its entries), see _entries
+        # (index id, project) -> when upstream said it has no such project (404): the
+        # last NEGATIVE_KEPT, each valid for the index's mirror_cache_expiry
+        self._negative = collections.OrderedDict()
+        self._negative_lock = threading.Lock()
         model.on_upstream_change(self._forget_index)
 
     def _forget_index(self, index_id):
+        with self._negative_lock:
+            for key in [k for k in self._negative if k[0] == index_id]:
+                self._negative.pop(key, None)
         for cache in (self._fresh, self._failed, self._parsed):
             for key in [k for k in cache if k[0] == index_id]:
                 cache.pop(key, None)
@@ -6528,6 +6788,30 @@ class Mirror:
         self._remember(key, text, entries)
         return entries
 
+    def _missing(self, ix, key):
+        """True while upstream's "no such project" for ``key`` is younger than the
+        index's expiry."""
+        when = self._negative.get(key)
+        return when is not None and time.time() - when < self._expiry(ix)
+
+    def _remember_missing(self, key, now):
+        with self._negative_lock:
+            self._negative.pop(key, None)
+            self._negative[key] = now
+            while len(self._negative) > NEGATIVE_KEPT:
+                self._negative.popitem(last=False)
+
+    def _forget_missing(self, key):
+        if key in self._negative:
+            with self._negative_lock:
+                self._negative.pop(key, None)
+
+    def _mark_fresh(self, key, when):
+        fresh = self._fresh
+        if key not in fresh and len(fresh) >= FRESH_KEPT:
+            fresh.clear()  # (only saves a look at the row: read again when wanted)
+        fresh[key] = when
+
     def _remember(self, key, text, entries):
         parsed = self._parsed
         parsed.pop(key, None)
@@ -6546,6 +6830,8 @@ class Mirror:
         if self.offline or len(norm) > 200 or not PROJECT_NAME_RE.match(norm):
             return None
         key = (ix.id, norm)
+        if self._missing(ix, key):
+            return None
         fresh = self._fresh.get(key)
         if fresh is not None and time.time() - fresh < self._expiry(ix):
             row = self._row(ix, norm)
@@ -6553,7 +6839,7 @@ class Mirror:
                 return (row["display"], self._entries(ix, norm, row["files"])) if row["status"] == 200 else None
         row = self._row(ix, norm)
         if row is not None and time.time() - row["fetched"] < self._expiry(ix):
-            self._fresh[key] = row["fetched"]
+            self._mark_fresh(key, row["fetched"])
             return (row["display"], self._entries(ix, norm, row["files"])) if row["status"] == 200 else None
         failed = self._failed.get(key)
         if failed is not None and time.time() - failed[0] < min(FAILURE_BACKOFF,
@@ -6563,7 +6849,17 @@ class Mirror:
                 return row["display"], self._entries(ix, norm, row["files"])
             raise failed[1]
         with self.single_flight(("page",) + key) as leader:
-            # the one before us in the flight may have just fetched it
+            # the one before us in the flight may have just fetched it, found that upstream
+            # has no such project, or failed (then its answer is ours: no second try)
+            if not leader:
+                if self._missing(ix, key):
+                    return None
+                failed = self._failed.get(key)
+                if failed is not None and time.time() - failed[0] < min(
+                        FAILURE_BACKOFF, self._expiry(ix)):
+                    if row is not None and row["status"] == 200:
+                        return row["display"], self._entries(ix, norm, row["files"])
+                    raise failed[1]
             newer = self._row(ix, norm)
             if newer is not None and (not leader or row is None or newer["fetched"] > row["fetched"]):
                 return (newer["display"], self._entries(ix, norm, newer["files"])) if newer["status"] == 200 else None
@@ -6602,6 +6898,7 @@ class Mirror:
                       "WHERE index_id=? AND project=?", (ix.id, norm))
         self._fresh.pop((ix.id, norm), None)
         self._failed.pop((ix.id, norm), None)
+        self._forget_missing((ix.id, norm))
 
     def _fetch_page(self, ix, norm, row):
         url = self._page_url(ix, norm)
@@ -6619,11 +6916,20 @@ class Mirror:
                 with self.store.write() as c:
                     c.execute("UPDATE mirror_pages SET fetched=? WHERE index_id=? AND project=?",
                               (now, ix.id, norm))
-                self._fresh[(ix.id, norm)] = now
+                self._mark_fresh((ix.id, norm), now)
                 return row["display"], self._entries(ix, norm, row["files"])
             if resp.status == 404:
                 self.upstream.read_body(resp, url, 1024 * 1024)
-                self._store_page(ix, norm, now, 404, None, None, None, [])
+                if row is not None and row["status"] == 200:
+                    # a project upstream had: its kept page says it is gone (such rows
+                    # come from upstream's 200 answers only, so they are bounded)
+                    self._store_page(ix, norm, now, 404, None, None, None, [])
+                else:  # any other name: remembered in memory only (bounded, expires)
+                    if row is not None:  # (a row of an older version's)
+                        with self.store.write() as c:
+                            c.execute("DELETE FROM mirror_pages WHERE index_id=? AND "
+                                      "project=? AND status=404", (ix.id, norm))
+                    self._remember_missing((ix.id, norm), now)
                 if self.model.local_files(ix, norm):
                     log("WARNING: upstream has no project %s (404) any more; %s keeps "
                         "listing the files it kept (stale)" % (norm, ix.path))
@@ -6676,7 +6982,8 @@ class Mirror:
             if (old is None or old["files"] != data or old["status"] != status
                     or had != project_status):
                 self.model.mirror_page_changed(norm)
-        self._fresh[(ix.id, norm)] = now
+        self._mark_fresh((ix.id, norm), now)
+        self._forget_missing((ix.id, norm))
 
     def _merged(self, ix, norm, old, entries, now):
         """``entries`` (changed in place) with what the kept page ``old`` (a row or None)
@@ -6808,7 +7115,8 @@ class Mirror:
             flight.__exit__(None, None, None)
             return None
         try:
-            resp, url, conn = self.upstream.open(entry["url"], ix.config.get("mirror_url"))
+            resp, url, conn = self.upstream.open(entry["url"], ix.config.get("mirror_url"),
+                                                 large=True)
             if resp.status != 200:
                 conn.close()
                 raise UpstreamError(404 if resp.status == 404 else 502,
@@ -6828,7 +7136,8 @@ class Mirror:
                 done.append(True)
                 conn.close()
                 flight.__exit__(None, None, None)
-        chunks = Download(self._stream(ix, display, entry, resp, size, cleanup), cleanup)
+        chunks = Download(self._stream(ix, display, entry, resp, size, cleanup), cleanup,
+                          conn.fetch)
         if size is None:
             # no length to announce: fetch it whole first, then serve it from disk
             try:
@@ -7059,7 +7368,7 @@ class Mirror:
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
         resp, final_url, conn = self.upstream.open(
             url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON},
-            compressed=True)
+            compressed=True, large=True)
         try:
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
@@ -7178,18 +7487,31 @@ def _write_root_listing(store, d, batches, url):
 
 class Download:
     """Chunks of a file coming from upstream; ``close()`` releases the upstream connection
-    whether or not the chunks were ever read."""
+    whether or not the chunks were ever read. Closed before its end (the client went away
+    or stopped reading), the download goes on for the cache as long as its ``fetch`` keeps
+    the minimum rate with no client waiting (Fetch); a trickle is cut."""
 
-    def __init__(self, chunks, cleanup):
+    def __init__(self, chunks, cleanup, fetch=None):
         self.chunks = chunks
         self.cleanup = cleanup
+        self.fetch = fetch
 
     def __iter__(self):
         return self.chunks
 
     def close(self):
-        self.chunks.close()
-        self.cleanup()
+        fetch, self.fetch = self.fetch, None
+        try:
+            if fetch is not None and not fetch.done and fetch.cut is None:
+                fetch.client_gone()
+                try:
+                    for _ in self.chunks:
+                        pass
+                except Exception:
+                    pass  # (_stream logged it; nothing was kept)
+        finally:
+            self.chunks.close()
+            self.cleanup()
 
 
 
@@ -8747,12 +9069,12 @@ class App(WebPages):
 
     def __init__(self, model, outside_url=None, max_body=DEFAULT_MAX_BODY, offline=False,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
-                 mirror_allow_hosts=()):
+                 mirror_allow_hosts=(), mirror_min_rate=MIRROR_MIN_RATE):
         self.model = model
         self.store = model.store
         self.mirror = Mirror(model, offline=offline, connect_timeout=mirror_timeouts[0],
                              read_timeout=mirror_timeouts[1], max_file=max_body,
-                             allow_hosts=mirror_allow_hosts)
+                             allow_hosts=mirror_allow_hosts, min_rate=mirror_min_rate)
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
@@ -9675,7 +9997,11 @@ class App(WebPages):
             r.stream = chunks
             r.file_size = size
             return r
-        found = self.mirror.find_entry(ix, filename, sha_prefix)
+        try:
+            found = self.mirror.find_entry(ix, filename, sha_prefix)
+        except BaseException:
+            chunks.close()  # (the fetch, its connection and its flight are not left open)
+            raise
         sha = found[1]["sha256"] if found else sha_prefix
         r = Response(200, b"", self._file_headers(sha, filename, time.time(), False))
         r.stream = chunks
@@ -9960,6 +10286,33 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_PUSH = do_OPTIONS = do_GET
 
     def dispatch(self):
+        # (the mirror asks whether this request's client still waits: Client)
+        with Client.serving(Client(self._client_here)):
+            self._dispatch()
+
+    def _client_here(self):
+        """False once the client closed or broke its connection: a look, no wait (bytes
+        it sent meanwhile, a next request, stay where they are)."""
+        import select
+        sock = self.connection
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            events = poller.poll(0)
+            if not events:
+                return True
+            if events[0][1] & (select.POLLERR | select.POLLNVAL):
+                return False
+        elif not select.select([sock], [], [], 0)[0]:
+            return True
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return True
+        except OSError:
+            return False
+
+    def _dispatch(self):
         t0 = time.monotonic()
         self.raw_in.pause()  # the headers are in; a body is bounded when a route reads it
         app = self.server.app
@@ -11247,8 +11600,10 @@ class Server:
                  max_request_body_size=DEFAULT_MAX_BODY,
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
-                 mirror_allow_hosts=(), restrict_reads=False, user_create=None):
+                 mirror_allow_hosts=(), restrict_reads=False, user_create=None,
+                 mirror_min_rate=MIRROR_MIN_RATE):
         self._serverdir_arg = serverdir
+        self.mirror_min_rate = mirror_min_rate
         self.restrict_reads = restrict_reads
         self.user_create = check_user_create_option(user_create)
         self.host = host
@@ -11299,7 +11654,8 @@ class Server:
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
                                   mirror_timeouts=self.mirror_timeouts,
-                                  mirror_allow_hosts=self.mirror_allow_hosts)
+                                  mirror_allow_hosts=self.mirror_allow_hosts,
+                                  mirror_min_rate=self.mirror_min_rate)
         except BaseException:
             if self._httpd is not None:
                 self._httpd.server_close()
@@ -11322,6 +11678,8 @@ class Server:
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
+            if getattr(httpd, "app", None) is not None:
+                httpd.app.mirror.upstream.cut_all()  # (a download going on for the cache)
             drained = httpd.close_connections()
             if getattr(httpd, "app", None) is not None:
                 httpd.app.mirror.upstream.close_idle()  # (kept upstream connections)
@@ -11402,7 +11760,7 @@ CONFIG_OPTIONS = {
     "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
     "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
     "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
-    "user-create": str,
+    "user-create": str, "mirror-min-rate": int,
 }
 
 
@@ -11540,8 +11898,13 @@ def build_parser():
                    help="seconds to wait for a mirror's upstream to accept a connection "
                         "(default: %g)" % MIRROR_CONNECT_TIMEOUT)
     p.add_argument("--mirror-read-timeout", type=float, metavar="SECONDS",
-                   help="seconds to wait for each read from a mirror's upstream "
-                        "(default: %g)" % MIRROR_READ_TIMEOUT)
+                   help="seconds to wait for each read from a mirror's upstream; a page's "
+                        "whole fetch must be done within the connect timeout + %d times this "
+                        "(default: %g)" % (PAGE_DEADLINE_READS, MIRROR_READ_TIMEOUT))
+    p.add_argument("--mirror-min-rate", type=int, metavar="BYTES",
+                   help="bytes a second a file (or the project list) from a mirror's "
+                        "upstream must average, after a grace of the connect + read "
+                        "timeouts; slower, it is cut (default: %d)" % MIRROR_MIN_RATE)
     p.add_argument("--mirror-allow-host", action="append", metavar="HOST[:PORT]",
                    help="a host (any port, or only PORT) a mirror may fetch files from even "
                         "though it is not the mirror_url's own host and has non-public "
@@ -11676,7 +12039,8 @@ def cmd_serve(args):
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
                     mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
-                    mirror_allow_hosts=args.mirror_allow_host)
+                    mirror_allow_hosts=args.mirror_allow_host,
+                    mirror_min_rate=args.mirror_min_rate)
     if not is_loopback(args.host):
         empty = [name for name, pwhash in store.conn().execute(
             "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
@@ -11704,6 +12068,7 @@ def cmd_serve(args):
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
+        httpd.app.mirror.upstream.cut_all()
         if httpd.close_connections():
             store.close()
     log("minidevpi stopped")
@@ -11716,7 +12081,7 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "mirror_connect_timeout": MIRROR_CONNECT_TIMEOUT,
                   "mirror_read_timeout": MIRROR_READ_TIMEOUT, "threads": DEFAULT_THREADS,
                   "connection_timeout": DEFAULT_CONNECTION_TIMEOUT, "mirror_allow_host": [],
-                  "restrict_reads": False}
+                  "restrict_reads": False, "mirror_min_rate": MIRROR_MIN_RATE}
 
 
 def _check_storage(args):

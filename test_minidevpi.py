@@ -5308,6 +5308,247 @@ def test_a_cold_file_streams_while_upstream_sends_it(upstream, tmp_path, make_se
     assert ttfb < 1.0 and total >= 2.0, (ttfb, total)  # first bytes before upstream's pause
 
 
+# -- hostile upstreams: trickles hold no thread, missing names grow no state -------------
+
+
+class TrickleUpstream:
+    """A hostile upstream on 127.0.0.1 (raw sockets): a project page or a file whose
+    headers come at once and whose body then trickles a byte every ``pace`` seconds, for
+    ever (until the peer goes). '/simple/drip-*/' trickles a page; '/simple/dripping/'
+    is a plain page listing dripping-1.0.tar.gz, whose '/files/' URL trickles. ``open``
+    counts the connections it serves now, ``served`` all it took."""
+
+    FILE = "dripping-1.0.tar.gz"
+
+    def __init__(self, pace=0.2):
+        self.pace = pace
+        self.open = 0
+        self.served = 0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self):
+        self.stopped.set()
+        self.sock.close()
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        with self.lock:
+            self.open += 1
+            self.served += 1
+        try:
+            conn.settimeout(30)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                got = conn.recv(4096)
+                if not got:
+                    return
+                head += got
+            path = head.split(b" ")[1].decode()
+            if path == "/simple/dripping/":
+                body = json.dumps({"meta": {"api-version": "1.1"}, "name": "dripping",
+                                   "files": [{"filename": self.FILE,
+                                              "url": "../../files/" + self.FILE,
+                                              "hashes": {"sha256": "a" * 64},
+                                              "size": 10 ** 7}]}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.pypi.simple."
+                             b"v1+json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                conn.recv(1)  # (until the client closes)
+                return
+            if not (path.startswith("/simple/drip-") or path == "/files/" + self.FILE):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+                         b"Content-Length: 10000000\r\n\r\n")
+            while not self.stopped.wait(self.pace):
+                conn.sendall(b"<")  # fails once the peer shut or closed it
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+
+def _ask_and_leave(port, path, stay=0.5):
+    """A client that asks for ``path`` and hangs up after ``stay`` seconds."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+    time.sleep(stay)
+    s.close()
+
+
+def _within(seconds, cond, step=0.1):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def test_a_trickling_upstream_holds_no_thread_once_its_clients_left(tmp_path, monkeypatch,
+                                                                       make_server):
+    # each read comes well within the read timeout, for ever: only a fetch's total
+    # deadline, or finding that nobody waits for it any more, ends it. Pages here get a
+    # deadline far away: what frees them is that their clients left.
+    monkeypatch.setattr(minidevpi, "PAGE_DEADLINE_READS", 1000)
+    up = TrickleUpstream()
+    try:
+        srv = make_server(tmp_path / "srv", root_password="rootpw",
+                          mirror_url=up.url + "/simple/", mirror_timeouts=(1, 2),
+                          max_threads=10)
+        fpath = mirror_file_path(srv, "dripping", up.FILE)
+        assert _within(5, lambda: not srv._httpd.connections)
+        # 10 requests (the server's bound): 6 trickling pages, one trickling file asked
+        # for 4 times (one fetch, 3 waiting for it); every client hangs up
+        paths = ["/root/pypi/+simple/drip-%d/" % i for i in range(6)] + [fpath] * 4
+        clients = [threading.Thread(target=_ask_and_leave, args=(srv.port, p))
+                   for p in paths]
+        for t in clients:
+            t.start()
+            time.sleep(0.05)
+        for t in clients:
+            t.join()
+        assert up.served >= 7
+        t0 = time.monotonic()
+        # the fetches nobody waits for are cut (within the read timeout's grace and the
+        # watchdog's look), the threads go back: /+api answers again, at once
+        assert _within(15, lambda: up.open == 0 and not srv._httpd.connections), (
+            up.open, len(srv._httpd.connections))
+        assert time.monotonic() - t0 < 15
+        t1 = time.monotonic()
+        assert api(srv.url, path="/+api").status == 200
+        assert time.monotonic() - t1 < 2
+        # (the upstream still trickles to whoever asks: it is the server that let go)
+        s = socket.create_connection(("127.0.0.1", int(up.url.rsplit(":", 1)[1])))
+        s.sendall(b"GET /simple/drip-x/ HTTP/1.1\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        s.close()
+        assert srv.model.local_files(srv.model.get_index("root/pypi"), "dripping") is None
+        assert os.listdir(os.path.join(srv.serverdir, minidevpi.TMP_DIR)) == []
+    finally:
+        up.stop()
+
+
+def test_a_page_trickling_past_its_deadline_is_a_clear_504(tmp_path, make_server):
+    up = TrickleUpstream()
+    try:
+        # a page's whole fetch: the connect timeout + 3 read timeouts = 4 s here
+        srv = make_server(tmp_path / "srv", root_password="rootpw",
+                          mirror_url=up.url + "/simple/", mirror_timeouts=(1, 1))
+        t0 = time.monotonic()
+        r = api(srv.url, path="/root/pypi/+simple/drip-page/")
+        took = time.monotonic() - t0
+        assert r.status == 504, r
+        msg = r.json()["message"]
+        assert "upstream" in msg and "not read within 4 seconds" in msg, msg
+        assert 3 < took < 15, took
+        assert _within(5, lambda: up.open == 0)
+        # those who waited for the same page get its answer: upstream is asked once
+        served = up.served
+        got = []
+        crowd = [threading.Thread(target=lambda: got.append(
+            api(srv.url, path="/root/pypi/+simple/drip-crowd/").status)) for _ in range(3)]
+        for t in crowd:
+            t.start()
+        for t in crowd:
+            t.join()
+        assert got == [504] * 3 and up.served == served + 1
+        assert _within(5, lambda: up.open == 0)
+        # a trickling file (it must average --mirror-min-rate): cut too, never kept
+        fpath = mirror_file_path(srv, "dripping", up.FILE)
+        t0 = time.monotonic()
+        try:
+            r = http(srv.url, path=fpath)
+            assert r.status != 200 or len(r.body) < 10 ** 7
+        except (httpclient.IncompleteRead, ConnectionError):
+            pass  # cut mid-body
+        assert time.monotonic() - t0 < 15
+        assert _within(5, lambda: up.open == 0)
+        assert srv.model.local_files(srv.model.get_index("root/pypi"), "dripping") is None
+    finally:
+        up.stop()
+
+
+def test_a_healthy_download_whose_client_left_is_still_kept(upstream, tmp_path, make_server):
+    path = make_wheel(tmp_path, "left-behind", "1.0", extra=os.urandom(600000))
+    upstream.add(path)
+    fn = os.path.basename(path)
+    srv = mirror_of(upstream, make_server, tmp_path, timeouts=(2, 5))
+    fpath = mirror_file_path(srv, "left-behind", fn)
+    # upstream sends some, pauses (within the read timeout), then the rest at full speed
+    upstream.stalls["/files/" + fn] = (100000, 1.5)
+    conn = httpclient.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("GET", fpath)
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read(1000)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()  # the only client left during the pause
+    ix = srv.model.get_index("root/pypi")
+    assert _within(15, lambda: srv.model.local_files(ix, "left-behind"))
+    assert upstream.count("/files/" + fn) == 1
+    r = http(srv.url, path=fpath)
+    assert r.status == 200 and r.body == open(path, "rb").read()
+    assert upstream.count("/files/" + fn) == 1  # (served from what was kept)
+
+
+def test_names_upstream_lacks_are_remembered_bounded_and_expire(upstream, tmp_path, monkeypatch,
+                                                                 make_server):
+    monkeypatch.setattr(minidevpi, "NEGATIVE_KEPT", 300)
+    monkeypatch.setattr(minidevpi, "FRESH_KEPT", 300)
+    upstream.httpd.RequestHandlerClass.disable_nagle_algorithm = True  # (fast 404s)
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      mirror_url=upstream.url + "/simple/", mirror_timeouts=(5, 10))
+    assert api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+               json_body=["mirror_cache_expiry=2"]).status == 200
+    mirror = srv._httpd.app.mirror
+    names = ["gone-%d-%s" % (i, os.urandom(4).hex()) for i in range(1500)]
+    conn = httpclient.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    for name in names:  # anonymous requests for random names upstream lacks
+        conn.request("GET", "/root/pypi/+simple/%s/" % name)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 404
+    conn.close()
+    assert upstream.count("/simple/%s/" % names[-1]) == 1
+    c = srv.model.store.conn()
+    assert c.execute("SELECT COUNT(*) FROM mirror_pages").fetchone()[0] == 0
+    assert len(mirror._negative) <= 300 and len(mirror._fresh) <= 300
+    assert len(srv._httpd.app.pages.gen_project) < 10
+    # a negative answer is an answer for its age: asked again at once, upstream is not
+    assert http(srv.url, path="/root/pypi/+simple/%s/" % names[-1]).status == 404
+    assert upstream.count("/simple/%s/" % names[-1]) == 1
+    # the name appears upstream: served once the negative answer is older than the
+    # index's mirror_cache_expiry
+    late = names[-1]
+    upstream.add(make_wheel(tmp_path, late, "1.0"))
+    assert http(srv.url, path="/root/pypi/+simple/%s/" % late).status == 404
+    time.sleep(2.2)
+    r = http(srv.url, path="/root/pypi/+simple/%s/" % late)
+    assert r.status == 200 and late.replace("-", "_") in r.body.decode()
+    assert (0, late) not in mirror._negative and (1, late) not in mirror._negative
+    # a project upstream had and then lost keeps its row (it says so): those are bounded
+    # by what upstream served, not by what clients ask for
+    upstream.projects.pop(late)
+    time.sleep(2.2)
+    assert http(srv.url, path="/root/pypi/+simple/%s/" % late).status == 404
+    assert [tuple(r) for r in c.execute("SELECT status FROM mirror_pages")] == [(404,)]
+
+
 # ----------------------------------------------------------------------------------
 # 7. HTTP
 # ----------------------------------------------------------------------------------
