@@ -8118,8 +8118,8 @@ WEB_STATIC = {"style.css": ("text/css; charset=utf-8", WEB_STYLE.encode()),
 # 'self', since a doc zip's .js is served from this origin too (as text/javascript), and
 # with 'self' any HTML injected into a page could load it. (A source with a path, such as
 # /+static/, would not do: CSP ignores the path after a redirect.)
-WEB_COPY_JS_HASH = "sha256-" + base64.b64encode(
-    hashlib.sha256(WEB_COPY_JS.encode()).digest()).decode()
+WEB_COPY_JS_HASH = "sha256-" + str(base64.b64encode(
+    hashlib.sha256(WEB_COPY_JS.encode()).digest()), "ascii")
 WEB_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; "
            "script-src '%s'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
            % WEB_COPY_JS_HASH)
