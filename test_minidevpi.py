@@ -7319,7 +7319,10 @@ def scoped_token(url, user, password, **restrictions):
 
 
 def db_dump(srv):
-    """Every row of the server's database: what "nothing changed" is checked against."""
+    """Every row of the server's database: what "nothing changed" is checked against. A new
+    user's password is hashed in the background (its row says '!pending' until then): wait
+    for that, or the dump would differ by a hash no request made."""
+    srv.model.wait_pending_hashes()
     return "\n".join(srv.model.store.conn().iterdump())
 
 
