@@ -5,6 +5,7 @@ subprocess server, real clients (devpi-client, twine, uv, pip and the other publ
 where installed, and plain HTTP. Nothing reaches beyond 127.0.0.1.
 """
 import base64
+import contextlib
 import gzip
 import hashlib
 import html.parser as html_parser
@@ -678,16 +679,25 @@ def vm_peak_kib(pid):
         return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
 
 
-def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
+@contextlib.contextmanager
+def alice_dev_process(tmp_path):
+    """A server process (its peak memory read from /proc) with alice and alice/dev."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc to read the server's peak memory")
-    MiB = 1024 * 1024
     p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
                      "--no-access-log")
     try:
-        url, auth = p.url, ("alice", "secret")
-        assert api(url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
-        assert api(url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+        auth = ("alice", "secret")
+        assert api(p.url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
+        assert api(p.url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+        yield p, p.url, auth
+    finally:
+        p.stop()
+
+
+def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
+    MiB = 1024 * 1024
+    with alice_dev_process(tmp_path) as (p, url, auth):
         sdist = make_sdist(tmp_path, "warm-pkg", "1.0")
         assert upload_form(url, "alice/dev", sdist, auth).status == 200  # code paths warm
         peak_before = vm_peak_kib(p.proc.pid)
@@ -722,8 +732,6 @@ def test_archive_bombs_in_uploads_leave_the_servers_memory_alone(tmp_path):
         res = api(url, path="/alice/dev/zipbomb/1.0").json()["result"]
         assert res["summary"] == ""
         assert upload_form(url, "alice/dev", sdist, auth).status == 200  # still fine
-    finally:
-        p.stop()
 
 
 # ----------------------------------------------------------------------------------
@@ -8018,15 +8026,8 @@ def test_doc_members_are_served_as_inflated_and_the_servers_memory_stays_bounded
     """A 64 KB doc zip whose member inflates to 64 MiB, read by 8 clients at once: each gets
     the right bytes, and the server holds a piece at a time (it read each member whole
     before: 8 x 128 MiB)."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs /proc to read the server's peak memory")
     MiB = 1024 * 1024
-    p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "rootpw",
-                     "--no-access-log")
-    try:
-        url, auth = p.url, ("alice", "secret")
-        assert api(url, "PUT", "/alice", json_body={"password": "secret"}).status == 201
-        assert api(url, "PUT", "/alice/dev", json_body={}, auth=auth).status == 200
+    with alice_dev_process(tmp_path) as (p, url, auth):
         small = make_doc_zip(tmp_path / "small.zip")
         fields = [(":action", "doc_upload"), ("protocol_version", "1"), ("name", "pkg"),
                   ("version", "0.9")]
@@ -8059,8 +8060,6 @@ def test_doc_members_are_served_as_inflated_and_the_servers_memory_stays_bounded
         # HEAD: the length, no body
         status, headers, n, _ = _get_streamed(url, "/alice/dev/pkg/1.0/+doc/big.bin", "HEAD")
         assert status == 200 and headers["content-length"] == str(64 * MiB) and n == 0
-    finally:
-        p.stop()
 
 
 def test_doc_members_inflated_at_once_are_bounded_and_a_busy_server_says_503(
