@@ -2082,11 +2082,18 @@ def test_wrong_passwords_take_as_long_for_unknown_names_as_for_real_users(real_k
             t.start()
         for t in primers:
             t.join(60)
-        wait = min(minidevpi.THROTTLE_MAX, 0.05 * 2 ** (8 - minidevpi.THROTTLE_AFTER))
-        assert wait >= 0.4
-        real, unknown = attempt("alice"), attempt("nosuchuser")
-        assert real > wait and unknown > wait, (real, unknown)
-        assert max(real, unknown) < 2 * min(real, unknown), (real, unknown)
+        # three pairs, each name's k-th check waiting as long (0.4, 0.8, 1.6 s), asked in
+        # turns; the median pair must be within 2x (one pair slowed by a busy machine is
+        # noise; an unknown name answered without its wait would fail every pair)
+        ratios = []
+        for k, first in enumerate(("alice", "nosuchuser", "alice")):
+            wait = min(minidevpi.THROTTLE_MAX, 0.05 * 2 ** (8 + k - minidevpi.THROTTLE_AFTER))
+            assert wait >= 0.4
+            second = "nosuchuser" if first == "alice" else "alice"
+            a, b = attempt(first), attempt(second)
+            assert a > wait and b > wait, (k, first, a, b)
+            ratios.append(max(a, b) / min(a, b))
+        assert sorted(ratios)[1] < 2, ratios
 
 
 def test_the_failure_table_stays_bounded_and_keeps_the_latest():
