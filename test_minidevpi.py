@@ -9244,6 +9244,44 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
     assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 9
 
 
+def test_browser_shows_description_alignment_and_authors_linked(alice, tmp_path):
+    """In Chromium: a Markdown table's column alignment (the align= the renderer writes)
+    shows, the stylesheet's left-aligned cells notwithstanding; a paragraph's align= too;
+    the authors are links by name. A screenshot is saved."""
+    from selenium.webdriver.common.by import By
+    url, auth = alice.url, ("alice", "secret")
+    readme = ("| left | middle | right |\n|:-----|:------:|------:|\n| a | b | c |\n"
+              "| a longer cell | b | 12345 |\n\n<p align=\"center\">centred</p>\n")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "aligned-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"), ("description", readme),
+              ("description_content_type", "text/markdown"),
+              ("author_email", "Jane Roe <jane@example.org>, bob@example.org")]
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "aligned-pkg", "1.0"), auth,
+                       fields=fields).status == 200
+    shots = os.environ.get("MINIDEVPI_SCREENSHOTS") or str(tmp_path / "screenshots")
+    os.makedirs(shots, exist_ok=True)
+    d = chromium_driver()
+    try:
+        d.get(url + "/alice/dev/aligned-pkg/1.0")
+
+        def aligned(selector):
+            return d.execute_script("return Array.from(document.querySelectorAll(arguments[0]))"
+                                    ".map(function (e) { return getComputedStyle(e).textAlign; })",
+                                    selector)
+        assert aligned(".description table tr > :nth-child(1)") == ["left"] * 3
+        assert aligned(".description table tr > :nth-child(2)") == ["center"] * 3
+        assert aligned(".description table tr > :nth-child(3)") == ["right"] * 3
+        assert aligned(".description p[align]") == ["center"]
+        assert aligned("table.files th") == ["left"] * 6  # (ours stay as they were)
+        authors = [(a.text, a.get_attribute("href")) for a in d.find_elements(
+            By.CSS_SELECTOR, "a[href^='mailto:']")]
+        assert authors == [("Jane Roe", "mailto:jane@example.org"),
+                           ("bob@example.org", "mailto:bob@example.org")], authors
+        d.save_screenshot(os.path.join(shots, "10-version-aligned.png"))
+    finally:
+        d.quit()
+
+
 # ----------------------------------------------------------------------------------
 # 8. export / import
 # ----------------------------------------------------------------------------------
