@@ -9052,6 +9052,13 @@ def test_mirror_version_page_shows_summary_and_description_of_kept_core_metadata
             assert "<script>alert" not in body and "<img src=x" not in body
             assert "alert(1)" in page_text(r)
         assert upstream.count("/files/%s.metadata" % filename) == 1
+        assert http(srv.url, path=urllib.parse.urlsplit(href).path).status == 200
+    before = len(upstream.requests)
+    with make_server(tmp_path / "srv", offline=True) as off:  # kept with the file: offline too
+        r = browse(off.url, "/root/pypi/told-pkg/1.0")
+        assert_web_page(r)
+        assert "Told things" in page_text(r) and b"<strong>bold</strong>" in r.body
+    assert len(upstream.requests) == before
 
 
 @pytest.mark.parametrize("status", [401, 403])
