@@ -7262,10 +7262,10 @@ class Mirror:
                 if hashlib.sha256(data).hexdigest() != sha:
                     raise UpstreamError(502, "%s.metadata from upstream does not match its "
                                              "sha256; not kept" % filename)
+                self.store.put_bytes(data)
                 split = split_filename(filename)
-                with self.store.write():  # (a version page shows what it says)
-                    self.store.put_bytes(data)
-                    if split is not None:
+                if split is not None:
+                    with self.store.write():  # (a version page shows what it says)
                         self.model.mirror_kept_changed(normalize_name(split[0]))
         return path, sha
 
@@ -8629,7 +8629,8 @@ def kept_core_metadata(path):
            if isinstance(meta.get(k), str)}
     if len(data) > WEB_KEPT_METADATA_BYTES:
         out["description_content_type"] = "text/plain"
-    out["summary"] = " ".join(str(meta.get("summary") or "").split())[:WEB_KEPT_SUMMARY_CHARS]
+    out["summary"] = " ".join(str(meta.get("summary") or "").split()
+                              )[:WEB_KEPT_SUMMARY_CHARS].rstrip()
     return out
 
 
@@ -8922,11 +8923,11 @@ class WebPages:
                                 % (ver, norm))
             meta, yanked, files, source = found[0]
             if any(b.is_mirror and b.path == source for b in walk.visible):
-                kept = [self.store.blob_path(f.core_metadata) for f in files
-                        if f.rel == "releasefile" and f.core_metadata]
-                kept = [p for p in kept if os.path.exists(p)]
-                if kept:
-                    meta = dict(meta, **kept_core_metadata(kept[0]))
+                kept = next((p for p in (self.store.blob_path(f.core_metadata) for f in files
+                                         if f.rel == "releasefile" and f.core_metadata)
+                             if os.path.exists(p)), None)
+                if kept is not None:
+                    meta = dict(meta, **kept_core_metadata(kept))
             prefix = self.web_prefix(req)
             doc = None
             if any(f.rel == "doczip" for r in found for f in r[2]):

@@ -9061,6 +9061,40 @@ def test_mirror_version_page_shows_summary_and_description_of_kept_core_metadata
     assert len(upstream.requests) == before
 
 
+def test_mirror_version_page_bounds_what_it_reads_of_kept_core_metadata(
+        upstream, tmp_path, make_server, monkeypatch):
+    """Upstream's core metadata is hostile: a long summary is shown cut to one line, a file
+    over WEB_KEPT_METADATA_BYTES has the start of its description as plain text, bytes that
+    are no core metadata at all give a page without them (never an error)."""
+    monkeypatch.setattr(minidevpi, "WEB_KEPT_METADATA_BYTES", 4096)
+    long_meta = ("Metadata-Version: 2.1\nName: big-pkg\nVersion: 1.0\nSummary: %s\n"
+                 "Description-Content-Type: text/markdown\n\n# Big\n\n%s" % (
+                     "word " * 200, "**many** words " * 1000)).encode()
+    metas = {"big-pkg": long_meta, "junk-pkg": bytes(range(256)) * 40}
+    for name, meta in metas.items():
+        upstream.add(make_wheel(tmp_path, name, "1.0"))
+        fn, data, _meta, when = upstream.projects[name][0]
+        upstream.projects[name][0] = (fn, data, meta, when)
+    with make_server(tmp_path / "srv", root_password="rootpw",
+                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1)) as srv:
+        for name, meta in metas.items():
+            fn = upstream.projects[name][0][0]
+            href = release_links(srv.url, "root/pypi", name, "1.0")[fn]
+            got = http(srv.url, path=urllib.parse.urlsplit(href).path + ".metadata")
+            assert got.status == 200 and got.body == meta
+        r = browse(srv.url, "/root/pypi/big-pkg/1.0")
+        assert_web_page(r)
+        body = r.body.decode()
+        lead = html.unescape(re.search(r'<p class="lead">(.*?)</p>', body).group(1))
+        assert lead == ("word " * 100).strip(), lead[:80]  # WEB_KEPT_SUMMARY_CHARS
+        desc = body[body.index('<div class="description">'):]
+        assert desc.startswith('<div class="description"><pre># Big') and "<strong>" not in desc
+        assert len(r.body) < 20000
+        r = browse(srv.url, "/root/pypi/junk-pkg/1.0")
+        assert_web_page(r)
+        assert "junk_pkg-1.0-py3-none-any.whl" in page_text(r)
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_refusals_are_pages_for_browsers_and_json_for_clients(alice, monkeypatch, status):
     """A read that is refused (as the read permissions refuse one): a browser gets a page,
