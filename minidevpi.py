@@ -4377,6 +4377,12 @@ class Model:
         the pages built from it are out of date (call inside the write transaction)."""
         self._changed(projects=[norm])
 
+    def mirror_kept_changed(self, norm):
+        """A mirror kept more of what its upstream lists for project ``norm`` as it is (a
+        file's core metadata): the web pages that show it are out of date, its simple
+        pages are not (call inside the write transaction)."""
+        self._changed(kept=[norm])
+
     def _changed(self, projects=(), config=False, project_set=False, kept=()):
         if (projects or kept) and not config:  # (a config change changes no release)
             self.search.changed(list(projects) + list(kept))
@@ -7257,6 +7263,10 @@ class Mirror:
                     raise UpstreamError(502, "%s.metadata from upstream does not match its "
                                              "sha256; not kept" % filename)
                 self.store.put_bytes(data)
+                split = split_filename(filename)
+                if split is not None:
+                    with self.store.write():  # (a version page shows what it says)
+                        self.model.mirror_kept_changed(normalize_name(split[0]))
         return path, sha
 
     def kept_refusal(self, ix, f):
@@ -8084,6 +8094,9 @@ ul.plain{list-style:none;padding:0;margin:0}
 .card h2{border:0;margin:0 0 .3rem}
 .description{overflow-wrap:anywhere}.description img{max-width:100%}
 .description h3{font-size:1.2rem}.description h4{font-size:1.05rem}
+/* a description's align= (table cells, paragraphs) loses to any rule, th,td's too: */
+.description [align=center]{text-align:center}.description [align=right]{text-align:right}
+.description [align=left]{text-align:left}.description [align=justify]{text-align:justify}
 .pager{display:flex;gap:1rem;margin:1rem 0}
 .sha{font-size:.75rem;color:var(--muted);word-break:break-all}
 footer{max-width:72rem;margin:2rem auto;padding:1rem;color:var(--muted);font-size:.85rem;
@@ -8246,9 +8259,7 @@ def _web_index_cards(prefix, user, indexes):
 def render_web_root(prefix, users):
     """The root page: every user (``list_users``) and their indexes."""
     body = ['<h1>Indexes</h1><p class="lead">Every user of this server and their indexes.'
-            '</p><form class="search" action="%s/+search" method="get"><input type="search" '
-            'name="q" placeholder="Search all indexes" aria-label="Search all indexes">'
-            '<button type="submit">Search</button></form>' % _e(prefix)]
+            '</p>']  # (searching: the box in the header, as on every page)
     for name, info in sorted(users.items()):
         body.append('<h2><a href="%s">%s</a></h2>' % (web_href(prefix, name), _e(name)))
         if info.get("title") or info.get("description"):
@@ -8393,14 +8404,16 @@ def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, s
         body.append('<p>Latest: <a href="%s">%s</a></p>' % (
             web_href(prefix, ix.user, ix.name, norm, latest), _e(latest)))
     body.append(_usage("pip install --index-url %s/%s/+simple/ %s" % (server_url, path, norm)))
+    docs = any(r[4] for r in rows)  # (a documentation column only when there are any)
     body.append('<h2>Versions</h2><div class="scroll"><table><thead><tr><th>version</th>'
-                '<th>from index</th><th>documentation</th><th></th></tr></thead><tbody>')
+                '<th>from index</th>%s<th>notes</th></tr></thead><tbody>'
+                % ("<th>documentation</th>" if docs else ""))
     listed = [(version_key(r[0]), 1, r) for r in rows] + [
         (version_key(v), 0, v) for v in held]
     for _key, offered, row in sorted(listed, key=lambda t: t[:2], reverse=True):
         if not offered:
-            body.append('<tr><td>%s</td><td></td><td></td><td>%s</td></tr>' % (
-                _e(row), web_held_back(held[row])))
+            body.append('<tr><td>%s</td><td></td>%s<td>%s</td></tr>' % (
+                _e(row), "<td></td>" if docs else "", web_held_back(held[row])))
             continue
         version, _summary, yanked, source, has_doc, shadowed = row
         tags = ""
@@ -8413,9 +8426,9 @@ def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, s
             src += ' <span class="muted">(shadows %s)</span>' % _e(", ".join(shadowed))
         doc = ('<a href="%s/+doc/">docs</a>' % web_href(prefix, ix.user, ix.name, norm,
                                                           version)) if has_doc else ""
-        body.append('<tr><td><a href="%s">%s</a></td><td>%s</td><td>%s</td><td>%s</td></tr>'
+        body.append('<tr><td><a href="%s">%s</a></td><td>%s</td>%s<td>%s</td></tr>'
                     % (web_href(prefix, ix.user, ix.name, norm, version), _e(version), src,
-                       doc, tags))
+                       ("<td>%s</td>" % doc) if docs else "", tags))
     body.append("</tbody></table></div>")
     return web_document("%s - %s" % (display, path), "".join(body), prefix,
                         _index_crumbs(prefix, path) + [(display, None)], search=("", path))
@@ -8519,6 +8532,61 @@ def _web_tox_tags(thref, envs):
     return tags
 
 
+# Author / Author-email (and Maintainer's) as the core metadata has them: a name, and a list
+# of addresses with or without names ("Jane Roe <jane@example.org>, bob@example.org"). A page
+# shows each person once, the name linked to the address (mailto:), at most
+# WEB_PEOPLE_SHOWN of them; what does not read as such a list (or is longer than
+# WEB_PEOPLE_MAX_CHARS) is shown as written. (Not email.utils.getaddresses: it recurses
+# into nested comments and is slow on long hostile values; this reads linearly.)
+WEB_PEOPLE_SHOWN = 50
+WEB_PEOPLE_MAX_CHARS = 20000
+_WEB_PERSON = re.compile(r'\s*(?:"([^"]*)"\s*|([^,"<>]*))(?:<([^<>]*)>\s*)?(,|\Z)')
+_WEB_MAIL_ADDRESS = re.compile(r"[^\s@<>\"(),;:\\\[\]]+@[^\s@<>\"(),;:\\\[\]]+")
+
+
+def _web_mail_list(text):
+    """[(name or "", address)] of an Author-email value, or None if it is not such a list."""
+    if len(text) > WEB_PEOPLE_MAX_CHARS:
+        return None
+    out, pos = [], 0
+    while pos < len(text):
+        m = _WEB_PERSON.match(text, pos)
+        if m is None:
+            return None
+        name = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+        address = m.group(3)
+        if address is None:
+            name, address = "", name  # a bare address
+        if not _WEB_MAIL_ADDRESS.fullmatch(address.strip()):
+            return None
+        out.append((name, address.strip()))
+        pos = m.end()
+    return out
+
+
+def web_people(names, emails):
+    """The HTML of a version's people from its Author and Author-email (or Maintainer and
+    Maintainer-email) fields: "" when both are empty."""
+    names = str(names or "").strip()
+    emails = str(emails or "").strip()
+    if not emails:
+        return _e(names)
+    people = _web_mail_list(emails)
+    if not people:
+        return _e((names + " " if names else "") + emails)
+
+    def mailto(text, address):
+        return '<a href="mailto:%s">%s</a>' % (_e(urllib.parse.quote(address, safe="@+")),
+                                               _e(text))
+    if names and len(people) == 1 and not people[0][0]:
+        return mailto(names, people[0][1])  # Author: Jane Roe, Author-email: jane@...
+    out = [_e(names)] if names and names not in [n for n, _a in people] else []
+    out.extend(mailto(n or a, a) for n, a in people[:WEB_PEOPLE_SHOWN])
+    if len(people) > WEB_PEOPLE_SHOWN:
+        out.append("and %d more" % (len(people) - WEB_PEOPLE_SHOWN))
+    return ", ".join(out)
+
+
 def _requirement(text):
     req, sep, marker = str(text).partition(";")
     out = "<code>%s</code>" % _e(req.strip())
@@ -8535,6 +8603,35 @@ def _demote_headings(fragment):
     the page's <h1> and its "Description" <h2>. (In sanitized HTML every "<" opens a tag.)"""
     return _WEB_HEADING_TAG.sub(lambda m: "<%sh%d" % (m.group(1), min(6, int(m.group(2)) + 2)),
                                 fragment)
+
+
+# A mirror knows of a version only its files, but it may keep a file's core metadata (the
+# PEP 658 .metadata an installer fetched through it): its version page then shows the
+# summary (one line of at most WEB_KEPT_SUMMARY_CHARS) and the description (rendered as an
+# upload's, bounded: render_description) from it. Upstream's text, so as hostile as any user's.
+# A page reads only what is kept: it never fetches, and works offline. Of a file it reads the
+# first WEB_KEPT_METADATA_BYTES (parsing 16 MiB of headers takes seconds): the description
+# of a longer one shows its start as plain text, as a description too long to render does.
+WEB_KEPT_SUMMARY_CHARS = 500
+WEB_KEPT_METADATA_BYTES = 2 * 1024 * 1024
+
+
+def kept_core_metadata(path):
+    """{"summary", "description", "description_content_type"} of the kept core metadata
+    file at ``path`` ({} for one that is not readable core metadata)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(WEB_KEPT_METADATA_BYTES + 1)
+        meta = metadata_from_pkginfo(data[:WEB_KEPT_METADATA_BYTES])
+    except Exception:  # (whatever bytes upstream sent: no page fails for them)
+        return {}
+    out = {k: meta[k] for k in ("description", "description_content_type")
+           if isinstance(meta.get(k), str)}
+    if len(data) > WEB_KEPT_METADATA_BYTES:
+        out["description_content_type"] = "text/plain"
+    out["summary"] = " ".join(str(meta.get("summary") or "").split()
+                              )[:WEB_KEPT_SUMMARY_CHARS].rstrip()
+    return out
 
 
 def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
@@ -8573,14 +8670,8 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
                                                _e(source)))
     if doc:
         row("documentation", '<a href="%s">read the documentation</a>' % _e(doc))
-    author = meta.get("author") or ""
-    if meta.get("author_email"):
-        author = (author + " " if author else "") + "<%s>" % meta["author_email"]
-    row("author", _e(author))
-    maint = meta.get("maintainer") or ""
-    if meta.get("maintainer_email"):
-        maint = (maint + " " if maint else "") + "<%s>" % meta["maintainer_email"]
-    row("maintainer", _e(maint))
+    row("author", web_people(meta.get("author"), meta.get("author_email")))
+    row("maintainer", web_people(meta.get("maintainer"), meta.get("maintainer_email")))
     lic = meta.get("license_expression") or meta.get("license") or ""
     row("license", _e(lic if len(lic) < 300 else lic[:300] + "..."))
     row("requires-python", "<code>%s</code>" % _e(meta["requires_python"])
@@ -8831,6 +8922,12 @@ class WebPages:
                 raise not_found("The version %s of project %s does not exist."
                                 % (ver, norm))
             meta, yanked, files, source = found[0]
+            if any(b.is_mirror and b.path == source for b in walk.visible):
+                kept = next((p for p in (self.store.blob_path(f.core_metadata) for f in files
+                                         if f.rel == "releasefile" and f.core_metadata)
+                             if os.path.exists(p)), None)
+                if kept is not None:
+                    meta = dict(meta, **kept_core_metadata(kept))
             prefix = self.web_prefix(req)
             doc = None
             if any(f.rel == "doczip" for r in found for f in r[2]):

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import html
 import html.parser as html_parser
 import http.client as httpclient
 import io
@@ -8345,10 +8346,11 @@ def test_version_page_shows_metadata_toxresults_and_docs(alice, tmp_path):
         (":action", "doc_upload"), ("name", "meta-pkg"), ("version", "1.0")]).status == 200
     page = assert_web_page(browse(url, "/alice/dev/meta-pkg/1.0"))
     text = " ".join(page.text)
-    for fact in ("All the facts", "Ada", "ada@example.com", "MIT", ">=3.9",
+    for fact in ("All the facts", "Ada", "MIT", ">=3.9",
                  "Programming Language :: Python", "rich>=13", 'extra == "pretty"',
                  "pretty", "Hello", "py passed", "py39 failed"):
         assert fact in text, fact
+    assert "mailto:ada@example.com" in page.links()  # (the author's name links to it)
     # the description rendered as its Description-Content-Type says (Markdown)
     assert [(t, a) for t, a in page.tags if t == "em"] == [("em", {})]
     assert "https://example.com/src" in page.links()
@@ -8925,6 +8927,181 @@ def test_version_page_description_is_rendered_safely_below_the_page_heading(alic
     assert "click" in page_text(r) and "raw" in page_text(r)
 
 
+def web_table_rows(body):
+    """The rows of a page's first table as a reader sees them: [[(th or td, cell text)]]."""
+    table = body[body.index("<table"):body.index("</table>")]
+    return [[(kind, " ".join(html.unescape(re.sub(r"<[^>]*>", " ", cell)).split()))
+             for kind, cell in re.findall(r"<t([hd])(?:\s[^>]*)?>(.*?)</t[hd]>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+
+
+def web_meta_row(body, label):
+    """(visible text, [(link text, href)]) of one row of a version page's facts."""
+    found = re.search(r"<dt>%s</dt><dd>(.*?)</dd>" % re.escape(label), body, re.S)
+    if found is None:
+        return None
+    dd = found.group(1)
+    links = [(html.unescape(text), html.unescape(href))
+             for href, text in re.findall(r'<a href="([^"]*)">([^<]*)</a>', dd)]
+    return " ".join(PageTags(dd).text), links
+
+
+def test_version_page_shows_each_author_by_name_linked_to_their_address(alice, tmp_path):
+    """Author-email (and Maintainer-email) as the core metadata has it, one or several
+    people, with or without names: each shown by name (or address), linked with mailto;
+    names with markup are text; what is not such a list is shown as written."""
+    url, auth = alice.url, ("alice", "secret")
+    marked = '<img src=x onerror=alert(2)> Mallory & Co'
+    cases = [
+        ("1.0", [("author_email", 'Jane Roe <jane@example.org>, "Doe, John" <john@example.org>'
+                  ', bob@example.org'), ("maintainer", "Ada"),
+                 ("maintainer_email", "ada@example.org")],
+         [("Jane Roe", "mailto:jane@example.org"), ("Doe, John", "mailto:john@example.org"),
+          ("bob@example.org", "mailto:bob@example.org")], [("Ada", "mailto:ada@example.org")]),
+        ("2.0", [("author_email", '"%s" <m@example.org>' % marked),
+                 ("maintainer_email", "max@example.org")],
+         [(marked, "mailto:m@example.org")], [("max@example.org", "mailto:max@example.org")]),
+        ("3.0", [("author", "Team"), ("author_email", "a@example.org, b@example.org")],
+         [("a@example.org", "mailto:a@example.org"), ("b@example.org", "mailto:b@example.org")],
+         None),
+        ("4.0", [("author_email", HOSTILE_VALUE)], [], None),
+    ]
+    for version, given, authors, maintainers in cases:
+        fields = [(":action", "file_upload"), ("protocol_version", "1"),
+                  ("name", "people-pkg"), ("version", version),
+                  ("metadata_version", "2.1")] + given
+        assert upload_form(url, "alice/dev", make_wheel(tmp_path, "people-pkg", version), auth,
+                           fields=fields).status == 200
+        r = browse(url, "/alice/dev/people-pkg/" + version)
+        assert_web_page(r)
+        body = r.body.decode()
+        text, links = web_meta_row(body, "author")
+        assert links == authors, (version, links)
+        if maintainers is None:
+            assert web_meta_row(body, "maintainer") is None
+        else:
+            assert web_meta_row(body, "maintainer")[1] == maintainers
+        assert "<img src=x" not in body and "<script>alert" not in body
+    assert web_meta_row(browse(url, "/alice/dev/people-pkg/3.0").body.decode(), "author")[0] \
+        .startswith("Team, ")
+    assert web_meta_row(browse(url, "/alice/dev/people-pkg/4.0").body.decode(),
+                        "author")[0] == HOSTILE_VALUE  # (not a list of addresses: as written)
+
+
+def test_project_page_labels_its_columns_and_shows_documentation_only_when_there_is_some(
+        alice, tmp_path):
+    url, auth = alice.url, ("alice", "secret")
+    alice.upload("alice/dev", make_wheel(tmp_path, "cols-pkg", "1.0"))
+    alice.upload("alice/dev", make_wheel(tmp_path, "cols-pkg", "2.0b1"))
+
+    def table():
+        r = browse(url, "/alice/dev/cols-pkg")
+        assert_web_page(r)
+        rows = web_table_rows(r.body.decode())
+        head = rows[0]
+        assert all(kind == "h" and text for kind, text in head), head  # every column named
+        assert all(len(row) == len(head) for row in rows), rows
+        return [text for _k, text in head], {row[0][1]: dict(zip(
+            [text for _k, text in head], [text for _k, text in row])) for row in rows[1:]}
+    head, rows = table()
+    assert head == ["version", "from index", "notes"], head
+    assert rows["2.0b1"]["notes"] == "pre-release" and rows["1.0"]["notes"] == ""
+    docs = make_doc_zip(tmp_path / "docs.zip", {"index.html": "<h1>Docs</h1>"})
+    assert upload_form(url, "alice/dev", docs, auth, filename="cols-pkg-1.0.doc.zip", fields=[
+        (":action", "doc_upload"), ("name", "cols-pkg"), ("version", "1.0")]).status == 200
+    head, rows = table()
+    assert head == ["version", "from index", "documentation", "notes"], head
+    assert rows["1.0"]["documentation"] == "docs" and rows["2.0b1"]["documentation"] == ""
+    assert "/alice/dev/cols-pkg/1.0/+doc/" in assert_web_page(browse(
+        url, "/alice/dev/cols-pkg")).links()
+
+
+def test_root_page_has_one_search_box(alice):
+    root = assert_web_page(browse(alice.url, "/"))
+    boxes = [a for t, a in root.tags if t == "input" and a.get("name") == "q"]
+    forms = [a for t, a in root.tags if t == "form" and a.get("action") == "/+search"]
+    assert len(boxes) == 1 and len(forms) == 1, (boxes, forms)
+
+
+def test_mirror_version_page_shows_summary_and_description_of_kept_core_metadata(
+        upstream, tmp_path, make_server):
+    """A mirror's version page shows the summary and the description (rendered, escaped,
+    as an upload's) from the core metadata it keeps of a file: kept when an installer
+    asked for it, never fetched to build the page; a stage on the mirror shows them too."""
+    wheel = make_wheel(tmp_path, "told-pkg", "1.0")
+    upstream.add(wheel)
+    filename = os.path.basename(wheel)
+    summary = "Told things " + HOSTILE_VALUE
+    readme = "# Told\n\nSome **bold** text.\n\n" + HOSTILE_VALUE + "\n"
+    meta = ("Metadata-Version: 2.1\nName: told-pkg\nVersion: 1.0\nSummary: %s\n"
+            "Description-Content-Type: text/markdown\n\n%s" % (summary, readme)).encode()
+    fn, data, _meta, when = upstream.projects["told-pkg"][0]
+    upstream.projects["told-pkg"][0] = (fn, data, meta, when)
+    with make_server(tmp_path / "srv", root_password="rootpw",
+                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1)) as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev", bases="root/pypi")
+        r = browse(srv.url, "/root/pypi/told-pkg/1.0")
+        assert_web_page(r)
+        assert "Told things" not in page_text(r) and b'class="description"' not in r.body
+        assert upstream.count("/files/%s.metadata" % filename) == 0  # (the page fetched none)
+        href = release_links(srv.url, "root/pypi", "told-pkg", "1.0")[filename]
+        got = http(srv.url, path=urllib.parse.urlsplit(href).path + ".metadata")
+        assert got.status == 200 and got.body == meta  # (as an installer asks)
+        for ix in ("root/pypi", "alice/dev"):
+            r = browse(srv.url, "/%s/told-pkg/1.0" % ix)
+            assert_web_page(r)
+            body = r.body.decode()
+            lead = re.search(r'<p class="lead">(.*?)</p>', body).group(1)
+            assert html.unescape(lead) == summary, lead
+            desc = body[body.index('<div class="description">'):]
+            assert "<h3>Told</h3>" in desc and "<strong>bold</strong>" in desc, desc[:300]
+            assert "<script>alert" not in body and "<img src=x" not in body
+            assert "alert(1)" in page_text(r)
+        assert upstream.count("/files/%s.metadata" % filename) == 1
+        assert http(srv.url, path=urllib.parse.urlsplit(href).path).status == 200
+    before = len(upstream.requests)
+    with make_server(tmp_path / "srv", offline=True) as off:  # kept with the file: offline too
+        r = browse(off.url, "/root/pypi/told-pkg/1.0")
+        assert_web_page(r)
+        assert "Told things" in page_text(r) and b"<strong>bold</strong>" in r.body
+    assert len(upstream.requests) == before
+
+
+def test_mirror_version_page_bounds_what_it_reads_of_kept_core_metadata(
+        upstream, tmp_path, make_server, monkeypatch):
+    """Upstream's core metadata is hostile: a long summary is shown cut to one line, a file
+    over WEB_KEPT_METADATA_BYTES has the start of its description as plain text, bytes that
+    are no core metadata at all give a page without them (never an error)."""
+    monkeypatch.setattr(minidevpi, "WEB_KEPT_METADATA_BYTES", 4096)
+    long_meta = ("Metadata-Version: 2.1\nName: big-pkg\nVersion: 1.0\nSummary: %s\n"
+                 "Description-Content-Type: text/markdown\n\n# Big\n\n%s" % (
+                     "word " * 200, "**many** words " * 1000)).encode()
+    metas = {"big-pkg": long_meta, "junk-pkg": bytes(range(256)) * 40}
+    for name, meta in metas.items():
+        upstream.add(make_wheel(tmp_path, name, "1.0"))
+        fn, data, _meta, when = upstream.projects[name][0]
+        upstream.projects[name][0] = (fn, data, meta, when)
+    with make_server(tmp_path / "srv", root_password="rootpw",
+                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1)) as srv:
+        for name, meta in metas.items():
+            fn = upstream.projects[name][0][0]
+            href = release_links(srv.url, "root/pypi", name, "1.0")[fn]
+            got = http(srv.url, path=urllib.parse.urlsplit(href).path + ".metadata")
+            assert got.status == 200 and got.body == meta
+        r = browse(srv.url, "/root/pypi/big-pkg/1.0")
+        assert_web_page(r)
+        body = r.body.decode()
+        lead = html.unescape(re.search(r'<p class="lead">(.*?)</p>', body).group(1))
+        assert lead == ("word " * 100).strip(), lead[:80]  # WEB_KEPT_SUMMARY_CHARS
+        desc = body[body.index('<div class="description">'):]
+        assert desc.startswith('<div class="description"><pre># Big') and "<strong>" not in desc
+        assert len(r.body) < 20000
+        r = browse(srv.url, "/root/pypi/junk-pkg/1.0")
+        assert_web_page(r)
+        assert "junk_pkg-1.0-py3-none-any.whl" in page_text(r)
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_refusals_are_pages_for_browsers_and_json_for_clients(alice, monkeypatch, status):
     """A read that is refused (as the read permissions refuse one): a browser gets a page,
@@ -9081,7 +9258,9 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         assert d.find_element(By.TAG_NAME, "h1").text == "Browse docs"
         shot("7-docs")
         d.get(url + "/")
-        box = d.find_element(By.CSS_SELECTOR, "main input[name=q]")
+        boxes = d.find_elements(By.CSS_SELECTOR, "input[name=q]")
+        assert len(boxes) == 1, boxes  # one search box, the header's
+        box = boxes[0]
         box.send_keys("tiny sample")  # (the summary of 1.1, the latest)
         box.submit()
         assert d.current_url.startswith(url + "/+search?q=tiny+sample")
@@ -9112,6 +9291,44 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         d.quit()
     assert problems == [], problems
     assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 9
+
+
+def test_browser_shows_description_alignment_and_authors_linked(alice, tmp_path):
+    """In Chromium: a Markdown table's column alignment (the align= the renderer writes)
+    shows, the stylesheet's left-aligned cells notwithstanding; a paragraph's align= too;
+    the authors are links by name. A screenshot is saved."""
+    from selenium.webdriver.common.by import By
+    url, auth = alice.url, ("alice", "secret")
+    readme = ("| left | middle | right |\n|:-----|:------:|------:|\n| a | b | c |\n"
+              "| a longer cell | b | 12345 |\n\n<p align=\"center\">centred</p>\n")
+    fields = [(":action", "file_upload"), ("protocol_version", "1"), ("name", "aligned-pkg"),
+              ("version", "1.0"), ("metadata_version", "2.1"), ("description", readme),
+              ("description_content_type", "text/markdown"),
+              ("author_email", "Jane Roe <jane@example.org>, bob@example.org")]
+    assert upload_form(url, "alice/dev", make_wheel(tmp_path, "aligned-pkg", "1.0"), auth,
+                       fields=fields).status == 200
+    shots = os.environ.get("MINIDEVPI_SCREENSHOTS") or str(tmp_path / "screenshots")
+    os.makedirs(shots, exist_ok=True)
+    d = chromium_driver()
+    try:
+        d.get(url + "/alice/dev/aligned-pkg/1.0")
+
+        def aligned(selector):
+            return d.execute_script("return Array.from(document.querySelectorAll(arguments[0]))"
+                                    ".map(function (e) { return getComputedStyle(e).textAlign; })",
+                                    selector)
+        assert aligned(".description table tr > :nth-child(1)") == ["left"] * 3
+        assert aligned(".description table tr > :nth-child(2)") == ["center"] * 3
+        assert aligned(".description table tr > :nth-child(3)") == ["right"] * 3
+        assert aligned(".description p[align]") == ["center"]
+        assert aligned("table.files th") == ["left"] * 6  # (ours stay as they were)
+        authors = [(a.text, a.get_attribute("href")) for a in d.find_elements(
+            By.CSS_SELECTOR, "a[href^='mailto:']")]
+        assert authors == [("Jane Roe", "mailto:jane@example.org"),
+                           ("bob@example.org", "mailto:bob@example.org")], authors
+        d.save_screenshot(os.path.join(shots, "10-version-aligned.png"))
+    finally:
+        d.quit()
 
 
 # ----------------------------------------------------------------------------------
