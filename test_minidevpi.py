@@ -45,7 +45,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UNREACHABLE_UPSTREAM = "http://127.0.0.1:9/simple/"
 os.environ["PIP_INDEX_URL"] = UNREACHABLE_UPSTREAM
 SCRIPT = os.path.join(HERE, "minidevpi.py")
+# The clients are found beside the interpreter that runs the suite (`.venv/bin/python -m
+# pytest` with nothing activated), and so are the tools they start by name (devpi test runs
+# tox): every subprocess sees that directory first on its PATH, as in an activated venv.
 BIN = os.path.dirname(sys.executable)
+os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 # ----------------------------------------------------------------------------------
@@ -7019,8 +7023,7 @@ def test_readme_walkthrough_runs_as_written(server, tmp_path):
     lines = [m.group(1) for m in re.finditer(r"(?m)^    \$ (.*)$",
                                              readme_section("Walkthrough with devpi-client"))]
     assert len(lines) > 10
-    env = dict(os.environ, DEVPI_CLIENTDIR=str(tmp_path / "client"),
-               PATH=BIN + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, DEVPI_CLIENTDIR=str(tmp_path / "client"))
     for line in lines:
         command = re.sub(r"\s+# .*$", "", line).replace("http://127.0.0.1:3141", server.url)
         p = subprocess.run(["bash", "-c", command], cwd=str(tmp_path), env=env, timeout=180,
