@@ -10317,6 +10317,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.raw_in.pause()  # the headers are in; a body is bounded when a route reads it
         app = self.server.app
         req = None
+        why = None  # the reason of a failure on the server's side, for its log
         self.body = None
         try:
             self.body = self._request_body()
@@ -10325,6 +10326,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             resp = app.dispatch(req)
         except HTTPError as e:
             resp = self._error_response(e, req)
+            if e.status >= 500:
+                why = e.message
         except Exception:
             if self.raw_in.failed:  # the client stalled or went away while sending its body
                 resp = message_response("request body not received in time", 408)
@@ -10337,7 +10340,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send(resp, req)
         if unread:
             self._linger()
-        self.server.log_access(self, resp, time.monotonic() - t0)
+        self.server.log_access(self, resp, time.monotonic() - t0, why)
 
     def _request_body(self):
         """The request's body as its headers frame it. Bodies whose length can't be known
@@ -10626,10 +10629,13 @@ class IndexHTTPServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)
 
-    def log_access(self, handler, resp, elapsed):
+    def log_access(self, handler, resp, elapsed, why=None):
+        """One line per request; ``why``: the reason of a failure on the server's side
+        (an upstream refused or broken), which the client may never show."""
         if self.access_log:
-            log('%s - "%s %s" %d %.1fms' % (handler.client_address[0], handler.command,
-                                           handler.path[:300], resp.status, elapsed * 1000))
+            log('%s - "%s %s" %d %.1fms%s' % (
+                handler.client_address[0], handler.command, handler.path[:300], resp.status,
+                elapsed * 1000, ": " + _reason_phrase(why) if why else ""))
 
 
 # -- setting up a server directory ----------------------------------------------------

@@ -3997,6 +3997,35 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
     assert not os.path.exists(str(tmp_path / "s"))
 
 
+def test_a_file_refused_by_the_mirror_policy_is_explained_in_the_server_log(tmp_path):
+    """pip shows only '502 Bad Gateway' for a mirrored file whose host the policy refuses
+    (an internal file host behind a corporate upstream): the server's log line for that
+    request says why, and which option opens it."""
+    up, other = RoutedUpstream(), RoutedUpstream()
+    p = None
+    try:
+        oport = other.httpd.server_address[1]
+        path = make_wheel(tmp_path, "internal-pkg", "1.0")
+        other.add(path)
+        fn, data = os.path.basename(path), open(path, "rb").read()
+        up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
+            (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
+        p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "pw",
+                         "--mirror-url", up.url + "/simple/")
+        code, out = pip("download", "--no-deps", "-d", str(tmp_path / "dl"), "--index-url",
+                        p.url + "/root/pypi/+simple/", "internal-pkg", check=False)
+        assert code != 0 and "502" in out, out
+    finally:
+        if p is not None:
+            p.stop()
+        up.stop()
+        other.stop()
+    line = [x for x in p.stderr.splitlines() if fn in x and '" 502 ' in x]
+    assert line and "the link to http://127.0.0.1:%d was refused by the mirror policy" % oport \
+        in line[0] and "--mirror-allow-host" in line[0], p.stderr
+    assert other.requests == []
+
+
 def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch, make_server):
     # Names resolve through a stub (no DNS query leaves the machine): 'rebind.example'
     # answers 127.0.0.1 (counted as public here) once, then 127.0.0.3 (nothing listens)
