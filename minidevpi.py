@@ -12059,8 +12059,11 @@ def cmd_serve(args):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("minidevpi %s serving %s at %s%s%s%s" % (
+    # what clients use: the URL it is reached at through a proxy, where one is given
+    public = httpd.app.outside_url + "/" if httpd.app.outside_url else url
+    print("minidevpi %s serving %s at %s%s%s%s%s" % (
         __version__, store.serverdir, url,
+        " (outside URL: %s)" % public if public != url else "",
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
         if args.offline_mode else "",
         " with restricted reads (indexes without acl_read: logged-in users only)"
@@ -12069,7 +12072,8 @@ def cmd_serve(args):
         else ""), flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
-              "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)
+              "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (public, public),
+              flush=True)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:

@@ -10366,6 +10366,11 @@ def test_serve_reads_devpi_config_files(tmp_path):
                     "  outside-url: http://example.invalid/pkgs\n  root-passwd: 'pw'\n" % d)
     p = ServeProcess("--configfile", str(conf))
     try:
+        # the start lines say the URL clients use, and the hint uses it
+        assert p.lines[-1].rstrip().endswith(
+            " at %s/ (outside URL: http://example.invalid/pkgs/)" % p.url), p.lines
+        assert p.proc.stdout.readline().decode().startswith(
+            "next: devpi use http://example.invalid/pkgs/ && devpi login root")
         assert os.path.exists(str(d / minidevpi.DB_NAME))
         assert api(p.url, path="/+api").json()["result"]["login"] == \
             "http://example.invalid/pkgs/+login"
