@@ -59,6 +59,7 @@ import html
 import html.parser
 import io
 import json
+import math
 import mimetypes
 import os
 import posixpath
@@ -11758,16 +11759,45 @@ class Server:
 # 10. command line
 # ===================================================================================
 
-# devpi-server options that a --configfile may set, and what they mean here
-CONFIG_OPTIONS = {
-    "serverdir": str, "host": str, "port": int, "outside-url": str,
-    "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
-    "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
-    "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
-    "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
-    "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
-    "user-create": str, "mirror-min-rate": int,
+
+def number_option(kind, low, high=None):
+    """The check of a numeric option, the same from the command line (an argparse type:
+    a bad value is a usage error) and from a config file: a ``kind`` (int: a whole number;
+    float: seconds, finite) of at least ``low`` (for float: above it) and at most ``high``."""
+    what = "a whole number" if kind is int else "a number of seconds"
+    bound = ("from %d to %d" % (low, high) if high is not None
+             else "of at least %d" % low if kind is int else "above %g" % low)
+
+    def parse(text):
+        try:
+            value = kind(str(text).strip())
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or (
+                value < low if kind is int else value <= low) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError("must be %s %s, not %r" % (what, bound, str(text)))
+        return value
+    return parse
+
+
+# devpi-server options that a --configfile may set, and what they mean here: str, bool, or
+# the check of a number (number_option)
+NUMBER_OPTIONS = {
+    "port": number_option(int, 0, 65535),
+    "max-request-body-size": number_option(int, 1),
+    "threads": number_option(int, 1),
+    "connection-timeout": number_option(float, 0),
+    "mirror-connect-timeout": number_option(float, 0),
+    "mirror-read-timeout": number_option(float, 0),
+    "mirror-min-rate": number_option(int, 1),
 }
+CONFIG_OPTIONS = dict({
+    "serverdir": str, "host": str, "outside-url": str, "root-passwd": str,
+    "root-passwd-hash": str, "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
+    "offline-mode": bool, "storage": str, "hard-links": bool, "include-mirrored-files": bool,
+    "no-events": bool, "mirror-allow-host": str, "restrict-reads": bool, "user-create": str,
+}, **NUMBER_OPTIONS)
 
 
 def default_serverdir():
@@ -11824,8 +11854,13 @@ def read_configfile(path):
                                                        ", ".join(sorted(CONFIG_OPTIONS))))
         value = _yaml_scalar(value, where)
         kind = CONFIG_OPTIONS[key]
-        if kind is int and not isinstance(value, int) or kind is bool and not isinstance(
-                value, bool) or kind is str and not isinstance(value, (str, int)):
+        if key in NUMBER_OPTIONS:
+            try:
+                value = kind(value)
+            except argparse.ArgumentTypeError as e:
+                raise SystemExit("error: %s: %r %s" % (where, key, e))
+        elif kind is bool and not isinstance(value, bool) or kind is str and not isinstance(
+                value, (str, int)):
             raise SystemExit("error: %s: %r needs a %s value" % (where, key, kind.__name__))
         options[key.replace("-", "_")] = str(value) if kind is str else value
     return options
@@ -11884,30 +11919,30 @@ def build_parser():
     root_options(p)
     p.add_argument("--host", help="address to listen on (default: %s; 0.0.0.0 or :: for "
                                   "every interface)" % DEFAULT_HOST)
-    p.add_argument("--port", type=int, help="port (default: %d; 0 picks a free one)"
+    p.add_argument("--port", type=NUMBER_OPTIONS["port"], help="port (default: %d; 0 picks a free one)"
                                             % DEFAULT_PORT)
     p.add_argument("--outside-url", metavar="URL",
                    help="URL the server is reached at through a proxy, for the absolute URLs "
                         "it writes (default: from the request's Host or X-Outside-Url)")
-    p.add_argument("--max-request-body-size", type=int, metavar="BYTES",
+    p.add_argument("--max-request-body-size", type=NUMBER_OPTIONS["max-request-body-size"], metavar="BYTES",
                    help="largest request body (upload) accepted, enforced while it streams "
                         "(default: %d, 2 GiB)" % DEFAULT_MAX_BODY)
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=NUMBER_OPTIONS["threads"], metavar="N",
                    help="most connections served at once, a thread each; more are answered "
                         "503 (default: %d)" % DEFAULT_THREADS)
-    p.add_argument("--connection-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--connection-timeout", type=NUMBER_OPTIONS["connection-timeout"], metavar="SECONDS",
                    help="close a connection idle or stalled this long (default: %d)"
                         % DEFAULT_CONNECTION_TIMEOUT)
     p.add_argument("--offline-mode", action="store_true", default=None,
                    help="no upstream traffic: mirrors serve only what they kept")
-    p.add_argument("--mirror-connect-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--mirror-connect-timeout", type=NUMBER_OPTIONS["mirror-connect-timeout"], metavar="SECONDS",
                    help="seconds to wait for a mirror's upstream to accept a connection "
                         "(default: %g)" % MIRROR_CONNECT_TIMEOUT)
-    p.add_argument("--mirror-read-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--mirror-read-timeout", type=NUMBER_OPTIONS["mirror-read-timeout"], metavar="SECONDS",
                    help="seconds to wait for each read from a mirror's upstream; a page's "
                         "whole fetch must be done within the connect timeout + %d times this "
                         "(default: %g)" % (PAGE_DEADLINE_READS, MIRROR_READ_TIMEOUT))
-    p.add_argument("--mirror-min-rate", type=int, metavar="BYTES",
+    p.add_argument("--mirror-min-rate", type=NUMBER_OPTIONS["mirror-min-rate"], metavar="BYTES",
                    help="bytes a second a file (or the project list) from a mirror's "
                         "upstream must average, after a grace of the connect + read "
                         "timeouts; slower, it is cut (default: %d)" % MIRROR_MIN_RATE)

@@ -10359,6 +10359,36 @@ def test_serve_says_offline_mode_and_its_own_usage(tmp_path):
     assert "usage: minidevpi.py serve" in out and "unrecognized arguments: --prot 3150" in out
 
 
+@pytest.mark.parametrize("option,bad,says", [
+    ("port", "99999", "a whole number from 0 to 65535"), ("port", "-1", "from 0 to 65535"),
+    ("port", "http", "from 0 to 65535"), ("threads", "0", "a whole number of at least 1"),
+    ("max-request-body-size", "-5", "of at least 1"),
+    ("connection-timeout", "0", "a number of seconds above 0"),
+    ("connection-timeout", "nan", "above 0"), ("mirror-connect-timeout", "-1", "above 0"),
+    ("mirror-read-timeout", "0", "above 0"), ("mirror-min-rate", "0", "of at least 1")])
+def test_serve_refuses_a_number_out_of_range_before_it_starts(tmp_path, option, bad, says):
+    """From the command line a usage error (exit 2), from a config file an error naming the
+    line; a message, never a traceback, and nothing initialised."""
+    d = tmp_path / "srv"
+    code, out = cli("serve", "--serverdir", str(d), "--%s=%s" % (option, bad), check=False)
+    assert code == 2 and "usage: minidevpi.py serve" in out, out
+    assert re.search(r"argument --%s: must be .*%s.*, not '%s'\n" % (
+        option, says, re.escape(bad)), out), out
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  serverdir: %s\n  %s: %s\n" % (d, option, bad))
+    code, out = cli("serve", "-c", str(conf), check=False)
+    assert code == 1 and re.search(r"%s line 3: '%s' must be .*%s.*, not '%s'\n" % (
+        re.escape(str(conf)), option, says, re.escape(bad)), out), out
+    assert "Traceback" not in out and not d.exists()
+
+
+def test_serve_takes_fractional_timeouts_from_a_config_file(tmp_path):
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  connection-timeout: 2.5\n  mirror-read-timeout: 7\n")
+    assert minidevpi.read_configfile(str(conf)) == {"connection_timeout": 2.5,
+                                                    "mirror_read_timeout": 7.0}
+
+
 def test_serve_reads_devpi_config_files(tmp_path):
     d = tmp_path / "srv"
     conf = tmp_path / "devpi.yml"
