@@ -10698,12 +10698,21 @@ def mirror_web_url_fmt(mirror_url):
     return urllib.parse.urlunsplit((u.scheme, host, page, "", ""))
 
 
+def check_root_pwhash(root_pwhash):
+    """Refuse a --root-passwd-hash that minidevpi can't check (None: none given)."""
+    if root_pwhash is not None and not is_known_hash(root_pwhash):
+        raise MinidevpiError("--root-passwd-hash is not a hash minidevpi can check "
+                             "(scrypt$... or pbkdf2_sha256$..., as 'minidevpi.py "
+                             "hash-password' writes it)")
+
+
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
                    mirror_url=None, hash_soon=False, root_unusable=False):
     """Create a server directory with root and (unless told not to) root/pypi.
 
     Returns the Store, opened. Refuses a directory that is already initialised.
     """
+    check_root_pwhash(root_pwhash)
     store = Store(serverdir)
     if store.is_initialised():
         raise MinidevpiError("%s is already initialised; nothing was changed" % store.serverdir)
@@ -10716,9 +10725,6 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     if root_unusable:  # (an import, which gives root its password next)
         model.create_user(None, "root", {}, pwhash="!none")
     elif root_pwhash is not None:
-        if not is_known_hash(root_pwhash):
-            raise MinidevpiError("--root-passwd-hash is not a hash minidevpi can check "
-                              "(scrypt$... or pbkdf2_sha256$..., as written by minidevpi)")
         model.create_user(None, "root", {}, pwhash=root_pwhash)
     else:
         model.create_user(None, "root", {"password": root_password or ""},
@@ -11324,6 +11330,7 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     with the list of problems and nothing is written. The server is built beside the
     target and moved into place only when complete. Returns lines to tell the user.
     """
+    check_root_pwhash(root_pwhash)  # the arguments first, before the long checks
     dump = os.path.abspath(dump)
     serverdir = os.path.abspath(serverdir)
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
@@ -12003,7 +12010,57 @@ def build_parser():
                    help="accepted for devpi's scripts; changes nothing")
     p.add_argument("-q", "--quiet", action="store_true", default=None,
                    help="no progress lines on stderr")
+
+    p = sub.add_parser("passwd", help="set a user's password (root's too) while the server "
+                                      "is stopped",
+                       description="Set a user's password in a server directory while no "
+                                   "server runs on it, e.g. root's when it is lost. The new "
+                                   "password is asked twice at a terminal, else read as one "
+                                   "line from stdin.")
+    p.add_argument("user", metavar="USER", help="whose password (e.g. root)")
+    common(p)
+
+    p = sub.add_parser("hash-password", help="print the hash of a password, for "
+                                             "--root-passwd-hash",
+                       description="Print the hash of a password as minidevpi stores it, for "
+                                   "--root-passwd-hash (init, serve, import), so that the "
+                                   "password itself is in no command line or script. The "
+                                   "password is asked twice at a terminal, else read as one "
+                                   "line from stdin.")
     return parser
+
+
+def read_new_password():
+    """A new password: asked twice at a terminal (no echo), else the first line of stdin."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != password:
+            raise MinidevpiError("the two passwords differ; nothing was changed")
+        return password
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:
+        raise MinidevpiError("no password: give it on stdin (one line) or at a terminal")
+    return line.rstrip("\r\n")
+
+
+def cmd_passwd(args):
+    store = Store(args.serverdir)
+    store.open()  # (refused while a server runs on it: that one changes it with devpi user -m)
+    try:
+        model = Model(store)
+        if model.get_user_row(args.user) is None:
+            raise MinidevpiError("no user %r in %s" % (args.user, store.serverdir))
+        model.accounts.set_password_hash(args.user, hash_password(read_new_password()))
+    finally:
+        store.close()
+    print("password of %s changed in %s" % (args.user, store.serverdir), flush=True)
+    return 0
+
+
+def cmd_hash_password(args):
+    print(hash_password(read_new_password()), flush=True)
+    return 0
 
 
 def cmd_init(args, hash_soon=False):
@@ -12072,6 +12129,11 @@ def cmd_serve(args):
         else:
             store.open()
             model = Model(store)
+            if args.root_passwd is not None or args.root_passwd_hash is not None:
+                log("warning: --root-passwd%s is ignored: %s is initialised and root keeps "
+                    "its password. Change it with 'devpi user -m root password=...', or "
+                    "with the server stopped, 'python3 minidevpi.py passwd root'"
+                    % ("" if args.root_passwd is not None else "-hash", store.serverdir))
     except BaseException:
         httpd.server_close()
         raise
@@ -12185,6 +12247,10 @@ def run_command(args):
         return cmd_export(args)
     if args.command == "import":
         return cmd_import(args)
+    if args.command == "passwd":
+        return cmd_passwd(args)
+    if args.command == "hash-password":
+        return cmd_hash_password(args)
     return cmd_serve(args)
 
 

@@ -247,12 +247,13 @@ def skip_or_fail(reason):
     pytest.skip(reason)
 
 
-def run(cmd, env=None, cwd=None, check=True, timeout=180):
+def run(cmd, env=None, cwd=None, check=True, timeout=180, input=None):
+    """Run a command, its stdin ``input`` (bytes) or nothing; (exit code, output)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
     p = subprocess.run(cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+                       stderr=subprocess.STDOUT, timeout=timeout, **stdin)
     out = p.stdout.decode(errors="replace")
     if check and p.returncode != 0:
         raise AssertionError("%s exited %d:\n%s" % (cmd, p.returncode, out))
@@ -281,8 +282,8 @@ class Devpi:
         return out
 
 
-def cli(*args, env=None, check=True):
-    return run([sys.executable, SCRIPT, *args], env=env, check=check, timeout=60)
+def cli(*args, env=None, check=True, input=None):
+    return run([sys.executable, SCRIPT, *args], env=env, check=check, timeout=60, input=input)
 
 
 class ServeProcess:
@@ -9423,6 +9424,36 @@ def comparable(data):
     return out
 
 
+def test_a_hash_from_hash_password_imports_root_and_a_bad_one_is_refused_first(tmp_path):
+    """The README's way to keep root's password out of command lines: hash-password reads
+    it (stdin here, a prompt at a terminal), import --root-passwd-hash takes the hash, and
+    root logs in with the password. A bad hash is refused before the export is read."""
+    cli("init", "--serverdir", str(tmp_path / "a"), "--root-passwd", "old")
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    code, out = cli("hash-password", input=b"s3cret pass\n")
+    pwhash = out.strip()
+    assert re.match(r"^(scrypt|pbkdf2_sha256)\$\S+$", pwhash), out
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
+                    "--root-passwd-hash", "notahash", check=False)
+    assert code == 1 and "--root-passwd-hash is not a hash" in out, out
+    assert "hash-password" in out and "checked" not in out and "Traceback" not in out
+    assert not (tmp_path / "b").exists()
+    code, out = cli("import", str(tmp_path / "nothing-here"), "--serverdir",
+                    str(tmp_path / "b"), "--root-passwd-hash", "notahash", check=False)
+    assert code == 1 and "--root-passwd-hash is not a hash" in out, out
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
+        "--root-passwd-hash", pwhash)
+    p = ServeProcess("--serverdir", str(tmp_path / "b"), "--no-access-log")
+    try:
+        assert login_token(p.url, "root", "s3cret pass")
+        assert api(p.url, "POST", "/+login",
+                   json_body={"user": "root", "password": "old"}).status == 401
+    finally:
+        p.stop()
+    code, out = cli("hash-password", check=False)  # (stdin empty, no terminal)
+    assert code == 1 and "no password" in out and "Traceback" not in out, out
+
+
 def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
     dump, expect = devpi_exports.plain, devpi_exports.expect
     code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
@@ -10315,6 +10346,37 @@ def test_serve_initialises_prints_url_logs_and_stops(tmp_path):
     assert not any("initialising" in line for line in p.lines)
     assert login_token(p.url, "root", "pw")
     assert p.stop(signal.SIGINT) == 0
+
+
+def test_a_lost_root_password_is_reset_with_the_server_stopped(tmp_path):
+    """serve --root-passwd on an initialised directory changes nothing and says so, and how;
+    passwd sets it with the server stopped (refused while one runs)."""
+    d = str(tmp_path / "srv")
+    cli("init", "--serverdir", d, "--root-passwd", "old")
+    p = ServeProcess("--serverdir", d, "--root-passwd", "forgotten", "--no-access-log")
+    try:
+        assert login_token(p.url, "root", "old")
+        code, out = cli("passwd", "root", "--serverdir", d, input=b"new\n", check=False)
+        assert code == 1 and "in use by another minidevpi process" in out, out
+    finally:
+        p.stop()
+    assert "warning: --root-passwd is ignored" in p.stderr, p.stderr
+    assert "root keeps its password" in p.stderr and "minidevpi.py passwd root" in p.stderr
+    code, out = cli("passwd", "root", "--serverdir", d, input=b"new pw\n")
+    assert "password of root changed" in out, out
+    p = ServeProcess("--serverdir", d, "--no-access-log")
+    try:
+        assert login_token(p.url, "root", "new pw")
+        assert api(p.url, "POST", "/+login",
+                   json_body={"user": "root", "password": "old"}).status == 401
+    finally:
+        p.stop()
+    assert "ignored" not in p.stderr
+    code, out = cli("passwd", "nobody", "--serverdir", d, input=b"x\n", check=False)
+    assert code == 1 and "no user 'nobody'" in out and "Traceback" not in out, out
+    code, out = cli("passwd", "root", "--serverdir", str(tmp_path / "none"), input=b"x\n",
+                    check=False)
+    assert code == 1 and "is not initialised" in out, out
 
 
 def test_serve_on_a_busy_port_initialises_nothing(tmp_path):
