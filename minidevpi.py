@@ -121,6 +121,12 @@ def log(msg):
     sys.stderr.flush()
 
 
+def plural(n, thing, things=None):
+    """``n`` things as a person writes it: '1 index', '2 indexes', '0 files' (``things``:
+    the plural, where adding 's' is not it)."""
+    return "%d %s" % (n, thing if n == 1 else things or thing + "s")
+
+
 # ===================================================================================
 # 2. errors
 # ===================================================================================
@@ -8647,8 +8653,8 @@ def render_web_search(prefix, q, index, results, backend, ms):
                     _e(prefix), ('<input type="hidden" name="index" value="%s">' % _e(index))
                     if index else "", _e(q)))
     if q.strip():
-        body.append('<p class="muted">%d result%s for <strong>%s</strong>%s%s '
-                    '(%.1f ms)</p>' % (len(results), "" if len(results) == 1 else "s", _e(q),
+        body.append('<p class="muted">%s for <strong>%s</strong>%s%s '
+                    '(%.1f ms)</p>' % (plural(len(results), "result"), _e(q),
                                        _e(where), " (the first %d)" % WEB_SEARCH_LIMIT
                                        if len(results) >= WEB_SEARCH_LIMIT else "", ms))
         if results:
@@ -10895,8 +10901,9 @@ class Progress:
 
     def show(self):
         if not self.quiet and self.total:
-            sys.stderr.write("%s: %d of %d files, %.1f MB\n"
-                             % (self.what, self.done, self.total, self.bytes / 1e6))
+            sys.stderr.write("%s: %d of %s, %.1f MB\n"
+                             % (self.what, self.done, plural(self.total, "file"),
+                                self.bytes / 1e6))
             sys.stderr.flush()
 
 
@@ -11059,8 +11066,9 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(target, "dataindex.json"))  # written last: complete dumps only
     nfiles = sum(len(i.get("files", [])) for i in indexes.values())
-    told.append("exported %d users, %d indexes, %d files to %s"
-                % (len(users), len(indexes), nfiles, target))
+    told.append("exported %s, %s, %s to %s"
+                % (plural(len(users), "user"), plural(len(indexes), "index", "indexes"),
+                   plural(nfiles, "file"), target))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if skipped:
@@ -11399,8 +11407,9 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    told.insert(0, "imported %d users and %d indexes from %s into %s" % (
-        len(data["users"]), nindexes, dump, serverdir))
+    told.insert(0, "imported %s and %s from %s into %s" % (
+        plural(len(data["users"]), "user"), plural(nindexes, "index", "indexes"), dump,
+        serverdir))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if stale:
@@ -12148,9 +12157,9 @@ def cmd_serve(args):
         empty = [name for name, pwhash in store.conn().execute(
             "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
         if empty:
-            log("WARNING: account(s) with an empty password, reachable from other hosts "
-                "on %s: %s. Set passwords with 'devpi user -m NAME password=...'."
-                % (args.host, ", ".join(empty)))
+            log("WARNING: %s with an empty password, reachable from other hosts on %s: %s. "
+                "Set passwords with 'devpi user -m NAME password=...'."
+                % (plural(len(empty), "account"), args.host, ", ".join(empty)))
 
     def stop(signum, frame):
         threading.Thread(target=httpd.shutdown, daemon=True).start()

@@ -9454,6 +9454,21 @@ def test_a_hash_from_hash_password_imports_root_and_a_bad_one_is_refused_first(t
     assert code == 1 and "no password" in out and "Traceback" not in out, out
 
 
+def test_export_and_import_count_in_words(tmp_path, make_server):
+    """'1 index', not '1 indexes': every count the commands print."""
+    cli("init", "--serverdir", str(tmp_path / "a"), "--root-passwd", "pw", "--no-root-pypi")
+    with make_server(tmp_path / "a") as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0"))
+    code, out = cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    assert "exported 2 users, 1 index, 1 file to " in out, out
+    assert re.search(r"(?m)^exported: 1 of 1 file, ", out), out
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"))
+    assert "imported 2 users and 1 index from " in out, out
+    assert re.search(r"(?m)^checked: 1 of 1 file, ", out), out
+
+
 def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
     dump, expect = devpi_exports.plain, devpi_exports.expect
     code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
