@@ -10293,9 +10293,16 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_PUSH = do_OPTIONS = do_GET
 
     def dispatch(self):
-        # (the mirror asks whether this request's client still waits: Client)
-        with Client.serving(Client(self._client_here)):
-            self._dispatch()
+        server = self.server
+        with server.connections_lock:  # (in flight: a stopping server lets it finish)
+            server.busy.add(self.connection)
+        try:
+            # (the mirror asks whether this request's client still waits: Client)
+            with Client.serving(Client(self._client_here)):
+                self._dispatch()
+        finally:
+            with server.connections_lock:
+                server.busy.discard(self.connection)
 
     def _client_here(self):
         """False once the client closed or broke its connection: a look, no wait (bytes
@@ -10344,6 +10351,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                     traceback.format_exc()))
                 resp = message_response("internal server error", 500)
         unread = self._finish_body()
+        if self.server.stopping:  # the last answer on this connection
+            self.close_connection = True
         self._send(resp, req)
         if unread:
             self._linger()
@@ -10560,6 +10569,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
 DEFAULT_THREADS = 256
 DEFAULT_CONNECTION_TIMEOUT = 60
+STOP_GRACE = 5  # seconds requests in flight (an upload) get to finish when serve is stopped
 
 
 class IndexHTTPServer(ThreadingHTTPServer):
@@ -10577,7 +10587,9 @@ class IndexHTTPServer(ThreadingHTTPServer):
         self.connection_timeout = connection_timeout
         self.slots = threading.BoundedSemaphore(max_threads)
         self.connections = set()
+        self.busy = set()  # the connections with a request in flight
         self.connections_lock = threading.Lock()
+        self.stopping = False
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -10611,6 +10623,28 @@ class IndexHTTPServer(ThreadingHTTPServer):
             with self.connections_lock:
                 self.connections.discard(request)
             self.slots.release()
+
+    def drain(self, grace, hurry=None):
+        """Stop gently, once no new connection is accepted: close the idle connections,
+        give the requests in flight up to ``grace`` seconds to finish (each connection is
+        closed after its answer), less if the event ``hurry`` is set. True when none was
+        left in flight."""
+        with self.connections_lock:
+            self.stopping = True
+            idle = [c for c in self.connections if c not in self.busy]
+        for c in idle:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while True:
+            with self.connections_lock:
+                if not self.busy:
+                    return True
+            if time.monotonic() >= deadline or hurry is not None and hurry.is_set():
+                return False
+            time.sleep(0.02)
 
     def close_connections(self, wait=5.0):
         """Shut every open connection and wait (a while) for their threads to finish, so
@@ -12161,7 +12195,13 @@ def cmd_serve(args):
                 "Set passwords with 'devpi user -m NAME password=...'."
                 % (plural(len(empty), "account"), args.host, ", ".join(empty)))
 
-    def stop(signum, frame):
+    stopping, hurry = threading.Event(), threading.Event()
+
+    def stop(signum, frame):  # no new connections; a second signal: no more waiting
+        if stopping.is_set():
+            hurry.set()
+            return
+        stopping.set()
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -12184,6 +12224,12 @@ def cmd_serve(args):
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
+        with httpd.connections_lock:
+            busy = len(httpd.busy)
+        if busy:
+            log("minidevpi stopping: no new connections; %s in flight, given up to %d s to "
+                "finish (a second signal: no waiting)" % (plural(busy, "request"), STOP_GRACE))
+        httpd.drain(STOP_GRACE, hurry)
         httpd.app.mirror.upstream.cut_all()
         if httpd.close_connections():
             store.close()

@@ -10394,6 +10394,74 @@ def test_a_lost_root_password_is_reset_with_the_server_stopped(tmp_path):
     assert code == 1 and "is not initialised" in out, out
 
 
+def select_readable(pipe, timeout):
+    import select
+    return select.select([pipe], [], [], timeout)[0]
+
+
+def test_a_stopped_server_lets_an_upload_in_flight_finish(tmp_path):
+    """SIGINT while an upload streams in: no new connection is taken, the upload finishes
+    (200, stored), one that stalls is cut when the grace is over, and the process ends
+    within it."""
+    d = str(tmp_path / "srv")
+    p = ServeProcess("--serverdir", d, "--root-passwd", "pw", "--no-access-log")
+    url = urllib.parse.urlsplit(p.url)
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+
+    def start_upload(name):
+        """An upload to root/dev whose body is sent but for its last 1000 bytes."""
+        path = make_wheel(pkgs, name, "1.0", extra=os.urandom(200000))
+        body, ctype = multipart([(":action", "file_upload"), ("protocol_version", "1")],
+                                [("content", os.path.basename(path), open(path, "rb").read())])
+        sock = socket.create_connection((url.hostname, url.port), timeout=30)
+        sock.sendall(("POST /root/dev/ HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                      "Content-Length: %d\r\nAuthorization: %s\r\n\r\n" % (
+                          ctype, len(body), basic_auth("root", "pw"))).encode() + body[:-1000])
+        return sock, body[-1000:], os.path.basename(path)
+
+    try:
+        assert api(p.url, "PUT", "/root/dev", json_body={}, auth=("root", "pw")).status == 200
+        finishing, rest, fn = start_upload("finishing-pkg")
+        stalled, _, _ = start_upload("stalled-pkg")
+        time.sleep(1)  # (both are being read)
+        p.proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        ready = select_readable(p.proc.stderr, 10)
+        line = p.proc.stderr.readline().decode() if ready else ""
+        assert line.startswith("minidevpi stopping: no new connections; 2 requests in "
+                               "flight, given up to %d s" % minidevpi.STOP_GRACE), line
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((url.hostname, url.port), timeout=5)
+        finishing.sendall(rest)
+        answer = finishing.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        code = p.proc.wait(minidevpi.STOP_GRACE + 10)
+        took = time.monotonic() - t0
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+    assert code == 0 and minidevpi.STOP_GRACE - 0.5 < took < minidevpi.STOP_GRACE + 3, took
+    stalled.settimeout(5)
+    try:
+        cut = stalled.recv(100) == b""  # cut: no answer, the connection closed or reset
+    except socket.timeout:
+        cut = False
+    except OSError:
+        cut = True
+    assert cut
+    assert "minidevpi stopped" in p.proc.stderr.read().decode()
+    p = ServeProcess("--serverdir", d, "--no-access-log")
+    try:
+        links = [x["filename"] for x in http(p.url, path="/root/dev/+simple/finishing-pkg/",
+                                             headers={"Accept": simple_accept("json")}
+                                             ).json()["files"]]
+        assert links == [fn]
+        assert http(p.url, path="/root/dev/+simple/stalled-pkg/").status == 404
+    finally:
+        p.stop()
+
+
 def test_serve_on_a_busy_port_initialises_nothing(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
