@@ -10624,6 +10624,23 @@ class IndexHTTPServer(ThreadingHTTPServer):
                 self.connections.discard(request)
             self.slots.release()
 
+    def _shut_and_wait(self, conns, watched, wait, hurry=None):
+        """Shut the connections ``conns``, then wait up to ``wait`` seconds (less once
+        ``hurry`` is set) for the set ``watched`` to empty; True when it did."""
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while True:
+            with self.connections_lock:
+                if not watched:
+                    return True
+            if time.monotonic() >= deadline or hurry is not None and hurry.is_set():
+                return False
+            time.sleep(0.01)
+
     def drain(self, grace, hurry=None):
         """Stop gently, once no new connection is accepted: close the idle connections,
         give the requests in flight up to ``grace`` seconds to finish (each connection is
@@ -10632,37 +10649,14 @@ class IndexHTTPServer(ThreadingHTTPServer):
         with self.connections_lock:
             self.stopping = True
             idle = [c for c in self.connections if c not in self.busy]
-        for c in idle:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace
-        while True:
-            with self.connections_lock:
-                if not self.busy:
-                    return True
-            if time.monotonic() >= deadline or hurry is not None and hurry.is_set():
-                return False
-            time.sleep(0.02)
+        return self._shut_and_wait(idle, self.busy, grace, hurry)
 
     def close_connections(self, wait=5.0):
         """Shut every open connection and wait (a while) for their threads to finish, so
         that nothing still uses the database when it is closed."""
         with self.connections_lock:
             conns = list(self.connections)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            with self.connections_lock:
-                if not self.connections:
-                    return True
-            time.sleep(0.01)
-        return False
+        return self._shut_and_wait(conns, self.connections, wait)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]

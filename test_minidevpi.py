@@ -3961,7 +3961,11 @@ def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path, make_server):
         other.stop()
 
 
-def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
+@contextlib.contextmanager
+def internal_file_host(tmp_path):
+    """An upstream whose page of internal-pkg links its wheel on another local server, as
+    an internal upstream's file host: yields (upstream, file host, its port, the wheel's
+    name, its bytes); both are stopped afterwards."""
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
         oport = other.httpd.server_address[1]
@@ -3970,6 +3974,14 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
         fn, data = os.path.basename(path), open(path, "rb").read()
         up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
             (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
+        yield up, other, oport, fn, data
+    finally:
+        up.stop()
+        other.stop()
+
+
+def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
+    with internal_file_host(tmp_path) as (up, other, oport, fn, data):
         for allowed in (["127.0.0.1:%d" % oport], ["files.example.com, 127.0.0.1"]):
             with make_server(root_password="rootpw", mirror_url=up.url + "/simple/",
                              mirror_allow_hosts=allowed) as srv:
@@ -3982,9 +3994,6 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
             r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
             assert r.status == 502 and "mirror policy" in r.json()["message"]
         assert other.count("/files/" + fn) == 2
-    finally:
-        up.stop()
-        other.stop()
     # the option, also from a config file; a bad one is refused at start
     assert minidevpi.parse_allow_hosts(["a.example.com:8080, [::1]:81", "B.example.com"]) == {
         ("a.example.com", 8080), ("::1", 81), ("b.example.com", None)}
@@ -4002,29 +4011,20 @@ def test_a_file_refused_by_the_mirror_policy_is_explained_in_the_server_log(tmp_
     """pip shows only '502 Bad Gateway' for a mirrored file whose host the policy refuses
     (an internal file host behind a corporate upstream): the server's log line for that
     request says why, and which option opens it."""
-    up, other = RoutedUpstream(), RoutedUpstream()
-    p = None
-    try:
-        oport = other.httpd.server_address[1]
-        path = make_wheel(tmp_path, "internal-pkg", "1.0")
-        other.add(path)
-        fn, data = os.path.basename(path), open(path, "rb").read()
-        up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
-            (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
+    with internal_file_host(tmp_path) as (up, other, oport, fn, data):
         p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "pw",
                          "--mirror-url", up.url + "/simple/")
-        code, out = pip("download", "--no-deps", "-d", str(tmp_path / "dl"), "--index-url",
-                        p.url + "/root/pypi/+simple/", "internal-pkg", check=False)
-        assert code != 0 and "502" in out, out
-    finally:
-        if p is not None:
+        try:
+            code, out = pip("download", "--no-deps", "-d", str(tmp_path / "dl"),
+                            "--index-url", p.url + "/root/pypi/+simple/", "internal-pkg",
+                            check=False)
+            assert code != 0 and "502" in out, out
+        finally:
             p.stop()
-        up.stop()
-        other.stop()
+        assert other.requests == []
     line = [x for x in p.stderr.splitlines() if fn in x and '" 502 ' in x]
     assert line and "the link to http://127.0.0.1:%d was refused by the mirror policy" % oport \
         in line[0] and "--mirror-allow-host" in line[0], p.stderr
-    assert other.requests == []
 
 
 def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch, make_server):
@@ -9424,6 +9424,19 @@ def comparable(data):
     return out
 
 
+def root_logs_in_with(serverdir, password, not_with):
+    """Serve ``serverdir`` (a process): root logs in with ``password``, not ``not_with``.
+    Returns what the server wrote on stderr."""
+    p = ServeProcess("--serverdir", str(serverdir), "--no-access-log")
+    try:
+        assert login_token(p.url, "root", password)
+        assert api(p.url, "POST", "/+login",
+                   json_body={"user": "root", "password": not_with}).status == 401
+    finally:
+        p.stop()
+    return p.stderr
+
+
 def test_a_hash_from_hash_password_imports_root_and_a_bad_one_is_refused_first(tmp_path):
     """The README's way to keep root's password out of command lines: hash-password reads
     it (stdin here, a prompt at a terminal), import --root-passwd-hash takes the hash, and
@@ -9443,13 +9456,7 @@ def test_a_hash_from_hash_password_imports_root_and_a_bad_one_is_refused_first(t
     assert code == 1 and "--root-passwd-hash is not a hash" in out, out
     cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
         "--root-passwd-hash", pwhash)
-    p = ServeProcess("--serverdir", str(tmp_path / "b"), "--no-access-log")
-    try:
-        assert login_token(p.url, "root", "s3cret pass")
-        assert api(p.url, "POST", "/+login",
-                   json_body={"user": "root", "password": "old"}).status == 401
-    finally:
-        p.stop()
+    root_logs_in_with(tmp_path / "b", "s3cret pass", not_with="old")
     code, out = cli("hash-password", check=False)  # (stdin empty, no terminal)
     assert code == 1 and "no password" in out and "Traceback" not in out, out
 
@@ -10379,14 +10386,7 @@ def test_a_lost_root_password_is_reset_with_the_server_stopped(tmp_path):
     assert "root keeps its password" in p.stderr and "minidevpi.py passwd root" in p.stderr
     code, out = cli("passwd", "root", "--serverdir", d, input=b"new pw\n")
     assert "password of root changed" in out, out
-    p = ServeProcess("--serverdir", d, "--no-access-log")
-    try:
-        assert login_token(p.url, "root", "new pw")
-        assert api(p.url, "POST", "/+login",
-                   json_body={"user": "root", "password": "old"}).status == 401
-    finally:
-        p.stop()
-    assert "ignored" not in p.stderr
+    assert "ignored" not in root_logs_in_with(d, "new pw", not_with="old")
     code, out = cli("passwd", "nobody", "--serverdir", d, input=b"x\n", check=False)
     assert code == 1 and "no user 'nobody'" in out and "Traceback" not in out, out
     code, out = cli("passwd", "root", "--serverdir", str(tmp_path / "none"), input=b"x\n",
