@@ -59,6 +59,7 @@ import html
 import html.parser
 import io
 import json
+import math
 import mimetypes
 import os
 import posixpath
@@ -118,6 +119,12 @@ def utcnow_iso(ts=None):
 def log(msg):
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
+
+
+def plural(n, thing, things=None):
+    """``n`` things as a person writes it: '1 index', '2 indexes', '0 files' (``things``:
+    the plural, where adding 's' is not it)."""
+    return "%d %s" % (n, thing if n == 1 else things or thing + "s")
 
 
 # ===================================================================================
@@ -8737,8 +8744,8 @@ def render_web_search(prefix, q, index, results, backend, ms):
                     _e(prefix), ('<input type="hidden" name="index" value="%s">' % _e(index))
                     if index else "", _e(q)))
     if q.strip():
-        body.append('<p class="muted">%d result%s for <strong>%s</strong>%s%s '
-                    '(%.1f ms)</p>' % (len(results), "" if len(results) == 1 else "s", _e(q),
+        body.append('<p class="muted">%s for <strong>%s</strong>%s%s '
+                    '(%.1f ms)</p>' % (plural(len(results), "result"), _e(q),
                                        _e(where), " (the first %d)" % WEB_SEARCH_LIMIT
                                        if len(results) >= WEB_SEARCH_LIMIT else "", ms))
         if results:
@@ -10383,9 +10390,16 @@ class RequestHandler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_PUSH = do_OPTIONS = do_GET
 
     def dispatch(self):
-        # (the mirror asks whether this request's client still waits: Client)
-        with Client.serving(Client(self._client_here)):
-            self._dispatch()
+        server = self.server
+        with server.connections_lock:  # (in flight: a stopping server lets it finish)
+            server.busy.add(self.connection)
+        try:
+            # (the mirror asks whether this request's client still waits: Client)
+            with Client.serving(Client(self._client_here)):
+                self._dispatch()
+        finally:
+            with server.connections_lock:
+                server.busy.discard(self.connection)
 
     def _client_here(self):
         """False once the client closed or broke its connection: a look, no wait (bytes
@@ -10414,6 +10428,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.raw_in.pause()  # the headers are in; a body is bounded when a route reads it
         app = self.server.app
         req = None
+        why = None  # the reason of a failure on the server's side, for its log
         self.body = None
         try:
             self.body = self._request_body()
@@ -10422,6 +10437,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             resp = app.dispatch(req)
         except HTTPError as e:
             resp = self._error_response(e, req)
+            if e.status >= 500:
+                why = e.message
         except Exception:
             if self.raw_in.failed:  # the client stalled or went away while sending its body
                 resp = message_response("request body not received in time", 408)
@@ -10431,10 +10448,12 @@ class RequestHandler(BaseHTTPRequestHandler):
                                                     traceback.format_exc()))
                 resp = message_response("internal server error", 500)
         unread = self._finish_body()
+        if self.server.stopping:  # the last answer on this connection
+            self.close_connection = True
         self._send(resp, req)
         if unread:
             self._linger()
-        self.server.log_access(self, resp, time.monotonic() - t0)
+        self.server.log_access(self, resp, time.monotonic() - t0, why)
 
     def _request_body(self):
         """The request's body as its headers frame it. Bodies whose length can't be known
@@ -10647,6 +10666,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
 DEFAULT_THREADS = 256
 DEFAULT_CONNECTION_TIMEOUT = 60
+STOP_GRACE = 5  # seconds requests in flight (an upload) get to finish when serve is stopped
 
 
 class IndexHTTPServer(ThreadingHTTPServer):
@@ -10664,7 +10684,9 @@ class IndexHTTPServer(ThreadingHTTPServer):
         self.connection_timeout = connection_timeout
         self.slots = threading.BoundedSemaphore(max_threads)
         self.connections = set()
+        self.busy = set()  # the connections with a request in flight
         self.connections_lock = threading.Lock()
+        self.stopping = False
         host = address[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -10699,23 +10721,39 @@ class IndexHTTPServer(ThreadingHTTPServer):
                 self.connections.discard(request)
             self.slots.release()
 
-    def close_connections(self, wait=5.0):
-        """Shut every open connection and wait (a while) for their threads to finish, so
-        that nothing still uses the database when it is closed."""
-        with self.connections_lock:
-            conns = list(self.connections)
+    def _shut_and_wait(self, conns, watched, wait, hurry=None):
+        """Shut the connections ``conns``, then wait up to ``wait`` seconds (less once
+        ``hurry`` is set) for the set ``watched`` to empty; True when it did."""
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        while True:
             with self.connections_lock:
-                if not self.connections:
+                if not watched:
                     return True
+            if time.monotonic() >= deadline or hurry is not None and hurry.is_set():
+                return False
             time.sleep(0.01)
-        return False
+
+    def drain(self, grace, hurry=None):
+        """Stop gently, once no new connection is accepted: close the idle connections,
+        give the requests in flight up to ``grace`` seconds to finish (each connection is
+        closed after its answer), less if the event ``hurry`` is set. True when none was
+        left in flight."""
+        with self.connections_lock:
+            self.stopping = True
+            idle = [c for c in self.connections if c not in self.busy]
+        return self._shut_and_wait(idle, self.busy, grace, hurry)
+
+    def close_connections(self, wait=5.0):
+        """Shut every open connection and wait (a while) for their threads to finish, so
+        that nothing still uses the database when it is closed."""
+        with self.connections_lock:
+            conns = list(self.connections)
+        return self._shut_and_wait(conns, self.connections, wait)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -10723,10 +10761,13 @@ class IndexHTTPServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)
 
-    def log_access(self, handler, resp, elapsed):
+    def log_access(self, handler, resp, elapsed, why=None):
+        """One line per request; ``why``: the reason of a failure on the server's side
+        (an upstream refused or broken), which the client may never show."""
         if self.access_log:
-            log('%s - "%s %s" %d %.1fms' % (handler.client_address[0], handler.command,
-                                           handler.path[:300], resp.status, elapsed * 1000))
+            log('%s - "%s %s" %d %.1fms%s' % (
+                handler.client_address[0], handler.command, handler.path[:300], resp.status,
+                elapsed * 1000, ": " + _reason_phrase(why) if why else ""))
 
 
 # -- setting up a server directory ----------------------------------------------------
@@ -10788,12 +10829,21 @@ def mirror_web_url_fmt(mirror_url):
     return urllib.parse.urlunsplit((u.scheme, host, page, "", ""))
 
 
+def check_root_pwhash(root_pwhash):
+    """Refuse a --root-passwd-hash that minidevpi can't check (None: none given)."""
+    if root_pwhash is not None and not is_known_hash(root_pwhash):
+        raise MinidevpiError("--root-passwd-hash is not a hash minidevpi can check "
+                             "(scrypt$... or pbkdf2_sha256$..., as 'minidevpi.py "
+                             "hash-password' writes it)")
+
+
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
                    mirror_url=None, hash_soon=False, root_unusable=False):
     """Create a server directory with root and (unless told not to) root/pypi.
 
     Returns the Store, opened. Refuses a directory that is already initialised.
     """
+    check_root_pwhash(root_pwhash)
     store = Store(serverdir)
     if store.is_initialised():
         raise MinidevpiError("%s is already initialised; nothing was changed" % store.serverdir)
@@ -10806,9 +10856,6 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     if root_unusable:  # (an import, which gives root its password next)
         model.create_user(None, "root", {}, pwhash="!none")
     elif root_pwhash is not None:
-        if not is_known_hash(root_pwhash):
-            raise MinidevpiError("--root-passwd-hash is not a hash minidevpi can check "
-                              "(scrypt$... or pbkdf2_sha256$..., as written by minidevpi)")
         model.create_user(None, "root", {}, pwhash=root_pwhash)
     else:
         model.create_user(None, "root", {"password": root_password or ""},
@@ -10979,8 +11026,9 @@ class Progress:
 
     def show(self):
         if not self.quiet and self.total:
-            sys.stderr.write("%s: %d of %d files, %.1f MB\n"
-                             % (self.what, self.done, self.total, self.bytes / 1e6))
+            sys.stderr.write("%s: %d of %s, %.1f MB\n"
+                             % (self.what, self.done, plural(self.total, "file"),
+                                self.bytes / 1e6))
             sys.stderr.flush()
 
 
@@ -11143,8 +11191,9 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(target, "dataindex.json"))  # written last: complete dumps only
     nfiles = sum(len(i.get("files", [])) for i in indexes.values())
-    told.append("exported %d users, %d indexes, %d files to %s"
-                % (len(users), len(indexes), nfiles, target))
+    told.append("exported %s, %s, %s to %s"
+                % (plural(len(users), "user"), plural(len(indexes), "index", "indexes"),
+                   plural(nfiles, "file"), target))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if skipped:
@@ -11414,6 +11463,7 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
     with the list of problems and nothing is written. The server is built beside the
     target and moved into place only when complete. Returns lines to tell the user.
     """
+    check_root_pwhash(root_pwhash)  # the arguments first, before the long checks
     dump = os.path.abspath(dump)
     serverdir = os.path.abspath(serverdir)
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
@@ -11482,8 +11532,9 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    told.insert(0, "imported %d users and %d indexes from %s into %s" % (
-        len(data["users"]), nindexes, dump, serverdir))
+    told.insert(0, "imported %s and %s from %s into %s" % (
+        plural(len(data["users"]), "user"), plural(nindexes, "index", "indexes"), dump,
+        serverdir))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if stale:
@@ -11849,16 +11900,45 @@ class Server:
 # 10. command line
 # ===================================================================================
 
-# devpi-server options that a --configfile may set, and what they mean here
-CONFIG_OPTIONS = {
-    "serverdir": str, "host": str, "port": int, "outside-url": str,
-    "max-request-body-size": int, "root-passwd": str, "root-passwd-hash": str,
-    "no-root-pypi": bool, "mirror-url": str, "access-log": bool, "offline-mode": bool,
-    "mirror-connect-timeout": int, "mirror-read-timeout": int, "storage": str,
-    "hard-links": bool, "include-mirrored-files": bool, "no-events": bool, "threads": int,
-    "connection-timeout": int, "mirror-allow-host": str, "restrict-reads": bool,
-    "user-create": str, "mirror-min-rate": int,
+
+def number_option(kind, low, high=None):
+    """The check of a numeric option, the same from the command line (an argparse type:
+    a bad value is a usage error) and from a config file: a ``kind`` (int: a whole number;
+    float: seconds, finite) of at least ``low`` (for float: above it) and at most ``high``."""
+    what = "a whole number" if kind is int else "a number of seconds"
+    bound = ("from %d to %d" % (low, high) if high is not None
+             else "of at least %d" % low if kind is int else "above %g" % low)
+
+    def parse(text):
+        try:
+            value = kind(str(text).strip())
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or (
+                value < low if kind is int else value <= low) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError("must be %s %s, not %r" % (what, bound, str(text)))
+        return value
+    return parse
+
+
+# devpi-server options that a --configfile may set, and what they mean here: str, bool, or
+# the check of a number (number_option)
+NUMBER_OPTIONS = {
+    "port": number_option(int, 0, 65535),
+    "max-request-body-size": number_option(int, 1),
+    "threads": number_option(int, 1),
+    "connection-timeout": number_option(float, 0),
+    "mirror-connect-timeout": number_option(float, 0),
+    "mirror-read-timeout": number_option(float, 0),
+    "mirror-min-rate": number_option(int, 1),
 }
+CONFIG_OPTIONS = dict({
+    "serverdir": str, "host": str, "outside-url": str, "root-passwd": str,
+    "root-passwd-hash": str, "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
+    "offline-mode": bool, "storage": str, "hard-links": bool, "include-mirrored-files": bool,
+    "no-events": bool, "mirror-allow-host": str, "restrict-reads": bool, "user-create": str,
+}, **NUMBER_OPTIONS)
 
 
 def default_serverdir():
@@ -11915,8 +11995,13 @@ def read_configfile(path):
                                                        ", ".join(sorted(CONFIG_OPTIONS))))
         value = _yaml_scalar(value, where)
         kind = CONFIG_OPTIONS[key]
-        if kind is int and not isinstance(value, int) or kind is bool and not isinstance(
-                value, bool) or kind is str and not isinstance(value, (str, int)):
+        if key in NUMBER_OPTIONS:
+            try:
+                value = kind(value)
+            except argparse.ArgumentTypeError as e:
+                raise SystemExit("error: %s: %r %s" % (where, key, e))
+        elif kind is bool and not isinstance(value, bool) or kind is str and not isinstance(
+                value, (str, int)):
             raise SystemExit("error: %s: %r needs a %s value" % (where, key, kind.__name__))
         options[key.replace("-", "_")] = str(value) if kind is str else value
     return options
@@ -11975,30 +12060,30 @@ def build_parser():
     root_options(p)
     p.add_argument("--host", help="address to listen on (default: %s; 0.0.0.0 or :: for "
                                   "every interface)" % DEFAULT_HOST)
-    p.add_argument("--port", type=int, help="port (default: %d; 0 picks a free one)"
+    p.add_argument("--port", type=NUMBER_OPTIONS["port"], help="port (default: %d; 0 picks a free one)"
                                             % DEFAULT_PORT)
     p.add_argument("--outside-url", metavar="URL",
                    help="URL the server is reached at through a proxy, for the absolute URLs "
                         "it writes (default: from the request's Host or X-Outside-Url)")
-    p.add_argument("--max-request-body-size", type=int, metavar="BYTES",
+    p.add_argument("--max-request-body-size", type=NUMBER_OPTIONS["max-request-body-size"], metavar="BYTES",
                    help="largest request body (upload) accepted, enforced while it streams "
                         "(default: %d, 2 GiB)" % DEFAULT_MAX_BODY)
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=NUMBER_OPTIONS["threads"], metavar="N",
                    help="most connections served at once, a thread each; more are answered "
                         "503 (default: %d)" % DEFAULT_THREADS)
-    p.add_argument("--connection-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--connection-timeout", type=NUMBER_OPTIONS["connection-timeout"], metavar="SECONDS",
                    help="close a connection idle or stalled this long (default: %d)"
                         % DEFAULT_CONNECTION_TIMEOUT)
     p.add_argument("--offline-mode", action="store_true", default=None,
                    help="no upstream traffic: mirrors serve only what they kept")
-    p.add_argument("--mirror-connect-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--mirror-connect-timeout", type=NUMBER_OPTIONS["mirror-connect-timeout"], metavar="SECONDS",
                    help="seconds to wait for a mirror's upstream to accept a connection "
                         "(default: %g)" % MIRROR_CONNECT_TIMEOUT)
-    p.add_argument("--mirror-read-timeout", type=float, metavar="SECONDS",
+    p.add_argument("--mirror-read-timeout", type=NUMBER_OPTIONS["mirror-read-timeout"], metavar="SECONDS",
                    help="seconds to wait for each read from a mirror's upstream; a page's "
                         "whole fetch must be done within the connect timeout + %d times this "
                         "(default: %g)" % (PAGE_DEADLINE_READS, MIRROR_READ_TIMEOUT))
-    p.add_argument("--mirror-min-rate", type=int, metavar="BYTES",
+    p.add_argument("--mirror-min-rate", type=NUMBER_OPTIONS["mirror-min-rate"], metavar="BYTES",
                    help="bytes a second a file (or the project list) from a mirror's "
                         "upstream must average, after a grace of the connect + read "
                         "timeouts; slower, it is cut (default: %d)" % MIRROR_MIN_RATE)
@@ -12059,7 +12144,57 @@ def build_parser():
                    help="accepted for devpi's scripts; changes nothing")
     p.add_argument("-q", "--quiet", action="store_true", default=None,
                    help="no progress lines on stderr")
+
+    p = sub.add_parser("passwd", help="set a user's password (root's too) while the server "
+                                      "is stopped",
+                       description="Set a user's password in a server directory while no "
+                                   "server runs on it, e.g. root's when it is lost. The new "
+                                   "password is asked twice at a terminal, else read as one "
+                                   "line from stdin.")
+    p.add_argument("user", metavar="USER", help="whose password (e.g. root)")
+    common(p)
+
+    p = sub.add_parser("hash-password", help="print the hash of a password, for "
+                                             "--root-passwd-hash",
+                       description="Print the hash of a password as minidevpi stores it, for "
+                                   "--root-passwd-hash (init, serve, import), so that the "
+                                   "password itself is in no command line or script. The "
+                                   "password is asked twice at a terminal, else read as one "
+                                   "line from stdin.")
     return parser
+
+
+def read_new_password():
+    """A new password: asked twice at a terminal (no echo), else the first line of stdin."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != password:
+            raise MinidevpiError("the two passwords differ; nothing was changed")
+        return password
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line:
+        raise MinidevpiError("no password: give it on stdin (one line) or at a terminal")
+    return line.rstrip("\r\n")
+
+
+def cmd_passwd(args):
+    store = Store(args.serverdir)
+    store.open()  # (refused while a server runs on it: that one changes it with devpi user -m)
+    try:
+        model = Model(store)
+        if model.get_user_row(args.user) is None:
+            raise MinidevpiError("no user %r in %s" % (args.user, store.serverdir))
+        model.accounts.set_password_hash(args.user, hash_password(read_new_password()))
+    finally:
+        store.close()
+    print("password of %s changed in %s" % (args.user, store.serverdir), flush=True)
+    return 0
+
+
+def cmd_hash_password(args):
+    print(hash_password(read_new_password()), flush=True)
+    return 0
 
 
 def cmd_init(args, hash_soon=False):
@@ -12128,6 +12263,11 @@ def cmd_serve(args):
         else:
             store.open()
             model = Model(store)
+            if args.root_passwd is not None or args.root_passwd_hash is not None:
+                log("warning: --root-passwd%s is ignored: %s is initialised and root keeps "
+                    "its password. Change it with 'devpi user -m root password=...', or "
+                    "with the server stopped, 'python3 minidevpi.py passwd root'"
+                    % ("" if args.root_passwd is not None else "-hash", store.serverdir))
     except BaseException:
         httpd.server_close()
         raise
@@ -12142,16 +12282,25 @@ def cmd_serve(args):
         empty = [name for name, pwhash in store.conn().execute(
             "SELECT name, pwhash FROM users") if verify_password("", pwhash)]
         if empty:
-            log("WARNING: account(s) with an empty password, reachable from other hosts "
-                "on %s: %s. Set passwords with 'devpi user -m NAME password=...'."
-                % (args.host, ", ".join(empty)))
+            log("WARNING: %s with an empty password, reachable from other hosts on %s: %s. "
+                "Set passwords with 'devpi user -m NAME password=...'."
+                % (plural(len(empty), "account"), args.host, ", ".join(empty)))
 
-    def stop(signum, frame):
+    stopping, hurry = threading.Event(), threading.Event()
+
+    def stop(signum, frame):  # no new connections; a second signal: no more waiting
+        if stopping.is_set():
+            hurry.set()
+            return
+        stopping.set()
         threading.Thread(target=httpd.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print("minidevpi %s serving %s at %s%s%s%s" % (
+    # what clients use: the URL it is reached at through a proxy, where one is given
+    public = httpd.app.outside_url + "/" if httpd.app.outside_url else url
+    print("minidevpi %s serving %s at %s%s%s%s%s" % (
         __version__, store.serverdir, url,
+        " (outside URL: %s)" % public if public != url else "",
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
         if args.offline_mode else "",
         " with restricted reads (indexes without acl_read: logged-in users only)"
@@ -12160,11 +12309,18 @@ def cmd_serve(args):
         else ""), flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
-              "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (url, url), flush=True)
+              "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (public, public),
+              flush=True)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
+        with httpd.connections_lock:
+            busy = len(httpd.busy)
+        if busy:
+            log("minidevpi stopping: no new connections; %s in flight, given up to %d s to "
+                "finish (a second signal: no waiting)" % (plural(busy, "request"), STOP_GRACE))
+        httpd.drain(STOP_GRACE, hurry)
         httpd.app.mirror.upstream.cut_all()
         if httpd.close_connections():
             store.close()
@@ -12237,6 +12393,10 @@ def run_command(args):
         return cmd_export(args)
     if args.command == "import":
         return cmd_import(args)
+    if args.command == "passwd":
+        return cmd_passwd(args)
+    if args.command == "hash-password":
+        return cmd_hash_password(args)
     return cmd_serve(args)
 
 

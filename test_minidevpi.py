@@ -46,7 +46,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UNREACHABLE_UPSTREAM = "http://127.0.0.1:9/simple/"
 os.environ["PIP_INDEX_URL"] = UNREACHABLE_UPSTREAM
 SCRIPT = os.path.join(HERE, "minidevpi.py")
+# The clients are found beside the interpreter that runs the suite (`.venv/bin/python -m
+# pytest` with nothing activated), and so are the tools they start by name (devpi test runs
+# tox): every subprocess sees that directory first on its PATH, as in an activated venv.
 BIN = os.path.dirname(sys.executable)
+os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 # ----------------------------------------------------------------------------------
@@ -244,12 +248,13 @@ def skip_or_fail(reason):
     pytest.skip(reason)
 
 
-def run(cmd, env=None, cwd=None, check=True, timeout=180):
+def run(cmd, env=None, cwd=None, check=True, timeout=180, input=None):
+    """Run a command, its stdin ``input`` (bytes) or nothing; (exit code, output)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
     p = subprocess.run(cmd, env=full_env, cwd=cwd, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
+                       stderr=subprocess.STDOUT, timeout=timeout, **stdin)
     out = p.stdout.decode(errors="replace")
     if check and p.returncode != 0:
         raise AssertionError("%s exited %d:\n%s" % (cmd, p.returncode, out))
@@ -278,8 +283,8 @@ class Devpi:
         return out
 
 
-def cli(*args, env=None, check=True):
-    return run([sys.executable, SCRIPT, *args], env=env, check=check, timeout=60)
+def cli(*args, env=None, check=True, input=None):
+    return run([sys.executable, SCRIPT, *args], env=env, check=check, timeout=60, input=input)
 
 
 class ServeProcess:
@@ -3964,7 +3969,11 @@ def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path, make_server):
         other.stop()
 
 
-def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
+@contextlib.contextmanager
+def internal_file_host(tmp_path):
+    """An upstream whose page of internal-pkg links its wheel on another local server, as
+    an internal upstream's file host: yields (upstream, file host, its port, the wheel's
+    name, its bytes); both are stopped afterwards."""
     up, other = RoutedUpstream(), RoutedUpstream()
     try:
         oport = other.httpd.server_address[1]
@@ -3973,6 +3982,14 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
         fn, data = os.path.basename(path), open(path, "rb").read()
         up.routes["/simple/internal-pkg/"] = (200, json_page("internal-pkg", [
             (fn, "http://127.0.0.1:%d/files/%s" % (oport, fn), data)]), JSON_PAGE)
+        yield up, other, oport, fn, data
+    finally:
+        up.stop()
+        other.stop()
+
+
+def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
+    with internal_file_host(tmp_path) as (up, other, oport, fn, data):
         for allowed in (["127.0.0.1:%d" % oport], ["files.example.com, 127.0.0.1"]):
             with make_server(root_password="rootpw", mirror_url=up.url + "/simple/",
                              mirror_allow_hosts=allowed) as srv:
@@ -3985,9 +4002,6 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
             r = http(srv.url, path=mirror_file_path(srv, "internal-pkg", fn))
             assert r.status == 502 and "mirror policy" in r.json()["message"]
         assert other.count("/files/" + fn) == 2
-    finally:
-        up.stop()
-        other.stop()
     # the option, also from a config file; a bad one is refused at start
     assert minidevpi.parse_allow_hosts(["a.example.com:8080, [::1]:81", "B.example.com"]) == {
         ("a.example.com", 8080), ("::1", 81), ("b.example.com", None)}
@@ -3999,6 +4013,26 @@ def test_mirror_allow_host_opens_one_internal_file_host(tmp_path, make_server):
                     "x.example.com:http", check=False)
     assert code != 0 and "mirror-allow-host" in out
     assert not os.path.exists(str(tmp_path / "s"))
+
+
+def test_a_file_refused_by_the_mirror_policy_is_explained_in_the_server_log(tmp_path):
+    """pip shows only '502 Bad Gateway' for a mirrored file whose host the policy refuses
+    (an internal file host behind a corporate upstream): the server's log line for that
+    request says why, and which option opens it."""
+    with internal_file_host(tmp_path) as (up, other, oport, fn, data):
+        p = ServeProcess("--serverdir", str(tmp_path / "srv"), "--root-passwd", "pw",
+                         "--mirror-url", up.url + "/simple/")
+        try:
+            code, out = pip("download", "--no-deps", "-d", str(tmp_path / "dl"),
+                            "--index-url", p.url + "/root/pypi/+simple/", "internal-pkg",
+                            check=False)
+            assert code != 0 and "502" in out, out
+        finally:
+            p.stop()
+        assert other.requests == []
+    line = [x for x in p.stderr.splitlines() if fn in x and '" 502 ' in x]
+    assert line and "the link to http://127.0.0.1:%d was refused by the mirror policy" % oport \
+        in line[0] and "--mirror-allow-host" in line[0], p.stderr
 
 
 def test_mirror_connects_to_the_address_it_checked(tmp_path, monkeypatch, make_server):
@@ -7027,8 +7061,7 @@ def test_readme_walkthrough_runs_as_written(server, tmp_path):
     lines = [m.group(1) for m in re.finditer(r"(?m)^    \$ (.*)$",
                                              readme_section("Walkthrough with devpi-client"))]
     assert len(lines) > 10
-    env = dict(os.environ, DEVPI_CLIENTDIR=str(tmp_path / "client"),
-               PATH=BIN + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, DEVPI_CLIENTDIR=str(tmp_path / "client"))
     for line in lines:
         command = re.sub(r"\s+# .*$", "", line).replace("http://127.0.0.1:3141", server.url)
         p = subprocess.run(["bash", "-c", command], cwd=str(tmp_path), env=env, timeout=180,
@@ -9615,6 +9648,58 @@ def comparable(data):
     return out
 
 
+def root_logs_in_with(serverdir, password, not_with):
+    """Serve ``serverdir`` (a process): root logs in with ``password``, not ``not_with``.
+    Returns what the server wrote on stderr."""
+    p = ServeProcess("--serverdir", str(serverdir), "--no-access-log")
+    try:
+        assert login_token(p.url, "root", password)
+        assert api(p.url, "POST", "/+login",
+                   json_body={"user": "root", "password": not_with}).status == 401
+    finally:
+        p.stop()
+    return p.stderr
+
+
+def test_a_hash_from_hash_password_imports_root_and_a_bad_one_is_refused_first(tmp_path):
+    """The README's way to keep root's password out of command lines: hash-password reads
+    it (stdin here, a prompt at a terminal), import --root-passwd-hash takes the hash, and
+    root logs in with the password. A bad hash is refused before the export is read."""
+    cli("init", "--serverdir", str(tmp_path / "a"), "--root-passwd", "old")
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    code, out = cli("hash-password", input=b"s3cret pass\n")
+    pwhash = out.strip()
+    assert re.match(r"^(scrypt|pbkdf2_sha256)\$\S+$", pwhash), out
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
+                    "--root-passwd-hash", "notahash", check=False)
+    assert code == 1 and "--root-passwd-hash is not a hash" in out, out
+    assert "hash-password" in out and "checked" not in out and "Traceback" not in out
+    assert not (tmp_path / "b").exists()
+    code, out = cli("import", str(tmp_path / "nothing-here"), "--serverdir",
+                    str(tmp_path / "b"), "--root-passwd-hash", "notahash", check=False)
+    assert code == 1 and "--root-passwd-hash is not a hash" in out, out
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
+        "--root-passwd-hash", pwhash)
+    root_logs_in_with(tmp_path / "b", "s3cret pass", not_with="old")
+    code, out = cli("hash-password", check=False)  # (stdin empty, no terminal)
+    assert code == 1 and "no password" in out and "Traceback" not in out, out
+
+
+def test_export_and_import_count_in_words(tmp_path, make_server):
+    """'1 index', not '1 indexes': every count the commands print."""
+    cli("init", "--serverdir", str(tmp_path / "a"), "--root-passwd", "pw", "--no-root-pypi")
+    with make_server(tmp_path / "a") as srv:
+        srv.create_user("alice", "secret")
+        srv.create_index("alice/dev")
+        srv.upload("alice/dev", make_wheel(tmp_path, "samplepkg", "1.0"))
+    code, out = cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "a"))
+    assert "exported 2 users, 1 index, 1 file to " in out, out
+    assert re.search(r"(?m)^exported: 1 of 1 file, ", out), out
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"))
+    assert "imported 2 users and 1 index from " in out, out
+    assert re.search(r"(?m)^checked: 1 of 1 file, ", out), out
+
+
 def test_import_a_real_devpi_export(devpi_exports, tmp_path, make_server):
     dump, expect = devpi_exports.plain, devpi_exports.expect
     code, out = cli("import", dump, "--serverdir", str(tmp_path / "srv"),
@@ -10509,6 +10594,98 @@ def test_serve_initialises_prints_url_logs_and_stops(tmp_path):
     assert p.stop(signal.SIGINT) == 0
 
 
+def test_a_lost_root_password_is_reset_with_the_server_stopped(tmp_path):
+    """serve --root-passwd on an initialised directory changes nothing and says so, and how;
+    passwd sets it with the server stopped (refused while one runs)."""
+    d = str(tmp_path / "srv")
+    cli("init", "--serverdir", d, "--root-passwd", "old")
+    p = ServeProcess("--serverdir", d, "--root-passwd", "forgotten", "--no-access-log")
+    try:
+        assert login_token(p.url, "root", "old")
+        code, out = cli("passwd", "root", "--serverdir", d, input=b"new\n", check=False)
+        assert code == 1 and "in use by another minidevpi process" in out, out
+    finally:
+        p.stop()
+    assert "warning: --root-passwd is ignored" in p.stderr, p.stderr
+    assert "root keeps its password" in p.stderr and "minidevpi.py passwd root" in p.stderr
+    code, out = cli("passwd", "root", "--serverdir", d, input=b"new pw\n")
+    assert "password of root changed" in out, out
+    assert "ignored" not in root_logs_in_with(d, "new pw", not_with="old")
+    code, out = cli("passwd", "nobody", "--serverdir", d, input=b"x\n", check=False)
+    assert code == 1 and "no user 'nobody'" in out and "Traceback" not in out, out
+    code, out = cli("passwd", "root", "--serverdir", str(tmp_path / "none"), input=b"x\n",
+                    check=False)
+    assert code == 1 and "is not initialised" in out, out
+
+
+def select_readable(pipe, timeout):
+    import select
+    return select.select([pipe], [], [], timeout)[0]
+
+
+def test_a_stopped_server_lets_an_upload_in_flight_finish(tmp_path):
+    """SIGINT while an upload streams in: no new connection is taken, the upload finishes
+    (200, stored), one that stalls is cut when the grace is over, and the process ends
+    within it."""
+    d = str(tmp_path / "srv")
+    p = ServeProcess("--serverdir", d, "--root-passwd", "pw", "--no-access-log")
+    url = urllib.parse.urlsplit(p.url)
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+
+    def start_upload(name):
+        """An upload to root/dev whose body is sent but for its last 1000 bytes."""
+        path = make_wheel(pkgs, name, "1.0", extra=os.urandom(200000))
+        body, ctype = multipart([(":action", "file_upload"), ("protocol_version", "1")],
+                                [("content", os.path.basename(path), open(path, "rb").read())])
+        sock = socket.create_connection((url.hostname, url.port), timeout=30)
+        sock.sendall(("POST /root/dev/ HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                      "Content-Length: %d\r\nAuthorization: %s\r\n\r\n" % (
+                          ctype, len(body), basic_auth("root", "pw"))).encode() + body[:-1000])
+        return sock, body[-1000:], os.path.basename(path)
+
+    try:
+        assert api(p.url, "PUT", "/root/dev", json_body={}, auth=("root", "pw")).status == 200
+        finishing, rest, fn = start_upload("finishing-pkg")
+        stalled, _, _ = start_upload("stalled-pkg")
+        time.sleep(1)  # (both are being read)
+        p.proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        ready = select_readable(p.proc.stderr, 10)
+        line = p.proc.stderr.readline().decode() if ready else ""
+        assert line.startswith("minidevpi stopping: no new connections; 2 requests in "
+                               "flight, given up to %d s" % minidevpi.STOP_GRACE), line
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((url.hostname, url.port), timeout=5)
+        finishing.sendall(rest)
+        answer = finishing.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        code = p.proc.wait(minidevpi.STOP_GRACE + 10)
+        took = time.monotonic() - t0
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+    assert code == 0 and minidevpi.STOP_GRACE - 0.5 < took < minidevpi.STOP_GRACE + 3, took
+    stalled.settimeout(5)
+    try:
+        cut = stalled.recv(100) == b""  # cut: no answer, the connection closed or reset
+    except socket.timeout:
+        cut = False
+    except OSError:
+        cut = True
+    assert cut
+    assert "minidevpi stopped" in p.proc.stderr.read().decode()
+    p = ServeProcess("--serverdir", d, "--no-access-log")
+    try:
+        links = [x["filename"] for x in http(p.url, path="/root/dev/+simple/finishing-pkg/",
+                                             headers={"Accept": simple_accept("json")}
+                                             ).json()["files"]]
+        assert links == [fn]
+        assert http(p.url, path="/root/dev/+simple/stalled-pkg/").status == 404
+    finally:
+        p.stop()
+
+
 def test_serve_on_a_busy_port_initialises_nothing(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -10551,6 +10728,36 @@ def test_serve_says_offline_mode_and_its_own_usage(tmp_path):
     assert "usage: minidevpi.py serve" in out and "unrecognized arguments: --prot 3150" in out
 
 
+@pytest.mark.parametrize("option,bad,says", [
+    ("port", "99999", "a whole number from 0 to 65535"), ("port", "-1", "from 0 to 65535"),
+    ("port", "http", "from 0 to 65535"), ("threads", "0", "a whole number of at least 1"),
+    ("max-request-body-size", "-5", "of at least 1"),
+    ("connection-timeout", "0", "a number of seconds above 0"),
+    ("connection-timeout", "nan", "above 0"), ("mirror-connect-timeout", "-1", "above 0"),
+    ("mirror-read-timeout", "0", "above 0"), ("mirror-min-rate", "0", "of at least 1")])
+def test_serve_refuses_a_number_out_of_range_before_it_starts(tmp_path, option, bad, says):
+    """From the command line a usage error (exit 2), from a config file an error naming the
+    line; a message, never a traceback, and nothing initialised."""
+    d = tmp_path / "srv"
+    code, out = cli("serve", "--serverdir", str(d), "--%s=%s" % (option, bad), check=False)
+    assert code == 2 and "usage: minidevpi.py serve" in out, out
+    assert re.search(r"argument --%s: must be .*%s.*, not '%s'\n" % (
+        option, says, re.escape(bad)), out), out
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  serverdir: %s\n  %s: %s\n" % (d, option, bad))
+    code, out = cli("serve", "-c", str(conf), check=False)
+    assert code == 1 and re.search(r"%s line 3: '%s' must be .*%s.*, not '%s'\n" % (
+        re.escape(str(conf)), option, says, re.escape(bad)), out), out
+    assert "Traceback" not in out and not d.exists()
+
+
+def test_serve_takes_fractional_timeouts_from_a_config_file(tmp_path):
+    conf = tmp_path / "devpi.yml"
+    conf.write_text("devpi-server:\n  connection-timeout: 2.5\n  mirror-read-timeout: 7\n")
+    assert minidevpi.read_configfile(str(conf)) == {"connection_timeout": 2.5,
+                                                    "mirror_read_timeout": 7.0}
+
+
 def test_serve_reads_devpi_config_files(tmp_path):
     d = tmp_path / "srv"
     conf = tmp_path / "devpi.yml"
@@ -10558,6 +10765,11 @@ def test_serve_reads_devpi_config_files(tmp_path):
                     "  outside-url: http://example.invalid/pkgs\n  root-passwd: 'pw'\n" % d)
     p = ServeProcess("--configfile", str(conf))
     try:
+        # the start lines say the URL clients use, and the hint uses it
+        assert p.lines[-1].rstrip().endswith(
+            " at %s/ (outside URL: http://example.invalid/pkgs/)" % p.url), p.lines
+        assert p.proc.stdout.readline().decode().startswith(
+            "next: devpi use http://example.invalid/pkgs/ && devpi login root")
         assert os.path.exists(str(d / minidevpi.DB_NAME))
         assert api(p.url, path="/+api").json()["result"]["login"] == \
             "http://example.invalid/pkgs/+login"
