@@ -8264,10 +8264,14 @@ def web_link(url, text=None):
     return _e(text)
 
 
+def _quote_path(path):
+    return urllib.parse.quote(path, safe="/+@:")
+
+
 class PagePrefix(str):
     """The path prefix of a page's links (the outside URL's path), carrying whom the page
     is for: ``account``, (user, logout token) of a logged-in browser or None, and
-    ``here``, the page's own path (where a log-in returns to)."""
+    ``here``, the page's own path, quoted (where a log-in returns to)."""
 
     def __new__(cls, prefix, account=None, here="/"):
         self = str.__new__(cls, prefix)
@@ -8286,8 +8290,7 @@ def web_account_html(prefix):
     here = getattr(prefix, "here", None)
     if here is None or here.endswith("/+login"):
         return ""
-    return '<a class="account" href="%s/+login?next=%s">Log in</a>' % (
-        _e(prefix), _e(urllib.parse.quote(here, safe="/+@:")))
+    return '<a class="account" href="%s/+login?next=%s">Log in</a>' % (_e(prefix), _e(here))
 
 
 def web_document(title, body, prefix, crumbs=(), search=("", "")):
@@ -8855,7 +8858,7 @@ class WebPages:
 
     def web_prefix(self, req):
         prefix = urllib.parse.urlsplit(req.outside_url()).path.rstrip("/")
-        return PagePrefix(prefix, self.web_account(req), prefix + req.path)
+        return PagePrefix(prefix, self.web_account(req), prefix + _quote_path(req.path))
 
     @staticmethod
     def web_account(req):
@@ -9128,11 +9131,13 @@ class WebPages:
             prefix = self.web_prefix(req)
         except Exception:
             prefix = ""
-        if e.status == 401 and isinstance(prefix, PagePrefix):
-            here = prefix.here
-            if req.query:
-                here += "?" + urllib.parse.urlencode(req.query, doseq=True)
-            return self.web_login_page(req, here, 401, e.message)
+        if isinstance(prefix, PagePrefix):
+            # a refusal names nothing below the index (one answer for every path there,
+            # whatever exists): a log-in from it returns to the index
+            prefix = PagePrefix(prefix, prefix.account, prefix + _quote_path(
+                "/" + "/".join([s for s in req.path.split("/") if s][:2])))
+            if e.status == 401:
+                return self.web_login_page(req, prefix.here, 401, e.message)
         return Response(e.status, render_web_error(prefix, e.status, e.message),
                         [("Content-Type", HTML_TYPE), ("Vary", "Cookie")] + list(WEB_HEADERS))
 
