@@ -6740,6 +6740,46 @@ def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_pa
         srv.stop()
 
 
+def test_behind_nginx_a_logged_in_browsers_pages_reach_no_one_else(tmp_path, make_server):
+    """Through the README's nginx block (whose cache key holds no cookie): what a browser
+    logged in with its session cookie is shown (its name, its log-out token, private
+    pages and files) is never kept, nor served to an anonymous request."""
+    exe = nginx_or_skip()
+    nginx_port = free_port()
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      outside_url="http://127.0.0.1:%d" % nginx_port)
+    proxy = None
+    try:
+        wheel_path, _tox = private_setup(srv, tmp_path)
+        srv.create_index("bob/open")
+        srv.upload("bob/open", make_wheel(tmp_path, "openpkg", "1.0"))
+        (tmp_path / "nginx").mkdir()
+        proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
+            srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+        url = proxy.url
+        r, session = web_login(url, "alice", "secret", "/alice/priv")
+        assert r.status == 303 and session, r
+        for path, accept in (("/", None), ("/bob/open", None), ("/bob/open/openpkg", None),
+                             ("/alice/priv", None), ("/alice/priv/secretpkg/1.0", None),
+                             ("/alice/priv/+simple/secretpkg/", None), (wheel_path, "*/*")):
+            extra = {"Accept": accept} if accept else {}
+            for _ in range(2):
+                r = browse(url, path, Cookie=session, **extra)
+                assert r.status == 200 and r.header("x-cache-status") != "HIT", (path, r)
+                assert r.header("cache-control") == "private, no-store", (path, r.headers)
+            token = logout_token(r).encode() if accept is None and "+simple" not in path \
+                else None
+            for _ in range(2):
+                anon = browse(url, path, **extra)
+                assert b"Log out" not in anon.body and b"secretpkg" not in anon.body, anon
+                assert token is None or token not in anon.body, (path, anon)
+                assert anon.status == (401 if "/alice/priv" in path else 200), (path, anon)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        srv.stop()
+
+
 # -- the real clients: devpi-client, pip, uv, twine; the README's commands ---------
 
 
@@ -9348,8 +9388,11 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         alice, tmp_path):
     """A real headless Chromium: each page kind loads with its stylesheet and script under
     the CSP (the console shows no violation, no error), the links lead from the root to the
-    documentation, a search finds the project; screenshots are saved."""
+    documentation, a search finds the project; it logs in through the form (a private
+    index shows, the cookie is HttpOnly and SameSite=Strict) and out; screenshots are
+    saved."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
     url, auth = alice.url, ("alice", "secret")
     assert api(url, "PATCH", "/alice/dev", auth=auth, json_body=[
         "title=Alice's development index", "description=Where new releases land first"]
@@ -9464,10 +9507,37 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
             time.sleep(0.1)
         assert blocked and "evil.js" in blocked[0]["message"], blocked
         assert d.execute_script("return window.__evil === undefined")
+        # a private index: the log-in page in its place, the form, the index, log out
+        alice.create_index("alice/secret", acl_read="alice")
+        alice.upload("alice/secret", make_wheel(tmp_path, "hidden-pkg", "1.0"))
+        d.get(url + "/alice/secret")
+        d.get_log("browser")  # (the 401 itself is logged as a failed load: expected here)
+        assert d.find_element(By.TAG_NAME, "h1").text == "Log in"
+        assert "hidden-pkg" not in d.page_source
+        d.find_element(By.NAME, "username").send_keys("alice")
+        d.find_element(By.NAME, "password").send_keys("secret")
+        d.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+        wait = WebDriverWait(d, 15)
+        wait.until(lambda _d: d.current_url == url + "/alice/secret")
+        assert "hidden-pkg" in d.find_element(By.TAG_NAME, "main").text
+        assert "alice" in d.find_element(By.CSS_SELECTOR, "form.account").text
+        cookie = d.get_cookie("minidevpi-session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+        assert d.execute_script("return document.cookie") == ""  # no script reads it
+        shot("10-logged-in")
+        d.find_element(By.CSS_SELECTOR, "form.account button[type=submit]").click()
+        wait.until(lambda _d: d.current_url == url + "/")
+        assert d.get_cookie("minidevpi-session") is None
+        assert "Log in" in d.find_element(By.TAG_NAME, "header").text
+        console()
+        d.get(url + "/alice/secret")
+        d.get_log("browser")
+        assert d.find_element(By.TAG_NAME, "h1").text == "Log in"
+        assert "hidden-pkg" not in d.page_source
     finally:
         d.quit()
     assert problems == [], problems
-    assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 9
+    assert len([n for n in os.listdir(shots) if n.endswith(".png")]) >= 10
 
 
 # ----------------------------------------------------------------------------------
