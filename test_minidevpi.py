@@ -9229,9 +9229,12 @@ def test_tampered_expired_and_foreign_cookies_are_anonymous(alice, monkeypatch):
     for headers in ({"X-Devpi-Auth": base64.b64encode(("alice:" + value).encode()).decode()},
                     {"Authorization": basic_auth("alice", value)}):
         assert http(url, path="/alice/dev/+simple/", headers=headers).status == 401
-    # and a login token as the password of the form makes no session (a full log-in only)
-    r, none = web_login(url, "alice", token)
-    assert r.status == 401 and none is None, r
+    # and a login token or a scoped token as the password of the form makes no session
+    # (a session is a full log-in of the user)
+    scoped = scoped_token(url, "alice", "secret")
+    for user, secret in (("alice", token), ("alice", scoped), ("__token__", scoped)):
+        r, none = web_login(url, user, secret)
+        assert r.status == 401 and none is None, r
 
 
 def test_the_session_cookie_authorises_no_write(alice, tmp_path):
