@@ -6695,7 +6695,10 @@ def test_behind_nginx_no_page_is_shaped_by_an_attacker(tmp_path, make_server):
         srv.stop()
 
 
-def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_path, make_server):
+@contextlib.contextmanager
+def private_behind_nginx(tmp_path, make_server):
+    """private_setup and a public bob/open (openpkg) on a server behind the README's
+    nginx block: (server, nginx, wheel path, tox result path); both stop afterwards."""
     exe = nginx_or_skip()
     nginx_port = free_port()
     srv = make_server(tmp_path / "srv", root_password="rootpw",
@@ -6708,6 +6711,15 @@ def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_pa
         (tmp_path / "nginx").mkdir()
         proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
             srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+        yield srv, proxy, wheel_path, tox_path
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        srv.stop()
+
+
+def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_path, make_server):
+    with private_behind_nginx(tmp_path, make_server) as (srv, proxy, wheel_path, tox_path):
         url = proxy.url
         # (the cache works: a public page is kept)
         http(url, path="/bob/open/+simple/openpkg/")
@@ -6734,28 +6746,13 @@ def test_behind_nginx_restricted_pages_and_files_reach_only_their_readers(tmp_pa
         for path in ("/alice/priv/+simple/secretpkg/", wheel_path):
             assert http(url, path=path).status >= 500
         assert http(url, path="/bob/open/+simple/openpkg/").status == 200
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        srv.stop()
 
 
 def test_behind_nginx_a_logged_in_browsers_pages_reach_no_one_else(tmp_path, make_server):
     """Through the README's nginx block (whose cache key holds no cookie): what a browser
     logged in with its session cookie is shown (its name, its log-out token, private
     pages and files) is never kept, nor served to an anonymous request."""
-    exe = nginx_or_skip()
-    nginx_port = free_port()
-    srv = make_server(tmp_path / "srv", root_password="rootpw",
-                      outside_url="http://127.0.0.1:%d" % nginx_port)
-    proxy = None
-    try:
-        wheel_path, _tox = private_setup(srv, tmp_path)
-        srv.create_index("bob/open")
-        srv.upload("bob/open", make_wheel(tmp_path, "openpkg", "1.0"))
-        (tmp_path / "nginx").mkdir()
-        proxy = Nginx(exe, tmp_path / "nginx", readme_nginx_config(
-            srv.port, nginx_port, tmp_path / "nginx" / "cache"), nginx_port)
+    with private_behind_nginx(tmp_path, make_server) as (_srv, proxy, wheel_path, _tox):
         url = proxy.url
         r, session = web_login(url, "alice", "secret", "/alice/priv")
         assert r.status == 303 and session, r
@@ -6774,10 +6771,6 @@ def test_behind_nginx_a_logged_in_browsers_pages_reach_no_one_else(tmp_path, mak
                 assert b"Log out" not in anon.body and b"secretpkg" not in anon.body, anon
                 assert token is None or token not in anon.body, (path, anon)
                 assert anon.status == (401 if "/alice/priv" in path else 200), (path, anon)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        srv.stop()
 
 
 # -- the real clients: devpi-client, pip, uv, twine; the README's commands ---------
