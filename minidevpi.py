@@ -90,6 +90,10 @@ __version__ = "0.1.0"
 DEFAULT_PORT = 3141
 DEFAULT_HOST = "127.0.0.1"
 TOKEN_LIFETIME = 36000  # seconds, as devpi-server's login tokens
+SESSION_LIFETIME = TOKEN_LIFETIME  # seconds a browser's login lasts (App.web_login)
+SESSION_COOKIE = "minidevpi-session"  # a browser's login; "__Host-" before it over https
+LOGIN_COOKIE = "minidevpi-login"  # the log-in form's CSRF nonce, likewise
+LOGIN_FORM_LIFETIME = 3600  # seconds a log-in form stays good
 DEFAULT_MAX_BODY = 2 * 1024 ** 3  # bytes an upload body may have; real wheels pass 1 GB
 # tox results kept per release file: the newest; an older one goes (no longer served) when
 # a new one comes. Anyone may post them by default (acl_toxresult_upload), 1 MiB each.
@@ -3472,14 +3476,14 @@ class Accounts:
         for ev in list(self._pending_hashes.values()):
             ev.wait()
 
-    def authenticate(self, name, secret, source=None):
-        """The user name if ``secret`` is the user's password or a valid login token.
-        ``source``: the client's address, for throttling (see LoginThrottle)."""
+    def authenticate(self, name, secret, source=None, tokens=True):
+        """The user name if ``secret`` is the user's password or (``tokens``) a valid login
+        token. ``source``: the client's address, for throttling (see LoginThrottle)."""
         pending = self._pending_hashes.get(name)
         if pending is not None:
             pending.wait()
         row = self.get_user_row(name)
-        if row is not None and self.check_token(name, secret, row["pwhash"]):
+        if tokens and row is not None and self.check_token(name, secret, row["pwhash"]):
             return name
         key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
                               "sha256").digest())
@@ -3536,6 +3540,63 @@ class Accounts:
         if issued > now + 60 or issued + TOKEN_LIFETIME < now:
             return False
         return hmac.compare_digest(parts[3], self._token_sig(name, issued, pwhash))
+
+    # -- browser sessions (see App.web_login) --
+    #
+    # A session cookie is "s1.USER.EXPIRES.SIG", SIG an HMAC of the server's secret over a
+    # purpose of its own (no login token or scoped token is a session, nor the reverse),
+    # the user, the expiry, the user's password hash (a password change or a deleted user
+    # ends it) and the user's session generation, which a logout replaces: it ends every
+    # session of the user, the ones of other browsers too.
+
+    def _session_generation(self, name):
+        row = self.store.conn().execute("SELECT value FROM meta WHERE key=?",
+                                        ("session:" + name,)).fetchone()
+        return row[0] if row is not None else ""
+
+    def _keyed(self, *parts):
+        msg = "\0".join(str(p) for p in parts)
+        return _b64e(hmac.new(self.store.secret, msg.encode("utf-8", "surrogateescape"),
+                              "sha256").digest())
+
+    def make_session(self, name):
+        row = self.get_user_row(name)
+        expires = int(time.time()) + SESSION_LIFETIME
+        return "s1.%s.%d.%s" % (_b64e(name.encode("utf-8")), expires, self._keyed(
+            "minidevpi-session", name, expires, self._session_generation(name), row["pwhash"]))
+
+    def check_session(self, value):
+        """(user, logout token) for a valid session cookie's value, else None: tampered,
+        expired, of a deleted user, from before a password change or a logout."""
+        parts = value.split(".")
+        if len(parts) != 4 or parts[0] != "s1" or len(value) > 600:
+            return None
+        try:
+            name = _b64d(parts[1]).decode("utf-8")
+            expires = int(parts[2])
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return None
+        now = time.time()
+        if not now < expires <= now + SESSION_LIFETIME + 60:
+            return None
+        row = self.get_user_row(name)
+        if row is None or not is_known_hash(row["pwhash"]):
+            return None
+        gen = self._session_generation(name)
+        if not hmac.compare_digest(parts[3], self._keyed(
+                "minidevpi-session", name, expires, gen, row["pwhash"])):
+            return None
+        return name, self._keyed("minidevpi-logout", name, gen, row["pwhash"])
+
+    def end_sessions(self, name):
+        """Log ``name`` out of every browser: a new session generation."""
+        with self.store.write() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                      ("session:" + name, secrets.token_hex(16)))
+
+    def login_form_token(self, nonce):
+        """The login form's CSRF token for the browser whose login cookie is ``nonce``."""
+        return self._keyed("minidevpi-login-form", nonce)
 
     # -- scoped tokens (see parse_macaroon) --
 
@@ -7895,6 +7956,8 @@ class Request:
         self._actor = False
         self.is_upload = False
         self.restricted = False  # an index not everyone reads answers: no shared cache keeps it
+        self.route = None  # the App method answering it, once dispatched
+        self.session = None  # (user, logout token) where a session cookie authenticated it
 
     @property
     def actor(self):
@@ -7922,6 +7985,23 @@ class Request:
 
     def absolute(self, path):
         return self.outside_url() + "/" + path.lstrip("/")
+
+    def is_https(self):
+        """Whether the browser talks https: the outside URL says so, or the proxy in front
+        does (``X-Forwarded-Proto``). A client that claims it falsely gets cookies its own
+        browser won't keep over http, nothing more."""
+        proto = (self.headers.get("X-Forwarded-Proto") or "").split(",")[0].strip().lower()
+        return self.outside_url().startswith("https://") or proto == "https"
+
+    def cookie_values(self, name):
+        """The values of every cookie ``name`` the request carries."""
+        out = []
+        for header in self.headers.get_all("Cookie") or ():
+            for pair in header.split(";"):
+                k, sep, v = pair.strip().partition("=")
+                if sep and k == name:
+                    out.append(v.strip().strip('"'))
+        return out
 
     def json_body(self, limit=None):
         """The body as JSON (None when empty). At most ``limit`` bytes; by default
@@ -8105,6 +8185,11 @@ ul.plain{list-style:none;padding:0;margin:0}
 .description [align=center]{text-align:center}.description [align=right]{text-align:right}
 .description [align=left]{text-align:left}.description [align=justify]{text-align:justify}
 .pager{display:flex;gap:1rem;margin:1rem 0}
+.account{display:flex;gap:.5rem;align-items:center;margin:0}
+form.login{display:grid;gap:.7rem;max-width:22rem;margin:1rem 0}
+form.login label{display:grid;gap:.2rem}
+input[type=text],input[type=password]{padding:.4rem .6rem;border:1px solid var(--line);
+border-radius:6px;background:var(--bg);color:var(--fg);font:inherit}
 .sha{font-size:.75rem;color:var(--muted);word-break:break-all}
 footer{max-width:72rem;margin:2rem auto;padding:1rem;color:var(--muted);font-size:.85rem;
 border-top:1px solid var(--line)}
@@ -8199,6 +8284,35 @@ def web_link(url, text=None):
     return _e(text)
 
 
+def _quote_path(path):
+    return urllib.parse.quote(path, safe="/+@:")
+
+
+class PagePrefix(str):
+    """The path prefix of a page's links (the outside URL's path), carrying whom the page
+    is for: ``account``, (user, logout token) of a logged-in browser or None, and
+    ``here``, the page's own path, quoted (where a log-in returns to)."""
+
+    def __new__(cls, prefix, account=None, here="/"):
+        self = str.__new__(cls, prefix)
+        self.account = account
+        self.here = here
+        return self
+
+
+def web_account_html(prefix):
+    """Who is logged in, with a log-out button; or a log-in link."""
+    account = getattr(prefix, "account", None)
+    if account:
+        return ('<form class="account" action="%s/+logout" method="post"><span>%s</span>'
+                '<input type="hidden" name="csrf" value="%s"><button type="submit">Log out'
+                '</button></form>' % (_e(prefix), _e(account[0]), _e(account[1])))
+    here = getattr(prefix, "here", None)
+    if here is None or here.endswith("/+login"):
+        return ""
+    return '<a class="account" href="%s/+login?next=%s">Log in</a>' % (_e(prefix), _e(here))
+
+
 def web_document(title, body, prefix, crumbs=(), search=("", "")):
     """A whole page: ``crumbs`` [(text, href or None)] above, a search box, ``body``."""
     parts = ['<a href="%s/">minidevpi</a>' % _e(prefix)]
@@ -8214,12 +8328,12 @@ def web_document(title, body, prefix, crumbs=(), search=("", "")):
             "<header><div class=\"bar\"><nav class=\"crumbs\">%s</nav>"
             "<form class=\"search\" action=\"%s/+search\" method=\"get\" role=\"search\">%s"
             "<input type=\"search\" name=\"q\" value=\"%s\" placeholder=\"Search projects\" "
-            "aria-label=\"Search projects\"><button type=\"submit\">Search</button></form>"
+            "aria-label=\"Search projects\"><button type=\"submit\">Search</button></form>%s"
             "</div></header><main>%s</main><footer>minidevpi %s &middot; "
             "<a href=\"%s/+status\">status</a></footer></body></html>\n" % (
                 _e(title), _e(prefix), _e(prefix), WEB_COPY_JS,
-                '<span class="sep">/</span>'.join(parts), _e(prefix), hidden, _e(q), body,
-                _e(__version__), _e(prefix))).encode("utf-8")
+                '<span class="sep">/</span>'.join(parts), _e(prefix), hidden, _e(q),
+                web_account_html(prefix), body, _e(__version__), _e(prefix))).encode("utf-8")
     if len(page) > WEB_PAGE_MAX_BYTES:
         web_page_over_ceiling(title, len(page))
         return web_document(title[:200], '<h1>%s</h1><p class="note">This page is too large to '
@@ -8797,23 +8911,75 @@ def render_web_error(prefix, status, message):
     return web_document("%d %s" % (status, title), body, prefix)
 
 
+def render_web_login(prefix, next_path, form_token, message="", user="", notice=""):
+    """The log-in page: a form posting user name and password to ``/+login``, with its
+    CSRF token and the local path to return to."""
+    account = getattr(prefix, "account", None)
+    prefix = PagePrefix(prefix, account, prefix + "/+login")  # (no log-in link above)
+    body = ['<h1>Log in</h1><p class="lead">%s</p>' % _e(
+        message or "Log in to see the indexes that are not for everyone.")]
+    if account:
+        body.append('<p class="note">You are logged in as %s.</p>' % _e(account[0]))
+    if notice:
+        body.append('<p class="note">%s</p>' % notice)
+    body.append(
+        '<form class="login" action="%s/+login" method="post">'
+        '<input type="hidden" name="csrf" value="%s"><input type="hidden" name="next" '
+        'value="%s"><label>User name <input type="text" name="username" value="%s" '
+        'autocomplete="username" autocapitalize="none" required autofocus></label>'
+        '<label>Password <input type="password" name="password" '
+        'autocomplete="current-password" required></label><button type="submit">Log in'
+        '</button></form>' % (_e(prefix), _e(form_token), _e(next_path), _e(user)))
+    return web_document("Log in", "".join(body), prefix, [("log in", None)])
+
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+WEB_FORM_MAX_BODY = 16 * 1024  # a log-in form is a few hundred bytes
+_LOCAL_PATH_RE = re.compile(r"^/(?![/\\])[^\\\x00-\x20\x7f]{0,2000}\Z")
+
+
+def local_path(value):
+    """``value`` if it is a path of this server (no scheme, no host, no ``//`` or ``/\\``
+    start that a browser takes for another host), else None: no open redirect."""
+    if not isinstance(value, str) or not _LOCAL_PATH_RE.match(value):
+        return None
+    try:
+        u = urllib.parse.urlsplit(value)
+    except ValueError:
+        return None
+    return value if not (u.scheme or u.netloc) else None
+
+
 class WebPages:
     """The App's web pages (mixed into App): each reads through the model as the request's
     reader, renders with the functions above, and keeps the bytes in the page cache."""
 
     def web_prefix(self, req):
-        return urllib.parse.urlsplit(req.outside_url()).path.rstrip("/")
+        prefix = urllib.parse.urlsplit(req.outside_url()).path.rstrip("/")
+        return PagePrefix(prefix, self.web_account(req), prefix + _quote_path(req.path))
+
+    @staticmethod
+    def web_account(req):
+        """(user, logout token) of a browser logged in with its session cookie, or None."""
+        try:
+            req.actor
+        except HTTPError:  # (throttled credentials: anonymous)
+            return None
+        return req.session
 
     def web_response(self, req, page):
         resp = self.page_response(req, page, shared=False)
+        # (a page shows who is logged in: it varies by the session cookie too)
+        resp.headers = [(k, v + ", Cookie" if k == "Vary" else v) for k, v in resp.headers]
         resp.headers.extend(WEB_HEADERS)
         return resp
 
     def web_cached(self, req, key, validator, render):
         """The page ``key`` from the cache while ``validator`` holds (and, for a page that
         shows a release held back by age, until it matures), else ``render()``d (and
-        kept). Pages hold this server's URL and depend on who reads them."""
-        key = ("web",) + key + (req.outside_url(), req.actor)
+        kept). Pages hold this server's URL and depend on who reads them (and, for the
+        header's log-in link and log-out button, on the page's path and the session)."""
+        key = ("web",) + key + (req.outside_url(), req.actor, self.web_account(req), req.path)
         page = self.pages.get(key, validator)
         if page is None:
             body = render()  # the page's bytes, or (bytes, when it changes by itself)
@@ -9063,13 +9229,161 @@ class WebPages:
         return self.web_response(req, page)
 
     def error_page(self, req, e):
-        """An error as a page, for a browser (the handler adds the error's headers)."""
+        """An error as a page, for a browser (the handler adds the error's headers). A
+        read that needs a log-in gets the log-in page, returning to where it was."""
         try:
             prefix = self.web_prefix(req)
         except Exception:
             prefix = ""
+        if isinstance(prefix, PagePrefix):
+            # a refusal names nothing below the index (one answer for every path there,
+            # whatever exists): a log-in from it returns to the index
+            prefix = PagePrefix(prefix, prefix.account, prefix + _quote_path(
+                "/" + "/".join([s for s in req.path.split("/") if s][:2])))
+            if e.status == 401:
+                return self.web_login_page(req, prefix.here, 401, e.message)
         return Response(e.status, render_web_error(prefix, e.status, e.message),
-                        [("Content-Type", HTML_TYPE)] + list(WEB_HEADERS))
+                        [("Content-Type", HTML_TYPE), ("Vary", "Cookie")] + list(WEB_HEADERS))
+
+    # -- logging in and out (a browser's session) --------------------------------------
+    #
+    # The log-in form posts user name and password to /+login; a right password (never a
+    # token: a session is a full login of the user) sets the session cookie
+    # (Accounts.make_session): HttpOnly, SameSite=Strict, Path=/, and over https Secure
+    # with the __Host- prefix. It authenticates only the reads of SESSION_READS; every
+    # write still needs a password or token in a header, so cross-site requests have
+    # nothing to forge. The two forms, log in and log out, still carry a CSRF token (log
+    # in: bound to a nonce cookie of the browser; log out: to the session) and are refused
+    # when the browser says they came from elsewhere (Origin, Sec-Fetch-Site).
+
+    def web_cookie(self, req, base, value, max_age):
+        secure = req.is_https()
+        return "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+            self.session_cookie_name(req, base), value, max_age, "; Secure" if secure else "")
+
+    def web_next(self, req, value):
+        """Where a log-in returns to: ``value`` if it is a local path, else the root."""
+        return local_path(value) or (self.web_prefix(req) + "/")
+
+    def web_login_page(self, req, next_path, status=200, message="", user="",
+                       headers=()):
+        nonce = next((n for n in req.cookie_values(self.session_cookie_name(
+            req, LOGIN_COOKIE)) if re.match(r"^[0-9a-f]{32}$", n)), None) or \
+            secrets.token_hex(16)
+        notice = ""
+        if req.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site" \
+                and status == 401:
+            # SameSite=Strict: a link from another site arrives without the session
+            notice = ('Logged in already? A link from another site comes without your '
+                      'log-in: <a href="%s">open the page from here</a>.'
+                      % _e(self.web_next(req, next_path)))
+        body = render_web_login(self.web_prefix(req), self.web_next(req, next_path),
+                                self.model.accounts.login_form_token(nonce), message, user,
+                                notice)
+        return Response(status, body, [
+            ("Content-Type", HTML_TYPE), ("Cache-Control", "no-store"), ("Vary", "Cookie"),
+            ("Set-Cookie", self.web_cookie(req, LOGIN_COOKIE, nonce, LOGIN_FORM_LIFETIME))]
+            + list(headers) + list(WEB_HEADERS))
+
+    def route_login_page(self, req):
+        return self.web_login_page(req, (req.query.get("next") or [""])[0])
+
+    def check_same_origin(self, req):
+        """Refuse a form that the browser says another site sent."""
+        site = req.headers.get("Sec-Fetch-Site")
+        if site is not None and site.strip().lower() != "same-origin":
+            raise forbidden("This form came from another site (Sec-Fetch-Site: %s)."
+                            % site.strip()[:40])
+        origin = req.headers.get("Origin")
+        if origin is None:
+            return
+        host = (req.headers.get("Host") or "").strip()
+        own = {_origin(req.outside_url())}
+        if host:
+            own.update((_origin("http://" + host), _origin("https://" + host)))
+        if origin.strip() in ("", "null") or _origin(origin.strip()) not in own:
+            raise forbidden("This form came from another site (Origin: %s)."
+                            % origin.strip()[:100])
+
+    @staticmethod
+    def web_form(req):
+        """The fields of a url-encoded form (the first value of each)."""
+        if req.headers.get("Content-Type", "").split(";")[0].strip().lower() != FORM_TYPE:
+            raise bad_request("expected a form (%s)" % FORM_TYPE)
+        data = req.body.read(WEB_FORM_MAX_BODY)
+        try:
+            fields = urllib.parse.parse_qs(data.decode("ascii"), keep_blank_values=True,
+                                           errors="strict", max_num_fields=20)
+        except (UnicodeDecodeError, ValueError):
+            raise bad_request("the form is not valid")
+        return {k: v[0] for k, v in fields.items()}
+
+    def web_form_refusal(self, req, e):
+        resp = self.error_page(req, e)
+        resp.headers.extend(e.headers.items())
+        resp.headers.append(("Cache-Control", "no-store"))
+        return resp
+
+    def web_login(self, req):
+        accounts = self.model.accounts
+        try:
+            self.check_same_origin(req)
+            form = self.web_form(req)
+            token = form.get("csrf", "")
+            if not any(hmac.compare_digest(token, accounts.login_form_token(n)) for n in
+                       req.cookie_values(self.session_cookie_name(req, LOGIN_COOKIE))[:4]):
+                raise forbidden("This log-in form has expired or is not this server's: "
+                                "load the log-in page again.")
+        except HTTPError as e:
+            return self.web_form_refusal(req, e)
+        next_path = self.web_next(req, form.get("next", ""))
+        user, password = form.get("username", ""), form.get("password", "")
+        name = None
+        if user and password and len(user) <= 100 and len(password) <= 4096:
+            try:  # the API's throttle: a guess here counts as one there
+                name = accounts.authenticate(user, password, req.handler.client_address[0],
+                                             tokens=False)
+            except HTTPError as e:
+                if e.status != 429:
+                    raise
+                return self.web_login_page(req, next_path, 429, e.message, user,
+                                           [("Retry-After", str(e.retry_after or 1))])
+        if name is None:
+            return self.web_login_page(req, next_path, 401, "Wrong user name or password.",
+                                       user)
+        return Response(303, b"", [
+            ("Location", next_path), ("Cache-Control", "no-store"),
+            ("Set-Cookie", self.web_cookie(req, SESSION_COOKIE, accounts.make_session(name),
+                                           SESSION_LIFETIME)),
+            ("Set-Cookie", self.web_cookie(req, LOGIN_COOKIE, "", 0))])
+
+    def route_logout(self, req):
+        """End the browser's session: every session of its user (a new generation), and
+        the cookie. Without a valid session only the cookie is cleared."""
+        try:
+            self.check_same_origin(req)
+            form = self.web_form(req)
+            session = self.request_session(req)
+            if session is not None:
+                if not hmac.compare_digest(form.get("csrf", ""), session[1]):
+                    raise forbidden("This log-out form is not this server's page: log out "
+                                    "from a page of this server.")
+                self.model.accounts.end_sessions(session[0])
+        except HTTPError as e:
+            return self.web_form_refusal(req, e)
+        return Response(303, b"", [
+            ("Location", self.web_prefix(req) + "/"), ("Cache-Control", "no-store"),
+            ("Set-Cookie", self.web_cookie(req, SESSION_COOKIE, "", 0))])
+
+    def session_headers(self, resp):
+        """What a session cookie authenticated is for that browser alone: never kept by a
+        shared cache, nor by the browser's (a logout or another user must not see it)."""
+        names = [n.strip() for k, v in resp.headers if k.lower() == "vary"
+                 for n in v.split(",") if n.strip()] + ["Cookie"]
+        resp.headers = [(k, v) for k, v in resp.headers
+                        if k.lower() not in ("cache-control", "vary")]
+        resp.headers += [("Cache-Control", "private, no-store"),
+                         ("Vary", ", ".join(sorted(set(names), key=names.index)))]
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -9084,7 +9398,9 @@ ROUTE_SPECS = [
     ("GET",    "/+status",                                         "status"),
     ("GET",    "/+search",                                         "search"),
     ("GET",    "/+static/{name}",                                  "static"),
+    ("GET",    "/+login",                                          "login_page"),
     ("POST",   "/+login",                                          "login"),
+    ("POST",   "/+logout",                                         "logout"),
     ("GET",    "/",                                                "list_users"),
     ("GET",    "/{user}/+api",                                     "api"),
     ("POST",   "/{user}/+token-create",                            "token_create"),
@@ -9209,6 +9525,7 @@ class App(WebPages):
                 allowed.update(handlers)
                 continue
             req.trailing = trailing
+            req.route = name
             args = m.groupdict()
             if "index" in args and name != "route_api":
                 self.check_index_read(req, args["user"], args["index"])
@@ -9253,6 +9570,8 @@ class App(WebPages):
     # on that object (check_scope).
     TOKEN_ACTIONS = {
         "route_api": None, "route_status": None, "route_static": None, "route_login": None,
+        # (a browser's log-in page; logging out changes the user's sessions: no token does)
+        "route_login_page": None, "route_logout": "user_modify",
         "route_search": "pkg_read", "route_list_users": "pkg_read",
         "route_get_user": "pkg_read",
         "route_create_user": "user_create", "route_modify_user": "user_modify",
@@ -9310,11 +9629,48 @@ class App(WebPages):
         headers = [(k, v) for k, v in resp.headers if k.lower() not in ("cache-control", "vary")]
         headers.append(("Cache-Control", "private, max-age=31536000, immutable" if "immutable"
                         in cc else "private, max-age=1" if cc else "private, no-cache"))
-        headers.append(("Vary", ", ".join(vary + ["Authorization, X-Devpi-Auth"])))
+        names = [n.strip() for v in vary + ["Authorization, X-Devpi-Auth, Cookie"]
+                 for n in v.split(",") if n.strip()]
+        headers.append(("Vary", ", ".join(sorted(set(names), key=names.index))))
         resp.headers = headers
+
+    # What a browser's session cookie authenticates (App.web_login): reads, GET and HEAD,
+    # of these routes alone, pages only where the browser asks for HTML; never a write,
+    # the JSON API or a token route, so a forged cross-site request has nothing to use it
+    # for (and SameSite=Strict keeps it from being sent along anyway).
+    SESSION_READS = {
+        "route_list_users": "page", "route_get_user": "page", "route_get_index": "page",
+        "route_get_project": "page", "route_get_version": "page", "route_search": "page",
+        "route_status": "page", "route_login_page": "page", "route_simple_root": "page",
+        "route_simple_project": "page", "route_at_simple_root": "page",
+        "route_at_simple_project": "page",
+        # what the pages link to: files, and documentation with its images and stylesheets
+        "route_get_file": "any", "route_get_ext_file": "any", "route_doc_root": "any",
+        "route_doc": "any",
+    }
+
+    def session_cookie_name(self, req, base=SESSION_COOKIE):
+        # over https the name has the __Host- prefix: the browser then keeps it only if it
+        # is Secure, for Path=/ and this host alone (no other site can set it)
+        return ("__Host-" + base) if req.is_https() else base
+
+    def request_session(self, req):
+        """(user, logout token) of the request's valid session cookie, or None."""
+        for value in req.cookie_values(self.session_cookie_name(req))[:4]:
+            found = self.model.accounts.check_session(value)
+            if found is not None:
+                return found
+        return None
 
     def authenticate_request(self, req):
         h = req.headers
+        if not (h.get("X-Devpi-Auth") or h.get("Authorization")):
+            kind = self.SESSION_READS.get(req.route)
+            if kind is None or req.method not in ("GET", "HEAD") or (
+                    kind == "page" and not wants_html(req)):
+                return None
+            req.session = self.request_session(req)
+            return req.session[0] if req.session else None
         creds = []
         xauth = h.get("X-Devpi-Auth")
         if xauth:
@@ -9397,6 +9753,8 @@ class App(WebPages):
 
     def route_login(self, req):
         # never authenticated first (a stale token would count as a wrong password)
+        if req.headers.get("Content-Type", "").split(";")[0].strip().lower() == FORM_TYPE:
+            return self.web_login(req)  # a browser's log-in form
         body = req.json_body(JSON_MAX_BODY_ANONYMOUS)
         if not isinstance(body, dict) or not isinstance(body.get("user"), str) \
                 or not isinstance(body.get("password"), str):
@@ -10497,13 +10855,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         return path, query
 
     def _error_response(self, e, req):
-        if req is not None and e.status >= 400 and req.method in ("GET", "HEAD") \
-                and wants_html(req):
+        web = req is not None and e.status >= 400 and req.method in ("GET", "HEAD") \
+            and wants_html(req)
+        if web:
             resp = self.server.app.error_page(req, e)  # a browser's: a page
         else:
             resp = message_response(e.message, e.status)
         resp.headers.extend(e.headers.items())
-        if e.challenge:
+        if e.challenge and not (web and e.status == 401):
+            # (a browser gets the log-in page: a challenge would open its own dialog)
             resp.headers.append(("WWW-Authenticate", 'Basic realm="pypi"'))
         if e.retry_after is not None:
             resp.headers.append(("Retry-After", str(e.retry_after)))
@@ -10579,6 +10939,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             head.append("X-Devpi-Serial: %d\r\nX-Devpi-Uuid: %s\r\nX-Devpi-Master-Uuid: %s\r\n"
                         "X-Devpi-Primary-Uuid: %s\r\n" % (store.serial, store.uuid,
                                                           store.uuid, store.uuid))
+        if req is not None and req.session is not None:
+            self.server.app.session_headers(resp)
         for k, v in resp.headers:
             head.append("%s: %s\r\n" % (k, v))
         length = resp.file_size if (resp.file_path or resp.stream) else len(resp.body)
