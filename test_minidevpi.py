@@ -4345,6 +4345,12 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
     up.faults["/files/hello-1.5.tar.gz"] = "truncate"
     up.routes["/simple/pkg/"] = (200, hashless_page([
         ("/files/pkg-1%212017.4%2Bdevpi.zip", "pkg-1!2017.4+devpi.zip")]), html_type)
+    port = urllib.parse.urlsplit(up.url).port
+    # two links whose devpi-style keys are one text (a port, a directory)
+    up.routes["/simple/dup/"] = (200, hashless_page([
+        ("http://127.0.0.1:%d/files/dup-1.0.zip" % port, "dup-1.0.zip"),
+        ("http://127.0.0.1/%d/files/dup-1.0.zip" % port, "dup-1.0.zip")]), html_type)
+    up.routes["/files/dup-1.0.zip"] = (200, b"dup", [])
     sha = {fn: hashlib.sha256(b).hexdigest() for fn, b in data.items()}
 
     def listed(srv, project):
@@ -4362,10 +4368,13 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             files = listed(srv, "hello")
             assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip",
                                      "hello-1.3.tar.gz", "hello-1.4.zip", "hello-1.5.tar.gz"]
-            for f in files.values():  # listed, under a +e URL, no hash claimed
+            # listed, under a +e URL whose key is devpi's text of upstream's URL (a
+            # '#sha256=1234' that is no sha256 too: devpi gives it '+f/123/4/', a hash
+            # nothing can match), no hash claimed
+            for f in files.values():
                 path = urllib.parse.urljoin("/root/pypi/+simple/hello/", f["url"])
-                assert re.match(r"^/root/pypi/\+e/[0-9a-f]{16}/" + re.escape(f["filename"])
-                                + "$", path) and f["hashes"] == {}, f
+                assert path == "/root/pypi/+e/http_127.0.0.1_%d_files/%s" % (
+                    port, f["filename"]) and f["hashes"] == {}, f
             html_page = http(srv.url, path="/root/pypi/+simple/hello/").body.decode()
             assert "hello-1.0.tar.gz" in html_page and "#sha256=" not in html_page
             ext_urls = {fn: f["url"] for fn, f in files.items()}
@@ -4404,10 +4413,19 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             # a quoted name in upstream's link
             url = listed(srv, "pkg")["pkg-1!2017.4+devpi.zip"]["url"]
             assert get(srv, url).body == data["pkg-1!2017.4+devpi.zip"]
-            # a made-up key, a key on a stage index: no such file
-            bad = re.sub(r"/\+e/[0-9a-f]{16}/", "/+e/" + "0" * 16 + "/",
-                         ext_urls["hello-1.3.tar.gz"])
-            assert get(srv, bad).status == 404
+            # the key of +e URLs of before (a hash of upstream's URL) still serves
+            old = "/root/pypi/+e/%s/hello-1.0.tar.gz" % minidevpi.ext_hash_key(
+                up.url + "/files/hello-1.0.tar.gz")
+            assert http(srv.url, path=old).body == data["hello-1.0.tar.gz"]
+            # made-up keys, keys that are no keys, a key of two links: no such file
+            for key in ("0" * 16, "http_127.0.0.1_%d_other" % port, "http_127.0.0.1_%d" % port,
+                        "..", "http_" + "a" * 300, "http_127.0.0.1_%d_files%%2f.." % port,
+                        "ftp_127.0.0.1_%d_files" % port):
+                r = http(srv.url, path="/root/pypi/+e/%s/hello-1.3.tar.gz" % key)
+                assert r.status == (400 if ".." in key else 404), (key, r)  # (400: the path)
+            dup = listed(srv, "dup")["dup-1.0.zip"]["url"]
+            assert dup.endswith("/+e/http_127.0.0.1_%d_files/dup-1.0.zip" % port), dup
+            assert get(srv, dup).status == 404
             srv.create_user("alice", "secret")
             srv.create_index("alice/dev")
             assert http(srv.url, path="/alice/dev/+e/%s/hello-1.0.tar.gz" % ("0" * 16)
