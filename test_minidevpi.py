@@ -3867,6 +3867,7 @@ def mirror_file_path(srv, project, filename):
 
 
 def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path, make_server):
+    """By default (no --mirror-creators) only root makes mirrors and sets mirror_url."""
     with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
@@ -3901,7 +3902,97 @@ def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path, make_server):
         d("use", srv.url)
         d("login", "alice", "--password", "secret")
         out = d.fails("index", "-c", "mir2", "type=mirror", "mirror_url=" + target)
-        assert "403" in out and "only root" in out
+        assert "403" in out and "only root can create mirror indexes" in out
+
+
+def test_mirror_creators_let_users_make_mirrors_held_to_the_mirror_policy(
+        tmp_path, make_server, monkeypatch):
+    """--mirror-creators anyone (or a list of users): a plain user makes a mirror with the
+    real devpi client, with a mirror_url or taking the default (the index pip is
+    configured with, as root/pypi); a mirror not of root's fetches nothing from a host with
+    non-public addresses, not even its own mirror_url's (loopback here), whoever set it,
+    unless --mirror-allow-host names it; root's own mirror of the same URL fetches."""
+    up = RoutedUpstream()
+    up.add(make_wheel(tmp_path, "mirrored-pkg", "1.0"))
+    target = up.url + "/simple/"
+    monkeypatch.setenv("PIP_INDEX_URL", target)  # (the default of a mirror, read per request)
+    try:
+        with make_server(root_password="rootpw", mirror_url=target,
+                         mirror_creators="anyone") as srv:
+            srv.create_user("alice", "secret")
+            d = Devpi(tmp_path / "client")
+            d("use", srv.url)
+            d("login", "alice", "--password", "secret")
+            d("index", "-c", "mir", "type=mirror", "mirror_url=" + target)
+            d("index", "-c", "dflt", "type=mirror")
+            assert api(srv.url, path="/alice/dflt").json()["result"]["mirror_url"] == target
+            d("index", "alice/mir", "mirror_url=" + target + "?x")  # hers to change
+            d("index", "alice/mir", "mirror_url=" + target)
+            api(srv.url, "PUT", "/alice/rootmade", auth=("root", "rootpw"),
+                json_body={"type": "mirror", "mirror_url": target})
+            n = len(up.requests)
+            for index in ("alice/mir", "alice/dflt", "alice/rootmade"):
+                r = http(srv.url, path="/%s/+simple/mirrored-pkg/" % index)
+                assert r.status == 502 and "refused by the mirror policy" in \
+                    r.json()["message"], (index, r)
+            assert len(up.requests) == n  # (refused before any connection)
+            assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+        # a list of users: alice may, bob may not; the allowed host is fetched from
+        with make_server(root_password="rootpw", mirror_url=target, mirror_creators="alice",
+                         mirror_allow_hosts=["127.0.0.1"]) as srv:
+            for name in ("alice", "bob"):
+                srv.create_user(name, "secret")
+            r = api(srv.url, "PUT", "/bob/mir", auth=("bob", "secret"),
+                    json_body={"type": "mirror", "mirror_url": target})
+            assert r.status == 403 and "only root and alice can create mirror indexes" in \
+                r.json()["message"], r
+            r = api(srv.url, "PUT", "/alice/mir", auth=("alice", "secret"),
+                    json_body={"type": "mirror", "mirror_url": target})
+            assert r.status == 200, r
+            r = http(srv.url, path="/alice/mir/+simple/mirrored-pkg/")
+            assert r.status == 200 and b"mirrored_pkg-1.0" in r.body, r
+    finally:
+        up.stop()
+
+
+def test_serve_mirror_creators_on_the_command_line_and_in_the_config_file(tmp_path):
+    """--mirror-creators said on the command line or in the config file; a value that
+    means nothing stops serve before it listens."""
+    srv = str(tmp_path / "srv")
+    p = ServeProcess("--serverdir", srv, "--mirror-creators", "anyone", "--no-access-log",
+                     "--root-passwd", "rootpw")
+    try:
+        assert "anyone may create mirrors" in "".join(p.lines)
+        assert api(p.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+        r = api(p.url, "PUT", "/eve/mir", auth=("eve", "evepw"),
+                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
+        assert r.status == 200, r
+    finally:
+        p.stop()
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n  mirror-creators: alice, bob\n  access-log: false\n")
+    assert minidevpi.read_configfile(str(cfg))["mirror_creators"] == "alice, bob"
+    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
+    try:
+        assert "alice, bob, root may create mirrors" in "".join(p.lines)
+        r = api(p.url, "PUT", "/eve/mir2", auth=("eve", "evepw"),
+                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
+        assert r.status == 403 and "only root and alice, bob" in r.json()["message"], r
+    finally:
+        p.stop()
+    cfg.write_text("devpi-server:\n  mirror-creators: root\n")
+    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
+    try:
+        assert "may create mirrors" not in "".join(p.lines)
+        r = api(p.url, "PUT", "/eve/mir2", auth=("eve", "evepw"),
+                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
+        assert r.status == 403 and "only root can" in r.json()["message"], r
+    finally:
+        p.stop()
+    for bad in ("alice/x", ","):
+        code, out = cli("serve", "--port", "0", "--serverdir", srv, "--mirror-creators", bad,
+                        check=False)
+        assert code != 0 and "mirror-creators must be root, anyone or user names" in out, out
 
 
 def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path, make_server):
