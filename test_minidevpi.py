@@ -315,6 +315,16 @@ class ServeProcess:
         return code
 
 
+def serve_configured(tmp_path, serverdir, settings):
+    """A ServeProcess of ``serverdir`` told only by a config file ``settings`` (its lines
+    under 'devpi-server:', no access log), and what read_configfile makes of them."""
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n" + "".join("  %s\n" % line for line in settings)
+                   + "  access-log: false\n")
+    return ServeProcess("--serverdir", serverdir, "-c", str(cfg)), \
+        minidevpi.read_configfile(str(cfg))
+
+
 @pytest.fixture(autouse=True)
 def cheap_password_hashing(monkeypatch):
     """In-process servers hash passwords with cheap scrypt parameters: the real ones cost
@@ -3959,36 +3969,30 @@ def test_serve_mirror_creators_on_the_command_line_and_in_the_config_file(tmp_pa
     """--mirror-creators said on the command line or in the config file; a value that
     means nothing stops serve before it listens."""
     srv = str(tmp_path / "srv")
+
+    def eves_mirror(p, name):
+        return api(p.url, "PUT", "/eve/" + name, auth=("eve", "evepw"),
+                   json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
     p = ServeProcess("--serverdir", srv, "--mirror-creators", "anyone", "--no-access-log",
                      "--root-passwd", "rootpw")
     try:
         assert "anyone may create mirrors" in "".join(p.lines)
         assert api(p.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
-        r = api(p.url, "PUT", "/eve/mir", auth=("eve", "evepw"),
-                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
-        assert r.status == 200, r
+        assert eves_mirror(p, "mir").status == 200
     finally:
         p.stop()
-    cfg = tmp_path / "devpi.yaml"
-    cfg.write_text("devpi-server:\n  mirror-creators: alice, bob\n  access-log: false\n")
-    assert minidevpi.read_configfile(str(cfg))["mirror_creators"] == "alice, bob"
-    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
-    try:
-        assert "alice, bob, root may create mirrors" in "".join(p.lines)
-        r = api(p.url, "PUT", "/eve/mir2", auth=("eve", "evepw"),
-                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
-        assert r.status == 403 and "only root and alice, bob" in r.json()["message"], r
-    finally:
-        p.stop()
-    cfg.write_text("devpi-server:\n  mirror-creators: root\n")
-    p = ServeProcess("--serverdir", srv, "-c", str(cfg))
-    try:
-        assert "may create mirrors" not in "".join(p.lines)
-        r = api(p.url, "PUT", "/eve/mir2", auth=("eve", "evepw"),
-                json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
-        assert r.status == 403 and "only root can" in r.json()["message"], r
-    finally:
-        p.stop()
+    for setting, said, refusal in (
+            ("alice, bob", "alice, bob, root may create mirrors", "only root and alice, bob"),
+            ("root", None, "only root can")):
+        p, read = serve_configured(tmp_path, srv, ["mirror-creators: " + setting])
+        try:
+            assert read["mirror_creators"] == setting
+            lines = "".join(p.lines)
+            assert (said in lines) if said else ("may create mirrors" not in lines), lines
+            r = eves_mirror(p, "mir2")
+            assert r.status == 403 and refusal in r.json()["message"], r
+        finally:
+            p.stop()
     for bad in ("alice/x", ","):
         code, out = cli("serve", "--port", "0", "--serverdir", srv, "--mirror-creators", bad,
                         check=False)
