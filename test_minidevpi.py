@@ -3947,6 +3947,9 @@ def test_mirror_creators_let_users_make_mirrors_held_to_the_mirror_policy(
                     r.json()["message"], (index, r)
             assert len(up.requests) == n  # (refused before any connection)
             assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+            monkeypatch.setattr(minidevpi, "pip_index_url", lambda: None)  # (no pip index)
+            out = d.fails("index", "-c", "none", "type=mirror")
+            assert "400" in out and "needs a mirror_url (no default" in out, out
         # a list of users: alice may, bob may not; the allowed host is fetched from
         with make_server(root_password="rootpw", mirror_url=target, mirror_creators="alice",
                          mirror_allow_hosts=["127.0.0.1"]) as srv:
