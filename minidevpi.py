@@ -3953,9 +3953,43 @@ def check_user_create_option(value):
             " or ".join(USER_CREATE_CHOICES), value))
     return value
 
-# a mirror fetches from whatever its mirror_url says (devpi lets every user make one)
-ONLY_ROOT_MIRRORS = ("only root can create mirror indexes, make an index a mirror or set "
-                     "a mirror_url")
+# Who may create mirror indexes and set mirror_url (serve --mirror-creators): root alone
+# (the default), anyone with an account on an index of their own (as devpi), or root and
+# the users named. Whoever made it, only a mirror of root's fetches from its mirror_url's
+# host whatever its address (Mirror.origin_of): another user's is held to public hosts
+# and --mirror-allow-host, as every link of every mirror is.
+MIRROR_CREATORS_ROOT = "root"
+MIRROR_CREATORS_ANYONE = "anyone"
+
+
+def check_mirror_creators_option(value):
+    """``value`` (``root``, ``anyone`` or user names, comma-separated; a list of such from
+    repeated options) as a setting of who creates mirrors: MIRROR_CREATORS_ANYONE or a
+    frozenset of names, root always among them (None: root only); else ValueError."""
+    if value is None:
+        return frozenset([MIRROR_CREATORS_ROOT])
+    if value == MIRROR_CREATORS_ANYONE or isinstance(value, frozenset):
+        return value
+    items = [value] if isinstance(value, str) else list(value)
+    names = set()
+    for item in items:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name == MIRROR_CREATORS_ANYONE:
+                return MIRROR_CREATORS_ANYONE
+            if not name or len(name) > 100 or not USER_NAME_RE.fullmatch(name):
+                raise ValueError("mirror-creators must be root, anyone or user names, "
+                                 "not %r" % (item,))
+            names.add(name)
+    return frozenset(names | {MIRROR_CREATORS_ROOT})
+
+
+def only_mirror_creators(creators):
+    """The refusal's text for a user ``creators`` (a setting as above) leaves out."""
+    who = "root" if creators == frozenset([MIRROR_CREATORS_ROOT]) else "root and " + \
+        ", ".join(sorted(creators - {MIRROR_CREATORS_ROOT}))
+    return ("only %s can create mirror indexes, make an index a mirror or set a mirror_url "
+            "on this server" % who)
 
 
 def index_defaults(ixtype, user, restrict_reads=False):
@@ -4415,6 +4449,8 @@ class Model:
 
     restrict_reads = False
     user_create = None  # who creates users (serve --user-create); None: see user_creators
+    # who creates mirrors (serve --mirror-creators; check_mirror_creators_option's value)
+    mirror_creators = frozenset([MIRROR_CREATORS_ROOT])
 
     def __init__(self, store):
         self.store = store
@@ -4736,12 +4772,17 @@ class Model:
         if not isinstance(body, dict):
             raise bad_request("index config must be a JSON object")
         ixtype = body.get("type", "stage")
-        if actor != "root" and (ixtype == "mirror" or "mirror_url" in body):
-            raise forbidden(ONLY_ROOT_MIRRORS)
+        if ixtype == "mirror" or "mirror_url" in body:
+            self.check_mirror_create(actor)
         config = index_defaults(ixtype, user, self.restrict_reads)
         config.update(body)
         if ixtype == "mirror" and "mirror_url" not in config:
-            raise bad_request("a mirror index needs a mirror_url")
+            # devpi's default is the public index: here the one pip is configured with
+            default = pip_index_url()
+            if not default:
+                raise bad_request("a mirror index needs a mirror_url (no default: pip "
+                                  "has no index configured)")
+            config["mirror_url"] = default
         config = self.validate_index_config(path, config)
         self._check_cycle(path, config.get("bases", []))
         self._check_new_bases(actor, "index_create", path, config.get("bases", []))
@@ -4769,9 +4810,8 @@ class Model:
             current = json.loads(row["config"])
             new = apply_index_patch(current, patch)
             to_mirror = new.get("type") == "mirror" and current["type"] != "mirror"
-            if actor != "root" and (to_mirror or
-                                    new.get("mirror_url") != current.get("mirror_url")):
-                raise forbidden(ONLY_ROOT_MIRRORS)
+            if to_mirror or new.get("mirror_url") != current.get("mirror_url"):
+                self.check_mirror_create(actor)
             if new.get("type", current["type"]) != current["type"]:
                 raise bad_request("the 'type' of an index can't be changed")
             new["type"] = current["type"]
@@ -4935,6 +4975,15 @@ class Model:
         if self.user_create is not None:
             return self.user_create
         return USER_CREATE_ROOT if self.restrict_reads else USER_CREATE_ANYONE
+
+    def check_mirror_create(self, actor):
+        """Refuses (403, saying who may) ``actor``'s making a mirror or setting a
+        mirror_url (on an index ``actor`` may modify: that is checked before)."""
+        creators = self.mirror_creators
+        if actor == "root" or (actor is not None and (
+                creators == MIRROR_CREATORS_ANYONE or actor in creators)):
+            return
+        raise forbidden(only_mirror_creators(creators))
 
     def check_user_create(self, actor):
         """Refuses (403, saying who may) a user creation ``actor`` may not make."""
@@ -6641,8 +6690,38 @@ def _join_url(page_url, value):
     return url if url.startswith(("http://", "https://")) else None
 
 
+_EXT_KEY_PART_RE = re.compile(r"^[A-Za-z0-9.-]+$")
+EXT_KEY_MAX = 200
+# what the +e route takes as a key: ext_key's text form or its hash form (16 hex digits)
+EXT_KEY_RE = re.compile(r"^(?:https?_[A-Za-z0-9._-]+|[0-9a-f]{16})$")
+
+
 def ext_key(url):
     """The key of an upstream file that has no sha256 in our URL for it (+e/KEY/name):
+    devpi's text, the scheme, host, port and directories of upstream's URL joined by
+    ``_`` (``http://localhost:8080/pkg/a.zip``: ``http_localhost_8080_pkg``), when each of
+    them is letters, digits, ``.`` and ``-`` only, not dots alone (so the key is one path
+    segment, and no part holds the separator or is ``..``) and the URL has no query or credentials;
+    else (and past EXT_KEY_MAX) ``ext_hash_key``. Two URLs of one page may still give one
+    text (a port or a directory): find_entry answers such a key for neither."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port
+    except ValueError:
+        return ext_hash_key(url)
+    host = u.netloc.rpartition(":")[0] if port is not None else u.netloc
+    parts = [u.scheme, host] + ([str(port)] if port is not None else []) + \
+        u.path.split("/")[1:-1]
+    if (u.scheme not in ("http", "https") or u.query or "@" in u.netloc
+            or not all(_EXT_KEY_PART_RE.match(x) and x.strip(".") for x in parts)):
+        return ext_hash_key(url)
+    key = "_".join(parts)
+    return key if len(key) <= EXT_KEY_MAX else ext_hash_key(url)
+
+
+def ext_hash_key(url):
+    """The +e key of an upstream URL whose text ext_key does not use (and of every URL
+    before keys took devpi's text: the +e URLs a lock file holds from then still work):
     stable for as long as upstream's URL is, and nothing of that URL's text."""
     return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -6817,6 +6896,15 @@ class Mirror:
         self._negative_lock = threading.Lock()
         model.on_upstream_change(self._forget_index)
 
+    @staticmethod
+    def origin_of(ix):
+        """The upstream ``ix`` may fetch from whatever its addresses (Upstream._route): its
+        mirror_url for a mirror of root's, which only root configures; None for another
+        user's (--mirror-creators), held to public hosts and --mirror-allow-host like
+        every other link, whoever set its mirror_url (an import, a later change of the
+        option, root itself: nothing makes a user's mirror_url trusted)."""
+        return ix.config.get("mirror_url") if ix.user == "root" else None
+
     def _forget_index(self, index_id):
         with self._negative_lock:
             for key in [k for k in self._negative if k[0] == index_id]:
@@ -6982,7 +7070,7 @@ class Mirror:
                 headers["If-None-Match"] = row["etag"]
             if row["last_modified"]:
                 headers["If-Modified-Since"] = row["last_modified"]
-        resp, final_url, conn = self.upstream.open(url, ix.config.get("mirror_url"), headers,
+        resp, final_url, conn = self.upstream.open(url, self.origin_of(ix), headers,
                                                    compressed=True)
         try:
             now = time.time()
@@ -7140,13 +7228,19 @@ class Mirror:
         page = self.page(ix, norm)
         if page is None:
             return None
+        display = page[0] if _is_display_of(page[0], norm) else norm
+        found = None
         for e in page[1]:
             if e["filename"] != filename:
                 continue
-            if (e["sha256"].startswith(sha_prefix) if e["sha256"] else
-                    ext is not None and ext_key(e["url"]) == ext):
-                return (page[0] if _is_display_of(page[0], norm) else norm), e
-        return None
+            if e["sha256"]:
+                if e["sha256"].startswith(sha_prefix):
+                    return display, found or e
+            elif ext is not None and ext in (ext_key(e["url"]), ext_hash_key(e["url"])):
+                if found is not None and found["url"] != e["url"]:
+                    return None  # (one key of two links: which is meant can't be told)
+                found = e
+        return (display, found) if found is not None else None
 
     def offered_entry(self, ix, filename, sha_prefix, ext=None):
         """find_entry for a file URL of the mirror: (display name, entry) of a file it
@@ -7189,7 +7283,7 @@ class Mirror:
             flight.__exit__(None, None, None)
             return None
         try:
-            resp, url, conn = self.upstream.open(entry["url"], ix.config.get("mirror_url"),
+            resp, url, conn = self.upstream.open(entry["url"], self.origin_of(ix),
                                                  large=True)
             if resp.status != 200:
                 conn.close()
@@ -7319,7 +7413,7 @@ class Mirror:
         with self.single_flight(("meta", sha)):
             if not os.path.exists(path):  # (kept meanwhile by the one before us?)
                 resp, url, conn = self.upstream.open(entry["url"] + ".metadata",
-                                                ix.config.get("mirror_url"))
+                                                self.origin_of(ix))
                 try:
                     if resp.status != 200:
                         raise UpstreamError(502, "upstream answered %d for %s.metadata"
@@ -7385,7 +7479,7 @@ class Mirror:
             if kept is not None:
                 return kept
             resp, url, conn = self.upstream.open(entry["provenance"],
-                                                 ix.config.get("mirror_url"))
+                                                 self.origin_of(ix))
             try:
                 if resp.status != 200:
                     raise UpstreamError(502, "upstream answered %d for the provenance of %s"
@@ -7445,7 +7539,7 @@ class Mirror:
         in one streaming pass: the list is never held in memory whole (600,000 names)."""
         url = ix.config.get("mirror_url", "").rstrip("/") + "/"
         resp, final_url, conn = self.upstream.open(
-            url, ix.config.get("mirror_url"), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON},
+            url, self.origin_of(ix), {"Accept": "%s, text/html;q=0.1" % SIMPLE_JSON},
             compressed=True, large=True)
         try:
             if resp.status != 200:
@@ -10378,7 +10472,7 @@ class App(WebPages):
         """A mirrored file upstream gave no hash for: served from disk once kept (also
         offline), else fetched, hashed and kept on this first download."""
         ix = self.model.require_index(user + "/" + index)
-        if not ix.is_mirror or len(key) != 16 or not HEX_RE.match(key):
+        if not ix.is_mirror or len(key) > EXT_KEY_MAX or not EXT_KEY_RE.match(key):
             raise not_found("no such file")
         self._token_reads_mirror_file(req, ix, filename)
         try:
@@ -12111,8 +12205,9 @@ class Server:
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
                  mirror_allow_hosts=(), restrict_reads=False, user_create=None,
-                 mirror_min_rate=MIRROR_MIN_RATE):
+                 mirror_min_rate=MIRROR_MIN_RATE, mirror_creators=None):
         self._serverdir_arg = serverdir
+        self.mirror_creators = check_mirror_creators_option(mirror_creators)
         self.mirror_min_rate = mirror_min_rate
         self.restrict_reads = restrict_reads
         self.user_create = check_user_create_option(user_create)
@@ -12161,6 +12256,7 @@ class Server:
                     mirror_url=self.mirror_url, hash_soon=True)
             self.model.restrict_reads = bool(self.restrict_reads)
             self.model.user_create = self.user_create
+            self.model.mirror_creators = self.mirror_creators
             self._httpd.app = App(self.model, outside_url=self.outside_url,
                                   max_body=self.max_request_body_size, offline=self.offline,
                                   mirror_timeouts=self.mirror_timeouts,
@@ -12300,6 +12396,7 @@ CONFIG_OPTIONS = dict({
     "root-passwd-hash": str, "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
     "offline-mode": bool, "storage": str, "hard-links": bool, "include-mirrored-files": bool,
     "no-events": bool, "mirror-allow-host": str, "restrict-reads": bool, "user-create": str,
+    "mirror-creators": str,
 }, **NUMBER_OPTIONS)
 
 
@@ -12462,6 +12559,11 @@ def build_parser():
                    help="who may create users: 'anyone' (as devpi-server without "
                         "--restrict-modify) or 'root' (default: root with --restrict-reads, "
                         "else anyone)")
+    p.add_argument("--mirror-creators", action="append", metavar="root|anyone|USER,...",
+                   help="who may create mirror indexes and set a mirror_url on their own "
+                        "indexes: 'root' (default), 'anyone' (as devpi-server) or these "
+                        "users and root (repeatable, or comma-separated); a mirror not of "
+                        "root's fetches only from public hosts and --mirror-allow-host")
     p.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                    help="(default) one line per request on stderr")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
@@ -12602,6 +12704,7 @@ def cmd_serve(args):
     try:
         parse_allow_hosts(args.mirror_allow_host)
         check_user_create_option(args.user_create)
+        mirror_creators = check_mirror_creators_option(args.mirror_creators)
     except ValueError as e:
         raise SystemExit("error: %s" % e)
     _limit_malloc_arenas()
@@ -12635,6 +12738,7 @@ def cmd_serve(args):
         raise
     model.restrict_reads = bool(args.restrict_reads)
     model.user_create = args.user_create
+    model.mirror_creators = mirror_creators
     httpd.app = App(model, outside_url=args.outside_url, max_body=args.max_request_body_size,
                     offline=args.offline_mode,
                     mirror_timeouts=(args.mirror_connect_timeout, args.mirror_read_timeout),
@@ -12660,7 +12764,7 @@ def cmd_serve(args):
     signal.signal(signal.SIGINT, stop)
     # what clients use: the URL it is reached at through a proxy, where one is given
     public = httpd.app.outside_url + "/" if httpd.app.outside_url else url
-    print("minidevpi %s serving %s at %s%s%s%s%s" % (
+    print("minidevpi %s serving %s at %s%s%s%s%s%s" % (
         __version__, store.serverdir, url,
         " (outside URL: %s)" % public if public != url else "",
         " in offline mode (no upstream traffic: mirrors serve what they kept)"
@@ -12668,7 +12772,10 @@ def cmd_serve(args):
         " with restricted reads (indexes without acl_read: logged-in users only)"
         if args.restrict_reads else "",
         "; only root creates users" if model.user_creators() == USER_CREATE_ROOT
-        else ""), flush=True)
+        else "", "" if mirror_creators == frozenset([MIRROR_CREATORS_ROOT]) else
+        "; %s create mirrors" % ("anyone may" if mirror_creators == MIRROR_CREATORS_ANYONE
+                                 else ", ".join(sorted(mirror_creators)) + " may")),
+        flush=True)
     if fresh:
         print("next: devpi use %s && devpi login root --password=...   "
               "(or pip install --index-url %sroot/pypi/+simple/ ...)" % (public, public),

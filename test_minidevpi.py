@@ -323,6 +323,16 @@ class ServeProcess:
         return code
 
 
+def serve_configured(tmp_path, serverdir, settings):
+    """A ServeProcess of ``serverdir`` told only by a config file ``settings`` (its lines
+    under 'devpi-server:', no access log), and what read_configfile makes of them."""
+    cfg = tmp_path / "devpi.yaml"
+    cfg.write_text("devpi-server:\n" + "".join("  %s\n" % line for line in settings)
+                   + "  access-log: false\n")
+    return ServeProcess("--serverdir", serverdir, "-c", str(cfg)), \
+        minidevpi.read_configfile(str(cfg))
+
+
 @pytest.fixture(autouse=True)
 def cheap_password_hashing(monkeypatch):
     """In-process servers hash passwords with cheap scrypt parameters: the real ones cost
@@ -3882,6 +3892,7 @@ def mirror_file_path(srv, project, filename):
 
 
 def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path, make_server):
+    """By default (no --mirror-creators) only root makes mirrors and sets mirror_url."""
     with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")
         srv.create_index("alice/dev")
@@ -3916,7 +3927,94 @@ def test_only_root_creates_mirrors_or_sets_mirror_url(tmp_path, make_server):
         d("use", srv.url)
         d("login", "alice", "--password", "secret")
         out = d.fails("index", "-c", "mir2", "type=mirror", "mirror_url=" + target)
-        assert "403" in out and "only root" in out
+        assert "403" in out and "only root can create mirror indexes" in out
+
+
+def test_mirror_creators_let_users_make_mirrors_held_to_the_mirror_policy(
+        tmp_path, make_server, monkeypatch):
+    """--mirror-creators anyone (or a list of users): a plain user makes a mirror with the
+    real devpi client, with a mirror_url or taking the default (the index pip is
+    configured with, as root/pypi); a mirror not of root's fetches nothing from a host with
+    non-public addresses, not even its own mirror_url's (loopback here), whoever set it,
+    unless --mirror-allow-host names it; root's own mirror of the same URL fetches."""
+    up = RoutedUpstream()
+    up.add(make_wheel(tmp_path, "mirrored-pkg", "1.0"))
+    target = up.url + "/simple/"
+    monkeypatch.setenv("PIP_INDEX_URL", target)  # (the default of a mirror, read per request)
+    try:
+        with make_server(root_password="rootpw", mirror_url=target,
+                         mirror_creators="anyone") as srv:
+            srv.create_user("alice", "secret")
+            d = Devpi(tmp_path / "client")
+            d("use", srv.url)
+            d("login", "alice", "--password", "secret")
+            d("index", "-c", "mir", "type=mirror", "mirror_url=" + target)
+            d("index", "-c", "dflt", "type=mirror")
+            assert api(srv.url, path="/alice/dflt").json()["result"]["mirror_url"] == target
+            d("index", "alice/mir", "mirror_url=" + target + "?x")  # hers to change
+            d("index", "alice/mir", "mirror_url=" + target)
+            api(srv.url, "PUT", "/alice/rootmade", auth=("root", "rootpw"),
+                json_body={"type": "mirror", "mirror_url": target})
+            n = len(up.requests)
+            for index in ("alice/mir", "alice/dflt", "alice/rootmade"):
+                r = http(srv.url, path="/%s/+simple/mirrored-pkg/" % index)
+                assert r.status == 502 and "refused by the mirror policy" in \
+                    r.json()["message"], (index, r)
+            assert len(up.requests) == n  # (refused before any connection)
+            assert http(srv.url, path="/root/pypi/+simple/mirrored-pkg/").status == 200
+            monkeypatch.setattr(minidevpi, "pip_index_url", lambda: None)  # (no pip index)
+            out = d.fails("index", "-c", "none", "type=mirror")
+            assert "400" in out and "needs a mirror_url (no default" in out, out
+        # a list of users: alice may, bob may not; the allowed host is fetched from
+        with make_server(root_password="rootpw", mirror_url=target, mirror_creators="alice",
+                         mirror_allow_hosts=["127.0.0.1"]) as srv:
+            for name in ("alice", "bob"):
+                srv.create_user(name, "secret")
+            r = api(srv.url, "PUT", "/bob/mir", auth=("bob", "secret"),
+                    json_body={"type": "mirror", "mirror_url": target})
+            assert r.status == 403 and "only root and alice can create mirror indexes" in \
+                r.json()["message"], r
+            r = api(srv.url, "PUT", "/alice/mir", auth=("alice", "secret"),
+                    json_body={"type": "mirror", "mirror_url": target})
+            assert r.status == 200, r
+            r = http(srv.url, path="/alice/mir/+simple/mirrored-pkg/")
+            assert r.status == 200 and b"mirrored_pkg-1.0" in r.body, r
+    finally:
+        up.stop()
+
+
+def test_serve_mirror_creators_on_the_command_line_and_in_the_config_file(tmp_path):
+    """--mirror-creators said on the command line or in the config file; a value that
+    means nothing stops serve before it listens."""
+    srv = str(tmp_path / "srv")
+
+    def eves_mirror(p, name):
+        return api(p.url, "PUT", "/eve/" + name, auth=("eve", "evepw"),
+                   json_body={"type": "mirror", "mirror_url": "http://127.0.0.1:9/simple/"})
+    p = ServeProcess("--serverdir", srv, "--mirror-creators", "anyone", "--no-access-log",
+                     "--root-passwd", "rootpw")
+    try:
+        assert "anyone may create mirrors" in "".join(p.lines)
+        assert api(p.url, "PUT", "/eve", json_body={"password": "evepw"}).status == 201
+        assert eves_mirror(p, "mir").status == 200
+    finally:
+        p.stop()
+    for setting, said, refusal in (
+            ("alice, bob", "alice, bob, root may create mirrors", "only root and alice, bob"),
+            ("root", None, "only root can")):
+        p, read = serve_configured(tmp_path, srv, ["mirror-creators: " + setting])
+        try:
+            assert read["mirror_creators"] == setting
+            lines = "".join(p.lines)
+            assert (said in lines) if said else ("may create mirrors" not in lines), lines
+            r = eves_mirror(p, "mir2")
+            assert r.status == 403 and refusal in r.json()["message"], r
+        finally:
+            p.stop()
+    for bad in ("alice/x", ","):
+        code, out = cli("serve", "--port", "0", "--serverdir", srv, "--mirror-creators", bad,
+                        check=False)
+        assert code != 0 and "mirror-creators must be root, anyone or user names" in out, out
 
 
 def test_mirror_fetches_nothing_from_other_local_hosts(tmp_path, make_server):
@@ -4389,6 +4487,12 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
     up.faults["/files/hello-1.5.tar.gz"] = "truncate"
     up.routes["/simple/pkg/"] = (200, hashless_page([
         ("/files/pkg-1%212017.4%2Bdevpi.zip", "pkg-1!2017.4+devpi.zip")]), html_type)
+    port = urllib.parse.urlsplit(up.url).port
+    # two links whose devpi-style keys are one text (a port, a directory)
+    up.routes["/simple/dup/"] = (200, hashless_page([
+        ("http://127.0.0.1:%d/files/dup-1.0.zip" % port, "dup-1.0.zip"),
+        ("http://127.0.0.1/%d/files/dup-1.0.zip" % port, "dup-1.0.zip")]), html_type)
+    up.routes["/files/dup-1.0.zip"] = (200, b"dup", [])
     sha = {fn: hashlib.sha256(b).hexdigest() for fn, b in data.items()}
 
     def listed(srv, project):
@@ -4406,10 +4510,13 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             files = listed(srv, "hello")
             assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip",
                                      "hello-1.3.tar.gz", "hello-1.4.zip", "hello-1.5.tar.gz"]
-            for f in files.values():  # listed, under a +e URL, no hash claimed
+            # listed, under a +e URL whose key is devpi's text of upstream's URL (a
+            # '#sha256=1234' that is no sha256 too: devpi gives it '+f/123/4/', a hash
+            # nothing can match), no hash claimed
+            for f in files.values():
                 path = urllib.parse.urljoin("/root/pypi/+simple/hello/", f["url"])
-                assert re.match(r"^/root/pypi/\+e/[0-9a-f]{16}/" + re.escape(f["filename"])
-                                + "$", path) and f["hashes"] == {}, f
+                assert path == "/root/pypi/+e/http_127.0.0.1_%d_files/%s" % (
+                    port, f["filename"]) and f["hashes"] == {}, f
             html_page = http(srv.url, path="/root/pypi/+simple/hello/").body.decode()
             assert "hello-1.0.tar.gz" in html_page and "#sha256=" not in html_page
             ext_urls = {fn: f["url"] for fn, f in files.items()}
@@ -4448,10 +4555,19 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             # a quoted name in upstream's link
             url = listed(srv, "pkg")["pkg-1!2017.4+devpi.zip"]["url"]
             assert get(srv, url).body == data["pkg-1!2017.4+devpi.zip"]
-            # a made-up key, a key on a stage index: no such file
-            bad = re.sub(r"/\+e/[0-9a-f]{16}/", "/+e/" + "0" * 16 + "/",
-                         ext_urls["hello-1.3.tar.gz"])
-            assert get(srv, bad).status == 404
+            # the key of +e URLs of before (a hash of upstream's URL) still serves
+            old = "/root/pypi/+e/%s/hello-1.0.tar.gz" % minidevpi.ext_hash_key(
+                up.url + "/files/hello-1.0.tar.gz")
+            assert http(srv.url, path=old).body == data["hello-1.0.tar.gz"]
+            # made-up keys, keys that are no keys, a key of two links: no such file
+            for key in ("0" * 16, "http_127.0.0.1_%d_other" % port, "http_127.0.0.1_%d" % port,
+                        "..", "http_" + "a" * 300, "http_127.0.0.1_%d_files%%2f.." % port,
+                        "ftp_127.0.0.1_%d_files" % port):
+                r = http(srv.url, path="/root/pypi/+e/%s/hello-1.3.tar.gz" % key)
+                assert r.status == (400 if ".." in key else 404), (key, r)  # (400: the path)
+            dup = listed(srv, "dup")["dup-1.0.zip"]["url"]
+            assert dup.endswith("/+e/http_127.0.0.1_%d_files/dup-1.0.zip" % port), dup
+            assert get(srv, dup).status == 404
             srv.create_user("alice", "secret")
             srv.create_index("alice/dev")
             assert http(srv.url, path="/alice/dev/+e/%s/hello-1.0.tar.gz" % ("0" * 16)

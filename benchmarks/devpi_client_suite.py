@@ -24,6 +24,18 @@ What the shims do with the options the conftest passes:
   dropped with their values; ``--version`` prints the devpi-server version whose API
   minidevpi speaks; ``-h`` prints minidevpi's help. Anything else goes through, and
   minidevpi refuses what it doesn't know. The server's output goes to SERVERDIR.log.
+- What devpi-server does without being told, said to minidevpi as a user would configure
+  it (SERVER_DEFAULTS): ``--mirror-creators anyone`` (devpi lets every user make mirror
+  indexes; minidevpi leaves that to root unless told), and ``--mirror-allow-host
+  127.0.0.1``: the tests' own simple index (simpypi) listens there, and a user's mirror
+  fetches from no loopback host unless allowed (devpi-server has no such policy).
+  Mirrors of the public index reach it through pip's configuration (a mirror made without
+  mirror_url takes the index pip is configured with).
+
+The build isolation of ``devpi upload`` gets ``flit_core<4`` (BUILD_CONSTRAINTS, through
+PIP_CONSTRAINT): devpi-client 7.3.0's ``test_wheel_pyproject_toml`` writes a
+``pyproject.toml`` with ``packages = "find:"`` in ``[project]``, which flit_core 4 refuses
+("Unrecognised key(s) in [project] table") before any server is involved.
 """
 
 import argparse
@@ -38,6 +50,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MINIDEVPI = os.path.join(os.path.dirname(HERE), "minidevpi.py")
 TEST_DEPS = ["pytest", "pytest-timeout", "mock", "webtest", "wheel", "sphinx", "tox",
              "setuptools", "build", "pypitoken"]
+# what devpi-server does unasked, as minidevpi options (see the docstring)
+SERVER_DEFAULTS = ["--mirror-creators", "anyone", "--mirror-allow-host", "127.0.0.1"]
+# pins for the isolated builds of the tests' projects (see the docstring)
+BUILD_CONSTRAINTS = ["flit_core<4"]
 
 INIT_SHIM = r'''#!%(python)s
 import os, sys
@@ -82,19 +98,10 @@ if serverdir:
     log = os.open(serverdir.rstrip("/") + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
-if os.environ.get("SUITE_USERS_MAY_MIRROR") == "1":
-    # --users-may-mirror (a diagnosis, not minidevpi): an index's owner may make mirrors,
-    # as in devpi, to see what the mirror tests say of the rest
-    sys.path.insert(0, os.path.dirname(%(minidevpi)r))
-    import minidevpi
-    for method in ("create_index", "modify_index"):
-        def lifted(self, actor, path, body, _orig=getattr(minidevpi.Model, method)):
-            if actor is not None and self.can_modify_index(actor, path.split("/")[0]):
-                actor = "root"
-            return _orig(self, actor, path, body)
-        setattr(minidevpi.Model, method, lifted)
-    sys.argv = [%(minidevpi)r, "serve"] + args
-    sys.exit(minidevpi.main())
+given = set(a.split("=", 1)[0] for a in args)
+for i in range(0, len(%(defaults)r), 2):
+    if %(defaults)r[i] not in given:
+        args += %(defaults)r[i:i + 2]
 os.execv(%(python)r, [%(python)r, %(minidevpi)r, "serve"] + args)
 '''
 
@@ -176,10 +183,13 @@ def prepare(args):
     for name, text in (("devpi-init", INIT_SHIM), ("devpi-server", SERVER_SHIM)):
         path = os.path.join(shims, name)
         with open(path, "w") as f:
-            f.write(text % {"python": sys.executable, "minidevpi": MINIDEVPI})
+            f.write(text % {"python": sys.executable, "minidevpi": MINIDEVPI,
+                            "defaults": SERVER_DEFAULTS})
         os.chmod(path, 0o755)
     with open(os.path.join(work, "suite_plugin.py"), "w") as f:
         f.write(PLUGIN)
+    with open(os.path.join(work, "build-constraints.txt"), "w") as f:
+        f.write("".join(line + "\n" for line in BUILD_CONSTRAINTS))
     return work, src, shims, py
 
 
@@ -190,10 +200,6 @@ def main(argv=None):
     p.add_argument("--venv", default="/tmp/devpi-suite-venv")
     p.add_argument("--all", action="store_true",
                    help="run every test of the suite, not only the live-server ones")
-    p.add_argument("--users-may-mirror", action="store_true",
-                   help="a diagnosis: let index owners make mirror indexes, as devpi does "
-                        "(minidevpi leaves that to root), by patching the server the shim "
-                        "starts")
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = p.parse_args(argv)
     work, src, shims, py = prepare(args)
@@ -206,7 +212,8 @@ def main(argv=None):
     env["VIRTUAL_ENV"] = os.path.abspath(args.venv)  # (as under tox, which the tests expect)
     env["SUITE_RESULTS"] = results
     env["SUITE_ALL"] = "1" if args.all else "0"
-    env["SUITE_USERS_MAY_MIRROR"] = "1" if args.users_may_mirror else "0"
+    env["PIP_CONSTRAINT"] = " ".join(filter(None, [
+        env.get("PIP_CONSTRAINT"), os.path.join(work, "build-constraints.txt")]))
     env.pop("DEVPI_INDEX", None)
     basetemp = os.path.join(work, "tmp")
     shutil.rmtree(basetemp, ignore_errors=True)
