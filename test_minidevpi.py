@@ -9813,8 +9813,9 @@ def test_browser_follows_the_pages_root_index_project_version_docs_and_searches(
         assert len(boxes) == 1, boxes  # one search box, the header's
         box = boxes[0]
         box.send_keys("tiny sample")  # (the summary of 1.1, the latest)
-        box.submit()
-        assert d.current_url.startswith(url + "/+search?q=tiny+sample")
+        box.submit()  # (returns before the next page has loaded: wait for it)
+        WebDriverWait(d, 15).until(
+            lambda _d: d.current_url.startswith(url + "/+search?q=tiny+sample"))
         results = d.find_element(By.TAG_NAME, "main")
         assert "1 result" in results.text and "browse-pkg" in results.text, results.text
         shot("8-search")
