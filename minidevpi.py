@@ -589,6 +589,36 @@ def _zip_member(f, entry, limit):
     return b"".join(zip_member_chunks(f, entry, limit))
 
 
+# PEP 770: the SBOMs of a wheel are the files below its ``.dist-info/sboms/``. At most
+# SBOMS_LISTED of one wheel are listed (names up to SBOM_NAME_MAX characters), each served
+# up to SBOM_MAX_BYTES, inflated as it is sent (as a documentation page is).
+SBOMS_LISTED = 100
+SBOM_NAME_MAX = 200
+SBOM_MAX_BYTES = 64 * 1024 * 1024
+
+
+def wheel_sboms(f):
+    """PEP 770: {name: zip entry} of the SBOM files of the wheel open as ``f`` (binary):
+    the members below a top-level ``*.dist-info/sboms/``, named relative to it
+    (subdirectories kept). Directories, symlinks, names with an empty, ``.`` or ``..``
+    segment or a backslash, and those past SBOM_NAME_MAX are left out; the first
+    SBOMS_LISTED in the zip's order are kept. Raises as zip_entries does."""
+    found = {}
+    for entry in zip_entries(f):
+        top, sep, rest = entry[0].partition("/")
+        if not (sep and top.endswith(".dist-info") and rest.startswith("sboms/")):
+            continue
+        name = rest[len("sboms/"):]
+        if (not name or len(name) > SBOM_NAME_MAX or "\\" in name
+                or any(s in ("", ".", "..") for s in name.split("/"))
+                or (entry[7] >> 16) & 0o170000 == 0o120000):
+            continue
+        found[name] = entry
+        if len(found) >= SBOMS_LISTED:
+            break
+    return found
+
+
 # A documentation zip is an untrusted archive served member by member: it may hold at
 # most this many members and this many bytes unpacked (the sum of the members' stated
 # sizes; a member is never inflated past its stated size), and a member at most
@@ -4208,6 +4238,10 @@ class File:
             return "%s/+e/%s/%s" % (self.index, self.ext, self.filename)
         return file_relpath(self.index, self.sha256, self.filename)
 
+    def sbom_relpath(self, name):
+        """Where the file's SBOM ``name`` (PEP 770, Model.sboms) is served, below the root."""
+        return "%s/+sbom/%s" % (self.relpath, urllib.parse.quote(name, safe="/"))
+
 
 class BaseWalk:
     """One project through an index and its bases, as one reader sees it (Model.walk).
@@ -4460,6 +4494,8 @@ class Model:
         self._upstream_listeners = []
         self._change_listeners = []
         self.search = SearchIndex(store)
+        self._sboms = {}  # sha256 of a wheel: its SBOMs (Model.sboms)
+        self._sboms_lock = threading.Lock()
 
     # -- change notifications ---------------------------------------------------------
 
@@ -5667,6 +5703,31 @@ class Model:
         if row is None or not path_sha.startswith(sha_prefix):
             raise self._missing_file(c, ix, filename, sha_prefix)
         return File.from_row(ix.path, row["name"], row["version"], row)
+
+    SBOM_CACHE_WHEELS = 4096  # wheels whose SBOM lists are kept (by content)
+
+    def sboms(self, f):
+        """PEP 770: {name: zip entry} of the SBOMs in the release file ``f``: those of a
+        wheel whose bytes the server keeps (a mirrored wheel once it was first fetched),
+        else none. Read from the wheel's central directory when first asked, then kept
+        by content (the sha256), for the last SBOM_CACHE_WHEELS wheels."""
+        if not f.filename.endswith(".whl") or not f.sha256 or f.rel != "releasefile":
+            return {}
+        found = self._sboms.get(f.sha256)
+        if found is None:
+            try:
+                with open(self.store.blob_path(f.sha256), "rb") as fh:
+                    found = wheel_sboms(fh)
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError, zipfile.BadZipFile) as e:  # (ArchiveTooLarge too)
+                log("WARNING: the SBOMs of %s can't be read: %s" % (f.filename, e))
+                found = {}
+            with self._sboms_lock:
+                while len(self._sboms) >= self.SBOM_CACHE_WHEELS:
+                    self._sboms.pop(next(iter(self._sboms)), None)
+                self._sboms[f.sha256] = found
+        return found
 
 
 # ===================================================================================
@@ -8850,14 +8911,16 @@ def kept_core_metadata(path):
 
 
 def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
-                       tox, newer, doc, status=None, cooling=None):
+                       tox, newer, doc, status=None, cooling=None, sboms=None):
     """A version page. ``files`` [(File, href)] of the release files offered (a file with
     a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
     filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label,
     version)], ``doc`` the documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
     None, ``cooling`` when the first file of this version still held back by
-    mirror_min_age matures (those are not listed), or None."""
+    mirror_min_age matures (those are not listed), or None, ``sboms`` {release filename:
+    [(name, size, href)]} of the PEP 770 SBOMs a wheel carries."""
     display = meta.get("name") or norm
+    sboms = sboms or {}
     path = ix.path
     body = ['<h1>%s <span class="muted">%s</span></h1>' % (_e(display), _e(version)),
             web_status_note(status)]
@@ -8918,14 +8981,19 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
             for thref, envs, tf in tox.get(f.filename, [])[:TOXRESULTS_KEPT]:
                 tests.extend(_web_tox_tags(thref, envs))
             up = _uploader(f.log)
+            sbom = ('<div class="sbom">SBOM: %s</div>' % ", ".join(
+                '<a href="%s">%s</a> <span class="muted">%s</span>' % (
+                    _e(shref), _e(name), _e(web_size(size)))
+                for name, size, shref in sboms.get(f.filename, ()))
+                if sboms.get(f.filename) else "")
             body.append(
-                '<tr><td><a href="%s">%s</a>%s%s<div class="sha">sha256 %s</div></td>'
+                '<tr><td><a href="%s">%s</a>%s%s<div class="sha">sha256 %s</div>%s</td>'
                 '<td>%s</td><td>%s</td><td class="num">%s</td><td>%s%s</td><td>%s</td></tr>'
                 % (_e(href), _e(f.filename),
                    ' <span class="tag yanked">yanked</span>' if f.yanked is not None else "",
                    (' <a href="%s.provenance" class="tag" title="PEP 740 provenance (not '
                     'verified here)">provenance</a>' % _e(href)) if f.provenance else "",
-                   _e(f.sha256 or "(not known until first download)"), kind, _e(pytag),
+                   _e(f.sha256 or "(not known until first download)"), sbom, kind, _e(pytag),
                    _e(web_size(f.size)), _e(web_time(f.uploaded)),
                    ('<div class="muted">by %s</div>' % _e(up)) if up else "",
                    " ".join(tests)))
@@ -9228,7 +9296,10 @@ class WebPages:
             return render_web_version(prefix, req.outside_url(), ix, norm, ver, meta,
                                       yanked, source,
                                       [(f, prefix + "/" + f.relpath) for f in release], tox,
-                                      newer, doc, status, walk.cooling.get(ver)), \
+                                      newer, doc, status, walk.cooling.get(ver),
+                                      {f.filename: [(n, e[5], prefix + "/" + f.sbom_relpath(n))
+                                                    for n, e in sorted(m.sboms(f).items())]
+                                       for f in release}), \
                 walk.next_change
         return self.web_cached(req, ("version", ix.path, norm, version),
                                self._web_project_validator(req, ix, norm), render)
@@ -9514,6 +9585,7 @@ ROUTE_SPECS = [
     ("HEAD",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "get_file"),
     ("DELETE", "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "delete_file"),
     ("POST",   "/{user}/{index}/+f/{h3}/{h13}/{filename}",         "post_toxresult"),
+    ("GET",    "/{user}/{index}/+f/{h3}/{h13}/{filename}/+sbom/{name:rest}", "get_sbom"),
     ("GET",    "/{user}/{index}/+e/{key}/{filename}",              "get_ext_file"),
     ("GET",    "/{user}/{index}",                                  "get_index"),
     ("PUT",    "/{user}/{index}",                                  "create_index"),
@@ -9678,6 +9750,7 @@ class App(WebPages):
         # (refresh only makes a mirror ask upstream again: a reader's right, as in devpi)
         "route_refresh": "pkg_read",
         "route_get_file": "pkg_read", "route_get_ext_file": "pkg_read",
+        "route_get_sbom": "pkg_read",
         "route_delete_file": "del_entry", "route_post_toxresult": "toxresult_upload",
         "route_upload_or_push": None, "route_push": None,
         "route_get_project": "pkg_read", "route_delete_project": "del_project",
@@ -10076,6 +10149,11 @@ class App(WebPages):
                     "log": json.loads(f.log)}
             if f.for_filename:
                 link["for_href"] = req.absolute(file_relpath(f.index, rsha, f.for_filename))
+            sboms = self.model.sboms(f)
+            if sboms:  # PEP 770
+                link["sboms"] = [{"name": name, "size": entry[5],
+                                  "href": req.absolute(f.sbom_relpath(name))}
+                                 for name, entry in sorted(sboms.items())]
             links.append(link)
         return links
 
@@ -10360,22 +10438,29 @@ class App(WebPages):
                 return self._doc_slash_redirect(req)
             if entry is None:
                 raise not_found("no such page in the documentation: %s" % name[:200])
-            size = entry[5]
-            pieces = self._doc_pieces(blob, entry)
-            first = next(pieces, b"")  # (a busy server's 503, a broken member's 404 here)
-            if len(first) >= size:  # the whole member: checked to its end, sent as bytes
-                if next(pieces, None) is not None:
-                    raise zipfile.BadZipFile("larger than its stated size")
-                pieces = None
+            ctype, encoding = mimetypes.guess_type(name)
+            if encoding or not ctype:
+                ctype = "application/octet-stream"
+            return self._member_response(blob, entry, ctype)
         except HTTPError as e:
             if e.status != 404:
                 raise
             raise not_found("the documentation of %s %s can't be read" % (f.project, f.version))
         except (OSError, ValueError, zipfile.BadZipFile):
             raise not_found("the documentation of %s %s can't be read" % (f.project, f.version))
-        ctype, encoding = mimetypes.guess_type(name)
-        if encoding or not ctype:
-            ctype = "application/octet-stream"
+
+    def _member_response(self, blob, entry, ctype):
+        """A member of the stored zip ``blob`` (an entry of zip_entries) as an answer with
+        DOC_HEADERS (sandboxed, never sniffed): a small one checked to its end and sent as
+        bytes, a large one sent as it is inflated (_doc_pieces). A broken member raises
+        OSError, ValueError or zipfile.BadZipFile here, or cuts the answer short later."""
+        size = entry[5]
+        pieces = self._doc_pieces(blob, entry)
+        first = next(pieces, b"")  # (a busy server's 503, a broken member's error here)
+        if len(first) >= size:  # the whole member: checked to its end, sent as bytes
+            if next(pieces, None) is not None:
+                raise zipfile.BadZipFile("larger than its stated size")
+            pieces = None
         resp = Response(200, first, [("Content-Type", ctype)] + list(self.DOC_HEADERS))
         if pieces is not None:  # a large member: sent as it is inflated
             def stream():
@@ -10387,6 +10472,28 @@ class App(WebPages):
                     pieces.close()
             resp.stream, resp.file_size = stream(), size
         return resp
+
+    def route_get_sbom(self, req, user, index, h3, h13, filename, name):
+        """PEP 770: one SBOM file of a kept wheel (Model.sboms), under the file's URL, with
+        the same guards as the file itself."""
+        ix = self._file_index(user, index, h3, h13)
+        if ix.is_mirror:
+            self._token_reads_mirror_file(req, ix, filename)
+        f = self.model.find_file(ix, filename, h3 + h13)
+        self.token_allows(req, "pkg_read", ix.path, f.project)
+        self._refuse_unoffered(ix, f)
+        entry = self.model.sboms(f).get(name)
+        if entry is None:
+            raise not_found("%s has no SBOM %s" % (filename, name[:SBOM_NAME_MAX]))
+        if entry[5] > SBOM_MAX_BYTES:
+            raise not_found("the SBOM %s of %s is larger than %d bytes: not served"
+                            % (name, filename, SBOM_MAX_BYTES))
+        ctype = {"json": JSON_TYPE, "xml": "application/xml"}.get(
+            name.rpartition(".")[2].lower(), "text/plain; charset=utf-8")
+        try:
+            return self._member_response(self.store.blob_path(f.sha256), entry, ctype)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise not_found("the SBOM %s of %s can't be read: %s" % (name, filename, e))
 
     # -- files --------------------------------------------------------------------------
 

@@ -69,8 +69,10 @@ def make_metadata(name, version, requires_python=None, summary="A tiny sample pa
     return ("\n".join(lines) + "\n\n").encode()
 
 
-def make_wheel(directory, name, version, requires_python=None, requires_dist=(), extra=b""):
-    """A small but valid wheel; ``extra`` changes its bytes without changing its name."""
+def make_wheel(directory, name, version, requires_python=None, requires_dist=(), extra=b"",
+               members=None):
+    """A small but valid wheel; ``extra`` changes its bytes without changing its name;
+    ``members`` {name: bytes} adds files, ``{distinfo}`` in a name its .dist-info."""
     dist = re.sub(r"[-_.]+", "_", name)
     filename = "%s-%s-py3-none-any.whl" % (dist, version)
     path = os.path.join(str(directory), filename)
@@ -83,6 +85,8 @@ def make_wheel(directory, name, version, requires_python=None, requires_dist=(),
         "%s/WHEEL" % distinfo: b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                b"Tag: py3-none-any\n",
     }
+    for fn, data in (members or {}).items():
+        files[fn.format(distinfo=distinfo)] = data
     record = []
     for fn, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
@@ -9072,6 +9076,83 @@ def test_version_page_links_a_kept_provenance_at_our_own_url(guarded, upstream):
         page = assert_web_page(browse(srv.url, "/%s/mirrored-pkg/2.0" % ix))
         assert not any(h.endswith(".provenance") for h in page.links())
     assert not any(upstream.url in (h or "") for h in page.links())
+
+
+SBOM_CYCLONEDX = json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.6",
+                             "components": [{"name": "zlib", "version": "1.3.1"}]}).encode()
+
+
+def test_wheel_sboms_are_listed_on_the_version_page_served_and_named_in_the_json_api(
+        alice, tmp_path):
+    """PEP 770: a wheel's .dist-info/sboms/* uploaded with twine are listed on its version
+    page and in the JSON API, each served at its own URL below the file's (sandboxed, as
+    uploaded); hostile member names are escaped or left out."""
+    twine = need("twine")
+    hostile = '<img src=x onerror=alert(1)>.json'
+    spdx = b"SPDXVersion: SPDX-2.3\nDataLicense: CC0-1.0\n"
+    wheel = make_wheel(tmp_path, "sbom-pkg", "1.0", members={
+        "{distinfo}/sboms/bom.cdx.json": SBOM_CYCLONEDX,
+        "{distinfo}/sboms/vendored/openssl.spdx": spdx,
+        "{distinfo}/sboms/" + hostile: b"{}",
+        "{distinfo}/sboms/../escape.json": b"{}",
+        "sbom_pkg/sboms/not-one.json": b"{}"})
+    plain = make_wheel(tmp_path / "p", "sbom-pkg", "1.1") if (tmp_path / "p").mkdir() is None \
+        else None
+    env = {"TWINE_NON_INTERACTIVE": "1",
+           "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}
+    for dist in (wheel, plain):
+        run([twine, "upload", "--disable-progress-bar", "--non-interactive", "--repository-url",
+             alice.url + "/alice/dev/", "-u", "alice", "-p", "secret", dist], env=env)
+    data = api(alice.url, path="/alice/dev/sbom-pkg/1.0").json()["result"]
+    link = [x for x in data["+links"] if x["rel"] == "releasefile"][0]
+    names = [s["name"] for s in link["sboms"]]
+    assert names == sorted(["bom.cdx.json", "vendored/openssl.spdx", hostile]), names
+    assert "sboms" not in [x for x in api(alice.url, path="/alice/dev/sbom-pkg/1.1").json()[
+        "result"]["+links"] if x["rel"] == "releasefile"][0]
+    by_name = {s["name"]: s for s in link["sboms"]}
+    r = http(alice.url, path=urllib.parse.urlsplit(by_name["bom.cdx.json"]["href"]).path)
+    assert r.status == 200 and r.body == SBOM_CYCLONEDX, r
+    assert r.header("Content-Type") == "application/json"
+    assert "sandbox" in r.header("Content-Security-Policy")
+    assert by_name["bom.cdx.json"]["size"] == len(SBOM_CYCLONEDX)
+    r = http(alice.url, path=urllib.parse.urlsplit(by_name["vendored/openssl.spdx"]["href"]).path)
+    assert r.status == 200 and r.body == spdx and r.header("Content-Type").startswith(
+        "text/plain")
+    r = http(alice.url, path=urllib.parse.urlsplit(by_name[hostile]["href"]).path)
+    assert r.status == 200 and r.body == b"{}"
+    fpath = urllib.parse.urlsplit(link["href"]).path
+    r = http(alice.url, path=fpath + "/+sbom/../escape.json")
+    assert r.status == 400 and ".." in r.json()["message"], r  # (no such path is routed)
+    for name in ("escape.json", "nothing.json", "vendored"):
+        r = http(alice.url, path=fpath + "/+sbom/" + urllib.parse.quote(name))
+        assert r.status == 404 and "has no SBOM" in r.json()["message"], (name, r)
+    r = browse(alice.url, "/alice/dev/sbom-pkg/1.0")
+    hrefs = [h for h in assert_web_page(r).links() if "/+sbom/" in h]
+    assert sorted(urllib.parse.unquote(h.rsplit("/+sbom/", 1)[1]) for h in hrefs) == names
+    assert hostile in page_text(r) and b"<img src=x" not in r.body
+    assert "SBOM" not in page_text(browse(alice.url, "/alice/dev/sbom-pkg/1.1"))
+    # the guards of the file hold at its SBOMs: a quarantined project serves none
+    assert api(alice.url, "PATCH", "/alice/dev/sbom-pkg", auth=("root", "rootpw"), json_body={
+        "status": "quarantined", "reason": "bad"}).status == 200
+    r = http(alice.url, path=urllib.parse.urlsplit(by_name["bom.cdx.json"]["href"]).path)
+    assert r.status == 403 and "quarantined" in r.json()["message"], r
+
+
+def test_mirrored_wheel_sboms_are_listed_once_the_wheel_is_kept(upstream, tmp_path,
+                                                               make_server):
+    wheel = make_wheel(tmp_path, "far-sbom", "2.0", members={
+        "{distinfo}/sboms/bom.cdx.json": SBOM_CYCLONEDX})
+    upstream.add(wheel)
+    with make_server(tmp_path / "srv", root_password="rootpw",
+                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1)) as srv:
+        assert "SBOM" not in page_text(browse(srv.url, "/root/pypi/far-sbom/2.0"))
+        code, out = pip("download", "--no-deps", "-d", str(tmp_path / "dl"), "--index-url",
+                        srv.url + "/root/pypi/+simple/", "far-sbom")
+        assert code == 0, out
+        hrefs = [h for h in assert_web_page(browse(srv.url, "/root/pypi/far-sbom/2.0")).links()
+                 if "/+sbom/" in h]
+        assert len(hrefs) == 1 and hrefs[0].endswith("/+sbom/bom.cdx.json"), hrefs
+        assert http(srv.url, path=hrefs[0]).body == SBOM_CYCLONEDX
 
 
 def test_latest_and_stable_version_pages_and_the_json_api_unchanged(alice, tmp_path):
