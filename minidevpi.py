@@ -4238,6 +4238,7 @@ POLICY_MAX_ENTRIES = 1000  # entries of one list
 POLICY_MAX_ENTRY = 200     # characters of one entry
 _POLICY_OPERATORS = "<>=!~"
 _PATTERN_CHARS = "*?["
+_POLICY_CUT_RE = re.compile("[%s]" % re.escape(_POLICY_OPERATORS))
 
 
 def _policy_pieces(key, value):
@@ -4332,10 +4333,6 @@ class PolicyRule:
             self.specifiers = parse_specifiers(spec)
             self.text += ",".join(op + v for op, v in self.specifiers)
 
-    def concerns(self, norm):
-        """Whether the rule can match a file of the project ``norm``."""
-        return self.name is None or self.name == norm
-
     def matches(self, norm, version, filename):
         """Whether a file ``filename`` (None: the release itself) of ``version`` of the
         project ``norm`` matches."""
@@ -4346,23 +4343,50 @@ class PolicyRule:
 
 
 class Policy:
-    """The compiled block and allow lists of one config (an index's; root's record: the
-    server-wide ones, which also hold the reserved namespaces), compiled once per config:
-    the config caches hold it (Index.policy, Model.server_policy)."""
+    """The block and allow lists of one config (an index's; root's record: the
+    server-wide ones, which also hold the reserved namespaces), held by the config caches
+    (Index.policy, Model.server_policy) until the config changes. Entries are grouped by
+    project name when the config is read and compiled when a walk first asks for the
+    project's (``rules``): a walk pays for the rules of its project, not for the list."""
 
-    __slots__ = ("source", "block", "allow", "reserved")
+    __slots__ = ("source", "_entries", "_patterns", "_compiled", "_lists", "reserved")
 
     def __init__(self, source, config):
         self.source = source
-        self.block = [PolicyRule(e) for e in config.get("block") or ()]
-        self.allow = [PolicyRule(e) for e in config.get("allow") or ()]
+        self._entries = {}   # (key, name) -> [entry]: the stored entries are clean
+        self._patterns = {}  # key -> [PolicyRule] of the file name patterns
+        self._compiled = {}  # (key, name) -> [PolicyRule]
+        self._lists = frozenset(k for k in POLICY_KEYS if config.get(k))
+        for key in POLICY_KEYS:
+            for entry in config.get(key) or ():
+                cut = _POLICY_CUT_RE.search(entry)
+                name = entry[:cut.start()] if cut else entry
+                if cut is None and any(c in entry for c in _PATTERN_CHARS):
+                    self._patterns.setdefault(key, []).append(PolicyRule(entry))
+                else:
+                    self._entries.setdefault((key, name), []).append(entry)
         self.reserved = {}  # prefix -> [index path, ...]
         for entry in config.get("reserved_namespaces") or ():
             prefix, _, path = entry.partition("=")
             self.reserved.setdefault(prefix, []).append(path)
 
     def __bool__(self):
-        return bool(self.block or self.allow)
+        return bool(self._lists)
+
+    def has(self, key):
+        """Whether the list ``key`` (block, allow) has entries."""
+        return key in self._lists
+
+    def rules(self, key, norm):
+        """The rules of the list ``key`` that concern the project ``norm``."""
+        got = self._compiled.get((key, norm))
+        if got is None:
+            got = [PolicyRule(e) for e in self._entries.get((key, norm), ())] + \
+                self._patterns.get(key, [])
+            if len(self._compiled) > 10000:
+                self._compiled = {}
+            self._compiled[(key, norm)] = got
+        return got
 
     def reserved_for(self, norm):
         """(prefix, [index path, ...]) of the reserved namespace ``norm`` is in, or None:
@@ -4610,9 +4634,8 @@ class BaseWalk:
         out = {}
         for b in self.chain:
             sources = [server] + [c.policy for c in ruled if b.id in reach[c.id]]
-            blocks = [(p.source, r) for p in sources for r in p.block if r.concerns(norm)]
-            allows = [(p.source, [r for r in p.allow if r.concerns(norm)])
-                      for p in sources if p.allow]
+            blocks = [(p.source, r) for p in sources for r in p.rules("block", norm)]
+            allows = [(p.source, p.rules("allow", norm)) for p in sources if p.has("allow")]
             res = reserved if b.is_mirror and reserved and b.path not in reserved[1] \
                 else None
             if blocks or allows or res:
