@@ -4582,8 +4582,24 @@ class BaseWalk:
 
     @property
     def visible(self):
-        """The chain without the mirrors the whitelist hides."""
-        return [b for b in self.chain if not (b.is_mirror and self.mirrors_hidden)]
+        """The chain without the mirrors the whitelist hides, and without those that
+        withhold the project (``withholds``)."""
+        return [b for b in self.chain if not (b.is_mirror and (self.mirrors_hidden
+                                                               or self.withholds(b)))]
+
+    def withholds(self, b):
+        """Whether the mirror ``b`` serves nothing of the project, whatever a whitelist
+        says: its name is in a namespace reserved for other indexes. Such a mirror is not
+        asked (so neither is its upstream: the name does not leak there)."""
+        rules = self.rules_at(b)
+        return rules is not None and rules[2] is not None
+
+    def withheld_message(self):
+        """Why a mirror of the chain withholds the project, or None."""
+        for b in self.chain:
+            if b.is_mirror and self.withholds(b):
+                return self.policy_refusal(b, None)
+        return None
 
     @property
     def mirrors(self):
@@ -4650,7 +4666,8 @@ class BaseWalk:
             return None
         blocks, allows, reserved = rules
         norm = self.project
-        what = filename or "version %s of %s" % (version, norm)
+        what = filename or ("version %s of %s" % (version, norm) if version is not None
+                            else "the project %s" % norm)
         if reserved is not None:
             return reserved_message(what, norm, reserved[0], reserved[1],
                                     "the mirror %s does not serve it from upstream" % b.path)
@@ -11119,6 +11136,8 @@ class App(WebPages):
                     raise errors[0]
                 log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
+                if walk.withheld_message():
+                    raise not_found(walk.withheld_message())
                 if self.mirror.offline and any(b.is_mirror for b in walk.chain):
                     raise not_found("The project %s is not kept locally (offline mode: no "
                                     "upstream traffic)" % norm)

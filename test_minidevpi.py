@@ -5342,16 +5342,23 @@ def test_a_reserved_namespace_stops_dependency_confusion(confusion, upstream, tm
     # without the reservation the attack works: the whitelist lets upstream's 99.0 in
     assert installed(srv, "alice/app", "acme-secret", tmp_path / "attacked") == "99.0"
     fetched = upstream.count("/files/acme_secret-99.0-py3-none-any.whl")
-    r = api(srv.url, "PATCH", "/root", auth=root,
-            json_body={"reserved_namespaces": "acme=alice/dev"})
-    assert r.status == 200, r
+    d = Devpi(tmp_path / "client")  # as the README says it
+    d("use", srv.url)
+    d("login", "root", "--password", "rootpw")
+    d("user", "-m", "root", "reserved_namespaces=acme=alice/dev")
+    assert api(srv.url, path="/root").json()["result"]["reserved_namespaces"] == [
+        "acme=alice/dev"]
+    pages = upstream.count("/simple/acme-secret/")
+    assert pages > 0
     for tool in ("pip", "uv"):
         assert installed(srv, "alice/app", "acme-secret", tmp_path / tool, tool) == "1.0"
-    # the mirror lists none of it, whatever a whitelist says, and its file URLs refuse
-    assert page_files(srv.url, "/root/pypi/+simple/acme-secret/") == []
+    # the mirror offers none of it, whatever a whitelist says, and its file URLs refuse
+    r = http(srv.url, path="/root/pypi/+simple/acme-secret/")
+    assert r.status == 404 and "reserved for alice/dev" in r.body.decode(), r
     code, out = pip("install", "--target", str(tmp_path / "no"), "--index-url",
                     srv.index_url("root/pypi"), "acme-secret", check=False)
     assert code != 0, out
+    assert upstream.count("/simple/acme-secret/") == pages  # (the name stays here)
     wheel = sha256_file(str(tmp_path / "up" / "acme_secret-99.0-py3-none-any.whl"))
     r = http(srv.url, path="/root/pypi/+f/%s/%s/acme_secret-99.0-py3-none-any.whl"
              % (wheel[:3], wheel[3:16]))
@@ -5396,7 +5403,7 @@ def test_export_and_import_keep_the_policies(confusion, tmp_path, make_server):
         info = api(back.url, path="/root").json()["result"]
         assert info["reserved_namespaces"] == ["acme=alice/dev"]
         assert info["block"] == ["urllib3==2.2.0"]
-        assert page_files(back.url, "/root/pypi/+simple/acme-secret/") == []
+        assert http(back.url, path="/root/pypi/+simple/acme-secret/").status == 404
     # a dump is untrusted: a bad rule is refused, and another user's are not taken
     dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
     dump["users"]["root"]["block"] = ["bad name"]
