@@ -5312,6 +5312,11 @@ class Model:
         return BaseWalk(self, ix, norm, None, [ix]).file_refusal(ix, filename, version,
                                                                  uploaded)
 
+    def withholds(self, ix, norm):
+        """Whether the mirror ``ix`` serves nothing of the project ``norm`` and asks its
+        upstream nothing about it (BaseWalk.withholds: a reserved namespace)."""
+        return BaseWalk(self, ix, norm, None, [ix]).withholds(ix)
+
     # -- permissions -----------------------------------------------------------------------
 
     def read_acl(self, ix):
@@ -7662,8 +7667,11 @@ class Mirror:
         offers; raises the refusal of a file it does not offer (Model.file_refusal: a
         quarantined project, mirror_min_age), 404 for one upstream does not list. Its
         page is fetched first: the status read is the one upstream gives now."""
-        found = self.find_entry(ix, filename, sha_prefix, ext)
         split = split_filename(filename)
+        if split is not None and self.model.withholds(ix, normalize_name(split[0])):
+            raise self.model.file_refusal(ix, normalize_name(split[0]), filename, split[1],
+                                          None)  # (upstream is not asked)
+        found = self.find_entry(ix, filename, sha_prefix, ext)
         if split is not None:
             uploaded = None
             if found is not None:
@@ -7849,8 +7857,9 @@ class Mirror:
     def kept_refusal(self, ix, f):
         """Model.file_refusal of the kept file ``f``, as of upstream's status today: its
         page is revalidated first if it expired (a URL from a lock file reaches the file
-        without its page), not in offline mode."""
-        self.ensure_fresh(ix, f.project)
+        without its page), not in offline mode; nor for a project the mirror withholds."""
+        if not self.model.withholds(ix, f.project):
+            self.ensure_fresh(ix, f.project)
         return self.model.file_refusal(ix, f.project, f.filename, f.version, f.uploaded)
 
     # -- PEP 740 provenance ---------------------------------------------------------------

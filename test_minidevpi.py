@@ -5325,6 +5325,7 @@ def confusion(upstream, tmp_path, make_server):
     the real acme-secret 1.0; alice/app reads alice/dev and root/pypi (which mirrors the
     fake upstream) and whitelists every project of the mirror."""
     (tmp_path / "up").mkdir()
+    upstream.add(make_wheel(tmp_path / "up", "acme-secret", "98.0"))
     upstream.add(make_wheel(tmp_path / "up", "acme-secret", "99.0"))
     srv = make_server(tmp_path / "srv", root_password="rootpw",
                       mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1))
@@ -5364,6 +5365,12 @@ def test_a_reserved_namespace_stops_dependency_confusion(confusion, upstream, tm
              % (wheel[:3], wheel[3:16]))
     assert r.status == 403 and "alice/dev" in r.json()["message"], r  # (kept: refused)
     assert upstream.count("/files/acme_secret-99.0-py3-none-any.whl") == fetched
+    wheel = sha256_file(str(tmp_path / "up" / "acme_secret-98.0-py3-none-any.whl"))
+    r = http(srv.url, path="/root/pypi/+f/%s/%s/acme_secret-98.0-py3-none-any.whl"
+             % (wheel[:3], wheel[3:16]))
+    assert r.status == 403 and "alice/dev" in r.json()["message"], r  # (not kept)
+    assert upstream.count("/files/acme_secret-98.0-py3-none-any.whl") == 0
+    assert upstream.count("/simple/acme-secret/") == pages
     # only the named index takes uploads of the namespace (the prefix itself, acme-*)
     for name in ("acme-x", "acme", "Acme_Tools"):
         r = upload_form(srv.url, "bob/dev", str(make_wheel(tmp_path, name, "1.0")),
