@@ -5249,6 +5249,15 @@ def test_pip_and_uv_fall_back_to_the_version_a_block_rule_allows(pkg_two, tmp_pa
     code, out = pip("download", "--no-deps", "-d", str(tmp_path / "d"), "--index-url",
                     srv.index_url("alice/prod"), "pkg==2.0", check=False)
     assert code != 0 and "2.0" not in out.split("versions:")[-1].split(")")[0], out
+    # an index beside the base in the bases of the one read blocks only its own files
+    api(srv.url, "PATCH", "/alice/dev", auth=alice, json_body=["block="])
+    srv.create_index("alice/side")
+    (tmp_path / "side").mkdir()
+    srv.upload("alice/side", make_wheel(tmp_path / "side", "pkg", "3.0"))
+    api(srv.url, "PATCH", "/alice/side", auth=alice, json_body=["block=pkg>=2"])
+    srv.create_index("alice/all", bases=["alice/side", "alice/dev"])
+    assert page_files(srv.url, "/alice/all/+simple/pkg/") == [
+        "pkg-1.0-py3-none-any.whl", "pkg-2.0-py3-none-any.whl", "pkg-2.0.tar.gz"]
 
 
 def test_a_file_name_pattern_blocks_only_the_files_it_matches(pkg_two, tmp_path):
