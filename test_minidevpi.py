@@ -5420,6 +5420,14 @@ def test_export_and_import_keep_the_policies(confusion, tmp_path, make_server):
         assert info["reserved_namespaces"] == ["acme=alice/dev"]
         assert info["block"] == ["urllib3==2.2.0"]
         assert http(back.url, path="/root/pypi/+simple/acme-secret/").status == 404
+    # the real devpi-server takes them and keeps them (it does not apply them)
+    run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "dump")])
+    run([need("devpi-export"), "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
+    config = theirs["indexes"]["alice/dev"]["indexconfig"]
+    assert (config["block"], config["allow"]) == (["pkg>=2,<3", "*.exe"], ["acme-secret"])
+    assert theirs["users"]["root"]["reserved_namespaces"] == ["acme=alice/dev"]
     # a dump is untrusted: a bad rule is refused, and another user's are not taken
     dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
     dump["users"]["root"]["block"] = ["bad name"]
