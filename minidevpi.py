@@ -4227,10 +4227,10 @@ def apply_index_patch(config, patch):
 # server-wide rules every index inherits) hold entries of three kinds: a project name
 # (every release), a name with a PEP 440 specifier set (``requests<2.32``, ``foo==1.*``),
 # or a file name pattern (an entry with * ? or [ and no operator: fnmatch on the file
-# name, any case). Root's
-# ``reserved_namespaces`` holds ``prefix=user/index`` entries (PEP 752): only the indexes
-# named take uploads of the prefix and of names starting ``prefix-``, and no mirror serves
-# them from upstream. Where they act is BaseWalk.offers and BaseWalk.file_refusal.
+# name, any case). Root's ``reserved_namespaces`` holds ``prefix=user/index`` entries
+# (PEP 752): only the indexes named take uploads of the prefix and of names starting
+# ``prefix-`` (Model.check_namespace), and no mirror serves them from upstream. Where the
+# rules act on what is offered is BaseWalk.offers and BaseWalk.file_refusal.
 
 POLICY_KEYS = ("block", "allow")
 SERVER_POLICY_KEYS = POLICY_KEYS + ("reserved_namespaces",)
@@ -4533,7 +4533,7 @@ class BaseWalk:
         self._status = {}
         self._yank_logs = {}
         self._rules = None
-        self.refused = {}  # version -> why the policies refused its first file refused
+        self.refused = {}  # version -> why the policies refused the first file they refused
 
     def _holders(self):
         """{index id: display name} of the chain's indexes that hold the project."""
