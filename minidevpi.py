@@ -28,7 +28,8 @@ The file reads top to bottom in sections; each builds only on those above it:
     4  storage       SQLite schema, connections, transactions, content-addressed blobs,
                      the lock that makes one process the server of a directory
     5  model         accounts (passwords, tokens, login throttling), index configuration,
-                     the one walk through bases, releases, files, push, change listeners
+                     policies (block and allow lists, reserved namespaces), the one walk
+                     through bases, releases, files, push, change listeners
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache, request
