@@ -4681,6 +4681,17 @@ class BaseWalk:
                         "(allow)" % (what, source))
         return None
 
+    def policy_allows(self, b, version, filename=None):
+        """Whether the policies let the file ``filename`` (None: the release, also one
+        without files) of ``version`` on ``b`` be offered; why not is noted in
+        ``refused``."""
+        if self.rules_at(b) is None:
+            return True
+        why = self.policy_refusal(b, version, filename)
+        if why is not None:
+            self.refused.setdefault(version, why)
+        return why is None
+
     def offers(self, b, version, uploaded, filename=None):
         """Whether the reader is offered a release file ``filename`` (None: a release
         without files) of ``version`` uploaded at ``uploaded`` (for a mirror: upstream's
@@ -4695,11 +4706,8 @@ class BaseWalk:
             return False
         if self.at is not None and uploaded > self.at:
             return False
-        if self.rules_at(b) is not None:
-            why = self.policy_refusal(b, version, filename)
-            if why is not None:
-                self.refused.setdefault(version, why)
-                return False
+        if not self.policy_allows(b, version, filename):
+            return False
         until = cooling_until(b, self.project, uploaded, self.now)
         if until is not None:
             if until < self.cooling.get(version, until + 1):
@@ -6042,6 +6050,8 @@ class Model:
                         if not any(f.rel == "releasefile" for f in offered):
                             continue  # every release file held back: no such release
                         release = (release[0], release[1], offered)
+                    elif check and not walk.policy_allows(b, ver):
+                        continue  # (a release without files, blocked)
                     out.setdefault(ver, []).append(release + (b.path,) if sources
                                                    else release)
         return out if found else None

@@ -5222,6 +5222,11 @@ def test_pip_and_uv_fall_back_to_the_version_a_block_rule_allows(pkg_two, tmp_pa
     for tool in ("pip", "uv"):
         assert installed(srv, "alice/prod", "pkg", tmp_path / tool / "prod", tool) == "1.0"
     assert installed(srv, "alice/dev", "pkg", tmp_path / "dev") == "2.0"
+    body, ctype = multipart([(":action", "submit"), ("name", "pkg"), ("version", "4.0")], [])
+    assert http(srv.url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+                auth=alice).status == 200  # (a release without files is blocked too)
+    assert "4.0" in api(srv.url, path="/alice/dev/pkg").json()["result"]
+    assert "4.0" not in api(srv.url, path="/alice/prod/pkg").json()["result"]
     for fmt in ("json", "html"):
         body = http(srv.url, path="/alice/prod/+simple/pkg/",
                     headers={"Accept": simple_accept(fmt)}).body.decode()
