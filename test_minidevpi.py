@@ -5209,6 +5209,12 @@ def test_block_and_allow_entries_are_checked_and_normalised(pkg_two):
     r = api(url, "PATCH", "/alice/dev", auth=alice,
             json_body={"block": ["p%d" % i for i in range(minidevpi.POLICY_MAX_ENTRIES + 1)]})
     assert r.status == 400 and "entries" in r.json()["message"]
+    # the web page of the index shows them, escaped
+    hostile = "*\"&'x*.whl"
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body={"block": [hostile]})
+    assert r.status == 200 and r.json()["result"]["block"] == [hostile], r
+    page = http(url, path="/alice/dev", headers={"Accept": "text/html"}).body.decode()
+    assert hostile not in page and html.escape(hostile) in page
     # a mirror takes them too
     r = api(url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["allow=pkg"])
     assert r.status == 200 and r.json()["result"]["allow"] == ["pkg"]
