@@ -28,7 +28,8 @@ The file reads top to bottom in sections; each builds only on those above it:
     4  storage       SQLite schema, connections, transactions, content-addressed blobs,
                      the lock that makes one process the server of a directory
     5  model         accounts (passwords, tokens, login throttling), index configuration,
-                     the one walk through bases, releases, files, push, change listeners
+                     policies (block and allow lists, reserved namespaces), the one walk
+                     through bases, releases, files, push, change listeners
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache, request
@@ -51,6 +52,7 @@ import bisect
 import contextlib
 import email.parser
 import email.utils
+import fnmatch
 import functools
 import gzip
 import hashlib
@@ -296,6 +298,89 @@ def normalize_version(version):
     if m.group("local"):
         out += "+" + re.sub(r"[-_]", ".", m.group("local").lower())
     return out
+
+
+# PEP 440 version specifiers (``>=1,<2``, ``==2.2.*``, ``~=1.4``), as the block and allow
+# lists of an index take them: matched on version_key, the one ordering of versions.
+_SPECIFIER_RE = re.compile(r"^\s*(===|==|!=|~=|<=|>=|<|>)\s*([A-Za-z0-9][^\s,;]*)\s*$")
+
+
+def parse_specifiers(text):
+    """[(operator, version)] of a PEP 440 specifier set such as ``>=1,<2``; ValueError
+    naming the piece that is not one."""
+    out = []
+    for piece in text.split(","):
+        m = _SPECIFIER_RE.match(piece)
+        if not m:
+            raise ValueError("%r is not a version specifier (==, !=, <, <=, >, >=, ~=, ===)"
+                             % piece.strip())
+        op, v = m.groups()
+        if op != "===":
+            wildcard = v.endswith(".*")
+            base = _VERSION_RE.match(v[:-2] if wildcard else v)
+            if base is None:
+                raise ValueError("%r is not a PEP 440 version" % v)
+            if wildcard and (op not in ("==", "!=") or any(base.group(g) for g in (
+                    "pre_l", "post_l", "post_n1", "dev_l", "local"))):
+                raise ValueError("%s%s: a .* wildcard goes with == or != after release "
+                                 "numbers only" % (op, v))
+            if base.group("local") and op not in ("==", "!="):
+                raise ValueError("%s%s: a local version goes with == or != only" % (op, v))
+            if op == "~=" and "." not in base.group("release"):
+                raise ValueError("~=%s needs at least two release numbers" % v)
+        out.append((op, v))
+    return out
+
+
+def _release_prefix_matches(m, prefix):
+    """Whether the parsed version ``m`` has the epoch and leading release numbers of the
+    version text ``prefix`` (``==1.2.*``; missing numbers count as 0)."""
+    pm = _VERSION_RE.match(prefix)
+    want = [int(x) for x in pm.group("release").split(".")]
+    have = [int(x) for x in m.group("release").split(".")]
+    have += [0] * (len(want) - len(have))
+    return (int(m.group("epoch") or 0) == int(pm.group("epoch") or 0)
+            and have[:len(want)] == want)
+
+
+def version_matches(version, specifiers):
+    """Whether ``version`` is in the specifier set (parse_specifiers' [(op, version)])
+    as PEP 440 says: ``<V`` leaves out V's pre-releases, ``>V`` its post-releases and local
+    versions (unless V is one), ``==V``/``!=V`` without a local label ignore the
+    candidate's. A version that is not PEP 440 matches ``===`` only."""
+    m = _VERSION_RE.match(version)
+    public = version.split("+", 1)[0]
+    for op, spec in specifiers:
+        if op == "===":
+            hit = version.strip().lower() == spec.strip().lower()
+        elif m is None:
+            hit = False
+        elif spec.endswith(".*"):
+            hit = _release_prefix_matches(m, spec[:-2]) == (op == "==")
+        elif op in ("==", "!="):
+            same = version_key(version if "+" in spec else public) == version_key(spec)
+            hit = same == (op == "==")
+        else:
+            key, skey = version_key(public), version_key(spec)
+            same_release = key[:2] == skey[:2]  # (epoch, release numbers)
+            if op == "<=":
+                hit = key <= skey
+            elif op == ">=":
+                hit = key >= skey
+            elif op == "<":
+                hit = key < skey and not (same_release and is_prerelease(version)
+                                          and not is_prerelease(spec))
+            elif op == ">":
+                hit = key > skey and not (same_release and key[3] != (-1,)
+                                          and skey[3] == (-1,))  # (key[3]: the post number)
+            else:  # ~=: >= V and == V without its last release number .*
+                sm = _VERSION_RE.match(spec)
+                prefix = ((sm.group("epoch") + "!") if sm.group("epoch") else "") + \
+                    ".".join(sm.group("release").split(".")[:-1])
+                hit = key >= skey and _release_prefix_matches(m, prefix)
+        if not hit:
+            return False
+    return True
 
 
 SDIST_EXTS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".tar")
@@ -3942,7 +4027,7 @@ def token_restrictions(body, unlimited=False, now=None):
 # -- index configuration -------------------------------------------------------------
 
 LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist",
-             "mirror_min_age_exempt", "acl_read")
+             "mirror_min_age_exempt", "acl_read", "block", "allow")
 ACL_KEYS = ("acl_upload", "acl_toxresult_upload", "acl_read")  # lists of user names
 SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
@@ -3950,12 +4035,12 @@ BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
 STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
               "mirror_whitelist", "mirror_whitelist_inheritance", "title", "description",
-              "custom_data", "acl_read")
+              "custom_data", "acl_read", "block", "allow")
 MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
                "mirror_no_project_list", "mirror_use_external_urls",
                "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
                "description", "custom_data", "mirror_min_age", "mirror_min_age_exempt",
-               "acl_read")
+               "acl_read", "block", "allow")
 OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata",
@@ -4087,6 +4172,8 @@ def coerce_index_value(key, value):
             if normalize_name(name) not in names:
                 names.append(normalize_name(name))
         return names
+    if key in POLICY_KEYS:
+        return check_policy_entries(key, value)
     if key in LIST_KEYS:
         return parse_list(value)
     if key in BOOL_KEYS:
@@ -4165,19 +4252,204 @@ def apply_index_patch(config, patch):
     return new
 
 
+# -- policies: block and allow lists, reserved namespaces ----------------------------
+#
+# An index's ``block`` and ``allow`` (and the same keys on root's own user record: the
+# server-wide rules every index inherits) hold entries of three kinds: a project name
+# (every release), a name with a PEP 440 specifier set (``requests<2.32``, ``foo==1.*``),
+# or a file name pattern (an entry with * ? or [ and no operator: fnmatch on the file
+# name, any case). Root's ``reserved_namespaces`` holds ``prefix=user/index`` entries
+# (PEP 752): only the indexes named take uploads of the prefix and of names starting
+# ``prefix-`` (Model.check_namespace), and no mirror serves them from upstream. Where the
+# rules act on what is offered is BaseWalk.offers and BaseWalk.file_refusal.
+
+POLICY_KEYS = ("block", "allow")
+SERVER_POLICY_KEYS = POLICY_KEYS + ("reserved_namespaces",)
+POLICY_MAX_ENTRIES = 1000  # entries of one list
+POLICY_MAX_ENTRY = 200     # characters of one entry
+_POLICY_OPERATORS = "<>=!~"
+_PATTERN_CHARS = "*?["
+_POLICY_CUT_RE = re.compile("[%s]" % re.escape(_POLICY_OPERATORS))
+
+
+def _policy_pieces(key, value):
+    """The entries of a list option given as a comma-separated string or a JSON list of
+    them: a piece starting with an operator belongs to the entry before it (``foo>=1,<2``
+    is one entry)."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+        texts = value
+    else:
+        raise bad_request("%s must be a list of strings or a comma separated string, got %r"
+                          % (key, value))
+    if len(texts) > POLICY_MAX_ENTRIES or sum(len(t) for t in texts) > \
+            POLICY_MAX_ENTRIES * POLICY_MAX_ENTRY:
+        raise bad_request("%s has more than %d entries" % (key, POLICY_MAX_ENTRIES))
+    entries = []
+    for text in texts:
+        first = len(entries)
+        for piece in text.split(","):
+            piece = piece.strip()
+            if not piece:
+                continue
+            if piece[0] in _POLICY_OPERATORS and len(entries) > first:
+                entries[-1] += "," + piece
+            else:
+                entries.append(piece)
+    if len(entries) > POLICY_MAX_ENTRIES:
+        raise bad_request("%s has more than %d entries" % (key, POLICY_MAX_ENTRIES))
+    for entry in entries:
+        if len(entry) > POLICY_MAX_ENTRY:
+            raise bad_request("%s entry %r... is longer than %d characters"
+                              % (key, entry[:40], POLICY_MAX_ENTRY))
+    return entries
+
+
+def check_policy_entries(key, value):
+    """The clean ``block`` or ``allow`` list (names normalised, duplicates dropped) of a
+    value as given; 400 naming the first entry that is none of the three kinds."""
+    clean = []
+    for entry in _policy_pieces(key, value):
+        try:
+            text = PolicyRule(entry).text
+        except ValueError as e:
+            raise bad_request("%s: bad entry %r: %s (an entry is a project name, a name "
+                              "with a version specifier like pkg<2, or a file name pattern "
+                              "like *.exe)" % (key, entry, e))
+        if text not in clean:
+            clean.append(text)
+    return clean
+
+
+def check_reserved_namespaces(value):
+    """The clean ``reserved_namespaces`` list of ``prefix=user/index`` entries."""
+    clean = []
+    for entry in _policy_pieces("reserved_namespaces", value):
+        prefix, eq, path = entry.partition("=")
+        prefix, path = prefix.strip(), path.strip().strip("/")
+        user, _, name = path.partition("/")
+        if not (eq and PROJECT_NAME_RE.fullmatch(prefix) and USER_NAME_RE.fullmatch(user)
+                and INDEX_NAME_RE.fullmatch(name)):
+            raise bad_request("reserved_namespaces: bad entry %r: expected prefix=user/index "
+                              "(the index that alone may serve the prefix)" % entry)
+        text = "%s=%s/%s" % (normalize_name(prefix), user, name)
+        if text not in clean:
+            clean.append(text)
+    return clean
+
+
+class PolicyRule:
+    """One entry of a block or allow list, compiled (ValueError for a bad one)."""
+
+    __slots__ = ("text", "name", "specifiers", "pattern")
+
+    def __init__(self, entry):
+        entry = entry.strip()
+        self.name = self.specifiers = self.pattern = None
+        if any(c in entry for c in _PATTERN_CHARS) and not any(
+                c in entry for c in _POLICY_OPERATORS):  # (pkg==1.* is a specifier)
+            if "/" in entry or "\\" in entry or _FILENAME_CONTROL_RE.search(entry):
+                raise ValueError("a file name pattern has no / \\ or control characters")
+            self.text = entry
+            self.pattern = re.compile(fnmatch.translate(entry), re.IGNORECASE).match
+            return
+        cut = min([entry.find(c) for c in _POLICY_OPERATORS if c in entry] or [len(entry)])
+        name, spec = entry[:cut].strip(), entry[cut:].strip()
+        if not PROJECT_NAME_RE.fullmatch(name):
+            raise ValueError("%r is not a project name" % name)
+        self.name = normalize_name(name)
+        self.text = self.name
+        if spec:
+            self.specifiers = parse_specifiers(spec)
+            self.text += ",".join(op + v for op, v in self.specifiers)
+
+    def matches(self, norm, version, filename):
+        """Whether a file ``filename`` (None: the release itself) of ``version`` of the
+        project ``norm`` matches."""
+        if self.pattern is not None:
+            return filename is not None and self.pattern(filename) is not None
+        return self.name == norm and (self.specifiers is None
+                                      or version_matches(version, self.specifiers))
+
+
+class Policy:
+    """The block and allow lists of one config (an index's; root's record: the
+    server-wide ones, which also hold the reserved namespaces), held by the config caches
+    (Index.policy, Model.server_policy) until the config changes. Entries are grouped by
+    project name when the config is read and compiled when a walk first asks for the
+    project's (``rules``): a walk pays for the rules of its project, not for the list."""
+
+    __slots__ = ("source", "_entries", "_patterns", "_compiled", "_lists", "reserved")
+
+    def __init__(self, source, config):
+        self.source = source
+        self._entries = {}   # (key, name) -> [entry]: the stored entries are clean
+        self._patterns = {}  # key -> [PolicyRule] of the file name patterns
+        self._compiled = {}  # (key, name) -> [PolicyRule]
+        self._lists = frozenset(k for k in POLICY_KEYS if config.get(k))
+        for key in POLICY_KEYS:
+            for entry in config.get(key) or ():
+                cut = _POLICY_CUT_RE.search(entry)
+                name = entry[:cut.start()] if cut else entry
+                if cut is None and any(c in entry for c in _PATTERN_CHARS):
+                    self._patterns.setdefault(key, []).append(PolicyRule(entry))
+                else:
+                    self._entries.setdefault((key, name), []).append(entry)
+        self.reserved = {}  # prefix -> [index path, ...]
+        for entry in config.get("reserved_namespaces") or ():
+            prefix, _, path = entry.partition("=")
+            self.reserved.setdefault(prefix, []).append(path)
+
+    def __bool__(self):
+        return bool(self._lists)
+
+    def has(self, key):
+        """Whether the list ``key`` (block, allow) has entries."""
+        return key in self._lists
+
+    def rules(self, key, norm):
+        """The rules of the list ``key`` that concern the project ``norm``."""
+        got = self._compiled.get((key, norm))
+        if got is None:
+            got = [PolicyRule(e) for e in self._entries.get((key, norm), ())] + \
+                self._patterns.get(key, [])
+            if len(self._compiled) > 10000:
+                self._compiled = {}
+            self._compiled[(key, norm)] = got
+        return got
+
+    def reserved_for(self, norm):
+        """(prefix, [index path, ...]) of the reserved namespace ``norm`` is in, or None:
+        a prefix reserves itself and every name that starts with it and a dash."""
+        if self.reserved:
+            parts = norm.split("-")
+            for i in range(1, len(parts) + 1):
+                owners = self.reserved.get("-".join(parts[:i]))
+                if owners is not None:
+                    return "-".join(parts[:i]), owners
+        return None
+
+
+def reserved_message(what, norm, prefix, owners, where):
+    return ("%s: the name %s is in the namespace %r reserved for %s (reserved_namespaces, "
+            "PEP 752): %s" % (what, norm, prefix, ", ".join(owners), where))
+
+
 # -- the model ------------------------------------------------------------------------
 
 
 class Index:
     """One index ("stage" in devpi's words) as read from the database."""
 
-    __slots__ = ("id", "user", "name", "config")
+    __slots__ = ("id", "user", "name", "config", "_policy")
 
     def __init__(self, id, user, name, config):
         self.id = id
         self.user = user
         self.name = name
         self.config = config
+        self._policy = None
 
     @classmethod
     def from_row(cls, row):
@@ -4194,6 +4466,14 @@ class Index:
     @property
     def volatile(self):
         return bool(self.config.get("volatile", True))
+
+    @property
+    def policy(self):
+        """Its block and allow lists, compiled when first asked (an Index is read again
+        after each config change: Model.get_index)."""
+        if self._policy is None:
+            self._policy = Policy(self.path, self.config)
+        return self._policy
 
 
 class File:
@@ -4258,12 +4538,20 @@ class BaseWalk:
     (see App.simple_project_page): make a new walk rather than keep one across commits.
 
     Which files of the visible indexes the reader is offered is ``offers``: the
-    supply-chain guards (a quarantined project, the time machine's ``at``, a mirror's
-    mirror_min_age) are decided there and nowhere else.
+    supply-chain guards (a quarantined project, the time machine's ``at``, the block and
+    allow lists, the reserved namespaces, a mirror's mirror_min_age) are decided there and
+    nowhere else.
+
+    The block and allow lists that apply to a file of the index ``b`` read through the
+    walk's index X are the server-wide ones (root's record) and those of every index of
+    the chain that inherits from ``b`` or is ``b``: X, ``b``, and the indexes between them;
+    not those of an index beside ``b`` in X's bases. A file's own URL (``b``'s) answers
+    by ``b``'s lists and the server-wide ones (Model.file_refusal).
     """
 
     __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden",
-                 "at", "now", "cooling", "next_change", "_status", "_yank_logs")
+                 "at", "now", "cooling", "next_change", "_status", "_yank_logs", "_rules",
+                 "refused")
 
     def __init__(self, model, ix, norm, reader, chain, at=None):
         self.model = model
@@ -4279,6 +4567,8 @@ class BaseWalk:
         self.next_change = None  # when the first file held back by age matures
         self._status = {}
         self._yank_logs = {}
+        self._rules = None
+        self.refused = {}  # version -> why the policies refused the first file they refused
 
     def _holders(self):
         """{index id: display name} of the chain's indexes that hold the project."""
@@ -4327,8 +4617,24 @@ class BaseWalk:
 
     @property
     def visible(self):
-        """The chain without the mirrors the whitelist hides."""
-        return [b for b in self.chain if not (b.is_mirror and self.mirrors_hidden)]
+        """The chain without the mirrors the whitelist hides, and without those that
+        withhold the project (``withholds``)."""
+        return [b for b in self.chain if not (b.is_mirror and (self.mirrors_hidden
+                                                               or self.withholds(b)))]
+
+    def withholds(self, b):
+        """Whether the mirror ``b`` serves nothing of the project, whatever a whitelist
+        says: its name is in a namespace reserved for other indexes. Such a mirror is not
+        asked (so neither is its upstream: the name does not leak there)."""
+        rules = self.rules_at(b)
+        return rules is not None and rules[2] is not None
+
+    def withheld_message(self):
+        """Why a mirror of the chain withholds the project, or None."""
+        for b in self.chain:
+            if b.is_mirror and self.withholds(b):
+                return self.policy_refusal(b, None)
+        return None
 
     @property
     def mirrors(self):
@@ -4357,19 +4663,84 @@ class BaseWalk:
     def filters(self, b):
         """Whether ``offers`` may refuse a file of ``b`` (else every file is offered)."""
         return (self.at is not None or (b.is_mirror and b.config.get("mirror_min_age"))
-                or self.status_at(b) is not None)
+                or self.status_at(b) is not None or self.rules_at(b) is not None)
 
-    def offers(self, b, version, uploaded):
-        """Whether the reader is offered a release file of ``version`` uploaded at
-        ``uploaded`` (for a mirror: upstream's upload time, else when it first saw it) on
-        the visible index ``b``: not of a quarantined project, not uploaded after the time
-        machine's ``at``, and on a mirror not younger than its mirror_min_age unless the
+    def rules_at(self, b):
+        """(blocks [(source, rule)], allows [(source, [rule])], reserved (prefix, owners)
+        or None) that concern the project's files on ``b``, or None when no rule does;
+        worked out once per walk from the compiled policies (Index.policy,
+        Model.server_policy), nothing when there are none."""
+        if self._rules is None:
+            self._rules = self._gather_rules()
+        return self._rules.get(b.id)
+
+    def _gather_rules(self):
+        server = self.model.server_policy()
+        reserved = server.reserved_for(self.project)
+        ruled = [c for c in self.chain if c.policy]
+        if not server and reserved is None and not ruled:
+            return {}
+        reach = {c.id: {x.id for x in self.model.resolve_bases(c)} for c in ruled}
+        norm = self.project
+        out = {}
+        for b in self.chain:
+            sources = [server] + [c.policy for c in ruled if b.id in reach[c.id]]
+            blocks = [(p.source, r) for p in sources for r in p.rules("block", norm)]
+            allows = [(p.source, p.rules("allow", norm)) for p in sources if p.has("allow")]
+            res = reserved if b.is_mirror and reserved and b.path not in reserved[1] \
+                else None
+            if blocks or allows or res:
+                out[b.id] = (blocks, allows, res)
+        return out
+
+    def policy_refusal(self, b, version, filename=None):
+        """Why the block and allow lists or the reserved namespaces refuse the file
+        ``filename`` (None: the release) of ``version`` on ``b``, or None."""
+        rules = self.rules_at(b)
+        if rules is None:
+            return None
+        blocks, allows, reserved = rules
+        norm = self.project
+        what = filename or ("version %s of %s" % (version, norm) if version is not None
+                            else "the project %s" % norm)
+        if reserved is not None:
+            return reserved_message(what, norm, reserved[0], reserved[1],
+                                    "the mirror %s does not serve it from upstream" % b.path)
+        for source, rule in blocks:
+            if rule.matches(norm, version, filename):
+                return "%s is blocked by the rule %r of %s (block)" % (what, rule.text, source)
+        for source, rules in allows:
+            if not any(r.matches(norm, version, filename) for r in rules):
+                return ("%s is not offered: it matches no rule of the allow list of %s "
+                        "(allow)" % (what, source))
+        return None
+
+    def policy_allows(self, b, version, filename=None):
+        """Whether the policies let the file ``filename`` (None: the release, also one
+        without files) of ``version`` on ``b`` be offered; why not is noted in
+        ``refused``."""
+        if self.rules_at(b) is None:
+            return True
+        why = self.policy_refusal(b, version, filename)
+        if why is not None:
+            self.refused.setdefault(version, why)
+        return why is None
+
+    def offers(self, b, version, uploaded, filename=None):
+        """Whether the reader is offered a release file ``filename`` (None: a release
+        without files) of ``version`` uploaded at ``uploaded`` (for a mirror: upstream's
+        upload time, else when it first saw it) on the visible index ``b``: not of a
+        quarantined project, not uploaded after the time machine's ``at``, not refused by
+        the block and allow lists or a reserved namespace (``policy_refusal``; noted in
+        ``refused``), and on a mirror not younger than its mirror_min_age unless the
         project is exempt (private uploads are never held back). A file held back for its
         age is noted in ``cooling`` and ``next_change``."""
         st = self.status_at(b)
         if st is not None and st[0] == "quarantined":
             return False
         if self.at is not None and uploaded > self.at:
+            return False
+        if not self.policy_allows(b, version, filename):
             return False
         until = cooling_until(b, self.project, uploaded, self.now)
         if until is not None:
@@ -4404,19 +4775,27 @@ class BaseWalk:
         file offers."""
         return {v: t for v, t in self.cooling.items() if v not in offered_versions}
 
+    def blocked(self, offered_versions):
+        """{version: why} of the versions the policies refused that no file offers."""
+        return {v: why for v, why in self.refused.items() if v not in offered_versions}
+
     def file_refusal(self, b, filename, version, uploaded):
         """What a file URL of ``b`` (the file, its ``.metadata``, its provenance; ``+f/``
         and ``+e/``) answers for a file of ``version`` uploaded at ``uploaded`` that
         ``offers`` does not offer, or None when it offers it: the guards hold at the file
         URLs, not only in the listings (a lock file or a pasted link names the URL
         itself). 403 with the reason for a quarantined project, 404 for a file held back
-        by mirror_min_age (as if upstream did not have it yet). ``uploaded`` None: a file
-        the index does not list, refused only by what refuses every file of the project."""
-        if self.offers(b, version, uploaded or 0):
+        by mirror_min_age (as if upstream did not have it yet), 403 with the rule for one
+        the policies refuse. ``uploaded`` None: a file the index does not list, refused
+        only by what refuses every file of the project and by the policies."""
+        if self.offers(b, version, uploaded or 0, filename):
             return None
         st = self.status_at(b)
         if st is not None and st[0] == "quarantined":
             return HTTPError(403, quarantined_message(self.project, st[1], filename))
+        why = self.policy_refusal(b, version, filename)
+        if why is not None:
+            return HTTPError(403, why)
         if version in self.cooling:
             return not_found(held_back_message(filename, self.cooling[version]))
         return not_found("no such file")
@@ -4489,6 +4868,7 @@ class Model:
     def __init__(self, store):
         self.store = store
         self._index_cache = {}
+        self._server_policy = None
         self.accounts = Accounts(store)
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
@@ -4530,6 +4910,7 @@ class Model:
         def tell(_c):
             if config:
                 self._index_cache = {}
+                self._server_policy = None
             for fn in self._change_listeners:
                 fn(config, project_set, projects, kept)
         self.store.after_commit(tell)
@@ -4633,6 +5014,9 @@ class Model:
         body = {k: v for k, v in body.items()
                 if k not in ("created", "modified", "username", "indexes")}
         stored = json.loads(row["config"])
+        rules = {k: body.pop(k) for k in SERVER_POLICY_KEYS if k in body}
+        if rules:
+            rules = self._server_rules(actor, name, rules)
         # keys it already has (imported from devpi's plugins) come back from devpi-client
         unknown = sorted(k for k in body if k not in self.USER_KEYS and k not in stored)
         if unknown:
@@ -4641,13 +5025,29 @@ class Model:
         if password is not None and not isinstance(password, str):
             raise bad_request("password must be a string")
         config = self._user_config(stored, body)
+        config.update(rules)
         with self.store.write() as c:
             pwhash = row["pwhash"] if password is None else hash_password(password)
             c.execute("UPDATE users SET pwhash=?, config=?, modified=? WHERE name=?",
                       (pwhash, json.dumps(config), utcnow_iso(), name))
+            if any(stored.get(k) != v for k, v in rules.items()):
+                # every index inherits them: every page is built again
+                self._changed(config=True)
         if password is not None:
             return self.make_token(name)
         return None
+
+    @staticmethod
+    def _server_rules(actor, name, rules):
+        """The clean server-wide rules (block, allow, reserved_namespaces) of a change of
+        user ``name``'s record by ``actor``: root's own record carries them, and only
+        root sets them (403; devpi-client's ``user -m`` sends back what it read, and no
+        other record has them)."""
+        if name != "root" or actor != "root":
+            raise forbidden("only root sets the server-wide rules (%s), on its own user "
+                            "record" % ", ".join(sorted(rules)))
+        return {k: check_reserved_namespaces(v) if k == "reserved_namespaces"
+                else check_policy_entries(k, v) for k, v in rules.items()}
 
     def delete_user(self, actor, name):
         if self.get_user_row(name) is None:
@@ -4683,6 +5083,24 @@ class Model:
         return [r[0] for r in c.execute("SELECT DISTINCT name FROM projects")]
 
     # -- indexes --------------------------------------------------------------------------
+
+    def server_policy(self):
+        """The server-wide block and allow lists and reserved namespaces (root's user
+        record) as a Policy, compiled once per config change (``_changed``)."""
+        policy = self._server_policy
+        if policy is None:
+            row = self.get_user_row("root")
+            config = json.loads(row["config"]) if row is not None else {}
+            policy = self._server_policy = Policy("root (server-wide)", config)
+        return policy
+
+    def check_namespace(self, ix, norm):
+        """403 when the project ``norm`` is in a namespace reserved for other indexes than
+        ``ix`` (root's reserved_namespaces): only those take uploads and pushes of it."""
+        reserved = self.server_policy().reserved_for(norm)
+        if reserved is not None and ix.path not in reserved[1]:
+            raise forbidden(reserved_message("no upload to %s" % ix.path, norm, reserved[0],
+                                             reserved[1], "only those indexes take it"))
 
     def get_index(self, path):
         """The Index at 'user/name', or None."""
@@ -4939,6 +5357,11 @@ class Model:
         return BaseWalk(self, ix, norm, None, [ix]).file_refusal(ix, filename, version,
                                                                  uploaded)
 
+    def withholds(self, ix, norm):
+        """Whether the mirror ``ix`` serves nothing of the project ``norm`` and asks its
+        upstream nothing about it (BaseWalk.withholds: a reserved namespace)."""
+        return BaseWalk(self, ix, norm, None, [ix]).withholds(ix)
+
     # -- permissions -----------------------------------------------------------------------
 
     def read_acl(self, ix):
@@ -5084,6 +5507,7 @@ class Model:
             raise bad_request("version needs to be set")
         check_version(version)
         norm = normalize_name(name)
+        self.check_namespace(ix, norm)
         with self.store.write() as c:
             pid = self._project_id(c, ix, norm, name, True)
             self._version_id(c, pid, version, meta, time.time())
@@ -5190,7 +5614,9 @@ class Model:
         return reason, file_relpath(ix.path, sha256, filename)
 
     def _check_open_for_uploads(self, ix, norm):
-        """PEP 792: an archived or quarantined project takes no new uploads."""
+        """PEP 792: an archived or quarantined project takes no new uploads; nor does a
+        name reserved for other indexes (check_namespace)."""
+        self.check_namespace(ix, norm)
         status = Store.project_status(self.store.conn(), ix.id, norm)
         if status is not None and status[0] in ("archived", "quarantined"):
             raise forbidden("project %s on %s is %s (PEP 792): it takes no uploads"
@@ -5227,6 +5653,7 @@ class Model:
         check_project_name(name)
         check_scope(actor, "upload", ix.path, name)
         norm = normalize_name(name)
+        self.check_namespace(ix, norm)
         if not version:
             versions = self.version_data(ix, norm)
             if not versions:
@@ -5444,6 +5871,7 @@ class Model:
         if not self.can_upload(actor, target):
             raise HTTPError(401 if actor is None else 403,
                             "user %r cannot upload to %r" % (actor, target.path))
+        self.check_namespace(target, norm)
         now = time.time()
         with self.store.write() as c:
             if c.execute("SELECT 1 FROM indexes WHERE id=?", (target.id,)).fetchone() is None:
@@ -5591,8 +6019,8 @@ class Model:
             found = True
             check = walk.filters(b)
             for f in got:
-                if f.filename not in seen and (not check or walk.offers(b, f.version,
-                                                                         f.uploaded)):
+                if f.filename not in seen and (not check or walk.offers(
+                        b, f.version, f.uploaded, f.filename)):
                     seen.add(f.filename)
                     if walk.at is not None:
                         f.yanked = walk.yanked_then(b, f)
@@ -5616,16 +6044,17 @@ class Model:
                                       (b.id, norm)):
                     out.add(v)
                 continue
-            for v, created, uploaded in c.execute(
-                    "SELECT v.version, v.created, f.uploaded FROM versions v JOIN projects p "
-                    "ON v.project_id=p.id LEFT JOIN files f ON f.version_id=v.id AND "
-                    "f.rel='releasefile' WHERE p.index_id=? AND p.name=?", (b.id, norm)):
+            for v, created, uploaded, filename in c.execute(
+                    "SELECT v.version, v.created, f.uploaded, f.filename FROM versions v "
+                    "JOIN projects p ON v.project_id=p.id LEFT JOIN files f ON "
+                    "f.version_id=v.id AND f.rel='releasefile' WHERE p.index_id=? AND "
+                    "p.name=?", (b.id, norm)):
                 if v in out:
                     continue
                 if uploaded is None:
                     if (walk.at is None or created <= walk.at) and walk.offers(b, v, created):
                         out.add(v)
-                elif walk.offers(b, v, uploaded):
+                elif walk.offers(b, v, uploaded, filename):
                     out.add(v)
         return out
 
@@ -5653,10 +6082,12 @@ class Model:
                 if version is None or ver == version:
                     if check and any(f.rel == "releasefile" for f in release[2]):
                         offered = [f for f in release[2] if f.rel != "releasefile" or
-                                   walk.offers(b, ver, f.uploaded)]
+                                   walk.offers(b, ver, f.uploaded, f.filename)]
                         if not any(f.rel == "releasefile" for f in offered):
                             continue  # every release file held back: no such release
                         release = (release[0], release[1], offered)
+                    elif check and not walk.policy_allows(b, ver):
+                        continue  # (a release without files, blocked)
                     out.setdefault(ver, []).append(release + (b.path,) if sources
                                                    else release)
         return out if found else None
@@ -7308,8 +7739,11 @@ class Mirror:
         offers; raises the refusal of a file it does not offer (Model.file_refusal: a
         quarantined project, mirror_min_age), 404 for one upstream does not list. Its
         page is fetched first: the status read is the one upstream gives now."""
-        found = self.find_entry(ix, filename, sha_prefix, ext)
         split = split_filename(filename)
+        if split is not None and self.model.withholds(ix, normalize_name(split[0])):
+            raise self.model.file_refusal(ix, normalize_name(split[0]), filename, split[1],
+                                          None)  # (upstream is not asked)
+        found = self.find_entry(ix, filename, sha_prefix, ext)
         if split is not None:
             uploaded = None
             if found is not None:
@@ -7495,8 +7929,9 @@ class Mirror:
     def kept_refusal(self, ix, f):
         """Model.file_refusal of the kept file ``f``, as of upstream's status today: its
         page is revalidated first if it expired (a URL from a lock file reaches the file
-        without its page), not in offline mode."""
-        self.ensure_fresh(ix, f.project)
+        without its page), not in offline mode; nor for a project the mirror withholds."""
+        if not self.model.withholds(ix, f.project):
+            self.ensure_fresh(ix, f.project)
         return self.model.file_refusal(ix, f.project, f.filename, f.version, f.uploaded)
 
     # -- PEP 740 provenance ---------------------------------------------------------------
@@ -8554,6 +8989,12 @@ def render_web_user(prefix, info):
         body.append('<p class="lead"><strong>%s</strong></p>' % _e(info["title"]))
     if info.get("description"):
         body.append('<p class="lead">%s</p>' % _e(info["description"]))
+    rules = [(k, info[k]) for k in SERVER_POLICY_KEYS if info.get(k)]
+    if rules:
+        body.append('<h2>Server-wide rules</h2><p class="muted">Every index inherits '
+                    'these.</p><dl class="meta">%s</dl>' % "".join(
+                        "<dt>%s</dt><dd>%s</dd>" % (k, ", ".join(
+                            "<code>%s</code>" % _e(v) for v in values)) for k, values in rules))
     indexes = info.get("indexes") or {}
     body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
                 if indexes else '<p class="muted">no indexes</p>')
@@ -8605,6 +9046,10 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
             _acl(config.get("mirror_whitelist", [])).replace(
                 '<span class="muted">nobody</span>', '<span class="muted">none</span>'),
             _e(config.get("mirror_whitelist_inheritance", "union"))))
+    for key in POLICY_KEYS:
+        if config.get(key):
+            body.append("<dt>%s</dt><dd>%s</dd>" % (key, ", ".join(
+                "<code>%s</code>" % _e(v) for v in config[key])))
     body.append("<dt>volatile</dt><dd>%s</dd></dl>" % (
         "yes (releases can be overwritten and removed)" if config.get("volatile", True)
         else "no (releases stay as uploaded)"))
@@ -8662,12 +9107,21 @@ def web_held_back(until):
         utcnow_iso(until))
 
 
-def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, status=None):
+def web_blocked(why):
+    """What a person sees for a release (or files of it) the block and allow lists or a
+    reserved namespace refuse: a tag, and why."""
+    return '<span class="tag fail">blocked</span> <span class="muted">%s</span>' % _e(why)
+
+
+def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, status=None,
+                       blocked=None):
     """A project page: ``rows`` [(version, summary, yanked, source index path, has docs,
     shadowed paths)], newest first; ``held`` {version: when it matures} of the versions
-    held back by a mirror's mirror_min_age (listed, never linked); ``status`` the PEP 792
+    held back by a mirror's mirror_min_age and ``blocked`` {version: why} of those the
+    block and allow lists refuse (both listed, never linked); ``status`` the PEP 792
     (status, reason) or None."""
     path = ix.path
+    blocked = {v: why for v, why in (blocked or {}).items() if v not in (held or {})}
     held = held or {}
     body = ["<h1>%s</h1>" % _e(display), web_status_note(status)]
     if not rows:
@@ -8685,11 +9139,12 @@ def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, s
                 '<th>from index</th>%s<th>notes</th></tr></thead><tbody>'
                 % ("<th>documentation</th>" if docs else ""))
     listed = [(version_key(r[0]), 1, r) for r in rows] + [
-        (version_key(v), 0, v) for v in held]
+        (version_key(v), 0, v) for v in list(held) + list(blocked)]
     for _key, offered, row in sorted(listed, key=lambda t: t[:2], reverse=True):
         if not offered:
             body.append('<tr><td>%s</td><td></td>%s<td>%s</td></tr>' % (
-                _e(row), "<td></td>" if docs else "", web_held_back(held[row])))
+                _e(row), "<td></td>" if docs else "", web_held_back(held[row])
+                if row in held else web_blocked(blocked[row])))
             continue
         version, _summary, yanked, source, has_doc, shadowed = row
         tags = ""
@@ -8911,14 +9366,16 @@ def kept_core_metadata(path):
 
 
 def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
-                       tox, newer, doc, status=None, cooling=None, sboms=None):
+                       tox, newer, doc, status=None, cooling=None, refused=None, sboms=None):
     """A version page. ``files`` [(File, href)] of the release files offered (a file with
     a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
     filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label,
     version)], ``doc`` the documentation's URL or None, ``status`` the project's PEP 792 (status, reason) or
     None, ``cooling`` when the first file of this version still held back by
-    mirror_min_age matures (those are not listed), or None, ``sboms`` {release filename:
-    [(name, size, href)]} of the PEP 770 SBOMs a wheel carries."""
+    mirror_min_age matures (those are not listed), or None; ``refused`` why the first
+    file the block and allow lists refuse is refused (those are not listed), or None;
+    ``sboms`` {release filename: [(name, size, href)]} of the PEP 770 SBOMs a wheel
+    carries."""
     display = meta.get("name") or norm
     sboms = sboms or {}
     path = ix.path
@@ -8927,6 +9384,9 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
     if cooling is not None:
         body.append('<p class="note">%s Some files of this release are not offered yet.</p>'
                     % web_held_back(cooling))
+    if refused is not None:
+        body.append('<p class="note">%s Some files of this release are not offered.</p>'
+                    % web_blocked(refused))
     if meta.get("summary"):
         body.append('<p class="lead">%s</p>' % _e(meta["summary"]))
     for label, v in newer:
@@ -9213,8 +9673,9 @@ class WebPages:
             walk = m.walk(ix, norm, req.actor)
             releases = self._web_releases(walk)
             held = walk.held_back(releases or ())
+            blocked = walk.blocked(releases or ())
             status = walk.status
-            if releases is None or not (releases or held or status):
+            if releases is None or not (releases or held or blocked or status):
                 raise not_found("The project %s does not exist on %s." % (norm, ix.path))
             rows = []
             for ver in sorted(releases, key=version_key, reverse=True):
@@ -9227,7 +9688,7 @@ class WebPages:
                 or norm
             # (a page with a release held back by age is built again when it matures)
             return render_web_project(self.web_prefix(req), req.outside_url(), ix, norm,
-                                      display, rows, held, status), walk.next_change
+                                      display, rows, held, status, blocked), walk.next_change
         return self.web_cached(req, ("project", ix.path, norm),
                                self._web_project_validator(req, ix, norm), render)
 
@@ -9250,6 +9711,8 @@ class WebPages:
                 if ver in held:
                     raise not_found(held_back_message("version %s of project %s"
                                                       % (ver, norm), held[ver]))
+                if ver in walk.refused:
+                    raise forbidden(walk.refused[ver])
                 if status is not None and status[0] == "quarantined":
                     raise not_found("The project %s is quarantined%s: none of its files "
                                     "are offered." % (norm, ": " + status[1] if status[1]
@@ -9297,6 +9760,7 @@ class WebPages:
                                       yanked, source,
                                       [(f, prefix + "/" + f.relpath) for f in release], tox,
                                       newer, doc, status, walk.cooling.get(ver),
+                                      walk.refused.get(ver),
                                       {f.filename: [(n, e[5], prefix + "/" + f.sbom_relpath(n))
                                                     for n, e in sorted(m.sboms(f).items())]
                                        for f in release}), \
@@ -10210,6 +10674,10 @@ class App(WebPages):
                              "upstream releases): %s." % ", ".join(
                                  "%s until %s" % (v, utcnow_iso(held[v]))
                                  for v in sorted(held, key=version_key)))
+            blocked = walk.blocked(releases)
+            if blocked:
+                notes.append("not offered: %s." % "; ".join(
+                    blocked[v] for v in sorted(blocked, key=version_key)))
             status = walk.status
             if status is not None:
                 notes.append("project status: %s%s." % (status[0], ": " + status[1]
@@ -10247,6 +10715,8 @@ class App(WebPages):
             if version in held:
                 raise not_found(held_back_message("version %s of project %s"
                                                   % (version, norm), held[version]))
+            if version in walk.refused:
+                raise forbidden(walk.refused[version])
             raise not_found("The version %s of project %s does not exist." % (version, norm))
         return api_result("versiondata", self._shadowing_json(req, found))
 
@@ -10795,6 +11265,8 @@ class App(WebPages):
                     raise errors[0]
                 log("WARNING: %s: %s" % (ix.path, errors[0].message))
             if files is None:
+                if walk.withheld_message():
+                    raise not_found(walk.withheld_message())
                 if self.mirror.offline and any(b.is_mirror for b in walk.chain):
                     raise not_found("The project %s is not kept locally (offline mode: no "
                                     "upstream traffic)" % norm)
@@ -11821,6 +12293,14 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             problems.append("user %r: not an object" % name)
         elif refusal(check_user_name, name):
             problems.append("user %r: %s" % (name, refusal(check_user_name, name)))
+        elif name == "root":
+            for k in SERVER_POLICY_KEYS:  # (another user's are dropped on import)
+                if k in u:
+                    try:
+                        check_reserved_namespaces(u[k]) if k == "reserved_namespaces" \
+                            else check_policy_entries(k, u[k])
+                    except HTTPError as e:
+                        problems.append("user root: %s" % e.message)
     for path, ix in data["indexes"].items():
         if not isinstance(ix, dict) or not isinstance(ix.get("indexconfig"), dict) \
                 or "type" not in ix["indexconfig"]:
@@ -11833,6 +12313,12 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
             continue
         if user not in users:
             problems.append("index %r: its user %r is not in the dump" % (path, user))
+        for k in POLICY_KEYS:
+            if k in ix["indexconfig"]:
+                try:
+                    check_policy_entries(k, ix["indexconfig"][k])
+                except HTTPError as e:
+                    problems.append("index %r: %s" % (path, e.message))
         ixtype = ix["indexconfig"]["type"]
         if ixtype not in ("stage", "mirror") and ixtype not in skip_types:
             problems.append("index %r: unknown index type %r (use --skip-import-type %s to "
@@ -12151,6 +12637,15 @@ def _import_users(store, users, root_password, root_pwhash, own_export=False):
             config = {k: v for k, v in u.items() if k not in (
                 "pwhash", "pwsalt", "username", "created", "modified", "minidevpi_pwhash",
                 "minidevpi_pwhash_for", "password", "indexes")}
+            for k in SERVER_POLICY_KEYS:  # the server-wide rules: root's record only
+                if k in config and name != "root":
+                    del config[k]
+                elif k in config:
+                    try:
+                        config[k] = check_reserved_namespaces(config[k]) \
+                            if k == "reserved_namespaces" else check_policy_entries(k, config[k])
+                    except HTTPError as e:
+                        raise MinidevpiError("user root: %s" % e.message)
             created = u.get("created") if isinstance(u.get("created"), str) \
                 else "1970-01-01T00:00:00Z"
             modified = u.get("modified") if isinstance(u.get("modified"), str) else None
@@ -12181,7 +12676,7 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
-        for k in ("mirror_min_age", "mirror_min_age_exempt"):  # read by every page
+        for k in ("mirror_min_age", "mirror_min_age_exempt") + POLICY_KEYS:  # (every page)
             if k in config:
                 try:
                     config[k] = coerce_index_value(k, config[k])

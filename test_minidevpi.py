@@ -422,6 +422,26 @@ def test_version_order_follows_pep440():
     shuffled = sorted(ordered, key=lambda v: hashlib.md5(v.encode()).hexdigest())
     assert sorted(shuffled, key=minidevpi.version_key) == ordered
     assert minidevpi.version_key("1.0") == minidevpi.version_key("1.0.0")
+
+
+@pytest.mark.parametrize("version,spec,hit", [
+    ("2.31.0", "<2.32", True), ("2.32.0", "<2.32", False), ("2.32rc1", "<2.32", False),
+    ("2.32rc1", "<2.32rc2", True), ("2.2.0", "==2.2.0", True), ("2.2", "==2.2.0", True),
+    ("2.2.0+x", "==2.2.0", True), ("2.2.0+x", "==2.2.0+y", False), ("1.5", ">=1,<2", True),
+    ("2.0", ">=1,<2", False), ("1.2.3", "==1.2.*", True), ("1.3", "==1.2.*", False),
+    ("1.2", "!=1.2.*", False), ("1.4.5", "~=1.4.2", True), ("1.5", "~=1.4.2", False),
+    ("1.9", "~=1.4", True), ("2.0", "~=1.4", False), ("1.0.post1", ">1.0", False),
+    ("1.0+l", ">1.0", False), ("1.0.post2", ">1.0.post1", True), ("1.1", ">1.0", True),
+    ("2!1.0", ">=3", True), ("1.0+l", "<=1.0", True), ("1.0", "!=1.0", False),
+    ("nightly", "===nightly", True), ("nightly", ">=1", False)])
+def test_version_specifiers_match_as_pep440_says(version, spec, hit):
+    assert minidevpi.version_matches(version, minidevpi.parse_specifiers(spec)) is hit
+
+
+@pytest.mark.parametrize("spec", [">=", "1.0", ">=1.*", "~=1", "<1.0+l", "==1.0a1.*", ">>2"])
+def test_version_specifiers_that_are_none_are_refused(spec):
+    with pytest.raises(ValueError):
+        minidevpi.parse_specifiers(spec)
     # unparseable versions sort first instead of crashing
     assert sorted(["1.0", "garbage"], key=minidevpi.version_key) == ["garbage", "1.0"]
 
@@ -5140,6 +5160,302 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
                     check=False)
     assert code != 0 and "mirror_min_age" in out, out
 
+
+
+# -- policies: block and allow lists, reserved namespaces (PEP 752) -------------------
+
+
+@pytest.fixture
+def pkg_two(alice, tmp_path):
+    """alice/dev holds pkg 1.0 (a wheel) and 2.0 (a wheel and an sdist); alice/prod is
+    based on alice/dev."""
+    srv = alice
+    for v in ("1.0", "2.0"):
+        srv.upload("alice/dev", make_wheel(tmp_path, "pkg", v))
+    srv.upload("alice/dev", make_sdist(tmp_path, "pkg", "2.0"))
+    srv.create_index("alice/prod", bases=["alice/dev"])
+    return srv
+
+
+def installed(srv, ix, name, target, tool="pip"):
+    """The version of ``name`` pip (or uv) installs from ``ix`` into ``target``."""
+    if tool == "pip":
+        pip("install", "--target", str(target), "--index-url", srv.index_url(ix), name)
+    else:
+        run([need("uv"), "pip", "install", "--no-cache", "--target", str(target),
+             "--index-url", srv.index_url(ix), name])
+    dist = minidevpi.normalize_name(name).replace("-", "_")
+    found = [p.name for p in target.iterdir() if p.name.startswith(dist + "-")
+             and p.name.endswith(".dist-info")]
+    assert len(found) == 1, found
+    return found[0][len(dist) + 1:-len(".dist-info")]
+
+
+def test_block_and_allow_entries_are_checked_and_normalised(pkg_two):
+    url, alice = pkg_two.url, ("alice", "secret")
+    r = api(url, "PATCH", "/alice/dev", auth=alice,
+            json_body=["block=Foo_Bar>=1, <2,Other.Pkg,*-cp27-*,urllib3==2.2.0"])
+    assert r.status == 200, r
+    assert r.json()["result"]["block"] == ["foo-bar>=1,<2", "other-pkg", "*-cp27-*",
+                                           "urllib3==2.2.0"]
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body=["block+=*.exe"])
+    assert r.json()["result"]["block"][-1] == "*.exe"
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body=["block-=other-pkg"])
+    assert "other-pkg" not in r.json()["result"]["block"]
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body={"allow": ["pkg~=1.0", "x"]})
+    assert r.json()["result"]["allow"] == ["pkg~=1.0", "x"]
+    for bad in ("pkg>>2", "<2", "a/b*", "pkg~=1", "pkg==1.*.0", "bad name", "x" * 300):
+        r = api(url, "PATCH", "/alice/dev", auth=alice, json_body=["block=" + bad])
+        assert r.status == 400, (bad, r)
+        assert "block" in r.json()["message"] and bad[:40] in r.json()["message"], r
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body={"block": {"a": 1}})
+    assert r.status == 400 and "block" in r.json()["message"]
+    r = api(url, "PATCH", "/alice/dev", auth=alice,
+            json_body={"block": ["p%d" % i for i in range(minidevpi.POLICY_MAX_ENTRIES + 1)]})
+    assert r.status == 400 and "entries" in r.json()["message"]
+    # the web page of the index shows them, escaped
+    hostile = "*\"&'x*.whl"
+    r = api(url, "PATCH", "/alice/dev", auth=alice, json_body={"block": [hostile]})
+    assert r.status == 200 and r.json()["result"]["block"] == [hostile], r
+    page = http(url, path="/alice/dev", headers={"Accept": "text/html"}).body.decode()
+    assert hostile not in page and html.escape(hostile) in page
+    # a mirror takes them too
+    r = api(url, "PATCH", "/root/pypi", auth=("root", "rootpw"), json_body=["allow=pkg"])
+    assert r.status == 200 and r.json()["result"]["allow"] == ["pkg"]
+
+
+def test_pip_and_uv_fall_back_to_the_version_a_block_rule_allows(pkg_two, tmp_path):
+    srv, alice = pkg_two, ("alice", "secret")
+    assert installed(srv, "alice/prod", "pkg", tmp_path / "before") == "2.0"
+    # the index pip uses blocks 2.0: its bases still offer it to their own readers
+    api(srv.url, "PATCH", "/alice/prod", auth=alice, json_body=["block=pkg>=2"])
+    for tool in ("pip", "uv"):
+        assert installed(srv, "alice/prod", "pkg", tmp_path / tool / "prod", tool) == "1.0"
+    assert installed(srv, "alice/dev", "pkg", tmp_path / "dev") == "2.0"
+    body, ctype = multipart([(":action", "submit"), ("name", "pkg"), ("version", "4.0")], [])
+    assert http(srv.url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+                auth=alice).status == 200  # (a release without files is blocked too)
+    assert "4.0" in api(srv.url, path="/alice/dev/pkg").json()["result"]
+    assert "4.0" not in api(srv.url, path="/alice/prod/pkg").json()["result"]
+    for fmt in ("json", "html"):
+        body = http(srv.url, path="/alice/prod/+simple/pkg/",
+                    headers={"Accept": simple_accept(fmt)}).body.decode()
+        assert "pkg-1.0-py3-none-any.whl" in body and "2.0" not in body, body
+    # a rule of the base holds through every index that inherits from it
+    api(srv.url, "PATCH", "/alice/prod", auth=alice, json_body=["block="])
+    api(srv.url, "PATCH", "/alice/dev", auth=alice, json_body=["block=pkg==2.0"])
+    for tool in ("pip", "uv"):
+        for ix in ("alice/prod", "alice/dev"):
+            assert installed(srv, ix, "pkg", tmp_path / "base" / tool / ix, tool) == "1.0"
+    # its file URLs refuse with the rule, also asked directly (a lock file names them)
+    wheel = sha256_file(str(tmp_path / "pkg-2.0-py3-none-any.whl"))
+    for suffix in ("", ".metadata"):
+        r = http(srv.url, path="/alice/dev/+f/%s/%s/pkg-2.0-py3-none-any.whl%s"
+                 % (wheel[:3], wheel[3:16], suffix))
+        assert r.status == 403, r
+        assert "pkg==2.0" in r.json()["message"] and "alice/dev" in r.json()["message"]
+    # the JSON API and the web pages say why
+    r = api(srv.url, path="/alice/prod/pkg/2.0")
+    assert r.status == 403 and "pkg==2.0" in r.json()["message"]
+    r = api(srv.url, path="/alice/prod/pkg").json()
+    assert "2.0" not in r["result"] and "pkg==2.0" in r["message"], r
+    page = http(srv.url, path="/alice/prod/pkg", headers={"Accept": "text/html"}).body.decode()
+    assert "blocked" in page and "pkg==2.0" in page, page
+    code, out = pip("download", "--no-deps", "-d", str(tmp_path / "d"), "--index-url",
+                    srv.index_url("alice/prod"), "pkg==2.0", check=False)
+    assert code != 0 and "2.0" not in out.split("versions:")[-1].split(")")[0], out
+    # an index beside the base in the bases of the one read blocks only its own files
+    api(srv.url, "PATCH", "/alice/dev", auth=alice, json_body=["block="])
+    srv.create_index("alice/side")
+    (tmp_path / "side").mkdir()
+    srv.upload("alice/side", make_wheel(tmp_path / "side", "pkg", "3.0"))
+    api(srv.url, "PATCH", "/alice/side", auth=alice, json_body=["block=pkg>=2"])
+    srv.create_index("alice/all", bases=["alice/side", "alice/dev"])
+    assert page_files(srv.url, "/alice/all/+simple/pkg/") == [
+        "pkg-1.0-py3-none-any.whl", "pkg-2.0-py3-none-any.whl", "pkg-2.0.tar.gz"]
+
+
+def test_a_file_name_pattern_blocks_only_the_files_it_matches(pkg_two, tmp_path):
+    srv, alice = pkg_two, ("alice", "secret")
+    srv.upload("alice/dev", make_sdist(tmp_path, "pkg", "3.0"))  # 3.0: an sdist only
+    api(srv.url, "PATCH", "/alice/dev", auth=alice, json_body=["block=*.tar.gz"])
+    assert page_files(srv.url, "/alice/prod/+simple/pkg/") == [
+        "pkg-1.0-py3-none-any.whl", "pkg-2.0-py3-none-any.whl"]
+    assert "3.0" not in page_json(srv.url, "/alice/prod/+simple/pkg/")["versions"]
+    for tool in ("pip", "uv"):
+        assert installed(srv, "alice/prod", "pkg", tmp_path / tool, tool) == "2.0"
+    sdist = sha256_file(str(tmp_path / "pkg-2.0.tar.gz"))
+    r = http(srv.url, path="/alice/dev/+f/%s/%s/pkg-2.0.tar.gz" % (sdist[:3], sdist[3:16]))
+    assert r.status == 403 and "*.tar.gz" in r.json()["message"], r
+    # the version page lists the wheel and says some files are not offered
+    page = http(srv.url, path="/alice/dev/pkg/2.0", headers={"Accept": "text/html"}
+                ).body.decode()
+    assert "pkg-2.0-py3-none-any.whl" in page and "*.tar.gz" in page, page
+
+
+def test_an_allow_list_over_a_mirror_offers_only_what_it_names(guarded, tmp_path):
+    srv = guarded
+    r = api(srv.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+            json_body=["allow=fresh-fix,mirrored-pkg<2"])
+    assert r.status == 200, r
+    for tool in ("pip", "uv"):
+        assert installed(srv, "alice/dev", "mirrored-pkg", tmp_path / tool / "m", tool) == "1.0"
+        assert installed(srv, "alice/dev", "fresh-fix", tmp_path / tool / "f", tool) == "1.1"
+    api(srv.url, "PATCH", "/alice/dev", auth=("alice", "secret"), json_body=["allow=fresh-fix"])
+    assert page_files(srv.url, "/alice/dev/+simple/mirrored-pkg/") == []
+    code, out = pip("install", "--target", str(tmp_path / "no"), "--index-url",
+                    srv.index_url("alice/dev"), "mirrored-pkg", check=False)
+    assert code != 0, out
+    # the mirror itself, read directly, is not bound by alice/dev's list
+    assert "mirrored_pkg-2.0-py3-none-any.whl" in page_files(
+        srv.url, "/root/pypi/+simple/mirrored-pkg/")
+
+
+def test_devpi_client_sets_the_lists_and_root_the_server_wide_rules(pkg_two, tmp_path):
+    srv = pkg_two
+    d = Devpi(tmp_path / "client")
+    d("use", srv.url)
+    d("login", "alice", "--password", "secret")
+    d("index", "alice/prod", "block=pkg>=2,<3,other")
+    d("index", "alice/prod", "block+=*.exe")
+    config = api(srv.url, path="/alice/prod").json()["result"]
+    assert config["block"] == ["pkg>=2,<3", "other", "*.exe"]
+    code, out = d("index", "alice/prod", "block=pkg>>2", check=False)
+    assert code != 0 and "pkg>>2" in out, out
+    assert installed(srv, "alice/prod", "pkg", tmp_path / "a") == "1.0"
+    d("index", "alice/prod", "block-=pkg>=2,<3")
+    # a server-wide rule: only root sets it, on its own record; every index inherits it
+    out = d.fails("user", "-m", "alice", "block=pkg")
+    assert "403" in out or "only root" in out, out
+    assert installed(srv, "alice/prod", "pkg", tmp_path / "b") == "2.0"  # (page cached)
+    d("logoff")
+    d("login", "root", "--password", "rootpw")
+    d("user", "-m", "root", "block=pkg==2.0", "allow=pkg,*.whl")
+    info = api(srv.url, path="/root").json()["result"]
+    assert (info["block"], info["allow"]) == (["pkg==2.0"], ["pkg", "*.whl"])
+    for ix in ("alice/dev", "alice/prod"):
+        assert installed(srv, ix, "pkg", tmp_path / "c" / ix) == "1.0"
+    page = http(srv.url, path="/root", headers={"Accept": "text/html"}).body.decode()
+    assert "Server-wide rules" in page and "pkg==2.0" in page
+    code, out = d("user", "-m", "root", "allow=a/b*", check=False)
+    assert code != 0 and "a/b*" in out, out
+    d("user", "-m", "root", "block=", "allow=")
+    assert installed(srv, "alice/prod", "pkg", tmp_path / "d") == "2.0"
+
+
+@pytest.fixture
+def confusion(upstream, tmp_path, make_server):
+    """The dependency-confusion attack: upstream offers acme-secret 99.0, alice/dev holds
+    the real acme-secret 1.0; alice/app reads alice/dev and root/pypi (which mirrors the
+    fake upstream) and whitelists every project of the mirror."""
+    (tmp_path / "up").mkdir()
+    upstream.add(make_wheel(tmp_path / "up", "acme-secret", "98.0"))
+    upstream.add(make_wheel(tmp_path / "up", "acme-secret", "99.0"))
+    srv = make_server(tmp_path / "srv", root_password="rootpw",
+                      mirror_url=upstream.url + "/simple/", mirror_timeouts=(2, 1))
+    srv.create_user("alice", "secret")
+    srv.create_user("bob", "secret")
+    srv.create_index("alice/dev")
+    srv.create_index("bob/dev")
+    srv.upload("alice/dev", make_wheel(tmp_path, "acme-secret", "1.0"))
+    srv.create_index("alice/app", bases=["alice/dev", "root/pypi"], mirror_whitelist=["*"])
+    return srv
+
+
+def test_a_reserved_namespace_stops_dependency_confusion(confusion, upstream, tmp_path):
+    srv, root = confusion, ("root", "rootpw")
+    # without the reservation the attack works: the whitelist lets upstream's 99.0 in
+    assert installed(srv, "alice/app", "acme-secret", tmp_path / "attacked") == "99.0"
+    fetched = upstream.count("/files/acme_secret-99.0-py3-none-any.whl")
+    d = Devpi(tmp_path / "client")  # as the README says it
+    d("use", srv.url)
+    d("login", "root", "--password", "rootpw")
+    d("user", "-m", "root", "reserved_namespaces=acme=alice/dev")
+    assert api(srv.url, path="/root").json()["result"]["reserved_namespaces"] == [
+        "acme=alice/dev"]
+    pages = upstream.count("/simple/acme-secret/")
+    assert pages > 0
+    for tool in ("pip", "uv"):
+        assert installed(srv, "alice/app", "acme-secret", tmp_path / tool, tool) == "1.0"
+    # the mirror offers none of it, whatever a whitelist says, and its file URLs refuse
+    r = http(srv.url, path="/root/pypi/+simple/acme-secret/")
+    assert r.status == 404 and "reserved for alice/dev" in r.body.decode(), r
+    code, out = pip("install", "--target", str(tmp_path / "no"), "--index-url",
+                    srv.index_url("root/pypi"), "acme-secret", check=False)
+    assert code != 0, out
+    assert upstream.count("/simple/acme-secret/") == pages  # (the name stays here)
+    wheel = sha256_file(str(tmp_path / "up" / "acme_secret-99.0-py3-none-any.whl"))
+    r = http(srv.url, path="/root/pypi/+f/%s/%s/acme_secret-99.0-py3-none-any.whl"
+             % (wheel[:3], wheel[3:16]))
+    assert r.status == 403 and "alice/dev" in r.json()["message"], r  # (kept: refused)
+    assert upstream.count("/files/acme_secret-99.0-py3-none-any.whl") == fetched
+    wheel = sha256_file(str(tmp_path / "up" / "acme_secret-98.0-py3-none-any.whl"))
+    r = http(srv.url, path="/root/pypi/+f/%s/%s/acme_secret-98.0-py3-none-any.whl"
+             % (wheel[:3], wheel[3:16]))
+    assert r.status == 403 and "alice/dev" in r.json()["message"], r  # (not kept)
+    assert upstream.count("/files/acme_secret-98.0-py3-none-any.whl") == 0
+    assert upstream.count("/simple/acme-secret/") == pages
+    # only the named index takes uploads of the namespace (the prefix itself, acme-*)
+    for name in ("acme-x", "acme", "Acme_Tools"):
+        r = upload_form(srv.url, "bob/dev", str(make_wheel(tmp_path, name, "1.0")),
+                        auth=("bob", "secret"))
+        assert r.status == 403 and "alice/dev" in r.reason + r.body.decode(), (name, r)
+    r = upload_form(srv.url, "bob/dev", str(make_wheel(tmp_path, "acmex", "1.0")),
+                    auth=("bob", "secret"))
+    assert r.status == 200, r
+    srv.upload("alice/dev", make_wheel(tmp_path, "acme-x", "1.0"))
+    # nor does a push bring it elsewhere
+    r = api(srv.url, "POST", "/alice/dev", auth=root, json_body={
+        ":action": "push", "name": "acme-x", "version": "1.0", "targetindex": "bob/dev"})
+    assert r.status == 403 and "alice/dev" in r.json()["message"], r
+    # only root sets it
+    r = api(srv.url, "PATCH", "/bob", auth=("bob", "secret"),
+            json_body={"reserved_namespaces": "acmex=bob/dev"})
+    assert r.status == 403, r
+    for bad in ("acme", "acme=alice", "a b=alice/dev", "acme=alice/dev/x"):
+        r = api(srv.url, "PATCH", "/root", auth=root, json_body={"reserved_namespaces": bad})
+        assert r.status == 400 and bad in r.json()["message"], (bad, r)
+
+
+def test_export_and_import_keep_the_policies(confusion, tmp_path, make_server):
+    srv, root = confusion, ("root", "rootpw")
+    api(srv.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+        json_body=["block=pkg>=2,<3,*.exe", "allow=acme-secret"])
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["block=evil"])
+    api(srv.url, "PATCH", "/root", auth=root, json_body={
+        "reserved_namespaces": "acme=alice/dev", "block": "urllib3==2.2.0"})
+    srv.stop()
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "srv"))
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "back"))
+    with make_server(tmp_path / "back") as back:
+        config = api(back.url, path="/alice/dev").json()["result"]
+        assert (config["block"], config["allow"]) == (["pkg>=2,<3", "*.exe"], ["acme-secret"])
+        assert api(back.url, path="/root/pypi").json()["result"]["block"] == ["evil"]
+        info = api(back.url, path="/root").json()["result"]
+        assert info["reserved_namespaces"] == ["acme=alice/dev"]
+        assert info["block"] == ["urllib3==2.2.0"]
+        assert http(back.url, path="/root/pypi/+simple/acme-secret/").status == 404
+    # the real devpi-server takes them and keeps them (it does not apply them)
+    run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
+         str(tmp_path / "dump")])
+    run([need("devpi-export"), "--serverdir", str(tmp_path / "devpi"), str(tmp_path / "theirs")])
+    theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
+    config = theirs["indexes"]["alice/dev"]["indexconfig"]
+    assert (config["block"], config["allow"]) == (["pkg>=2,<3", "*.exe"], ["acme-secret"])
+    assert theirs["users"]["root"]["reserved_namespaces"] == ["acme=alice/dev"]
+    # a dump is untrusted: a bad rule is refused, and another user's are not taken
+    dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
+    dump["users"]["root"]["block"] = ["bad name"]
+    (tmp_path / "dump" / "dataindex.json").write_text(json.dumps(dump))
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad"),
+                    check=False)
+    assert code != 0 and "bad name" in out, out
+    dump["users"]["root"]["block"] = []
+    dump["users"]["bob"]["reserved_namespaces"] = ["acme=bob/dev"]
+    (tmp_path / "dump" / "dataindex.json").write_text(json.dumps(dump))
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "other"))
+    with make_server(tmp_path / "other") as other:
+        assert "reserved_namespaces" not in api(other.url, path="/bob").json()["result"]
 
 
 # -- the upstream client: kept-alive connections, gzip, concurrency, first bytes ------
