@@ -7963,6 +7963,10 @@ def http_date(ts):
     return email.utils.formatdate(ts, usegmt=True)
 
 
+# Bytes of rendered pages kept in memory (PageCache); a page of more than a quarter of it
+# (a project list of some 200k projects) is streamed as it is made, not kept.
+PAGE_CACHE_BYTES = 32 * 1024 * 1024
+
 # Pages are gzipped once per change, at nginx's default level: a large mirrored page
 # (5,600 files, 2 MB of JSON) takes 25 ms at level 1 against 55 ms at 6, for 11% more bytes;
 # a cold page's first answer waits for it.
@@ -7991,10 +7995,10 @@ class PageCache:
     from (its validator). A page larger than a quarter of ``max_bytes`` is not kept (it
     would push out all others): a listing that large streams (App.listing_response)."""
 
-    def __init__(self, max_bytes=32 * 1024 * 1024):
+    def __init__(self, max_bytes=None):
         import collections
         self.pages = collections.OrderedDict()
-        self.max_bytes = max_bytes
+        self.max_bytes = PAGE_CACHE_BYTES if max_bytes is None else max_bytes
         self.size = 0
         self.lock = threading.Lock()
         self.gen_config = 0
