@@ -4519,12 +4519,13 @@ class Model:
     def user_exists(self, name):
         return self.get_user_row(name) is not None
 
-    def user_info(self, name, with_indexes=True, actor=None):
-        """A user's config and (``with_indexes``) the indexes ``actor`` may read."""
+    def user_info(self, name, with_indexes=True, actor=None, offset=0, limit=-1):
+        """A user's config and (``with_indexes``) the indexes ``actor`` may read (of
+        ``limit`` of them from ``offset`` on, by name; -1: all)."""
         self.check_listing(actor)
-        return self._user_info(name, with_indexes, actor)
+        return self._user_info(name, with_indexes, actor, offset, limit)
 
-    def _user_info(self, name, with_indexes=True, actor=None):
+    def _user_info(self, name, with_indexes=True, actor=None, offset=0, limit=-1):
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -4534,9 +4535,27 @@ class Model:
         if row["modified"]:
             info["modified"] = row["modified"]
         if with_indexes:
-            info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
-                               for ix in self.user_indexes(name) if self.may_read(actor, ix)}
+            readable = self.readable_indexes(name, actor)
+            info["indexes"] = {ix.name: self.shown_config(ix.config, actor) for ix in (
+                readable[offset:] if limit < 0 else readable[offset:offset + limit])}
         return info
+
+    def readable_indexes(self, user, actor):
+        """The indexes of ``user`` that ``actor`` may read, by name."""
+        return [ix for ix in self.user_indexes(user) if self.may_read(actor, ix)]
+
+    def users_page(self, actor, offset, limit):
+        """(the number of users, {name: user_info} of ``limit`` users from ``offset`` on, by
+        name, with at most ``limit`` of their indexes each, and [(user, number of
+        indexes)] of those who have more): a page of a list of users of any length."""
+        self.check_listing(actor)
+        c = self.store.conn()
+        total = c.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+        names = [r[0] for r in c.execute("SELECT name FROM users ORDER BY name LIMIT ? "
+                                         "OFFSET ?", (limit, offset))]
+        more = [(n, k) for n in names for k in [len(self.readable_indexes(n, actor))]
+                if k > limit]
+        return total, {n: self._user_info(n, actor=actor, limit=limit) for n in names}, more
 
     def list_users(self, actor=None):
         """Every user with the indexes ``actor`` may read."""
@@ -8331,7 +8350,7 @@ def render_simple_project(norm, display, files, versions, fmt, href, status=None
 # https images.
 
 WEB_BROWSER_TYPES = ("text/html", "application/xhtml+xml")
-WEB_PAGE_SIZE = 100  # projects an index page lists at a time
+WEB_PAGE_SIZE = 100  # rows a web page lists at a time: projects, users, a user's indexes
 WEB_SEARCH_LIMIT = 50
 WEB_STATIC_CACHE_CONTROL = "public, max-age=3600"
 
@@ -8584,8 +8603,25 @@ def _web_index_cards(prefix, user, indexes):
     return "".join(out)
 
 
-def render_web_root(prefix, users):
-    """The root page: every user (``list_users``) and their indexes."""
+def web_pager(page, total):
+    """The links to the previous and next page of a list of ``total`` shown WEB_PAGE_SIZE at a
+    time, at ``page`` (none for a list of one page)."""
+    npages = max(1, (total + WEB_PAGE_SIZE - 1) // WEB_PAGE_SIZE)
+    if npages <= 1:
+        return ""
+    links = []
+    if page > 1:
+        links.append('<a href="?page=%d">&larr; previous</a>' % (page - 1))
+    links.append('<span class="muted">page %d of %d</span>' % (page, npages))
+    if page < npages:
+        links.append('<a href="?page=%d">next &rarr;</a>' % (page + 1))
+    return '<div class="pager">%s</div>' % "".join(links)
+
+
+def render_web_root(prefix, users, page=1, total=None, more=()):
+    """The root page: a page of the users (``Model.users_page``) and their indexes, with
+    links to their own pages for users with ``more`` [(user, count)] indexes."""
+    more = dict(more)
     body = ['<h1>Indexes</h1><p class="lead">Every user of this server and their indexes.'
             '</p>']  # (searching: the box in the header, as on every page)
     for name, info in sorted(users.items()):
@@ -8596,10 +8632,16 @@ def render_web_root(prefix, users):
         indexes = info.get("indexes") or {}
         body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
                     if indexes else '<p class="muted">no indexes</p>')
+        if name in more:
+            body.append('<p><a href="%s">all %d indexes of %s</a></p>' % (
+                web_href(prefix, name), more[name], _e(name)))
+    body.append(web_pager(page, len(users) if total is None else total))
     return web_document("minidevpi", "".join(body), prefix)
 
 
-def render_web_user(prefix, info):
+def render_web_user(prefix, info, page=1, total=None):
+    """A user's page: ``info`` (``Model.user_info``) with a page of the indexes of
+    ``total``."""
     name = info["username"]
     body = ["<h1>%s</h1>" % _e(name)]
     if info.get("title"):
@@ -8609,6 +8651,7 @@ def render_web_user(prefix, info):
     indexes = info.get("indexes") or {}
     body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
                 if indexes else '<p class="muted">no indexes</p>')
+    body.append(web_pager(page, len(indexes) if total is None else total))
     return web_document(name, "".join(body), prefix, [(name, None)])
 
 
@@ -8660,7 +8703,6 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
     body.append("<dt>volatile</dt><dd>%s</dd></dl>" % (
         "yes (releases can be overwritten and removed)" if config.get("volatile", True)
         else "no (releases stay as uploaded)"))
-    npages = max(1, (total + WEB_PAGE_SIZE - 1) // WEB_PAGE_SIZE)
     body.append("<h2>Projects <span class=\"muted\">(%d%s)</span></h2>" % (
         total, ", kept locally" if kind == "mirror" else ""))
     if projects:
@@ -8677,14 +8719,7 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
     else:
         body.append('<p class="muted">no projects%s</p>' % (
             " kept locally yet" if kind == "mirror" else ""))
-    if npages > 1:
-        links = []
-        if page > 1:
-            links.append('<a href="?page=%d">&larr; previous</a>' % (page - 1))
-        links.append('<span class="muted">page %d of %d</span>' % (page, npages))
-        if page < npages:
-            links.append('<a href="?page=%d">next &rarr;</a>' % (page + 1))
-        body.append('<div class="pager">%s</div>' % "".join(links))
+    body.append(web_pager(page, total))
     return web_document(path, "".join(body), prefix, _index_crumbs(prefix, path),
                         search=("", path))
 
@@ -9202,19 +9237,36 @@ class WebPages:
             return False
         return self.model.may_read(req.actor, ix)
 
-    def web_root(self, req):
-        return self.web_cached(req, ("root",), self.store.serial, lambda: render_web_root(
-            self.web_prefix(req), self.model.list_users(actor=req.actor)))
-
-    def web_user(self, req, user):
-        return self.web_cached(req, ("user", user), self.store.serial, lambda: render_web_user(
-            self.web_prefix(req), self.model.user_info(user, actor=req.actor)))
-
-    def web_index(self, req, ix):
+    @staticmethod
+    def web_page_number(req):
+        """The page of a list a request asks for (?page=N, from 1)."""
         try:
-            page = max(1, min(int((req.query.get("page") or ["1"])[0]), 10 ** 6))
+            return max(1, min(int((req.query.get("page") or ["1"])[0]), 10 ** 6))
         except ValueError:
             raise bad_request("page must be a number")
+
+    def web_root(self, req):
+        page = self.web_page_number(req)
+
+        def render():
+            total, users, more = self.model.users_page(req.actor, (page - 1) * WEB_PAGE_SIZE,
+                                                       WEB_PAGE_SIZE)
+            return render_web_root(self.web_prefix(req), users, page, total, more)
+        return self.web_cached(req, ("root", page), self.store.serial, render)
+
+    def web_user(self, req, user):
+        page = self.web_page_number(req)
+        m = self.model
+
+        def render():
+            info = m.user_info(user, actor=req.actor, offset=(page - 1) * WEB_PAGE_SIZE,
+                               limit=WEB_PAGE_SIZE)
+            return render_web_user(self.web_prefix(req), info, page,
+                                   len(m.readable_indexes(user, req.actor)))
+        return self.web_cached(req, ("user", user, page), self.store.serial, render)
+
+    def web_index(self, req, ix):
+        page = self.web_page_number(req)
         m = self.model
 
         def render():

@@ -9002,6 +9002,50 @@ def test_web_pages_are_cached_with_etags_and_change_with_uploads(alice, tmp_path
                                                                            cached_ms))
 
 
+def test_root_and_user_pages_are_paged_as_each_reader_may_see_them(alice):
+    """The root page lists the users a page at a time, each with at most a page of indexes
+    and a link to the rest; a user's page lists a page of indexes at a time; the indexes a
+    reader may not read are neither shown nor counted."""
+    m = alice.model
+    for i in range(230):
+        m.create_user("root", "user-%03d" % i, {"password": "pw"}, hash_soon=True)
+    for i in range(110):
+        alice.create_index("alice/ix-%03d" % i)
+    for i in range(5):
+        alice.create_index("alice/private-%d" % i, acl_read="alice")
+    users = sorted(["alice", "root"] + ["user-%03d" % i for i in range(230)])
+    auth = {"Authorization": basic_auth("alice", "secret")}
+
+    def user_links(page):
+        return list(dict.fromkeys(  # (alice's twice: her heading, the link to the rest)
+            h[1:] for h in page.links() if re.match(r"^/(alice|root|user-\d+)$", h or "")))
+
+    first = assert_web_page(browse(alice.url, "/"))
+    assert user_links(first) == users[:100]
+    assert "?page=2" in first.links() and "page 1 of 3" in " ".join(first.text)
+    # alice's card: a page of her indexes (the private ones not among them), then a link
+    cards = [h for h in first.links() if re.match(r"^/alice/[^/]+$", h or "")]
+    assert cards == ["/alice/dev"] + ["/alice/ix-%03d" % i for i in range(99)], cards[-3:]
+    assert "all 111 indexes of alice" in " ".join(first.text)
+    assert "all 116 indexes of alice" in " ".join(assert_web_page(
+        browse(alice.url, "/", **auth)).text)
+    last = assert_web_page(browse(alice.url, "/?page=3"))
+    assert user_links(last) == users[200:] and "?page=4" not in last.links()
+    assert assert_web_page(browse(alice.url, "/?page=x"), 400)
+    # alice's own page, anonymously and as alice
+    for headers, names in (({}, ["dev"] + ["ix-%03d" % i for i in range(110)]),
+                           (auth, ["dev"] + ["ix-%03d" % i for i in range(110)] +
+                            ["private-%d" % i for i in range(5)])):
+        shown = []
+        for page in (1, 2):
+            p = assert_web_page(browse(alice.url, "/alice?page=%d" % page, **headers))
+            shown += [h.split("/")[2] for h in p.links() if re.match(r"^/alice/[^/]+$", h or "")]
+            assert "page %d of 2" % page in " ".join(p.text)
+        assert shown == names
+    # the API's list of users is whole, as devpi-client reads it
+    assert sorted(api(alice.url, path="/").json()["result"]) == users
+
+
 def test_index_page_is_paged_and_a_mirror_shows_what_it_keeps(alice, tmp_path):
     m = alice.model
     ix = m.get_index("alice/dev")
