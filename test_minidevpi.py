@@ -203,6 +203,16 @@ def upload_form(url, index, path, auth, fields=None, filename=None, data=None, h
                 headers=dict(headers or {}, **{"Content-Type": ctype}), auth=auth)
 
 
+def recv_until_closed(sock):
+    """All a socket receives until the other side closes it."""
+    out = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return out
+        out += data
+
+
 def free_port():
     """A port of 127.0.0.1 that nothing listens on now: for a server to take, or to stand
     for a closed port."""
@@ -6211,12 +6221,7 @@ def test_project_lists_are_kept_or_streamed_as_each_reader_may_see_them(make_ser
     # HTTP/1.0 has no chunked coding: the list ends with the connection
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
         s.sendall(b"GET /alice/dev/+simple/ HTTP/1.0\r\nAccept: text/html\r\n\r\n")
-        raw = b""
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            raw += data
+        raw = recv_until_closed(s)
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"chunked" not in head.lower() and body.endswith(b"</body></html>\n")
     assert body.count(b"<a href=") == len(mine) + 1
@@ -6658,12 +6663,7 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path, 
         for i in range(0, len(body), 4096):
             s.sendall(body[i:i + 4096])
             time.sleep(0.25)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = recv_until_closed(s)
         s.close()
         assert statuses(reply) == [200], reply[:300]
 
