@@ -8096,6 +8096,92 @@ class PageCache:
         return page
 
 
+# Listings too large for the page cache kept as files (ListingFiles): a 1M-project index's
+# /+simple/ is 39 MB of HTML; its HTML and JSON, and the index JSON, root's and others'
+LISTINGS_KEPT = 8
+LISTING_FILE_GRACE = 30  # seconds a replaced listing file stays for answers about to send it
+
+
+class KeptListing:
+    __slots__ = ("validator", "path", "size")
+
+    def __init__(self, validator, path, size):
+        self.validator = validator
+        self.path = path
+        self.size = size
+
+
+class ListingFiles:
+    """Listings too large to keep in memory (PageCache.page_max), kept as files in the
+    server's temporary directory (emptied at each start) while their validators hold: the
+    first request after a change streams the listing as it is made and writes it on the
+    way (``tee``); the next ones are sent from the file by the kernel. At most
+    LISTINGS_KEPT, the least recently used go first; a file replaced or dropped is
+    removed LISTING_FILE_GRACE seconds later (an answer may be about to open it)."""
+
+    def __init__(self, tmp_dir):
+        import collections
+        self.tmp_dir = tmp_dir
+        self.files = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.dropped = []  # (when, path)
+
+    def get(self, key, validator):
+        with self.lock:
+            kept = self.files.get(key)
+            if kept is None or kept.validator != validator:
+                return None
+            self.files.move_to_end(key)
+            return kept
+
+    def tee(self, key, validator, chunks):
+        """``chunks`` as they come, written to a file on the way that is kept for ``key``
+        once all came (not if the client left, or the disk failed, before)."""
+        try:
+            fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="listing-")
+            out = os.fdopen(fd, "wb")
+        except OSError:
+            out = path = None
+        size = 0
+        try:
+            for chunk in chunks:
+                if out is not None:
+                    try:
+                        out.write(chunk)
+                        size += len(chunk)
+                    except OSError:
+                        out.close()
+                        out = None
+                yield chunk
+            if out is not None:
+                out.close()
+                out = None
+                self._keep(key, KeptListing(validator, path, size))
+                path = None
+        finally:
+            if out is not None:
+                out.close()
+            if path is not None:
+                _unlink_quiet(path)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _keep(self, key, kept):
+        now = time.monotonic()
+        with self.lock:
+            old = self.files.pop(key, None)
+            if old is not None:
+                self.dropped.append((now, old.path))
+            self.files[key] = kept
+            while len(self.files) > LISTINGS_KEPT:
+                self.dropped.append((now, self.files.popitem(last=False)[1].path))
+            due = [p for t, p in self.dropped if now - t > LISTING_FILE_GRACE]
+            self.dropped = [(t, p) for t, p in self.dropped if now - t <= LISTING_FILE_GRACE]
+        for p in due:
+            _unlink_quiet(p)
+
+
 JSON_MAX_BODY = 1024 * 1024  # every JSON body of devpi's API is far smaller
 # a login body is a few hundred bytes; before any credentials are checked, JSON bodies are
 # held this small (a 10 MiB body of "[{},{},...]" takes some 260 MB as Python objects)
@@ -9748,6 +9834,7 @@ class App(WebPages):
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
+        self.listing_files = ListingFiles(self.store.tmp_dir)
         model.on_change(self.pages.changed)
         self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
         self._doc_cache_lock = threading.Lock()
@@ -10834,9 +10921,10 @@ class App(WebPages):
     def listing_response(self, req, key, validator, content_type, chunks, shared=True):
         """The answer of a listing that may be of any size (``chunks()``: its bytes, made as
         they are sent): kept in the page cache while ``validator`` holds, as a project
-        page is, when it is small enough to keep (PageCache.page_max); else streamed (in
-        chunked transfer coding) as it is made, in bounded memory, with an ETag of what it
-        is made from, so that a client holding it gets its 304 without a byte made."""
+        page is, when it is small enough to keep (PageCache.page_max); else kept in a file
+        (ListingFiles), streamed in chunked transfer coding as it is made and written, in
+        bounded memory, the first time. Its ETag is then of what it is made from, so that
+        a client holding it gets its 304 without a byte made."""
         page = self.pages.get(key, validator)
         if page is not None:
             return self.page_response(req, page, shared)
@@ -10848,6 +10936,12 @@ class App(WebPages):
         inm = req.headers.get("If-None-Match")
         if inm and etag in [t.strip() for t in inm.split(",")]:
             return Response(304, b"", headers)
+        resp = Response(200, b"", headers)
+        kept = self.listing_files.get(key, validator)
+        if kept is not None:
+            resp.file_path = kept.path
+            resp.file_size = kept.size
+            return resp
         made = iter(chunks())
         held, size = [], 0
         for chunk in made:
@@ -10867,8 +10961,7 @@ class App(WebPages):
                     yield chunk
             finally:
                 made.close()
-        resp = Response(200, b"", headers)
-        resp.stream = stream()
+        resp.stream = self.listing_files.tee(key, validator, stream())
         resp.file_size = None  # (not known before the end: chunked)
         return resp
 

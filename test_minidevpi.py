@@ -6164,8 +6164,8 @@ def listed_names(r):
 def test_project_lists_are_kept_or_streamed_as_each_reader_may_see_them(make_server,
                                                                       monkeypatch):
     """An index's /+simple/ list unions its bases as its reader may read them, whether it is
-    small enough to keep (Content-Length) or so large it streams as it is made (chunked,
-    bounded memory): a reader who may not read a base never sees its names, not from a
+    small enough to keep in memory or so large it streams as it is made (chunked, bounded
+    memory) and is sent from a file after that: a reader who may not read a base never sees its names, not from a
     page another reader's request left in the cache, not by sending that reader's ETag; a
     reader's own ETag gets a 304 until a project comes."""
     monkeypatch.setattr(minidevpi, "PAGE_CACHE_BYTES", 64 * 1024)  # lists > 16 KiB stream
@@ -6191,6 +6191,11 @@ def test_project_lists_are_kept_or_streamed_as_each_reader_may_see_them(make_ser
         r = http(srv.url, path="/alice/dev/+simple/", headers=accept, auth=alice)
         assert r.status == 200 and r.header("transfer-encoding") == "chunked", r
         assert listed_names(r) == sorted(set(mine + hidden))
+        # written on the way: the next answer is the file (its length known)
+        kept = http(srv.url, path="/alice/dev/+simple/", headers=accept, auth=alice)
+        assert kept.header("transfer-encoding") is None and kept.body == r.body
+        assert int(kept.header("content-length")) == len(r.body)
+        assert kept.header("etag") == r.header("etag")
         anon = http(srv.url, path="/alice/dev/+simple/", headers=accept)
         assert anon.status == 200 and anon.header("transfer-encoding") == "chunked", anon
         assert listed_names(anon) == sorted(mine)
