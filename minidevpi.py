@@ -8103,12 +8103,14 @@ LISTING_FILE_GRACE = 30  # seconds a replaced listing file stays for answers abo
 
 
 class KeptListing:
-    __slots__ = ("validator", "path", "size")
+    __slots__ = ("validator", "path", "size", "gz_path", "gz_size")
 
-    def __init__(self, validator, path, size):
+    def __init__(self, validator, path, size, gz_path=None, gz_size=0):
         self.validator = validator
         self.path = path
         self.size = size
+        self.gz_path = gz_path  # its gzip twin (PAGE_GZIP_LEVEL), or None
+        self.gz_size = gz_size
 
 
 class ListingFiles:
@@ -8135,47 +8137,61 @@ class ListingFiles:
             return kept
 
     def tee(self, key, validator, chunks):
-        """``chunks`` as they come, written to a file on the way that is kept for ``key``
-        once all came (not if the client left, or the disk failed, before)."""
+        """``chunks`` as they come, written on the way to a file and its gzip twin that
+        are kept for ``key`` once all came (not if the client left, or the disk failed,
+        before)."""
+        paths, outs = [], []
         try:
-            fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="listing-")
-            out = os.fdopen(fd, "wb")
+            for _ in range(2):
+                fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="listing-")
+                paths.append(path)
+                outs.append(os.fdopen(fd, "wb"))
+            outs.append(gzip.GzipFile(fileobj=outs[1], mode="wb",
+                                      compresslevel=PAGE_GZIP_LEVEL, mtime=0))
         except OSError:
-            out = path = None
-        size = 0
+            outs = self._closed(outs)
         try:
             for chunk in chunks:
-                if out is not None:
+                if outs:
                     try:
-                        out.write(chunk)
-                        size += len(chunk)
+                        outs[0].write(chunk)
+                        outs[2].write(chunk)
                     except OSError:
-                        out.close()
-                        out = None
+                        outs = self._closed(outs)
                 yield chunk
-            if out is not None:
-                out.close()
-                out = None
-                self._keep(key, KeptListing(validator, path, size))
-                path = None
+            if outs:
+                size = outs[0].tell()
+                outs[2].close()
+                gz_size = outs[1].tell()
+                outs = self._closed(outs)
+                self._keep(key, KeptListing(validator, paths[0], size, paths[1], gz_size))
+                paths = []
         finally:
-            if out is not None:
-                out.close()
-            if path is not None:
+            self._closed(outs)
+            for path in paths:
                 _unlink_quiet(path)
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
 
+    @staticmethod
+    def _closed(outs):
+        for f in reversed(outs):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return []
+
     def _keep(self, key, kept):
         now = time.monotonic()
         with self.lock:
             old = self.files.pop(key, None)
-            if old is not None:
-                self.dropped.append((now, old.path))
+            gone = [old] if old is not None else []
             self.files[key] = kept
             while len(self.files) > LISTINGS_KEPT:
-                self.dropped.append((now, self.files.popitem(last=False)[1].path))
+                gone.append(self.files.popitem(last=False)[1])
+            self.dropped.extend((now, p) for g in gone for p in (g.path, g.gz_path) if p)
             due = [p for t, p in self.dropped if now - t > LISTING_FILE_GRACE]
             self.dropped = [(t, p) for t, p in self.dropped if now - t <= LISTING_FILE_GRACE]
         for p in due:
@@ -10934,13 +10950,20 @@ class App(WebPages):
                    ("Cache-Control", PAGE_CACHE_CONTROL if shared
                     else PRIVATE_PAGE_CACHE_CONTROL)]
         inm = req.headers.get("If-None-Match")
-        if inm and etag in [t.strip() for t in inm.split(",")]:
-            return Response(304, b"", headers)
+        # (the gzip twin of a kept file: the same listing, its own ETag, as page_response)
+        etag_gz = etag[:-1] + '-gz"'
+        for tag in (etag, etag_gz):
+            if inm and tag in [t.strip() for t in inm.split(",")]:
+                headers[1] = ("ETag", tag)
+                return Response(304, b"", headers)
         resp = Response(200, b"", headers)
         kept = self.listing_files.get(key, validator)
         if kept is not None:
-            resp.file_path = kept.path
-            resp.file_size = kept.size
+            resp.file_path, resp.file_size = kept.path, kept.size
+            if kept.gz_path and "gzip" in (req.headers.get("Accept-Encoding") or ""):
+                resp.file_path, resp.file_size = kept.gz_path, kept.gz_size
+                headers[1] = ("ETag", etag_gz)
+                headers.append(("Content-Encoding", "gzip"))
             return resp
         made = iter(chunks())
         held, size = [], 0

@@ -6196,6 +6196,11 @@ def test_project_lists_are_kept_or_streamed_as_each_reader_may_see_them(make_ser
         assert kept.header("transfer-encoding") is None and kept.body == r.body
         assert int(kept.header("content-length")) == len(r.body)
         assert kept.header("etag") == r.header("etag")
+        gz = http(srv.url, path="/alice/dev/+simple/", auth=alice,
+                  headers=dict(accept, **{"Accept-Encoding": "gzip"}))
+        assert gz.header("content-encoding") == "gzip" and gzip.decompress(gz.body) == r.body
+        assert http(srv.url, path="/alice/dev/+simple/", auth=alice, headers=dict(
+            accept, **{"If-None-Match": gz.header("etag")})).status == 304
         anon = http(srv.url, path="/alice/dev/+simple/", headers=accept)
         assert anon.status == 200 and anon.header("transfer-encoding") == "chunked", anon
         assert listed_names(anon) == sorted(mine)
