@@ -7983,8 +7983,8 @@ def http_date(ts):
 
 
 # Bytes of rendered pages kept in memory (PageCache); a page of more than a quarter of it
-# (a project list of some 200k projects) is streamed as it is made, not kept.
-PAGE_CACHE_BYTES = 32 * 1024 * 1024
+# (a project list of some 100k projects) is kept in a file instead (ListingFiles).
+PAGE_CACHE_BYTES = 16 * 1024 * 1024
 
 # Pages are gzipped once per change, at nginx's default level: a large mirrored page
 # (5,600 files, 2 MB of JSON) takes 25 ms at level 1 against 55 ms at 6, for 11% more bytes;
@@ -10970,7 +10970,7 @@ class App(WebPages):
         for chunk in made:
             held.append(chunk)
             size += len(chunk)
-            if size > self.pages.page_max:
+            if size > self.pages.page_max // 2:  # (what the cache keeps: it and its gzip)
                 break
         else:
             return self.page_response(req, self.pages.put(key, validator, b"".join(held),
