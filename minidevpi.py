@@ -4553,9 +4553,13 @@ class Model:
         total = c.execute("SELECT COUNT(*) FROM users").fetchone()[0]
         names = [r[0] for r in c.execute("SELECT name FROM users ORDER BY name LIMIT ? "
                                          "OFFSET ?", (limit, offset))]
-        more = [(n, k) for n in names for k in [len(self.readable_indexes(n, actor))]
-                if k > limit]
-        return total, {n: self._user_info(n, actor=actor, limit=limit) for n in names}, more
+        users, more = {}, []
+        for n in names:
+            users[n] = self._user_info(n, actor=actor, limit=limit)
+            count = len(self.readable_indexes(n, actor))
+            if count > limit:
+                more.append((n, count))
+        return total, users, more
 
     def list_users(self, actor=None):
         """Every user with the indexes ``actor`` may read."""
@@ -10204,7 +10208,7 @@ class App(WebPages):
             yield head.encode()
             sep, batch = "[\n      ", []
             for norm in m.project_listing(ix, req.actor, ignore_bases=True):
-                batch.append(json.encoder.encode_basestring(norm))
+                batch.append(json.encoder.encode_basestring_ascii(norm))  # (as dumps)
                 if len(batch) >= LISTING_BATCH:
                     yield (sep + ",\n      ".join(batch)).encode()
                     sep, batch = ",\n      ", []
