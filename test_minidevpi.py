@@ -2809,7 +2809,7 @@ def walks_of_growing_tables(db_path, statements):
                 except sqlite3.ProgrammingError:  # (an expanded statement with a '?' in it)
                     continue
             for line in plan:
-                m = re.match(r"(SCAN|SEARCH) (\w+)", line)
+                m = re.match(r"(SCAN|SEARCH)(?: TABLE)? (\w+)", line)  # (TABLE: SQLite < 3.36)
                 if m and m.group(2) in GROWING_TABLES and (
                         m.group(1) == "SCAN" or line.endswith("(index_id=?)")):
                     found.append((sql, line))
