@@ -31,8 +31,9 @@ The file reads top to bottom in sections; each builds only on those above it:
                      the one walk through bases, releases, files, push, change listeners
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
-    7  HTTP          simple pages from data, route table, negotiation, page cache, request
-                     bodies and deadlines, handler, threading server
+    7  HTTP          simple pages from data, route table, negotiation, page cache (and
+                     files for listings too large for it), request bodies and deadlines,
+                     handler, threading server
     7b web pages     (within 7, before its route table) HTML for browsers at the API's
                      URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
