@@ -32,8 +32,9 @@ The file reads top to bottom in sections; each builds only on those above it:
                      through bases, releases, files, push, change listeners
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
-    7  HTTP          simple pages from data, route table, negotiation, page cache, request
-                     bodies and deadlines, handler, threading server
+    7  HTTP          simple pages from data, route table, negotiation, page cache (and
+                     files for listings too large for it), request bodies and deadlines,
+                     handler, threading server
     7b web pages     (within 7, before its route table) HTML for browsers at the API's
                      URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
@@ -56,6 +57,7 @@ import fnmatch
 import functools
 import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import html.parser
@@ -103,7 +105,7 @@ TOXRESULTS_KEPT = 10
 DEVPI_API_VERSION = "2"
 DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "minidevpi.sqlite3"
 SECRET_NAME = "secret"
 LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
@@ -2728,6 +2730,9 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_version ON files(version_id);
 CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE INDEX IF NOT EXISTS files_core_metadata ON files(core_metadata);
+-- (schema 4) a release file's tox results, found without a walk of the index's files
+CREATE INDEX IF NOT EXISTS files_for_filename ON files(for_filename)
+    WHERE for_filename IS NOT NULL;
 CREATE TABLE IF NOT EXISTS mirror_pages (  -- cached upstream project pages (a cache)
     index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
     project TEXT NOT NULL,          -- normalised
@@ -3214,8 +3219,10 @@ class SearchIndex:
                 chunk = names[i:i + 500]
                 marks = ",".join("?" * len(chunk))
                 c.execute("DELETE FROM search WHERE name IN (%s)" % marks, chunk)
+                # (by index: the projects table's key is (index_id, name), not name)
                 self._write_rows(c, [r[0] for r in c.execute(
-                    "SELECT id FROM projects WHERE name IN (%s)" % marks, chunk)])
+                    "SELECT id FROM projects WHERE index_id IN (SELECT id FROM indexes) "
+                    "AND name IN (%s)" % marks, chunk)])
         except sqlite3.Error as e:
             # derived rows never cost the change itself: it commits, the rows are rebuilt
             # when the server next opens the directory
@@ -4887,7 +4894,8 @@ class Model:
     def on_change(self, fn):
         """Call ``fn(config, project_set, projects, kept)`` after each commit that changed
         what pages show: any index's config (``config``), which projects exist
-        (``project_set``), the releases of the (normalised) ``projects``, or only which
+        (``project_set``: True for any index, else the ids of the indexes whose projects
+        came or went), the releases of the (normalised) ``projects``, or only which
         files a mirror keeps of the ``kept`` projects, files its simple pages already list
         as they are (the page cache listens)."""
         self._change_listeners.append(fn)
@@ -4929,12 +4937,13 @@ class Model:
     def user_exists(self, name):
         return self.get_user_row(name) is not None
 
-    def user_info(self, name, with_indexes=True, actor=None):
-        """A user's config and (``with_indexes``) the indexes ``actor`` may read."""
+    def user_info(self, name, with_indexes=True, actor=None, offset=0, limit=-1):
+        """A user's config and (``with_indexes``) the indexes ``actor`` may read (of
+        ``limit`` of them from ``offset`` on, by name; -1: all)."""
         self.check_listing(actor)
-        return self._user_info(name, with_indexes, actor)
+        return self._user_info(name, with_indexes, actor, offset, limit)
 
-    def _user_info(self, name, with_indexes=True, actor=None):
+    def _user_info(self, name, with_indexes=True, actor=None, offset=0, limit=-1):
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -4944,9 +4953,31 @@ class Model:
         if row["modified"]:
             info["modified"] = row["modified"]
         if with_indexes:
-            info["indexes"] = {ix.name: self.shown_config(ix.config, actor)
-                               for ix in self.user_indexes(name) if self.may_read(actor, ix)}
+            readable = self.readable_indexes(name, actor)
+            info["indexes"] = {ix.name: self.shown_config(ix.config, actor) for ix in (
+                readable[offset:] if limit < 0 else readable[offset:offset + limit])}
         return info
+
+    def readable_indexes(self, user, actor):
+        """The indexes of ``user`` that ``actor`` may read, by name."""
+        return [ix for ix in self.user_indexes(user) if self.may_read(actor, ix)]
+
+    def users_page(self, actor, offset, limit):
+        """(the number of users, {name: user_info} of ``limit`` users from ``offset`` on, by
+        name, with at most ``limit`` of their indexes each, and [(user, number of
+        indexes)] of those who have more): a page of a list of users of any length."""
+        self.check_listing(actor)
+        c = self.store.conn()
+        total = c.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+        names = [r[0] for r in c.execute("SELECT name FROM users ORDER BY name LIMIT ? "
+                                         "OFFSET ?", (limit, offset))]
+        users, more = {}, []
+        for n in names:
+            users[n] = self._user_info(n, actor=actor, limit=limit)
+            count = len(self.readable_indexes(n, actor))
+            if count > limit:
+                more.append((n, count))
+        return total, users, more
 
     def list_users(self, actor=None):
         """Every user with the indexes ``actor`` may read."""
@@ -5481,7 +5512,7 @@ class Model:
             return row["id"]
         if not create:
             return None
-        self._changed(project_set=True)
+        self._changed(project_set=[ix.id])
         return c.execute("INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
                          (ix.id, name, display)).lastrowid
 
@@ -5678,7 +5709,7 @@ class Model:
         may post one by default): the older go (no longer served; their names not used
         again)."""
         old = [r["id"] for r in c.execute(
-            "SELECT id FROM files WHERE index_id=? AND rel='toxresult' AND for_filename=? "
+            "SELECT id FROM files WHERE +index_id=? AND rel='toxresult' AND for_filename=? "
             "ORDER BY uploaded DESC, id DESC LIMIT -1 OFFSET ?",
             (ix.id, for_filename, TOXRESULTS_KEPT)).fetchall()]
         if old:
@@ -5779,7 +5810,8 @@ class Model:
             version_id = self._version_id_of(c, ix, norm, version)
             self._delete_files(c, ix, "f.version_id=?", (version_id,))
             c.execute("DELETE FROM versions WHERE id=?", (version_id,))
-            self._changed(projects=[norm], project_set=self._drop_empty(c, ix, norm))
+            self._changed(projects=[norm], project_set=[ix.id] if self._drop_empty(
+                c, ix, norm) else ())
 
     def _drop_empty(self, c, ix, norm, version_id=None):
         """As devpi: a version whose last file is removed goes (``version_id``), and a
@@ -5804,7 +5836,7 @@ class Model:
             self._delete_files(c, ix, "f.version_id IN (SELECT id FROM versions "
                                       "WHERE project_id=?)", (row["id"],))
             c.execute("DELETE FROM projects WHERE id=?", (row["id"],))
-            self._changed(projects=[norm], project_set=True)
+            self._changed(projects=[norm], project_set=[ix.id])
 
     def delete_file(self, actor, ix, filename, sha_prefix, force=False):
         if not self._check_removable(actor, ix, force):
@@ -5819,12 +5851,13 @@ class Model:
                 raise self._missing_file(c, ix, filename, sha_prefix)
             check_scope(actor, "del_entry", ix.path, row["name"])  # the file's own project
             # toxresults of this file go with it
-            self._delete_files(c, ix, "f.index_id=? AND (f.id=? OR f.for_filename=?)",
+            # (+index_id: found by id and files_for_filename, not by a walk of the index)
+            self._delete_files(c, ix, "+f.index_id=? AND (f.id=? OR f.for_filename=?)",
                                (ix.id, row["id"], filename))
-            c.execute("DELETE FROM files WHERE index_id=? AND (id=? OR for_filename=?)",
+            c.execute("DELETE FROM files WHERE +index_id=? AND (id=? OR for_filename=?)",
                       (ix.id, row["id"], filename))
-            self._changed(projects=[row["name"]], project_set=self._drop_empty(
-                c, ix, row["name"], row["version_id"]))
+            self._changed(projects=[row["name"]], project_set=[ix.id] if self._drop_empty(
+                c, ix, row["name"], row["version_id"]) else ())
 
     def set_yanked(self, actor, ix, name, version, yanked):
         """PEP 592: yank (True or a reason) or unyank (False) a release on a private index."""
@@ -5970,16 +6003,54 @@ class Model:
     def project_names(self, ix, reader, ignore_bases=False, at=None):
         """{normalised name: display name} of the projects an index serves to ``reader``;
         with ``at``, those that had a release file uploaded at or before it."""
-        names = {}
-        c = self.store.conn()
-        sql = "SELECT name, display FROM projects p WHERE index_id=?"
+        return dict(self.project_listing(ix, reader, ignore_bases, at, displays=True))
+
+    def project_listing(self, ix, reader, ignore_bases=False, at=None, displays=False):
+        """The normalised names of the projects an index serves to ``reader``
+        (``project_names``), sorted, each once; with ``displays``, (name, display name)
+        pairs, the display name of the first index in the chain that has it. A generator
+        that reads each index's rows in the order of the projects table's key (index_id,
+        name; without ``displays`` from that key alone) and merges them: a listing of any
+        size comes out in bounded memory, without a sort."""
+        sql = "SELECT name%s FROM projects p WHERE index_id=?" % (
+            ", display" if displays else "")
         if at is not None:
             sql += (" AND EXISTS (SELECT 1 FROM versions v JOIN files f ON f.version_id=v.id"
                     " WHERE v.project_id=p.id AND f.rel='releasefile' AND f.uploaded<=?)")
-        for b in self.chain(ix, reader, ignore_bases):
-            for norm, display in c.execute(sql, (b.id,) if at is None else (b.id, at)):
-                names.setdefault(norm, display)
-        return names
+        sql += " ORDER BY name"
+
+        def rows(b):
+            cur = self.store.conn().cursor()
+            cur.row_factory = None  # (plain tuples: a third faster than sqlite3.Row)
+            return cur.execute(sql, (b.id,) if at is None else (b.id, at))
+
+        def ranked(rank, b):
+            for row in rows(b):
+                yield row[0], rank, row
+        chain = self.chain(ix, reader, ignore_bases)
+        if len(chain) == 1:
+            for row in rows(chain[0]):
+                yield row if displays else row[0]
+            return
+        last = None
+        # (by name, then rank: at one name, the row of the index first in the chain first)
+        for norm, _rank, row in heapq.merge(*[ranked(i, b) for i, b in enumerate(chain)]):
+            if norm != last:
+                last = norm
+                yield row if displays else norm
+
+    def project_rows(self, ix, offset, limit):
+        """(the number of projects ``ix`` itself holds, [(name, display, latest version,
+        summary, uploaded)] of ``limit`` of them from ``offset`` on, by name): a page of a
+        list of any length, read in the order of the projects table's key."""
+        c = self.store.conn()
+        total = c.execute("SELECT COUNT(*) FROM projects WHERE index_id=?",
+                          (ix.id,)).fetchone()[0]
+        rows = c.execute(
+            "SELECT p.name, p.display, COALESCE(s.version, ''), COALESCE(s.summary, ''), "
+            "s.uploaded FROM projects p LEFT JOIN search s ON s.project_id=p.id "
+            "WHERE p.index_id=? ORDER BY p.name LIMIT ? OFFSET ?", (ix.id, limit, offset))
+        return total, [tuple(r) for r in rows]
 
     _FILE_COLS = ("f.filename, f.rel, f.sha256, f.size, f.uploaded, f.requires_python, "
                   "f.core_metadata, v.yanked, f.for_filename, f.log")
@@ -6219,13 +6290,59 @@ def simple_html_head(title, heading=False, version="1.1", meta=()):
 SIMPLE_HTML_END = "</body></html>\n"
 
 
+LISTING_BATCH = 2000  # names a chunk of a project list holds (simple_root_chunks)
+_PLAIN_TEXT = re.compile(r"[A-Za-z0-9._ -]*")  # (what HTML and JSON take as it is)
+
+
 def simple_root_links(names, prefix=""):
     """The <a> lines of a project list from (normalised name, name shown) pairs, the
     links relative, after ``prefix``."""
-    esc = html.escape
-    p = esc(prefix)
+    names = list(names)
+    p = html.escape(prefix)
+    if _PLAIN_TEXT.fullmatch(" ".join(n for pair in names for n in pair)):
+        esc = str  # (project names are: a list of 100k is built in a quarter of the time)
+    else:
+        esc = html.escape
     return "".join('<a href="%s%s/">%s</a>\n' % (p, esc(norm), esc(shown))
                    for norm, shown in names)
+
+
+SIMPLE_ROOT_JSON_HEAD = '{"meta": {"api-version": "1.1"}, "projects": ['
+SIMPLE_ROOT_JSON_END = "]}"
+
+
+def simple_root_json_items(names):
+    """The items of a project list in JSON (PEP 691), comma-separated, from names."""
+    quote = json.encoder.encode_basestring
+    return ", ".join('{"name": %s}' % quote(n) for n in names)
+
+
+def simple_root_chunks(names, fmt, prefix=""):
+    """An index's project list (PEP 503 HTML or PEP 691 JSON) as chunks of bytes, made
+    as ``names`` (normalised, sorted; an iterable of any length) come: a list of any
+    size in bounded memory. HTML links relative, after ``prefix``."""
+    batch = []
+
+    def batches():
+        for n in names:
+            batch.append(n)
+            if len(batch) >= LISTING_BATCH:
+                yield batch
+                del batch[:]
+        if batch:
+            yield batch
+    if fmt == "json":
+        yield SIMPLE_ROOT_JSON_HEAD.encode()
+        sep = ""
+        for b in batches():
+            yield (sep + simple_root_json_items(b)).encode()
+            sep = ", "
+        yield SIMPLE_ROOT_JSON_END.encode()
+        return
+    yield simple_html_head("Simple index").encode()
+    for b in batches():
+        yield simple_root_links(((n, n) for n in b), prefix).encode()
+    yield SIMPLE_HTML_END.encode()
 
 
 # -- the upstream HTTP client ---------------------------------------------------------
@@ -8108,7 +8225,6 @@ def _valid_names(raw, is_html):
 
 def _write_root_listing(store, d, batches, url):
     """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
-    quote = json.encoder.encode_basestring
     outs = {}
     try:
         for fmt in ("html", "json"):
@@ -8122,18 +8238,16 @@ def _write_root_listing(store, d, batches, url):
             outs[fmt][0].write(data)
             outs[fmt][4].write(data)
         write("html", simple_html_head("Simple index"))
-        write("json", '{"meta": {"api-version": "1.1"}, "projects": [')
+        write("json", SIMPLE_ROOT_JSON_HEAD)
         first = True
         for names in batches:
             if not names:
                 continue
-            # (valid project names need no escaping; escaped anyway, cheaply)
             write("html", simple_root_links((normalize_name(n), n) for n in names))
-            write("json", ("" if first else ", ") + ", ".join('{"name": %s}' % quote(n)
-                                                              for n in names))
+            write("json", ("" if first else ", ") + simple_root_json_items(names))
             first = False
         write("html", SIMPLE_HTML_END)
-        write("json", "]}")
+        write("json", SIMPLE_ROOT_JSON_END)
         for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
             gz.close()
             gf.close()
@@ -8369,6 +8483,10 @@ def http_date(ts):
     return email.utils.formatdate(ts, usegmt=True)
 
 
+# Bytes of rendered pages kept in memory (PageCache); a page of more than a quarter of it
+# (a project list of some 100k projects) is kept in a file instead (ListingFiles).
+PAGE_CACHE_BYTES = 16 * 1024 * 1024
+
 # Pages are gzipped once per change, at nginx's default level: a large mirrored page
 # (5,600 files, 2 MB of JSON) takes 25 ms at level 1 against 55 ms at 6, for 11% more bytes;
 # a cold page's first answer waits for it.
@@ -8392,33 +8510,55 @@ class PageCache:
     least recently used go first once they take more than ``max_bytes``.
 
     The generations count the model's commits (``changed``, a listener of
-    ``Model.on_change``): any index config, the set of projects, each project's releases.
-    A page is stored with the generations it was built from (its validator)."""
+    ``Model.on_change``): any index config, the set of projects (of all indexes, and of
+    each), each project's releases. A page is stored with the generations it was built
+    from (its validator). A page larger than a quarter of ``max_bytes`` is not kept (it
+    would push out all others): a listing that large streams (App.listing_response)."""
 
-    def __init__(self, max_bytes=16 * 1024 * 1024):
+    def __init__(self, max_bytes=None):
         import collections
         self.pages = collections.OrderedDict()
-        self.max_bytes = max_bytes
+        self.max_bytes = PAGE_CACHE_BYTES if max_bytes is None else max_bytes
         self.size = 0
         self.lock = threading.Lock()
         self.gen_config = 0
         self.gen_projects = 0
+        self.gen_index_projects = {}  # index id -> generation of its set of projects
         self.gen_project = {}
         self.gen_kept = {}
+        # (in the ETags of answers streamed, not kept: generations start again at 0)
+        self.nonce = secrets.token_hex(8)
+
+    @property
+    def page_max(self):
+        """The largest page kept."""
+        return self.max_bytes // 4
 
     def changed(self, config, project_set, projects, kept=()):
         if config:
             self.gen_config += 1
-        if project_set:
+        if project_set is True:
             self.gen_projects += 1
+        elif project_set:
+            for index_id in project_set:
+                self.gen_index_projects[index_id] = self.gen_index_projects.get(
+                    index_id, 0) + 1
         for name in projects:
             self.gen_project[name] = self.gen_project.get(name, 0) + 1
         for name in kept:
             self.gen_kept[name] = self.gen_kept.get(name, 0) + 1
 
-    def root_validator(self):
-        """What a project list depends on."""
-        return self.gen_config, self.gen_projects
+    def root_validator(self, chain):
+        """What a project list through the indexes ``chain`` depends on: a new project
+        on one index leaves the lists of others as they are."""
+        gens = self.gen_index_projects
+        return (self.gen_config, self.gen_projects) + tuple(gens.get(b.id, 0) for b in chain)
+
+    def stream_etag(self, key, validator):
+        """The ETag of a page too large to keep, that is streamed as it is built: of what
+        it is built from, the same while that is (so that conditional GETs still work)."""
+        return '"s-%s"' % hashlib.sha256(repr((self.nonce, key, validator)).encode()
+                                        ).hexdigest()[:32]
 
     def project_validator(self, norm):
         """What a project's simple page depends on."""
@@ -8443,6 +8583,8 @@ class PageCache:
     def put(self, key, validator, body, content_type, expires=None):
         page = CachedPage(validator, body, content_type, expires)
         cost = len(page.body) + len(page.gzipped or b"") + 200
+        if cost > self.page_max:
+            return page  # (served, not kept)
         with self.lock:
             old = self.pages.pop(key, None)
             if old is not None:
@@ -8453,6 +8595,108 @@ class PageCache:
                 _k, gone = self.pages.popitem(last=False)
                 self.size -= len(gone.body) + len(gone.gzipped or b"") + 200
         return page
+
+
+# Listings too large for the page cache kept as files (ListingFiles): a 1M-project index's
+# /+simple/ is 39 MB of HTML; its HTML and JSON, and the index JSON, root's and others'
+LISTINGS_KEPT = 8
+LISTING_FILE_GRACE = 30  # seconds a replaced listing file stays for answers about to send it
+
+
+class KeptListing:
+    __slots__ = ("validator", "path", "size", "gz_path", "gz_size")
+
+    def __init__(self, validator, path, size, gz_path=None, gz_size=0):
+        self.validator = validator
+        self.path = path
+        self.size = size
+        self.gz_path = gz_path  # its gzip twin (PAGE_GZIP_LEVEL), or None
+        self.gz_size = gz_size
+
+
+class ListingFiles:
+    """Listings too large to keep in memory (PageCache.page_max), kept as files in the
+    server's temporary directory (emptied at each start) while their validators hold: the
+    first request after a change streams the listing as it is made and writes it on the
+    way (``tee``); the next ones are sent from the file by the kernel. At most
+    LISTINGS_KEPT, the least recently used go first; a file replaced or dropped is
+    removed LISTING_FILE_GRACE seconds later (an answer may be about to open it)."""
+
+    def __init__(self, tmp_dir):
+        import collections
+        self.tmp_dir = tmp_dir
+        self.files = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.dropped = []  # (when, path)
+
+    def get(self, key, validator):
+        with self.lock:
+            kept = self.files.get(key)
+            if kept is None or kept.validator != validator:
+                return None
+            self.files.move_to_end(key)
+            return kept
+
+    def tee(self, key, validator, chunks):
+        """``chunks`` as they come, written on the way to a file and its gzip twin that
+        are kept for ``key`` once all came (not if the client left, or the disk failed,
+        before)."""
+        paths, outs = [], []
+        try:
+            for _ in range(2):
+                fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="listing-")
+                paths.append(path)
+                outs.append(os.fdopen(fd, "wb"))
+            outs.append(gzip.GzipFile(fileobj=outs[1], mode="wb",
+                                      compresslevel=PAGE_GZIP_LEVEL, mtime=0))
+        except OSError:
+            outs = self._closed(outs)
+        try:
+            for chunk in chunks:
+                if outs:
+                    try:
+                        outs[0].write(chunk)
+                        outs[2].write(chunk)
+                    except OSError:
+                        outs = self._closed(outs)
+                yield chunk
+            if outs:
+                size = outs[0].tell()
+                outs[2].close()
+                gz_size = outs[1].tell()
+                outs = self._closed(outs)
+                self._keep(key, KeptListing(validator, paths[0], size, paths[1], gz_size))
+                paths = []
+        finally:
+            self._closed(outs)
+            for path in paths:
+                _unlink_quiet(path)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    @staticmethod
+    def _closed(outs):
+        for f in reversed(outs):
+            try:
+                f.close()
+            except OSError:
+                pass
+        return []
+
+    def _keep(self, key, kept):
+        now = time.monotonic()
+        with self.lock:
+            old = self.files.pop(key, None)
+            gone = [old] if old is not None else []
+            self.files[key] = kept
+            while len(self.files) > LISTINGS_KEPT:
+                gone.append(self.files.popitem(last=False)[1])
+            self.dropped.extend((now, p) for g in gone for p in (g.path, g.gz_path) if p)
+            due = [p for t, p in self.dropped if now - t > LISTING_FILE_GRACE]
+            self.dropped = [(t, p) for t, p in self.dropped if now - t <= LISTING_FILE_GRACE]
+        for p in due:
+            _unlink_quiet(p)
 
 
 JSON_MAX_BODY = 1024 * 1024  # every JSON body of devpi's API is far smaller
@@ -8617,14 +8861,9 @@ class Request:
 
 # -- simple pages, rendered from data ---------------------------------------------------
 
-def render_simple_root(names, fmt, prefix=""):
-    """(body, content type) of an index's project list: ``names`` normalised and sorted,
-    HTML links relative, after ``prefix``."""
-    if fmt == "json":
-        return json.dumps({"meta": {"api-version": "1.1"},
-                           "projects": [{"name": n} for n in names]}).encode(), SIMPLE_JSON
-    links = simple_root_links(((n, n) for n in names), prefix)
-    return (simple_html_head("Simple index") + links + SIMPLE_HTML_END).encode(), HTML_TYPE
+def simple_root_type(fmt):
+    """The Content-Type of an index's project list (simple_root_chunks) in ``fmt``."""
+    return SIMPLE_JSON if fmt == "json" else HTML_TYPE
 
 
 def repository_version(files, status):
@@ -8714,7 +8953,7 @@ def render_simple_project(norm, display, files, versions, fmt, href, status=None
 # https images.
 
 WEB_BROWSER_TYPES = ("text/html", "application/xhtml+xml")
-WEB_PAGE_SIZE = 100  # projects an index page lists at a time
+WEB_PAGE_SIZE = 100  # rows a web page lists at a time: projects, users, a user's indexes
 WEB_SEARCH_LIMIT = 50
 WEB_STATIC_CACHE_CONTROL = "public, max-age=3600"
 
@@ -8967,8 +9206,25 @@ def _web_index_cards(prefix, user, indexes):
     return "".join(out)
 
 
-def render_web_root(prefix, users):
-    """The root page: every user (``list_users``) and their indexes."""
+def web_pager(page, total):
+    """The links to the previous and next page of a list of ``total`` shown WEB_PAGE_SIZE at a
+    time, at ``page`` (none for a list of one page)."""
+    npages = max(1, (total + WEB_PAGE_SIZE - 1) // WEB_PAGE_SIZE)
+    if npages <= 1:
+        return ""
+    links = []
+    if page > 1:
+        links.append('<a href="?page=%d">&larr; previous</a>' % (page - 1))
+    links.append('<span class="muted">page %d of %d</span>' % (page, npages))
+    if page < npages:
+        links.append('<a href="?page=%d">next &rarr;</a>' % (page + 1))
+    return '<div class="pager">%s</div>' % "".join(links)
+
+
+def render_web_root(prefix, users, page=1, total=None, more=()):
+    """The root page: a page of the users (``Model.users_page``) and their indexes, with
+    links to their own pages for users with ``more`` [(user, count)] indexes."""
+    more = dict(more)
     body = ['<h1>Indexes</h1><p class="lead">Every user of this server and their indexes.'
             '</p>']  # (searching: the box in the header, as on every page)
     for name, info in sorted(users.items()):
@@ -8979,10 +9235,16 @@ def render_web_root(prefix, users):
         indexes = info.get("indexes") or {}
         body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
                     if indexes else '<p class="muted">no indexes</p>')
+        if name in more:
+            body.append('<p><a href="%s">all %d indexes of %s</a></p>' % (
+                web_href(prefix, name), more[name], _e(name)))
+    body.append(web_pager(page, len(users) if total is None else total))
     return web_document("minidevpi", "".join(body), prefix)
 
 
-def render_web_user(prefix, info):
+def render_web_user(prefix, info, page=1, total=None):
+    """A user's page: ``info`` (``Model.user_info``) with a page of the indexes of
+    ``total``."""
     name = info["username"]
     body = ["<h1>%s</h1>" % _e(name)]
     if info.get("title"):
@@ -8998,6 +9260,7 @@ def render_web_user(prefix, info):
     indexes = info.get("indexes") or {}
     body.append('<div class="cards">%s</div>' % _web_index_cards(prefix, name, indexes)
                 if indexes else '<p class="muted">no indexes</p>')
+    body.append(web_pager(page, len(indexes) if total is None else total))
     return web_document(name, "".join(body), prefix, [(name, None)])
 
 
@@ -9053,7 +9316,6 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
     body.append("<dt>volatile</dt><dd>%s</dd></dl>" % (
         "yes (releases can be overwritten and removed)" if config.get("volatile", True)
         else "no (releases stay as uploaded)"))
-    npages = max(1, (total + WEB_PAGE_SIZE - 1) // WEB_PAGE_SIZE)
     body.append("<h2>Projects <span class=\"muted\">(%d%s)</span></h2>" % (
         total, ", kept locally" if kind == "mirror" else ""))
     if projects:
@@ -9070,14 +9332,7 @@ def render_web_index(prefix, server_url, ix, config, chain, projects, page, tota
     else:
         body.append('<p class="muted">no projects%s</p>' % (
             " kept locally yet" if kind == "mirror" else ""))
-    if npages > 1:
-        links = []
-        if page > 1:
-            links.append('<a href="?page=%d">&larr; previous</a>' % (page - 1))
-        links.append('<span class="muted">page %d of %d</span>' % (page, npages))
-        if page < npages:
-            links.append('<a href="?page=%d">next &rarr;</a>' % (page + 1))
-        body.append('<div class="pager">%s</div>' % "".join(links))
+    body.append(web_pager(page, total))
     return web_document(path, "".join(body), prefix, _index_crumbs(prefix, path),
                         search=("", path))
 
@@ -9617,37 +9872,45 @@ class WebPages:
             return False
         return self.model.may_read(req.actor, ix)
 
-    def web_root(self, req):
-        return self.web_cached(req, ("root",), self.store.serial, lambda: render_web_root(
-            self.web_prefix(req), self.model.list_users(actor=req.actor)))
-
-    def web_user(self, req, user):
-        return self.web_cached(req, ("user", user), self.store.serial, lambda: render_web_user(
-            self.web_prefix(req), self.model.user_info(user, actor=req.actor)))
-
-    def web_index(self, req, ix):
+    @staticmethod
+    def web_page_number(req):
+        """The page of a list a request asks for (?page=N, from 1)."""
         try:
-            page = max(1, min(int((req.query.get("page") or ["1"])[0]), 10 ** 6))
+            return max(1, min(int((req.query.get("page") or ["1"])[0]), 10 ** 6))
         except ValueError:
             raise bad_request("page must be a number")
+
+    def web_root(self, req):
+        page = self.web_page_number(req)
+
+        def render():
+            total, users, more = self.model.users_page(req.actor, (page - 1) * WEB_PAGE_SIZE,
+                                                       WEB_PAGE_SIZE)
+            return render_web_root(self.web_prefix(req), users, page, total, more)
+        return self.web_cached(req, ("root", page), self.store.serial, render)
+
+    def web_user(self, req, user):
+        page = self.web_page_number(req)
         m = self.model
 
         def render():
-            names = sorted(m.project_names(ix, req.actor, ignore_bases=True))
-            shown = names[(page - 1) * WEB_PAGE_SIZE:page * WEB_PAGE_SIZE]
-            rows = {}
-            if shown:
-                for r in self.store.conn().execute(
-                        "SELECT name, display, version, summary, uploaded FROM search WHERE "
-                        "index_id=? AND name IN (%s)" % ",".join("?" * len(shown)),
-                        [ix.id] + shown):
-                    rows[r[0]] = tuple(r)
-            projects = [rows.get(n, (n, n, "", "", None)) for n in shown]
+            info = m.user_info(user, actor=req.actor, offset=(page - 1) * WEB_PAGE_SIZE,
+                               limit=WEB_PAGE_SIZE)
+            return render_web_user(self.web_prefix(req), info, page,
+                                   len(m.readable_indexes(user, req.actor)))
+        return self.web_cached(req, ("user", user, page), self.store.serial, render)
+
+    def web_index(self, req, ix):
+        page = self.web_page_number(req)
+        m = self.model
+
+        def render():
+            total, projects = m.project_rows(ix, (page - 1) * WEB_PAGE_SIZE, WEB_PAGE_SIZE)
             chain = [b.path for b in m.chain(ix, req.actor)]
             return render_web_index(self.web_prefix(req), req.outside_url(), ix,
                                     dict(m.shown_config(ix.config, req.actor),
                                          acl_read=list(m.read_acl(ix))), chain, projects,
-                                    page, len(names))
+                                    page, total)
         if not self.web_readable(ix, req):
             raise self.model.read_refusal(req.actor, ix.path)
         return self.web_cached(req, ("index", ix.path, page), self.store.serial, render)
@@ -10128,6 +10391,7 @@ class App(WebPages):
         self.outside_url = outside_url.rstrip("/") if outside_url else None
         self.max_body = max_body
         self.pages = PageCache()
+        self.listing_files = ListingFiles(self.store.tmp_dir)
         model.on_change(self.pages.changed)
         self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
         self._doc_cache_lock = threading.Lock()
@@ -10466,9 +10730,32 @@ class App(WebPages):
             return self.simple_root(req, m.require_index(path))
         ix = m.require_index(path)
         result = m.shown_config(ix.config, req.actor)
-        if "no_projects" not in req.query:
-            result["projects"] = sorted(m.project_names(ix, req.actor, ignore_bases=True))
-        return api_result("indexconfig", result)
+        if "no_projects" in req.query:
+            return api_result("indexconfig", result)
+        # devpi-client's "devpi list": kept (or streamed) as a project list is, laid out as
+        # json_response lays out the rest, the names (plain text) as json.dumps(indent=2)
+        # would write them, a hundred times faster; the config before them is small
+        mark = "projects-%s" % secrets.token_hex(8)  # (no config value can hold it)
+        result["projects"] = mark
+        head, _, tail = json_response({"type": "indexconfig", "result": result}).body.decode(
+        ).partition('"%s"' % mark)
+        key = ("indexconfig", ix.path, req.actor == "root")  # (shown_config: root's or not)
+        validator = self.pages.root_validator([ix])
+
+        def chunks():
+            yield head.encode()
+            sep, batch = "[\n      ", []
+            for norm in m.project_listing(ix, req.actor, ignore_bases=True):
+                batch.append(json.encoder.encode_basestring_ascii(norm))  # (as dumps)
+                if len(batch) >= LISTING_BATCH:
+                    yield (sep + ",\n      ".join(batch)).encode()
+                    sep, batch = ",\n      ", []
+            if batch:
+                yield (sep + ",\n      ".join(batch)).encode()
+                sep = ","
+            yield (("[]" if sep.startswith("[") else "\n    ]") + tail).encode()
+        # (private: root's answer shows a mirror_url's credentials)
+        return self.listing_response(req, key, validator, JSON_TYPE, chunks, shared=False)
 
     def route_create_index(self, req, user, index):
         path = user + "/" + index
@@ -11219,18 +11506,69 @@ class App(WebPages):
             resp = self.mirror_root(req, ix, fmt)
             if resp is not None:
                 return resp
-        validator = self.pages.root_validator()
         base = self._page_base(req)
         # the page of what this reader may see: readers who see other indexes get another
-        key = ("root", ix.path, fmt, base,
-               tuple(b.id for b in m.chain(ix, lambda: req.actor)))
+        chain = m.chain(ix, lambda: req.actor)
+        validator = self.pages.root_validator(chain)
+        key = ("root", ix.path, fmt, base, tuple(b.id for b in chain))
+        prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
+        prefix = "" if prefix == "." else prefix + "/"
+        return self.listing_response(req, key, validator, simple_root_type(fmt), lambda: (
+            simple_root_chunks(m.project_listing(ix, lambda: req.actor, at=at), fmt, prefix)))
+
+    def listing_response(self, req, key, validator, content_type, chunks, shared=True):
+        """The answer of a listing that may be of any size (``chunks()``: its bytes, made as
+        they are sent): kept in the page cache while ``validator`` holds, as a project
+        page is, when it is small enough to keep (PageCache.page_max); else kept in a file
+        (ListingFiles), streamed in chunked transfer coding as it is made and written, in
+        bounded memory, the first time. Its ETag is then of what it is made from, so that
+        a client holding it gets its 304 without a byte made."""
         page = self.pages.get(key, validator)
-        if page is None:
-            prefix = posixpath.relpath("/%s/+simple/" % ix.path, base)
-            prefix = "" if prefix == "." else prefix + "/"
-            page = self.pages.put(key, validator, *render_simple_root(
-                sorted(m.project_names(ix, lambda: req.actor, at=at)), fmt, prefix))
-        return self.page_response(req, page)
+        if page is not None:
+            return self.page_response(req, page, shared)
+        etag = self.pages.stream_etag(key, validator)
+        headers = [("Content-Type", content_type), ("ETag", etag),
+                   ("Vary", "Accept, User-Agent, Accept-Encoding"),
+                   ("Cache-Control", PAGE_CACHE_CONTROL if shared
+                    else PRIVATE_PAGE_CACHE_CONTROL)]
+        inm = req.headers.get("If-None-Match")
+        # (the gzip twin of a kept file: the same listing, its own ETag, as page_response)
+        etag_gz = etag[:-1] + '-gz"'
+        for tag in (etag, etag_gz):
+            if inm and tag in [t.strip() for t in inm.split(",")]:
+                headers[1] = ("ETag", tag)
+                return Response(304, b"", headers)
+        resp = Response(200, b"", headers)
+        kept = self.listing_files.get(key, validator)
+        if kept is not None:
+            resp.file_path, resp.file_size = kept.path, kept.size
+            if kept.gz_path and "gzip" in (req.headers.get("Accept-Encoding") or ""):
+                resp.file_path, resp.file_size = kept.gz_path, kept.gz_size
+                headers[1] = ("ETag", etag_gz)
+                headers.append(("Content-Encoding", "gzip"))
+            return resp
+        made = iter(chunks())
+        held, size = [], 0
+        for chunk in made:
+            held.append(chunk)
+            size += len(chunk)
+            if size > self.pages.page_max // 2:  # (what the cache keeps: it and its gzip)
+                break
+        else:
+            return self.page_response(req, self.pages.put(key, validator, b"".join(held),
+                                                           content_type), shared)
+
+        def stream():
+            try:
+                yield b"".join(held)
+                del held[:]
+                for chunk in made:
+                    yield chunk
+            finally:
+                made.close()
+        resp.stream = self.listing_files.tee(key, validator, stream())
+        resp.file_size = None  # (not known before the end: chunked)
+        return resp
 
     def simple_project_page(self, req, ix, norm, at=None):
         fmt = choose_simple_format(req.accept)
@@ -11617,7 +11955,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         for k, v in resp.headers:
             head.append("%s: %s\r\n" % (k, v))
         length = resp.file_size if (resp.file_path or resp.stream) else len(resp.body)
-        if status != 304:
+        chunked = length is None  # (a stream whose length is known at its end only)
+        if chunked and self.request_version == "HTTP/1.0":
+            self.close_connection = True  # (no chunked coding: the body ends with it)
+        elif chunked and status != 304:
+            head.append("Transfer-Encoding: chunked\r\n")
+        elif status != 304:
             head.append("Content-Length: %d\r\n" % length)
         if self.close_connection or (self.headers.get("Connection", "").lower() == "close"):
             self.close_connection = True
@@ -11627,7 +11970,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         send_body = self.command != "HEAD" and status != 304
         try:
             if resp.stream is not None and send_body:
-                self._send_stream(data, resp)
+                self._send_stream(data, resp, chunked and not self.close_connection)
             elif resp.stream is not None:  # HEAD: its length, not its bytes
                 try:
                     self.wfile.write(data)
@@ -11663,15 +12006,21 @@ class RequestHandler(BaseHTTPRequestHandler):
         finally:
             sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
-    def _send_stream(self, head, resp):
-        """Send chunks as they come; if they fail, cut the connection so the client sees a
-        short body, never a complete bad one."""
+    def _send_stream(self, head, resp, chunked=False):
+        """Send chunks as they come (``chunked``: in HTTP/1.1's chunked coding); if they
+        fail, cut the connection so the client sees a short body, never a complete bad
+        one."""
         try:
             self.wfile.write(head)
             for chunk in resp.stream:
-                self.wfile.write(chunk)
-        except HTTPError as e:
-            log("ERROR: %s; connection cut" % e.message)
+                if chunked and chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                elif not chunked:
+                    self.wfile.write(chunk)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (HTTPError, sqlite3.Error) as e:
+            log("ERROR: %s; connection cut" % getattr(e, "message", e))
             self.close_connection = True
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -207,6 +207,16 @@ def upload_form(url, index, path, auth, fields=None, filename=None, data=None, h
                 headers=dict(headers or {}, **{"Content-Type": ctype}), auth=auth)
 
 
+def recv_until_closed(sock):
+    """All a socket receives until the other side closes it."""
+    out = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return out
+        out += data
+
+
 def free_port():
     """A port of 127.0.0.1 that nothing listens on now: for a server to take, or to stand
     for a closed port."""
@@ -2801,6 +2811,81 @@ def many_env_report(envs, tag=""):
     return {"reportversion": "1", "host": tag, "testenvs": {
         "e%05d" % i: {"test": [{"retcode": 0}], "python": {"version": "3.12"}}
         for i in range(envs)}}
+
+
+# tables whose rows grow with the server (projects, releases, files, what they left behind)
+GROWING_TABLES = ("projects", "versions", "files", "search", "gone", "yank_history",
+                  "mirror_pages", "project_status", "provenance")
+
+
+def walks_of_growing_tables(db_path, statements):
+    """[(statement, plan line)] of the statements whose query plan reads a growing table
+    whole (SCAN) or all of an index's rows of it (a SEARCH on index_id alone)."""
+    found = []
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        for sql in dict.fromkeys(statements):
+            if not re.match(r"(?i)\s*(SELECT|INSERT|UPDATE|DELETE)\b", sql):
+                continue  # (BEGIN, COMMIT, SAVEPOINT, PRAGMA, triggers' comments)
+            for params in ([None] * sql.count("?"), []):
+                try:
+                    plan = [r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, params)]
+                    break
+                except sqlite3.ProgrammingError:  # (an expanded statement with a '?' in it)
+                    continue
+            for line in plan:
+                m = re.match(r"(SCAN|SEARCH)(?: TABLE)? (\w+)", line)  # (TABLE: SQLite < 3.36)
+                if m and m.group(2) in GROWING_TABLES and (
+                        m.group(1) == "SCAN" or line.endswith("(index_id=?)")):
+                    found.append((sql, line))
+    return found
+
+
+def test_uploads_and_removals_read_no_table_whole(make_server, monkeypatch, tmp_path):
+    """What twine, a tox result and devpi remove make the server do reads rows by keys, never
+    every project, file or search row (of the server, or of an index): an upload's cost
+    stays the same however many projects the server holds. Every statement the server runs
+    is checked by SQLite's own query plan."""
+    twine = need("twine")
+    statements = []
+    connect = minidevpi.Store._connect
+
+    def traced(self):
+        c = connect(self)
+        c.set_trace_callback(statements.append)
+        return c
+    monkeypatch.setattr(minidevpi.Store, "_connect", traced)
+    srv = make_server(root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev", volatile=True)
+    srv.create_index("alice/other", volatile=True)
+    m = srv.model
+    for i in range(20):  # (other projects, on this index and another)
+        m.register("alice", m.get_index("alice/other"), "other-%d" % i, "1.0", {})
+        m.register("alice", m.get_index("alice/dev"), "dev-%d" % i, "1.0", {})
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    files = [make_wheel(dist, "samplepkg", "1.0"), make_sdist(dist, "samplepkg", "1.0")]
+    del statements[:]
+    code, out = run([twine, "upload", "--disable-progress-bar", "--non-interactive",
+                     "--repository-url", srv.url + "/alice/dev/", "-u", "alice", "-p",
+                     "secret", *map(str, files)], env={"TWINE_NON_INTERACTIVE": "1",
+                     "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"}, check=False)
+    assert code == 0, out
+    fpath = urllib.parse.urlsplit(release_links(srv.url, "alice/dev", "samplepkg", "1.0")[
+        os.path.basename(files[1])]).path
+    assert api(srv.url, "POST", fpath, json_body=TOX_REPORT).status == 200
+    r = http(srv.url, "DELETE", fpath, auth=("alice", "secret"))
+    assert r.status == 200, r
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", srv.url + "/alice/dev")
+    devpi("login", "alice", "--password", "secret")
+    devpi("remove", "-y", "samplepkg==1.0")
+    assert http(srv.url, "DELETE", "/alice/dev/dev-3", auth=("alice", "secret")).status == 200
+    assert api(srv.url, path="/alice/dev").json()["result"]["projects"] == sorted(
+        "dev-%d" % i for i in range(20) if i != 3)
+    assert any(s.lstrip().upper().startswith("INSERT INTO FILES") for s in statements)
+    walks = walks_of_growing_tables(m.store.db_path, statements)
+    assert walks == [], "\n".join("%s\n    %s" % w for w in walks)
 
 
 def test_only_the_newest_toxresults_of_a_file_are_kept(alice, tmp_path):
@@ -6389,6 +6474,133 @@ def test_simple_pages_html_and_json(alice, tmp_path):
     assert r.json()["projects"] == [{"name": "other-pkg"}]
 
 
+def listed_names(r):
+    """The project names of a /+simple/ list, HTML or JSON."""
+    if r.header("content-type").startswith("application/vnd.pypi.simple.v1+json"):
+        return [p["name"] for p in r.json()["projects"]]
+    return re.findall(r'<a href="([^"/]+)/">', r.body.decode())
+
+
+def test_project_lists_are_kept_or_streamed_as_each_reader_may_see_them(make_server,
+                                                                      monkeypatch):
+    """An index's /+simple/ list unions its bases as its reader may read them, whether it is
+    small enough to keep in memory or so large it streams as it is made (chunked, bounded
+    memory) and is sent from a file after that: a reader who may not read a base never sees its names, not from a
+    page another reader's request left in the cache, not by sending that reader's ETag; a
+    reader's own ETag gets a 304 until a project comes."""
+    monkeypatch.setattr(minidevpi, "PAGE_CACHE_BYTES", 64 * 1024)  # lists > 16 KiB stream
+    srv = make_server(root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/base", acl_read="alice")
+    srv.create_index("alice/dev", bases="alice/base")
+    srv.create_index("alice/secret", acl_read="alice")
+    srv.create_index("alice/small", bases="alice/secret")
+    m = srv.model
+    mine = ["dev-%04d" % i for i in range(1000)] + ["shared-pkg"]
+    hidden = ["base-%04d" % i for i in range(1000)] + ["shared-pkg"]
+    with m.store.write():
+        for path, names in (("alice/dev", mine), ("alice/base", hidden),
+                            ("alice/small", ["tiny-a", "tiny-b"]),
+                            ("alice/secret", ["secret-pkg"])):
+            for n in names:
+                m.register("alice", m.get_index(path), n, "1.0", {})
+    alice = ("alice", "secret")
+    for fmt in ("html", "json"):
+        accept = {"Accept": simple_accept(fmt)}
+        # alice first: her union is what the cache would hold
+        r = http(srv.url, path="/alice/dev/+simple/", headers=accept, auth=alice)
+        assert r.status == 200 and r.header("transfer-encoding") == "chunked", r
+        assert listed_names(r) == sorted(set(mine + hidden))
+        # written on the way: the next answer is the file (its length known)
+        kept = http(srv.url, path="/alice/dev/+simple/", headers=accept, auth=alice)
+        assert kept.header("transfer-encoding") is None and kept.body == r.body
+        assert int(kept.header("content-length")) == len(r.body)
+        assert kept.header("etag") == r.header("etag")
+        gz = http(srv.url, path="/alice/dev/+simple/", auth=alice,
+                  headers=dict(accept, **{"Accept-Encoding": "gzip"}))
+        assert gz.header("content-encoding") == "gzip" and gzip.decompress(gz.body) == r.body
+        assert http(srv.url, path="/alice/dev/+simple/", auth=alice, headers=dict(
+            accept, **{"If-None-Match": gz.header("etag")})).status == 304
+        anon = http(srv.url, path="/alice/dev/+simple/", headers=accept)
+        assert anon.status == 200 and anon.header("transfer-encoding") == "chunked", anon
+        assert listed_names(anon) == sorted(mine)
+        assert anon.header("etag") != r.header("etag")
+        # her ETag gets the anonymous reader its own list, not a 304 for hers
+        again = http(srv.url, path="/alice/dev/+simple/", headers=dict(
+            accept, **{"If-None-Match": r.header("etag")}))
+        assert again.status == 200 and listed_names(again) == sorted(mine)
+        assert http(srv.url, path="/alice/dev/+simple/", headers=dict(
+            accept, **{"If-None-Match": anon.header("etag")})).status == 304
+        # a small list is kept (and its ETag holds) until a project comes; alice's, kept
+        # first, is not the anonymous reader's
+        kept = http(srv.url, path="/alice/small/+simple/", headers=accept, auth=alice)
+        assert listed_names(kept) == ["secret-pkg", "tiny-a", "tiny-b"]
+        small = http(srv.url, path="/alice/small/+simple/", headers=accept)
+        assert small.header("transfer-encoding") is None and small.header("content-length")
+        assert listed_names(small) == ["tiny-a", "tiny-b"]
+        cond = dict(accept, **{"If-None-Match": small.header("etag")})
+        assert http(srv.url, path="/alice/small/+simple/", headers=cond).status == 304
+    with m.store.write():  # (a new project on one index: its lists change, no others)
+        m.register("alice", m.get_index("alice/dev"), "dev-new", "1.0", {})
+    accept = {"Accept": simple_accept("json")}
+    assert http(srv.url, path="/alice/small/+simple/", headers=dict(
+        accept, **{"If-None-Match": small.header("etag")})).status == 304
+    r = http(srv.url, path="/alice/dev/+simple/", headers=dict(
+        accept, **{"If-None-Match": anon.header("etag")}))
+    assert r.status == 200 and listed_names(r) == sorted(mine + ["dev-new"])
+    # HTTP/1.0 has no chunked coding: the list ends with the connection
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.sendall(b"GET /alice/dev/+simple/ HTTP/1.0\r\nAccept: text/html\r\n\r\n")
+        raw = recv_until_closed(s)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower() and body.endswith(b"</body></html>\n")
+    assert body.count(b"<a href=") == len(mine) + 1
+
+
+def test_devpi_list_reads_an_index_list_kept_or_streamed(make_server, monkeypatch, tmp_path):
+    """devpi list reads the index's JSON (GET /USER/INDEX): the same layout whether it is
+    kept or streamed, right after each new project; root alone sees a mirror_url's
+    credentials, whoever asked first."""
+    monkeypatch.setattr(minidevpi, "PAGE_CACHE_BYTES", 64 * 1024)
+    srv = make_server(root_password="rootpw")
+    srv.create_user("alice", "secret")
+    srv.create_index("alice/dev")
+    m = srv.model
+    names = ["listed-%04d" % i for i in range(1000)]
+    with m.store.write():
+        for n in names:
+            m.register("alice", m.get_index("alice/dev"), n, "1.0", {})
+    r = api(srv.url, path="/alice/dev")
+    assert r.header("transfer-encoding") == "chunked", r
+    assert r.json()["result"]["projects"] == names
+    assert r.body == (json.dumps(r.json(), indent=2) + "\n").encode()
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", srv.url + "/alice/dev")
+    _, out = devpi("list")
+    assert [line.strip() for line in out.splitlines() if line.startswith("listed-")] == names
+    alice = ("alice", "secret")
+    upload_form(srv.url, "alice/dev", make_wheel(tmp_path, "late-pkg", "1.0"), alice)
+    _, out = devpi("list")
+    assert "late-pkg" in out.split()
+    # small: kept, the same layout; empty: "[]"
+    srv.create_index("alice/few")
+    r = api(srv.url, path="/alice/few")
+    assert r.json()["result"]["projects"] == [] and r.header("transfer-encoding") is None
+    assert r.body == (json.dumps(r.json(), indent=2) + "\n").encode()
+    m.register("alice", m.get_index("alice/few"), "only-one", "1.0", {})
+    r = api(srv.url, path="/alice/few")
+    assert r.json()["result"]["projects"] == ["only-one"]
+    assert r.body == (json.dumps(r.json(), indent=2) + "\n").encode()
+    # a mirror_url's credentials: root's answer is not another reader's
+    srv.create_index("root/creds", type="mirror", mirror_url="http://u:s3cret@127.0.0.1:9/simple/")
+    root = api(srv.url, path="/root/creds", auth=("root", "rootpw"))
+    assert "s3cret" in root.body.decode()
+    for auth in (None, alice):
+        other = api(srv.url, path="/root/creds", auth=auth)
+        assert other.status == 200 and "s3cret" not in other.body.decode()
+        assert other.header("cache-control").startswith("private")
+
+
 def test_output_is_escaped_and_never_sniffed(alice, tmp_path):
     alice.upload("alice/dev", make_wheel(tmp_path, "xss-pkg", "1.0"))
     alice.model.set_yanked("root", alice.model.get_index("alice/dev"), "xss-pkg", "1.0",
@@ -6781,12 +6993,7 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_after_the_timeout(tmp_path, 
         for i in range(0, len(body), 4096):
             s.sendall(body[i:i + 4096])
             time.sleep(0.25)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = recv_until_closed(s)
         s.close()
         assert statuses(reply) == [200], reply[:300]
 
@@ -9123,6 +9330,50 @@ def test_web_pages_are_cached_with_etags_and_change_with_uploads(alice, tmp_path
     cached_ms = (time.perf_counter() - t0) * 1000 / n
     print("version page: rendered in %.2f ms, from the cache in %.3f ms" % (render_ms,
                                                                            cached_ms))
+
+
+def test_root_and_user_pages_are_paged_as_each_reader_may_see_them(alice):
+    """The root page lists the users a page at a time, each with at most a page of indexes
+    and a link to the rest; a user's page lists a page of indexes at a time; the indexes a
+    reader may not read are neither shown nor counted."""
+    m = alice.model
+    for i in range(230):
+        m.create_user("root", "user-%03d" % i, {"password": "pw"}, hash_soon=True)
+    for i in range(110):
+        alice.create_index("alice/ix-%03d" % i)
+    for i in range(5):
+        alice.create_index("alice/private-%d" % i, acl_read="alice")
+    users = sorted(["alice", "root"] + ["user-%03d" % i for i in range(230)])
+    auth = {"Authorization": basic_auth("alice", "secret")}
+
+    def user_links(page):
+        return list(dict.fromkeys(  # (alice's twice: her heading, the link to the rest)
+            h[1:] for h in page.links() if re.match(r"^/(alice|root|user-\d+)$", h or "")))
+
+    first = assert_web_page(browse(alice.url, "/"))
+    assert user_links(first) == users[:100]
+    assert "?page=2" in first.links() and "page 1 of 3" in " ".join(first.text)
+    # alice's card: a page of her indexes (the private ones not among them), then a link
+    cards = [h for h in first.links() if re.match(r"^/alice/[^/]+$", h or "")]
+    assert cards == ["/alice/dev"] + ["/alice/ix-%03d" % i for i in range(99)], cards[-3:]
+    assert "all 111 indexes of alice" in " ".join(first.text)
+    assert "all 116 indexes of alice" in " ".join(assert_web_page(
+        browse(alice.url, "/", **auth)).text)
+    last = assert_web_page(browse(alice.url, "/?page=3"))
+    assert user_links(last) == users[200:] and "?page=4" not in last.links()
+    assert assert_web_page(browse(alice.url, "/?page=x"), 400)
+    # alice's own page, anonymously and as alice
+    for headers, names in (({}, ["dev"] + ["ix-%03d" % i for i in range(110)]),
+                           (auth, ["dev"] + ["ix-%03d" % i for i in range(110)] +
+                            ["private-%d" % i for i in range(5)])):
+        shown = []
+        for page in (1, 2):
+            p = assert_web_page(browse(alice.url, "/alice?page=%d" % page, **headers))
+            shown += [h.split("/")[2] for h in p.links() if re.match(r"^/alice/[^/]+$", h or "")]
+            assert "page %d of 2" % page in " ".join(p.text)
+        assert shown == names
+    # the API's list of users is whole, as devpi-client reads it
+    assert sorted(api(alice.url, path="/").json()["result"]) == users
 
 
 def test_index_page_is_paged_and_a_mirror_shows_what_it_keeps(alice, tmp_path):
