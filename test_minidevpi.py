@@ -3344,9 +3344,19 @@ def test_audit_log_records_who_changed_what_from_where_through_the_real_clients(
     assert one("user.modify")["details"] == {"user": "alice", "changed": {},
                                              "password": "changed"}
     assert one("index.delete", index="alice/dev")["auth"] == "login-token"
+    # a mirror_url's credentials are recorded as others see them, and their change too
+    mirror_url = "http://mirroruser:m1rror-Secret@127.0.0.1:9/simple/"
+    assert api(url, "PUT", "/root/mirror", auth=("root", ROOT_PW), json_body={
+        "type": "mirror", "mirror_url": mirror_url}).status == 200
+    assert api(url, "PATCH", "/root/mirror", auth=("root", ROOT_PW), json_body=[
+        "mirror_url=" + mirror_url.replace("m1rror-Secret", "m1rror-Other")]).status == 200
+    r, log = audit_log(url)
+    assert one("index.modify", index="root/mirror")["details"]["changed"] == {"mirror_url": {
+        "old": "http://mirroruser:***@127.0.0.1:9/simple/",
+        "new": "http://mirroruser:***@127.0.0.1:9/simple/"}}
     # never a password or a token, of any kind
     audit_secrets_absent(r.body.decode(), [ROOT_PW, ALICE_PW, ALICE_NEW_PW, scoped, token,
-                                           scoped[6:40]])
+                                           scoped[6:40], "m1rror-Secret", "m1rror-Other"])
     # only root reads it: alice (password, login token, scoped token) and anonymous get 403
     for auth, headers in ((("alice", ALICE_NEW_PW), None), (None, xauth("alice", token)),
                           (None, {"Authorization": "Bearer " + scoped}), (None, None)):
