@@ -4522,6 +4522,22 @@ def audit_value(value, depth=0):
     return value
 
 
+def audit_details(record, details):
+    """``details`` (bounded by audit_value), less where the whole ``record`` would not fit
+    a line of AUDIT_LINE_MAX bytes (a config of a hundred long values): then each long
+    value says only that it was left out, an object's keys kept (which keys changed);
+    failing that, only how long it was."""
+    size = len(json.dumps(dict(record, details=details)))
+    if size <= AUDIT_LINE_MAX - 100:
+        return details
+    left_out = "(left out: the record would be too long)"
+    shorter = {k: v if len(json.dumps(v)) <= 200 else {kk: left_out for kk in v}
+               if isinstance(v, dict) else left_out for k, v in details.items()}
+    if len(json.dumps(dict(record, details=shorter))) <= AUDIT_LINE_MAX - 100:
+        return shorter
+    return {"left_out": "%d bytes of details" % size}
+
+
 def audit_changes(old, new, shown=None):
     """{key: {"old": ..., "new": ...}} of every key whose value differs (a side without
     it: null), whatever the keys are; the values as ``shown`` (a function of a whole
@@ -4655,7 +4671,7 @@ class Model:
             if value is not None:
                 record[key] = audit_value(value)
         if details:
-            record["details"] = audit_value(details)
+            record["details"] = audit_details(record, audit_value(details))
         self.store.insert_audit(c, now, who, action, index, norm, record)
 
     def audit_ids(self, after=0, limit=AUDIT_PAGE, since=None, until=None, user=None,

@@ -3367,8 +3367,9 @@ def test_audit_log_records_who_changed_what_from_where_through_the_real_clients(
 def test_audit_log_pages_and_filters_and_refuses_bad_queries(tmp_path, make_server):
     srv = make_server(root_password=ROOT_PW)
     url = srv.url
-    for user in ("alice", "bob"):
-        assert api(url, "PUT", "/" + user, json_body={"password": ALICE_PW}).status == 201
+    for user in ("alice", "bob"):  # (bob's through a proxy that says who asked)
+        assert api(url, "PUT", "/" + user, json_body={"password": ALICE_PW}, headers={
+            "X-Forwarded-For": "203.0.113.7"} if user == "bob" else {}).status == 201
         for name in ("dev", "prod"):
             assert api(url, "PUT", "/%s/%s" % (user, name), auth=(user, ALICE_PW),
                        json_body={"volatile": True}).status == 200
@@ -3381,6 +3382,9 @@ def test_audit_log_pages_and_filters_and_refuses_bad_queries(tmp_path, make_serv
                        auth=("bob", ALICE_PW)).status == 200
     everything = audit_log(url)[1]
     assert len(everything) == 1 + 2 + 4 + 3
+    assert [(r["address"], r.get("forwarded_for")) for r in everything
+            if r["action"] == "user.create"] == [("127.0.0.1", None),
+                                                 ("127.0.0.1", "203.0.113.7")]
     # pages of 3, followed by their Link headers, make the whole log, newest last
     paged, query, pages = [], "limit=3", 0
     while True:
@@ -3436,7 +3440,15 @@ def test_audit_log_travels_with_export_and_import_and_is_read_offline(tmp_path, 
                json_body=["description=" + "x" * 5000]).status == 200
     r, before = audit_log(srv.url, auth=("root", "rootpw"))
     changed = before[-1]["details"]["changed"]["description"]["new"]
-    assert len(changed) < 600 and changed.endswith("(5000 characters)")  # kept bounded
+    assert len(changed) <= 500 and changed.endswith("(5000 characters)")  # kept bounded
+    # a change too big for a line keeps which keys changed (and travels: see the import)
+    for text in ("v", "w"):
+        assert api(srv.url, "PATCH", "/alice", auth=("root", "rootpw"),
+                   json_body={"custom_data": [text * 500] * 100}).status == 200
+    r, before = audit_log(srv.url, auth=("root", "rootpw"))
+    assert before[-1]["details"] == {
+        "user": "alice", "changed": {"custom_data": "(left out: the record would be too long)"}}
+    assert max(len(line) for line in r.body.splitlines()) < minidevpi.AUDIT_LINE_MAX
     srv.stop()
     # offline: passwd is recorded as the command line's, and `audit` prints the log
     cli("passwd", "alice", "--serverdir", str(serverdir), input=b"alice-offline-pw\n")
