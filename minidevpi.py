@@ -28,7 +28,8 @@ The file reads top to bottom in sections; each builds only on those above it:
     4  storage       SQLite schema, connections, transactions, content-addressed blobs,
                      the lock that makes one process the server of a directory
     5  model         accounts (passwords, tokens, login throttling), index configuration,
-                     the one walk through bases, releases, files, push, change listeners
+                     the one walk through bases, releases, files, push, change listeners,
+                     the audit log (every change recorded in its own transaction)
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache, request
@@ -37,7 +38,7 @@ The file reads top to bottom in sections; each builds only on those above it:
                      URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
-   10  command line  init, serve, export, import; main()
+   10  command line  init, serve, export, import, passwd, audit; main()
 """
 
 # ===================================================================================

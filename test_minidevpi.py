@@ -3495,6 +3495,22 @@ def test_audit_log_travels_with_export_and_import_and_is_read_offline(tmp_path, 
         assert not (tmp_path / "c").exists() or not os.listdir(str(tmp_path / "c"))
 
 
+def test_audit_log_records_a_browsers_login_and_logout_never_a_failed_one(make_server):
+    srv = make_server(root_password=ROOT_PW, offline=True)
+    url = srv.url
+    srv.create_user("alice", ALICE_PW)
+    assert web_login(url, "alice", "wrong")[1] is None
+    _r, session = web_login(url, "alice", ALICE_PW)
+    page = browse(url, "/", Cookie=session)
+    assert post_form(url, "/+logout", {"csrf": logout_token(page)}, session).status == 303
+    r, log = audit_log(url)
+    assert [(rec["action"], rec["actor"], rec["auth"], rec["details"]) for rec in log[-2:]] \
+        == [("user.login", "alice", "password", {"user": "alice", "via": "browser session"}),
+            ("user.logout", "alice", "session", {"user": "alice"})]
+    assert [rec["action"] for rec in log].count("user.login") == 1
+    audit_secrets_absent(r.body.decode(), [ALICE_PW, session.partition("=")[2]])
+
+
 def out_all(serverdir):
     return cli("audit", "--serverdir", str(serverdir))[1]
 
