@@ -9826,18 +9826,26 @@ ROUTE_SPECS = [
 ]
 
 
-def parse_at_time(text):
-    """The time machine's TIME: RFC 3339 with a zone (``2026-06-01T12:00:00Z``) or a date
-    (``2026-06-01``: the end of that day, UTC); 400 for anything else or a time still in
-    the future (a page of it could change)."""
+def parse_time_or_date(text, day_end=True):
+    """RFC 3339 with a zone (``2026-06-01T12:00:00Z``) or a date (``2026-06-01``: the end
+    of that day, UTC, or its start unless ``day_end``) as epoch seconds; None for anything
+    else."""
     if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", text):
         start = parse_upload_time(text + "T00:00:00Z")
-        at = start + 86400 - 1e-6 if start is not None else None
-    elif re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
-                  r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
-        at = parse_upload_time(text.upper().replace(" ", "T"))
-    else:
-        at = None
+        if start is None or not day_end:
+            return start
+        return start + 86400 - 1e-6
+    if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
+        return parse_upload_time(text.upper().replace(" ", "T"))
+    return None
+
+
+def parse_at_time(text):
+    """The time machine's TIME: RFC 3339 with a zone or a date (the end of that day, UTC;
+    parse_time_or_date); 400 for anything else or a time still in the future (a page of it
+    could change)."""
+    at = parse_time_or_date(text)
     if at is None:
         raise bad_request("invalid time %r for +at: give RFC 3339 with a zone, like "
                           "2026-06-01T12:00:00Z, or a date like 2026-06-01" % text)
@@ -9855,14 +9863,7 @@ def audit_time(key, text):
     400 for anything else."""
     if re.match(r"^[0-9]{1,12}(\.[0-9]{1,6})?$", text):
         return float(text)
-    at = None
-    if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", text):
-        at = parse_upload_time(text + "T00:00:00Z")
-        if at is not None and key == "until":
-            at += 86400 - 1e-6
-    elif re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
-                  r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
-        at = parse_upload_time(text.upper().replace(" ", "T"))
+    at = parse_time_or_date(text, day_end=key == "until")
     if at is None:
         raise bad_request("%s=%s is not a time: give epoch seconds, RFC 3339 with a zone like "
                           "2026-06-01T12:00:00Z, or a date like 2026-06-01" % (key, text[:50]))
