@@ -3419,15 +3419,10 @@ def test_audit_log_pages_and_filters_and_refuses_bad_queries(tmp_path, make_serv
     assert audit_log(url, "since=%d" % (everything[-1]["epoch"] + 3600))[1] == []
     assert audit_log(url, "after=%d" % everything[-1]["id"])[1] == []
     # an HTTP/1.0 client (no chunked framing) gets the same lines, ended by the close
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-        sock.sendall(("GET /+audit?user=bob HTTP/1.0\r\nAuthorization: %s\r\n\r\n"
-                      % basic_auth("root", ROOT_PW)).encode())
-        raw = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            raw += data
+    raw, closed = exchange(srv.port, ("GET /+audit?user=bob HTTP/1.0\r\nAuthorization: "
+                                      "%s\r\n\r\n" % basic_auth("root", ROOT_PW)).encode(),
+                           read_timeout=30)
+    assert closed
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower(), head
     assert [json.loads(x) for x in body.splitlines()] == audit_log(url, "user=bob")[1]
