@@ -29,7 +29,8 @@ The file reads top to bottom in sections; each builds only on those above it:
                      the lock that makes one process the server of a directory
     5  model         accounts (passwords, tokens, login throttling), index configuration,
                      policies (block and allow lists, reserved namespaces), the one walk
-                     through bases, releases, files, push, change listeners
+                     through bases, releases, files, push, change listeners, the audit
+                     log (every change recorded in its own transaction)
     6  mirror        the upstream HTTP client and its address policy, then upstream pages
                      and files on demand, kept for offline use
     7  HTTP          simple pages from data, route table, negotiation, page cache (and
@@ -39,7 +40,7 @@ The file reads top to bottom in sections; each builds only on those above it:
                      URLs, search, status, the stylesheet
     8  export/import devpi-server's dump format, both ways (dumps are untrusted input)
     9  embedding     Server: start on a free port in a thread, stop, test helpers
-   10  command line  init, serve, export, import; main()
+   10  command line  init, serve, export, import, passwd, audit; main()
 """
 
 # ===================================================================================
@@ -112,6 +113,7 @@ LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server dire
 FILES_DIR = "+files"
 TMP_DIR = "+tmp"
 JSON_TYPE = "application/json"
+AUDIT_TYPE = "application/x-ndjson"  # JSON lines: GET /+audit
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 SIMPLE_HTML = "application/vnd.pypi.simple.v1+html"
 HTML_TYPE = "text/html; charset=utf-8"
@@ -2791,7 +2793,31 @@ CREATE TABLE IF NOT EXISTS search (  -- one row a project of an index (SearchInd
 );
 CREATE INDEX IF NOT EXISTS search_name ON search(name);
 CREATE INDEX IF NOT EXISTS search_index_name ON search(index_id, name);
+CREATE TABLE IF NOT EXISTS audit (  -- the audit log, schema 4: appended by Model.audit only
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- increases, never reused
+    at REAL NOT NULL,               -- epoch seconds; never less than the row before's
+    actor TEXT NOT NULL,            -- user name, ':anonymous:' or '(command line)'
+    action TEXT NOT NULL,           -- user.create, index.modify, file.upload, ...
+    index_path TEXT,                -- 'user/name' the change is on, or NULL
+    project TEXT,                   -- normalised, or NULL
+    record TEXT NOT NULL            -- the JSON line /+audit answers
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at, id);
+CREATE INDEX IF NOT EXISTS audit_actor ON audit(actor, id);
+CREATE INDEX IF NOT EXISTS audit_action ON audit(action, id);
+CREATE INDEX IF NOT EXISTS audit_index ON audit(index_path, id);
+CREATE INDEX IF NOT EXISTS audit_project ON audit(project, id);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+
+
+def audit_line(id, record):
+    """The JSON line (text, newline ended) of the stored audit ``record`` (JSON text of an
+    object) with its ``id`` first: what /+audit answers and an export's audit.jsonl holds."""
+    return '{"id": %d, %s\n' % (id, record[1:])
 
 
 class Store:
@@ -3043,6 +3069,14 @@ class Store:
              core_metadata, for_filename, json.dumps(list(log))))
         c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
                   (index_id, filename, sha256))
+
+    @staticmethod
+    def insert_audit(c, at, actor, action, index_path, project, record, id=None):
+        """An audit record (``record``: a dict without its id, which the row gives it);
+        ``id``: an imported record's own. Rows are only ever added (see Model.audit)."""
+        c.execute("INSERT INTO audit (id, at, actor, action, index_path, project, record) "
+                  "VALUES (?,?,?,?,?,?,?)", (id, at, actor, action, index_path, project,
+                                             json.dumps(record)))  # (ASCII: always sendable)
 
     # -- blobs ------------------------------------------------------------------------
 
@@ -3728,6 +3762,7 @@ class Accounts:
         return hmac.new(self.store.secret, msg.encode("utf-8"), "sha256").digest()
 
     def create_scoped_token(self, name, restrictions):
+        """(id, token) of a new scoped token of user ``name``."""
         row = self.get_user_row(name)
         if row is None:
             raise not_found("no user %r" % name)
@@ -3744,7 +3779,7 @@ class Accounts:
         caveats = [r.encode("utf-8") for r in restrictions]
         sig = macaroon_signature(self._token_root_key(name, token_id, key, row["pwhash"]),
                                  identifier, caveats)
-        return "devpi-" + serialize_macaroon(identifier, caveats, sig)
+        return token_id, "devpi-" + serialize_macaroon(identifier, caveats, sig)
 
     def list_scoped_tokens(self, name):
         return {r["id"]: {"restrictions": json.loads(r["restrictions"])}
@@ -3784,6 +3819,7 @@ class Accounts:
             return None
         actor = TokenActor(user)
         actor.scope = scope
+        actor.token = {"id": token_id, "restrictions": [x.decode("utf-8") for x in caveats]}
         return actor
 
     def login(self, name, password, source=None):
@@ -3808,7 +3844,9 @@ TOKEN_MAX_LIFETIME = 366 * 24 * 3600 + 10  # what a token may live unless root m
 TOKEN_MAX_CAVEATS = 64
 # devpi-server's permission names, which a token's "allowed" caveat lists
 TOKEN_PERMISSIONS = ("del_entry", "del_project", "del_verdata", "index_create",
-                     "index_delete", "index_modify", "pkg_read", "toxresult_upload", "upload")
+                     "index_delete", "index_modify", "pkg_read", "toxresult_upload", "upload",
+                     "audit_read")  # (audit_read: ours; a token of root's reads the audit
+                                    # log only if its "allowed" names it)
 
 
 def _uvarint(n):
@@ -3974,9 +4012,12 @@ class TokenScope:
 
 
 class TokenActor(str):
-    """The user name of a request authenticated with a scoped token, with its ``scope``."""
+    """The user name of a request authenticated with a scoped token, with its ``scope``
+    and, for the audit log, ``token``: its id and the caveats it came with (never the
+    token itself, nor its signature)."""
 
     scope = None
+    token = None
 
 
 def check_scope(actor, action, index=None, project=None):
@@ -4855,6 +4896,100 @@ def overwrite_entry(prev_log, now):
     return {"what": "overwrite", "who": None, "when": when_list(now), "count": count}
 
 
+# -- the audit log ----------------------------------------------------------------------
+#
+# Every change (users, indexes and their ACLs and policies, uploads, pushes, removals,
+# yanks, project status, tokens, logins) appends one record to the ``audit`` table, in the
+# write transaction that makes the change (Model.audit), so a change and its record commit
+# together or not at all. No route or command edits or deletes a record (triggers refuse
+# it); ids increase, and so do times (a clock set back records the time of the row before).
+# A record never holds a password, a password hash or a token: what changed of a user is
+# said as "the password changed", a token by its id and restrictions.
+
+AUDIT_ANONYMOUS = ":anonymous:"  # the actor of a change nobody authenticated for
+AUDIT_COMMAND_LINE = "(command line)"  # the actor of a change made offline (passwd, init)
+AUDIT_PAGE = 100  # records a page of /+audit holds unless ?limit= says
+AUDIT_PAGE_MAX = 1000
+AUDIT_LINE_MAX = 64 * 1024  # bytes of a record's line; an import refuses longer ones
+AUDIT_TEXT_MAX = 500  # characters of a value a record keeps (a description, custom_data)
+AUDIT_ACTIONS = (
+    "user.create", "user.modify", "user.delete", "user.login", "user.logout",
+    "token.create", "token.delete", "index.create", "index.modify", "index.delete",
+    "release.register", "file.upload", "doc.upload", "toxresult.upload", "push",
+    "file.remove", "version.remove", "project.remove", "yank", "unyank", "project.status",
+    "server.init", "server.import")
+
+
+def audit_value(value, depth=0):
+    """``value`` as a record keeps it: strings cut at AUDIT_TEXT_MAX characters, at most
+    100 items a list or object, four levels deep (a record stays small whatever a config
+    held)."""
+    if isinstance(value, str):
+        if len(value) <= AUDIT_TEXT_MAX:
+            return value
+        return value[:AUDIT_TEXT_MAX - 40] + "... (%d characters)" % len(value)
+    if isinstance(value, (list, tuple)):
+        if depth >= 4:
+            return "(a list of %d)" % len(value)
+        return [audit_value(v, depth + 1) for v in value[:100]] + (
+            ["... (%d items)" % len(value)] if len(value) > 100 else [])
+    if isinstance(value, dict):
+        if depth >= 4:
+            return "(an object of %d)" % len(value)
+        out = {}
+        for k in list(value)[:100]:
+            out[audit_value(str(k))] = audit_value(value[k], depth + 1)
+        return out
+    return value
+
+
+def audit_details(record, details):
+    """``details`` (bounded by audit_value), less where the whole ``record`` would not fit
+    a line of AUDIT_LINE_MAX bytes (a config of a hundred long values): then each long
+    value says only that it was left out, an object's keys kept (which keys changed);
+    failing that, only how long it was."""
+    size = len(json.dumps(dict(record, details=details)))
+    if size <= AUDIT_LINE_MAX - 100:
+        return details
+    left_out = "(left out: the record would be too long)"
+    shorter = {k: v if len(json.dumps(v)) <= 200 else {kk: left_out for kk in v}
+               if isinstance(v, dict) else left_out for k, v in details.items()}
+    if len(json.dumps(dict(record, details=shorter))) <= AUDIT_LINE_MAX - 100:
+        return shorter
+    return {"left_out": "%d bytes of details" % size}
+
+
+def audit_changes(old, new, shown=None):
+    """{key: {"old": ..., "new": ...}} of every key whose value differs (a side without
+    it: null), whatever the keys are; the values as ``shown`` (a function of a whole
+    config) gives them, where a value may hold a secret."""
+    shown_old, shown_new = (shown(old), shown(new)) if shown else (old, new)
+    return {k: {"old": audit_value(shown_old.get(k)), "new": audit_value(shown_new.get(k))}
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+class AuditContext(threading.local):
+    """How the change this thread makes came, for its audit record: the client's address
+    (the socket's peer, and what an X-Forwarded-For header claimed), how the request
+    authenticated (``auth``: password, login-token, session), or the command line. The
+    HTTP layer sets it for each request (App.dispatch, App.authenticate_request), the
+    command line for what it changes offline. Calls of an embedding program have none:
+    their records say "embedded"."""
+
+    address = None
+    forwarded = None
+    auth = None
+    command_line = False
+    quiet = False  # an import building a server: the dump's own records are its log
+
+    def begin(self, address=None, forwarded=None, command_line=False, quiet=False):
+        self.address = address
+        self.forwarded = forwarded[:200] if forwarded else None
+        self.auth = None
+        self.command_line = command_line
+        self.quiet = quiet
+
+
 class Model:
     """Users, indexes and releases: every rule of devpi's data model lives here.
 
@@ -4883,6 +5018,7 @@ class Model:
         self.search = SearchIndex(store)
         self._sboms = {}  # sha256 of a wheel: its SBOMs (Model.sboms)
         self._sboms_lock = threading.Lock()
+        self.context = AuditContext()
 
     # -- change notifications ---------------------------------------------------------
 
@@ -4922,6 +5058,89 @@ class Model:
             for fn in self._change_listeners:
                 fn(config, project_set, projects, kept)
         self.store.after_commit(tell)
+
+    # -- the audit log (see AuditContext) -----------------------------------------------
+
+    def audit(self, c, actor, action, index=None, project=None, version=None, filename=None,
+              auth=None, **details):
+        """Append the record of a change to the audit log, in the write transaction ``c``
+        that makes it. ``actor`` as the Model's methods take it (a TokenActor says which
+        token); ``auth``: how it authenticated, where this thread's AuditContext does not
+        know (a login); ``details``: what else the record says (kept bounded)."""
+        ctx = self.context
+        if ctx.quiet:
+            return
+        token = getattr(actor, "token", None)
+        if ctx.command_line:
+            who, how = AUDIT_COMMAND_LINE, "command-line"
+        elif actor is None:
+            who, how = AUDIT_ANONYMOUS, "anonymous"
+        else:
+            who = str(actor)
+            how = "scoped-token" if token is not None else auth or ctx.auth or "embedded"
+        now = round(time.time(), 3)  # (the record's epoch and the row's, equal)
+        last = c.execute("SELECT at FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None and last[0] > now:
+            now = last[0]
+        record = {"time": utcnow_iso(now), "epoch": now, "actor": who,
+                  "auth": how}
+        if token is not None:
+            record["token"] = audit_value(token)
+        if ctx.address:
+            record["address"] = ctx.address
+        if ctx.forwarded:
+            record["forwarded_for"] = ctx.forwarded  # (what a proxy or the client claims)
+        record["action"] = action
+        norm = normalize_name(project) if project else None
+        for key, value in (("index", index), ("project", norm), ("version", version),
+                           ("file", filename)):
+            if value is not None:
+                record[key] = audit_value(value)
+        if details:
+            record["details"] = audit_details(record, audit_value(details))
+        self.store.insert_audit(c, now, who, action, index, norm, record)
+
+    def audit_ids(self, after=0, limit=AUDIT_PAGE, since=None, until=None, user=None,
+                  index=None, project=None, action=None):
+        """(ids of the next page of records, newest last; whether more follow). Each
+        filter is an indexed lookup: times become a range of ids (times increase with
+        ids), the others are (column, id) indexes."""
+        c = self.store.conn()
+        low, high = after, None
+        if since is not None:
+            row = c.execute("SELECT id FROM audit WHERE at >= ? ORDER BY at, id LIMIT 1",
+                            (since,)).fetchone()
+            if row is None:
+                return [], False
+            low = max(low, row[0] - 1)
+        if until is not None:
+            row = c.execute("SELECT id FROM audit WHERE at <= ? ORDER BY at DESC, id DESC "
+                            "LIMIT 1", (until,)).fetchone()
+            if row is None:
+                return [], False
+            high = row[0]
+        where, args = ["id > ?"], [low]
+        if high is not None:
+            where.append("id <= ?")
+            args.append(high)
+        for column, value in (("actor", user), ("index_path", index), ("project", project),
+                              ("action", action)):
+            if value is not None:
+                where.append("%s = ?" % column)
+                args.append(value)
+        ids = [r[0] for r in c.execute("SELECT id FROM audit WHERE %s ORDER BY id LIMIT ?"
+                                       % " AND ".join(where), args + [limit + 1])]
+        return ids[:limit], len(ids) > limit
+
+    def audit_lines(self, ids):
+        """The JSON lines (bytes, each ending in a newline) of the records ``ids``, a few
+        hundred at a time (a page is streamed, never built whole)."""
+        c = self.store.conn()
+        for i in range(0, len(ids), 200):
+            chunk = ids[i:i + 200]
+            rows = c.execute("SELECT id, record FROM audit WHERE id IN (%s) ORDER BY id"
+                             % ",".join("?" * len(chunk)), chunk).fetchall()
+            yield "".join(audit_line(r[0], r[1]) for r in rows).encode("utf-8")
 
     # -- users --------------------------------------------------------------------------
 
@@ -5015,6 +5234,8 @@ class Model:
                 raise HTTPError(409, "user already exists")
             c.execute("INSERT INTO users (name, pwhash, config, created) VALUES (?,?,?,?)",
                       (name, pwhash, json.dumps(config), utcnow_iso()))
+            self.audit(c, actor, "user.create", user=name, config=config,
+                       password="set" if password is not None else "set as a hash")
         if pwhash == "!pending":
             self.accounts.set_password_soon(name, password)
         return self._user_info(name)
@@ -5061,6 +5282,10 @@ class Model:
             pwhash = row["pwhash"] if password is None else hash_password(password)
             c.execute("UPDATE users SET pwhash=?, config=?, modified=? WHERE name=?",
                       (pwhash, json.dumps(config), utcnow_iso(), name))
+            details = {"changed": audit_changes(stored, config)}
+            if password is not None:
+                details["password"] = "changed"
+            self.audit(c, actor, "user.modify", user=name, **details)
             if any(stored.get(k) != v for k, v in rules.items()):
                 # every index inherits them: every page is built again
                 self._changed(config=True)
@@ -5099,7 +5324,9 @@ class Model:
                                    (name,))
             c.execute("DELETE FROM users WHERE name=?", (name,))
             # the name leaves every ACL, so whoever registers it next inherits no rights
-            for ix_id, config_json in c.execute("SELECT id, config FROM indexes").fetchall():
+            left = []
+            for ix_id, ix_user, ix_name, config_json in c.execute(
+                    "SELECT id, user, name, config FROM indexes").fetchall():
                 config = json.loads(config_json)
                 if any(name in config.get(k, ()) for k in ACL_KEYS):
                     for k in ACL_KEYS:
@@ -5107,8 +5334,45 @@ class Model:
                             config[k] = [u for u in config[k] if u != name]
                     c.execute("UPDATE indexes SET config=? WHERE id=?",
                               (json.dumps(config), ix_id))
+                    left.append("%s/%s" % (ix_user, ix_name))
+            self.audit(c, actor, "user.delete", user=name,
+                       indexes_deleted=[ix.path for ix in indexes], acls_left=left)
             self.store.drop_unused_blobs(shas)
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
+
+    def set_password_hash(self, actor, name, pwhash):
+        """A new password (its hash) for user ``name``: what ``passwd`` does offline."""
+        with self.store.write() as c:
+            self.accounts.set_password_hash(name, pwhash)
+            self.audit(c, actor, "user.modify", user=name, password="changed")
+
+    # -- logins and tokens: the Accounts' changes, recorded ------------------------------
+
+    def logged_in(self, name, via):
+        """Record that ``name`` logged in with a password (``via``: what for: a login
+        token, a browser's session)."""
+        with self.store.write() as c:
+            self.audit(c, name, "user.login", auth="password", user=name, via=via)
+
+    def end_sessions(self, actor, name):
+        """Log ``name`` out of every browser (Accounts.end_sessions), recorded."""
+        with self.store.write() as c:
+            self.accounts.end_sessions(name)
+            self.audit(c, actor, "user.logout", auth="session", user=name)
+
+    def create_scoped_token(self, actor, name, restrictions):
+        """A new devpi-tokens token of user ``name``; the record has its id and
+        restrictions, never the token."""
+        with self.store.write() as c:
+            token_id, token = self.accounts.create_scoped_token(name, restrictions)
+            self.audit(c, actor, "token.create", user=name, token_id=token_id,
+                       restrictions=restrictions)
+        return token
+
+    def delete_scoped_token(self, actor, name, token_id):
+        with self.store.write() as c:
+            self.accounts.delete_scoped_token(name, token_id)
+            self.audit(c, actor, "token.delete", user=name, token_id=token_id)
 
     def _all_project_names(self, c):
         return [r[0] for r in c.execute("SELECT DISTINCT name FROM projects")]
@@ -5278,6 +5542,7 @@ class Model:
                          (user, name)).fetchone():
                 raise HTTPError(409, "index %r exists" % path)
             self.store.insert_index(c, user, name, config)
+            self.audit(c, actor, "index.create", path, config=self.shown_config(config, None))
             self._changed(config=True)
         return config
 
@@ -5305,6 +5570,8 @@ class Model:
             self._check_new_bases(actor, "index_modify", path, config.get("bases", []),
                                   current.get("bases", []))
             c.execute("UPDATE indexes SET config=? WHERE id=?", (json.dumps(config), ix.id))
+            self.audit(c, actor, "index.modify", path, changed=audit_changes(
+                current, config, lambda cfg: self.shown_config(cfg, None)))
             if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
                 c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
@@ -5333,6 +5600,7 @@ class Model:
         with self.store.write() as c:
             shas = self._file_shas(c, "f.index_id=?", (ix.id,))
             c.execute("DELETE FROM indexes WHERE id=?", (ix.id,))
+            self.audit(c, actor, "index.delete", path)
             self.store.drop_unused_blobs(shas)
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
 
@@ -5542,14 +5810,17 @@ class Model:
         with self.store.write() as c:
             pid = self._project_id(c, ix, norm, name, True)
             self._version_id(c, pid, version, meta, time.time())
+            self.audit(c, actor, "release.register", ix.path, norm, version)
             self._changed(projects=[norm])
 
     def add_file(self, actor, ix, name, version, filename, tmp_path, sha256, size, meta,
                  rel="releasefile", for_filename=None, log_entry=None, core_metadata=None,
-                 uploaded=None, as_listed=False):
+                 uploaded=None, as_listed=False, audit=None):
         """Store an uploaded file; the temporary file is consumed in all cases.
         ``as_listed``: a mirror keeps a file its upstream page lists with this hash, which
         changes nothing of the simple pages that list it (they are not built again).
+        ``audit``: the action the audit log records (file.upload, doc.upload); None for
+        what a mirror keeps (a cache, no change).
 
         Returns a reason phrase for the 200 answer. Raises 409 for a different file under
         an existing name on a non-volatile index.
@@ -5583,6 +5854,9 @@ class Model:
                 self.store.place_blob(tmp_path, sha256)
                 self.store.insert_file(c, ix.id, vid, filename, rel, sha256, size, now,
                                        requires_python, core_metadata, for_filename, log_list)
+                if audit:
+                    self.audit(c, actor, audit, ix.path, norm, version, filename,
+                               sha256=sha256, size=size, replaced=old is not None)
                 if as_listed and old is None:
                     self._changed(kept=[norm])
                 else:
@@ -5641,7 +5915,7 @@ class Model:
             if core is not None and filename.endswith(".whl"):
                 core_sha = self.store.put_bytes(core)
             reason = self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size,
-                                   meta, core_metadata=core_sha)
+                                   meta, core_metadata=core_sha, audit="file.upload")
         return reason, file_relpath(ix.path, sha256, filename)
 
     def _check_open_for_uploads(self, ix, norm):
@@ -5670,8 +5944,12 @@ class Model:
             if not c.execute("SELECT 1 FROM projects WHERE index_id=? AND name=?",
                              (ix.id, norm)).fetchone():
                 raise not_found("no project %r on %s" % (norm, ix.path))
+            old = Store.project_status(c, ix.id, norm)
             Store.set_project_status(c, ix.id, norm, None if status == "active"
                                      else (status, reason or None))
+            self.audit(c, actor, "project.status", ix.path, norm, status=status,
+                       reason=reason or None, old_status=old[0] if old else "active",
+                       old_reason=old[1] if old else None)
             self._changed(projects=[norm])
         return {"status": status, "reason": reason or None}
 
@@ -5702,7 +5980,7 @@ class Model:
         filename = "%s-%s.doc.zip" % (norm, version)  # devpi's name for it
         check_filename(filename)
         return self.add_file(actor, ix, name, version, filename, tmp_path, sha256, size, {},
-                             rel="doczip")
+                             rel="doczip", audit="doc.upload")
 
     def _prune_toxresults(self, c, ix, for_filename):
         """Only the newest TOXRESULTS_KEPT tox results of a release file are kept (anyone
@@ -5759,6 +6037,8 @@ class Model:
                 sha = self.store.put_bytes(data)  # (only once the request is allowed)
                 self.store.insert_file(c, ix.id, row["version_id"], name, "toxresult", sha,
                                        len(data), now, "", None, filename, [entry])
+                self.audit(c, actor, "toxresult.upload", ix.path, row["name"],
+                           filename=name, sha256=sha, size=len(data), result_for=filename)
                 self._prune_toxresults(c, ix, filename)
                 self._changed(projects=[row["name"]])
         except Exception:
@@ -5808,8 +6088,10 @@ class Model:
             raise forbidden("cannot delete version on non-volatile index")
         with self.store.write() as c:
             version_id = self._version_id_of(c, ix, norm, version)
-            self._delete_files(c, ix, "f.version_id=?", (version_id,))
+            rows = self._delete_files(c, ix, "f.version_id=?", (version_id,))
             c.execute("DELETE FROM versions WHERE id=?", (version_id,))
+            self.audit(c, actor, "version.remove", ix.path, norm, version,
+                       files=[r["filename"] for r in rows])
             self._changed(projects=[norm], project_set=[ix.id] if self._drop_empty(
                 c, ix, norm) else ())
 
@@ -5833,9 +6115,11 @@ class Model:
                             (ix.id, norm)).fetchone()
             if row is None:
                 raise not_found("project %r not found on %s" % (norm, ix.path))
-            self._delete_files(c, ix, "f.version_id IN (SELECT id FROM versions "
-                                      "WHERE project_id=?)", (row["id"],))
+            rows = self._delete_files(c, ix, "f.version_id IN (SELECT id FROM versions "
+                                             "WHERE project_id=?)", (row["id"],))
             c.execute("DELETE FROM projects WHERE id=?", (row["id"],))
+            self.audit(c, actor, "project.remove", ix.path, norm,
+                       files=[r["filename"] for r in rows])
             self._changed(projects=[norm], project_set=[ix.id])
 
     def delete_file(self, actor, ix, filename, sha_prefix, force=False):
@@ -5852,10 +6136,12 @@ class Model:
             check_scope(actor, "del_entry", ix.path, row["name"])  # the file's own project
             # toxresults of this file go with it
             # (+index_id: found by id and files_for_filename, not by a walk of the index)
-            self._delete_files(c, ix, "+f.index_id=? AND (f.id=? OR f.for_filename=?)",
-                               (ix.id, row["id"], filename))
+            rows = self._delete_files(c, ix, "+f.index_id=? AND (f.id=? OR f.for_filename=?)",
+                                      (ix.id, row["id"], filename))
             c.execute("DELETE FROM files WHERE +index_id=? AND (id=? OR for_filename=?)",
                       (ix.id, row["id"], filename))
+            self.audit(c, actor, "file.remove", ix.path, row["name"], filename=filename,
+                       sha256=row["sha256"], files=[r["filename"] for r in rows])
             self._changed(projects=[row["name"]], project_set=[ix.id] if self._drop_empty(
                 c, ix, row["name"], row["version_id"]) else ())
 
@@ -5889,6 +6175,8 @@ class Model:
                 c.execute("INSERT INTO yank_history VALUES (?,?,?)",
                           (version_id, time.time(), value))
             c.execute("UPDATE versions SET yanked=? WHERE id=?", (value, version_id))
+            self.audit(c, actor, "unyank" if value is None else "yank", ix.path, norm,
+                       version, reason=value, was_yanked=old[0] is not None)
             self._changed(projects=[norm])
 
     def push(self, actor, src, name, version, target, no_docs=False, only_docs=False):
@@ -5973,6 +6261,8 @@ class Model:
             if not only_docs:
                 self._push_toxresults(c, release["id"], ix, target, tvid, files, actor, now,
                                       actionlog)
+            self.audit(c, actor, "push", target.path, norm, version, source=ix.path,
+                       files=[a[2].rpartition("/")[2] for a in actionlog[1:]])
             self._changed(projects=[norm])
         return actionlog
 
@@ -8352,7 +8642,9 @@ class Response:
         self.file_size = 0  # the bytes of file_path sent, from file_offset on
         self.file_offset = 0
         self.reason = reason
-        self.stream = None  # an iterable of chunks with close(), of file_size bytes in all
+        # an iterable of chunks with close(), of file_size bytes in all (None: a length not
+        # known before the end, sent chunked)
+        self.stream = None
 
 
 def json_response(data, status=200, headers=None):
@@ -10243,6 +10535,7 @@ class WebPages:
         if name is None:
             return self.web_login_page(req, next_path, 401, "Wrong user name or password.",
                                        user)
+        self.model.logged_in(name, "browser session")
         return Response(303, b"", [
             ("Location", next_path), ("Cache-Control", "no-store"),
             ("Set-Cookie", self.web_cookie(req, SESSION_COOKIE, accounts.make_session(name),
@@ -10260,7 +10553,7 @@ class WebPages:
                 if not hmac.compare_digest(form.get("csrf", ""), session[1]):
                     raise forbidden("This log-out form is not this server's page: log out "
                                     "from a page of this server.")
-                self.model.accounts.end_sessions(session[0])
+                self.model.end_sessions(session[0], session[0])
         except HTTPError as e:
             return self.web_form_refusal(req, e)
         return Response(303, b"", [
@@ -10288,6 +10581,7 @@ ROUTE_SPECS = [
     # method   path pattern                                        handler (App.route_...)
     ("GET",    "/+api",                                            "api"),
     ("GET",    "/+status",                                         "status"),
+    ("GET",    "/+audit",                                          "audit"),
     ("GET",    "/+search",                                         "search"),
     ("GET",    "/+static/{name}",                                  "static"),
     ("GET",    "/+login",                                          "login_page"),
@@ -10331,24 +10625,91 @@ ROUTE_SPECS = [
 ]
 
 
-def parse_at_time(text):
-    """The time machine's TIME: RFC 3339 with a zone (``2026-06-01T12:00:00Z``) or a date
-    (``2026-06-01``: the end of that day, UTC); 400 for anything else or a time still in
-    the future (a page of it could change)."""
+def parse_time_or_date(text, day_end=True):
+    """RFC 3339 with a zone (``2026-06-01T12:00:00Z``) or a date (``2026-06-01``: the end
+    of that day, UTC, or its start unless ``day_end``) as epoch seconds; None for anything
+    else."""
     if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", text):
         start = parse_upload_time(text + "T00:00:00Z")
-        at = start + 86400 - 1e-6 if start is not None else None
-    elif re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
-                  r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
-        at = parse_upload_time(text.upper().replace(" ", "T"))
-    else:
-        at = None
+        if start is None or not day_end:
+            return start
+        return start + 86400 - 1e-6
+    if re.match(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                r"([Zz]|[+-][0-9]{2}:[0-9]{2})$", text):
+        return parse_upload_time(text.upper().replace(" ", "T"))
+    return None
+
+
+def parse_at_time(text):
+    """The time machine's TIME: RFC 3339 with a zone or a date (the end of that day, UTC;
+    parse_time_or_date); 400 for anything else or a time still in the future (a page of it
+    could change)."""
+    at = parse_time_or_date(text)
     if at is None:
         raise bad_request("invalid time %r for +at: give RFC 3339 with a zone, like "
                           "2026-06-01T12:00:00Z, or a date like 2026-06-01" % text)
     if at > time.time():
         raise bad_request("+at/%s is in the future: its pages could still change" % text)
     return at
+
+
+AUDIT_QUERY_KEYS = ("after", "limit", "user", "index", "project", "action", "since", "until")
+
+
+def audit_time(key, text):
+    """``since``/``until`` of an audit log read as epoch seconds: given as such, as RFC 3339
+    with a zone (2026-06-01T12:00:00Z) or as a date (since: its start, until: its end, UTC);
+    400 for anything else."""
+    if re.match(r"^[0-9]{1,12}(\.[0-9]{1,6})?$", text):
+        return float(text)
+    at = parse_time_or_date(text, day_end=key == "until")
+    if at is None:
+        raise bad_request("%s=%s is not a time: give epoch seconds, RFC 3339 with a zone like "
+                          "2026-06-01T12:00:00Z, or a date like 2026-06-01" % (key, text[:50]))
+    return at
+
+
+def audit_query(get):
+    """The filters of a read of the audit log (GET /+audit's query, the audit command's
+    options), checked, as Model.audit_ids takes them; 400 for a bad one. ``get(key)``: the
+    text given for one of AUDIT_QUERY_KEYS, or None."""
+    q = {}
+    for key in ("after", "limit"):
+        text = get(key)
+        if text is not None:
+            if not re.match(r"^[0-9]{1,18}$", text):
+                raise bad_request("%s must be a whole number, not %r" % (key, text[:50]))
+            q[key] = int(text)
+    if not 1 <= q.get("limit", AUDIT_PAGE) <= AUDIT_PAGE_MAX:
+        raise bad_request("limit must be 1 to %d" % AUDIT_PAGE_MAX)
+    user = get("user")
+    if user is not None:
+        if user not in (AUDIT_ANONYMOUS, AUDIT_COMMAND_LINE):
+            check_user_name(user)
+        q["user"] = user
+    index = get("index")
+    if index is not None:
+        owner, sep, name = index.strip("/").partition("/")
+        if not sep:
+            raise bad_request("index must be USER/NAME, not %r" % index[:100])
+        check_user_name(owner)
+        check_index_name(name)
+        q["index"] = owner + "/" + name
+    project = get("project")
+    if project is not None:
+        check_project_name(project)
+        q["project"] = normalize_name(project)
+    action = get("action")
+    if action is not None:
+        if action not in AUDIT_ACTIONS:
+            raise bad_request("unknown action %r; the actions: %s"
+                              % (action[:50], ", ".join(AUDIT_ACTIONS)))
+        q["action"] = action
+    for key in ("since", "until"):
+        text = get(key)
+        if text is not None:
+            q[key] = audit_time(key, text)
+    return q
 
 
 def compile_routes(specs):
@@ -10401,6 +10762,9 @@ class App(WebPages):
     # -- dispatch ---------------------------------------------------------------------
 
     def dispatch(self, req):
+        # who acts from where, for the audit records of what this request changes
+        self.model.context.begin(req.handler.client_address[0],
+                                 req.headers.get("X-Forwarded-For"))
         if req.headers.get(VIA_HEADER) == self.store.uuid:
             raise HTTPError(400, "request loop: a mirror of this server fetches from itself",
                             {VIA_HEADER: self.store.uuid})
@@ -10464,6 +10828,7 @@ class App(WebPages):
     # on that object (check_scope).
     TOKEN_ACTIONS = {
         "route_api": None, "route_status": None, "route_static": None, "route_login": None,
+        "route_audit": "audit_read",
         # (a browser's log-in page; logging out changes the user's sessions: no token does)
         "route_login_page": None, "route_logout": "user_modify",
         "route_search": "pkg_read", "route_list_users": "pkg_read",
@@ -10565,6 +10930,8 @@ class App(WebPages):
                     kind == "page" and not wants_html(req)):
                 return None
             req.session = self.request_session(req)
+            if req.session:
+                self.model.context.auth = "session"
             return req.session[0] if req.session else None
         creds = []
         xauth = h.get("X-Devpi-Auth")
@@ -10598,7 +10965,9 @@ class App(WebPages):
                     if e.status != 429 or req.method not in ("GET", "HEAD"):
                         raise
                     continue  # a read goes on anonymously, as with a wrong password
-                if name:
+                if name:  # (how, for the audit log: a login token is "mdp1.", see make_token)
+                    self.model.context.auth = "login-token" if secret.startswith("mdp1.") \
+                        else "password"
                     return name
         return None
 
@@ -10629,6 +10998,35 @@ class App(WebPages):
                 result["pypisubmit"] = req.absolute(path + "/")
         return api_result("apiconfig", result)
 
+    def route_audit(self, req):
+        """The audit log as JSON lines, newest last, a page at a time (a Link header with
+        rel="next" while more follow): root's alone, and a token of root's only if its
+        "allowed" names audit_read."""
+        actor = req.actor
+        if actor != "root":
+            raise forbidden("only root reads the audit log")
+        scope = getattr(actor, "scope", None)
+        if scope is not None and (scope.allowed is None or "audit_read" not in scope.allowed):
+            raise forbidden("a token reads the audit log only if it allows audit_read")
+        unknown = sorted(k for k in req.query if k not in AUDIT_QUERY_KEYS)
+        if unknown:
+            raise bad_request("unknown parameter %s; the known: %s"
+                              % (unknown[0][:50], ", ".join(AUDIT_QUERY_KEYS)))
+        for key, values in req.query.items():
+            if len(values) > 1:
+                raise bad_request("give %s once" % key)
+        query = audit_query(lambda key: req.query[key][0] if key in req.query else None)
+        ids, more = self.model.audit_ids(**query)
+        headers = [("Content-Type", AUDIT_TYPE), ("Cache-Control", "no-store")]
+        if more:
+            follow = [(k, v[0]) for k, v in req.query.items() if k != "after"]
+            headers.append(("Link", '<%s>; rel="next"' % req.absolute(
+                "+audit?" + urllib.parse.urlencode(follow + [("after", ids[-1])]))))
+        resp = Response(200, b"", headers)
+        resp.stream = self.model.audit_lines(ids)
+        resp.file_size = None  # (sent chunked: its length is known once sent)
+        return resp
+
     def route_status(self, req):
         if wants_html(req):
             return self.web_status(req)
@@ -10656,6 +11054,7 @@ class App(WebPages):
             raise bad_request("Bad request: no user/password specified")
         result = self.model.accounts.login(body["user"], body["password"],
                                   req.handler.client_address[0])
+        self.model.logged_in(body["user"], "login token")
         return api_result("proxyauth", result, message="login successful")
 
     def route_list_users(self, req):
@@ -10706,7 +11105,7 @@ class App(WebPages):
     def route_token_create(self, req, user):
         self._token_owner(req, user)
         restrictions = token_restrictions(req.json_body(), unlimited=req.actor == "root")
-        token = self.model.accounts.create_scoped_token(user, restrictions)
+        token = self.model.create_scoped_token(req.actor, user, restrictions)
         return api_result("token-info", {"token": token})
 
     def route_tokens(self, req, user):
@@ -10715,7 +11114,7 @@ class App(WebPages):
 
     def route_delete_token(self, req, user, token_id):
         self._token_owner(req, user)
-        self.model.accounts.delete_scoped_token(user, token_id)
+        self.model.delete_scoped_token(req.actor, user, token_id)
         return message_response("token %s of user %s deleted (and every token derived from it)"
                                 % (token_id, user))
 
@@ -12222,10 +12621,11 @@ def check_root_pwhash(root_pwhash):
 
 
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
-                   mirror_url=None, hash_soon=False, root_unusable=False):
+                   mirror_url=None, hash_soon=False, root_unusable=False, audit=True):
     """Create a server directory with root and (unless told not to) root/pypi.
 
-    Returns the Store, opened. Refuses a directory that is already initialised.
+    Returns the Store, opened. Refuses a directory that is already initialised. Its audit
+    log begins with one server.init record (``audit``; an import gives it the dump's).
     """
     check_root_pwhash(root_pwhash)
     store = Store(serverdir)
@@ -12237,6 +12637,7 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     store.create()
     store.open()
     model = Model(store)
+    model.context.begin(command_line=True, quiet=True)  # (one record for it all, below)
     if root_unusable:  # (an import, which gives root its password next)
         model.create_user(None, "root", {}, pwhash="!none")
     elif root_pwhash is not None:
@@ -12262,6 +12663,12 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
             config["mirror_url"] = "http://127.0.0.1:9/simple/"
             with store.write() as c:
                 store.insert_index(c, "root", "pypi", config)
+    model.context.begin(command_line=True)
+    if audit:
+        with store.write() as c:
+            model.audit(c, None, "server.init", users=["root"],
+                        indexes=["root/pypi"] if root_pypi else [])
+    model.context.begin()
     return store, model
 
 
@@ -12562,6 +12969,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     files.append(f)
             entry["projects"] = projects
             entry["files"] = files
+        naudit = _export_audit(c, target)
         c.execute("COMMIT")
     finally:
         c.close()
@@ -12578,6 +12986,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
     told.append("exported %s, %s, %s to %s"
                 % (plural(len(users), "user"), plural(len(indexes), "index", "indexes"),
                    plural(nfiles, "file"), target))
+    told.append("and the audit log: %s (%s)" % (plural(naudit, "record"), AUDIT_DUMP_NAME))
     if notes.get("no_links"):
         told.append(notes["no_links"])
     if skipped:
@@ -12597,6 +13006,84 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     % (", ".join(devpi_cant_check), "\n  ".join(
                         "devpi user -m %s password=..." % n for n in devpi_cant_check)))
     return told
+
+
+AUDIT_DUMP_NAME = "audit.jsonl"  # our addition to devpi's dump: the audit log, a line each
+
+
+def _export_audit(c, target):
+    """The audit log into the dump, a row at a time (never the whole log in memory), from
+    the export's snapshot ``c``; returns how many records."""
+    n = 0
+    with open(os.path.join(target, AUDIT_DUMP_NAME), "w", encoding="ascii") as f:
+        for id, record in c.execute("SELECT id, record FROM audit ORDER BY id"):
+            f.write(audit_line(id, record))
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def _refuse_json_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def audit_dump_records(dump):
+    """The records of a dump's audit.jsonl, read a line at a time, each checked as the
+    untrusted input it is: (id, epoch, actor, action, index, project, record without its
+    id). Raises MinidevpiError naming the line of the first bad one. None in the dump
+    (devpi's): nothing."""
+    try:
+        f = open_in_dump(os.path.realpath(dump), AUDIT_DUMP_NAME)
+    except FileNotFoundError:
+        return
+    except DumpFileRefused as e:
+        raise MinidevpiError(str(e))
+    texts = {"time": 40, "actor": 200, "auth": 40, "address": 200, "forwarded_for": 200,
+             "index": 201, "project": 200, "version": 200, "file": 1000}
+    with f:
+        last_id, last_at, n = 0, 0.0, 0
+        while True:
+            line = f.readline(AUDIT_LINE_MAX + 1)
+            if not line:
+                return
+            n += 1
+            where = "%s line %d" % (AUDIT_DUMP_NAME, n)
+            if len(line) > AUDIT_LINE_MAX:
+                raise MinidevpiError("%s: longer than %d bytes" % (where, AUDIT_LINE_MAX))
+            try:
+                record = json.loads(line.decode("utf-8"),
+                                    parse_constant=_refuse_json_constant)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise MinidevpiError("%s: not JSON" % where)
+            if not isinstance(record, dict):
+                raise MinidevpiError("%s: not a JSON object" % where)
+            rid, at = record.pop("id", None), record.get("epoch")
+            if type(rid) is not int or not last_id < rid < 2 ** 62:
+                raise MinidevpiError("%s: id must be a whole number above the line before's"
+                                     % where)
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or \
+                    not last_at <= at < 2 ** 40:
+                raise MinidevpiError("%s: epoch must be a time no earlier than the line "
+                                     "before's" % where)
+            for key, most in texts.items():
+                value = record.get(key)
+                if value is not None and (not isinstance(value, str) or len(value) > most):
+                    raise MinidevpiError("%s: %s must be text of at most %d characters"
+                                         % (where, key, most))
+            action, actor = record.get("action"), record.get("actor")
+            if not isinstance(action, str) or not re.match(r"^[a-z][a-z_.]{0,63}$", action):
+                raise MinidevpiError("%s: action must be a name like file.upload" % where)
+            if not actor:
+                raise MinidevpiError("%s: actor missing" % where)
+            index, project = record.get("index"), record.get("project")
+            if index is not None and index.count("/") != 1:
+                raise MinidevpiError("%s: index must be USER/NAME" % where)
+            if project is not None and (refusal(check_project_name, project) or
+                                        normalize_name(project) != project):
+                raise MinidevpiError("%s: project must be a normalised project name" % where)
+            last_id, last_at = rid, at
+            yield rid, at, actor, action, index, project, record
 
 
 def _read_dump(dump):
@@ -12762,6 +13249,11 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
     cyc = _base_cycle(data["indexes"])
     if cyc:
         problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
+    try:
+        for _record in audit_dump_records(dump):
+            pass
+    except MinidevpiError as e:
+        problems.append(e.message)
     return problems
 
 
@@ -12903,7 +13395,8 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         store, model = init_serverdir(
             building, root_password=root_password if root_pwhash is None else None,
             root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi,
-            root_unusable=root_password is None and root_pwhash is None)
+            root_unusable=root_password is None and root_pwhash is None, audit=False)
+        model.context.begin(command_line=True, quiet=True)  # (the dump's log, then one record)
         store.sync_each_blob = False  # 10,000 fsyncs cost more than the copying
         needs_password, stale = _import_users(store, data["users"], root_password, root_pwhash,
                                               own_export="minidevpi" in data)
@@ -12919,6 +13412,7 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         nindexes = _import_indexes(store, model, dump, data["indexes"], root_pypi,
                                    skip_types, hard_links, notes, told,
                                    Progress("imported", nfiles, quiet))
+        _import_audit(store, model, dump, len(data["users"]), nindexes, told)
         store.close()
         # everything copied and written is on disk before the server exists under its
         # name: one sync instead of one per file
@@ -12944,6 +13438,20 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                     "or none at all, so they can't log in until root sets a password: %s. "
                     "As root: devpi user -m NAME password=..." % ", ".join(needs_password))
     return told
+
+
+def _import_audit(store, model, dump, nusers, nindexes, told):
+    """The dump's audit log (checked by check_dump), its ids and times kept, then the
+    record of this import."""
+    with store.write() as c:
+        n = 0
+        for rid, at, actor, action, index, project, record in audit_dump_records(dump):
+            store.insert_audit(c, at, actor, action, index, project, record, id=rid)
+            n += 1
+        model.context.begin(command_line=True)
+        model.audit(c, None, "server.import", records=n, users=nusers, indexes=nindexes)
+    if n:
+        told.append("kept the %s of the export's audit log" % plural(n, "record"))
 
 
 def _import_users(store, users, root_password, root_pwhash, own_export=False):
@@ -13569,6 +14077,20 @@ def build_parser():
     p.add_argument("user", metavar="USER", help="whose password (e.g. root)")
     common(p)
 
+    p = sub.add_parser("audit", help="print the audit log as JSON lines",
+                       description="Print the audit log's records (what GET /+audit answers "
+                                   "root) as JSON lines, oldest first; the server may keep "
+                                   "running. Without --limit, every record the filters "
+                                   "match.")
+    common(p)
+    for name, what in (("user", "made by this user (:anonymous:, '(command line)')"),
+                       ("index", "on this index (USER/NAME)"), ("project", "of this project"),
+                       ("action", "of this action (user.create, file.upload, ...)"),
+                       ("since", "at or after this time (epoch, RFC 3339 or a date)"),
+                       ("until", "at or before this time"),
+                       ("after", "with an id above this one"), ("limit", "at most this many")):
+        p.add_argument("--" + name, metavar=name.upper(), help="records " + what)
+
     p = sub.add_parser("hash-password", help="print the hash of a password, for "
                                              "--root-passwd-hash",
                        description="Print the hash of a password as minidevpi stores it, for "
@@ -13600,10 +14122,36 @@ def cmd_passwd(args):
         model = Model(store)
         if model.get_user_row(args.user) is None:
             raise MinidevpiError("no user %r in %s" % (args.user, store.serverdir))
-        model.accounts.set_password_hash(args.user, hash_password(read_new_password()))
+        model.context.begin(command_line=True)
+        model.set_password_hash(None, args.user, hash_password(read_new_password()))
     finally:
         store.close()
     print("password of %s changed in %s" % (args.user, store.serverdir), flush=True)
+    return 0
+
+
+def cmd_audit(args):
+    store = Store(args.serverdir)
+    if not store.is_initialised():
+        raise MinidevpiError("%s contains no minidevpi server" % store.serverdir)
+    query = audit_query(lambda key: getattr(args, key))
+    want = query.pop("limit", None)
+    store.open(readonly=True)
+    try:
+        model = Model(store)
+        printed = 0
+        while want is None or printed < want:
+            limit = AUDIT_PAGE_MAX if want is None else min(AUDIT_PAGE_MAX, want - printed)
+            ids, more = model.audit_ids(limit=limit, **query)
+            for chunk in model.audit_lines(ids):
+                sys.stdout.write(chunk.decode("ascii"))
+            printed += len(ids)
+            if not more:
+                break
+            query["after"] = ids[-1]
+        sys.stdout.flush()
+    finally:
+        store.close()
     return 0
 
 
@@ -13815,6 +14363,8 @@ def run_command(args):
         return cmd_import(args)
     if args.command == "passwd":
         return cmd_passwd(args)
+    if args.command == "audit":
+        return cmd_audit(args)
     if args.command == "hash-password":
         return cmd_hash_password(args)
     return cmd_serve(args)

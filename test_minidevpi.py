@@ -3352,6 +3352,287 @@ def test_restrict_reads_with_the_devpi_client(tmp_path, make_server):
 
 
 # ----------------------------------------------------------------------------------
+# 5. model: the audit log (GET /+audit, the audit command, export and import)
+# ----------------------------------------------------------------------------------
+
+ROOT_PW, ALICE_PW, ALICE_NEW_PW = "r00t-Audit-pw", "al1ce-Audit-pw", "al1ce-N3w-pw"
+
+
+def audit_log(url, query="", auth=("root", ROOT_PW), headers=None):
+    """(reply, records) of GET /+audit?query as root (or ``auth``)."""
+    r = http(url, path="/+audit" + ("?" + query if query else ""), auth=auth,
+             headers=headers)
+    if r.status != 200:
+        return r, None
+    assert r.header("content-type") == "application/x-ndjson", r
+    return r, [json.loads(line) for line in r.body.decode().splitlines()]
+
+
+def audit_secrets_absent(text, secrets):
+    for s in secrets:
+        assert s not in text, s
+    assert "pwhash" not in text and "scrypt$" not in text and "mdp1." not in text
+
+
+def test_audit_log_records_who_changed_what_from_where_through_the_real_clients(
+        tmp_path, make_server):
+    twine = need("twine")
+    srv = make_server(root_password=ROOT_PW)
+    url = srv.url
+    devpi = Devpi(tmp_path / "client")
+    devpi("use", url)
+    devpi("user", "-c", "alice", "password=" + ALICE_PW, "email=a@x")
+    devpi("login", "alice", "--password", ALICE_PW)
+    devpi("index", "-c", "dev", "volatile=True")
+    devpi("index", "-c", "prod", "volatile=False")
+    devpi("index", "alice/dev", "acl_upload=alice,bob", "title=Dev")
+    devpi("use", "alice/dev")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    devpi("upload", str(make_wheel(dist, "Sample_Pkg", "1.0")))
+    devpi("push", "sample-pkg==1.0", "alice/prod")
+    yank = tmp_path / "yank.json"
+    yank.write_text(json.dumps({"yanked": "broken"}))
+    devpi("patchjson", "/alice/dev/sample-pkg/1.0", str(yank))
+    # a scoped token (devpi-tokens' route) used by twine for an upload
+    scoped = api(url, "POST", "/alice/+token-create", auth=("alice", ALICE_PW),
+                 json_body={"allowed": ["upload"], "indexes": ["alice/dev"]}
+                 ).json()["result"]["token"]
+    sdist = make_sdist(dist, "sample-pkg", "1.1")
+    run([twine, "upload", "--disable-progress-bar", "--non-interactive", "--repository-url",
+         url + "/alice/dev/", "-u", "__token__", "-p", scoped, sdist],
+        env={"TWINE_NON_INTERACTIVE": "1",
+             "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"})
+    assert api(url, "PATCH", "/alice/dev/sample-pkg", auth=("root", ROOT_PW),
+               json_body={"status": "deprecated", "reason": "use other"}).status == 200
+    devpi("remove", "-y", "sample-pkg==1.1")
+    devpi("user", "-m", "alice", "password=" + ALICE_NEW_PW)
+    token = login_token(url, "alice", ALICE_NEW_PW)
+    assert http(url, "DELETE", "/alice/dev", headers=xauth("alice", token)).status == 201
+
+    r, log = audit_log(url)
+    assert r.status == 200, r
+    ids = [rec["id"] for rec in log]
+    assert ids == sorted(set(ids)) and [rec["epoch"] for rec in log] == \
+        sorted(rec["epoch"] for rec in log)
+    assert log[0]["action"] == "server.init" and log[0]["actor"] == "(command line)"
+
+    def one(action, **want):
+        found = [rec for rec in log if rec["action"] == action and all(
+            rec.get(k) == v for k, v in want.items())]
+        assert len(found) == 1, (action, want, log)
+        return found[0]
+    for rec in log[1:]:
+        assert rec["address"] == "127.0.0.1", rec
+    created = one("user.create")
+    assert created["actor"] == ":anonymous:" and created["details"]["user"] == "alice"
+    assert created["details"]["password"] == "set"
+    logins = [rec for rec in log if rec["action"] == "user.login"]
+    assert [(rec["actor"], rec["auth"]) for rec in logins] == [("alice", "password")] * 2
+    assert one("index.create", index="alice/dev")["auth"] == "login-token"
+    changed = one("index.modify", index="alice/dev")["details"]["changed"]
+    assert changed == {"acl_upload": {"old": ["alice"], "new": ["alice", "bob"]},
+                       "title": {"old": None, "new": "Dev"}}
+    up = one("file.upload", version="1.0")
+    assert (up["actor"], up["index"], up["project"], up["file"]) == (
+        "alice", "alice/dev", "sample-pkg", "Sample_Pkg-1.0-py3-none-any.whl")
+    push = one("push")
+    assert (push["index"], push["details"]["source"], push["version"]) == (
+        "alice/prod", "alice/dev", "1.0")
+    assert one("yank")["details"]["reason"] == "broken"
+    tok = one("token.create")
+    assert tok["details"]["restrictions"][0] == "allowed=upload"
+    by_token = one("file.upload", version="1.1")
+    assert by_token["auth"] == "scoped-token" and by_token["actor"] == "alice"
+    assert by_token["token"]["id"] == tok["details"]["token_id"]
+    assert "allowed=upload" in by_token["token"]["restrictions"]
+    status = one("project.status")
+    assert (status["actor"], status["details"]["status"], status["details"]["old_status"]) \
+        == ("root", "deprecated", "active")
+    assert one("version.remove", version="1.1")["details"]["files"] == [os.path.basename(sdist)]
+    assert one("user.modify")["details"] == {"user": "alice", "changed": {},
+                                             "password": "changed"}
+    assert one("index.delete", index="alice/dev")["auth"] == "login-token"
+    # a mirror_url's credentials are recorded as others see them, and their change too
+    mirror_url = "http://mirroruser:m1rror-Secret@127.0.0.1:9/simple/"
+    assert api(url, "PUT", "/root/mirror", auth=("root", ROOT_PW), json_body={
+        "type": "mirror", "mirror_url": mirror_url}).status == 200
+    assert api(url, "PATCH", "/root/mirror", auth=("root", ROOT_PW), json_body=[
+        "mirror_url=" + mirror_url.replace("m1rror-Secret", "m1rror-Other")]).status == 200
+    r, log = audit_log(url)
+    assert one("index.modify", index="root/mirror")["details"]["changed"] == {"mirror_url": {
+        "old": "http://mirroruser:***@127.0.0.1:9/simple/",
+        "new": "http://mirroruser:***@127.0.0.1:9/simple/"}}
+    # never a password or a token, of any kind
+    audit_secrets_absent(r.body.decode(), [ROOT_PW, ALICE_PW, ALICE_NEW_PW, scoped, token,
+                                           scoped[6:40], "m1rror-Secret", "m1rror-Other"])
+    # only root reads it: alice (password, login token, scoped token) and anonymous get 403
+    for auth, headers in ((("alice", ALICE_NEW_PW), None), (None, xauth("alice", token)),
+                          (None, {"Authorization": "Bearer " + scoped}), (None, None)):
+        r = audit_log(url, auth=auth, headers=headers)[0]
+        assert r.status == 403 and "message" in r.json(), r
+
+
+def test_audit_log_pages_and_filters_and_refuses_bad_queries(tmp_path, make_server):
+    srv = make_server(root_password=ROOT_PW)
+    url = srv.url
+    for user in ("alice", "bob"):  # (bob's through a proxy that says who asked)
+        assert api(url, "PUT", "/" + user, json_body={"password": ALICE_PW}, headers={
+            "X-Forwarded-For": "203.0.113.7"} if user == "bob" else {}).status == 201
+        for name in ("dev", "prod"):
+            assert api(url, "PUT", "/%s/%s" % (user, name), auth=(user, ALICE_PW),
+                       json_body={"volatile": True}).status == 200
+    d = tmp_path / "d"
+    d.mkdir()
+    for v in ("1.0", "2.0"):
+        assert upload_form(url, "alice/dev", make_wheel(d, "pkg-a", v),
+                           auth=("alice", ALICE_PW)).status == 200
+    assert upload_form(url, "bob/dev", make_wheel(d, "pkg-b", "1.0"),
+                       auth=("bob", ALICE_PW)).status == 200
+    everything = audit_log(url)[1]
+    assert len(everything) == 1 + 2 + 4 + 3
+    assert [(r["address"], r.get("forwarded_for")) for r in everything
+            if r["action"] == "user.create"] == [("127.0.0.1", None),
+                                                 ("127.0.0.1", "203.0.113.7")]
+    # pages of 3, followed by their Link headers, make the whole log, newest last
+    paged, query, pages = [], "limit=3", 0
+    while True:
+        r, page = audit_log(url, query)
+        pages += 1
+        paged += page
+        link = r.header("link")
+        if link is None:
+            break
+        m = re.match(r'^<(http://[^>]+)>; rel="next"$', link)
+        assert m, link
+        query = urllib.parse.urlsplit(m.group(1)).query
+    assert paged == everything and pages == 4
+    # each filter, and filters together (paged too)
+    assert [r["id"] for r in audit_log(url, "user=bob")[1]] == [
+        r["id"] for r in everything if r["actor"] == "bob"]
+    assert {r["action"] for r in audit_log(url, "user=:anonymous:")[1]} == {"user.create"}
+    assert [r["file"] for r in audit_log(url, "index=alice/dev&action=file.upload")[1]] == [
+        "pkg_a-1.0-py3-none-any.whl", "pkg_a-2.0-py3-none-any.whl"]
+    assert [r["version"] for r in audit_log(url, "project=Pkg_A")[1]] == ["1.0", "2.0"]
+    r, page = audit_log(url, "project=pkg-a&limit=1")
+    assert len(page) == 1 and "after=%d" % page[0]["id"] in r.header("link")
+    assert audit_log(url, "action=index.create&user=alice")[1] == [
+        r for r in everything if r["action"] == "index.create" and r["actor"] == "alice"]
+    middle = everything[5]["epoch"]
+    assert audit_log(url, "since=%r" % middle)[1] == [
+        r for r in everything if r["epoch"] >= middle]
+    assert audit_log(url, "until=%r" % middle)[1] == [
+        r for r in everything if r["epoch"] <= middle]
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(everything[0]["epoch"]))
+    assert audit_log(url, "since=" + since)[1][0] == everything[0]
+    assert audit_log(url, "since=%d" % (everything[-1]["epoch"] + 3600))[1] == []
+    assert audit_log(url, "after=%d" % everything[-1]["id"])[1] == []
+    # an HTTP/1.0 client (no chunked framing) gets the same lines, ended by the close
+    raw, closed = exchange(srv.port, ("GET /+audit?user=bob HTTP/1.0\r\nAuthorization: "
+                                      "%s\r\n\r\n" % basic_auth("root", ROOT_PW)).encode(),
+                           read_timeout=30)
+    assert closed
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower(), head
+    assert [json.loads(x) for x in body.splitlines()] == audit_log(url, "user=bob")[1]
+    # bad queries: a 400 that says why
+    for bad in ("limit=0", "limit=1001", "limit=x", "after=-1", "since=yesterday",
+                "until=2026-13-45", "user=no%20such!", "index=alice", "project=..",
+                "action=drop.table", "colour=red", "user=a&user=b"):
+        r = http(url, path="/+audit?" + bad, auth=("root", ROOT_PW))
+        assert r.status == 400 and r.json()["message"], (bad, r)
+    # a token of root's reads it only if it allows audit_read, by name
+    for allowed, status in ((None, 403), (["pkg_read"], 403), (["audit_read"], 200)):
+        body = {"allowed": allowed} if allowed else {}
+        token = api(url, "POST", "/root/+token-create", auth=("root", ROOT_PW),
+                    json_body=body).json()["result"]["token"]
+        assert audit_log(url, headers={"Authorization": "Bearer " + token},
+                         auth=None)[0].status == status, allowed
+
+
+def test_audit_log_travels_with_export_and_import_and_is_read_offline(tmp_path, make_server):
+    serverdir = tmp_path / "a"
+    srv = make_populated_server(make_server, serverdir, tmp_path)
+    assert api(srv.url, "PATCH", "/alice/dev", auth=("root", "rootpw"),
+               json_body=["description=" + "x" * 5000]).status == 200
+    r, before = audit_log(srv.url, auth=("root", "rootpw"))
+    changed = before[-1]["details"]["changed"]["description"]["new"]
+    assert len(changed) <= 500 and changed.endswith("(5000 characters)")  # kept bounded
+    # a change too big for a line keeps which keys changed (and travels: see the import)
+    for text in ("v", "w"):
+        assert api(srv.url, "PATCH", "/alice", auth=("root", "rootpw"),
+                   json_body={"custom_data": [text * 500] * 100}).status == 200
+    r, before = audit_log(srv.url, auth=("root", "rootpw"))
+    assert before[-1]["details"] == {
+        "user": "alice", "changed": {"custom_data": "(left out: the record would be too long)"}}
+    assert max(len(line) for line in r.body.splitlines()) < minidevpi.AUDIT_LINE_MAX
+    srv.stop()
+    # offline: passwd is recorded as the command line's, and `audit` prints the log
+    cli("passwd", "alice", "--serverdir", str(serverdir), input=b"alice-offline-pw\n")
+    out = cli("audit", "--serverdir", str(serverdir))[1]
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines[:-1] == before
+    assert (lines[-1]["action"], lines[-1]["actor"], lines[-1]["details"]) == (
+        "user.modify", "(command line)", {"user": "alice", "password": "changed"})
+    out = cli("audit", "--serverdir", str(serverdir), "--action", "yank", "--index",
+              "alice/dev")[1]
+    assert [json.loads(x)["version"] for x in out.splitlines()] == ["1.1"]
+    assert "error: limit must be" in cli("audit", "--serverdir", str(serverdir), "--limit",
+                                         "0", check=False)[1]
+    # the log on disk takes no edit
+    db = sqlite3.connect(str(serverdir / minidevpi.DB_NAME))
+    for sql in ("DELETE FROM audit", "UPDATE audit SET actor='x'"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute(sql)
+    db.close()
+    # export: audit.jsonl holds the log as /+audit gives it; import keeps it and adds one
+    cli("export", str(tmp_path / "dump"), "--serverdir", str(serverdir))
+    dumped = (tmp_path / "dump" / "audit.jsonl").read_text()
+    assert dumped == out_all(serverdir)
+    audit_secrets_absent(dumped, ["rootpw", "alicepw", "bobpw", "alice-offline-pw"])
+    cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "b"),
+        "--root-passwd", "rootpw")
+    with make_server(tmp_path / "b") as srv2:
+        after = audit_log(srv2.url, auth=("root", "rootpw"))[1]
+    assert after[:-1] == [json.loads(x) for x in dumped.splitlines()]
+    assert after[-1]["action"] == "server.import" and after[-1]["id"] > after[-2]["id"]
+    assert after[-1]["details"]["records"] == len(after) - 1
+    # a doctored audit.jsonl is refused, naming the line, and nothing is created
+    good = dumped.splitlines()
+    for n, line in ((3, '{"id": 2, "epoch": 1, "actor": "x", "action": "yank"}'),
+                    (2, "[1, 2]"), (4, "{not json"), (2, '{"id": 99, "epoch": NaN}'),
+                    (3, json.dumps(dict(json.loads(good[2]), actor=["x"]))),
+                    (3, json.dumps(dict(json.loads(good[2]), project="../../x"))),
+                    (2, "x" * (minidevpi.AUDIT_LINE_MAX + 10))):
+        bad = good[:n - 1] + [line] + good[n:]
+        (tmp_path / "dump" / "audit.jsonl").write_text("\n".join(bad) + "\n")
+        code, out = cli("import", str(tmp_path / "dump"), "--serverdir",
+                        str(tmp_path / "c"), check=False)
+        assert code != 0 and "audit.jsonl line %d" % n in out, (n, out)
+        assert not (tmp_path / "c").exists() or not os.listdir(str(tmp_path / "c"))
+
+
+def test_audit_log_records_a_browsers_login_and_logout_never_a_failed_one(make_server):
+    srv = make_server(root_password=ROOT_PW, offline=True)
+    url = srv.url
+    srv.create_user("alice", ALICE_PW)
+    assert web_login(url, "alice", "wrong")[1] is None
+    _r, session = web_login(url, "alice", ALICE_PW)
+    page = browse(url, "/", Cookie=session)
+    assert post_form(url, "/+logout", {"csrf": logout_token(page)}, session).status == 303
+    r, log = audit_log(url)
+    assert [(rec["action"], rec["actor"], rec["auth"], rec["details"]) for rec in log[-2:]] \
+        == [("user.login", "alice", "password", {"user": "alice", "via": "browser session"}),
+            ("user.logout", "alice", "session", {"user": "alice"})]
+    assert [rec["action"] for rec in log].count("user.login") == 1
+    audit_secrets_absent(r.body.decode(), [ALICE_PW, session.partition("=")[2]])
+
+
+def out_all(serverdir):
+    return cli("audit", "--serverdir", str(serverdir))[1]
+
+
+# ----------------------------------------------------------------------------------
 # 6. mirror, against a fake upstream on 127.0.0.1
 # ----------------------------------------------------------------------------------
 
