@@ -12348,12 +12348,14 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
-        for k in ("mirror_min_age", "mirror_min_age_exempt"):  # read by every page
+        for k in ("mirror_min_age", "mirror_min_age_exempt", "refuse_private",
+                  "mirror_keep_removed"):  # read by every page, upload or walk
             if k in config:
                 try:
                     config[k] = coerce_index_value(k, config[k])
                 except HTTPError as e:
-                    raise MinidevpiError("index %s: %s" % (path, e.message))
+                    raise MinidevpiError("index %s: %s%s" % (
+                        path, "" if k in e.message else k + ": ", e.message))
         for k, v in index_defaults(config["type"], user).items():
             config.setdefault(k, v)
         with store.write() as c:

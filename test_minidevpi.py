@@ -5381,7 +5381,9 @@ def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, 
 def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server):
     srv, root = guarded, ("root", "rootpw")
     api(srv.url, "PATCH", "/root/pypi", auth=root,
-        json_body=["mirror_min_age=7d", "mirror_min_age_exempt=fresh-fix"])
+        json_body=["mirror_min_age=7d", "mirror_min_age_exempt=fresh-fix",
+                   "mirror_keep_removed=true"])
+    api(srv.url, "PATCH", "/alice/dev", auth=root, json_body=["refuse_private=false"])
     srv.stop()
     cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "srv"))
     cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "back"))
@@ -5389,6 +5391,8 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
         config = api(back.url, path="/root/pypi").json()["result"]
         assert config["mirror_min_age"] == 604800
         assert config["mirror_min_age_exempt"] == ["fresh-fix"]
+        assert config["mirror_keep_removed"] is True
+        assert api(back.url, path="/alice/dev").json()["result"]["refuse_private"] is False
     # the real devpi-server takes them and keeps them (it does not apply them)
     run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
          str(tmp_path / "dump")])
@@ -5396,6 +5400,8 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
     theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
     config = theirs["indexes"]["root/pypi"]["indexconfig"]
     assert (config["mirror_min_age"], config["mirror_min_age_exempt"]) == (604800, ["fresh-fix"])
+    assert config["mirror_keep_removed"] is True
+    assert theirs["indexes"]["alice/dev"]["indexconfig"]["refuse_private"] is False
     # a dump is untrusted: a bad value is refused, not taken
     dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
     dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = "soon"
@@ -5403,6 +5409,12 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
     code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad"),
                     check=False)
     assert code != 0 and "mirror_min_age" in out, out
+    dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = 0
+    dump["indexes"]["alice/dev"]["indexconfig"]["refuse_private"] = "sometimes"
+    (tmp_path / "dump" / "dataindex.json").write_text(json.dumps(dump))
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad2"),
+                    check=False)
+    assert code != 0 and "refuse_private" in out, out
 
 
 
