@@ -5122,6 +5122,9 @@ class Model:
         if not version:
             raise bad_request("version needs to be set")
         check_version(version)
+        refusal = self.private_refusal(ix, "%s %s" % (name, version), meta)
+        if refusal is not None:
+            raise refusal
         norm = normalize_name(name)
         with self.store.write() as c:
             pid = self._project_id(c, ix, norm, name, True)
@@ -5190,23 +5193,25 @@ class Model:
 
     def substitution_refusal(self, c, ix, filename, sha256):
         """The 409 for storing ``filename`` with ``sha256`` on the private index ``ix``
-        (an upload, a push) when another index kept that name with other bytes: any
-        mirror of the server (upstream's real file: a private file must not pass for it)
-        or a non-volatile base of ``ix`` (whose files never change: one of ``ix`` would
-        shadow it through the walk). No silent substitution.
+        (an upload, a push) when another index kept that name with other bytes: a mirror
+        of root's (the server's upstream: a private file must not pass for its real one)
+        or any mirror ``ix`` inherits from, or a non-volatile base of ``ix`` (whose files
+        never change: one of ``ix`` would shadow it through the walk). No silent
+        substitution. (A mirror of another user's, not among the bases, refuses nothing:
+        what its owner's upstream holds must not keep others from uploading.)
 
         Allowed, as devpi does it: a volatile index overwriting its own earlier file, and
         shadowing a file of a volatile base (devpi-client's test_push_existing_to_volatile
         relies on both). Neither is silent: the file's log says "overwrite", the project
         page says which index a release shadows. None when nothing refuses it."""
-        bases = {b.id for b in self.resolve_bases(ix)[1:] if not b.volatile}
+        bases = {b.id for b in self.resolve_bases(ix)[1:] if b.is_mirror or not b.volatile}
         for index_id, other in c.execute(
                 "SELECT index_id, sha256 FROM first_hashes WHERE filename=? AND sha256<>? "
                 "AND index_id<>? UNION SELECT index_id, sha256 FROM files WHERE filename=? "
                 "AND sha256<>? AND index_id<>? AND rel='releasefile'",
                 (filename, sha256, ix.id) * 2).fetchall():
             b = self.index_by_id(c, index_id)
-            if b is not None and (b.is_mirror or b.id in bases):
+            if b is not None and (b.id in bases or (b.is_mirror and b.user == "root")):
                 return HTTPError(409, "%s was kept on %s with other bytes (sha256 %s...) than "
                                       "this one's (sha256 %s...): a file name is never served "
                                       "with two contents (no silent substitution); release "

@@ -5114,6 +5114,12 @@ def test_private_classifiers_are_refused_where_anonymous_users_read(alice, tmp_p
         (":action", "file_upload"), ("protocol_version", "1"), ("name", "secret-sauce"),
         ("version", "1.0")])
     assert r.status == 400 and "Private :: Do Not Upload" in r.json()["message"], r
+    # nor is a release registered without a file (its metadata would be exposed too)
+    body, ctype = multipart([(":action", "submit"), ("name", "secret-sauce"),
+                             ("version", "1.0"), ("classifiers", private[0])], [])
+    r = http(url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+             auth=auth)
+    assert r.status == 400 and "refuse_private" in r.json()["message"], r
     assert api(url, path="/alice/dev/secret-sauce").status == 404
     # an index only alice reads takes it; pushing it to the public one is refused
     api(url, "PUT", "/alice/priv", auth=auth, json_body={"bases": [], "acl_read": ["alice"]})
