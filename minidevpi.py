@@ -4483,11 +4483,12 @@ def removed_upstream_message(filename, since):
             "mirror_keep_removed=true keeps offering it)" % (filename, utcnow_iso(since)))
 
 
-def replaced_upstream_text(filename, since, kept, now):
-    """What a person and the log read of a kept file upstream lists with other bytes."""
+def replaced_upstream_text(filename, since, kept, upstream):
+    """What a person and the log read of a kept file (sha256 ``kept``) its upstream lists
+    with other bytes (sha256 ``upstream``) since ``since``."""
     return ("upstream replaced %s on %s (sha256 kept %s..., upstream now %s...; the kept "
             "file is served)" % (filename, utcnow_iso(since), (kept or "?")[:16],
-                                 (now or "?")[:16]))
+                                 (upstream or "?")[:16]))
 
 
 def quarantined_message(norm, reason, filename):
@@ -5193,18 +5194,19 @@ class Model:
 
     def substitution_refusal(self, c, ix, filename, sha256):
         """The 409 for storing ``filename`` with ``sha256`` on the private index ``ix``
-        (an upload, a push) when another index kept that name with other bytes: a mirror
-        of root's (the server's upstream: a private file must not pass for its real one)
-        or any mirror ``ix`` inherits from, or a non-volatile base of ``ix`` (whose files
-        never change: one of ``ix`` would shadow it through the walk). No silent
-        substitution. (A mirror of another user's, not among the bases, refuses nothing:
-        what its owner's upstream holds must not keep others from uploading.)
+        (an upload, a push) when a mirror kept that name with other bytes: a mirror of
+        root's (the server's upstream: a private file must not pass for its real one) or
+        any mirror ``ix`` inherits from. No silent substitution. (A mirror of another
+        user's, not among the bases, refuses nothing: what its owner's upstream holds must
+        not keep others from uploading.)
 
         Allowed, as devpi does it: a volatile index overwriting its own earlier file, and
-        shadowing a file of a volatile base (devpi-client's test_push_existing_to_volatile
-        relies on both). Neither is silent: the file's log says "overwrite", the project
-        page says which index a release shadows. None when nothing refuses it."""
-        bases = {b.id for b in self.resolve_bases(ix)[1:] if b.is_mirror or not b.volatile}
+        a stage shadowing a file of a private base, volatile or not (devpi's inheritance;
+        devpi-client's test_push_existing_to_volatile and _nonvolatile rely on both).
+        Neither is silent: the file's log says "overwrite", the project page says which
+        index a release shadows; and one walk never serves two hashes for one name (the
+        first index of the chain that has it gives it). None when nothing refuses it."""
+        bases = {b.id for b in self.resolve_bases(ix)[1:] if b.is_mirror}
         for index_id, other in c.execute(
                 "SELECT index_id, sha256 FROM first_hashes WHERE filename=? AND sha256<>? "
                 "AND index_id<>? UNION SELECT index_id, sha256 FROM files WHERE filename=? "
