@@ -2811,7 +2811,27 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS first_hashes (  -- the first sha256 an index kept under a name, schema 4
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (index_id, filename)
+);
+CREATE INDEX IF NOT EXISTS first_hashes_filename ON first_hashes(filename);
+CREATE TABLE IF NOT EXISTS upstream_changes (  -- a mirror's kept files upstream removed or
+    index_id INTEGER NOT NULL REFERENCES indexes(id) ON DELETE CASCADE,  -- replaced, schema 4
+    project TEXT NOT NULL,          -- normalised
+    filename TEXT NOT NULL,
+    what TEXT NOT NULL,             -- 'removed' (not listed any more) or 'replaced'
+    since REAL NOT NULL,            -- when a refresh first saw it
+    sha256 TEXT,                    -- 'replaced': the hash upstream lists now
+    PRIMARY KEY (index_id, filename)
+);
+CREATE INDEX IF NOT EXISTS upstream_changes_project ON upstream_changes(index_id, project);
 """
+# What a migration to schema 4 fills in (bounded: one pass over the files table, once).
+FILL_FIRST_HASHES = ("INSERT OR IGNORE INTO first_hashes SELECT index_id, filename, sha256 "
+                     "FROM files WHERE rel='releasefile' ORDER BY id")
 
 
 def audit_line(id, record):
@@ -2898,6 +2918,8 @@ class Store:
             # (the search rows a new table lacks are filled by SearchIndex.prepare below)
             conn.executescript(SCHEMA)
             with self.write() as c:
+                if version < 4:
+                    c.execute(FILL_FIRST_HASHES)
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'",
                           (str(SCHEMA_VERSION),))
         self.uuid = conn.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()[0]
@@ -3069,6 +3091,9 @@ class Store:
              core_metadata, for_filename, json.dumps(list(log))))
         c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
                   (index_id, filename, sha256))
+        if rel == "releasefile":  # (no silent substitution: the first hash is remembered)
+            c.execute("INSERT OR IGNORE INTO first_hashes VALUES (?,?,?)",
+                      (index_id, filename, sha256))
 
     @staticmethod
     def insert_audit(c, at, actor, action, index_path, project, record, id=None):
@@ -4079,20 +4104,21 @@ LIST_KEYS = ("bases", "acl_upload", "acl_toxresult_upload", "mirror_whitelist",
 ACL_KEYS = ("acl_upload", "acl_toxresult_upload", "acl_read")  # lists of user names
 SPECIAL_ACL = {":ANONYMOUS:": ":ANONYMOUS:", ":AUTHENTICATED:": ":AUTHENTICATED:"}
 BOOL_KEYS = ("volatile", "mirror_no_project_list", "mirror_use_external_urls",
-             "mirror_ignore_serial_header", "mirror_provides_core_metadata")
+             "mirror_ignore_serial_header", "mirror_provides_core_metadata", "refuse_private",
+             "mirror_keep_removed")
 TEXT_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt")
 STAGE_KEYS = ("type", "bases", "volatile", "acl_upload", "acl_toxresult_upload",
               "mirror_whitelist", "mirror_whitelist_inheritance", "title", "description",
-              "custom_data", "acl_read", "block", "allow")
+              "custom_data", "acl_read", "block", "allow", "refuse_private")
 MIRROR_KEYS = ("type", "volatile", "mirror_url", "mirror_cache_expiry", "mirror_web_url_fmt",
                "mirror_no_project_list", "mirror_use_external_urls",
                "mirror_ignore_serial_header", "mirror_provides_core_metadata", "title",
                "description", "custom_data", "mirror_min_age", "mirror_min_age_exempt",
-               "acl_read", "block", "allow")
+               "acl_read", "block", "allow", "mirror_keep_removed")
 OPTIONAL_KEYS = ("title", "description", "custom_data", "mirror_web_url_fmt",
                  "mirror_cache_expiry", "mirror_no_project_list", "mirror_use_external_urls",
                  "mirror_ignore_serial_header", "mirror_provides_core_metadata",
-                 "mirror_min_age")
+                 "mirror_min_age", "refuse_private", "mirror_keep_removed")
 # mirror_min_age: a duration as seconds, or a number with one of these units
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 10 * 366 * 86400  # (a time that far ahead is still a date)
@@ -4587,8 +4613,8 @@ class BaseWalk:
 
     Which files of the visible indexes the reader is offered is ``offers``: the
     supply-chain guards (a quarantined project, the time machine's ``at``, the block and
-    allow lists, the reserved namespaces, a mirror's mirror_min_age) are decided there and
-    nowhere else.
+    allow lists, the reserved namespaces, a mirror's mirror_min_age, a kept file its
+    upstream removed) are decided there and nowhere else.
 
     The block and allow lists that apply to a file of the index ``b`` read through the
     walk's index X are the server-wide ones (root's record) and those of every index of
@@ -4599,7 +4625,7 @@ class BaseWalk:
 
     __slots__ = ("model", "index", "project", "reader", "chain", "_held", "_hidden",
                  "at", "now", "cooling", "next_change", "_status", "_yank_logs", "_rules",
-                 "refused")
+                 "refused", "_changes")
 
     def __init__(self, model, ix, norm, reader, chain, at=None):
         self.model = model
@@ -4617,6 +4643,7 @@ class BaseWalk:
         self._yank_logs = {}
         self._rules = None
         self.refused = {}  # version -> why the policies refused the first file they refused
+        self._changes = {}
 
     def _holders(self):
         """{index id: display name} of the chain's indexes that hold the project."""
@@ -4708,10 +4735,39 @@ class BaseWalk:
                 return st
         return None
 
+    def upstream_changes(self, b):
+        """{filename: (what, since, upstream's sha256 or None, kept sha256)} of the files
+        of the project the mirror ``b`` kept and its upstream removed ('removed') or lists
+        with other bytes ('replaced'), as its refreshes saw them (Mirror._note_changes);
+        {} for a private index. Read when first asked, per index."""
+        if not b.is_mirror:
+            return {}
+        got = self._changes.get(b.id)
+        if got is None:
+            got = self._changes[b.id] = {
+                r[0]: tuple(r[1:]) for r in self.model.store.conn().execute(
+                    "SELECT u.filename, u.what, u.since, u.sha256, h.sha256 FROM "
+                    "upstream_changes u LEFT JOIN first_hashes h ON h.index_id=u.index_id "
+                    "AND h.filename=u.filename WHERE u.index_id=? AND u.project=?",
+                    (b.id, self.project))}
+        return got
+
+    def removed_upstream(self, b, filename):
+        """When the mirror ``b``'s upstream was first seen no longer listing the kept file
+        ``filename`` (it is then not offered unless ``b`` has mirror_keep_removed), or
+        None."""
+        change = self.upstream_changes(b).get(filename)
+        return change[1] if change is not None and change[0] == "removed" else None
+
+    def _follows_removals(self, b):
+        return (b.is_mirror and not b.config.get("mirror_keep_removed")
+                and any(c[0] == "removed" for c in self.upstream_changes(b).values()))
+
     def filters(self, b):
         """Whether ``offers`` may refuse a file of ``b`` (else every file is offered)."""
         return (self.at is not None or (b.is_mirror and b.config.get("mirror_min_age"))
-                or self.status_at(b) is not None or self.rules_at(b) is not None)
+                or self.status_at(b) is not None or self.rules_at(b) is not None
+                or self._follows_removals(b))
 
     def rules_at(self, b):
         """(blocks [(source, rule)], allows [(source, [rule])], reserved (prefix, owners)
@@ -4780,11 +4836,15 @@ class BaseWalk:
         upload time, else when it first saw it) on the visible index ``b``: not of a
         quarantined project, not uploaded after the time machine's ``at``, not refused by
         the block and allow lists or a reserved namespace (``policy_refusal``; noted in
-        ``refused``), and on a mirror not younger than its mirror_min_age unless the
-        project is exempt (private uploads are never held back). A file held back for its
-        age is noted in ``cooling`` and ``next_change``."""
+        ``refused``), on a mirror not younger than its mirror_min_age unless the
+        project is exempt (private uploads are never held back), and on a mirror not a
+        kept file ``filename`` its upstream removed (unless mirror_keep_removed). A file
+        held back for its age is noted in ``cooling`` and ``next_change``."""
         st = self.status_at(b)
         if st is not None and st[0] == "quarantined":
+            return False
+        if (filename is not None and b.is_mirror and not b.config.get("mirror_keep_removed")
+                and self.removed_upstream(b, filename) is not None):
             return False
         if self.at is not None and uploaded > self.at:
             return False
@@ -4834,8 +4894,9 @@ class BaseWalk:
         URLs, not only in the listings (a lock file or a pasted link names the URL
         itself). 403 with the reason for a quarantined project, 404 for a file held back
         by mirror_min_age (as if upstream did not have it yet), 403 with the rule for one
-        the policies refuse. ``uploaded`` None: a file the index does not list, refused
-        only by what refuses every file of the project and by the policies."""
+        the policies refuse, 404 saying when for a kept file its upstream removed.
+        ``uploaded`` None: a file the index does not list, refused only by what refuses
+        every file of the project and by the policies."""
         if self.offers(b, version, uploaded or 0, filename):
             return None
         st = self.status_at(b)
@@ -4844,6 +4905,9 @@ class BaseWalk:
         why = self.policy_refusal(b, version, filename)
         if why is not None:
             return HTTPError(403, why)
+        removed = self.removed_upstream(b, filename)
+        if removed is not None and not b.config.get("mirror_keep_removed"):
+            return not_found(removed_upstream_message(filename, removed))
         if version in self.cooling:
             return not_found(held_back_message(filename, self.cooling[version]))
         return not_found("no such file")
@@ -4874,6 +4938,19 @@ def cooling_until(ix, norm, uploaded, now):
 def held_back_message(what, until):
     return ("%s is held back by mirror_min_age until %s (a cooling-off period for new "
             "upstream releases)" % (what, utcnow_iso(until)))
+
+
+def removed_upstream_message(filename, since):
+    return ("%s was removed upstream on %s (the mirror follows upstream deletions; "
+            "mirror_keep_removed=true keeps offering it)" % (filename, utcnow_iso(since)))
+
+
+def replaced_upstream_text(filename, since, kept, upstream):
+    """What a person and the log read of a kept file (sha256 ``kept``) its upstream lists
+    with other bytes (sha256 ``upstream``) since ``since``."""
+    return ("upstream replaced %s on %s (sha256 kept %s..., upstream now %s...; the kept "
+            "file is served)" % (filename, utcnow_iso(since), (kept or "?")[:16],
+                                 (upstream or "?")[:16]))
 
 
 def quarantined_message(norm, reason, filename):
@@ -5805,6 +5882,9 @@ class Model:
         if not version:
             raise bad_request("version needs to be set")
         check_version(version)
+        refusal = self.private_refusal(ix, "%s %s" % (name, version), meta)
+        if refusal is not None:
+            raise refusal
         norm = normalize_name(name)
         self.check_namespace(ix, norm)
         with self.store.write() as c:
@@ -5836,6 +5916,10 @@ class Model:
                     raise not_found("The stage %s could not be found." % ix.path)
                 if core_metadata and not os.path.exists(self.store.blob_path(core_metadata)):
                     core_metadata = None  # (removed meanwhile: a row must not name it)
+                if rel == "releasefile" and not ix.is_mirror:
+                    refusal = self.substitution_refusal(c, ix, filename, sha256)
+                    if refusal is not None:
+                        raise refusal
                 old = c.execute("SELECT id, sha256, log, core_metadata FROM files "
                                 "WHERE index_id=? AND filename=?", (ix.id, filename)).fetchone()
                 log_list = [entry]
@@ -5865,6 +5949,71 @@ class Model:
         finally:
             if os.path.exists(tmp_path):
                 _unlink_quiet(tmp_path)
+
+    def first_hash(self, ix, filename):
+        """The sha256 ``ix`` first kept under ``filename`` (the first_hashes table, filled
+        by Store.insert_file and at the migration to schema 4), or None."""
+        row = self.store.conn().execute(
+            "SELECT sha256 FROM first_hashes WHERE index_id=? AND filename=?",
+            (ix.id, filename)).fetchone()
+        return row[0] if row is not None else None
+
+    def substitution_refusal(self, c, ix, filename, sha256):
+        """The 409 for storing ``filename`` with ``sha256`` on the private index ``ix``
+        (an upload, a push) when a mirror kept that name with other bytes: a mirror of
+        root's (the server's upstream: a private file must not pass for its real one) or
+        any mirror ``ix`` inherits from. No silent substitution. (A mirror of another
+        user's, not among the bases, refuses nothing: what its owner's upstream holds must
+        not keep others from uploading.)
+
+        Allowed, as devpi does it: a volatile index overwriting its own earlier file, and
+        a stage shadowing a file of a private base, volatile or not (devpi's inheritance;
+        devpi-client's test_push_existing_to_volatile and _nonvolatile rely on both).
+        Neither is silent: the file's log says "overwrite", the project page says which
+        index a release shadows; and one walk never serves two hashes for one name (the
+        first index of the chain that has it gives it). None when nothing refuses it."""
+        bases = {b.id for b in self.resolve_bases(ix)[1:] if b.is_mirror}
+        for index_id, other in c.execute(
+                "SELECT index_id, sha256 FROM first_hashes WHERE filename=? AND sha256<>? "
+                "AND index_id<>? UNION SELECT index_id, sha256 FROM files WHERE filename=? "
+                "AND sha256<>? AND index_id<>? AND rel='releasefile'",
+                (filename, sha256, ix.id) * 2).fetchall():
+            b = self.index_by_id(c, index_id)
+            if b is not None and (b.id in bases or (b.is_mirror and b.user == "root")):
+                return HTTPError(409, "%s was kept on %s with other bytes (sha256 %s...) than "
+                                      "this one's (sha256 %s...): a file name is never served "
+                                      "with two contents (no silent substitution); release "
+                                      "it under a new version"
+                                 % (filename, b.path, other[:16], sha256[:16]))
+        return None
+
+    def index_by_id(self, c, index_id):
+        row = c.execute("SELECT id, user, name, config FROM indexes WHERE id=?",
+                        (index_id,)).fetchone()
+        return Index.from_row(row) if row is not None else None
+
+    def refuses_private(self, ix):
+        """Whether ``ix`` refuses files classified ``Private :: ...`` (its refuse_private;
+        unset: when anonymous users may read it, where a mirror of it could expose them)."""
+        value = ix.config.get("refuse_private")
+        if value is None:
+            return ":ANONYMOUS:" in self.read_acl(ix)
+        return bool(value)
+
+    def private_refusal(self, ix, filename, *metas):
+        """The 400 for a file whose metadata (``metas``: the upload form's, the file's own
+        core metadata, a pushed release's) has a ``Private ::`` classifier, on an index
+        that refuses_private; None otherwise."""
+        if not self.refuses_private(ix):
+            return None
+        for meta in metas:
+            for cls in (meta or {}).get("classifiers") or ():
+                if isinstance(cls, str) and cls.strip().startswith("Private ::"):
+                    return bad_request(
+                        "%s is classified %r and %s refuses private packages (its readers "
+                        "include anonymous users: set refuse_private=false on the index to "
+                        "allow it, or restrict acl_read)" % (filename, cls.strip(), ix.path))
+        return None
 
     def upload_file(self, actor, ix, filename, tmp_path, sha256, size, fields):
         """Check and store one uploaded distribution file (consumes ``tmp_path``).
@@ -5904,6 +6053,9 @@ class Model:
             raise bad_request("filename %r does not contain version %r" % (filename, version))
         if normalize_name(split[0]) != normalize_name(name):
             raise bad_request("filename %r does not match project name %r" % (filename, name))
+        refusal = self.private_refusal(ix, filename, meta, file_meta)
+        if refusal is not None:
+            raise refusal
         if not meta or set(meta) <= {"metadata_version"}:
             file_meta.pop("name", None)
             file_meta.pop("version", None)
@@ -6228,6 +6380,15 @@ class Model:
                 if old is not None and not target.volatile and old["sha256"] != f["sha256"]:
                     raise HTTPError(409, "%s already exists in non-volatile index"
                                     % f["filename"])
+                if f["rel"] == "releasefile":
+                    refusal = self.substitution_refusal(c, target, f["filename"], f["sha256"])
+                    if refusal is None and self.refuses_private(target):
+                        refusal = self.private_refusal(
+                            target, f["filename"], json.loads(release["metadata"]),
+                            self._file_core_metadata(f["filename"], f["sha256"],
+                                                     f["core_metadata"]))
+                    if refusal is not None:
+                        raise refusal
             pid = self._project_id(c, target, norm, display, True)
             tvid = self._version_id(c, pid, version, json.loads(release["metadata"]), now)
             for f in files:
@@ -6265,6 +6426,20 @@ class Model:
                        files=[a[2].rpartition("/")[2] for a in actionlog[1:]])
             self._changed(projects=[norm])
         return actionlog
+
+    def _file_core_metadata(self, filename, sha256, core_sha=None):
+        """The core metadata a stored release file carries in itself ({} if none can be
+        read), as upload_file reads it (a wheel's kept PEP 658 blob when there is one): a
+        push is held to what the file says, not only to the release's metadata."""
+        try:
+            if core_sha:
+                with open(self.store.blob_path(core_sha), "rb") as f:
+                    core = f.read(MAX_METADATA_BYTES + 1)
+            else:
+                core = read_core_metadata(self.store.blob_path(sha256), filename)
+        except (HTTPError, OSError):
+            return {}
+        return metadata_from_pkginfo(core) if core else {}
 
     def _push_toxresults(self, c, vid, src, target, tvid, files, actor, now, actionlog):
         """The toxresults of the pushed release files go with them (as in devpi), their
@@ -7992,8 +8167,10 @@ class Mirror:
                                       "project=? AND status=404", (ix.id, norm))
                     self._remember_missing((ix.id, norm), now)
                 if self.model.local_files(ix, norm):
-                    log("WARNING: upstream has no project %s (404) any more; %s keeps "
-                        "listing the files it kept (stale)" % (norm, ix.path))
+                    log("WARNING: upstream has no project %s (404) any more; %s" % (
+                        norm, "%s keeps listing the files it kept (stale: mirror_keep_removed)"
+                        % ix.path if ix.config.get("mirror_keep_removed") else
+                        "the files %s kept are no longer offered" % ix.path))
                 return None
             if resp.status != 200:
                 raise UpstreamError(502, "upstream %s answered %d" % (_safe_url(url),
@@ -8024,6 +8201,7 @@ class Mirror:
         if the kept row changed meanwhile is that done again inside it."""
         old = self._row(ix, norm)
         data = self._merged(ix, norm, old, entries, now)
+        kept = self.model.local_files(ix, norm) or ()
         with self.store.write() as c:
             # (only the row's stamp: its files, megabytes for a large page, are read again
             # only when it changed)
@@ -8040,11 +8218,54 @@ class Mirror:
             had = Store.project_status(c, ix.id, norm)
             if had != project_status:
                 Store.set_project_status(c, ix.id, norm, project_status)
+            noted = self._note_changes(c, ix, norm, kept, entries, now)
             if (old is None or old["files"] != data or old["status"] != status
-                    or had != project_status):
+                    or had != project_status or noted):
                 self.model.mirror_page_changed(norm)
         self._mark_fresh((ix.id, norm), now)
         self._forget_missing((ix.id, norm))
+
+    def _note_changes(self, c, ix, norm, kept, entries, now):
+        """Record what upstream's answer (``entries``: its page; [] for its 404) changed of
+        the files ``kept`` of the project: one it no longer lists is 'removed' since the
+        first refresh that saw it missing (BaseWalk.offers then stops offering it), one it
+        lists with another sha256 is 'replaced' (Mirror.files keeps listing the kept bytes,
+        never the new ones); one that is listed as kept again loses its note. Each new
+        note is logged once. Only upstream's answers come here: an unreachable upstream
+        (offline, 5xx, a timeout) never marks anything. Returns whether a note changed."""
+        listed = {e["filename"]: e["sha256"] for e in entries}
+        had = {r[0]: (r[1], r[2], r[3]) for r in c.execute(
+            "SELECT filename, what, since, sha256 FROM upstream_changes WHERE index_id=? "
+            "AND project=?", (ix.id, norm))}
+        want = {}
+        for f in kept:
+            if f.filename not in listed:
+                want[f.filename] = ("removed", None)
+            elif listed[f.filename] is not None and listed[f.filename] != f.sha256:
+                want[f.filename] = ("replaced", listed[f.filename])
+        changed = False
+        for filename in had:
+            if filename not in want or had[filename][0] != want[filename][0]:
+                c.execute("DELETE FROM upstream_changes WHERE index_id=? AND filename=?",
+                          (ix.id, filename))
+                changed = True
+        for filename, (what, sha) in want.items():
+            was = had.get(filename)
+            if was is not None and was[0] == what and was[2] == sha:
+                continue
+            since = was[1] if was is not None and was[0] == what else now
+            c.execute("INSERT OR REPLACE INTO upstream_changes VALUES (?,?,?,?,?,?)",
+                      (ix.id, norm, filename, what, since, sha))
+            changed = True
+            if what == "removed":
+                log("NOTICE: %s: %s%s" % (ix.path, removed_upstream_message(filename, since),
+                                          " (kept: mirror_keep_removed)"
+                                          if ix.config.get("mirror_keep_removed") else ""))
+            else:
+                log("WARNING: %s: %s" % (ix.path, replaced_upstream_text(
+                    filename, since, next(f.sha256 for f in kept if f.filename == filename),
+                    sha)))
+        return changed
 
     def _merged(self, ix, norm, old, entries, now):
         """``entries`` (changed in place) with what the kept page ``old`` (a row or None)
@@ -8089,6 +8310,12 @@ class Mirror:
                                     uploaded=e["upload_time"] or e.get("first_seen") or 0,
                                     requires_python=e["requires_python"], yanked=e["yanked"],
                                     ext=ext_key(e["url"])))
+                continue
+            if kept is not None and kept.sha256 != e["sha256"]:
+                # upstream replaced a kept file: its kept bytes, never the new ones (no
+                # silent substitution; noted by _note_changes)
+                kept.yank_log = e.get("yank_log")
+                out.append(kept)
                 continue
             core = e["core_metadata"]
             out.append(File(ix.path, norm, version, filename=e["filename"], rel="releasefile",
@@ -8175,6 +8402,8 @@ class Mirror:
         if self.offline:
             raise not_found("no such file (offline mode: only files already kept are served)")
         display, entry = self.offered_entry(ix, filename, sha_prefix, ext)
+        if entry["sha256"] is not None:
+            self._refuse_substitution(ix, filename, entry["sha256"])
         if entry["size"] is not None and entry["size"] > self.max_file:
             raise self._too_large(filename)
         flight = self.single_flight(("file", ix.id, entry["sha256"] or "+e/" + ext))
@@ -8285,7 +8514,19 @@ class Mirror:
                 log("WARNING: mirror download of %s on %s failed" % (entry["filename"], ix.path))
             cleanup()
 
+    def _refuse_substitution(self, ix, filename, sha):
+        """409 when the mirror once kept ``filename`` with another sha256 than ``sha``
+        (Model.first_hash): upstream replaced it, and the kept bytes stay the only ones
+        served under that name."""
+        first = self.model.first_hash(ix, filename)
+        if first is not None and first != sha:
+            raise HTTPError(409, "%s: upstream now offers other bytes (sha256 %s...) than "
+                                 "the ones this mirror kept (sha256 %s...); only the kept "
+                                 "file is served (no silent substitution)"
+                            % (filename, sha[:16], first[:16]))
+
     def _keep(self, ix, display, entry, tmp, size, sha):
+        self._refuse_substitution(ix, entry["filename"], sha)
         version = filename_version(entry["filename"])
         meta = {"requires_python": entry["requires_python"]} if entry["requires_python"] else {}
         core = entry["core_metadata"]
@@ -9660,17 +9901,37 @@ def web_blocked(why):
     return '<span class="tag fail">blocked</span> <span class="muted">%s</span>' % _e(why)
 
 
+def web_upstream_changes(changes):
+    """The notes of kept files a mirror's upstream removed or replaced: ``changes``
+    [(filename, what, since, upstream's sha256, kept sha256, still offered)]
+    (WebPages._upstream_changes), or ""."""
+    if not changes:
+        return ""
+    items = []
+    for filename, what, since, sha, kept, offered in sorted(changes):
+        if what == "removed":
+            items.append("<li><code>%s</code> removed upstream on %s%s</li>" % (
+                _e(filename), _e(utcnow_iso(since)),
+                " (still offered: mirror_keep_removed)" if offered else " (not offered)"))
+        else:
+            items.append("<li>%s</li>" % _e(replaced_upstream_text(filename, since, kept, sha)))
+    return '<div class="note upstream-changes"><p>Upstream changes:</p><ul>%s</ul></div>' % (
+        "".join(items))
+
+
 def render_web_project(prefix, server_url, ix, norm, display, rows, held=None, status=None,
-                       blocked=None):
+                       blocked=None, changes=()):
     """A project page: ``rows`` [(version, summary, yanked, source index path, has docs,
     shadowed paths)], newest first; ``held`` {version: when it matures} of the versions
     held back by a mirror's mirror_min_age and ``blocked`` {version: why} of those the
     block and allow lists refuse (both listed, never linked); ``status`` the PEP 792
-    (status, reason) or None."""
+    (status, reason) or None; ``changes`` what upstream removed or replaced of the kept
+    files (web_upstream_changes)."""
     path = ix.path
     blocked = {v: why for v, why in (blocked or {}).items() if v not in (held or {})}
     held = held or {}
-    body = ["<h1>%s</h1>" % _e(display), web_status_note(status)]
+    body = ["<h1>%s</h1>" % _e(display), web_status_note(status),
+            web_upstream_changes(changes)]
     if not rows:
         body.append('<p class="muted">No version is offered.</p>')
     if rows:
@@ -9913,7 +10174,8 @@ def kept_core_metadata(path):
 
 
 def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, source, files,
-                       tox, newer, doc, status=None, cooling=None, refused=None, sboms=None):
+                       tox, newer, doc, status=None, cooling=None, refused=None, sboms=None,
+                       changes=()):
     """A version page. ``files`` [(File, href)] of the release files offered (a file with
     a PEP 740 provenance gets a link to it at href + ".provenance"), ``tox`` {release
     filename: [(href, tox_envs of the report, File)], newest first}, ``newer`` [(label,
@@ -9922,12 +10184,13 @@ def render_web_version(prefix, server_url, ix, norm, version, meta, yanked, sour
     mirror_min_age matures (those are not listed), or None; ``refused`` why the first
     file the block and allow lists refuse is refused (those are not listed), or None;
     ``sboms`` {release filename: [(name, size, href)]} of the PEP 770 SBOMs a wheel
-    carries."""
+    carries; ``changes`` what upstream removed or replaced of this version's kept files
+    (web_upstream_changes)."""
     display = meta.get("name") or norm
     sboms = sboms or {}
     path = ix.path
     body = ['<h1>%s <span class="muted">%s</span></h1>' % (_e(display), _e(version)),
-            web_status_note(status)]
+            web_status_note(status), web_upstream_changes(changes)]
     if cooling is not None:
         body.append('<p class="note">%s Some files of this release are not offered yet.</p>'
                     % web_held_back(cooling))
@@ -10214,6 +10477,19 @@ class WebPages:
         return self.model.releases(walk, lambda b: self.mirror_version_data(b, walk),
                                    sources=True)
 
+    @staticmethod
+    def _upstream_changes(walk, version=None):
+        """[(filename, what, since, upstream's sha256, kept sha256, still offered)] of the
+        files the walk's mirrors kept and their upstream removed or replaced
+        (BaseWalk.upstream_changes); only ``version``'s if given."""
+        out = []
+        for b in walk.mirrors:
+            for filename, (what, since, sha, kept) in walk.upstream_changes(b).items():
+                if version is None or filename_version(filename) == version:
+                    out.append((filename, what, since, sha, kept,
+                                what != "removed" or bool(b.config.get("mirror_keep_removed"))))
+        return out
+
     def _web_project_validator(self, req, ix, norm):
         """The page-cache validator of a project's pages, read after the mirrors' pages
         were revalidated upstream if they expired (as the simple page does)."""
@@ -10243,7 +10519,8 @@ class WebPages:
                 or norm
             # (a page with a release held back by age is built again when it matures)
             return render_web_project(self.web_prefix(req), req.outside_url(), ix, norm,
-                                      display, rows, held, status, blocked), walk.next_change
+                                      display, rows, held, status, blocked,
+                                      self._upstream_changes(walk)), walk.next_change
         return self.web_cached(req, ("project", ix.path, norm),
                                self._web_project_validator(req, ix, norm), render)
 
@@ -10261,7 +10538,12 @@ class WebPages:
                 ver = max(offered, key=version_key) if offered else ver
             found = releases.get(ver)
             status = walk.status
+            changes = self._upstream_changes(walk, ver)
             if not found:
+                removed = [c for c in changes if c[1] == "removed"]
+                if removed:
+                    raise not_found("The version %s of project %s: %s" % (
+                        ver, norm, removed_upstream_message(removed[0][0], removed[0][2])))
                 held = walk.held_back(releases)
                 if ver in held:
                     raise not_found(held_back_message("version %s of project %s"
@@ -10318,7 +10600,7 @@ class WebPages:
                                       walk.refused.get(ver),
                                       {f.filename: [(n, e[5], prefix + "/" + f.sbom_relpath(n))
                                                     for n, e in sorted(m.sboms(f).items())]
-                                       for f in release}), \
+                                       for f in release}, changes), \
                 walk.next_change
         return self.web_cached(req, ("version", ix.path, norm, version),
                                self._web_project_validator(req, ix, norm), render)
@@ -13533,12 +13815,14 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
         if dropped:
             told.append("index %s: dropped settings minidevpi does not know: %s"
                         % (path, ", ".join(dropped)))
-        for k in ("mirror_min_age", "mirror_min_age_exempt") + POLICY_KEYS:  # (every page)
+        for k in ("mirror_min_age", "mirror_min_age_exempt", "refuse_private",
+                  "mirror_keep_removed") + POLICY_KEYS:  # read by every page, upload, walk
             if k in config:
                 try:
                     config[k] = coerce_index_value(k, config[k])
                 except HTTPError as e:
-                    raise MinidevpiError("index %s: %s" % (path, e.message))
+                    raise MinidevpiError("index %s: %s%s" % (
+                        path, "" if k in e.message else k + ": ", e.message))
         for k, v in index_defaults(config["type"], user).items():
             config.setdefault(k, v)
         with store.write() as c:

@@ -59,18 +59,20 @@ os.environ["PATH"] = BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 def make_metadata(name, version, requires_python=None, summary="A tiny sample package",
-                  requires_dist=()):
+                  requires_dist=(), classifiers=()):
     lines = ["Metadata-Version: 2.1", "Name: %s" % name, "Version: %s" % version,
              "Summary: %s" % summary]
     if requires_python:
         lines.append("Requires-Python: %s" % requires_python)
     for req in requires_dist:
         lines.append("Requires-Dist: %s" % req)
+    for c in classifiers:
+        lines.append("Classifier: %s" % c)
     return ("\n".join(lines) + "\n\n").encode()
 
 
 def make_wheel(directory, name, version, requires_python=None, requires_dist=(), extra=b"",
-               members=None):
+               members=None, classifiers=()):
     """A small but valid wheel; ``extra`` changes its bytes without changing its name;
     ``members`` {name: bytes} adds files, ``{distinfo}`` in a name its .dist-info."""
     dist = re.sub(r"[-_.]+", "_", name)
@@ -81,7 +83,8 @@ def make_wheel(directory, name, version, requires_python=None, requires_dist=(),
     files = {
         "%s/__init__.py" % pkg: ("VERSION = %r\n" % version).encode() + extra,
         "%s/METADATA" % distinfo: make_metadata(name, version, requires_python,
-                                                requires_dist=requires_dist),
+                                                requires_dist=requires_dist,
+                                                classifiers=classifiers),
         "%s/WHEEL" % distinfo: b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                b"Tag: py3-none-any\n",
     }
@@ -99,13 +102,14 @@ def make_wheel(directory, name, version, requires_python=None, requires_dist=(),
     return path
 
 
-def make_sdist(directory, name, version, requires_python=None):
+def make_sdist(directory, name, version, requires_python=None, classifiers=()):
     dist = re.sub(r"[-_.]+", "_", name).lower()
     filename = "%s-%s.tar.gz" % (dist, version)
     path = os.path.join(str(directory), filename)
     base = "%s-%s" % (dist, version)
     with tarfile.open(path, "w:gz") as tf:
-        for fn, data in (("PKG-INFO", make_metadata(name, version, requires_python)),
+        for fn, data in (("PKG-INFO", make_metadata(name, version, requires_python,
+                                                    classifiers=classifiers)),
                          ("setup.py", b"from setuptools import setup\nsetup()\n")):
             info = tarfile.TarInfo("%s/%s" % (base, fn))
             info.size = len(data)
@@ -4962,13 +4966,19 @@ def test_mirror_of_links_without_hashes_hashes_them_on_first_download_and_keeps_
             srv.create_index("alice/dev")
             assert http(srv.url, path="/alice/dev/+e/%s/hello-1.0.tar.gz" % ("0" * 16)
                         ).status == 404
-            # upstream deletes the project: the kept files stay listed (stale, a warning)
+            # upstream deletes the project: the kept files are no longer offered (a
+            # warning); with mirror_keep_removed they stay listed (stale)
             capfd.readouterr()
             up.routes["/simple/hello/"] = (404, b"gone", html_type)
             assert http(srv.url, "POST", "/root/pypi/+simple/hello/refresh").status == 302
+            assert listed(srv, "hello") == {}
+            assert "upstream has no project hello (404) any more" in capfd.readouterr().err
+            r = get(srv, ext_urls["hello-1.0.tar.gz"])
+            assert r.status == 404 and "removed upstream on" in r.json()["message"], r
+            api(srv.url, "PATCH", "/root/pypi", auth=("root", "rootpw"),
+                json_body=["mirror_keep_removed=true"])
             files = listed(srv, "hello")
             assert sorted(files) == ["hello-1.0.tar.gz", "hello-1.1.tar.gz", "hello-1.2.zip"]
-            assert "upstream has no project hello (404) any more" in capfd.readouterr().err
         # offline: the kept files are listed with their hashes and served
         with make_server(tmp_path / "srv", offline=True) as srv:
             up.stop()
@@ -5369,6 +5379,268 @@ def test_a_project_quarantined_upstream_serves_no_file_at_its_urls(guarded, upst
     assert page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")["files"] == []
 
 
+def replace_upstream_file(upstream, project, filename, path):
+    """The fake upstream lists ``filename`` with the bytes of ``path`` from now on."""
+    files = upstream.projects[project]
+    i = next(i for i, f in enumerate(files) if f[0] == filename)
+    data = open(path, "rb").read()
+    meta = minidevpi.read_core_metadata(path, filename) if filename.endswith(".whl") else None
+    files[i] = (filename, data, meta, files[i][3])
+    return hashlib.sha256(data).hexdigest()
+
+
+def installed_text(target, *parts):
+    return (target.joinpath(*parts)).read_text()
+
+
+def test_upstream_replacing_a_kept_file_is_never_served_in_its_place(guarded, upstream,
+                                                                      tmp_path, capsys):
+    # no silent substitution: upstream swaps the bytes of a file the mirror kept; pip and
+    # uv go on getting the kept bytes (hash checked), the new URL is refused, the version
+    # page shows the replacement, the log says it once
+    srv, root = guarded, ("root", "rootpw")
+    name = "mirrored_pkg-1.0-py3-none-any.whl"
+    pip("install", "--target", str(tmp_path / "a"), "--index-url",
+        srv.index_url("alice/dev"), "mirrored-pkg==1.0")
+    kept = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"][0]["hashes"]
+    (tmp_path / "evil").mkdir()
+    new = replace_upstream_file(upstream, "mirrored-pkg", name, make_wheel(
+        tmp_path / "evil", "mirrored-pkg", "1.0", extra=b"\nEVIL = True\n"))
+    assert new != kept["sha256"]
+    for _ in range(2):  # (two refreshes: noted and logged once)
+        http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+        for ix in ("root/pypi", "alice/dev"):
+            files = {f["filename"]: f for f in page_json(
+                srv.url, "/%s/+simple/mirrored-pkg/" % ix)["files"]}
+            assert files[name]["hashes"] == kept, files[name]
+    assert capsys.readouterr().err.count("upstream replaced %s" % name) == 1
+    fetched = upstream.count("/files/" + name)
+    pip("install", "--no-cache-dir", "--target", str(tmp_path / "b"), "--index-url",
+        srv.index_url("alice/dev"), "mirrored-pkg==1.0")
+    assert "EVIL" not in installed_text(tmp_path / "b", "mirrored_pkg", "__init__.py")
+    uv = need("uv")
+    run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "uv"),
+         "--index-url", srv.index_url("alice/dev"), "mirrored-pkg==1.0"])
+    assert "EVIL" not in installed_text(tmp_path / "uv", "mirrored_pkg", "__init__.py")
+    # the URL of the new bytes (a lock file made against upstream) is refused, not fetched
+    r = http(srv.url, path="/" + minidevpi.file_relpath("root/pypi", new, name))
+    assert r.status == 409 and "no silent substitution" in r.json()["message"], r
+    assert upstream.count("/files/" + name) == fetched
+    for path in ("/root/pypi/mirrored-pkg/1.0", "/alice/dev/mirrored-pkg/1.0",
+                 "/alice/dev/mirrored-pkg"):
+        text = page_text(http(srv.url, path=path, headers={"Accept": "text/html"}))
+        assert "upstream replaced %s on" % name in text, text
+        assert "sha256 kept %s..., upstream now %s..." % (kept["sha256"][:16], new[:16]) in text
+
+
+def test_an_upload_of_a_name_kept_elsewhere_with_other_bytes_is_refused(guarded, tmp_path):
+    # a private re-upload of a file name a mirror kept (or a base holds) with other bytes
+    # would shadow it through the walk: refused 409 with the reason; the same bytes, and a
+    # volatile index's overwrite of its own file (devpi's documented behaviour), pass
+    srv, auth = guarded, ("alice", "secret")
+    twine = need("twine")
+    name = "mirrored_pkg-1.0-py3-none-any.whl"
+    pip("install", "--target", str(tmp_path / "a"), "--index-url",
+        srv.index_url("alice/dev"), "mirrored-pkg==1.0")
+    api(srv.url, "PUT", "/alice/solo", auth=auth, json_body={"bases": []})
+    (tmp_path / "fake").mkdir()
+    fake = make_wheel(tmp_path / "fake", "mirrored-pkg", "1.0", extra=b"#not upstream's")
+
+    def twine_upload(index, path):
+        code, out = run([twine, "upload", "--disable-progress-bar", "--non-interactive",
+                         "--repository-url", srv.url + "/" + index + "/", "-u", "alice",
+                         "-p", "secret", path], check=False)
+        return code, " ".join(out.split())  # (twine wraps its lines)
+    for index in ("alice/dev", "alice/solo"):
+        code, out = twine_upload(index, fake)
+        assert code != 0 and "409" in out and "no silent substitution" in out, out
+        assert "root/pypi" in out, out
+    assert http(srv.url, path="/alice/solo/+simple/mirrored-pkg/").status == 404
+    # upstream's own bytes may be pushed or uploaded: nothing is substituted
+    base = "/root/pypi/+simple/mirrored-pkg/"
+    kept = next(f for f in page_json(srv.url, base)["files"] if f["filename"] == name)
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / name).write_bytes(http(srv.url, path=urllib.parse.urljoin(
+        base, kept["url"]).split("#")[0]).body)
+    assert twine_upload("alice/solo", str(tmp_path / "same" / name))[0] == 0
+    # a volatile index overwrites its own file, and a stage on a private index may shadow
+    # its file, volatile or not (devpi's inheritance, which devpi-client's
+    # test_push_existing_to_volatile and _nonvolatile rely on): not a mirror's
+    for i in range(4):
+        (tmp_path / ("v%d" % i)).mkdir()
+    assert twine_upload("alice/solo", make_wheel(tmp_path / "v0", "own-pkg", "1.0"))[0] == 0
+    assert twine_upload("alice/solo", make_wheel(tmp_path / "v1", "own-pkg", "1.0",
+                                                 extra=b"#1"))[0] == 0
+    api(srv.url, "PUT", "/alice/child", auth=auth, json_body={"bases": ["alice/solo"]})
+    assert twine_upload("alice/child", make_wheel(tmp_path / "v2", "own-pkg", "1.0",
+                                                  extra=b"#2"))[0] == 0
+    api(srv.url, "PATCH", "/alice/solo", auth=auth, json_body=["volatile=False"])
+    assert twine_upload("alice/child", make_wheel(tmp_path / "v3", "own-pkg", "1.0",
+                                                  extra=b"#3"))[0] == 0
+
+
+def test_private_classifiers_are_refused_where_anonymous_users_read(alice, tmp_path, devpi):
+    # PyPI refuses "Private :: ..." classifiers; an index anyone may read (which a mirror
+    # could expose) does too, by what the file itself says, for twine and for a push
+    twine = need("twine")
+    url, auth = alice.url, ("alice", "secret")
+    private = ["Private :: Do Not Upload"]
+    (tmp_path / "w").mkdir()
+    wheel = make_wheel(tmp_path / "w", "secret-sauce", "1.0", classifiers=private)
+    sdist = make_sdist(tmp_path / "w", "secret-sauce", "1.0", classifiers=private)
+
+    def twine_upload(index, *paths):
+        code, out = run([twine, "upload", "--disable-progress-bar", "--non-interactive",
+                         "--repository-url", url + "/" + index + "/", "-u", "alice", "-p",
+                         "secret", *paths], check=False)
+        return code, " ".join(out.split())  # (twine wraps its lines)
+    code, out = twine_upload("alice/dev", wheel)
+    assert code != 0 and "400" in out and "Private :: Do Not Upload" in out, out
+    assert "refuse_private" in out, out
+    # the file's own metadata counts, not only the form a client sent
+    r = upload_form(url, "alice/dev", sdist, auth, fields=[
+        (":action", "file_upload"), ("protocol_version", "1"), ("name", "secret-sauce"),
+        ("version", "1.0")])
+    assert r.status == 400 and "Private :: Do Not Upload" in r.json()["message"], r
+    # nor is a release registered without a file (its metadata would be exposed too)
+    body, ctype = multipart([(":action", "submit"), ("name", "secret-sauce"),
+                             ("version", "1.0"), ("classifiers", private[0])], [])
+    r = http(url, "POST", "/alice/dev/", body=body, headers={"Content-Type": ctype},
+             auth=auth)
+    assert r.status == 400 and "refuse_private" in r.json()["message"], r
+    assert api(url, path="/alice/dev/secret-sauce").status == 404
+    # an index only alice reads takes it; pushing it to the public one is refused
+    api(url, "PUT", "/alice/priv", auth=auth, json_body={"bases": [], "acl_read": ["alice"]})
+    assert twine_upload("alice/priv", wheel, sdist)[0] == 0
+    devpi("login", "alice", "--password", "secret")
+    devpi("use", "alice/priv")
+    out = devpi.fails("push", "secret-sauce==1.0", "alice/dev")
+    assert "400" in out and "Private :: Do Not Upload" in out, out
+    assert api(url, path="/alice/dev/secret-sauce").status == 404
+    # the option says otherwise: taken
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["refuse_private=false"])
+    assert r.status == 200 and r.json()["result"]["refuse_private"] is False
+    devpi("push", "secret-sauce==1.0", "alice/dev")
+    assert sorted(api(url, path="/alice/dev/secret-sauce").json()["result"]) == ["1.0"]
+    r = api(url, "PATCH", "/alice/dev", auth=auth, json_body=["refuse_private=maybe"])
+    assert r.status == 400 and r.json()["message"]
+
+
+def test_a_mirror_follows_upstream_deletions(guarded, upstream, tmp_path):
+    # upstream removes mirrored-pkg 2.0 after the mirror kept it: after the refresh pip
+    # and uv get 1.0, 2.0's URL says when it was removed, the web pages show it; back
+    # upstream, it is offered again; mirror_keep_removed keeps offering it; an unreachable
+    # upstream marks nothing; a project deleted (404) or quarantined upstream offers none
+    srv, root = guarded, ("root", "rootpw")
+    uv = need("uv")
+    pip("install", "--target", str(tmp_path / "one"), "--index-url",
+        srv.index_url("alice/dev"), "mirrored-pkg==1.0")
+    pip("install", "--target", str(tmp_path / "two"), "--index-url",
+        srv.index_url("alice/dev"), "mirrored-pkg")
+    assert (tmp_path / "two" / "mirrored_pkg-2.0.dist-info").is_dir()
+    two = "mirrored_pkg-2.0-py3-none-any.whl"
+    two_url = urllib.parse.urljoin("/alice/dev/+simple/mirrored-pkg/", next(
+        f["url"] for f in page_json(srv.url, "/alice/dev/+simple/mirrored-pkg/")["files"]
+        if f["filename"] == two)).split("#")[0]
+    gone = upstream.projects["mirrored-pkg"].pop()
+    assert gone[0] == two
+    refresh = "/root/pypi/+simple/mirrored-pkg/refresh"
+
+    def installs(target, tool="pip"):
+        if tool == "pip":
+            pip("install", "--no-cache-dir", "--target", str(tmp_path / target),
+                "--index-url", srv.index_url("alice/dev"), "mirrored-pkg")
+        else:
+            run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / target),
+                 "--index-url", srv.index_url("alice/dev"), "mirrored-pkg"])
+        return sorted(p.name for p in (tmp_path / target).glob("*.dist-info"))
+    http(srv.url, "POST", refresh)
+    assert page_files(srv.url, "/alice/dev/+simple/mirrored-pkg/") == [
+        "mirrored_pkg-1.0-py3-none-any.whl"]
+    assert installs("p1") == ["mirrored_pkg-1.0.dist-info"]
+    assert installs("u1", "uv") == ["mirrored_pkg-1.0.dist-info"]
+    for u in (two_url, two_url + ".metadata"):
+        r = http(srv.url, path=u)
+        assert r.status == 404 and "%s was removed upstream on" % two in \
+            r.json()["message"], (u, r)
+    text = page_text(http(srv.url, path="/alice/dev/mirrored-pkg",
+                          headers={"Accept": "text/html"}))
+    assert "%s removed upstream on" % two in text and "(not offered)" in text, text
+    r = http(srv.url, path="/root/pypi/mirrored-pkg/2.0", headers={"Accept": "text/html"})
+    assert r.status == 404 and "removed upstream on" in page_text(r)
+    # an unreachable upstream marks nothing more and forgets nothing
+    upstream.faults["/simple/mirrored-pkg/"] = "500"
+    http(srv.url, "POST", refresh)
+    assert page_files(srv.url, "/alice/dev/+simple/mirrored-pkg/") == [
+        "mirrored_pkg-1.0-py3-none-any.whl"]
+    del upstream.faults["/simple/mirrored-pkg/"]
+    # back upstream: offered again
+    upstream.projects["mirrored-pkg"].append(gone)
+    http(srv.url, "POST", refresh)
+    assert installs("p2") == ["mirrored_pkg-2.0.dist-info"]
+    assert "removed upstream" not in page_text(http(
+        srv.url, path="/alice/dev/mirrored-pkg", headers={"Accept": "text/html"}))
+    # mirror_keep_removed: still offered, and the page says it was removed upstream
+    assert api(srv.url, "PATCH", "/root/pypi", auth=root,
+               json_body=["mirror_keep_removed=true"]).status == 200
+    upstream.projects["mirrored-pkg"].pop()
+    http(srv.url, "POST", refresh)
+    assert installs("p3") == ["mirrored_pkg-2.0.dist-info"]
+    assert installs("u3", "uv") == ["mirrored_pkg-2.0.dist-info"]
+    assert http(srv.url, path=two_url).status == 200
+    text = page_text(http(srv.url, path="/alice/dev/mirrored-pkg/2.0",
+                          headers={"Accept": "text/html"}))
+    assert "%s removed upstream on" % two in text and "mirror_keep_removed" in text, text
+    # the project deleted upstream: none of its kept files is offered any more
+    api(srv.url, "PATCH", "/root/pypi", auth=root, json_body=["mirror_keep_removed=false"])
+    files = upstream.projects.pop("mirrored-pkg")
+    http(srv.url, "POST", refresh)
+    r = http(srv.url, path="/alice/dev/+simple/mirrored-pkg/",
+             headers={"Accept": simple_accept("json")})
+    assert r.status == 404 or r.json()["files"] == [], r
+    code, out = pip("install", "--target", str(tmp_path / "p4"), "--index-url",
+                    srv.index_url("alice/dev"), "mirrored-pkg", check=False)
+    assert code != 0, out
+    # quarantined upstream (PEP 792): after the refresh, nothing is offered either
+    upstream.projects["mirrored-pkg"] = files + [gone]
+    upstream.status["mirrored-pkg"] = ("quarantined", "malware")
+    http(srv.url, "POST", refresh)
+    assert page_files(srv.url, "/alice/dev/+simple/mirrored-pkg/") == []
+    code, out = run([uv, "pip", "install", "--no-cache", "--target", str(tmp_path / "u5"),
+                     "--index-url", srv.index_url("alice/dev"), "mirrored-pkg"], check=False)
+    assert code != 0, out
+
+
+def test_first_hashes_are_filled_for_a_server_of_schema_3(upstream, tmp_path, make_server):
+    # a server written before schema 4 kept no first hashes: the migration takes them from
+    # the files it holds, so a file its mirror kept before the upgrade is not replaced by
+    # what upstream lists after it
+    name = "mirrored_pkg-1.0-py3-none-any.whl"
+    upstream.add(make_wheel(tmp_path, "mirrored-pkg", "1.0"))
+    options = dict(root_password="rootpw", mirror_url=upstream.url + "/simple/",
+                   mirror_timeouts=(2, 1))
+    with make_server(tmp_path / "srv", **options) as srv:
+        pip("install", "--target", str(tmp_path / "a"), "--index-url",
+            srv.index_url("root/pypi"), "mirrored-pkg")
+        kept = page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"][0]["hashes"]
+    db = sqlite3.connect(str(tmp_path / "srv" / minidevpi.DB_NAME))
+    with db:
+        db.execute("DROP TABLE first_hashes")
+        db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    db.close()
+    (tmp_path / "evil").mkdir()
+    new = replace_upstream_file(upstream, "mirrored-pkg", name, make_wheel(
+        tmp_path / "evil", "mirrored-pkg", "1.0", extra=b"\nEVIL = True\n"))
+    srv = make_server(tmp_path / "srv", **options)
+    http(srv.url, "POST", "/root/pypi/+simple/mirrored-pkg/refresh")
+    assert page_json(srv.url, "/root/pypi/+simple/mirrored-pkg/")["files"][0]["hashes"] == kept
+    r = http(srv.url, path="/" + minidevpi.file_relpath("root/pypi", new, name))
+    assert r.status == 409 and "no silent substitution" in r.json()["message"], r
+    text = page_text(http(srv.url, path="/root/pypi/mirrored-pkg/1.0",
+                          headers={"Accept": "text/html"}))
+    assert "sha256 kept %s..." % kept["sha256"][:16] in text, text
+
+
 def test_the_guards_hold_at_ext_urls(tmp_path, make_server):
     # a file upstream gives no hash for has a +e/ URL, also once kept (and a +f/ one):
     # mirror_min_age set after it was kept, and a quarantine, refuse both
@@ -5503,7 +5775,9 @@ def test_provenance_is_kept_with_the_file_and_served_offline(guarded, upstream, 
 def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server):
     srv, root = guarded, ("root", "rootpw")
     api(srv.url, "PATCH", "/root/pypi", auth=root,
-        json_body=["mirror_min_age=7d", "mirror_min_age_exempt=fresh-fix"])
+        json_body=["mirror_min_age=7d", "mirror_min_age_exempt=fresh-fix",
+                   "mirror_keep_removed=true"])
+    api(srv.url, "PATCH", "/alice/dev", auth=root, json_body=["refuse_private=false"])
     srv.stop()
     cli("export", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "srv"))
     cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "back"))
@@ -5511,6 +5785,8 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
         config = api(back.url, path="/root/pypi").json()["result"]
         assert config["mirror_min_age"] == 604800
         assert config["mirror_min_age_exempt"] == ["fresh-fix"]
+        assert config["mirror_keep_removed"] is True
+        assert api(back.url, path="/alice/dev").json()["result"]["refuse_private"] is False
     # the real devpi-server takes them and keeps them (it does not apply them)
     run([need("devpi-import"), "--serverdir", str(tmp_path / "devpi"), "--no-events",
          str(tmp_path / "dump")])
@@ -5518,6 +5794,8 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
     theirs = json.loads((tmp_path / "theirs" / "dataindex.json").read_text())
     config = theirs["indexes"]["root/pypi"]["indexconfig"]
     assert (config["mirror_min_age"], config["mirror_min_age_exempt"]) == (604800, ["fresh-fix"])
+    assert config["mirror_keep_removed"] is True
+    assert theirs["indexes"]["alice/dev"]["indexconfig"]["refuse_private"] is False
     # a dump is untrusted: a bad value is refused, not taken
     dump = json.loads((tmp_path / "dump" / "dataindex.json").read_text())
     dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = "soon"
@@ -5525,6 +5803,12 @@ def test_export_and_import_keep_the_guard_options(guarded, tmp_path, make_server
     code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad"),
                     check=False)
     assert code != 0 and "mirror_min_age" in out, out
+    dump["indexes"]["root/pypi"]["indexconfig"]["mirror_min_age"] = 0
+    dump["indexes"]["alice/dev"]["indexconfig"]["refuse_private"] = "sometimes"
+    (tmp_path / "dump" / "dataindex.json").write_text(json.dumps(dump))
+    code, out = cli("import", str(tmp_path / "dump"), "--serverdir", str(tmp_path / "bad2"),
+                    check=False)
+    assert code != 0 and "refuse_private" in out, out
 
 
 
