@@ -58,6 +58,7 @@ import hmac
 import html
 import html.parser
 import io
+import itertools
 import json
 import math
 import mimetypes
@@ -11500,9 +11501,48 @@ def _place_file(src, dest, hard_links, notes):
     shutil.copyfile(src, dest)
 
 
+class JsonOut:
+    """Writes, one member at a time, the very bytes ``json.dump(value, f, indent=2)``
+    writes for the whole value: a dump of any size leaves without being built in memory.
+    ``open``/``close`` a container, ``member``/``item`` a (small) value in it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.counts = []  # members written so far in each open container
+
+    def _next(self, key):
+        if self.counts:
+            self.f.write(("," if self.counts[-1] else "") + "\n" + "  " * len(self.counts))
+            self.counts[-1] += 1
+            if key is not None:
+                self.f.write(json.dumps(key) + ": ")
+
+    def open(self, key=None, bracket="{"):
+        self._next(key)
+        self.f.write(bracket)
+        self.counts.append(0)
+
+    def close(self, bracket="}"):
+        if self.counts.pop():
+            self.f.write("\n" + "  " * len(self.counts))
+        self.f.write(bracket)
+
+    def member(self, key, value):
+        self._next(key)
+        self.f.write(json.dumps(value, indent=2).replace("\n", "\n" + "  " * len(self.counts)))
+
+    def item(self, value):
+        self.member(None, value)
+
+
+EXPORT_SKIPPED_SHOWN = 20  # rows left out of an export that its warning names
+
+
 def export_server(serverdir, target, include_mirrored=False, hard_links=False, quiet=False):
     """Write a devpi-compatible dump of the server at ``serverdir`` into ``target`` (new or
     empty). Reads one consistent snapshot, so a running server may go on meanwhile.
+    Streams: rows are read with cursors and dataindex.json is written as they come, so
+    memory stays flat whatever the number of projects and files.
     Returns a list of lines to tell the user."""
     store = Store(serverdir)
     if not store.is_initialised():
@@ -11516,8 +11556,21 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
     told = []
     # rows that no dump may carry (a name or version the API refuses, e.g. from a doctored
     # database): left out with a warning, so the dump imports again and nothing is ever
-    # written outside the target
+    # written outside the target (the first few named, the rest counted)
     skipped = []
+    nskipped = [0]
+
+    def skip(what):
+        nskipped[0] += 1
+        if len(skipped) < EXPORT_SKIPPED_SHOWN:
+            skipped.append(what)
+
+    users = set()
+    devpi_cant_check = []
+    root_pwhash = False
+    nindexes = nfiles = 0
+    tmp = os.path.join(target, ".dataindex.json.tmp")
+    f = None
     c = store._connect()
     try:
         c.execute("BEGIN")  # one snapshot for everything below (WAL)
@@ -11527,13 +11580,18 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 total += c.execute("SELECT COUNT(*) FROM files WHERE index_id=?",
                                    (ix_id,)).fetchone()[0]
         progress = Progress("exported", total, quiet)
-        users = {}
-        devpi_cant_check = []
+        f = open(tmp, "w", encoding="utf-8", buffering=COPY_CHUNK)
+        out = JsonOut(f)
+        out.open()
+        out.member("dumpversion", DUMP_VERSION)
+        out.member("pythonversion", list(sys.version_info))
+        out.member("minidevpi", __version__)
+        out.open("users")
         for name, pwhash, config, created, modified in c.execute(
                 "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
             why = refusal(check_user_name, name)
             if why:
-                skipped.append("user %r (%s)" % (name, why))
+                skip("user %r (%s)" % (name, why))
                 continue
             u = {"username": name, "created": created}
             if modified:
@@ -11550,8 +11608,12 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 if is_known_hash(pwhash):
                     u["minidevpi_pwhash"] = pwhash
                     u["minidevpi_pwhash_for"] = pwhash_fingerprint(u.get("pwhash", ""))
-            users[name] = u
-        indexes = {}
+            if name == "root":
+                root_pwhash = bool(u.get("pwhash"))
+            users.add(name)
+            out.member(name, u)
+        out.close()
+        out.open("indexes")
         rows = c.execute("SELECT id, user, name, config FROM indexes ORDER BY user, name")
         for ix_id, user, name, config in rows.fetchall():
             config = json.loads(config)
@@ -11559,96 +11621,34 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
             why = refusal(check_index_name, name) or (
                 None if user in users else "its user is not exported")
             if why:
-                skipped.append("index %r (%s)" % (path, why))
+                skip("index %r (%s)" % (path, why))
                 continue
-            entry = {"indexconfig": config}
-            indexes[path] = entry
+            nindexes += 1
+            out.open(path)
+            out.member("indexconfig", config)
             if config.get("type") == "mirror" and not include_mirrored:
+                out.close()
                 continue
-            projects = {}
-            files = []
-            versions = c.execute(
-                "SELECT p.name, p.display, v.id, v.version, v.metadata, v.yanked FROM versions v "
-                "JOIN projects p ON v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id",
-                (ix_id,)).fetchall()
-            is_mirror = config.get("type") == "mirror"
-            for norm, display, vid, version, meta, yanked in versions:
-                why = refusal(check_project_name, norm) or refusal(check_version, version) \
-                    or (None if is_mirror else refusal(check_project_name, display))
-                if why:
-                    skipped.append("%s %s version %r (%s)" % (path, norm, version, why))
-                    continue
-                vfiles = c.execute(
-                    "SELECT filename, rel, sha256, uploaded, for_filename, log FROM files "
-                    "WHERE version_id=? ORDER BY id", (vid,)).fetchall()
-                if is_mirror:
-                    if not vfiles:
-                        continue
-                    data = {"name": norm, "version": version}
-                    meta = json.loads(meta)
-                    if meta.get("requires_python"):
-                        data["requires_python"] = meta["requires_python"]
-                else:
-                    data = full_metadata(display, version, json.loads(meta))
-                if yanked is not None:
-                    data["yanked"] = yanked
-                projects.setdefault(norm, {})[version] = data
-                sha_of = {fn: sha for fn, rel, sha, _u, _f, _l in vfiles}
-                for filename, rel, sha, uploaded, for_filename, log_json in vfiles:
-                    mapping = {"last_modified": http_date(uploaded),
-                               "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha},
-                               "project": norm, "version": version}
-                    log_list = json.loads(log_json)
-                    f = {"type": rel, "projectname": norm, "version": version}
-                    if rel == "doczip":  # (devpi: named as the project was written)
-                        relpath = "%s/%s-%s.doc.zip" % (path, display, version)
-                    elif rel == "toxresult":
-                        rsha = sha_of.get(for_filename, "")
-                        relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
-                        f["for_entrypath"] = file_relpath(path, rsha, for_filename)
-                    else:
-                        relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
-                    dest = os.path.join(target, *relpath.split("/"))
-                    why = refusal(check_filename, filename) or refusal(check_sha256, sha) or (
-                        refusal(check_filename, for_filename) if rel == "toxresult" else None) \
-                        or dump_path_refusal(relpath) or (
-                            None if is_inside(root, dest) else "it would be written outside "
-                                                               "the export")
-                    if why:
-                        skipped.append("%s file %r (%s)" % (path, filename, why))
-                        continue
-                    if is_mirror:
-                        src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
-                        mapping["url"] = src[0] if src and src[0] else filename
-                        log_list = []
-                    f["relpath"] = relpath
-                    f["entrymapping"] = mapping
-                    f["log"] = log_list
-                    blob = store.blob_path(sha)
-                    if not os.path.exists(blob):
-                        raise MinidevpiError("the bytes of %s/%s vanished while exporting "
-                                             "(removed meanwhile?); run the export again"
-                                        % (path, filename))
-                    _place_file(blob, dest, hard_links, notes)
-                    progress.add(os.path.getsize(blob))
-                    files.append(f)
-            entry["projects"] = projects
-            entry["files"] = files
+            nfiles += _export_index(store, c, out, ix_id, path, config.get("type") == "mirror",
+                                    target, root, hard_links, notes, progress, skip)
+            out.close()
+        out.close()
+        out.close()
         c.execute("COMMIT")
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    except BaseException:
+        if f is not None:
+            f.close()
+        _unlink_quiet(tmp)
+        raise
     finally:
         c.close()
         store.close()
-    data = {"dumpversion": DUMP_VERSION, "pythonversion": list(sys.version_info),
-            "minidevpi": __version__, "users": users, "indexes": indexes}
-    tmp = os.path.join(target, ".dataindex.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(target, "dataindex.json"))  # written last: complete dumps only
-    nfiles = sum(len(i.get("files", [])) for i in indexes.values())
     told.append("exported %s, %s, %s to %s"
-                % (plural(len(users), "user"), plural(len(indexes), "index", "indexes"),
+                % (plural(len(users), "user"), plural(nindexes, "index", "indexes"),
                    plural(nfiles, "file"), target))
     if notes.get("no_links"):
         told.append(notes["no_links"])
@@ -11656,9 +11656,10 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         told.append("WARNING: not exported, because the API does not accept their names or "
                     "versions (so an import would refuse them): %s%s. Remove or rename them "
                     "on the server and export again." % (
-                        "; ".join(skipped[:20]),
-                        " and %d more" % (len(skipped) - 20) if len(skipped) > 20 else ""))
-    if "root" in users and not users["root"].get("pwhash"):
+                        "; ".join(skipped),
+                        " and %d more" % (nskipped[0] - len(skipped))
+                        if nskipped[0] > len(skipped) else ""))
+    if "root" in users and not root_pwhash:
         told.append("for devpi-server: root's password does not travel (devpi can't check "
                     "minidevpi's hash); give root one with devpi-import --root-passwd PW "
                     "(without it devpi-import gives root the empty password)")
@@ -11669,6 +11670,97 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                     % (", ".join(devpi_cant_check), "\n  ".join(
                         "devpi user -m %s password=..." % n for n in devpi_cant_check)))
     return told
+
+
+def _export_index(store, c, out, ix_id, path, is_mirror, target, root, hard_links, notes,
+                  progress, skip):
+    """An index's "projects" and "files" into ``out`` in two passes over its rows, one
+    project (then one version's files) at a time; copies the files. Returns how many."""
+
+    def version_refusal(norm, display, version):
+        return refusal(check_project_name, norm) or refusal(check_version, version) \
+            or (None if is_mirror else refusal(check_project_name, display))
+
+    out.open("projects")
+    for norm, rows in itertools.groupby(c.execute(
+            "SELECT p.name, p.display, v.version, v.metadata, v.yanked, EXISTS (SELECT 1 "
+            "FROM files f WHERE f.version_id=v.id) FROM versions v JOIN projects p ON "
+            "v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id", (ix_id,)),
+            key=lambda r: r[0]):
+        versions = {}
+        for _n, display, version, meta, yanked, has_files in rows:
+            why = version_refusal(norm, display, version)
+            if why:
+                skip("%s %s version %r (%s)" % (path, norm, version, why))
+                continue
+            if is_mirror:
+                if not has_files:
+                    continue
+                data = {"name": norm, "version": version}
+                meta = json.loads(meta)
+                if meta.get("requires_python"):
+                    data["requires_python"] = meta["requires_python"]
+            else:
+                data = full_metadata(display, version, json.loads(meta))
+            if yanked is not None:
+                data["yanked"] = yanked
+            versions[version] = data
+        if versions:
+            out.member(norm, versions)
+    out.close()
+    out.open("files", "[")
+    nfiles = 0
+    for vid, vfiles in itertools.groupby(c.execute(
+            "SELECT v.id, p.name, p.display, v.version, f.filename, f.rel, f.sha256, "
+            "f.uploaded, f.for_filename, f.log FROM files f JOIN versions v ON "
+            "f.version_id=v.id JOIN projects p ON v.project_id=p.id WHERE p.index_id=? "
+            "ORDER BY p.name, v.id, f.id", (ix_id,)), key=lambda r: r[0]):
+        vfiles = list(vfiles)  # (one version's files)
+        _v, norm, display, version = vfiles[0][:4]
+        if version_refusal(norm, display, version):
+            continue  # (said in the projects' pass)
+        sha_of = {r[4]: r[6] for r in vfiles}
+        for _v, _n, _d, _ver, filename, rel, sha, uploaded, for_filename, log_json in vfiles:
+            mapping = {"last_modified": http_date(uploaded),
+                       "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha},
+                       "project": norm, "version": version}
+            log_list = json.loads(log_json)
+            f = {"type": rel, "projectname": norm, "version": version}
+            if rel == "doczip":  # (devpi: named as the project was written)
+                relpath = "%s/%s-%s.doc.zip" % (path, display, version)
+            elif rel == "toxresult":
+                rsha = sha_of.get(for_filename, "")
+                relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
+                f["for_entrypath"] = file_relpath(path, rsha, for_filename)
+            else:
+                relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
+            dest = os.path.join(target, *relpath.split("/"))
+            why = refusal(check_filename, filename) or refusal(check_sha256, sha) or (
+                refusal(check_filename, for_filename) if rel == "toxresult" else None) \
+                or dump_path_refusal(relpath) or (
+                    None if is_inside(root, dest) else "it would be written outside "
+                                                       "the export")
+            if why:
+                skip("%s file %r (%s)" % (path, filename, why))
+                continue
+            if is_mirror:
+                src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
+                mapping["url"] = src[0] if src and src[0] else filename
+                log_list = []
+            f["relpath"] = relpath
+            f["entrymapping"] = mapping
+            f["log"] = log_list
+            blob = store.blob_path(sha)
+            if not os.path.exists(blob):
+                raise MinidevpiError("the bytes of %s/%s vanished while exporting "
+                                     "(removed meanwhile?); run the export again"
+                                     % (path, filename))
+            _place_file(blob, dest, hard_links, notes)
+            progress.add(os.path.getsize(blob))
+            out.item(f)
+            nfiles += 1
+    out.close("]")
+    return nfiles
 
 
 def _read_dump(dump):
