@@ -11807,10 +11807,10 @@ class JsonPull:
     a dump of many GB is walked in flat memory. Every error says where it was (``where``:
     a path like ``indexes/alice/dev/files[3]``) and raises MinidevpiError."""
 
-    def __init__(self, f, what="dataindex.json", max_value=DUMP_VALUE_MAX):
+    def __init__(self, f, what="dataindex.json", max_value=None):
         self.f = f
         self.what = what
-        self.max_value = max_value
+        self.max_value = max_value or DUMP_VALUE_MAX
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
         self.decoder = json.JSONDecoder()
         self.buf = ""
@@ -11866,7 +11866,8 @@ class JsonPull:
                 cut = e.pos >= len(self.buf) - 2 or e.msg.startswith("Unterminated string")
                 if self.eof or not cut:
                     self.pos = e.pos
-                    raise self.error(where, e.msg)
+                    raise self.error(where, "it ends too early (%s)" % e.msg
+                                     if self.eof and cut else e.msg)
             except RecursionError:
                 raise self.error(where, "nested too deeply")
             if len(self.buf) - self.pos > self.max_value:
@@ -11928,6 +11929,13 @@ class Problems(list):
 
     def lines(self):
         return list(self) + (["... and %d more" % self.more] if self.more else [])
+
+
+def _batches(rows, n=None):
+    """``rows`` in runs of IMPORT_BATCH, each taken from ``rows`` only as it is read."""
+    rows = iter(rows)
+    for first in rows:
+        yield itertools.chain((first,), itertools.islice(rows, (n or IMPORT_BATCH) - 1))
 
 
 def _where(*parts):
@@ -12449,11 +12457,7 @@ def _import_users(store, users, root_password, root_pwhash, own_export=False):
     since then wins. Exports from before that fingerprint are trusted only as minidevpi
     wrote them (``own_export``), never after a trip through devpi."""
     needs, stale = [], []
-    users = iter(users)
-    while True:
-        batch = list(itertools.islice(users, IMPORT_BATCH))
-        if not batch:
-            return needs, stale
+    for batch in _batches(users):
         with store.write() as c:
             for name, u in batch:
                 own = u.get("minidevpi_pwhash")
@@ -12493,6 +12497,7 @@ def _import_users(store, users, root_password, root_pwhash, own_export=False):
                 c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, "
                           "modified) VALUES (?,?,?,?,?)",
                           (name, pwhash, json.dumps(config), created, modified))
+    return needs, stale
 
 
 def _import_indexes(store, model, dump, scratch, indexes, root_pypi, skip_types, hard_links,
@@ -12549,11 +12554,7 @@ def _import_releases(store, ix_id, path, seq, is_mirror, scratch, notes, progres
     """An index's projects, versions and files, from the scratch rows, IMPORT_BATCH rows a
     transaction (the server being built is not anyone's yet: a failure removes it)."""
     sc = scratch.c
-    projects = scratch.projects(seq)
-    while True:
-        batch = list(itertools.islice(projects, IMPORT_BATCH))
-        if not batch:
-            break
+    for batch in _batches(scratch.projects(seq)):
         with store.write() as c:
             for pname, versions in batch:
                 norm = normalize_name(pname)
@@ -12580,11 +12581,7 @@ def _import_releases(store, ix_id, path, seq, is_mirror, scratch, notes, progres
                     sc.execute("INSERT OR REPLACE INTO vids VALUES (?,?,?,?,?)",
                                (seq, norm, str(ver), vid,
                                 meta.get("requires_python", "") or ""))
-    files = scratch.files(seq)
-    while True:
-        batch = list(itertools.islice(files, IMPORT_BATCH))
-        if not batch:
-            break
+    for batch in _batches(scratch.files(seq)):
         with store.write() as c:
             for f in batch:
                 _import_file(store, c, ix_id, path, seq, is_mirror, sc, f, progress)
