@@ -11791,8 +11791,8 @@ def _export_index(store, c, out, ix_id, path, is_mirror, target, root, hard_link
 
 
 DUMP_CHUNK = 1024 * 1024  # bytes of dataindex.json read at a time
-DUMP_VALUE_MAX = 64 * 1024 * 1024  # characters of one value read whole: a user, an index's
-#   config, one project's versions, one file entry (a dump of any size streams past them)
+DUMP_VALUE_MAX = 16 * 1024 * 1024  # characters of one value read whole: a user, an index's
+#   config, one version's metadata, one file entry (a dump of any size streams past them)
 DUMP_INDEXES_MAX = 100000  # indexes in one dump (their configs are held while importing)
 DUMP_PROBLEMS_SHOWN = 200  # problems of a refused dump that its message lists
 IMPORT_BATCH = 2000  # versions, or files, an import writes per transaction
@@ -11954,7 +11954,10 @@ class DumpScratch:
     CREATE TABLE indexes (seq INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,
                           raw TEXT NOT NULL);
     CREATE TABLE projects (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, pname TEXT NOT NULL,
-                           raw TEXT NOT NULL, UNIQUE (ix, pname));
+                           UNIQUE (ix, pname));
+    CREATE TABLE versions (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, pname TEXT NOT NULL,
+                           ver TEXT, raw TEXT NOT NULL, UNIQUE (ix, pname, ver));
+    --  (ver NULL: the project's versions were not an object, raw is what they were)
     CREATE TABLE files (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, raw TEXT NOT NULL);
     CREATE TABLE registered (ix INTEGER, norm TEXT, ver TEXT, PRIMARY KEY (ix, norm, ver))
         WITHOUT ROWID;
@@ -11999,10 +12002,12 @@ class DumpScratch:
         return {path: (seq, json.loads(raw)) for seq, path, raw in self.c.execute(
             "SELECT seq, path, raw FROM indexes ORDER BY seq")}
 
-    def projects(self, ix):
-        for pname, raw in self.c.execute("SELECT pname, raw FROM projects WHERE ix=? ORDER BY "
-                                         "seq", (ix,)):
-            yield pname, json.loads(raw)
+    def versions(self, ix):
+        """(project, version or None, its entry) in dump order: a project's versions were
+        one object in the dump, each version is a row here."""
+        for pname, ver, raw in self.c.execute("SELECT pname, ver, raw FROM versions WHERE "
+                                              "ix=? ORDER BY seq", (ix,)):
+            yield pname, ver, json.loads(raw)
 
     def files(self, ix):
         for (raw,) in self.c.execute("SELECT raw FROM files WHERE ix=? ORDER BY seq", (ix,)):
@@ -12077,9 +12082,7 @@ def _read_dump_index(reader, scratch, path, where, unique):
         w = _where(where, key)
         if key == "projects" and reader.peek(w) == "{" and seq is not None:
             for pname in reader.members(w):
-                unique("INSERT INTO projects (ix, pname, raw) VALUES (?,?,?)",
-                       (seq, pname, reader.value(_where(w, pname), True)[1]),
-                       "%s: project %r" % (path, pname))
+                _read_dump_project(reader, c, seq, path, pname, _where(w, pname), unique)
         elif key == "files" and reader.peek(w) == "[" and seq is not None:
             for i in reader.items(w):
                 c.execute("INSERT INTO files (ix, raw) VALUES (?,?)",
@@ -12090,6 +12093,20 @@ def _read_dump_index(reader, scratch, path, where, unique):
     entry.setdefault("files", [])
     if seq is not None:
         c.execute("UPDATE indexes SET raw=? WHERE seq=?", (json.dumps(entry), seq))
+
+
+def _read_dump_project(reader, c, seq, path, pname, where, unique):
+    """One project's versions, one version at a time (a project of many versions with long
+    descriptions is larger than any one value read whole)."""
+    unique("INSERT INTO projects (ix, pname) VALUES (?,?)", (seq, pname),
+           "%s: project %r" % (path, pname))
+    add = "INSERT INTO versions (ix, pname, ver, raw) VALUES (?,?,?,?)"
+    if reader.peek(where) != "{":
+        c.execute(add, (seq, pname, None, reader.value(where, True)[1]))
+        return
+    for ver in reader.members(where):
+        unique(add, (seq, pname, ver, reader.value(_where(where, ver), True)[1]),
+               "%s: project %r version %r" % (path, pname, ver))
 
 
 def check_dump(dump, scratch, skip_types=(), progress=None, stage_dir=None, hard_links=False,
@@ -12181,29 +12198,30 @@ def check_dump(dump, scratch, skip_types=(), progress=None, stage_dir=None, hard
             if not isinstance(ix["projects"], dict):
                 problems.append("index %r: 'projects' is not an object" % path)
                 continue
-            for pname, versions in scratch.projects(seq):
-                why = refusal(check_project_name, pname)
-                if why:
-                    problems.append("%s: project %s" % (path, why))
+            last, refused = None, None
+            for pname, ver, vdata in scratch.versions(seq):
+                if pname != last:
+                    last, refused = pname, refusal(check_project_name, pname)
+                    if refused:
+                        problems.append("%s: project %s" % (path, refused))
+                if refused:
                     continue
-                if not isinstance(versions, dict):
+                if ver is None:
                     problems.append("%s/%s: versions are not an object" % (path, pname))
                     continue
-                norm = normalize_name(pname)
-                for ver, vdata in versions.items():
-                    sc.execute("INSERT OR IGNORE INTO registered VALUES (?,?,?)",
-                               (seq, norm, ver))
-                    if not isinstance(vdata, dict) or not vdata.get("name"):
-                        problems.append('%s/%s %s: missing required field "name"'
-                                        % (path, pname, ver))
-                    elif any(k.startswith("+") for k in vdata):
-                        problems.append("%s/%s %s: unexpected '+' keys" % (path, pname, ver))
-                    else:
-                        why = refusal(check_version, ver) or refusal(
-                            check_version, str(vdata.get("version") or ver)) or refusal(
-                            check_project_name, vdata["name"])
-                        if why:
-                            problems.append("%s/%s %r: %s" % (path, pname, ver, why))
+                sc.execute("INSERT OR IGNORE INTO registered VALUES (?,?,?)",
+                           (seq, normalize_name(pname), ver))
+                if not isinstance(vdata, dict) or not vdata.get("name"):
+                    problems.append('%s/%s %s: missing required field "name"'
+                                    % (path, pname, ver))
+                elif any(k.startswith("+") for k in vdata):
+                    problems.append("%s/%s %s: unexpected '+' keys" % (path, pname, ver))
+                else:
+                    why = refusal(check_version, ver) or refusal(
+                        check_version, str(vdata.get("version") or ver)) or refusal(
+                        check_project_name, vdata["name"])
+                    if why:
+                        problems.append("%s/%s %r: %s" % (path, pname, ver, why))
             if not isinstance(ix["files"], list):
                 problems.append("index %r: 'files' is not a list" % path)
                 continue
@@ -12554,33 +12572,33 @@ def _import_releases(store, ix_id, path, seq, is_mirror, scratch, notes, progres
     """An index's projects, versions and files, from the scratch rows, IMPORT_BATCH rows a
     transaction (the server being built is not anyone's yet: a failure removes it)."""
     sc = scratch.c
-    for batch in _batches(scratch.projects(seq)):
+    for batch in _batches(scratch.versions(seq)):
         with store.write() as c:
-            for pname, versions in batch:
+            for pname, ver, vdata in batch:
+                if ver is None:
+                    continue  # (refused by check_dump)
                 norm = normalize_name(pname)
-                for ver, vdata in versions.items():
-                    display = vdata.get("name") or pname
-                    row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
-                                    (ix_id, norm)).fetchone()
-                    pid = row["id"] if row else c.execute(
-                        "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
-                        (ix_id, norm, norm if is_mirror else display)).lastrowid
-                    meta = {k: v for k, v in vdata.items() if k not in (
-                        "name", "version", "yanked") and not k.startswith("+")
-                        and k != ":action"}
-                    yanked = vdata.get("yanked")
-                    if yanked is True:
-                        yanked = ""
-                    elif yanked is False:
-                        yanked = None
-                    version = str(vdata.get("version") or ver)
-                    vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, "
-                                    "metadata, yanked, created) VALUES (?,?,?,?,?)",
-                                    (pid, version, json.dumps(meta), yanked,
-                                     time.time())).lastrowid
-                    sc.execute("INSERT OR REPLACE INTO vids VALUES (?,?,?,?,?)",
-                               (seq, norm, str(ver), vid,
-                                meta.get("requires_python", "") or ""))
+                display = vdata.get("name") or pname
+                row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                                (ix_id, norm)).fetchone()
+                pid = row["id"] if row else c.execute(
+                    "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
+                    (ix_id, norm, norm if is_mirror else display)).lastrowid
+                meta = {k: v for k, v in vdata.items() if k not in (
+                    "name", "version", "yanked") and not k.startswith("+")
+                    and k != ":action"}
+                yanked = vdata.get("yanked")
+                if yanked is True:
+                    yanked = ""
+                elif yanked is False:
+                    yanked = None
+                version = str(vdata.get("version") or ver)
+                vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, "
+                                "metadata, yanked, created) VALUES (?,?,?,?,?)",
+                                (pid, version, json.dumps(meta), yanked,
+                                 time.time())).lastrowid
+                sc.execute("INSERT OR REPLACE INTO vids VALUES (?,?,?,?,?)",
+                           (seq, norm, str(ver), vid, meta.get("requires_python", "") or ""))
     for batch in _batches(scratch.files(seq)):
         with store.write() as c:
             for f in batch:

@@ -11048,7 +11048,7 @@ def test_import_refuses_hostile_json_saying_where_and_writes_nothing(tmp_path, m
     monkeypatch.setattr(minidevpi, "DUMP_VALUE_MAX", 1024 * 1024)
     monkeypatch.setattr(minidevpi, "DUMP_CHUNK", 4096)
     cases = {
-        "cut": (text[:-30], ("ends too early", "(at indexes/alice/dev/projects/pkg,")),
+        "cut": (text[:-30], ("ends too early", "(at indexes/alice/dev/projects/pkg/1.0,")),
         "deep": (text.replace('{"username": "alice"}', "[" * 100000 + "]" * 100000),
                  "nested too deeply (at users/alice"),
         "huge": (changed(**{"indexes.alice_dev.projects": {"pkg": {"1.0": {
@@ -11062,6 +11062,8 @@ def test_import_refuses_hostile_json_saying_where_and_writes_nothing(tmp_path, m
         "twice": (text.replace('"projects": {"pkg": {"1.0": {"name": "pkg", "version": '
                                '"1.0"}}}', '"projects": {"pkg": {}, "pkg": {}}'),
                   "'pkg' appears twice"),
+        "version twice": (text.replace('"version": "1.0"}}', '"version": "1.0"}, "1.0": {}}'),
+                          "project 'pkg' version '1.0' appears twice"),
         "top": ("[]", "is not a JSON object"),
         "users": (changed(users=[]), "needs 'users' and 'indexes' objects"),
         "user": (changed(**{"users.alice": "alice"}), "user 'alice': not an object"),
