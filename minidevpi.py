@@ -51,6 +51,8 @@ import argparse
 import base64
 import binascii
 import bisect
+import codecs
+import collections
 import contextlib
 import email.parser
 import email.utils
@@ -63,6 +65,7 @@ import hmac
 import html
 import html.parser
 import io
+import itertools
 import json
 import math
 import mimetypes
@@ -3234,9 +3237,12 @@ class SearchIndex:
             else:
                 self._triggers(c, False)
             c.execute("INSERT OR REPLACE INTO meta VALUES ('search_state', ?)", (state,))
-            n_projects = c.execute("SELECT COUNT(*) FROM projects").fetchone()[0]
-            n_rows = c.execute("SELECT COUNT(*) FROM search").fetchone()[0]
-            if n_projects != n_rows or had is None or had[0] != state:
+            # what start costs does not grow with the projects: the rows are in step when
+            # the newest project has its row (the model writes rows in the transaction that
+            # changes a project, an import calls fill; a row goes with its project)
+            newest = c.execute("SELECT MAX(id) FROM projects").fetchone()[0]
+            has = c.execute("SELECT MAX(project_id) FROM search").fetchone()[0]
+            if newest != has or had is None or had[0] != state:
                 self.rebuild(c)
 
     def _triggers(self, c, on):
@@ -3250,12 +3256,34 @@ class SearchIndex:
         index from the rows, whatever it held before."""
         self._triggers(c, False)
         c.execute("DELETE FROM search")
-        ids = [r[0] for r in c.execute("SELECT id FROM projects")]
-        for i in range(0, len(ids), 500):
-            self._write_rows(c, ids[i:i + 500])
+        last = 0
+        while True:
+            ids = [r[0] for r in c.execute("SELECT id FROM projects WHERE id>? ORDER BY id "
+                                           "LIMIT 500", (last,))]
+            if not ids:
+                break
+            self._write_rows(c, ids)
+            last = ids[-1]
         if self.fts:
             c.execute("INSERT INTO search_fts(search_fts) VALUES ('rebuild')")
             self._triggers(c, True)
+
+    def fill(self):
+        """Rows for the projects that have none, a few thousand a write transaction: an
+        import writes its projects first, then this (memory and each transaction stay
+        small, and the server's first start finds the rows in step)."""
+        last = 0
+        while True:
+            with self.store.write() as c:
+                for _ in range(4):
+                    ids = [r[0] for r in c.execute(
+                        "SELECT p.id FROM projects p WHERE p.id>? AND NOT EXISTS (SELECT 1 "
+                        "FROM search s WHERE s.project_id=p.id) ORDER BY p.id LIMIT 500",
+                        (last,))]
+                    if not ids:
+                        return
+                    self._write_rows(c, ids)
+                    last = ids[-1]
 
     def changed(self, names):
         """The releases of the project ``names`` changed in the current write transaction:
@@ -13117,9 +13145,48 @@ def _place_file(src, dest, hard_links, notes):
     shutil.copyfile(src, dest)
 
 
+class JsonOut:
+    """Writes, one member at a time, the very bytes ``json.dump(value, f, indent=2)``
+    writes for the whole value: a dump of any size leaves without being built in memory.
+    ``open``/``close`` a container, ``member``/``item`` a (small) value in it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.counts = []  # members written so far in each open container
+
+    def _next(self, key):
+        if self.counts:
+            self.f.write(("," if self.counts[-1] else "") + "\n" + "  " * len(self.counts))
+            self.counts[-1] += 1
+            if key is not None:
+                self.f.write(json.dumps(key) + ": ")
+
+    def open(self, key=None, bracket="{"):
+        self._next(key)
+        self.f.write(bracket)
+        self.counts.append(0)
+
+    def close(self, bracket="}"):
+        if self.counts.pop():
+            self.f.write("\n" + "  " * len(self.counts))
+        self.f.write(bracket)
+
+    def member(self, key, value):
+        self._next(key)
+        self.f.write(json.dumps(value, indent=2).replace("\n", "\n" + "  " * len(self.counts)))
+
+    def item(self, value):
+        self.member(None, value)
+
+
+EXPORT_SKIPPED_SHOWN = 20  # rows left out of an export that its warning names
+
+
 def export_server(serverdir, target, include_mirrored=False, hard_links=False, quiet=False):
     """Write a devpi-compatible dump of the server at ``serverdir`` into ``target`` (new or
     empty). Reads one consistent snapshot, so a running server may go on meanwhile.
+    Streams: rows are read with cursors and dataindex.json is written as they come, so
+    memory stays flat whatever the number of projects and files.
     Returns a list of lines to tell the user."""
     store = Store(serverdir)
     if not store.is_initialised():
@@ -13133,8 +13200,21 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
     told = []
     # rows that no dump may carry (a name or version the API refuses, e.g. from a doctored
     # database): left out with a warning, so the dump imports again and nothing is ever
-    # written outside the target
+    # written outside the target (the first few named, the rest counted)
     skipped = []
+    nskipped = [0]
+
+    def skip(what):
+        nskipped[0] += 1
+        if len(skipped) < EXPORT_SKIPPED_SHOWN:
+            skipped.append(what)
+
+    users = set()
+    devpi_cant_check = []
+    root_pwhash = False
+    nindexes = nfiles = 0
+    tmp = os.path.join(target, ".dataindex.json.tmp")
+    f = None
     c = store._connect()
     try:
         c.execute("BEGIN")  # one snapshot for everything below (WAL)
@@ -13144,13 +13224,18 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 total += c.execute("SELECT COUNT(*) FROM files WHERE index_id=?",
                                    (ix_id,)).fetchone()[0]
         progress = Progress("exported", total, quiet)
-        users = {}
-        devpi_cant_check = []
+        f = open(tmp, "w", encoding="utf-8", buffering=COPY_CHUNK)
+        out = JsonOut(f)
+        out.open()
+        out.member("dumpversion", DUMP_VERSION)
+        out.member("pythonversion", list(sys.version_info))
+        out.member("minidevpi", __version__)
+        out.open("users")
         for name, pwhash, config, created, modified in c.execute(
                 "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
             why = refusal(check_user_name, name)
             if why:
-                skipped.append("user %r (%s)" % (name, why))
+                skip("user %r (%s)" % (name, why))
                 continue
             u = {"username": name, "created": created}
             if modified:
@@ -13167,8 +13252,12 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                 if is_known_hash(pwhash):
                     u["minidevpi_pwhash"] = pwhash
                     u["minidevpi_pwhash_for"] = pwhash_fingerprint(u.get("pwhash", ""))
-            users[name] = u
-        indexes = {}
+            if name == "root":
+                root_pwhash = bool(u.get("pwhash"))
+            users.add(name)
+            out.member(name, u)
+        out.close()
+        out.open("indexes")
         rows = c.execute("SELECT id, user, name, config FROM indexes ORDER BY user, name")
         for ix_id, user, name, config in rows.fetchall():
             config = json.loads(config)
@@ -13176,97 +13265,35 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
             why = refusal(check_index_name, name) or (
                 None if user in users else "its user is not exported")
             if why:
-                skipped.append("index %r (%s)" % (path, why))
+                skip("index %r (%s)" % (path, why))
                 continue
-            entry = {"indexconfig": config}
-            indexes[path] = entry
+            nindexes += 1
+            out.open(path)
+            out.member("indexconfig", config)
             if config.get("type") == "mirror" and not include_mirrored:
+                out.close()
                 continue
-            projects = {}
-            files = []
-            versions = c.execute(
-                "SELECT p.name, p.display, v.id, v.version, v.metadata, v.yanked FROM versions v "
-                "JOIN projects p ON v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id",
-                (ix_id,)).fetchall()
-            is_mirror = config.get("type") == "mirror"
-            for norm, display, vid, version, meta, yanked in versions:
-                why = refusal(check_project_name, norm) or refusal(check_version, version) \
-                    or (None if is_mirror else refusal(check_project_name, display))
-                if why:
-                    skipped.append("%s %s version %r (%s)" % (path, norm, version, why))
-                    continue
-                vfiles = c.execute(
-                    "SELECT filename, rel, sha256, uploaded, for_filename, log FROM files "
-                    "WHERE version_id=? ORDER BY id", (vid,)).fetchall()
-                if is_mirror:
-                    if not vfiles:
-                        continue
-                    data = {"name": norm, "version": version}
-                    meta = json.loads(meta)
-                    if meta.get("requires_python"):
-                        data["requires_python"] = meta["requires_python"]
-                else:
-                    data = full_metadata(display, version, json.loads(meta))
-                if yanked is not None:
-                    data["yanked"] = yanked
-                projects.setdefault(norm, {})[version] = data
-                sha_of = {fn: sha for fn, rel, sha, _u, _f, _l in vfiles}
-                for filename, rel, sha, uploaded, for_filename, log_json in vfiles:
-                    mapping = {"last_modified": http_date(uploaded),
-                               "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha},
-                               "project": norm, "version": version}
-                    log_list = json.loads(log_json)
-                    f = {"type": rel, "projectname": norm, "version": version}
-                    if rel == "doczip":  # (devpi: named as the project was written)
-                        relpath = "%s/%s-%s.doc.zip" % (path, display, version)
-                    elif rel == "toxresult":
-                        rsha = sha_of.get(for_filename, "")
-                        relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
-                        f["for_entrypath"] = file_relpath(path, rsha, for_filename)
-                    else:
-                        relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
-                    dest = os.path.join(target, *relpath.split("/"))
-                    why = refusal(check_filename, filename) or refusal(check_sha256, sha) or (
-                        refusal(check_filename, for_filename) if rel == "toxresult" else None) \
-                        or dump_path_refusal(relpath) or (
-                            None if is_inside(root, dest) else "it would be written outside "
-                                                               "the export")
-                    if why:
-                        skipped.append("%s file %r (%s)" % (path, filename, why))
-                        continue
-                    if is_mirror:
-                        src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
-                        mapping["url"] = src[0] if src and src[0] else filename
-                        log_list = []
-                    f["relpath"] = relpath
-                    f["entrymapping"] = mapping
-                    f["log"] = log_list
-                    blob = store.blob_path(sha)
-                    if not os.path.exists(blob):
-                        raise MinidevpiError("the bytes of %s/%s vanished while exporting "
-                                             "(removed meanwhile?); run the export again"
-                                        % (path, filename))
-                    _place_file(blob, dest, hard_links, notes)
-                    progress.add(os.path.getsize(blob))
-                    files.append(f)
-            entry["projects"] = projects
-            entry["files"] = files
+            nfiles += _export_index(store, c, out, ix_id, path, config.get("type") == "mirror",
+                                    target, root, hard_links, notes, progress, skip)
+            out.close()
+        out.close()
         naudit = _export_audit(c, target)
+        out.close()
         c.execute("COMMIT")
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    except BaseException:
+        if f is not None:
+            f.close()
+        _unlink_quiet(tmp)
+        raise
     finally:
         c.close()
         store.close()
-    data = {"dumpversion": DUMP_VERSION, "pythonversion": list(sys.version_info),
-            "minidevpi": __version__, "users": users, "indexes": indexes}
-    tmp = os.path.join(target, ".dataindex.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(target, "dataindex.json"))  # written last: complete dumps only
-    nfiles = sum(len(i.get("files", [])) for i in indexes.values())
     told.append("exported %s, %s, %s to %s"
-                % (plural(len(users), "user"), plural(len(indexes), "index", "indexes"),
+                % (plural(len(users), "user"), plural(nindexes, "index", "indexes"),
                    plural(nfiles, "file"), target))
     told.append("and the audit log: %s (%s)" % (plural(naudit, "record"), AUDIT_DUMP_NAME))
     if notes.get("no_links"):
@@ -13275,9 +13302,10 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         told.append("WARNING: not exported, because the API does not accept their names or "
                     "versions (so an import would refuse them): %s%s. Remove or rename them "
                     "on the server and export again." % (
-                        "; ".join(skipped[:20]),
-                        " and %d more" % (len(skipped) - 20) if len(skipped) > 20 else ""))
-    if "root" in users and not users["root"].get("pwhash"):
+                        "; ".join(skipped),
+                        " and %d more" % (nskipped[0] - len(skipped))
+                        if nskipped[0] > len(skipped) else ""))
+    if "root" in users and not root_pwhash:
         told.append("for devpi-server: root's password does not travel (devpi can't check "
                     "minidevpi's hash); give root one with devpi-import --root-passwd PW "
                     "(without it devpi-import gives root the empty password)")
@@ -13368,96 +13396,535 @@ def audit_dump_records(dump):
             yield rid, at, actor, action, index, project, record
 
 
-def _read_dump(dump):
-    """dataindex.json of a dump, checked for shape; raises with the list of problems."""
+def _export_index(store, c, out, ix_id, path, is_mirror, target, root, hard_links, notes,
+                  progress, skip):
+    """An index's "projects" and "files" into ``out`` in two passes over its rows, one
+    project (then one version's files) at a time; copies the files. Returns how many."""
+
+    def version_refusal(norm, display, version):
+        return refusal(check_project_name, norm) or refusal(check_version, version) \
+            or (None if is_mirror else refusal(check_project_name, display))
+
+    out.open("projects")
+    for norm, rows in itertools.groupby(c.execute(
+            "SELECT p.name, p.display, v.version, v.metadata, v.yanked, EXISTS (SELECT 1 "
+            "FROM files f WHERE f.version_id=v.id) FROM versions v JOIN projects p ON "
+            "v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id", (ix_id,)),
+            key=lambda r: r[0]):
+        versions = {}
+        for _n, display, version, meta, yanked, has_files in rows:
+            why = version_refusal(norm, display, version)
+            if why:
+                skip("%s %s version %r (%s)" % (path, norm, version, why))
+                continue
+            if is_mirror:
+                if not has_files:
+                    continue
+                data = {"name": norm, "version": version}
+                meta = json.loads(meta)
+                if meta.get("requires_python"):
+                    data["requires_python"] = meta["requires_python"]
+            else:
+                data = full_metadata(display, version, json.loads(meta))
+            if yanked is not None:
+                data["yanked"] = yanked
+            versions[version] = data
+        if versions:
+            out.member(norm, versions)
+    out.close()
+    out.open("files", "[")
+    nfiles = 0
+    for vid, vfiles in itertools.groupby(c.execute(
+            "SELECT v.id, p.name, p.display, v.version, f.filename, f.rel, f.sha256, "
+            "f.uploaded, f.for_filename, f.log FROM files f JOIN versions v ON "
+            "f.version_id=v.id JOIN projects p ON v.project_id=p.id WHERE p.index_id=? "
+            "ORDER BY p.name, v.id, f.id", (ix_id,)), key=lambda r: r[0]):
+        vfiles = list(vfiles)  # (one version's files)
+        _v, norm, display, version = vfiles[0][:4]
+        if version_refusal(norm, display, version):
+            continue  # (said in the projects' pass)
+        sha_of = {r[4]: r[6] for r in vfiles}
+        for _v, _n, _d, _ver, filename, rel, sha, uploaded, for_filename, log_json in vfiles:
+            mapping = {"last_modified": http_date(uploaded),
+                       "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha},
+                       "project": norm, "version": version}
+            log_list = json.loads(log_json)
+            f = {"type": rel, "projectname": norm, "version": version}
+            if rel == "doczip":  # (devpi: named as the project was written)
+                relpath = "%s/%s-%s.doc.zip" % (path, display, version)
+            elif rel == "toxresult":
+                rsha = sha_of.get(for_filename, "")
+                relpath = "%s/%s/sha256=%s/%s" % (path, norm, rsha, filename)
+                f["for_entrypath"] = file_relpath(path, rsha, for_filename)
+            else:
+                relpath = "%s/%s/%s/%s" % (path, norm, version, filename)
+            dest = os.path.join(target, *relpath.split("/"))
+            why = refusal(check_filename, filename) or refusal(check_sha256, sha) or (
+                refusal(check_filename, for_filename) if rel == "toxresult" else None) \
+                or dump_path_refusal(relpath) or (
+                    None if is_inside(root, dest) else "it would be written outside "
+                                                       "the export")
+            if why:
+                skip("%s file %r (%s)" % (path, filename, why))
+                continue
+            if is_mirror:
+                src = [e.get("src") for e in log_list if e.get("what") == "mirror"]
+                mapping["url"] = src[0] if src and src[0] else filename
+                log_list = []
+            f["relpath"] = relpath
+            f["entrymapping"] = mapping
+            f["log"] = log_list
+            blob = store.blob_path(sha)
+            if not os.path.exists(blob):
+                raise MinidevpiError("the bytes of %s/%s vanished while exporting "
+                                     "(removed meanwhile?); run the export again"
+                                     % (path, filename))
+            _place_file(blob, dest, hard_links, notes)
+            progress.add(os.path.getsize(blob))
+            out.item(f)
+            nfiles += 1
+    out.close("]")
+    return nfiles
+
+
+DUMP_CHUNK = 1024 * 1024  # bytes of dataindex.json read at a time
+DUMP_VALUE_MAX = 16 * 1024 * 1024  # characters of one value read whole: a user, an index's
+#   config, one version's metadata, one file entry (a dump of any size streams past them)
+DUMP_INDEXES_MAX = 100000  # indexes in one dump (their configs are held while importing)
+DUMP_PROBLEMS_SHOWN = 200  # problems of a refused dump that its message lists
+IMPORT_BATCH = 2000  # versions, or files, an import writes per transaction
+IMPORT_QUEUE = 32  # files an import hashes and copies at once (queued in a bounded pool)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class JsonPull:
+    """A JSON document read in bounded chunks from a binary file, one member of an object
+    or one item of an array at a time (``members``, ``items``), each small value decoded
+    whole by json's own decoder (``value``) but none larger than ``max_value`` characters:
+    a dump of many GB is walked in flat memory. Every error says where it was (``where``:
+    a path like ``indexes/alice/dev/files[3]``) and raises MinidevpiError."""
+
+    def __init__(self, f, what="dataindex.json", max_value=None):
+        self.f = f
+        self.what = what
+        self.max_value = max_value or DUMP_VALUE_MAX
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.decoder = json.JSONDecoder()
+        self.buf = ""
+        self.pos = 0
+        self.before = 0  # characters dropped from the front of buf
+        self.eof = False
+
+    def error(self, where, why):
+        return MinidevpiError("%s is not readable JSON: %s (at %s, character %d)"
+                              % (self.what, why, where or "its top", self.before + self.pos))
+
+    def _more(self):
+        """Read on, at least as much as is buffered (a long value costs linear time);
+        False at the end of the file."""
+        if self.eof:
+            return False
+        self.before += self.pos
+        self.buf = self.buf[self.pos:]
+        self.pos = 0
+        data = self.f.read(max(DUMP_CHUNK, len(self.buf)))
+        try:
+            self.buf += self.utf8.decode(data, not data)
+        except UnicodeDecodeError as e:
+            raise self.error("", "not UTF-8 (%s)" % e.reason)
+        self.eof = not data
+        return not self.eof
+
+    def peek(self, where):
+        """The next character that is not white space."""
+        while True:
+            self.pos = _JSON_SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more():
+                raise self.error(where, "it ends too early")
+
+    def _take(self, where, char, expected):
+        if self.peek(where) != char:
+            raise self.error(where, "%s expected" % expected)
+        self.pos += 1
+
+    def value(self, where, raw=False):
+        """The next value, decoded (``raw``: also its text, as (value, text))."""
+        self.peek(where)
+        while True:
+            try:
+                v, end = self.decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:  # (a number may go on in the next chunk)
+                    text = self.buf[self.pos:end] if raw else None
+                    self.pos = end
+                    return (v, text) if raw else v
+            except json.JSONDecodeError as e:
+                cut = e.pos >= len(self.buf) - 2 or e.msg.startswith("Unterminated string")
+                if self.eof or not cut:
+                    self.pos = e.pos
+                    raise self.error(where, "it ends too early (%s)" % e.msg
+                                     if self.eof and cut else e.msg)
+            except RecursionError:
+                raise self.error(where, "nested too deeply")
+            if len(self.buf) - self.pos > self.max_value:
+                raise self.error(where, "a value larger than %d MB, more than any entry of a "
+                                        "dump needs" % (self.max_value // 2 ** 20))
+            self._more()
+
+    def _container(self, where, opening, closing, name):
+        self._take(where, opening, name)
+        if self.peek(where) == closing:
+            self.pos += 1
+            return
+        i = 0
+        while True:
+            yield i
+            i += 1
+            c = self.peek(where)
+            self.pos += 1
+            if c == closing:
+                return
+            if c != ",":
+                self.pos -= 1
+                raise self.error(where, "',' or '%s' expected" % closing)
+
+    def members(self, where):
+        """The keys of the object that comes next, one at a time: the caller reads each
+        key's value (``value``, ``members`` or ``items``) before it asks for the next."""
+        for _ in self._container(where, "{", "}", "an object"):
+            key = self.value(where)
+            if not isinstance(key, str):
+                raise self.error(where, "a key that is not a string")
+            self._take(where, ":", "':'")
+            yield key
+
+    def items(self, where):
+        """The positions of the array that comes next, one at a time (read as members)."""
+        return self._container(where, "[", "]", "an array")
+
+    def end(self):
+        """Nothing but white space after the document."""
+        while True:
+            self.pos = _JSON_SPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                raise self.error("its end", "extra data after the document")
+            if not self._more():
+                return
+
+
+class Problems(list):
+    """The problems of a dump: the first DUMP_PROBLEMS_SHOWN kept, the rest counted."""
+
+    more = 0
+
+    def append(self, line):
+        if len(self) < DUMP_PROBLEMS_SHOWN:
+            list.append(self, line)
+        else:
+            self.more += 1
+
+    def lines(self):
+        return list(self) + (["... and %d more" % self.more] if self.more else [])
+
+
+def _batches(rows, n=None):
+    """``rows`` in runs of IMPORT_BATCH, each taken from ``rows`` only as it is read."""
+    rows = iter(rows)
+    for first in rows:
+        yield itertools.chain((first,), itertools.islice(rows, (n or IMPORT_BATCH) - 1))
+
+
+def _where(*parts):
+    """A place in a dump for a message: its keys, each shortened (they are untrusted)."""
+    return "/".join(p if len(p) <= 80 else p[:77] + "..." for p in parts)
+
+
+class DumpScratch:
+    """What an import read from dataindex.json, entry by entry, in a scratch SQLite
+    database beside the target (deleted with the staging directory): checked and
+    imported from here in the order the import needs, whatever order the dump had."""
+
+    SCHEMA = """
+    CREATE TABLE head (key TEXT PRIMARY KEY, raw TEXT NOT NULL);
+    CREATE TABLE users (name TEXT PRIMARY KEY, raw TEXT NOT NULL);
+    CREATE TABLE indexes (seq INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL,
+                          raw TEXT NOT NULL);
+    CREATE TABLE projects (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, pname TEXT NOT NULL,
+                           UNIQUE (ix, pname));
+    CREATE TABLE versions (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, pname TEXT NOT NULL,
+                           ver TEXT, raw TEXT NOT NULL, UNIQUE (ix, pname, ver));
+    --  (ver NULL: the project's versions were not an object, raw is what they were)
+    CREATE TABLE files (seq INTEGER PRIMARY KEY, ix INTEGER NOT NULL, raw TEXT NOT NULL);
+    CREATE TABLE registered (ix INTEGER, norm TEXT, ver TEXT, PRIMARY KEY (ix, norm, ver))
+        WITHOUT ROWID;
+    CREATE TABLE staged (rel TEXT PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL,
+                         dest TEXT, core TEXT, core_path TEXT, core_none INTEGER)
+        WITHOUT ROWID;
+    CREATE TABLE vids (ix INTEGER, norm TEXT, ver TEXT, vid INTEGER, rp TEXT,
+                       PRIMARY KEY (ix, norm, ver)) WITHOUT ROWID;
+    """
+
+    def __init__(self, directory):
+        self.c = sqlite3.connect(os.path.join(directory, "dump.sqlite3"), isolation_level=None,
+                                 check_same_thread=False)
+        self.c.execute("PRAGMA journal_mode=OFF")
+        self.c.execute("PRAGMA synchronous=OFF")
+        self.c.executescript(self.SCHEMA)
+        self.c.execute("BEGIN")
+
+    def close(self):
+        self.c.close()
+
+    def count(self, table, where="", args=()):
+        return self.c.execute("SELECT COUNT(*) FROM %s %s" % (table, where), args).fetchone()[0]
+
+    def head(self, key, default=None):
+        row = self.c.execute("SELECT raw FROM head WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def user_names(self):
+        return [r[0] for r in self.c.execute("SELECT name FROM users")]
+
+    def has_user(self, name):
+        return self.c.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone() is not None
+
+    def users(self):
+        """(name, entry), by name."""
+        for name, raw in self.c.execute("SELECT name, raw FROM users ORDER BY name"):
+            yield name, json.loads(raw)
+
+    def indexes(self):
+        """{path: (seq, entry without projects and files)}: the few indexes, in dump order."""
+        return {path: (seq, json.loads(raw)) for seq, path, raw in self.c.execute(
+            "SELECT seq, path, raw FROM indexes ORDER BY seq")}
+
+    def versions(self, ix):
+        """(project, version or None, its entry) in dump order: a project's versions were
+        one object in the dump, each version is a row here."""
+        for pname, ver, raw in self.c.execute("SELECT pname, ver, raw FROM versions WHERE "
+                                              "ix=? ORDER BY seq", (ix,)):
+            yield pname, ver, json.loads(raw)
+
+    def files(self, ix):
+        for (raw,) in self.c.execute("SELECT raw FROM files WHERE ix=? ORDER BY seq", (ix,)):
+            yield json.loads(raw)
+
+
+def _read_dump(dump, scratch):
+    """Read dataindex.json of a dump into ``scratch``, one entry at a time (checked for
+    shape here, for content by check_dump); raises MinidevpiError where it is not a dump.
+    Returns the list of problems found (duplicate names: json.load would keep only one)."""
     path = os.path.join(dump, "dataindex.json")
     if not os.path.isfile(path):
         raise MinidevpiError("%s has no dataindex.json: not an export directory "
                              "(or an incomplete one)" % dump)
+    problems = Problems()
     try:
         with open_in_dump(os.path.realpath(dump), "dataindex.json") as f:
-            data = json.load(io.TextIOWrapper(f, encoding="utf-8"))
+            reader = JsonPull(f)
+            if reader.peek("") != "{":
+                raise MinidevpiError("dataindex.json is not a JSON object")
+            _read_dump_members(reader, scratch, problems)
+            reader.end()
     except DumpFileRefused as e:
         raise MinidevpiError("the export at %s can't be imported: %s" % (dump, e))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise MinidevpiError("dataindex.json is not readable JSON: %s" % e)
-    if not isinstance(data, dict):
-        raise MinidevpiError("dataindex.json is not a JSON object")
-    if str(data.get("dumpversion")) not in ("1", "2"):
+    if str(scratch.head("dumpversion")) not in ("1", "2"):
         raise MinidevpiError("incompatible dumpversion: %r (1 and 2 are understood)"
-                        % (data.get("dumpversion"),))
-    if not isinstance(data.get("users"), dict) or not isinstance(data.get("indexes"), dict):
+                             % (scratch.head("dumpversion"),))
+    if scratch.head("users") is not True or scratch.head("indexes") is not True:
         raise MinidevpiError("dataindex.json needs 'users' and 'indexes' objects")
-    return data
+    return problems
 
 
-def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_links=False,
-               notes=None):
-    """Every problem of a dump, as a list of lines (empty: fine). Hashes every file.
+def _read_dump_members(reader, scratch, problems):
+    c = scratch.c
+
+    def unique(sql, args, what):
+        try:
+            return c.execute(sql, args).lastrowid
+        except sqlite3.IntegrityError:
+            problems.append("%s appears twice in dataindex.json" % what)
+
+    for key in reader.members(""):
+        if key in ("users", "indexes") and reader.peek(key) == "{":
+            c.execute("INSERT OR REPLACE INTO head VALUES (?, 'true')", (key,))
+            for name in reader.members(key):
+                where = _where(key, name)
+                if key == "users":
+                    unique("INSERT INTO users VALUES (?,?)", (name, reader.value(where, True)[1]),
+                           "user %r" % name)
+                else:
+                    _read_dump_index(reader, scratch, name, where, unique)
+        else:
+            v, raw = reader.value(key, True)
+            c.execute("INSERT OR REPLACE INTO head VALUES (?,?)",
+                      (key, "false" if key in ("users", "indexes") else raw))
+
+
+def _read_dump_index(reader, scratch, path, where, unique):
+    """One index of the dump: its projects and files into the scratch rows as they come;
+    its other keys (indexconfig) kept together."""
+    c = scratch.c
+    seq = unique("INSERT INTO indexes (path, raw) VALUES (?, '{}')", (path,), "index %r" % path)
+    if seq is not None and seq > DUMP_INDEXES_MAX:
+        raise reader.error(where, "more than %d indexes" % DUMP_INDEXES_MAX)
+    if reader.peek(where) != "{":
+        v, raw = reader.value(where, True)
+        if seq is not None:
+            c.execute("UPDATE indexes SET raw=? WHERE seq=?", (raw, seq))
+        return
+    entry = {}
+    for key in reader.members(where):
+        w = _where(where, key)
+        if key == "projects" and reader.peek(w) == "{" and seq is not None:
+            for pname in reader.members(w):
+                _read_dump_project(reader, c, seq, path, pname, _where(w, pname), unique)
+        elif key == "files" and reader.peek(w) == "[" and seq is not None:
+            for i in reader.items(w):
+                c.execute("INSERT INTO files (ix, raw) VALUES (?,?)",
+                          (seq, reader.value("%s[%d]" % (w, i), True)[1]))
+        else:
+            entry[key] = reader.value(w)  # (the index's config: small)
+    entry.setdefault("projects", {})
+    entry.setdefault("files", [])
+    if seq is not None:
+        c.execute("UPDATE indexes SET raw=? WHERE seq=?", (json.dumps(entry), seq))
+
+
+def _read_dump_project(reader, c, seq, path, pname, where, unique):
+    """One project's versions, one version at a time (a project of many versions with long
+    descriptions is larger than any one value read whole)."""
+    unique("INSERT INTO projects (ix, pname) VALUES (?,?)", (seq, pname),
+           "%s: project %r" % (path, pname))
+    add = "INSERT INTO versions (ix, pname, ver, raw) VALUES (?,?,?,?)"
+    if reader.peek(where) != "{":
+        c.execute(add, (seq, pname, None, reader.value(where, True)[1]))
+        return
+    for ver in reader.members(where):
+        unique(add, (seq, pname, ver, reader.value(_where(where, ver), True)[1]),
+               "%s: project %r version %r" % (path, pname, ver))
+
+
+def check_dump(dump, scratch, skip_types=(), progress=None, stage_dir=None, hard_links=False,
+               notes=None, problems=None):
+    """Every problem of a dump read into ``scratch``, as a list of lines (empty: fine).
+    Hashes every file, a few at a time in a bounded pool.
 
     With ``stage_dir``, each file is also copied (or linked) there while it is read, so an
-    import reads every file once; ``notes["staged"]`` maps relpath -> (sha256, staged path).
+    import reads every file once; the scratch table ``staged`` maps relpath -> (sha256,
+    staged path, a wheel's staged core metadata).
     """
     import concurrent.futures
     dump = os.path.realpath(dump)
-    problems = []
+    problems = problems if problems is not None else Problems()
     notes = notes if notes is not None else {}
-    staged = notes.setdefault("staged", {})
-    queued, jobs = {}, []
+    sc = scratch.c
+    nqueued = [0]
+    inflight = {}  # relpath -> job: the same file in two indexes is read once
+    window = collections.deque()  # (index path, relpath, sha256 wanted, job), oldest first
     pool = concurrent.futures.ThreadPoolExecutor(4)
-    users = data["users"]
-    for name, u in users.items():
-        if not isinstance(u, dict):
-            problems.append("user %r: not an object" % name)
-        elif refusal(check_user_name, name):
-            problems.append("user %r: %s" % (name, refusal(check_user_name, name)))
-        elif name == "root":
-            for k in SERVER_POLICY_KEYS:  # (another user's are dropped on import)
-                if k in u:
-                    try:
-                        check_reserved_namespaces(u[k]) if k == "reserved_namespaces" \
-                            else check_policy_entries(k, u[k])
-                    except HTTPError as e:
-                        problems.append("user root: %s" % e.message)
-    for path, ix in data["indexes"].items():
-        if not isinstance(ix, dict) or not isinstance(ix.get("indexconfig"), dict) \
-                or "type" not in ix["indexconfig"]:
-            problems.append("index %r: no indexconfig with a type" % path)
-            continue
-        user, sep, name = path.partition("/")
-        why = refusal(check_user_name, user) or refusal(check_index_name, name)
-        if why:
-            problems.append("index %r: %s" % (path, why))
-            continue
-        if user not in users:
-            problems.append("index %r: its user %r is not in the dump" % (path, user))
-        for k in POLICY_KEYS:
-            if k in ix["indexconfig"]:
-                try:
-                    check_policy_entries(k, ix["indexconfig"][k])
-                except HTTPError as e:
-                    problems.append("index %r: %s" % (path, e.message))
-        ixtype = ix["indexconfig"]["type"]
-        if ixtype not in ("stage", "mirror") and ixtype not in skip_types:
-            problems.append("index %r: unknown index type %r (use --skip-import-type %s to "
-                            "leave it out)" % (path, ixtype, ixtype))
-        projects = ix.get("projects", {})
-        if not isinstance(projects, dict):
-            problems.append("index %r: 'projects' is not an object" % path)
-            continue
-        norm_projects = {}
-        for pname, versions in projects.items():
-            why = refusal(check_project_name, pname)
+
+    def settle(path, rel, want, job):
+        try:
+            got, size, dest, core = job.result()
+        except FileNotFoundError:
+            problems.append("%s: the file at %s is missing" % (path, rel))
+            return
+        except IsADirectoryError:
+            problems.append("%s: the file at %s is not a file" % (path, rel))
+            return
+        except DumpFileRefused as e:
+            problems.append("%s: %s" % (path, e))
+            return
+        if inflight.get(rel) is job:
+            del inflight[rel]
+            sc.execute("INSERT OR IGNORE INTO staged VALUES (?,?,?,?,?,?,?)",
+                       (rel, got, size, dest, core[0] if core else None,
+                        core[1] if core else None, 1 if core is False else 0))
+        if want is not None and got != want:
+            problems.append("%s: %s: sha256 mismatch" % (path, rel))
+        if progress is not None:
+            progress.add(size)
+
+    def queue(path, rel, want, wheel):
+        job = inflight.get(rel)
+        if job is None:
+            row = sc.execute("SELECT sha, size FROM staged WHERE rel=?", (rel,)).fetchone()
+            if row is not None:  # read already
+                if want is not None and row[0] != want:
+                    problems.append("%s: %s: sha256 mismatch" % (path, rel))
+                if progress is not None:
+                    progress.add(row[1])
+                return
+            dest = None
+            if stage_dir is not None:
+                dest = os.path.join(stage_dir, "%d" % nqueued[0])
+            nqueued[0] += 1
+            job = inflight[rel] = pool.submit(_stage_file, dump, rel, dest, hard_links, notes,
+                                              wheel)
+        window.append((path, rel, want, job))
+        while len(window) > IMPORT_QUEUE:
+            settle(*window.popleft())
+
+    try:
+        for name in scratch.user_names():
+            why = refusal(check_user_name, name)
             if why:
-                problems.append("%s: project %s" % (path, why))
+                problems.append("user %r: %s" % (name, why))
+        for name, u in scratch.users():
+            if not isinstance(u, dict):
+                problems.append("user %r: not an object" % name)
+            elif name == "root":
+                for k in SERVER_POLICY_KEYS:  # (another user's are dropped on import)
+                    if k in u:
+                        try:
+                            check_reserved_namespaces(u[k]) if k == "reserved_namespaces" \
+                                else check_policy_entries(k, u[k])
+                        except HTTPError as e:
+                            problems.append("user root: %s" % e.message)
+        indexes = scratch.indexes()
+        for path, (seq, ix) in indexes.items():
+            if not isinstance(ix, dict) or not isinstance(ix.get("indexconfig"), dict) \
+                    or "type" not in ix["indexconfig"]:
+                problems.append("index %r: no indexconfig with a type" % path)
                 continue
-            if not isinstance(versions, dict):
-                problems.append("%s/%s: versions are not an object" % (path, pname))
+            user, sep, name = path.partition("/")
+            why = refusal(check_user_name, user) or refusal(check_index_name, name)
+            if why:
+                problems.append("index %r: %s" % (path, why))
                 continue
-            norm_projects.setdefault(normalize_name(pname), {}).update(versions)
-            for ver, vdata in versions.items():
+            if not scratch.has_user(user):
+                problems.append("index %r: its user %r is not in the dump" % (path, user))
+            for k in POLICY_KEYS:
+                if k in ix["indexconfig"]:
+                    try:
+                        check_policy_entries(k, ix["indexconfig"][k])
+                    except HTTPError as e:
+                        problems.append("index %r: %s" % (path, e.message))
+            ixtype = ix["indexconfig"]["type"]
+            if ixtype not in ("stage", "mirror") and ixtype not in skip_types:
+                problems.append("index %r: unknown index type %r (use --skip-import-type %s "
+                                "to leave it out)" % (path, ixtype, ixtype))
+            if not isinstance(ix["projects"], dict):
+                problems.append("index %r: 'projects' is not an object" % path)
+                continue
+            last, refused = None, None
+            for pname, ver, vdata in scratch.versions(seq):
+                if pname != last:
+                    last, refused = pname, refusal(check_project_name, pname)
+                    if refused:
+                        problems.append("%s: project %s" % (path, refused))
+                if refused:
+                    continue
+                if ver is None:
+                    problems.append("%s/%s: versions are not an object" % (path, pname))
+                    continue
+                sc.execute("INSERT OR IGNORE INTO registered VALUES (?,?,?)",
+                           (seq, normalize_name(pname), ver))
                 if not isinstance(vdata, dict) or not vdata.get("name"):
-                    problems.append('%s/%s %s: missing required field "name"' % (path, pname, ver))
+                    problems.append('%s/%s %s: missing required field "name"'
+                                    % (path, pname, ver))
                 elif any(k.startswith("+") for k in vdata):
                     problems.append("%s/%s %s: unexpected '+' keys" % (path, pname, ver))
                 else:
@@ -13466,69 +13933,53 @@ def check_dump(dump, data, skip_types=(), progress=None, stage_dir=None, hard_li
                         check_project_name, vdata["name"])
                     if why:
                         problems.append("%s/%s %r: %s" % (path, pname, ver, why))
-        files = ix.get("files", [])
-        if not isinstance(files, list):
-            problems.append("index %r: 'files' is not a list" % path)
-            continue
-        for f in files:
-            if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in (
-                    "type", "projectname", "relpath")):
-                problems.append("%s: a file entry without type/projectname/relpath" % path)
+            if not isinstance(ix["files"], list):
+                problems.append("index %r: 'files' is not a list" % path)
                 continue
-            rel = f["relpath"]
-            parts = rel.split("/")
-            why = dump_path_refusal(rel) or refusal(check_filename, parts[-1]) or refusal(
-                check_project_name, f["projectname"]) or refusal(check_version, _version_of(f))
-            if not why and f["type"] == "toxresult" and f.get("for_entrypath"):
-                why = refusal(check_filename, str(f["for_entrypath"]).rsplit("/", 1)[-1])
-            if why:
-                problems.append("%s: file %r: %s" % (path, rel, why))
-                continue
-            if f["type"] not in ("releasefile", "doczip", "toxresult"):
-                problems.append("%s: file %s has unknown type %r" % (path, rel, f["type"]))
-            norm = normalize_name(f["projectname"])
-            if norm not in norm_projects:
-                problems.append("%s: file %s belongs to project %r, which is not in the dump"
-                                % (path, rel, f["projectname"]))
-            elif f["type"] == "releasefile" and _version_of(f) not in norm_projects[norm]:
-                problems.append("%s: file %s belongs to version %r, not registered"
-                                % (path, rel, f.get("version")))
-            if ix["indexconfig"]["type"] == "mirror" and f["type"] == "releasefile" and not (
-                    isinstance(f.get("entrymapping"), dict) and f["entrymapping"].get("url")):
-                problems.append("%s: mirrored file %s has no entrymapping.url" % (path, rel))
-            job = queued.get(rel)
-            if job is None:  # (the same file in two indexes is read once)
-                dest = None
-                if stage_dir is not None:
-                    dest = os.path.join(stage_dir, "%d" % len(queued))
-                wheel = f["type"] == "releasefile" and rel.endswith(".whl")
-                job = queued[rel] = pool.submit(_stage_file, dump, rel, dest, hard_links, notes,
-                                                wheel)
-            jobs.append((path, rel, _want_sha256(f), job))
-    # the files are read (hashed, copied, a wheel's metadata taken) by a few threads: the
-    # reading waits on the disk, the hashing and copying let go of the GIL
-    for path, rel, want, job in jobs:
-        try:
-            got, size, dest, core = job.result()
-        except FileNotFoundError:
-            problems.append("%s: the file at %s is missing" % (path, rel))
-            continue
-        except IsADirectoryError:
-            problems.append("%s: the file at %s is not a file" % (path, rel))
-            continue
-        except DumpFileRefused as e:
-            problems.append("%s: %s" % (path, e))
-            continue
-        if dest is not None:
-            staged[rel] = (got, dest)
-            if core is not None:
-                notes.setdefault("core", {})[rel] = core  # (sha256, staged path) or None
-        if want is not None and got != want:
-            problems.append("%s: %s: sha256 mismatch" % (path, rel))
-        if progress is not None:
-            progress.add(size)
-    pool.shutdown()
-    cyc = _base_cycle(data["indexes"])
+            for f in scratch.files(seq):
+                if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in (
+                        "type", "projectname", "relpath")):
+                    problems.append("%s: a file entry without type/projectname/relpath"
+                                    % path)
+                    continue
+                rel = f["relpath"]
+                parts = rel.split("/")
+                why = dump_path_refusal(rel) or refusal(check_filename, parts[-1]) or refusal(
+                    check_project_name, f["projectname"]) or refusal(check_version,
+                                                                     _version_of(f))
+                if not why and f["type"] == "toxresult" and f.get("for_entrypath"):
+                    why = refusal(check_filename, str(f["for_entrypath"]).rsplit("/", 1)[-1])
+                if why:
+                    problems.append("%s: file %r: %s" % (path, rel, why))
+                    continue
+                if f["type"] not in ("releasefile", "doczip", "toxresult"):
+                    problems.append("%s: file %s has unknown type %r" % (path, rel, f["type"]))
+                norm = normalize_name(f["projectname"])
+                if sc.execute("SELECT 1 FROM registered WHERE ix=? AND norm=? LIMIT 1",
+                              (seq, norm)).fetchone() is None:
+                    problems.append("%s: file %s belongs to project %r, which is not in the "
+                                    "dump" % (path, rel, f["projectname"]))
+                elif f["type"] == "releasefile" and sc.execute(
+                        "SELECT 1 FROM registered WHERE ix=? AND norm=? AND ver=?",
+                        (seq, norm, _version_of(f))).fetchone() is None:
+                    problems.append("%s: file %s belongs to version %r, not registered"
+                                    % (path, rel, f.get("version")))
+                if ixtype == "mirror" and f["type"] == "releasefile" and not (
+                        isinstance(f.get("entrymapping"), dict) and f["entrymapping"].get("url")):
+                    problems.append("%s: mirrored file %s has no entrymapping.url"
+                                    % (path, rel))
+                # the files are read (hashed, copied, a wheel's metadata taken) by a few
+                # threads: the reading waits on the disk, the hashing and copying let go of
+                # the GIL
+                queue(path, rel, _want_sha256(f), f["type"] == "releasefile"
+                      and rel.endswith(".whl"))
+        while window:
+            settle(*window.popleft())
+    finally:
+        for job in inflight.values():
+            job.cancel()
+        pool.shutdown()
+    cyc = _base_cycle({path: ix for path, (seq, ix) in indexes.items()})
     if cyc:
         problems.append("the bases of these indexes form a cycle: %s" % ", ".join(cyc))
     try:
@@ -13633,56 +14084,66 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
 
     Everything is checked first (every file's sha256 included); a damaged dump is refused
     with the list of problems and nothing is written. The server is built beside the
-    target and moved into place only when complete. Returns lines to tell the user.
+    target and moved into place only when complete. dataindex.json is read as a stream
+    (JsonPull) into a scratch database beside the target, so memory stays flat whatever
+    the size of the dump. Returns lines to tell the user.
     """
     check_root_pwhash(root_pwhash)  # the arguments first, before the long checks
     dump = os.path.abspath(dump)
     serverdir = os.path.abspath(serverdir)
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
         raise MinidevpiError("%s must be new or empty to import into" % serverdir)
-    data = _read_dump(dump)
-    dump_types = {ix["indexconfig"].get("type") for ix in data["indexes"].values()
-                  if isinstance(ix, dict) and isinstance(ix.get("indexconfig"), dict)}
-    unknown = sorted(set(skip_types) - {"stage", "mirror"} - dump_types)
-    if unknown:
-        raise MinidevpiError("--skip-import-type %s: no index of that type in the export (its "
-                          "types: %s)" % (", ".join(unknown), ", ".join(sorted(
-                              t for t in dump_types if isinstance(t, str))) or "none"))
-    nfiles = sum(len(ix.get("files") or []) for ix in data["indexes"].values()
-                 if isinstance(ix, dict) and isinstance(ix.get("files"), list))
+    if not os.path.isfile(os.path.join(dump, "dataindex.json")):
+        raise MinidevpiError("%s has no dataindex.json: not an export directory "
+                             "(or an incomplete one)" % dump)
     parent = os.path.dirname(serverdir)
     os.makedirs(parent, exist_ok=True)
     notes = {}
     # files are checked and copied in one read, beside the target (same file system)
     staging = tempfile.mkdtemp(prefix=".import-files-", dir=parent)
+    scratch = None
     try:
-        problems = check_dump(dump, data, skip_types, Progress("checked", nfiles, quiet),
-                              stage_dir=staging, hard_links=hard_links, notes=notes)
+        scratch = DumpScratch(staging)
+        problems = _read_dump(dump, scratch)
+        dump_types = {ix["indexconfig"].get("type") for _s, ix in scratch.indexes().values()
+                      if isinstance(ix, dict) and isinstance(ix.get("indexconfig"), dict)}
+        unknown = sorted(set(skip_types) - {"stage", "mirror"} - dump_types)
+        if unknown:
+            raise MinidevpiError("--skip-import-type %s: no index of that type in the export "
+                                 "(its types: %s)" % (", ".join(unknown), ", ".join(sorted(
+                                     t for t in dump_types if isinstance(t, str))) or "none"))
+        nfiles = scratch.count("files")
+        check_dump(dump, scratch, skip_types, Progress("checked", nfiles, quiet),
+                   stage_dir=staging, hard_links=hard_links, notes=notes, problems=problems)
         if problems:
             raise MinidevpiError("the export at %s can't be imported:\n  %s"
-                            % (dump, "\n  ".join(problems)))
-        return _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
+                                 % (dump, "\n  ".join(problems.lines())))
+        return _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_password,
                                root_pwhash, root_pypi, skip_types, hard_links, quiet)
     finally:
+        if scratch is not None:
+            scratch.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password, root_pwhash,
-                    root_pypi, skip_types, hard_links, quiet):
+def _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_password,
+                    root_pwhash, root_pypi, skip_types, hard_links, quiet):
     building = tempfile.mkdtemp(prefix=".import-", dir=parent)
     told = []
     try:
         os.rmdir(building)
-        has_pypi = "root/pypi" in data["indexes"]
+        indexes = scratch.indexes()
+        has_pypi = "root/pypi" in indexes
         store, model = init_serverdir(
             building, root_password=root_password if root_pwhash is None else None,
             root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi,
             root_unusable=root_password is None and root_pwhash is None, audit=False)
         model.context.begin(command_line=True, quiet=True)  # (the dump's log, then one record)
         store.sync_each_blob = False  # 10,000 fsyncs cost more than the copying
-        needs_password, stale = _import_users(store, data["users"], root_password, root_pwhash,
-                                              own_export="minidevpi" in data)
-        if "root" in needs_password or ("root" not in data["users"] and root_password is None
+        needs_password, stale = _import_users(store, scratch.users(), root_password,
+                                              root_pwhash,
+                                              own_export=scratch.head("minidevpi") is not None)
+        if "root" in needs_password or (not scratch.has_user("root") and root_password is None
                                         and root_pwhash is None):
             # nobody could set passwords: give root a working one and say it once
             generated = secrets.token_urlsafe(12)
@@ -13691,10 +14152,11 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
                 needs_password.remove("root")
             told.append("root's password in the dump can't be checked here (or there was "
                         "none); root's new password (shown only now): %s" % generated)
-        nindexes = _import_indexes(store, model, dump, data["indexes"], root_pypi,
+        nindexes = _import_indexes(store, model, dump, scratch, indexes, root_pypi,
                                    skip_types, hard_links, notes, told,
                                    Progress("imported", nfiles, quiet))
-        _import_audit(store, model, dump, len(data["users"]), nindexes, told)
+        _import_audit(store, model, dump, scratch.count("users"), nindexes, told)
+        SearchIndex(store).fill()
         store.close()
         # everything copied and written is on disk before the server exists under its
         # name: one sync instead of one per file
@@ -13707,7 +14169,7 @@ def _import_checked(dump, data, serverdir, parent, notes, nfiles, root_password,
         shutil.rmtree(building, ignore_errors=True)
         raise
     told.insert(0, "imported %s and %s from %s into %s" % (
-        plural(len(data["users"]), "user"), plural(nindexes, "index", "indexes"), dump,
+        plural(scratch.count("users"), "user"), plural(nindexes, "index", "indexes"), dump,
         serverdir))
     if notes.get("no_links"):
         told.append(notes["no_links"])
@@ -13738,66 +14200,71 @@ def _import_audit(store, model, dump, nusers, nindexes, told):
 
 def _import_users(store, users, root_password, root_pwhash, own_export=False):
     """Returns (users who need a new password, users whose minidevpi hash was stale).
+    ``users``: (name, entry) by name.
 
     ``minidevpi_pwhash`` is used only while the devpi-side ``pwhash`` is still the one the
     export wrote beside it (``minidevpi_pwhash_for``): a password changed on the devpi side
     since then wins. Exports from before that fingerprint are trusted only as minidevpi
     wrote them (``own_export``), never after a trip through devpi."""
     needs, stale = [], []
-    with store.write() as c:
-        for name, u in sorted(users.items()):
-            own = u.get("minidevpi_pwhash")
-            if isinstance(own, str) and is_known_hash(own):
-                written_for = u.get("minidevpi_pwhash_for")
-                devpi_hash = u.get("pwhash") if isinstance(u.get("pwhash"), str) else ""
-                if written_for is None and own_export:
-                    fresh = True
+    for batch in _batches(users):
+        with store.write() as c:
+            for name, u in batch:
+                own = u.get("minidevpi_pwhash")
+                if isinstance(own, str) and is_known_hash(own):
+                    written_for = u.get("minidevpi_pwhash_for")
+                    devpi_hash = u.get("pwhash") if isinstance(u.get("pwhash"), str) else ""
+                    if written_for is None and own_export:
+                        fresh = True
+                    else:
+                        fresh = isinstance(written_for, str) and hmac.compare_digest(
+                            written_for, pwhash_fingerprint(devpi_hash)) and "pwsalt" not in u
+                    if not fresh:
+                        stale.append(name)
+                        own = None
+                if isinstance(own, str) and is_known_hash(own):
+                    pwhash = own
+                elif isinstance(u.get("pwsalt"), str) and isinstance(u.get("pwhash"), str):
+                    pwhash = legacy_devpi_hash(u["pwsalt"], u["pwhash"])
+                elif isinstance(u.get("pwhash"), str) and (is_known_hash(u["pwhash"])
+                                                           or u["pwhash"].startswith("$argon2")):
+                    pwhash = u["pwhash"]
                 else:
-                    fresh = isinstance(written_for, str) and hmac.compare_digest(
-                        written_for, pwhash_fingerprint(devpi_hash)) and "pwsalt" not in u
-                if not fresh:
-                    stale.append(name)
-                    own = None
-            if isinstance(own, str) and is_known_hash(own):
-                pwhash = own
-            elif isinstance(u.get("pwsalt"), str) and isinstance(u.get("pwhash"), str):
-                pwhash = legacy_devpi_hash(u["pwsalt"], u["pwhash"])
-            elif isinstance(u.get("pwhash"), str) and (is_known_hash(u["pwhash"])
-                                                       or u["pwhash"].startswith("$argon2")):
-                pwhash = u["pwhash"]
-            else:
-                pwhash = "!none"  # no password matches (devpi would give it the empty one)
-            if name == "root" and (root_password is not None or root_pwhash is not None):
-                # --root-passwd always gives root a working password
-                pwhash = c.execute("SELECT pwhash FROM users WHERE name='root'").fetchone()[0]
-            elif not is_known_hash(pwhash):
-                needs.append(name)
-            # profile fields, and any other key devpi kept (plugins'): they survive
-            config = {k: v for k, v in u.items() if k not in (
-                "pwhash", "pwsalt", "username", "created", "modified", "minidevpi_pwhash",
-                "minidevpi_pwhash_for", "password", "indexes")}
-            for k in SERVER_POLICY_KEYS:  # the server-wide rules: root's record only
-                if k in config and name != "root":
-                    del config[k]
-                elif k in config:
-                    try:
-                        config[k] = check_reserved_namespaces(config[k]) \
-                            if k == "reserved_namespaces" else check_policy_entries(k, config[k])
-                    except HTTPError as e:
-                        raise MinidevpiError("user root: %s" % e.message)
-            created = u.get("created") if isinstance(u.get("created"), str) \
-                else "1970-01-01T00:00:00Z"
-            modified = u.get("modified") if isinstance(u.get("modified"), str) else None
-            c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, modified) "
-                      "VALUES (?,?,?,?,?)", (name, pwhash, json.dumps(config), created, modified))
+                    pwhash = "!none"  # no password matches (devpi would give it the empty one)
+                if name == "root" and (root_password is not None or root_pwhash is not None):
+                    # --root-passwd always gives root a working password
+                    pwhash = c.execute(
+                        "SELECT pwhash FROM users WHERE name='root'").fetchone()[0]
+                elif not is_known_hash(pwhash):
+                    needs.append(name)
+                # profile fields, and any other key devpi kept (plugins'): they survive
+                config = {k: v for k, v in u.items() if k not in (
+                    "pwhash", "pwsalt", "username", "created", "modified", "minidevpi_pwhash",
+                    "minidevpi_pwhash_for", "password", "indexes")}
+                for k in SERVER_POLICY_KEYS:  # the server-wide rules: root's record only
+                    if k in config and name != "root":
+                        del config[k]
+                    elif k in config:
+                        try:
+                            config[k] = check_reserved_namespaces(config[k]) \
+                                if k == "reserved_namespaces" else check_policy_entries(
+                                    k, config[k])
+                        except HTTPError as e:
+                            raise MinidevpiError("user root: %s" % e.message)
+                created = u.get("created") if isinstance(u.get("created"), str) \
+                    else "1970-01-01T00:00:00Z"
+                modified = u.get("modified") if isinstance(u.get("modified"), str) else None
+                c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, "
+                          "modified) VALUES (?,?,?,?,?)",
+                          (name, pwhash, json.dumps(config), created, modified))
     return needs, stale
 
 
-def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_links, notes,
-                    told, progress):
+def _import_indexes(store, model, dump, scratch, indexes, root_pypi, skip_types, hard_links,
+                    notes, told, progress):
     """Returns how many indexes were imported (the skipped ones are said in ``told``)."""
     imported = 0
-    for path, ix in sorted(indexes.items()):
+    for path, (seq, ix) in sorted(indexes.items()):
         config = dict(ix["indexconfig"])
         if config["type"] in skip_types:
             told.append("skipped index %s of type %r" % (path, config["type"]))
@@ -13827,7 +14294,8 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
             config.setdefault(k, v)
         with store.write() as c:
             ix_id = store.insert_index(c, user, path.split("/", 1)[1], config)
-            _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress)
+        _import_releases(store, ix_id, path, seq, ix["indexconfig"]["type"] == "mirror",
+                         scratch, notes, progress)
         imported += 1
     # bases left out (skipped, or not in the export) would make the index unmodifiable
     with store.write() as c:
@@ -13844,83 +14312,100 @@ def _import_indexes(store, model, dump, indexes, root_pypi, skip_types, hard_lin
     return imported
 
 
-def _import_releases(store, c, ix_id, path, dump, ix, hard_links, notes, progress):
-    is_mirror = ix["indexconfig"]["type"] == "mirror"
-    version_ids = {}
-    for pname, versions in (ix.get("projects") or {}).items():
-        norm = normalize_name(pname)
-        for ver, vdata in versions.items():
-            display = vdata.get("name") or pname
-            row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
-                            (ix_id, norm)).fetchone()
-            pid = row["id"] if row else c.execute(
-                "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
-                (ix_id, norm, norm if is_mirror else display)).lastrowid
-            meta = {k: v for k, v in vdata.items() if k not in ("name", "version", "yanked")
-                    and not k.startswith("+") and k != ":action"}
-            yanked = vdata.get("yanked")
-            if yanked is True:
-                yanked = ""
-            elif yanked is False:
-                yanked = None
-            version = str(vdata.get("version") or ver)
-            vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, metadata, "
-                            "yanked, created) VALUES (?,?,?,?,?)",
-                            (pid, version, json.dumps(meta), yanked, time.time())).lastrowid
-            version_ids[(norm, str(ver))] = (vid, meta.get("requires_python", "") or "")
-    for f in ix.get("files") or []:
-        norm = normalize_name(f["projectname"])
-        version = _version_of(f)
-        if (norm, version) not in version_ids:
-            # a doc zip or tox result of an unregistered version: register it bare
-            pid = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
-                            (ix_id, norm)).fetchone()[0]
-            vid = c.execute("INSERT INTO versions (project_id, version, metadata, created) "
-                            "VALUES (?,?,?,?)", (pid, version, "{}", time.time())).lastrowid
-            version_ids[(norm, version)] = (vid, "")
-        vid, requires_python = version_ids[(norm, version)]
-        # read, hashed and copied once by check_dump (never through a link): the dump itself
-        # is not read again
-        sha, tmp = notes["staged"][f["relpath"]]
-        dest = store.blob_path(sha)
-        if not os.path.exists(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.replace(tmp, dest)
-        filename = os.path.basename(f["relpath"])
-        if f["type"] == "doczip":  # stored under the name an upload gives it
-            filename = "%s-%s.doc.zip" % (norm, version)
-        em = f.get("entrymapping") if isinstance(f.get("entrymapping"), dict) else {}
-        uploaded = _http_date_ts(em.get("last_modified")) or time.time()
-        log_list = f.get("log")
-        if not isinstance(log_list, list):
-            log_list = [{"what": "upload", "who": "<import>", "when": when_list(),
-                         "dst": path}]
-        if is_mirror:
-            log_list = [{"what": "mirror", "who": None, "when": when_list(uploaded),
-                         "src": em.get("url")}]
-        core = None
-        if filename.endswith(".whl") and f["type"] == "releasefile":
-            staged_core = notes.get("core", {}).get(f["relpath"])
-            if staged_core:
-                core, core_tmp = staged_core
-                core_dest = store.blob_path(core)
-                if not os.path.exists(core_dest):
-                    os.makedirs(os.path.dirname(core_dest), exist_ok=True)
-                    os.replace(core_tmp, core_dest)
-            elif staged_core is None:
-                try:
-                    meta_bytes = read_core_metadata(dest, filename)
-                except HTTPError:
-                    meta_bytes = None
-                core = store.put_bytes(meta_bytes) if meta_bytes else None
-        for_filename = None
-        if f["type"] == "toxresult":
-            for_filename = os.path.basename(f.get("for_entrypath") or "") or None
-        size = os.path.getsize(dest)
-        store.insert_file(c, ix_id, vid, filename, f["type"], sha, size, uploaded,
-                          requires_python if f["type"] == "releasefile" else "", core,
-                          for_filename, log_list, replace=True)
-        progress.add(size)
+def _import_releases(store, ix_id, path, seq, is_mirror, scratch, notes, progress):
+    """An index's projects, versions and files, from the scratch rows, IMPORT_BATCH rows a
+    transaction (the server being built is not anyone's yet: a failure removes it)."""
+    sc = scratch.c
+    for batch in _batches(scratch.versions(seq)):
+        with store.write() as c:
+            for pname, ver, vdata in batch:
+                if ver is None:
+                    continue  # (refused by check_dump)
+                norm = normalize_name(pname)
+                display = vdata.get("name") or pname
+                row = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                                (ix_id, norm)).fetchone()
+                pid = row["id"] if row else c.execute(
+                    "INSERT INTO projects (index_id, name, display) VALUES (?,?,?)",
+                    (ix_id, norm, norm if is_mirror else display)).lastrowid
+                meta = {k: v for k, v in vdata.items() if k not in (
+                    "name", "version", "yanked") and not k.startswith("+")
+                    and k != ":action"}
+                yanked = vdata.get("yanked")
+                if yanked is True:
+                    yanked = ""
+                elif yanked is False:
+                    yanked = None
+                version = str(vdata.get("version") or ver)
+                vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, "
+                                "metadata, yanked, created) VALUES (?,?,?,?,?)",
+                                (pid, version, json.dumps(meta), yanked,
+                                 time.time())).lastrowid
+                sc.execute("INSERT OR REPLACE INTO vids VALUES (?,?,?,?,?)",
+                           (seq, norm, str(ver), vid, meta.get("requires_python", "") or ""))
+    for batch in _batches(scratch.files(seq)):
+        with store.write() as c:
+            for f in batch:
+                _import_file(store, c, ix_id, path, seq, is_mirror, sc, f, progress)
+
+
+def _import_file(store, c, ix_id, path, seq, is_mirror, sc, f, progress):
+    norm = normalize_name(f["projectname"])
+    version = _version_of(f)
+    row = sc.execute("SELECT vid, rp FROM vids WHERE ix=? AND norm=? AND ver=?",
+                     (seq, norm, version)).fetchone()
+    if row is None:
+        # a doc zip or tox result of an unregistered version: register it bare
+        pid = c.execute("SELECT id FROM projects WHERE index_id=? AND name=?",
+                        (ix_id, norm)).fetchone()[0]
+        vid = c.execute("INSERT INTO versions (project_id, version, metadata, created) "
+                        "VALUES (?,?,?,?)", (pid, version, "{}", time.time())).lastrowid
+        sc.execute("INSERT INTO vids VALUES (?,?,?,?,?)", (seq, norm, version, vid, ""))
+        row = (vid, "")
+    vid, requires_python = row
+    # read, hashed and copied once by check_dump (never through a link): the dump itself
+    # is not read again
+    sha, tmp, core, core_tmp, core_none = sc.execute(
+        "SELECT sha, dest, core, core_path, core_none FROM staged WHERE rel=?",
+        (f["relpath"],)).fetchone()
+    dest = store.blob_path(sha)
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(tmp, dest)
+    filename = os.path.basename(f["relpath"])
+    if f["type"] == "doczip":  # stored under the name an upload gives it
+        filename = "%s-%s.doc.zip" % (norm, version)
+    em = f.get("entrymapping") if isinstance(f.get("entrymapping"), dict) else {}
+    uploaded = _http_date_ts(em.get("last_modified")) or time.time()
+    log_list = f.get("log")
+    if not isinstance(log_list, list):
+        log_list = [{"what": "upload", "who": "<import>", "when": when_list(),
+                     "dst": path}]
+    if is_mirror:
+        log_list = [{"what": "mirror", "who": None, "when": when_list(uploaded),
+                     "src": em.get("url")}]
+    meta_sha = None
+    if filename.endswith(".whl") and f["type"] == "releasefile":
+        if core:
+            meta_sha = core
+            core_dest = store.blob_path(core)
+            if not os.path.exists(core_dest):
+                os.makedirs(os.path.dirname(core_dest), exist_ok=True)
+                os.replace(core_tmp, core_dest)
+        elif not core_none:
+            try:
+                meta_bytes = read_core_metadata(dest, filename)
+            except HTTPError:
+                meta_bytes = None
+            meta_sha = store.put_bytes(meta_bytes) if meta_bytes else None
+    for_filename = None
+    if f["type"] == "toxresult":
+        for_filename = os.path.basename(f.get("for_entrypath") or "") or None
+    size = os.path.getsize(dest)
+    store.insert_file(c, ix_id, vid, filename, f["type"], sha, size, uploaded,
+                      requires_python if f["type"] == "releasefile" else "", meta_sha,
+                      for_filename, log_list, replace=True)
+    progress.add(size)
 
 
 # ===================================================================================

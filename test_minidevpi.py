@@ -12166,6 +12166,146 @@ def test_doc_zip_export_layout_and_import_keep_the_docs(tmp_path, make_server):
 # ----------------------------------------------------------------------------------
 
 
+def write_scale_dump(directory, projects, versions=3, description=2000):
+    """A dump of ``projects`` x ``versions`` x one tiny sdist each, with descriptions,
+    written as it goes (as devpi-export writes one)."""
+    os.makedirs(str(directory))
+    files = []
+    with open(os.path.join(str(directory), "dataindex.json"), "w") as out:
+        out.write('{"dumpversion": "2", "users": {"alice": {"username": "alice"}}, "indexes": '
+                  '{"alice/dev": {"indexconfig": {"type": "stage", "bases": []}, '
+                  '"projects": {')
+        for p in range(projects):
+            name = "pkg%06d" % p
+            vers = {}
+            for v in range(versions):
+                ver = "1.%d" % v
+                vers[ver] = {"name": name, "version": ver, "summary": "project %d" % p,
+                             "description": ("word%d " % p) * (description // 10)}
+                rel = "alice/dev/%s/%s/%s-%s.tar.gz" % (name, ver, name, ver)
+                data = ("%s %s" % (name, ver)).encode()
+                path = os.path.join(str(directory), *rel.split("/"))
+                os.makedirs(os.path.dirname(path))
+                with open(path, "wb") as f:
+                    f.write(data)
+                files.append({"type": "releasefile", "projectname": name, "version": ver,
+                              "relpath": rel, "entrymapping": {
+                                  "hash_spec": "sha256=" + hashlib.sha256(data).hexdigest()}})
+            out.write((", " if p else "") + json.dumps(name) + ": " + json.dumps(vers))
+        out.write('}, "files": %s}}}' % json.dumps(files))
+
+
+def peak_rss_kb(*args):
+    """Run minidevpi.py with ``args`` in a new process; (its peak RSS in KiB, its output).
+    Linux's VmHWM: ru_maxrss would count the memory of the process that started it."""
+    code = ("import re, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nwith open('/proc/self/status') as f:\n"
+            "    print('peak', re.search(r'VmHWM:\\s*(\\d+) kB', f.read()).group(1))\n")
+    out = run([sys.executable, "-c", code, SCRIPT, *args], timeout=300)[1]
+    return int(re.search(r"(?m)^peak (\d+)$", out).group(1)), out
+
+
+def test_import_and_export_memory_does_not_grow_with_the_projects(tmp_path, make_server):
+    """Import and export stream: ten times the projects (200 and 2,000 x 3 versions, 2 kB
+    descriptions) cost them no more memory than a few MB (the code that held the whole
+    dump grew by 33 MB on import and 44 MB on export from 300 to 3,000 projects). The
+    server imported starts with its search rows in step."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak memory is read from Linux's /proc")
+    peaks = {}
+    for n in (200, 2000):
+        write_scale_dump(tmp_path / ("dump%d" % n), n)
+        peaks["import", n], out = peak_rss_kb(
+            "import", "-q", str(tmp_path / ("dump%d" % n)), "--serverdir",
+            str(tmp_path / ("srv%d" % n)), "--no-root-pypi")
+        assert "imported 1 user and 1 index" in out, out
+        peaks["export", n], out = peak_rss_kb(
+            "export", "-q", str(tmp_path / ("back%d" % n)), "--serverdir",
+            str(tmp_path / ("srv%d" % n)))
+        assert "1 index, %d files" % (3 * n) in out, out
+    for what in ("import", "export"):
+        grew = peaks[what, 2000] - peaks[what, 200]
+        assert grew < 8 * 1024, (what, peaks)
+    back = dump_json(tmp_path / "back2000")["indexes"]["alice/dev"]
+    assert len(back["projects"]) == 2000 and len(back["files"]) == 6000
+    assert back["projects"]["pkg001999"]["1.2"]["summary"] == "project 1999"
+    with make_server(tmp_path / "srv2000") as srv:
+        found = api(srv.url, path="/+search?q=word1234").json()["result"]
+        assert [(r["name"], r["version"]) for r in found] == [("pkg001234", "1.2")], found
+        page = http(srv.url, path="/alice/dev/+simple/pkg001999/",
+                    headers={"Accept": simple_accept("json")}).json()
+        assert sorted(f["filename"] for f in page["files"]) == [
+            "pkg001999-1.%d.tar.gz" % v for v in range(3)], page
+
+
+def test_import_refuses_hostile_json_saying_where_and_writes_nothing(tmp_path, monkeypatch):
+    """dataindex.json is read as a stream and trusted in nothing: cut short, nested too
+    deep, a value too large, not UTF-8, extra data, a duplicate name, and the wrong type
+    at each level are each refused with a message that says where, and no server is made."""
+    good = {"dumpversion": "2", "users": {"alice": {"username": "alice"}},
+            "indexes": {"alice/dev": {"indexconfig": {"type": "stage"}, "projects": {
+                "pkg": {"1.0": {"name": "pkg", "version": "1.0"}}}, "files": []}}}
+    text = json.dumps(good)
+
+    def changed(**at):
+        d = json.loads(text)
+        for path, value in at.items():
+            node = d
+            keys = path.split(".")
+            for k in keys[:-1]:
+                node = node[k.replace("_", "/")]
+            node[keys[-1].replace("_", "/")] = value
+        return json.dumps(d)
+
+    monkeypatch.setattr(minidevpi, "DUMP_VALUE_MAX", 1024 * 1024)
+    monkeypatch.setattr(minidevpi, "DUMP_CHUNK", 4096)
+    cases = {
+        "cut": (text[:-30], ("ends too early", "(at indexes/alice/dev/projects/pkg/1.0,")),
+        "deep": (text.replace('{"username": "alice"}', "[" * 100000 + "]" * 100000),
+                 "nested too deeply (at users/alice"),
+        "huge": (changed(**{"indexes.alice_dev.projects": {"pkg": {"1.0": {
+            "name": "pkg", "summary": "x" * (3 * 1024 * 1024)}}}}),
+                 "a value larger than 1 MB, more than any entry of a dump needs (at "
+                 "indexes/alice/dev/projects/pkg"),
+        "utf8": (text.replace("alice", "al\udcffice"), "not UTF-8"),
+        "extra": (text + " {}", "extra data after the document"),
+        "key": (text.replace('"users": {"alice"', '"users": {1'), "a key that is not a "
+                "string (at users"),
+        "twice": (text.replace('"projects": {"pkg": {"1.0": {"name": "pkg", "version": '
+                               '"1.0"}}}', '"projects": {"pkg": {}, "pkg": {}}'),
+                  "'pkg' appears twice"),
+        "version twice": (text.replace('"version": "1.0"}}', '"version": "1.0"}, "1.0": {}}'),
+                          "project 'pkg' version '1.0' appears twice"),
+        "top": ("[]", "is not a JSON object"),
+        "users": (changed(users=[]), "needs 'users' and 'indexes' objects"),
+        "user": (changed(**{"users.alice": "alice"}), "user 'alice': not an object"),
+        "index": (changed(**{"indexes.alice_dev": []}), "index 'alice/dev': no indexconfig"),
+        "projects": (changed(**{"indexes.alice_dev.projects": []}),
+                     "'projects' is not an object"),
+        "versions": (changed(**{"indexes.alice_dev.projects": {"pkg": []}}),
+                     "alice/dev/pkg: versions are not an object"),
+        "files": (changed(**{"indexes.alice_dev.files": {}}), "'files' is not a list"),
+        "file": (changed(**{"indexes.alice_dev.files": [7]}),
+                 "a file entry without type/projectname/relpath"),
+    }
+    for name, (body, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "dataindex.json").write_bytes(body.encode("utf-8", "surrogateescape"))
+        target = tmp_path / ("srv-" + name)
+        with pytest.raises(minidevpi.MinidevpiError) as e:
+            minidevpi.import_server(str(d), str(target), quiet=True)
+        for part in (message,) if isinstance(message, str) else message:
+            assert part in str(e.value), (name, str(e.value)[:500])
+        assert not target.exists(), name
+        assert not [p for p in os.listdir(str(tmp_path)) if p.startswith(".import")], name
+    (tmp_path / "fine").mkdir()
+    (tmp_path / "fine" / "dataindex.json").write_text(text)
+    minidevpi.import_server(str(tmp_path / "fine"), str(tmp_path / "srv-fine"), quiet=True)
+    assert (tmp_path / "srv-fine").is_dir()
+
+
 def port_is_free(port):
     """Could a server listen on ``port`` again (as servers do, with SO_REUSEADDR)?"""
     s = socket.socket()

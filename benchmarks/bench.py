@@ -938,6 +938,160 @@ def run_export_import(cfg, R, problems):
 
 
 # ----------------------------------------------------------------------------------
+# Scale: N projects x 3 versions x 2 files through import, export and a start
+# ----------------------------------------------------------------------------------
+
+SCALE_NS = (1000, 10000, 100000)
+PEAK_WRAPPER = ("import re, runpy, sys\nsys.argv = sys.argv[1:]\ncode = 0\ntry:\n"
+                "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                "except SystemExit as e:\n    code = e.code or 0\n"
+                "with open('/proc/self/status') as f:\n"
+                "    sys.stderr.write('\\nVmHWM %s\\n' % re.search(r'VmHWM:\\s*(\\d+)', "
+                "f.read()).group(1))\nsys.exit(code)\n")
+
+
+def write_scale_dump(directory, n, versions=3):
+    """A devpi-format dump of ``n`` projects x ``versions`` x a wheel and an sdist, written
+    entry by entry (the file list goes to a side file first: nothing grows with ``n``)."""
+    os.makedirs(directory)
+    side = os.path.join(directory, ".files.json")
+    with open(os.path.join(directory, "dataindex.json"), "w") as out, open(side, "w") as fl:
+        out.write('{"dumpversion": "2", "pythonversion": [3, 11, 0, "final", 0], "users": '
+                  '{"root": {"username": "root"}, "%s": {"username": "%s"}}, "indexes": '
+                  '{"%s/%s": {"indexconfig": {"type": "stage", "bases": [], "volatile": true, '
+                  '"acl_upload": ["%s"]}, "projects": {' % (USER, USER, USER, INDEX, USER))
+        first = True
+        for p in range(n):
+            name = "scale%07d" % p
+            vers = {}
+            for v in range(versions):
+                ver = "1.%d" % v
+                vers[ver] = {"name": name, "version": ver,
+                             "summary": "minidevpi scale benchmark project %d" % p}
+                for fn, data, _kind, _pyv in (make_wheel(name, ver), make_sdist(name, ver)):
+                    rel = "%s/%s/%s/%s/%s" % (USER, INDEX, name, ver, fn)
+                    path = os.path.join(directory, *rel.split("/"))
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+                    sha = hashlib.sha256(data).hexdigest()
+                    fl.write(("" if first else ", ") + json.dumps({
+                        "type": "releasefile", "projectname": name, "version": ver,
+                        "relpath": rel, "entrymapping": {
+                            "last_modified": "Mon, 01 Jan 2024 00:00:00 GMT",
+                            "hash_spec": "sha256=" + sha, "hashes": {"sha256": sha}},
+                        "log": []}))
+                    first = False
+            out.write((", " if p else "") + json.dumps(name) + ": " + json.dumps(vers))
+        out.write('}, "files": [')
+        fl.close()
+        with open(side) as f:
+            shutil.copyfileobj(f, out)
+        out.write("]}}}")
+    os.unlink(side)
+
+
+def timed_peak(cmd, what):
+    """Run a Python script's command line under the VmHWM wrapper: (seconds, peak MB)."""
+    t0 = time.monotonic()
+    r = subprocess.run([cmd[0], "-c", PEAK_WRAPPER] + cmd[1:], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    secs = time.monotonic() - t0
+    out = r.stdout.decode(errors="replace")
+    if r.returncode:
+        raise RuntimeError("%s failed: %s" % (what, out[-1500:]))
+    return secs, int(re.findall(r"VmHWM (\d+)", out)[-1]) / 1024.0
+
+
+def scale_pages(t, n, runs):
+    """p50 of the JSON index listing, the simple root and a project's simple page."""
+    name = "scale%07d" % (n // 2)
+    out = {}
+    for key, path, headers in (
+            ("list_json", "/%s/%s" % (USER, INDEX), {"Accept": "application/json"}),
+            ("simple_root", "/%s/%s/+simple/" % (USER, INDEX), None),
+            ("project", "/%s/%s/+simple/%s/" % (USER, INDEX, name), None)):
+        secs, bad = latency(t.port, path, runs, headers)
+        out[key] = secs if not bad else None
+    return out
+
+
+def run_scale_one(t, n, dump, script, runs):
+    """Import ``dump`` into ``t``'s directory, export it, start, measure; a dict of figures."""
+    R = {}
+    t.dir = mkdtemp("bench-scale-%s-" % t.name)
+    if isinstance(t, DevpiServer):
+        R["import"], R["import_mb"] = timed_peak(
+            [t.python, t.bin("devpi-import"), "--serverdir", t.serverdir(), "--no-root-pypi",
+             "--root-passwd", "pw", "--no-events", dump], "devpi-import")
+        export = [t.python, t.bin("devpi-export"), "--serverdir", t.serverdir()]
+    else:
+        R["import"], R["import_mb"] = timed_peak(
+            [sys.executable, script, "import", "-q", "--no-root-pypi", "--root-passwd", "pw",
+             dump, "--serverdir", t.serverdir()], "minidevpi import")
+        export = [sys.executable, script, "export", "-q", "--serverdir", t.serverdir()]
+    R["export"], R["export_mb"] = timed_peak(export + [os.path.join(t.dir, "export")],
+                                             "%s export" % t.name)
+    shutil.rmtree(os.path.join(t.dir, "export"))
+    R["start"] = t.start(fresh=False)
+    R["start_mb"] = vm_hwm_mb(t.proc.pid)
+    R.update(scale_pages(t, n, runs))
+    t.stop()
+    R["start2"] = t.start(fresh=False)  # (the first start after an import may derive things)
+    t.discard()
+    return R
+
+
+def run_scale(args):
+    ns = list(SCALE_NS) + ([1000000] if args.scale_million else [])
+    if args.scale_ns:
+        ns = [int(x) for x in args.scale_ns.split(",")]
+    script = os.path.abspath(args.minidevpi or MINIDEVPI)
+    peer = None
+    if os.access(os.path.join(os.path.dirname(args.peers_python), "devpi-server"), os.X_OK):
+        peer = args.peers_python
+    rows = []
+    for n in ns:
+        top = mkdtemp("bench-scale-dump-")
+        dump = os.path.join(top, "dump")
+        t0 = time.monotonic()
+        write_scale_dump(dump, n)
+        say("N=%d: dump of %d files written in %.0fs" % (n, 6 * n, time.monotonic() - t0))
+        targets = [Minidevpi(None)]
+        if peer and n <= args.scale_peer_max:
+            targets.append(DevpiServer(peer))
+        for t in targets:
+            try:
+                R = run_scale_one(t, n, dump, script, 20 if n < 100000 else 10)
+            except Exception as e:
+                say("  %s at N=%d aborted: %s" % (t.name, n, e))
+                t.discard()
+                continue
+            R.update(name=t.name, n=n)
+            rows.append(R)
+            say("  %s: %s" % (t.name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in R.items()})))
+        shutil.rmtree(top, ignore_errors=True)
+        TMPDIRS.remove(top)
+    print()
+    print("scale: N projects x 3 versions x 2 files, %d CPUs, Python %s (a shared machine: "
+          "figures are noisy)" % (os.cpu_count(), sys.version.split()[0]))
+    print("| N | server | import | import peak | export | export peak | start to first "
+          "answer | again | JSON listing p50 | /+simple/ p50 | project page p50 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ms = lambda v: "-" if v is None else "%.1f ms" % (v * 1000)
+    for R in rows:
+        print("| %s | %s | %.1f s | %.0f MB | %.1f s | %.0f MB | %.2f s | %.2f s | %s | %s | %s |"
+              % ("{:,}".format(R["n"]), R["name"], R["import"], R["import_mb"], R["export"],
+                 R["export_mb"], R["start"], R["start2"], ms(R["list_json"]),
+                 ms(R["simple_root"]), ms(R["project"])))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scale": rows}, f, indent=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
 
@@ -1929,7 +2083,24 @@ def main(argv=None):
     g.add_argument("--real-only", action="store_true",
                    help="with --real-upstream: only that part, --rounds interleaved rounds "
                         "(no fake upstream)")
+    g = ap.add_argument_group("scale scenario (--scale runs only it)")
+    g.add_argument("--scale", action="store_true",
+                   help="N = 1,000, 10,000, 100,000 projects x 3 versions x 2 files: import, "
+                        "export (time, peak memory), start to first answer, page latencies; "
+                        "devpi-server beside it up to --scale-peer-max")
+    g.add_argument("--scale-million", action="store_true",
+                   help="with --scale: also N = 1,000,000 (hours, and ~30 GB of disk)")
+    g.add_argument("--scale-ns", metavar="N,N", help="with --scale: these N instead")
+    g.add_argument("--scale-peer-max", type=int, default=10000, metavar="N",
+                   help="the largest N devpi-server is run at (default 10,000)")
     args = ap.parse_args(argv)
+    if args.scale:
+        try:
+            return run_scale(args)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            cleanup()
     if args.real_only:
         if not args.real_upstream:
             ap.error("--real-only needs --real-upstream")
