@@ -10,9 +10,17 @@ files, then measures over one kept-alive connection, without rules and with many
 namespaces, none of which matches ``pkg``): a cached simple page, a page built afresh
 after a release of it changed and after a config change (which compiles the rules
 again), a file, and the index's project list. Prints medians.
+
+Then the rules that act on a mirror and on writes, on a second server: an offline mirror
+keeping 10,000 files, measured without and with upstream changes noted (a replaced file
+noted for every tenth project, the ones asked: what no silent substitution and following
+upstream deletions read), and uploads into the first server's index, each of which writes
+an audit record, remembers its file's first hash and checks for `Private ::` classifiers,
+with the audit log read back filtered by project.
 """
 import argparse
 import base64
+import hashlib
 import http.client
 import io
 import json
@@ -130,8 +138,81 @@ def main():
                                       % args.projects)):
                 print("%-28s %12.3f %12.3f" % (what, results["no rules"][i],
                                                results["rules"][i]))
+            uploads = []
+            for i in range(max(20, args.rounds // 20)):
+                path = wheel(tmp, "fresh_%d" % i, "1.0")
+                t = time.perf_counter()
+                srv.upload("alice/dev", path)
+                uploads.append(time.perf_counter() - t)
+            audit = timed(conn, "/+audit?project=fresh-7", max(50, args.rounds // 20),
+                          dict(ROOT, Accept="application/x-ndjson"))
+            print("%-28s %12.3f   (audit record, first hash, Private check; through "
+                  "Server.upload)" % ("upload of a wheel", statistics.median(uploads) * 1000))
+            print("%-28s %12.3f   (%d records)" % ("/+audit?project=NAME", audit,
+                                                 m.store.conn().execute(
+                                                     "SELECT COUNT(*) FROM audit").fetchone()[0]))
+        mirror_part(tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def mirror_part(tmp, args):
+    """A mirror keeping ``--projects`` files (offline): a page built, a cached page and a
+    kept file, without and then with upstream changes noted for the projects asked."""
+    with minidevpi.Server(os.path.join(tmp, "mirror"), root_password="rootpw",
+                          offline=True) as srv:
+        m = srv.model
+        m.store.sync_each_blob = False
+        ix = m.require_index("root/pypi")
+        kept = []
+        t = time.perf_counter()
+        for i in range(args.projects):
+            name = "proj%05d" % i
+            fn = "%s-1.0-py3-none-any.whl" % name
+            data = b"x" * 200 + name.encode()
+            sha = hashlib.sha256(data).hexdigest()
+            f, path = m.store.new_tmp()
+            with f:
+                f.write(data)
+            m.add_file(None, ix, name, "1.0", fn, path, sha, len(data), {}, uploaded=1.7e9,
+                       log_entry={"what": "mirror", "who": None,
+                                  "when": [2024, 1, 1, 0, 0, 0]}, as_listed=True)
+            kept.append((name, fn, sha))
+        print("kept %d mirrored files in %.1f s" % (args.projects, time.perf_counter() - t))
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port)
+        simple = {"Accept": "application/vnd.pypi.simple.v1+json"}
+        results = {}
+        asked = kept[::10]
+        for mode in ("no changes", "changes noted"):
+            if mode == "changes noted":
+                with m.store.write() as c:
+                    for name, fn, sha in asked:
+                        c.execute("INSERT INTO upstream_changes VALUES (?,?,?,?,?,?)",
+                                  (ix.id, name, fn, "replaced", time.time(), "0" * 64))
+            half = asked[:len(asked) // 2] if mode == "no changes" else asked[len(asked) // 2:]
+            pages = ["/root/pypi/+simple/%s/" % n for n, _f, _s in half]
+            results[mode] = (
+                timed_each(conn, pages, simple), timed_each(conn, pages, simple),
+                timed_each(conn, ["/" + minidevpi.file_relpath("root/pypi", sha, fn)
+                                  for _n, fn, sha in half], {}))
+        print("%-28s %12s %12s" % ("mirror, median, ms", "no changes", "changes noted"))
+        for i, what in enumerate(("simple page, first built", "simple page (cached)",
+                                  "kept file (+f/)")):
+            print("%-28s %12.3f %12.3f" % (what, results["no changes"][i],
+                                           results["changes noted"][i]))
+
+
+def timed_each(conn, paths, headers):
+    """The median in ms of one GET of each path."""
+    times = []
+    for path in paths:
+        t = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        times.append(time.perf_counter() - t)
+        assert r.status == 200, (path, r.status)
+    return statistics.median(times) * 1000
 
 
 if __name__ == "__main__":
