@@ -6001,11 +6001,11 @@ class Model:
         index a release shadows; and one walk never serves two hashes for one name (the
         first index of the chain that has it gives it). None when nothing refuses it."""
         bases = {b.id for b in self.resolve_bases(ix)[1:] if b.is_mirror}
+        # (a mirror's kept files never change bytes: first_hashes holds every one of them,
+        # found by its index on the name, where the files table has none)
         for index_id, other in c.execute(
                 "SELECT index_id, sha256 FROM first_hashes WHERE filename=? AND sha256<>? "
-                "AND index_id<>? UNION SELECT index_id, sha256 FROM files WHERE filename=? "
-                "AND sha256<>? AND index_id<>? AND rel='releasefile'",
-                (filename, sha256, ix.id) * 2).fetchall():
+                "AND index_id<>?", (filename, sha256, ix.id)).fetchall():
             b = self.index_by_id(c, index_id)
             if b is not None and (b.id in bases or (b.is_mirror and b.user == "root")):
                 return HTTPError(409, "%s was kept on %s with other bytes (sha256 %s...) than "
