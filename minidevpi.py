@@ -4567,11 +4567,12 @@ class ListingFilter:
     the project's own page judges it (BaseWalk.policy_refusal), but by name alone: set
     lookups and a prefix test, whatever the number of rules."""
 
-    __slots__ = ("server", "judges")
+    __slots__ = ("server", "judges", "_keys")
 
     def __init__(self, server, judges):
         self.server = server
         self.judges = judges  # per index of the chain: (blocked, [allowed], mirror path)
+        self._keys = {}
 
     def keeps(self, rank, norm):
         """Whether the list shows ``norm`` held by the ``rank``-th index of the chain."""
@@ -4586,11 +4587,15 @@ class ListingFilter:
     def key(self, rank=0):
         """A digest of what the ``rank``-th index's judge leaves out (a list written to a
         file is written again when it changes: Mirror.root_listing)."""
-        blocked, allows, mirror = self.judges[rank]
-        reserved = sorted((p, sorted(o)) for p, o in self.server.reserved.items()) \
-            if mirror is not None else []
-        return hashlib.sha256(json.dumps([sorted(blocked), [sorted(a) for a in allows],
-                                          reserved, mirror]).encode()).hexdigest()
+        got = self._keys.get(rank)
+        if got is None:
+            blocked, allows, mirror = self.judges[rank]
+            reserved = sorted((p, sorted(o)) for p, o in self.server.reserved.items()) \
+                if mirror is not None else []
+            got = self._keys[rank] = hashlib.sha256(json.dumps(
+                [sorted(blocked), [sorted(a) for a in allows], reserved, mirror]
+            ).encode()).hexdigest()
+        return got
 
 
 def reserved_message(what, norm, prefix, owners, where):
@@ -5175,6 +5180,7 @@ class Model:
         self.store = store
         self._index_cache = {}
         self._server_policy = None
+        self._listing_filters = {}  # chain's index ids -> ListingFilter or None
         self.accounts = Accounts(store)
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
@@ -5219,6 +5225,7 @@ class Model:
             if config:
                 self._index_cache = {}
                 self._server_policy = None
+                self._listing_filters = {}
             for fn in self._change_listeners:
                 fn(config, project_set, projects, kept)
         self.store.after_commit(tell)
@@ -5568,7 +5575,17 @@ class Model:
 
     def listing_filter(self, chain):
         """The ListingFilter of a project list through ``chain`` (its first index's), or
-        None when no rule leaves a name out of it."""
+        None when no rule leaves a name out of it; made once per config change."""
+        ids = tuple(b.id for b in chain)
+        got = self._listing_filters.get(ids, False)
+        if got is False:
+            got = self._listing_filter(chain)
+            if len(self._listing_filters) > 1000:
+                self._listing_filters = {}
+            self._listing_filters[ids] = got
+        return got
+
+    def _listing_filter(self, chain):
         server = self.server_policy()
         policies = self.policies_at(chain)
         judges = []
@@ -8086,6 +8103,7 @@ class Mirror:
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
+        self._root_keys = {}  # index id -> the rules key its project list file has
         self._parsed = {}  # (index id, project) -> (files column, its entries), see _entries
         # (index id, project) -> when upstream said it has no such project (404): the
         # last NEGATIVE_KEPT, each valid for the index's mirror_cache_expiry
@@ -8109,6 +8127,7 @@ class Mirror:
         for cache in (self._fresh, self._failed, self._parsed):
             for key in [k for k in cache if k[0] == index_id]:
                 cache.pop(key, None)
+        self._root_keys.pop(index_id, None)
         shutil.rmtree(os.path.join(self.store.serverdir, "+mirror", str(index_id)),
                       ignore_errors=True)
 
@@ -8787,9 +8806,10 @@ class Mirror:
             with self.single_flight(("root", ix.id)):
                 if not os.path.exists(path):  # (fetched meanwhile by the one before us?)
                     self._fetch_root(ix, d)
-        elif _root_rules_key(d) != key:  # a rule changed: written again from the names
+        elif self._root_key(ix, d) != key:  # a rule changed: written again from the names
             with self.single_flight(("root", ix.id)):
-                if _root_rules_key(d) != key:
+                self._root_keys.pop(ix.id, None)
+                if self._root_key(ix, d) != key:
                     try:
                         with open(os.path.join(d, "root.names"), encoding="utf-8") as f:
                             _write_root_listing(self.store, d, _root_name_batches(f),
@@ -8798,6 +8818,7 @@ class Mirror:
                         if self.offline:
                             return None
                         self._fetch_root(ix, d)
+                    self._root_keys.pop(ix.id, None)
         elif age > self._expiry(ix) and not self.offline and ix.id not in self._root_refreshing:
             self._root_refreshing.add(ix.id)
 
@@ -8813,6 +8834,14 @@ class Mirror:
                     self._root_refreshing.discard(ix.id)
             threading.Thread(target=refresh, daemon=True).start()
         return path, path + ".gz"
+
+    def _root_key(self, ix, d):
+        """The rules key the project list file of the mirror ``ix`` was written with (read
+        from it once, not at every request)."""
+        key = self._root_keys.get(ix.id)
+        if key is None:
+            key = self._root_keys[ix.id] = _root_rules_key(d)
+        return key
 
     def _fetch_root(self, ix, d):
         """Fetch upstream's project list and write it as HTML and JSON, each also gzipped,
@@ -8836,6 +8865,7 @@ class Mirror:
                                     % (_safe_url(url), ctype))
             os.makedirs(d, exist_ok=True)
             _write_root_listing(self.store, d, names, self.model.listing_filter([ix]))
+            self._root_keys.pop(ix.id, None)
         finally:
             conn.close()
 
