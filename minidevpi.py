@@ -4483,7 +4483,7 @@ class Policy:
     project's (``rules``): a walk pays for the rules of its project, not for the list."""
 
     __slots__ = ("source", "_entries", "_patterns", "_compiled", "_lists", "reserved",
-                 "_whole", "given")
+                 "_whole", "given", "_heads")
 
     def __init__(self, source, config):
         self.source = source
@@ -4506,6 +4506,8 @@ class Policy:
         for entry in config.get("reserved_namespaces") or ():
             prefix, _, path = entry.partition("=")
             self.reserved.setdefault(prefix, []).append(path)
+        # the first dash-separated part of each prefix: most names start with none of them
+        self._heads = frozenset(p.partition("-")[0] for p in self.reserved)
 
     def __bool__(self):
         return bool(self._lists)
@@ -4550,7 +4552,7 @@ class Policy:
     def reserved_for(self, norm):
         """(prefix, [index path, ...]) of the reserved namespace ``norm`` is in, or None:
         a prefix reserves itself and every name that starts with it and a dash."""
-        if self.reserved:
+        if self.reserved and norm.partition("-")[0] in self._heads:
             parts = norm.split("-")
             for i in range(1, len(parts) + 1):
                 owners = self.reserved.get("-".join(parts[:i]))
