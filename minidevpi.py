@@ -4482,10 +4482,14 @@ class Policy:
     project name when the config is read and compiled when a walk first asks for the
     project's (``rules``): a walk pays for the rules of its project, not for the list."""
 
-    __slots__ = ("source", "_entries", "_patterns", "_compiled", "_lists", "reserved")
+    __slots__ = ("source", "_entries", "_patterns", "_compiled", "_lists", "reserved",
+                 "_whole", "given", "_heads")
 
     def __init__(self, source, config):
         self.source = source
+        self._whole = None
+        # the entries as stored, per list (what /+status shows of the server-wide ones)
+        self.given = {k: list(config.get(k) or ()) for k in SERVER_POLICY_KEYS}
         self._entries = {}   # (key, name) -> [entry]: the stored entries are clean
         self._patterns = {}  # key -> [PolicyRule] of the file name patterns
         self._compiled = {}  # (key, name) -> [PolicyRule]
@@ -4502,6 +4506,8 @@ class Policy:
         for entry in config.get("reserved_namespaces") or ():
             prefix, _, path = entry.partition("=")
             self.reserved.setdefault(prefix, []).append(path)
+        # the first dash-separated part of each prefix: most names start with none of them
+        self._heads = frozenset(p.partition("-")[0] for p in self.reserved)
 
     def __bool__(self):
         return bool(self._lists)
@@ -4521,16 +4527,77 @@ class Policy:
             self._compiled[(key, norm)] = got
         return got
 
+    def whole(self):
+        """(the names its block list blocks as a whole: a plain name entry; the names its
+        allow list lets through judged by name alone, or None when it has no allow list
+        or one with a file name pattern, which judges files, not names): what a project
+        list leaves out by name (Model.listing_filter), worked out once per Policy."""
+        got = self._whole
+        if got is None:
+            blocked = frozenset(n for (k, n), es in self._entries.items()
+                                if k == "block" and n in es)
+            allowed = None
+            if self.has("allow") and not self._patterns.get("allow"):
+                allowed = frozenset(n for (k, n) in self._entries if k == "allow")
+            got = self._whole = (blocked, allowed)
+        return got
+
+    def reserved_against(self, norm, path):
+        """(prefix, [index path, ...]) when ``norm`` is in a namespace reserved for other
+        indexes than the one at ``path`` (which then neither takes nor mirrors it), or
+        None."""
+        reserved = self.reserved_for(norm)
+        return reserved if reserved is not None and path not in reserved[1] else None
+
     def reserved_for(self, norm):
         """(prefix, [index path, ...]) of the reserved namespace ``norm`` is in, or None:
         a prefix reserves itself and every name that starts with it and a dash."""
-        if self.reserved:
+        if self.reserved and norm.partition("-")[0] in self._heads:
             parts = norm.split("-")
             for i in range(1, len(parts) + 1):
                 owners = self.reserved.get("-".join(parts[:i]))
                 if owners is not None:
                     return "-".join(parts[:i]), owners
         return None
+
+
+class ListingFilter:
+    """Which names a project list leaves out (Model.listing_filter): a project blocked
+    as a whole on an index of its chain (a plain name entry of a block list that
+    applies, or no entry naming it in a non-empty allow list that applies and has no
+    file name pattern) or, on a mirror, in a namespace reserved for other indexes; as
+    the project's own page judges it (BaseWalk.policy_refusal), but by name alone: set
+    lookups and a prefix test, whatever the number of rules."""
+
+    __slots__ = ("server", "judges", "_keys")
+
+    def __init__(self, server, judges):
+        self.server = server
+        self.judges = judges  # per index of the chain: (blocked, [allowed], mirror path)
+        self._keys = {}
+
+    def keeps(self, rank, norm):
+        """Whether the list shows ``norm`` held by the ``rank``-th index of the chain."""
+        blocked, allows, mirror = self.judges[rank]
+        if norm in blocked:
+            return False
+        for allowed in allows:
+            if norm not in allowed:
+                return False
+        return mirror is None or self.server.reserved_against(norm, mirror) is None
+
+    def key(self, rank=0):
+        """A digest of what the ``rank``-th index's judge leaves out (a list written to a
+        file is written again when it changes: Mirror.root_listing)."""
+        got = self._keys.get(rank)
+        if got is None:
+            blocked, allows, mirror = self.judges[rank]
+            reserved = sorted((p, sorted(o)) for p, o in self.server.reserved.items()) \
+                if mirror is not None else []
+            got = self._keys[rank] = hashlib.sha256(json.dumps(
+                [sorted(blocked), [sorted(a) for a in allows], reserved, mirror]
+            ).encode()).hexdigest()
+        return got
 
 
 def reserved_message(what, norm, prefix, owners, where):
@@ -4809,17 +4876,16 @@ class BaseWalk:
     def _gather_rules(self):
         server = self.model.server_policy()
         reserved = server.reserved_for(self.project)
-        ruled = [c for c in self.chain if c.policy]
-        if not server and reserved is None and not ruled:
+        policies = self.model.policies_at(self.chain)
+        if not policies and reserved is None:
             return {}
-        reach = {c.id: {x.id for x in self.model.resolve_bases(c)} for c in ruled}
         norm = self.project
         out = {}
         for b in self.chain:
-            sources = [server] + [c.policy for c in ruled if b.id in reach[c.id]]
+            sources = policies.get(b.id, ())
             blocks = [(p.source, r) for p in sources for r in p.rules("block", norm)]
             allows = [(p.source, p.rules("allow", norm)) for p in sources if p.has("allow")]
-            res = reserved if b.is_mirror and reserved and b.path not in reserved[1] \
+            res = server.reserved_against(norm, b.path) if b.is_mirror and reserved \
                 else None
             if blocks or allows or res:
                 out[b.id] = (blocks, allows, res)
@@ -5116,6 +5182,7 @@ class Model:
         self.store = store
         self._index_cache = {}
         self._server_policy = None
+        self._listing_filters = {}  # chain's index ids -> ListingFilter or None
         self.accounts = Accounts(store)
         self.throttle = self.accounts.throttle
         self._upstream_listeners = []
@@ -5160,6 +5227,7 @@ class Model:
             if config:
                 self._index_cache = {}
                 self._server_policy = None
+                self._listing_filters = {}
             for fn in self._change_listeners:
                 fn(config, project_set, projects, kept)
         self.store.after_commit(tell)
@@ -5494,11 +5562,53 @@ class Model:
             policy = self._server_policy = Policy("root (server-wide)", config)
         return policy
 
+    def policies_at(self, chain):
+        """{index id: [Policy]}: the block and allow lists that apply to a file of each
+        index b of ``chain`` read through its first: the server-wide ones and those of
+        every index of the chain that inherits from b or is b (BaseWalk's rule); {} when
+        no list has entries."""
+        server = self.server_policy()
+        ruled = [c for c in chain if c.policy]
+        if not server and not ruled:
+            return {}
+        reach = {c.id: {x.id for x in self.resolve_bases(c)} for c in ruled}
+        return {b.id: [server] + [c.policy for c in ruled if b.id in reach[c.id]]
+                for b in chain}
+
+    def listing_filter(self, chain):
+        """The ListingFilter of a project list through ``chain`` (its first index's), or
+        None when no rule leaves a name out of it; made once per config change."""
+        ids = tuple(b.id for b in chain)
+        got = self._listing_filters.get(ids, False)
+        if got is False:
+            got = self._listing_filter(chain)
+            if len(self._listing_filters) > 1000:
+                self._listing_filters = {}
+            self._listing_filters[ids] = got
+        return got
+
+    def _listing_filter(self, chain):
+        server = self.server_policy()
+        policies = self.policies_at(chain)
+        judges = []
+        for b in chain:
+            blocked, allows = set(), []
+            for p in policies.get(b.id, ()):
+                names, allowed = p.whole()
+                blocked |= names
+                if allowed is not None:
+                    allows.append(allowed)
+            judges.append((frozenset(blocked), allows,
+                           b.path if b.is_mirror and server.reserved else None))
+        if not any(j[0] or j[1] or j[2] for j in judges):
+            return None
+        return ListingFilter(server, judges)
+
     def check_namespace(self, ix, norm):
         """403 when the project ``norm`` is in a namespace reserved for other indexes than
         ``ix`` (root's reserved_namespaces): only those take uploads and pushes of it."""
-        reserved = self.server_policy().reserved_for(norm)
-        if reserved is not None and ix.path not in reserved[1]:
+        reserved = self.server_policy().reserved_against(norm, ix.path)
+        if reserved is not None:
             raise forbidden(reserved_message("no upload to %s" % ix.path, norm, reserved[0],
                                              reserved[1], "only those indexes take it"))
 
@@ -6521,14 +6631,18 @@ class Model:
             for row in rows(b):
                 yield row[0], rank, row
         chain = self.chain(ix, reader, ignore_bases)
+        rules = self.listing_filter(chain)  # (names blocked or withheld stay out)
         if len(chain) == 1:
+            keeps = rules.keeps if rules is not None else None
             for row in rows(chain[0]):
-                yield row if displays else row[0]
+                if keeps is None or keeps(0, row[0]):
+                    yield row if displays else row[0]
             return
         last = None
-        # (by name, then rank: at one name, the row of the index first in the chain first)
-        for norm, _rank, row in heapq.merge(*[ranked(i, b) for i, b in enumerate(chain)]):
-            if norm != last:
+        # (by name, then rank: at one name, the row of the index first in the chain first;
+        # one that index leaves out may still come from another that offers it)
+        for norm, rank, row in heapq.merge(*[ranked(i, b) for i, b in enumerate(chain)]):
+            if norm != last and (rules is None or rules.keeps(rank, norm)):
                 last = norm
                 yield row if displays else norm
 
@@ -7991,6 +8105,7 @@ class Mirror:
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
+        self._root_keys = {}  # index id -> the rules key its project list file has
         self._parsed = {}  # (index id, project) -> (files column, its entries), see _entries
         # (index id, project) -> when upstream said it has no such project (404): the
         # last NEGATIVE_KEPT, each valid for the index's mirror_cache_expiry
@@ -8014,6 +8129,7 @@ class Mirror:
         for cache in (self._fresh, self._failed, self._parsed):
             for key in [k for k in cache if k[0] == index_id]:
                 cache.pop(key, None)
+        self._root_keys.pop(index_id, None)
         shutil.rmtree(os.path.join(self.store.serverdir, "+mirror", str(index_id)),
                       ignore_errors=True)
 
@@ -8684,12 +8800,27 @@ class Mirror:
             age = time.time() - os.stat(path).st_mtime
         except OSError:
             age = None
+        rules = self.model.listing_filter([ix])  # (names blocked or reserved stay out)
+        key = rules.key() if rules is not None else ""
         if age is None:
             if self.offline:
                 return None
             with self.single_flight(("root", ix.id)):
                 if not os.path.exists(path):  # (fetched meanwhile by the one before us?)
                     self._fetch_root(ix, d)
+        elif self._root_key(ix, d) != key:  # a rule changed: written again from the names
+            with self.single_flight(("root", ix.id)):
+                self._root_keys.pop(ix.id, None)
+                if self._root_key(ix, d) != key:
+                    try:
+                        with open(os.path.join(d, "root.names"), encoding="utf-8") as f:
+                            _write_root_listing(self.store, d, _root_name_batches(f),
+                                                rules)
+                    except FileNotFoundError:  # (written before names were kept)
+                        if self.offline:
+                            return None
+                        self._fetch_root(ix, d)
+                    self._root_keys.pop(ix.id, None)
         elif age > self._expiry(ix) and not self.offline and ix.id not in self._root_refreshing:
             self._root_refreshing.add(ix.id)
 
@@ -8705,6 +8836,14 @@ class Mirror:
                     self._root_refreshing.discard(ix.id)
             threading.Thread(target=refresh, daemon=True).start()
         return path, path + ".gz"
+
+    def _root_key(self, ix, d):
+        """The rules key the project list file of the mirror ``ix`` was written with (read
+        from it once, not at every request)."""
+        key = self._root_keys.get(ix.id)
+        if key is None:
+            key = self._root_keys[ix.id] = _root_rules_key(d)
+        return key
 
     def _fetch_root(self, ix, d):
         """Fetch upstream's project list and write it as HTML and JSON, each also gzipped,
@@ -8727,7 +8866,8 @@ class Mirror:
                 raise UpstreamError(502, "upstream %s answered with %r, not an index"
                                     % (_safe_url(url), ctype))
             os.makedirs(d, exist_ok=True)
-            _write_root_listing(self.store, d, names, url)
+            _write_root_listing(self.store, d, names, self.model.listing_filter([ix]))
+            self._root_keys.pop(ix.id, None)
         finally:
             conn.close()
 
@@ -8782,10 +8922,34 @@ def _valid_names(raw, is_html):
     return out
 
 
-def _write_root_listing(store, d, batches, url):
-    """root.html and root.json in ``d``, each with a .gz twin, from batches of names."""
+def _root_rules_key(d):
+    """The ListingFilter key the mirror's project list in ``d`` was written with."""
+    try:
+        with open(os.path.join(d, "root.rules"), encoding="ascii") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return ""
+
+
+def _root_name_batches(f):
+    """Batches of the names of a root.names file (one a line, as upstream listed them)."""
+    batch = []
+    for line in f:
+        batch.append(line.rstrip("\n"))
+        if len(batch) >= LISTING_BATCH:
+            yield batch
+            batch = []
+    yield batch
+
+
+def _write_root_listing(store, d, batches, rules=None):
+    """root.html and root.json in ``d``, each with a .gz twin, from batches of names,
+    less those the ListingFilter ``rules`` leaves out; root.names keeps every name (to
+    write the lists again when a rule changes) and root.rules the filter's key."""
     outs = {}
     try:
+        names_f, names_tmp = store.new_tmp()
+        outs["names"] = (names_f, names_tmp, None, None, None)
         for fmt in ("html", "json"):
             f, tmp = store.new_tmp()
             gf, gtmp = store.new_tmp()
@@ -8802,28 +8966,45 @@ def _write_root_listing(store, d, batches, url):
         for names in batches:
             if not names:
                 continue
-            write("html", simple_root_links((normalize_name(n), n) for n in names))
-            write("json", ("" if first else ", ") + simple_root_json_items(names))
+            names_f.write("".join(n + "\n" for n in names).encode())
+            pairs = [(normalize_name(n), n) for n in names]
+            if rules is not None:
+                pairs = [p for p in pairs if rules.keeps(0, p[0])]
+                if not pairs:
+                    continue
+            write("html", simple_root_links(pairs))
+            write("json", ("" if first else ", ") + simple_root_json_items(
+                [n for _, n in pairs]))
             first = False
         write("html", SIMPLE_HTML_END)
         write("json", SIMPLE_ROOT_JSON_END)
+        names_f.close()
         for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
-            gz.close()
-            gf.close()
-            f.close()
+            if gz is not None:
+                gz.close()
+                gf.close()
+                f.close()
         for fmt, (f, tmp, gf, gtmp, gz) in outs.items():
-            os.replace(gtmp, os.path.join(d, "root.%s.gz" % fmt))
+            if gz is not None:
+                os.replace(gtmp, os.path.join(d, "root.%s.gz" % fmt))
             os.replace(tmp, os.path.join(d, "root." + fmt))
+        rules_f, rules_tmp = store.new_tmp()
+        with rules_f:
+            rules_f.write((rules.key() if rules is not None else "").encode())
+        os.replace(rules_tmp, os.path.join(d, "root.rules"))
         outs = {}
     finally:
         for f, tmp, gf, gtmp, gz in outs.values():
             for x in (gz, gf, f):
+                if x is None:
+                    continue
                 try:
                     x.close()
                 except Exception:
                     pass
             _unlink_quiet(tmp)
-            _unlink_quiet(gtmp)
+            if gtmp is not None:
+                _unlink_quiet(gtmp)
 
 
 class Download:
@@ -10341,13 +10522,22 @@ def render_web_search(prefix, q, index, results, backend, ms):
                         [("search", None)], search=(q, index))
 
 
-def render_web_status(prefix, facts, mirrors):
+def render_web_status(prefix, facts, mirrors, rules=None):
     """The status page: ``facts`` [(label, text)], ``mirrors`` [(path, url, last
-    success, last failure, error)]."""
+    success, last failure, error)], ``rules`` the server-wide rules {list: [entry]}
+    (None: not shown to this reader)."""
     body = ['<h1>Status</h1><dl class="meta">']
     for label, value in facts:
         body.append("<dt>%s</dt><dd>%s</dd>" % (_e(label), _e(value)))
-    body.append("</dl><h2>Mirrors</h2>")
+    body.append("</dl>")
+    if rules is not None:
+        body.append('<h2>Server-wide rules</h2><dl class="meta" id="server-rules">')
+        for key, entries in rules.items():
+            body.append("<dt>%s (%d)</dt><dd>%s</dd>" % (
+                _e(key), len(entries), "<br>".join(_e(x) for x in entries)
+                or '<span class="muted">none</span>'))
+        body.append("</dl>")
+    body.append("<h2>Mirrors</h2>")
     if mirrors:
         body.append('<div class="scroll"><table><thead><tr><th>index</th><th>upstream</th>'
                     '<th>last success</th><th>last failure</th></tr></thead><tbody>')
@@ -10718,8 +10908,9 @@ class WebPages:
                 fail = failed.get(ix.id, (None, ""))
                 mirrors.append((ix.path, shown_mirror_url(ix.config.get("mirror_url", "")),
                                 fetched.get(ix.id), fail[0], fail[1]))
-        page = CachedPage(None, render_web_status(self.web_prefix(req), facts, mirrors),
-                          HTML_TYPE)
+        rules = m.server_policy().given if m.may_see_state(reader) else None
+        page = CachedPage(None, render_web_status(self.web_prefix(req), facts, mirrors,
+                                                  rules), HTML_TYPE)
         return self.web_response(req, page)
 
     def error_page(self, req, e):
@@ -11349,7 +11540,8 @@ class App(WebPages):
                 "serial": self.store.serial, "uuid": self.store.uuid,
                 "outside-url": self.outside_url,
                 "host": req.handler.server.server_address[0],
-                "port": req.handler.server.server_address[1]})
+                "port": req.handler.server.server_address[1],
+                "server-rules": self.model.server_policy().given})
         if self.model.may_see_serverdir(reader):
             result["serverdir"] = self.store.serverdir
         return api_result("status", result)

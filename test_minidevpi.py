@@ -5993,6 +5993,92 @@ def test_devpi_client_sets_the_lists_and_root_the_server_wide_rules(pkg_two, tmp
     assert installed(srv, "alice/prod", "pkg", tmp_path / "d") == "2.0"
 
 
+def listed_projects(url, ix):
+    """The projects the lists of ``ix`` name: (simple HTML, PEP 691 JSON, the index JSON
+    ``devpi list`` reads), each as a sorted list of normalised names."""
+    page = http(url, path="/%s/+simple/" % ix, headers={"Accept": "text/html"}).body.decode()
+    from_html = sorted(minidevpi.normalize_name(n) for n in re.findall(r">([^<]+)</a>", page))
+    from_json = sorted(minidevpi.normalize_name(p["name"]) for p in page_json(
+        url, "/%s/+simple/" % ix)["projects"])
+    from_index = sorted(api(url, path="/" + ix).json()["result"]["projects"])
+    return from_html, from_json, from_index
+
+
+def test_a_project_blocked_as_a_whole_leaves_the_project_lists(pkg_two, tmp_path):
+    srv, alice = pkg_two, ("alice", "secret")
+    srv.upload("alice/dev", make_wheel(tmp_path, "other", "1.0"))
+    srv.upload("alice/prod", make_wheel(tmp_path, "own", "1.0"))
+    both = ["other", "pkg"]
+    assert listed_projects(srv.url, "alice/dev") == (both, both, both)
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["other", "own", "pkg"],) * 2
+    d = Devpi(tmp_path / "client")
+    d("use", srv.url + "/alice/dev")
+    assert d("list")[1].split() == both
+    # a plain name in a block list of the index or of a base it reads: gone from the lists
+    d("login", "alice", "--password", "secret")
+    d("index", "alice/dev", "block=Pkg")
+    assert listed_projects(srv.url, "alice/dev") == (["other"],) * 3
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["other", "own"],) * 2
+    assert d("list")[1].split() == ["other"]
+    code, out = pip("index", "versions", "--index-url", srv.index_url("alice/prod"), "pkg",
+                    check=False)
+    assert code != 0 and "1.0" not in out, out
+    # a version rule or a file pattern leaves the project listed (some files are offered)
+    d("index", "alice/dev", "block=pkg>=2,*.tar.gz")
+    assert listed_projects(srv.url, "alice/dev") == (both,) * 3
+    assert d("list")[1].split() == both
+    # an allow list that names no project by name, judged by name only; a pattern keeps all
+    d("index", "alice/dev", "block=", "allow=other")
+    assert listed_projects(srv.url, "alice/dev") == (["other"],) * 3
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["other", "own"],) * 2
+    d("index", "alice/dev", "allow=other,pkg<2")
+    assert listed_projects(srv.url, "alice/dev") == (both,) * 3
+    d("index", "alice/dev", "allow=other,*.whl")
+    assert listed_projects(srv.url, "alice/dev") == (both,) * 3
+    # the rule goes: listed again (the cached lists are built again)
+    d("index", "alice/dev", "allow=")
+    assert listed_projects(srv.url, "alice/dev") == (both,) * 3
+    assert d("list")[1].split() == both
+    # root's server-wide rule, on every index; and gone with it
+    d("logoff")
+    d("login", "root", "--password", "rootpw")
+    d("user", "-m", "root", "block=other")
+    assert listed_projects(srv.url, "alice/dev") == (["pkg"],) * 3
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["own", "pkg"],) * 2
+    assert d("list")[1].split() == ["pkg"]
+    d("user", "-m", "root", "block=")
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["other", "own", "pkg"],) * 2
+    # an index that blocks it only for its own readers: another index in the chain that
+    # holds the name still lists it
+    srv.upload("alice/prod", make_wheel(tmp_path, "pkg", "5.0"))
+    d("index", "alice/dev", "block=pkg")
+    assert listed_projects(srv.url, "alice/prod")[:2] == (["other", "own", "pkg"],) * 2
+
+
+def test_status_shows_the_server_wide_rules_escaped(server, make_server):
+    root = ("root", "rootpw")
+    hostile = "*\"&'x*.whl"
+    r = api(server.url, "PATCH", "/root", auth=root, json_body={
+        "block": ["evil", hostile], "allow": [], "reserved_namespaces": "acme=root/pypi"})
+    assert r.status == 200, r
+    status = api(server.url, path="/+status").json()["result"]
+    assert status["server-rules"] == {"block": ["evil", hostile], "allow": [],
+                                      "reserved_namespaces": ["acme=root/pypi"]}
+    page = http(server.url, path="/+status", headers={"Accept": "text/html"}).body.decode()
+    rules = page.split('id="server-rules"')[1].split("</dl>")[0]
+    assert "block (2)" in rules and "allow (0)" in rules and "reserved_namespaces (1)" in rules
+    assert "evil" in rules and html.escape(hostile) in rules and hostile not in page
+    assert "acme=root/pypi" in rules
+    # with restrict_reads, only who may see the server's state sees them
+    closed = make_server(root_password="rootpw", restrict_reads=True)
+    api(closed.url, "PATCH", "/root", auth=root, json_body={"block": ["evil"]})
+    assert "server-rules" not in api(closed.url, path="/+status").json()["result"]
+    assert api(closed.url, path="/+status", auth=root).json()["result"]["server-rules"][
+        "block"] == ["evil"]
+    page = http(closed.url, path="/+status", headers={"Accept": "text/html"}).body.decode()
+    assert "server-rules" not in page and "evil" not in page
+
+
 @pytest.fixture
 def confusion(upstream, tmp_path, make_server):
     """The dependency-confusion attack: upstream offers acme-secret 99.0, alice/dev holds
@@ -6065,6 +6151,49 @@ def test_a_reserved_namespace_stops_dependency_confusion(confusion, upstream, tm
     for bad in ("acme", "acme=alice", "a b=alice/dev", "acme=alice/dev/x"):
         r = api(srv.url, "PATCH", "/root", auth=root, json_body={"reserved_namespaces": bad})
         assert r.status == 400 and bad in r.json()["message"], (bad, r)
+
+
+def test_a_reserved_name_leaves_a_mirrors_project_lists(confusion, upstream, tmp_path):
+    srv, root = confusion, ("root", "rootpw")
+    upstream.listed = ["Acme.Tools", "acmex"]
+    srv.create_index("alice/web", bases=["root/pypi"])
+    assert installed(srv, "alice/web", "acme-secret", tmp_path / "kept") == "99.0"
+    up = ["acme-secret", "acme-tools", "acmex"]
+
+    def upstream_list():
+        page = http(srv.url, path="/root/pypi/+simple/").body.decode()
+        names = page_json(srv.url, "/root/pypi/+simple/")["projects"]
+        return (sorted(minidevpi.normalize_name(n) for n in re.findall(r">([^<]+)</a>",
+                                                                      page)),
+                sorted(minidevpi.normalize_name(p["name"]) for p in names))
+    assert upstream_list() == (up, up)
+    assert listed_projects(srv.url, "alice/web")[:2] == (["acme-secret"],) * 2
+    kept = api(srv.url, path="/root/pypi").json()["result"]["projects"]
+    assert kept == ["acme-secret"]  # (what the mirror keeps: `devpi list` on it)
+    fetched = upstream.count("/simple/")
+    d = Devpi(tmp_path / "client")
+    d("use", srv.url + "/root/pypi")
+    assert d("list")[1].split() == ["acme-secret"]
+    d("login", "root", "--password", "rootpw")
+    d("user", "-m", "root", "reserved_namespaces=acme=alice/dev")
+    # the mirror's own list of upstream's names, and the lists of a stage on it, leave
+    # the reserved names out (the names are not fetched again from upstream for that)
+    assert upstream_list() == (["acmex"], ["acmex"])
+    assert upstream.count("/simple/") == fetched
+    assert listed_projects(srv.url, "alice/web")[:2] == ([], [])
+    assert api(srv.url, path="/root/pypi").json()["result"]["projects"] == []
+    assert d("list")[1].split() == []
+    code, out = run([need("uv"), "pip", "install", "--no-cache", "--target",
+                     str(tmp_path / "uv"), "--index-url", srv.index_url("alice/web"),
+                     "acme-secret"], check=False)
+    assert code != 0, out
+    # alice/app reads alice/dev, for which the name is reserved: listed, from there
+    assert listed_projects(srv.url, "alice/app")[:2] == (["acme-secret"],) * 2
+    # the reservation goes: listed again
+    d("user", "-m", "root", "reserved_namespaces=")
+    assert upstream_list() == (up, up)
+    assert listed_projects(srv.url, "alice/web")[:2] == (["acme-secret"],) * 2
+    assert d("list")[1].split() == ["acme-secret"]
 
 
 def test_export_and_import_keep_the_policies(confusion, tmp_path, make_server):

@@ -7,9 +7,11 @@ Starts an in-process minidevpi on 127.0.0.1 in a temporary directory, fills alic
 ``--projects`` projects (registered in one transaction) and one project ``pkg`` with real
 files, then measures over one kept-alive connection, without rules and with many rules
 (1,000 block entries on alice/dev, 500 server-wide block entries, 200 reserved
-namespaces, none of which matches ``pkg``): a cached simple page, a page built afresh
-after a release of it changed and after a config change (which compiles the rules
-again), a file, and the index's project list. Prints medians.
+namespaces, none of which matches ``pkg``; 499 of the block entries are plain names of
+projects of the index, which its project list then leaves out): a cached simple page, a
+page built afresh after a release of it changed and after a config change (which compiles
+the rules again), a file, and the index's project list, cached and built again after a
+config change. Prints medians.
 
 Then the rules that act on a mirror and on writes, on a second server: an offline mirror
 keeping 10,000 files, measured without and with upstream changes noted (a replaced file
@@ -111,7 +113,8 @@ def main():
                 patch(conn, "/alice/dev/pkg/1.0", {"yanked": n[0] % 2 == 0}, AUTH)
 
             rules = {
-                "index": ["block=" + ",".join(["proj-%d<1.0" % i for i in range(999)]
+                "index": ["block=" + ",".join(["proj-%d<1.0" % i for i in range(500)]
+                                              + ["proj-%d" % i for i in range(500, 999)]
                                               + ["*.exe"])],
                 "root": {"block": ["other-%d==2.0" % i for i in range(500)],
                          "reserved_namespaces": ["corp%d=alice/dev" % i for i in range(200)]},
@@ -130,12 +133,14 @@ def main():
                           simple, before=change),
                     timed(conn, file_path, args.rounds),
                     timed(conn, "/alice/dev/+simple/", max(50, args.rounds // 10), simple),
+                    timed(conn, "/alice/dev/+simple/", max(20, args.rounds // 50), simple,
+                          before=change),
                 )
             print("%-28s %12s %12s" % ("median, ms", "no rules", "rules"))
             for i, what in enumerate(("simple page (cached)", "page built, release changed",
                                       "page built, config changed",
                                       "file (+f/)", "project list, %d (cached)"
-                                      % args.projects)):
+                                      % args.projects, "project list built, config changed")):
                 print("%-28s %12.3f %12.3f" % (what, results["no rules"][i],
                                                results["rules"][i]))
             uploads = []
