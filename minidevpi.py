@@ -111,6 +111,9 @@ DEVPI_SERVER_VERSION = "6.20.3"  # the devpi-server whose API this one speaks
 COPY_CHUNK = 1024 * 1024  # bytes read at a time where files are hashed or copied
 SCHEMA_VERSION = 4
 DB_NAME = "minidevpi.sqlite3"
+# the thread switch interval (seconds) of a serving process while a write waits or runs
+# (Store._write_turns); the interpreter's default, 5 ms, the rest of the time
+WRITE_SWITCH_INTERVAL = 0.0005
 SECRET_NAME = "secret"
 LOCK_NAME = ".lock"  # held (flock) by the one process that serves a server directory
 FILES_DIR = "+files"
@@ -2863,6 +2866,12 @@ class Store:
         self._idle = []
         self._conns_lock = threading.Lock()
         self._lock_file = None
+        # seconds of sys.setswitchinterval while a write waits or runs (None: left alone;
+        # the serve command sets WRITE_SWITCH_INTERVAL): see _write_turns
+        self.write_switch_interval = None
+        self._writers = 0  # writes waiting for the write lock or holding it
+        self._writers_lock = threading.Lock()
+        self._saved_switch_interval = None
         # each blob is fsynced before it is named; an import, which builds a whole new
         # server beside its target, turns this off and syncs everything once at the end
         self.sync_each_blob = True
@@ -3018,10 +3027,35 @@ class Store:
             pass
 
     @contextlib.contextmanager
+    def _write_turns(self):
+        """While any write waits for the write lock or holds it, the interpreter switches
+        threads every ``write_switch_interval`` seconds instead of every 5 ms. A write
+        transaction gives the GIL up at every SQLite statement (~25 for an upload) and
+        waits to get it back; with 200 threads serving downloads, each of those waits was
+        a full switch interval or several, so one write held the lock for 0.1-1.3 s and
+        the writes behind it queued for seconds. Only while writes are about: pages and
+        files keep the default (fewer switches, more throughput) the rest of the time."""
+        if self.write_switch_interval is None or getattr(self._local, "in_write", False):
+            yield
+            return
+        with self._writers_lock:
+            self._writers += 1
+            if self._writers == 1:
+                self._saved_switch_interval = sys.getswitchinterval()
+                sys.setswitchinterval(self.write_switch_interval)
+        try:
+            yield
+        finally:
+            with self._writers_lock:
+                self._writers -= 1
+                if self._writers == 0:
+                    sys.setswitchinterval(self._saved_switch_interval)
+
+    @contextlib.contextmanager
     def write(self):
         """One write transaction; bumps the serial. Nested use joins the outer one."""
         c = self.conn()
-        with self._write_lock:
+        with self._write_turns(), self._write_lock:
             if getattr(self._local, "in_write", False):
                 yield c
                 return
@@ -15196,6 +15230,7 @@ def cmd_serve(args):
     except BaseException:
         httpd.server_close()
         raise
+    store.write_switch_interval = WRITE_SWITCH_INTERVAL
     model.restrict_reads = bool(args.restrict_reads)
     model.user_create = args.user_create
     model.mirror_creators = mirror_creators

@@ -7724,6 +7724,88 @@ def test_four_tricklers_do_not_keep_a_four_thread_server_busy(tmp_path, make_ser
                 s.close()
 
 
+def test_uploads_and_deletes_all_land_while_many_clients_download(tmp_path):
+    """The serve command lets writes take their turns quickly while downloads run
+    (Store._write_turns); under 16 downloaders every upload and delete still lands, every
+    download is whole, and the pages show exactly what was written."""
+    with alice_dev_process(tmp_path) as (p, url, auth):
+        big = make_wheel_bytes("big", "1.0", os.urandom(1 << 20))
+        assert upload_form(url, "alice/dev", None, auth, filename="big-1.0-py3-none-any.whl",
+                           data=big).status == 200
+        for i in range(2):
+            for k in range(4):
+                v = "%d.%d" % (i, k)
+                assert upload_form(url, "alice/dev", None, auth, data=make_wheel_bytes(
+                    "gone", v), filename="gone-%s-py3-none-any.whl" % v).status == 200
+        page = api(url, path="/alice/dev/+simple/big/",
+                   headers={"Accept": simple_accept("json")}).json()
+        href = urllib.parse.urljoin("/alice/dev/+simple/big/", page["files"][0]["url"])
+        done, bad = threading.Event(), []
+
+        def downloader():
+            while not done.is_set():
+                r = http(url, path=href)
+                if r.status != 200 or r.body != big:
+                    bad.append(("download", r.status, len(r.body)))
+
+        def uploader(i):
+            for k in range(4):
+                v = "%d.%d" % (i, k)
+                r = upload_form(url, "alice/dev", None, auth, data=make_wheel_bytes("fresh", v),
+                                filename="fresh-%s-py3-none-any.whl" % v)
+                if r.status != 200:
+                    bad.append(("upload", v, r))
+
+        def deleter(i):
+            for k in range(4):
+                r = api(url, "DELETE", "/alice/dev/gone/%d.%d" % (i, k), auth=auth)
+                if r.status != 200:
+                    bad.append(("delete", i, k, r))
+        readers = [threading.Thread(target=downloader) for _ in range(16)]
+        writers = [threading.Thread(target=uploader, args=(i,)) for i in range(3)]
+        writers += [threading.Thread(target=deleter, args=(i,)) for i in range(2)]
+        for t in readers + writers:
+            t.start()
+        for t in writers:
+            t.join(120)
+        done.set()
+        for t in readers:
+            t.join(60)
+        assert not bad, bad[:5]
+        fresh = api(url, path="/alice/dev/+simple/fresh/",
+                    headers={"Accept": simple_accept("json")}).json()
+        assert sorted(f["filename"] for f in fresh["files"]) == sorted(
+            "fresh-%d.%d-py3-none-any.whl" % (i, k) for i in range(3) for k in range(4))
+        assert api(url, path="/alice/dev/+simple/gone/",
+                   headers={"Accept": simple_accept("json")}).status == 404
+
+
+def test_the_switch_interval_of_writes_is_put_back_after_each_write(make_server, monkeypatch):
+    """A store told to (as serve's is) lowers the thread switch interval while a write
+    waits or runs and puts the process's own value back after it, refused or not."""
+    calls = []
+    real = sys.setswitchinterval
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: (calls.append(s), real(s)))
+    own = sys.getswitchinterval()
+    srv = make_server(root_password="rootpw", offline=True)
+    srv.model.store.write_switch_interval = 0.0005
+    srv.create_user("alice", "secret")
+    assert api(srv.url, "PUT", "/alice/dev", json_body={"volatile": False},
+               auth=("alice", "secret")).status == 200
+    wheel = make_wheel_bytes("pkg", "1.0")
+    fn = "pkg-1.0-py3-none-any.whl"
+    assert upload_form(srv.url, "alice/dev", None, ("alice", "secret"), filename=fn,
+                       data=wheel).status == 200
+    assert calls and calls[0] == 0.0005 and calls[-1] == own
+    assert sys.getswitchinterval() == own
+    del calls[:]
+    r = upload_form(srv.url, "alice/dev", None, ("alice", "secret"), filename=fn,
+                    data=make_wheel_bytes("pkg", "1.0", b"other bytes"))
+    assert r.status == 409  # refused in the write transaction
+    assert calls == [0.0005, own]
+    assert sys.getswitchinterval() == own
+
+
 def test_32_concurrent_clients(tmp_path, make_server):
     with make_server(root_password="rootpw", offline=True) as srv:
         srv.create_user("alice", "secret")

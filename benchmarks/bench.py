@@ -316,9 +316,10 @@ class DevpiLike(Target):
 
 class Minidevpi(DevpiLike):
     name = "minidevpi"
+    script = MINIDEVPI  # another minidevpi.py may be measured (before/after)
 
     def launch(self, fresh):
-        self.proc = popen([sys.executable, MINIDEVPI, "serve", "--serverdir", self.serverdir(),
+        self.proc = popen([sys.executable, self.script, "serve", "--serverdir", self.serverdir(),
                            "--host", "127.0.0.1", "--port", str(self.port), "--root-passwd", "pw",
                            "--no-root-pypi", "--no-access-log"]
                           + ([] if self.online else ["--offline-mode"]), self.log(), server_env())
@@ -404,19 +405,23 @@ def load_wrk(port, path, headers, conns, seconds):
     return float(m.group(1)), errors
 
 
-def load_threads(port, path, headers, conns, seconds):
+def load_threads(port, path, headers, conns, seconds, times=None):
     """Fallback when wrk is missing: ``conns`` threads, each one keep-alive connection.
-    Shares the GIL with nothing else but itself; wrk measures servers more faithfully."""
+    Shares the GIL with nothing else but itself; wrk measures servers more faithfully.
+    ``times``: a list that gets the seconds of every request (for percentiles)."""
     end = time.monotonic() + seconds
     counts, errors = [0] * conns, [0] * conns
 
     def worker(i):
         c = Client(port, timeout=10)
         while time.monotonic() < end:
+            t0 = time.perf_counter()
             try:
                 st, _, _ = c.request("GET", path, headers=headers)
                 counts[i] += 1
                 errors[i] += st != 200
+                if times is not None:
+                    times.append(time.perf_counter() - t0)
             except (OSError, http.client.HTTPException):
                 errors[i] += 1
                 c.close()
@@ -1088,6 +1093,136 @@ def run_scale(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"scale": rows}, f, indent=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# Tail latency under many connections (--tail)
+# ----------------------------------------------------------------------------------
+
+def pctl(xs, q):
+    """The ``q`` quantile (0..1) of ``xs``, nearest rank; None for none."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+
+def tail_writes(target, seconds, uploaders, deleters, size, times_up, times_del, notes):
+    """For ``seconds``: ``uploaders`` threads upload wheels of ``size`` bytes (new versions
+    of tailup), ``deleters`` threads delete the versions of taildel uploaded before."""
+    end = time.monotonic() + seconds
+    payload = os.urandom(size)
+
+    def uploader(i):
+        c, k = Client(target.port), 0
+        while time.monotonic() < end:
+            v = "%d.%d" % (i, k)
+            k += 1
+            dist = make_wheel("tailup", v, payload)
+            t0 = time.perf_counter()
+            st, body = target.upload(c, "tailup", v, dist)
+            times_up.append(time.perf_counter() - t0)
+            if st not in (200, 201):
+                notes.append("upload %s: %s %s" % (v, st, body[:200]))
+        c.close()
+
+    def deleter(i):
+        c, k = Client(target.port), 0
+        headers = dict(target.upload_headers(), Accept="application/json")
+        while time.monotonic() < end and k < 10000:
+            path = "/%s/%s/taildel/%d.%d" % (USER, INDEX, i, k)
+            k += 1
+            t0 = time.perf_counter()
+            st, body, _ = c.request("DELETE", path, headers=headers)
+            times_del.append(time.perf_counter() - t0)
+            if st != 200:
+                notes.append("delete %s: %s %s" % (path, st, body[:200]))
+        c.close()
+    ts = [threading.Thread(target=uploader, args=(i,), daemon=True) for i in range(uploaders)]
+    ts += [threading.Thread(target=deleter, args=(i,), daemon=True) for i in range(deleters)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def run_tail_one(t, args):
+    """One server: fill, page load at each connection count, writes under downloaders."""
+    R = {"name": t.name}
+    t.start()
+    t.setup()
+    n_del = 5 * 40  # versions of taildel: 5 deleters x 40 each
+    dists = [("filler%05d" % i, "1.0", functools.partial(make_wheel, "filler%05d" % i, "1.0"))
+             for i in range(args.tail_projects)]
+    dists += [("pagepkg", "1.%d" % i, make_wheel("pagepkg", "1.%d" % i)) for i in range(10)]
+    dists += [("taildel", "%d.%d" % (i % 5, i // 5), make_wheel("taildel", "%d.%d" % (i % 5, i // 5)))
+              for i in range(n_del)]
+    dists.append(("bigpkg", "1.0", make_wheel("bigpkg", "1.0", os.urandom(1 << 20))))
+    say("  %s: filling %d uploads ..." % (t.name, len(dists)))
+    fill(t, dists)
+    page = t.simple_root() + "pagepkg/"
+    accept = {"Accept": JSON_ACCEPT}
+    big = [u for u in file_links(t.port, t.simple_root() + "bigpkg/")][0]
+    latency(t.port, page, 20, accept)  # the page is built and cached
+    for conns in args.tail_conns:
+        times = []
+        rate, errors = load_threads(t.port, page, accept, conns, args.tail_seconds, times)
+        R["page%d" % conns] = dict(rate=rate, errors=errors, p50=pctl(times, .5),
+                                   p99=pctl(times, .99), n=len(times))
+        say("  %s page at %d connections: %s" % (t.name, conns, R["page%d" % conns]))
+    dl_times, up, dl, notes = [], [], [], []
+    loader = threading.Thread(target=lambda: R.__setitem__("dl", load_threads(
+        t.port, big, {}, args.tail_downloaders, args.tail_seconds + 2, dl_times)), daemon=True)
+    loader.start()
+    time.sleep(1)  # the downloaders are all connected
+    tail_writes(t, args.tail_seconds, 10, 5, 100 * 1024, up, dl, notes)
+    loader.join()
+    rate, errors = R.pop("dl")
+    R["mixed"] = dict(dl_rate=rate, dl_errors=errors, dl_p50=pctl(dl_times, .5),
+                      dl_p99=pctl(dl_times, .99), up_p50=pctl(up, .5), up_p99=pctl(up, .99),
+                      up_n=len(up), del_p50=pctl(dl, .5), del_p99=pctl(dl, .99), del_n=len(dl),
+                      write_errors=len(notes), notes=notes[:3])
+    say("  %s writes under %d downloaders: %s" % (t.name, args.tail_downloaders, R["mixed"]))
+    t.discard()
+    return R
+
+
+def run_tail(args):
+    peers = args.peers_python
+    wanted = args.only.split(",")
+    tgts = [Minidevpi(None)] if "minidevpi" in wanted else []
+    if args.minidevpi and tgts:
+        tgts[0].script = os.path.abspath(args.minidevpi)
+    if "devpi-server" in wanted:
+        if os.access(os.path.join(os.path.dirname(peers), "devpi-server"), os.X_OK):
+            tgts.append(DevpiServer(peers))
+        else:
+            say("devpi-server: not installed beside %s, skipped" % peers)
+    rows = [run_tail_one(t, args) for t in tgts]
+    ms = lambda v: "-" if v is None else "%.0f ms" % (v * 1000)
+    print()
+    print("tail latency: %d CPUs, Python %s, client: load_threads (one thread per keep-alive "
+          "connection), %d s per load; a shared machine: figures are noisy"
+          % (os.cpu_count(), sys.version.split()[0], args.tail_seconds))
+    print("| server | connections | page req/s | page p50 | page p99 | errors |")
+    print("|---|---|---|---|---|---|")
+    for R in rows:
+        for conns in args.tail_conns:
+            P = R["page%d" % conns]
+            print("| %s | %d | %.0f | %s | %s | %d |" % (R["name"], conns, P["rate"], ms(P["p50"]),
+                                                        ms(P["p99"]), P["errors"]))
+    print()
+    print("| server | 1 MB downloads/s (%d conns) | download p50 | p99 | upload 100 KB p50 | p99 "
+          "| uploads | delete p50 | p99 | deletes | errors |" % args.tail_downloaders)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for R in rows:
+        M = R["mixed"]
+        print("| %s | %.0f | %s | %s | %s | %s | %d | %s | %s | %d | %d |"
+              % (R["name"], M["dl_rate"], ms(M["dl_p50"]), ms(M["dl_p99"]), ms(M["up_p50"]),
+                 ms(M["up_p99"]), M["up_n"], ms(M["del_p50"]), ms(M["del_p99"]), M["del_n"],
+                 M["dl_errors"] + M["write_errors"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tail": rows}, f, indent=1)
     return 0
 
 
@@ -2093,7 +2228,27 @@ def main(argv=None):
     g.add_argument("--scale-ns", metavar="N,N", help="with --scale: these N instead")
     g.add_argument("--scale-peer-max", type=int, default=10000, metavar="N",
                    help="the largest N devpi-server is run at (default 10,000)")
+    g = ap.add_argument_group("tail latency scenario (--tail runs only it)")
+    g.add_argument("--tail", action="store_true",
+                   help="a project page's p50/p99 and rate at many keep-alive connections, "
+                        "then uploads and deletes under many downloaders of a 1 MB file; "
+                        "minidevpi (--minidevpi) and devpi-server side by side")
+    g.add_argument("--tail-conns", default="64,256", metavar="N,N",
+                   help="connection counts of the page load (default 64,256)")
+    g.add_argument("--tail-downloaders", type=int, default=200, metavar="N",
+                   help="concurrent downloaders while 10 upload and 5 delete (default 200)")
+    g.add_argument("--tail-seconds", type=int, default=10, help="seconds per load (default 10)")
+    g.add_argument("--tail-projects", type=int, default=1000, metavar="N",
+                   help="filler projects in the index (default 1,000)")
     args = ap.parse_args(argv)
+    if args.tail:
+        args.tail_conns = [int(x) for x in args.tail_conns.split(",")]
+        try:
+            return run_tail(args)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            cleanup()
     if args.scale:
         try:
             return run_scale(args)
