@@ -58,6 +58,7 @@ import email.parser
 import email.utils
 import fnmatch
 import functools
+import getpass
 import gzip
 import hashlib
 import heapq
@@ -2836,8 +2837,8 @@ CREATE TABLE IF NOT EXISTS upstream_changes (  -- a mirror's kept files upstream
 CREATE INDEX IF NOT EXISTS upstream_changes_project ON upstream_changes(index_id, project);
 """
 # What a migration to schema 4 fills in (bounded: one pass over the files table, once).
-FILL_FIRST_HASHES = ("INSERT OR IGNORE INTO first_hashes SELECT index_id, filename, sha256 "
-                     "FROM files WHERE rel='releasefile' ORDER BY id")
+FILL_FIRST_HASHES = ("INSERT INTO first_hashes SELECT index_id, filename, sha256 "
+                     "FROM files WHERE rel='releasefile' ORDER BY id ON CONFLICT DO NOTHING")
 
 
 def audit_line(id, record):
@@ -2898,11 +2899,11 @@ class Store:
                 os.fsync(f.fileno())
         conn = self._connect()
         with conn:
-            conn.executescript(SCHEMA)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('uuid', ?)", (secrets.token_hex(16),))
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('serial', '0')")
+            conn.executescript(self.schema_sql())
+            self.set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            conn.execute("INSERT INTO meta VALUES ('uuid', ?) ON CONFLICT DO NOTHING",
+                         (secrets.token_hex(16),))
+            conn.execute("INSERT INTO meta VALUES ('serial', '0') ON CONFLICT DO NOTHING")
         conn.close()
 
     def open(self, readonly=False):
@@ -2914,9 +2915,8 @@ class Store:
             self.lock()
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
-        with open(os.path.join(self.serverdir, SECRET_NAME)) as f:
-            self.secret = f.read().strip().encode()
         conn = self.conn()
+        self.secret = self._load_secret(conn)
         self.serial = int(conn.execute("SELECT value FROM meta WHERE key='serial'").fetchone()[0])
         version = int(conn.execute(
             "SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
@@ -2928,7 +2928,7 @@ class Store:
         if version < SCHEMA_VERSION:
             # migrations so far only add tables and indexes, which SCHEMA creates if missing
             # (the search rows a new table lacks are filled by SearchIndex.prepare below)
-            conn.executescript(SCHEMA)
+            conn.executescript(self.schema_sql())
             with self.write() as c:
                 if version < 4:
                     c.execute(FILL_FIRST_HASHES)
@@ -2938,6 +2938,15 @@ class Store:
         if not readonly:
             self.clean_tmp()
             SearchIndex(self).prepare()
+
+    def _load_secret(self, conn):
+        with open(os.path.join(self.serverdir, SECRET_NAME)) as f:
+            return f.read().strip().encode()
+
+    @staticmethod
+    def schema_sql():
+        """The tables, as this storage's engine spells them."""
+        return SCHEMA
 
     def lock(self):
         """Make this process the one that writes the directory: a second server on it
@@ -3062,18 +3071,16 @@ class Store:
             self._local.in_write = True
             self._local.after_commit = []
             self._local.before_commit = []
+            self._local.notes = []
             try:
-                c.execute("BEGIN IMMEDIATE")
+                self._begin(c)
                 try:
                     yield c
                     for fn in self._local.before_commit:
                         fn(c)
-                    c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                              "WHERE key='serial'")
-                    c.execute("COMMIT")
-                    self.serial += 1
+                    self.serial = self._commit(c)
                 except BaseException:
-                    c.execute("ROLLBACK")
+                    self._rollback(c)
                     raise
                 for fn in self._local.after_commit:
                     fn(c)
@@ -3081,6 +3088,38 @@ class Store:
                 self._local.in_write = False
                 self._local.after_commit = []
                 self._local.before_commit = []
+                self._local.notes = []
+
+    def _begin(self, c):
+        c.execute("BEGIN IMMEDIATE")  # (SQLite: one writer at a time, this one now)
+
+    def _commit(self, c):
+        """Bump the serial and commit; returns the new serial."""
+        c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='serial'")
+        c.execute("COMMIT")
+        return self.serial + 1
+
+    def _rollback(self, c):
+        c.execute("ROLLBACK")
+
+    def notify(self, note):
+        """Tell the other processes that share this storage about a change of the current
+        write transaction (a JSON-able ``note``; they get it once it committed, see
+        ``listen``). One process owns a SQLite directory: there is nobody to tell."""
+
+    def listen(self, fn):
+        """Call ``fn(notes)`` in a thread of its own for each commit another process made
+        (``notes``: the list of what it told with ``notify``, None for "anything may have
+        changed"). With SQLite no other process writes."""
+
+    # the HTTP layer gives a thread's connection back after each request (PostgreSQL's
+    # connections are a bounded pool; a SQLite connection stays with its thread)
+    pooled = False
+    backend = "SQLite"
+    fts5 = True  # (where this sqlite3 has it: SearchIndex probes)
+
+    def fix_ids(self):
+        """(PostgreSQL's identity columns; SQLite numbers rows after the largest id.)"""
 
     def before_commit(self, fn):
         """Run fn(conn) at the end of the current write transaction, in it (derived rows
@@ -3092,6 +3131,11 @@ class Store:
         self._local.after_commit.append(fn)
 
     # -- rows that more than one part writes --------------------------------------------
+
+    @staticmethod
+    def set_meta(c, key, value):
+        c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                  "value=excluded.value", (key, value))
 
     @staticmethod
     def project_status(c, index_id, norm):
@@ -3120,8 +3164,10 @@ class Store:
                     replace=False):
         """A file row, its bytes already in place; its URL is no longer a deleted file's.
         ``replace``: a row of the same name on the index goes (else that is an error)."""
+        if replace:
+            c.execute("DELETE FROM files WHERE index_id=? AND filename=?", (index_id, filename))
         c.execute(
-            "INSERT " + ("OR REPLACE " if replace else "") + "INTO files (index_id, "
+            "INSERT INTO files (index_id, "
             "version_id, filename, rel, sha256, size, uploaded, requires_python, "
             "core_metadata, for_filename, log) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (index_id, version_id, filename, rel, sha256, size, uploaded, requires_python,
@@ -3129,21 +3175,30 @@ class Store:
         c.execute("DELETE FROM gone WHERE index_id=? AND filename=? AND sha256=?",
                   (index_id, filename, sha256))
         if rel == "releasefile":  # (no silent substitution: the first hash is remembered)
-            c.execute("INSERT OR IGNORE INTO first_hashes VALUES (?,?,?)",
+            c.execute("INSERT INTO first_hashes VALUES (?,?,?) ON CONFLICT DO NOTHING",
                       (index_id, filename, sha256))
 
     @staticmethod
     def insert_audit(c, at, actor, action, index_path, project, record, id=None):
         """An audit record (``record``: a dict without its id, which the row gives it);
         ``id``: an imported record's own. Rows are only ever added (see Model.audit)."""
-        c.execute("INSERT INTO audit (id, at, actor, action, index_path, project, record) "
-                  "VALUES (?,?,?,?,?,?,?)", (id, at, actor, action, index_path, project,
-                                             json.dumps(record)))  # (ASCII: always sendable)
+        row = (at, actor, action, index_path, project, json.dumps(record))  # (ASCII)
+        if id is None:  # (numbered by the table, as rows of the log come)
+            c.execute("INSERT INTO audit (at, actor, action, index_path, project, record) "
+                      "VALUES (?,?,?,?,?,?)", row)
+        else:
+            c.execute("INSERT INTO audit (id, at, actor, action, index_path, project, "
+                      "record) VALUES (?,?,?,?,?,?,?)", (id,) + row)
 
     # -- blobs ------------------------------------------------------------------------
 
-    def blob_path(self, sha256):
+    def _blob_file(self, sha256):
+        """Where the blob ``sha256`` lies in this server directory."""
         return os.path.join(self.files_dir, sha256[:2], sha256[2:4], sha256)
+
+    def blob_path(self, sha256):
+        """The file to read the blob ``sha256`` from (it may not exist: no such blob)."""
+        return self._blob_file(sha256)
 
     def new_tmp(self):
         fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
@@ -3151,8 +3206,9 @@ class Store:
 
     def place_blob(self, tmp_path, sha256):
         """Move a complete temporary file into its content address (fsynced first)."""
-        dest = self.blob_path(sha256)
+        dest = self._blob_file(sha256)
         if os.path.exists(dest):
+            self._share_blob(sha256, dest)
             _unlink_quiet(tmp_path)
             return dest
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -3161,7 +3217,13 @@ class Store:
                 os.fsync(f.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, dest)
+        self._share_blob(sha256, dest)
         return dest
+
+    def _share_blob(self, sha256, path):
+        """Make a blob about to be named by a row readable by every process that shares
+        this storage (in the current write transaction, if any). A SQLite directory's
+        blobs are its own files already."""
 
     def stage_blob(self, tmp_path, sha256):
         """Put a complete temporary file (fsynced already, if ``sync_each_blob``) at its
@@ -3171,7 +3233,7 @@ class Store:
         waits under no write lock. Should the blob go meanwhile (another transaction
         dropped an unused blob of the same bytes), ``place_blob`` puts it back from the
         temporary file. Where hard links fail, it is all left to ``place_blob``."""
-        dest = self.blob_path(sha256)
+        dest = self._blob_file(sha256)
         if os.path.exists(dest):
             return
         try:
@@ -3184,7 +3246,10 @@ class Store:
     def put_bytes(self, data):
         """Store bytes as a blob; returns their sha256."""
         sha = hashlib.sha256(data).hexdigest()
-        if not os.path.exists(self.blob_path(sha)):
+        path = self._blob_file(sha)
+        if os.path.exists(path):
+            self._share_blob(sha, path)
+        else:
             f, tmp = self.new_tmp()
             with f:
                 f.write(data)
@@ -3201,7 +3266,618 @@ class Store:
         for sha in shas:
             if c.execute("SELECT 1 FROM files WHERE sha256=? OR core_metadata=? LIMIT 1",
                          (sha, sha)).fetchone() is None:
-                _unlink_quiet(self.blob_path(sha))
+                _unlink_quiet(self._blob_file(sha))
+
+
+# -- PostgreSQL: the same tables on a database several processes share -----------------
+#
+# ``--storage pg8000[:host=H,port=P,database=D,user=U,password=PW,unix_sock=S,ssl_...]``
+# (devpi-postgresql's own spelling) or ``--pg-url postgresql://user:pw@host:port/db``. The
+# SQL above is the SQL PostgreSQL runs: upserts (ON CONFLICT) and the rest are spelled as
+# both engines take them, and the few differences have one owner, ``pg_statement`` (a
+# statement's placeholders, the column named "user" that PostgreSQL reserves, the id an
+# INSERT gave its row) and ``pg_schema`` (the types, the audit log's triggers). Every
+# process keeps a server directory of its own for what is local: a cache of the blobs (the
+# bytes live in the database, so that it is the only state processes share), temporary
+# files and its lock.
+
+PG_SETTINGS = ("database", "host", "port", "unix_sock", "user", "password",
+               "ssl_check_hostname", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+PG_DEFAULTS = {"host": "localhost", "port": 5432, "database": "devpi"}  # devpi-postgresql's
+PG_CHANNEL = "minidevpi"       # LISTEN/NOTIFY channel of the commits (Store.listen)
+PG_WRITE_LOCK = 0x6D696E6964   # advisory lock every write transaction holds to its commit
+PG_MAX_CONNECTIONS = 32        # a process's connections; a request waits for a free one
+PG_CONNECTION_WAIT = 30        # seconds a request waits for a connection before a 503
+PG_CHUNK = 1024 * 1024         # bytes of a blob one row of blob_chunks holds
+PG_NOTE_MAX = 7000             # bytes of a commit's notification (PostgreSQL: < 8000)
+PG_ONLY_TABLES = """
+CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_chunks (
+    sha256 TEXT NOT NULL, n INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (sha256, n));
+CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+DROP TRIGGER IF EXISTS audit_no_change ON audit;
+CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE PROCEDURE audit_append_only();
+"""
+
+
+def parse_storage(spec, pg_url=None):
+    """The pg8000 connection settings of ``--storage``/``--pg-url``, or None for SQLite
+    (``spec`` None or 'sqlite' and no URL). ValueError says what is wrong."""
+    if spec in (None, "", "sqlite"):
+        if pg_url:
+            spec = "pg8000"
+        else:
+            return None
+    kind, _, rest = spec.partition(":")
+    if kind != "pg8000":
+        raise ValueError("--storage %s: minidevpi stores in sqlite (the default) or "
+                         "pg8000 (PostgreSQL)" % spec)
+    settings = dict(PG_DEFAULTS)
+    if pg_url:
+        u = urllib.parse.urlsplit(pg_url)
+        if u.scheme not in ("postgresql", "postgres") or u.query or u.fragment:
+            raise ValueError("--pg-url %s: expected postgresql://USER[:PASSWORD]@HOST[:PORT]"
+                             "/DATABASE" % re.sub(r":[^:@/]*@", ":***@", pg_url))
+        try:
+            port = u.port
+        except ValueError:
+            raise ValueError("--pg-url: the port is not a number")
+        for key, value in (("user", u.username), ("password", u.password),
+                           ("host", u.hostname), ("port", port),
+                           ("database", u.path.lstrip("/"))):
+            if value:
+                settings[key] = urllib.parse.unquote(value) if isinstance(value, str) \
+                    else value
+    for item in rest.split(",") if rest else ():
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in PG_SETTINGS:
+            raise ValueError("--storage pg8000: %r is not one of %s" % (
+                item, ", ".join(k + "=..." for k in PG_SETTINGS)))
+        settings[key] = value
+    try:
+        settings["port"] = int(settings["port"])
+    except ValueError:
+        raise ValueError("--storage pg8000: port=%s is not a number" % settings["port"])
+    if "unix_sock" in settings:
+        settings.pop("host", None)
+    settings.setdefault("user", getpass.getuser())
+    return settings
+
+
+def open_store(serverdir, storage=None, pg_url=None):
+    """The Store of ``serverdir``: SQLite in it, or (``storage`` a pg8000 spec, or the
+    settings parse_storage made of one) PostgreSQL with ``serverdir`` as this process's
+    local directory."""
+    if isinstance(storage, dict):
+        return PgStore(serverdir, storage)
+    try:
+        settings = parse_storage(storage, pg_url)
+    except ValueError as e:
+        raise MinidevpiError(str(e))
+    return Store(serverdir) if settings is None else PgStore(serverdir, settings)
+
+
+_PG_LITERAL = re.compile(r"('(?:[^']|'')*')")
+_PG_USER = re.compile(r'(?<![\w"])user(?![\w"])')
+_PG_INSERT = re.compile(r"\s*INSERT INTO (\w+)", re.I)
+# the tables whose rows an INSERT numbers (sqlite3's lastrowid: RETURNING id here)
+_PG_ID_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(\s*id INTEGER "
+                                     r"PRIMARY KEY", SCHEMA))
+
+
+@functools.lru_cache(maxsize=2048)
+def pg_statement(sql):
+    """(statement, returns_id): ``sql`` as the code above writes it (SQLite's), as
+    PostgreSQL takes it: ``?`` placeholders numbered, the column ``user`` quoted (a
+    reserved word there), an INSERT into a table of numbered rows given ``RETURNING id``
+    (what ``lastrowid`` reads), and a bare BEGIN (a reader's one snapshot: SQLite's WAL
+    gives one) REPEATABLE READ. Text in quotes is left as it is."""
+    parts = _PG_LITERAL.split(sql)
+    n = 0
+    for i in range(0, len(parts), 2):
+        part = _PG_USER.sub('"user"', parts[i])
+        pieces = part.split("?")
+        for j in range(1, len(pieces)):
+            n += 1
+            pieces[j] = "$%d%s" % (n, pieces[j])
+        parts[i] = "".join(pieces)
+    stmt = "".join(parts)
+    if stmt.strip().upper() == "BEGIN":
+        return "BEGIN ISOLATION LEVEL REPEATABLE READ", False
+    m = _PG_INSERT.match(stmt)
+    if m and m.group(1) in _PG_ID_TABLES and "RETURNING" not in stmt.upper():
+        return stmt + " RETURNING id", True
+    return stmt, False
+
+
+def pg_schema():
+    """SCHEMA as PostgreSQL spells it: 64-bit integers and floats, text compared byte by
+    byte as SQLite does (COLLATE "C": pages list in the same order on both), numbered ids
+    as identity columns, yank_history's implicit SQLite rowid made a column (a release's
+    yank states are read in the order they were written), the audit log's triggers in
+    PL/pgSQL, and the tables of the blobs' bytes."""
+    s = re.sub(r"--[^\n]*", "", SCHEMA)
+    s = re.sub(r"CREATE TRIGGER .*?END;", "", s, flags=re.S)
+    s = re.sub(r"\bid INTEGER PRIMARY KEY( AUTOINCREMENT)?",
+               "id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", s)
+    s = re.sub(r"\bINTEGER\b", "BIGINT", s)
+    s = re.sub(r"\bREAL\b", "DOUBLE PRECISION", s)
+    s = re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', s)
+    s = re.sub(r"(CREATE TABLE IF NOT EXISTS yank_history \([^;]*?)\n\);",
+               r"\1,\n    rowid BIGINT GENERATED BY DEFAULT AS IDENTITY\n);", s)
+    return _PG_USER.sub('"user"', s) + PG_ONLY_TABLES
+
+
+def _import_pg8000():
+    try:
+        import pg8000.native
+    except ImportError:
+        raise MinidevpiError("--storage pg8000 needs the pg8000 package (pure Python, no "
+                             "other dependency): pip install pg8000")
+    return pg8000
+
+
+class PgRow(tuple):
+    """A row by position and by column name, as sqlite3.Row answers."""
+    names = {}
+
+    def __getitem__(self, key):
+        if key.__class__ is str:
+            return tuple.__getitem__(self, self.names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        return list(self.names)
+
+
+_PG_ROW_TYPES = {}
+
+
+def _pg_row_type(columns):
+    names = tuple(col["name"] for col in columns)
+    cls = _PG_ROW_TYPES.get(names)
+    if cls is None:
+        if len(_PG_ROW_TYPES) > 1000:
+            _PG_ROW_TYPES.clear()
+        cls = _PG_ROW_TYPES[names] = type("PgRow", (PgRow,), {
+            "names": {n: i for i, n in enumerate(names)}, "__slots__": ()})
+    return cls
+
+
+class PgResult:
+    """What a statement answered, read as a sqlite3 cursor is."""
+
+    def __init__(self, rows, rowcount, lastrowid=None):
+        self._rows = rows
+        self._at = 0
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self):
+        if self._at >= len(self._rows):
+            return None
+        self._at += 1
+        return self._rows[self._at - 1]
+
+    def fetchall(self):
+        rest = self._rows[self._at:]
+        self._at = len(self._rows)
+        return rest
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+class PgConnection:
+    """A pg8000 connection that answers as the sqlite3 one the code above uses: execute
+    (``?`` placeholders), executemany, executescript, rows by name and position, rowcount
+    and lastrowid; errors raised as sqlite3's (an integrity error as IntegrityError), so
+    the model catches one kind whatever the engine."""
+
+    row_factory = None  # (set by callers that want plain tuples: rows are tuples already)
+
+    def __init__(self, raw, pg8000):
+        self.raw = raw
+        self._pg8000 = pg8000
+        self.broken = False
+
+    def cursor(self):
+        return self
+
+    def execute(self, sql, params=()):
+        stmt, returns_id = pg_statement(sql)
+        vals = tuple(int(v) if v.__class__ is bool else v for v in params)
+        try:
+            ctx = self.raw.execute_unnamed(stmt, vals=vals)
+        except self._pg8000.exceptions.DatabaseError as e:
+            raise self._error(e)
+        except (self._pg8000.exceptions.InterfaceError, OSError) as e:
+            self.broken = True
+            raise sqlite3.OperationalError("PostgreSQL connection lost: %s" % e)
+        rows = ctx.rows
+        if rows is None:
+            return PgResult([], ctx.row_count)
+        if returns_id:
+            return PgResult([], ctx.row_count, rows[0][0] if rows else None)
+        cls = _pg_row_type(ctx.columns)
+        return PgResult([cls(r) for r in rows], ctx.row_count)
+
+    def executemany(self, sql, seq):
+        for params in seq:
+            self.execute(sql, params)
+
+    def executescript(self, script):
+        try:
+            self.raw.execute_simple(script)
+        except self._pg8000.exceptions.DatabaseError as e:
+            raise self._error(e)
+
+    @staticmethod
+    def _error(e):
+        info = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
+        msg = info.get("M") or str(e)
+        if str(info.get("C", "")).startswith("23"):
+            return sqlite3.IntegrityError(msg)
+        return sqlite3.OperationalError(msg)
+
+    def close(self):
+        try:
+            self.raw.close()
+        except Exception:
+            pass
+
+
+class PgStore(Store):
+    """The Store on PostgreSQL (``--storage pg8000``), which several ``serve`` processes,
+    on one machine or several, share.
+
+    Every write transaction holds one advisory lock to its commit: writes are one at a
+    time across all processes, as SQLite's are in one, so the model's checks hold as they
+    do there; reads run side by side on their own connections (a bounded pool). Each
+    commit notifies the other processes (LISTEN/NOTIFY) of what changed, and they forget
+    the same cached pages the writer does. A blob's bytes are rows of blob_chunks, in the
+    database before the row that names them commits; each process copies a blob into its
+    own directory the first time it serves it, and sends it from there with sendfile.
+    """
+
+    pooled = True
+
+    def __init__(self, serverdir, settings):
+        super().__init__(serverdir)
+        self.settings = settings
+        self.db_path = None
+        self._pg8000 = _import_pg8000()
+        self._slots = threading.BoundedSemaphore(PG_MAX_CONNECTIONS)
+        self._holders = {}  # thread ident -> (thread, connection) for each slot taken
+        self._listeners = []
+        self._listener = None
+        self._stopping = threading.Event()
+        self.instance = secrets.token_hex(8)  # (a process's own notifications: skipped)
+
+    def __str__(self):
+        s = self.settings
+        return "postgresql://%s@%s/%s" % (s.get("user"), s.get("unix_sock") or "%s:%s" % (
+            s.get("host"), s.get("port")), s.get("database"))
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def is_initialised(self):
+        c = self._connect()
+        try:
+            return c.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]
+        finally:
+            c.close()
+
+    def create(self):
+        os.makedirs(self.serverdir, exist_ok=True)
+        os.makedirs(self.files_dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self.lock()
+        c = self._connect()
+        try:
+            c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            c.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+            if c.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
+                c.execute("ROLLBACK")
+                raise MinidevpiError("the database %s is already initialised" % self)
+            c.executescript(self.schema_sql())
+            self.set_meta(c, "schema_version", str(SCHEMA_VERSION))
+            for key, value in (("uuid", secrets.token_hex(16)), ("serial", "0"),
+                               ("secret", secrets.token_hex(32))):
+                self.set_meta(c, key, value)
+            c.execute("COMMIT")
+        finally:
+            c.close()
+
+    def open(self, readonly=False):
+        if os.path.exists(os.path.join(self.serverdir, DB_NAME)):
+            raise MinidevpiError("%s holds a SQLite server: give another directory for this "
+                                 "process, or move that server onto PostgreSQL with export "
+                                 "and import" % self.serverdir)
+        os.makedirs(self.serverdir, exist_ok=True)  # (this process's: cache and lock)
+        super().open(readonly)
+
+    def destroy(self):
+        """Drop every table (an import into this database that failed half way)."""
+        c = self._connect()
+        try:
+            c.executescript("DROP TABLE IF EXISTS %s CASCADE; DROP FUNCTION IF EXISTS "
+                            "audit_append_only() CASCADE;" % ", ".join(
+                                re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)",
+                                           SCHEMA + PG_ONLY_TABLES)))
+        finally:
+            c.close()
+
+    def _load_secret(self, conn):
+        return conn.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0].encode()
+
+    @staticmethod
+    def schema_sql():
+        return pg_schema()
+
+    backend = "PostgreSQL"
+    fts5 = False
+
+    def close(self):
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.join(5)
+            self._listener = None
+        super().close()
+        self._holders = {}
+        self._slots = threading.BoundedSemaphore(PG_MAX_CONNECTIONS)
+
+    def fix_ids(self):
+        """After rows were written with their ids (an import's audit log), the next ids
+        come after them."""
+        with self.write() as c:
+            for table in sorted(_PG_ID_TABLES):
+                c.execute("SELECT setval(pg_get_serial_sequence('%s', 'id'), "
+                          "GREATEST((SELECT MAX(id) FROM %s), 1))" % (table, table))
+
+    # -- connections and transactions -----------------------------------------------
+
+    def _connect(self):
+        kw = {k: v for k, v in self.settings.items() if not k.startswith("ssl_")}
+        if any(k.startswith("ssl_") for k in self.settings):
+            import ssl
+            ctx = ssl.create_default_context(cafile=self.settings.get("ssl_ca_certs"))
+            if self.settings.get("ssl_certfile"):
+                ctx.load_cert_chain(self.settings["ssl_certfile"],
+                                    self.settings.get("ssl_keyfile"))
+            if self.settings.get("ssl_check_hostname", "true").lower() in ("0", "false", "no"):
+                ctx.check_hostname = False
+            kw["ssl_context"] = ctx
+        try:
+            raw = self._pg8000.native.Connection(application_name="minidevpi", **kw)
+        except self._pg8000.exceptions.DatabaseError as e:
+            raise HTTPError(503, "PostgreSQL at %s refused: %s" % (
+                self, PgConnection._error(e)))
+        except (self._pg8000.exceptions.InterfaceError, OSError) as e:
+            raise HTTPError(503, "PostgreSQL at %s can't be reached: %s" % (self, e))
+        return PgConnection(raw, self._pg8000)
+
+    def conn(self):
+        """This thread's connection: taken from the pool (waiting while all are taken)
+        until ``release_conn``, which the HTTP layer calls after each request."""
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            if not c.broken:
+                return c
+            self._local.conn = None
+            self._give_back(threading.get_ident(), c)
+        deadline = time.monotonic() + PG_CONNECTION_WAIT
+        while not self._slots.acquire(timeout=0.5):
+            self._reap()
+            if time.monotonic() > deadline:
+                raise HTTPError(503, "server busy: all %d database connections are in use, "
+                                     "try again" % PG_MAX_CONNECTIONS)
+        try:
+            with self._conns_lock:
+                c = self._idle.pop() if self._idle else None
+            if c is None:
+                c = self._connect()
+                with self._conns_lock:
+                    self._conns.append(c)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._holders[threading.get_ident()] = (threading.current_thread(), c)
+        self._local.conn = c
+        return c
+
+    def release_conn(self):
+        c = getattr(self._local, "conn", None)
+        if c is None or getattr(self._local, "in_write", False):
+            return
+        self._local.conn = None
+        self._give_back(threading.get_ident(), c)
+
+    def _give_back(self, ident, c):
+        if self._holders.pop(ident, None) is None:
+            return
+        with self._conns_lock:
+            if not c.broken:
+                self._idle.append(c)
+            elif c in self._conns:
+                self._conns.remove(c)
+        if c.broken:
+            c.close()
+        self._slots.release()
+
+    def _reap(self):
+        """Give back the connections of threads that ended without giving them back."""
+        for ident, (thread, c) in list(self._holders.items()):
+            if not thread.is_alive():
+                self._give_back(ident, c)
+
+    def _begin(self, c):
+        c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        c.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+
+    def _commit(self, c):
+        serial = int(c.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) "
+            "WHERE key='serial' RETURNING value").fetchone()[0])
+        note = json.dumps([self.instance, serial, self._local.notes], separators=(",", ":"))
+        if len(note) > PG_NOTE_MAX:
+            note = json.dumps([self.instance, serial, None])
+        c.execute("SELECT pg_notify(?, ?)", (PG_CHANNEL, note))
+        c.execute("COMMIT")
+        return serial
+
+    def _rollback(self, c):
+        try:
+            c.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def notify(self, note):
+        if getattr(self._local, "in_write", False):
+            self._local.notes.append(note)
+
+    def listen(self, fn):
+        self._listeners.append(fn)
+        if self._listener is None:
+            self._stopping.clear()
+            self._listener = threading.Thread(target=self._listen, name="minidevpi-listen",
+                                              daemon=True)
+            self._listener.start()
+
+    def _listen(self):
+        """One connection that LISTENs; every commit of another process is told to the
+        listeners (after a lost connection, "anything may have changed")."""
+        import select
+        while not self._stopping.is_set():
+            c = None
+            try:
+                c = self._connect()
+                c.raw.run("LISTEN %s" % PG_CHANNEL)
+                self._heard(None)
+                sock = getattr(c.raw, "_usock", None)
+                while not self._stopping.is_set():
+                    if sock is not None:
+                        select.select([sock], [], [], 0.5)
+                    else:
+                        self._stopping.wait(0.05)
+                    c.raw.run("SELECT 1")  # (reads the notifications that came)
+                    got = list(c.raw.notifications)
+                    c.raw.notifications.clear()
+                    if len(got) >= (c.raw.notifications.maxlen or 1 << 30):
+                        self._heard(None)  # (some may have been dropped)
+                        continue
+                    for _pid, _channel, payload in got:
+                        self._heard(payload)
+            except Exception as e:
+                if not self._stopping.is_set():
+                    log("WARNING: listening to %s: %s; again in 1 s" % (self, e))
+                    self._stopping.wait(1)
+            finally:
+                if c is not None:
+                    c.close()
+
+    def _heard(self, payload):
+        notes = None
+        if payload is not None:
+            try:
+                instance, serial, notes = json.loads(payload)
+            except ValueError:
+                instance, serial = None, 0
+            if instance == self.instance:
+                return
+            self.serial = max(self.serial, serial)
+        for fn in self._listeners:
+            try:
+                fn(notes)
+            except Exception as e:
+                log("WARNING: a change another process made: %s" % e)
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def blob_path(self, sha256):
+        path = self._blob_file(sha256)
+        if not os.path.exists(path):
+            self._fetch_blob(sha256, path)
+        return path
+
+    def _fetch_blob(self, sha256, path):
+        """Copy the blob from the database into this process's directory (checked against
+        its hash on the way: a damaged copy is never placed)."""
+        c = self.conn()
+        if c.execute("SELECT 1 FROM blobs WHERE sha256=?", (sha256,)).fetchone() is None:
+            return
+        f, tmp = self.new_tmp()
+        digest = hashlib.sha256()
+        with f:
+            n = 0
+            while True:
+                row = c.execute("SELECT data FROM blob_chunks WHERE sha256=? AND n=?",
+                                (sha256, n)).fetchone()
+                if row is None:
+                    break
+                f.write(row[0])
+                digest.update(row[0])
+                n += 1
+        if digest.hexdigest() != sha256:
+            _unlink_quiet(tmp)
+            log("WARNING: the bytes of blob %s in the database do not match it" % sha256)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+    def _share_blob(self, sha256, path):
+        c = self.conn()
+        if c.execute("SELECT 1 FROM blobs WHERE sha256=?", (sha256,)).fetchone() is not None:
+            return
+        own = not getattr(self._local, "in_write", False)
+        if own:
+            c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        try:
+            size = 0
+            with open(path, "rb") as f:
+                n = 0
+                while True:
+                    chunk = f.read(PG_CHUNK)
+                    if not chunk and n:
+                        break
+                    c.execute("INSERT INTO blob_chunks VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                              (sha256, n, chunk))
+                    size += len(chunk)
+                    n += 1
+                    if not chunk:
+                        break
+            c.execute("INSERT INTO blobs VALUES (?,?) ON CONFLICT DO NOTHING", (sha256, size))
+            if own:
+                c.execute("COMMIT")
+        except BaseException:
+            if own:
+                self._rollback(c)
+            raise
+
+    def stage_blob(self, tmp_path, sha256):
+        super().stage_blob(tmp_path, sha256)
+        self._share_blob(sha256, tmp_path)  # (its bytes travel before the write's lock)
+
+    def _drop_blobs(self, c, shas):
+        # (after the commit: a transaction of its own, one at a time with the writes, so
+        # that a write placing the same bytes meanwhile finds them gone and puts them back)
+        c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        try:
+            c.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
+            for sha in shas:
+                if c.execute("SELECT 1 FROM files WHERE sha256=? OR core_metadata=? LIMIT 1",
+                             (sha, sha)).fetchone() is None:
+                    c.execute("DELETE FROM blob_chunks WHERE sha256=?", (sha,))
+                    c.execute("DELETE FROM blobs WHERE sha256=?", (sha,))
+                    _unlink_quiet(self._blob_file(sha))
+            c.execute("COMMIT")
+        except BaseException:
+            self._rollback(c)
+            raise
 
 
 # -- the search index: derived rows, kept in step by the model -------------------------
@@ -3252,11 +3928,14 @@ class SearchIndex:
         if _FTS5 is None:
             _FTS5 = fts5_available()
         self.store = store
-        self.fts = _FTS5
+        self.fts = _FTS5 and store.fts5
 
     @property
     def backend(self):
-        return "SQLite FTS5" if self.fts else "SQL LIKE (this sqlite3 has no FTS5)"
+        if self.fts:
+            return "SQLite FTS5"
+        return "SQL LIKE" + (" (this sqlite3 has no FTS5)" if self.store.fts5 else
+                             " on " + self.store.backend)
 
     def prepare(self):
         """At open: the full-text table and its triggers where FTS5 exists (dropped where
@@ -3270,7 +3949,7 @@ class SearchIndex:
                 self._triggers(c, True)
             else:
                 self._triggers(c, False)
-            c.execute("INSERT OR REPLACE INTO meta VALUES ('search_state', ?)", (state,))
+            self.store.set_meta(c, "search_state", state)
             # what start costs does not grow with the projects: the rows are in step when
             # the newest project has its row (the model writes rows in the transaction that
             # changes a project, an import calls fill; a row goes with its project)
@@ -3280,6 +3959,8 @@ class SearchIndex:
                 self.rebuild(c)
 
     def _triggers(self, c, on):
+        if not self.store.fts5:
+            return  # (an engine without FTS5 never had them)
         for name, body in self.FTS_TRIGGERS:
             c.execute("DROP TRIGGER IF EXISTS %s" % name)
             if on:
@@ -3834,8 +4515,7 @@ class Accounts:
     def end_sessions(self, name):
         """Log ``name`` out of every browser: a new session generation."""
         with self.store.write() as c:
-            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                      ("session:" + name, secrets.token_hex(16)))
+            self.store.set_meta(c, "session:" + name, secrets.token_hex(16))
 
     def login_form_token(self, nonce):
         """The login form's CSRF token for the browser whose login cookie is ``nonce``."""
@@ -5256,15 +5936,38 @@ class Model:
     def _changed(self, projects=(), config=False, project_set=False, kept=()):
         if (projects or kept) and not config:  # (a config change changes no release)
             self.search.changed(list(projects) + list(kept))
+        # the other processes on the same storage are told in the same words (remote_changed)
+        self.store.notify(["changed", config, project_set if project_set is True
+                           else list(project_set or ()), [] if config else list(projects),
+                           list(kept)])
+        self.store.after_commit(lambda _c: self._tell(config, project_set, projects, kept))
 
-        def tell(_c):
-            if config:
-                self._index_cache = {}
-                self._server_policy = None
-                self._listing_filters = {}
-            for fn in self._change_listeners:
-                fn(config, project_set, projects, kept)
-        self.store.after_commit(tell)
+    def _tell(self, config, project_set, projects, kept):
+        if config:
+            self._index_cache = {}
+            self._server_policy = None
+            self._listing_filters = {}
+        for fn in self._change_listeners:
+            fn(config, project_set, projects, kept)
+
+    def _upstream_changed(self, index_id):
+        """An index got a new mirror_url (call inside the write transaction)."""
+        self.store.notify(["upstream", index_id])
+        for fn in self._upstream_listeners:
+            self.store.after_commit(lambda _c, fn=fn: fn(index_id))
+
+    def remote_changed(self, notes):
+        """What another process sharing the storage committed (Store.listen): the same
+        caches forgotten as for a change made here. ``notes`` None: anything may have."""
+        if notes is None:
+            self._tell(True, True, (), ())
+            return
+        for note in notes:
+            if note[0] == "changed":
+                self._tell(*note[1:])
+            elif note[0] == "upstream":
+                for fn in self._upstream_listeners:
+                    fn(note[1])
 
     # -- the audit log (see AuditContext) -----------------------------------------------
 
@@ -5824,8 +6527,7 @@ class Model:
             if config.get("mirror_url") != current.get("mirror_url"):
                 # a new upstream takes effect at once: forget what the old one said
                 c.execute("DELETE FROM mirror_pages WHERE index_id=?", (ix.id,))
-                for fn in self._upstream_listeners:
-                    self.store.after_commit(lambda _c, fn=fn: fn(ix.id))
+                self._upstream_changed(ix.id)
             self._changed(config=True, project_set=True, projects=self._all_project_names(c))
         return config
 
@@ -6312,8 +7014,8 @@ class Model:
         again)."""
         old = [r["id"] for r in c.execute(
             "SELECT id FROM files WHERE +index_id=? AND rel='toxresult' AND for_filename=? "
-            "ORDER BY uploaded DESC, id DESC LIMIT -1 OFFSET ?",
-            (ix.id, for_filename, TOXRESULTS_KEPT)).fetchall()]
+            "ORDER BY uploaded DESC, id DESC LIMIT ? OFFSET ?",
+            (ix.id, for_filename, 2 ** 62, TOXRESULTS_KEPT)).fetchall()]
         if old:
             marks = ",".join("?" * len(old))
             self._delete_files(c, ix, "f.id IN (%s)" % marks, old)
@@ -6376,14 +7078,15 @@ class Model:
         """Drop a file row that another of its name replaces: its URL answers 410, and its
         blobs go once nothing names them."""
         c.execute("DELETE FROM files WHERE id=?", (file_id,))
-        c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)", (index_id, filename, sha256))
+        c.execute("INSERT INTO gone VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                  (index_id, filename, sha256))
         self.store.drop_unused_blobs([sha256, core_metadata])
 
     def _delete_files(self, c, ix, where, args):
         rows = c.execute("SELECT f.id, f.filename, f.sha256, f.core_metadata FROM files f "
                          "WHERE " + where, args).fetchall()
         for r in rows:
-            c.execute("INSERT OR IGNORE INTO gone VALUES (?,?,?)",
+            c.execute("INSERT INTO gone VALUES (?,?,?) ON CONFLICT DO NOTHING",
                       (ix.id, r["filename"], r["sha256"]))
         shas = [r["sha256"] for r in rows] + [r["core_metadata"] for r in rows]
         self.store.drop_unused_blobs(shas)
@@ -8389,7 +9092,11 @@ class Mirror:
                     old is not None and tuple(stamp) != (old["fetched"], old["status"])):
                 old = self._row(ix, norm)
                 data = self._merged(ix, norm, old, entries, now)
-            c.execute("INSERT OR REPLACE INTO mirror_pages VALUES (?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO mirror_pages VALUES (?,?,?,?,?,?,?,?) ON CONFLICT "
+                      "(index_id, project) DO UPDATE SET fetched=excluded.fetched, "
+                      "status=excluded.status, etag=excluded.etag, "
+                      "last_modified=excluded.last_modified, display=excluded.display, "
+                      "files=excluded.files",
                       (ix.id, norm, now, status, etag, last_modified, display, data))
             # (the next reads of this page take these entries, not a parse of ``data``)
             self.store.after_commit(lambda _c: self._remember((ix.id, norm), data, entries))
@@ -8432,7 +9139,9 @@ class Mirror:
             if was is not None and was[0] == what and was[2] == sha:
                 continue
             since = was[1] if was is not None and was[0] == what else now
-            c.execute("INSERT OR REPLACE INTO upstream_changes VALUES (?,?,?,?,?,?)",
+            c.execute("INSERT INTO upstream_changes VALUES (?,?,?,?,?,?) ON CONFLICT "
+                      "(index_id, filename) DO UPDATE SET project=excluded.project, "
+                      "what=excluded.what, since=excluded.since, sha256=excluded.sha256",
                       (ix.id, norm, filename, what, since, sha))
             changed = True
             if what == "removed":
@@ -8818,7 +9527,9 @@ class Mirror:
                                          "object; not kept" % filename)
             with self.store.write() as c:
                 sha = self.store.put_bytes(data)
-                c.execute("INSERT OR REPLACE INTO provenance VALUES (?,?,?,?)",
+                c.execute("INSERT INTO provenance VALUES (?,?,?,?) ON CONFLICT (index_id, "
+                          "filename) DO UPDATE SET project=excluded.project, "
+                          "sha256=excluded.sha256",
                           (ix.id, normalize_name(split_filename(filename)[0]), filename, sha))
         return self.store.blob_path(sha), sha
 
@@ -11289,6 +12000,7 @@ class App(WebPages):
         self.pages = PageCache()
         self.listing_files = ListingFiles(self.store.tmp_dir)
         model.on_change(self.pages.changed)
+        model.store.listen(model.remote_changed)  # (the commits of other processes, if any)
         self._doc_cache = {}  # sha256 of a doc zip: its members (App._doc_members)
         self._doc_cache_lock = threading.Lock()
         self._doc_slots = threading.BoundedSemaphore(DOC_INFLATE_SLOTS)
@@ -12702,6 +13414,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             with Client.serving(Client(self._client_here)):
                 self._dispatch()
         finally:
+            if server.app.store.pooled:  # (a bounded pool: back after each request)
+                server.app.store.release_conn()
             with server.connections_lock:
                 server.busy.discard(self.connection)
 
@@ -13157,16 +13871,18 @@ def check_root_pwhash(root_pwhash):
 
 
 def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=True,
-                   mirror_url=None, hash_soon=False, root_unusable=False, audit=True):
+                   mirror_url=None, hash_soon=False, root_unusable=False, audit=True,
+                   storage=None):
     """Create a server directory with root and (unless told not to) root/pypi.
 
     Returns the Store, opened. Refuses a directory that is already initialised. Its audit
     log begins with one server.init record (``audit``; an import gives it the dump's).
     """
     check_root_pwhash(root_pwhash)
-    store = Store(serverdir)
+    store = open_store(serverdir, storage)
     if store.is_initialised():
-        raise MinidevpiError("%s is already initialised; nothing was changed" % store.serverdir)
+        raise MinidevpiError("%s is already initialised; nothing was changed" % (
+            store if storage else store.serverdir))
     if os.path.isdir(serverdir) and os.listdir(serverdir):
         raise MinidevpiError("%s is not empty; initialise a new or empty directory"
                         % store.serverdir)
@@ -13408,15 +14124,17 @@ class JsonOut:
 EXPORT_SKIPPED_SHOWN = 20  # rows left out of an export that its warning names
 
 
-def export_server(serverdir, target, include_mirrored=False, hard_links=False, quiet=False):
+def export_server(serverdir, target, include_mirrored=False, hard_links=False, quiet=False,
+                  storage=None):
     """Write a devpi-compatible dump of the server at ``serverdir`` into ``target`` (new or
     empty). Reads one consistent snapshot, so a running server may go on meanwhile.
     Streams: rows are read with cursors and dataindex.json is written as they come, so
     memory stays flat whatever the number of projects and files.
     Returns a list of lines to tell the user."""
-    store = Store(serverdir)
+    store = open_store(serverdir, storage)
     if not store.is_initialised():
-        raise MinidevpiError("%s contains no minidevpi server" % store.serverdir)
+        raise MinidevpiError("%s contains no minidevpi server" % (
+            store if storage else store.serverdir))
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise MinidevpiError("export directory %s must not exist or be empty" % target)
     store.open(readonly=True)
@@ -14305,16 +15023,21 @@ def _base_cycle(indexes):
 
 
 def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_pypi=True,
-                  skip_types=(), hard_links=False, quiet=False):
+                  skip_types=(), hard_links=False, quiet=False, storage=None):
     """Create a server at ``serverdir`` (new or empty) from a devpi or minidevpi dump.
 
     Everything is checked first (every file's sha256 included); a damaged dump is refused
     with the list of problems and nothing is written. The server is built beside the
     target and moved into place only when complete. dataindex.json is read as a stream
     (JsonPull) into a scratch database beside the target, so memory stays flat whatever
-    the size of the dump. Returns lines to tell the user.
+    the size of the dump. Returns lines to tell the user. ``storage``: PostgreSQL's
+    settings (parse_storage) to import into its database (empty: no minidevpi tables),
+    with ``serverdir`` as the importing process's local directory.
     """
     check_root_pwhash(root_pwhash)  # the arguments first, before the long checks
+    if storage and open_store(serverdir, storage).is_initialised():
+        raise MinidevpiError("the database %s already holds a server: import into an empty "
+                             "database" % open_store(serverdir, storage))
     dump = os.path.abspath(dump)
     serverdir = os.path.abspath(serverdir)
     if os.path.exists(serverdir) and (not os.path.isdir(serverdir) or os.listdir(serverdir)):
@@ -14345,7 +15068,7 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
             raise MinidevpiError("the export at %s can't be imported:\n  %s"
                                  % (dump, "\n  ".join(problems.lines())))
         return _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_password,
-                               root_pwhash, root_pypi, skip_types, hard_links, quiet)
+                               root_pwhash, root_pypi, skip_types, hard_links, quiet, storage)
     finally:
         if scratch is not None:
             scratch.close()
@@ -14353,9 +15076,10 @@ def import_server(dump, serverdir, root_password=None, root_pwhash=None, root_py
 
 
 def _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_password,
-                    root_pwhash, root_pypi, skip_types, hard_links, quiet):
+                    root_pwhash, root_pypi, skip_types, hard_links, quiet, storage):
     building = tempfile.mkdtemp(prefix=".import-", dir=parent)
     told = []
+    store = None
     try:
         os.rmdir(building)
         indexes = scratch.indexes()
@@ -14363,7 +15087,8 @@ def _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_passwo
         store, model = init_serverdir(
             building, root_password=root_password if root_pwhash is None else None,
             root_pwhash=root_pwhash, root_pypi=root_pypi and not has_pypi,
-            root_unusable=root_password is None and root_pwhash is None, audit=False)
+            root_unusable=root_password is None and root_pwhash is None, audit=False,
+            storage=storage)
         model.context.begin(command_line=True, quiet=True)  # (the dump's log, then one record)
         store.sync_each_blob = False  # 10,000 fsyncs cost more than the copying
         needs_password, stale = _import_users(store, scratch.users(), root_password,
@@ -14383,6 +15108,7 @@ def _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_passwo
                                    Progress("imported", nfiles, quiet))
         _import_audit(store, model, dump, scratch.count("users"), nindexes, told)
         SearchIndex(store).fill()
+        store.fix_ids()
         store.close()
         # everything copied and written is on disk before the server exists under its
         # name: one sync instead of one per file
@@ -14393,6 +15119,9 @@ def _import_checked(dump, scratch, serverdir, parent, notes, nfiles, root_passwo
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
+        if storage and store is not None:  # (the tables it wrote into the database go too)
+            store.close()
+            store.destroy()
         raise
     told.insert(0, "imported %s and %s from %s into %s" % (
         plural(scratch.count("users"), "user"), plural(nindexes, "index", "indexes"), dump,
@@ -14480,8 +15209,10 @@ def _import_users(store, users, root_password, root_pwhash, own_export=False):
                 created = u.get("created") if isinstance(u.get("created"), str) \
                     else "1970-01-01T00:00:00Z"
                 modified = u.get("modified") if isinstance(u.get("modified"), str) else None
-                c.execute("INSERT OR REPLACE INTO users (name, pwhash, config, created, "
-                          "modified) VALUES (?,?,?,?,?)",
+                c.execute("INSERT INTO users (name, pwhash, config, created, modified) "
+                          "VALUES (?,?,?,?,?) ON CONFLICT (name) DO UPDATE SET "
+                          "pwhash=excluded.pwhash, config=excluded.config, "
+                          "created=excluded.created, modified=excluded.modified",
                           (name, pwhash, json.dumps(config), created, modified))
     return needs, stale
 
@@ -14563,8 +15294,8 @@ def _import_releases(store, ix_id, path, seq, is_mirror, scratch, notes, progres
                 elif yanked is False:
                     yanked = None
                 version = str(vdata.get("version") or ver)
-                vid = c.execute("INSERT OR IGNORE INTO versions (project_id, version, "
-                                "metadata, yanked, created) VALUES (?,?,?,?,?)",
+                vid = c.execute("INSERT INTO versions (project_id, version, metadata, "
+                                "yanked, created) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                                 (pid, version, json.dumps(meta), yanked,
                                  time.time())).lastrowid
                 sc.execute("INSERT OR REPLACE INTO vids VALUES (?,?,?,?,?)",
@@ -14594,10 +15325,7 @@ def _import_file(store, c, ix_id, path, seq, is_mirror, sc, f, progress):
     sha, tmp, core, core_tmp, core_none = sc.execute(
         "SELECT sha, dest, core, core_path, core_none FROM staged WHERE rel=?",
         (f["relpath"],)).fetchone()
-    dest = store.blob_path(sha)
-    if not os.path.exists(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.replace(tmp, dest)
+    dest = store.place_blob(tmp, sha)
     filename = os.path.basename(f["relpath"])
     if f["type"] == "doczip":  # stored under the name an upload gives it
         filename = "%s-%s.doc.zip" % (norm, version)
@@ -14614,10 +15342,7 @@ def _import_file(store, c, ix_id, path, seq, is_mirror, sc, f, progress):
     if filename.endswith(".whl") and f["type"] == "releasefile":
         if core:
             meta_sha = core
-            core_dest = store.blob_path(core)
-            if not os.path.exists(core_dest):
-                os.makedirs(os.path.dirname(core_dest), exist_ok=True)
-                os.replace(core_tmp, core_dest)
+            store.place_blob(core_tmp, core)
         elif not core_none:
             try:
                 meta_bytes = read_core_metadata(dest, filename)
@@ -14659,8 +15384,9 @@ class Server:
                  mirror_timeouts=(MIRROR_CONNECT_TIMEOUT, MIRROR_READ_TIMEOUT),
                  max_threads=DEFAULT_THREADS, connection_timeout=DEFAULT_CONNECTION_TIMEOUT,
                  mirror_allow_hosts=(), restrict_reads=False, user_create=None,
-                 mirror_min_rate=MIRROR_MIN_RATE, mirror_creators=None):
+                 mirror_min_rate=MIRROR_MIN_RATE, mirror_creators=None, storage=None):
         self._serverdir_arg = serverdir
+        self.storage = storage
         self.mirror_creators = check_mirror_creators_option(mirror_creators)
         self.mirror_min_rate = mirror_min_rate
         self.restrict_reads = restrict_reads
@@ -14698,7 +15424,7 @@ class Server:
                                           access_log=self.access_log,
                                           max_threads=self.max_threads,
                                           connection_timeout=self.connection_timeout)
-            store = Store(self.serverdir)
+            store = open_store(self.serverdir, self.storage)
             if store.is_initialised():
                 store.open()
                 self.model = Model(store)
@@ -14707,7 +15433,7 @@ class Server:
                     self.root_password = secrets.token_urlsafe(16)
                 store, self.model = init_serverdir(
                     self.serverdir, root_password=self.root_password,
-                    mirror_url=self.mirror_url, hash_soon=True)
+                    mirror_url=self.mirror_url, hash_soon=True, storage=self.storage)
             self.model.restrict_reads = bool(self.restrict_reads)
             self.model.user_create = self.user_create
             self.model.mirror_creators = self.mirror_creators
@@ -14850,7 +15576,7 @@ CONFIG_OPTIONS = dict({
     "root-passwd-hash": str, "no-root-pypi": bool, "mirror-url": str, "access-log": bool,
     "offline-mode": bool, "storage": str, "hard-links": bool, "include-mirrored-files": bool,
     "no-events": bool, "mirror-allow-host": str, "restrict-reads": bool, "user-create": str,
-    "mirror-creators": str,
+    "mirror-creators": str, "pg-url": str,
 }, **NUMBER_OPTIONS)
 
 
@@ -14944,6 +15670,15 @@ def build_parser():
     def common(p):
         p.add_argument("--serverdir", metavar="DIR",
                        help="server directory (default: $MINIDEVPI_SERVERDIR or ~/.minidevpi)")
+        p.add_argument("--storage", metavar="SPEC",
+                       help="sqlite (the default: a database in the server directory), or "
+                            "pg8000[:host=H,port=P,database=D,user=U,password=PW,unix_sock=S] "
+                            "for PostgreSQL (needs: pip install pg8000), which several serve "
+                            "processes share; the server directory then holds this "
+                            "process's cache")
+        p.add_argument("--pg-url", metavar="URL",
+                       help="PostgreSQL as postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+                            "(implies --storage pg8000)")
         p.add_argument("-c", "--configfile", metavar="FILE",
                        help="devpi-server style YAML config file ('devpi-server:' mapping); "
                             "command line options win over it")
@@ -15024,8 +15759,6 @@ def build_parser():
                    help="no access log")
 
     def devpi_compat(p):
-        p.add_argument("--storage", metavar="NAME",
-                       help="accepted for devpi's scripts; only 'sqlite' (changes nothing)")
         p.add_argument("--hard-links", action="store_true", default=None,
                        help="hard-link files instead of copying them where the file system "
                             "allows (says so when it can't)")
@@ -15111,7 +15844,7 @@ def read_new_password():
 
 
 def cmd_passwd(args):
-    store = Store(args.serverdir)
+    store = open_store(args.serverdir, args.storage)
     store.open()  # (refused while a server runs on it: that one changes it with devpi user -m)
     try:
         model = Model(store)
@@ -15126,7 +15859,7 @@ def cmd_passwd(args):
 
 
 def cmd_audit(args):
-    store = Store(args.serverdir)
+    store = open_store(args.serverdir, args.storage)
     if not store.is_initialised():
         raise MinidevpiError("%s contains no minidevpi server" % store.serverdir)
     query = audit_query(lambda key: getattr(args, key))
@@ -15166,7 +15899,8 @@ def cmd_init(args, hash_soon=False):
     store, model = init_serverdir(args.serverdir, root_password=password,
                                   root_pwhash=args.root_passwd_hash,
                                   root_pypi=not args.no_root_pypi,
-                                  mirror_url=args.mirror_url, hash_soon=hash_soon)
+                                  mirror_url=args.mirror_url, hash_soon=hash_soon,
+                                  storage=args.storage)
     print("initialised server directory %s" % os.path.abspath(args.serverdir), flush=True)
     if generated:
         print("root password (shown only now): %s" % password, flush=True)
@@ -15212,8 +15946,12 @@ def cmd_serve(args):
     host, port = httpd.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
     url = "http://%s:%d/" % (shown, port)
-    store = Store(args.serverdir)
-    fresh = not store.is_initialised()
+    try:
+        store = open_store(args.serverdir, args.storage)
+        fresh = not store.is_initialised()
+    except BaseException:
+        httpd.server_close()
+        raise
     try:
         if fresh:
             print("server directory %s is not initialised: initialising it"
@@ -15301,29 +16039,23 @@ SERVE_DEFAULTS = {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "outside_url": Non
                   "restrict_reads": False, "mirror_min_rate": MIRROR_MIN_RATE}
 
 
-def _check_storage(args):
-    if getattr(args, "storage", None) not in (None, "sqlite"):
-        raise SystemExit("error: --storage %s: minidevpi stores in sqlite only"
-                         % args.storage)
-
-
 def cmd_export(args):
-    _check_storage(args)
     lines = export_server(args.serverdir, args.directory,
                           include_mirrored=bool(args.include_mirrored_files),
-                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet),
+                          storage=args.storage)
     for line in lines:
         print(line, flush=True)
     return 0
 
 
 def cmd_import(args):
-    _check_storage(args)
     lines = import_server(args.directory, args.serverdir, root_password=args.root_passwd,
                           root_pwhash=args.root_passwd_hash,
                           root_pypi=not args.no_root_pypi,
                           skip_types=tuple(args.skip_import_type or ()),
-                          hard_links=bool(args.hard_links), quiet=bool(args.quiet))
+                          hard_links=bool(args.hard_links), quiet=bool(args.quiet),
+                          storage=args.storage)
     for line in lines:
         print(line, flush=True)
     return 0
@@ -15341,6 +16073,11 @@ def main(argv=None):
     if getattr(args, "root_passwd", None) is not None and \
             getattr(args, "root_passwd_hash", None) is not None:
         raise SystemExit("error: give --root-passwd or --root-passwd-hash, not both")
+    if hasattr(args, "storage"):  # (None for SQLite, else PostgreSQL's settings)
+        try:
+            args.storage = parse_storage(args.storage, args.pg_url)
+        except ValueError as e:
+            raise SystemExit("error: %s" % e)
     try:
         return run_command(args)
     except MinidevpiError as e:  # what the user got wrong or must know: a message, no traceback
