@@ -381,20 +381,162 @@ def real_kdf(monkeypatch):
     monkeypatch.undo()  # the module's own (slow) parameters
 
 
+# ----------------------------------------------------------------------------------
+# storage: the tests marked `storage` depend on how the server stores; they also run on
+# PostgreSQL (.ci/run does): MINIDEVPI_TEST_PG names a cluster, as `.ci/postgres start DIR`
+# prints it ("host=127.0.0.1,port=54321,user=postgres"), and MINIDEVPI_TEST_BACKEND=pg8000
+# gives every server make_server starts a database of its own there.
+# ----------------------------------------------------------------------------------
+
+STORAGE_MARKER = ("storage: depends on how the server stores (SQLite by default); with "
+                  "MINIDEVPI_TEST_BACKEND=pg8000 and MINIDEVPI_TEST_PG, `-m storage` runs "
+                  "these on PostgreSQL")
+
+
+def pytest_configure(config):
+    """Registers the marker ``storage``. pytest calls this only for a plugin, and the test
+    command loads this module as one (``-p test_minidevpi``, as .ci/run and the README do;
+    pytest then imports the module once, for both). Without it, pytest warns only that
+    ``storage`` is an unknown mark."""
+    config.addinivalue_line("markers", STORAGE_MARKER)
+
+
+TEST_BACKEND = os.environ.get("MINIDEVPI_TEST_BACKEND") or "sqlite"
+if TEST_BACKEND not in ("sqlite", "pg8000"):
+    raise RuntimeError("MINIDEVPI_TEST_BACKEND=%r: it is sqlite (the default) or pg8000"
+                       % TEST_BACKEND)
+
+
+def pg_cluster():
+    """The PostgreSQL cluster MINIDEVPI_TEST_PG names, as a dict (host, port, user, and
+    password, unix_sock where given); skips the test where there is none (fails under
+    MINIDEVPI_REQUIRE_CLIENTS=1)."""
+    value = os.environ.get("MINIDEVPI_TEST_PG", "").strip()
+    if not value:
+        skip_or_fail("no PostgreSQL cluster: MINIDEVPI_TEST_PG is not set "
+                     "(`.ci/postgres start DIR` starts one and prints its value)")
+    cluster = {}
+    for part in value.split(","):
+        key, eq, val = part.partition("=")
+        if not eq or not key.strip():
+            raise AssertionError("MINIDEVPI_TEST_PG=%r: not key=value,...: %r" % (value, part))
+        cluster[key.strip()] = val.strip()
+    return cluster
+
+
+def pg_spec(cluster, database):
+    """The storage spec string for ``database`` on ``cluster``, devpi-postgresql's
+    spelling: ``pg8000:host=H,port=P,database=D,user=U[,password=PW][,unix_sock=PATH]``."""
+    rest = {k: v for k, v in cluster.items() if k not in ("host", "port", "user", "database")}
+    parts = [("host", cluster.get("host", "127.0.0.1")), ("port", cluster.get("port", "5432")),
+             ("database", database), ("user", cluster.get("user", "postgres"))]
+    return "pg8000:" + ",".join("%s=%s" % kv for kv in parts + sorted(rest.items()))
+
+
+def pg_connect(spec_or_cluster, database=None):
+    """A pg8000.native connection (autocommit) to a spec string's database, or to
+    ``database`` on a cluster dict."""
+    try:
+        import pg8000.native
+    except ImportError:
+        skip_or_fail("pg8000 is not installed")
+    if isinstance(spec_or_cluster, str):
+        assert spec_or_cluster.startswith("pg8000:"), spec_or_cluster
+        settings = dict(part.split("=", 1) for part in spec_or_cluster[7:].split(","))
+    else:
+        settings = dict(spec_or_cluster, database=database)
+    kwargs = {"user": settings["user"], "database": settings["database"],
+              "timeout": 60}
+    if settings.get("unix_sock"):
+        kwargs["unix_sock"] = settings["unix_sock"]
+    else:
+        kwargs["host"] = settings.get("host", "127.0.0.1")
+        kwargs["port"] = int(settings.get("port", 5432))
+    if settings.get("password"):
+        kwargs["password"] = settings["password"]
+    return pg8000.native.Connection(**kwargs)
+
+
+def new_pg_database():
+    """A fresh, empty database on the cluster (template0, so nothing in it and the
+    cluster's C collation): (its storage spec string, a callable that drops it). Dropping
+    twice does no harm; it ends the connections still open to it (PostgreSQL 13+)."""
+    cluster = pg_cluster()
+    name = "mdt_%d_%s" % (os.getpid(), os.urandom(6).hex())
+    con = pg_connect(cluster, "postgres")
+    try:
+        con.run("CREATE DATABASE %s TEMPLATE template0" % name)
+    finally:
+        con.close()
+
+    def drop():
+        con = pg_connect(cluster, "postgres")
+        try:
+            con.run("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+        finally:
+            con.close()
+    return pg_spec(cluster, name), drop
+
+
+@pytest.fixture
+def pg_database():
+    """The storage spec string of a fresh, empty PostgreSQL database, dropped afterwards."""
+    spec, drop = new_pg_database()
+    yield spec
+    drop()
+
+
+@pytest.mark.storage
+def test_pg_cluster_answers(pg_database):
+    """The CI's PostgreSQL plumbing end to end: a fresh database answers, is empty and
+    collates bytewise (C), as SQLite orders."""
+    assert pg_database.startswith("pg8000:host=")
+    con = pg_connect(pg_database)
+    try:
+        assert con.run("SELECT 1") == [[1]]
+        # SHOW lc_collate is gone in PostgreSQL 16+: the database's own collation says it
+        assert con.run("SELECT datcollate FROM pg_database WHERE datname = current_database()"
+                       ) == [["C"]]
+        if int(con.run("SHOW server_version_num")[0][0]) < 160000:
+            assert con.run("SHOW lc_collate") == [["C"]]
+        assert con.run("SELECT x FROM (VALUES ('a'), ('B'), ('_'), ('\u00e9')) AS t (x) "
+                       "ORDER BY x") == [["B"], ["_"], ["a"], ["\u00e9"]]
+        assert con.run("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [[0]]
+    finally:
+        con.close()
+
+
 @pytest.fixture
 def make_server():
     """``make_server(serverdir=None, **options)``: a started ``minidevpi.Server``. Every
     server it started is stopped when the test ends, passed or failed (``with
-    make_server(...) as srv:`` stops one earlier, as a test of restarts needs)."""
+    make_server(...) as srv:`` stops one earlier, as a test of restarts needs).
+    Under MINIDEVPI_TEST_BACKEND=pg8000 each server stores in a database of its own, the
+    same one again when a server starts again on the same serverdir (a serverdir of None
+    gets a fresh one each time); they are dropped after the servers stop."""
     started = []
+    databases = {}  # realpath(serverdir) -> storage spec
+    drops = []
 
     def make(serverdir=None, **options):
+        if TEST_BACKEND == "pg8000" and "storage" not in options:
+            key = None if serverdir is None else os.path.realpath(str(serverdir))
+            if key is None or key not in databases:
+                spec, drop = new_pg_database()
+                drops.append(drop)
+                if key is not None:
+                    databases[key] = spec
+            options["storage"] = spec if key is None else databases[key]
         srv = minidevpi.Server(serverdir, **options)
         started.append(srv)
         return srv.start()
     yield make
-    for srv in reversed(started):
-        srv.stop()
+    try:
+        for srv in reversed(started):
+            srv.stop()
+    finally:
+        for drop in drops:
+            drop()
 
 
 @pytest.fixture
@@ -8542,6 +8684,8 @@ def test_readme_test_command_installs_what_ci_installs():
         ci = shlex.split(re.search(r"(?m)^TEST_DEPS=\(([^)]*)\)", f.read()).group(1))
     assert readme == ci and "pytest-xdist" in ci and "devpi-server" in ci, (readme, ci)
     assert "-n" in words[words.index("pytest"):], command
+    # the module loads itself as a plugin to register its marker `storage`
+    assert "-p test_minidevpi" in " ".join(words[words.index("pytest"):]), command
 
 
 def test_pip_install_download_and_index_versions(alice, tmp_path):
