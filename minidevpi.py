@@ -3121,6 +3121,19 @@ class Store:
     def fix_ids(self):
         """(PostgreSQL's identity columns; SQLite numbers rows after the largest id.)"""
 
+    def database_size(self):
+        size = 0
+        for suffix in ("", "-wal"):
+            try:
+                size += os.stat(self.db_path + suffix).st_size
+            except OSError:
+                pass
+        return size
+
+    def where(self):
+        """Where the server's data is, as its status page tells root."""
+        return self.serverdir
+
     def before_commit(self, fn):
         """Run fn(conn) at the end of the current write transaction, in it (derived rows
         of what it changed, written once however many changes it made)."""
@@ -3630,6 +3643,12 @@ class PgStore(Store):
         self._holders = {}
         self._slots = threading.BoundedSemaphore(PG_MAX_CONNECTIONS)
 
+    def database_size(self):
+        return self.conn().execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+    def where(self):
+        return "%s (this process's cache: %s)" % (self, self.serverdir)
+
     def fix_ids(self):
         """After rows were written with their ids (an import's audit log), the next ids
         come after them."""
@@ -4129,7 +4148,7 @@ class SearchIndex:
             return out
         if self.fts:
             match = " ".join('"%s"' % t for t in terms[:-1]) + ' "%s"*' % terms[-1]
-            n = c.execute("SELECT COUNT(*) FROM (SELECT 1 FROM search_fts WHERE search_fts "
+            n = c.execute("SELECT COUNT(*) FROM (SELECT 1 AS one FROM search_fts WHERE search_fts "
                           "MATCH ? LIMIT ?)", (match, SEARCH_RANK_MAX + 1)).fetchone()[0]
             if n <= SEARCH_RANK_MAX:
                 tiers = [(match, "ORDER BY bm25(search_fts, 10.0, 5.0, 5.0, 1.0)")]
@@ -11609,14 +11628,10 @@ class WebPages:
         c = self.store.conn()
         count = lambda sql: c.execute(sql).fetchone()[0]  # noqa: E731
         # (from the rows, not a walk of the directory: a big server has many blobs)
-        blobs = c.execute("SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM "
-                          "files GROUP BY sha256)").fetchone()[0]
-        db = 0
-        for suffix in ("", "-wal"):
-            try:
-                db += os.stat(self.store.db_path + suffix).st_size
-            except OSError:
-                pass
+        blobs = c.execute("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM (SELECT MAX(size) "
+                          "AS size FROM "
+                          "files GROUP BY sha256) AS f").fetchone()[0]
+        db = self.store.database_size()
         up = int(time.time() - getattr(self, "started", time.time()))
         reader = lambda: req.actor  # noqa: E731
         facts = [("version", "minidevpi %s (speaks devpi-server %s)" % (
@@ -11627,7 +11642,7 @@ class WebPages:
             facts += [
                  ("serial", str(self.store.serial)),
                  ("storage", "%s of files, %s of database%s" % (
-                     web_size(blobs), web_size(db), ", in %s" % self.store.serverdir
+                     web_size(blobs), web_size(db), ", in %s" % self.store.where()
                      if m.may_see_serverdir(reader) else "")),
                  ("users", str(count("SELECT COUNT(*) FROM users"))),
                  ("indexes", str(count("SELECT COUNT(*) FROM indexes"))),
