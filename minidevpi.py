@@ -3378,7 +3378,7 @@ _PG_USER = re.compile(r'(?<![\w"])user(?![\w"])')
 _PG_INSERT = re.compile(r"\s*INSERT INTO (\w+)", re.I)
 # the tables whose rows an INSERT numbers (sqlite3's lastrowid: RETURNING id here)
 _PG_ID_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \(\s*id INTEGER "
-                                     r"PRIMARY KEY", SCHEMA))
+                                     r"PRIMARY KEY", re.sub(r"--[^\n]*", "", SCHEMA)))
 
 
 @functools.lru_cache(maxsize=2048)
@@ -15162,6 +15162,7 @@ def _import_audit(store, model, dump, nusers, nindexes, told):
         for rid, at, actor, action, index, project, record in audit_dump_records(dump):
             store.insert_audit(c, at, actor, action, index, project, record, id=rid)
             n += 1
+        store.fix_ids()  # (the import's own record numbered after the dump's)
         model.context.begin(command_line=True)
         model.audit(c, None, "server.import", records=n, users=nusers, indexes=nindexes)
     if n:

@@ -11933,9 +11933,9 @@ def test_import_without_root_password_generates_one(devpi_exports, tmp_path, mak
         assert api(srv.url, path="/root/pypi").status == 404
 
 
-def make_populated_server(make_server, serverdir, tmp_path):
+def make_populated_server(make_server, serverdir, tmp_path, **options):
     """A server with users, indexes, uploads, a push, a yank, a doc zip and a toxresult."""
-    srv = make_server(serverdir, root_password="rootpw")
+    srv = make_server(serverdir, root_password="rootpw", **options)
     srv.model.create_user("root", "alice", {"password": "alicepw", "email": "a@x",
                                             "title": "Alice"})
     srv.model.create_user("root", "bob", {"password": "bobpw"})
@@ -11994,6 +11994,70 @@ def test_round_trip_minidevpi_to_minidevpi(tmp_path, make_server):
     for name, u in dump_json(tmp_path / "dump1")["users"].items():
         assert (name == "root" and "pwhash" not in u or
                 u["pwhash"].startswith("$argon2id$")) and u["minidevpi_pwhash"]
+
+
+# what a server shows, as clients and browsers read it: the same bytes whatever stores it
+SERVED_PAGES = [(path, accept) for path in (
+    "/alice/dev/+simple/samplepkg/", "/alice/prod/+simple/samplepkg/", "/alice/dev/+simple/",
+    "/bob/scratch/+simple/bob-tool/") for accept in ("text/html", simple_accept("json"))] + [
+    (path, "application/json") for path in (
+        "/alice/dev", "/alice/prod", "/alice/dev/samplepkg", "/alice/dev/samplepkg/1.0",
+        "/alice/dev/samplepkg/1.1", "/+api", "/alice", "/bob/scratch")] + [
+    (path, "text/html") for path in (
+        "/alice/dev", "/alice/dev/samplepkg", "/alice/dev/samplepkg/1.0",
+        "/alice/prod/samplepkg/1.0", "/+search?q=samplepkg")]
+
+
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def served_pages(srv):
+    pages = {}
+    for path, accept in SERVED_PAGES:
+        r = http(srv.url, path=path, headers={"Accept": accept}, auth=("alice", "alicepw"))
+        assert r.status == 200, (path, accept, r)
+        # (its port, and how long a search took with which engine: the results are the same)
+        pages[path, accept] = re.sub(rb"\([0-9.]+ ms\)|backend: [^<]*", b"", r.body.replace(
+            srv.url.encode(), b"http://SERVER"))
+    return pages
+
+
+@pytest.mark.storage
+def test_export_and_import_move_a_server_between_sqlite_and_postgresql_with_pages_byte_identical(
+        tmp_path, make_server, pg_database):
+    """sqlite -> export -> import into PostgreSQL (--storage pg8000) -> export -> import into
+    sqlite: every page the same bytes on each, the dumps the same, and pip installs from
+    the PostgreSQL one (its files come out of the database)."""
+    srv = make_populated_server(make_server, tmp_path / "a", tmp_path, storage="sqlite")
+    srv.stop()
+    cli("export", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "a"))
+    cli("import", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "b"))  # sqlite
+    code, out = cli("import", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "pg"),
+                    "--storage", pg_database)
+    assert "imported 3 users and 4 indexes" in out, out
+    code, out = cli("import", str(tmp_path / "dump1"), "--serverdir", str(tmp_path / "pg2"),
+                    "--storage", pg_database, check=False)
+    assert code != 0 and "already holds a server" in out and not (tmp_path / "pg2").exists()
+    cli("export", str(tmp_path / "dump2"), "--serverdir", str(tmp_path / "pg-export"),
+        "--storage", pg_database)
+    cli("import", str(tmp_path / "dump2"), "--serverdir", str(tmp_path / "c"))  # sqlite again
+    assert comparable(dump_json(tmp_path / "dump1")) == comparable(dump_json(tmp_path / "dump2"))
+    with make_server(tmp_path / "b", storage="sqlite") as b:
+        expected = served_pages(b)
+    with make_server(tmp_path / "pg", storage=pg_database) as pg:
+        assert pg.model.store.backend == "PostgreSQL"
+        got = served_pages(pg)
+        for key in expected:
+            assert got[key] == expected[key], (key, got[key][max(0, first_difference(
+                got[key], expected[key]) - 300):][:600], expected[key][max(0, first_difference(
+                    got[key], expected[key]) - 300):][:600])
+        shutil.rmtree(str(tmp_path / "pg" / minidevpi.FILES_DIR))  # (a cache: from the rows)
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            pg.index_url("alice/prod"), "samplepkg")
+        assert (tmp_path / "t" / "samplepkg-1.0.dist-info").is_dir()
+    with make_server(tmp_path / "c", storage="sqlite") as c:
+        assert served_pages(c) == expected
 
 
 def test_damaged_exports_are_refused_and_change_nothing(tmp_path, make_server):
