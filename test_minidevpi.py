@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -2055,6 +2056,90 @@ def test_connections_come_and_go_without_leaking_database_handles(alice):
         assert http(alice.url, path="/alice/dev").status == 200  # a new TCP connection each
     time.sleep(0.2)
     assert len(alice.model.store._conns) <= before + 10
+
+
+@pytest.mark.storage
+def test_two_serve_processes_share_one_postgresql_database_and_a_killed_one_loses_nothing(
+        tmp_path, pg_database):
+    """Two `serve --storage pg8000` processes on one database: what twine uploads through
+    one, pip installs through the other at once (its cached page forgotten by the commit's
+    notification, the file's bytes read from the database); one killed with SIGKILL in the
+    middle of uploads: every upload it answered is on the other, byte for byte."""
+    twine = need("twine")
+    a = ServeProcess("--serverdir", str(tmp_path / "a"), "--storage", pg_database,
+                     "--root-passwd", "rootpw", "--no-root-pypi", "--no-access-log")
+    b = ServeProcess("--serverdir", str(tmp_path / "b"), "--storage", pg_database,
+                     "--no-access-log")
+    procs = [a, b]
+    try:
+        assert api(a.url, "PUT", "/alice", json_body={"password": "secret"},
+                   auth=("root", "rootpw")).status == 201
+        assert api(b.url, "PUT", "/alice/dev", json_body={"volatile": False},
+                   auth=("alice", "secret")).status == 200
+        dist = tmp_path / "dist"
+        dist.mkdir()
+        v1 = make_wheel(dist, "sharedpkg", "1.0")
+        page = "/alice/dev/+simple/sharedpkg/"
+        assert http(b.url, path=page).status in (200, 404)  # (b has looked: now it knows)
+        code, out = run([twine, "upload", "--disable-progress-bar", "--non-interactive",
+                         "--repository-url", a.url + "/alice/dev/", "-u", "alice", "-p",
+                         "secret", str(v1)], env={"TWINE_NON_INTERACTIVE": "1",
+                         "PYTHON_KEYRING_BACKEND": "keyring.backends.null.Keyring"},
+                        check=False)
+        assert code == 0, out
+        pip("install", "--target", str(tmp_path / "t"), "--index-url",
+            b.url + "/alice/dev/+simple/", "sharedpkg==1.0")
+        assert (tmp_path / "t" / "sharedpkg-1.0.dist-info").is_dir()
+        # b's page is cached now; a new version through a shows on b as soon as a answered
+        assert b"sharedpkg-1.0" in http(b.url, path=page).body
+        v2 = make_wheel(dist, "sharedpkg", "2.0")
+        assert upload_form(a.url, "alice/dev", v2, ("alice", "secret")).status == 200
+        deadline = time.time() + 2
+        while b"sharedpkg-2.0" not in http(b.url, path=page).body:
+            assert time.time() < deadline, "b still serves its old page"
+            time.sleep(0.01)
+        # a killed while it takes uploads: nothing it answered is lost
+        answered, stop = [], threading.Event()
+
+        def upload_many():
+            for i in range(40):
+                whl = make_wheel(dist, "killpkg", "1.%d" % i, extra=os.urandom(2000))
+                try:
+                    r = upload_form(a.url, "alice/dev", whl, ("alice", "secret"))
+                except OSError:
+                    return
+                if r.status == 200:
+                    answered.append((os.path.basename(str(whl)), sha256_file(str(whl))))
+                if stop.is_set():
+                    return
+        t = threading.Thread(target=upload_many)
+        t.start()
+        deadline = time.time() + 60
+        while len(answered) < 5 and t.is_alive() and time.time() < deadline:
+            time.sleep(0.005)
+        a.proc.kill()
+        stop.set()
+        t.join(60)
+        a.proc.wait(20)
+        assert len(answered) >= 5
+        links = re.findall(rb'href="([^"#]+)#sha256=([0-9a-f]+)"',
+                           http(b.url, path="/alice/dev/+simple/killpkg/").body)
+        on_b = {posixpath.basename(h.decode()): (h.decode(), sha.decode()) for h, sha in links}
+        for name, sha in answered:
+            assert name in on_b and on_b[name][1] == sha, name
+            href = urllib.parse.urljoin(b.url + "/alice/dev/+simple/killpkg/", on_b[name][0])
+            assert hashlib.sha256(http(b.url, path=urllib.parse.urlsplit(href).path).body
+                                  ).hexdigest() == sha
+        # a again, on its own directory: it serves what b holds
+        a2 = ServeProcess("--serverdir", str(tmp_path / "a"), "--storage", pg_database,
+                          "--no-access-log")
+        procs.append(a2)
+        assert http(a2.url, path="/alice/dev/+simple/killpkg/").body.count(b"<a ") == len(
+            on_b) >= len(answered)
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.stop()
 
 
 # ----------------------------------------------------------------------------------
