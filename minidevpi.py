@@ -3121,6 +3121,12 @@ class Store:
     def fix_ids(self):
         """(PostgreSQL's identity columns; SQLite numbers rows after the largest id.)"""
 
+    @staticmethod
+    def flight_lock(key, wait):
+        """A context that holds ``key`` against the other processes sharing the storage
+        (at most ``wait`` seconds to get it): none share a SQLite directory."""
+        return contextlib.nullcontext()
+
     def database_size(self):
         size = 0
         for suffix in ("", "-wal"):
@@ -3565,6 +3571,7 @@ class PgStore(Store):
         self._pg8000 = _import_pg8000()
         self._slots = threading.BoundedSemaphore(PG_MAX_CONNECTIONS)
         self._holders = {}  # thread ident -> (thread, connection) for each slot taken
+        self._lock_idle = []  # connections flight_lock holds its locks on, idle
         self._listeners = []
         self._listener = None
         self._stopping = threading.Event()
@@ -3640,6 +3647,10 @@ class PgStore(Store):
             self._listener.join(5)
             self._listener = None
         super().close()
+        with self._conns_lock:
+            for c in self._lock_idle:
+                c.close()
+            self._lock_idle = []
         self._holders = {}
         self._slots = threading.BoundedSemaphore(PG_MAX_CONNECTIONS)
 
@@ -3648,6 +3659,41 @@ class PgStore(Store):
 
     def where(self):
         return "%s (this process's cache: %s)" % (self, self.serverdir)
+
+    @contextlib.contextmanager
+    def flight_lock(self, key, wait):
+        """An advisory lock on ``key`` (what one process fetches from upstream: a page, a
+        file) held on a connection of its own while the work goes on: the same fetch in
+        another process waits, then finds the result stored. Waiting longer than ``wait``
+        seconds, the work is done here as well (as in one process)."""
+        k = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big",
+                           signed=True)
+        with self._conns_lock:
+            c = self._lock_idle.pop() if self._lock_idle else None
+        if c is None:
+            c = self._connect()
+        held = False
+        try:
+            c.execute("SET lock_timeout = %d" % max(1, int(wait * 1000)))
+            try:
+                c.execute("SELECT pg_advisory_lock(?)", (k,))
+                held = True
+            except sqlite3.OperationalError:
+                if c.broken:
+                    raise
+            yield
+        finally:
+            try:
+                if held:
+                    c.execute("SELECT pg_advisory_unlock(?)", (k,))
+            except sqlite3.Error:
+                pass
+            with self._conns_lock:
+                if not c.broken and len(self._lock_idle) < 8:
+                    self._lock_idle.append(c)
+                    c = None
+            if c is not None:
+                c.close()
 
     def fix_ids(self):
         """After rows were written with their ids (an import's audit log), the next ids
@@ -7773,10 +7819,13 @@ class SingleFlight:
     those waiting are the leader's too (``Client.waiters``): a fetch nobody waits for
     any more is found out."""
 
-    def __init__(self, wait):
+    def __init__(self, wait, across=None):
         self.wait = wait
         self._flights = {}
         self._lock = threading.Lock()
+        # ``across(key, wait)``: a context that makes the leader one across processes too
+        # (Store.flight_lock); the leader then looks again at what the other one stored
+        self._across = across
 
     @contextlib.contextmanager
     def flight(self, key):
@@ -7796,7 +7845,11 @@ class SingleFlight:
         outer = getattr(Client._local, "waiters", None)
         Client._local.waiters = waiters
         try:
-            yield True
+            if self._across is None:
+                yield True
+            else:
+                with self._across(key, self.wait):
+                    yield True
         finally:
             Client._local.waiters = outer
             with self._lock:
@@ -8857,7 +8910,8 @@ class Mirror:
                                  min_rate)
         self.max_file = max_file
         # (a follower waits at most as long as the slowest upstream answer may take)
-        self._flights = SingleFlight(connect_timeout + read_timeout * 6 + 60)
+        self._flights = SingleFlight(connect_timeout + read_timeout * 6 + 60,
+                                     model.store.flight_lock)
         self._fresh = {}  # (index id, project) -> time upstream last confirmed the page
         self._failed = {}  # (index id, project) -> (time, error) of the last upstream failure
         self._root_refreshing = set()
