@@ -3430,6 +3430,11 @@ def pg_schema():
     return _PG_USER.sub('"user"', s) + PG_ONLY_TABLES
 
 
+class AlreadyInitialised(MinidevpiError):
+    """Another process initialised the database first (serve processes started together
+    on a new one: the others join it)."""
+
+
 def _import_pg8000():
     try:
         import pg8000.native
@@ -3596,13 +3601,20 @@ class PgStore(Store):
         os.makedirs(self.files_dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
         self.lock()
+        try:
+            self._create()
+        except AlreadyInitialised:
+            self.close()  # (this directory's lock too: the process opens it next)
+            raise
+
+    def _create(self):
         c = self._connect()
         try:
             c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
             c.execute("SELECT pg_advisory_xact_lock(?)", (PG_WRITE_LOCK,))
             if c.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0]:
                 c.execute("ROLLBACK")
-                raise MinidevpiError("the database %s is already initialised" % self)
+                raise AlreadyInitialised("the database %s is already initialised" % self)
             c.executescript(self.schema_sql())
             self.set_meta(c, "schema_version", str(SCHEMA_VERSION))
             for key, value in (("uuid", secrets.token_hex(16)), ("serial", "0"),
@@ -4472,6 +4484,10 @@ class Accounts:
         if pending is not None:
             pending.wait()
         row = self.get_user_row(name)
+        deadline = time.monotonic() + 30
+        while row is not None and row["pwhash"] == "!pending" and time.monotonic() < deadline:
+            time.sleep(0.05)  # (another process that shares the storage hashes it now)
+            row = self.get_user_row(name)
         if tokens and row is not None and self.check_token(name, secret, row["pwhash"]):
             return name
         key = (name, hmac.new(self.store.secret, secret.encode("utf-8", "surrogateescape"),
@@ -13950,7 +13966,7 @@ def init_serverdir(serverdir, root_password=None, root_pwhash=None, root_pypi=Tr
     check_root_pwhash(root_pwhash)
     store = open_store(serverdir, storage)
     if store.is_initialised():
-        raise MinidevpiError("%s is already initialised; nothing was changed" % (
+        raise AlreadyInitialised("%s is already initialised; nothing was changed" % (
             store if storage else store.serverdir))
     if os.path.isdir(serverdir) and os.listdir(serverdir):
         raise MinidevpiError("%s is not empty; initialise a new or empty directory"
@@ -16026,8 +16042,11 @@ def cmd_serve(args):
         if fresh:
             print("server directory %s is not initialised: initialising it"
                   % os.path.abspath(args.serverdir), flush=True)
-            store, model = cmd_init(args, hash_soon=True)
-        else:
+            try:
+                store, model = cmd_init(args, hash_soon=True)
+            except AlreadyInitialised:  # (another serve process was first: join it)
+                fresh = False
+        if not fresh:
             store.open()
             model = Model(store)
             if args.root_passwd is not None or args.root_passwd_hash is not None:

@@ -2058,6 +2058,91 @@ def test_connections_come_and_go_without_leaking_database_handles(alice):
     assert len(alice.model.store._conns) <= before + 10
 
 
+def test_storage_settings_in_devpis_spelling_or_a_url_and_pg8000_imported_only_then(
+        tmp_path):
+    """--storage takes devpi-postgresql's spelling, --pg-url a URL; anything else is refused
+    saying what is expected. pg8000 is imported only for that storage (the default runs on
+    the standard library alone) and its absence is a message naming `pip install pg8000`."""
+    import getpass
+    parse = minidevpi.parse_storage
+    assert parse(None) is None and parse("sqlite") is None
+    assert parse("pg8000") == {"host": "localhost", "port": 5432, "database": "devpi",
+                               "user": getpass.getuser()}
+    assert parse("pg8000:host=db.internal,port=5433,database=devpi_prod,user=u,password=p,"
+                 "ssl_ca_certs=/etc/ca.pem") == {
+        "host": "db.internal", "port": 5433, "database": "devpi_prod", "user": "u",
+        "password": "p", "ssl_ca_certs": "/etc/ca.pem"}
+    assert parse("pg8000:unix_sock=/run/postgresql/.s.PGSQL.5432,user=u") == {
+        "unix_sock": "/run/postgresql/.s.PGSQL.5432", "port": 5432, "database": "devpi",
+        "user": "u"}
+    assert parse(None, "postgresql://u:p%40ss@db.internal:6543/pkgs") == {
+        "host": "db.internal", "port": 6543, "database": "pkgs", "user": "u",
+        "password": "p@ss"}
+    for spec, url, says in [("mysql", None, "sqlite (the default) or pg8000"),
+                            ("pg8000:hots=x", None, "'hots=x' is not one of"),
+                            ("pg8000:port=five", None, "port=five is not a number"),
+                            (None, "http://db/x", "expected postgresql://"),
+                            (None, "postgresql://u:secret@db:x/d", "port is not a number")]:
+        with pytest.raises(ValueError) as e:
+            parse(spec, url)
+        assert says in str(e.value) and "secret" not in str(e.value), (spec, url, e.value)
+    code, out = cli("init", "--serverdir", str(tmp_path / "x"), "--storage", "pg8000:hots=x",
+                    check=False)
+    assert code != 0 and "is not one of" in out and "Traceback" not in out
+    assert not (tmp_path / "x").exists()
+    # pg8000 missing: the message, no traceback, nothing created
+    blocked = ("import runpy, sys; sys.modules['pg8000'] = None; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    code, out = run([sys.executable, "-c", blocked, SCRIPT, "serve", "--serverdir",
+                     str(tmp_path / "y"), "--port", "0", "--storage",
+                     "pg8000:host=127.0.0.1,port=9"], check=False)
+    assert code != 0 and "pip install pg8000" in out and "Traceback" not in out, out
+    assert not (tmp_path / "y" / minidevpi.DB_NAME).exists()
+    # a database that can't be reached: said, not a traceback
+    code, out = cli("init", "--serverdir", str(tmp_path / "z"), "--storage",
+                    "pg8000:host=127.0.0.1,port=%d,user=u" % free_port(), check=False)
+    assert code != 0 and "can't be reached" in out and "Traceback" not in out, out
+    # the default never imports it
+    code, out = run([sys.executable, "-c", "import sys, minidevpi; srv = minidevpi.Server("
+                     "root_password='x').start(); srv.stop(); print(sorted(m for m in "
+                     "sys.modules if m.startswith('pg8000')))"], cwd=os.path.dirname(SCRIPT))
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+@pytest.mark.storage
+def test_serve_processes_started_together_on_a_new_postgresql_database_all_come_up(
+        tmp_path, pg_database):
+    """Three `serve` processes started at once on an empty database: one initialises it,
+    the others join; every one answers, and there is one root with the password given."""
+    procs, errors = [], []
+
+    def start(i):
+        try:
+            procs.append(ServeProcess("--serverdir", str(tmp_path / str(i)), "--storage",
+                                      pg_database, "--root-passwd", "rootpw",
+                                      "--no-access-log"))
+        except AssertionError as e:
+            errors.append(e)
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors and len(procs) == 3, errors
+        for p in procs:
+            assert login_token(p.url, "root", "rootpw")
+            assert api(p.url, path="/").json()["result"]["root"]["indexes"]["pypi"]
+        con = pg_connect(pg_database)
+        try:
+            assert con.run("SELECT COUNT(*) FROM users") == [[1]]
+        finally:
+            con.close()
+    finally:
+        for p in procs:
+            p.stop()
+
+
 @pytest.mark.storage
 def test_two_serve_processes_share_one_postgresql_database_and_a_killed_one_loses_nothing(
         tmp_path, pg_database):
