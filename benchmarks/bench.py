@@ -8,6 +8,8 @@ also on Ctrl-C), fills each with the same generated distributions over HTTP, dri
 requests at each and prints a table. Ratios are "how many times better minidevpi is": peer ÷
 minidevpi for times, minidevpi ÷ peer for rates; above 1 means minidevpi wins. Standard
 library only; uses `wrk` for the keep-alive load test when it is on PATH. See README.md here.
+Other scenarios run alone: --cold-mirror, --scale, --tail, and --processes (one serve on
+sqlite against 1, 2 and 4 serve processes sharing a PostgreSQL database; needs pg8000).
 """
 
 import argparse
@@ -1370,7 +1372,8 @@ LOAD_PORTS = load_ports_wrk if shutil.which("wrk") else load_ports_threads
 
 
 def cpu_snapshot(pids):
-    """(monotonic time, CPU seconds of the whole machine, of ``pids``, of this process)."""
+    """(monotonic time, CPU seconds of the whole machine, of ``pids``, of this process and
+    its waited-for children)."""
     tick = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -1383,8 +1386,8 @@ def cpu_snapshot(pids):
             procs += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
-    t = os.times()
-    return time.monotonic(), busy, procs, t.user + t.system
+    t = os.times()  # (children: the wrk processes, once waited for)
+    return time.monotonic(), busy, procs, t.user + t.system + t.children_user + t.children_system
 
 
 def cpu_used(before, after):
@@ -2698,7 +2701,7 @@ def main(argv=None):
                         "another's page (needs pg8000: run with /work/venv/bin/python)")
     g.add_argument("--processes-counts", default="1,2,4", metavar="N,N",
                    help="process counts on PostgreSQL (default 1,2,4)")
-    g.add_argument("--processes-seconds", type=int, default=10,
+    g.add_argument("--processes-seconds", type=int, default=10, metavar="N",
                    help="seconds per load and of the upload run (default 10)")
     g.add_argument("--processes-conns", type=int, default=64, metavar="N",
                    help="client connections of the page and file loads (default 64)")
@@ -2713,6 +2716,8 @@ def main(argv=None):
                         "in (default: a throwaway one started with .ci/postgres, fsync off)")
     args = ap.parse_args(argv)
     if args.processes:
+        # (SIGTERM too stops the servers and the throwaway PostgreSQL cluster)
+        signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             return run_processes(args)
         except KeyboardInterrupt:
