@@ -8,6 +8,8 @@ also on Ctrl-C), fills each with the same generated distributions over HTTP, dri
 requests at each and prints a table. Ratios are "how many times better minidevpi is": peer ÷
 minidevpi for times, minidevpi ÷ peer for rates; above 1 means minidevpi wins. Standard
 library only; uses `wrk` for the keep-alive load test when it is on PATH. See README.md here.
+Other scenarios run alone: --cold-mirror, --scale, --tail, and --processes (one serve on
+sqlite against 1, 2 and 4 serve processes sharing a PostgreSQL database; needs pg8000).
 """
 
 import argparse
@@ -1227,6 +1229,457 @@ def run_tail(args):
 
 
 # ----------------------------------------------------------------------------------
+# Several serve processes on one PostgreSQL database (--processes)
+# ----------------------------------------------------------------------------------
+
+class MinidevpiProc(Minidevpi):
+    """One ``serve`` process; ``storage`` is passed as --storage (None: sqlite, the default)."""
+
+    def __init__(self, storage=None, label="minidevpi"):
+        super().__init__(None)
+        self.storage, self.name = storage, label
+
+    def launch(self, fresh):
+        self.proc = popen([sys.executable, self.script, "serve", "--serverdir", self.serverdir(),
+                           "--host", "127.0.0.1", "--port", str(self.port), "--root-passwd", "pw",
+                           "--no-root-pypi", "--no-access-log", "--offline-mode"]
+                          + (["--storage", self.storage] if self.storage else []),
+                          self.log(), server_env())
+
+
+class PgCluster:
+    """Where the databases of --processes live: the cluster named by ``spec``
+    (host=H,port=P,user=U) or, without one, a throwaway one of .ci/postgres (fsync off)."""
+
+    def __init__(self, spec=None):
+        self.spec, self.dir, self.made = spec, None, []
+
+    def start(self):
+        if self.spec is None:
+            self.dir = tempfile.mkdtemp(prefix="bench-pg-")  # removed in stop(), after pg_ctl
+            r = subprocess.run([os.path.join(REPO, ".ci", "postgres"), "start", self.dir],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+            if r.returncode:
+                raise RuntimeError(".ci/postgres start failed: %s" % r.stderr.decode()[-1500:])
+            self.spec = r.stdout.decode().strip().splitlines()[-1]
+        self.params = dict(kv.split("=", 1) for kv in self.spec.split(","))
+        return self.spec
+
+    def connect(self, database="postgres"):
+        import pg8000.native
+        p = self.params
+        return pg8000.native.Connection(user=p.get("user", "postgres"), host=p.get("host", "127.0.0.1"),
+                                        port=int(p.get("port", 5432)), password=p.get("password"),
+                                        database=database)
+
+    def new_database(self, name):
+        """An empty database ``name`` (dropped first if there); the --storage spec for it."""
+        c = self.connect()
+        try:
+            c.run("DROP DATABASE IF EXISTS %s" % name)
+            c.run("CREATE DATABASE %s TEMPLATE template0" % name)
+        finally:
+            c.close()
+        self.made.append(name)
+        return "pg8000:" + ",".join("%s=%s" % kv for kv in dict(self.params, database=name).items())
+
+    def stop(self):
+        if self.made and (self.dir is None or os.path.exists(os.path.join(self.dir, "data"))):
+            try:
+                c = self.connect()
+                for name in self.made:
+                    c.run("DROP DATABASE IF EXISTS %s" % name)
+                c.close()
+            except Exception as e:
+                say("dropping the benchmark databases: %s" % e)
+            self.made = []
+        if self.dir is not None:
+            subprocess.run([os.path.join(REPO, ".ci", "postgres"), "stop", self.dir],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def load_ports_threads(ports, path, headers, conns, seconds, times):
+    """``conns`` threads, each one keep-alive connection to ``ports[i % len(ports)]``, GET
+    ``path`` for ``seconds``; every request's seconds go to ``times``. (req/s, errors)."""
+    end = time.monotonic() + seconds
+    counts, errors = [0] * conns, [0] * conns
+
+    def worker(i):
+        c = Client(ports[i % len(ports)], timeout=10)
+        mine = []
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            try:
+                st, _, _ = c.request("GET", path, headers=headers)
+                counts[i] += 1
+                errors[i] += st != 200
+                mine.append(time.perf_counter() - t0)
+            except (OSError, http.client.HTTPException):
+                errors[i] += 1
+                c.close()
+        c.close()
+        times.extend(mine)
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(seconds + 60)
+    return sum(counts) / (time.monotonic() - t0), sum(errors)
+
+
+def _wrk_seconds(text):
+    v, unit = float(re.match(r"([\d.]+)", text).group(1)), re.sub(r"[\d.]", "", text)
+    return v * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+
+
+def load_ports_wrk(ports, path, headers, conns, seconds, times):
+    """One ``wrk --latency`` per port at the same time, the connections split among them;
+    the summed req/s, and the worst p50/p99 of them appended to ``times`` as a dict."""
+    procs = []
+    for k, port in enumerate(ports):
+        c = conns // len(ports) + (k < conns % len(ports))
+        cmd = ["wrk", "-t", "1", "-c", str(c), "-d", "%ds" % max(1, round(seconds)),
+               "--timeout", "10s", "--latency"]
+        for h, v in headers.items():
+            cmd += ["-H", "%s: %s" % (h, v)]
+        cmd.append("http://127.0.0.1:%d%s" % (port, path))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL))
+    rate, errors, p50, p99 = 0.0, 0, [], []
+    for p in procs:
+        out = p.communicate(timeout=seconds + 60)[0].decode()
+        m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+        if not m:
+            raise RuntimeError("wrk output not understood:\n" + out)
+        rate += float(m.group(1))
+        errors += sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses:\s*(\d+)", out))
+        se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        if se:
+            errors += sum(int(x) for x in se.groups())
+        for q, acc in (("50", p50), ("99", p99)):
+            mq = re.search(r"^\s*%s%%\s+(\S+)" % q, out, re.M)
+            if mq:
+                acc.append(_wrk_seconds(mq.group(1)))
+    times.append({"p50": max(p50) if p50 else None, "p99": max(p99) if p99 else None})
+    return rate, errors
+
+
+LOAD_PORTS = load_ports_wrk if shutil.which("wrk") else load_ports_threads
+
+
+def cpu_snapshot(pids):
+    """(monotonic time, CPU seconds of the whole machine, of ``pids``, of this process and
+    its waited-for children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(v[:8]) - v[3] - v[4]) / tick  # all but idle and iowait (guest is in user)
+    procs = 0.0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            procs += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    t = os.times()  # (children: the wrk processes, once waited for)
+    return time.monotonic(), busy, procs, t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_used(before, after):
+    """Cores busy between two snapshots: servers, this client, and the rest (PostgreSQL
+    and whatever else runs on the machine)."""
+    dt = after[0] - before[0]
+    machine, servers, client = ((a - b) / dt for a, b in zip(after[1:], before[1:]))
+    return dict(servers=servers, client=client, other=max(0.0, machine - servers - client))
+
+
+def load_figures(ports, path, headers, conns, seconds, pids=()):
+    times = []
+    c0 = cpu_snapshot(pids)
+    rate, errors = LOAD_PORTS(ports, path, headers, conns, seconds, times)
+    cpu = cpu_used(c0, cpu_snapshot(pids))
+    if times and isinstance(times[0], dict):  # wrk: its own percentiles
+        return dict(rate=rate, errors=errors, cpu=cpu, **times[0])
+    return dict(rate=rate, errors=errors, p50=pctl(times, .5), p99=pctl(times, .99), n=len(times),
+                cpu=cpu)
+
+
+def timed_uploads(procs, seconds, workers, notes):
+    """For ``seconds``: ``workers`` threads, worker i on ``procs[i % len(procs)]``, upload
+    new versions of their own project procup-i (~1 KB wheels). (uploads/s, times, made):
+    ``made`` the (name, filename) of every upload that was answered 200/201."""
+    end = time.monotonic() + seconds
+    times, made = [], []
+    lock = threading.Lock()
+
+    def worker(i):
+        t, name, k = procs[i % len(procs)], "procup-%d" % i, 0
+        c = Client(t.port, timeout=60)
+        while time.monotonic() < end:
+            v = "1.%d" % k
+            k += 1
+            dist = make_wheel(name, v)
+            t0 = time.perf_counter()
+            try:
+                st, body = t.upload(c, name, v, dist)
+            except (OSError, http.client.HTTPException) as e:
+                st, body = None, repr(e).encode()
+                c.close()
+            dt = time.perf_counter() - t0
+            with lock:
+                times.append(dt)
+                if st in (200, 201):
+                    made.append((name, dist[0]))
+                else:
+                    notes.append("upload %s %s on port %d: %s %s" % (name, v, t.port, st, body[:200]))
+        c.close()
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(seconds + 120)
+    return len(made) / (time.monotonic() - t0), times, made
+
+
+def page_has(client, page, filename):
+    st, body, _ = client.request("GET", page, headers={"Accept": JSON_ACCEPT})
+    return st == 200 and filename.encode() in body
+
+
+def invalidation_lag(procs, rounds, notes, give_up_s=10.0):
+    """Seconds from an upload's answer on process A to its file on process B's (cached)
+    simple page, B polled back to back over one keep-alive connection; A and B rotate over
+    the processes. A list of seconds (None where B never showed it within ``give_up_s``)."""
+    lags, n = [], len(procs)
+    polls_seen = []
+    page = procs[0].simple_root() + "lagpkg/"
+    clients = [Client(t.port, timeout=30) for t in procs]
+    for k in range(rounds):
+        a, b = k % n, (k + 1) % n
+        v = "1.%d" % k
+        dist = make_wheel("lagpkg", v)
+        clients[b].request("GET", page, headers={"Accept": JSON_ACCEPT})  # B has it cached
+        st, body = procs[a].upload(clients[a], "lagpkg", v, dist)
+        t0 = time.perf_counter()
+        if st not in (200, 201):
+            notes.append("lag upload %s on process %d: %s %s" % (v, a, st, body[:200]))
+            continue
+        polls = 0
+        while True:
+            polls += 1
+            if page_has(clients[b], page, dist[0]):
+                lags.append(time.perf_counter() - t0)
+                polls_seen.append(polls)
+                break
+            if time.perf_counter() - t0 > give_up_s:
+                lags.append(None)
+                notes.append("lag: %s uploaded on process %d (port %d) not on process %d's "
+                             "page (port %d) after %.0f s, %d polls"
+                             % (dist[0], a, procs[a].port, b, procs[b].port, give_up_s, polls))
+                break
+    for c in clients:
+        c.close()
+    return lags, polls_seen
+
+
+def check_consistent(procs, made, notes, settle_s=5.0):
+    """Every process's page of each procup project lists every upload answered 200/201
+    (after up to ``settle_s``); mismatches go to ``notes``. Returns the stale pages seen."""
+    want = {}
+    for name, fn in made:
+        want.setdefault(name, set()).add(fn)
+    stale = 0
+    for i, t in enumerate(procs):
+        c = Client(t.port)
+        for name, fns in sorted(want.items()):
+            page = t.simple_root() + name + "/"
+            end = time.monotonic() + settle_s
+            while True:
+                st, body, _ = c.request("GET", page, headers={"Accept": JSON_ACCEPT})
+                got = {f["filename"] for f in json.loads(body).get("files", [])} if st == 200 else set()
+                if fns <= got or time.monotonic() > end:
+                    break
+                time.sleep(0.05)
+            if not fns <= got:
+                stale += 1
+                notes.append("process %d (port %d): %s lists %d of %d uploaded files (status %s)"
+                             % (i, t.port, name, len(fns & got), len(fns), st))
+        c.close()
+    return stale
+
+
+def run_processes_one(label, storages, args, dists, notes):
+    """One setup: a serve process per storage spec, the data filled through the first,
+    then (a) page load, (b) file load, (c) uploads, (d) invalidation lag."""
+    R = {"setup": label, "processes": len(storages)}
+    procs = [MinidevpiProc(s, "%s#%d" % (label, i)) for i, s in enumerate(storages)]
+    try:
+        say("%s: starting %d process(es) ..." % (label, len(procs)))
+        procs[0].start()  # the first one creates the tables; the others join
+        for t in procs[1:]:
+            t.dir = mkdtemp("bench-%s-" % t.name.replace("#", "-").replace(" ", "-"))
+            t.port = free_port()
+            t.launch(True)
+        for t in procs[1:]:
+            wait_answered(t.port, t.proc)
+        procs[0].setup()
+        t0 = time.monotonic()
+        fill(procs[0], dists, problems=notes)
+        R["fill_rate"] = len(dists) / (time.monotonic() - t0)
+        ports = [t.port for t in procs]
+        name = "procpkg%04d" % (len(dists) // 4)
+        page = procs[0].simple_root() + name + "/"
+        links = [u for u in file_links(procs[0].port, page) if "+f/" in u]
+        if not links:
+            raise RuntimeError("no +f/ link on %s" % page)
+        fpath = links[0]
+        accept = {"Accept": JSON_ACCEPT}
+        for t in procs:  # every process has the page built and the file in its cache
+            for _ in range(3):
+                c = Client(t.port)
+                st1, _, _ = c.request("GET", page, headers=accept)
+                st2, _, _ = c.request("GET", fpath)
+                c.close()
+                if st1 == st2 == 200:
+                    break
+                time.sleep(0.5)
+            if (st1, st2) != (200, 200):
+                notes.append("%s: page %s / file %s answered %s / %s after the fill"
+                             % (t.name, page, fpath, st1, st2))
+        pids = [t.proc.pid for t in procs]
+        R["page"] = load_figures(ports, page, accept, args.processes_conns, args.processes_seconds,
+                                 pids)
+        say("  page: %s" % R["page"])
+        R["file"] = load_figures(ports, fpath, {}, args.processes_conns, args.processes_seconds,
+                                 pids)
+        say("  file: %s" % R["file"])
+        c0 = cpu_snapshot(pids)
+        rate, times, made = timed_uploads(procs, args.processes_seconds, args.processes_uploaders,
+                                          notes)
+        R["upload"] = dict(rate=rate, n=len(times), ok=len(made), p50=pctl(times, .5),
+                           p99=pctl(times, .99), cpu=cpu_used(c0, cpu_snapshot(pids)))
+        say("  uploads: %s" % R["upload"])
+        R["stale_pages"] = check_consistent(procs, made, notes)
+        if len(procs) > 1:
+            lags, polls = invalidation_lag(procs, args.processes_lag_rounds, notes)
+            ok = [x for x in lags if x is not None]
+            R["lag"] = dict(n=len(lags), missed=len(lags) - len(ok), p50=median(ok),
+                            max=max(ok) if ok else None, all=[round(x, 5) for x in ok],
+                            polls=polls)
+            say("  lag: %s" % R["lag"])
+        R["rss_mb"] = [vm_hwm_mb(t.proc.pid) for t in procs]
+        for t in procs:
+            if t.proc.poll() is not None:
+                notes.append("%s exited with %s" % (t.name, t.proc.returncode))
+        errs = [ln for t in procs for ln in open(t.log(), errors="replace")
+                if "Traceback" in ln or " 500 " in ln or "ERROR" in ln]
+        if errs:
+            notes.append("%s: %d suspicious log lines, e.g. %s" % (label, len(errs), errs[:2]))
+    except Exception as e:
+        notes.append("%s aborted: %s" % (label, e))
+        say("  %s aborted: %s" % (label, e))
+        for t in procs:
+            try:
+                say("  %s log tail: %s" % (t.name, open(t.log(), errors="replace").read()[-1500:]))
+            except (OSError, TypeError):
+                pass
+        R["aborted"] = str(e)
+    finally:
+        for t in procs:
+            if t.proc is not None and t.proc.poll() is None:
+                t.proc.terminate()
+        t0 = time.monotonic()
+        for t in procs:
+            if t.proc is None:
+                continue
+            try:
+                t.proc.wait(max(0.1, t0 + 10 - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                notes.append("%s (port %s) still running 10 s after SIGTERM: killed"
+                             % (t.name, t.port))
+            t.discard()
+        R["stop_s"] = time.monotonic() - t0
+    return R
+
+
+def run_processes(args):
+    try:
+        import pg8000  # noqa: F401  (the servers need it too; they run with this Python)
+    except ImportError:
+        say("--processes needs pg8000 in this Python (e.g. /work/venv/bin/python)")
+        return 2
+    counts = [int(x) for x in args.processes_counts.split(",")]
+    dists = [("procpkg%04d" % p, "1.%d" % v,
+              functools.partial(make_wheel, "procpkg%04d" % p, "1.%d" % v))
+             for p in range(args.processes_projects) for v in range(2)]
+    gen = "wrk (one per port, --latency)" if LOAD_PORTS is load_ports_wrk else \
+        "Python threads (load_threads: one thread per keep-alive connection, wrk not on PATH)"
+    say("load generator: %s" % gen)
+    cluster = PgCluster(args.processes_pg)
+    rows, notes = [], []
+    try:
+        spec = cluster.start()
+        say("PostgreSQL: %s (%s)" % (spec, "given" if args.processes_pg else
+                                     "throwaway .ci/postgres cluster, fsync off"))
+        rows.append(run_processes_one("sqlite", [None], args, dists, notes))
+        for n in counts:
+            storage = cluster.new_database("minidevpi_bench_p%d" % n)
+            rows.append(run_processes_one("pg x%d" % n, [storage] * n, args, dists, notes))
+    finally:
+        cluster.stop()
+    ms = lambda v: "-" if v is None else "%.1f ms" % (v * 1000)
+    print()
+    print("several processes: %d CPUs, Python %s, %d projects x 2 versions x one ~1 KB wheel; "
+          "client: %s, %d connections round-robin over the processes' ports, %d s per load; "
+          "uploads: %d workers for %d s; lag: median of %d. The client runs on the same cores "
+          "as the servers (and PostgreSQL): it competes with them; a shared machine: figures "
+          "are noisy" % (os.cpu_count(), sys.version.split()[0], args.processes_projects, gen,
+                         args.processes_conns, args.processes_seconds, args.processes_uploaders,
+                         args.processes_seconds, args.processes_lag_rounds))
+    print("| setup | page req/s | page p50 | p99 | file req/s | file p50 | p99 | uploads/s "
+          "| upload p50 | p99 | lag A->B p50 | lag max | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for R in rows:
+        if "aborted" in R:
+            print("| %s | aborted: %s |" % (R["setup"], R["aborted"][:100]))
+            continue
+        P, F, U, L = R["page"], R["file"], R["upload"], R.get("lag")
+        errors = P["errors"] + F["errors"] + (U["n"] - U["ok"]) + R["stale_pages"] + \
+            (L["missed"] if L else 0)
+        print("| %s | %.0f | %s | %s | %.0f | %s | %s | %.1f | %s | %s | %s | %s | %d |"
+              % (R["setup"], P["rate"], ms(P["p50"]), ms(P["p99"]), F["rate"], ms(F["p50"]),
+                 ms(F["p99"]), U["rate"], ms(U["p50"]), ms(U["p99"]),
+                 ms(L["p50"]) if L else "-", ms(L["max"]) if L else "-", errors))
+    print()
+    print("cores busy during each load (of %d): the serve processes / this client / the rest "
+          "(PostgreSQL and anything else on the machine), from /proc" % os.cpu_count())
+    print("| setup | page load | file load | uploads | lag polls to see it (median, max) |")
+    print("|---|---|---|---|---|")
+    cores = lambda C: "%.2f / %.2f / %.2f" % (C["servers"], C["client"], C["other"])
+    for R in rows:
+        if "aborted" in R:
+            continue
+        L = R.get("lag")
+        print("| %s | %s | %s | %s | %s |" % (
+            R["setup"], cores(R["page"]["cpu"]), cores(R["file"]["cpu"]), cores(R["upload"]["cpu"]),
+            "%s, %d" % (median(L["polls"]), max(L["polls"])) if L and L["polls"] else "-"))
+    if notes:
+        print("\nproblems seen:")
+        for p in notes:
+            print("  - " + p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"processes": rows, "problems": notes, "load": gen}, f, indent=1)
+    return 0
+
+
+# ----------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------
 
@@ -2240,7 +2693,37 @@ def main(argv=None):
     g.add_argument("--tail-seconds", type=int, default=10, help="seconds per load (default 10)")
     g.add_argument("--tail-projects", type=int, default=1000, metavar="N",
                    help="filler projects in the index (default 1,000)")
+    g = ap.add_argument_group("several processes on PostgreSQL (--processes runs only it)")
+    g.add_argument("--processes", action="store_true",
+                   help="one serve on sqlite, then 1, 2, 4 serve processes on one PostgreSQL "
+                        "database: simple page and file load over all their ports, uploads "
+                        "spread over them, and the lag from an upload on one to its file on "
+                        "another's page (needs pg8000: run with /work/venv/bin/python)")
+    g.add_argument("--processes-counts", default="1,2,4", metavar="N,N",
+                   help="process counts on PostgreSQL (default 1,2,4)")
+    g.add_argument("--processes-seconds", type=int, default=10, metavar="N",
+                   help="seconds per load and of the upload run (default 10)")
+    g.add_argument("--processes-conns", type=int, default=64, metavar="N",
+                   help="client connections of the page and file loads (default 64)")
+    g.add_argument("--processes-uploaders", type=int, default=8, metavar="N",
+                   help="concurrent uploaders (default 8)")
+    g.add_argument("--processes-projects", type=int, default=200, metavar="N",
+                   help="projects filled, 2 versions of one small wheel each (default 200)")
+    g.add_argument("--processes-lag-rounds", type=int, default=20, metavar="N",
+                   help="uploads whose cross-process lag is measured (default 20)")
+    g.add_argument("--processes-pg", metavar="SPEC",
+                   help="host=H,port=P,user=U of a PostgreSQL cluster to make the databases "
+                        "in (default: a throwaway one started with .ci/postgres, fsync off)")
     args = ap.parse_args(argv)
+    if args.processes:
+        # (SIGTERM too stops the servers and the throwaway PostgreSQL cluster)
+        signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            return run_processes(args)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            cleanup()
     if args.tail:
         args.tail_conns = [int(x) for x in args.tail_conns.split(",")]
         try:
