@@ -3122,6 +3122,12 @@ class Store:
         """(PostgreSQL's identity columns; SQLite numbers rows after the largest id.)"""
 
     @staticmethod
+    def rows(c, sql, params=()):
+        """The rows of a query over many, a few at a time (an export's walk of a table):
+        sqlite3's cursor reads them as they are iterated."""
+        return c.execute(sql, params)
+
+    @staticmethod
     def flight_lock(key, wait):
         """A context that holds ``key`` against the other processes sharing the storage
         (at most ``wait`` seconds to get it): none share a SQLite directory."""
@@ -3309,6 +3315,7 @@ PG_MAX_CONNECTIONS = 32        # a process's connections; a request waits for a 
 PG_CONNECTION_WAIT = 30        # seconds a request waits for a connection before a 503
 PG_CHUNK = 1024 * 1024         # bytes of a blob one row of blob_chunks holds
 PG_NOTE_MAX = 7000             # bytes of a commit's notification (PostgreSQL: < 8000)
+PG_FETCH = 2000                # rows a cursor fetches at a time (Store.rows)
 PG_ONLY_TABLES = """
 CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blob_chunks (
@@ -3706,6 +3713,25 @@ class PgStore(Store):
                     c = None
             if c is not None:
                 c.close()
+
+    _cursors = itertools.count()
+
+    def rows(self, c, sql, params=()):
+        """PostgreSQL answers a query whole: a cursor, fetched PG_FETCH rows at a time,
+        inside the transaction ``c`` is in (an export's snapshot)."""
+        name = "minidevpi_rows_%d" % next(self._cursors)
+        c.execute("DECLARE %s NO SCROLL CURSOR FOR %s" % (name, sql), params)
+        try:
+            while True:
+                batch = c.execute("FETCH %d FROM %s" % (PG_FETCH, name)).fetchall()
+                if not batch:
+                    return
+                yield from batch
+        finally:
+            try:
+                c.execute("CLOSE %s" % name)
+            except sqlite3.Error:
+                pass
 
     def fix_ids(self):
         """After rows were written with their ids (an import's audit log), the next ids
@@ -14260,8 +14286,8 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
         out.member("pythonversion", list(sys.version_info))
         out.member("minidevpi", __version__)
         out.open("users")
-        for name, pwhash, config, created, modified in c.execute(
-                "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
+        for name, pwhash, config, created, modified in store.rows(
+                c, "SELECT name, pwhash, config, created, modified FROM users ORDER BY name"):
             why = refusal(check_user_name, name)
             if why:
                 skip("user %r (%s)" % (name, why))
@@ -14306,7 +14332,7 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
                                     target, root, hard_links, notes, progress, skip)
             out.close()
         out.close()
-        naudit = _export_audit(c, target)
+        naudit = _export_audit(store, c, target)
         out.close()
         c.execute("COMMIT")
         f.flush()
@@ -14350,12 +14376,12 @@ def export_server(serverdir, target, include_mirrored=False, hard_links=False, q
 AUDIT_DUMP_NAME = "audit.jsonl"  # our addition to devpi's dump: the audit log, a line each
 
 
-def _export_audit(c, target):
+def _export_audit(store, c, target):
     """The audit log into the dump, a row at a time (never the whole log in memory), from
     the export's snapshot ``c``; returns how many records."""
     n = 0
     with open(os.path.join(target, AUDIT_DUMP_NAME), "w", encoding="ascii") as f:
-        for id, record in c.execute("SELECT id, record FROM audit ORDER BY id"):
+        for id, record in store.rows(c, "SELECT id, record FROM audit ORDER BY id"):
             f.write(audit_line(id, record))
             n += 1
         f.flush()
@@ -14435,8 +14461,8 @@ def _export_index(store, c, out, ix_id, path, is_mirror, target, root, hard_link
             or (None if is_mirror else refusal(check_project_name, display))
 
     out.open("projects")
-    for norm, rows in itertools.groupby(c.execute(
-            "SELECT p.name, p.display, v.version, v.metadata, v.yanked, EXISTS (SELECT 1 "
+    for norm, rows in itertools.groupby(store.rows(
+            c, "SELECT p.name, p.display, v.version, v.metadata, v.yanked, EXISTS (SELECT 1 "
             "FROM files f WHERE f.version_id=v.id) FROM versions v JOIN projects p ON "
             "v.project_id=p.id WHERE p.index_id=? ORDER BY p.name, v.id", (ix_id,)),
             key=lambda r: r[0]):
@@ -14463,8 +14489,8 @@ def _export_index(store, c, out, ix_id, path, is_mirror, target, root, hard_link
     out.close()
     out.open("files", "[")
     nfiles = 0
-    for vid, vfiles in itertools.groupby(c.execute(
-            "SELECT v.id, p.name, p.display, v.version, f.filename, f.rel, f.sha256, "
+    for vid, vfiles in itertools.groupby(store.rows(
+            c, "SELECT v.id, p.name, p.display, v.version, f.filename, f.rel, f.sha256, "
             "f.uploaded, f.for_filename, f.log FROM files f JOIN versions v ON "
             "f.version_id=v.id JOIN projects p ON v.project_id=p.id WHERE p.index_id=? "
             "ORDER BY p.name, v.id, f.id", (ix_id,)), key=lambda r: r[0]):

@@ -12879,23 +12879,40 @@ def peak_rss_kb(*args):
     return int(re.search(r"(?m)^peak (\d+)$", out).group(1)), out
 
 
-def test_import_and_export_memory_does_not_grow_with_the_projects(tmp_path, make_server):
+@pytest.mark.parametrize("backend", ["sqlite", "pg8000"])
+def test_import_and_export_memory_does_not_grow_with_the_projects(backend, tmp_path,
+                                                                  make_server):
     """Import and export stream: ten times the projects (200 and 2,000 x 3 versions, 2 kB
     descriptions) cost them no more memory than a few MB (the code that held the whole
-    dump grew by 33 MB on import and 44 MB on export from 300 to 3,000 projects). The
+    dump grew by 33 MB on import and 44 MB on export from 300 to 3,000 projects), on SQLite
+    and on PostgreSQL (whose answers are read through a cursor, a few rows at a time). The
     server imported starts with its search rows in step."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak memory is read from Linux's /proc")
-    peaks = {}
+    peaks, storage, drops = {}, {}, []
+    for n in (200, 2000):
+        storage[n] = ()
+        if backend == "pg8000":
+            spec, drop = new_pg_database()
+            drops.append(drop)
+            storage[n] = ("--storage", spec)
+    try:
+        _import_export_peaks(tmp_path, make_server, peaks, storage)
+    finally:
+        for drop in drops:
+            drop()
+
+
+def _import_export_peaks(tmp_path, make_server, peaks, storage):
     for n in (200, 2000):
         write_scale_dump(tmp_path / ("dump%d" % n), n)
         peaks["import", n], out = peak_rss_kb(
             "import", "-q", str(tmp_path / ("dump%d" % n)), "--serverdir",
-            str(tmp_path / ("srv%d" % n)), "--no-root-pypi")
+            str(tmp_path / ("srv%d" % n)), "--no-root-pypi", *storage[n])
         assert "imported 1 user and 1 index" in out, out
         peaks["export", n], out = peak_rss_kb(
             "export", "-q", str(tmp_path / ("back%d" % n)), "--serverdir",
-            str(tmp_path / ("srv%d" % n)))
+            str(tmp_path / ("srv%d" % n)), *storage[n])
         assert "1 index, %d files" % (3 * n) in out, out
     for what in ("import", "export"):
         grew = peaks[what, 2000] - peaks[what, 200]
@@ -12903,7 +12920,8 @@ def test_import_and_export_memory_does_not_grow_with_the_projects(tmp_path, make
     back = dump_json(tmp_path / "back2000")["indexes"]["alice/dev"]
     assert len(back["projects"]) == 2000 and len(back["files"]) == 6000
     assert back["projects"]["pkg001999"]["1.2"]["summary"] == "project 1999"
-    with make_server(tmp_path / "srv2000") as srv:
+    with make_server(tmp_path / "srv2000", storage=storage[2000][1:] and storage[2000][1]
+                     or "sqlite") as srv:
         found = api(srv.url, path="/+search?q=word1234").json()["result"]
         assert [(r["name"], r["version"]) for r in found] == [("pkg001234", "1.2")], found
         page = http(srv.url, path="/alice/dev/+simple/pkg001999/",
