@@ -957,9 +957,10 @@ PEAK_WRAPPER = ("import re, runpy, sys\nsys.argv = sys.argv[1:]\ncode = 0\ntry:\
                 "f.read()).group(1))\nsys.exit(code)\n")
 
 
-def write_scale_dump(directory, n, versions=3):
-    """A devpi-format dump of ``n`` projects x ``versions`` x a wheel and an sdist, written
-    entry by entry (the file list goes to a side file first: nothing grows with ``n``)."""
+def write_scale_dump(directory, n, versions=3, sdists=True):
+    """A devpi-format dump of ``n`` projects x ``versions`` x a wheel and (``sdists``) an
+    sdist, written entry by entry (the file list goes to a side file first: nothing grows
+    with ``n``)."""
     os.makedirs(directory)
     side = os.path.join(directory, ".files.json")
     with open(os.path.join(directory, "dataindex.json"), "w") as out, open(side, "w") as fl:
@@ -975,7 +976,8 @@ def write_scale_dump(directory, n, versions=3):
                 ver = "1.%d" % v
                 vers[ver] = {"name": name, "version": ver,
                              "summary": "minidevpi scale benchmark project %d" % p}
-                for fn, data, _kind, _pyv in (make_wheel(name, ver), make_sdist(name, ver)):
+                for fn, data, _kind, _pyv in (make_wheel(name, ver),) + (
+                        (make_sdist(name, ver),) if sdists else ()):
                     rel = "%s/%s/%s/%s/%s" % (USER, INDEX, name, ver, fn)
                     path = os.path.join(directory, *rel.split("/"))
                     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1062,8 +1064,10 @@ def run_scale(args):
         top = mkdtemp("bench-scale-dump-")
         dump = os.path.join(top, "dump")
         t0 = time.monotonic()
-        write_scale_dump(dump, n)
-        say("N=%d: dump of %d files written in %.0fs" % (n, 6 * n, time.monotonic() - t0))
+        write_scale_dump(dump, n, args.scale_versions, not args.scale_wheels_only)
+        say("N=%d: dump of %d files written in %.0fs" % (
+            n, n * args.scale_versions * (1 if args.scale_wheels_only else 2),
+            time.monotonic() - t0))
         targets = [Minidevpi(None)]
         if peer and n <= args.scale_peer_max:
             targets.append(DevpiServer(peer))
@@ -1081,8 +1085,9 @@ def run_scale(args):
         shutil.rmtree(top, ignore_errors=True)
         TMPDIRS.remove(top)
     print()
-    print("scale: N projects x 3 versions x 2 files, %d CPUs, Python %s (a shared machine: "
-          "figures are noisy)" % (os.cpu_count(), sys.version.split()[0]))
+    print("scale: N projects x %d versions x %d files, %d CPUs, Python %s (a shared machine: "
+          "figures are noisy)" % (args.scale_versions, 1 if args.scale_wheels_only else 2,
+                                  os.cpu_count(), sys.version.split()[0]))
     print("| N | server | import | import peak | export | export peak | start to first "
           "answer | again | JSON listing p50 | /+simple/ p50 | project page p50 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -2679,6 +2684,11 @@ def main(argv=None):
     g.add_argument("--scale-million", action="store_true",
                    help="with --scale: also N = 1,000,000 (hours, and ~30 GB of disk)")
     g.add_argument("--scale-ns", metavar="N,N", help="with --scale: these N instead")
+    g.add_argument("--scale-versions", type=int, default=3, metavar="V",
+                   help="with --scale: versions of each project (default 3)")
+    g.add_argument("--scale-wheels-only", action="store_true",
+                   help="with --scale: a wheel a version, no sdist (a dump of N projects "
+                        "with a third of the files: 1,000,000 projects in about an hour)")
     g.add_argument("--scale-peer-max", type=int, default=10000, metavar="N",
                    help="the largest N devpi-server is run at (default 10,000)")
     g = ap.add_argument_group("tail latency scenario (--tail runs only it)")
