@@ -3008,13 +3008,16 @@ class Store:
         """This thread's connection, taken from the idle ones or opened."""
         c = getattr(self._local, "conn", None)
         if c is None:
+            c = self._local.conn = self._take_conn()
+        return c
+
+    def _take_conn(self):
+        with self._conns_lock:
+            c = self._idle.pop() if self._idle else None
+        if c is None:
+            c = self._connect()
             with self._conns_lock:
-                c = self._idle.pop() if self._idle else None
-            if c is None:
-                c = self._connect()
-                with self._conns_lock:
-                    self._conns.append(c)
-            self._local.conn = c
+                self._conns.append(c)
         return c
 
     def release_conn(self):
@@ -3779,12 +3782,7 @@ class PgStore(Store):
                 raise HTTPError(503, "server busy: all %d database connections are in use, "
                                      "try again" % PG_MAX_CONNECTIONS)
         try:
-            with self._conns_lock:
-                c = self._idle.pop() if self._idle else None
-            if c is None:
-                c = self._connect()
-                with self._conns_lock:
-                    self._conns.append(c)
+            c = self._take_conn()
         except BaseException:
             self._slots.release()
             raise

@@ -6887,14 +6887,20 @@ def test_concurrent_cold_requests_make_one_upstream_request(upstream, tmp_path, 
     upstream.add(make_wheel(tmp_path, "crowd", "1.0"))
     srv = make_server(tmp_path / "srv", root_password="rootpw",
                       mirror_url=upstream.url + "/simple/", mirror_timeouts=(5, 10))
+    one_upstream_request_for_a_crowd(upstream, [srv])
+
+
+def one_upstream_request_for_a_crowd(upstream, servers):
+    """8 first requests at once for upstream's crowd page, then for its file, spread over
+    ``servers``: each asked upstream once."""
     fn = "crowd-1.0-py3-none-any.whl"
     upstream.delays["/simple/crowd/"] = 0.5
     upstream.delays["/files/" + fn] = 0.5
 
     def crowd(path, n=8):
         results = []
-        threads = [threading.Thread(target=lambda: results.append(http(srv.url, path=path)))
-                   for _ in range(n)]
+        threads = [threading.Thread(target=lambda i=i: results.append(
+            http(servers[i % len(servers)].url, path=path))) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
@@ -6920,27 +6926,7 @@ def test_cold_requests_to_two_processes_on_postgresql_make_one_upstream_request(
     a = make_server(tmp_path / "a", root_password="rootpw", storage=pg_database,
                     mirror_url=upstream.url + "/simple/", mirror_timeouts=(5, 10))
     b = make_server(tmp_path / "b", storage=pg_database, mirror_timeouts=(5, 10))
-    fn = "crowd-1.0-py3-none-any.whl"
-    upstream.delays["/simple/crowd/"] = 0.5
-    upstream.delays["/files/" + fn] = 0.5
-
-    def crowd(path, n=8):
-        results = []
-        threads = [threading.Thread(target=lambda i=i: results.append(
-            http((a, b)[i % 2].url, path=path))) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return results
-    pages = crowd("/root/pypi/+simple/crowd/")
-    assert [r.status for r in pages] == [200] * 8 and len({r.body for r in pages}) == 1
-    assert upstream.count("/simple/crowd/") == 1
-    href = re.search(r'href="([^"#]+)', pages[0].body.decode()).group(1)
-    files = crowd(urllib.parse.urljoin("/root/pypi/+simple/crowd/", href))
-    assert [r.status for r in files] == [200] * 8
-    assert {r.body for r in files} == {upstream.projects["crowd"][0][1]}
-    assert upstream.count("/files/" + fn) == 1
+    one_upstream_request_for_a_crowd(upstream, [a, b])
 
 
 def test_a_cold_file_streams_while_upstream_sends_it(upstream, tmp_path, make_server):

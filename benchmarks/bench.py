@@ -411,30 +411,7 @@ def load_threads(port, path, headers, conns, seconds, times=None):
     """Fallback when wrk is missing: ``conns`` threads, each one keep-alive connection.
     Shares the GIL with nothing else but itself; wrk measures servers more faithfully.
     ``times``: a list that gets the seconds of every request (for percentiles)."""
-    end = time.monotonic() + seconds
-    counts, errors = [0] * conns, [0] * conns
-
-    def worker(i):
-        c = Client(port, timeout=10)
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            try:
-                st, _, _ = c.request("GET", path, headers=headers)
-                counts[i] += 1
-                errors[i] += st != 200
-                if times is not None:
-                    times.append(time.perf_counter() - t0)
-            except (OSError, http.client.HTTPException):
-                errors[i] += 1
-                c.close()
-        c.close()
-    t0 = time.monotonic()
-    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conns)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(seconds + 60)
-    return sum(counts) / (time.monotonic() - t0), sum(errors)
+    return load_ports_threads([port], path, headers, conns, seconds, times)
 
 
 LOAD = load_wrk if shutil.which("wrk") else load_threads
@@ -461,6 +438,18 @@ def throughput(port, path, runs, size):
     return statistics.median(rates)
 
 
+def timed_upload(target, c, name, version, dist):
+    """(status or None, body or the error, seconds) of one upload over the Client ``c``
+    (closed on an error, so that it connects again)."""
+    t0 = time.perf_counter()
+    try:
+        st, body = target.upload(c, name, version, dist)
+    except (OSError, http.client.HTTPException) as e:
+        st, body = None, repr(e).encode()
+        c.close()
+    return st, body, time.perf_counter() - t0
+
+
 def concurrent_uploads(target, jobs, workers):
     """Upload ``jobs`` (lists of (name, version, dist)) from ``workers`` threads, one
     connection each; returns (median latency seconds, failures, failure notes)."""
@@ -470,13 +459,7 @@ def concurrent_uploads(target, jobs, workers):
     def worker(mine):
         c = Client(target.port)
         for name, version, dist in mine:
-            t0 = time.perf_counter()
-            try:
-                st, body = target.upload(c, name, version, dist)
-            except (OSError, http.client.HTTPException) as e:
-                st, body = None, repr(e).encode()
-                c.close()
-            dt = time.perf_counter() - t0
+            st, body, dt = timed_upload(target, c, name, version, dist)
             with lock:
                 times.append(dt)
                 if st not in (200, 201):
@@ -1308,7 +1291,8 @@ class PgCluster:
 
 def load_ports_threads(ports, path, headers, conns, seconds, times):
     """``conns`` threads, each one keep-alive connection to ``ports[i % len(ports)]``, GET
-    ``path`` for ``seconds``; every request's seconds go to ``times``. (req/s, errors)."""
+    ``path`` for ``seconds``; every request's seconds go to ``times`` (a list, or None).
+    (req/s, errors)."""
     end = time.monotonic() + seconds
     counts, errors = [0] * conns, [0] * conns
 
@@ -1326,14 +1310,21 @@ def load_ports_threads(ports, path, headers, conns, seconds, times):
                 errors[i] += 1
                 c.close()
         c.close()
-        times.extend(mine)
+        if times is not None:
+            times.extend(mine)
+    return sum(counts) / run_workers(worker, conns, seconds + 60), sum(errors)
+
+
+def run_workers(worker, n, timeout):
+    """``worker(i)`` in ``n`` threads at once, each given ``timeout`` seconds to end; the
+    seconds they took together."""
     t0 = time.monotonic()
-    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conns)]
+    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
     for t in ts:
         t.start()
     for t in ts:
-        t.join(seconds + 60)
-    return sum(counts) / (time.monotonic() - t0), sum(errors)
+        t.join(timeout)
+    return time.monotonic() - t0
 
 
 def _wrk_seconds(text):
@@ -1429,13 +1420,7 @@ def timed_uploads(procs, seconds, workers, notes):
             v = "1.%d" % k
             k += 1
             dist = make_wheel(name, v)
-            t0 = time.perf_counter()
-            try:
-                st, body = t.upload(c, name, v, dist)
-            except (OSError, http.client.HTTPException) as e:
-                st, body = None, repr(e).encode()
-                c.close()
-            dt = time.perf_counter() - t0
+            st, body, dt = timed_upload(t, c, name, v, dist)
             with lock:
                 times.append(dt)
                 if st in (200, 201):
@@ -1443,13 +1428,7 @@ def timed_uploads(procs, seconds, workers, notes):
                 else:
                     notes.append("upload %s %s on port %d: %s %s" % (name, v, t.port, st, body[:200]))
         c.close()
-    t0 = time.monotonic()
-    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(seconds + 120)
-    return len(made) / (time.monotonic() - t0), times, made
+    return len(made) / run_workers(worker, workers, seconds + 120), times, made
 
 
 def page_has(client, page, filename):
@@ -1617,7 +1596,7 @@ def run_processes(args):
     try:
         import pg8000  # noqa: F401  (the servers need it too; they run with this Python)
     except ImportError:
-        say("--processes needs pg8000 in this Python (e.g. /work/venv/bin/python)")
+        say("--processes needs pg8000 in this Python (pip install pg8000)")
         return 2
     counts = [int(x) for x in args.processes_counts.split(",")]
     dists = [("procpkg%04d" % p, "1.%d" % v,
@@ -1674,13 +1653,18 @@ def run_processes(args):
         print("| %s | %s | %s | %s | %s |" % (
             R["setup"], cores(R["page"]["cpu"]), cores(R["file"]["cpu"]), cores(R["upload"]["cpu"]),
             "%s, %d" % (median(L["polls"]), max(L["polls"])) if L and L["polls"] else "-"))
-    if notes:
+    return finish(notes, args.json, {"processes": rows, "problems": notes, "load": gen})
+
+
+def finish(problems, json_path, data):
+    """Print the problems a run saw; write ``data`` to ``json_path`` if given. 0."""
+    if problems:
         print("\nproblems seen:")
-        for p in notes:
+        for p in problems:
             print("  - " + p)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"processes": rows, "problems": notes, "load": gen}, f, indent=1)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
     return 0
 
 
@@ -2708,7 +2692,7 @@ def main(argv=None):
                    help="one serve on sqlite, then 1, 2, 4 serve processes on one PostgreSQL "
                         "database: simple page and file load over all their ports, uploads "
                         "spread over them, and the lag from an upload on one to its file on "
-                        "another's page (needs pg8000: run with /work/venv/bin/python)")
+                        "another's page (needs pg8000 in the Python that runs it)")
     g.add_argument("--processes-counts", default="1,2,4", metavar="N,N",
                    help="process counts on PostgreSQL (default 1,2,4)")
     g.add_argument("--processes-seconds", type=int, default=10, metavar="N",
@@ -2852,14 +2836,8 @@ def main(argv=None):
                                              "page cache NOT dropped (not permitted): warm-cache figures"))
     if fails:
         print("\nmissed targets: " + "; ".join("%s %s" % (k, t) for k, t in fails))
-    if problems:
-        print("\nproblems seen:")
-        for p in problems:
-            print("  - " + p)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "problems": problems, "quick": cfg.quick}, f, indent=1)
-    return 0
+    return finish(problems, args.json, {"results": results, "problems": problems,
+                                        "quick": cfg.quick})
 
 
 if __name__ == "__main__":
