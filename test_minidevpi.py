@@ -2183,6 +2183,17 @@ def test_two_serve_processes_share_one_postgresql_database_and_a_killed_one_lose
         while b"sharedpkg-2.0" not in http(b.url, path=page).body:
             assert time.time() < deadline, "b still serves its old page"
             time.sleep(0.01)
+        # who may read, changed through one process, holds on the other's cached pages
+        assert api(a.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+                   json_body=["acl_read=alice"]).status == 200
+        deadline = time.time() + 2
+        while http(b.url, path=page).status == 200:
+            assert time.time() < deadline, "b still serves the page anonymously"
+            time.sleep(0.01)
+        assert http(b.url, path=page).status in (401, 403)
+        assert http(b.url, path=page, auth=("alice", "secret")).status == 200
+        assert api(b.url, "PATCH", "/alice/dev", auth=("alice", "secret"),
+                   json_body=["acl_read=:ANONYMOUS:"]).status == 200
         # a killed while it takes uploads: nothing it answered is lost
         answered, stop = [], threading.Event()
 
