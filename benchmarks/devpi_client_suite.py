@@ -55,8 +55,35 @@ SERVER_DEFAULTS = ["--mirror-creators", "anyone", "--mirror-allow-host", "127.0.
 # pins for the isolated builds of the tests' projects (see the docstring)
 BUILD_CONSTRAINTS = ["flit_core<4"]
 
+# --storage pg8000:...: each server directory the suite makes gets a database of its own on
+# that cluster, named after the directory (the database in the spec is only a prefix)
+STORAGE_SNIPPET = r'''
+def storage_for(serverdir, create):
+    spec = %(storage)r
+    if not spec or not serverdir:
+        return []
+    import hashlib
+    settings = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv)
+    name = "%%s_%%s" %% (settings.get("database", "suite"), hashlib.sha1(
+        os.path.abspath(serverdir).encode()).hexdigest()[:12])
+    if create:
+        import pg8000.native
+        kw = {k: v for k, v in settings.items() if k in ("host", "user", "password", "unix_sock")}
+        if "port" in settings:
+            kw["port"] = int(settings["port"])
+        con = pg8000.native.Connection(database="postgres", **kw)
+        try:
+            con.run("DROP DATABASE IF EXISTS %%s WITH (FORCE)" %% name)
+            con.run("CREATE DATABASE %%s TEMPLATE template0" %% name)
+        finally:
+            con.close()
+    settings["database"] = name
+    return ["--storage", "pg8000:" + ",".join("%%s=%%s" %% kv for kv in settings.items())]
+'''
+
 INIT_SHIM = r'''#!%(python)s
 import os, sys
+''' + STORAGE_SNIPPET + r'''
 args, i, root = [], 1, None
 argv = sys.argv
 while i < len(argv):
@@ -67,11 +94,13 @@ while i < len(argv):
         root = a.split("=", 1)[1]; i += 1; continue
     args.append(a); i += 1
 args += ["--root-passwd", "" if root is None else root]
+args += storage_for(args[args.index("--serverdir") + 1] if "--serverdir" in args else None, True)
 os.execv(%(python)r, [%(python)r, %(minidevpi)r, "init"] + args)
 '''
 
 SERVER_SHIM = r'''#!%(python)s
 import os, sys
+''' + STORAGE_SNIPPET + r'''
 DROP_WITH_VALUE = ("--argon2-memory-cost", "--argon2-parallelism", "--argon2-time-cost",
                    "--indexer-backend")
 DROP = ("--debug",)
@@ -102,7 +131,7 @@ given = set(a.split("=", 1)[0] for a in args)
 for i in range(0, len(%(defaults)r), 2):
     if %(defaults)r[i] not in given:
         args += %(defaults)r[i:i + 2]
-os.execv(%(python)r, [%(python)r, %(minidevpi)r, "serve"] + args)
+os.execv(%(python)r, [%(python)r, %(minidevpi)r, "serve"] + args + storage_for(serverdir, False))
 '''
 
 PLUGIN = r'''
@@ -184,7 +213,8 @@ def prepare(args):
         path = os.path.join(shims, name)
         with open(path, "w") as f:
             f.write(text % {"python": sys.executable, "minidevpi": MINIDEVPI,
-                            "defaults": SERVER_DEFAULTS})
+                            "defaults": SERVER_DEFAULTS,
+                            "storage": args.storage})
         os.chmod(path, 0o755)
     with open(os.path.join(work, "suite_plugin.py"), "w") as f:
         f.write(PLUGIN)
@@ -200,6 +230,11 @@ def main(argv=None):
     p.add_argument("--venv", default="/tmp/devpi-suite-venv")
     p.add_argument("--all", action="store_true",
                    help="run every test of the suite, not only the live-server ones")
+    p.add_argument("--storage", metavar="SPEC",
+                   help="run the servers the suite starts on PostgreSQL: "
+                        "pg8000:host=H,port=P,user=U[,database=PREFIX], each server directory "
+                        "a database of its own named PREFIX_HASH, made (dropped and created "
+                        "again) by devpi-init; the Python running this needs pg8000")
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = p.parse_args(argv)
     work, src, shims, py = prepare(args)
