@@ -3764,7 +3764,14 @@ class PgStore(Store):
                 self, PgConnection._error(e)))
         except (self._pg8000.exceptions.InterfaceError, OSError) as e:
             raise HTTPError(503, "PostgreSQL at %s can't be reached: %s" % (self, e))
-        return PgConnection(raw, self._pg8000)
+        c = PgConnection(raw, self._pg8000)
+        encoding = c.execute("SHOW server_encoding").fetchone()[0]
+        if encoding.upper().replace("-", "") != "UTF8":  # (names, descriptions: any text)
+            c.close()
+            raise MinidevpiError("the database %s is encoded %s: minidevpi needs UTF8 "
+                                 "(createdb --encoding=UTF8 --template=template0)"
+                                 % (self, encoding))
+        return c
 
     def conn(self):
         """This thread's connection: taken from the pool (waiting while all are taken)
@@ -3883,18 +3890,22 @@ class PgStore(Store):
     def _heard(self, payload):
         notes = None
         if payload is not None:
-            try:
+            try:  # (what another process wrote: anything not of that shape means "anything")
                 instance, serial, notes = json.loads(payload)
-            except ValueError:
-                instance, serial = None, 0
+                serial = int(serial)
+                if notes is not None and not all(isinstance(n, list) and n for n in notes):
+                    notes = None
+            except (ValueError, TypeError):
+                instance, serial, notes = None, 0, None
             if instance == self.instance:
                 return
             self.serial = max(self.serial, serial)
         for fn in self._listeners:
             try:
                 fn(notes)
-            except Exception as e:
+            except Exception as e:  # (not understood: forget every cached page instead)
                 log("WARNING: a change another process made: %s" % e)
+                fn(None)
 
     # -- blobs ------------------------------------------------------------------------
 
