@@ -501,7 +501,7 @@ def pg_connect(spec_or_cluster, database=None):
     return pg8000.native.Connection(**kwargs)
 
 
-def new_pg_database():
+def new_pg_database(encoding="UTF8"):
     """A fresh, empty database on the cluster (template0, so nothing in it and the
     cluster's C collation): (its storage spec string, a callable that drops it). Dropping
     twice does no harm; it ends the connections still open to it (PostgreSQL 13+)."""
@@ -509,7 +509,7 @@ def new_pg_database():
     name = "mdt_%d_%s" % (os.getpid(), os.urandom(6).hex())
     con = pg_connect(cluster, "postgres")
     try:
-        con.run("CREATE DATABASE %s TEMPLATE template0" % name)
+        con.run("CREATE DATABASE %s TEMPLATE template0 ENCODING '%s'" % (name, encoding))
     finally:
         con.close()
 
@@ -2102,6 +2102,14 @@ def test_storage_settings_in_devpis_spelling_or_a_url_and_pg8000_imported_only_t
     code, out = cli("init", "--serverdir", str(tmp_path / "z"), "--storage",
                     "pg8000:host=127.0.0.1,port=%d,user=u" % free_port(), check=False)
     assert code != 0 and "can't be reached" in out and "Traceback" not in out, out
+    # a database not encoded UTF8 is refused, saying so (SQL_ASCII would refuse any other text)
+    spec, drop = new_pg_database(encoding="SQL_ASCII")
+    try:
+        code, out = cli("init", "--serverdir", str(tmp_path / "a"), "--storage", spec,
+                        check=False)
+        assert code != 0 and "needs UTF8" in out and "Traceback" not in out, out
+    finally:
+        drop()
     # the default never imports it
     code, out = run([sys.executable, "-c", "import sys, minidevpi; srv = minidevpi.Server("
                      "root_password='x').start(); srv.stop(); print(sorted(m for m in "
